@@ -1,0 +1,5 @@
+"""Pure PyTorch reference of the ULD loss: the oracle for every test and the baseline of every benchmark."""
+
+from reference.uld import uld_loss_reference, uld_row_losses_reference
+
+__all__ = ["uld_loss_reference", "uld_row_losses_reference"]
