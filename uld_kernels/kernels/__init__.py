@@ -1,0 +1,1 @@
+"""Triton kernels (private): see uld_rows.py for the math."""

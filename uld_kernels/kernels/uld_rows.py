@@ -1,0 +1,438 @@
+"""Triton kernels: the exact ULD loss of aligned rows and its gradient, without sorting.
+
+The math (see ../shared/design/uld-math.md in the design notes, and docs in README.md):
+
+    a = softmax(z_s / T_s), b = softmax(z_t / T_t), both sorted descending, zero-padded,
+    L = sum_k |a_(k) - b_(k)| = sum_i a_i g_i - sum_j b_j h_j
+
+where g_i (h_j) is the sign of a_(k) - b_(k) at the rank k of a_i (b_j). With
+A(v) = #{a > v}, B(v) = #{b > v} and D = A - B, a student element of value v has
+g = +1 when D(v) >= #{b = v} ... in general, a group of ms student and mt teacher
+elements sharing one value v, with D = A(v) - B(v) elements strictly above it, gets the
+average signs over all orders of the tie (`_tie_signs`). Padding is free: zeros never
+exceed any value, so they change no count.
+
+So every element needs only D at its own value. We find it with a radix trie over the
+float32 bit pattern of each probability (monotone for p >= 0): the root splits the key by
+its top 8 bits (a histogram). A bucket whose elements all share one sign is *decided*:
+with D the count difference above the bucket and cs, ct its counts, that is D >= ct
+(all +1) or D + cs <= 0 (all -1). A bucket holding a single value per side is resolved
+exactly by the tie rule. Any other bucket gets a child node that splits it by the next
+bits; one more pass over the row counts its elements (integer atomics: deterministic).
+The trie lives in a per-program workspace (a persistent grid walks the rows), so extra
+memory is O(programs), not O(rows x vocabulary). Then one pass sums the loss and one
+writes the gradient
+
+    dL/dz_s = (a / T_s) * (g - <g, a>)       dL/dz_t = -(b / T_t) * (h - <h, b>).
+"""
+
+import triton
+import triton.language as tl
+
+# Planes of the int32 workspace, each ENTRIES long, per program.
+_CNT_S: tl.constexpr = 0  # student elements in the bucket
+_CNT_T: tl.constexpr = 1  # teacher elements in the bucket
+_MIN_S: tl.constexpr = 2  # smallest / largest student key in the bucket
+_MAX_S: tl.constexpr = 3
+_MIN_T: tl.constexpr = 4  # smallest / largest teacher key in the bucket
+_MAX_T: tl.constexpr = 5
+_CHILD: tl.constexpr = 6  # first entry of the child node, 0 when the bucket is resolved
+_NODE_TOP: tl.constexpr = 7  # at a node's first entry: D at the top of the node
+INT_PLANES: tl.constexpr = 8
+SIGN_PLANES: tl.constexpr = 2  # float32: student sign, teacher sign of a resolved bucket
+META_SLOTS: tl.constexpr = 64  # level starts at [0, 32); the shift of level l at [33 + l]
+_SHIFT_OFFSET: tl.constexpr = 33  # [32] holds 30, the shift of the root's (virtual) parent
+_KEY_BITS: tl.constexpr = 30  # probabilities <= 1.0 have keys below 2**30
+
+ROOT_SHIFT: tl.constexpr = 22  # root digit = key >> 22 (keys <= 0x3F800000: digits <= 254)
+ROOT_ENTRIES: tl.constexpr = 256
+_MAX_CHILD_BITS: tl.constexpr = 8
+_KEY_NONE_MIN: tl.constexpr = 2147483647
+_KEY_NONE_MAX: tl.constexpr = -1
+
+
+@triton.jit
+def _load_scaled(ptr, idx, col_stride, vocab, inv_temperature, UNIT_COL_STRIDE: tl.constexpr):
+    """Logits idx of one row as float32, divided by the temperature; -inf past the row."""
+    in_row = idx < vocab
+    if UNIT_COL_STRIDE:
+        offsets = idx
+    else:
+        offsets = idx.to(tl.int64) * col_stride
+    z = tl.load(ptr + offsets, mask=in_row, other=float("-inf"))
+    return z.to(tl.float32) * inv_temperature, in_row
+
+
+@triton.jit
+def _probs_and_keys(ptr, idx, col_stride, vocab, inv_temperature, lse,
+                    UNIT_COL_STRIDE: tl.constexpr):
+    """Probabilities, their order keys (float32 bits as int32) and which lanes count.
+
+    Zero probabilities (masked logits, lanes past the row) never exceed any value, so they
+    are left out of every count: exactly like the zero padding of the shorter vocabulary.
+    NaN probabilities (a row without a finite log-sum-exp) are left out too; such a row's
+    loss is NaN.
+    """
+    x, in_row = _load_scaled(ptr, idx, col_stride, vocab, inv_temperature, UNIT_COL_STRIDE)
+    p = tl.exp(x - lse)
+    key = p.to(tl.int32, bitcast=True)
+    return p, key, in_row & (key > 0) & (p == p)
+
+
+@triton.jit
+def _online_lse_update(m, s, x):
+    """One step of a per-lane online log-sum-exp; -inf lanes stay (m=-inf, s=0)."""
+    m_new = tl.maximum(m, x)
+    finite = m_new > float("-inf")
+    alpha = tl.where(finite, tl.exp(m - m_new), 0.0)
+    s = s * alpha + tl.where(finite, tl.exp(x - m_new), 0.0)
+    return m_new, s
+
+
+@triton.jit
+def _finish_lse(m, s):
+    row_max = tl.max(m, 0)
+    scale = tl.where(m > float("-inf"), tl.exp(m - row_max), 0.0)
+    return row_max + tl.log(tl.sum(s * scale, 0))
+
+
+@triton.jit
+def _tie_signs(d, cs, ct):
+    """Average signs of a tie: cs student and ct teacher elements sharing one value.
+
+    d = (#students above the value) - (#teachers above it). The students hold ranks
+    A+1..A+cs; a rank k gets +1 where b_(k) < v (k > B + ct) and -1 where b_(k) > v
+    (k <= B). Symmetrically for the teachers. Averaging over the group is the mean
+    subgradient over all orders of the tie and keeps the loss exact.
+    """
+    student_plus = tl.minimum(tl.maximum(d + cs - ct, 0), cs)
+    student_minus = tl.minimum(tl.maximum(-d, 0), cs)
+    teacher_plus = tl.minimum(tl.maximum(d, 0), ct)
+    teacher_minus = tl.minimum(tl.maximum(ct - cs - d, 0), ct)
+    student_sign = (student_plus - student_minus).to(tl.float32) / tl.maximum(cs, 1).to(tl.float32)
+    teacher_sign = (teacher_plus - teacher_minus).to(tl.float32) / tl.maximum(ct, 1).to(tl.float32)
+    return student_sign, teacher_sign
+
+
+@triton.jit
+def _walk(key, counted, child_ptr, meta_ptr, depth):
+    """Follow each key from the root down `depth` levels or to its resolved bucket.
+
+    Returns the entry where each key stopped and whether it got all the way down.
+    """
+    entry = key >> ROOT_SHIFT
+    active = counted
+    for level in range(1, depth + 1):
+        child = tl.load(child_ptr + entry, mask=active, other=0)
+        active = active & (child > 0)
+        shift = tl.load(meta_ptr + _SHIFT_OFFSET + level)
+        bits = tl.load(meta_ptr + _SHIFT_OFFSET + level - 1) - shift
+        digit = (key >> shift) & ((1 << bits) - 1)
+        entry = tl.where(active, child + digit, entry)
+    return entry, active
+
+
+@triton.jit
+def _bucket_states(ws_ptr, meta_ptr, level, chunk_start, ENTRIES: tl.constexpr,
+                   RESOLVE_BLOCK: tl.constexpr):
+    """Decide a chunk of the buckets of one level; returns their signs and what is open."""
+    level_start = tl.load(meta_ptr + level)
+    level_end = tl.load(meta_ptr + level + 1)
+    node_bits = tl.load(meta_ptr + _SHIFT_OFFSET + level - 1) - tl.load(
+        meta_ptr + _SHIFT_OFFSET + level)
+    lanes = tl.arange(0, RESOLVE_BLOCK)
+    entry = chunk_start + lanes
+    in_level = entry < level_end
+    student_count = tl.load(ws_ptr + _CNT_S * ENTRIES + entry, mask=in_level, other=0,
+                            cache_modifier=".cg")
+    teacher_count = tl.load(ws_ptr + _CNT_T * ENTRIES + entry, mask=in_level, other=0,
+                            cache_modifier=".cg")
+    # D at the top of each bucket: D at the top of its node plus the count difference of
+    # the buckets above it in the same node (a segmented suffix sum; nodes never straddle
+    # a chunk because chunks start at node boundaries and hold whole nodes).
+    diff = student_count - teacher_count
+    suffix = tl.cumsum(diff, 0, reverse=True)
+    node_first = level_start + (((entry - level_start) >> node_bits) << node_bits)
+    next_lane = node_first + (1 << node_bits) - chunk_start
+    suffix_next = tl.gather(suffix, tl.minimum(next_lane, RESOLVE_BLOCK - 1), 0)
+    suffix_next = tl.where(next_lane < RESOLVE_BLOCK, suffix_next, 0)
+    node_top = tl.load(ws_ptr + _NODE_TOP * ENTRIES + node_first, mask=in_level, other=0)
+    d = node_top + suffix - diff - suffix_next
+
+    decided = (d >= teacher_count) | (d + student_count <= 0)
+    student_sign, teacher_sign = _tie_signs(d, student_count, teacher_count)
+    if level == 0:
+        resolved = decided
+    else:
+        s_min = tl.load(ws_ptr + _MIN_S * ENTRIES + entry, mask=in_level, other=0,
+                        cache_modifier=".cg")
+        s_max = tl.load(ws_ptr + _MAX_S * ENTRIES + entry, mask=in_level, other=0,
+                        cache_modifier=".cg")
+        t_min = tl.load(ws_ptr + _MIN_T * ENTRIES + entry, mask=in_level, other=0,
+                        cache_modifier=".cg")
+        t_max = tl.load(ws_ptr + _MAX_T * ENTRIES + entry, mask=in_level, other=0,
+                        cache_modifier=".cg")
+        single = ((s_min == s_max) | (student_count == 0)) & ((t_min == t_max) | (teacher_count == 0))
+        both = single & (student_count > 0) & (teacher_count > 0)
+        # One student value above one teacher value: two tie groups in that order.
+        s_above = both & (s_max > t_max)
+        gs_above, _unused = _tie_signs(d, student_count, 0)
+        _unused2, gt_below = _tie_signs(d + student_count, 0, teacher_count)
+        t_above = both & (s_max < t_max)
+        _unused3, gt_above = _tie_signs(d, 0, teacher_count)
+        gs_below, _unused4 = _tie_signs(d - teacher_count, student_count, 0)
+        student_sign = tl.where(s_above, gs_above, tl.where(t_above, gs_below, student_sign))
+        teacher_sign = tl.where(s_above, gt_below, tl.where(t_above, gt_above, teacher_sign))
+        resolved = decided | single
+    open_bucket = in_level & (~resolved) & (student_count + teacher_count > 0)
+    return entry, in_level, d, student_sign, teacher_sign, open_bucket
+
+
+@triton.jit
+def _resolve_level(ws_ptr, sign_ptr, meta_ptr, level, ENTRIES: tl.constexpr,
+                   RESOLVE_BLOCK: tl.constexpr, MAX_LEVELS: tl.constexpr):
+    """Sign every bucket of `level`; give each open bucket a child node on `level + 1`.
+
+    Returns the number of open buckets, or -1 when the workspace or the depth ran out.
+    """
+    level_start = tl.load(meta_ptr + level)
+    level_end = tl.load(meta_ptr + level + 1)
+    shift = tl.load(meta_ptr + _SHIFT_OFFSET + level)
+    open_total = 0
+    for chunk_start in range(level_start, level_end, RESOLVE_BLOCK):
+        _e, _i, _d, _gs, _gt, open_bucket = _bucket_states(
+            ws_ptr, meta_ptr, level, chunk_start, ENTRIES, RESOLVE_BLOCK)
+        open_total += tl.sum(open_bucket.to(tl.int32), 0)
+    # Child nodes split the next `child_bits` bits; spend at most half of the free entries
+    # on this level so that deeper levels still find room.
+    child_bits = 0
+    half_free = (ENTRIES - level_end) // 2
+    if open_total > 0:
+        while (child_bits < _MAX_CHILD_BITS) & (child_bits < shift) & (
+                (open_total << (child_bits + 1)) <= half_free):
+            child_bits += 1
+    status = open_total
+    if open_total > 0:
+        if (child_bits == 0) | (level + 1 >= MAX_LEVELS):
+            status = -1
+    child_size = 1 << child_bits
+    next_end = level_end
+    if status > 0:
+        next_end = level_end + open_total * child_size
+        # Fresh child nodes: empty counts, no keys seen yet.
+        for zero_start in range(level_end, next_end, RESOLVE_BLOCK):
+            entry = zero_start + tl.arange(0, RESOLVE_BLOCK)
+            fresh = entry < next_end
+            zeros = tl.zeros([RESOLVE_BLOCK], tl.int32)
+            tl.store(ws_ptr + _CNT_S * ENTRIES + entry, zeros, mask=fresh)
+            tl.store(ws_ptr + _CNT_T * ENTRIES + entry, zeros, mask=fresh)
+            tl.store(ws_ptr + _MIN_S * ENTRIES + entry, zeros + _KEY_NONE_MIN, mask=fresh)
+            tl.store(ws_ptr + _MAX_S * ENTRIES + entry, zeros + _KEY_NONE_MAX, mask=fresh)
+            tl.store(ws_ptr + _MIN_T * ENTRIES + entry, zeros + _KEY_NONE_MIN, mask=fresh)
+            tl.store(ws_ptr + _MAX_T * ENTRIES + entry, zeros + _KEY_NONE_MAX, mask=fresh)
+            tl.store(ws_ptr + _CHILD * ENTRIES + entry, zeros, mask=fresh)
+        tl.store(meta_ptr + level + 2, next_end)
+        tl.store(meta_ptr + _SHIFT_OFFSET + level + 1, shift - child_bits)
+    opened = 0
+    for chunk_start in range(level_start, level_end, RESOLVE_BLOCK):
+        entry, in_level, d, student_sign, teacher_sign, open_bucket = _bucket_states(
+            ws_ptr, meta_ptr, level, chunk_start, ENTRIES, RESOLVE_BLOCK)
+        tl.store(sign_ptr + entry, student_sign, mask=in_level)
+        tl.store(sign_ptr + ENTRIES + entry, teacher_sign, mask=in_level)
+        is_open = (open_bucket & (status > 0)).to(tl.int32)
+        rank = opened + tl.cumsum(is_open, 0) - is_open
+        child = level_end + rank * child_size
+        tl.store(ws_ptr + _CHILD * ENTRIES + entry, tl.where(is_open > 0, child, 0), mask=in_level)
+        tl.store(ws_ptr + _NODE_TOP * ENTRIES + child, d, mask=is_open > 0)
+        opened += tl.sum(is_open, 0)
+    return status
+
+
+@triton.jit
+def _count_level(row_ptr, col_stride, vocab, inv_temperature, lse, ws_ptr, meta_ptr, level,
+                 CNT: tl.constexpr, KEY_MIN: tl.constexpr, KEY_MAX: tl.constexpr,
+                 ENTRIES: tl.constexpr, BLOCK: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr):
+    """One pass over a row: count its keys that reach the open buckets of `level`."""
+    lanes = tl.arange(0, BLOCK)
+    for block_start in range(0, vocab, BLOCK):
+        _p, key, counted = _probs_and_keys(row_ptr, block_start + lanes, col_stride, vocab,
+                                           inv_temperature, lse, UNIT_COL_STRIDE)
+        entry, reached = _walk(key, counted, ws_ptr + _CHILD * ENTRIES, meta_ptr, level)
+        tl.atomic_add(ws_ptr + CNT * ENTRIES + entry, 1, mask=reached, sem="relaxed")
+        tl.atomic_min(ws_ptr + KEY_MIN * ENTRIES + entry, key, mask=reached, sem="relaxed")
+        tl.atomic_max(ws_ptr + KEY_MAX * ENTRIES + entry, key, mask=reached, sem="relaxed")
+
+
+@triton.jit
+def _signed_mass(row_ptr, col_stride, vocab, inv_temperature, lse, ws_ptr, sign_ptr,
+                 meta_ptr, depth, ENTRIES: tl.constexpr, BLOCK: tl.constexpr,
+                 UNIT_COL_STRIDE: tl.constexpr):
+    """sum_i p_i * sign_i over one row, each sign read from the bucket its key ends in."""
+    lanes = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], tl.float32)
+    for block_start in range(0, vocab, BLOCK):
+        p, key, counted = _probs_and_keys(row_ptr, block_start + lanes, col_stride, vocab,
+                                          inv_temperature, lse, UNIT_COL_STRIDE)
+        entry, _reached = _walk(key, counted, ws_ptr + _CHILD * ENTRIES, meta_ptr, depth)
+        sign = tl.load(sign_ptr + entry, mask=counted, other=0.0)
+        acc += tl.where(counted, p * sign, 0.0)
+    return tl.sum(acc, 0)
+
+
+@triton.jit
+def _write_grad(row_ptr, col_stride, vocab, inv_temperature, lse, ws_ptr, sign_ptr,
+                meta_ptr, depth, signed_mass, factor, grad_ptr,
+                ENTRIES: tl.constexpr, BLOCK: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr):
+    """grad_i = factor * (p_i / T) * (sign_i - signed_mass): the softmax backward of signs."""
+    lanes = tl.arange(0, BLOCK)
+    for block_start in range(0, vocab, BLOCK):
+        idx = block_start + lanes
+        p, key, counted = _probs_and_keys(row_ptr, idx, col_stride, vocab, inv_temperature,
+                                          lse, UNIT_COL_STRIDE)
+        entry, _reached = _walk(key, counted, ws_ptr + _CHILD * ENTRIES, meta_ptr, depth)
+        sign = tl.load(sign_ptr + entry, mask=counted, other=0.0)
+        grad = factor * (p * inv_temperature) * (sign - signed_mass)
+        tl.store(grad_ptr + idx, grad.to(grad_ptr.dtype.element_ty), mask=idx < vocab)
+
+
+@triton.jit(do_not_specialize=["n_rows", "student_vocab", "teacher_vocab", "n_programs"])
+def uld_rows_kernel(
+    # data
+    student_ptr, teacher_ptr, row_loss_ptr, status_ptr, grad_student_ptr, grad_teacher_ptr,
+    ws_int_ptr, ws_sign_ptr, ws_meta_ptr,
+    # shapes
+    n_rows, student_vocab, teacher_vocab, n_programs,
+    # strides
+    student_row_stride, student_col_stride, teacher_row_stride, teacher_col_stride,
+    # scalars
+    inv_student_temperature, inv_teacher_temperature, grad_scale,
+    # switches and sizes
+    STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr,
+    STUDENT_UNIT_STRIDE: tl.constexpr, TEACHER_UNIT_STRIDE: tl.constexpr,
+    BLOCK: tl.constexpr, ENTRIES: tl.constexpr, RESOLVE_BLOCK: tl.constexpr,
+    MAX_LEVELS: tl.constexpr,
+):
+    """Per row: loss (float32), status (0 ok, 1 workspace exhausted) and, when asked,
+    the gradient of grad_scale * loss with respect to either logits row."""
+    pid = tl.program_id(0)
+    ws_ptr = ws_int_ptr + pid.to(tl.int64) * (INT_PLANES * ENTRIES)
+    sign_ptr = ws_sign_ptr + pid.to(tl.int64) * (SIGN_PLANES * ENTRIES)
+    meta_ptr = ws_meta_ptr + pid.to(tl.int64) * META_SLOTS
+    lanes = tl.arange(0, BLOCK)
+    root = tl.arange(0, ROOT_ENTRIES)
+    same_vocab = student_vocab == teacher_vocab
+    longest = tl.maximum(student_vocab, teacher_vocab)
+
+    for row in range(pid, n_rows, n_programs):
+        s_row = student_ptr + tl.cast(row, tl.int64) * student_row_stride
+        t_row = teacher_ptr + tl.cast(row, tl.int64) * teacher_row_stride
+
+        # Pass 1: both log-sum-exps, and whether the rows are the same distribution
+        # element by element (then every tie is exact and every sign is zero).
+        s_max = tl.full([BLOCK], float("-inf"), tl.float32)
+        s_sum = tl.zeros([BLOCK], tl.float32)
+        t_max = tl.full([BLOCK], float("-inf"), tl.float32)
+        t_sum = tl.zeros([BLOCK], tl.float32)
+        differ = tl.zeros([BLOCK], tl.int32)
+        for block_start in range(0, longest, BLOCK):
+            idx = block_start + lanes
+            xs, in_s = _load_scaled(s_row, idx, student_col_stride, student_vocab,
+                                    inv_student_temperature, STUDENT_UNIT_STRIDE)
+            xt, in_t = _load_scaled(t_row, idx, teacher_col_stride, teacher_vocab,
+                                    inv_teacher_temperature, TEACHER_UNIT_STRIDE)
+            s_max, s_sum = _online_lse_update(s_max, s_sum, xs)
+            t_max, t_sum = _online_lse_update(t_max, t_sum, xt)
+            differ += ((xs != xt) & (in_s | in_t)).to(tl.int32)
+        student_lse = _finish_lse(s_max, s_sum)
+        teacher_lse = _finish_lse(t_max, t_sum)
+        # NaN or +inf logits, or a row with no finite logit: no distribution, NaN loss.
+        row_ok = (student_lse == student_lse) & (teacher_lse == teacher_lse) & (
+            tl.abs(student_lse) < float("inf")) & (tl.abs(teacher_lse) < float("inf"))
+        identical = same_vocab & (tl.sum(differ, 0) == 0)
+
+        # Pass 2: the root histogram of both rows' keys.
+        student_hist = tl.zeros([ROOT_ENTRIES], tl.int32)
+        teacher_hist = tl.zeros([ROOT_ENTRIES], tl.int32)
+        if row_ok & (~identical):
+            for block_start in range(0, longest, BLOCK):
+                idx = block_start + lanes
+                _ps, ks, counted_s = _probs_and_keys(s_row, idx, student_col_stride, student_vocab,
+                                                     inv_student_temperature, student_lse,
+                                                     STUDENT_UNIT_STRIDE)
+                _pt, kt, counted_t = _probs_and_keys(t_row, idx, teacher_col_stride, teacher_vocab,
+                                                     inv_teacher_temperature, teacher_lse,
+                                                     TEACHER_UNIT_STRIDE)
+                student_hist += tl.histogram(ks >> ROOT_SHIFT, ROOT_ENTRIES, mask=counted_s)
+                teacher_hist += tl.histogram(kt >> ROOT_SHIFT, ROOT_ENTRIES, mask=counted_t)
+        tl.store(ws_ptr + _CNT_S * ENTRIES + root, student_hist)
+        tl.store(ws_ptr + _CNT_T * ENTRIES + root, teacher_hist)
+        tl.store(ws_ptr + _NODE_TOP * ENTRIES, 0)
+        tl.store(meta_ptr + 0, 0)
+        tl.store(meta_ptr + 1, ROOT_ENTRIES)
+        tl.store(meta_ptr + _SHIFT_OFFSET - 1, _KEY_BITS)
+        tl.store(meta_ptr + _SHIFT_OFFSET, ROOT_SHIFT)
+        tl.debug_barrier()
+
+        # Refine: resolve a level, count the keys of its open buckets one level down.
+        status = _resolve_level(ws_ptr, sign_ptr, meta_ptr, 0, ENTRIES, RESOLVE_BLOCK, MAX_LEVELS)
+        depth = 0
+        tl.debug_barrier()
+        while status > 0:
+            depth += 1
+            _count_level(s_row, student_col_stride, student_vocab, inv_student_temperature,
+                         student_lse, ws_ptr, meta_ptr, depth, _CNT_S, _MIN_S, _MAX_S,
+                         ENTRIES, BLOCK, STUDENT_UNIT_STRIDE)
+            _count_level(t_row, teacher_col_stride, teacher_vocab, inv_teacher_temperature,
+                         teacher_lse, ws_ptr, meta_ptr, depth, _CNT_T, _MIN_T, _MAX_T,
+                         ENTRIES, BLOCK, TEACHER_UNIT_STRIDE)
+            tl.debug_barrier()
+            status = _resolve_level(ws_ptr, sign_ptr, meta_ptr, depth, ENTRIES, RESOLVE_BLOCK,
+                                    MAX_LEVELS)
+            tl.debug_barrier()
+        exhausted = status < 0
+
+        # Loss: sum_i a_i g_i - sum_j b_j h_j.
+        student_mass = _signed_mass(s_row, student_col_stride, student_vocab,
+                                    inv_student_temperature, student_lse, ws_ptr,
+                                    sign_ptr, meta_ptr, depth, ENTRIES, BLOCK, STUDENT_UNIT_STRIDE)
+        teacher_mass = _signed_mass(t_row, teacher_col_stride, teacher_vocab,
+                                    inv_teacher_temperature, teacher_lse, ws_ptr,
+                                    sign_ptr + ENTRIES, meta_ptr, depth, ENTRIES, BLOCK,
+                                    TEACHER_UNIT_STRIDE)
+        failed = (~row_ok) | exhausted
+        loss = tl.where(failed, float("nan"), student_mass - teacher_mass)
+        student_mass = tl.where(failed, float("nan"), student_mass)
+        teacher_mass = tl.where(failed, float("nan"), teacher_mass)
+        tl.store(row_loss_ptr + row, loss)
+        tl.store(status_ptr + row, exhausted.to(tl.int32))
+
+        if STUDENT_GRAD:
+            _write_grad(s_row, student_col_stride, student_vocab, inv_student_temperature,
+                        student_lse, ws_ptr, sign_ptr, meta_ptr, depth, student_mass,
+                        grad_scale, grad_student_ptr + tl.cast(row, tl.int64) * student_vocab,
+                        ENTRIES, BLOCK, STUDENT_UNIT_STRIDE)
+        if TEACHER_GRAD:
+            _write_grad(t_row, teacher_col_stride, teacher_vocab, inv_teacher_temperature,
+                        teacher_lse, ws_ptr, sign_ptr + ENTRIES, meta_ptr, depth,
+                        teacher_mass, -grad_scale,
+                        grad_teacher_ptr + tl.cast(row, tl.int64) * teacher_vocab,
+                        ENTRIES, BLOCK, TEACHER_UNIT_STRIDE)
+        tl.debug_barrier()
+
+
+@triton.jit
+def scale_rows_kernel(grad_ptr, scale_ptr, vocab, SCALE_PER_ROW: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    """grad[row, :] *= scale (one scalar or one per row); leaves rows whose scale is 1 alone,
+    so that the usual loss.backward() costs no pass over the gradient."""
+    row = tl.program_id(0)
+    if SCALE_PER_ROW:
+        scale = tl.load(scale_ptr + row).to(tl.float32)
+    else:
+        scale = tl.load(scale_ptr).to(tl.float32)
+    if scale != 1.0:
+        base = grad_ptr + tl.cast(row, tl.int64) * vocab
+        for block_start in range(tl.program_id(1) * BLOCK, vocab, tl.num_programs(1) * BLOCK):
+            idx = block_start + tl.arange(0, BLOCK)
+            g = tl.load(base + idx, mask=idx < vocab)
+            tl.store(base + idx, (g.to(tl.float32) * scale).to(g.dtype), mask=idx < vocab)

@@ -1,0 +1,138 @@
+"""Launchers: allocate outputs and workspace, pick block sizes, launch the Triton kernels.
+
+Nothing here validates user input (api.py does) or knows about autograd (autograd.py does).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from uld_kernels.kernels.uld_rows import (
+    INT_PLANES,
+    META_SLOTS,
+    SIGN_PLANES,
+    scale_rows_kernel,
+    uld_rows_kernel,
+)
+
+
+def interpreter_enabled() -> bool:
+    """True when TRITON_INTERPRET=1: Triton runs kernels on CPU tensors, slowly."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@dataclass(frozen=True)
+class RowKernelConfig:
+    """Compile-time sizes of uld_rows_kernel; one config serves every vocabulary above 2,048."""
+
+    block: int  # elements of a row read per step
+    entries: int  # buckets in one program's trie workspace
+    resolve_block: int  # buckets decided per step (>= 256, the largest node)
+    max_levels: int  # trie depth limit
+    num_warps: int
+
+
+# Trie size: root 256 buckets, deeper nodes share the rest (half of what is free per level).
+_ENTRIES = 16384
+_MAX_LEVELS = 16
+_PROGRAMS_PER_SM = 2
+
+
+def row_kernel_config(max_vocab: int) -> RowKernelConfig:
+    """The configuration used for rows whose longer side has ``max_vocab`` entries."""
+    block = min(2048, max(128, triton.next_power_of_2(max_vocab)))
+    return RowKernelConfig(
+        block=block,
+        entries=_ENTRIES,
+        resolve_block=256,
+        max_levels=_MAX_LEVELS,
+        num_warps=8 if block >= 2048 else 4,
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _num_programs(device: torch.device, n_rows: int) -> int:
+    if device.type == "cuda":
+        return max(1, min(n_rows, _sm_count(device.index or 0) * _PROGRAMS_PER_SM))
+    return max(1, min(n_rows, 4))  # the interpreter runs programs one after another
+
+
+def workspace_bytes(device: torch.device, n_rows: int, max_vocab: int) -> int:
+    """Extra device memory one call takes besides its outputs (independent of the vocabulary)."""
+    cfg = row_kernel_config(max_vocab)
+    programs = _num_programs(device, n_rows)
+    return programs * 4 * ((INT_PLANES + SIGN_PLANES) * cfg.entries + META_SLOTS)
+
+
+def uld_rows(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    student_temperature: float,
+    teacher_temperature: float,
+    student_grad: bool,
+    teacher_grad: bool,
+    grad_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Row losses ``[N]`` (float32), status ``[N]`` (int32, 1 = workspace exhausted) and the
+    gradients of ``grad_scale * sum(row losses)`` for the sides asked for (input dtypes).
+
+    Inputs are 2-D with any row stride; nothing is copied.
+    """
+    n_rows, student_vocab = student_logits.shape
+    teacher_vocab = teacher_logits.shape[1]
+    device = student_logits.device
+    row_loss = torch.empty(n_rows, dtype=torch.float32, device=device)
+    status = torch.empty(n_rows, dtype=torch.int32, device=device)
+    grad_student = (
+        torch.empty((n_rows, student_vocab), dtype=student_logits.dtype, device=device)
+        if student_grad else None
+    )
+    grad_teacher = (
+        torch.empty((n_rows, teacher_vocab), dtype=teacher_logits.dtype, device=device)
+        if teacher_grad else None
+    )
+    if n_rows == 0:
+        return row_loss, status, grad_student, grad_teacher
+    cfg = row_kernel_config(max(student_vocab, teacher_vocab))
+    programs = _num_programs(device, n_rows)
+    ws_int = torch.empty(programs * INT_PLANES * cfg.entries, dtype=torch.int32, device=device)
+    ws_sign = torch.empty(programs * SIGN_PLANES * cfg.entries, dtype=torch.float32, device=device)
+    ws_meta = torch.empty(programs * META_SLOTS, dtype=torch.int32, device=device)
+    uld_rows_kernel[(programs,)](
+        student_logits, teacher_logits, row_loss, status,
+        grad_student if grad_student is not None else row_loss,
+        grad_teacher if grad_teacher is not None else row_loss,
+        ws_int, ws_sign, ws_meta,
+        n_rows, student_vocab, teacher_vocab, programs,
+        student_logits.stride(0), student_logits.stride(1),
+        teacher_logits.stride(0), teacher_logits.stride(1),
+        1.0 / student_temperature, 1.0 / teacher_temperature, grad_scale,
+        STUDENT_GRAD=student_grad, TEACHER_GRAD=teacher_grad,
+        STUDENT_UNIT_STRIDE=student_logits.stride(1) == 1,
+        TEACHER_UNIT_STRIDE=teacher_logits.stride(1) == 1,
+        BLOCK=cfg.block, ENTRIES=cfg.entries, RESOLVE_BLOCK=cfg.resolve_block,
+        MAX_LEVELS=cfg.max_levels, num_warps=cfg.num_warps,
+    )
+    return row_loss, status, grad_student, grad_teacher
+
+
+def scale_rows_(grad: torch.Tensor, scale: torch.Tensor) -> None:
+    """In place: ``grad[r] *= scale`` (``scale`` one element, or one per row). Rows whose scale
+    is exactly 1 are not touched, so the common ``loss.backward()`` moves no bytes."""
+    n_rows, vocab = grad.shape
+    if n_rows == 0 or vocab == 0:
+        return
+    block = 4096 if grad.is_cuda else 1024
+    splits = max(1, min(triton.cdiv(vocab, block), 8))
+    scale_rows_kernel[(n_rows, splits)](
+        grad, scale, vocab, SCALE_PER_ROW=scale.numel() != 1, BLOCK=block, num_warps=8
+    )
