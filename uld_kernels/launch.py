@@ -12,13 +12,10 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from uld_kernels.kernels.uld_rows import (
-    INT_PLANES,
-    META_SLOTS,
-    SIGN_PLANES,
-    scale_rows_kernel,
-    uld_rows_kernel,
-)
+from uld_kernels.kernels.uld_rows import INT_PLANES, META_SLOTS, SIGN_PLANES
+from uld_kernels.kernels.uld_rows import scale_rows_kernel, uld_rows_kernel
+
+INT_PLANES, META_SLOTS, SIGN_PLANES = INT_PLANES.value, META_SLOTS.value, SIGN_PLANES.value
 
 
 def interpreter_enabled() -> bool:
@@ -112,11 +109,11 @@ def uld_rows(
         grad_student if grad_student is not None else row_loss,
         grad_teacher if grad_teacher is not None else row_loss,
         ws_int, ws_sign, ws_meta,
-        n_rows, student_vocab, teacher_vocab, programs,
+        n_rows, student_vocab, teacher_vocab, max(student_vocab, teacher_vocab), programs,
         student_logits.stride(0), student_logits.stride(1),
         teacher_logits.stride(0), teacher_logits.stride(1),
         1.0 / student_temperature, 1.0 / teacher_temperature, grad_scale,
-        STUDENT_GRAD=student_grad, TEACHER_GRAD=teacher_grad,
+        SAME_VOCAB=student_vocab == teacher_vocab, STUDENT_GRAD=student_grad, TEACHER_GRAD=teacher_grad,
         STUDENT_UNIT_STRIDE=student_logits.stride(1) == 1,
         TEACHER_UNIT_STRIDE=teacher_logits.stride(1) == 1,
         BLOCK=cfg.block, ENTRIES=cfg.entries, RESOLVE_BLOCK=cfg.resolve_block,

@@ -30,25 +30,25 @@ import triton
 import triton.language as tl
 
 # Planes of the int32 workspace, each ENTRIES long, per program.
-_CNT_S: tl.constexpr = 0  # student elements in the bucket
-_CNT_T: tl.constexpr = 1  # teacher elements in the bucket
-_MIN_S: tl.constexpr = 2  # smallest / largest student key in the bucket
-_MAX_S: tl.constexpr = 3
-_MIN_T: tl.constexpr = 4  # smallest / largest teacher key in the bucket
-_MAX_T: tl.constexpr = 5
-_CHILD: tl.constexpr = 6  # first entry of the child node, 0 when the bucket is resolved
-_NODE_TOP: tl.constexpr = 7  # at a node's first entry: D at the top of the node
-INT_PLANES: tl.constexpr = 8
-SIGN_PLANES: tl.constexpr = 2  # float32: student sign, teacher sign of a resolved bucket
-META_SLOTS: tl.constexpr = 64  # level starts at [0, 32); the shift of level l at [33 + l]
-_SHIFT_OFFSET: tl.constexpr = 33  # [32] holds 30, the shift of the root's (virtual) parent
-_KEY_BITS: tl.constexpr = 30  # probabilities <= 1.0 have keys below 2**30
+_CNT_S = tl.constexpr(0)  # student elements in the bucket
+_CNT_T = tl.constexpr(1)  # teacher elements in the bucket
+_MIN_S = tl.constexpr(2)  # smallest / largest student key in the bucket
+_MAX_S = tl.constexpr(3)
+_MIN_T = tl.constexpr(4)  # smallest / largest teacher key in the bucket
+_MAX_T = tl.constexpr(5)
+_CHILD = tl.constexpr(6)  # first entry of the child node, 0 when the bucket is resolved
+_NODE_TOP = tl.constexpr(7)  # at a node's first entry: D at the top of the node
+INT_PLANES = tl.constexpr(8)
+SIGN_PLANES = tl.constexpr(2)  # float32: student sign, teacher sign of a resolved bucket
+META_SLOTS = tl.constexpr(64)  # level starts at [0, 32); the shift of level l at [33 + l]
+_SHIFT_OFFSET = tl.constexpr(33)  # [32] holds 30, the shift of the root's (virtual) parent
+_KEY_BITS = tl.constexpr(30)  # probabilities <= 1.0 have keys below 2**30
 
-ROOT_SHIFT: tl.constexpr = 22  # root digit = key >> 22 (keys <= 0x3F800000: digits <= 254)
-ROOT_ENTRIES: tl.constexpr = 256
-_MAX_CHILD_BITS: tl.constexpr = 8
-_KEY_NONE_MIN: tl.constexpr = 2147483647
-_KEY_NONE_MAX: tl.constexpr = -1
+ROOT_SHIFT = tl.constexpr(22)  # root digit = key >> 22 (keys <= 0x3F800000: digits <= 254)
+ROOT_ENTRIES = tl.constexpr(256)
+_MAX_CHILD_BITS = tl.constexpr(8)
+_KEY_NONE_MIN = tl.constexpr(2147483647)
+_KEY_NONE_MAX = tl.constexpr(-1)
 
 
 @triton.jit
@@ -295,19 +295,19 @@ def _write_grad(row_ptr, col_stride, vocab, inv_temperature, lse, ws_ptr, sign_p
         tl.store(grad_ptr + idx, grad.to(grad_ptr.dtype.element_ty), mask=idx < vocab)
 
 
-@triton.jit(do_not_specialize=["n_rows", "student_vocab", "teacher_vocab", "n_programs"])
+@triton.jit(do_not_specialize=["n_rows", "longest_vocab", "n_programs"])
 def uld_rows_kernel(
     # data
     student_ptr, teacher_ptr, row_loss_ptr, status_ptr, grad_student_ptr, grad_teacher_ptr,
     ws_int_ptr, ws_sign_ptr, ws_meta_ptr,
     # shapes
-    n_rows, student_vocab, teacher_vocab, n_programs,
+    n_rows, student_vocab, teacher_vocab, longest_vocab, n_programs,
     # strides
     student_row_stride, student_col_stride, teacher_row_stride, teacher_col_stride,
     # scalars
     inv_student_temperature, inv_teacher_temperature, grad_scale,
     # switches and sizes
-    STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr,
+    SAME_VOCAB: tl.constexpr, STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr,
     STUDENT_UNIT_STRIDE: tl.constexpr, TEACHER_UNIT_STRIDE: tl.constexpr,
     BLOCK: tl.constexpr, ENTRIES: tl.constexpr, RESOLVE_BLOCK: tl.constexpr,
     MAX_LEVELS: tl.constexpr,
@@ -320,8 +320,6 @@ def uld_rows_kernel(
     meta_ptr = ws_meta_ptr + pid.to(tl.int64) * META_SLOTS
     lanes = tl.arange(0, BLOCK)
     root = tl.arange(0, ROOT_ENTRIES)
-    same_vocab = student_vocab == teacher_vocab
-    longest = tl.maximum(student_vocab, teacher_vocab)
 
     for row in range(pid, n_rows, n_programs):
         s_row = student_ptr + tl.cast(row, tl.int64) * student_row_stride
@@ -334,7 +332,7 @@ def uld_rows_kernel(
         t_max = tl.full([BLOCK], float("-inf"), tl.float32)
         t_sum = tl.zeros([BLOCK], tl.float32)
         differ = tl.zeros([BLOCK], tl.int32)
-        for block_start in range(0, longest, BLOCK):
+        for block_start in range(0, longest_vocab, BLOCK):
             idx = block_start + lanes
             xs, in_s = _load_scaled(s_row, idx, student_col_stride, student_vocab,
                                     inv_student_temperature, STUDENT_UNIT_STRIDE)
@@ -348,13 +346,13 @@ def uld_rows_kernel(
         # NaN or +inf logits, or a row with no finite logit: no distribution, NaN loss.
         row_ok = (student_lse == student_lse) & (teacher_lse == teacher_lse) & (
             tl.abs(student_lse) < float("inf")) & (tl.abs(teacher_lse) < float("inf"))
-        identical = same_vocab & (tl.sum(differ, 0) == 0)
+        identical = SAME_VOCAB & (tl.sum(differ, 0) == 0)
 
         # Pass 2: the root histogram of both rows' keys.
         student_hist = tl.zeros([ROOT_ENTRIES], tl.int32)
         teacher_hist = tl.zeros([ROOT_ENTRIES], tl.int32)
         if row_ok & (~identical):
-            for block_start in range(0, longest, BLOCK):
+            for block_start in range(0, longest_vocab, BLOCK):
                 idx = block_start + lanes
                 _ps, ks, counted_s = _probs_and_keys(s_row, idx, student_col_stride, student_vocab,
                                                      inv_student_temperature, student_lse,
