@@ -42,11 +42,10 @@ def uld_loss_op(
         student_logits, teacher_logits, student_temperature, teacher_temperature,
         student_grad, teacher_grad, grad_scale,
     )
-    empty = student_logits.new_empty(0)
     return (
         _reduce_rows(row_loss, reduction),
-        grad_student if grad_student is not None else empty,
-        grad_teacher if grad_teacher is not None else empty.to(teacher_logits.dtype),
+        grad_student if grad_student is not None else student_logits.new_empty(0),
+        grad_teacher if grad_teacher is not None else teacher_logits.new_empty(0),
     )
 
 

@@ -332,6 +332,7 @@ def uld_rows_kernel(
         t_max = tl.full([BLOCK], float("-inf"), tl.float32)
         t_sum = tl.zeros([BLOCK], tl.float32)
         differ = tl.zeros([BLOCK], tl.int32)
+        nans = tl.zeros([BLOCK], tl.int32)  # max() may drop NaNs, so they are counted apart
         for block_start in range(0, longest_vocab, BLOCK):
             idx = block_start + lanes
             xs, in_s = _load_scaled(s_row, idx, student_col_stride, student_vocab,
@@ -341,8 +342,10 @@ def uld_rows_kernel(
             s_max, s_sum = _online_lse_update(s_max, s_sum, xs)
             t_max, t_sum = _online_lse_update(t_max, t_sum, xt)
             differ += ((xs != xt) & (in_s | in_t)).to(tl.int32)
-        student_lse = _finish_lse(s_max, s_sum)
-        teacher_lse = _finish_lse(t_max, t_sum)
+            nans += ((xs != xs) | (xt != xt)).to(tl.int32)
+        any_nan = tl.sum(nans, 0) > 0
+        student_lse = tl.where(any_nan, float("nan"), _finish_lse(s_max, s_sum))
+        teacher_lse = tl.where(any_nan, float("nan"), _finish_lse(t_max, t_sum))
         # NaN or +inf logits, or a row with no finite logit: no distribution, NaN loss.
         row_ok = (student_lse == student_lse) & (teacher_lse == teacher_lse) & (
             tl.abs(student_lse) < float("inf")) & (tl.abs(teacher_lse) < float("inf"))

@@ -1,0 +1,73 @@
+"""Vocabulary pairs from real models and the kinds of rows the benchmark and GPU tests use.
+
+One table each, shared by bench/ and tests/: never hard-code a vocabulary twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+# name -> (student vocabulary, teacher vocabulary)
+VOCAB_PAIRS = {
+    "qwen_llama3": (151936, 128256),  # Qwen2.5 student, Llama-3 teacher
+    "llama2_gemma": (32000, 256000),  # Llama-2 student, Gemma teacher
+    "llama3_llama3": (128256, 128256),  # same tokenizer
+    "qwen_qwen": (151936, 151936),  # same tokenizer, the issue's hard case
+}
+
+
+@dataclass(frozen=True)
+class Kind:
+    make: Callable[[torch.Generator, int, int, int, str], tuple[torch.Tensor, torch.Tensor]]
+    same_vocab: bool  # only meaningful when both sides share a vocabulary
+    doc: str
+
+
+def _randn(gen, rows, vocab, device):
+    return torch.randn(rows, vocab, generator=gen, device=device)
+
+
+def _random(gen, rows, vs, vt, device):
+    return _randn(gen, rows, vs, device), _randn(gen, rows, vt, device)
+
+
+def _peaked_row(gen, rows, vocab, device):
+    """LLM-like: Gumbel noise plus a few large logits per row."""
+    u = torch.rand(rows, vocab, generator=gen, device=device).clamp_(1e-9, 1 - 1e-9)
+    z = -torch.log(-torch.log(u)) * 2.0
+    top = torch.randint(0, vocab, (rows, 5), generator=gen, device=device)
+    boost = torch.tensor([22.0, 19.0, 17.0, 16.0, 14.0], device=device).expand(rows, 5)
+    return z.scatter_add_(1, top, boost)
+
+
+def _peaked(gen, rows, vs, vt, device):
+    return _peaked_row(gen, rows, vs, device), _peaked_row(gen, rows, vt, device)
+
+
+def _near(gen, rows, vs, vt, device):
+    student = _peaked_row(gen, rows, vs, device)
+    return student, student + 0.1 * _randn(gen, rows, vs, device)
+
+
+def _identical(gen, rows, vs, vt, device):
+    student = _peaked_row(gen, rows, vs, device)
+    return student, student.clone()
+
+
+KINDS = {
+    "random": Kind(_random, False, "student and teacher logits N(0, 1)"),
+    "peaked": Kind(_peaked, False, "Gumbel(0, 2) logits plus five large ones per row"),
+    "near": Kind(_near, True, "teacher = student (peaked) + N(0, 0.1^2), same vocabulary"),
+    "identical": Kind(_identical, True, "teacher identical to student"),
+}
+
+
+def make_rows(kind: str, rows: int, student_vocab: int, teacher_vocab: int, *, seed: int = 0,
+              dtype: torch.dtype = torch.bfloat16, device: str = "cuda"):
+    """Fresh random student and teacher logits of one kind, in ``dtype``."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    student, teacher = KINDS[kind].make(gen, rows, student_vocab, teacher_vocab, device)
+    return student.to(dtype), teacher.to(dtype)

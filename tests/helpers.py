@@ -1,0 +1,56 @@
+"""Comparisons against the float64 reference, shared by the CPU (interpreter) and GPU tests."""
+
+from __future__ import annotations
+
+import torch
+
+from reference import uld_row_losses_reference
+from tests.tolerances import grad_tol, loss_tol
+
+
+def reference_rows_and_grads(student, teacher, student_temperature=1.0, teacher_temperature=1.0,
+                             teacher_grad=False):
+    """float64 row losses and the gradients of their sum (autograd through the sort)."""
+    s = student.detach().double().requires_grad_(True)
+    t = teacher.detach().double().requires_grad_(teacher_grad)
+    rows = uld_row_losses_reference(s, t, student_temperature, teacher_temperature)
+    rows.sum().backward()
+    return rows.detach(), s.grad, (t.grad if teacher_grad else None)
+
+
+def assert_losses_close(ours: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what="loss"):
+    ours, ref = ours.detach().double().cpu(), ref.detach().double().cpu()
+    torch.testing.assert_close(ours, ref, **loss_tol(dtype), equal_nan=True,
+                               msg=lambda m: f"{what} differs from the float64 reference: {m}")
+
+
+def _group_sums(grad_row: torch.Tensor, logits_row: torch.Tensor):
+    """Sum and absolute sum of the gradient over each group of equal logits."""
+    values, group = torch.unique(logits_row.float(), return_inverse=True)
+    sums = torch.zeros(values.numel(), dtype=torch.float64).index_add_(0, group, grad_row.double())
+    abs_sums = torch.zeros(values.numel(), dtype=torch.float64).index_add_(0, group, grad_row.double().abs())
+    return sums, abs_sums
+
+
+def assert_grads_close(ours: torch.Tensor, ref: torch.Tensor, logits: torch.Tensor,
+                       dtype: torch.dtype, what="gradient", per_tie_group: bool | None = None):
+    """Element by element on float32 inputs; per group of equal values on 16-bit inputs, where
+    ties are the rule and any split of a group's gradient is a valid subgradient."""
+    ours, ref, logits = ours.detach().cpu(), ref.detach().cpu(), logits.detach().cpu()
+    tol = grad_tol(dtype)
+    if per_tie_group is None:
+        per_tie_group = dtype != torch.float32
+    if not per_tie_group:
+        torch.testing.assert_close(ours.double(), ref.double(), **tol,
+                                   msg=lambda m: f"{what} differs element by element: {m}")
+        return
+    for row in range(logits.shape[0]):
+        ours_sum, _ = _group_sums(ours[row], logits[row])
+        ref_sum, ref_abs = _group_sums(ref[row], logits[row])
+        bound = tol["atol"] + tol["rtol"] * ref_abs
+        bad = (ours_sum - ref_sum).abs() > bound
+        assert not bad.any(), (
+            f"{what}, row {row}: {int(bad.sum())} tie groups differ; worst "
+            f"{float((ours_sum - ref_sum).abs().max()):.3g} (group sums ours "
+            f"{ours_sum[bad][:4].tolist()} vs reference {ref_sum[bad][:4].tolist()})"
+        )

@@ -1,0 +1,205 @@
+"""uld_kernels against the float64 reference on small shapes.
+
+On a CPU these run the Triton kernels under the interpreter (conftest sets
+TRITON_INTERPRET=1), so shapes stay small; on a GPU the same tests run compiled.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import uld_kernels.launch as launch
+from tests.helpers import assert_grads_close, assert_losses_close, reference_rows_and_grads
+from uld_kernels import uld_loss
+
+
+def _rows(kind, n, vs, vt, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "random":  # tie-free in float32
+        s, t = torch.randn(n, vs, generator=g) * 3, torch.randn(n, vt, generator=g) * 2.5
+    elif kind == "peaked":  # a few dominant logits, like an LLM's
+        s, t = torch.randn(n, vs, generator=g), torch.randn(n, vt, generator=g)
+        s[:, : min(3, vs)] += 12.0
+        t[:, -min(2, vt):] += 10.0
+    elif kind == "near":  # teacher close to student: the hard case for counting
+        s = torch.randn(n, vs, generator=g) * 2
+        t = s + 0.01 * torch.randn(n, vt, generator=g)
+    elif kind == "integers":  # exact ties inside and across the two rows
+        s = torch.randint(-3, 4, (n, vs), generator=g).float()
+        t = torch.randint(-3, 4, (n, vt), generator=g).float()
+    elif kind == "permuted":  # same distribution, other order: loss 0 through ties only
+        s = torch.randint(-4, 5, (n, vs), generator=g).float()
+        t = s[:, torch.randperm(vs, generator=g)]
+    else:
+        raise ValueError(kind)
+    return s.to(dtype).to(device), t.to(dtype).to(device)
+
+
+# (rows, Vs, Vt): why each point is here
+SHAPES = [
+    (1, 1, 1),  # one-element vocabularies: loss 0
+    (3, 1, 7),  # student of one token against a longer teacher
+    (2, 7, 1),  # and the other way round
+    (4, 100, 77),  # neither a power of two, student longer
+    (2, 257, 1000),  # teacher much longer: padding of the student
+    (3, 300, 300),  # equal vocabularies
+]
+
+
+@pytest.mark.parametrize("n,vs,vt", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loss_and_student_grad_match_reference(n, vs, vt, dtype, device):
+    student, teacher = _rows("random", n, vs, vt, dtype, device, seed=vs * 7 + vt)
+    student.requires_grad_(True)
+    rows = uld_loss(student, teacher, reduction="none")
+    rows.sum().backward()
+    ref_rows, ref_grad, _ = reference_rows_and_grads(student, teacher)
+    assert_losses_close(rows, ref_rows, dtype)
+    assert student.grad.dtype == dtype
+    assert_grads_close(student.grad, ref_grad, student, dtype)
+
+
+@pytest.mark.parametrize("kind", ["peaked", "near", "integers"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_distributions(kind, dtype, device):
+    student, teacher = _rows(kind, 3, 200, 200 if kind == "near" else 150, dtype, device,
+                             seed=len(kind))
+    student.requires_grad_(True)
+    rows = uld_loss(student, teacher, reduction="none")
+    rows.sum().backward()
+    ref_rows, ref_grad, _ = reference_rows_and_grads(student, teacher)
+    assert_losses_close(rows, ref_rows, dtype)
+    # Integer logits tie in every dtype: compare per tie group there.
+    assert_grads_close(student.grad, ref_grad, student, dtype,
+                       per_tie_group=dtype != torch.float32 or kind == "integers")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_same_distribution_in_another_order(dtype, device):
+    """Loss 0 up to rounding. The gradient is not compared: at an exact tie of the two
+    sorted vectors every sign in [-1, 1] is a subgradient, and which one the float64
+    reference picks depends on the last bit of its two log-sum-exps."""
+    student, teacher = _rows("permuted", 3, 300, 300, dtype, device, seed=4)
+    rows = uld_loss(student, teacher, reduction="none")
+    ref_rows, _, _ = reference_rows_and_grads(student, teacher)
+    assert_losses_close(rows, ref_rows, dtype)
+
+
+def test_exact_ties_across_the_two_rows(device):
+    """Uniform rows over the same support, shifted by a masked entry so that they are not
+    equal element by element: every probability ties across the two sides, exactly (sums
+    of ones are exact), and the tie rule must give loss 0 and gradient 0."""
+    n, v = 2, 300
+    student = torch.zeros(n, v + 1, device=device)
+    teacher = torch.zeros(n, v + 1, device=device)
+    student[:, -1] = -math.inf
+    teacher[:, 0] = -math.inf
+    student.requires_grad_(True)
+    rows = uld_loss(student, teacher, reduction="none")
+    rows.sum().backward()
+    assert torch.equal(rows, torch.zeros_like(rows)), rows
+    assert torch.equal(student.grad, torch.zeros_like(student.grad))
+
+
+def test_temperatures_and_teacher_grad(device):
+    student, teacher = _rows("random", 3, 150, 120, torch.float32, device, seed=3)
+    student.requires_grad_(True)
+    teacher.requires_grad_(True)
+    rows = uld_loss(student, teacher, student_temperature=2.0, teacher_temperature=0.5,
+                    reduction="none")
+    rows.sum().backward()
+    ref_rows, ref_s, ref_t = reference_rows_and_grads(student, teacher, 2.0, 0.5, teacher_grad=True)
+    assert_losses_close(rows, ref_rows, torch.float32)
+    assert_grads_close(student.grad, ref_s, student, torch.float32, what="student gradient")
+    assert_grads_close(teacher.grad, ref_t, teacher, torch.float32, what="teacher gradient")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_reductions_and_upstream_gradient(reduction, device):
+    student, teacher = _rows("random", 4, 90, 60, torch.float32, device, seed=11)
+    student.requires_grad_(True)
+    loss = uld_loss(student, teacher, reduction=reduction)
+    upstream = torch.rand(loss.shape, device=device) * 3 + 0.5  # never exactly 1
+    (loss * upstream).sum().backward()
+    s = student.detach().double().requires_grad_(True)
+    from reference import uld_loss_reference
+
+    ref = uld_loss_reference(s, teacher.double(), reduction=reduction)
+    (ref * upstream.double()).sum().backward()
+    assert_losses_close(loss, ref, torch.float32)
+    assert_grads_close(student.grad, s.grad, student, torch.float32)
+
+
+def test_masked_vocabulary_and_nan_rows(device):
+    student, teacher = _rows("random", 4, 64, 48, torch.float32, device, seed=5)
+    student[0, ::3] = -math.inf  # masked entries: probability 0
+    teacher[1, :10] = -math.inf
+    student[2, 7] = math.nan  # a NaN poisons its own row only
+    teacher[3, 0] = math.inf  # so does +inf
+    student.requires_grad_(True)
+    rows = uld_loss(student, teacher, reduction="none")
+    rows.sum().backward()
+    assert torch.isnan(rows[2:]).all(), f"rows with NaN / +inf logits must give NaN, got {rows}"
+    assert torch.isnan(student.grad[2:]).all()
+    ref_rows, ref_grad, _ = reference_rows_and_grads(student[:2], teacher[:2])
+    assert_losses_close(rows[:2], ref_rows, torch.float32)
+    assert_grads_close(student.grad[:2], ref_grad, student[:2], torch.float32)
+    assert (student.grad[0, ::3] == 0).all(), "masked logits must get zero gradient"
+
+
+def test_strided_rows_are_read_in_place(device):
+    base = torch.randn(3, 5, 130, device=device)  # [B, L, V]
+    teacher_base = torch.randn(3, 5, 90, device=device)
+    student = base[:, 2, :]  # row stride 5 * 130, not contiguous
+    teacher = teacher_base[:, 1:4, :].transpose(0, 1)[1]  # another stride
+    transposed = torch.randn(90, 3, device=device).t()  # column stride 3
+    assert not student.is_contiguous() and not transposed.is_contiguous()
+    for t in (teacher, transposed):
+        rows = uld_loss(student, t, reduction="none")
+        ref_rows, _, _ = reference_rows_and_grads(student, t)
+        assert_losses_close(rows, ref_rows, torch.float32)
+
+
+def test_no_rows(device):
+    student = torch.randn(0, 10, device=device, requires_grad=True)
+    teacher = torch.randn(0, 12, device=device)
+    assert uld_loss(student, teacher, reduction="none").shape == (0,)
+    total = uld_loss(student, teacher, reduction="sum")
+    assert total.item() == 0.0
+    assert math.isnan(uld_loss(student, teacher, reduction="mean").item())
+    total.backward()
+    assert student.grad.shape == (0, 10)
+
+
+def test_deterministic_and_independent_of_batch(device):
+    student, teacher = _rows("near", 6, 300, 300, torch.bfloat16, device, seed=9)
+    student.requires_grad_(True)
+    first = uld_loss(student, teacher, reduction="none")
+    (g1,) = torch.autograd.grad(first.sum(), student)
+    second = uld_loss(student, teacher, reduction="none")
+    (g2,) = torch.autograd.grad(second.sum(), student)
+    assert torch.equal(first, second) and torch.equal(g1, g2), "results differ between runs"
+    part = uld_loss(student[2:4], teacher[2:4], reduction="none")
+    (gp,) = torch.autograd.grad(part.sum(), student)
+    assert torch.equal(part, first[2:4]), "a row's loss depends on the other rows of its batch"
+    assert torch.equal(gp[2:4], g1[2:4])
+
+
+@pytest.mark.parametrize("entries", [1024, 300])
+def test_small_workspace_stays_exact_or_says_nan(entries, device, monkeypatch):
+    """A smaller trie splits fewer bits per level: still exact. When even one bit per open
+    bucket no longer fits, the row's loss is NaN (never a wrong number)."""
+    monkeypatch.setattr(launch, "_ENTRIES", entries)
+    student, teacher = _rows("permuted", 2, 400, 400, torch.float32, device, seed=2)
+    student.requires_grad_(True)
+    rows, status, grad, _ = launch.uld_rows(student, teacher, 1.0, 1.0, True, False, 1.0)
+    ref_rows, ref_grad, _ = reference_rows_and_grads(student, teacher)
+    ok = status == 0
+    assert torch.isnan(rows[~ok]).all(), "a row whose workspace ran out must be NaN"
+    if entries >= 1024:
+        assert ok.all(), f"1,024 entries suffice for 400 elements, status {status.tolist()}"
+    assert_losses_close(rows[ok], ref_rows[ok.cpu()], torch.float32)
+    assert_grads_close(grad[ok], ref_grad[ok.cpu()], student[ok], torch.float32, per_tie_group=True)
