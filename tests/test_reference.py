@@ -145,7 +145,7 @@ def test_loss_is_invariant_to_permuting_either_vocabulary(rows, student_vocab, t
         teacher = teacher.gather(-1, _row_perms(rows, teacher_vocab, seed=9))
     permuted = uld_row_losses_reference(student, teacher, 1.5, 0.75)
     torch.testing.assert_close(permuted, base, **EXACT,
-                               msg=lambda m: f"permuting the {side} vocabulary changed the loss\n{m}")
+                               msg=lambda m: f"permuting the {side} vocabulary changed L\n{m}")
     assert (base > 1e-3).all(), f"degenerate inputs (near-zero loss) make this test vacuous: {base}"
 
 
@@ -189,7 +189,8 @@ HAND_CASES = [
     # |.75-.5| + |.25-.5| = .25 + .25 = 0.5
     pytest.param(2 * _probs([0.25, 0.75]).log(), _probs([0.5, 0.5]).log(), 2.0, 1.0, 0.5,
                  id="student-temperature-2"),
-    # teacher temperature 1/2: softmax(log([.5, .25, .25]) / .5) ∝ [.25, .0625, .0625] = [2/3, 1/6, 1/6];
+    # teacher temperature 1/2: softmax(log([.5, .25, .25]) / .5) is proportional to
+    # [.25, .0625, .0625], i.e. [2/3, 1/6, 1/6];
     # a = [.5, .5, 0]: |.5 - 2/3| + |.5 - 1/6| + |0 - 1/6| = 1/6 + 2/6 + 1/6 = 2/3
     pytest.param(_probs([0.5, 0.5]).log(), _probs([0.5, 0.25, 0.25]).log(), 1.0, 0.5, 2.0 / 3.0,
                  id="teacher-temperature-half"),
@@ -206,7 +207,8 @@ def test_hand_computed_cases(student, teacher, student_temperature, teacher_temp
     assert math.isclose(loss, expected, abs_tol=1e-12), f"loss {loss!r}, expected {expected!r}"
     # Swapping sides must give the same hand value.
     swapped = _loss1(teacher, student, teacher_temperature, student_temperature)
-    assert math.isclose(swapped, expected, abs_tol=1e-12), f"swapped {swapped!r}, expected {expected!r}"
+    assert math.isclose(swapped, expected, abs_tol=1e-12), (
+        f"swapped {swapped!r}, expected {expected!r}")
 
 
 # (T_s, T_t): reason
@@ -255,7 +257,8 @@ def test_reductions_agree(rows, student_vocab, teacher_vocab):
     mean = uld_loss_reference(student, teacher, reduction="mean", **kwargs)
     default = uld_loss_reference(student, teacher, **kwargs)
     assert none.shape == (rows,), f"'none' gave shape {tuple(none.shape)}, expected ({rows},)"
-    assert total.shape == () and mean.shape == (), f"scalar reductions gave {total.shape}, {mean.shape}"
+    assert total.shape == () and mean.shape == (), (
+        f"scalar reductions gave shapes {total.shape}, {mean.shape}")
     torch.testing.assert_close(none, row_losses, **EXACT)
     torch.testing.assert_close(total, row_losses.sum(), **EXACT)
     torch.testing.assert_close(mean, total / rows, **EXACT)

@@ -1,0 +1,87 @@
+"""Compile every kernel configuration used at large vocabularies for sm_90, without a GPU.
+
+Run as a script with TRITON_INTERPRET unset (tests/test_compile_sm90.py does); prints one
+JSON line per configuration with the facts the test checks and the compiler's resource use.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from uld_kernels.kernels.uld_rows import scale_rows_kernel, uld_rows_kernel  # noqa: E402
+from uld_kernels.launch import row_kernel_config  # noqa: E402
+
+TRITON_TYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+def compile_kernel(kernel, types: dict, constexprs: dict, aligned: list[str], num_warps: int):
+    names = kernel.arg_names
+    signature = {name: types.get(name, "constexpr") for name in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=TARGET, options=dict(num_warps=num_warps))
+
+
+def facts(name: str, compiled) -> dict:
+    ptx = compiled.asm["ptx"]
+    return dict(
+        name=name,
+        cubin_bytes=len(compiled.asm["cubin"]),
+        sm90=".target sm_90" in ptx,
+        vector_loads=("ld.global.v4" in ptx) or ("ld.global.nc.v4" in ptx),
+        shared=compiled.metadata.shared,
+        local_memory=".local" in ptx,
+    )
+
+
+def row_kernel_configs():
+    cfg = row_kernel_config(151936)
+    for dtype, (s_grad, t_grad), same in itertools.product(
+            TRITON_TYPE, [(True, False), (False, False), (True, True)], [False, True]):
+        logits = "*" + TRITON_TYPE[dtype]
+        types = dict(
+            student_ptr=logits, teacher_ptr=logits, row_loss_ptr="*fp32", status_ptr="*i32",
+            grad_student_ptr=logits, grad_teacher_ptr=logits, ws_int_ptr="*i32",
+            ws_sign_ptr="*fp32", ws_meta_ptr="*i32", n_rows="i32", student_vocab="i32",
+            teacher_vocab="i32", longest_vocab="i32", n_programs="i32",
+            student_row_stride="i64", student_col_stride="i32", teacher_row_stride="i64",
+            teacher_col_stride="i32", inv_student_temperature="fp32",
+            inv_teacher_temperature="fp32", grad_scale="fp32",
+        )
+        constexprs = dict(
+            SAME_VOCAB=same, STUDENT_GRAD=s_grad, TEACHER_GRAD=t_grad,
+            STUDENT_UNIT_STRIDE=True, TEACHER_UNIT_STRIDE=True, BLOCK=cfg.block,
+            ENTRIES=cfg.entries, RESOLVE_BLOCK=cfg.resolve_block, MAX_LEVELS=cfg.max_levels,
+        )
+        aligned = ["student_ptr", "teacher_ptr", "grad_student_ptr", "grad_teacher_ptr",
+                   "ws_int_ptr", "ws_sign_ptr", "ws_meta_ptr", "row_loss_ptr", "status_ptr",
+                   "student_vocab", "teacher_vocab", "student_row_stride", "teacher_row_stride"]
+        name = f"uld_rows {TRITON_TYPE[dtype]} grads={s_grad},{t_grad} same_vocab={same}"
+        yield name, uld_rows_kernel, types, constexprs, aligned, cfg.num_warps
+
+
+def scale_kernel_configs():
+    for dtype, per_row in itertools.product(TRITON_TYPE, [False, True]):
+        types = dict(grad_ptr="*" + TRITON_TYPE[dtype], scale_ptr="*fp32", vocab="i32")
+        yield (f"scale_rows {TRITON_TYPE[dtype]} per_row={per_row}", scale_rows_kernel, types,
+               dict(SCALE_PER_ROW=per_row, BLOCK=4096), ["grad_ptr", "scale_ptr", "vocab"], 8)
+
+
+def main():
+    for name, kernel, types, constexprs, aligned, warps in [*row_kernel_configs(), *scale_kernel_configs()]:
+        print(json.dumps(facts(name, compile_kernel(kernel, types, constexprs, aligned, warps))), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""GPU tests at real sizes: realistic vocabularies, 16,384 rows, the benchmark's kinds of rows.
+
+Marked ``gpu``: they skip cleanly without CUDA. The float64 reference cannot hold 16,384
+rows of 152k, so a random subset of rows is checked against it, and the big batch is
+checked to give those rows bit for bit the same result as the subset alone.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bench.shapes import KINDS, VOCAB_PAIRS, make_rows
+from tests.helpers import assert_grads_close, assert_losses_close, reference_rows_and_grads
+from uld_kernels import uld_loss
+from uld_kernels.launch import uld_rows
+
+pytestmark = pytest.mark.gpu
+
+_CHECKED_ROWS = 6
+
+
+def _check_rows_against_reference(student, teacher, rows, grad, dtype, seed):
+    pick = torch.randperm(student.shape[0], generator=torch.Generator().manual_seed(seed))[:_CHECKED_ROWS]
+    pick = pick.to(student.device)
+    ref_rows, ref_grad, _ = reference_rows_and_grads(student[pick], teacher[pick])
+    assert_losses_close(rows[pick], ref_rows, dtype)
+    assert_grads_close(grad[pick], ref_grad, student[pick], dtype)
+    # The same rows alone give bit-identical results.
+    alone, _, alone_grad, _ = uld_rows(student[pick], teacher[pick], 1.0, 1.0, True, False, 1.0)
+    assert torch.equal(alone, rows[pick]), "a row's loss depends on its batch"
+    assert torch.equal(alone_grad, grad[pick]), "a row's gradient depends on its batch"
+
+
+@pytest.mark.parametrize("pair", list(VOCAB_PAIRS))
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_realistic_batches(pair, kind):
+    vs, vt = VOCAB_PAIRS[pair]
+    if KINDS[kind].same_vocab and vs != vt:
+        pytest.skip("this kind of rows needs one vocabulary")
+    n = 16384 if pair == "qwen_llama3" else 2048
+    student, teacher = make_rows(kind, n, vs, vt, seed=vs + vt + len(kind))
+    rows, status, grad, _ = uld_rows(student, teacher, 1.0, 1.0, True, False, 1.0)
+    assert (status == 0).all(), f"{int((status != 0).sum())} rows ran out of workspace"
+    assert torch.isfinite(rows).all()
+    _check_rows_against_reference(student, teacher, rows, grad, torch.bfloat16, seed=n)
+    if kind == "identical":
+        assert (rows == 0).all() and (grad == 0).all()
+
+
+@pytest.mark.parametrize("vs,vt", [(1, 262144), (262144, 1), (262144, 262144), (152064, 151665)])
+def test_vocabulary_extremes(vs, vt):
+    student, teacher = make_rows("peaked", 64, vs, vt, seed=vs)
+    rows, status, grad, _ = uld_rows(student, teacher, 1.0, 1.0, True, False, 1.0)
+    assert (status == 0).all()
+    _check_rows_against_reference(student, teacher, rows, grad, torch.bfloat16, seed=vs)
+
+
+def test_float32_gradient_element_by_element():
+    vs, vt = VOCAB_PAIRS["qwen_llama3"]
+    student, teacher = make_rows("random", 16, vs, vt, seed=1, dtype=torch.float32)
+    student.requires_grad_(True)
+    rows = uld_loss(student, teacher, reduction="none")
+    rows.sum().backward()
+    ref_rows, ref_grad, _ = reference_rows_and_grads(student, teacher)
+    assert_losses_close(rows, ref_rows, torch.float32)
+    assert_grads_close(student.grad, ref_grad, student, torch.float32)
+
+
+def test_strided_slice_of_a_3d_batch_is_not_copied():
+    vs, vt = VOCAB_PAIRS["qwen_llama3"]
+    student_3d, teacher_3d = (x.view(8, 16, -1) for x in make_rows("peaked", 128, vs, vt, seed=3))
+    student, teacher = student_3d[:, 5], teacher_3d[:, 9]
+    assert not student.is_contiguous()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    rows, _, _, _ = uld_rows(student, teacher, 1.0, 1.0, False, False, 1.0)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - before < 64 * 2**20, "the rows were copied"
+    ref_rows, _, _ = reference_rows_and_grads(student, teacher)
+    assert_losses_close(rows, ref_rows, torch.bfloat16)
+
+
+def test_deterministic():
+    vs, vt = VOCAB_PAIRS["qwen_qwen"]
+    student, teacher = make_rows("near", 2048, vs, vt, seed=5)
+    first = uld_rows(student, teacher, 1.0, 1.0, True, False, 1.0)
+    second = uld_rows(student, teacher, 1.0, 1.0, True, False, 1.0)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[2], second[2])
+
+
+def test_memory_stays_within_one_gigabyte_beyond_the_gradient():
+    vs, vt = VOCAB_PAIRS["qwen_llama3"]
+    student, teacher = make_rows("random", 16384, vs, vt, seed=7)
+    student.requires_grad_(True)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    (grad,) = torch.autograd.grad(uld_loss(student, teacher), student)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before - grad.numel() * grad.element_size()
+    assert extra < 2**30, f"{extra / 2**30:.2f} GiB beyond the gradient"
+
+
+def test_no_host_synchronisation():
+    vs, vt = VOCAB_PAIRS["qwen_llama3"]
+    student, teacher = make_rows("random", 256, vs, vt, seed=8)
+    student.requires_grad_(True)
+    uld_loss(student, teacher).backward()  # compile and warm up first
+    student.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = uld_loss(student, teacher, reduction="none")
+        (loss * 2).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_torch_compile_fullgraph():
+    vs, vt = VOCAB_PAIRS["qwen_llama3"]
+    student, teacher = make_rows("peaked", 64, vs, vt, seed=9)
+    compiled = torch.compile(uld_loss, fullgraph=True)
+    s1 = student.clone().requires_grad_(True)
+    s2 = student.clone().requires_grad_(True)
+    eager = uld_loss(s1, teacher, student_temperature=2.0)
+    traced = compiled(s2, teacher, student_temperature=2.0)
+    (eager * 3).backward()
+    (traced * 3).backward()
+    assert torch.equal(eager, traced)
+    assert torch.equal(s1.grad, s2.grad)
+
+
+def test_mixed_devices_raise():
+    with pytest.raises(ValueError, match="device"):
+        uld_loss(torch.randn(2, 5), torch.randn(2, 5, device="cuda"))
+
+
+def test_nan_row_is_isolated():
+    student, teacher = make_rows("random", 8, 1000, 900, seed=10, dtype=torch.float32)
+    student[3, 17] = math.nan
+    rows, _, grad, _ = uld_rows(student, teacher, 1.0, 1.0, True, False, 1.0)
+    assert torch.isnan(rows[3]) and torch.isnan(grad[3]).all()
+    keep = torch.tensor([0, 1, 2, 4, 5, 6, 7], device="cuda")
+    assert torch.isfinite(rows[keep]).all() and torch.isfinite(grad[keep]).all()
