@@ -13,7 +13,12 @@ import pytest
 import torch
 
 from bench.shapes import KINDS, VOCAB_PAIRS, make_rows
-from tests.helpers import assert_grads_close, assert_losses_close, reference_rows_and_grads
+from tests.helpers import (
+    assert_grads_close,
+    assert_losses_close,
+    cross_near_ties,
+    reference_rows_and_grads,
+)
 from uld_kernels import uld_loss
 from uld_kernels.launch import uld_rows
 
@@ -66,7 +71,9 @@ def test_float32_gradient_element_by_element():
     rows.sum().backward()
     ref_rows, ref_grad, _ = reference_rows_and_grads(student, teacher)
     assert_losses_close(rows, ref_rows, torch.float32)
-    assert_grads_close(student.grad, ref_grad, student, torch.float32)
+    near = cross_near_ties(student, teacher)
+    assert near.float().mean() < 1e-3, "the rows are not tie-free enough for this test"
+    assert_grads_close(student.grad, ref_grad, student, torch.float32, near_ties=near)
 
 
 def test_strided_slice_of_a_3d_batch_is_not_copied():

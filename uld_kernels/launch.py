@@ -35,9 +35,11 @@ class RowKernelConfig:
 
 
 # Trie size: root 256 buckets, deeper nodes share the rest (half of what is free per level).
-_ENTRIES = 16384
+# Programs per SM: each walks rows one after another with its own workspace. Both can be
+# overridden for tuning (ULD_ENTRIES, ULD_PROGRAMS_PER_SM); bench/NOTES.md has the sweep.
+_ENTRIES = int(os.environ.get("ULD_ENTRIES", 16384))
 _MAX_LEVELS = 16
-_PROGRAMS_PER_SM = 2
+_PROGRAMS_PER_SM = int(os.environ.get("ULD_PROGRAMS_PER_SM", 2))
 
 
 def row_kernel_config(max_vocab: int) -> RowKernelConfig:
@@ -48,7 +50,7 @@ def row_kernel_config(max_vocab: int) -> RowKernelConfig:
         entries=_ENTRIES,
         resolve_block=256,
         max_levels=_MAX_LEVELS,
-        num_warps=8 if block >= 2048 else 4,
+        num_warps=int(os.environ.get("ULD_NUM_WARPS", 8 if block >= 2048 else 4)),
     )
 
 

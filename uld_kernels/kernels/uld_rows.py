@@ -40,11 +40,11 @@ _CHILD = tl.constexpr(6)  # first entry of the child node, 0 when the bucket is 
 _NODE_TOP = tl.constexpr(7)  # at a node's first entry: D at the top of the node
 INT_PLANES = tl.constexpr(8)
 SIGN_PLANES = tl.constexpr(2)  # float32: student sign, teacher sign of a resolved bucket
-META_SLOTS = tl.constexpr(64)  # level starts at [0, 32); the shift of level l at [33 + l]
-_SHIFT_OFFSET = tl.constexpr(33)  # [32] holds 30, the shift of the root's (virtual) parent
-_KEY_BITS = tl.constexpr(30)  # probabilities <= 1.0 have keys below 2**30
+META_SLOTS = tl.constexpr(64)  # level starts at [0, 31); the shift of level l at [33 + l]
+_SHIFT_OFFSET = tl.constexpr(33)  # [32]: root shift + 8, as if the root had a parent
+_ROOT_BASE = tl.constexpr(31)  # the root digit of a key is (key >> root shift) - [31]
 
-ROOT_SHIFT = tl.constexpr(22)  # root digit = key >> 22 (keys <= 0x3F800000: digits <= 254)
+ROOT_BITS = tl.constexpr(8)
 ROOT_ENTRIES = tl.constexpr(256)
 _MAX_CHILD_BITS = tl.constexpr(8)
 _KEY_NONE_MIN = tl.constexpr(2147483647)
@@ -91,9 +91,15 @@ def _online_lse_update(m, s, x):
 
 @triton.jit
 def _finish_lse(m, s):
+    """Row maximum and log-sum-exp from the per-lane online state."""
     row_max = tl.max(m, 0)
     scale = tl.where(m > float("-inf"), tl.exp(m - row_max), 0.0)
-    return row_max + tl.log(tl.sum(s * scale, 0))
+    return row_max, row_max + tl.log(tl.sum(s * scale, 0))
+
+
+@triton.jit
+def _key_of(x, lse):
+    return tl.exp(x - lse).to(tl.int32, bitcast=True)
 
 
 @triton.jit
@@ -120,7 +126,7 @@ def _walk(key, counted, child_ptr, meta_ptr, depth):
 
     Returns the entry where each key stopped and whether it got all the way down.
     """
-    entry = key >> ROOT_SHIFT
+    entry = (key >> tl.load(meta_ptr + _SHIFT_OFFSET)) - tl.load(meta_ptr + _ROOT_BASE)
     active = counted
     for level in range(1, depth + 1):
         child = tl.load(child_ptr + entry, mask=active, other=0)
@@ -161,8 +167,9 @@ def _bucket_states(ws_ptr, meta_ptr, level, chunk_start, ENTRIES: tl.constexpr,
 
     decided = (d >= teacher_count) | (d + student_count <= 0)
     student_sign, teacher_sign = _tie_signs(d, student_count, teacher_count)
+    width_one = tl.load(meta_ptr + _SHIFT_OFFSET + level) == 0  # one key per bucket: a tie group
     if level == 0:
-        resolved = decided
+        resolved = decided | width_one
     else:
         s_min = tl.load(ws_ptr + _MIN_S * ENTRIES + entry, mask=in_level, other=0,
                         cache_modifier=".cg")
@@ -183,7 +190,7 @@ def _bucket_states(ws_ptr, meta_ptr, level, chunk_start, ENTRIES: tl.constexpr,
         gs_below, _unused4 = _tie_signs(d - teacher_count, student_count, 0)
         student_sign = tl.where(s_above, gs_above, tl.where(t_above, gs_below, student_sign))
         teacher_sign = tl.where(s_above, gt_below, tl.where(t_above, gt_above, teacher_sign))
-        resolved = decided | single
+        resolved = decided | single | width_one
     open_bucket = in_level & (~resolved) & (student_count + teacher_count > 0)
     return entry, in_level, d, student_sign, teacher_sign, open_bucket
 
@@ -331,6 +338,8 @@ def uld_rows_kernel(
         s_sum = tl.zeros([BLOCK], tl.float32)
         t_max = tl.full([BLOCK], float("-inf"), tl.float32)
         t_sum = tl.zeros([BLOCK], tl.float32)
+        s_min = tl.full([BLOCK], float("inf"), tl.float32)  # smallest finite logit
+        t_min = tl.full([BLOCK], float("inf"), tl.float32)
         differ = tl.zeros([BLOCK], tl.int32)
         nans = tl.zeros([BLOCK], tl.int32)  # max() may drop NaNs, so they are counted apart
         for block_start in range(0, longest_vocab, BLOCK):
@@ -341,15 +350,29 @@ def uld_rows_kernel(
                                     inv_teacher_temperature, TEACHER_UNIT_STRIDE)
             s_max, s_sum = _online_lse_update(s_max, s_sum, xs)
             t_max, t_sum = _online_lse_update(t_max, t_sum, xt)
+            s_min = tl.minimum(s_min, tl.where(xs > float("-inf"), xs, float("inf")))
+            t_min = tl.minimum(t_min, tl.where(xt > float("-inf"), xt, float("inf")))
             differ += ((xs != xt) & (in_s | in_t)).to(tl.int32)
             nans += ((xs != xs) | (xt != xt)).to(tl.int32)
         any_nan = tl.sum(nans, 0) > 0
-        student_lse = tl.where(any_nan, float("nan"), _finish_lse(s_max, s_sum))
-        teacher_lse = tl.where(any_nan, float("nan"), _finish_lse(t_max, t_sum))
+        student_top, student_lse = _finish_lse(s_max, s_sum)
+        teacher_top, teacher_lse = _finish_lse(t_max, t_sum)
+        student_lse = tl.where(any_nan, float("nan"), student_lse)
+        teacher_lse = tl.where(any_nan, float("nan"), teacher_lse)
         # NaN or +inf logits, or a row with no finite logit: no distribution, NaN loss.
         row_ok = (student_lse == student_lse) & (teacher_lse == teacher_lse) & (
             tl.abs(student_lse) < float("inf")) & (tl.abs(teacher_lse) < float("inf"))
         identical = SAME_VOCAB & (tl.sum(differ, 0) == 0)
+
+        # The root splits only the keys this row pair holds, [key_lo, key_hi], into 256
+        # buckets aligned to a power of two: much finer than splitting all of [0, 1].
+        key_hi = tl.maximum(_key_of(student_top, student_lse), _key_of(teacher_top, teacher_lse))
+        key_lo = tl.maximum(tl.minimum(_key_of(tl.min(s_min, 0), student_lse),
+                                       _key_of(tl.min(t_min, 0), teacher_lse)), 1)
+        root_shift = 0
+        while ((key_hi >> root_shift) - (key_lo >> root_shift) >= ROOT_ENTRIES) & (root_shift < 31):
+            root_shift += 1
+        root_base = key_lo >> root_shift
 
         # Pass 2: the root histogram of both rows' keys.
         student_hist = tl.zeros([ROOT_ENTRIES], tl.int32)
@@ -363,15 +386,19 @@ def uld_rows_kernel(
                 _pt, kt, counted_t = _probs_and_keys(t_row, idx, teacher_col_stride, teacher_vocab,
                                                      inv_teacher_temperature, teacher_lse,
                                                      TEACHER_UNIT_STRIDE)
-                student_hist += tl.histogram(ks >> ROOT_SHIFT, ROOT_ENTRIES, mask=counted_s)
-                teacher_hist += tl.histogram(kt >> ROOT_SHIFT, ROOT_ENTRIES, mask=counted_t)
+                # (Clamped only for memory safety: every counted key lies in [key_lo, key_hi].)
+                ds = tl.minimum(tl.maximum((ks >> root_shift) - root_base, 0), ROOT_ENTRIES - 1)
+                dt = tl.minimum(tl.maximum((kt >> root_shift) - root_base, 0), ROOT_ENTRIES - 1)
+                student_hist += tl.histogram(ds, ROOT_ENTRIES, mask=counted_s)
+                teacher_hist += tl.histogram(dt, ROOT_ENTRIES, mask=counted_t)
         tl.store(ws_ptr + _CNT_S * ENTRIES + root, student_hist)
         tl.store(ws_ptr + _CNT_T * ENTRIES + root, teacher_hist)
         tl.store(ws_ptr + _NODE_TOP * ENTRIES, 0)
         tl.store(meta_ptr + 0, 0)
         tl.store(meta_ptr + 1, ROOT_ENTRIES)
-        tl.store(meta_ptr + _SHIFT_OFFSET - 1, _KEY_BITS)
-        tl.store(meta_ptr + _SHIFT_OFFSET, ROOT_SHIFT)
+        tl.store(meta_ptr + _SHIFT_OFFSET - 1, root_shift + ROOT_BITS)
+        tl.store(meta_ptr + _SHIFT_OFFSET, root_shift)
+        tl.store(meta_ptr + _ROOT_BASE, root_base)
         tl.debug_barrier()
 
         # Refine: resolve a level, count the keys of its open buckets one level down.
