@@ -71,7 +71,7 @@ def copy_bandwidth_gbps() -> float:
     return gbps
 
 
-def measure(impl_name, fn, student, teacher, warmup, rep) -> tuple[float, ...]:
+def measure(impl_name, fn, student, teacher, warmup, rep, full_only=False) -> tuple[float, ...]:
     def forward_no_grad():
         with torch.no_grad():
             return fn(student, teacher)
@@ -84,8 +84,9 @@ def measure(impl_name, fn, student, teacher, warmup, rep) -> tuple[float, ...]:
         return torch.autograd.grad(loss, student)
 
     bench = dict(warmup=warmup, rep=rep, return_mode="median")
-    fwd = triton.testing.do_bench(forward_no_grad, **bench)
-    fwd_grad = triton.testing.do_bench(forward_with_grad, **bench)
+    nan = float("nan")
+    fwd = nan if full_only else triton.testing.do_bench(forward_no_grad, **bench)
+    fwd_grad = nan if full_only else triton.testing.do_bench(forward_with_grad, **bench)
     full = triton.testing.do_bench(forward_backward, **bench)
 
     torch.cuda.synchronize()
@@ -97,7 +98,8 @@ def measure(impl_name, fn, student, teacher, warmup, rep) -> tuple[float, ...]:
     del grad
     with torch.no_grad():
         loss = float(fn(student, teacher))
-    return fwd, fwd_grad, max(full - fwd_grad, 0.0), full, peak / 1e9, loss
+    bwd = nan if full_only else max(full - fwd_grad, 0.0)
+    return fwd, fwd_grad, bwd, full, peak / 1e9, loss
 
 
 def run(args) -> list[Result]:
@@ -116,7 +118,8 @@ def run(args) -> list[Result]:
                         continue
                     try:
                         fwd, fwd_grad, bwd, full, peak, loss = measure(
-                            impl, IMPLS[impl](), student, teacher, args.warmup, args.rep)
+                            impl, IMPLS[impl](), student, teacher, args.warmup, args.rep,
+                            args.full_only)
                     except torch.OutOfMemoryError:
                         print(f"{impl} {pair} rows={rows} {kind}: out of memory", flush=True)
                         torch.cuda.empty_cache()
@@ -195,6 +198,7 @@ def main():
     parser.add_argument("--reference-max-rows", type=int, default=16384)
     parser.add_argument("--warmup", type=int, default=25)
     parser.add_argument("--rep", type=int, default=100)
+    parser.add_argument("--full-only", action="store_true", help="time forward+backward only")
     parser.add_argument("--quick", action="store_true", help="2,048 rows, one pair, ours only")
     parser.add_argument("--out", default=os.environ.get("OUT", os.path.join(os.path.dirname(__file__), "out")))
     args = parser.parse_args()
