@@ -48,7 +48,7 @@ def test_realistic_batches(pair, kind):
     n = 16384 if pair == "qwen_llama3" else 2048
     student, teacher = make_rows(kind, n, vs, vt, seed=vs + vt + len(kind))
     rows, status, grad, _ = uld_rows(student, teacher, 1.0, 1.0, True, False, 1.0)
-    assert (status == 0).all(), f"{int((status != 0).sum())} rows ran out of workspace"
+    assert ((status & 1) == 0).all(), f"{int((status != 0).sum())} rows ran out of workspace"
     assert torch.isfinite(rows).all()
     _check_rows_against_reference(student, teacher, rows, grad, torch.bfloat16, seed=n)
     if kind == "identical":
@@ -59,7 +59,7 @@ def test_realistic_batches(pair, kind):
 def test_vocabulary_extremes(vs, vt):
     student, teacher = make_rows("peaked", 64, vs, vt, seed=vs)
     rows, status, grad, _ = uld_rows(student, teacher, 1.0, 1.0, True, False, 1.0)
-    assert (status == 0).all()
+    assert ((status & 1) == 0).all()
     _check_rows_against_reference(student, teacher, rows, grad, torch.bfloat16, seed=vs)
 
 

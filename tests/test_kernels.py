@@ -197,7 +197,7 @@ def test_small_workspace_stays_exact_or_says_nan(entries, device, monkeypatch):
     student.requires_grad_(True)
     rows, status, grad, _ = launch.uld_rows(student, teacher, 1.0, 1.0, True, False, 1.0)
     ref_rows, ref_grad, _ = reference_rows_and_grads(student, teacher)
-    ok = status == 0
+    ok = (status & 1) == 0
     assert torch.isnan(rows[~ok]).all(), "a row whose workspace ran out must be NaN"
     if entries >= 1024:
         assert ok.all(), f"1,024 entries suffice for 400 elements, status {status.tolist()}"

@@ -81,7 +81,8 @@ def uld_rows(
     teacher_grad: bool,
     grad_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Row losses ``[N]`` (float32), status ``[N]`` (int32, 1 = workspace exhausted) and the
+    """Row losses ``[N]`` (float32), status ``[N]`` (int32: bit 0 set when the workspace ran out
+    and the row's loss is NaN; ``status >> 1`` = trie levels the row needed) and the
     gradients of ``grad_scale * sum(row losses)`` for the sides asked for (input dtypes).
 
     Inputs are 2-D with any row stride; nothing is copied.

@@ -319,7 +319,8 @@ def uld_rows_kernel(
     BLOCK: tl.constexpr, ENTRIES: tl.constexpr, RESOLVE_BLOCK: tl.constexpr,
     MAX_LEVELS: tl.constexpr,
 ):
-    """Per row: loss (float32), status (0 ok, 1 workspace exhausted) and, when asked,
+    """Per row: loss (float32), status (bit 0: workspace exhausted; the rest: 2 x the trie
+    levels below the root that the row needed) and, when asked,
     the gradient of grad_scale * loss with respect to either logits row."""
     pid = tl.program_id(0)
     ws_ptr = ws_int_ptr + pid.to(tl.int64) * (INT_PLANES * ENTRIES)
@@ -432,7 +433,8 @@ def uld_rows_kernel(
         student_mass = tl.where(failed, float("nan"), student_mass)
         teacher_mass = tl.where(failed, float("nan"), teacher_mass)
         tl.store(row_loss_ptr + row, loss)
-        tl.store(status_ptr + row, exhausted.to(tl.int32))
+        # status: bit 0 = workspace exhausted, bits 1.. = trie levels counted below the root
+        tl.store(status_ptr + row, exhausted.to(tl.int32) + 2 * depth)
 
         if STUDENT_GRAD:
             _write_grad(s_row, student_col_stride, student_vocab, inv_student_temperature,
