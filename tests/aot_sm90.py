@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -39,7 +40,9 @@ def facts(name: str, compiled) -> dict:
         name=name,
         cubin_bytes=len(compiled.asm["cubin"]),
         sm90=".target sm_90" in ptx,
-        vector_loads=("ld.global.v4" in ptx) or ("ld.global.nc.v4" in ptx),
+        # 8- or 16-byte row loads: plain vector loads, or pipelined copies to shared memory
+        vector_loads=bool(re.search(r"ld\.global(\.nc)?\.v[24]|cp\.async\.\w+\.shared\.global[^;]*, (8|16);", ptx)),
+        pipelined=("cp.async" in ptx),
         shared=compiled.metadata.shared,
         local_memory=".local" in ptx,
     )
@@ -63,6 +66,7 @@ def row_kernel_configs():
             SAME_VOCAB=same, STUDENT_GRAD=s_grad, TEACHER_GRAD=t_grad,
             STUDENT_UNIT_STRIDE=True, TEACHER_UNIT_STRIDE=True, BLOCK=cfg.block,
             ENTRIES=cfg.entries, RESOLVE_BLOCK=cfg.resolve_block, MAX_LEVELS=cfg.max_levels,
+            STAGES=cfg.stages,
         )
         aligned = ["student_ptr", "teacher_ptr", "grad_student_ptr", "grad_teacher_ptr",
                    "ws_int_ptr", "ws_sign_ptr", "ws_meta_ptr", "row_loss_ptr", "status_ptr",
@@ -79,8 +83,31 @@ def scale_kernel_configs():
 
 
 def main():
+    resources = "--resources" in sys.argv  # print ptxas -v of each kernel instead of facts
     for name, kernel, types, constexprs, aligned, warps in [*row_kernel_configs(), *scale_kernel_configs()]:
-        print(json.dumps(facts(name, compile_kernel(kernel, types, constexprs, aligned, warps))), flush=True)
+        compiled = compile_kernel(kernel, types, constexprs, aligned, warps)
+        if resources:
+            print(f"{name}: {ptxas_resources(compiled)}", flush=True)
+        else:
+            print(json.dumps(facts(name, compiled)), flush=True)
+
+
+
+def ptxas_resources(compiled) -> str:
+    """Registers, spills and stack of a compiled kernel, from Triton's bundled ptxas -v."""
+    import re
+    import subprocess
+    import tempfile
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(compiled.asm["ptx"])
+        out = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", path, "-o", os.path.join(tmp, "k.o")],
+                             capture_output=True, text=True)
+    lines = [line for line in out.stderr.splitlines() if re.search(r"registers|spill|stack", line)]
+    return " | ".join(s.split("info    :")[-1].strip() for s in lines)
 
 
 if __name__ == "__main__":

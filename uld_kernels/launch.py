@@ -25,32 +25,38 @@ def interpreter_enabled() -> bool:
 
 @dataclass(frozen=True)
 class RowKernelConfig:
-    """Compile-time sizes of uld_rows_kernel; one config serves every vocabulary above 2,048."""
+    """Compile-time sizes of uld_rows_kernel; one config serves every vocabulary above 1,024."""
 
-    block: int  # elements of a row read per step
+    block: int  # elements of a row read per step (4 per thread)
     entries: int  # buckets in one program's trie workspace
     resolve_block: int  # buckets decided per step (>= 256, the largest node)
     max_levels: int  # trie depth limit
     num_warps: int
+    stages: int  # row loads in flight per loop (software pipelining through shared memory)
 
 
 # Trie size: root 256 buckets, deeper nodes share the rest (half of what is free per level).
-# Programs per SM: each walks rows one after another with its own workspace. Both can be
-# overridden for tuning (ULD_ENTRIES, ULD_PROGRAMS_PER_SM); bench/NOTES.md has the sweep.
-_ENTRIES = int(os.environ.get("ULD_ENTRIES", 16384))
+# Programs per SM: each walks rows one after another with its own workspace. All knobs can
+# be overridden for tuning (ULD_ENTRIES, ULD_PROGRAMS_PER_SM, ULD_NUM_WARPS, ULD_STAGES);
+# bench/NOTES.md records the sweeps.
+_ENTRIES = int(os.environ.get("ULD_ENTRIES", 8192))
 _MAX_LEVELS = 16
-_PROGRAMS_PER_SM = int(os.environ.get("ULD_PROGRAMS_PER_SM", 2))
+_PROGRAMS_PER_SM = int(os.environ.get("ULD_PROGRAMS_PER_SM", 3))
+_NUM_WARPS = int(os.environ.get("ULD_NUM_WARPS", 8))
+_STAGES = int(os.environ.get("ULD_STAGES", 3))
 
 
 def row_kernel_config(max_vocab: int) -> RowKernelConfig:
     """The configuration used for rows whose longer side has ``max_vocab`` entries."""
-    block = min(2048, max(128, triton.next_power_of_2(max_vocab)))
+    full_block = 4 * 32 * _NUM_WARPS
+    block = min(full_block, max(128, triton.next_power_of_2(max_vocab)))
     return RowKernelConfig(
         block=block,
         entries=_ENTRIES,
         resolve_block=256,
         max_levels=_MAX_LEVELS,
-        num_warps=int(os.environ.get("ULD_NUM_WARPS", 8 if block >= 2048 else 4)),
+        num_warps=_NUM_WARPS if block == full_block else max(1, block // 128),
+        stages=_STAGES,
     )
 
 
@@ -120,7 +126,7 @@ def uld_rows(
         STUDENT_UNIT_STRIDE=student_logits.stride(1) == 1,
         TEACHER_UNIT_STRIDE=teacher_logits.stride(1) == 1,
         BLOCK=cfg.block, ENTRIES=cfg.entries, RESOLVE_BLOCK=cfg.resolve_block,
-        MAX_LEVELS=cfg.max_levels, num_warps=cfg.num_warps,
+        MAX_LEVELS=cfg.max_levels, STAGES=cfg.stages, num_warps=cfg.num_warps,
     )
     return row_loss, status, grad_student, grad_teacher
 

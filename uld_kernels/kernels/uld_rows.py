@@ -258,10 +258,11 @@ def _resolve_level(ws_ptr, sign_ptr, meta_ptr, level, ENTRIES: tl.constexpr,
 @triton.jit
 def _count_level(row_ptr, col_stride, vocab, inv_temperature, lse, ws_ptr, meta_ptr, level,
                  CNT: tl.constexpr, KEY_MIN: tl.constexpr, KEY_MAX: tl.constexpr,
-                 ENTRIES: tl.constexpr, BLOCK: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr):
+                 ENTRIES: tl.constexpr, BLOCK: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr,
+                 STAGES: tl.constexpr):
     """One pass over a row: count its keys that reach the open buckets of `level`."""
     lanes = tl.arange(0, BLOCK)
-    for block_start in range(0, vocab, BLOCK):
+    for block_start in tl.range(0, vocab, BLOCK, num_stages=STAGES):
         _p, key, counted = _probs_and_keys(row_ptr, block_start + lanes, col_stride, vocab,
                                            inv_temperature, lse, UNIT_COL_STRIDE)
         entry, reached = _walk(key, counted, ws_ptr + _CHILD * ENTRIES, meta_ptr, level)
@@ -273,11 +274,11 @@ def _count_level(row_ptr, col_stride, vocab, inv_temperature, lse, ws_ptr, meta_
 @triton.jit
 def _signed_mass(row_ptr, col_stride, vocab, inv_temperature, lse, ws_ptr, sign_ptr,
                  meta_ptr, depth, ENTRIES: tl.constexpr, BLOCK: tl.constexpr,
-                 UNIT_COL_STRIDE: tl.constexpr):
+                 UNIT_COL_STRIDE: tl.constexpr, STAGES: tl.constexpr):
     """sum_i p_i * sign_i over one row, each sign read from the bucket its key ends in."""
     lanes = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], tl.float32)
-    for block_start in range(0, vocab, BLOCK):
+    for block_start in tl.range(0, vocab, BLOCK, num_stages=STAGES):
         p, key, counted = _probs_and_keys(row_ptr, block_start + lanes, col_stride, vocab,
                                           inv_temperature, lse, UNIT_COL_STRIDE)
         entry, _reached = _walk(key, counted, ws_ptr + _CHILD * ENTRIES, meta_ptr, depth)
@@ -289,10 +290,11 @@ def _signed_mass(row_ptr, col_stride, vocab, inv_temperature, lse, ws_ptr, sign_
 @triton.jit
 def _write_grad(row_ptr, col_stride, vocab, inv_temperature, lse, ws_ptr, sign_ptr,
                 meta_ptr, depth, signed_mass, factor, grad_ptr,
-                ENTRIES: tl.constexpr, BLOCK: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr):
+                ENTRIES: tl.constexpr, BLOCK: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr,
+                STAGES: tl.constexpr):
     """grad_i = factor * (p_i / T) * (sign_i - signed_mass): the softmax backward of signs."""
     lanes = tl.arange(0, BLOCK)
-    for block_start in range(0, vocab, BLOCK):
+    for block_start in tl.range(0, vocab, BLOCK, num_stages=STAGES):
         idx = block_start + lanes
         p, key, counted = _probs_and_keys(row_ptr, idx, col_stride, vocab, inv_temperature,
                                           lse, UNIT_COL_STRIDE)
@@ -317,7 +319,7 @@ def uld_rows_kernel(
     SAME_VOCAB: tl.constexpr, STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr,
     STUDENT_UNIT_STRIDE: tl.constexpr, TEACHER_UNIT_STRIDE: tl.constexpr,
     BLOCK: tl.constexpr, ENTRIES: tl.constexpr, RESOLVE_BLOCK: tl.constexpr,
-    MAX_LEVELS: tl.constexpr,
+    MAX_LEVELS: tl.constexpr, STAGES: tl.constexpr,
 ):
     """Per row: loss (float32), status (bit 0: workspace exhausted; the rest: 2 x the trie
     levels below the root that the row needed) and, when asked,
@@ -343,7 +345,7 @@ def uld_rows_kernel(
         t_min = tl.full([BLOCK], float("inf"), tl.float32)
         differ = tl.zeros([BLOCK], tl.int32)
         nans = tl.zeros([BLOCK], tl.int32)  # max() may drop NaNs, so they are counted apart
-        for block_start in range(0, longest_vocab, BLOCK):
+        for block_start in tl.range(0, longest_vocab, BLOCK, num_stages=STAGES):
             idx = block_start + lanes
             xs, in_s = _load_scaled(s_row, idx, student_col_stride, student_vocab,
                                     inv_student_temperature, STUDENT_UNIT_STRIDE)
@@ -379,7 +381,7 @@ def uld_rows_kernel(
         student_hist = tl.zeros([ROOT_ENTRIES], tl.int32)
         teacher_hist = tl.zeros([ROOT_ENTRIES], tl.int32)
         if row_ok & (~identical):
-            for block_start in range(0, longest_vocab, BLOCK):
+            for block_start in tl.range(0, longest_vocab, BLOCK, num_stages=STAGES):
                 idx = block_start + lanes
                 _ps, ks, counted_s = _probs_and_keys(s_row, idx, student_col_stride, student_vocab,
                                                      inv_student_temperature, student_lse,
@@ -410,10 +412,10 @@ def uld_rows_kernel(
             depth += 1
             _count_level(s_row, student_col_stride, student_vocab, inv_student_temperature,
                          student_lse, ws_ptr, meta_ptr, depth, _CNT_S, _MIN_S, _MAX_S,
-                         ENTRIES, BLOCK, STUDENT_UNIT_STRIDE)
+                         ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES)
             _count_level(t_row, teacher_col_stride, teacher_vocab, inv_teacher_temperature,
                          teacher_lse, ws_ptr, meta_ptr, depth, _CNT_T, _MIN_T, _MAX_T,
-                         ENTRIES, BLOCK, TEACHER_UNIT_STRIDE)
+                         ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES)
             tl.debug_barrier()
             status = _resolve_level(ws_ptr, sign_ptr, meta_ptr, depth, ENTRIES, RESOLVE_BLOCK,
                                     MAX_LEVELS)
@@ -423,11 +425,11 @@ def uld_rows_kernel(
         # Loss: sum_i a_i g_i - sum_j b_j h_j.
         student_mass = _signed_mass(s_row, student_col_stride, student_vocab,
                                     inv_student_temperature, student_lse, ws_ptr,
-                                    sign_ptr, meta_ptr, depth, ENTRIES, BLOCK, STUDENT_UNIT_STRIDE)
+                                    sign_ptr, meta_ptr, depth, ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES)
         teacher_mass = _signed_mass(t_row, teacher_col_stride, teacher_vocab,
                                     inv_teacher_temperature, teacher_lse, ws_ptr,
                                     sign_ptr + ENTRIES, meta_ptr, depth, ENTRIES, BLOCK,
-                                    TEACHER_UNIT_STRIDE)
+                                    TEACHER_UNIT_STRIDE, STAGES)
         failed = (~row_ok) | exhausted
         loss = tl.where(failed, float("nan"), student_mass - teacher_mass)
         student_mass = tl.where(failed, float("nan"), student_mass)
@@ -440,13 +442,13 @@ def uld_rows_kernel(
             _write_grad(s_row, student_col_stride, student_vocab, inv_student_temperature,
                         student_lse, ws_ptr, sign_ptr, meta_ptr, depth, student_mass,
                         grad_scale, grad_student_ptr + tl.cast(row, tl.int64) * student_vocab,
-                        ENTRIES, BLOCK, STUDENT_UNIT_STRIDE)
+                        ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES)
         if TEACHER_GRAD:
             _write_grad(t_row, teacher_col_stride, teacher_vocab, inv_teacher_temperature,
                         teacher_lse, ws_ptr, sign_ptr + ENTRIES, meta_ptr, depth,
                         teacher_mass, -grad_scale,
                         grad_teacher_ptr + tl.cast(row, tl.int64) * teacher_vocab,
-                        ENTRIES, BLOCK, TEACHER_UNIT_STRIDE)
+                        ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES)
         tl.debug_barrier()
 
 
