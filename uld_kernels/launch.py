@@ -40,7 +40,7 @@ class RowKernelConfig:
 # be overridden for tuning (ULD_ENTRIES, ULD_PROGRAMS_PER_SM, ULD_NUM_WARPS, ULD_STAGES);
 # bench/NOTES.md records the sweeps.
 _ENTRIES = int(os.environ.get("ULD_ENTRIES", 8192))
-_MAX_LEVELS = 16
+_MAX_LEVELS = 10
 _PROGRAMS_PER_SM = int(os.environ.get("ULD_PROGRAMS_PER_SM", 3))
 _NUM_WARPS = int(os.environ.get("ULD_NUM_WARPS", 8))
 _STAGES = int(os.environ.get("ULD_STAGES", 3))

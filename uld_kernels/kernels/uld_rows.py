@@ -40,9 +40,12 @@ _CHILD = tl.constexpr(6)  # first entry of the child node, 0 when the bucket is 
 _NODE_TOP = tl.constexpr(7)  # at a node's first entry: D at the top of the node
 INT_PLANES = tl.constexpr(8)
 SIGN_PLANES = tl.constexpr(2)  # float32: student sign, teacher sign of a resolved bucket
-META_SLOTS = tl.constexpr(64)  # level starts at [0, 31); the shift of level l at [33 + l]
+META_SLOTS = tl.constexpr(96)  # level starts at [0, 31); the shift of level l at [33 + l]
 _SHIFT_OFFSET = tl.constexpr(33)  # [32]: root shift + 8, as if the root had a parent
 _ROOT_BASE = tl.constexpr(31)  # the root digit of a key is (key >> root shift) - [31]
+_MODE_OFFSET = tl.constexpr(64)  # [64 + l]: 1 when level l was counted with atomics
+HIST_BINS = tl.constexpr(256)  # a level of at most this many buckets is counted in registers
+_MIN_HIST_BITS = tl.constexpr(3)  # ... when that still splits each open bucket 8 ways
 
 ROOT_BITS = tl.constexpr(8)
 ROOT_ENTRIES = tl.constexpr(256)
@@ -121,20 +124,23 @@ def _tie_signs(d, cs, ct):
 
 
 @triton.jit
-def _walk(key, counted, child_ptr, meta_ptr, depth):
+def _walk(key, counted, child_ptr, meta_ptr, depth, MAX_LEVELS: tl.constexpr):
     """Follow each key from the root down `depth` levels or to its resolved bucket.
 
-    Returns the entry where each key stopped and whether it got all the way down.
+    Returns the entry where each key stopped and whether it got all the way down. The loop
+    is unrolled (levels past `depth` are masked off) so that the pass around it has no inner
+    loop and Triton can software-pipeline its row loads.
     """
     entry = (key >> tl.load(meta_ptr + _SHIFT_OFFSET)) - tl.load(meta_ptr + _ROOT_BASE)
     active = counted
-    for level in range(1, depth + 1):
-        child = tl.load(child_ptr + entry, mask=active, other=0)
-        active = active & (child > 0)
-        shift = tl.load(meta_ptr + _SHIFT_OFFSET + level)
-        bits = tl.load(meta_ptr + _SHIFT_OFFSET + level - 1) - shift
-        digit = (key >> shift) & ((1 << bits) - 1)
-        entry = tl.where(active, child + digit, entry)
+    for level in tl.static_range(1, MAX_LEVELS):
+        if level <= depth:
+            child = tl.load(child_ptr + entry, mask=active, other=0)
+            active = active & (child > 0)
+            shift = tl.load(meta_ptr + _SHIFT_OFFSET + level)
+            bits = tl.load(meta_ptr + _SHIFT_OFFSET + level - 1) - shift
+            digit = (key >> shift) & ((1 << bits) - 1)
+            entry = tl.where(active, child + digit, entry)
     return entry, active
 
 
@@ -168,7 +174,7 @@ def _bucket_states(ws_ptr, meta_ptr, level, chunk_start, ENTRIES: tl.constexpr,
     decided = (d >= teacher_count) | (d + student_count <= 0)
     student_sign, teacher_sign = _tie_signs(d, student_count, teacher_count)
     width_one = tl.load(meta_ptr + _SHIFT_OFFSET + level) == 0  # one key per bucket: a tie group
-    if level == 0:
+    if tl.load(meta_ptr + _MODE_OFFSET + level) == 0:  # counted in registers: no key range
         resolved = decided | width_one
     else:
         s_min = tl.load(ws_ptr + _MIN_S * ENTRIES + entry, mask=in_level, other=0,
@@ -210,14 +216,24 @@ def _resolve_level(ws_ptr, sign_ptr, meta_ptr, level, ENTRIES: tl.constexpr,
         _e, _i, _d, _gs, _gt, open_bucket = _bucket_states(
             ws_ptr, meta_ptr, level, chunk_start, ENTRIES, RESOLVE_BLOCK)
         open_total += tl.sum(open_bucket.to(tl.int32), 0)
-    # Child nodes split the next `child_bits` bits; spend at most half of the free entries
-    # on this level so that deeper levels still find room.
+    # Child nodes split the next `child_bits` bits. Few open buckets: split each at least
+    # 8 ways within HIST_BINS entries, and count the next level in registers (no atomics).
+    # Otherwise split up to 8 bits, counting with atomics, spending at most half of the free
+    # entries on this level so that deeper levels still find room.
     child_bits = 0
+    atomic_mode = 1
     half_free = (ENTRIES - level_end) // 2
     if open_total > 0:
         while (child_bits < _MAX_CHILD_BITS) & (child_bits < shift) & (
-                (open_total << (child_bits + 1)) <= half_free):
+                (open_total << (child_bits + 1)) <= tl.minimum(HIST_BINS, half_free)):
             child_bits += 1
+        if (child_bits >= _MIN_HIST_BITS) | ((child_bits == shift) & (child_bits > 0)):
+            atomic_mode = 0
+        else:
+            child_bits = 0
+            while (child_bits < _MAX_CHILD_BITS) & (child_bits < shift) & (
+                    (open_total << (child_bits + 1)) <= half_free):
+                child_bits += 1
     status = open_total
     if open_total > 0:
         if (child_bits == 0) | (level + 1 >= MAX_LEVELS):
@@ -240,6 +256,7 @@ def _resolve_level(ws_ptr, sign_ptr, meta_ptr, level, ENTRIES: tl.constexpr,
             tl.store(ws_ptr + _CHILD * ENTRIES + entry, zeros, mask=fresh)
         tl.store(meta_ptr + level + 2, next_end)
         tl.store(meta_ptr + _SHIFT_OFFSET + level + 1, shift - child_bits)
+        tl.store(meta_ptr + _MODE_OFFSET + level + 1, atomic_mode)
     opened = 0
     for chunk_start in range(level_start, level_end, RESOLVE_BLOCK):
         entry, in_level, d, student_sign, teacher_sign, open_bucket = _bucket_states(
@@ -259,29 +276,47 @@ def _resolve_level(ws_ptr, sign_ptr, meta_ptr, level, ENTRIES: tl.constexpr,
 def _count_level(row_ptr, col_stride, vocab, inv_temperature, lse, ws_ptr, meta_ptr, level,
                  CNT: tl.constexpr, KEY_MIN: tl.constexpr, KEY_MAX: tl.constexpr,
                  ENTRIES: tl.constexpr, BLOCK: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr,
-                 STAGES: tl.constexpr):
+                 STAGES: tl.constexpr, MAX_LEVELS: tl.constexpr):
     """One pass over a row: count its keys that reach the open buckets of `level`."""
     lanes = tl.arange(0, BLOCK)
     for block_start in tl.range(0, vocab, BLOCK, num_stages=STAGES):
         _p, key, counted = _probs_and_keys(row_ptr, block_start + lanes, col_stride, vocab,
                                            inv_temperature, lse, UNIT_COL_STRIDE)
-        entry, reached = _walk(key, counted, ws_ptr + _CHILD * ENTRIES, meta_ptr, level)
+        entry, reached = _walk(key, counted, ws_ptr + _CHILD * ENTRIES, meta_ptr, level, MAX_LEVELS)
         tl.atomic_add(ws_ptr + CNT * ENTRIES + entry, 1, mask=reached, sem="relaxed")
         tl.atomic_min(ws_ptr + KEY_MIN * ENTRIES + entry, key, mask=reached, sem="relaxed")
         tl.atomic_max(ws_ptr + KEY_MAX * ENTRIES + entry, key, mask=reached, sem="relaxed")
 
 
 @triton.jit
+def _histogram_level(row_ptr, col_stride, vocab, inv_temperature, lse, ws_ptr, meta_ptr, level,
+                     ENTRIES: tl.constexpr, BLOCK: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr,
+                     STAGES: tl.constexpr, MAX_LEVELS: tl.constexpr):
+    """One pass over a row: counts of its keys in the (at most HIST_BINS) buckets of `level`,
+    in registers. Returns the histogram, indexed from the level's first bucket."""
+    lanes = tl.arange(0, BLOCK)
+    level_start = tl.load(meta_ptr + level)
+    hist = tl.zeros([HIST_BINS], tl.int32)
+    for block_start in tl.range(0, vocab, BLOCK, num_stages=STAGES):
+        _p, key, counted = _probs_and_keys(row_ptr, block_start + lanes, col_stride, vocab,
+                                           inv_temperature, lse, UNIT_COL_STRIDE)
+        entry, reached = _walk(key, counted, ws_ptr + _CHILD * ENTRIES, meta_ptr, level, MAX_LEVELS)
+        local = tl.minimum(tl.maximum(entry - level_start, 0), HIST_BINS - 1)
+        hist += tl.histogram(local, HIST_BINS, mask=reached)
+    return hist
+
+
+@triton.jit
 def _signed_mass(row_ptr, col_stride, vocab, inv_temperature, lse, ws_ptr, sign_ptr,
                  meta_ptr, depth, ENTRIES: tl.constexpr, BLOCK: tl.constexpr,
-                 UNIT_COL_STRIDE: tl.constexpr, STAGES: tl.constexpr):
+                 UNIT_COL_STRIDE: tl.constexpr, STAGES: tl.constexpr, MAX_LEVELS: tl.constexpr):
     """sum_i p_i * sign_i over one row, each sign read from the bucket its key ends in."""
     lanes = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], tl.float32)
     for block_start in tl.range(0, vocab, BLOCK, num_stages=STAGES):
         p, key, counted = _probs_and_keys(row_ptr, block_start + lanes, col_stride, vocab,
                                           inv_temperature, lse, UNIT_COL_STRIDE)
-        entry, _reached = _walk(key, counted, ws_ptr + _CHILD * ENTRIES, meta_ptr, depth)
+        entry, _reached = _walk(key, counted, ws_ptr + _CHILD * ENTRIES, meta_ptr, depth, MAX_LEVELS)
         sign = tl.load(sign_ptr + entry, mask=counted, other=0.0)
         acc += tl.where(counted, p * sign, 0.0)
     return tl.sum(acc, 0)
@@ -291,14 +326,14 @@ def _signed_mass(row_ptr, col_stride, vocab, inv_temperature, lse, ws_ptr, sign_
 def _write_grad(row_ptr, col_stride, vocab, inv_temperature, lse, ws_ptr, sign_ptr,
                 meta_ptr, depth, signed_mass, factor, grad_ptr,
                 ENTRIES: tl.constexpr, BLOCK: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr,
-                STAGES: tl.constexpr):
+                STAGES: tl.constexpr, MAX_LEVELS: tl.constexpr):
     """grad_i = factor * (p_i / T) * (sign_i - signed_mass): the softmax backward of signs."""
     lanes = tl.arange(0, BLOCK)
     for block_start in tl.range(0, vocab, BLOCK, num_stages=STAGES):
         idx = block_start + lanes
         p, key, counted = _probs_and_keys(row_ptr, idx, col_stride, vocab, inv_temperature,
                                           lse, UNIT_COL_STRIDE)
-        entry, _reached = _walk(key, counted, ws_ptr + _CHILD * ENTRIES, meta_ptr, depth)
+        entry, _reached = _walk(key, counted, ws_ptr + _CHILD * ENTRIES, meta_ptr, depth, MAX_LEVELS)
         sign = tl.load(sign_ptr + entry, mask=counted, other=0.0)
         grad = factor * (p * inv_temperature) * (sign - signed_mass)
         tl.store(grad_ptr + idx, grad.to(grad_ptr.dtype.element_ty), mask=idx < vocab)
@@ -402,6 +437,7 @@ def uld_rows_kernel(
         tl.store(meta_ptr + _SHIFT_OFFSET - 1, root_shift + ROOT_BITS)
         tl.store(meta_ptr + _SHIFT_OFFSET, root_shift)
         tl.store(meta_ptr + _ROOT_BASE, root_base)
+        tl.store(meta_ptr + _MODE_OFFSET, 0)
         tl.debug_barrier()
 
         # Refine: resolve a level, count the keys of its open buckets one level down.
@@ -410,12 +446,27 @@ def uld_rows_kernel(
         tl.debug_barrier()
         while status > 0:
             depth += 1
-            _count_level(s_row, student_col_stride, student_vocab, inv_student_temperature,
-                         student_lse, ws_ptr, meta_ptr, depth, _CNT_S, _MIN_S, _MAX_S,
-                         ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES)
-            _count_level(t_row, teacher_col_stride, teacher_vocab, inv_teacher_temperature,
-                         teacher_lse, ws_ptr, meta_ptr, depth, _CNT_T, _MIN_T, _MAX_T,
-                         ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES)
+            if tl.load(meta_ptr + _MODE_OFFSET + depth) == 1:
+                _count_level(s_row, student_col_stride, student_vocab, inv_student_temperature,
+                             student_lse, ws_ptr, meta_ptr, depth, _CNT_S, _MIN_S, _MAX_S,
+                             ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS)
+                _count_level(t_row, teacher_col_stride, teacher_vocab, inv_teacher_temperature,
+                             teacher_lse, ws_ptr, meta_ptr, depth, _CNT_T, _MIN_T, _MAX_T,
+                             ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS)
+            else:
+                level_start = tl.load(meta_ptr + depth)
+                level_entries = level_start + tl.arange(0, HIST_BINS)
+                in_level = level_entries < tl.load(meta_ptr + depth + 1)
+                hist = _histogram_level(s_row, student_col_stride, student_vocab,
+                                        inv_student_temperature, student_lse, ws_ptr, meta_ptr,
+                                        depth, ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES,
+                                        MAX_LEVELS)
+                tl.store(ws_ptr + _CNT_S * ENTRIES + level_entries, hist, mask=in_level)
+                hist = _histogram_level(t_row, teacher_col_stride, teacher_vocab,
+                                        inv_teacher_temperature, teacher_lse, ws_ptr, meta_ptr,
+                                        depth, ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES,
+                                        MAX_LEVELS)
+                tl.store(ws_ptr + _CNT_T * ENTRIES + level_entries, hist, mask=in_level)
             tl.debug_barrier()
             status = _resolve_level(ws_ptr, sign_ptr, meta_ptr, depth, ENTRIES, RESOLVE_BLOCK,
                                     MAX_LEVELS)
@@ -425,11 +476,11 @@ def uld_rows_kernel(
         # Loss: sum_i a_i g_i - sum_j b_j h_j.
         student_mass = _signed_mass(s_row, student_col_stride, student_vocab,
                                     inv_student_temperature, student_lse, ws_ptr,
-                                    sign_ptr, meta_ptr, depth, ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES)
+                                    sign_ptr, meta_ptr, depth, ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS)
         teacher_mass = _signed_mass(t_row, teacher_col_stride, teacher_vocab,
                                     inv_teacher_temperature, teacher_lse, ws_ptr,
                                     sign_ptr + ENTRIES, meta_ptr, depth, ENTRIES, BLOCK,
-                                    TEACHER_UNIT_STRIDE, STAGES)
+                                    TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS)
         failed = (~row_ok) | exhausted
         loss = tl.where(failed, float("nan"), student_mass - teacher_mass)
         student_mass = tl.where(failed, float("nan"), student_mass)
@@ -442,13 +493,13 @@ def uld_rows_kernel(
             _write_grad(s_row, student_col_stride, student_vocab, inv_student_temperature,
                         student_lse, ws_ptr, sign_ptr, meta_ptr, depth, student_mass,
                         grad_scale, grad_student_ptr + tl.cast(row, tl.int64) * student_vocab,
-                        ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES)
+                        ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS)
         if TEACHER_GRAD:
             _write_grad(t_row, teacher_col_stride, teacher_vocab, inv_teacher_temperature,
                         teacher_lse, ws_ptr, sign_ptr + ENTRIES, meta_ptr, depth,
                         teacher_mass, -grad_scale,
                         grad_teacher_ptr + tl.cast(row, tl.int64) * teacher_vocab,
-                        ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES)
+                        ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS)
         tl.debug_barrier()
 
 
