@@ -41,7 +41,8 @@ def facts(name: str, compiled) -> dict:
         cubin_bytes=len(compiled.asm["cubin"]),
         sm90=".target sm_90" in ptx,
         # 8- or 16-byte row loads: plain vector loads, or pipelined copies to shared memory
-        vector_loads=bool(re.search(r"ld\.global(\.nc)?\.v[24]|cp\.async\.\w+\.shared\.global[^;]*, (8|16);", ptx)),
+        vector_loads=bool(re.search(
+            r"ld\.global(\.nc)?\.v[24]|cp\.async\.\w+\.shared\.global \[[^\]]*\], \[[^\]]*\], (0x8|0x10|8|16)\b", ptx)),
         pipelined=("cp.async" in ptx),
         shared=compiled.metadata.shared,
         local_memory=".local" in ptx,
