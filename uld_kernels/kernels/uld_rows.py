@@ -203,7 +203,8 @@ def _bucket_states(ws_ptr, meta_ptr, level, chunk_start, ENTRIES: tl.constexpr,
 
 @triton.jit
 def _resolve_level(ws_ptr, sign_ptr, meta_ptr, level, ENTRIES: tl.constexpr,
-                   RESOLVE_BLOCK: tl.constexpr, MAX_LEVELS: tl.constexpr):
+                   RESOLVE_BLOCK: tl.constexpr, MAX_LEVELS: tl.constexpr,
+                   HIST_LEVELS: tl.constexpr):
     """Sign every bucket of `level`; give each open bucket a child node on `level + 1`.
 
     Returns the number of open buckets, or -1 when the workspace or the depth ran out.
@@ -224,10 +225,11 @@ def _resolve_level(ws_ptr, sign_ptr, meta_ptr, level, ENTRIES: tl.constexpr,
     atomic_mode = 1
     half_free = (ENTRIES - level_end) // 2
     if open_total > 0:
-        while (child_bits < _MAX_CHILD_BITS) & (child_bits < shift) & (
-                (open_total << (child_bits + 1)) <= tl.minimum(HIST_BINS, half_free)):
-            child_bits += 1
-        if (child_bits >= _MIN_HIST_BITS) | ((child_bits == shift) & (child_bits > 0)):
+        if HIST_LEVELS:
+            while (child_bits < _MAX_CHILD_BITS) & (child_bits < shift) & (
+                    (open_total << (child_bits + 1)) <= tl.minimum(HIST_BINS, half_free)):
+                child_bits += 1
+        if HIST_LEVELS & ((child_bits >= _MIN_HIST_BITS) | ((child_bits == shift) & (child_bits > 0))):
             atomic_mode = 0
         else:
             child_bits = 0
@@ -354,7 +356,7 @@ def uld_rows_kernel(
     SAME_VOCAB: tl.constexpr, STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr,
     STUDENT_UNIT_STRIDE: tl.constexpr, TEACHER_UNIT_STRIDE: tl.constexpr,
     BLOCK: tl.constexpr, ENTRIES: tl.constexpr, RESOLVE_BLOCK: tl.constexpr,
-    MAX_LEVELS: tl.constexpr, STAGES: tl.constexpr,
+    MAX_LEVELS: tl.constexpr, STAGES: tl.constexpr, HIST_LEVELS: tl.constexpr,
 ):
     """Per row: loss (float32), status (bit 0: workspace exhausted; the rest: 2 x the trie
     levels below the root that the row needed) and, when asked,
@@ -441,7 +443,8 @@ def uld_rows_kernel(
         tl.debug_barrier()
 
         # Refine: resolve a level, count the keys of its open buckets one level down.
-        status = _resolve_level(ws_ptr, sign_ptr, meta_ptr, 0, ENTRIES, RESOLVE_BLOCK, MAX_LEVELS)
+        status = _resolve_level(ws_ptr, sign_ptr, meta_ptr, 0, ENTRIES, RESOLVE_BLOCK, MAX_LEVELS,
+                                HIST_LEVELS)
         depth = 0
         tl.debug_barrier()
         while status > 0:
@@ -469,7 +472,7 @@ def uld_rows_kernel(
                 tl.store(ws_ptr + _CNT_T * ENTRIES + level_entries, hist, mask=in_level)
             tl.debug_barrier()
             status = _resolve_level(ws_ptr, sign_ptr, meta_ptr, depth, ENTRIES, RESOLVE_BLOCK,
-                                    MAX_LEVELS)
+                                    MAX_LEVELS, HIST_LEVELS)
             tl.debug_barrier()
         exhausted = status < 0
 
