@@ -42,9 +42,9 @@ class RowKernelConfig:
 # bench/NOTES.md records the sweeps.
 _ENTRIES = int(os.environ.get("ULD_ENTRIES", 8192))
 _MAX_LEVELS = 10
-_PROGRAMS_PER_SM = int(os.environ.get("ULD_PROGRAMS_PER_SM", 3))
+_PROGRAMS_PER_SM = int(os.environ.get("ULD_PROGRAMS_PER_SM", 2))
 _NUM_WARPS = int(os.environ.get("ULD_NUM_WARPS", 8))
-_STAGES = int(os.environ.get("ULD_STAGES", 5))
+_STAGES = int(os.environ.get("ULD_STAGES", 3))
 _HIST_LEVELS = os.environ.get("ULD_HIST_LEVELS", "0") == "1"
 
 
