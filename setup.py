@@ -1,0 +1,20 @@
+"""uld_kernels: exact Universal Logit Distillation loss, fused in Triton."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="uld_kernels",
+    version="0.1.0",
+    description="Exact, fused Triton kernels for the Universal Logit Distillation (ULD) loss",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["uld_kernels", "uld_kernels.*", "reference", "reference.*"]),
+    install_requires=["torch>=2.6", "triton>=3.2"],
+    extras_require={
+        # numpy < 2.4: Triton 3.6's interpreter (the CPU test path) calls int() on 1-element
+        # arrays, which numpy 2.4 turned into an error. hypothesis: property-based tests.
+        "test": ["pytest>=8", "pytest-timeout", "numpy>=1.26,<2.4", "hypothesis>=6.100"],
+        "bench": ["matplotlib"],
+    },
+)
