@@ -67,7 +67,7 @@ def row_kernel_configs():
             SAME_VOCAB=same, STUDENT_GRAD=s_grad, TEACHER_GRAD=t_grad,
             STUDENT_UNIT_STRIDE=True, TEACHER_UNIT_STRIDE=True, BLOCK=cfg.block,
             ENTRIES=cfg.entries, RESOLVE_BLOCK=cfg.resolve_block, MAX_LEVELS=cfg.max_levels,
-            STAGES=cfg.stages, HIST_LEVELS=cfg.hist_levels,
+            STAGES=cfg.stages,
         )
         aligned = ["student_ptr", "teacher_ptr", "grad_student_ptr", "grad_teacher_ptr",
                    "ws_int_ptr", "ws_sign_ptr", "ws_meta_ptr", "row_loss_ptr", "status_ptr",

@@ -33,7 +33,6 @@ class RowKernelConfig:
     max_levels: int  # trie depth limit
     num_warps: int
     stages: int  # row loads in flight per loop (software pipelining through shared memory)
-    hist_levels: bool  # count small trie levels in registers (off: each costs a whole pass)
 
 
 # Trie size: root 256 buckets, deeper nodes share the rest (half of what is free per level).
@@ -45,7 +44,6 @@ _MAX_LEVELS = 10
 _PROGRAMS_PER_SM = int(os.environ.get("ULD_PROGRAMS_PER_SM", 2))
 _NUM_WARPS = int(os.environ.get("ULD_NUM_WARPS", 8))
 _STAGES = int(os.environ.get("ULD_STAGES", 3))
-_HIST_LEVELS = os.environ.get("ULD_HIST_LEVELS", "0") == "1"
 
 
 def row_kernel_config(max_vocab: int) -> RowKernelConfig:
@@ -59,7 +57,6 @@ def row_kernel_config(max_vocab: int) -> RowKernelConfig:
         max_levels=_MAX_LEVELS,
         num_warps=_NUM_WARPS if block == full_block else max(1, block // 128),
         stages=_STAGES,
-        hist_levels=_HIST_LEVELS,
     )
 
 
@@ -129,8 +126,7 @@ def uld_rows(
         STUDENT_UNIT_STRIDE=student_logits.stride(1) == 1,
         TEACHER_UNIT_STRIDE=teacher_logits.stride(1) == 1,
         BLOCK=cfg.block, ENTRIES=cfg.entries, RESOLVE_BLOCK=cfg.resolve_block,
-        MAX_LEVELS=cfg.max_levels, STAGES=cfg.stages, HIST_LEVELS=cfg.hist_levels,
-        num_warps=cfg.num_warps,
+        MAX_LEVELS=cfg.max_levels, STAGES=cfg.stages, num_warps=cfg.num_warps,
     )
     return row_loss, status, grad_student, grad_teacher
 

@@ -13,8 +13,9 @@ average signs over all orders of the tie (`_tie_signs`). Padding is free: zeros 
 exceed any value, so they change no count.
 
 So every element needs only D at its own value. We find it with a radix trie over the
-float32 bit pattern of each probability (monotone for p >= 0): the root splits the key by
-its top 8 bits (a histogram). A bucket whose elements all share one sign is *decided*:
+float32 bit pattern of each probability (monotone for p >= 0): the root splits the keys the
+row pair actually holds, [min p, max p], into 256 power-of-two-aligned buckets (a register
+histogram). A bucket whose elements all share one sign is *decided*:
 with D the count difference above the bucket and cs, ct its counts, that is D >= ct
 (all +1) or D + cs <= 0 (all -1). A bucket holding a single value per side is resolved
 exactly by the tie rule. Any other bucket gets a child node that splits it by the next
@@ -40,12 +41,9 @@ _CHILD = tl.constexpr(6)  # first entry of the child node, 0 when the bucket is 
 _NODE_TOP = tl.constexpr(7)  # at a node's first entry: D at the top of the node
 INT_PLANES = tl.constexpr(8)
 SIGN_PLANES = tl.constexpr(2)  # float32: student sign, teacher sign of a resolved bucket
-META_SLOTS = tl.constexpr(96)  # level starts at [0, 31); the shift of level l at [33 + l]
+META_SLOTS = tl.constexpr(64)  # level starts at [0, 31); the shift of level l at [33 + l]
 _SHIFT_OFFSET = tl.constexpr(33)  # [32]: root shift + 8, as if the root had a parent
 _ROOT_BASE = tl.constexpr(31)  # the root digit of a key is (key >> root shift) - [31]
-_MODE_OFFSET = tl.constexpr(64)  # [64 + l]: 1 when level l was counted with atomics
-HIST_BINS = tl.constexpr(256)  # a level of at most this many buckets is counted in registers
-_MIN_HIST_BITS = tl.constexpr(3)  # ... when that still splits each open bucket 8 ways
 
 ROOT_BITS = tl.constexpr(8)
 ROOT_ENTRIES = tl.constexpr(256)
@@ -174,7 +172,7 @@ def _bucket_states(ws_ptr, meta_ptr, level, chunk_start, ENTRIES: tl.constexpr,
     decided = (d >= teacher_count) | (d + student_count <= 0)
     student_sign, teacher_sign = _tie_signs(d, student_count, teacher_count)
     width_one = tl.load(meta_ptr + _SHIFT_OFFSET + level) == 0  # one key per bucket: a tie group
-    if tl.load(meta_ptr + _MODE_OFFSET + level) == 0:  # counted in registers: no key range
+    if level == 0:  # the root is a histogram: no key range per bucket
         resolved = decided | width_one
     else:
         s_min = tl.load(ws_ptr + _MIN_S * ENTRIES + entry, mask=in_level, other=0,
@@ -203,8 +201,7 @@ def _bucket_states(ws_ptr, meta_ptr, level, chunk_start, ENTRIES: tl.constexpr,
 
 @triton.jit
 def _resolve_level(ws_ptr, sign_ptr, meta_ptr, level, ENTRIES: tl.constexpr,
-                   RESOLVE_BLOCK: tl.constexpr, MAX_LEVELS: tl.constexpr,
-                   HIST_LEVELS: tl.constexpr):
+                   RESOLVE_BLOCK: tl.constexpr, MAX_LEVELS: tl.constexpr):
     """Sign every bucket of `level`; give each open bucket a child node on `level + 1`.
 
     Returns the number of open buckets, or -1 when the workspace or the depth ran out.
@@ -217,25 +214,15 @@ def _resolve_level(ws_ptr, sign_ptr, meta_ptr, level, ENTRIES: tl.constexpr,
         _e, _i, _d, _gs, _gt, open_bucket = _bucket_states(
             ws_ptr, meta_ptr, level, chunk_start, ENTRIES, RESOLVE_BLOCK)
         open_total += tl.sum(open_bucket.to(tl.int32), 0)
-    # Child nodes split the next `child_bits` bits. Few open buckets: split each at least
-    # 8 ways within HIST_BINS entries, and count the next level in registers (no atomics).
-    # Otherwise split up to 8 bits, counting with atomics, spending at most half of the free
-    # entries on this level so that deeper levels still find room.
+    # Child nodes split the next `child_bits` bits (up to 8: every level costs a pass over
+    # the rows, so as few levels as possible); spend at most half of the free entries on
+    # this level so that deeper levels still find room.
     child_bits = 0
-    atomic_mode = 1
     half_free = (ENTRIES - level_end) // 2
     if open_total > 0:
-        if HIST_LEVELS:
-            while (child_bits < _MAX_CHILD_BITS) & (child_bits < shift) & (
-                    (open_total << (child_bits + 1)) <= tl.minimum(HIST_BINS, half_free)):
-                child_bits += 1
-        if HIST_LEVELS & ((child_bits >= _MIN_HIST_BITS) | ((child_bits == shift) & (child_bits > 0))):
-            atomic_mode = 0
-        else:
-            child_bits = 0
-            while (child_bits < _MAX_CHILD_BITS) & (child_bits < shift) & (
-                    (open_total << (child_bits + 1)) <= half_free):
-                child_bits += 1
+        while (child_bits < _MAX_CHILD_BITS) & (child_bits < shift) & (
+                (open_total << (child_bits + 1)) <= half_free):
+            child_bits += 1
     status = open_total
     if open_total > 0:
         if (child_bits == 0) | (level + 1 >= MAX_LEVELS):
@@ -258,7 +245,6 @@ def _resolve_level(ws_ptr, sign_ptr, meta_ptr, level, ENTRIES: tl.constexpr,
             tl.store(ws_ptr + _CHILD * ENTRIES + entry, zeros, mask=fresh)
         tl.store(meta_ptr + level + 2, next_end)
         tl.store(meta_ptr + _SHIFT_OFFSET + level + 1, shift - child_bits)
-        tl.store(meta_ptr + _MODE_OFFSET + level + 1, atomic_mode)
     opened = 0
     for chunk_start in range(level_start, level_end, RESOLVE_BLOCK):
         entry, in_level, d, student_sign, teacher_sign, open_bucket = _bucket_states(
@@ -288,24 +274,6 @@ def _count_level(row_ptr, col_stride, vocab, inv_temperature, lse, ws_ptr, meta_
         tl.atomic_add(ws_ptr + CNT * ENTRIES + entry, 1, mask=reached, sem="relaxed")
         tl.atomic_min(ws_ptr + KEY_MIN * ENTRIES + entry, key, mask=reached, sem="relaxed")
         tl.atomic_max(ws_ptr + KEY_MAX * ENTRIES + entry, key, mask=reached, sem="relaxed")
-
-
-@triton.jit
-def _histogram_level(row_ptr, col_stride, vocab, inv_temperature, lse, ws_ptr, meta_ptr, level,
-                     ENTRIES: tl.constexpr, BLOCK: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr,
-                     STAGES: tl.constexpr, MAX_LEVELS: tl.constexpr):
-    """One pass over a row: counts of its keys in the (at most HIST_BINS) buckets of `level`,
-    in registers. Returns the histogram, indexed from the level's first bucket."""
-    lanes = tl.arange(0, BLOCK)
-    level_start = tl.load(meta_ptr + level)
-    hist = tl.zeros([HIST_BINS], tl.int32)
-    for block_start in tl.range(0, vocab, BLOCK, num_stages=STAGES):
-        _p, key, counted = _probs_and_keys(row_ptr, block_start + lanes, col_stride, vocab,
-                                           inv_temperature, lse, UNIT_COL_STRIDE)
-        entry, reached = _walk(key, counted, ws_ptr + _CHILD * ENTRIES, meta_ptr, level, MAX_LEVELS)
-        local = tl.minimum(tl.maximum(entry - level_start, 0), HIST_BINS - 1)
-        hist += tl.histogram(local, HIST_BINS, mask=reached)
-    return hist
 
 
 @triton.jit
@@ -356,7 +324,7 @@ def uld_rows_kernel(
     SAME_VOCAB: tl.constexpr, STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr,
     STUDENT_UNIT_STRIDE: tl.constexpr, TEACHER_UNIT_STRIDE: tl.constexpr,
     BLOCK: tl.constexpr, ENTRIES: tl.constexpr, RESOLVE_BLOCK: tl.constexpr,
-    MAX_LEVELS: tl.constexpr, STAGES: tl.constexpr, HIST_LEVELS: tl.constexpr,
+    MAX_LEVELS: tl.constexpr, STAGES: tl.constexpr,
 ):
     """Per row: loss (float32), status (bit 0: workspace exhausted; the rest: 2 x the trie
     levels below the root that the row needed) and, when asked,
@@ -439,40 +407,23 @@ def uld_rows_kernel(
         tl.store(meta_ptr + _SHIFT_OFFSET - 1, root_shift + ROOT_BITS)
         tl.store(meta_ptr + _SHIFT_OFFSET, root_shift)
         tl.store(meta_ptr + _ROOT_BASE, root_base)
-        tl.store(meta_ptr + _MODE_OFFSET, 0)
         tl.debug_barrier()
 
         # Refine: resolve a level, count the keys of its open buckets one level down.
-        status = _resolve_level(ws_ptr, sign_ptr, meta_ptr, 0, ENTRIES, RESOLVE_BLOCK, MAX_LEVELS,
-                                HIST_LEVELS)
+        status = _resolve_level(ws_ptr, sign_ptr, meta_ptr, 0, ENTRIES, RESOLVE_BLOCK, MAX_LEVELS)
         depth = 0
         tl.debug_barrier()
         while status > 0:
             depth += 1
-            if tl.load(meta_ptr + _MODE_OFFSET + depth) == 1:
-                _count_level(s_row, student_col_stride, student_vocab, inv_student_temperature,
-                             student_lse, ws_ptr, meta_ptr, depth, _CNT_S, _MIN_S, _MAX_S,
-                             ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS)
-                _count_level(t_row, teacher_col_stride, teacher_vocab, inv_teacher_temperature,
-                             teacher_lse, ws_ptr, meta_ptr, depth, _CNT_T, _MIN_T, _MAX_T,
-                             ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS)
-            else:
-                level_start = tl.load(meta_ptr + depth)
-                level_entries = level_start + tl.arange(0, HIST_BINS)
-                in_level = level_entries < tl.load(meta_ptr + depth + 1)
-                hist = _histogram_level(s_row, student_col_stride, student_vocab,
-                                        inv_student_temperature, student_lse, ws_ptr, meta_ptr,
-                                        depth, ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES,
-                                        MAX_LEVELS)
-                tl.store(ws_ptr + _CNT_S * ENTRIES + level_entries, hist, mask=in_level)
-                hist = _histogram_level(t_row, teacher_col_stride, teacher_vocab,
-                                        inv_teacher_temperature, teacher_lse, ws_ptr, meta_ptr,
-                                        depth, ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES,
-                                        MAX_LEVELS)
-                tl.store(ws_ptr + _CNT_T * ENTRIES + level_entries, hist, mask=in_level)
+            _count_level(s_row, student_col_stride, student_vocab, inv_student_temperature,
+                         student_lse, ws_ptr, meta_ptr, depth, _CNT_S, _MIN_S, _MAX_S,
+                         ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS)
+            _count_level(t_row, teacher_col_stride, teacher_vocab, inv_teacher_temperature,
+                         teacher_lse, ws_ptr, meta_ptr, depth, _CNT_T, _MIN_T, _MAX_T,
+                         ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS)
             tl.debug_barrier()
             status = _resolve_level(ws_ptr, sign_ptr, meta_ptr, depth, ENTRIES, RESOLVE_BLOCK,
-                                    MAX_LEVELS, HIST_LEVELS)
+                                    MAX_LEVELS)
             tl.debug_barrier()
         exhausted = status < 0
 
