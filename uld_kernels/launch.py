@@ -13,6 +13,7 @@ import torch
 import triton
 
 from uld_kernels.kernels.uld_rows import INT_PLANES, META_SLOTS, SIGN_PLANES
+from uld_kernels.kernels.cross_entropy import ce_rows_kernel
 from uld_kernels.kernels.uld_rows import scale_rows_kernel, uld_rows_kernel
 
 INT_PLANES, META_SLOTS, SIGN_PLANES = INT_PLANES.value, META_SLOTS.value, SIGN_PLANES.value
@@ -93,42 +94,110 @@ def uld_rows(
 
     Inputs are 2-D with any row stride; nothing is copied.
     """
-    n_rows, student_vocab = student_logits.shape
-    teacher_vocab = teacher_logits.shape[1]
+    row_loss, status, _ce, grad_student, grad_teacher = uld_pairs(
+        student_logits, teacher_logits, student_temperature, teacher_temperature,
+        student_grad, teacher_grad, grad_scale)
+    return row_loss, status, grad_student, grad_teacher
+
+
+def uld_pairs(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    student_temperature: float,
+    teacher_temperature: float,
+    student_grad: bool,
+    teacher_grad: bool,
+    grad_scale: float,
+    *,
+    student_index: torch.Tensor | None = None,
+    teacher_index: torch.Tensor | None = None,
+    row_weight: torch.Tensor | None = None,
+    ce_label: torch.Tensor | None = None,
+    ce_weight: torch.Tensor | None = None,
+):
+    """ULD over pairs of rows, optionally gathered by index, optionally with the student's
+    cross-entropy fused in. Returns (row losses, status, row cross-entropies or None,
+    student gradient or None, teacher gradient or None).
+
+    Without indices, pair r is row r of both 2-D inputs. With ``student_index`` /
+    ``teacher_index`` (int64 ``[M]``, rows of the 2-D inputs; a negative student index is
+    padding), pair r reads those rows, its gradient is weighted by ``row_weight[r]``
+    (float32), and the gradients are full-size, zero on rows no pair reads. With
+    ``ce_label`` (int64 ``[M]``, negative: none) and ``ce_weight`` (float32 ``[M]``), the
+    student's temperature-1 cross-entropy of each pair's row is returned and its gradient,
+    weighted, is added to the student's.
+    """
+    gather = student_index is not None
+    has_ce = ce_label is not None
+    n_student_rows, student_vocab = student_logits.shape
+    n_teacher_rows, teacher_vocab = teacher_logits.shape
+    n_pairs = student_index.numel() if gather else n_student_rows
     device = student_logits.device
-    row_loss = torch.empty(n_rows, dtype=torch.float32, device=device)
-    status = torch.empty(n_rows, dtype=torch.int32, device=device)
-    grad_student = (
-        torch.empty((n_rows, student_vocab), dtype=student_logits.dtype, device=device)
-        if student_grad else None
-    )
-    grad_teacher = (
-        torch.empty((n_rows, teacher_vocab), dtype=teacher_logits.dtype, device=device)
-        if teacher_grad else None
-    )
-    if n_rows == 0:
-        return row_loss, status, grad_student, grad_teacher
+    row_loss = torch.empty(n_pairs, dtype=torch.float32, device=device)
+    status = torch.empty(n_pairs, dtype=torch.int32, device=device)
+    row_ce = torch.empty(n_pairs, dtype=torch.float32, device=device) if has_ce else None
+    new = torch.zeros if gather else torch.empty  # gathered: rows no pair reads get 0
+    grad_student = (new((n_student_rows, student_vocab), dtype=student_logits.dtype, device=device)
+                    if student_grad else None)
+    grad_teacher = (new((n_teacher_rows, teacher_vocab), dtype=teacher_logits.dtype, device=device)
+                    if teacher_grad else None)
+    if n_pairs == 0:
+        return row_loss, status, row_ce, grad_student, grad_teacher
     cfg = row_kernel_config(max(student_vocab, teacher_vocab))
-    programs = _num_programs(device, n_rows)
+    programs = _num_programs(device, n_pairs)
     ws_int = torch.empty(programs * INT_PLANES * cfg.entries, dtype=torch.int32, device=device)
     ws_sign = torch.empty(programs * SIGN_PLANES * cfg.entries, dtype=torch.float32, device=device)
     ws_meta = torch.empty(programs * META_SLOTS, dtype=torch.int32, device=device)
+    unused = row_loss  # stands for pointers a configuration never reads
     uld_rows_kernel[(programs,)](
         student_logits, teacher_logits, row_loss, status,
-        grad_student if grad_student is not None else row_loss,
-        grad_teacher if grad_teacher is not None else row_loss,
+        grad_student if grad_student is not None else unused,
+        grad_teacher if grad_teacher is not None else unused,
         ws_int, ws_sign, ws_meta,
-        n_rows, student_vocab, teacher_vocab, max(student_vocab, teacher_vocab), programs,
+        student_index if gather else unused, teacher_index if gather else unused,
+        row_weight if gather else unused, ce_label if has_ce else unused,
+        ce_weight if has_ce else unused, row_ce if has_ce else unused,
+        n_pairs, student_vocab, teacher_vocab, max(student_vocab, teacher_vocab), programs,
         student_logits.stride(0), student_logits.stride(1),
         teacher_logits.stride(0), teacher_logits.stride(1),
+        grad_student.stride(0) if grad_student is not None else 0,
+        grad_teacher.stride(0) if grad_teacher is not None else 0,
         1.0 / student_temperature, 1.0 / teacher_temperature, grad_scale,
-        SAME_VOCAB=student_vocab == teacher_vocab, STUDENT_GRAD=student_grad, TEACHER_GRAD=teacher_grad,
+        SAME_VOCAB=student_vocab == teacher_vocab, STUDENT_GRAD=student_grad,
+        TEACHER_GRAD=teacher_grad,
         STUDENT_UNIT_STRIDE=student_logits.stride(1) == 1,
         TEACHER_UNIT_STRIDE=teacher_logits.stride(1) == 1,
+        GATHER=gather, HAS_CE=has_ce,
         BLOCK=cfg.block, ENTRIES=cfg.entries, RESOLVE_BLOCK=cfg.resolve_block,
         MAX_LEVELS=cfg.max_levels, STAGES=cfg.stages, num_warps=cfg.num_warps,
     )
-    return row_loss, status, grad_student, grad_teacher
+    return row_loss, status, row_ce, grad_student, grad_teacher
+
+
+def cross_entropy_rows(
+    logits: torch.Tensor,
+    index: torch.Tensor,
+    label: torch.Tensor,
+    weight: torch.Tensor,
+    grad: torch.Tensor | None,
+) -> torch.Tensor:
+    """Temperature-1 cross-entropy of rows ``index[r]`` of 2-D ``logits`` against tokens
+    ``label[r]`` (``[M]`` float32; 0 where either is negative); when ``grad`` is given,
+    writes ``weight[r]`` times each row's gradient into ``grad[index[r]]`` (other rows are
+    left as they are)."""
+    n = index.numel()
+    row_ce = torch.empty(n, dtype=torch.float32, device=logits.device)
+    if n == 0:
+        return row_ce
+    vocab = logits.shape[1]
+    cfg = row_kernel_config(vocab)
+    ce_rows_kernel[(n,)](
+        logits, index, label, weight, row_ce, grad if grad is not None else row_ce,
+        vocab, logits.stride(0), logits.stride(1), grad.stride(0) if grad is not None else 0,
+        WRITE_GRAD=grad is not None, UNIT_COL_STRIDE=logits.stride(1) == 1,
+        BLOCK=cfg.block, STAGES=cfg.stages, num_warps=cfg.num_warps,
+    )
+    return row_ce
 
 
 def scale_rows_(grad: torch.Tensor, scale: torch.Tensor) -> None:

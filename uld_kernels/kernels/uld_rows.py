@@ -53,15 +53,22 @@ _KEY_NONE_MAX = tl.constexpr(-1)
 
 
 @triton.jit
-def _load_scaled(ptr, idx, col_stride, vocab, inv_temperature, UNIT_COL_STRIDE: tl.constexpr):
-    """Logits idx of one row as float32, divided by the temperature; -inf past the row."""
+def _load_logits(ptr, idx, col_stride, vocab, UNIT_COL_STRIDE: tl.constexpr):
+    """Logits idx of one row as float32; -inf past the row."""
     in_row = idx < vocab
     if UNIT_COL_STRIDE:
         offsets = idx
     else:
         offsets = idx.to(tl.int64) * col_stride
     z = tl.load(ptr + offsets, mask=in_row, other=float("-inf"))
-    return z.to(tl.float32) * inv_temperature, in_row
+    return z.to(tl.float32), in_row
+
+
+@triton.jit
+def _load_scaled(ptr, idx, col_stride, vocab, inv_temperature, UNIT_COL_STRIDE: tl.constexpr):
+    """Logits idx of one row as float32, divided by the temperature; -inf past the row."""
+    z, in_row = _load_logits(ptr, idx, col_stride, vocab, UNIT_COL_STRIDE)
+    return z * inv_temperature, in_row
 
 
 @triton.jit
@@ -74,10 +81,10 @@ def _probs_and_keys(ptr, idx, col_stride, vocab, inv_temperature, lse,
     NaN probabilities (a row without a finite log-sum-exp) are left out too; such a row's
     loss is NaN.
     """
-    x, in_row = _load_scaled(ptr, idx, col_stride, vocab, inv_temperature, UNIT_COL_STRIDE)
-    p = tl.exp(x - lse)
+    z, in_row = _load_logits(ptr, idx, col_stride, vocab, UNIT_COL_STRIDE)
+    p = tl.exp(z * inv_temperature - lse)
     key = p.to(tl.int32, bitcast=True)
-    return p, key, in_row & (key > 0) & (p == p)
+    return p, key, in_row & (key > 0) & (p == p), z
 
 
 @triton.jit
@@ -268,7 +275,7 @@ def _count_level(row_ptr, col_stride, vocab, inv_temperature, lse, ws_ptr, meta_
     """One pass over a row: count its keys that reach the open buckets of `level`."""
     lanes = tl.arange(0, BLOCK)
     for block_start in tl.range(0, vocab, BLOCK, num_stages=STAGES):
-        _p, key, counted = _probs_and_keys(row_ptr, block_start + lanes, col_stride, vocab,
+        _p, key, counted, _z = _probs_and_keys(row_ptr, block_start + lanes, col_stride, vocab,
                                            inv_temperature, lse, UNIT_COL_STRIDE)
         entry, reached = _walk(key, counted, ws_ptr + _CHILD * ENTRIES, meta_ptr, level, MAX_LEVELS)
         tl.atomic_add(ws_ptr + CNT * ENTRIES + entry, 1, mask=reached, sem="relaxed")
@@ -284,7 +291,7 @@ def _signed_mass(row_ptr, col_stride, vocab, inv_temperature, lse, ws_ptr, sign_
     lanes = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], tl.float32)
     for block_start in tl.range(0, vocab, BLOCK, num_stages=STAGES):
-        p, key, counted = _probs_and_keys(row_ptr, block_start + lanes, col_stride, vocab,
+        p, key, counted, _z = _probs_and_keys(row_ptr, block_start + lanes, col_stride, vocab,
                                           inv_temperature, lse, UNIT_COL_STRIDE)
         entry, _reached = _walk(key, counted, ws_ptr + _CHILD * ENTRIES, meta_ptr, depth, MAX_LEVELS)
         sign = tl.load(sign_ptr + entry, mask=counted, other=0.0)
@@ -294,18 +301,21 @@ def _signed_mass(row_ptr, col_stride, vocab, inv_temperature, lse, ws_ptr, sign_
 
 @triton.jit
 def _write_grad(row_ptr, col_stride, vocab, inv_temperature, lse, ws_ptr, sign_ptr,
-                meta_ptr, depth, signed_mass, factor, grad_ptr,
+                meta_ptr, depth, signed_mass, factor, grad_ptr, ce_lse, ce_label, ce_factor,
                 ENTRIES: tl.constexpr, BLOCK: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr,
-                STAGES: tl.constexpr, MAX_LEVELS: tl.constexpr):
-    """grad_i = factor * (p_i / T) * (sign_i - signed_mass): the softmax backward of signs."""
+                STAGES: tl.constexpr, MAX_LEVELS: tl.constexpr, HAS_CE: tl.constexpr):
+    """grad_i = factor * (p_i / T) * (sign_i - signed_mass): the softmax backward of signs,
+    plus, with HAS_CE, ce_factor * (softmax(z)_i - [i == ce_label]): the cross-entropy's."""
     lanes = tl.arange(0, BLOCK)
     for block_start in tl.range(0, vocab, BLOCK, num_stages=STAGES):
         idx = block_start + lanes
-        p, key, counted = _probs_and_keys(row_ptr, idx, col_stride, vocab, inv_temperature,
-                                          lse, UNIT_COL_STRIDE)
+        p, key, counted, z = _probs_and_keys(row_ptr, idx, col_stride, vocab, inv_temperature,
+                                             lse, UNIT_COL_STRIDE)
         entry, _reached = _walk(key, counted, ws_ptr + _CHILD * ENTRIES, meta_ptr, depth, MAX_LEVELS)
         sign = tl.load(sign_ptr + entry, mask=counted, other=0.0)
         grad = factor * (p * inv_temperature) * (sign - signed_mass)
+        if HAS_CE:
+            grad += ce_factor * (tl.exp(z - ce_lse) - (idx == ce_label).to(tl.float32))
         tl.store(grad_ptr + idx, grad.to(grad_ptr.dtype.element_ty), mask=idx < vocab)
 
 
@@ -314,21 +324,31 @@ def uld_rows_kernel(
     # data
     student_ptr, teacher_ptr, row_loss_ptr, status_ptr, grad_student_ptr, grad_teacher_ptr,
     ws_int_ptr, ws_sign_ptr, ws_meta_ptr,
+    # row maps (GATHER) and the student's cross-entropy (HAS_CE), one entry per pair
+    student_index_ptr, teacher_index_ptr, row_weight_ptr, ce_label_ptr, ce_weight_ptr, row_ce_ptr,
     # shapes
     n_rows, student_vocab, teacher_vocab, longest_vocab, n_programs,
     # strides
     student_row_stride, student_col_stride, teacher_row_stride, teacher_col_stride,
+    grad_student_row_stride, grad_teacher_row_stride,
     # scalars
     inv_student_temperature, inv_teacher_temperature, grad_scale,
     # switches and sizes
     SAME_VOCAB: tl.constexpr, STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr,
     STUDENT_UNIT_STRIDE: tl.constexpr, TEACHER_UNIT_STRIDE: tl.constexpr,
+    GATHER: tl.constexpr, HAS_CE: tl.constexpr,
     BLOCK: tl.constexpr, ENTRIES: tl.constexpr, RESOLVE_BLOCK: tl.constexpr,
     MAX_LEVELS: tl.constexpr, STAGES: tl.constexpr,
 ):
-    """Per row: loss (float32), status (bit 0: workspace exhausted; the rest: 2 x the trie
-    levels below the root that the row needed) and, when asked,
-    the gradient of grad_scale * loss with respect to either logits row."""
+    """Per pair of rows: ULD loss (float32), status (bit 0: workspace exhausted; the rest:
+    2 x the trie levels below the root that the row needed) and, when asked, the gradient of
+    grad_scale * weight * loss with respect to either logits row.
+
+    GATHER: pair r reads student row student_index[r] and teacher row teacher_index[r] (a
+    negative student index is padding: loss 0, nothing written), and its gradient is weighted
+    by row_weight[r]. Otherwise pair r is row r of both. HAS_CE: the student's cross-entropy
+    at temperature 1 against token ce_label[r] (none when negative) goes to row_ce[r], and
+    ce_weight[r] times its gradient is added to the student's, in the same passes."""
     pid = tl.program_id(0)
     ws_ptr = ws_int_ptr + pid.to(tl.int64) * (INT_PLANES * ENTRIES)
     sign_ptr = ws_sign_ptr + pid.to(tl.int64) * (SIGN_PLANES * ENTRIES)
@@ -337,124 +357,156 @@ def uld_rows_kernel(
     root = tl.arange(0, ROOT_ENTRIES)
 
     for row in range(pid, n_rows, n_programs):
-        s_row = student_ptr + tl.cast(row, tl.int64) * student_row_stride
-        t_row = teacher_ptr + tl.cast(row, tl.int64) * teacher_row_stride
+        if GATHER:
+            s_index = tl.load(student_index_ptr + row).to(tl.int64)
+            t_index = tl.load(teacher_index_ptr + row).to(tl.int64)
+            row_grad_scale = grad_scale * tl.load(row_weight_ptr + row)
+        else:
+            s_index = tl.cast(row, tl.int64)
+            t_index = tl.cast(row, tl.int64)
+            row_grad_scale = grad_scale
+        if s_index < 0:  # padding of the row maps
+            tl.store(row_loss_ptr + row, 0.0)
+            tl.store(status_ptr + row, 0)
+            if HAS_CE:
+                tl.store(row_ce_ptr + row, 0.0)
+        else:
+            s_row = student_ptr + s_index * student_row_stride
+            t_row = teacher_ptr + t_index * teacher_row_stride
 
-        # Pass 1: both log-sum-exps, and whether the rows are the same distribution
-        # element by element (then every tie is exact and every sign is zero).
-        s_max = tl.full([BLOCK], float("-inf"), tl.float32)
-        s_sum = tl.zeros([BLOCK], tl.float32)
-        t_max = tl.full([BLOCK], float("-inf"), tl.float32)
-        t_sum = tl.zeros([BLOCK], tl.float32)
-        s_min = tl.full([BLOCK], float("inf"), tl.float32)  # smallest finite logit
-        t_min = tl.full([BLOCK], float("inf"), tl.float32)
-        differ = tl.zeros([BLOCK], tl.int32)
-        nans = tl.zeros([BLOCK], tl.int32)  # max() may drop NaNs, so they are counted apart
-        for block_start in tl.range(0, longest_vocab, BLOCK, num_stages=STAGES):
-            idx = block_start + lanes
-            xs, in_s = _load_scaled(s_row, idx, student_col_stride, student_vocab,
-                                    inv_student_temperature, STUDENT_UNIT_STRIDE)
-            xt, in_t = _load_scaled(t_row, idx, teacher_col_stride, teacher_vocab,
-                                    inv_teacher_temperature, TEACHER_UNIT_STRIDE)
-            s_max, s_sum = _online_lse_update(s_max, s_sum, xs)
-            t_max, t_sum = _online_lse_update(t_max, t_sum, xt)
-            s_min = tl.minimum(s_min, tl.where(xs > float("-inf"), xs, float("inf")))
-            t_min = tl.minimum(t_min, tl.where(xt > float("-inf"), xt, float("inf")))
-            differ += ((xs != xt) & (in_s | in_t)).to(tl.int32)
-            nans += ((xs != xs) | (xt != xt)).to(tl.int32)
-        any_nan = tl.sum(nans, 0) > 0
-        student_top, student_lse = _finish_lse(s_max, s_sum)
-        teacher_top, teacher_lse = _finish_lse(t_max, t_sum)
-        student_lse = tl.where(any_nan, float("nan"), student_lse)
-        teacher_lse = tl.where(any_nan, float("nan"), teacher_lse)
-        # NaN or +inf logits, or a row with no finite logit: no distribution, NaN loss.
-        row_ok = (student_lse == student_lse) & (teacher_lse == teacher_lse) & (
-            tl.abs(student_lse) < float("inf")) & (tl.abs(teacher_lse) < float("inf"))
-        identical = SAME_VOCAB & (tl.sum(differ, 0) == 0)
-
-        # The root splits only the keys this row pair holds, [key_lo, key_hi], into 256
-        # buckets aligned to a power of two: much finer than splitting all of [0, 1].
-        key_hi = tl.maximum(_key_of(student_top, student_lse), _key_of(teacher_top, teacher_lse))
-        key_lo = tl.maximum(tl.minimum(_key_of(tl.min(s_min, 0), student_lse),
-                                       _key_of(tl.min(t_min, 0), teacher_lse)), 1)
-        root_shift = 0
-        while ((key_hi >> root_shift) - (key_lo >> root_shift) >= ROOT_ENTRIES) & (root_shift < 31):
-            root_shift += 1
-        root_base = key_lo >> root_shift
-
-        # Pass 2: the root histogram of both rows' keys.
-        student_hist = tl.zeros([ROOT_ENTRIES], tl.int32)
-        teacher_hist = tl.zeros([ROOT_ENTRIES], tl.int32)
-        if row_ok & (~identical):
+            # Pass 1: both log-sum-exps, and whether the rows are the same distribution
+            # element by element (then every tie is exact and every sign is zero).
+            s_max = tl.full([BLOCK], float("-inf"), tl.float32)
+            s_sum = tl.zeros([BLOCK], tl.float32)
+            t_max = tl.full([BLOCK], float("-inf"), tl.float32)
+            t_sum = tl.zeros([BLOCK], tl.float32)
+            s_min = tl.full([BLOCK], float("inf"), tl.float32)  # smallest finite logit
+            t_min = tl.full([BLOCK], float("inf"), tl.float32)
+            differ = tl.zeros([BLOCK], tl.int32)
+            nans = tl.zeros([BLOCK], tl.int32)  # max() may drop NaNs, so they are counted apart
+            c_max = tl.full([BLOCK], float("-inf"), tl.float32)  # cross-entropy: temperature 1
+            c_sum = tl.zeros([BLOCK], tl.float32)
             for block_start in tl.range(0, longest_vocab, BLOCK, num_stages=STAGES):
                 idx = block_start + lanes
-                _ps, ks, counted_s = _probs_and_keys(s_row, idx, student_col_stride, student_vocab,
-                                                     inv_student_temperature, student_lse,
-                                                     STUDENT_UNIT_STRIDE)
-                _pt, kt, counted_t = _probs_and_keys(t_row, idx, teacher_col_stride, teacher_vocab,
-                                                     inv_teacher_temperature, teacher_lse,
-                                                     TEACHER_UNIT_STRIDE)
-                # (Clamped only for memory safety: every counted key lies in [key_lo, key_hi].)
-                ds = tl.minimum(tl.maximum((ks >> root_shift) - root_base, 0), ROOT_ENTRIES - 1)
-                dt = tl.minimum(tl.maximum((kt >> root_shift) - root_base, 0), ROOT_ENTRIES - 1)
-                student_hist += tl.histogram(ds, ROOT_ENTRIES, mask=counted_s)
-                teacher_hist += tl.histogram(dt, ROOT_ENTRIES, mask=counted_t)
-        tl.store(ws_ptr + _CNT_S * ENTRIES + root, student_hist)
-        tl.store(ws_ptr + _CNT_T * ENTRIES + root, teacher_hist)
-        tl.store(ws_ptr + _NODE_TOP * ENTRIES, 0)
-        tl.store(meta_ptr + 0, 0)
-        tl.store(meta_ptr + 1, ROOT_ENTRIES)
-        tl.store(meta_ptr + _SHIFT_OFFSET - 1, root_shift + ROOT_BITS)
-        tl.store(meta_ptr + _SHIFT_OFFSET, root_shift)
-        tl.store(meta_ptr + _ROOT_BASE, root_base)
-        tl.debug_barrier()
+                zs, in_s = _load_logits(s_row, idx, student_col_stride, student_vocab,
+                                        STUDENT_UNIT_STRIDE)
+                xs = zs * inv_student_temperature
+                if HAS_CE:
+                    c_max, c_sum = _online_lse_update(c_max, c_sum, zs)
+                xt, in_t = _load_scaled(t_row, idx, teacher_col_stride, teacher_vocab,
+                                        inv_teacher_temperature, TEACHER_UNIT_STRIDE)
+                s_max, s_sum = _online_lse_update(s_max, s_sum, xs)
+                t_max, t_sum = _online_lse_update(t_max, t_sum, xt)
+                s_min = tl.minimum(s_min, tl.where(xs > float("-inf"), xs, float("inf")))
+                t_min = tl.minimum(t_min, tl.where(xt > float("-inf"), xt, float("inf")))
+                differ += ((xs != xt) & (in_s | in_t)).to(tl.int32)
+                nans += ((xs != xs) | (xt != xt)).to(tl.int32)
+            any_nan = tl.sum(nans, 0) > 0
+            student_top, student_lse = _finish_lse(s_max, s_sum)
+            teacher_top, teacher_lse = _finish_lse(t_max, t_sum)
+            student_lse = tl.where(any_nan, float("nan"), student_lse)
+            teacher_lse = tl.where(any_nan, float("nan"), teacher_lse)
+            # NaN or +inf logits, or a row with no finite logit: no distribution, NaN loss.
+            row_ok = (student_lse == student_lse) & (teacher_lse == teacher_lse) & (
+                tl.abs(student_lse) < float("inf")) & (tl.abs(teacher_lse) < float("inf"))
+            identical = SAME_VOCAB & (tl.sum(differ, 0) == 0)
+            ce_lse = 0.0
+            ce_label = -1
+            ce_factor = 0.0
+            if HAS_CE:
+                _ce_top, ce_lse = _finish_lse(c_max, c_sum)
+                ce_lse = tl.where(any_nan, float("nan"), ce_lse)
+                ce_label = tl.load(ce_label_ptr + row).to(tl.int32)
+                label_logit = tl.load(s_row + tl.maximum(ce_label, 0).to(tl.int64) * student_col_stride)
+                has_label = ce_label >= 0
+                tl.store(row_ce_ptr + row, tl.where(has_label, ce_lse - label_logit.to(tl.float32), 0.0))
+                ce_factor = tl.where(has_label, tl.load(ce_weight_ptr + row), 0.0)
 
-        # Refine: resolve a level, count the keys of its open buckets one level down.
-        status = _resolve_level(ws_ptr, sign_ptr, meta_ptr, 0, ENTRIES, RESOLVE_BLOCK, MAX_LEVELS)
-        depth = 0
-        tl.debug_barrier()
-        while status > 0:
-            depth += 1
-            _count_level(s_row, student_col_stride, student_vocab, inv_student_temperature,
-                         student_lse, ws_ptr, meta_ptr, depth, _CNT_S, _MIN_S, _MAX_S,
-                         ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS)
-            _count_level(t_row, teacher_col_stride, teacher_vocab, inv_teacher_temperature,
-                         teacher_lse, ws_ptr, meta_ptr, depth, _CNT_T, _MIN_T, _MAX_T,
-                         ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS)
+            # The root splits only the keys this row pair holds, [key_lo, key_hi], into 256
+            # buckets aligned to a power of two: much finer than splitting all of [0, 1].
+            key_hi = tl.maximum(_key_of(student_top, student_lse), _key_of(teacher_top, teacher_lse))
+            key_lo = tl.maximum(tl.minimum(_key_of(tl.min(s_min, 0), student_lse),
+                                           _key_of(tl.min(t_min, 0), teacher_lse)), 1)
+            root_shift = 0
+            while ((key_hi >> root_shift) - (key_lo >> root_shift) >= ROOT_ENTRIES) & (root_shift < 31):
+                root_shift += 1
+            root_base = key_lo >> root_shift
+
+            # Pass 2: the root histogram of both rows' keys.
+            student_hist = tl.zeros([ROOT_ENTRIES], tl.int32)
+            teacher_hist = tl.zeros([ROOT_ENTRIES], tl.int32)
+            if row_ok & (~identical):
+                for block_start in tl.range(0, longest_vocab, BLOCK, num_stages=STAGES):
+                    idx = block_start + lanes
+                    _ps, ks, counted_s, _zs = _probs_and_keys(s_row, idx, student_col_stride, student_vocab,
+                                                         inv_student_temperature, student_lse,
+                                                         STUDENT_UNIT_STRIDE)
+                    _pt, kt, counted_t, _zt = _probs_and_keys(t_row, idx, teacher_col_stride, teacher_vocab,
+                                                         inv_teacher_temperature, teacher_lse,
+                                                         TEACHER_UNIT_STRIDE)
+                    # (Clamped only for memory safety: every counted key lies in [key_lo, key_hi].)
+                    ds = tl.minimum(tl.maximum((ks >> root_shift) - root_base, 0), ROOT_ENTRIES - 1)
+                    dt = tl.minimum(tl.maximum((kt >> root_shift) - root_base, 0), ROOT_ENTRIES - 1)
+                    student_hist += tl.histogram(ds, ROOT_ENTRIES, mask=counted_s)
+                    teacher_hist += tl.histogram(dt, ROOT_ENTRIES, mask=counted_t)
+            tl.store(ws_ptr + _CNT_S * ENTRIES + root, student_hist)
+            tl.store(ws_ptr + _CNT_T * ENTRIES + root, teacher_hist)
+            tl.store(ws_ptr + _NODE_TOP * ENTRIES, 0)
+            tl.store(meta_ptr + 0, 0)
+            tl.store(meta_ptr + 1, ROOT_ENTRIES)
+            tl.store(meta_ptr + _SHIFT_OFFSET - 1, root_shift + ROOT_BITS)
+            tl.store(meta_ptr + _SHIFT_OFFSET, root_shift)
+            tl.store(meta_ptr + _ROOT_BASE, root_base)
             tl.debug_barrier()
-            status = _resolve_level(ws_ptr, sign_ptr, meta_ptr, depth, ENTRIES, RESOLVE_BLOCK,
-                                    MAX_LEVELS)
+
+            # Refine: resolve a level, count the keys of its open buckets one level down.
+            status = _resolve_level(ws_ptr, sign_ptr, meta_ptr, 0, ENTRIES, RESOLVE_BLOCK, MAX_LEVELS)
+            depth = 0
             tl.debug_barrier()
-        exhausted = status < 0
+            while status > 0:
+                depth += 1
+                _count_level(s_row, student_col_stride, student_vocab, inv_student_temperature,
+                             student_lse, ws_ptr, meta_ptr, depth, _CNT_S, _MIN_S, _MAX_S,
+                             ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS)
+                _count_level(t_row, teacher_col_stride, teacher_vocab, inv_teacher_temperature,
+                             teacher_lse, ws_ptr, meta_ptr, depth, _CNT_T, _MIN_T, _MAX_T,
+                             ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS)
+                tl.debug_barrier()
+                status = _resolve_level(ws_ptr, sign_ptr, meta_ptr, depth, ENTRIES, RESOLVE_BLOCK,
+                                        MAX_LEVELS)
+                tl.debug_barrier()
+            exhausted = status < 0
 
-        # Loss: sum_i a_i g_i - sum_j b_j h_j.
-        student_mass = _signed_mass(s_row, student_col_stride, student_vocab,
-                                    inv_student_temperature, student_lse, ws_ptr,
-                                    sign_ptr, meta_ptr, depth, ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS)
-        teacher_mass = _signed_mass(t_row, teacher_col_stride, teacher_vocab,
-                                    inv_teacher_temperature, teacher_lse, ws_ptr,
-                                    sign_ptr + ENTRIES, meta_ptr, depth, ENTRIES, BLOCK,
-                                    TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS)
-        failed = (~row_ok) | exhausted
-        loss = tl.where(failed, float("nan"), student_mass - teacher_mass)
-        student_mass = tl.where(failed, float("nan"), student_mass)
-        teacher_mass = tl.where(failed, float("nan"), teacher_mass)
-        tl.store(row_loss_ptr + row, loss)
-        # status: bit 0 = workspace exhausted, bits 1.. = trie levels counted below the root
-        tl.store(status_ptr + row, exhausted.to(tl.int32) + 2 * depth)
+            # Loss: sum_i a_i g_i - sum_j b_j h_j.
+            student_mass = _signed_mass(s_row, student_col_stride, student_vocab,
+                                        inv_student_temperature, student_lse, ws_ptr,
+                                        sign_ptr, meta_ptr, depth, ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS)
+            teacher_mass = _signed_mass(t_row, teacher_col_stride, teacher_vocab,
+                                        inv_teacher_temperature, teacher_lse, ws_ptr,
+                                        sign_ptr + ENTRIES, meta_ptr, depth, ENTRIES, BLOCK,
+                                        TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS)
+            failed = (~row_ok) | exhausted
+            loss = tl.where(failed, float("nan"), student_mass - teacher_mass)
+            student_mass = tl.where(failed, float("nan"), student_mass)
+            teacher_mass = tl.where(failed, float("nan"), teacher_mass)
+            tl.store(row_loss_ptr + row, loss)
+            # status: bit 0 = workspace exhausted, bits 1.. = trie levels counted below the root
+            tl.store(status_ptr + row, exhausted.to(tl.int32) + 2 * depth)
 
-        if STUDENT_GRAD:
-            _write_grad(s_row, student_col_stride, student_vocab, inv_student_temperature,
-                        student_lse, ws_ptr, sign_ptr, meta_ptr, depth, student_mass,
-                        grad_scale, grad_student_ptr + tl.cast(row, tl.int64) * student_vocab,
-                        ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS)
-        if TEACHER_GRAD:
-            _write_grad(t_row, teacher_col_stride, teacher_vocab, inv_teacher_temperature,
-                        teacher_lse, ws_ptr, sign_ptr + ENTRIES, meta_ptr, depth,
-                        teacher_mass, -grad_scale,
-                        grad_teacher_ptr + tl.cast(row, tl.int64) * teacher_vocab,
-                        ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS)
-        tl.debug_barrier()
+            if STUDENT_GRAD:
+                _write_grad(s_row, student_col_stride, student_vocab, inv_student_temperature,
+                            student_lse, ws_ptr, sign_ptr, meta_ptr, depth, student_mass,
+                            row_grad_scale, grad_student_ptr + s_index * grad_student_row_stride,
+                            ce_lse, ce_label, ce_factor,
+                            ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS, HAS_CE)
+            if TEACHER_GRAD:
+                _write_grad(t_row, teacher_col_stride, teacher_vocab, inv_teacher_temperature,
+                            teacher_lse, ws_ptr, sign_ptr + ENTRIES, meta_ptr, depth,
+                            teacher_mass, -row_grad_scale,
+                            grad_teacher_ptr + t_index * grad_teacher_row_stride,
+                            0.0, -1, 0.0,
+                            ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS, False)
+            tl.debug_barrier()
 
 
 @triton.jit

@@ -1,0 +1,54 @@
+"""Triton kernel: the student's cross-entropy on rows that have a target but no teacher row.
+
+Rows that pair with a teacher row get their cross-entropy inside uld_rows_kernel (the same
+passes over the row). This kernel covers the rest of the answer (past the shorter answer, or
+the EOS token a distillation skips):
+
+    ce = logsumexp(z) - z[label]            d ce / d z = softmax(z) - onehot(label)
+"""
+
+import triton
+import triton.language as tl
+
+from uld_kernels.kernels.uld_rows import _finish_lse, _load_logits, _online_lse_update
+
+
+@triton.jit
+def ce_rows_kernel(
+    # data
+    logits_ptr, index_ptr, label_ptr, weight_ptr, row_ce_ptr, grad_ptr,
+    # shapes and strides
+    vocab, row_stride, col_stride, grad_row_stride,
+    # switches and sizes
+    WRITE_GRAD: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr, BLOCK: tl.constexpr,
+    STAGES: tl.constexpr,
+):
+    """Program r: row index[r] against token label[r] (skipped when either is negative);
+    row_ce[r] = its cross-entropy, grad[index[r]] = weight[r] * its gradient."""
+    r = tl.program_id(0)
+    index = tl.load(index_ptr + r).to(tl.int64)
+    label = tl.load(label_ptr + r).to(tl.int32)
+    if (index < 0) | (label < 0):
+        tl.store(row_ce_ptr + r, 0.0)
+    else:
+        row = logits_ptr + index * row_stride
+        lanes = tl.arange(0, BLOCK)
+        m = tl.full([BLOCK], float("-inf"), tl.float32)
+        s = tl.zeros([BLOCK], tl.float32)
+        nans = tl.zeros([BLOCK], tl.int32)
+        for start in tl.range(0, vocab, BLOCK, num_stages=STAGES):
+            z, _in_row = _load_logits(row, start + lanes, col_stride, vocab, UNIT_COL_STRIDE)
+            m, s = _online_lse_update(m, s, z)
+            nans += (z != z).to(tl.int32)
+        _top, lse = _finish_lse(m, s)
+        lse = tl.where(tl.sum(nans, 0) > 0, float("nan"), lse)
+        label_logit = tl.load(row + label.to(tl.int64) * col_stride).to(tl.float32)
+        tl.store(row_ce_ptr + r, lse - label_logit)
+        if WRITE_GRAD:
+            weight = tl.load(weight_ptr + r)
+            out = grad_ptr + index * grad_row_stride
+            for start in tl.range(0, vocab, BLOCK, num_stages=STAGES):
+                idx = start + lanes
+                z, _in_row = _load_logits(row, idx, col_stride, vocab, UNIT_COL_STRIDE)
+                grad = weight * (tl.exp(z - lse) - (idx == label).to(tl.float32))
+                tl.store(out + idx, grad.to(grad_ptr.dtype.element_ty), mask=idx < vocab)
