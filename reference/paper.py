@@ -66,9 +66,11 @@ def _check_arguments(student_logits, teacher_logits, student_labels, teacher_lab
     if alignment not in ALIGNMENTS:
         raise ValueError(f"alignment must be one of {ALIGNMENTS}, got {alignment!r}")
     if student_logits.dim() != 3:
-        raise ValueError(f"student_logits must be [B, Ls, Vs], got shape {tuple(student_logits.shape)}")
+        raise ValueError(f"student_logits must be [B, Ls, Vs], got shape "
+                         f"{tuple(student_logits.shape)}")
     if teacher_logits.dim() != 3:
-        raise ValueError(f"teacher_logits must be [B, Lt, Vt], got shape {tuple(teacher_logits.shape)}")
+        raise ValueError(f"teacher_logits must be [B, Lt, Vt], got shape "
+                         f"{tuple(teacher_logits.shape)}")
     if student_logits.shape[0] != teacher_logits.shape[0]:
         raise ValueError(
             f"teacher_logits must have the batch size of student_logits "
@@ -216,9 +218,11 @@ def uld_distillation_loss_reference(
 
     Example::
 
-        >>> s, t = torch.randn(2, 6, 5, dtype=torch.float64), torch.randn(2, 7, 4, dtype=torch.float64)
+        >>> s = torch.randn(2, 6, 5, dtype=torch.float64)  # student [B, Ls, Vs]
+        >>> t = torch.randn(2, 7, 4, dtype=torch.float64)  # teacher [B, Lt, Vt]
         >>> ls = torch.tensor([[-100, -100, 1, 2, 3, 4], [-100, 0, 1, -100, -100, -100]])
-        >>> lt = torch.tensor([[-100, -100, -100, 0, 1, 2, 3], [-100, -100, 3, 2, -100, -100, -100]])
+        >>> lt = torch.tensor([[-100, -100, -100, 0, 1, 2, 3],
+        ...                    [-100, -100, 3, 2, -100, -100, -100]])
         >>> total, ce, dist = uld_distillation_loss_reference(s, t, ls, lt)
     """
     _check_arguments(student_logits, teacher_logits, student_labels, teacher_labels, reduction,

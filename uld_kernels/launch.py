@@ -79,6 +79,20 @@ def workspace_bytes(device: torch.device, n_rows: int, max_vocab: int) -> int:
     return programs * 4 * ((INT_PLANES + SIGN_PLANES) * cfg.entries + META_SLOTS)
 
 
+def _rows_and_vocab(logits: torch.Tensor) -> tuple[int, int]:
+    """Rows (all leading dimensions) and vocabulary of 2-D ``[N, V]`` or 3-D ``[B, L, V]`` logits."""
+    return (logits.shape[0] * logits.shape[1] if logits.dim() == 3 else logits.shape[0]), logits.shape[-1]
+
+
+def _row_layout(logits: torch.Tensor) -> tuple[int, int, int, int]:
+    """(sequence length, batch stride, row stride, column stride): row r of the flattened
+    leading dimensions sits at (r // L) * batch stride + (r % L) * row stride, so a strided
+    slice of [B, L, V] logits (``logits[:, :-1]``) is read in place, never flattened by copy."""
+    if logits.dim() == 3:
+        return max(logits.shape[1], 1), logits.stride(0), logits.stride(1), logits.stride(2)
+    return max(logits.shape[0], 1), 0, logits.stride(0), logits.stride(1)
+
+
 def uld_rows(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -114,31 +128,36 @@ def uld_pairs(
     row_weight: torch.Tensor | None = None,
     ce_label: torch.Tensor | None = None,
     ce_weight: torch.Tensor | None = None,
+    grad_student: torch.Tensor | None = None,
 ):
     """ULD over pairs of rows, optionally gathered by index, optionally with the student's
     cross-entropy fused in. Returns (row losses, status, row cross-entropies or None,
     student gradient or None, teacher gradient or None).
 
-    Without indices, pair r is row r of both 2-D inputs. With ``student_index`` /
+    Inputs are 2-D ``[N, V]`` or 3-D ``[B, L, V]`` (rows = the flattened leading dimensions),
+    any strides. Without indices, pair r is row r of both inputs. With ``student_index`` /
     ``teacher_index`` (int64 ``[M]``, rows of the 2-D inputs; a negative student index is
     padding), pair r reads those rows, its gradient is weighted by ``row_weight[r]``
     (float32), and the gradients are full-size, zero on rows no pair reads. With
     ``ce_label`` (int64 ``[M]``, negative: none) and ``ce_weight`` (float32 ``[M]``), the
     student's temperature-1 cross-entropy of each pair's row is returned and its gradient,
-    weighted, is added to the student's.
+    weighted, is added to the student's. ``grad_student``: a zeroed 2-D buffer to write the
+    student gradient into (its row stride may exceed the vocabulary: padded lm_head columns).
     """
     gather = student_index is not None
     has_ce = ce_label is not None
-    n_student_rows, student_vocab = student_logits.shape
-    n_teacher_rows, teacher_vocab = teacher_logits.shape
+    n_student_rows, student_vocab = _rows_and_vocab(student_logits)
+    n_teacher_rows, teacher_vocab = _rows_and_vocab(teacher_logits)
     n_pairs = student_index.numel() if gather else n_student_rows
     device = student_logits.device
     row_loss = torch.empty(n_pairs, dtype=torch.float32, device=device)
     status = torch.empty(n_pairs, dtype=torch.int32, device=device)
     row_ce = torch.empty(n_pairs, dtype=torch.float32, device=device) if has_ce else None
     new = torch.zeros if gather else torch.empty  # gathered: rows no pair reads get 0
-    grad_student = (new((n_student_rows, student_vocab), dtype=student_logits.dtype, device=device)
-                    if student_grad else None)
+    if student_grad and grad_student is None:
+        grad_student = new((n_student_rows, student_vocab), dtype=student_logits.dtype, device=device)
+    if not student_grad:
+        grad_student = None
     grad_teacher = (new((n_teacher_rows, teacher_vocab), dtype=teacher_logits.dtype, device=device)
                     if teacher_grad else None)
     if n_pairs == 0:
@@ -158,15 +177,14 @@ def uld_pairs(
         row_weight if gather else unused, ce_label if has_ce else unused,
         ce_weight if has_ce else unused, row_ce if has_ce else unused,
         n_pairs, student_vocab, teacher_vocab, max(student_vocab, teacher_vocab), programs,
-        student_logits.stride(0), student_logits.stride(1),
-        teacher_logits.stride(0), teacher_logits.stride(1),
+        *_row_layout(student_logits), *_row_layout(teacher_logits),
         grad_student.stride(0) if grad_student is not None else 0,
         grad_teacher.stride(0) if grad_teacher is not None else 0,
         1.0 / student_temperature, 1.0 / teacher_temperature, grad_scale,
         SAME_VOCAB=student_vocab == teacher_vocab, STUDENT_GRAD=student_grad,
         TEACHER_GRAD=teacher_grad,
-        STUDENT_UNIT_STRIDE=student_logits.stride(1) == 1,
-        TEACHER_UNIT_STRIDE=teacher_logits.stride(1) == 1,
+        STUDENT_UNIT_STRIDE=student_logits.stride(-1) == 1,
+        TEACHER_UNIT_STRIDE=teacher_logits.stride(-1) == 1,
         GATHER=gather, HAS_CE=has_ce,
         BLOCK=cfg.block, ENTRIES=cfg.entries, RESOLVE_BLOCK=cfg.resolve_block,
         MAX_LEVELS=cfg.max_levels, STAGES=cfg.stages, num_warps=cfg.num_warps,
@@ -189,12 +207,12 @@ def cross_entropy_rows(
     row_ce = torch.empty(n, dtype=torch.float32, device=logits.device)
     if n == 0:
         return row_ce
-    vocab = logits.shape[1]
+    _, vocab = _rows_and_vocab(logits)
     cfg = row_kernel_config(vocab)
     ce_rows_kernel[(n,)](
         logits, index, label, weight, row_ce, grad if grad is not None else row_ce,
-        vocab, logits.stride(0), logits.stride(1), grad.stride(0) if grad is not None else 0,
-        WRITE_GRAD=grad is not None, UNIT_COL_STRIDE=logits.stride(1) == 1,
+        vocab, *_row_layout(logits), grad.stride(0) if grad is not None else 0,
+        WRITE_GRAD=grad is not None, UNIT_COL_STRIDE=logits.stride(-1) == 1,
         BLOCK=cfg.block, STAGES=cfg.stages, num_warps=cfg.num_warps,
     )
     return row_ce

@@ -13,12 +13,12 @@ import triton.language as tl
 from uld_kernels.kernels.uld_rows import _finish_lse, _load_logits, _online_lse_update
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seq_len"])
 def ce_rows_kernel(
     # data
     logits_ptr, index_ptr, label_ptr, weight_ptr, row_ce_ptr, grad_ptr,
-    # shapes and strides
-    vocab, row_stride, col_stride, grad_row_stride,
+    # shapes and strides: row r is at (r // seq_len) * batch_stride + (r % seq_len) * row_stride
+    vocab, seq_len, batch_stride, row_stride, col_stride, grad_row_stride,
     # switches and sizes
     WRITE_GRAD: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr, BLOCK: tl.constexpr,
     STAGES: tl.constexpr,
@@ -31,7 +31,7 @@ def ce_rows_kernel(
     if (index < 0) | (label < 0):
         tl.store(row_ce_ptr + r, 0.0)
     else:
-        row = logits_ptr + index * row_stride
+        row = logits_ptr + (index // seq_len) * batch_stride + (index % seq_len) * row_stride
         lanes = tl.arange(0, BLOCK)
         m = tl.full([BLOCK], float("-inf"), tl.float32)
         s = tl.zeros([BLOCK], tl.float32)
@@ -42,7 +42,9 @@ def ce_rows_kernel(
             nans += (z != z).to(tl.int32)
         _top, lse = _finish_lse(m, s)
         lse = tl.where(tl.sum(nans, 0) > 0, float("nan"), lse)
-        label_logit = tl.load(row + label.to(tl.int64) * col_stride).to(tl.float32)
+        # A label past the vocabulary poisons the row (NaN), it is never read.
+        label_logit = tl.load(row + label.to(tl.int64) * col_stride, mask=label < vocab,
+                              other=float("nan")).to(tl.float32)
         tl.store(row_ce_ptr + r, lse - label_logit)
         if WRITE_GRAD:
             weight = tl.load(weight_ptr + r)

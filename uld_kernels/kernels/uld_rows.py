@@ -319,7 +319,7 @@ def _write_grad(row_ptr, col_stride, vocab, inv_temperature, lse, ws_ptr, sign_p
         tl.store(grad_ptr + idx, grad.to(grad_ptr.dtype.element_ty), mask=idx < vocab)
 
 
-@triton.jit(do_not_specialize=["n_rows", "longest_vocab", "n_programs"])
+@triton.jit(do_not_specialize=["n_rows", "longest_vocab", "n_programs", "student_seq_len", "teacher_seq_len"])
 def uld_rows_kernel(
     # data
     student_ptr, teacher_ptr, row_loss_ptr, status_ptr, grad_student_ptr, grad_teacher_ptr,
@@ -328,8 +328,9 @@ def uld_rows_kernel(
     student_index_ptr, teacher_index_ptr, row_weight_ptr, ce_label_ptr, ce_weight_ptr, row_ce_ptr,
     # shapes
     n_rows, student_vocab, teacher_vocab, longest_vocab, n_programs,
-    # strides
-    student_row_stride, student_col_stride, teacher_row_stride, teacher_col_stride,
+    # strides: row r of a side is at (r // seq_len) * batch_stride + (r % seq_len) * row_stride
+    student_seq_len, student_batch_stride, student_row_stride, student_col_stride,
+    teacher_seq_len, teacher_batch_stride, teacher_row_stride, teacher_col_stride,
     grad_student_row_stride, grad_teacher_row_stride,
     # scalars
     inv_student_temperature, inv_teacher_temperature, grad_scale,
@@ -371,8 +372,10 @@ def uld_rows_kernel(
             if HAS_CE:
                 tl.store(row_ce_ptr + row, 0.0)
         else:
-            s_row = student_ptr + s_index * student_row_stride
-            t_row = teacher_ptr + t_index * teacher_row_stride
+            s_row = student_ptr + (s_index // student_seq_len) * student_batch_stride + (
+                s_index % student_seq_len) * student_row_stride
+            t_row = teacher_ptr + (t_index // teacher_seq_len) * teacher_batch_stride + (
+                t_index % teacher_seq_len) * teacher_row_stride
 
             # Pass 1: both log-sum-exps, and whether the rows are the same distribution
             # element by element (then every tie is exact and every sign is zero).
@@ -417,7 +420,9 @@ def uld_rows_kernel(
                 _ce_top, ce_lse = _finish_lse(c_max, c_sum)
                 ce_lse = tl.where(any_nan, float("nan"), ce_lse)
                 ce_label = tl.load(ce_label_ptr + row).to(tl.int32)
-                label_logit = tl.load(s_row + tl.maximum(ce_label, 0).to(tl.int64) * student_col_stride)
+                # A label past the vocabulary poisons the row (NaN), it is never read.
+                label_logit = tl.load(s_row + tl.maximum(ce_label, 0).to(tl.int64) * student_col_stride,
+                                      mask=ce_label < student_vocab, other=float("nan"))
                 has_label = ce_label >= 0
                 tl.store(row_ce_ptr + row, tl.where(has_label, ce_lse - label_logit.to(tl.float32), 0.0))
                 ce_factor = tl.where(has_label, tl.load(ce_weight_ptr + row), 0.0)

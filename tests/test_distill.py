@@ -1,0 +1,132 @@
+"""The full training loss (uld_distillation_loss / ULDLoss) against the float64 transcription
+of the paper's semantics (reference/paper.py), on randomized batches."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from reference.paper import uld_distillation_loss_reference
+from tests.helpers import assert_grads_close, assert_losses_close
+from uld_kernels import ULDLoss, uld_distillation_loss
+
+IGNORE = -100
+
+
+def _batch(seed, device, dtype=torch.float32, batch=3, ls=9, lt=11, vs=40, vt=33, vs_full=None):
+    """Prompts of varied lengths, answers of varied lengths, padding at the end."""
+    g = torch.Generator().manual_seed(seed)
+    vs_full = vs_full or vs
+    student = (torch.randn(batch, ls + 1, vs_full, generator=g) * 2).to(dtype)
+    teacher = (torch.randn(batch, lt, vt, generator=g) * 2).to(dtype)
+    s_labels = torch.full((batch, ls + 1), IGNORE)
+    t_labels = torch.full((batch, lt), IGNORE)
+    for b in range(batch):
+        for labels, length, vocab in ((s_labels, ls + 1, vs), (t_labels, lt, vt)):
+            prompt = int(torch.randint(0, 4, (1,), generator=g))
+            answer = int(torch.randint(0, length - prompt + 1, (1,), generator=g))
+            labels[b, prompt:prompt + answer] = torch.randint(0, vocab, (answer,), generator=g)
+    if batch > 1:
+        s_labels[-1] = IGNORE  # a sample without answer
+    # the student's logits arrive as logits[:, :-1] (a strided view, never copied)
+    return (student[:, :-1].to(device), teacher.to(device), s_labels[:, :-1].to(device), t_labels.to(device))
+
+
+OPTIONS = [
+    dict(),
+    dict(reduction="token_mean", num_items_in_batch=13),
+    dict(reduction="sum", skip_student_eos=True, student_temperature=2.0),
+    dict(reduction="none", skip_teacher_eos=True, teacher_temperature=0.5, distillation_weight=1.5),
+    dict(alignment="trl_observed", crossentropy_weight=0.0),
+    dict(distillation_weight=0.0, crossentropy_weight=2.0),
+]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "defaults")
+def test_matches_the_papers_semantics(options, device):
+    student, teacher, s_labels, t_labels = _batch(len(str(options)), device)
+    student = student.detach().requires_grad_(True)
+    total, ce, distill = uld_distillation_loss(student, teacher, s_labels, t_labels, **options)
+    total.sum().backward()
+    s64 = student.detach().double().requires_grad_(True)
+    ref_total, ref_ce, ref_distill = uld_distillation_loss_reference(
+        s64, teacher.double(), s_labels, t_labels, **options)
+    ref_total.sum().backward()
+    for ours, ref, what in ((total, ref_total, "total"), (ce, ref_ce, "ce"), (distill, ref_distill, "distillation")):
+        assert_losses_close(ours, ref.detach(), torch.float32, what=what)
+    assert_grads_close(student.grad, s64.grad, student.reshape(-1, student.shape[-1]).detach(),
+                       torch.float32, per_tie_group=False)
+
+
+def test_padded_lm_head_columns_are_left_out(device):
+    student, teacher, s_labels, t_labels = _batch(5, device, vs=40, vs_full=48)
+    student = student.detach().requires_grad_(True)
+    total, _, _ = uld_distillation_loss(student, teacher, s_labels, t_labels, student_vocab_size=40)
+    total.backward()
+    s64 = student.detach().double().requires_grad_(True)
+    ref, _, _ = uld_distillation_loss_reference(s64, teacher.double(), s_labels, t_labels,
+                                                student_vocab_size=40)
+    ref.backward()
+    assert_losses_close(total, ref.detach(), torch.float32)
+    assert (student.grad[..., 40:] == 0).all()
+    assert_grads_close(student.grad, s64.grad, student.reshape(-1, 48).detach(), torch.float32,
+                       per_tie_group=False)
+
+
+def test_explicit_row_maps(device):
+    student, teacher, s_labels, t_labels = _batch(6, device)
+    student = student.detach().requires_grad_(True)
+    s_rows = torch.tensor([0, 4, 10, 20], device=device)
+    t_rows = torch.tensor([3, 3, 12, 30], device=device)
+    w = torch.tensor([0.1, 0.2, 0.3, 0.4], device=device)
+    total, _, distill = uld_distillation_loss(student, teacher, s_labels, t_labels, student_rows=s_rows,
+                                              teacher_rows=t_rows, row_weights=w, crossentropy_weight=0.5)
+    total.backward()
+    s64 = student.detach().double().requires_grad_(True)
+    ref, _, ref_distill = uld_distillation_loss_reference(
+        s64, teacher.double(), s_labels, t_labels, student_rows=s_rows, teacher_rows=t_rows,
+        row_weights=w.double(), crossentropy_weight=0.5)
+    ref.backward()
+    assert_losses_close(total, ref.detach(), torch.float32)
+    assert_losses_close(distill, ref_distill.detach(), torch.float32, what="distillation")
+    assert_grads_close(student.grad, s64.grad, student.reshape(-1, student.shape[-1]).detach(),
+                       torch.float32, per_tie_group=False)
+
+
+def test_gradient_accumulation_with_num_items_in_batch(device):
+    """Two half batches with the global token count give the full batch's loss and gradient."""
+    student, teacher, s_labels, t_labels = _batch(7, device, batch=4)
+    count = int((s_labels[:, 1:] != IGNORE).sum())
+    uld = ULDLoss(reduction="token_mean", distillation_weight=1.5)
+    full = student.detach().requires_grad_(True)
+    uld(full, teacher, s_labels, t_labels, num_items_in_batch=count)[0].backward()
+    halves = student.detach().requires_grad_(True)
+    total = 0.0
+    for part in (slice(0, 2), slice(2, 4)):
+        loss = uld(halves[part], teacher[part], s_labels[part], t_labels[part], num_items_in_batch=count)[0]
+        loss.backward()
+        total += float(loss.detach())
+    full_loss = float(uld(full.detach(), teacher, s_labels, t_labels, num_items_in_batch=count)[0])
+    assert abs(total - full_loss) < 1e-5
+    torch.testing.assert_close(halves.grad, full.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_bad_arguments_name_themselves():
+    student, teacher, s_labels, t_labels = _batch(8, "cpu")
+    cases = [
+        (dict(reduction="mean"), "reduction"),
+        (dict(alignment="bayesian"), "alignment"),
+        (dict(student_vocab_size=99), "student_vocab_size"),
+        (dict(teacher_temperature=0.0), "teacher_temperature"),
+        (dict(distillation_weight=float("nan")), "distillation_weight"),
+        (dict(student_rows=torch.tensor([1, 2])), "teacher_rows"),
+    ]
+    for options, name in cases:
+        with pytest.raises(ValueError, match=name):
+            uld_distillation_loss(student, teacher, s_labels, t_labels, **options)
+    with pytest.raises(ValueError, match="student_labels"):
+        uld_distillation_loss(student, teacher, s_labels[:, :-1], t_labels)
+    with pytest.raises(TypeError, match="teacher_labels"):
+        uld_distillation_loss(student, teacher, s_labels, t_labels.float())

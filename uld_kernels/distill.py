@@ -1,0 +1,357 @@
+"""Drop-in ULD distillation for training: answer spans from labels, alignment, the student's
+cross-entropy in the same passes, reductions. ``uld_distillation_loss`` and ``ULDLoss``.
+
+Layers: alignment.py computes the row pairs and weights on the device (no host sync); the
+custom op ``uld_kernels::uld_distill`` runs the fused kernels over the ``[B, L, V]`` logits
+in place (rows gathered by index inside the kernels, never copied); ``ULDDistillFunction``
+scales the gradient computed in the forward pass by the upstream gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from uld_kernels.alignment import ALIGNMENTS, next_token_targets, pair_rows
+from uld_kernels.launch import cross_entropy_rows, interpreter_enabled, uld_pairs
+from uld_kernels.validation import check_choice, check_temperature
+
+REDUCTIONS = ("paper", "token_mean", "sum", "none")
+
+
+@torch.library.custom_op("uld_kernels::uld_distill", mutates_args=())
+def uld_distill_op(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    student_vocab: int,
+    teacher_vocab: int,
+    student_index: torch.Tensor,
+    teacher_index: torch.Tensor,
+    pair_weight: torch.Tensor,
+    ce_index: torch.Tensor,
+    ce_label: torch.Tensor,
+    ce_weight: torch.Tensor,
+    student_temperature: float,
+    teacher_temperature: float,
+    has_ce: bool,
+    student_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row ULD losses of the pairs, cross-entropies of the pairs' rows and of the other
+    answer rows, and the gradient (``[B, Ls, V]``, empty when not asked) of
+    ``sum pair_weight * uld + sum ce_weight * ce``."""
+    student = student_logits[..., :student_vocab]
+    teacher = teacher_logits[..., :teacher_vocab]
+    n_rows = student_logits.shape[0] * student_logits.shape[1]
+    # Full width, so that padded lm_head columns get their zero gradient without a copy.
+    grad = (torch.zeros((n_rows, student_logits.shape[-1]), dtype=student_logits.dtype,
+                        device=student_logits.device) if student_grad else None)
+    grad_used = grad[:, :student_vocab] if student_grad else None
+    safe = student_index.clamp(min=0)
+    pair_label = torch.where(student_index >= 0, ce_label[safe], -1) if has_ce else None
+    rows, _status, pair_ce, _, _ = uld_pairs(
+        student, teacher, student_temperature, teacher_temperature, student_grad, False, 1.0,
+        student_index=student_index, teacher_index=teacher_index, row_weight=pair_weight,
+        ce_label=pair_label, ce_weight=ce_weight[safe] if has_ce else None, grad_student=grad_used)
+    if has_ce:
+        other_ce = cross_entropy_rows(student, ce_index, ce_label, ce_weight, grad_used)
+    else:
+        other_ce = torch.zeros(ce_index.shape, dtype=torch.float32, device=student_logits.device)
+        pair_ce = torch.zeros_like(rows)
+    grad = grad.view(student_logits.shape) if student_grad else student_logits.new_empty(0)
+    return rows, pair_ce, other_ce, grad
+
+
+@uld_distill_op.register_fake
+def _uld_distill_fake(student_logits, teacher_logits, student_vocab, teacher_vocab, student_index,
+                      teacher_index, pair_weight, ce_index, ce_label, ce_weight,
+                      student_temperature, teacher_temperature, has_ce, student_grad):
+    rows = student_index.new_empty(student_index.shape, dtype=torch.float32)
+    grad = student_logits.new_empty(student_logits.shape if student_grad else (0,))
+    return rows, torch.empty_like(rows), ce_index.new_empty(ce_index.shape, dtype=torch.float32), grad
+
+
+class ULDDistillFunction(torch.autograd.Function):
+    """Autograd of the full distillation loss: ``total`` carries the gradient; ``ce`` and
+    ``distillation`` are returned for logging and are not differentiable."""
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, plan):
+        rows, pair_ce, other_ce, grad = torch.ops.uld_kernels.uld_distill(
+            student_logits, teacher_logits, plan["student_vocab"], plan["teacher_vocab"],
+            plan["student_index"], plan["teacher_index"], plan["pair_weight"],
+            plan["ce_index"], plan["ce_label"], plan["ce_weight"],
+            plan["student_temperature"], plan["teacher_temperature"], plan["has_ce"],
+            ctx.needs_input_grad[0],
+        )
+        batch = student_logits.shape[0]
+        distill = plan["pair_weight"] * rows
+        ce_pairs = plan["ce_weight"][plan["student_index"].clamp(min=0)] * pair_ce
+        ce_other = plan["ce_weight"] * other_ce
+        if plan["per_sample"]:
+            distill = distill.view(batch, -1).sum(dim=1)
+            ce = ce_pairs.view(batch, -1).sum(dim=1) + ce_other.view(batch, -1).sum(dim=1)
+        else:
+            distill, ce = distill.sum(), ce_pairs.sum() + ce_other.sum()
+        ctx.save_for_backward(grad)
+        ctx.student_grad = ctx.needs_input_grad[0]
+        ctx.seq_len = student_logits.shape[1]
+        ctx.mark_non_differentiable(ce, distill)
+        return ce + distill, ce, distill
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_ce, _grad_distill):
+        if not ctx.student_grad:
+            return None, None, None
+        (grad,) = ctx.saved_tensors
+        flat = grad.view(-1, grad.shape[-1])
+        scale = grad_total.repeat_interleave(ctx.seq_len) if grad_total.dim() == 1 else grad_total
+        torch.ops.uld_kernels.scale_rows_(flat, scale)
+        return grad, None, None
+
+
+def _check_inputs(student_logits, teacher_logits, student_labels, teacher_labels):
+    for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+            raise ValueError(f"{name} must be a 3-D tensor [batch, sequence, vocabulary], got "
+                             f"{getattr(x, 'shape', type(x).__name__)}")
+        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
+    for name, x, logits in (("student_labels", student_labels, student_logits),
+                            ("teacher_labels", teacher_labels, teacher_logits)):
+        if not isinstance(x, torch.Tensor) or x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+        if tuple(x.shape) != tuple(logits.shape[:2]):
+            raise ValueError(f"{name} must have shape {tuple(logits.shape[:2])} (the logits' batch "
+                             f"and sequence), got {tuple(x.shape)}")
+    if student_logits.shape[0] != teacher_logits.shape[0]:
+        raise ValueError(f"student_logits and teacher_logits must have the same batch size, got "
+                         f"{student_logits.shape[0]} and {teacher_logits.shape[0]}")
+    devices = {t.device for t in (student_logits, teacher_logits, student_labels, teacher_labels)}
+    if len(devices) > 1:
+        raise ValueError(f"logits and labels must be on one device, got {sorted(map(str, devices))}")
+
+
+def _check_vocab(name: str, value, full: int) -> int:
+    if value is None:
+        return full
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= full:
+        raise ValueError(f"{name} must be an int in [1, {full}] (the logits' last dimension), got {value!r}")
+    return value
+
+
+def _check_weight(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def uld_distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    student_labels: torch.Tensor,
+    teacher_labels: torch.Tensor,
+    *,
+    distillation_weight: float = 1.0,
+    crossentropy_weight: float = 1.0,
+    student_temperature: float = 1.0,
+    teacher_temperature: float = 1.0,
+    skip_student_eos: bool = False,
+    skip_teacher_eos: bool = False,
+    ignore_index: int = -100,
+    reduction: str = "paper",
+    num_items_in_batch: int | torch.Tensor | None = None,
+    student_vocab_size: int | None = None,
+    teacher_vocab_size: int | None = None,
+    alignment: str = "paper",
+    student_rows: torch.Tensor | None = None,
+    teacher_rows: torch.Tensor | None = None,
+    row_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The paper's ULD training loss on two batches read through two tokenizers.
+
+    Args:
+        student_logits: ``[B, Ls, Vs]`` (any strides: ``logits[:, :-1]`` is read in place).
+        teacher_logits: ``[B, Lt, Vt]``.
+        student_labels, teacher_labels: ``[B, Ls]`` / ``[B, Lt]`` integer labels,
+            ``ignore_index`` on prompt and padding.
+        distillation_weight: weight of the ULD term. The paper's class defaults to 1.0 and
+            its training used 1.5.
+        crossentropy_weight: weight of the student's next-token cross-entropy (Hugging Face's
+            shift: row j predicts label j + 1; temperature 1). 0 skips it at no cost.
+        student_temperature, teacher_temperature: softmax temperatures of the ULD term.
+        skip_student_eos, skip_teacher_eos: drop the last answer token of that side (the paper
+            trained with ``skip_student_eos=True``).
+        reduction: ``"paper"`` (ULD: mean over each sample's rows, then over samples that have
+            rows; CE: mean over the batch's target tokens), ``"token_mean"`` (both: sum over
+            rows / ``num_items_in_batch``, or / their count), ``"sum"``, or ``"none"`` (``[B]``
+            per sample). With ``num_items_in_batch``, ``"paper"`` and ``"token_mean"`` divide
+            the cross-entropy sum by it, as Hugging Face does for gradient accumulation, and
+            ``"token_mean"`` divides the ULD sum by it too.
+        student_vocab_size, teacher_vocab_size: leave out padded lm_head columns (Qwen2.5's
+            lm_head has 151,936 or 152,064 rows for 151,665 tokens).
+        alignment: ``"paper"`` (default) or ``"trl_observed"`` (one row later on both sides:
+            TRL GOLD's default slice, which TRL PR #5905 calls misaligned; for reproducing
+            TRL runs).
+        student_rows, teacher_rows, row_weights: explicit pairs instead of the alignment: 1-D
+            flat row indices into ``B * Ls`` / ``B * Lt`` (student rows distinct) and weights
+            (default ``1 / len``). The ULD term is then ``distillation_weight *
+            sum(row_weights * row_loss)``; ``reduction`` applies to the cross-entropy only.
+
+    Returns:
+        ``(total, ce, distillation)``, float32, with the weights applied;
+        ``total = ce + distillation``. Only ``total`` is differentiable (the other two are for
+        logging). Scalars, or ``[B]`` for ``reduction="none"``.
+
+    A sample with no answer rows (after the EOS skip) contributes nothing to the ULD term.
+    The paper's code returns NaN there.
+    """
+    _check_inputs(student_logits, teacher_logits, student_labels, teacher_labels)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("alignment", alignment, ALIGNMENTS)
+    student_temperature = check_temperature("student_temperature", student_temperature)
+    teacher_temperature = check_temperature("teacher_temperature", teacher_temperature)
+    distillation_weight = _check_weight("distillation_weight", distillation_weight)
+    crossentropy_weight = _check_weight("crossentropy_weight", crossentropy_weight)
+    student_vocab = _check_vocab("student_vocab_size", student_vocab_size, student_logits.shape[-1])
+    teacher_vocab = _check_vocab("teacher_vocab_size", teacher_vocab_size, teacher_logits.shape[-1])
+    explicit = student_rows is not None or teacher_rows is not None
+    if explicit:
+        if student_rows is None or teacher_rows is None:
+            raise ValueError("student_rows and teacher_rows go together")
+        for name, x in (("student_rows", student_rows), ("teacher_rows", teacher_rows)):
+            if x.dim() != 1 or x.dtype.is_floating_point or x.dtype == torch.bool:
+                raise ValueError(f"{name} must be a 1-D integer tensor, got {x.dtype} {tuple(x.shape)}")
+        if student_rows.numel() != teacher_rows.numel():
+            raise ValueError(f"student_rows and teacher_rows must have the same length, got "
+                             f"{student_rows.numel()} and {teacher_rows.numel()}")
+        if row_weights is not None and tuple(row_weights.shape) != tuple(student_rows.shape):
+            raise ValueError(f"row_weights must have shape {tuple(student_rows.shape)}, got "
+                             f"{tuple(row_weights.shape)}")
+        if reduction == "none":
+            raise ValueError("reduction='none' needs the alignment's samples; with explicit "
+                             "student_rows / teacher_rows use 'sum' or 'paper'")
+
+    if student_logits.device.type == "cpu" and not interpreter_enabled():
+        from reference.paper import uld_distillation_loss_reference
+
+        return uld_distillation_loss_reference(
+            student_logits.float(), teacher_logits.float(), student_labels, teacher_labels,
+            distillation_weight=distillation_weight, crossentropy_weight=crossentropy_weight,
+            student_temperature=student_temperature, teacher_temperature=teacher_temperature,
+            skip_student_eos=skip_student_eos, skip_teacher_eos=skip_teacher_eos,
+            ignore_index=ignore_index, reduction=reduction, num_items_in_batch=num_items_in_batch,
+            student_vocab_size=student_vocab_size, teacher_vocab_size=teacher_vocab_size,
+            alignment=alignment, student_rows=student_rows, teacher_rows=teacher_rows,
+            row_weights=row_weights)
+
+    plan = _plan(student_logits, student_labels, teacher_labels, distillation_weight,
+                 crossentropy_weight, skip_student_eos, skip_teacher_eos, ignore_index, reduction,
+                 num_items_in_batch, alignment, student_rows, teacher_rows, row_weights)
+    plan.update(student_vocab=student_vocab, teacher_vocab=teacher_vocab,
+                student_temperature=student_temperature, teacher_temperature=teacher_temperature,
+                has_ce=crossentropy_weight != 0.0)
+    return ULDDistillFunction.apply(student_logits, teacher_logits, plan)
+
+
+def _plan(student_logits, student_labels, teacher_labels, distillation_weight,
+          crossentropy_weight, skip_student_eos, skip_teacher_eos, ignore_index, reduction,
+          num_items_in_batch, alignment, student_rows, teacher_rows, row_weights) -> dict:
+    """Row maps and per-row weights of both terms, as device tensors (no host sync)."""
+    batch, student_len = student_labels.shape
+    device = student_labels.device
+    targets = next_token_targets(student_labels, ignore_index).reshape(-1)
+    has_target = targets >= 0
+    if student_rows is not None:
+        student_index = student_rows.to(device=device, dtype=torch.int64)
+        teacher_index = teacher_rows.to(device=device, dtype=torch.int64)
+        weights = (row_weights.to(device=device, dtype=torch.float32) if row_weights is not None
+                   else torch.full(student_index.shape, 1.0 / max(student_index.numel(), 1), device=device))
+        pair_weight = distillation_weight * weights
+    else:
+        pairs = pair_rows(student_labels, teacher_labels, ignore_index=ignore_index,
+                          skip_student_eos=skip_student_eos, skip_teacher_eos=skip_teacher_eos,
+                          alignment=alignment)
+        student_index, teacher_index = pairs.student_index, pairs.teacher_index
+        valid = student_index >= 0
+        per_sample = pairs.rows_per_sample.repeat_interleave(pairs.slots).clamp(min=1).float()
+        if reduction == "paper":
+            samples = (pairs.rows_per_sample > 0).sum().clamp(min=1).float()
+            weights = 1.0 / (per_sample * samples)
+        elif reduction == "token_mean":
+            count = num_items_in_batch if num_items_in_batch is not None else valid.sum().clamp(min=1)
+            weights = torch.ones_like(per_sample) / torch.as_tensor(count, device=device).float()
+        elif reduction == "sum":
+            weights = torch.ones_like(per_sample)
+        else:
+            weights = 1.0 / per_sample
+        pair_weight = torch.where(valid, distillation_weight * weights, 0.0)
+
+    # Cross-entropy weights per student row.
+    if reduction == "none":
+        count = has_target.view(batch, student_len).sum(dim=1).clamp(min=1).float()
+        ce_weight = crossentropy_weight / count.repeat_interleave(student_len)
+    elif reduction == "sum":
+        ce_weight = torch.full(targets.shape, crossentropy_weight, device=device)
+    else:
+        count = num_items_in_batch if num_items_in_batch is not None else has_target.sum().clamp(min=1)
+        ce_weight = crossentropy_weight / torch.as_tensor(count, device=device).float().expand(targets.shape)
+    ce_weight = torch.where(has_target, ce_weight, 0.0).contiguous()
+
+    # Rows with a target that no pair reads get their cross-entropy from their own kernel.
+    n_rows = batch * student_len
+    paired = torch.zeros(n_rows + 1, dtype=torch.bool, device=device)
+    paired.scatter_(0, torch.where(student_index >= 0, student_index, n_rows),
+                    torch.ones_like(student_index, dtype=torch.bool))
+    rows = torch.arange(n_rows, device=device)
+    ce_index = torch.where(has_target & ~paired[:n_rows], rows, -1)
+    return dict(student_index=student_index.contiguous(), teacher_index=teacher_index.contiguous(),
+                pair_weight=pair_weight.float().contiguous(), ce_index=ce_index,
+                ce_label=targets.contiguous(), ce_weight=ce_weight.float(),
+                per_sample=reduction == "none" and student_rows is None)
+
+
+class ULDLoss(nn.Module):
+    """``nn.Module`` form of ``uld_distillation_loss``: the options go to the constructor,
+    the batch to ``forward``, which returns ``(total, ce, distillation)``.
+
+    Example (a Hugging Face ``Trainer.compute_loss``)::
+
+        uld = ULDLoss(distillation_weight=1.5, skip_student_eos=True)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            student = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+            with torch.no_grad():
+                teacher = self.teacher(input_ids=inputs["teacher_input_ids"],
+                                       attention_mask=inputs["teacher_attention_mask"])
+            total, ce, distill = uld(student.logits, teacher.logits, inputs["labels"],
+                                     inputs["teacher_labels"], num_items_in_batch=num_items_in_batch)
+            return (total, student) if return_outputs else total
+    """
+
+    def __init__(self, *, distillation_weight: float = 1.0, crossentropy_weight: float = 1.0,
+                 student_temperature: float = 1.0, teacher_temperature: float = 1.0,
+                 skip_student_eos: bool = False, skip_teacher_eos: bool = False,
+                 ignore_index: int = -100, reduction: str = "paper",
+                 student_vocab_size: int | None = None, teacher_vocab_size: int | None = None,
+                 alignment: str = "paper"):
+        super().__init__()
+        self.options = dict(
+            distillation_weight=distillation_weight, crossentropy_weight=crossentropy_weight,
+            student_temperature=student_temperature, teacher_temperature=teacher_temperature,
+            skip_student_eos=skip_student_eos, skip_teacher_eos=skip_teacher_eos,
+            ignore_index=ignore_index, reduction=reduction, student_vocab_size=student_vocab_size,
+            teacher_vocab_size=teacher_vocab_size, alignment=alignment)
+        check_choice("reduction", reduction, REDUCTIONS)
+        check_choice("alignment", alignment, ALIGNMENTS)
+
+    def forward(self, student_logits, teacher_logits, student_labels, teacher_labels, *,
+                num_items_in_batch=None, student_rows=None, teacher_rows=None, row_weights=None):
+        return uld_distillation_loss(
+            student_logits, teacher_logits, student_labels, teacher_labels,
+            num_items_in_batch=num_items_in_batch, student_rows=student_rows,
+            teacher_rows=teacher_rows, row_weights=row_weights, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
