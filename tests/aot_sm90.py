@@ -19,6 +19,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from uld_kernels.kernels.cross_entropy import ce_rows_kernel  # noqa: E402
 from uld_kernels.kernels.uld_rows import scale_rows_kernel, uld_rows_kernel  # noqa: E402
 from uld_kernels.launch import row_kernel_config  # noqa: E402
 
@@ -75,9 +76,31 @@ def row_kernel_configs():
         )
         aligned = ["student_ptr", "teacher_ptr", "grad_student_ptr", "grad_teacher_ptr",
                    "ws_int_ptr", "ws_sign_ptr", "ws_meta_ptr", "row_loss_ptr", "status_ptr",
-                   "student_vocab", "teacher_vocab", "student_row_stride", "teacher_row_stride"]
+                   "student_vocab", "teacher_vocab", "student_row_stride", "teacher_row_stride",
+                   "student_batch_stride", "teacher_batch_stride", "grad_student_row_stride",
+                   "grad_teacher_row_stride"]
         name = f"uld_rows {TRITON_TYPE[dtype]} grads={s_grad},{t_grad} same_vocab={same}"
         yield name, uld_rows_kernel, types, constexprs, aligned, cfg.num_warps
+
+
+def distill_kernel_configs():
+    """The training loss's configurations: gathered rows, with and without the fused
+    cross-entropy, and the cross-entropy kernel for rows without a teacher partner."""
+    for (name, kernel, types, constexprs, aligned, warps), has_ce in itertools.product(
+            [c for c in row_kernel_configs() if "bf16 grads=True,False same_vocab=False" in c[0]],
+            [False, True]):
+        yield (f"uld_rows gathered bf16 ce={has_ce}", kernel, types,
+               dict(constexprs, GATHER=True, HAS_CE=has_ce), aligned, warps)
+    cfg = row_kernel_config(151936)
+    for dtype, write_grad in itertools.product(TRITON_TYPE, [False, True]):
+        logits = "*" + TRITON_TYPE[dtype]
+        types = dict(logits_ptr=logits, index_ptr="*i64", label_ptr="*i64", weight_ptr="*fp32",
+                     row_ce_ptr="*fp32", grad_ptr=logits, vocab="i32", seq_len="i32",
+                     batch_stride="i64", row_stride="i64", col_stride="i32", grad_row_stride="i64")
+        yield (f"ce_rows {TRITON_TYPE[dtype]} grad={write_grad}", ce_rows_kernel, types,
+               dict(WRITE_GRAD=write_grad, UNIT_COL_STRIDE=True, BLOCK=cfg.block, STAGES=cfg.stages),
+               ["logits_ptr", "grad_ptr", "vocab", "row_stride", "batch_stride", "grad_row_stride"],
+               cfg.num_warps)
 
 
 def scale_kernel_configs():
@@ -89,7 +112,7 @@ def scale_kernel_configs():
 
 def main():
     resources = "--resources" in sys.argv  # print ptxas -v of each kernel instead of facts
-    for name, kernel, types, constexprs, aligned, warps in [*row_kernel_configs(), *scale_kernel_configs()]:
+    for name, kernel, types, constexprs, aligned, warps in [*row_kernel_configs(), *distill_kernel_configs(), *scale_kernel_configs()]:
         compiled = compile_kernel(kernel, types, constexprs, aligned, warps)
         if resources:
             print(f"{name}: {ptxas_resources(compiled)}", flush=True)

@@ -182,6 +182,21 @@ def test_hand_built_batches(student_labels, teacher_labels, options, pairs, redu
     assert torch.isfinite(total).all(), f"non-finite total {total}"
 
 
+@pytest.mark.parametrize("reduction", ["paper", "sum"])
+def test_trl_observed_drops_teacher_rows_past_the_end(reduction):
+    # A shorter teacher (Lt = 5) binds this time. Student: leading run 1 -> start 0, size 5,
+    # first row 1, rows 1..5 exist. Teacher: answer from position 0 -> start 0, size 5, first
+    # row 1, only rows 1..4 exist. n = min(5, 5) = 5 cut to 4: pairs (1, 1) .. (4, 4).
+    student, teacher = _logits(1, LS, VS, seed=21), _logits(1, 5, VT, seed=22)
+    student_labels, teacher_labels = _labels([[IGN, 1, 2, 3, 4, 0]]), _labels([[2, 1, 0, 3, 1]])
+    _, _, distillation = uld_distillation_loss_reference(
+        student, teacher, student_labels, teacher_labels, alignment="trl_observed",
+        reduction=reduction)
+    row_losses = _expected_row_losses(student, teacher, [[(1, 1), (2, 2), (3, 3), (4, 4)]])
+    _close(distillation, _expected_distillation(row_losses, reduction),
+           f"trl_observed with the teacher's rows running out ({reduction})")
+
+
 def test_vocab_size_leaves_padded_columns_out():
     # Padded lm_head columns with large logits: they would carry most of the mass.
     student, teacher = _logits(B, LS, VS + 3, seed=3), _logits(B, LT, VT + 2, seed=4)
