@@ -9,14 +9,19 @@ scales the gradient computed in the forward pass by the upstream gradient.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from uld_kernels.alignment import ALIGNMENTS, next_token_targets, pair_rows
 from uld_kernels.launch import cross_entropy_rows, interpreter_enabled, uld_pairs
-from uld_kernels.validation import check_choice, check_temperature
+from uld_kernels.validation import (
+    check_choice,
+    check_finite,
+    check_labels,
+    check_logits,
+    check_temperature,
+    check_vocab_size,
+)
 
 REDUCTIONS = ("paper", "token_mean", "sum", "none")
 
@@ -112,39 +117,16 @@ class ULDDistillFunction(torch.autograd.Function):
 
 
 def _check_inputs(student_logits, teacher_logits, student_labels, teacher_labels):
-    for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 3:
-            raise ValueError(f"{name} must be a 3-D tensor [batch, sequence, vocabulary], got "
-                             f"{getattr(x, 'shape', type(x).__name__)}")
-        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
-    for name, x, logits in (("student_labels", student_labels, student_logits),
-                            ("teacher_labels", teacher_labels, teacher_logits)):
-        if not isinstance(x, torch.Tensor) or x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
-            raise TypeError(f"{name} must be an integer tensor, got {getattr(x, 'dtype', type(x).__name__)}")
-        if tuple(x.shape) != tuple(logits.shape[:2]):
-            raise ValueError(f"{name} must have shape {tuple(logits.shape[:2])} (the logits' batch "
-                             f"and sequence), got {tuple(x.shape)}")
+    check_logits("student_logits", student_logits, ndim=3)
+    check_logits("teacher_logits", teacher_logits, ndim=3)
+    check_labels("student_labels", student_labels, student_logits)
+    check_labels("teacher_labels", teacher_labels, teacher_logits)
     if student_logits.shape[0] != teacher_logits.shape[0]:
         raise ValueError(f"student_logits and teacher_logits must have the same batch size, got "
                          f"{student_logits.shape[0]} and {teacher_logits.shape[0]}")
     devices = {t.device for t in (student_logits, teacher_logits, student_labels, teacher_labels)}
     if len(devices) > 1:
         raise ValueError(f"logits and labels must be on one device, got {sorted(map(str, devices))}")
-
-
-def _check_vocab(name: str, value, full: int) -> int:
-    if value is None:
-        return full
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= full:
-        raise ValueError(f"{name} must be an int in [1, {full}] (the logits' last dimension), got {value!r}")
-    return value
-
-
-def _check_weight(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
 
 
 def uld_distillation_loss(
@@ -212,10 +194,10 @@ def uld_distillation_loss(
     check_choice("alignment", alignment, ALIGNMENTS)
     student_temperature = check_temperature("student_temperature", student_temperature)
     teacher_temperature = check_temperature("teacher_temperature", teacher_temperature)
-    distillation_weight = _check_weight("distillation_weight", distillation_weight)
-    crossentropy_weight = _check_weight("crossentropy_weight", crossentropy_weight)
-    student_vocab = _check_vocab("student_vocab_size", student_vocab_size, student_logits.shape[-1])
-    teacher_vocab = _check_vocab("teacher_vocab_size", teacher_vocab_size, teacher_logits.shape[-1])
+    distillation_weight = check_finite("distillation_weight", distillation_weight)
+    crossentropy_weight = check_finite("crossentropy_weight", crossentropy_weight)
+    student_vocab = check_vocab_size("student_vocab_size", student_vocab_size, student_logits.shape[-1])
+    teacher_vocab = check_vocab_size("teacher_vocab_size", teacher_vocab_size, teacher_logits.shape[-1])
     explicit = student_rows is not None or teacher_rows is not None
     if explicit:
         if student_rows is None or teacher_rows is None:

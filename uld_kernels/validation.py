@@ -10,16 +10,17 @@ import torch
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def check_logits(name: str, logits: object) -> torch.Tensor:
-    """A 2-D floating tensor ``[N, V]`` with V >= 1, in a dtype the kernels read."""
+def check_logits(name: str, logits: object, ndim: int = 2) -> torch.Tensor:
+    """A floating tensor ``[N, V]`` (or ``[B, L, V]`` with ``ndim=3``) with V >= 1, in a dtype
+    the kernels read."""
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
-    if logits.dim() != 2:
-        raise ValueError(
-            f"{name} must be 2-D [rows, vocabulary], got {logits.dim()}-D shape "
-            f"{tuple(logits.shape)}; flatten the leading dimensions of [B, L, V] logits or "
-            f"use ULD's answer-span API"
-        )
+    if logits.dim() != ndim:
+        expected = "2-D [rows, vocabulary]" if ndim == 2 else "3-D [batch, sequence, vocabulary]"
+        hint = ("; flatten the leading dimensions of [B, L, V] logits, or use "
+                "uld_distillation_loss for batches with labels") if ndim == 2 else ""
+        raise ValueError(f"{name} must be {expected}, got {logits.dim()}-D shape "
+                         f"{tuple(logits.shape)}{hint}")
     if logits.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
             f"{name} must be float32, bfloat16 or float16, got {logits.dtype}"
@@ -58,3 +59,30 @@ def check_aligned_rows(student_logits: torch.Tensor, teacher_logits: torch.Tenso
             "student_logits and teacher_logits must be on the same device, got "
             f"{student_logits.device} and {teacher_logits.device}"
         )
+
+
+def check_finite(name: str, value: object) -> float:
+    """A finite real number (a weight)."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def check_vocab_size(name: str, value: object, full: int) -> int:
+    """None (all columns) or an int in [1, full]: the leading columns that are real tokens."""
+    if value is None:
+        return full
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= full:
+        raise ValueError(f"{name} must be an int in [1, {full}] (the logits' last dimension), got {value!r}")
+    return value
+
+
+def check_labels(name: str, labels: object, logits: torch.Tensor) -> torch.Tensor:
+    """Integer labels shaped like the logits' ``[B, L]``."""
+    if (not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point
+            or labels.dtype.is_complex or labels.dtype == torch.bool):
+        raise TypeError(f"{name} must be an integer tensor, got {getattr(labels, 'dtype', type(labels).__name__)}")
+    if tuple(labels.shape) != tuple(logits.shape[:2]):
+        raise ValueError(f"{name} must have shape {tuple(logits.shape[:2])} (the logits' batch and "
+                         f"sequence), got {tuple(labels.shape)}")
+    return labels
