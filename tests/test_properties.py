@@ -20,7 +20,7 @@ import dataclasses
 import math
 
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.helpers import (
@@ -139,8 +139,8 @@ def test_loss_and_student_grad_match_reference(case):
     assert_losses_close(rows, ref_rows, case.dtype)
     assert student.grad.dtype == case.dtype, "the gradient must come back in the input dtype"
     if case.ties == "permuted":
-        # Every value ties exactly with one of the other row: the sorted vectors agree and
-        # any sign in [-1, 1] is a subgradient at each rank. Which one the float64 reference
+        # Every value ties exactly with a value of the other row: the sorted vectors agree
+        # and any sign in [-1, 1] is a subgradient at each rank. Which one the float64 reference
         # picks depends on the last bit of its two log-sum-exps, so there is nothing to compare.
         return
     if case.dtype == torch.float32 and case.ties == "none":
@@ -153,7 +153,14 @@ def test_loss_and_student_grad_match_reference(case):
                            per_tie_group=True)
 
 
-@_settings(max_examples=12)
+def _assert_same_losses(changed, rows, dtype, change):
+    """Two float32 losses of one distribution pair: equal up to the loss tolerance (the kernel
+    sums in another order, so not bit for bit)."""
+    torch.testing.assert_close(changed.double().cpu(), rows.double().cpu(), **loss_tol(dtype),
+                               msg=lambda m: f"{change} changed the row losses: {m}")
+
+
+@_settings(max_examples=10)
 @given(case=cases(), perm_seed=st.integers(0, 2**31 - 1))
 def test_permuting_either_vocabulary_keeps_each_row_loss(case, perm_seed):
     student, teacher = case.tensors()
@@ -162,44 +169,74 @@ def test_permuting_either_vocabulary_keeps_each_row_loss(case, perm_seed):
     teacher_perm = _row_perms(case.rows, case.teacher_vocab, gen).to(DEVICE)
     rows = case.loss(student, teacher)
     permuted = case.loss(student.gather(1, student_perm), teacher.gather(1, teacher_perm))
-    assert_losses_close(permuted, rows, case.dtype,
-                        what="loss after permuting both vocabularies (vs before)")
+    _assert_same_losses(permuted, rows, case.dtype, "permuting both vocabularies")
 
 
-@_settings(max_examples=12)
+@_settings(max_examples=10)
 @given(case=cases())
 def test_swapping_student_and_teacher_keeps_the_loss(case):
     student, teacher = case.tensors()
     rows = case.loss(student, teacher)
     swapped = case.loss(student, teacher, swap=True)
-    assert_losses_close(swapped, rows, case.dtype,
-                        what="loss with student and teacher swapped (vs not)")
+    _assert_same_losses(swapped, rows, case.dtype, "swapping student and teacher")
 
 
-@_settings(max_examples=12)
+# Found by this test (hypothesis, then minimised by hand), on CPU only. Student [[22.75,
+# -0.789]], teacher [[-7.625, 0.0981]] (bf16): the float64 gradient of the second student
+# logit is -1.0e-40, a bf16 subnormal. Under TRITON_INTERPRET=1 the kernel stores -1.4e-39,
+# and scale_rows_ turns it into -1.8e-38 at w = 1.739 and -6.1e-39 at 0.5 w (expected about
+# -1.8e-40 and -9.2e-41). Triton 3.6's interpreter converts bf16 <-> float32 bit by bit
+# (``_convert_float``) and mishandles subnormals; fp16 and float32 do not go through it, and
+# compiled kernels convert in hardware. Kept as an explicit example: under the interpreter
+# _assert_scaled checks bf16 values down to the smallest normal number only.
+_BF16_SUBNORMAL_GRAD = Case(rows=1, student_vocab=2, teacher_vocab=2, dtype=torch.bfloat16,
+                            student_temperature=0.25, teacher_temperature=1.0, scale=8.0,
+                            seed=152, ties="none", mask="none", mask_fraction=0.0)
+
+
+def _assert_scaled(ours, expected, dtype, largest_factor, what):
+    """``ours`` is a gradient of dtype times a float32 factor, rounded to dtype again;
+    ``expected`` the same product done exactly (float64)."""
+    finfo = torch.finfo(dtype)
+    # float32: no rounding to a dtype, 1e-5 relative covers a few float32 ulps. 16-bit: up to
+    # two roundings to the dtype, each within one ulp (the interpreter truncates float32 ->
+    # bf16; round to nearest, as compiled, stays within half of that). Below the smallest
+    # normal number an ulp is the subnormal spacing, finfo.smallest_normal * finfo.eps.
+    rtol = 1e-5 if dtype == torch.float32 else 2 * finfo.eps
+    atol = (1 + largest_factor) * finfo.smallest_normal * finfo.eps
+    if dtype == torch.bfloat16 and DEVICE == "cpu":
+        # Under the interpreter only: its bf16 conversion mishandles subnormals (see
+        # _BF16_SUBNORMAL_GRAD), so values below the smallest normal bf16 number carry no
+        # information there. Every normal value is still checked to 2 ulps; on a GPU the
+        # subnormal bound above applies.
+        atol = (1 + largest_factor) * finfo.smallest_normal
+    torch.testing.assert_close(ours.double(), expected, rtol=rtol, atol=atol,
+                               msg=lambda m: f"{what}: {m}")
+
+
+@_settings(max_examples=8)
 @given(case=cases(),
        factor=st.floats(0.0625, 16.0) | st.floats(-16.0, -0.0625),
        weight_seed=st.integers(0, 2**31 - 1))
+@example(case=_BF16_SUBNORMAL_GRAD, factor=0.5, weight_seed=0)
 def test_student_grad_is_linear_in_the_upstream_grad(case, factor, weight_seed):
-    """Row weights ``w`` then ``factor * w``: the gradient must scale by ``factor``. The two
-    gradients are scaled on the device from the same saved float32 -> dtype gradient, so they
-    differ only by rounding: a few float32 ulps, or one ulp of a 16-bit dtype (two roundings
-    to it, half an ulp each)."""
+    """Upstream row weights ``w``, then ``factor * w``: the gradient must scale by ``factor``,
+    and each row's by its own weight against the unscaled gradient (weights exactly 1, which
+    skip the scaling pass). All three are the one saved gradient (float32, rounded once to the
+    dtype) times a float32 factor, rounded to the dtype again: they differ only by rounding."""
     student, teacher = case.tensors()
     student.requires_grad_(True)
     gen = torch.Generator().manual_seed(weight_seed)
     weights = (torch.rand(case.rows, generator=gen) * 3 + 0.25).to(DEVICE)
+    (unit,) = torch.autograd.grad(case.loss(student, teacher).sum(), student)
     (grad,) = torch.autograd.grad((case.loss(student, teacher) * weights).sum(), student)
     (scaled,) = torch.autograd.grad((case.loss(student, teacher) * (factor * weights)).sum(),
                                     student)
-    finfo = torch.finfo(case.dtype)
-    # float32: 1e-5 relative; 16-bit: one ulp relative, plus the spacing of subnormals
-    # (fp16 gradients go subnormal below 6e-5) for both roundings.
-    rtol = 1e-5 if case.dtype == torch.float32 else finfo.eps
-    atol = (1 + abs(factor)) * finfo.smallest_normal * finfo.eps
-    torch.testing.assert_close(
-        scaled.double(), factor * grad.double(), rtol=rtol, atol=atol,
-        msg=lambda m: f"gradient with upstream {factor} * w is not {factor} x that with w: {m}")
+    largest = max(1.0, abs(factor)) * float(weights.max())
+    _assert_scaled(grad, weights.double()[:, None] * unit.double(), case.dtype, largest,
+                   "gradient with upstream weights w is not w (per row) x that with 1")
+    _assert_scaled(scaled, factor * grad.double(), case.dtype, largest,
+                   f"gradient with upstream {factor} * w is not {factor} x that with w")
 
 
 @_settings(max_examples=12)
