@@ -72,13 +72,6 @@ def _num_programs(device: torch.device, n_rows: int) -> int:
     return max(1, min(n_rows, 4))  # the interpreter runs programs one after another
 
 
-def workspace_bytes(device: torch.device, n_rows: int, max_vocab: int) -> int:
-    """Extra device memory one call takes besides its outputs (independent of the vocabulary)."""
-    cfg = row_kernel_config(max_vocab)
-    programs = _num_programs(device, n_rows)
-    return programs * 4 * ((INT_PLANES + SIGN_PLANES) * cfg.entries + META_SLOTS)
-
-
 def _rows_and_vocab(logits: torch.Tensor) -> tuple[int, int]:
     """Rows (all leading dimensions) and vocabulary of 2-D ``[N, V]`` or 3-D ``[B, L, V]`` logits."""
     return (logits.shape[0] * logits.shape[1] if logits.dim() == 3 else logits.shape[0]), logits.shape[-1]
