@@ -40,17 +40,17 @@ def ce_rows_kernel(
             z, _in_row = _load_logits(row, start + lanes, col_stride, vocab, UNIT_COL_STRIDE)
             m, s = _online_lse_update(m, s, z)
             nans += (z != z).to(tl.int32)
-        _top, lse = _finish_lse(m, s)
-        lse = tl.where(tl.sum(nans, 0) > 0, float("nan"), lse)
+        top, log_sum = _finish_lse(m, s)  # log-sum-exp = top + log_sum, kept apart
+        log_sum = tl.where(tl.sum(nans, 0) > 0, float("nan"), log_sum)
         # A label past the vocabulary poisons the row (NaN), it is never read.
         label_logit = tl.load(row + label.to(tl.int64) * col_stride, mask=label < vocab,
                               other=float("nan")).to(tl.float32)
-        tl.store(row_ce_ptr + r, lse - label_logit)
+        tl.store(row_ce_ptr + r, (top - label_logit) + log_sum)
         if WRITE_GRAD:
             weight = tl.load(weight_ptr + r)
             out = grad_ptr + index * grad_row_stride
             for start in tl.range(0, vocab, BLOCK, num_stages=STAGES):
                 idx = start + lanes
                 z, _in_row = _load_logits(row, idx, col_stride, vocab, UNIT_COL_STRIDE)
-                grad = weight * (tl.exp(z - lse) - (idx == label).to(tl.float32))
+                grad = weight * (tl.exp((z - top) - log_sum) - (idx == label).to(tl.float32))
                 tl.store(out + idx, grad.to(grad_ptr.dtype.element_ty), mask=idx < vocab)

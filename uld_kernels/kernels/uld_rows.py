@@ -72,7 +72,7 @@ def _load_scaled(ptr, idx, col_stride, vocab, inv_temperature, UNIT_COL_STRIDE: 
 
 
 @triton.jit
-def _probs_and_keys(ptr, idx, col_stride, vocab, inv_temperature, lse,
+def _probs_and_keys(ptr, idx, col_stride, vocab, inv_temperature, row_max, log_sum,
                     UNIT_COL_STRIDE: tl.constexpr):
     """Probabilities, their order keys (float32 bits as int32) and which lanes count.
 
@@ -82,7 +82,7 @@ def _probs_and_keys(ptr, idx, col_stride, vocab, inv_temperature, lse,
     loss is NaN.
     """
     z, in_row = _load_logits(ptr, idx, col_stride, vocab, UNIT_COL_STRIDE)
-    p = tl.exp(z * inv_temperature - lse)
+    p = tl.exp((z * inv_temperature - row_max) - log_sum)
     key = p.to(tl.int32, bitcast=True)
     return p, key, in_row & (key > 0) & (p == p), z
 
@@ -99,15 +99,19 @@ def _online_lse_update(m, s, x):
 
 @triton.jit
 def _finish_lse(m, s):
-    """Row maximum and log-sum-exp from the per-lane online state."""
+    """Row maximum and log(sum exp(x - maximum)) from the per-lane online state.
+
+    The two are kept apart (log-sum-exp = their sum): adding them in float32 would round at
+    the logits' magnitude (half an ulp of 1e4 is 5e-4), and every probability with it.
+    """
     row_max = tl.max(m, 0)
     scale = tl.where(m > float("-inf"), tl.exp(m - row_max), 0.0)
-    return row_max, row_max + tl.log(tl.sum(s * scale, 0))
+    return row_max, tl.log(tl.sum(s * scale, 0))
 
 
 @triton.jit
-def _key_of(x, lse):
-    return tl.exp(x - lse).to(tl.int32, bitcast=True)
+def _key_of(x, row_max, log_sum):
+    return tl.exp((x - row_max) - log_sum).to(tl.int32, bitcast=True)
 
 
 @triton.jit
@@ -268,7 +272,8 @@ def _resolve_level(ws_ptr, sign_ptr, meta_ptr, level, ENTRIES: tl.constexpr,
 
 
 @triton.jit
-def _count_level(row_ptr, col_stride, vocab, inv_temperature, lse, ws_ptr, meta_ptr, level,
+def _count_level(row_ptr, col_stride, vocab, inv_temperature, row_max, log_sum, ws_ptr,
+                 meta_ptr, level,
                  CNT: tl.constexpr, KEY_MIN: tl.constexpr, KEY_MAX: tl.constexpr,
                  ENTRIES: tl.constexpr, BLOCK: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr,
                  STAGES: tl.constexpr, MAX_LEVELS: tl.constexpr):
@@ -276,7 +281,7 @@ def _count_level(row_ptr, col_stride, vocab, inv_temperature, lse, ws_ptr, meta_
     lanes = tl.arange(0, BLOCK)
     for block_start in tl.range(0, vocab, BLOCK, num_stages=STAGES):
         _p, key, counted, _z = _probs_and_keys(row_ptr, block_start + lanes, col_stride, vocab,
-                                           inv_temperature, lse, UNIT_COL_STRIDE)
+                                           inv_temperature, row_max, log_sum, UNIT_COL_STRIDE)
         entry, reached = _walk(key, counted, ws_ptr + _CHILD * ENTRIES, meta_ptr, level, MAX_LEVELS)
         tl.atomic_add(ws_ptr + CNT * ENTRIES + entry, 1, mask=reached, sem="relaxed")
         tl.atomic_min(ws_ptr + KEY_MIN * ENTRIES + entry, key, mask=reached, sem="relaxed")
@@ -284,7 +289,7 @@ def _count_level(row_ptr, col_stride, vocab, inv_temperature, lse, ws_ptr, meta_
 
 
 @triton.jit
-def _signed_mass(row_ptr, col_stride, vocab, inv_temperature, lse, ws_ptr, sign_ptr,
+def _signed_mass(row_ptr, col_stride, vocab, inv_temperature, row_max, log_sum, ws_ptr, sign_ptr,
                  meta_ptr, depth, ENTRIES: tl.constexpr, BLOCK: tl.constexpr,
                  UNIT_COL_STRIDE: tl.constexpr, STAGES: tl.constexpr, MAX_LEVELS: tl.constexpr):
     """sum_i p_i * sign_i over one row, each sign read from the bucket its key ends in."""
@@ -292,7 +297,7 @@ def _signed_mass(row_ptr, col_stride, vocab, inv_temperature, lse, ws_ptr, sign_
     acc = tl.zeros([BLOCK], tl.float32)
     for block_start in tl.range(0, vocab, BLOCK, num_stages=STAGES):
         p, key, counted, _z = _probs_and_keys(row_ptr, block_start + lanes, col_stride, vocab,
-                                          inv_temperature, lse, UNIT_COL_STRIDE)
+                                          inv_temperature, row_max, log_sum, UNIT_COL_STRIDE)
         entry, _reached = _walk(key, counted, ws_ptr + _CHILD * ENTRIES, meta_ptr, depth, MAX_LEVELS)
         sign = tl.load(sign_ptr + entry, mask=counted, other=0.0)
         acc += tl.where(counted, p * sign, 0.0)
@@ -300,8 +305,8 @@ def _signed_mass(row_ptr, col_stride, vocab, inv_temperature, lse, ws_ptr, sign_
 
 
 @triton.jit
-def _write_grad(row_ptr, col_stride, vocab, inv_temperature, lse, ws_ptr, sign_ptr,
-                meta_ptr, depth, signed_mass, factor, grad_ptr, ce_lse, ce_label, ce_factor,
+def _write_grad(row_ptr, col_stride, vocab, inv_temperature, row_max, log_sum, ws_ptr, sign_ptr,
+                meta_ptr, depth, signed_mass, factor, grad_ptr, ce_max, ce_log_sum, ce_label, ce_factor,
                 ENTRIES: tl.constexpr, BLOCK: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr,
                 STAGES: tl.constexpr, MAX_LEVELS: tl.constexpr, HAS_CE: tl.constexpr):
     """grad_i = factor * (p_i / T) * (sign_i - signed_mass): the softmax backward of signs,
@@ -310,12 +315,12 @@ def _write_grad(row_ptr, col_stride, vocab, inv_temperature, lse, ws_ptr, sign_p
     for block_start in tl.range(0, vocab, BLOCK, num_stages=STAGES):
         idx = block_start + lanes
         p, key, counted, z = _probs_and_keys(row_ptr, idx, col_stride, vocab, inv_temperature,
-                                             lse, UNIT_COL_STRIDE)
+                                             row_max, log_sum, UNIT_COL_STRIDE)
         entry, _reached = _walk(key, counted, ws_ptr + _CHILD * ENTRIES, meta_ptr, depth, MAX_LEVELS)
         sign = tl.load(sign_ptr + entry, mask=counted, other=0.0)
         grad = factor * (p * inv_temperature) * (sign - signed_mass)
         if HAS_CE:
-            grad += ce_factor * (tl.exp(z - ce_lse) - (idx == ce_label).to(tl.float32))
+            grad += ce_factor * (tl.exp((z - ce_max) - ce_log_sum) - (idx == ce_label).to(tl.float32))
         tl.store(grad_ptr + idx, grad.to(grad_ptr.dtype.element_ty), mask=idx < vocab)
 
 
@@ -405,33 +410,36 @@ def uld_rows_kernel(
                 differ += ((xs != xt) & (in_s | in_t)).to(tl.int32)
                 nans += ((xs != xs) | (xt != xt)).to(tl.int32)
             any_nan = tl.sum(nans, 0) > 0
-            student_top, student_lse = _finish_lse(s_max, s_sum)
-            teacher_top, teacher_lse = _finish_lse(t_max, t_sum)
-            student_lse = tl.where(any_nan, float("nan"), student_lse)
-            teacher_lse = tl.where(any_nan, float("nan"), teacher_lse)
+            # log-sum-exp = top + log_sum, kept apart (see _finish_lse)
+            student_top, student_log_sum = _finish_lse(s_max, s_sum)
+            teacher_top, teacher_log_sum = _finish_lse(t_max, t_sum)
+            student_log_sum = tl.where(any_nan, float("nan"), student_log_sum)
+            teacher_log_sum = tl.where(any_nan, float("nan"), teacher_log_sum)
             # NaN or +inf logits, or a row with no finite logit: no distribution, NaN loss.
-            row_ok = (student_lse == student_lse) & (teacher_lse == teacher_lse) & (
-                tl.abs(student_lse) < float("inf")) & (tl.abs(teacher_lse) < float("inf"))
+            row_ok = (tl.abs(student_top) < float("inf")) & (tl.abs(teacher_top) < float("inf")) & (
+                tl.abs(student_log_sum) < float("inf")) & (tl.abs(teacher_log_sum) < float("inf"))
             identical = SAME_VOCAB & (tl.sum(differ, 0) == 0)
-            ce_lse = 0.0
+            ce_max = 0.0
+            ce_log_sum = 0.0
             ce_label = -1
             ce_factor = 0.0
             if HAS_CE:
-                _ce_top, ce_lse = _finish_lse(c_max, c_sum)
-                ce_lse = tl.where(any_nan, float("nan"), ce_lse)
+                ce_max, ce_log_sum = _finish_lse(c_max, c_sum)
+                ce_log_sum = tl.where(any_nan, float("nan"), ce_log_sum)
                 ce_label = tl.load(ce_label_ptr + row).to(tl.int32)
                 # A label past the vocabulary poisons the row (NaN), it is never read.
                 label_logit = tl.load(s_row + tl.maximum(ce_label, 0).to(tl.int64) * student_col_stride,
                                       mask=ce_label < student_vocab, other=float("nan"))
                 has_label = ce_label >= 0
-                tl.store(row_ce_ptr + row, tl.where(has_label, ce_lse - label_logit.to(tl.float32), 0.0))
+                tl.store(row_ce_ptr + row, tl.where(has_label, (ce_max - label_logit.to(tl.float32)) + ce_log_sum, 0.0))
                 ce_factor = tl.where(has_label, tl.load(ce_weight_ptr + row), 0.0)
 
             # The root splits only the keys this row pair holds, [key_lo, key_hi], into 256
             # buckets aligned to a power of two: much finer than splitting all of [0, 1].
-            key_hi = tl.maximum(_key_of(student_top, student_lse), _key_of(teacher_top, teacher_lse))
-            key_lo = tl.maximum(tl.minimum(_key_of(tl.min(s_min, 0), student_lse),
-                                           _key_of(tl.min(t_min, 0), teacher_lse)), 1)
+            key_hi = tl.maximum(_key_of(student_top, student_top, student_log_sum),
+                                _key_of(teacher_top, teacher_top, teacher_log_sum))
+            key_lo = tl.maximum(tl.minimum(_key_of(tl.min(s_min, 0), student_top, student_log_sum),
+                                           _key_of(tl.min(t_min, 0), teacher_top, teacher_log_sum)), 1)
             root_shift = 0
             while ((key_hi >> root_shift) - (key_lo >> root_shift) >= ROOT_ENTRIES) & (root_shift < 31):
                 root_shift += 1
@@ -444,10 +452,10 @@ def uld_rows_kernel(
                 for block_start in tl.range(0, longest_vocab, BLOCK, num_stages=STAGES):
                     idx = block_start + lanes
                     _ps, ks, counted_s, _zs = _probs_and_keys(s_row, idx, student_col_stride, student_vocab,
-                                                         inv_student_temperature, student_lse,
+                                                         inv_student_temperature, student_top, student_log_sum,
                                                          STUDENT_UNIT_STRIDE)
                     _pt, kt, counted_t, _zt = _probs_and_keys(t_row, idx, teacher_col_stride, teacher_vocab,
-                                                         inv_teacher_temperature, teacher_lse,
+                                                         inv_teacher_temperature, teacher_top, teacher_log_sum,
                                                          TEACHER_UNIT_STRIDE)
                     # (Clamped only for memory safety: every counted key lies in [key_lo, key_hi].)
                     ds = tl.minimum(tl.maximum((ks >> root_shift) - root_base, 0), ROOT_ENTRIES - 1)
@@ -471,10 +479,10 @@ def uld_rows_kernel(
             while status > 0:
                 depth += 1
                 _count_level(s_row, student_col_stride, student_vocab, inv_student_temperature,
-                             student_lse, ws_ptr, meta_ptr, depth, _CNT_S, _MIN_S, _MAX_S,
+                             student_top, student_log_sum, ws_ptr, meta_ptr, depth, _CNT_S, _MIN_S, _MAX_S,
                              ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS)
                 _count_level(t_row, teacher_col_stride, teacher_vocab, inv_teacher_temperature,
-                             teacher_lse, ws_ptr, meta_ptr, depth, _CNT_T, _MIN_T, _MAX_T,
+                             teacher_top, teacher_log_sum, ws_ptr, meta_ptr, depth, _CNT_T, _MIN_T, _MAX_T,
                              ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS)
                 tl.debug_barrier()
                 status = _resolve_level(ws_ptr, sign_ptr, meta_ptr, depth, ENTRIES, RESOLVE_BLOCK,
@@ -484,10 +492,10 @@ def uld_rows_kernel(
 
             # Loss: sum_i a_i g_i - sum_j b_j h_j.
             student_mass = _signed_mass(s_row, student_col_stride, student_vocab,
-                                        inv_student_temperature, student_lse, ws_ptr,
+                                        inv_student_temperature, student_top, student_log_sum, ws_ptr,
                                         sign_ptr, meta_ptr, depth, ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS)
             teacher_mass = _signed_mass(t_row, teacher_col_stride, teacher_vocab,
-                                        inv_teacher_temperature, teacher_lse, ws_ptr,
+                                        inv_teacher_temperature, teacher_top, teacher_log_sum, ws_ptr,
                                         sign_ptr + ENTRIES, meta_ptr, depth, ENTRIES, BLOCK,
                                         TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS)
             failed = (~row_ok) | exhausted
@@ -500,16 +508,16 @@ def uld_rows_kernel(
 
             if STUDENT_GRAD:
                 _write_grad(s_row, student_col_stride, student_vocab, inv_student_temperature,
-                            student_lse, ws_ptr, sign_ptr, meta_ptr, depth, student_mass,
+                            student_top, student_log_sum, ws_ptr, sign_ptr, meta_ptr, depth, student_mass,
                             row_grad_scale, grad_student_ptr + s_index * grad_student_row_stride,
-                            ce_lse, ce_label, ce_factor,
+                            ce_max, ce_log_sum, ce_label, ce_factor,
                             ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS, HAS_CE)
             if TEACHER_GRAD:
                 _write_grad(t_row, teacher_col_stride, teacher_vocab, inv_teacher_temperature,
-                            teacher_lse, ws_ptr, sign_ptr + ENTRIES, meta_ptr, depth,
+                            teacher_top, teacher_log_sum, ws_ptr, sign_ptr + ENTRIES, meta_ptr, depth,
                             teacher_mass, -row_grad_scale,
                             grad_teacher_ptr + t_index * grad_teacher_row_stride,
-                            0.0, -1, 0.0,
+                            0.0, 0.0, -1, 0.0,
                             ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS, False)
             tl.debug_barrier()
 
