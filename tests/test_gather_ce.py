@@ -67,3 +67,18 @@ def test_cross_entropy_rows(device):
     assert_losses_close(ce[use.to(device)], ref.detach(), torch.float32, what="cross-entropy")
     assert (ce[torch.tensor([1, 2], device=device)] == 0).all()
     assert_grads_close(grad, x.grad, logits, torch.float32)
+
+
+def test_label_past_the_vocabulary_poisons_only_its_row(device):
+    logits = torch.randn(3, 50, device=device)
+    index = torch.tensor([0, 1, 2], device=device)
+    label = torch.tensor([4, 50, 49], device=device)  # 50 is past the vocabulary
+    weight = torch.ones(3, device=device)
+    ce = cross_entropy_rows(logits, index, label, weight, None)
+    assert torch.isnan(ce[1]) and torch.isfinite(ce[[0, 2]]).all(), ce
+    student, teacher = logits.clone(), torch.randn(3, 40, device=device)
+    rows, _, row_ce, _, _ = uld_pairs(student, teacher, 1.0, 1.0, False, False, 1.0,
+                                      student_index=index, teacher_index=index, row_weight=weight,
+                                      ce_label=label, ce_weight=weight)
+    assert torch.isnan(row_ce[1]) and torch.isfinite(row_ce[[0, 2]]).all(), row_ce
+    assert torch.isfinite(rows).all()
