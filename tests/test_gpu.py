@@ -156,3 +156,39 @@ def test_nan_row_is_isolated():
     assert torch.isnan(rows[3]) and torch.isnan(grad[3]).all()
     keep = torch.tensor([0, 1, 2, 4, 5, 6, 7], device="cuda")
     assert torch.isfinite(rows[keep]).all() and torch.isfinite(grad[keep]).all()
+
+
+def _labelled_batch(batch, length, vs, vt, seed):
+    """Prompts of varied lengths, answers to the end or padded, as a data collator makes them."""
+    g = torch.Generator().manual_seed(seed)
+    student, teacher = make_rows("peaked", batch * length, vs, vt, seed=seed)
+    s_labels = torch.full((batch, length), -100)
+    t_labels = torch.full((batch, length), -100)
+    for b in range(batch):
+        for labels, vocab in ((s_labels, vs), (t_labels, vt)):
+            prompt = int(torch.randint(1, length // 2, (1,), generator=g))
+            answer = int(torch.randint(1, length - prompt, (1,), generator=g))
+            labels[b, prompt:prompt + answer] = torch.randint(0, vocab, (answer,), generator=g)
+    return (student.view(batch, length, vs), teacher.view(batch, length, vt),
+            s_labels.cuda(), t_labels.cuda())
+
+
+def test_distillation_loss_at_real_vocabularies():
+    from reference.paper import uld_distillation_loss_reference
+    from uld_kernels import ULDLoss
+
+    vs, vt = VOCAB_PAIRS["qwen_llama3"]
+    student, teacher, s_labels, t_labels = _labelled_batch(2, 256, vs, vt, seed=11)
+    uld = ULDLoss(distillation_weight=1.5, skip_student_eos=True, student_vocab_size=151665)
+    s = student.clone().requires_grad_(True)
+    total, ce, distill = uld(s, teacher, s_labels, t_labels)
+    total.backward()
+    s64 = student.double().requires_grad_(True)
+    ref_total, ref_ce, ref_distill = uld_distillation_loss_reference(
+        s64, teacher.double(), s_labels, t_labels, distillation_weight=1.5, skip_student_eos=True,
+        student_vocab_size=151665)
+    ref_total.backward()
+    for ours, ref, what in ((total, ref_total, "total"), (ce, ref_ce, "ce"), (distill, ref_distill, "distillation")):
+        assert_losses_close(ours, ref.detach(), torch.bfloat16, what=what)
+    flat = student.view(-1, vs)
+    assert_grads_close(s.grad.view(-1, vs), s64.grad.view(-1, vs), flat, torch.bfloat16)
