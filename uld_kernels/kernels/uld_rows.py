@@ -6,11 +6,11 @@ The math (see ../shared/design/uld-math.md in the design notes, and docs in READ
     L = sum_k |a_(k) - b_(k)| = sum_i a_i g_i - sum_j b_j h_j
 
 where g_i (h_j) is the sign of a_(k) - b_(k) at the rank k of a_i (b_j). With
-A(v) = #{a > v}, B(v) = #{b > v} and D = A - B, a student element of value v has
-g = +1 when D(v) >= #{b = v} ... in general, a group of ms student and mt teacher
-elements sharing one value v, with D = A(v) - B(v) elements strictly above it, gets the
-average signs over all orders of the tie (`_tie_signs`). Padding is free: zeros never
-exceed any value, so they change no count.
+A(v) = #{a > v}, B(v) = #{b > v} and D = A - B, a student element of value v that ties
+with nothing has g = +1 when D(v) >= 0 and -1 otherwise. In general, a group of ms student
+and mt teacher elements sharing one value v, with D = A(v) - B(v) above it, gets the average
+signs over all orders of the tie (`_tie_signs`). Padding is free: zeros never exceed any
+value, so they change no count.
 
 So every element needs only D at its own value. We find it with a radix trie over the
 float32 bit pattern of each probability (monotone for p >= 0): the root splits the keys the
