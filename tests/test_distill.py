@@ -75,20 +75,22 @@ def test_padded_lm_head_columns_are_left_out(device):
                        per_tie_group=False)
 
 
-def test_explicit_row_maps(device):
+@pytest.mark.parametrize("reduction", ["paper", "none"])
+def test_explicit_row_maps(reduction, device):
     student, teacher, s_labels, t_labels = _batch(6, device)
     student = student.detach().requires_grad_(True)
     s_rows = torch.tensor([0, 4, 10, 20], device=device)
     t_rows = torch.tensor([3, 3, 12, 30], device=device)
     w = torch.tensor([0.1, 0.2, 0.3, 0.4], device=device)
     total, _, distill = uld_distillation_loss(student, teacher, s_labels, t_labels, student_rows=s_rows,
-                                              teacher_rows=t_rows, row_weights=w, crossentropy_weight=0.5)
-    total.backward()
+                                              teacher_rows=t_rows, row_weights=w, crossentropy_weight=0.5,
+                                              reduction=reduction)
+    total.sum().backward()
     s64 = student.detach().double().requires_grad_(True)
     ref, _, ref_distill = uld_distillation_loss_reference(
         s64, teacher.double(), s_labels, t_labels, student_rows=s_rows, teacher_rows=t_rows,
-        row_weights=w.double(), crossentropy_weight=0.5)
-    ref.backward()
+        row_weights=w.double(), crossentropy_weight=0.5, reduction=reduction)
+    ref.sum().backward()
     assert_losses_close(total, ref.detach(), torch.float32)
     assert_losses_close(distill, ref_distill.detach(), torch.float32, what="distillation")
     assert_grads_close(student.grad, s64.grad, student.reshape(-1, student.shape[-1]).detach(),

@@ -95,8 +95,12 @@ class ULDDistillFunction(torch.autograd.Function):
         ce_pairs = plan["ce_weight"][plan["student_index"].clamp(min=0)] * pair_ce
         ce_other = plan["ce_weight"] * other_ce
         if plan["per_sample"]:
-            distill = distill.view(batch, -1).sum(dim=1)
-            ce = ce_pairs.view(batch, -1).sum(dim=1) + ce_other.view(batch, -1).sum(dim=1)
+            # Pairs grouped by the sample of their student row: a one-hot product, which is
+            # deterministic (an index_add on the GPU is not).
+            sample = plan["student_index"] // student_logits.shape[1]
+            group = (sample[None, :] == torch.arange(batch, device=sample.device)[:, None]).float()
+            distill = group @ distill
+            ce = group @ ce_pairs + ce_other.view(batch, -1).sum(dim=1)
         else:
             distill, ce = distill.sum(), ce_pairs.sum() + ce_other.sum()
         ctx.save_for_backward(grad)
@@ -179,7 +183,8 @@ def uld_distillation_loss(
         student_rows, teacher_rows, row_weights: explicit pairs instead of the alignment: 1-D
             flat row indices into ``B * Ls`` / ``B * Lt`` (student rows distinct) and weights
             (default ``1 / len``). The ULD term is then ``distillation_weight *
-            sum(row_weights * row_loss)``; ``reduction`` applies to the cross-entropy only.
+            sum(row_weights * row_loss)`` (with ``"none"``: that sum per sample of the student
+            row); ``reduction`` applies to the cross-entropy only.
 
     Returns:
         ``(total, ce, distillation)``, float32, with the weights applied;
@@ -211,9 +216,6 @@ def uld_distillation_loss(
         if row_weights is not None and tuple(row_weights.shape) != tuple(student_rows.shape):
             raise ValueError(f"row_weights must have shape {tuple(student_rows.shape)}, got "
                              f"{tuple(row_weights.shape)}")
-        if reduction == "none":
-            raise ValueError("reduction='none' needs the alignment's samples; with explicit "
-                             "student_rows / teacher_rows use 'sum' or 'paper'")
 
     if student_logits.device.type == "cpu" and not interpreter_enabled():
         from reference.paper import uld_distillation_loss_reference
@@ -291,7 +293,7 @@ def _plan(student_logits, student_labels, teacher_labels, distillation_weight,
     return dict(student_index=student_index.contiguous(), teacher_index=teacher_index.contiguous(),
                 pair_weight=pair_weight.float().contiguous(), ce_index=ce_index,
                 ce_label=targets.contiguous(), ce_weight=ce_weight.float(),
-                per_sample=reduction == "none" and student_rows is None)
+                per_sample=reduction == "none")
 
 
 class ULDLoss(nn.Module):
