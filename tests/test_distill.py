@@ -132,3 +132,30 @@ def test_bad_arguments_name_themselves():
         uld_distillation_loss(student, teacher, s_labels[:, :-1], t_labels)
     with pytest.raises(TypeError, match="teacher_labels"):
         uld_distillation_loss(student, teacher, s_labels, t_labels.float())
+
+
+EDGE_LABELS = {
+    # sequences of one token; a sample whose only label is ignored
+    "length_one": (torch.tensor([[5], [IGNORE]]), torch.tensor([[3], [4]])),
+    # nothing to learn from: loss 0, gradient 0
+    "all_ignored": (torch.full((2, 6), IGNORE), torch.full((2, 5), IGNORE)),
+    # ignore_index inside the answers (the paper counts labels, then slices contiguous rows)
+    "ignore_inside_answers": (torch.tensor([[IGNORE, 1, 2, IGNORE, 4, 5], [IGNORE, IGNORE, 7, 8, 9, IGNORE]]),
+                              torch.tensor([[IGNORE, IGNORE, 1, 2, 3], [IGNORE, 4, IGNORE, 6, 7]])),
+}
+
+
+@pytest.mark.parametrize("name", list(EDGE_LABELS))
+def test_edge_batches(name, device):
+    s_labels, t_labels = (x.to(device) for x in EDGE_LABELS[name])
+    g = torch.Generator().manual_seed(len(name))
+    student = torch.randn(*s_labels.shape, 20, generator=g).to(device).requires_grad_(True)
+    teacher = torch.randn(*t_labels.shape, 17, generator=g).to(device)
+    total, _, _ = uld_distillation_loss(student, teacher, s_labels, t_labels, reduction="sum")
+    total.backward()
+    s64 = student.detach().double().requires_grad_(True)
+    ref, _, _ = uld_distillation_loss_reference(s64, teacher.double(), s_labels, t_labels, reduction="sum")
+    ref.backward()
+    assert_losses_close(total, ref.detach(), torch.float32)
+    assert_grads_close(student.grad, s64.grad, student.reshape(-1, 20).detach(), torch.float32,
+                       per_tie_group=False)
