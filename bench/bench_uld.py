@@ -206,8 +206,10 @@ def main():
         args.rows, args.pairs, args.impls = [2048], ["qwen_llama3"], ["uld_kernels"]
     if not torch.cuda.is_available():
         sys.exit("bench_uld.py measures on a CUDA GPU; on CPU run `python -m uld_kernels.demo`")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=os.path.dirname(__file__)).stdout.strip() or "unknown"
+    # The device machine gets the working tree without .git: pass ULD_COMMIT there.
+    commit = os.environ.get("ULD_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        cwd=os.path.dirname(__file__)).stdout.strip() or "unknown"
     header = (f"{dt.date.today()} {torch.cuda.get_device_name()} torch {torch.__version__} "
               f"triton {triton.__version__} commit {commit}: `python bench/bench_uld.py "
               f"{' '.join(sys.argv[1:])}`")

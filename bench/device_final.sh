@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # The recorded run: GPU tests, then the benchmark table (bench/RESULTS.md), logs under $OUT.
+# usage (from the device tool): ULD_COMMIT=<short hash of the tree sent> bash bench/device_final.sh
 set -u
 OUT=${OUT:-bench/out}; mkdir -p "$OUT"; export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,driver_version --format=csv | tee "$OUT/facts.txt"
