@@ -1,19 +1,30 @@
-"""Summarise an Nsight Compute source page (CSV, SASS): the lines with the most stall samples."""
+"""Summarise an Nsight Compute source page (CSV, SASS): the share of each warp-stall reason,
+then the lines with the most stall samples.
+
+    python3 bench/ncu_top.py source.csv [lines]     # lines: how many hot lines (default 40)
+"""
 import csv
 import sys
 
-rows = list(csv.reader(open(sys.argv[1], errors="replace")))
-header_i = next(i for i, r in enumerate(rows) if any("Source" == c or c.startswith("Source") for c in r))
-header = rows[header_i]
-body = [r for r in rows[header_i + 1:] if len(r) == len(header)]
-src = next(i for i, c in enumerate(header) if c.startswith("Source"))
-samp = next(i for i, c in enumerate(header) if "Sampling (All" in c)
-def num(x):
+
+def num(x: str) -> float:
     try:
         return float(x.replace(",", ""))
     except ValueError:
         return 0.0
+
+
+rows = list(csv.reader(open(sys.argv[1], errors="replace")))
+header_i = next(i for i, r in enumerate(rows) if any(c.startswith("Source") for c in r))
+header = rows[header_i]
+body = [r for r in rows[header_i + 1:] if len(r) == len(header)]
+src = next(i for i, c in enumerate(header) if c.startswith("Source"))
+samp = next(i for i, c in enumerate(header) if "Sampling (All" in c)
+stalls = [i for i, c in enumerate(header) if c.startswith("stall_") and "Not Issued" not in c]
+totals = {header[i]: sum(num(r[i]) for r in body) for i in stalls}
+share = sum(totals.values()) or 1
+print("stall reasons (share of samples):", ", ".join(
+    f"{k[6:]} {100 * v / share:.0f}%" for k, v in sorted(totals.items(), key=lambda kv: -kv[1])[:8]))
 total = sum(num(r[samp]) for r in body) or 1
-print("columns:", header)
-for r in sorted(body, key=lambda r: -num(r[samp]))[: int(sys.argv[2]) if len(sys.argv) > 2 else 60]:
+for r in sorted(body, key=lambda r: -num(r[samp]))[: int(sys.argv[2]) if len(sys.argv) > 2 else 40]:
     print(f"{100 * num(r[samp]) / total:5.1f}%  {r[src][:110]}")
