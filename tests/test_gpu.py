@@ -158,14 +158,15 @@ def test_nan_row_is_isolated():
     assert torch.isfinite(rows[keep]).all() and torch.isfinite(grad[keep]).all()
 
 
-def _labelled_batch(batch, length, vs, vt, seed):
-    """Prompts of varied lengths, answers to the end or padded, as a data collator makes them."""
+def _labelled_batch(batch, length, vs, vt, seed, student_tokens=None):
+    """Prompts of varied lengths, answers to the end or padded, as a data collator makes them.
+    Student labels are drawn below ``student_tokens`` (the tokenizer's size) when given."""
     g = torch.Generator().manual_seed(seed)
     student, teacher = make_rows("peaked", batch * length, vs, vt, seed=seed)
     s_labels = torch.full((batch, length), -100)
     t_labels = torch.full((batch, length), -100)
     for b in range(batch):
-        for labels, vocab in ((s_labels, vs), (t_labels, vt)):
+        for labels, vocab in ((s_labels, student_tokens or vs), (t_labels, vt)):
             prompt = int(torch.randint(1, length // 2, (1,), generator=g))
             answer = int(torch.randint(1, length - prompt, (1,), generator=g))
             labels[b, prompt:prompt + answer] = torch.randint(0, vocab, (answer,), generator=g)
@@ -178,7 +179,7 @@ def test_distillation_loss_at_real_vocabularies():
     from uld_kernels import ULDLoss
 
     vs, vt = VOCAB_PAIRS["qwen_llama3"]
-    student, teacher, s_labels, t_labels = _labelled_batch(2, 256, vs, vt, seed=11)
+    student, teacher, s_labels, t_labels = _labelled_batch(2, 256, vs, vt, seed=11, student_tokens=151665)
     uld = ULDLoss(distillation_weight=1.5, skip_student_eos=True, student_vocab_size=151665)
     s = student.clone().requires_grad_(True)
     total, ce, distill = uld(s, teacher, s_labels, t_labels)
