@@ -21,7 +21,8 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from uld_kernels.kernels.cross_entropy import ce_rows_kernel  # noqa: E402
 from uld_kernels.kernels.uld_rows import scale_rows_kernel, uld_rows_kernel  # noqa: E402
-from uld_kernels.launch import row_kernel_config  # noqa: E402
+from uld_kernels.kernels import uld_split  # noqa: E402
+from uld_kernels.launch import row_kernel_config, split_config  # noqa: E402
 
 TRITON_TYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 TARGET = GPUTarget("cuda", 90, 32)
@@ -103,6 +104,65 @@ def distill_kernel_configs():
                cfg.num_warps)
 
 
+def _types_by_name(kernel, logits: str) -> dict:
+    """Triton types of a kernel's runtime arguments, from the naming convention of kernels/."""
+    types = {}
+    for name in kernel.arg_names:
+        if name[0].isupper():
+            continue  # constexpr
+        if name in ("student_ptr", "teacher_ptr", "grad_student_ptr", "grad_teacher_ptr"):
+            types[name] = logits
+        elif name in ("student_index_ptr", "teacher_index_ptr", "ce_label_ptr"):
+            types[name] = "*i64"
+        elif name in ("ws_int_ptr", "ws_meta_ptr", "status_ptr", "partial_i_ptr"):
+            types[name] = "*i32"
+        elif name.endswith("_ptr"):
+            types[name] = "*fp32"
+        elif name.endswith(("batch_stride", "row_stride")):
+            types[name] = "i64"
+        elif name.startswith("inv_") or name == "grad_scale":
+            types[name] = "fp32"
+        else:
+            types[name] = "i32"
+    return types
+
+
+def split_kernel_configs():
+    """The split engine's passes (the default engine), bf16/fp16/fp32, as launch.py runs them
+    at a 151,936-column vocabulary."""
+    cfg = split_config(151936, on_gpu=True)
+    chunks_pow2 = triton.next_power_of_2(triton.cdiv(151936, cfg.chunk))
+    aligned_names = ["student_ptr", "teacher_ptr", "grad_student_ptr", "grad_teacher_ptr",
+                     "student_vocab", "teacher_vocab", "student_row_stride", "teacher_row_stride",
+                     "student_batch_stride", "teacher_batch_stride", "grad_student_row_stride",
+                     "grad_teacher_row_stride"]
+    kernels = [
+        ("stats", uld_split.stats_kernel, dict(SAME_VOCAB=False, HAS_CE=False, CHUNKS_POW2=chunks_pow2,
+                                               RESOLVE_BLOCK=256)),
+        ("root", uld_split.root_kernel, dict(RESOLVE_BLOCK=256)),
+        ("count", uld_split.count_kernel, dict(RESOLVE_BLOCK=256)),
+        ("deep", uld_split.deep_kernel, dict(RESOLVE_BLOCK=256)),
+        ("loss", uld_split.loss_kernel, dict(CHUNKS_POW2=chunks_pow2)),
+        ("grad", uld_split.grad_kernel, dict(STUDENT_GRAD=True, TEACHER_GRAD=False, HAS_CE=False)),
+    ]
+    for dtype, (label, kernel, extra) in itertools.product(TRITON_TYPE, kernels):
+        names = kernel.arg_names
+        constexprs = dict(STUDENT_UNIT_STRIDE=True, TEACHER_UNIT_STRIDE=True, GATHER=False,
+                          BLOCK=cfg.block, ENTRIES=cfg.entries, MAX_LEVELS=10, STAGES=cfg.stages,
+                          **extra)
+        if "CHUNK" in names:
+            constexprs["CHUNK"] = cfg.chunk
+        yield (f"split {label} {TRITON_TYPE[dtype]}", kernel, _types_by_name(kernel, "*" + TRITON_TYPE[dtype]),
+               constexprs, [n for n in aligned_names if n in names], cfg.num_warps)
+    for label, kernel, extra in [("stats", uld_split.stats_kernel, kernels[0][2]),
+                                 ("grad", uld_split.grad_kernel, kernels[-1][2])]:
+        names = kernel.arg_names
+        constexprs = dict(STUDENT_UNIT_STRIDE=True, TEACHER_UNIT_STRIDE=True, BLOCK=cfg.block,
+                          ENTRIES=cfg.entries, MAX_LEVELS=10, STAGES=cfg.stages, CHUNK=cfg.chunk,
+                          **dict(extra, GATHER=True, HAS_CE=True))
+        yield (f"split {label} gathered bf16 ce=True", kernel, _types_by_name(kernel, "*bf16"),
+               constexprs, [n for n in aligned_names if n in names], cfg.num_warps)
+
 def scale_kernel_configs():
     for dtype, per_row in itertools.product(TRITON_TYPE, [False, True]):
         types = dict(grad_ptr="*" + TRITON_TYPE[dtype], scale_ptr="*fp32", vocab="i32")
@@ -112,7 +172,10 @@ def scale_kernel_configs():
 
 def main():
     resources = "--resources" in sys.argv  # print ptxas -v of each kernel instead of facts
-    for name, kernel, types, constexprs, aligned, warps in [*row_kernel_configs(), *distill_kernel_configs(), *scale_kernel_configs()]:
+    only = [a for a in sys.argv[1:] if not a.startswith("--")]  # name prefixes to compile
+    for name, kernel, types, constexprs, aligned, warps in [*split_kernel_configs(), *row_kernel_configs(), *distill_kernel_configs(), *scale_kernel_configs()]:
+        if only and not any(name.startswith(o) for o in only):
+            continue
         compiled = compile_kernel(kernel, types, constexprs, aligned, warps)
         if resources:
             print(f"{name}: {ptxas_resources(compiled)}", flush=True)

@@ -31,6 +31,8 @@ def test_every_configuration_compiles(compiled):
     assert sum(n.startswith("uld_rows gathered") for n in names) == 2, names
     assert sum(n.startswith("ce_rows") for n in names) == 6, names
     assert sum(n.startswith("scale_rows") for n in names) == 6, names
+    assert sum(n.startswith("split") and "gathered" not in n for n in names) == 18, names
+    assert sum(n.startswith("split") and "gathered" in n for n in names) == 2, names
     for c in compiled:
         assert c["cubin_bytes"] > 0 and c["sm90"], c
 

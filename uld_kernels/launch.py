@@ -15,6 +15,7 @@ import triton
 from uld_kernels.kernels.uld_rows import INT_PLANES, META_SLOTS, SIGN_PLANES
 from uld_kernels.kernels.cross_entropy import ce_rows_kernel
 from uld_kernels.kernels.uld_rows import scale_rows_kernel, uld_rows_kernel
+from uld_kernels.kernels import uld_split
 
 INT_PLANES, META_SLOTS, SIGN_PLANES = INT_PLANES.value, META_SLOTS.value, SIGN_PLANES.value
 
@@ -59,6 +60,47 @@ def row_kernel_config(max_vocab: int) -> RowKernelConfig:
         num_warps=_NUM_WARPS if block == full_block else max(1, block // 128),
         stages=_STAGES,
     )
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Sizes of the split engine (uld_kernels/kernels/uld_split.py)."""
+
+    block: int  # elements of a row read per step
+    chunk: int  # columns of a row per program (a multiple of block)
+    entries: int  # trie entries per pair
+    batch_rows: int  # pairs per batch (the workspace is per pair: batch_rows x entries)
+    split_levels: int  # trie levels counted by chunk; deeper ones by one program per pair
+    num_warps: int
+    stages: int
+
+
+# Which engine runs: "split" (default: every pass a grid of row chunks) or "persistent" (the
+# v1 kernel: one program walks whole row pairs). Read at each call, so tests and benchmarks
+# can switch.
+ENGINE = os.environ.get("ULD_ENGINE", "split")
+SPLIT = dict(
+    block=int(os.environ.get("ULD_SPLIT_BLOCK", 512)),
+    chunk=int(os.environ.get("ULD_CHUNK", 16384)),
+    entries=int(os.environ.get("ULD_SPLIT_ENTRIES", 8192)),
+    batch_rows=int(os.environ.get("ULD_BATCH_ROWS", 1024)),
+    split_levels=int(os.environ.get("ULD_SPLIT_LEVELS", 2)),
+    num_warps=int(os.environ.get("ULD_SPLIT_WARPS", 4)),
+    stages=int(os.environ.get("ULD_SPLIT_STAGES", 2)),
+)
+# Under the interpreter: small chunks and batches, so that short test rows still span several
+# chunks and batches (every cross-program path runs), at a cost the interpreter can afford.
+SPLIT_INTERPRETED = dict(block=128, chunk=256, entries=8192, batch_rows=5, split_levels=2,
+                         num_warps=4, stages=1)
+
+
+def split_config(max_vocab: int, on_gpu: bool) -> SplitConfig:
+    knobs = dict(SPLIT if on_gpu else SPLIT_INTERPRETED)
+    block = min(knobs["block"], max(128, triton.next_power_of_2(max_vocab)))
+    chunk = max(block, min(knobs["chunk"], triton.cdiv(max_vocab, block) * block) // block * block)
+    knobs.update(block=block, chunk=chunk,
+                 num_warps=knobs["num_warps"] if block >= 32 * knobs["num_warps"] else max(1, block // 32))
+    return SplitConfig(**knobs)
 
 
 @functools.lru_cache(maxsize=None)
@@ -155,6 +197,11 @@ def uld_pairs(
                     if teacher_grad else None)
     if n_pairs == 0:
         return row_loss, status, row_ce, grad_student, grad_teacher
+    if ENGINE == "split":
+        _split_pairs(student_logits, teacher_logits, row_loss, status, row_ce, grad_student,
+                     grad_teacher, student_temperature, teacher_temperature, grad_scale,
+                     student_index, teacher_index, row_weight, ce_label, ce_weight, n_pairs)
+        return row_loss, status, row_ce, grad_student, grad_teacher
     cfg = row_kernel_config(max(student_vocab, teacher_vocab))
     programs = _num_programs(device, n_pairs)
     ws_int = torch.empty(programs * INT_PLANES * cfg.entries, dtype=torch.int32, device=device)
@@ -184,6 +231,77 @@ def uld_pairs(
     )
     return row_loss, status, row_ce, grad_student, grad_teacher
 
+
+
+def _split_pairs(student_logits, teacher_logits, row_loss, status, row_ce, grad_student,
+                 grad_teacher, student_temperature, teacher_temperature, grad_scale,
+                 student_index, teacher_index, row_weight, ce_label, ce_weight, n_pairs):
+    """The split engine: per batch of pairs, one launch per pass over a (pair, chunk) grid."""
+    gather = student_index is not None
+    has_ce = ce_label is not None
+    _, student_vocab = _rows_and_vocab(student_logits)
+    _, teacher_vocab = _rows_and_vocab(teacher_logits)
+    longest = max(student_vocab, teacher_vocab)
+    device = student_logits.device
+    cfg = split_config(longest, device.type == "cuda")
+    n_chunks = triton.cdiv(longest, cfg.chunk)
+    chunks_pow2 = triton.next_power_of_2(n_chunks)
+    batch = min(n_pairs, cfg.batch_rows)
+    ws_int = torch.empty(batch * INT_PLANES * cfg.entries, dtype=torch.int32, device=device)
+    ws_sign = torch.empty(batch * SIGN_PLANES * cfg.entries, dtype=torch.float32, device=device)
+    ws_meta = torch.empty(batch * META_SLOTS, dtype=torch.int32, device=device)
+    row_f = torch.empty(batch * uld_split.ROW_FLOATS.value, dtype=torch.float32, device=device)
+    partial = torch.empty(batch * chunks_pow2 * uld_split.PARTIAL_FLOATS.value, dtype=torch.float32,
+                          device=device)
+    partial_i = torch.empty(batch * chunks_pow2 * 2, dtype=torch.int32, device=device)
+    unused = row_loss  # stands for pointers a configuration never reads
+    s_index = student_index if gather else unused
+    t_index = teacher_index if gather else unused
+    layouts = (*_row_layout(student_logits), *_row_layout(teacher_logits))
+    temps = (1.0 / student_temperature, 1.0 / teacher_temperature)
+    strides = dict(STUDENT_UNIT_STRIDE=student_logits.stride(-1) == 1,
+                   TEACHER_UNIT_STRIDE=teacher_logits.stride(-1) == 1, GATHER=gather)
+    sizes = dict(BLOCK=cfg.block, ENTRIES=cfg.entries, MAX_LEVELS=_MAX_LEVELS, STAGES=cfg.stages,
+                 num_warps=cfg.num_warps)
+    trie = (ws_int, ws_sign, ws_meta, row_f)
+    for batch_start in range(0, n_pairs, batch):
+        rows = min(batch, n_pairs - batch_start)
+        grid = (rows * n_chunks,)
+        ws_meta.zero_()  # the per-pass counters of the last program of each pair
+        uld_split.stats_kernel[grid](
+            student_logits, teacher_logits, row_loss, status, *trie, partial, partial_i,
+            s_index, t_index, ce_label if has_ce else unused, row_ce if has_ce else unused,
+            n_chunks, batch_start, student_vocab, teacher_vocab, *layouts, *temps,
+            SAME_VOCAB=student_vocab == teacher_vocab, HAS_CE=has_ce, CHUNK=cfg.chunk,
+            CHUNKS_POW2=chunks_pow2, RESOLVE_BLOCK=256, **strides, **sizes)
+        common = (student_logits, teacher_logits, *trie, s_index, t_index)
+        uld_split.root_kernel[grid](
+            *common, n_chunks, batch_start, student_vocab, teacher_vocab, *layouts, *temps,
+            CHUNK=cfg.chunk, RESOLVE_BLOCK=256, **strides, **sizes)
+        for level in range(1, cfg.split_levels + 1):
+            uld_split.count_kernel[grid](
+                *common, n_chunks, batch_start, level, student_vocab, teacher_vocab, *layouts,
+                *temps, CHUNK=cfg.chunk, RESOLVE_BLOCK=256, **strides, **sizes)
+        uld_split.deep_kernel[(rows,)](
+            *common, batch_start, student_vocab, teacher_vocab, *layouts, *temps,
+            RESOLVE_BLOCK=256, **strides, **sizes)
+        uld_split.loss_kernel[grid](
+            student_logits, teacher_logits, row_loss, status, *trie, partial, s_index, t_index,
+            n_chunks, batch_start, student_vocab, teacher_vocab, *layouts, *temps,
+            CHUNK=cfg.chunk, CHUNKS_POW2=chunks_pow2, **strides, **sizes)
+        if grad_student is not None or grad_teacher is not None:
+            uld_split.grad_kernel[grid](
+                student_logits, teacher_logits,
+                grad_student if grad_student is not None else unused,
+                grad_teacher if grad_teacher is not None else unused,
+                *trie, s_index, t_index, row_weight if gather else unused,
+                ce_label if has_ce else unused, ce_weight if has_ce else unused,
+                n_chunks, batch_start, student_vocab, teacher_vocab, *layouts,
+                grad_student.stride(0) if grad_student is not None else 0,
+                grad_teacher.stride(0) if grad_teacher is not None else 0,
+                *temps, grad_scale, STUDENT_GRAD=grad_student is not None,
+                TEACHER_GRAD=grad_teacher is not None, HAS_CE=has_ce, CHUNK=cfg.chunk,
+                **strides, **sizes)
 
 def cross_entropy_rows(
     logits: torch.Tensor,

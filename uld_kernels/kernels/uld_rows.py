@@ -115,6 +115,64 @@ def _key_of(x, row_max, log_sum):
 
 
 @triton.jit
+def _pair_rows(pair, student_ptr, teacher_ptr, student_index_ptr, teacher_index_ptr,
+               student_seq_len, student_batch_stride, student_row_stride,
+               teacher_seq_len, teacher_batch_stride, teacher_row_stride, GATHER: tl.constexpr):
+    """Row indices and row pointers of pair `pair`: row `pair` of both sides, or with GATHER the
+    rows the index maps name (a negative student index is padding). Row r of a side sits at
+    (r // seq_len) * batch_stride + (r % seq_len) * row_stride."""
+    if GATHER:
+        s_index = tl.load(student_index_ptr + pair).to(tl.int64)
+        t_index = tl.load(teacher_index_ptr + pair).to(tl.int64)
+    else:
+        s_index = tl.cast(pair, tl.int64)
+        t_index = tl.cast(pair, tl.int64)
+    s_safe = tl.maximum(s_index, 0)
+    t_safe = tl.maximum(t_index, 0)
+    s_row = student_ptr + (s_safe // student_seq_len) * student_batch_stride + (
+        s_safe % student_seq_len) * student_row_stride
+    t_row = teacher_ptr + (t_safe // teacher_seq_len) * teacher_batch_stride + (
+        t_safe % teacher_seq_len) * teacher_row_stride
+    return s_index, t_index, s_row, t_row
+
+
+@triton.jit
+def _stats_range(s_row, t_row, start, stop, student_vocab, teacher_vocab, student_col_stride,
+                 teacher_col_stride, inv_student_temperature, inv_teacher_temperature,
+                 STUDENT_UNIT_STRIDE: tl.constexpr, TEACHER_UNIT_STRIDE: tl.constexpr,
+                 HAS_CE: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr):
+    """Per-lane statistics of columns [start, stop) of both rows: online log-sum-exp states
+    (student, teacher and, with HAS_CE, the student's at temperature 1), the smallest finite
+    scaled logits, how many columns differ between the rows and how many are NaN."""
+    lanes = tl.arange(0, BLOCK)
+    s_max = tl.full([BLOCK], float("-inf"), tl.float32)
+    s_sum = tl.zeros([BLOCK], tl.float32)
+    t_max = tl.full([BLOCK], float("-inf"), tl.float32)
+    t_sum = tl.zeros([BLOCK], tl.float32)
+    s_min = tl.full([BLOCK], float("inf"), tl.float32)  # smallest finite logit
+    t_min = tl.full([BLOCK], float("inf"), tl.float32)
+    differ = tl.zeros([BLOCK], tl.int32)
+    nans = tl.zeros([BLOCK], tl.int32)  # max() may drop NaNs, so they are counted apart
+    c_max = tl.full([BLOCK], float("-inf"), tl.float32)  # cross-entropy: temperature 1
+    c_sum = tl.zeros([BLOCK], tl.float32)
+    for block_start in tl.range(start, stop, BLOCK, num_stages=STAGES):
+        idx = block_start + lanes
+        zs, in_s = _load_logits(s_row, idx, student_col_stride, student_vocab, STUDENT_UNIT_STRIDE)
+        xs = zs * inv_student_temperature
+        if HAS_CE:
+            c_max, c_sum = _online_lse_update(c_max, c_sum, zs)
+        xt, in_t = _load_scaled(t_row, idx, teacher_col_stride, teacher_vocab,
+                                inv_teacher_temperature, TEACHER_UNIT_STRIDE)
+        s_max, s_sum = _online_lse_update(s_max, s_sum, xs)
+        t_max, t_sum = _online_lse_update(t_max, t_sum, xt)
+        s_min = tl.minimum(s_min, tl.where(xs > float("-inf"), xs, float("inf")))
+        t_min = tl.minimum(t_min, tl.where(xt > float("-inf"), xt, float("inf")))
+        differ += ((xs != xt) & (in_s | in_t)).to(tl.int32)
+        nans += ((xs != xs) | (xt != xt)).to(tl.int32)
+    return s_max, s_sum, t_max, t_sum, s_min, t_min, differ, nans, c_max, c_sum
+
+
+@triton.jit
 def _tie_signs(d, cs, ct):
     """Average signs of a tie: cs student and ct teacher elements sharing one value.
 
@@ -273,13 +331,14 @@ def _resolve_level(ws_ptr, sign_ptr, meta_ptr, level, ENTRIES: tl.constexpr,
 
 @triton.jit
 def _count_level(row_ptr, col_stride, vocab, inv_temperature, row_max, log_sum, ws_ptr,
-                 meta_ptr, level,
+                 meta_ptr, level, start, stop,
                  CNT: tl.constexpr, KEY_MIN: tl.constexpr, KEY_MAX: tl.constexpr,
                  ENTRIES: tl.constexpr, BLOCK: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr,
                  STAGES: tl.constexpr, MAX_LEVELS: tl.constexpr):
-    """One pass over a row: count its keys that reach the open buckets of `level`."""
+    """One pass over columns [start, stop) of a row: count its keys that reach the open buckets
+    of `level`."""
     lanes = tl.arange(0, BLOCK)
-    for block_start in tl.range(0, vocab, BLOCK, num_stages=STAGES):
+    for block_start in tl.range(start, stop, BLOCK, num_stages=STAGES):
         _p, key, counted, _z = _probs_and_keys(row_ptr, block_start + lanes, col_stride, vocab,
                                            inv_temperature, row_max, log_sum, UNIT_COL_STRIDE)
         entry, reached = _walk(key, counted, ws_ptr + _CHILD * ENTRIES, meta_ptr, level, MAX_LEVELS)
@@ -290,12 +349,13 @@ def _count_level(row_ptr, col_stride, vocab, inv_temperature, row_max, log_sum, 
 
 @triton.jit
 def _signed_mass(row_ptr, col_stride, vocab, inv_temperature, row_max, log_sum, ws_ptr, sign_ptr,
-                 meta_ptr, depth, ENTRIES: tl.constexpr, BLOCK: tl.constexpr,
+                 meta_ptr, depth, start, stop, ENTRIES: tl.constexpr, BLOCK: tl.constexpr,
                  UNIT_COL_STRIDE: tl.constexpr, STAGES: tl.constexpr, MAX_LEVELS: tl.constexpr):
-    """sum_i p_i * sign_i over one row, each sign read from the bucket its key ends in."""
+    """sum_i p_i * sign_i over columns [start, stop) of one row, each sign read from the bucket
+    its key ends in."""
     lanes = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], tl.float32)
-    for block_start in tl.range(0, vocab, BLOCK, num_stages=STAGES):
+    for block_start in tl.range(start, stop, BLOCK, num_stages=STAGES):
         p, key, counted, _z = _probs_and_keys(row_ptr, block_start + lanes, col_stride, vocab,
                                           inv_temperature, row_max, log_sum, UNIT_COL_STRIDE)
         entry, _reached = _walk(key, counted, ws_ptr + _CHILD * ENTRIES, meta_ptr, depth, MAX_LEVELS)
@@ -306,13 +366,14 @@ def _signed_mass(row_ptr, col_stride, vocab, inv_temperature, row_max, log_sum, 
 
 @triton.jit
 def _write_grad(row_ptr, col_stride, vocab, inv_temperature, row_max, log_sum, ws_ptr, sign_ptr,
-                meta_ptr, depth, signed_mass, factor, grad_ptr, ce_max, ce_log_sum, ce_label, ce_factor,
+                meta_ptr, depth, start, stop, signed_mass, factor, grad_ptr, ce_max, ce_log_sum, ce_label, ce_factor,
                 ENTRIES: tl.constexpr, BLOCK: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr,
                 STAGES: tl.constexpr, MAX_LEVELS: tl.constexpr, HAS_CE: tl.constexpr):
     """grad_i = factor * (p_i / T) * (sign_i - signed_mass): the softmax backward of signs,
-    plus, with HAS_CE, ce_factor * (softmax(z)_i - [i == ce_label]): the cross-entropy's."""
+    plus, with HAS_CE, ce_factor * (softmax(z)_i - [i == ce_label]): the cross-entropy's.
+    Columns [start, stop)."""
     lanes = tl.arange(0, BLOCK)
-    for block_start in tl.range(0, vocab, BLOCK, num_stages=STAGES):
+    for block_start in tl.range(start, stop, BLOCK, num_stages=STAGES):
         idx = block_start + lanes
         p, key, counted, z = _probs_and_keys(row_ptr, idx, col_stride, vocab, inv_temperature,
                                              row_max, log_sum, UNIT_COL_STRIDE)
@@ -363,13 +424,13 @@ def uld_rows_kernel(
     root = tl.arange(0, ROOT_ENTRIES)
 
     for row in range(pid, n_rows, n_programs):
+        s_index, t_index, s_row, t_row = _pair_rows(
+            row, student_ptr, teacher_ptr, student_index_ptr, teacher_index_ptr,
+            student_seq_len, student_batch_stride, student_row_stride,
+            teacher_seq_len, teacher_batch_stride, teacher_row_stride, GATHER)
         if GATHER:
-            s_index = tl.load(student_index_ptr + row).to(tl.int64)
-            t_index = tl.load(teacher_index_ptr + row).to(tl.int64)
             row_grad_scale = grad_scale * tl.load(row_weight_ptr + row)
         else:
-            s_index = tl.cast(row, tl.int64)
-            t_index = tl.cast(row, tl.int64)
             row_grad_scale = grad_scale
         if s_index < 0:  # padding of the row maps
             tl.store(row_loss_ptr + row, 0.0)
@@ -377,38 +438,12 @@ def uld_rows_kernel(
             if HAS_CE:
                 tl.store(row_ce_ptr + row, 0.0)
         else:
-            s_row = student_ptr + (s_index // student_seq_len) * student_batch_stride + (
-                s_index % student_seq_len) * student_row_stride
-            t_row = teacher_ptr + (t_index // teacher_seq_len) * teacher_batch_stride + (
-                t_index % teacher_seq_len) * teacher_row_stride
-
             # Pass 1: both log-sum-exps, and whether the rows are the same distribution
             # element by element (then every tie is exact and every sign is zero).
-            s_max = tl.full([BLOCK], float("-inf"), tl.float32)
-            s_sum = tl.zeros([BLOCK], tl.float32)
-            t_max = tl.full([BLOCK], float("-inf"), tl.float32)
-            t_sum = tl.zeros([BLOCK], tl.float32)
-            s_min = tl.full([BLOCK], float("inf"), tl.float32)  # smallest finite logit
-            t_min = tl.full([BLOCK], float("inf"), tl.float32)
-            differ = tl.zeros([BLOCK], tl.int32)
-            nans = tl.zeros([BLOCK], tl.int32)  # max() may drop NaNs, so they are counted apart
-            c_max = tl.full([BLOCK], float("-inf"), tl.float32)  # cross-entropy: temperature 1
-            c_sum = tl.zeros([BLOCK], tl.float32)
-            for block_start in tl.range(0, longest_vocab, BLOCK, num_stages=STAGES):
-                idx = block_start + lanes
-                zs, in_s = _load_logits(s_row, idx, student_col_stride, student_vocab,
-                                        STUDENT_UNIT_STRIDE)
-                xs = zs * inv_student_temperature
-                if HAS_CE:
-                    c_max, c_sum = _online_lse_update(c_max, c_sum, zs)
-                xt, in_t = _load_scaled(t_row, idx, teacher_col_stride, teacher_vocab,
-                                        inv_teacher_temperature, TEACHER_UNIT_STRIDE)
-                s_max, s_sum = _online_lse_update(s_max, s_sum, xs)
-                t_max, t_sum = _online_lse_update(t_max, t_sum, xt)
-                s_min = tl.minimum(s_min, tl.where(xs > float("-inf"), xs, float("inf")))
-                t_min = tl.minimum(t_min, tl.where(xt > float("-inf"), xt, float("inf")))
-                differ += ((xs != xt) & (in_s | in_t)).to(tl.int32)
-                nans += ((xs != xs) | (xt != xt)).to(tl.int32)
+            (s_max, s_sum, t_max, t_sum, s_min, t_min, differ, nans, c_max, c_sum) = _stats_range(
+                s_row, t_row, 0, longest_vocab, student_vocab, teacher_vocab, student_col_stride,
+                teacher_col_stride, inv_student_temperature, inv_teacher_temperature,
+                STUDENT_UNIT_STRIDE, TEACHER_UNIT_STRIDE, HAS_CE, BLOCK, STAGES)
             any_nan = tl.sum(nans, 0) > 0
             # log-sum-exp = top + log_sum, kept apart (see _finish_lse)
             student_top, student_log_sum = _finish_lse(s_max, s_sum)
@@ -479,10 +514,10 @@ def uld_rows_kernel(
             while status > 0:
                 depth += 1
                 _count_level(s_row, student_col_stride, student_vocab, inv_student_temperature,
-                             student_top, student_log_sum, ws_ptr, meta_ptr, depth, _CNT_S, _MIN_S, _MAX_S,
+                             student_top, student_log_sum, ws_ptr, meta_ptr, depth, 0, student_vocab, _CNT_S, _MIN_S, _MAX_S,
                              ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS)
                 _count_level(t_row, teacher_col_stride, teacher_vocab, inv_teacher_temperature,
-                             teacher_top, teacher_log_sum, ws_ptr, meta_ptr, depth, _CNT_T, _MIN_T, _MAX_T,
+                             teacher_top, teacher_log_sum, ws_ptr, meta_ptr, depth, 0, teacher_vocab, _CNT_T, _MIN_T, _MAX_T,
                              ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS)
                 tl.debug_barrier()
                 status = _resolve_level(ws_ptr, sign_ptr, meta_ptr, depth, ENTRIES, RESOLVE_BLOCK,
@@ -493,10 +528,10 @@ def uld_rows_kernel(
             # Loss: sum_i a_i g_i - sum_j b_j h_j.
             student_mass = _signed_mass(s_row, student_col_stride, student_vocab,
                                         inv_student_temperature, student_top, student_log_sum, ws_ptr,
-                                        sign_ptr, meta_ptr, depth, ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS)
+                                        sign_ptr, meta_ptr, depth, 0, student_vocab, ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS)
             teacher_mass = _signed_mass(t_row, teacher_col_stride, teacher_vocab,
                                         inv_teacher_temperature, teacher_top, teacher_log_sum, ws_ptr,
-                                        sign_ptr + ENTRIES, meta_ptr, depth, ENTRIES, BLOCK,
+                                        sign_ptr + ENTRIES, meta_ptr, depth, 0, teacher_vocab, ENTRIES, BLOCK,
                                         TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS)
             failed = (~row_ok) | exhausted
             loss = tl.where(failed, float("nan"), student_mass - teacher_mass)
@@ -508,14 +543,14 @@ def uld_rows_kernel(
 
             if STUDENT_GRAD:
                 _write_grad(s_row, student_col_stride, student_vocab, inv_student_temperature,
-                            student_top, student_log_sum, ws_ptr, sign_ptr, meta_ptr, depth, student_mass,
+                            student_top, student_log_sum, ws_ptr, sign_ptr, meta_ptr, depth, 0, student_vocab, student_mass,
                             row_grad_scale, grad_student_ptr + s_index * grad_student_row_stride,
                             ce_max, ce_log_sum, ce_label, ce_factor,
                             ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS, HAS_CE)
             if TEACHER_GRAD:
                 _write_grad(t_row, teacher_col_stride, teacher_vocab, inv_teacher_temperature,
                             teacher_top, teacher_log_sum, ws_ptr, sign_ptr + ENTRIES, meta_ptr, depth,
-                            teacher_mass, -row_grad_scale,
+                            0, teacher_vocab, teacher_mass, -row_grad_scale,
                             grad_teacher_ptr + t_index * grad_teacher_row_stride,
                             0.0, 0.0, -1, 0.0,
                             ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS, False)

@@ -1,0 +1,65 @@
+"""Where the time goes: GPU time per kernel of one forward+backward, from torch.profiler.
+
+    python bench/profile_passes.py [--rows 16384] [--pairs qwen_llama3 qwen_qwen] [--kinds ...]
+
+Prints, per (pair, kind), each kernel's total device time over one call (after warm-up) and
+the trie depth statistics of the rows (status >> 1), so a change can be aimed at the pass
+that costs most.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.shapes import KINDS, VOCAB_PAIRS, make_rows  # noqa: E402
+from uld_kernels.launch import uld_rows  # noqa: E402
+
+
+def one_call(student, teacher):
+    return uld_rows(student, teacher, 1.0, 1.0, True, False, 1.0)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=16384)
+    parser.add_argument("--pairs", nargs="+", default=["qwen_llama3", "qwen_qwen"], choices=list(VOCAB_PAIRS))
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
+    args = parser.parse_args()
+    for pair in args.pairs:
+        vs, vt = VOCAB_PAIRS[pair]
+        for kind in args.kinds:
+            if KINDS[kind].same_vocab and vs != vt:
+                continue
+            student, teacher = make_rows(kind, args.rows, vs, vt, seed=1)
+            for _ in range(2):
+                _, status, _, _ = one_call(student, teacher)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                one_call(student, teacher)
+                torch.cuda.synchronize()
+            per_kernel = collections.defaultdict(lambda: [0.0, 0])
+            for event in prof.events():
+                if event.device_type == torch.autograd.DeviceType.CUDA:
+                    entry = per_kernel[event.name[:60]]
+                    entry[0] += event.device_time_total if hasattr(event, "device_time_total") else event.cuda_time_total
+                    entry[1] += 1
+            total = sum(t for t, _ in per_kernel.values())
+            depth = (status >> 1).float()
+            print(f"\n{pair} {kind} rows={args.rows}: {total / 1e3:.2f} ms of kernels; trie depth mean "
+                  f"{depth.mean():.2f} max {int(depth.max())}; exhausted rows {int((status & 1).sum())}")
+            for name, (t, n) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0]):
+                print(f"  {t / 1e3:8.3f} ms  {n:4d} launches  {name}")
+            del student, teacher
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
