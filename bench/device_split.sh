@@ -19,4 +19,4 @@ for knobs in "ULD_CHUNK=8192" "ULD_CHUNK=32768" "ULD_SPLIT_BLOCK=1024" "ULD_SPLI
 done
 } 2>&1 | tee "$OUT/ab_sweep.txt"
 python3 bench/bench_distill.py --skip-reference 2>&1 | tee "$OUT/distill.txt"
-python3 bench/stress.py --calls 300 2>&1 | tee "$OUT/stress.txt"
+python3 bench/stress.py --calls 1000 2>&1 | tee "$OUT/stress.txt"
