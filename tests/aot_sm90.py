@@ -114,7 +114,7 @@ def _types_by_name(kernel, logits: str) -> dict:
             types[name] = logits
         elif name in ("student_index_ptr", "teacher_index_ptr", "ce_label_ptr"):
             types[name] = "*i64"
-        elif name in ("ws_int_ptr", "ws_meta_ptr", "status_ptr", "partial_i_ptr"):
+        elif name in ("ws_int_ptr", "ws_meta_ptr", "status_ptr", "partial_i_ptr", "root_partial_ptr"):
             types[name] = "*i32"
         elif name.endswith("_ptr"):
             types[name] = "*fp32"
@@ -138,8 +138,8 @@ def split_kernel_configs():
                      "grad_teacher_row_stride"]
     kernels = [
         ("stats", uld_split.stats_kernel, dict(SAME_VOCAB=False, HAS_CE=False, CHUNKS_POW2=chunks_pow2,
-                                               RESOLVE_BLOCK=256)),
-        ("root", uld_split.root_kernel, dict(RESOLVE_BLOCK=256)),
+                                               RESOLVE_BLOCK=256, ROOT_BITS=cfg.root_bits)),
+        ("root", uld_split.root_kernel, dict(RESOLVE_BLOCK=256, ROOT_BITS=cfg.root_bits, USE_SMEM=cfg.smem)),
         ("count", uld_split.count_kernel, dict(RESOLVE_BLOCK=256)),
         ("deep", uld_split.deep_kernel, dict(RESOLVE_BLOCK=256)),
         ("loss", uld_split.loss_kernel, dict(CHUNKS_POW2=chunks_pow2)),

@@ -73,6 +73,8 @@ class SplitConfig:
     split_levels: int  # trie levels counted by chunk; deeper ones by one program per pair
     num_warps: int
     stages: int
+    root_bits: int  # the root has 2**root_bits buckets (10 to 12)
+    smem: bool  # root histogram in shared memory (inline PTX: GPU only)
 
 
 # Which engine runs: "split" (default: every pass a grid of row chunks) or "persistent" (the
@@ -81,17 +83,20 @@ class SplitConfig:
 ENGINE = os.environ.get("ULD_ENGINE", "split")
 SPLIT = dict(
     block=int(os.environ.get("ULD_SPLIT_BLOCK", 512)),
-    chunk=int(os.environ.get("ULD_CHUNK", 16384)),
-    entries=int(os.environ.get("ULD_SPLIT_ENTRIES", 8192)),
-    batch_rows=int(os.environ.get("ULD_BATCH_ROWS", 1024)),
+    chunk=int(os.environ.get("ULD_CHUNK", 32768)),
+    entries=int(os.environ.get("ULD_SPLIT_ENTRIES", 16384)),
+    batch_rows=int(os.environ.get("ULD_BATCH_ROWS", 512)),
     split_levels=int(os.environ.get("ULD_SPLIT_LEVELS", 2)),
-    num_warps=int(os.environ.get("ULD_SPLIT_WARPS", 4)),
-    stages=int(os.environ.get("ULD_SPLIT_STAGES", 2)),
+    num_warps=4,  # the shared-memory histogram is laid out for 128 threads (kernels/smem.py)
+    stages=int(os.environ.get("ULD_SPLIT_STAGES", 1)),
+    root_bits=int(os.environ.get("ULD_ROOT_BITS", 12)),
+    smem=os.environ.get("ULD_SMEM", "1") != "0",
 )
 # Under the interpreter: small chunks and batches, so that short test rows still span several
-# chunks and batches (every cross-program path runs), at a cost the interpreter can afford.
+# chunks and batches (every cross-program path runs), at a cost the interpreter can afford;
+# a 1,024-bucket root (four resolve chunks: the carry across chunks runs) from tl.histogram.
 SPLIT_INTERPRETED = dict(block=128, chunk=256, entries=8192, batch_rows=5, split_levels=2,
-                         num_warps=4, stages=1)
+                         num_warps=4, stages=1, root_bits=10, smem=False)
 
 
 def split_config(max_vocab: int, on_gpu: bool) -> SplitConfig:
@@ -254,6 +259,7 @@ def _split_pairs(student_logits, teacher_logits, row_loss, status, row_ce, grad_
     partial = torch.empty(batch * chunks_pow2 * uld_split.PARTIAL_FLOATS.value, dtype=torch.float32,
                           device=device)
     partial_i = torch.empty(batch * chunks_pow2 * 2, dtype=torch.int32, device=device)
+    root_partial = torch.empty(batch * n_chunks * 2 << cfg.root_bits, dtype=torch.int32, device=device)
     unused = row_loss  # stands for pointers a configuration never reads
     s_index = student_index if gather else unused
     t_index = teacher_index if gather else unused
@@ -273,11 +279,12 @@ def _split_pairs(student_logits, teacher_logits, row_loss, status, row_ce, grad_
             s_index, t_index, ce_label if has_ce else unused, row_ce if has_ce else unused,
             n_chunks, batch_start, student_vocab, teacher_vocab, *layouts, *temps,
             SAME_VOCAB=student_vocab == teacher_vocab, HAS_CE=has_ce, CHUNK=cfg.chunk,
-            CHUNKS_POW2=chunks_pow2, RESOLVE_BLOCK=256, **strides, **sizes)
+            CHUNKS_POW2=chunks_pow2, RESOLVE_BLOCK=256, ROOT_BITS=cfg.root_bits, **strides, **sizes)
         common = (student_logits, teacher_logits, *trie, s_index, t_index)
         uld_split.root_kernel[grid](
-            *common, n_chunks, batch_start, student_vocab, teacher_vocab, *layouts, *temps,
-            CHUNK=cfg.chunk, RESOLVE_BLOCK=256, **strides, **sizes)
+            *common, root_partial, n_chunks, batch_start, student_vocab, teacher_vocab, *layouts,
+            *temps, CHUNK=cfg.chunk, RESOLVE_BLOCK=256, ROOT_BITS=cfg.root_bits,
+            USE_SMEM=cfg.smem and device.type == "cuda", **strides, **sizes)
         for level in range(1, cfg.split_levels + 1):
             uld_split.count_kernel[grid](
                 *common, n_chunks, batch_start, level, student_vocab, teacher_vocab, *layouts,

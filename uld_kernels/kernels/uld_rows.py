@@ -89,12 +89,14 @@ def _probs_and_keys(ptr, idx, col_stride, vocab, inv_temperature, row_max, log_s
 
 @triton.jit
 def _online_lse_update(m, s, x):
-    """One step of a per-lane online log-sum-exp; -inf lanes stay (m=-inf, s=0)."""
-    m_new = tl.maximum(m, x)
-    finite = m_new > float("-inf")
-    alpha = tl.where(finite, tl.exp(m - m_new), 0.0)
-    s = s * alpha + tl.where(finite, tl.exp(x - m_new), 0.0)
-    return m_new, s
+    """One step of a per-lane online log-sum-exp, with one exp per element: the smaller of
+    the running maximum and x is exponentiated relative to the larger. -inf lanes stay
+    (m=-inf, s=0); a NaN x leaves the state alone (NaNs are counted apart)."""
+    d = x - m
+    e = tl.exp(-tl.abs(d))  # NaN only when both are -inf, or x is NaN
+    up = d > 0
+    s = tl.where(up, s * e + 1.0, tl.where(d == d, s + e, s))
+    return tl.where(up, x, m), s
 
 
 @triton.jit
@@ -212,9 +214,30 @@ def _walk(key, counted, child_ptr, meta_ptr, depth, MAX_LEVELS: tl.constexpr):
 
 
 @triton.jit
-def _bucket_states(ws_ptr, meta_ptr, level, chunk_start, ENTRIES: tl.constexpr,
+def _walk_sign(key, counted, child_ptr, sign_ptr, meta_ptr, depth, MAX_LEVELS: tl.constexpr):
+    """The sign of each key: read at its root bucket, and one level further down only where
+    the bucket read is open (its sign is NaN), so that keys decided near the root cost one
+    gather. Lanes not counted get 0."""
+    entry = (key >> tl.load(meta_ptr + _SHIFT_OFFSET)) - tl.load(meta_ptr + _ROOT_BASE)
+    sign = tl.load(sign_ptr + entry, mask=counted, other=0.0)
+    for level in tl.static_range(1, MAX_LEVELS):
+        if level <= depth:
+            descend = counted & (sign != sign)
+            child = tl.load(child_ptr + entry, mask=descend, other=0)
+            shift = tl.load(meta_ptr + _SHIFT_OFFSET + level)
+            bits = tl.load(meta_ptr + _SHIFT_OFFSET + level - 1) - shift
+            entry = tl.where(descend, child + ((key >> shift) & ((1 << bits) - 1)), entry)
+            sign = tl.where(descend, tl.load(sign_ptr + entry, mask=descend, other=0.0), sign)
+    return sign
+
+@triton.jit
+def _bucket_states(ws_ptr, meta_ptr, level, chunk_start, above, ENTRIES: tl.constexpr,
                    RESOLVE_BLOCK: tl.constexpr):
-    """Decide a chunk of the buckets of one level; returns their signs and what is open."""
+    """Decide a chunk of the buckets of one level; returns their signs and what is open.
+
+    `above`: the count difference of the level's buckets past this chunk that belong to the
+    same node. Only a root wider than a chunk has such buckets (the split engine's 4,096
+    bucket root); every deeper node fits inside one chunk, and there it is 0."""
     level_start = tl.load(meta_ptr + level)
     level_end = tl.load(meta_ptr + level + 1)
     node_bits = tl.load(meta_ptr + _SHIFT_OFFSET + level - 1) - tl.load(
@@ -236,7 +259,7 @@ def _bucket_states(ws_ptr, meta_ptr, level, chunk_start, ENTRIES: tl.constexpr,
     suffix_next = tl.gather(suffix, tl.minimum(next_lane, RESOLVE_BLOCK - 1), 0)
     suffix_next = tl.where(next_lane < RESOLVE_BLOCK, suffix_next, 0)
     node_top = tl.load(ws_ptr + _NODE_TOP * ENTRIES + node_first, mask=in_level, other=0)
-    d = node_top + suffix - diff - suffix_next
+    d = node_top + suffix - diff - suffix_next + above
 
     decided = (d >= teacher_count) | (d + student_count <= 0)
     student_sign, teacher_sign = _tie_signs(d, student_count, teacher_count)
@@ -269,6 +292,16 @@ def _bucket_states(ws_ptr, meta_ptr, level, chunk_start, ENTRIES: tl.constexpr,
 
 
 @triton.jit
+def _count_difference(ws_ptr, chunk_start, level_end, ENTRIES: tl.constexpr, RESOLVE_BLOCK: tl.constexpr):
+    """Student minus teacher count of each bucket in a chunk of a level (0 past its end)."""
+    entry = chunk_start + tl.arange(0, RESOLVE_BLOCK)
+    in_level = entry < level_end
+    student_count = tl.load(ws_ptr + _CNT_S * ENTRIES + entry, mask=in_level, other=0, cache_modifier=".cg")
+    teacher_count = tl.load(ws_ptr + _CNT_T * ENTRIES + entry, mask=in_level, other=0, cache_modifier=".cg")
+    return student_count - teacher_count
+
+
+@triton.jit
 def _resolve_level(ws_ptr, sign_ptr, meta_ptr, level, ENTRIES: tl.constexpr,
                    RESOLVE_BLOCK: tl.constexpr, MAX_LEVELS: tl.constexpr):
     """Sign every bucket of `level`; give each open bucket a child node on `level + 1`.
@@ -278,10 +311,19 @@ def _resolve_level(ws_ptr, sign_ptr, meta_ptr, level, ENTRIES: tl.constexpr,
     level_start = tl.load(meta_ptr + level)
     level_end = tl.load(meta_ptr + level + 1)
     shift = tl.load(meta_ptr + _SHIFT_OFFSET + level)
+    # A root node wider than RESOLVE_BLOCK spans chunks: carry the count difference of the
+    # chunks above each chunk (level_total minus what the chunks up to this one hold).
+    level_total = 0
+    if level == 0:
+        for chunk_start in range(level_start, level_end, RESOLVE_BLOCK):
+            level_total += tl.sum(_count_difference(ws_ptr, chunk_start, level_end, ENTRIES, RESOLVE_BLOCK), 0)
+    below = 0
     open_total = 0
     for chunk_start in range(level_start, level_end, RESOLVE_BLOCK):
+        below += tl.sum(_count_difference(ws_ptr, chunk_start, level_end, ENTRIES, RESOLVE_BLOCK), 0)
         _e, _i, _d, _gs, _gt, open_bucket = _bucket_states(
-            ws_ptr, meta_ptr, level, chunk_start, ENTRIES, RESOLVE_BLOCK)
+            ws_ptr, meta_ptr, level, chunk_start, tl.where(level == 0, level_total - below, 0),
+            ENTRIES, RESOLVE_BLOCK)
         open_total += tl.sum(open_bucket.to(tl.int32), 0)
     # Child nodes split the next `child_bits` bits (up to 8: every level costs a pass over
     # the rows, so as few levels as possible); spend at most half of the free entries on
@@ -315,12 +357,16 @@ def _resolve_level(ws_ptr, sign_ptr, meta_ptr, level, ENTRIES: tl.constexpr,
         tl.store(meta_ptr + level + 2, next_end)
         tl.store(meta_ptr + _SHIFT_OFFSET + level + 1, shift - child_bits)
     opened = 0
+    below = 0
     for chunk_start in range(level_start, level_end, RESOLVE_BLOCK):
+        below += tl.sum(_count_difference(ws_ptr, chunk_start, level_end, ENTRIES, RESOLVE_BLOCK), 0)
         entry, in_level, d, student_sign, teacher_sign, open_bucket = _bucket_states(
-            ws_ptr, meta_ptr, level, chunk_start, ENTRIES, RESOLVE_BLOCK)
-        tl.store(sign_ptr + entry, student_sign, mask=in_level)
-        tl.store(sign_ptr + ENTRIES + entry, teacher_sign, mask=in_level)
+            ws_ptr, meta_ptr, level, chunk_start, tl.where(level == 0, level_total - below, 0),
+            ENTRIES, RESOLVE_BLOCK)
         is_open = (open_bucket & (status > 0)).to(tl.int32)
+        # An open bucket's sign is NaN: `_walk_sign` descends only where it reads one.
+        tl.store(sign_ptr + entry, tl.where(is_open > 0, float("nan"), student_sign), mask=in_level)
+        tl.store(sign_ptr + ENTRIES + entry, tl.where(is_open > 0, float("nan"), teacher_sign), mask=in_level)
         rank = opened + tl.cumsum(is_open, 0) - is_open
         child = level_end + rank * child_size
         tl.store(ws_ptr + _CHILD * ENTRIES + entry, tl.where(is_open > 0, child, 0), mask=in_level)
@@ -358,8 +404,7 @@ def _signed_mass(row_ptr, col_stride, vocab, inv_temperature, row_max, log_sum, 
     for block_start in tl.range(start, stop, BLOCK, num_stages=STAGES):
         p, key, counted, _z = _probs_and_keys(row_ptr, block_start + lanes, col_stride, vocab,
                                           inv_temperature, row_max, log_sum, UNIT_COL_STRIDE)
-        entry, _reached = _walk(key, counted, ws_ptr + _CHILD * ENTRIES, meta_ptr, depth, MAX_LEVELS)
-        sign = tl.load(sign_ptr + entry, mask=counted, other=0.0)
+        sign = _walk_sign(key, counted, ws_ptr + _CHILD * ENTRIES, sign_ptr, meta_ptr, depth, MAX_LEVELS)
         acc += tl.where(counted, p * sign, 0.0)
     return tl.sum(acc, 0)
 
@@ -377,8 +422,7 @@ def _write_grad(row_ptr, col_stride, vocab, inv_temperature, row_max, log_sum, w
         idx = block_start + lanes
         p, key, counted, z = _probs_and_keys(row_ptr, idx, col_stride, vocab, inv_temperature,
                                              row_max, log_sum, UNIT_COL_STRIDE)
-        entry, _reached = _walk(key, counted, ws_ptr + _CHILD * ENTRIES, meta_ptr, depth, MAX_LEVELS)
-        sign = tl.load(sign_ptr + entry, mask=counted, other=0.0)
+        sign = _walk_sign(key, counted, ws_ptr + _CHILD * ENTRIES, sign_ptr, meta_ptr, depth, MAX_LEVELS)
         grad = factor * (p * inv_temperature) * (sign - signed_mass)
         if HAS_CE:
             grad += ce_factor * (tl.exp((z - ce_max) - ce_log_sum) - (idx == ce_label).to(tl.float32))

@@ -27,10 +27,11 @@ import triton.language as tl
 
 from uld_kernels.kernels.uld_rows import (
     _CNT_S, _CNT_T, _MAX_S, _MAX_T, _MIN_S, _MIN_T, _NODE_TOP, _ROOT_BASE, _SHIFT_OFFSET,
-    INT_PLANES, ROOT_BITS, ROOT_ENTRIES, SIGN_PLANES,
+    INT_PLANES, SIGN_PLANES,
     _count_level, _finish_lse, _key_of, _pair_rows, _probs_and_keys, _resolve_level,
     _signed_mass, _stats_range, _write_grad,
 )
+from uld_kernels.kernels.smem import smem_add_one, smem_load, smem_zero
 
 # Per-pair integers in the meta block of uld_rows.py (slots past its trie levels).
 _FLAGS = tl.constexpr(48)  # bit 0: the row has a distribution; bit 1: student == teacher
@@ -86,6 +87,7 @@ def stats_kernel(
     GATHER: tl.constexpr, HAS_CE: tl.constexpr,
     BLOCK: tl.constexpr, CHUNK: tl.constexpr, CHUNKS_POW2: tl.constexpr, ENTRIES: tl.constexpr,
     RESOLVE_BLOCK: tl.constexpr, MAX_LEVELS: tl.constexpr, STAGES: tl.constexpr,
+    ROOT_BITS: tl.constexpr,
 ):
     """Per (pair, chunk): both rows' log-sum-exp over the chunk; the pair's last program
     combines the chunks and prepares the root."""
@@ -159,7 +161,8 @@ def stats_kernel(
                                       mask=ce_label < student_vocab, other=float("nan"))
                 tl.store(row_ce_ptr + pair, tl.where(ce_label >= 0, (ce_max - label_logit.to(tl.float32)) + ce_log_sum, 0.0))
 
-            # The root: 256 power-of-two-aligned buckets over the keys the pair holds.
+            # The root: 2**ROOT_BITS power-of-two-aligned buckets over the keys the pair holds.
+            ROOT_ENTRIES: tl.constexpr = 1 << ROOT_BITS
             key_hi = tl.maximum(_key_of(student_top, student_top, student_log_sum),
                                 _key_of(teacher_top, teacher_top, teacher_log_sum))
             key_lo = tl.maximum(tl.minimum(_key_of(lowest_s, student_top, student_log_sum),
@@ -167,9 +170,6 @@ def stats_kernel(
             root_shift = 0
             while ((key_hi >> root_shift) - (key_lo >> root_shift) >= ROOT_ENTRIES) & (root_shift < 31):
                 root_shift += 1
-            root = tl.arange(0, ROOT_ENTRIES)
-            tl.store(ws_ptr + _CNT_S * ENTRIES + root, tl.zeros([ROOT_ENTRIES], tl.int32))
-            tl.store(ws_ptr + _CNT_T * ENTRIES + root, tl.zeros([ROOT_ENTRIES], tl.int32))
             tl.store(ws_ptr + _NODE_TOP * ENTRIES, 0)
             tl.store(meta_ptr + 0, 0)
             tl.store(meta_ptr + 1, ROOT_ENTRIES)
@@ -183,6 +183,10 @@ def stats_kernel(
             else:
                 # Nothing to count: an empty root decides every bucket with sign 0 (identical
                 # rows: every element ties exactly; rows without a distribution: NaN loss).
+                for piece in tl.static_range(0, ROOT_ENTRIES, 1024):
+                    root = piece + tl.arange(0, 1024)
+                    tl.store(ws_ptr + _CNT_S * ENTRIES + root, tl.zeros([1024], tl.int32), mask=root < ROOT_ENTRIES)
+                    tl.store(ws_ptr + _CNT_T * ENTRIES + root, tl.zeros([1024], tl.int32), mask=root < ROOT_ENTRIES)
                 tl.debug_barrier()
                 tl.store(meta_ptr + _STATUS, _resolve_level(ws_ptr, sign_ptr, meta_ptr, 0, ENTRIES,
                                                             RESOLVE_BLOCK, MAX_LEVELS))
@@ -209,7 +213,7 @@ def _row_state(ws_meta_ptr, row_f_ptr, local):
 @triton.jit(do_not_specialize=["n_chunks", "batch_start", "student_seq_len", "teacher_seq_len"])
 def root_kernel(
     student_ptr, teacher_ptr, ws_int_ptr, ws_sign_ptr, ws_meta_ptr, row_f_ptr,
-    student_index_ptr, teacher_index_ptr,
+    student_index_ptr, teacher_index_ptr, root_partial_ptr,
     n_chunks, batch_start, student_vocab, teacher_vocab,
     student_seq_len, student_batch_stride, student_row_stride, student_col_stride,
     teacher_seq_len, teacher_batch_stride, teacher_row_stride, teacher_col_stride,
@@ -217,9 +221,15 @@ def root_kernel(
     STUDENT_UNIT_STRIDE: tl.constexpr, TEACHER_UNIT_STRIDE: tl.constexpr, GATHER: tl.constexpr,
     BLOCK: tl.constexpr, CHUNK: tl.constexpr, ENTRIES: tl.constexpr,
     RESOLVE_BLOCK: tl.constexpr, MAX_LEVELS: tl.constexpr, STAGES: tl.constexpr,
+    ROOT_BITS: tl.constexpr, USE_SMEM: tl.constexpr,
 ):
-    """Per (pair, chunk): the root histogram of the chunk's keys, added into the pair's root
-    (integer atomics); the pair's last program decides the root buckets."""
+    """Per (pair, chunk): the root histogram of the chunk's keys (2**ROOT_BITS buckets per
+    side), written as the chunk's partial counts; the pair's last program adds the chunks up
+    in order and decides the root buckets.
+
+    USE_SMEM (GPU): shared-memory reductions, one instruction per element (kernels/smem.py);
+    otherwise `tl.histogram` (the interpreter)."""
+    ROOT_ENTRIES: tl.constexpr = 1 << ROOT_BITS
     local, pair, chunk, start = _chunk_of(tl.program_id(0), n_chunks, batch_start, CHUNK)
     meta_ptr, row_f, flags = _row_state(ws_meta_ptr, row_f_ptr, local)
     if flags == 1:  # a distribution on both sides, not identical
@@ -235,9 +245,14 @@ def root_kernel(
         root_shift = tl.load(meta_ptr + _SHIFT_OFFSET)
         root_base = tl.load(meta_ptr + _ROOT_BASE)
         lanes = tl.arange(0, BLOCK)
-        student_hist = tl.zeros([ROOT_ENTRIES], tl.int32)
-        teacher_hist = tl.zeros([ROOT_ENTRIES], tl.int32)
+        partial = root_partial_ptr + (local.to(tl.int64) * n_chunks + chunk) * (2 * ROOT_ENTRIES)
         stop = tl.minimum(start + CHUNK, tl.maximum(student_vocab, teacher_vocab))
+        if USE_SMEM:
+            smem_zero()
+            tl.debug_barrier()
+        else:
+            student_hist = tl.zeros([ROOT_ENTRIES], tl.int32)
+            teacher_hist = tl.zeros([ROOT_ENTRIES], tl.int32)
         for block_start in tl.range(start, stop, BLOCK, num_stages=STAGES):
             idx = block_start + lanes
             _ps, ks, counted_s, _zs = _probs_and_keys(s_row, idx, student_col_stride, student_vocab,
@@ -249,12 +264,34 @@ def root_kernel(
             # (Clamped only for memory safety: every counted key lies in the root's range.)
             ds = tl.minimum(tl.maximum((ks >> root_shift) - root_base, 0), ROOT_ENTRIES - 1)
             dt = tl.minimum(tl.maximum((kt >> root_shift) - root_base, 0), ROOT_ENTRIES - 1)
-            student_hist += tl.histogram(ds, ROOT_ENTRIES, mask=counted_s)
-            teacher_hist += tl.histogram(dt, ROOT_ENTRIES, mask=counted_t)
-        root = tl.arange(0, ROOT_ENTRIES)
-        tl.atomic_add(ws_ptr + _CNT_S * ENTRIES + root, student_hist, mask=student_hist > 0, sem="relaxed")
-        tl.atomic_add(ws_ptr + _CNT_T * ENTRIES + root, teacher_hist, mask=teacher_hist > 0, sem="relaxed")
+            if USE_SMEM:
+                smem_add_one(tl.where(counted_s, ds, -1))
+                smem_add_one(tl.where(counted_t, dt + ROOT_ENTRIES, -1))
+            else:
+                student_hist += tl.histogram(ds, ROOT_ENTRIES, mask=counted_s)
+                teacher_hist += tl.histogram(dt, ROOT_ENTRIES, mask=counted_t)
+        if USE_SMEM:
+            tl.debug_barrier()
+            for piece in tl.static_range(0, 2 * ROOT_ENTRIES, 1024):
+                word = piece + tl.arange(0, 1024)
+                tl.store(partial + word, smem_load(word))
+        else:
+            root = tl.arange(0, ROOT_ENTRIES)
+            tl.store(partial + root, student_hist)
+            tl.store(partial + ROOT_ENTRIES + root, teacher_hist)
         if _last_of_pair(meta_ptr + _DONE_ROOT, n_chunks):
+            first = root_partial_ptr + local.to(tl.int64) * n_chunks * (2 * ROOT_ENTRIES)
+            for piece in tl.static_range(0, ROOT_ENTRIES, 1024):
+                root = piece + tl.arange(0, 1024)
+                student_count = tl.zeros([1024], tl.int32)
+                teacher_count = tl.zeros([1024], tl.int32)
+                for c in range(0, n_chunks):
+                    student_count += tl.load(first + c * (2 * ROOT_ENTRIES) + root, cache_modifier=".cg")
+                    teacher_count += tl.load(first + c * (2 * ROOT_ENTRIES) + ROOT_ENTRIES + root,
+                                             cache_modifier=".cg")
+                tl.store(ws_ptr + _CNT_S * ENTRIES + root, student_count)
+                tl.store(ws_ptr + _CNT_T * ENTRIES + root, teacher_count)
+            tl.debug_barrier()
             sign_ptr = ws_sign_ptr + local.to(tl.int64) * (SIGN_PLANES * ENTRIES)
             tl.store(meta_ptr + _STATUS, _resolve_level(ws_ptr, sign_ptr, meta_ptr, 0, ENTRIES,
                                                         RESOLVE_BLOCK, MAX_LEVELS))
