@@ -82,7 +82,7 @@ class SplitConfig:
 # can switch.
 ENGINE = os.environ.get("ULD_ENGINE", "split")
 SPLIT = dict(
-    block=int(os.environ.get("ULD_SPLIT_BLOCK", 512)),
+    block=int(os.environ.get("ULD_SPLIT_BLOCK", 1024)),
     chunk=int(os.environ.get("ULD_CHUNK", 32768)),
     entries=int(os.environ.get("ULD_SPLIT_ENTRIES", 16384)),
     batch_rows=int(os.environ.get("ULD_BATCH_ROWS", 512)),
@@ -101,8 +101,10 @@ SPLIT_INTERPRETED = dict(block=128, chunk=256, entries=8192, batch_rows=5, split
 
 def split_config(max_vocab: int, on_gpu: bool) -> SplitConfig:
     knobs = dict(SPLIT if on_gpu else SPLIT_INTERPRETED)
+    # Powers of two only: BLOCK and CHUNK are compile-time constants, so a size derived from
+    # the vocabulary itself would compile the kernels anew for every vocabulary.
     block = min(knobs["block"], max(128, triton.next_power_of_2(max_vocab)))
-    chunk = max(block, min(knobs["chunk"], triton.cdiv(max_vocab, block) * block) // block * block)
+    chunk = max(block, min(knobs["chunk"], triton.next_power_of_2(max_vocab)))
     knobs.update(block=block, chunk=chunk,
                  num_warps=knobs["num_warps"] if block >= 32 * knobs["num_warps"] else max(1, block // 32))
     return SplitConfig(**knobs)

@@ -377,16 +377,18 @@ def _resolve_level(ws_ptr, sign_ptr, meta_ptr, level, ENTRIES: tl.constexpr,
 
 @triton.jit
 def _count_level(row_ptr, col_stride, vocab, inv_temperature, row_max, log_sum, ws_ptr,
-                 meta_ptr, level, start, stop,
+                 meta_ptr, level, start, stop, key_lo, key_hi,
                  CNT: tl.constexpr, KEY_MIN: tl.constexpr, KEY_MAX: tl.constexpr,
                  ENTRIES: tl.constexpr, BLOCK: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr,
                  STAGES: tl.constexpr, MAX_LEVELS: tl.constexpr):
     """One pass over columns [start, stop) of a row: count its keys that reach the open buckets
-    of `level`."""
+    of `level`. Keys outside [key_lo, key_hi] (a range known to hold every open bucket) skip
+    the walk: no gathers, no atomics."""
     lanes = tl.arange(0, BLOCK)
     for block_start in tl.range(start, stop, BLOCK, num_stages=STAGES):
         _p, key, counted, _z = _probs_and_keys(row_ptr, block_start + lanes, col_stride, vocab,
                                            inv_temperature, row_max, log_sum, UNIT_COL_STRIDE)
+        counted = counted & (key >= key_lo) & (key <= key_hi)
         entry, reached = _walk(key, counted, ws_ptr + _CHILD * ENTRIES, meta_ptr, level, MAX_LEVELS)
         tl.atomic_add(ws_ptr + CNT * ENTRIES + entry, 1, mask=reached, sem="relaxed")
         tl.atomic_min(ws_ptr + KEY_MIN * ENTRIES + entry, key, mask=reached, sem="relaxed")
@@ -558,10 +560,10 @@ def uld_rows_kernel(
             while status > 0:
                 depth += 1
                 _count_level(s_row, student_col_stride, student_vocab, inv_student_temperature,
-                             student_top, student_log_sum, ws_ptr, meta_ptr, depth, 0, student_vocab, _CNT_S, _MIN_S, _MAX_S,
+                             student_top, student_log_sum, ws_ptr, meta_ptr, depth, 0, student_vocab, 0, _KEY_NONE_MIN, _CNT_S, _MIN_S, _MAX_S,
                              ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS)
                 _count_level(t_row, teacher_col_stride, teacher_vocab, inv_teacher_temperature,
-                             teacher_top, teacher_log_sum, ws_ptr, meta_ptr, depth, 0, teacher_vocab, _CNT_T, _MIN_T, _MAX_T,
+                             teacher_top, teacher_log_sum, ws_ptr, meta_ptr, depth, 0, teacher_vocab, 0, _KEY_NONE_MIN, _CNT_T, _MIN_T, _MAX_T,
                              ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS)
                 tl.debug_barrier()
                 status = _resolve_level(ws_ptr, sign_ptr, meta_ptr, depth, ENTRIES, RESOLVE_BLOCK,

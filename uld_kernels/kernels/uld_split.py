@@ -41,6 +41,8 @@ _DONE_STATS = tl.constexpr(51)  # per-pass counters of the programs that finishe
 _DONE_ROOT = tl.constexpr(52)
 _DONE_LOSS = tl.constexpr(53)
 _DONE_LEVEL = tl.constexpr(54)  # + level, levels 1 .. 8
+_OPEN_LO = tl.constexpr(44)  # the keys of the root's open buckets lie in [_OPEN_LO, _OPEN_HI]
+_OPEN_HI = tl.constexpr(45)
 # Per-pair floats.
 ROW_FLOATS = tl.constexpr(8)
 _S_TOP = tl.constexpr(0)
@@ -293,8 +295,21 @@ def root_kernel(
                 tl.store(ws_ptr + _CNT_T * ENTRIES + root, teacher_count)
             tl.debug_barrier()
             sign_ptr = ws_sign_ptr + local.to(tl.int64) * (SIGN_PLANES * ENTRIES)
-            tl.store(meta_ptr + _STATUS, _resolve_level(ws_ptr, sign_ptr, meta_ptr, 0, ENTRIES,
-                                                        RESOLVE_BLOCK, MAX_LEVELS))
+            status = _resolve_level(ws_ptr, sign_ptr, meta_ptr, 0, ENTRIES, RESOLVE_BLOCK, MAX_LEVELS)
+            tl.store(meta_ptr + _STATUS, status)
+            if status > 0:
+                # The key range of the open buckets (their signs are NaN): the levels below
+                # walk only keys inside it.
+                tl.debug_barrier()
+                first = ROOT_ENTRIES
+                last = -1
+                for piece in tl.static_range(0, ROOT_ENTRIES, 1024):
+                    root = piece + tl.arange(0, 1024)
+                    sign = tl.load(sign_ptr + root, cache_modifier=".cg")
+                    first = tl.minimum(first, tl.min(tl.where(sign != sign, root, ROOT_ENTRIES), 0))
+                    last = tl.maximum(last, tl.max(tl.where(sign != sign, root, -1), 0))
+                tl.store(meta_ptr + _OPEN_LO, ((root_base + first).to(tl.int64) << root_shift).to(tl.int32))
+                tl.store(meta_ptr + _OPEN_HI, (((root_base + last + 1).to(tl.int64) << root_shift) - 1).to(tl.int32))
 
 
 @triton.jit(do_not_specialize=["n_chunks", "batch_start", "level", "student_seq_len", "teacher_seq_len"])
@@ -319,13 +334,15 @@ def count_kernel(
             student_seq_len, student_batch_stride, student_row_stride,
             teacher_seq_len, teacher_batch_stride, teacher_row_stride, GATHER)
         ws_ptr = ws_int_ptr + local.to(tl.int64) * (INT_PLANES * ENTRIES)
+        key_lo = tl.load(meta_ptr + _OPEN_LO)
+        key_hi = tl.load(meta_ptr + _OPEN_HI)
         _count_level(s_row, student_col_stride, student_vocab, inv_student_temperature,
                      tl.load(row_f + _S_TOP), tl.load(row_f + _S_LOG_SUM), ws_ptr, meta_ptr, level,
-                     start, tl.minimum(start + CHUNK, student_vocab), _CNT_S, _MIN_S, _MAX_S,
+                     start, tl.minimum(start + CHUNK, student_vocab), key_lo, key_hi, _CNT_S, _MIN_S, _MAX_S,
                      ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS)
         _count_level(t_row, teacher_col_stride, teacher_vocab, inv_teacher_temperature,
                      tl.load(row_f + _T_TOP), tl.load(row_f + _T_LOG_SUM), ws_ptr, meta_ptr, level,
-                     start, tl.minimum(start + CHUNK, teacher_vocab), _CNT_T, _MIN_T, _MAX_T,
+                     start, tl.minimum(start + CHUNK, teacher_vocab), key_lo, key_hi, _CNT_T, _MIN_T, _MAX_T,
                      ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS)
         if _last_of_pair(meta_ptr + _DONE_LEVEL + level, n_chunks):
             sign_ptr = ws_sign_ptr + local.to(tl.int64) * (SIGN_PLANES * ENTRIES)
@@ -364,13 +381,15 @@ def deep_kernel(
         t_top = tl.load(row_f + _T_TOP)
         t_log_sum = tl.load(row_f + _T_LOG_SUM)
         depth = tl.load(meta_ptr + _DEPTH)
+        key_lo = tl.load(meta_ptr + _OPEN_LO)
+        key_hi = tl.load(meta_ptr + _OPEN_HI)
         while status > 0:
             depth += 1
             _count_level(s_row, student_col_stride, student_vocab, inv_student_temperature,
-                         s_top, s_log_sum, ws_ptr, meta_ptr, depth, 0, student_vocab, _CNT_S, _MIN_S, _MAX_S,
+                         s_top, s_log_sum, ws_ptr, meta_ptr, depth, 0, student_vocab, key_lo, key_hi, _CNT_S, _MIN_S, _MAX_S,
                          ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS)
             _count_level(t_row, teacher_col_stride, teacher_vocab, inv_teacher_temperature,
-                         t_top, t_log_sum, ws_ptr, meta_ptr, depth, 0, teacher_vocab, _CNT_T, _MIN_T, _MAX_T,
+                         t_top, t_log_sum, ws_ptr, meta_ptr, depth, 0, teacher_vocab, key_lo, key_hi, _CNT_T, _MIN_T, _MAX_T,
                          ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS)
             tl.debug_barrier()
             status = _resolve_level(ws_ptr, sign_ptr, meta_ptr, depth, ENTRIES, RESOLVE_BLOCK, MAX_LEVELS)
