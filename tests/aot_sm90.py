@@ -116,6 +116,10 @@ def _types_by_name(kernel, logits: str) -> dict:
             types[name] = "*i64"
         elif name in ("ws_int_ptr", "ws_meta_ptr", "status_ptr", "partial_i_ptr", "root_partial_ptr"):
             types[name] = "*i32"
+        elif name in ("ws_mass_ptr", "root_mass_partial_ptr"):
+            types[name] = "*i64"
+        elif name == "row_mass_ptr":
+            types[name] = "*fp64"
         elif name.endswith("_ptr"):
             types[name] = "*fp32"
         elif name.endswith(("batch_stride", "row_stride")):
@@ -138,11 +142,12 @@ def split_kernel_configs():
                      "grad_teacher_row_stride"]
     kernels = [
         ("stats", uld_split.stats_kernel, dict(SAME_VOCAB=False, HAS_CE=False, CHUNKS_POW2=chunks_pow2,
-                                               RESOLVE_BLOCK=256, ROOT_BITS=cfg.root_bits)),
-        ("root", uld_split.root_kernel, dict(RESOLVE_BLOCK=256, ROOT_BITS=cfg.root_bits, USE_SMEM=cfg.smem)),
-        ("count", uld_split.count_kernel, dict(RESOLVE_BLOCK=256)),
-        ("deep", uld_split.deep_kernel, dict(RESOLVE_BLOCK=256)),
-        ("loss", uld_split.loss_kernel, dict(CHUNKS_POW2=chunks_pow2)),
+                                               RESOLVE_BLOCK=256, ROOT_BITS=cfg.root_bits, MASS=cfg.mass)),
+        ("root", uld_split.root_kernel, dict(RESOLVE_BLOCK=256, ROOT_BITS=cfg.root_bits, USE_SMEM=cfg.smem,
+                                             MASS=cfg.mass)),
+        ("count", uld_split.count_kernel, dict(RESOLVE_BLOCK=256, MASS=cfg.mass)),
+        ("deep", uld_split.deep_kernel, dict(RESOLVE_BLOCK=256, MASS=cfg.mass)),
+        ("loss", uld_split.loss_kernel, dict(CHUNKS_POW2=chunks_pow2, MASS=cfg.mass)),
         ("grad", uld_split.grad_kernel, dict(STUDENT_GRAD=True, TEACHER_GRAD=False, HAS_CE=False)),
     ]
     for dtype, (label, kernel, extra) in itertools.product(TRITON_TYPE, kernels):
@@ -152,6 +157,8 @@ def split_kernel_configs():
                           **extra)
         if "CHUNK" in names:
             constexprs["CHUNK"] = cfg.chunk
+        if label == "deep":
+            constexprs["BLOCK"] = min(cfg.block, 512)  # as launch.py runs it
         yield (f"split {label} {TRITON_TYPE[dtype]}", kernel, _types_by_name(kernel, "*" + TRITON_TYPE[dtype]),
                constexprs, [n for n in aligned_names if n in names], cfg.num_warps)
     for label, kernel, extra in [("stats", uld_split.stats_kernel, kernels[0][2]),

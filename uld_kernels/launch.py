@@ -73,8 +73,9 @@ class SplitConfig:
     split_levels: int  # trie levels counted by chunk; deeper ones by one program per pair
     num_warps: int
     stages: int
-    root_bits: int  # the root has 2**root_bits buckets (10 to 12)
+    root_bits: int  # the root has 2**root_bits buckets (10 to 12; 11 with mass on the GPU)
     smem: bool  # root histogram in shared memory (inline PTX: GPU only)
+    mass: bool  # buckets sum their probabilities: the loss without a pass over the rows
 
 
 # Which engine runs: "split" (default: every pass a grid of row chunks) or "persistent" (the
@@ -89,14 +90,15 @@ SPLIT = dict(
     split_levels=int(os.environ.get("ULD_SPLIT_LEVELS", 2)),
     num_warps=4,  # the shared-memory histogram is laid out for 128 threads (kernels/smem.py)
     stages=int(os.environ.get("ULD_SPLIT_STAGES", 1)),
-    root_bits=int(os.environ.get("ULD_ROOT_BITS", 12)),
+    root_bits=int(os.environ.get("ULD_ROOT_BITS", 11)),
     smem=os.environ.get("ULD_SMEM", "1") != "0",
+    mass=os.environ.get("ULD_MASS", "1") != "0",
 )
 # Under the interpreter: small chunks and batches, so that short test rows still span several
 # chunks and batches (every cross-program path runs), at a cost the interpreter can afford;
 # a 1,024-bucket root (four resolve chunks: the carry across chunks runs) from tl.histogram.
 SPLIT_INTERPRETED = dict(block=128, chunk=256, entries=8192, batch_rows=5, split_levels=2,
-                         num_warps=4, stages=1, root_bits=10, smem=False)
+                         num_warps=4, stages=1, root_bits=10, smem=False, mass=True)
 
 
 def split_config(max_vocab: int, on_gpu: bool) -> SplitConfig:
@@ -105,6 +107,8 @@ def split_config(max_vocab: int, on_gpu: bool) -> SplitConfig:
     # the vocabulary itself would compile the kernels anew for every vocabulary.
     block = min(knobs["block"], max(128, triton.next_power_of_2(max_vocab)))
     chunk = max(block, min(knobs["chunk"], triton.next_power_of_2(max_vocab)))
+    if on_gpu and knobs["smem"] and knobs["mass"] and knobs["root_bits"] != 11:
+        raise ValueError("ULD_MASS with the shared-memory root needs ULD_ROOT_BITS=11 (48 KB of shared memory)")
     knobs.update(block=block, chunk=chunk,
                  num_warps=knobs["num_warps"] if block >= 32 * knobs["num_warps"] else max(1, block // 32))
     return SplitConfig(**knobs)
@@ -262,6 +266,10 @@ def _split_pairs(student_logits, teacher_logits, row_loss, status, row_ce, grad_
                           device=device)
     partial_i = torch.empty(batch * chunks_pow2 * 2, dtype=torch.int32, device=device)
     root_partial = torch.empty(batch * n_chunks * 2 << cfg.root_bits, dtype=torch.int32, device=device)
+    root_mass_partial = torch.empty((batch * n_chunks * 2 << cfg.root_bits) if cfg.mass else 1,
+                                    dtype=torch.int64, device=device)
+    ws_mass = torch.empty(batch * 2 * cfg.entries if cfg.mass else 1, dtype=torch.int64, device=device)
+    row_mass = torch.empty(batch * 2, dtype=torch.float64, device=device)
     unused = row_loss  # stands for pointers a configuration never reads
     s_index = student_index if gather else unused
     t_index = teacher_index if gather else unused
@@ -271,7 +279,7 @@ def _split_pairs(student_logits, teacher_logits, row_loss, status, row_ce, grad_
                    TEACHER_UNIT_STRIDE=teacher_logits.stride(-1) == 1, GATHER=gather)
     sizes = dict(BLOCK=cfg.block, ENTRIES=cfg.entries, MAX_LEVELS=_MAX_LEVELS, STAGES=cfg.stages,
                  num_warps=cfg.num_warps)
-    trie = (ws_int, ws_sign, ws_meta, row_f)
+    trie = (ws_int, ws_sign, ws_meta, row_f, ws_mass, row_mass)
     for batch_start in range(0, n_pairs, batch):
         rows = min(batch, n_pairs - batch_start)
         grid = (rows * n_chunks,)
@@ -281,23 +289,26 @@ def _split_pairs(student_logits, teacher_logits, row_loss, status, row_ce, grad_
             s_index, t_index, ce_label if has_ce else unused, row_ce if has_ce else unused,
             n_chunks, batch_start, student_vocab, teacher_vocab, *layouts, *temps,
             SAME_VOCAB=student_vocab == teacher_vocab, HAS_CE=has_ce, CHUNK=cfg.chunk,
-            CHUNKS_POW2=chunks_pow2, RESOLVE_BLOCK=256, ROOT_BITS=cfg.root_bits, **strides, **sizes)
+            CHUNKS_POW2=chunks_pow2, RESOLVE_BLOCK=256, ROOT_BITS=cfg.root_bits, MASS=cfg.mass,
+            **strides, **sizes)
         common = (student_logits, teacher_logits, *trie, s_index, t_index)
         uld_split.root_kernel[grid](
-            *common, root_partial, n_chunks, batch_start, student_vocab, teacher_vocab, *layouts,
-            *temps, CHUNK=cfg.chunk, RESOLVE_BLOCK=256, ROOT_BITS=cfg.root_bits,
-            USE_SMEM=cfg.smem and device.type == "cuda", **strides, **sizes)
+            *common, root_partial, root_mass_partial, n_chunks, batch_start, student_vocab,
+            teacher_vocab, *layouts, *temps, CHUNK=cfg.chunk, RESOLVE_BLOCK=256,
+            ROOT_BITS=cfg.root_bits, USE_SMEM=cfg.smem and device.type == "cuda", MASS=cfg.mass,
+            **strides, **sizes)
         for level in range(1, cfg.split_levels + 1):
             uld_split.count_kernel[grid](
                 *common, n_chunks, batch_start, level, student_vocab, teacher_vocab, *layouts,
-                *temps, CHUNK=cfg.chunk, RESOLVE_BLOCK=256, **strides, **sizes)
+                *temps, CHUNK=cfg.chunk, RESOLVE_BLOCK=256, MASS=cfg.mass, **strides, **sizes)
         uld_split.deep_kernel[(rows,)](
             *common, batch_start, student_vocab, teacher_vocab, *layouts, *temps,
-            RESOLVE_BLOCK=256, **strides, **sizes)
+            RESOLVE_BLOCK=256, MASS=cfg.mass, **strides,
+            **dict(sizes, BLOCK=min(cfg.block, 512)))  # 8 elements per thread spill more here
         uld_split.loss_kernel[grid](
             student_logits, teacher_logits, row_loss, status, *trie, partial, s_index, t_index,
             n_chunks, batch_start, student_vocab, teacher_vocab, *layouts, *temps,
-            CHUNK=cfg.chunk, CHUNKS_POW2=chunks_pow2, **strides, **sizes)
+            CHUNK=cfg.chunk, CHUNKS_POW2=chunks_pow2, MASS=cfg.mass, **strides, **sizes)
         if grad_student is not None or grad_teacher is not None:
             uld_split.grad_kernel[grid](
                 student_logits, teacher_logits,

@@ -9,47 +9,79 @@ The buffer is a function-scope `.shared` array declared once, by `smem_zero`, wh
 assembly is emitted exactly once per kernel: it runs on a tensor of one element per thread
 (SMEM_THREADS = 32 x num_warps threads, so the kernels using it run with 4 warps). Every
 other helper refers to the array by name. Callers put `tl.debug_barrier()` between zeroing,
-adding and reading back.
+adding and reading back. Two layouts:
+
+    COUNTS_ONLY (32 KB): int32 counts of 2 x 4,096 buckets at byte 0
+    WITH_MASS   (48 KB): int32 counts of 2 x 2,048 buckets at byte 0, then their int64
+                         fixed-point masses (sum of p * 2**52) at byte MASS_OFFSET
+
+48 KB is the most static shared memory a kernel may declare.
 
 Nothing here runs under TRITON_INTERPRET (inline assembly): the kernels fall back to
-`tl.histogram` there (a constexpr switch), and the GPU tests check this path.
+`tl.histogram` and global atomics there (a constexpr switch), and the GPU tests check this
+path.
 """
 
 import triton
 import triton.language as tl
 
-SMEM_WORDS = tl.constexpr(8192)  # 32 KB of int32 counts: two sides x 4,096 buckets
 SMEM_THREADS = tl.constexpr(128)  # 4 warps
+COUNTS_ONLY_BYTES = tl.constexpr(32768)
+WITH_MASS_BYTES = tl.constexpr(49152)
+MASS_OFFSET = tl.constexpr(16384)  # after 2 x 2,048 int32 counts
 
 
-def _zero_asm(words: int, threads: int) -> str:
-    stores = " ".join(f"st.shared.u32 [a+{4 * threads * i}], 0;" for i in range(words // threads))
-    return (f".shared .align 16 .b32 uld_smem[{words}];\n"
-            f"{{ .reg .u32 a; mov.u32 a, uld_smem; mad.lo.u32 a, $1, 4, a; {stores} mov.u32 $0, 0; }}")
+def _zero_asm(size: int, threads: int) -> str:
+    stride = 16 * threads
+    stores = " ".join(f"st.shared.v4.u32 [a+{stride * i}], {{0, 0, 0, 0}};" for i in range(size // stride))
+    return (f".shared .align 16 .b8 uld_smem[{size}];\n"
+            f"{{ .reg .u32 a; mov.u32 a, uld_smem; mad.lo.u32 a, $1, 16, a; {stores} mov.u32 $0, 0; }}")
 
 
-_ZERO_ASM = tl.constexpr(_zero_asm(SMEM_WORDS.value, SMEM_THREADS.value))
+_ZERO_COUNTS_ONLY = tl.constexpr(_zero_asm(COUNTS_ONLY_BYTES.value, SMEM_THREADS.value))
+_ZERO_WITH_MASS = tl.constexpr(_zero_asm(WITH_MASS_BYTES.value, SMEM_THREADS.value))
 _ADD_ONE_ASM = tl.constexpr(
     "{ .reg .pred p; .reg .u32 a; setp.ge.s32 p, $1, 0; mov.u32 a, uld_smem; "
     "mad.lo.u32 a, $1, 4, a; @p red.shared.add.u32 [a], 1; mov.u32 $0, 0; }")
+_ADD_MASS_ASM = tl.constexpr(
+    "{ .reg .pred p; .reg .u32 a; setp.ge.s32 p, $1, 0; mov.u32 a, uld_smem; "
+    f"add.u32 a, a, {MASS_OFFSET.value}; mad.lo.u32 a, $1, 8, a; @p red.shared.add.u64 [a], $2; mov.u32 $0, 0; }}")
 _LOAD_ASM = tl.constexpr(
     "{ .reg .u32 a; mov.u32 a, uld_smem; mad.lo.u32 a, $1, 4, a; ld.shared.u32 $0, [a]; }")
+_LOAD_MASS_ASM = tl.constexpr(
+    "{ .reg .u32 a; mov.u32 a, uld_smem; "
+    f"add.u32 a, a, {MASS_OFFSET.value}; mad.lo.u32 a, $1, 8, a; ld.shared.u64 $0, [a]; }}")
 
 
 @triton.jit
-def smem_zero():
-    """Declares the shared array and zeroes it (each thread its own words)."""
+def smem_zero(WITH_MASS: tl.constexpr):
+    """Declares the shared array (one of the two layouts) and zeroes it."""
     thread = tl.arange(0, SMEM_THREADS)
-    tl.inline_asm_elementwise(_ZERO_ASM, "=r,r", [thread], dtype=tl.int32, is_pure=False, pack=1)
+    if WITH_MASS:
+        tl.inline_asm_elementwise(_ZERO_WITH_MASS, "=r,r", [thread], dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        tl.inline_asm_elementwise(_ZERO_COUNTS_ONLY, "=r,r", [thread], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
 def smem_add_one(word):
-    """uld_smem[word] += 1 for every lane whose word is >= 0."""
+    """counts[word] += 1 for every lane whose word is >= 0."""
     tl.inline_asm_elementwise(_ADD_ONE_ASM, "=r,r", [word], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
+def smem_add_mass(word, mass):
+    """masses[word] += mass (int64) for every lane whose word is >= 0 (WITH_MASS layout)."""
+    tl.inline_asm_elementwise(_ADD_MASS_ASM, "=r,r,l", [word, mass], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def smem_load(word):
-    """uld_smem[word], one value per lane."""
+    """counts[word], one value per lane."""
     return tl.inline_asm_elementwise(_LOAD_ASM, "=r,r", [word], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def smem_load_mass(word):
+    """masses[word], one int64 per lane (WITH_MASS layout)."""
+    return tl.inline_asm_elementwise(_LOAD_MASS_ASM, "=l,r", [word], dtype=tl.int64, is_pure=False, pack=1)

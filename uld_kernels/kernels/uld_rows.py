@@ -48,6 +48,7 @@ _ROOT_BASE = tl.constexpr(31)  # the root digit of a key is (key >> root shift) 
 ROOT_BITS = tl.constexpr(8)
 ROOT_ENTRIES = tl.constexpr(256)
 _MAX_CHILD_BITS = tl.constexpr(8)
+MASS_SCALE = tl.constexpr(4503599627370496.0)  # 2**52: probabilities as int64 fixed point
 _KEY_NONE_MIN = tl.constexpr(2147483647)
 _KEY_NONE_MAX = tl.constexpr(-1)
 
@@ -302,11 +303,15 @@ def _count_difference(ws_ptr, chunk_start, level_end, ENTRIES: tl.constexpr, RES
 
 
 @triton.jit
-def _resolve_level(ws_ptr, sign_ptr, meta_ptr, level, ENTRIES: tl.constexpr,
-                   RESOLVE_BLOCK: tl.constexpr, MAX_LEVELS: tl.constexpr):
+def _resolve_level(ws_ptr, sign_ptr, meta_ptr, level, mass_ptr, row_mass_ptr, ENTRIES: tl.constexpr,
+                   RESOLVE_BLOCK: tl.constexpr, MAX_LEVELS: tl.constexpr, MASS: tl.constexpr):
     """Sign every bucket of `level`; give each open bucket a child node on `level + 1`.
 
     Returns the number of open buckets, or -1 when the workspace or the depth ran out.
+    With MASS, the buckets also hold their probability mass (int64 fixed point, student at
+    mass_ptr, teacher at mass_ptr + ENTRIES), and the signed mass of every bucket resolved
+    here, sum sign * mass per side, is added to row_mass_ptr[0:2] (float64, units of
+    2**-52): the loss without a pass over the rows.
     """
     level_start = tl.load(meta_ptr + level)
     level_end = tl.load(meta_ptr + level + 1)
@@ -354,10 +359,15 @@ def _resolve_level(ws_ptr, sign_ptr, meta_ptr, level, ENTRIES: tl.constexpr,
             tl.store(ws_ptr + _MIN_T * ENTRIES + entry, zeros + _KEY_NONE_MIN, mask=fresh)
             tl.store(ws_ptr + _MAX_T * ENTRIES + entry, zeros + _KEY_NONE_MAX, mask=fresh)
             tl.store(ws_ptr + _CHILD * ENTRIES + entry, zeros, mask=fresh)
+            if MASS:
+                tl.store(mass_ptr + entry, zeros.to(tl.int64), mask=fresh)
+                tl.store(mass_ptr + ENTRIES + entry, zeros.to(tl.int64), mask=fresh)
         tl.store(meta_ptr + level + 2, next_end)
         tl.store(meta_ptr + _SHIFT_OFFSET + level + 1, shift - child_bits)
     opened = 0
     below = 0
+    student_acc = tl.zeros([1], tl.float64).sum(0)
+    teacher_acc = tl.zeros([1], tl.float64).sum(0)
     for chunk_start in range(level_start, level_end, RESOLVE_BLOCK):
         below += tl.sum(_count_difference(ws_ptr, chunk_start, level_end, ENTRIES, RESOLVE_BLOCK), 0)
         entry, in_level, d, student_sign, teacher_sign, open_bucket = _bucket_states(
@@ -372,27 +382,38 @@ def _resolve_level(ws_ptr, sign_ptr, meta_ptr, level, ENTRIES: tl.constexpr,
         tl.store(ws_ptr + _CHILD * ENTRIES + entry, tl.where(is_open > 0, child, 0), mask=in_level)
         tl.store(ws_ptr + _NODE_TOP * ENTRIES + child, d, mask=is_open > 0)
         opened += tl.sum(is_open, 0)
+        if MASS:
+            resolved = in_level & (is_open == 0)
+            student_mass = tl.load(mass_ptr + entry, mask=resolved, other=0, cache_modifier=".cg")
+            teacher_mass = tl.load(mass_ptr + ENTRIES + entry, mask=resolved, other=0, cache_modifier=".cg")
+            student_acc += tl.sum(tl.where(resolved, student_sign.to(tl.float64) * student_mass.to(tl.float64), 0.0), 0)
+            teacher_acc += tl.sum(tl.where(resolved, teacher_sign.to(tl.float64) * teacher_mass.to(tl.float64), 0.0), 0)
+    if MASS:
+        tl.store(row_mass_ptr, tl.load(row_mass_ptr) + student_acc)
+        tl.store(row_mass_ptr + 1, tl.load(row_mass_ptr + 1) + teacher_acc)
     return status
 
 
 @triton.jit
 def _count_level(row_ptr, col_stride, vocab, inv_temperature, row_max, log_sum, ws_ptr,
-                 meta_ptr, level, start, stop, key_lo, key_hi,
+                 meta_ptr, level, start, stop, key_lo, key_hi, mass_ptr,
                  CNT: tl.constexpr, KEY_MIN: tl.constexpr, KEY_MAX: tl.constexpr,
                  ENTRIES: tl.constexpr, BLOCK: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr,
-                 STAGES: tl.constexpr, MAX_LEVELS: tl.constexpr):
+                 STAGES: tl.constexpr, MAX_LEVELS: tl.constexpr, MASS: tl.constexpr):
     """One pass over columns [start, stop) of a row: count its keys that reach the open buckets
     of `level`. Keys outside [key_lo, key_hi] (a range known to hold every open bucket) skip
     the walk: no gathers, no atomics."""
     lanes = tl.arange(0, BLOCK)
     for block_start in tl.range(start, stop, BLOCK, num_stages=STAGES):
-        _p, key, counted, _z = _probs_and_keys(row_ptr, block_start + lanes, col_stride, vocab,
-                                           inv_temperature, row_max, log_sum, UNIT_COL_STRIDE)
+        p, key, counted, _z = _probs_and_keys(row_ptr, block_start + lanes, col_stride, vocab,
+                                              inv_temperature, row_max, log_sum, UNIT_COL_STRIDE)
         counted = counted & (key >= key_lo) & (key <= key_hi)
         entry, reached = _walk(key, counted, ws_ptr + _CHILD * ENTRIES, meta_ptr, level, MAX_LEVELS)
         tl.atomic_add(ws_ptr + CNT * ENTRIES + entry, 1, mask=reached, sem="relaxed")
         tl.atomic_min(ws_ptr + KEY_MIN * ENTRIES + entry, key, mask=reached, sem="relaxed")
         tl.atomic_max(ws_ptr + KEY_MAX * ENTRIES + entry, key, mask=reached, sem="relaxed")
+        if MASS:
+            tl.atomic_add(mass_ptr + entry, (p * MASS_SCALE).to(tl.int64), mask=reached, sem="relaxed")
 
 
 @triton.jit
@@ -554,20 +575,21 @@ def uld_rows_kernel(
             tl.debug_barrier()
 
             # Refine: resolve a level, count the keys of its open buckets one level down.
-            status = _resolve_level(ws_ptr, sign_ptr, meta_ptr, 0, ENTRIES, RESOLVE_BLOCK, MAX_LEVELS)
+            status = _resolve_level(ws_ptr, sign_ptr, meta_ptr, 0, ws_ptr, ws_ptr, ENTRIES, RESOLVE_BLOCK,
+                                    MAX_LEVELS, False)
             depth = 0
             tl.debug_barrier()
             while status > 0:
                 depth += 1
                 _count_level(s_row, student_col_stride, student_vocab, inv_student_temperature,
-                             student_top, student_log_sum, ws_ptr, meta_ptr, depth, 0, student_vocab, 0, _KEY_NONE_MIN, _CNT_S, _MIN_S, _MAX_S,
-                             ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS)
+                             student_top, student_log_sum, ws_ptr, meta_ptr, depth, 0, student_vocab, 0, _KEY_NONE_MIN, ws_ptr, _CNT_S, _MIN_S, _MAX_S,
+                             ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS, False)
                 _count_level(t_row, teacher_col_stride, teacher_vocab, inv_teacher_temperature,
-                             teacher_top, teacher_log_sum, ws_ptr, meta_ptr, depth, 0, teacher_vocab, 0, _KEY_NONE_MIN, _CNT_T, _MIN_T, _MAX_T,
-                             ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS)
+                             teacher_top, teacher_log_sum, ws_ptr, meta_ptr, depth, 0, teacher_vocab, 0, _KEY_NONE_MIN, ws_ptr, _CNT_T, _MIN_T, _MAX_T,
+                             ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS, False)
                 tl.debug_barrier()
-                status = _resolve_level(ws_ptr, sign_ptr, meta_ptr, depth, ENTRIES, RESOLVE_BLOCK,
-                                        MAX_LEVELS)
+                status = _resolve_level(ws_ptr, sign_ptr, meta_ptr, depth, ws_ptr, ws_ptr, ENTRIES,
+                                        RESOLVE_BLOCK, MAX_LEVELS, False)
                 tl.debug_barrier()
             exhausted = status < 0
 

@@ -27,11 +27,11 @@ import triton.language as tl
 
 from uld_kernels.kernels.uld_rows import (
     _CNT_S, _CNT_T, _MAX_S, _MAX_T, _MIN_S, _MIN_T, _NODE_TOP, _ROOT_BASE, _SHIFT_OFFSET,
-    INT_PLANES, SIGN_PLANES,
+    INT_PLANES, MASS_SCALE, SIGN_PLANES,
     _count_level, _finish_lse, _key_of, _pair_rows, _probs_and_keys, _resolve_level,
     _signed_mass, _stats_range, _write_grad,
 )
-from uld_kernels.kernels.smem import smem_add_one, smem_load, smem_zero
+from uld_kernels.kernels.smem import smem_add_mass, smem_add_one, smem_load, smem_load_mass, smem_zero
 
 # Per-pair integers in the meta block of uld_rows.py (slots past its trie levels).
 _FLAGS = tl.constexpr(48)  # bit 0: the row has a distribution; bit 1: student == teacher
@@ -79,7 +79,7 @@ def _chunk_of(pid, n_chunks, batch_start, CHUNK: tl.constexpr):
 @triton.jit(do_not_specialize=["n_chunks", "batch_start", "student_seq_len", "teacher_seq_len"])
 def stats_kernel(
     student_ptr, teacher_ptr, row_loss_ptr, status_ptr,
-    ws_int_ptr, ws_sign_ptr, ws_meta_ptr, row_f_ptr, partial_ptr, partial_i_ptr,
+    ws_int_ptr, ws_sign_ptr, ws_meta_ptr, row_f_ptr, ws_mass_ptr, row_mass_ptr, partial_ptr, partial_i_ptr,
     student_index_ptr, teacher_index_ptr, ce_label_ptr, row_ce_ptr,
     n_chunks, batch_start, student_vocab, teacher_vocab,
     student_seq_len, student_batch_stride, student_row_stride, student_col_stride,
@@ -89,7 +89,7 @@ def stats_kernel(
     GATHER: tl.constexpr, HAS_CE: tl.constexpr,
     BLOCK: tl.constexpr, CHUNK: tl.constexpr, CHUNKS_POW2: tl.constexpr, ENTRIES: tl.constexpr,
     RESOLVE_BLOCK: tl.constexpr, MAX_LEVELS: tl.constexpr, STAGES: tl.constexpr,
-    ROOT_BITS: tl.constexpr,
+    ROOT_BITS: tl.constexpr, MASS: tl.constexpr,
 ):
     """Per (pair, chunk): both rows' log-sum-exp over the chunk; the pair's last program
     combines the chunks and prepares the root."""
@@ -180,6 +180,10 @@ def stats_kernel(
             tl.store(meta_ptr + _ROOT_BASE, key_lo >> root_shift)
             tl.store(meta_ptr + _DEPTH, 0)
             tl.store(meta_ptr + _FLAGS, row_ok.to(tl.int32) + 2 * identical.to(tl.int32))
+            if MASS:
+                row_mass = row_mass_ptr + local.to(tl.int64) * 2
+                tl.store(row_mass, tl.zeros([1], tl.float64).sum(0))
+                tl.store(row_mass + 1, tl.zeros([1], tl.float64).sum(0))
             if row_ok & (~identical):
                 tl.store(meta_ptr + _STATUS, 1)  # the root is still to be counted
             else:
@@ -190,8 +194,8 @@ def stats_kernel(
                     tl.store(ws_ptr + _CNT_S * ENTRIES + root, tl.zeros([1024], tl.int32), mask=root < ROOT_ENTRIES)
                     tl.store(ws_ptr + _CNT_T * ENTRIES + root, tl.zeros([1024], tl.int32), mask=root < ROOT_ENTRIES)
                 tl.debug_barrier()
-                tl.store(meta_ptr + _STATUS, _resolve_level(ws_ptr, sign_ptr, meta_ptr, 0, ENTRIES,
-                                                            RESOLVE_BLOCK, MAX_LEVELS))
+                tl.store(meta_ptr + _STATUS, _resolve_level(ws_ptr, sign_ptr, meta_ptr, 0, ws_ptr, ws_ptr,
+                                                            ENTRIES, RESOLVE_BLOCK, MAX_LEVELS, False))
 
 
 @triton.jit
@@ -214,8 +218,8 @@ def _row_state(ws_meta_ptr, row_f_ptr, local):
 
 @triton.jit(do_not_specialize=["n_chunks", "batch_start", "student_seq_len", "teacher_seq_len"])
 def root_kernel(
-    student_ptr, teacher_ptr, ws_int_ptr, ws_sign_ptr, ws_meta_ptr, row_f_ptr,
-    student_index_ptr, teacher_index_ptr, root_partial_ptr,
+    student_ptr, teacher_ptr, ws_int_ptr, ws_sign_ptr, ws_meta_ptr, row_f_ptr, ws_mass_ptr, row_mass_ptr,
+    student_index_ptr, teacher_index_ptr, root_partial_ptr, root_mass_partial_ptr,
     n_chunks, batch_start, student_vocab, teacher_vocab,
     student_seq_len, student_batch_stride, student_row_stride, student_col_stride,
     teacher_seq_len, teacher_batch_stride, teacher_row_stride, teacher_col_stride,
@@ -223,14 +227,16 @@ def root_kernel(
     STUDENT_UNIT_STRIDE: tl.constexpr, TEACHER_UNIT_STRIDE: tl.constexpr, GATHER: tl.constexpr,
     BLOCK: tl.constexpr, CHUNK: tl.constexpr, ENTRIES: tl.constexpr,
     RESOLVE_BLOCK: tl.constexpr, MAX_LEVELS: tl.constexpr, STAGES: tl.constexpr,
-    ROOT_BITS: tl.constexpr, USE_SMEM: tl.constexpr,
+    ROOT_BITS: tl.constexpr, USE_SMEM: tl.constexpr, MASS: tl.constexpr,
 ):
     """Per (pair, chunk): the root histogram of the chunk's keys (2**ROOT_BITS buckets per
     side), written as the chunk's partial counts; the pair's last program adds the chunks up
     in order and decides the root buckets.
 
     USE_SMEM (GPU): shared-memory reductions, one instruction per element (kernels/smem.py);
-    otherwise `tl.histogram` (the interpreter)."""
+    otherwise `tl.histogram` (the interpreter). MASS: each bucket also sums its elements'
+    probabilities (int64 fixed point), so that resolving a bucket adds its signed mass to the
+    loss and no pass over the rows is left to sum the loss."""
     ROOT_ENTRIES: tl.constexpr = 1 << ROOT_BITS
     local, pair, chunk, start = _chunk_of(tl.program_id(0), n_chunks, batch_start, CHUNK)
     meta_ptr, row_f, flags = _row_state(ws_meta_ptr, row_f_ptr, local)
@@ -240,6 +246,7 @@ def root_kernel(
             student_seq_len, student_batch_stride, student_row_stride,
             teacher_seq_len, teacher_batch_stride, teacher_row_stride, GATHER)
         ws_ptr = ws_int_ptr + local.to(tl.int64) * (INT_PLANES * ENTRIES)
+        mass_ptr = ws_mass_ptr + local.to(tl.int64) * (2 * ENTRIES)
         s_top = tl.load(row_f + _S_TOP)
         s_log_sum = tl.load(row_f + _S_LOG_SUM)
         t_top = tl.load(row_f + _T_TOP)
@@ -249,72 +256,97 @@ def root_kernel(
         lanes = tl.arange(0, BLOCK)
         partial = root_partial_ptr + (local.to(tl.int64) * n_chunks + chunk) * (2 * ROOT_ENTRIES)
         stop = tl.minimum(start + CHUNK, tl.maximum(student_vocab, teacher_vocab))
+        mass_partial = root_mass_partial_ptr + (local.to(tl.int64) * n_chunks + chunk) * (2 * ROOT_ENTRIES)
         if USE_SMEM:
-            smem_zero()
+            smem_zero(MASS)
             tl.debug_barrier()
         else:
             student_hist = tl.zeros([ROOT_ENTRIES], tl.int32)
             teacher_hist = tl.zeros([ROOT_ENTRIES], tl.int32)
+            if MASS:  # global atomics into this chunk's own partial (the interpreter)
+                for piece in tl.static_range(0, 2 * ROOT_ENTRIES, 1024):
+                    tl.store(mass_partial + piece + tl.arange(0, 1024), tl.zeros([1024], tl.int64))
+                tl.debug_barrier()
         for block_start in tl.range(start, stop, BLOCK, num_stages=STAGES):
             idx = block_start + lanes
-            _ps, ks, counted_s, _zs = _probs_and_keys(s_row, idx, student_col_stride, student_vocab,
-                                                      inv_student_temperature, s_top, s_log_sum,
-                                                      STUDENT_UNIT_STRIDE)
-            _pt, kt, counted_t, _zt = _probs_and_keys(t_row, idx, teacher_col_stride, teacher_vocab,
-                                                      inv_teacher_temperature, t_top, t_log_sum,
-                                                      TEACHER_UNIT_STRIDE)
+            ps, ks, counted_s, _zs = _probs_and_keys(s_row, idx, student_col_stride, student_vocab,
+                                                     inv_student_temperature, s_top, s_log_sum,
+                                                     STUDENT_UNIT_STRIDE)
+            pt, kt, counted_t, _zt = _probs_and_keys(t_row, idx, teacher_col_stride, teacher_vocab,
+                                                     inv_teacher_temperature, t_top, t_log_sum,
+                                                     TEACHER_UNIT_STRIDE)
             # (Clamped only for memory safety: every counted key lies in the root's range.)
             ds = tl.minimum(tl.maximum((ks >> root_shift) - root_base, 0), ROOT_ENTRIES - 1)
             dt = tl.minimum(tl.maximum((kt >> root_shift) - root_base, 0), ROOT_ENTRIES - 1)
             if USE_SMEM:
                 smem_add_one(tl.where(counted_s, ds, -1))
                 smem_add_one(tl.where(counted_t, dt + ROOT_ENTRIES, -1))
+                if MASS:
+                    smem_add_mass(tl.where(counted_s, ds, -1), (ps * MASS_SCALE).to(tl.int64))
+                    smem_add_mass(tl.where(counted_t, dt + ROOT_ENTRIES, -1), (pt * MASS_SCALE).to(tl.int64))
             else:
                 student_hist += tl.histogram(ds, ROOT_ENTRIES, mask=counted_s)
                 teacher_hist += tl.histogram(dt, ROOT_ENTRIES, mask=counted_t)
+                if MASS:
+                    tl.atomic_add(mass_partial + ds, (ps * MASS_SCALE).to(tl.int64), mask=counted_s, sem="relaxed")
+                    tl.atomic_add(mass_partial + ROOT_ENTRIES + dt, (pt * MASS_SCALE).to(tl.int64),
+                                  mask=counted_t, sem="relaxed")
         if USE_SMEM:
             tl.debug_barrier()
             for piece in tl.static_range(0, 2 * ROOT_ENTRIES, 1024):
                 word = piece + tl.arange(0, 1024)
                 tl.store(partial + word, smem_load(word))
+                if MASS:
+                    tl.store(mass_partial + word, smem_load_mass(word))
         else:
             root = tl.arange(0, ROOT_ENTRIES)
             tl.store(partial + root, student_hist)
             tl.store(partial + ROOT_ENTRIES + root, teacher_hist)
         if _last_of_pair(meta_ptr + _DONE_ROOT, n_chunks):
-            first = root_partial_ptr + local.to(tl.int64) * n_chunks * (2 * ROOT_ENTRIES)
+            counts_first = root_partial_ptr + local.to(tl.int64) * n_chunks * (2 * ROOT_ENTRIES)
             for piece in tl.static_range(0, ROOT_ENTRIES, 1024):
                 root = piece + tl.arange(0, 1024)
                 student_count = tl.zeros([1024], tl.int32)
                 teacher_count = tl.zeros([1024], tl.int32)
                 for c in range(0, n_chunks):
-                    student_count += tl.load(first + c * (2 * ROOT_ENTRIES) + root, cache_modifier=".cg")
-                    teacher_count += tl.load(first + c * (2 * ROOT_ENTRIES) + ROOT_ENTRIES + root,
+                    student_count += tl.load(counts_first + c * (2 * ROOT_ENTRIES) + root, cache_modifier=".cg")
+                    teacher_count += tl.load(counts_first + c * (2 * ROOT_ENTRIES) + ROOT_ENTRIES + root,
                                              cache_modifier=".cg")
                 tl.store(ws_ptr + _CNT_S * ENTRIES + root, student_count)
                 tl.store(ws_ptr + _CNT_T * ENTRIES + root, teacher_count)
+                if MASS:
+                    first_mass = root_mass_partial_ptr + local.to(tl.int64) * n_chunks * (2 * ROOT_ENTRIES)
+                    student_mass = tl.zeros([1024], tl.int64)
+                    teacher_mass = tl.zeros([1024], tl.int64)
+                    for c in range(0, n_chunks):
+                        student_mass += tl.load(first_mass + c * (2 * ROOT_ENTRIES) + root, cache_modifier=".cg")
+                        teacher_mass += tl.load(first_mass + c * (2 * ROOT_ENTRIES) + ROOT_ENTRIES + root,
+                                                cache_modifier=".cg")
+                    tl.store(mass_ptr + root, student_mass)
+                    tl.store(mass_ptr + ENTRIES + root, teacher_mass)
             tl.debug_barrier()
             sign_ptr = ws_sign_ptr + local.to(tl.int64) * (SIGN_PLANES * ENTRIES)
-            status = _resolve_level(ws_ptr, sign_ptr, meta_ptr, 0, ENTRIES, RESOLVE_BLOCK, MAX_LEVELS)
+            status = _resolve_level(ws_ptr, sign_ptr, meta_ptr, 0, mass_ptr, row_mass_ptr + local.to(tl.int64) * 2,
+                                    ENTRIES, RESOLVE_BLOCK, MAX_LEVELS, MASS)
             tl.store(meta_ptr + _STATUS, status)
             if status > 0:
                 # The key range of the open buckets (their signs are NaN): the levels below
                 # walk only keys inside it.
                 tl.debug_barrier()
-                first = ROOT_ENTRIES
-                last = -1
+                open_first = ROOT_ENTRIES
+                open_last = -1
                 for piece in tl.static_range(0, ROOT_ENTRIES, 1024):
                     root = piece + tl.arange(0, 1024)
                     sign = tl.load(sign_ptr + root, cache_modifier=".cg")
-                    first = tl.minimum(first, tl.min(tl.where(sign != sign, root, ROOT_ENTRIES), 0))
-                    last = tl.maximum(last, tl.max(tl.where(sign != sign, root, -1), 0))
-                tl.store(meta_ptr + _OPEN_LO, ((root_base + first).to(tl.int64) << root_shift).to(tl.int32))
-                tl.store(meta_ptr + _OPEN_HI, (((root_base + last + 1).to(tl.int64) << root_shift) - 1).to(tl.int32))
+                    open_first = tl.minimum(open_first, tl.min(tl.where(sign != sign, root, ROOT_ENTRIES), 0))
+                    open_last = tl.maximum(open_last, tl.max(tl.where(sign != sign, root, -1), 0))
+                tl.store(meta_ptr + _OPEN_LO, ((root_base + open_first).to(tl.int64) << root_shift).to(tl.int32))
+                tl.store(meta_ptr + _OPEN_HI, (((root_base + open_last + 1).to(tl.int64) << root_shift) - 1).to(tl.int32))
 
 
 @triton.jit(do_not_specialize=["n_chunks", "batch_start", "level", "student_seq_len", "teacher_seq_len"])
 def count_kernel(
-    student_ptr, teacher_ptr, ws_int_ptr, ws_sign_ptr, ws_meta_ptr, row_f_ptr,
+    student_ptr, teacher_ptr, ws_int_ptr, ws_sign_ptr, ws_meta_ptr, row_f_ptr, ws_mass_ptr, row_mass_ptr,
     student_index_ptr, teacher_index_ptr,
     n_chunks, batch_start, level, student_vocab, teacher_vocab,
     student_seq_len, student_batch_stride, student_row_stride, student_col_stride,
@@ -322,7 +354,7 @@ def count_kernel(
     inv_student_temperature, inv_teacher_temperature,
     STUDENT_UNIT_STRIDE: tl.constexpr, TEACHER_UNIT_STRIDE: tl.constexpr, GATHER: tl.constexpr,
     BLOCK: tl.constexpr, CHUNK: tl.constexpr, ENTRIES: tl.constexpr,
-    RESOLVE_BLOCK: tl.constexpr, MAX_LEVELS: tl.constexpr, STAGES: tl.constexpr,
+    RESOLVE_BLOCK: tl.constexpr, MAX_LEVELS: tl.constexpr, STAGES: tl.constexpr, MASS: tl.constexpr,
 ):
     """Per (pair, chunk) of the pairs whose trie has open buckets at `level - 1`: count the
     chunk's keys one level down; the pair's last program resolves `level`."""
@@ -334,26 +366,28 @@ def count_kernel(
             student_seq_len, student_batch_stride, student_row_stride,
             teacher_seq_len, teacher_batch_stride, teacher_row_stride, GATHER)
         ws_ptr = ws_int_ptr + local.to(tl.int64) * (INT_PLANES * ENTRIES)
+        mass_ptr = ws_mass_ptr + local.to(tl.int64) * (2 * ENTRIES)
         key_lo = tl.load(meta_ptr + _OPEN_LO)
         key_hi = tl.load(meta_ptr + _OPEN_HI)
         _count_level(s_row, student_col_stride, student_vocab, inv_student_temperature,
                      tl.load(row_f + _S_TOP), tl.load(row_f + _S_LOG_SUM), ws_ptr, meta_ptr, level,
-                     start, tl.minimum(start + CHUNK, student_vocab), key_lo, key_hi, _CNT_S, _MIN_S, _MAX_S,
-                     ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS)
+                     start, tl.minimum(start + CHUNK, student_vocab), key_lo, key_hi, mass_ptr,
+                     _CNT_S, _MIN_S, _MAX_S, ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS, MASS)
         _count_level(t_row, teacher_col_stride, teacher_vocab, inv_teacher_temperature,
                      tl.load(row_f + _T_TOP), tl.load(row_f + _T_LOG_SUM), ws_ptr, meta_ptr, level,
-                     start, tl.minimum(start + CHUNK, teacher_vocab), key_lo, key_hi, _CNT_T, _MIN_T, _MAX_T,
-                     ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS)
+                     start, tl.minimum(start + CHUNK, teacher_vocab), key_lo, key_hi, mass_ptr + ENTRIES,
+                     _CNT_T, _MIN_T, _MAX_T, ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS, MASS)
         if _last_of_pair(meta_ptr + _DONE_LEVEL + level, n_chunks):
             sign_ptr = ws_sign_ptr + local.to(tl.int64) * (SIGN_PLANES * ENTRIES)
             tl.store(meta_ptr + _DEPTH, level)
-            tl.store(meta_ptr + _STATUS, _resolve_level(ws_ptr, sign_ptr, meta_ptr, level, ENTRIES,
-                                                        RESOLVE_BLOCK, MAX_LEVELS))
+            tl.store(meta_ptr + _STATUS, _resolve_level(
+                ws_ptr, sign_ptr, meta_ptr, level, mass_ptr, row_mass_ptr + local.to(tl.int64) * 2,
+                ENTRIES, RESOLVE_BLOCK, MAX_LEVELS, MASS))
 
 
 @triton.jit(do_not_specialize=["batch_start", "student_seq_len", "teacher_seq_len"])
 def deep_kernel(
-    student_ptr, teacher_ptr, ws_int_ptr, ws_sign_ptr, ws_meta_ptr, row_f_ptr,
+    student_ptr, teacher_ptr, ws_int_ptr, ws_sign_ptr, ws_meta_ptr, row_f_ptr, ws_mass_ptr, row_mass_ptr,
     student_index_ptr, teacher_index_ptr,
     batch_start, student_vocab, teacher_vocab,
     student_seq_len, student_batch_stride, student_row_stride, student_col_stride,
@@ -361,7 +395,7 @@ def deep_kernel(
     inv_student_temperature, inv_teacher_temperature,
     STUDENT_UNIT_STRIDE: tl.constexpr, TEACHER_UNIT_STRIDE: tl.constexpr, GATHER: tl.constexpr,
     BLOCK: tl.constexpr, ENTRIES: tl.constexpr,
-    RESOLVE_BLOCK: tl.constexpr, MAX_LEVELS: tl.constexpr, STAGES: tl.constexpr,
+    RESOLVE_BLOCK: tl.constexpr, MAX_LEVELS: tl.constexpr, STAGES: tl.constexpr, MASS: tl.constexpr,
 ):
     """Per pair still open after the split levels: one program counts and resolves the
     remaining levels over the whole rows."""
@@ -376,6 +410,7 @@ def deep_kernel(
             teacher_seq_len, teacher_batch_stride, teacher_row_stride, GATHER)
         ws_ptr = ws_int_ptr + local.to(tl.int64) * (INT_PLANES * ENTRIES)
         sign_ptr = ws_sign_ptr + local.to(tl.int64) * (SIGN_PLANES * ENTRIES)
+        mass_ptr = ws_mass_ptr + local.to(tl.int64) * (2 * ENTRIES)
         s_top = tl.load(row_f + _S_TOP)
         s_log_sum = tl.load(row_f + _S_LOG_SUM)
         t_top = tl.load(row_f + _T_TOP)
@@ -386,13 +421,15 @@ def deep_kernel(
         while status > 0:
             depth += 1
             _count_level(s_row, student_col_stride, student_vocab, inv_student_temperature,
-                         s_top, s_log_sum, ws_ptr, meta_ptr, depth, 0, student_vocab, key_lo, key_hi, _CNT_S, _MIN_S, _MAX_S,
-                         ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS)
+                         s_top, s_log_sum, ws_ptr, meta_ptr, depth, 0, student_vocab, key_lo, key_hi, mass_ptr,
+                         _CNT_S, _MIN_S, _MAX_S, ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS, MASS)
             _count_level(t_row, teacher_col_stride, teacher_vocab, inv_teacher_temperature,
-                         t_top, t_log_sum, ws_ptr, meta_ptr, depth, 0, teacher_vocab, key_lo, key_hi, _CNT_T, _MIN_T, _MAX_T,
-                         ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS)
+                         t_top, t_log_sum, ws_ptr, meta_ptr, depth, 0, teacher_vocab, key_lo, key_hi,
+                         mass_ptr + ENTRIES, _CNT_T, _MIN_T, _MAX_T, ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES,
+                         MAX_LEVELS, MASS)
             tl.debug_barrier()
-            status = _resolve_level(ws_ptr, sign_ptr, meta_ptr, depth, ENTRIES, RESOLVE_BLOCK, MAX_LEVELS)
+            status = _resolve_level(ws_ptr, sign_ptr, meta_ptr, depth, mass_ptr, row_mass_ptr + local.to(tl.int64) * 2,
+                                    ENTRIES, RESOLVE_BLOCK, MAX_LEVELS, MASS)
             tl.debug_barrier()
         tl.store(meta_ptr + _DEPTH, depth)
         tl.store(meta_ptr + _STATUS, status)
@@ -401,7 +438,7 @@ def deep_kernel(
 @triton.jit(do_not_specialize=["n_chunks", "batch_start", "student_seq_len", "teacher_seq_len"])
 def loss_kernel(
     student_ptr, teacher_ptr, row_loss_ptr, status_ptr,
-    ws_int_ptr, ws_sign_ptr, ws_meta_ptr, row_f_ptr, partial_ptr,
+    ws_int_ptr, ws_sign_ptr, ws_meta_ptr, row_f_ptr, ws_mass_ptr, row_mass_ptr, partial_ptr,
     student_index_ptr, teacher_index_ptr,
     n_chunks, batch_start, student_vocab, teacher_vocab,
     student_seq_len, student_batch_stride, student_row_stride, student_col_stride,
@@ -409,7 +446,7 @@ def loss_kernel(
     inv_student_temperature, inv_teacher_temperature,
     STUDENT_UNIT_STRIDE: tl.constexpr, TEACHER_UNIT_STRIDE: tl.constexpr, GATHER: tl.constexpr,
     BLOCK: tl.constexpr, CHUNK: tl.constexpr, CHUNKS_POW2: tl.constexpr, ENTRIES: tl.constexpr,
-    MAX_LEVELS: tl.constexpr, STAGES: tl.constexpr,
+    MAX_LEVELS: tl.constexpr, STAGES: tl.constexpr, MASS: tl.constexpr,
 ):
     """Per (pair, chunk): sum p * sign over the chunk on both sides; the pair's last program
     writes the loss sum_i a_i g_i - sum_j b_j h_j and the status."""
@@ -421,30 +458,38 @@ def loss_kernel(
         teacher_seq_len, teacher_batch_stride, teacher_row_stride, GATHER)
     if s_index >= 0:
         depth = tl.load(meta_ptr + _DEPTH)
-        student_mass = 0.0
-        teacher_mass = 0.0
-        if flags == 1:  # identical rows and rows without a distribution have nothing to sum
-            ws_ptr = ws_int_ptr + local.to(tl.int64) * (INT_PLANES * ENTRIES)
-            sign_ptr = ws_sign_ptr + local.to(tl.int64) * (SIGN_PLANES * ENTRIES)
-            student_mass = _signed_mass(
-                s_row, student_col_stride, student_vocab, inv_student_temperature,
-                tl.load(row_f + _S_TOP), tl.load(row_f + _S_LOG_SUM), ws_ptr, sign_ptr, meta_ptr, depth,
-                start, tl.minimum(start + CHUNK, student_vocab),
-                ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS)
-            teacher_mass = _signed_mass(
-                t_row, teacher_col_stride, teacher_vocab, inv_teacher_temperature,
-                tl.load(row_f + _T_TOP), tl.load(row_f + _T_LOG_SUM), ws_ptr, sign_ptr + ENTRIES, meta_ptr,
-                depth, start, tl.minimum(start + CHUNK, teacher_vocab),
-                ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS)
-        part = partial_ptr + (local.to(tl.int64) * CHUNKS_POW2 + chunk) * PARTIAL_FLOATS
-        tl.store(part + 0, student_mass)
-        tl.store(part + 1, teacher_mass)
-        if _last_of_pair(meta_ptr + _DONE_LOSS, n_chunks):
-            chunks = tl.arange(0, CHUNKS_POW2)
-            parts = partial_ptr + (local.to(tl.int64) * CHUNKS_POW2 + chunks) * PARTIAL_FLOATS
-            have = chunks < n_chunks
-            student_mass = tl.sum(tl.load(parts + 0, mask=have, other=0.0, cache_modifier=".cg"), 0)
-            teacher_mass = tl.sum(tl.load(parts + 1, mask=have, other=0.0, cache_modifier=".cg"), 0)
+        if MASS:  # the signed masses were summed bucket by bucket while resolving the trie
+            final = chunk == 0
+            row_mass = row_mass_ptr + local.to(tl.int64) * 2
+            student_mass = (tl.load(row_mass) * (1.0 / MASS_SCALE)).to(tl.float32)
+            teacher_mass = (tl.load(row_mass + 1) * (1.0 / MASS_SCALE)).to(tl.float32)
+        else:
+            student_mass = 0.0
+            teacher_mass = 0.0
+            if flags == 1:  # identical rows and rows without a distribution have nothing to sum
+                ws_ptr = ws_int_ptr + local.to(tl.int64) * (INT_PLANES * ENTRIES)
+                sign_ptr = ws_sign_ptr + local.to(tl.int64) * (SIGN_PLANES * ENTRIES)
+                student_mass = _signed_mass(
+                    s_row, student_col_stride, student_vocab, inv_student_temperature,
+                    tl.load(row_f + _S_TOP), tl.load(row_f + _S_LOG_SUM), ws_ptr, sign_ptr, meta_ptr, depth,
+                    start, tl.minimum(start + CHUNK, student_vocab),
+                    ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS)
+                teacher_mass = _signed_mass(
+                    t_row, teacher_col_stride, teacher_vocab, inv_teacher_temperature,
+                    tl.load(row_f + _T_TOP), tl.load(row_f + _T_LOG_SUM), ws_ptr, sign_ptr + ENTRIES, meta_ptr,
+                    depth, start, tl.minimum(start + CHUNK, teacher_vocab),
+                    ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS)
+            part = partial_ptr + (local.to(tl.int64) * CHUNKS_POW2 + chunk) * PARTIAL_FLOATS
+            tl.store(part + 0, student_mass)
+            tl.store(part + 1, teacher_mass)
+            final = _last_of_pair(meta_ptr + _DONE_LOSS, n_chunks)
+            if final:
+                chunks = tl.arange(0, CHUNKS_POW2)
+                parts = partial_ptr + (local.to(tl.int64) * CHUNKS_POW2 + chunks) * PARTIAL_FLOATS
+                have = chunks < n_chunks
+                student_mass = tl.sum(tl.load(parts + 0, mask=have, other=0.0, cache_modifier=".cg"), 0)
+                teacher_mass = tl.sum(tl.load(parts + 1, mask=have, other=0.0, cache_modifier=".cg"), 0)
+        if final:
             exhausted = tl.load(meta_ptr + _STATUS) < 0
             failed = ((flags & 1) == 0) | exhausted
             loss = tl.where(failed, float("nan"), student_mass - teacher_mass)
@@ -458,7 +503,7 @@ def loss_kernel(
 @triton.jit(do_not_specialize=["n_chunks", "batch_start", "student_seq_len", "teacher_seq_len"])
 def grad_kernel(
     student_ptr, teacher_ptr, grad_student_ptr, grad_teacher_ptr,
-    ws_int_ptr, ws_sign_ptr, ws_meta_ptr, row_f_ptr,
+    ws_int_ptr, ws_sign_ptr, ws_meta_ptr, row_f_ptr, ws_mass_ptr, row_mass_ptr,
     student_index_ptr, teacher_index_ptr, row_weight_ptr, ce_label_ptr, ce_weight_ptr,
     n_chunks, batch_start, student_vocab, teacher_vocab,
     student_seq_len, student_batch_stride, student_row_stride, student_col_stride,
