@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# The recorded run: GPU tests, then the benchmark table (bench/RESULTS.md), logs under $OUT.
+# The recorded run: GPU tests, per-pass profile, the benchmark table (bench/RESULTS.md),
+# issue 4's benchmark and issue 5's repeated calls; logs under $OUT.
 # usage (from the device tool): ULD_COMMIT=<short hash of the tree sent> bash bench/device_final.sh
 set -u
 OUT=${OUT:-bench/out}; mkdir -p "$OUT"; export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,driver_version --format=csv | tee "$OUT/facts.txt"
-python3 -m pytest tests/test_gpu.py tests/test_kernels.py -q -p no:warnings -p no:cacheprovider \
-  --timeout 240 2>&1 | tee "$OUT/tests.txt" | tail -15
-python3 bench/bench_uld.py --out "$OUT/table" --impls uld_kernels reference --warmup 10 --rep 20 \
-  --reference-kinds random --pairs qwen_llama3 llama2_gemma llama3_llama3 qwen_qwen 2>&1 \
-  | tee "$OUT/bench.txt" | grep -E "^\| |copy|out of memory"
-python3 bench/bench_uld.py --out "$OUT/compiled" --impls reference_compiled --rows 2048 \
-  --pairs qwen_llama3 --kinds random --warmup 5 --rep 10 2>&1 | tee "$OUT/bench_compiled.txt" | grep -E "^\| "
+python3 -m pytest tests/test_gpu.py -q -p no:warnings -p no:cacheprovider --timeout 240 2>&1 \
+  | tee "$OUT/tests.txt" | tail -6
+python3 bench/profile_passes.py --rows 16384 --pairs qwen_llama3 --kinds random peaked 2>&1 | grep -v -i warn | tee "$OUT/passes.txt"
+python3 bench/profile_passes.py --rows 16384 --pairs qwen_qwen --kinds near identical 2>&1 | grep -v -i warn | tee -a "$OUT/passes.txt"
+ULD_MASS=0 ULD_ROOT_BITS=12 python3 bench/bench_uld.py --out "$OUT/nomass" --impls uld_kernels --rows 16384 --full-only \
+  --pairs qwen_llama3 --kinds random peaked --warmup 3 --rep 10 2>&1 | grep -E "^\| uld" | sed "s/^/no-mass root-4096 /" | tee "$OUT/sweep.txt"
+python3 bench/bench_uld.py --out "$OUT/table" --impls uld_kernels reference --rows 16384 --warmup 3 --rep 10 \
+  --reference-kinds random --pairs qwen_llama3 llama2_gemma qwen_qwen 2>&1 | tee "$OUT/bench.txt" | grep -E "^\| |copy"
+python3 bench/bench_distill.py 2>&1 | tee "$OUT/distill.txt"
+timeout 100 python3 bench/stress.py --skip-large 2>&1 | tee "$OUT/stress.txt" | tail -4

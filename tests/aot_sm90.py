@@ -159,6 +159,8 @@ def split_kernel_configs():
             constexprs["CHUNK"] = cfg.chunk
         if label == "deep":
             constexprs["BLOCK"] = min(cfg.block, 512)  # as launch.py runs it
+        if label == "loss" and cfg.mass:
+            label = "loss (from bucket masses: reads no rows)"
         yield (f"split {label} {TRITON_TYPE[dtype]}", kernel, _types_by_name(kernel, "*" + TRITON_TYPE[dtype]),
                constexprs, [n for n in aligned_names if n in names], cfg.num_warps)
     for label, kernel, extra in [("stats", uld_split.stats_kernel, kernels[0][2]),

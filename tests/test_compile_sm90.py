@@ -39,6 +39,7 @@ def test_every_configuration_compiles(compiled):
 
 def test_row_loads_are_vectorized_and_fit(compiled):
     for c in compiled:
-        assert c["vector_loads"], f"{c['name']}: no 16-byte loads (vocabulary specialization lost?)"
+        if "reads no rows" not in c["name"]:
+            assert c["vector_loads"], f"{c['name']}: no 16-byte loads (vocabulary specialization lost?)"
         assert c["shared"] <= 228 * 1024, c
         assert not c["local_memory"], f"{c['name']}: uses local memory (spills or stack arrays)"
