@@ -20,9 +20,9 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from uld_kernels.kernels.cross_entropy import ce_rows_kernel  # noqa: E402
-from uld_kernels.kernels.uld_rows import scale_rows_kernel, uld_rows_kernel  # noqa: E402
 from uld_kernels.kernels import uld_split  # noqa: E402
-from uld_kernels.launch import row_kernel_config, split_config  # noqa: E402
+from uld_kernels.kernels.uld_rows import scale_rows_kernel  # noqa: E402
+from uld_kernels.launch import ce_kernel_config, split_config  # noqa: E402
 
 TRITON_TYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 TARGET = GPUTarget("cuda", 90, 32)
@@ -51,48 +51,9 @@ def facts(name: str, compiled) -> dict:
     )
 
 
-def row_kernel_configs():
-    cfg = row_kernel_config(151936)
-    for dtype, (s_grad, t_grad), same in itertools.product(
-            TRITON_TYPE, [(True, False), (False, False), (True, True)], [False, True]):
-        logits = "*" + TRITON_TYPE[dtype]
-        types = dict(
-            student_ptr=logits, teacher_ptr=logits, row_loss_ptr="*fp32", status_ptr="*i32",
-            grad_student_ptr=logits, grad_teacher_ptr=logits, ws_int_ptr="*i32",
-            ws_sign_ptr="*fp32", ws_meta_ptr="*i32", n_rows="i32", student_vocab="i32",
-            teacher_vocab="i32", longest_vocab="i32", n_programs="i32",
-            student_index_ptr="*i64", teacher_index_ptr="*i64", row_weight_ptr="*fp32",
-            ce_label_ptr="*i64", ce_weight_ptr="*fp32", row_ce_ptr="*fp32",
-            student_seq_len="i32", student_batch_stride="i64", student_row_stride="i64",
-            student_col_stride="i32", teacher_seq_len="i32", teacher_batch_stride="i64",
-            teacher_row_stride="i64", teacher_col_stride="i32", grad_student_row_stride="i64",
-            grad_teacher_row_stride="i64", inv_student_temperature="fp32",
-            inv_teacher_temperature="fp32", grad_scale="fp32",
-        )
-        constexprs = dict(
-            SAME_VOCAB=same, STUDENT_GRAD=s_grad, TEACHER_GRAD=t_grad, GATHER=False, HAS_CE=False,
-            STUDENT_UNIT_STRIDE=True, TEACHER_UNIT_STRIDE=True, BLOCK=cfg.block,
-            ENTRIES=cfg.entries, RESOLVE_BLOCK=cfg.resolve_block, MAX_LEVELS=cfg.max_levels,
-            STAGES=cfg.stages,
-        )
-        aligned = ["student_ptr", "teacher_ptr", "grad_student_ptr", "grad_teacher_ptr",
-                   "ws_int_ptr", "ws_sign_ptr", "ws_meta_ptr", "row_loss_ptr", "status_ptr",
-                   "student_vocab", "teacher_vocab", "student_row_stride", "teacher_row_stride",
-                   "student_batch_stride", "teacher_batch_stride", "grad_student_row_stride",
-                   "grad_teacher_row_stride"]
-        name = f"uld_rows {TRITON_TYPE[dtype]} grads={s_grad},{t_grad} same_vocab={same}"
-        yield name, uld_rows_kernel, types, constexprs, aligned, cfg.num_warps
-
-
 def distill_kernel_configs():
-    """The training loss's configurations: gathered rows, with and without the fused
-    cross-entropy, and the cross-entropy kernel for rows without a teacher partner."""
-    for (name, kernel, types, constexprs, aligned, warps), has_ce in itertools.product(
-            [c for c in row_kernel_configs() if "bf16 grads=True,False same_vocab=False" in c[0]],
-            [False, True]):
-        yield (f"uld_rows gathered bf16 ce={has_ce}", kernel, types,
-               dict(constexprs, GATHER=True, HAS_CE=has_ce), aligned, warps)
-    cfg = row_kernel_config(151936)
+    """The cross-entropy kernel of the training loss, for rows without a teacher partner."""
+    cfg = ce_kernel_config(151936)
     for dtype, write_grad in itertools.product(TRITON_TYPE, [False, True]):
         logits = "*" + TRITON_TYPE[dtype]
         types = dict(logits_ptr=logits, index_ptr="*i64", label_ptr="*i64", weight_ptr="*fp32",
@@ -134,7 +95,7 @@ def _types_by_name(kernel, logits: str) -> dict:
 def split_kernel_configs():
     """The split engine's passes (the default engine), bf16/fp16/fp32, as launch.py runs them
     at a 151,936-column vocabulary."""
-    cfg = split_config(151936, on_gpu=True)
+    cfg = split_config(on_gpu=True)
     chunks_pow2 = triton.next_power_of_2(triton.cdiv(151936, cfg.chunk))
     aligned_names = ["student_ptr", "teacher_ptr", "grad_student_ptr", "grad_teacher_ptr",
                      "student_vocab", "teacher_vocab", "student_row_stride", "teacher_row_stride",
@@ -182,7 +143,7 @@ def scale_kernel_configs():
 def main():
     resources = "--resources" in sys.argv  # print ptxas -v of each kernel instead of facts
     only = [a for a in sys.argv[1:] if not a.startswith("--")]  # name prefixes to compile
-    for name, kernel, types, constexprs, aligned, warps in [*split_kernel_configs(), *row_kernel_configs(), *distill_kernel_configs(), *scale_kernel_configs()]:
+    for name, kernel, types, constexprs, aligned, warps in [*split_kernel_configs(), *distill_kernel_configs(), *scale_kernel_configs()]:
         if only and not any(name.startswith(o) for o in only):
             continue
         compiled = compile_kernel(kernel, types, constexprs, aligned, warps)

@@ -190,9 +190,11 @@ def test_deterministic_and_independent_of_batch(device):
 
 @pytest.mark.parametrize("entries", [1024, 300])
 def test_small_workspace_stays_exact_or_says_nan(entries, device, monkeypatch):
-    """A smaller trie splits fewer bits per level: still exact. When even one bit per open
-    bucket no longer fits, the row's loss is NaN (never a wrong number)."""
-    monkeypatch.setattr(launch, "_ENTRIES", entries)
+    """A smaller trie (`entries` below the root) splits fewer bits per level: still exact.
+    When even one bit per open bucket no longer fits, the row's loss is NaN (never a wrong
+    number)."""
+    for knobs in (launch.SPLIT, launch.SPLIT_INTERPRETED):
+        monkeypatch.setitem(knobs, "entries", (1 << knobs["root_bits"]) + entries)
     student, teacher = _rows("permuted", 2, 400, 400, torch.float32, device, seed=2)
     student.requires_grad_(True)
     rows, status, grad, _ = launch.uld_rows(student, teacher, 1.0, 1.0, True, False, 1.0)
@@ -223,3 +225,24 @@ def test_gradient_matches_finite_differences(device):
         analytic = float(student.grad[row, col])
         assert abs(numeric - analytic) <= 2e-4 + 2e-3 * abs(analytic), (
             f"d loss / d z[{row}, {col}]: finite differences {numeric:.6g}, kernel {analytic:.6g}")
+
+
+@pytest.mark.parametrize("kind", ["random", "peaked", "near", "integers"])
+def test_loss_from_bucket_masses(kind, device, monkeypatch):
+    """ULD_MASS=1: every bucket sums its probabilities (int64 fixed point) and the loss is
+    summed bucket by bucket while the trie resolves, without a pass over the rows. Same
+    losses and gradients as the reference, NaN rows still NaN, several batches and chunks.
+    (On a GPU this mode runs without the shared-memory root, which has no room for masses.)"""
+    monkeypatch.setitem(launch.SPLIT_INTERPRETED, "mass", True)
+    monkeypatch.setitem(launch.SPLIT, "mass", True)
+    monkeypatch.setitem(launch.SPLIT, "smem", False)
+    student, teacher = _rows(kind, 7, 600, 600 if kind == "near" else 450, torch.float32, device, seed=31)
+    student[3, 7] = float("nan")
+    student.requires_grad_(True)
+    rows, status, grad, _ = launch.uld_rows(student, teacher, 1.0, 1.0, True, False, 1.0)
+    ref_rows, ref_grad, _ = reference_rows_and_grads(student, teacher)
+    assert torch.isnan(rows[3]) and torch.isnan(grad[3]).all(), "a NaN row stays NaN"
+    keep = torch.arange(7, device=rows.device) != 3
+    assert_losses_close(rows[keep], ref_rows[keep.cpu()], torch.float32)
+    assert_grads_close(grad[keep], ref_grad[keep.cpu()], student[keep], torch.float32,
+                       per_tie_group=kind in ("integers",))

@@ -164,7 +164,7 @@ def kernel_trap(monkeypatch):
 
     monkeypatch.setattr(uld_kernels.launch, "uld_rows", trap)
     monkeypatch.setattr(uld_kernels.autograd, "uld_rows", trap)  # the name actually called
-    monkeypatch.setattr(uld_kernels.launch, "uld_rows_kernel", KernelTrap())  # any launcher path
+    monkeypatch.setattr(uld_kernels.launch.uld_split, "stats_kernel", KernelTrap())  # the first pass of any path
     monkeypatch.setattr(uld_kernels.launch, "scale_rows_kernel", KernelTrap())
     monkeypatch.setattr(uld_kernels.api, "uld_loss_reference", trap)  # CPU path without Triton
     return trap

@@ -5,17 +5,15 @@ Nothing here validates user input (api.py does) or knows about autograd (autogra
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 
 import torch
 import triton
 
-from uld_kernels.kernels.uld_rows import INT_PLANES, META_SLOTS, SIGN_PLANES
-from uld_kernels.kernels.cross_entropy import ce_rows_kernel
-from uld_kernels.kernels.uld_rows import scale_rows_kernel, uld_rows_kernel
 from uld_kernels.kernels import uld_split
+from uld_kernels.kernels.cross_entropy import ce_rows_kernel
+from uld_kernels.kernels.uld_rows import INT_PLANES, META_SLOTS, SIGN_PLANES, scale_rows_kernel
 
 INT_PLANES, META_SLOTS, SIGN_PLANES = INT_PLANES.value, META_SLOTS.value, SIGN_PLANES.value
 
@@ -26,40 +24,21 @@ def interpreter_enabled() -> bool:
 
 
 @dataclass(frozen=True)
-class RowKernelConfig:
-    """Compile-time sizes of uld_rows_kernel; one config serves every vocabulary above 1,024."""
+class CeKernelConfig:
+    """Compile-time sizes of ce_rows_kernel (one program streams one row)."""
 
     block: int  # elements of a row read per step (4 per thread)
-    entries: int  # buckets in one program's trie workspace
-    resolve_block: int  # buckets decided per step (>= 256, the largest node)
-    max_levels: int  # trie depth limit
     num_warps: int
     stages: int  # row loads in flight per loop (software pipelining through shared memory)
 
 
-# Trie size: root 256 buckets, deeper nodes share the rest (half of what is free per level).
-# Programs per SM: each walks rows one after another with its own workspace. All knobs can
-# be overridden for tuning (ULD_ENTRIES, ULD_PROGRAMS_PER_SM, ULD_NUM_WARPS, ULD_STAGES);
-# bench/NOTES.md records the sweeps.
-_ENTRIES = int(os.environ.get("ULD_ENTRIES", 8192))
-_MAX_LEVELS = 10
-_PROGRAMS_PER_SM = int(os.environ.get("ULD_PROGRAMS_PER_SM", 2))
-_NUM_WARPS = int(os.environ.get("ULD_NUM_WARPS", 8))
-_STAGES = int(os.environ.get("ULD_STAGES", 3))
+_MAX_LEVELS = 10  # trie depth limit: a row that needs more is NaN (status bit 0)
 
 
-def row_kernel_config(max_vocab: int) -> RowKernelConfig:
-    """The configuration used for rows whose longer side has ``max_vocab`` entries."""
-    full_block = 4 * 32 * _NUM_WARPS
-    block = min(full_block, max(128, triton.next_power_of_2(max_vocab)))
-    return RowKernelConfig(
-        block=block,
-        entries=_ENTRIES,
-        resolve_block=256,
-        max_levels=_MAX_LEVELS,
-        num_warps=_NUM_WARPS if block == full_block else max(1, block // 128),
-        stages=_STAGES,
-    )
+def ce_kernel_config(vocab: int) -> CeKernelConfig:
+    """The configuration used for cross-entropy rows of ``vocab`` entries."""
+    block = min(1024, max(128, triton.next_power_of_2(vocab)))
+    return CeKernelConfig(block=block, num_warps=max(1, block // 128), stages=3)
 
 
 @dataclass(frozen=True)
@@ -78,10 +57,8 @@ class SplitConfig:
     mass: bool  # buckets sum their probabilities: the loss without a pass over the rows
 
 
-# Which engine runs: "split" (default: every pass a grid of row chunks) or "persistent" (the
-# v1 kernel: one program walks whole row pairs). Read at each call, so tests and benchmarks
-# can switch.
-ENGINE = os.environ.get("ULD_ENGINE", "split")
+# Sizes of the engine on the GPU; each can be overridden for tuning (bench/NOTES.md records
+# the sweeps). Read at each call, so tests and benchmarks can change them.
 SPLIT = dict(
     block=int(os.environ.get("ULD_SPLIT_BLOCK", 1024)),
     chunk=int(os.environ.get("ULD_CHUNK", 32768)),
@@ -103,29 +80,18 @@ SPLIT_INTERPRETED = dict(block=128, chunk=256, entries=8192, batch_rows=5, split
                          num_warps=4, stages=1, root_bits=10, smem=False, mass=False)
 
 
-def split_config(max_vocab: int, on_gpu: bool) -> SplitConfig:
+def split_config(on_gpu: bool) -> SplitConfig:
     knobs = dict(SPLIT if on_gpu else SPLIT_INTERPRETED)
-    # Powers of two only: BLOCK and CHUNK are compile-time constants, so a size derived from
-    # the vocabulary itself would compile the kernels anew for every vocabulary.
-    block = min(knobs["block"], max(128, triton.next_power_of_2(max_vocab)))
-    chunk = max(block, min(knobs["chunk"], triton.next_power_of_2(max_vocab)))
+    # The same sizes for every vocabulary: BLOCK and CHUNK are compile-time constants, and a
+    # size derived from the vocabulary would compile the kernels anew for each one (masks
+    # cover the columns past a short row).
+    block = knobs["block"]
+    chunk = max(block, knobs["chunk"] // block * block)
     if on_gpu and knobs["smem"] and knobs["mass"]:
         raise ValueError("ULD_MASS=1 needs ULD_SMEM=0 on the GPU: the shared-memory layout with "
                          "masses (48 KB) does not launch next to Triton's own shared memory")
-    knobs.update(block=block, chunk=chunk,
-                 num_warps=knobs["num_warps"] if block >= 32 * knobs["num_warps"] else max(1, block // 32))
+    knobs.update(block=block, chunk=chunk)
     return SplitConfig(**knobs)
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _num_programs(device: torch.device, n_rows: int) -> int:
-    if device.type == "cuda":
-        return max(1, min(n_rows, _sm_count(device.index or 0) * _PROGRAMS_PER_SM))
-    return max(1, min(n_rows, 4))  # the interpreter runs programs one after another
 
 
 def _rows_and_vocab(logits: torch.Tensor) -> tuple[int, int]:
@@ -211,40 +177,10 @@ def uld_pairs(
                     if teacher_grad else None)
     if n_pairs == 0:
         return row_loss, status, row_ce, grad_student, grad_teacher
-    if ENGINE == "split":
-        _split_pairs(student_logits, teacher_logits, row_loss, status, row_ce, grad_student,
-                     grad_teacher, student_temperature, teacher_temperature, grad_scale,
-                     student_index, teacher_index, row_weight, ce_label, ce_weight, n_pairs)
-        return row_loss, status, row_ce, grad_student, grad_teacher
-    cfg = row_kernel_config(max(student_vocab, teacher_vocab))
-    programs = _num_programs(device, n_pairs)
-    ws_int = torch.empty(programs * INT_PLANES * cfg.entries, dtype=torch.int32, device=device)
-    ws_sign = torch.empty(programs * SIGN_PLANES * cfg.entries, dtype=torch.float32, device=device)
-    ws_meta = torch.empty(programs * META_SLOTS, dtype=torch.int32, device=device)
-    unused = row_loss  # stands for pointers a configuration never reads
-    uld_rows_kernel[(programs,)](
-        student_logits, teacher_logits, row_loss, status,
-        grad_student if grad_student is not None else unused,
-        grad_teacher if grad_teacher is not None else unused,
-        ws_int, ws_sign, ws_meta,
-        student_index if gather else unused, teacher_index if gather else unused,
-        row_weight if gather else unused, ce_label if has_ce else unused,
-        ce_weight if has_ce else unused, row_ce if has_ce else unused,
-        n_pairs, student_vocab, teacher_vocab, max(student_vocab, teacher_vocab), programs,
-        *_row_layout(student_logits), *_row_layout(teacher_logits),
-        grad_student.stride(0) if grad_student is not None else 0,
-        grad_teacher.stride(0) if grad_teacher is not None else 0,
-        1.0 / student_temperature, 1.0 / teacher_temperature, grad_scale,
-        SAME_VOCAB=student_vocab == teacher_vocab, STUDENT_GRAD=student_grad,
-        TEACHER_GRAD=teacher_grad,
-        STUDENT_UNIT_STRIDE=student_logits.stride(-1) == 1,
-        TEACHER_UNIT_STRIDE=teacher_logits.stride(-1) == 1,
-        GATHER=gather, HAS_CE=has_ce,
-        BLOCK=cfg.block, ENTRIES=cfg.entries, RESOLVE_BLOCK=cfg.resolve_block,
-        MAX_LEVELS=cfg.max_levels, STAGES=cfg.stages, num_warps=cfg.num_warps,
-    )
+    _split_pairs(student_logits, teacher_logits, row_loss, status, row_ce, grad_student,
+                 grad_teacher, student_temperature, teacher_temperature, grad_scale,
+                 student_index, teacher_index, row_weight, ce_label, ce_weight, n_pairs)
     return row_loss, status, row_ce, grad_student, grad_teacher
-
 
 
 def _split_pairs(student_logits, teacher_logits, row_loss, status, row_ce, grad_student,
@@ -257,7 +193,7 @@ def _split_pairs(student_logits, teacher_logits, row_loss, status, row_ce, grad_
     _, teacher_vocab = _rows_and_vocab(teacher_logits)
     longest = max(student_vocab, teacher_vocab)
     device = student_logits.device
-    cfg = split_config(longest, device.type == "cuda")
+    cfg = split_config(device.type == "cuda")
     n_chunks = triton.cdiv(longest, cfg.chunk)
     chunks_pow2 = triton.next_power_of_2(n_chunks)
     batch = min(n_pairs, cfg.batch_rows)
@@ -342,7 +278,7 @@ def cross_entropy_rows(
     if n == 0:
         return row_ce
     _, vocab = _rows_and_vocab(logits)
-    cfg = row_kernel_config(vocab)
+    cfg = ce_kernel_config(vocab)
     ce_rows_kernel[(n,)](
         logits, index, label, weight, row_ce, grad if grad is not None else row_ce,
         vocab, *_row_layout(logits), grad.stride(0) if grad is not None else 0,

@@ -1,7 +1,7 @@
 """Triton kernel: the student's cross-entropy on rows that have a target but no teacher row.
 
-Rows that pair with a teacher row get their cross-entropy inside uld_rows_kernel (the same
-passes over the row). This kernel covers the rest of the answer (past the shorter answer, or
+Rows that pair with a teacher row get their cross-entropy inside the ULD passes of
+uld_split.py (the same passes over the row). This kernel covers the rest of the answer (past the shorter answer, or
 the EOS token a distillation skips):
 
     ce = logsumexp(z) - z[label]            d ce / d z = softmax(z) - onehot(label)

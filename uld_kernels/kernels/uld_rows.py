@@ -1,6 +1,7 @@
-"""Triton kernels: the exact ULD loss of aligned rows and its gradient, without sorting.
+"""Device functions: the exact ULD loss of aligned rows and its gradient, without sorting.
 
-The math (see ../shared/design/uld-math.md in the design notes, and docs in README.md):
+The passes that use them are in uld_split.py; this file holds the math and the trie.
+(See ../shared/design/uld-math.md in the design notes, and README.md.)
 
     a = softmax(z_s / T_s), b = softmax(z_t / T_t), both sorted descending, zero-padded,
     L = sum_k |a_(k) - b_(k)| = sum_i a_i g_i - sum_j b_j h_j
@@ -14,15 +15,14 @@ value, so they change no count.
 
 So every element needs only D at its own value. We find it with a radix trie over the
 float32 bit pattern of each probability (monotone for p >= 0): the root splits the keys the
-row pair actually holds, [min p, max p], into 256 power-of-two-aligned buckets (a register
-histogram). A bucket whose elements all share one sign is *decided*:
-with D the count difference above the bucket and cs, ct its counts, that is D >= ct
-(all +1) or D + cs <= 0 (all -1). A bucket holding a single value per side is resolved
-exactly by the tie rule. Any other bucket gets a child node that splits it by the next
-bits; one more pass over the row counts its elements (integer atomics: deterministic).
-The trie lives in a per-program workspace (a persistent grid walks the rows), so extra
-memory is O(programs), not O(rows x vocabulary). Then one pass sums the loss and one
-writes the gradient
+row pair actually holds, [min p, max p], into 2**ROOT_BITS power-of-two-aligned buckets. A
+bucket whose elements all share one sign is *decided*: with D the count difference above the
+bucket and cs, ct its counts, that is D >= ct (all +1) or D + cs <= 0 (all -1). A bucket
+holding a single value per side is resolved exactly by the tie rule. Any other bucket is
+*open*: it gets a child node that splits it by the next bits, and one more pass over the
+rows counts its elements (integer atomics: deterministic). The trie lives in a per-pair
+workspace of the batch being processed, so extra memory is O(batch), not O(rows x
+vocabulary). Then one pass sums the loss and one writes the gradient
 
     dL/dz_s = (a / T_s) * (g - <g, a>)       dL/dz_t = -(b / T_t) * (h - <h, b>).
 """
@@ -30,7 +30,7 @@ writes the gradient
 import triton
 import triton.language as tl
 
-# Planes of the int32 workspace, each ENTRIES long, per program.
+# Planes of the int32 workspace, each ENTRIES long, per pair.
 _CNT_S = tl.constexpr(0)  # student elements in the bucket
 _CNT_T = tl.constexpr(1)  # teacher elements in the bucket
 _MIN_S = tl.constexpr(2)  # smallest / largest student key in the bucket
@@ -42,11 +42,9 @@ _NODE_TOP = tl.constexpr(7)  # at a node's first entry: D at the top of the node
 INT_PLANES = tl.constexpr(8)
 SIGN_PLANES = tl.constexpr(2)  # float32: student sign, teacher sign of a resolved bucket
 META_SLOTS = tl.constexpr(64)  # level starts at [0, 31); the shift of level l at [33 + l]
-_SHIFT_OFFSET = tl.constexpr(33)  # [32]: root shift + 8, as if the root had a parent
+_SHIFT_OFFSET = tl.constexpr(33)  # [32]: root shift + ROOT_BITS, as if the root had a parent
 _ROOT_BASE = tl.constexpr(31)  # the root digit of a key is (key >> root shift) - [31]
 
-ROOT_BITS = tl.constexpr(8)
-ROOT_ENTRIES = tl.constexpr(256)
 _MAX_CHILD_BITS = tl.constexpr(8)
 MASS_SCALE = tl.constexpr(4503599627370496.0)  # 2**52: probabilities as int64 fixed point
 _KEY_NONE_MIN = tl.constexpr(2147483647)
@@ -450,179 +448,6 @@ def _write_grad(row_ptr, col_stride, vocab, inv_temperature, row_max, log_sum, w
         if HAS_CE:
             grad += ce_factor * (tl.exp((z - ce_max) - ce_log_sum) - (idx == ce_label).to(tl.float32))
         tl.store(grad_ptr + idx, grad.to(grad_ptr.dtype.element_ty), mask=idx < vocab)
-
-
-@triton.jit(do_not_specialize=["n_rows", "longest_vocab", "n_programs", "student_seq_len", "teacher_seq_len"])
-def uld_rows_kernel(
-    # data
-    student_ptr, teacher_ptr, row_loss_ptr, status_ptr, grad_student_ptr, grad_teacher_ptr,
-    ws_int_ptr, ws_sign_ptr, ws_meta_ptr,
-    # row maps (GATHER) and the student's cross-entropy (HAS_CE), one entry per pair
-    student_index_ptr, teacher_index_ptr, row_weight_ptr, ce_label_ptr, ce_weight_ptr, row_ce_ptr,
-    # shapes
-    n_rows, student_vocab, teacher_vocab, longest_vocab, n_programs,
-    # strides: row r of a side is at (r // seq_len) * batch_stride + (r % seq_len) * row_stride
-    student_seq_len, student_batch_stride, student_row_stride, student_col_stride,
-    teacher_seq_len, teacher_batch_stride, teacher_row_stride, teacher_col_stride,
-    grad_student_row_stride, grad_teacher_row_stride,
-    # scalars
-    inv_student_temperature, inv_teacher_temperature, grad_scale,
-    # switches and sizes
-    SAME_VOCAB: tl.constexpr, STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr,
-    STUDENT_UNIT_STRIDE: tl.constexpr, TEACHER_UNIT_STRIDE: tl.constexpr,
-    GATHER: tl.constexpr, HAS_CE: tl.constexpr,
-    BLOCK: tl.constexpr, ENTRIES: tl.constexpr, RESOLVE_BLOCK: tl.constexpr,
-    MAX_LEVELS: tl.constexpr, STAGES: tl.constexpr,
-):
-    """Per pair of rows: ULD loss (float32), status (bit 0: workspace exhausted; the rest:
-    2 x the trie levels below the root that the row needed) and, when asked, the gradient of
-    grad_scale * weight * loss with respect to either logits row.
-
-    GATHER: pair r reads student row student_index[r] and teacher row teacher_index[r] (a
-    negative student index is padding: loss 0, nothing written), and its gradient is weighted
-    by row_weight[r]. Otherwise pair r is row r of both. HAS_CE: the student's cross-entropy
-    at temperature 1 against token ce_label[r] (none when negative) goes to row_ce[r], and
-    ce_weight[r] times its gradient is added to the student's, in the same passes."""
-    pid = tl.program_id(0)
-    ws_ptr = ws_int_ptr + pid.to(tl.int64) * (INT_PLANES * ENTRIES)
-    sign_ptr = ws_sign_ptr + pid.to(tl.int64) * (SIGN_PLANES * ENTRIES)
-    meta_ptr = ws_meta_ptr + pid.to(tl.int64) * META_SLOTS
-    lanes = tl.arange(0, BLOCK)
-    root = tl.arange(0, ROOT_ENTRIES)
-
-    for row in range(pid, n_rows, n_programs):
-        s_index, t_index, s_row, t_row = _pair_rows(
-            row, student_ptr, teacher_ptr, student_index_ptr, teacher_index_ptr,
-            student_seq_len, student_batch_stride, student_row_stride,
-            teacher_seq_len, teacher_batch_stride, teacher_row_stride, GATHER)
-        if GATHER:
-            row_grad_scale = grad_scale * tl.load(row_weight_ptr + row)
-        else:
-            row_grad_scale = grad_scale
-        if s_index < 0:  # padding of the row maps
-            tl.store(row_loss_ptr + row, 0.0)
-            tl.store(status_ptr + row, 0)
-            if HAS_CE:
-                tl.store(row_ce_ptr + row, 0.0)
-        else:
-            # Pass 1: both log-sum-exps, and whether the rows are the same distribution
-            # element by element (then every tie is exact and every sign is zero).
-            (s_max, s_sum, t_max, t_sum, s_min, t_min, differ, nans, c_max, c_sum) = _stats_range(
-                s_row, t_row, 0, longest_vocab, student_vocab, teacher_vocab, student_col_stride,
-                teacher_col_stride, inv_student_temperature, inv_teacher_temperature,
-                STUDENT_UNIT_STRIDE, TEACHER_UNIT_STRIDE, HAS_CE, BLOCK, STAGES)
-            any_nan = tl.sum(nans, 0) > 0
-            # log-sum-exp = top + log_sum, kept apart (see _finish_lse)
-            student_top, student_log_sum = _finish_lse(s_max, s_sum)
-            teacher_top, teacher_log_sum = _finish_lse(t_max, t_sum)
-            student_log_sum = tl.where(any_nan, float("nan"), student_log_sum)
-            teacher_log_sum = tl.where(any_nan, float("nan"), teacher_log_sum)
-            # NaN or +inf logits, or a row with no finite logit: no distribution, NaN loss.
-            row_ok = (tl.abs(student_top) < float("inf")) & (tl.abs(teacher_top) < float("inf")) & (
-                tl.abs(student_log_sum) < float("inf")) & (tl.abs(teacher_log_sum) < float("inf"))
-            identical = SAME_VOCAB & (tl.sum(differ, 0) == 0)
-            ce_max = 0.0
-            ce_log_sum = 0.0
-            ce_label = -1
-            ce_factor = 0.0
-            if HAS_CE:
-                ce_max, ce_log_sum = _finish_lse(c_max, c_sum)
-                ce_log_sum = tl.where(any_nan, float("nan"), ce_log_sum)
-                ce_label = tl.load(ce_label_ptr + row).to(tl.int32)
-                # A label past the vocabulary poisons the row (NaN), it is never read.
-                label_logit = tl.load(s_row + tl.maximum(ce_label, 0).to(tl.int64) * student_col_stride,
-                                      mask=ce_label < student_vocab, other=float("nan"))
-                has_label = ce_label >= 0
-                tl.store(row_ce_ptr + row, tl.where(has_label, (ce_max - label_logit.to(tl.float32)) + ce_log_sum, 0.0))
-                ce_factor = tl.where(has_label, tl.load(ce_weight_ptr + row), 0.0)
-
-            # The root splits only the keys this row pair holds, [key_lo, key_hi], into 256
-            # buckets aligned to a power of two: much finer than splitting all of [0, 1].
-            key_hi = tl.maximum(_key_of(student_top, student_top, student_log_sum),
-                                _key_of(teacher_top, teacher_top, teacher_log_sum))
-            key_lo = tl.maximum(tl.minimum(_key_of(tl.min(s_min, 0), student_top, student_log_sum),
-                                           _key_of(tl.min(t_min, 0), teacher_top, teacher_log_sum)), 1)
-            root_shift = 0
-            while ((key_hi >> root_shift) - (key_lo >> root_shift) >= ROOT_ENTRIES) & (root_shift < 31):
-                root_shift += 1
-            root_base = key_lo >> root_shift
-
-            # Pass 2: the root histogram of both rows' keys.
-            student_hist = tl.zeros([ROOT_ENTRIES], tl.int32)
-            teacher_hist = tl.zeros([ROOT_ENTRIES], tl.int32)
-            if row_ok & (~identical):
-                for block_start in tl.range(0, longest_vocab, BLOCK, num_stages=STAGES):
-                    idx = block_start + lanes
-                    _ps, ks, counted_s, _zs = _probs_and_keys(s_row, idx, student_col_stride, student_vocab,
-                                                         inv_student_temperature, student_top, student_log_sum,
-                                                         STUDENT_UNIT_STRIDE)
-                    _pt, kt, counted_t, _zt = _probs_and_keys(t_row, idx, teacher_col_stride, teacher_vocab,
-                                                         inv_teacher_temperature, teacher_top, teacher_log_sum,
-                                                         TEACHER_UNIT_STRIDE)
-                    # (Clamped only for memory safety: every counted key lies in [key_lo, key_hi].)
-                    ds = tl.minimum(tl.maximum((ks >> root_shift) - root_base, 0), ROOT_ENTRIES - 1)
-                    dt = tl.minimum(tl.maximum((kt >> root_shift) - root_base, 0), ROOT_ENTRIES - 1)
-                    student_hist += tl.histogram(ds, ROOT_ENTRIES, mask=counted_s)
-                    teacher_hist += tl.histogram(dt, ROOT_ENTRIES, mask=counted_t)
-            tl.store(ws_ptr + _CNT_S * ENTRIES + root, student_hist)
-            tl.store(ws_ptr + _CNT_T * ENTRIES + root, teacher_hist)
-            tl.store(ws_ptr + _NODE_TOP * ENTRIES, 0)
-            tl.store(meta_ptr + 0, 0)
-            tl.store(meta_ptr + 1, ROOT_ENTRIES)
-            tl.store(meta_ptr + _SHIFT_OFFSET - 1, root_shift + ROOT_BITS)
-            tl.store(meta_ptr + _SHIFT_OFFSET, root_shift)
-            tl.store(meta_ptr + _ROOT_BASE, root_base)
-            tl.debug_barrier()
-
-            # Refine: resolve a level, count the keys of its open buckets one level down.
-            status = _resolve_level(ws_ptr, sign_ptr, meta_ptr, 0, ws_ptr, ws_ptr, ENTRIES, RESOLVE_BLOCK,
-                                    MAX_LEVELS, False)
-            depth = 0
-            tl.debug_barrier()
-            while status > 0:
-                depth += 1
-                _count_level(s_row, student_col_stride, student_vocab, inv_student_temperature,
-                             student_top, student_log_sum, ws_ptr, meta_ptr, depth, 0, student_vocab, 0, _KEY_NONE_MIN, ws_ptr, _CNT_S, _MIN_S, _MAX_S,
-                             ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS, False)
-                _count_level(t_row, teacher_col_stride, teacher_vocab, inv_teacher_temperature,
-                             teacher_top, teacher_log_sum, ws_ptr, meta_ptr, depth, 0, teacher_vocab, 0, _KEY_NONE_MIN, ws_ptr, _CNT_T, _MIN_T, _MAX_T,
-                             ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS, False)
-                tl.debug_barrier()
-                status = _resolve_level(ws_ptr, sign_ptr, meta_ptr, depth, ws_ptr, ws_ptr, ENTRIES,
-                                        RESOLVE_BLOCK, MAX_LEVELS, False)
-                tl.debug_barrier()
-            exhausted = status < 0
-
-            # Loss: sum_i a_i g_i - sum_j b_j h_j.
-            student_mass = _signed_mass(s_row, student_col_stride, student_vocab,
-                                        inv_student_temperature, student_top, student_log_sum, ws_ptr,
-                                        sign_ptr, meta_ptr, depth, 0, student_vocab, ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS)
-            teacher_mass = _signed_mass(t_row, teacher_col_stride, teacher_vocab,
-                                        inv_teacher_temperature, teacher_top, teacher_log_sum, ws_ptr,
-                                        sign_ptr + ENTRIES, meta_ptr, depth, 0, teacher_vocab, ENTRIES, BLOCK,
-                                        TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS)
-            failed = (~row_ok) | exhausted
-            loss = tl.where(failed, float("nan"), student_mass - teacher_mass)
-            student_mass = tl.where(failed, float("nan"), student_mass)
-            teacher_mass = tl.where(failed, float("nan"), teacher_mass)
-            tl.store(row_loss_ptr + row, loss)
-            # status: bit 0 = workspace exhausted, bits 1.. = trie levels counted below the root
-            tl.store(status_ptr + row, exhausted.to(tl.int32) + 2 * depth)
-
-            if STUDENT_GRAD:
-                _write_grad(s_row, student_col_stride, student_vocab, inv_student_temperature,
-                            student_top, student_log_sum, ws_ptr, sign_ptr, meta_ptr, depth, 0, student_vocab, student_mass,
-                            row_grad_scale, grad_student_ptr + s_index * grad_student_row_stride,
-                            ce_max, ce_log_sum, ce_label, ce_factor,
-                            ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS, HAS_CE)
-            if TEACHER_GRAD:
-                _write_grad(t_row, teacher_col_stride, teacher_vocab, inv_teacher_temperature,
-                            teacher_top, teacher_log_sum, ws_ptr, sign_ptr + ENTRIES, meta_ptr, depth,
-                            0, teacher_vocab, teacher_mass, -row_grad_scale,
-                            grad_teacher_ptr + t_index * grad_teacher_row_stride,
-                            0.0, 0.0, -1, 0.0,
-                            ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS, False)
-            tl.debug_barrier()
 
 
 @triton.jit

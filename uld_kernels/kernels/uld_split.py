@@ -1,12 +1,12 @@
-"""Triton kernels: the same exact ULD as uld_rows.py, with every row split across many programs.
+"""Triton kernels: the passes of the exact ULD loss, every row pair split across programs.
 
-uld_rows_kernel walks whole row pairs in a persistent grid: two programs per SM, each a long
-chain of dependent work, latency-bound (bench/NOTES.md). Here each pass is its own launch over
-a grid of (row pair, chunk of CHUNK columns), so thousands of short programs with few
-registers keep the SMs busy, and the per-row steps between passes (combining log-sum-exps,
-deciding the buckets of a trie level) are done by whichever program of the row finishes a
-pass last (an acquire-release counter per row and pass: deterministic, since the combined
-values are read in chunk order and every count is an integer).
+Each pass is its own launch over a grid of (row pair, chunk of CHUNK columns): thousands of
+short programs with few registers keep the SMs busy. The per-pair steps between passes
+(combining log-sum-exps, deciding the buckets of a trie level) are done by whichever program
+of the pair finishes a pass last (an acquire-release counter per pair and pass). That is
+deterministic: the combined values are read in chunk order and every count is an integer.
+(A first version walked whole row pairs in a persistent grid, two programs per SM; it was
+latency-bound and 1.7x slower: bench/NOTES.md.)
 
 One call handles a batch of pairs with a per-pair workspace (the trie of uld_rows.py):
 
@@ -17,6 +17,7 @@ One call handles a batch of pairs with a per-pair workspace (the trie of uld_row
                    resolves it
     deep_kernel    one program per pair finishes any deeper levels (rare: near-identical rows)
     loss_kernel    sum_i a_i g_i - sum_j b_j h_j per chunk; the last program writes the loss
+                   (MASS: the buckets already summed their probabilities; no row is read)
     grad_kernel    the gradient, chunk by chunk
 
 The math and the trie are documented in uld_rows.py.
