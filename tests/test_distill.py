@@ -173,3 +173,32 @@ def test_torch_compile_fullgraph(device):
     (compiled * 2).backward()
     assert torch.equal(eager.detach(), compiled.detach())
     assert torch.equal(eager_in.grad, compiled_in.grad)
+
+
+def test_no_grad_evaluation_of_the_training_loss_computes_no_gradient(monkeypatch):
+    """ULDLoss under torch.no_grad(): no student gradient is computed (the kernels get
+    student_grad=False), and the losses equal those of a training call."""
+    import uld_kernels.distill as distill
+
+    calls = []
+    real = distill.uld_pairs
+
+    def spy(*args, **kwargs):
+        calls.append(args[4])  # student_grad
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(distill, "uld_pairs", spy)
+    g = torch.Generator().manual_seed(3)
+    student = torch.randn(2, 12, 60, generator=g, requires_grad=True)
+    teacher = torch.randn(2, 12, 50, generator=g)
+    labels_s = torch.randint(0, 60, (2, 12), generator=g)
+    labels_t = torch.randint(0, 50, (2, 12), generator=g)
+    labels_s[:, :4] = -100
+    labels_t[:, :3] = -100
+    uld = ULDLoss()
+    with torch.no_grad():
+        evaluated = uld(student, teacher, labels_s, labels_t)
+    trained = uld(student, teacher, labels_s, labels_t)
+    assert calls == [False, True], calls
+    for a, b in zip(evaluated, trained):
+        assert torch.equal(a, b.detach())

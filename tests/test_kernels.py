@@ -246,3 +246,25 @@ def test_loss_from_bucket_masses(kind, device, monkeypatch):
     assert_losses_close(rows[keep], ref_rows[keep.cpu()], torch.float32)
     assert_grads_close(grad[keep], ref_grad[keep.cpu()], student[keep], torch.float32,
                        per_tie_group=kind in ("integers",))
+
+
+def test_no_grad_evaluation_computes_no_gradient(device, monkeypatch):
+    """Under torch.no_grad() the logits may still require grad (a model's output in an
+    evaluation loop): the kernels must not compute or allocate a gradient then."""
+    import uld_kernels.autograd as autograd
+
+    calls = []
+    real = autograd.uld_rows
+
+    def spy(*args):
+        calls.append(args[4])  # student_grad
+        return real(*args)
+
+    monkeypatch.setattr(autograd, "uld_rows", spy)
+    student, teacher = _rows("random", 3, 50, 40, torch.float32, device, seed=5)
+    student.requires_grad_(True)
+    with torch.no_grad():
+        evaluated = uld_loss(student, teacher)
+    trained = uld_loss(student, teacher)
+    assert calls == [False, True], calls
+    assert torch.equal(evaluated, trained.detach())

@@ -73,5 +73,6 @@ def uld_loss(
             teacher_temperature=teacher_temperature, reduction=reduction,
         )
     return ULDFunction.apply(
-        student_logits, teacher_logits, student_temperature, teacher_temperature, reduction
+        student_logits, teacher_logits, student_temperature, teacher_temperature, reduction,
+        torch.is_grad_enabled(),
     )

@@ -75,15 +75,19 @@ class ULDFunction(torch.autograd.Function):
     """Autograd Function of the fused ULD loss over aligned rows.
 
     ``ULDFunction.apply(student_logits, teacher_logits, student_temperature,
-    teacher_temperature, reduction)``; gradients flow to whichever logits require them.
+    teacher_temperature, reduction, grad_enabled)``; gradients flow to whichever logits
+    require them. ``grad_enabled`` is ``torch.is_grad_enabled()`` at the call (inside
+    ``forward`` grad mode is always off): under ``torch.no_grad()`` no gradient is computed or
+    allocated, and the forward writes nothing per element.
     Calling backward twice through one graph (``retain_graph=True``) raises: the saved
     gradient is scaled in place.
     """
 
     @staticmethod
     def forward(ctx, student_logits, teacher_logits, student_temperature, teacher_temperature,
-                reduction):
-        student_grad, teacher_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+                reduction, grad_enabled=True):
+        student_grad = bool(ctx.needs_input_grad[0] and grad_enabled)
+        teacher_grad = bool(ctx.needs_input_grad[1] and grad_enabled)
         loss, grad_student, grad_teacher = torch.ops.uld_kernels.uld_loss(
             student_logits, teacher_logits, float(student_temperature),
             float(teacher_temperature), reduction, student_grad, teacher_grad,
@@ -104,4 +108,4 @@ class ULDFunction(torch.autograd.Function):
             torch.ops.uld_kernels.scale_rows_(grad_teacher, grad_loss)
         else:
             grad_teacher = None
-        return grad_student, grad_teacher, None, None, None
+        return grad_student, grad_teacher, None, None, None, None

@@ -88,7 +88,7 @@ class ULDDistillFunction(torch.autograd.Function):
             plan["student_index"], plan["teacher_index"], plan["pair_weight"],
             plan["ce_index"], plan["ce_label"], plan["ce_weight"],
             plan["student_temperature"], plan["teacher_temperature"], plan["has_ce"],
-            ctx.needs_input_grad[0],
+            bool(ctx.needs_input_grad[0] and plan["grad_enabled"]),
         )
         batch = student_logits.shape[0]
         distill = plan["pair_weight"] * rows
@@ -104,7 +104,7 @@ class ULDDistillFunction(torch.autograd.Function):
         else:
             distill, ce = distill.sum(), ce_pairs.sum() + ce_other.sum()
         ctx.save_for_backward(grad)
-        ctx.student_grad = ctx.needs_input_grad[0]
+        ctx.student_grad = bool(ctx.needs_input_grad[0] and plan["grad_enabled"])
         ctx.seq_len = student_logits.shape[1]
         ctx.mark_non_differentiable(ce, distill)
         return ce + distill, ce, distill
@@ -236,6 +236,9 @@ def uld_distillation_loss(
     plan.update(student_vocab=student_vocab, teacher_vocab=teacher_vocab,
                 student_temperature=student_temperature, teacher_temperature=teacher_temperature,
                 has_ce=crossentropy_weight != 0.0)
+    # Grad mode is off inside forward: record it here, so that evaluation under
+    # torch.no_grad() computes no gradient.
+    plan["grad_enabled"] = torch.is_grad_enabled()
     return ULDDistillFunction.apply(student_logits, teacher_logits, plan)
 
 
