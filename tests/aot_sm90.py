@@ -47,6 +47,8 @@ def facts(name: str, compiled) -> dict:
             r"ld\.global(\.nc)?\.v[24]|cp\.async\.\w+\.shared\.global \[[^\]]*\], \[[^\]]*\], (0x8|0x10|8|16)\b", ptx)),
         pipelined=("cp.async" in ptx),
         shared=compiled.metadata.shared,
+        # static shared memory declared by inline PTX (kernels/smem.py)
+        static_shared=sum(int(n) for n in re.findall(r"\.shared \.align \d+ \.b8 \w+\[(\d+)\]", ptx)),
         local_memory=".local" in ptx,
     )
 
@@ -124,6 +126,25 @@ def split_kernel_configs():
             label = "loss (from bucket masses: reads no rows)"
         yield (f"split {label} {TRITON_TYPE[dtype]}", kernel, _types_by_name(kernel, "*" + TRITON_TYPE[dtype]),
                constexprs, [n for n in aligned_names if n in names], cfg.num_warps)
+    # The bucket-mass mode's root (ULD_MASS=1 ULD_ROOT_BITS=11): its shared-memory layout.
+    root = uld_split.root_kernel
+    yield ("split root with masses bf16", root, _types_by_name(root, "*bf16"),
+           dict(STUDENT_UNIT_STRIDE=True, TEACHER_UNIT_STRIDE=True, GATHER=False, BLOCK=cfg.block,
+                ENTRIES=cfg.entries, MAX_LEVELS=10, STAGES=cfg.stages, CHUNK=cfg.chunk, RESOLVE_BLOCK=256,
+                ROOT_BITS=11, USE_SMEM=True, MASS=True),
+           [n for n in aligned_names if n in root.arg_names], cfg.num_warps)
+    for label, kernel, extra in kernels:
+        if label in ("stats", "count", "deep", "loss"):
+            names = kernel.arg_names
+            constexprs = dict(STUDENT_UNIT_STRIDE=True, TEACHER_UNIT_STRIDE=True, GATHER=False,
+                              BLOCK=min(cfg.block, 512) if label == "deep" else cfg.block,
+                              ENTRIES=cfg.entries, MAX_LEVELS=10, STAGES=cfg.stages,
+                              **dict(extra, MASS=True, **({"ROOT_BITS": 11} if label == "stats" else {})))
+            if "CHUNK" in names:
+                constexprs["CHUNK"] = cfg.chunk
+            suffix = " (reads no rows)" if label == "loss" else ""
+            yield (f"split {label} with masses{suffix} bf16", kernel, _types_by_name(kernel, "*bf16"),
+                   constexprs, [n for n in aligned_names if n in names], cfg.num_warps)
     for label, kernel, extra in [("stats", uld_split.stats_kernel, kernels[0][2]),
                                  ("grad", uld_split.grad_kernel, kernels[-1][2])]:
         names = kernel.arg_names

@@ -29,8 +29,9 @@ def test_every_configuration_compiles(compiled):
     names = [c["name"] for c in compiled]
     assert sum(n.startswith("ce_rows") for n in names) == 6, names
     assert sum(n.startswith("scale_rows") for n in names) == 6, names
-    assert sum(n.startswith("split") and "gathered" not in n for n in names) == 18, names
+    assert sum(n.startswith("split") and "gathered" not in n and "masses" not in n for n in names) == 18, names
     assert sum(n.startswith("split") and "gathered" in n for n in names) == 2, names
+    assert sum("with masses" in n for n in names) == 5, names
     for c in compiled:
         assert c["cubin_bytes"] > 0 and c["sm90"], c
 
@@ -40,4 +41,7 @@ def test_row_loads_are_vectorized_and_fit(compiled):
         if "reads no rows" not in c["name"]:
             assert c["vector_loads"], f"{c['name']}: no 16-byte loads (vocabulary specialization lost?)"
         assert c["shared"] <= 228 * 1024, c
+        # Static (inline PTX) plus Triton's dynamic shared memory past 48 KB fails to launch
+        # without an opt-in (CUDA "invalid argument", seen on the H200).
+        assert c["static_shared"] == 0 or c["static_shared"] + c["shared"] <= 48 * 1024, c
         assert not c["local_memory"], f"{c['name']}: uses local memory (spills or stack arrays)"

@@ -232,10 +232,10 @@ def test_loss_from_bucket_masses(kind, device, monkeypatch):
     """ULD_MASS=1: every bucket sums its probabilities (int64 fixed point) and the loss is
     summed bucket by bucket while the trie resolves, without a pass over the rows. Same
     losses and gradients as the reference, NaN rows still NaN, several batches and chunks.
-    (On a GPU this mode runs without the shared-memory root, which has no room for masses.)"""
+    (On a GPU: the 2,048-bucket shared-memory root with 16-bit counts and int64 masses.)"""
     monkeypatch.setitem(launch.SPLIT_INTERPRETED, "mass", True)
     monkeypatch.setitem(launch.SPLIT, "mass", True)
-    monkeypatch.setitem(launch.SPLIT, "smem", False)
+    monkeypatch.setitem(launch.SPLIT, "root_bits", 11)
     student, teacher = _rows(kind, 7, 600, 600 if kind == "near" else 450, torch.float32, device, seed=31)
     student[3, 7] = float("nan")
     student.requires_grad_(True)

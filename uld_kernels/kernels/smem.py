@@ -12,10 +12,13 @@ other helper refers to the array by name. Callers put `tl.debug_barrier()` betwe
 adding and reading back. Two layouts:
 
     COUNTS_ONLY (32 KB): int32 counts of 2 x 4,096 buckets at byte 0
-    WITH_MASS   (48 KB): int32 counts of 2 x 2,048 buckets at byte 0, then their int64
-                         fixed-point masses (sum of p * 2**52) at byte MASS_OFFSET
+    WITH_MASS   (40 KB): 16-bit counts of 2 x 2,048 buckets, two to a word, at byte 0 (a
+                         program counts at most CHUNK = 32,768 elements per side: no carry),
+                         then their int64 fixed-point masses (sum of p * 2**52) at byte
+                         MASS_OFFSET
 
-48 KB is the most static shared memory a kernel may declare.
+Static shared memory plus the kernel's own (Triton's, about 1 KB) must stay within 48 KB, or
+the launch fails without an opt-in; a 48 KB layout with int32 counts failed exactly so.
 
 Nothing here runs under TRITON_INTERPRET (inline assembly): the kernels fall back to
 `tl.histogram` and global atomics there (a constexpr switch), and the GPU tests check this
@@ -27,8 +30,8 @@ import triton.language as tl
 
 SMEM_THREADS = tl.constexpr(128)  # 4 warps
 COUNTS_ONLY_BYTES = tl.constexpr(32768)
-WITH_MASS_BYTES = tl.constexpr(49152)
-MASS_OFFSET = tl.constexpr(16384)  # after 2 x 2,048 int32 counts
+WITH_MASS_BYTES = tl.constexpr(40960)
+MASS_OFFSET = tl.constexpr(8192)  # after 2 x 2,048 16-bit counts
 
 
 def _zero_asm(size: int, threads: int) -> str:
@@ -46,6 +49,13 @@ _ADD_ONE_ASM = tl.constexpr(
 _ADD_MASS_ASM = tl.constexpr(
     "{ .reg .pred p; .reg .u32 a; setp.ge.s32 p, $1, 0; mov.u32 a, uld_smem; "
     f"add.u32 a, a, {MASS_OFFSET.value}; mad.lo.u32 a, $1, 8, a; @p red.shared.add.u64 [a], $2; mov.u32 $0, 0; }}")
+_ADD_ONE_PACKED_ASM = tl.constexpr(
+    "{ .reg .pred p; .reg .u32 a, h, v; setp.ge.s32 p, $1, 0; shr.u32 a, $1, 1; "
+    "and.b32 h, $1, 1; shl.b32 h, h, 4; shl.b32 v, 1, h; mov.u32 h, uld_smem; mad.lo.u32 a, a, 4, h; "
+    "@p red.shared.add.u32 [a], v; mov.u32 $0, 0; }")
+_LOAD_PACKED_ASM = tl.constexpr(
+    "{ .reg .u32 a, h, x; shr.u32 a, $1, 1; mov.u32 h, uld_smem; mad.lo.u32 a, a, 4, h; "
+    "ld.shared.u32 x, [a]; and.b32 h, $1, 1; shl.b32 h, h, 4; shr.u32 x, x, h; and.b32 $0, x, 65535; }")
 _LOAD_ASM = tl.constexpr(
     "{ .reg .u32 a; mov.u32 a, uld_smem; mad.lo.u32 a, $1, 4, a; ld.shared.u32 $0, [a]; }")
 _LOAD_MASS_ASM = tl.constexpr(
@@ -67,6 +77,18 @@ def smem_zero(WITH_MASS: tl.constexpr):
 def smem_add_one(word):
     """counts[word] += 1 for every lane whose word is >= 0."""
     tl.inline_asm_elementwise(_ADD_ONE_ASM, "=r,r", [word], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def smem_add_one_packed(bucket):
+    """16-bit counts[bucket] += 1 for every lane whose bucket is >= 0 (WITH_MASS layout)."""
+    tl.inline_asm_elementwise(_ADD_ONE_PACKED_ASM, "=r,r", [bucket], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def smem_load_packed(bucket):
+    """16-bit counts[bucket], one value per lane (WITH_MASS layout)."""
+    return tl.inline_asm_elementwise(_LOAD_PACKED_ASM, "=r,r", [bucket], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit

@@ -32,7 +32,10 @@ from uld_kernels.kernels.uld_rows import (
     _count_level, _finish_lse, _key_of, _pair_rows, _probs_and_keys, _resolve_level,
     _signed_mass, _stats_range, _write_grad,
 )
-from uld_kernels.kernels.smem import smem_add_mass, smem_add_one, smem_load, smem_load_mass, smem_zero
+from uld_kernels.kernels.smem import (
+    smem_add_mass, smem_add_one, smem_add_one_packed, smem_load, smem_load_mass, smem_load_packed,
+    smem_zero,
+)
 
 # Per-pair integers in the meta block of uld_rows.py (slots past its trie levels).
 _FLAGS = tl.constexpr(48)  # bit 0: the row has a distribution; bit 1: student == teacher
@@ -280,11 +283,14 @@ def root_kernel(
             ds = tl.minimum(tl.maximum((ks >> root_shift) - root_base, 0), ROOT_ENTRIES - 1)
             dt = tl.minimum(tl.maximum((kt >> root_shift) - root_base, 0), ROOT_ENTRIES - 1)
             if USE_SMEM:
-                smem_add_one(tl.where(counted_s, ds, -1))
-                smem_add_one(tl.where(counted_t, dt + ROOT_ENTRIES, -1))
-                if MASS:
+                if MASS:  # 16-bit counts, so that the masses fit beside them
+                    smem_add_one_packed(tl.where(counted_s, ds, -1))
+                    smem_add_one_packed(tl.where(counted_t, dt + ROOT_ENTRIES, -1))
                     smem_add_mass(tl.where(counted_s, ds, -1), (ps * MASS_SCALE).to(tl.int64))
                     smem_add_mass(tl.where(counted_t, dt + ROOT_ENTRIES, -1), (pt * MASS_SCALE).to(tl.int64))
+                else:
+                    smem_add_one(tl.where(counted_s, ds, -1))
+                    smem_add_one(tl.where(counted_t, dt + ROOT_ENTRIES, -1))
             else:
                 student_hist += tl.histogram(ds, ROOT_ENTRIES, mask=counted_s)
                 teacher_hist += tl.histogram(dt, ROOT_ENTRIES, mask=counted_t)
@@ -296,9 +302,11 @@ def root_kernel(
             tl.debug_barrier()
             for piece in tl.static_range(0, 2 * ROOT_ENTRIES, 1024):
                 word = piece + tl.arange(0, 1024)
-                tl.store(partial + word, smem_load(word))
                 if MASS:
+                    tl.store(partial + word, smem_load_packed(word))
                     tl.store(mass_partial + word, smem_load_mass(word))
+                else:
+                    tl.store(partial + word, smem_load(word))
         else:
             root = tl.arange(0, ROOT_ENTRIES)
             tl.store(partial + root, student_hist)
