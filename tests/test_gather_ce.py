@@ -82,3 +82,23 @@ def test_label_past_the_vocabulary_poisons_only_its_row(device):
                                       ce_label=label, ce_weight=weight)
     assert torch.isnan(row_ce[1]) and torch.isfinite(row_ce[[0, 2]]).all(), row_ce
     assert torch.isfinite(rows).all()
+
+
+def test_nan_in_the_teacher_row_leaves_the_student_cross_entropy_alone(device):
+    """A NaN teacher logit makes that pair's ULD loss NaN, but the student's cross-entropy
+    depends on the student's row only (found by review: it was NaN too)."""
+    student = torch.randn(3, 50, device=device)
+    teacher = torch.randn(3, 40, device=device)
+    teacher[1, 7] = float("nan")
+    student_nan = student.clone()
+    student_nan[2, 3] = float("nan")
+    index = torch.tensor([0, 1, 2], device=device)
+    label = torch.tensor([4, 5, 6], device=device)
+    weight = torch.ones(3, device=device)
+    rows, _, row_ce, _, _ = uld_pairs(student_nan, teacher, 1.0, 1.0, False, False, 1.0,
+                                      student_index=index, teacher_index=index, row_weight=weight,
+                                      ce_label=label, ce_weight=weight)
+    expected = F.cross_entropy(student.double(), label, reduction="none")
+    assert torch.isnan(rows[1]) and torch.isnan(rows[2]) and torch.isfinite(rows[0]), rows
+    assert torch.isnan(row_ce[2]), row_ce
+    assert_losses_close(row_ce[:2], expected[:2].to(row_ce.device), torch.float32, what="cross-entropy")

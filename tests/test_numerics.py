@@ -7,9 +7,14 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
+import uld_kernels.launch as launch
+from reference import uld_row_losses_reference
 from tests.helpers import assert_grads_close, assert_losses_close, reference_rows_and_grads
 from uld_kernels import uld_loss
+from uld_kernels.kernels import uld_rows, uld_split
 
 
 def _check(student, teacher, dtype, per_tie_group=True):
@@ -75,3 +80,35 @@ def test_float16_softmax_underflow(device):
     student = (_randn((3, 200), 6, 1.0) * 20).clamp(-60, 0).to(torch.float16)
     teacher = (_randn((3, 150), 7, 1.0) * 20).clamp(-60, 0).to(torch.float16)
     _check(student.to(device), teacher.to(device), torch.float16)
+
+
+@triton.jit
+def _probs_and_keys_fused(ptr, idx, col_stride, vocab, inv_temperature, row_max, log_sum,
+                          UNIT_COL_STRIDE: tl.constexpr):
+    """_probs_and_keys as the sm_90 build computes it: z * (1 / T) - max fused into one
+    multiply-add (one rounding), emulated in float64 and rounded once."""
+    z, in_row = uld_rows._load_logits(ptr, idx, col_stride, vocab, UNIT_COL_STRIDE)
+    inv = tl.full([1], inv_temperature, tl.float32).to(tl.float64)
+    x = (z.to(tl.float64) * inv - row_max.to(tl.float64)).to(tl.float32)
+    p = tl.exp(x - log_sum)
+    key = p.to(tl.int32, bitcast=True)
+    return p, key, in_row & (key > 0) & (p == p), z
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="emulates under the interpreter the fused "
+                    "multiply-add that compiled kernels perform for real (test_gpu.py)")
+def test_keys_rounded_past_the_root_range_stay_exact(monkeypatch):
+    """The root's key range comes from the rounded product z * (1 / T); a compiled pass fuses
+    it with the subtraction of the maximum, so an element's key can fall a few ulps outside the
+    range. Such keys must land in the edge bucket in every pass (they once read another row's
+    signs). Rows 77 and 143 of this batch did, at T = 1.5 (found by review)."""
+    g = torch.Generator().manual_seed(1)
+    student = 1000 + torch.rand(160, 512, generator=g)
+    teacher = 1000 + torch.rand(160, 512, generator=g)
+    pick = [77, 143, 0, 5]
+    student, teacher = student[pick].contiguous(), teacher[pick].contiguous()
+    monkeypatch.setattr(uld_rows, "_probs_and_keys", _probs_and_keys_fused)
+    monkeypatch.setattr(uld_split, "_probs_and_keys", _probs_and_keys_fused)
+    rows, _status, _, _ = launch.uld_rows(student, teacher, 1.5, 1.5, False, False, 1.0)
+    ref = uld_row_losses_reference(student.double(), teacher.double(), 1.5, 1.5)
+    assert_losses_close(rows, ref, torch.float32)

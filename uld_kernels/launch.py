@@ -90,6 +90,9 @@ def split_config(on_gpu: bool) -> SplitConfig:
     if on_gpu and knobs["smem"] and knobs["mass"] and knobs["root_bits"] != 11:
         raise ValueError("ULD_MASS=1 with the shared-memory root needs ULD_ROOT_BITS=11: counts and "
                          "masses of 2 x 2,048 buckets take 40 KB (kernels/smem.py)")
+    if on_gpu and knobs["smem"] and knobs["mass"] and chunk > 32768:
+        raise ValueError("ULD_MASS=1 with the shared-memory root counts in 16 bits: ULD_CHUNK must be "
+                         "at most 32,768 columns")
     knobs.update(block=block, chunk=chunk)
     return SplitConfig(**knobs)
 
@@ -203,7 +206,7 @@ def _split_pairs(student_logits, teacher_logits, row_loss, status, row_ce, grad_
     row_f = torch.empty(batch * uld_split.ROW_FLOATS.value, dtype=torch.float32, device=device)
     partial = torch.empty(batch * chunks_pow2 * uld_split.PARTIAL_FLOATS.value, dtype=torch.float32,
                           device=device)
-    partial_i = torch.empty(batch * chunks_pow2 * 2, dtype=torch.int32, device=device)
+    partial_i = torch.empty(batch * chunks_pow2 * 3, dtype=torch.int32, device=device)
     root_partial = torch.empty(batch * n_chunks * 2 << cfg.root_bits, dtype=torch.int32, device=device)
     root_mass_partial = torch.empty((batch * n_chunks * 2 << cfg.root_bits) if cfg.mass else 1,
                                     dtype=torch.int64, device=device)

@@ -44,6 +44,8 @@ SIGN_PLANES = tl.constexpr(2)  # float32: student sign, teacher sign of a resolv
 META_SLOTS = tl.constexpr(64)  # level starts at [0, 31); the shift of level l at [33 + l]
 _SHIFT_OFFSET = tl.constexpr(33)  # [32]: root shift + ROOT_BITS, as if the root had a parent
 _ROOT_BASE = tl.constexpr(31)  # the root digit of a key is (key >> root shift) - [31]
+_KEY_LO = tl.constexpr(46)  # every key is clamped into the root's range [_KEY_LO, _KEY_HI]
+_KEY_HI = tl.constexpr(47)
 
 _MAX_CHILD_BITS = tl.constexpr(8)
 MASS_SCALE = tl.constexpr(4503599627370496.0)  # 2**52: probabilities as int64 fixed point
@@ -144,7 +146,8 @@ def _stats_range(s_row, t_row, start, stop, student_vocab, teacher_vocab, studen
                  HAS_CE: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr):
     """Per-lane statistics of columns [start, stop) of both rows: online log-sum-exp states
     (student, teacher and, with HAS_CE, the student's at temperature 1), the smallest finite
-    scaled logits, how many columns differ between the rows and how many are NaN."""
+    scaled logits, how many columns differ between the rows, how many are NaN on either side
+    and on the student's."""
     lanes = tl.arange(0, BLOCK)
     s_max = tl.full([BLOCK], float("-inf"), tl.float32)
     s_sum = tl.zeros([BLOCK], tl.float32)
@@ -154,6 +157,7 @@ def _stats_range(s_row, t_row, start, stop, student_vocab, teacher_vocab, studen
     t_min = tl.full([BLOCK], float("inf"), tl.float32)
     differ = tl.zeros([BLOCK], tl.int32)
     nans = tl.zeros([BLOCK], tl.int32)  # max() may drop NaNs, so they are counted apart
+    student_nans = tl.zeros([BLOCK], tl.int32)  # the student's cross-entropy sees only its row
     c_max = tl.full([BLOCK], float("-inf"), tl.float32)  # cross-entropy: temperature 1
     c_sum = tl.zeros([BLOCK], tl.float32)
     for block_start in tl.range(start, stop, BLOCK, num_stages=STAGES):
@@ -170,7 +174,8 @@ def _stats_range(s_row, t_row, start, stop, student_vocab, teacher_vocab, studen
         t_min = tl.minimum(t_min, tl.where(xt > float("-inf"), xt, float("inf")))
         differ += ((xs != xt) & (in_s | in_t)).to(tl.int32)
         nans += ((xs != xs) | (xt != xt)).to(tl.int32)
-    return s_max, s_sum, t_max, t_sum, s_min, t_min, differ, nans, c_max, c_sum
+        student_nans += (xs != xs).to(tl.int32)
+    return s_max, s_sum, t_max, t_sum, s_min, t_min, differ, nans, student_nans, c_max, c_sum
 
 
 @triton.jit
@@ -192,6 +197,16 @@ def _tie_signs(d, cs, ct):
 
 
 @triton.jit
+def _clamp_key(key, meta_ptr):
+    """The key, clamped into the root's range. The range comes from the pair's extreme logits,
+    but a compiled pass may round an element's key differently (a fused multiply-add of
+    z * (1 / T) - max where the range used a rounded product): a few ulps past the range. Every
+    pass clamps the same way, so such a key lands in the edge bucket consistently; at worst it
+    ties with the edge value, a few ulps away."""
+    return tl.minimum(tl.maximum(key, tl.load(meta_ptr + _KEY_LO)), tl.load(meta_ptr + _KEY_HI))
+
+
+@triton.jit
 def _walk(key, counted, child_ptr, meta_ptr, depth, MAX_LEVELS: tl.constexpr):
     """Follow each key from the root down `depth` levels or to its resolved bucket.
 
@@ -199,6 +214,7 @@ def _walk(key, counted, child_ptr, meta_ptr, depth, MAX_LEVELS: tl.constexpr):
     is unrolled (levels past `depth` are masked off) so that the pass around it has no inner
     loop and Triton can software-pipeline its row loads.
     """
+    key = _clamp_key(key, meta_ptr)
     entry = (key >> tl.load(meta_ptr + _SHIFT_OFFSET)) - tl.load(meta_ptr + _ROOT_BASE)
     active = counted
     for level in tl.static_range(1, MAX_LEVELS):
@@ -217,6 +233,7 @@ def _walk_sign(key, counted, child_ptr, sign_ptr, meta_ptr, depth, MAX_LEVELS: t
     """The sign of each key: read at its root bucket, and one level further down only where
     the bucket read is open (its sign is NaN), so that keys decided near the root cost one
     gather. Lanes not counted get 0."""
+    key = _clamp_key(key, meta_ptr)
     entry = (key >> tl.load(meta_ptr + _SHIFT_OFFSET)) - tl.load(meta_ptr + _ROOT_BASE)
     sign = tl.load(sign_ptr + entry, mask=counted, other=0.0)
     for level in tl.static_range(1, MAX_LEVELS):
@@ -405,6 +422,7 @@ def _count_level(row_ptr, col_stride, vocab, inv_temperature, row_max, log_sum, 
     for block_start in tl.range(start, stop, BLOCK, num_stages=STAGES):
         p, key, counted, _z = _probs_and_keys(row_ptr, block_start + lanes, col_stride, vocab,
                                               inv_temperature, row_max, log_sum, UNIT_COL_STRIDE)
+        key = _clamp_key(key, meta_ptr)
         counted = counted & (key >= key_lo) & (key <= key_hi)
         entry, reached = _walk(key, counted, ws_ptr + _CHILD * ENTRIES, meta_ptr, level, MAX_LEVELS)
         tl.atomic_add(ws_ptr + CNT * ENTRIES + entry, 1, mask=reached, sem="relaxed")

@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 
 from uld_kernels.kernels.uld_rows import (
-    _CNT_S, _CNT_T, _MAX_S, _MAX_T, _MIN_S, _MIN_T, _NODE_TOP, _ROOT_BASE, _SHIFT_OFFSET,
+    _CNT_S, _CNT_T, _KEY_HI, _KEY_LO, _MAX_S, _MAX_T, _MIN_S, _MIN_T, _NODE_TOP, _ROOT_BASE,
+    _SHIFT_OFFSET, _clamp_key,
     INT_PLANES, MASS_SCALE, SIGN_PLANES,
     _count_level, _finish_lse, _key_of, _pair_rows, _probs_and_keys, _resolve_level,
     _signed_mass, _stats_range, _write_grad,
@@ -112,7 +113,7 @@ def stats_kernel(
                 tl.store(row_ce_ptr + pair, 0.0)
     else:
         stop = tl.minimum(start + CHUNK, tl.maximum(student_vocab, teacher_vocab))
-        (s_max, s_sum, t_max, t_sum, s_min, t_min, differ, nans, c_max, c_sum) = _stats_range(
+        (s_max, s_sum, t_max, t_sum, s_min, t_min, differ, nans, student_nans, c_max, c_sum) = _stats_range(
             s_row, t_row, start, stop, student_vocab, teacher_vocab, student_col_stride,
             teacher_col_stride, inv_student_temperature, inv_teacher_temperature,
             STUDENT_UNIT_STRIDE, TEACHER_UNIT_STRIDE, HAS_CE, BLOCK, STAGES)
@@ -129,9 +130,10 @@ def stats_kernel(
             c_top, c_log_sum = _finish_lse(c_max, c_sum)
             tl.store(part + 6, c_top)
             tl.store(part + 7, c_log_sum)
-        part_i = partial_i_ptr + (local.to(tl.int64) * CHUNKS_POW2 + chunk) * 2
+        part_i = partial_i_ptr + (local.to(tl.int64) * CHUNKS_POW2 + chunk) * 3
         tl.store(part_i + 0, tl.sum(differ, 0))
         tl.store(part_i + 1, tl.sum(nans, 0))
+        tl.store(part_i + 2, tl.sum(student_nans, 0))
 
         if _last_of_pair(meta_ptr + _DONE_STATS, n_chunks):
             chunks = tl.arange(0, CHUNKS_POW2)
@@ -144,7 +146,7 @@ def stats_kernel(
             teacher_top, teacher_log_sum = _combine_lse(parts + 2, parts + 3, have)
             lowest_s = tl.min(tl.load(parts + 4, mask=have, other=float("inf"), cache_modifier=".cg"), 0)
             lowest_t = tl.min(tl.load(parts + 5, mask=have, other=float("inf"), cache_modifier=".cg"), 0)
-            parts_i = partial_i_ptr + (local.to(tl.int64) * CHUNKS_POW2 + chunks) * 2
+            parts_i = partial_i_ptr + (local.to(tl.int64) * CHUNKS_POW2 + chunks) * 3
             differ_total = tl.sum(tl.load(parts_i + 0, mask=have, other=0, cache_modifier=".cg"), 0)
             any_nan = tl.sum(tl.load(parts_i + 1, mask=have, other=0, cache_modifier=".cg"), 0) > 0
             student_log_sum = tl.where(any_nan, float("nan"), student_log_sum)
@@ -158,7 +160,8 @@ def stats_kernel(
             tl.store(row_f + _T_LOG_SUM, teacher_log_sum)
             if HAS_CE:
                 ce_max, ce_log_sum = _combine_lse(parts + 6, parts + 7, have)
-                ce_log_sum = tl.where(any_nan, float("nan"), ce_log_sum)
+                student_nan = tl.sum(tl.load(parts_i + 2, mask=have, other=0, cache_modifier=".cg"), 0) > 0
+                ce_log_sum = tl.where(student_nan, float("nan"), ce_log_sum)
                 tl.store(row_f + _CE_MAX, ce_max)
                 tl.store(row_f + _CE_LOG_SUM, ce_log_sum)
                 ce_label = tl.load(ce_label_ptr + pair).to(tl.int32)
@@ -182,6 +185,10 @@ def stats_kernel(
             tl.store(meta_ptr + _SHIFT_OFFSET - 1, root_shift + ROOT_BITS)
             tl.store(meta_ptr + _SHIFT_OFFSET, root_shift)
             tl.store(meta_ptr + _ROOT_BASE, key_lo >> root_shift)
+            root_lo = (key_lo >> root_shift).to(tl.int64) << root_shift
+            root_hi = (((key_lo >> root_shift).to(tl.int64) + ROOT_ENTRIES) << root_shift) - 1
+            tl.store(meta_ptr + _KEY_LO, root_lo.to(tl.int32))
+            tl.store(meta_ptr + _KEY_HI, tl.minimum(root_hi, 2147483647).to(tl.int32))
             tl.store(meta_ptr + _DEPTH, 0)
             tl.store(meta_ptr + _FLAGS, row_ok.to(tl.int32) + 2 * identical.to(tl.int32))
             if MASS:
@@ -242,6 +249,8 @@ def root_kernel(
     probabilities (int64 fixed point), so that resolving a bucket adds its signed mass to the
     loss and no pass over the rows is left to sum the loss."""
     ROOT_ENTRIES: tl.constexpr = 1 << ROOT_BITS
+    if USE_SMEM and MASS:
+        tl.static_assert(CHUNK <= 65535, "16-bit shared-memory counts: at most 65,535 columns per chunk")
     local, pair, chunk, start = _chunk_of(tl.program_id(0), n_chunks, batch_start, CHUNK)
     meta_ptr, row_f, flags = _row_state(ws_meta_ptr, row_f_ptr, local)
     if flags == 1:  # a distribution on both sides, not identical
@@ -279,9 +288,8 @@ def root_kernel(
             pt, kt, counted_t, _zt = _probs_and_keys(t_row, idx, teacher_col_stride, teacher_vocab,
                                                      inv_teacher_temperature, t_top, t_log_sum,
                                                      TEACHER_UNIT_STRIDE)
-            # (Clamped only for memory safety: every counted key lies in the root's range.)
-            ds = tl.minimum(tl.maximum((ks >> root_shift) - root_base, 0), ROOT_ENTRIES - 1)
-            dt = tl.minimum(tl.maximum((kt >> root_shift) - root_base, 0), ROOT_ENTRIES - 1)
+            ds = (_clamp_key(ks, meta_ptr) >> root_shift) - root_base  # in [0, ROOT_ENTRIES)
+            dt = (_clamp_key(kt, meta_ptr) >> root_shift) - root_base
             if USE_SMEM:
                 if MASS:  # 16-bit counts, so that the masses fit beside them
                     smem_add_one_packed(tl.where(counted_s, ds, -1))
