@@ -188,7 +188,7 @@ def test_deterministic_and_independent_of_batch(device):
     assert torch.equal(gp[2:4], g1[2:4])
 
 
-@pytest.mark.parametrize("entries", [1024, 300])
+@pytest.mark.parametrize("entries", [1024, 300, 20])
 def test_small_workspace_stays_exact_or_says_nan(entries, device, monkeypatch):
     """A smaller trie (`entries` below the root) splits fewer bits per level: still exact.
     When even one bit per open bucket no longer fits, the row's loss is NaN (never a wrong
@@ -203,6 +203,8 @@ def test_small_workspace_stays_exact_or_says_nan(entries, device, monkeypatch):
     assert torch.isnan(rows[~ok]).all(), "a row whose workspace ran out must be NaN"
     if entries >= 1024:
         assert ok.all(), f"1,024 entries suffice for 400 elements, status {status.tolist()}"
+    if entries <= 20:
+        assert not ok.any(), f"20 entries cannot split these rows' open buckets, status {status.tolist()}"
     assert_losses_close(rows[ok], ref_rows[ok.cpu()], torch.float32)
     assert_grads_close(grad[ok], ref_grad[ok.cpu()], student[ok], torch.float32, per_tie_group=True)
 
