@@ -87,6 +87,15 @@ def split_config(on_gpu: bool) -> SplitConfig:
     # cover the columns past a short row).
     block = knobs["block"]
     chunk = max(block, knobs["chunk"] // block * block)
+    if not 10 <= knobs["root_bits"] <= 12:
+        raise ValueError(f"ULD_ROOT_BITS must be 10, 11 or 12, got {knobs['root_bits']}")
+    if not 0 <= knobs["split_levels"] <= 8:
+        raise ValueError(f"ULD_SPLIT_LEVELS must be in [0, 8] (a counter slot each), got {knobs['split_levels']}")
+    if knobs["entries"] <= 1 << knobs["root_bits"]:
+        raise ValueError(f"ULD_SPLIT_ENTRIES must exceed the root's {1 << knobs['root_bits']} buckets, "
+                         f"got {knobs['entries']}")
+    if knobs["block"] < 128 or knobs["block"] & (knobs["block"] - 1):
+        raise ValueError(f"ULD_SPLIT_BLOCK must be a power of two >= 128, got {knobs['block']}")
     if on_gpu and knobs["smem"] and knobs["mass"] and knobs["root_bits"] != 11:
         raise ValueError("ULD_MASS=1 with the shared-memory root needs ULD_ROOT_BITS=11: counts and "
                          "masses of 2 x 2,048 buckets take 40 KB (kernels/smem.py)")
