@@ -1,7 +1,8 @@
-"""Run uld_rows once on a benchmark batch so that Nsight Compute can profile the launch.
+"""Run uld_rows twice on a benchmark batch (one workspace batch: every pass is one launch per
+call, the count pass two) so that Nsight Compute can profile the second call's launch.
 
-    ncu --clock-control none --set full --import-source yes -k regex:uld_rows_kernel \
-        --launch-skip 1 --launch-count 1 -o prof python3 bench/profile_ncu.py random 2048
+    ncu --clock-control none --set full --import-source yes -k regex:count_kernel \
+        --launch-skip 2 --launch-count 1 -o prof python3 bench/profile_ncu.py random 2048
 """
 
 import os
@@ -12,10 +13,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from bench.shapes import VOCAB_PAIRS, make_rows  # noqa: E402
+from uld_kernels import launch  # noqa: E402
 from uld_kernels.launch import uld_rows  # noqa: E402
 
 kind, rows = sys.argv[1], int(sys.argv[2])
 pair = sys.argv[3] if len(sys.argv) > 3 else "qwen_llama3"
+launch.SPLIT["batch_rows"] = rows
 student, teacher = make_rows(kind, rows, *VOCAB_PAIRS[pair], seed=1)
 for _ in range(2):  # the first launch compiles; the profiler skips it
     loss, status, grad, _ = uld_rows(student, teacher, 1.0, 1.0, True, False, 1.0)

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Warp-stall breakdown of uld_rows_kernel (final config) on two kinds of rows; logs under $OUT.
+# Warp-stall breakdown of one pass (default: the count pass, level 1) on two kinds of rows;
+# logs under $OUT. usage: bash bench/profile_stalls.sh [kernel name] [launches to skip]
+# (root_kernel 1, count_kernel 2, loss_kernel 1: the first call of profile_ncu.py compiles).
 set -u
 OUT=${OUT:-bench/out}; mkdir -p "$OUT"
+KERNEL=${1:-count_kernel}; SKIP=${2:-2}
 NCU=$(ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1); NCU=${NCU:-ncu}
-for spec in "identical 2048 qwen_qwen" "random 2048 qwen_llama3"; do
+for spec in "peaked 2048 qwen_llama3" "random 2048 qwen_llama3"; do
   set -- $spec
   timeout 150 $NCU --clock-control none --section SpeedOfLight --section WarpStateStats \
     --section Occupancy --section LaunchStats --section SourceCounters --import-source yes \
-    -k regex:uld_rows_kernel --launch-skip 1 --launch-count 1 -o "$OUT/prof_$1" \
+    -k regex:$KERNEL --launch-skip $SKIP --launch-count 1 -o "$OUT/prof_$1" \
     python3 bench/profile_ncu.py "$1" "$2" "$3" > "$OUT/ncu_$1.log" 2>&1
   $NCU -i "$OUT/prof_$1.ncu-rep" --page details > "$OUT/details_$1.txt" 2>&1
   $NCU -i "$OUT/prof_$1.ncu-rep" --page source --csv --print-source sass > "$OUT/source_$1.csv" 2>&1

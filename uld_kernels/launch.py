@@ -215,7 +215,8 @@ def _split_pairs(student_logits, teacher_logits, row_loss, status, row_ce, grad_
     row_f = torch.empty(batch * uld_split.ROW_FLOATS.value, dtype=torch.float32, device=device)
     partial = torch.empty(batch * chunks_pow2 * uld_split.PARTIAL_FLOATS.value, dtype=torch.float32,
                           device=device)
-    partial_i = torch.empty(batch * chunks_pow2 * 3, dtype=torch.int32, device=device)
+    partial_i = torch.empty(batch * chunks_pow2 * uld_split.PARTIAL_INTS.value, dtype=torch.int32,
+                            device=device)
     root_partial = torch.empty(batch * n_chunks * 2 << cfg.root_bits, dtype=torch.int32, device=device)
     root_mass_partial = torch.empty((batch * n_chunks * 2 << cfg.root_bits) if cfg.mass else 1,
                                     dtype=torch.int64, device=device)

@@ -212,9 +212,9 @@ def _walk(key, counted, child_ptr, meta_ptr, depth, MAX_LEVELS: tl.constexpr):
 
     Returns the entry where each key stopped and whether it got all the way down. The loop
     is unrolled (levels past `depth` are masked off) so that the pass around it has no inner
-    loop and Triton can software-pipeline its row loads.
+    loop and Triton can software-pipeline its row loads. `key` is already clamped
+    (`_clamp_key`) by its only caller, `_count_level`, which filters on it first.
     """
-    key = _clamp_key(key, meta_ptr)
     entry = (key >> tl.load(meta_ptr + _SHIFT_OFFSET)) - tl.load(meta_ptr + _ROOT_BASE)
     active = counted
     for level in tl.static_range(1, MAX_LEVELS):

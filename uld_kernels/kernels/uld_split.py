@@ -60,6 +60,7 @@ _S_MASS = tl.constexpr(6)
 _T_MASS = tl.constexpr(7)
 # Per-chunk partial results.
 PARTIAL_FLOATS = tl.constexpr(8)
+PARTIAL_INTS = tl.constexpr(3)  # columns that differ, NaNs on either side, NaNs of the student
 
 
 @triton.jit
@@ -130,7 +131,7 @@ def stats_kernel(
             c_top, c_log_sum = _finish_lse(c_max, c_sum)
             tl.store(part + 6, c_top)
             tl.store(part + 7, c_log_sum)
-        part_i = partial_i_ptr + (local.to(tl.int64) * CHUNKS_POW2 + chunk) * 3
+        part_i = partial_i_ptr + (local.to(tl.int64) * CHUNKS_POW2 + chunk) * PARTIAL_INTS
         tl.store(part_i + 0, tl.sum(differ, 0))
         tl.store(part_i + 1, tl.sum(nans, 0))
         tl.store(part_i + 2, tl.sum(student_nans, 0))
@@ -139,14 +140,14 @@ def stats_kernel(
             chunks = tl.arange(0, CHUNKS_POW2)
             have = chunks < n_chunks
             parts = partial_ptr + (local.to(tl.int64) * CHUNKS_POW2 + chunks) * PARTIAL_FLOATS
-            ws_ptr = ws_int_ptr + local.to(tl.int64) * (INT_PLANES * ENTRIES)
-            sign_ptr = ws_sign_ptr + local.to(tl.int64) * (SIGN_PLANES * ENTRIES)
+            ws_ptr, sign_ptr, _mass, row_mass = _pair_workspace(local, ws_int_ptr, ws_sign_ptr, ws_mass_ptr,
+                                                                row_mass_ptr, ENTRIES)
             row_f = row_f_ptr + local.to(tl.int64) * ROW_FLOATS
             student_top, student_log_sum = _combine_lse(parts + 0, parts + 1, have)
             teacher_top, teacher_log_sum = _combine_lse(parts + 2, parts + 3, have)
             lowest_s = tl.min(tl.load(parts + 4, mask=have, other=float("inf"), cache_modifier=".cg"), 0)
             lowest_t = tl.min(tl.load(parts + 5, mask=have, other=float("inf"), cache_modifier=".cg"), 0)
-            parts_i = partial_i_ptr + (local.to(tl.int64) * CHUNKS_POW2 + chunks) * 3
+            parts_i = partial_i_ptr + (local.to(tl.int64) * CHUNKS_POW2 + chunks) * PARTIAL_INTS
             differ_total = tl.sum(tl.load(parts_i + 0, mask=have, other=0, cache_modifier=".cg"), 0)
             any_nan = tl.sum(tl.load(parts_i + 1, mask=have, other=0, cache_modifier=".cg"), 0) > 0
             student_log_sum = tl.where(any_nan, float("nan"), student_log_sum)
@@ -192,7 +193,6 @@ def stats_kernel(
             tl.store(meta_ptr + _DEPTH, 0)
             tl.store(meta_ptr + _FLAGS, row_ok.to(tl.int32) + 2 * identical.to(tl.int32))
             if MASS:
-                row_mass = row_mass_ptr + local.to(tl.int64) * 2
                 tl.store(row_mass, tl.zeros([1], tl.float64).sum(0))
                 tl.store(row_mass + 1, tl.zeros([1], tl.float64).sum(0))
             if row_ok & (~identical):
@@ -227,6 +227,35 @@ def _row_state(ws_meta_ptr, row_f_ptr, local):
     return meta_ptr, row_f, flags
 
 
+@triton.jit
+def _pair_workspace(local, ws_int_ptr, ws_sign_ptr, ws_mass_ptr, row_mass_ptr, ENTRIES: tl.constexpr):
+    """The pair's trie (int planes, sign planes, int64 masses) and its two signed-mass sums."""
+    local = local.to(tl.int64)
+    return (ws_int_ptr + local * (INT_PLANES * ENTRIES), ws_sign_ptr + local * (SIGN_PLANES * ENTRIES),
+            ws_mass_ptr + local * (2 * ENTRIES), row_mass_ptr + local * 2)
+
+
+@triton.jit
+def _count_level_both(s_row, t_row, student_col_stride, teacher_col_stride, student_vocab, teacher_vocab,
+                      inv_student_temperature, inv_teacher_temperature, row_f, ws_ptr, meta_ptr, mass_ptr,
+                      level, start, s_stop, t_stop,
+                      ENTRIES: tl.constexpr, BLOCK: tl.constexpr, STUDENT_UNIT_STRIDE: tl.constexpr,
+                      TEACHER_UNIT_STRIDE: tl.constexpr, STAGES: tl.constexpr, MAX_LEVELS: tl.constexpr,
+                      MASS: tl.constexpr):
+    """Counts `level` over columns [start, s_stop) of the student row and [start, t_stop) of
+    the teacher row, walking only keys inside the root's open range."""
+    key_lo = tl.load(meta_ptr + _OPEN_LO)
+    key_hi = tl.load(meta_ptr + _OPEN_HI)
+    _count_level(s_row, student_col_stride, student_vocab, inv_student_temperature,
+                 tl.load(row_f + _S_TOP), tl.load(row_f + _S_LOG_SUM), ws_ptr, meta_ptr, level,
+                 start, s_stop, key_lo, key_hi, mass_ptr,
+                 _CNT_S, _MIN_S, _MAX_S, ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS, MASS)
+    _count_level(t_row, teacher_col_stride, teacher_vocab, inv_teacher_temperature,
+                 tl.load(row_f + _T_TOP), tl.load(row_f + _T_LOG_SUM), ws_ptr, meta_ptr, level,
+                 start, t_stop, key_lo, key_hi, mass_ptr + ENTRIES,
+                 _CNT_T, _MIN_T, _MAX_T, ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS, MASS)
+
+
 @triton.jit(do_not_specialize=["n_chunks", "batch_start", "student_seq_len", "teacher_seq_len"])
 def root_kernel(
     student_ptr, teacher_ptr, ws_int_ptr, ws_sign_ptr, ws_meta_ptr, row_f_ptr, ws_mass_ptr, row_mass_ptr,
@@ -258,8 +287,8 @@ def root_kernel(
             pair, student_ptr, teacher_ptr, student_index_ptr, teacher_index_ptr,
             student_seq_len, student_batch_stride, student_row_stride,
             teacher_seq_len, teacher_batch_stride, teacher_row_stride, GATHER)
-        ws_ptr = ws_int_ptr + local.to(tl.int64) * (INT_PLANES * ENTRIES)
-        mass_ptr = ws_mass_ptr + local.to(tl.int64) * (2 * ENTRIES)
+        ws_ptr, sign_ptr, mass_ptr, row_mass = _pair_workspace(local, ws_int_ptr, ws_sign_ptr, ws_mass_ptr,
+                                                               row_mass_ptr, ENTRIES)
         s_top = tl.load(row_f + _S_TOP)
         s_log_sum = tl.load(row_f + _S_LOG_SUM)
         t_top = tl.load(row_f + _T_TOP)
@@ -342,8 +371,7 @@ def root_kernel(
                     tl.store(mass_ptr + root, student_mass)
                     tl.store(mass_ptr + ENTRIES + root, teacher_mass)
             tl.debug_barrier()
-            sign_ptr = ws_sign_ptr + local.to(tl.int64) * (SIGN_PLANES * ENTRIES)
-            status = _resolve_level(ws_ptr, sign_ptr, meta_ptr, 0, mass_ptr, row_mass_ptr + local.to(tl.int64) * 2,
+            status = _resolve_level(ws_ptr, sign_ptr, meta_ptr, 0, mass_ptr, row_mass,
                                     ENTRIES, RESOLVE_BLOCK, MAX_LEVELS, MASS)
             tl.store(meta_ptr + _STATUS, status)
             if status > 0:
@@ -382,24 +410,17 @@ def count_kernel(
             pair, student_ptr, teacher_ptr, student_index_ptr, teacher_index_ptr,
             student_seq_len, student_batch_stride, student_row_stride,
             teacher_seq_len, teacher_batch_stride, teacher_row_stride, GATHER)
-        ws_ptr = ws_int_ptr + local.to(tl.int64) * (INT_PLANES * ENTRIES)
-        mass_ptr = ws_mass_ptr + local.to(tl.int64) * (2 * ENTRIES)
-        key_lo = tl.load(meta_ptr + _OPEN_LO)
-        key_hi = tl.load(meta_ptr + _OPEN_HI)
-        _count_level(s_row, student_col_stride, student_vocab, inv_student_temperature,
-                     tl.load(row_f + _S_TOP), tl.load(row_f + _S_LOG_SUM), ws_ptr, meta_ptr, level,
-                     start, tl.minimum(start + CHUNK, student_vocab), key_lo, key_hi, mass_ptr,
-                     _CNT_S, _MIN_S, _MAX_S, ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS, MASS)
-        _count_level(t_row, teacher_col_stride, teacher_vocab, inv_teacher_temperature,
-                     tl.load(row_f + _T_TOP), tl.load(row_f + _T_LOG_SUM), ws_ptr, meta_ptr, level,
-                     start, tl.minimum(start + CHUNK, teacher_vocab), key_lo, key_hi, mass_ptr + ENTRIES,
-                     _CNT_T, _MIN_T, _MAX_T, ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS, MASS)
+        ws_ptr, sign_ptr, mass_ptr, row_mass = _pair_workspace(local, ws_int_ptr, ws_sign_ptr, ws_mass_ptr,
+                                                               row_mass_ptr, ENTRIES)
+        _count_level_both(s_row, t_row, student_col_stride, teacher_col_stride, student_vocab, teacher_vocab,
+                          inv_student_temperature, inv_teacher_temperature, row_f, ws_ptr, meta_ptr, mass_ptr,
+                          level, start, tl.minimum(start + CHUNK, student_vocab),
+                          tl.minimum(start + CHUNK, teacher_vocab), ENTRIES, BLOCK, STUDENT_UNIT_STRIDE,
+                          TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS, MASS)
         if _last_of_pair(meta_ptr + _DONE_LEVEL + level, n_chunks):
-            sign_ptr = ws_sign_ptr + local.to(tl.int64) * (SIGN_PLANES * ENTRIES)
             tl.store(meta_ptr + _DEPTH, level)
-            tl.store(meta_ptr + _STATUS, _resolve_level(
-                ws_ptr, sign_ptr, meta_ptr, level, mass_ptr, row_mass_ptr + local.to(tl.int64) * 2,
-                ENTRIES, RESOLVE_BLOCK, MAX_LEVELS, MASS))
+            tl.store(meta_ptr + _STATUS, _resolve_level(ws_ptr, sign_ptr, meta_ptr, level, mass_ptr, row_mass,
+                                                        ENTRIES, RESOLVE_BLOCK, MAX_LEVELS, MASS))
 
 
 @triton.jit(do_not_specialize=["batch_start", "student_seq_len", "teacher_seq_len"])
@@ -425,27 +446,17 @@ def deep_kernel(
             pair, student_ptr, teacher_ptr, student_index_ptr, teacher_index_ptr,
             student_seq_len, student_batch_stride, student_row_stride,
             teacher_seq_len, teacher_batch_stride, teacher_row_stride, GATHER)
-        ws_ptr = ws_int_ptr + local.to(tl.int64) * (INT_PLANES * ENTRIES)
-        sign_ptr = ws_sign_ptr + local.to(tl.int64) * (SIGN_PLANES * ENTRIES)
-        mass_ptr = ws_mass_ptr + local.to(tl.int64) * (2 * ENTRIES)
-        s_top = tl.load(row_f + _S_TOP)
-        s_log_sum = tl.load(row_f + _S_LOG_SUM)
-        t_top = tl.load(row_f + _T_TOP)
-        t_log_sum = tl.load(row_f + _T_LOG_SUM)
+        ws_ptr, sign_ptr, mass_ptr, row_mass = _pair_workspace(local, ws_int_ptr, ws_sign_ptr, ws_mass_ptr,
+                                                               row_mass_ptr, ENTRIES)
         depth = tl.load(meta_ptr + _DEPTH)
-        key_lo = tl.load(meta_ptr + _OPEN_LO)
-        key_hi = tl.load(meta_ptr + _OPEN_HI)
         while status > 0:
             depth += 1
-            _count_level(s_row, student_col_stride, student_vocab, inv_student_temperature,
-                         s_top, s_log_sum, ws_ptr, meta_ptr, depth, 0, student_vocab, key_lo, key_hi, mass_ptr,
-                         _CNT_S, _MIN_S, _MAX_S, ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS, MASS)
-            _count_level(t_row, teacher_col_stride, teacher_vocab, inv_teacher_temperature,
-                         t_top, t_log_sum, ws_ptr, meta_ptr, depth, 0, teacher_vocab, key_lo, key_hi,
-                         mass_ptr + ENTRIES, _CNT_T, _MIN_T, _MAX_T, ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES,
-                         MAX_LEVELS, MASS)
+            _count_level_both(s_row, t_row, student_col_stride, teacher_col_stride, student_vocab,
+                              teacher_vocab, inv_student_temperature, inv_teacher_temperature, row_f, ws_ptr,
+                              meta_ptr, mass_ptr, depth, 0, student_vocab, teacher_vocab, ENTRIES, BLOCK,
+                              STUDENT_UNIT_STRIDE, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS, MASS)
             tl.debug_barrier()
-            status = _resolve_level(ws_ptr, sign_ptr, meta_ptr, depth, mass_ptr, row_mass_ptr + local.to(tl.int64) * 2,
+            status = _resolve_level(ws_ptr, sign_ptr, meta_ptr, depth, mass_ptr, row_mass,
                                     ENTRIES, RESOLVE_BLOCK, MAX_LEVELS, MASS)
             tl.debug_barrier()
         tl.store(meta_ptr + _DEPTH, depth)
@@ -477,15 +488,16 @@ def loss_kernel(
         depth = tl.load(meta_ptr + _DEPTH)
         if MASS:  # the signed masses were summed bucket by bucket while resolving the trie
             final = chunk == 0
-            row_mass = row_mass_ptr + local.to(tl.int64) * 2
+            _ws, _sign, _mass, row_mass = _pair_workspace(local, ws_int_ptr, ws_sign_ptr, ws_mass_ptr,
+                                                           row_mass_ptr, ENTRIES)
             student_mass = (tl.load(row_mass) * (1.0 / MASS_SCALE)).to(tl.float32)
             teacher_mass = (tl.load(row_mass + 1) * (1.0 / MASS_SCALE)).to(tl.float32)
         else:
             student_mass = 0.0
             teacher_mass = 0.0
             if flags == 1:  # identical rows and rows without a distribution have nothing to sum
-                ws_ptr = ws_int_ptr + local.to(tl.int64) * (INT_PLANES * ENTRIES)
-                sign_ptr = ws_sign_ptr + local.to(tl.int64) * (SIGN_PLANES * ENTRIES)
+                ws_ptr, sign_ptr, _mass, _row_mass = _pair_workspace(local, ws_int_ptr, ws_sign_ptr,
+                                                                     ws_mass_ptr, row_mass_ptr, ENTRIES)
                 student_mass = _signed_mass(
                     s_row, student_col_stride, student_vocab, inv_student_temperature,
                     tl.load(row_f + _S_TOP), tl.load(row_f + _S_LOG_SUM), ws_ptr, sign_ptr, meta_ptr, depth,
@@ -546,8 +558,8 @@ def grad_kernel(
             row_grad_scale = grad_scale * tl.load(row_weight_ptr + pair)
         else:
             row_grad_scale = grad_scale
-        ws_ptr = ws_int_ptr + local.to(tl.int64) * (INT_PLANES * ENTRIES)
-        sign_ptr = ws_sign_ptr + local.to(tl.int64) * (SIGN_PLANES * ENTRIES)
+        ws_ptr, sign_ptr, _mass, _row_mass = _pair_workspace(local, ws_int_ptr, ws_sign_ptr, ws_mass_ptr,
+                                                             row_mass_ptr, ENTRIES)
         depth = tl.load(meta_ptr + _DEPTH)
         if STUDENT_GRAD:
             ce_max = 0.0
