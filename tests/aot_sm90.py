@@ -47,7 +47,7 @@ def facts(name: str, compiled) -> dict:
             r"ld\.global(\.nc)?\.v[24]|cp\.async\.\w+\.shared\.global \[[^\]]*\], \[[^\]]*\], (0x8|0x10|8|16)\b", ptx)),
         pipelined=("cp.async" in ptx),
         shared=compiled.metadata.shared,
-        # static shared memory declared by inline PTX (kernels/smem.py)
+        # static shared memory declared by inline PTX (kernels/ptx.py)
         static_shared=sum(int(n) for n in re.findall(r"\.shared \.align \d+ \.b8 \w+\[(\d+)\]", ptx)),
         local_memory=".local" in ptx,
     )
@@ -106,12 +106,14 @@ def split_kernel_configs():
     kernels = [
         ("stats", uld_split.stats_kernel, dict(SAME_VOCAB=False, HAS_CE=False, CHUNKS_POW2=chunks_pow2,
                                                RESOLVE_BLOCK=256, ROOT_BITS=cfg.root_bits, MASS=cfg.mass)),
-        ("root", uld_split.root_kernel, dict(RESOLVE_BLOCK=256, ROOT_BITS=cfg.root_bits, USE_SMEM=cfg.smem,
+        ("root", uld_split.root_kernel, dict(RESOLVE_BLOCK=256, ROOT_BITS=cfg.root_bits, USE_PTX=cfg.smem,
                                              MASS=cfg.mass)),
-        ("count", uld_split.count_kernel, dict(RESOLVE_BLOCK=256, MASS=cfg.mass)),
-        ("deep", uld_split.deep_kernel, dict(RESOLVE_BLOCK=256, MASS=cfg.mass)),
-        ("loss", uld_split.loss_kernel, dict(CHUNKS_POW2=chunks_pow2, MASS=cfg.mass)),
-        ("grad", uld_split.grad_kernel, dict(STUDENT_GRAD=True, TEACHER_GRAD=False, HAS_CE=False)),
+        ("count", uld_split.count_kernel, dict(RESOLVE_BLOCK=256, MASS=cfg.mass, USE_PTX=cfg.smem)),
+        ("deep", uld_split.deep_kernel, dict(RESOLVE_BLOCK=256, MASS=cfg.mass, USE_PTX=cfg.smem)),
+        ("loss", uld_split.loss_kernel, dict(CHUNKS_POW2=chunks_pow2, MASS=cfg.mass, ROOT_BITS=cfg.root_bits,
+                                             USE_PTX=cfg.smem)),
+        ("grad", uld_split.grad_kernel, dict(STUDENT_GRAD=True, TEACHER_GRAD=False, HAS_CE=False,
+                                             ROOT_BITS=cfg.root_bits, USE_PTX=cfg.smem)),
     ]
     for dtype, (label, kernel, extra) in itertools.product(TRITON_TYPE, kernels):
         names = kernel.arg_names
@@ -131,7 +133,7 @@ def split_kernel_configs():
     yield ("split root with masses bf16", root, _types_by_name(root, "*bf16"),
            dict(STUDENT_UNIT_STRIDE=True, TEACHER_UNIT_STRIDE=True, GATHER=False, BLOCK=cfg.block,
                 ENTRIES=cfg.entries, MAX_LEVELS=10, STAGES=cfg.stages, CHUNK=cfg.chunk, RESOLVE_BLOCK=256,
-                ROOT_BITS=11, USE_SMEM=True, MASS=True),
+                ROOT_BITS=11, USE_PTX=True, MASS=True),
            [n for n in aligned_names if n in root.arg_names], cfg.num_warps)
     for label, kernel, extra in kernels:
         if label in ("stats", "count", "deep", "loss"):
@@ -139,7 +141,7 @@ def split_kernel_configs():
             constexprs = dict(STUDENT_UNIT_STRIDE=True, TEACHER_UNIT_STRIDE=True, GATHER=False,
                               BLOCK=min(cfg.block, 512) if label == "deep" else cfg.block,
                               ENTRIES=cfg.entries, MAX_LEVELS=10, STAGES=cfg.stages,
-                              **dict(extra, MASS=True, **({"ROOT_BITS": 11} if label == "stats" else {})))
+                              **dict(extra, MASS=True, **({"ROOT_BITS": 11} if label in ("stats", "loss") else {})))
             if "CHUNK" in names:
                 constexprs["CHUNK"] = cfg.chunk
             suffix = " (reads no rows)" if label == "loss" else ""

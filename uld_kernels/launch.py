@@ -65,7 +65,7 @@ SPLIT = dict(
     entries=int(os.environ.get("ULD_SPLIT_ENTRIES", 16384)),
     batch_rows=int(os.environ.get("ULD_BATCH_ROWS", 512)),
     split_levels=int(os.environ.get("ULD_SPLIT_LEVELS", 2)),
-    num_warps=4,  # the shared-memory histogram is laid out for 128 threads (kernels/smem.py)
+    num_warps=4,  # the shared-memory histogram is laid out for 128 threads (kernels/ptx.py)
     stages=int(os.environ.get("ULD_SPLIT_STAGES", 1)),
     root_bits=int(os.environ.get("ULD_ROOT_BITS", 12)),
     smem=os.environ.get("ULD_SMEM", "1") != "0",
@@ -98,7 +98,7 @@ def split_config(on_gpu: bool) -> SplitConfig:
         raise ValueError(f"ULD_SPLIT_BLOCK must be a power of two >= 128, got {knobs['block']}")
     if on_gpu and knobs["smem"] and knobs["mass"] and knobs["root_bits"] != 11:
         raise ValueError("ULD_MASS=1 with the shared-memory root needs ULD_ROOT_BITS=11: counts and "
-                         "masses of 2 x 2,048 buckets take 40 KB (kernels/smem.py)")
+                         "masses of 2 x 2,048 buckets take 40 KB (kernels/ptx.py)")
     if on_gpu and knobs["smem"] and knobs["mass"] and chunk > 32768:
         raise ValueError("ULD_MASS=1 with the shared-memory root counts in 16 bits: ULD_CHUNK must be "
                          "at most 32,768 columns")
@@ -232,6 +232,7 @@ def _split_pairs(student_logits, teacher_logits, row_loss, status, row_ce, grad_
     sizes = dict(BLOCK=cfg.block, ENTRIES=cfg.entries, MAX_LEVELS=_MAX_LEVELS, STAGES=cfg.stages,
                  num_warps=cfg.num_warps)
     trie = (ws_int, ws_sign, ws_meta, row_f, ws_mass, row_mass)
+    use_ptx = cfg.smem and device.type == "cuda"  # inline PTX (kernels/ptx.py): never interpreted
     for batch_start in range(0, n_pairs, batch):
         rows = min(batch, n_pairs - batch_start)
         grid = (rows * n_chunks,)
@@ -247,20 +248,22 @@ def _split_pairs(student_logits, teacher_logits, row_loss, status, row_ce, grad_
         uld_split.root_kernel[grid](
             *common, root_partial, root_mass_partial, n_chunks, batch_start, student_vocab,
             teacher_vocab, *layouts, *temps, CHUNK=cfg.chunk, RESOLVE_BLOCK=256,
-            ROOT_BITS=cfg.root_bits, USE_SMEM=cfg.smem and device.type == "cuda", MASS=cfg.mass,
+            ROOT_BITS=cfg.root_bits, USE_PTX=use_ptx, MASS=cfg.mass,
             **strides, **sizes)
         for level in range(1, cfg.split_levels + 1):
             uld_split.count_kernel[grid](
                 *common, n_chunks, batch_start, level, student_vocab, teacher_vocab, *layouts,
-                *temps, CHUNK=cfg.chunk, RESOLVE_BLOCK=256, MASS=cfg.mass, **strides, **sizes)
+                *temps, CHUNK=cfg.chunk, RESOLVE_BLOCK=256, MASS=cfg.mass, USE_PTX=use_ptx, **strides,
+                **sizes)
         uld_split.deep_kernel[(rows,)](
             *common, batch_start, student_vocab, teacher_vocab, *layouts, *temps,
-            RESOLVE_BLOCK=256, MASS=cfg.mass, **strides,
+            RESOLVE_BLOCK=256, MASS=cfg.mass, USE_PTX=use_ptx, **strides,
             **dict(sizes, BLOCK=min(cfg.block, 512)))  # 8 elements per thread spill more here
         uld_split.loss_kernel[grid](
             student_logits, teacher_logits, row_loss, status, *trie, partial, s_index, t_index,
             n_chunks, batch_start, student_vocab, teacher_vocab, *layouts, *temps,
-            CHUNK=cfg.chunk, CHUNKS_POW2=chunks_pow2, MASS=cfg.mass, **strides, **sizes)
+            CHUNK=cfg.chunk, CHUNKS_POW2=chunks_pow2, MASS=cfg.mass, ROOT_BITS=cfg.root_bits,
+            USE_PTX=use_ptx, **strides, **sizes)
         if grad_student is not None or grad_teacher is not None:
             uld_split.grad_kernel[grid](
                 student_logits, teacher_logits,
@@ -273,7 +276,7 @@ def _split_pairs(student_logits, teacher_logits, row_loss, status, row_ce, grad_
                 grad_teacher.stride(0) if grad_teacher is not None else 0,
                 *temps, grad_scale, STUDENT_GRAD=grad_student is not None,
                 TEACHER_GRAD=grad_teacher is not None, HAS_CE=has_ce, CHUNK=cfg.chunk,
-                **strides, **sizes)
+                ROOT_BITS=cfg.root_bits, USE_PTX=use_ptx, **strides, **sizes)
 
 def cross_entropy_rows(
     logits: torch.Tensor,

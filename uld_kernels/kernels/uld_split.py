@@ -33,9 +33,9 @@ from uld_kernels.kernels.uld_rows import (
     _count_level, _finish_lse, _key_of, _pair_rows, _probs_and_keys, _resolve_level,
     _signed_mass, _stats_range, _write_grad,
 )
-from uld_kernels.kernels.smem import (
+from uld_kernels.kernels.ptx import (
     smem_add_mass, smem_add_one, smem_add_one_packed, smem_load, smem_load_mass, smem_load_packed,
-    smem_zero,
+    smem_declare, smem_store, smem_zero,
 )
 
 # Per-pair integers in the meta block of uld_rows.py (slots past its trie levels).
@@ -241,7 +241,7 @@ def _count_level_both(s_row, t_row, student_col_stride, teacher_col_stride, stud
                       level, start, s_stop, t_stop,
                       ENTRIES: tl.constexpr, BLOCK: tl.constexpr, STUDENT_UNIT_STRIDE: tl.constexpr,
                       TEACHER_UNIT_STRIDE: tl.constexpr, STAGES: tl.constexpr, MAX_LEVELS: tl.constexpr,
-                      MASS: tl.constexpr):
+                      MASS: tl.constexpr, USE_PTX: tl.constexpr):
     """Counts `level` over columns [start, s_stop) of the student row and [start, t_stop) of
     the teacher row, walking only keys inside the root's open range."""
     key_lo = tl.load(meta_ptr + _OPEN_LO)
@@ -249,11 +249,13 @@ def _count_level_both(s_row, t_row, student_col_stride, teacher_col_stride, stud
     _count_level(s_row, student_col_stride, student_vocab, inv_student_temperature,
                  tl.load(row_f + _S_TOP), tl.load(row_f + _S_LOG_SUM), ws_ptr, meta_ptr, level,
                  start, s_stop, key_lo, key_hi, mass_ptr,
-                 _CNT_S, _MIN_S, _MAX_S, ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS, MASS)
+                 _CNT_S, _MIN_S, _MAX_S, ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS, MASS,
+                 USE_PTX)
     _count_level(t_row, teacher_col_stride, teacher_vocab, inv_teacher_temperature,
                  tl.load(row_f + _T_TOP), tl.load(row_f + _T_LOG_SUM), ws_ptr, meta_ptr, level,
                  start, t_stop, key_lo, key_hi, mass_ptr + ENTRIES,
-                 _CNT_T, _MIN_T, _MAX_T, ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS, MASS)
+                 _CNT_T, _MIN_T, _MAX_T, ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS, MASS,
+                 USE_PTX)
 
 
 @triton.jit(do_not_specialize=["n_chunks", "batch_start", "student_seq_len", "teacher_seq_len"])
@@ -267,18 +269,18 @@ def root_kernel(
     STUDENT_UNIT_STRIDE: tl.constexpr, TEACHER_UNIT_STRIDE: tl.constexpr, GATHER: tl.constexpr,
     BLOCK: tl.constexpr, CHUNK: tl.constexpr, ENTRIES: tl.constexpr,
     RESOLVE_BLOCK: tl.constexpr, MAX_LEVELS: tl.constexpr, STAGES: tl.constexpr,
-    ROOT_BITS: tl.constexpr, USE_SMEM: tl.constexpr, MASS: tl.constexpr,
+    ROOT_BITS: tl.constexpr, USE_PTX: tl.constexpr, MASS: tl.constexpr,
 ):
     """Per (pair, chunk): the root histogram of the chunk's keys (2**ROOT_BITS buckets per
     side), written as the chunk's partial counts; the pair's last program adds the chunks up
     in order and decides the root buckets.
 
-    USE_SMEM (GPU): shared-memory reductions, one instruction per element (kernels/smem.py);
+    USE_PTX (GPU): shared-memory reductions, one instruction per element (kernels/ptx.py);
     otherwise `tl.histogram` (the interpreter). MASS: each bucket also sums its elements'
     probabilities (int64 fixed point), so that resolving a bucket adds its signed mass to the
     loss and no pass over the rows is left to sum the loss."""
     ROOT_ENTRIES: tl.constexpr = 1 << ROOT_BITS
-    if USE_SMEM and MASS:
+    if USE_PTX and MASS:
         tl.static_assert(CHUNK <= 65535, "16-bit shared-memory counts: at most 65,535 columns per chunk")
     local, pair, chunk, start = _chunk_of(tl.program_id(0), n_chunks, batch_start, CHUNK)
     meta_ptr, row_f, flags = _row_state(ws_meta_ptr, row_f_ptr, local)
@@ -299,7 +301,7 @@ def root_kernel(
         partial = root_partial_ptr + (local.to(tl.int64) * n_chunks + chunk) * (2 * ROOT_ENTRIES)
         stop = tl.minimum(start + CHUNK, tl.maximum(student_vocab, teacher_vocab))
         mass_partial = root_mass_partial_ptr + (local.to(tl.int64) * n_chunks + chunk) * (2 * ROOT_ENTRIES)
-        if USE_SMEM:
+        if USE_PTX:
             smem_zero(MASS)
             tl.debug_barrier()
         else:
@@ -319,7 +321,7 @@ def root_kernel(
                                                      TEACHER_UNIT_STRIDE)
             ds = (_clamp_key(ks, meta_ptr) >> root_shift) - root_base  # in [0, ROOT_ENTRIES)
             dt = (_clamp_key(kt, meta_ptr) >> root_shift) - root_base
-            if USE_SMEM:
+            if USE_PTX:
                 if MASS:  # 16-bit counts, so that the masses fit beside them
                     smem_add_one_packed(tl.where(counted_s, ds, -1))
                     smem_add_one_packed(tl.where(counted_t, dt + ROOT_ENTRIES, -1))
@@ -335,7 +337,7 @@ def root_kernel(
                     tl.atomic_add(mass_partial + ds, (ps * MASS_SCALE).to(tl.int64), mask=counted_s, sem="relaxed")
                     tl.atomic_add(mass_partial + ROOT_ENTRIES + dt, (pt * MASS_SCALE).to(tl.int64),
                                   mask=counted_t, sem="relaxed")
-        if USE_SMEM:
+        if USE_PTX:
             tl.debug_barrier()
             for piece in tl.static_range(0, 2 * ROOT_ENTRIES, 1024):
                 word = piece + tl.arange(0, 1024)
@@ -400,6 +402,7 @@ def count_kernel(
     STUDENT_UNIT_STRIDE: tl.constexpr, TEACHER_UNIT_STRIDE: tl.constexpr, GATHER: tl.constexpr,
     BLOCK: tl.constexpr, CHUNK: tl.constexpr, ENTRIES: tl.constexpr,
     RESOLVE_BLOCK: tl.constexpr, MAX_LEVELS: tl.constexpr, STAGES: tl.constexpr, MASS: tl.constexpr,
+    USE_PTX: tl.constexpr,
 ):
     """Per (pair, chunk) of the pairs whose trie has open buckets at `level - 1`: count the
     chunk's keys one level down; the pair's last program resolves `level`."""
@@ -416,7 +419,7 @@ def count_kernel(
                           inv_student_temperature, inv_teacher_temperature, row_f, ws_ptr, meta_ptr, mass_ptr,
                           level, start, tl.minimum(start + CHUNK, student_vocab),
                           tl.minimum(start + CHUNK, teacher_vocab), ENTRIES, BLOCK, STUDENT_UNIT_STRIDE,
-                          TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS, MASS)
+                          TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS, MASS, USE_PTX)
         if _last_of_pair(meta_ptr + _DONE_LEVEL + level, n_chunks):
             tl.store(meta_ptr + _DEPTH, level)
             tl.store(meta_ptr + _STATUS, _resolve_level(ws_ptr, sign_ptr, meta_ptr, level, mass_ptr, row_mass,
@@ -434,6 +437,7 @@ def deep_kernel(
     STUDENT_UNIT_STRIDE: tl.constexpr, TEACHER_UNIT_STRIDE: tl.constexpr, GATHER: tl.constexpr,
     BLOCK: tl.constexpr, ENTRIES: tl.constexpr,
     RESOLVE_BLOCK: tl.constexpr, MAX_LEVELS: tl.constexpr, STAGES: tl.constexpr, MASS: tl.constexpr,
+    USE_PTX: tl.constexpr,
 ):
     """Per pair still open after the split levels: one program counts and resolves the
     remaining levels over the whole rows."""
@@ -454,13 +458,28 @@ def deep_kernel(
             _count_level_both(s_row, t_row, student_col_stride, teacher_col_stride, student_vocab,
                               teacher_vocab, inv_student_temperature, inv_teacher_temperature, row_f, ws_ptr,
                               meta_ptr, mass_ptr, depth, 0, student_vocab, teacher_vocab, ENTRIES, BLOCK,
-                              STUDENT_UNIT_STRIDE, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS, MASS)
+                              STUDENT_UNIT_STRIDE, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS, MASS, USE_PTX)
             tl.debug_barrier()
             status = _resolve_level(ws_ptr, sign_ptr, meta_ptr, depth, mass_ptr, row_mass,
                                     ENTRIES, RESOLVE_BLOCK, MAX_LEVELS, MASS)
             tl.debug_barrier()
         tl.store(meta_ptr + _DEPTH, depth)
         tl.store(meta_ptr + _STATUS, status)
+
+
+@triton.jit
+def _root_signs_to_smem(sign_ptr, STUDENT: tl.constexpr, TEACHER: tl.constexpr, ENTRIES: tl.constexpr,
+                        ROOT_ENTRIES: tl.constexpr):
+    """Copies the root's signs of the student (to word 0) and of the teacher (to word
+    ROOT_ENTRIES) into shared memory, so that the walks read a decided root bucket's sign there
+    instead of gathering it from the workspace (a dependent global load per element)."""
+    smem_declare()
+    lanes = tl.arange(0, ROOT_ENTRIES)
+    if STUDENT:
+        smem_store(lanes, tl.load(sign_ptr + lanes).to(tl.int32, bitcast=True))
+    if TEACHER:
+        smem_store(lanes + ROOT_ENTRIES, tl.load(sign_ptr + ENTRIES + lanes).to(tl.int32, bitcast=True))
+    tl.debug_barrier()
 
 
 @triton.jit(do_not_specialize=["n_chunks", "batch_start", "student_seq_len", "teacher_seq_len"])
@@ -474,7 +493,8 @@ def loss_kernel(
     inv_student_temperature, inv_teacher_temperature,
     STUDENT_UNIT_STRIDE: tl.constexpr, TEACHER_UNIT_STRIDE: tl.constexpr, GATHER: tl.constexpr,
     BLOCK: tl.constexpr, CHUNK: tl.constexpr, CHUNKS_POW2: tl.constexpr, ENTRIES: tl.constexpr,
-    MAX_LEVELS: tl.constexpr, STAGES: tl.constexpr, MASS: tl.constexpr,
+    MAX_LEVELS: tl.constexpr, STAGES: tl.constexpr, MASS: tl.constexpr, ROOT_BITS: tl.constexpr,
+    USE_PTX: tl.constexpr,
 ):
     """Per (pair, chunk): sum p * sign over the chunk on both sides; the pair's last program
     writes the loss sum_i a_i g_i - sum_j b_j h_j and the status."""
@@ -498,16 +518,20 @@ def loss_kernel(
             if flags == 1:  # identical rows and rows without a distribution have nothing to sum
                 ws_ptr, sign_ptr, _mass, _row_mass = _pair_workspace(local, ws_int_ptr, ws_sign_ptr,
                                                                      ws_mass_ptr, row_mass_ptr, ENTRIES)
+                ROOT_ENTRIES: tl.constexpr = 1 << ROOT_BITS
+                if USE_PTX:
+                    _root_signs_to_smem(sign_ptr, True, True, ENTRIES, ROOT_ENTRIES)
                 student_mass = _signed_mass(
                     s_row, student_col_stride, student_vocab, inv_student_temperature,
                     tl.load(row_f + _S_TOP), tl.load(row_f + _S_LOG_SUM), ws_ptr, sign_ptr, meta_ptr, depth,
                     start, tl.minimum(start + CHUNK, student_vocab),
-                    ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS)
+                    ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS, 0 if USE_PTX else -1, ROOT_ENTRIES)
                 teacher_mass = _signed_mass(
                     t_row, teacher_col_stride, teacher_vocab, inv_teacher_temperature,
                     tl.load(row_f + _T_TOP), tl.load(row_f + _T_LOG_SUM), ws_ptr, sign_ptr + ENTRIES, meta_ptr,
                     depth, start, tl.minimum(start + CHUNK, teacher_vocab),
-                    ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS)
+                    ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS, ROOT_ENTRIES if USE_PTX else -1,
+                    ROOT_ENTRIES)
             part = partial_ptr + (local.to(tl.int64) * CHUNKS_POW2 + chunk) * PARTIAL_FLOATS
             tl.store(part + 0, student_mass)
             tl.store(part + 1, teacher_mass)
@@ -543,7 +567,7 @@ def grad_kernel(
     STUDENT_UNIT_STRIDE: tl.constexpr, TEACHER_UNIT_STRIDE: tl.constexpr,
     GATHER: tl.constexpr, HAS_CE: tl.constexpr,
     BLOCK: tl.constexpr, CHUNK: tl.constexpr, ENTRIES: tl.constexpr,
-    MAX_LEVELS: tl.constexpr, STAGES: tl.constexpr,
+    MAX_LEVELS: tl.constexpr, STAGES: tl.constexpr, ROOT_BITS: tl.constexpr, USE_PTX: tl.constexpr,
 ):
     """Per (pair, chunk): the gradient of grad_scale * weight * loss (plus, with HAS_CE, the
     weighted cross-entropy's) over the chunk's columns."""
@@ -561,6 +585,9 @@ def grad_kernel(
         ws_ptr, sign_ptr, _mass, _row_mass = _pair_workspace(local, ws_int_ptr, ws_sign_ptr, ws_mass_ptr,
                                                              row_mass_ptr, ENTRIES)
         depth = tl.load(meta_ptr + _DEPTH)
+        ROOT_ENTRIES: tl.constexpr = 1 << ROOT_BITS
+        if USE_PTX:
+            _root_signs_to_smem(sign_ptr, STUDENT_GRAD, TEACHER_GRAD, ENTRIES, ROOT_ENTRIES)
         if STUDENT_GRAD:
             ce_max = 0.0
             ce_log_sum = 0.0
@@ -576,7 +603,8 @@ def grad_kernel(
                         depth, start, tl.minimum(start + CHUNK, student_vocab), tl.load(row_f + _S_MASS),
                         row_grad_scale, grad_student_ptr + s_index * grad_student_row_stride,
                         ce_max, ce_log_sum, ce_label, ce_factor,
-                        ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS, HAS_CE)
+                        ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS, HAS_CE,
+                        0 if USE_PTX else -1, ROOT_ENTRIES)
         if TEACHER_GRAD:
             _write_grad(t_row, teacher_col_stride, teacher_vocab, inv_teacher_temperature,
                         tl.load(row_f + _T_TOP), tl.load(row_f + _T_LOG_SUM), ws_ptr, sign_ptr + ENTRIES,
@@ -584,4 +612,5 @@ def grad_kernel(
                         tl.load(row_f + _T_MASS), -row_grad_scale,
                         grad_teacher_ptr + t_index * grad_teacher_row_stride,
                         0.0, 0.0, -1, 0.0,
-                        ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS, False)
+                        ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS, False,
+                        ROOT_ENTRIES if USE_PTX else -1, ROOT_ENTRIES)

@@ -1,17 +1,20 @@
-"""A per-program histogram in shared memory, through inline PTX (GPU only).
+"""Inline PTX (GPU only): a per-program histogram in shared memory, and the count levels'
+global reductions.
 
 Triton has no shared-memory atomics: `tl.histogram` costs about log2(bins) ballots plus
 bins / 32 popcounts per 32 elements (65 instructions at 256 bins), and global atomics run
 at about 100 G/s on the H200. Shared-memory reductions (`red.shared.add`) cost one
 instruction per element whatever the number of bins, so the root can have 4,096 buckets.
 
-The buffer is a function-scope `.shared` array declared once, by `smem_zero`, whose inline
+The buffer is a function-scope `.shared` array declared once, by `smem_zero` (or
+`smem_declare`, for a table the program fills itself), whose inline
 assembly is emitted exactly once per kernel: it runs on a tensor of one element per thread
 (SMEM_THREADS = 32 x num_warps threads, so the kernels using it run with 4 warps). Every
 other helper refers to the array by name. Callers put `tl.debug_barrier()` between zeroing,
 adding and reading back. Two layouts:
 
-    COUNTS_ONLY (32 KB): int32 counts of 2 x 4,096 buckets at byte 0
+    COUNTS_ONLY (32 KB): int32 counts of 2 x 4,096 buckets at byte 0; in the loss and
+                         gradient passes, the root's student and teacher signs (float32)
     WITH_MASS   (40 KB): 16-bit counts of 2 x 2,048 buckets, two to a word, at byte 0 (a
                          program counts at most CHUNK = 32,768 elements per side: no carry),
                          then their int64 fixed-point masses (sum of p * 2**52) at byte
@@ -19,6 +22,11 @@ adding and reading back. Two layouts:
 
 Static shared memory plus the kernel's own (Triton's, about 1 KB) must stay within 48 KB, or
 the launch fails without an opt-in; a 48 KB layout with int32 counts failed exactly so.
+
+The count levels' global reductions (`count_key`) are inline PTX for another reason: Triton
+gives its own atomics on gathered addresses a layout of one element per thread, and converts
+the vectorised row loads' layout to it through shared memory, with barriers, at every level of
+the trie walk; an elementwise inline-asm op takes whatever layout its operands have.
 
 Nothing here runs under TRITON_INTERPRET (inline assembly): the kernels fall back to
 `tl.histogram` and global atomics there (a constexpr switch), and the GPU tests check this
@@ -56,6 +64,16 @@ _ADD_ONE_PACKED_ASM = tl.constexpr(
 _LOAD_PACKED_ASM = tl.constexpr(
     "{ .reg .u32 a, h, x; shr.u32 a, $1, 1; mov.u32 h, uld_smem; mad.lo.u32 a, a, 4, h; "
     "ld.shared.u32 x, [a]; and.b32 h, $1, 1; shl.b32 h, h, 4; shr.u32 x, x, h; and.b32 $0, x, 65535; }")
+_COUNT_KEY_ASM = tl.constexpr(
+    "{ .reg .pred p; setp.ne.s32 p, $1, 0; @p red.global.add.u32 [$2], 1; "
+    "@p red.global.min.s32 [$3], $4; @p red.global.max.s32 [$5], $4; mov.u32 $0, 0; }")
+_DECLARE_COUNTS_ONLY = tl.constexpr(
+    f".shared .align 16 .b8 uld_smem[{COUNTS_ONLY_BYTES.value}];\n{{ mov.u32 $0, 0; }}")
+_STORE_ASM = tl.constexpr(
+    "{ .reg .u32 a; mov.u32 a, uld_smem; mad.lo.u32 a, $1, 4, a; st.shared.u32 [a], $2; mov.u32 $0, 0; }")
+_LOAD_OR_ZERO_ASM = tl.constexpr(
+    "{ .reg .pred p; .reg .u32 a; setp.ge.s32 p, $1, 0; mov.u32 a, uld_smem; mad.lo.u32 a, $1, 4, a; "
+    "mov.u32 $0, 0; @p ld.shared.u32 $0, [a]; }")
 _LOAD_ASM = tl.constexpr(
     "{ .reg .u32 a; mov.u32 a, uld_smem; mad.lo.u32 a, $1, 4, a; ld.shared.u32 $0, [a]; }")
 _LOAD_MASS_ASM = tl.constexpr(
@@ -71,6 +89,26 @@ def smem_zero(WITH_MASS: tl.constexpr):
         tl.inline_asm_elementwise(_ZERO_WITH_MASS, "=r,r", [thread], dtype=tl.int32, is_pure=False, pack=1)
     else:
         tl.inline_asm_elementwise(_ZERO_COUNTS_ONLY, "=r,r", [thread], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def smem_declare():
+    """Declares the shared array (COUNTS_ONLY size) without zeroing it: for tables a program
+    fills itself (`smem_store`)."""
+    tl.inline_asm_elementwise(_DECLARE_COUNTS_ONLY, "=r,r", [tl.arange(0, SMEM_THREADS)], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
+def smem_store(word, value):
+    """words[word] = value (int32) for every lane."""
+    tl.inline_asm_elementwise(_STORE_ASM, "=r,r,r", [word, value], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def smem_load_or_zero(word):
+    """words[word] where word >= 0, else 0; one int32 per lane."""
+    return tl.inline_asm_elementwise(_LOAD_OR_ZERO_ASM, "=r,r", [word], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -107,3 +145,12 @@ def smem_load(word):
 def smem_load_mass(word):
     """masses[word], one int64 per lane (WITH_MASS layout)."""
     return tl.inline_asm_elementwise(_LOAD_MASS_ASM, "=l,r", [word], dtype=tl.int64, is_pure=False, pack=1)
+
+
+@triton.jit
+def count_key(reached, count_ptr, key_min_ptr, key_max_ptr, key):
+    """Where `reached`: count += 1, key_min = min(key_min, key), key_max = max(key_max, key),
+    through relaxed global reductions (integers: the result does not depend on their order)."""
+    tl.inline_asm_elementwise(_COUNT_KEY_ASM, "=r,r,l,l,r,l",
+                              [reached.to(tl.int32), count_ptr, key_min_ptr, key, key_max_ptr],
+                              dtype=tl.int32, is_pure=False, pack=1)
