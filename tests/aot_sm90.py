@@ -110,10 +110,8 @@ def split_kernel_configs():
                                              MASS=cfg.mass)),
         ("count", uld_split.count_kernel, dict(RESOLVE_BLOCK=256, MASS=cfg.mass, USE_PTX=cfg.smem)),
         ("deep", uld_split.deep_kernel, dict(RESOLVE_BLOCK=256, MASS=cfg.mass, USE_PTX=cfg.smem)),
-        ("loss", uld_split.loss_kernel, dict(CHUNKS_POW2=chunks_pow2, MASS=cfg.mass, ROOT_BITS=cfg.root_bits,
-                                             USE_PTX=cfg.smem)),
-        ("grad", uld_split.grad_kernel, dict(STUDENT_GRAD=True, TEACHER_GRAD=False, HAS_CE=False,
-                                             ROOT_BITS=cfg.root_bits, USE_PTX=cfg.smem)),
+        ("loss", uld_split.loss_kernel, dict(CHUNKS_POW2=chunks_pow2, MASS=cfg.mass)),
+        ("grad", uld_split.grad_kernel, dict(STUDENT_GRAD=True, TEACHER_GRAD=False, HAS_CE=False)),
     ]
     for dtype, (label, kernel, extra) in itertools.product(TRITON_TYPE, kernels):
         names = kernel.arg_names
@@ -141,7 +139,7 @@ def split_kernel_configs():
             constexprs = dict(STUDENT_UNIT_STRIDE=True, TEACHER_UNIT_STRIDE=True, GATHER=False,
                               BLOCK=min(cfg.block, 512) if label == "deep" else cfg.block,
                               ENTRIES=cfg.entries, MAX_LEVELS=10, STAGES=cfg.stages,
-                              **dict(extra, MASS=True, **({"ROOT_BITS": 11} if label in ("stats", "loss") else {})))
+                              **dict(extra, MASS=True, **({"ROOT_BITS": 11} if label == "stats" else {})))
             if "CHUNK" in names:
                 constexprs["CHUNK"] = cfg.chunk
             suffix = " (reads no rows)" if label == "loss" else ""

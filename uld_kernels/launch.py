@@ -53,7 +53,7 @@ class SplitConfig:
     num_warps: int
     stages: int
     root_bits: int  # the root has 2**root_bits buckets (10 to 12; 11 with mass on the GPU)
-    smem: bool  # root histogram in shared memory (inline PTX: GPU only)
+    smem: bool  # inline PTX (GPU only): root histogram in shared memory, count-level reductions
     mass: bool  # buckets sum their probabilities: the loss without a pass over the rows
 
 
@@ -63,14 +63,14 @@ SPLIT = dict(
     block=int(os.environ.get("ULD_SPLIT_BLOCK", 1024)),
     chunk=int(os.environ.get("ULD_CHUNK", 32768)),
     entries=int(os.environ.get("ULD_SPLIT_ENTRIES", 16384)),
-    batch_rows=int(os.environ.get("ULD_BATCH_ROWS", 512)),
+    batch_rows=int(os.environ.get("ULD_BATCH_ROWS", 1024)),  # workspace ~0.8 GB at real vocabularies
     split_levels=int(os.environ.get("ULD_SPLIT_LEVELS", 2)),
     num_warps=4,  # the shared-memory histogram is laid out for 128 threads (kernels/ptx.py)
     stages=int(os.environ.get("ULD_SPLIT_STAGES", 1)),
     root_bits=int(os.environ.get("ULD_ROOT_BITS", 12)),
     smem=os.environ.get("ULD_SMEM", "1") != "0",
-    # Off until measured: a first 48 KB layout did not launch (bench/NOTES.md); the 40 KB one
-    # (16-bit counts) compiles but has not run on a GPU yet. ULD_MASS=1 ULD_ROOT_BITS=11.
+    # Off: the 40 KB layout (16-bit counts, ULD_MASS=1 ULD_ROOT_BITS=11) runs and passes the GPU
+    # tests but measured slower, 71 ms against 53 (bench/NOTES.md, session 3).
     mass=os.environ.get("ULD_MASS", "0") != "0",
 )
 # Under the interpreter: small chunks and batches, so that short test rows still span several
@@ -262,8 +262,7 @@ def _split_pairs(student_logits, teacher_logits, row_loss, status, row_ce, grad_
         uld_split.loss_kernel[grid](
             student_logits, teacher_logits, row_loss, status, *trie, partial, s_index, t_index,
             n_chunks, batch_start, student_vocab, teacher_vocab, *layouts, *temps,
-            CHUNK=cfg.chunk, CHUNKS_POW2=chunks_pow2, MASS=cfg.mass, ROOT_BITS=cfg.root_bits,
-            USE_PTX=use_ptx, **strides, **sizes)
+            CHUNK=cfg.chunk, CHUNKS_POW2=chunks_pow2, MASS=cfg.mass, **strides, **sizes)
         if grad_student is not None or grad_teacher is not None:
             uld_split.grad_kernel[grid](
                 student_logits, teacher_logits,
@@ -276,7 +275,7 @@ def _split_pairs(student_logits, teacher_logits, row_loss, status, row_ce, grad_
                 grad_teacher.stride(0) if grad_teacher is not None else 0,
                 *temps, grad_scale, STUDENT_GRAD=grad_student is not None,
                 TEACHER_GRAD=grad_teacher is not None, HAS_CE=has_ce, CHUNK=cfg.chunk,
-                ROOT_BITS=cfg.root_bits, USE_PTX=use_ptx, **strides, **sizes)
+                **strides, **sizes)
 
 def cross_entropy_rows(
     logits: torch.Tensor,

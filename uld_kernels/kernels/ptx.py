@@ -6,15 +6,13 @@ bins / 32 popcounts per 32 elements (65 instructions at 256 bins), and global at
 at about 100 G/s on the H200. Shared-memory reductions (`red.shared.add`) cost one
 instruction per element whatever the number of bins, so the root can have 4,096 buckets.
 
-The buffer is a function-scope `.shared` array declared once, by `smem_zero` (or
-`smem_declare`, for a table the program fills itself), whose inline
+The buffer is a function-scope `.shared` array declared once, by `smem_zero`, whose inline
 assembly is emitted exactly once per kernel: it runs on a tensor of one element per thread
 (SMEM_THREADS = 32 x num_warps threads, so the kernels using it run with 4 warps). Every
 other helper refers to the array by name. Callers put `tl.debug_barrier()` between zeroing,
 adding and reading back. Two layouts:
 
-    COUNTS_ONLY (32 KB): int32 counts of 2 x 4,096 buckets at byte 0; in the loss and
-                         gradient passes, the root's student and teacher signs (float32)
+    COUNTS_ONLY (32 KB): int32 counts of 2 x 4,096 buckets at byte 0
     WITH_MASS   (40 KB): 16-bit counts of 2 x 2,048 buckets, two to a word, at byte 0 (a
                          program counts at most CHUNK = 32,768 elements per side: no carry),
                          then their int64 fixed-point masses (sum of p * 2**52) at byte
@@ -67,13 +65,6 @@ _LOAD_PACKED_ASM = tl.constexpr(
 _COUNT_KEY_ASM = tl.constexpr(
     "{ .reg .pred p; setp.ne.s32 p, $1, 0; @p red.global.add.u32 [$2], 1; "
     "@p red.global.min.s32 [$3], $4; @p red.global.max.s32 [$5], $4; mov.u32 $0, 0; }")
-_DECLARE_COUNTS_ONLY = tl.constexpr(
-    f".shared .align 16 .b8 uld_smem[{COUNTS_ONLY_BYTES.value}];\n{{ mov.u32 $0, 0; }}")
-_STORE_ASM = tl.constexpr(
-    "{ .reg .u32 a; mov.u32 a, uld_smem; mad.lo.u32 a, $1, 4, a; st.shared.u32 [a], $2; mov.u32 $0, 0; }")
-_LOAD_OR_ZERO_ASM = tl.constexpr(
-    "{ .reg .pred p; .reg .u32 a; setp.ge.s32 p, $1, 0; mov.u32 a, uld_smem; mad.lo.u32 a, $1, 4, a; "
-    "mov.u32 $0, 0; @p ld.shared.u32 $0, [a]; }")
 _LOAD_ASM = tl.constexpr(
     "{ .reg .u32 a; mov.u32 a, uld_smem; mad.lo.u32 a, $1, 4, a; ld.shared.u32 $0, [a]; }")
 _LOAD_MASS_ASM = tl.constexpr(
@@ -89,26 +80,6 @@ def smem_zero(WITH_MASS: tl.constexpr):
         tl.inline_asm_elementwise(_ZERO_WITH_MASS, "=r,r", [thread], dtype=tl.int32, is_pure=False, pack=1)
     else:
         tl.inline_asm_elementwise(_ZERO_COUNTS_ONLY, "=r,r", [thread], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def smem_declare():
-    """Declares the shared array (COUNTS_ONLY size) without zeroing it: for tables a program
-    fills itself (`smem_store`)."""
-    tl.inline_asm_elementwise(_DECLARE_COUNTS_ONLY, "=r,r", [tl.arange(0, SMEM_THREADS)], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@triton.jit
-def smem_store(word, value):
-    """words[word] = value (int32) for every lane."""
-    tl.inline_asm_elementwise(_STORE_ASM, "=r,r,r", [word, value], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def smem_load_or_zero(word):
-    """words[word] where word >= 0, else 0; one int32 per lane."""
-    return tl.inline_asm_elementwise(_LOAD_OR_ZERO_ASM, "=r,r", [word], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit

@@ -30,7 +30,7 @@ vocabulary). Then one pass sums the loss and one writes the gradient
 import triton
 import triton.language as tl
 
-from uld_kernels.kernels.ptx import count_key, smem_load_or_zero
+from uld_kernels.kernels.ptx import count_key
 
 # Planes of the int32 workspace, each ENTRIES long, per pair.
 _CNT_S = tl.constexpr(0)  # student elements in the bucket
@@ -231,19 +231,13 @@ def _walk(key, counted, child_ptr, meta_ptr, depth, MAX_LEVELS: tl.constexpr):
 
 
 @triton.jit
-def _walk_sign(key, counted, child_ptr, sign_ptr, meta_ptr, depth, MAX_LEVELS: tl.constexpr,
-               ROOT_WORD: tl.constexpr, ROOT_ENTRIES: tl.constexpr):
+def _walk_sign(key, counted, child_ptr, sign_ptr, meta_ptr, depth, MAX_LEVELS: tl.constexpr):
     """The sign of each key: read at its root bucket, and one level further down only where
     the bucket read is open (its sign is NaN), so that keys decided near the root cost one
-    gather. Lanes not counted get 0. ROOT_WORD >= 0 (GPU): the root's signs were copied to
-    shared memory at that word (`_root_signs_to_smem`), and are read there."""
+    gather. Lanes not counted get 0."""
     key = _clamp_key(key, meta_ptr)
     entry = (key >> tl.load(meta_ptr + _SHIFT_OFFSET)) - tl.load(meta_ptr + _ROOT_BASE)
-    if ROOT_WORD >= 0:
-        word = tl.where(counted & (entry >= 0) & (entry < ROOT_ENTRIES), entry + ROOT_WORD, -1)
-        sign = smem_load_or_zero(word).to(tl.float32, bitcast=True)
-    else:
-        sign = tl.load(sign_ptr + entry, mask=counted, other=0.0)
+    sign = tl.load(sign_ptr + entry, mask=counted, other=0.0)
     for level in tl.static_range(1, MAX_LEVELS):
         if level <= depth:
             descend = counted & (sign != sign)
@@ -449,8 +443,7 @@ def _count_level(row_ptr, col_stride, vocab, inv_temperature, row_max, log_sum, 
 @triton.jit
 def _signed_mass(row_ptr, col_stride, vocab, inv_temperature, row_max, log_sum, ws_ptr, sign_ptr,
                  meta_ptr, depth, start, stop, ENTRIES: tl.constexpr, BLOCK: tl.constexpr,
-                 UNIT_COL_STRIDE: tl.constexpr, STAGES: tl.constexpr, MAX_LEVELS: tl.constexpr,
-                 ROOT_WORD: tl.constexpr, ROOT_ENTRIES: tl.constexpr):
+                 UNIT_COL_STRIDE: tl.constexpr, STAGES: tl.constexpr, MAX_LEVELS: tl.constexpr):
     """sum_i p_i * sign_i over columns [start, stop) of one row, each sign read from the bucket
     its key ends in."""
     lanes = tl.arange(0, BLOCK)
@@ -458,8 +451,7 @@ def _signed_mass(row_ptr, col_stride, vocab, inv_temperature, row_max, log_sum, 
     for block_start in tl.range(start, stop, BLOCK, num_stages=STAGES):
         p, key, counted, _z = _probs_and_keys(row_ptr, block_start + lanes, col_stride, vocab,
                                           inv_temperature, row_max, log_sum, UNIT_COL_STRIDE)
-        sign = _walk_sign(key, counted, ws_ptr + _CHILD * ENTRIES, sign_ptr, meta_ptr, depth, MAX_LEVELS,
-                          ROOT_WORD, ROOT_ENTRIES)
+        sign = _walk_sign(key, counted, ws_ptr + _CHILD * ENTRIES, sign_ptr, meta_ptr, depth, MAX_LEVELS)
         acc += tl.where(counted, p * sign, 0.0)
     return tl.sum(acc, 0)
 
@@ -468,8 +460,7 @@ def _signed_mass(row_ptr, col_stride, vocab, inv_temperature, row_max, log_sum, 
 def _write_grad(row_ptr, col_stride, vocab, inv_temperature, row_max, log_sum, ws_ptr, sign_ptr,
                 meta_ptr, depth, start, stop, signed_mass, factor, grad_ptr, ce_max, ce_log_sum, ce_label, ce_factor,
                 ENTRIES: tl.constexpr, BLOCK: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr,
-                STAGES: tl.constexpr, MAX_LEVELS: tl.constexpr, HAS_CE: tl.constexpr,
-                ROOT_WORD: tl.constexpr, ROOT_ENTRIES: tl.constexpr):
+                STAGES: tl.constexpr, MAX_LEVELS: tl.constexpr, HAS_CE: tl.constexpr):
     """grad_i = factor * (p_i / T) * (sign_i - signed_mass): the softmax backward of signs,
     plus, with HAS_CE, ce_factor * (softmax(z)_i - [i == ce_label]): the cross-entropy's.
     Columns [start, stop)."""
@@ -478,8 +469,7 @@ def _write_grad(row_ptr, col_stride, vocab, inv_temperature, row_max, log_sum, w
         idx = block_start + lanes
         p, key, counted, z = _probs_and_keys(row_ptr, idx, col_stride, vocab, inv_temperature,
                                              row_max, log_sum, UNIT_COL_STRIDE)
-        sign = _walk_sign(key, counted, ws_ptr + _CHILD * ENTRIES, sign_ptr, meta_ptr, depth, MAX_LEVELS,
-                          ROOT_WORD, ROOT_ENTRIES)
+        sign = _walk_sign(key, counted, ws_ptr + _CHILD * ENTRIES, sign_ptr, meta_ptr, depth, MAX_LEVELS)
         grad = factor * (p * inv_temperature) * (sign - signed_mass)
         if HAS_CE:
             grad += ce_factor * (tl.exp((z - ce_max) - ce_log_sum) - (idx == ce_label).to(tl.float32))

@@ -35,7 +35,7 @@ from uld_kernels.kernels.uld_rows import (
 )
 from uld_kernels.kernels.ptx import (
     smem_add_mass, smem_add_one, smem_add_one_packed, smem_load, smem_load_mass, smem_load_packed,
-    smem_declare, smem_store, smem_zero,
+    smem_zero,
 )
 
 # Per-pair integers in the meta block of uld_rows.py (slots past its trie levels).
@@ -467,21 +467,6 @@ def deep_kernel(
         tl.store(meta_ptr + _STATUS, status)
 
 
-@triton.jit
-def _root_signs_to_smem(sign_ptr, STUDENT: tl.constexpr, TEACHER: tl.constexpr, ENTRIES: tl.constexpr,
-                        ROOT_ENTRIES: tl.constexpr):
-    """Copies the root's signs of the student (to word 0) and of the teacher (to word
-    ROOT_ENTRIES) into shared memory, so that the walks read a decided root bucket's sign there
-    instead of gathering it from the workspace (a dependent global load per element)."""
-    smem_declare()
-    lanes = tl.arange(0, ROOT_ENTRIES)
-    if STUDENT:
-        smem_store(lanes, tl.load(sign_ptr + lanes).to(tl.int32, bitcast=True))
-    if TEACHER:
-        smem_store(lanes + ROOT_ENTRIES, tl.load(sign_ptr + ENTRIES + lanes).to(tl.int32, bitcast=True))
-    tl.debug_barrier()
-
-
 @triton.jit(do_not_specialize=["n_chunks", "batch_start", "student_seq_len", "teacher_seq_len"])
 def loss_kernel(
     student_ptr, teacher_ptr, row_loss_ptr, status_ptr,
@@ -493,8 +478,7 @@ def loss_kernel(
     inv_student_temperature, inv_teacher_temperature,
     STUDENT_UNIT_STRIDE: tl.constexpr, TEACHER_UNIT_STRIDE: tl.constexpr, GATHER: tl.constexpr,
     BLOCK: tl.constexpr, CHUNK: tl.constexpr, CHUNKS_POW2: tl.constexpr, ENTRIES: tl.constexpr,
-    MAX_LEVELS: tl.constexpr, STAGES: tl.constexpr, MASS: tl.constexpr, ROOT_BITS: tl.constexpr,
-    USE_PTX: tl.constexpr,
+    MAX_LEVELS: tl.constexpr, STAGES: tl.constexpr, MASS: tl.constexpr,
 ):
     """Per (pair, chunk): sum p * sign over the chunk on both sides; the pair's last program
     writes the loss sum_i a_i g_i - sum_j b_j h_j and the status."""
@@ -518,20 +502,16 @@ def loss_kernel(
             if flags == 1:  # identical rows and rows without a distribution have nothing to sum
                 ws_ptr, sign_ptr, _mass, _row_mass = _pair_workspace(local, ws_int_ptr, ws_sign_ptr,
                                                                      ws_mass_ptr, row_mass_ptr, ENTRIES)
-                ROOT_ENTRIES: tl.constexpr = 1 << ROOT_BITS
-                if USE_PTX:
-                    _root_signs_to_smem(sign_ptr, True, True, ENTRIES, ROOT_ENTRIES)
                 student_mass = _signed_mass(
                     s_row, student_col_stride, student_vocab, inv_student_temperature,
                     tl.load(row_f + _S_TOP), tl.load(row_f + _S_LOG_SUM), ws_ptr, sign_ptr, meta_ptr, depth,
                     start, tl.minimum(start + CHUNK, student_vocab),
-                    ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS, 0 if USE_PTX else -1, ROOT_ENTRIES)
+                    ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS)
                 teacher_mass = _signed_mass(
                     t_row, teacher_col_stride, teacher_vocab, inv_teacher_temperature,
                     tl.load(row_f + _T_TOP), tl.load(row_f + _T_LOG_SUM), ws_ptr, sign_ptr + ENTRIES, meta_ptr,
                     depth, start, tl.minimum(start + CHUNK, teacher_vocab),
-                    ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS, ROOT_ENTRIES if USE_PTX else -1,
-                    ROOT_ENTRIES)
+                    ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS)
             part = partial_ptr + (local.to(tl.int64) * CHUNKS_POW2 + chunk) * PARTIAL_FLOATS
             tl.store(part + 0, student_mass)
             tl.store(part + 1, teacher_mass)
@@ -567,7 +547,7 @@ def grad_kernel(
     STUDENT_UNIT_STRIDE: tl.constexpr, TEACHER_UNIT_STRIDE: tl.constexpr,
     GATHER: tl.constexpr, HAS_CE: tl.constexpr,
     BLOCK: tl.constexpr, CHUNK: tl.constexpr, ENTRIES: tl.constexpr,
-    MAX_LEVELS: tl.constexpr, STAGES: tl.constexpr, ROOT_BITS: tl.constexpr, USE_PTX: tl.constexpr,
+    MAX_LEVELS: tl.constexpr, STAGES: tl.constexpr,
 ):
     """Per (pair, chunk): the gradient of grad_scale * weight * loss (plus, with HAS_CE, the
     weighted cross-entropy's) over the chunk's columns."""
@@ -585,9 +565,6 @@ def grad_kernel(
         ws_ptr, sign_ptr, _mass, _row_mass = _pair_workspace(local, ws_int_ptr, ws_sign_ptr, ws_mass_ptr,
                                                              row_mass_ptr, ENTRIES)
         depth = tl.load(meta_ptr + _DEPTH)
-        ROOT_ENTRIES: tl.constexpr = 1 << ROOT_BITS
-        if USE_PTX:
-            _root_signs_to_smem(sign_ptr, STUDENT_GRAD, TEACHER_GRAD, ENTRIES, ROOT_ENTRIES)
         if STUDENT_GRAD:
             ce_max = 0.0
             ce_log_sum = 0.0
@@ -603,8 +580,7 @@ def grad_kernel(
                         depth, start, tl.minimum(start + CHUNK, student_vocab), tl.load(row_f + _S_MASS),
                         row_grad_scale, grad_student_ptr + s_index * grad_student_row_stride,
                         ce_max, ce_log_sum, ce_label, ce_factor,
-                        ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS, HAS_CE,
-                        0 if USE_PTX else -1, ROOT_ENTRIES)
+                        ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS, HAS_CE)
         if TEACHER_GRAD:
             _write_grad(t_row, teacher_col_stride, teacher_vocab, inv_teacher_temperature,
                         tl.load(row_f + _T_TOP), tl.load(row_f + _T_LOG_SUM), ws_ptr, sign_ptr + ENTRIES,
@@ -612,5 +588,4 @@ def grad_kernel(
                         tl.load(row_f + _T_MASS), -row_grad_scale,
                         grad_teacher_ptr + t_index * grad_teacher_row_stride,
                         0.0, 0.0, -1, 0.0,
-                        ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS, False,
-                        ROOT_ENTRIES if USE_PTX else -1, ROOT_ENTRIES)
+                        ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS, False)
