@@ -17,5 +17,5 @@ ULD_SPLIT_ENTRIES=8192 python3 bench/profile_passes.py --rows 16384 --pairs qwen
   | grep "trie depth" | sed "s/^/entries 8192: /" | tee -a "$OUT/sweep.txt"
 timeout 200 python3 bench/stress.py 2>&1 | tee "$OUT/stress.txt" | grep -v "calls, "
 python3 bench/bench_distill.py --skip-reference 2>&1 | tee "$OUT/distill.txt" | tail -3
-python3 bench/profile_passes.py --rows 16384 --pairs qwen_llama3 qwen_qwen --kinds random peaked near 2>&1 | grep -v -i warn > "$OUT/passes.txt"
+python3 bench/profile_passes.py --rows 16384 --pairs qwen_llama3 --kinds random peaked 2>&1 | grep -v -i warn > "$OUT/passes.txt"
 cat "$OUT/passes.txt"
