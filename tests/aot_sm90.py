@@ -50,6 +50,8 @@ def facts(name: str, compiled) -> dict:
         # static shared memory declared by inline PTX (kernels/ptx.py)
         static_shared=sum(int(n) for n in re.findall(r"\.shared \.align \d+ \.b8 \w+\[(\d+)\]", ptx)),
         local_memory=".local" in ptx,
+        # stores to shared memory: layout conversions go through it (kernels/ptx.py)
+        shared_stores=len(re.findall(r"\bst\.shared", ptx)),
     )
 
 
