@@ -110,10 +110,13 @@ def split_kernel_configs():
                                                RESOLVE_BLOCK=256, ROOT_BITS=cfg.root_bits, MASS=cfg.mass)),
         ("root", uld_split.root_kernel, dict(RESOLVE_BLOCK=256, ROOT_BITS=cfg.root_bits, USE_PTX=cfg.smem,
                                              MASS=cfg.mass)),
-        ("count", uld_split.count_kernel, dict(RESOLVE_BLOCK=256, MASS=cfg.mass, USE_PTX=cfg.smem)),
-        ("deep", uld_split.deep_kernel, dict(RESOLVE_BLOCK=256, MASS=cfg.mass, USE_PTX=cfg.smem)),
-        ("loss", uld_split.loss_kernel, dict(CHUNKS_POW2=chunks_pow2, MASS=cfg.mass)),
-        ("grad", uld_split.grad_kernel, dict(STUDENT_GRAD=True, TEACHER_GRAD=False, HAS_CE=False)),
+        ("count", uld_split.count_kernel, dict(RESOLVE_BLOCK=256, MASS=cfg.mass, USE_PTX=cfg.smem,
+                                               PREFETCH=cfg.prefetch)),
+        ("deep", uld_split.deep_kernel, dict(RESOLVE_BLOCK=256, MASS=cfg.mass, USE_PTX=cfg.smem,
+                                             PREFETCH=cfg.prefetch)),
+        ("loss", uld_split.loss_kernel, dict(CHUNKS_POW2=chunks_pow2, MASS=cfg.mass, PREFETCH=cfg.prefetch)),
+        ("grad", uld_split.grad_kernel, dict(STUDENT_GRAD=True, TEACHER_GRAD=False, HAS_CE=False,
+                                             PREFETCH=cfg.prefetch)),
     ]
     for dtype, (label, kernel, extra) in itertools.product(TRITON_TYPE, kernels):
         names = kernel.arg_names

@@ -52,6 +52,7 @@ class SplitConfig:
     split_levels: int  # trie levels counted by chunk; deeper ones by one program per pair
     num_warps: int
     stages: int
+    prefetch: bool  # count, loss and gradient loops load the next block before using this one
     root_bits: int  # the root has 2**root_bits buckets (10 to 12; 11 with mass on the GPU)
     smem: bool  # inline PTX (GPU only): root histogram in shared memory, count-level reductions
     mass: bool  # buckets sum their probabilities: the loss without a pass over the rows
@@ -67,6 +68,7 @@ SPLIT = dict(
     split_levels=int(os.environ.get("ULD_SPLIT_LEVELS", 4)),
     num_warps=4,  # the shared-memory histogram is laid out for 128 threads (kernels/ptx.py)
     stages=int(os.environ.get("ULD_SPLIT_STAGES", 1)),
+    prefetch=os.environ.get("ULD_PREFETCH", "1") != "0",
     root_bits=int(os.environ.get("ULD_ROOT_BITS", 12)),
     smem=os.environ.get("ULD_SMEM", "1") != "0",
     # Off: the 40 KB layout (16-bit counts, ULD_MASS=1 ULD_ROOT_BITS=11) runs and passes the GPU
@@ -77,7 +79,7 @@ SPLIT = dict(
 # chunks and batches (every cross-program path runs), at a cost the interpreter can afford;
 # a 1,024-bucket root (four resolve chunks: the carry across chunks runs) from tl.histogram.
 SPLIT_INTERPRETED = dict(block=128, chunk=256, entries=8192, batch_rows=5, split_levels=2,
-                         num_warps=4, stages=1, root_bits=10, smem=False, mass=False)
+                         num_warps=4, stages=1, prefetch=True, root_bits=10, smem=False, mass=False)
 
 
 def split_config(on_gpu: bool) -> SplitConfig:
@@ -253,16 +255,17 @@ def _split_pairs(student_logits, teacher_logits, row_loss, status, row_ce, grad_
         for level in range(1, cfg.split_levels + 1):
             uld_split.count_kernel[grid](
                 *common, n_chunks, batch_start, level, student_vocab, teacher_vocab, *layouts,
-                *temps, CHUNK=cfg.chunk, RESOLVE_BLOCK=256, MASS=cfg.mass, USE_PTX=use_ptx, **strides,
-                **sizes)
+                *temps, CHUNK=cfg.chunk, RESOLVE_BLOCK=256, MASS=cfg.mass, USE_PTX=use_ptx,
+                PREFETCH=cfg.prefetch, **strides, **sizes)
         uld_split.deep_kernel[(rows,)](
             *common, batch_start, student_vocab, teacher_vocab, *layouts, *temps,
-            RESOLVE_BLOCK=256, MASS=cfg.mass, USE_PTX=use_ptx, **strides,
+            RESOLVE_BLOCK=256, MASS=cfg.mass, USE_PTX=use_ptx, PREFETCH=cfg.prefetch, **strides,
             **dict(sizes, BLOCK=min(cfg.block, 512)))  # 8 elements per thread spill more here
         uld_split.loss_kernel[grid](
             student_logits, teacher_logits, row_loss, status, *trie, partial, s_index, t_index,
             n_chunks, batch_start, student_vocab, teacher_vocab, *layouts, *temps,
-            CHUNK=cfg.chunk, CHUNKS_POW2=chunks_pow2, MASS=cfg.mass, **strides, **sizes)
+            CHUNK=cfg.chunk, CHUNKS_POW2=chunks_pow2, MASS=cfg.mass, PREFETCH=cfg.prefetch, **strides,
+            **sizes)
         if grad_student is not None or grad_teacher is not None:
             uld_split.grad_kernel[grid](
                 student_logits, teacher_logits,
@@ -275,7 +278,7 @@ def _split_pairs(student_logits, teacher_logits, row_loss, status, row_ce, grad_
                 grad_teacher.stride(0) if grad_teacher is not None else 0,
                 *temps, grad_scale, STUDENT_GRAD=grad_student is not None,
                 TEACHER_GRAD=grad_teacher is not None, HAS_CE=has_ce, CHUNK=cfg.chunk,
-                **strides, **sizes)
+                PREFETCH=cfg.prefetch, **strides, **sizes)
 
 def cross_entropy_rows(
     logits: torch.Tensor,

@@ -56,15 +56,45 @@ _KEY_NONE_MAX = tl.constexpr(-1)
 
 
 @triton.jit
-def _load_logits(ptr, idx, col_stride, vocab, UNIT_COL_STRIDE: tl.constexpr):
-    """Logits idx of one row as float32; -inf past the row."""
-    in_row = idx < vocab
+def _load_raw(ptr, idx, col_stride, vocab, UNIT_COL_STRIDE: tl.constexpr):
+    """Logits idx of one row in the input dtype; -inf past the row."""
     if UNIT_COL_STRIDE:
         offsets = idx
     else:
         offsets = idx.to(tl.int64) * col_stride
-    z = tl.load(ptr + offsets, mask=in_row, other=float("-inf"))
-    return z.to(tl.float32), in_row
+    return tl.load(ptr + offsets, mask=idx < vocab, other=float("-inf"))
+
+
+@triton.jit
+def _load_logits(ptr, idx, col_stride, vocab, UNIT_COL_STRIDE: tl.constexpr):
+    """Logits idx of one row as float32; -inf past the row."""
+    return _load_raw(ptr, idx, col_stride, vocab, UNIT_COL_STRIDE).to(tl.float32), idx < vocab
+
+
+@triton.jit
+def _first_block(ptr, idx, col_stride, stop, UNIT_COL_STRIDE: tl.constexpr, PREFETCH: tl.constexpr):
+    """What a prefetching loop over [idx[0], stop) carries into its first iteration: the first
+    block's logits with PREFETCH, else nothing (zeros of the same type)."""
+    if PREFETCH:
+        ahead = _load_raw(ptr, idx, col_stride, stop, UNIT_COL_STRIDE)
+    else:
+        ahead = tl.zeros(idx.shape, ptr.dtype.element_ty)
+    return ahead
+
+
+@triton.jit
+def _this_block(ahead, ptr, idx, col_stride, stop, BLOCK: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr,
+                PREFETCH: tl.constexpr):
+    """The logits of block `idx` (input dtype) and what to carry to the next iteration. With
+    PREFETCH, `ahead` holds this block already (loaded one iteration earlier) and the next
+    block's load is issued here: two loads in flight per thread while this block's keys, trie
+    walk and sign gathers run (the passes are latency-bound, bench/NOTES.md)."""
+    if PREFETCH:
+        current = ahead
+        ahead = _load_raw(ptr, idx + BLOCK, col_stride, stop, UNIT_COL_STRIDE)
+    else:
+        current = _load_raw(ptr, idx, col_stride, stop, UNIT_COL_STRIDE)
+    return current, ahead
 
 
 @triton.jit
@@ -84,7 +114,14 @@ def _probs_and_keys(ptr, idx, col_stride, vocab, inv_temperature, row_max, log_s
     NaN probabilities (a row without a finite log-sum-exp) are left out too; such a row's
     loss is NaN.
     """
-    z, in_row = _load_logits(ptr, idx, col_stride, vocab, UNIT_COL_STRIDE)
+    return _keys_of(_load_raw(ptr, idx, col_stride, vocab, UNIT_COL_STRIDE), idx < vocab, inv_temperature,
+                    row_max, log_sum)
+
+
+@triton.jit
+def _keys_of(raw, in_row, inv_temperature, row_max, log_sum):
+    """`_probs_and_keys` of logits already loaded (input dtype)."""
+    z = raw.to(tl.float32)
     p = tl.exp((z * inv_temperature - row_max) - log_sum)
     key = p.to(tl.int32, bitcast=True)
     return p, key, in_row & (key > 0) & (p == p), z
@@ -412,20 +449,22 @@ def _resolve_level(ws_ptr, sign_ptr, meta_ptr, level, mass_ptr, row_mass_ptr, EN
 
 
 @triton.jit
-def _count_level(row_ptr, col_stride, vocab, inv_temperature, row_max, log_sum, ws_ptr,
+def _count_level(row_ptr, col_stride, inv_temperature, row_max, log_sum, ws_ptr,
                  meta_ptr, level, start, stop, key_lo, key_hi, mass_ptr,
                  CNT: tl.constexpr, KEY_MIN: tl.constexpr, KEY_MAX: tl.constexpr,
                  ENTRIES: tl.constexpr, BLOCK: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr,
                  STAGES: tl.constexpr, MAX_LEVELS: tl.constexpr, MASS: tl.constexpr,
-                 USE_PTX: tl.constexpr):
+                 USE_PTX: tl.constexpr, PREFETCH: tl.constexpr):
     """One pass over columns [start, stop) of a row: count its keys that reach the open buckets
     of `level`. Keys outside [key_lo, key_hi] (a range known to hold every open bucket) skip
     the walk: no gathers, no atomics. USE_PTX (GPU): the reductions as inline PTX, which keep
     the row loads' layout (kernels/ptx.py says why)."""
     lanes = tl.arange(0, BLOCK)
+    ahead = _first_block(row_ptr, start + lanes, col_stride, stop, UNIT_COL_STRIDE, PREFETCH)
     for block_start in tl.range(start, stop, BLOCK, num_stages=STAGES):
-        p, key, counted, _z = _probs_and_keys(row_ptr, block_start + lanes, col_stride, vocab,
-                                              inv_temperature, row_max, log_sum, UNIT_COL_STRIDE)
+        idx = block_start + lanes
+        raw, ahead = _this_block(ahead, row_ptr, idx, col_stride, stop, BLOCK, UNIT_COL_STRIDE, PREFETCH)
+        p, key, counted, _z = _keys_of(raw, idx < stop, inv_temperature, row_max, log_sum)
         key = _clamp_key(key, meta_ptr)
         counted = counted & (key >= key_lo) & (key <= key_hi)
         entry, reached = _walk(key, counted, ws_ptr + _CHILD * ENTRIES, meta_ptr, level, MAX_LEVELS)
@@ -441,39 +480,44 @@ def _count_level(row_ptr, col_stride, vocab, inv_temperature, row_max, log_sum, 
 
 
 @triton.jit
-def _signed_mass(row_ptr, col_stride, vocab, inv_temperature, row_max, log_sum, ws_ptr, sign_ptr,
+def _signed_mass(row_ptr, col_stride, inv_temperature, row_max, log_sum, ws_ptr, sign_ptr,
                  meta_ptr, depth, start, stop, ENTRIES: tl.constexpr, BLOCK: tl.constexpr,
-                 UNIT_COL_STRIDE: tl.constexpr, STAGES: tl.constexpr, MAX_LEVELS: tl.constexpr):
+                 UNIT_COL_STRIDE: tl.constexpr, STAGES: tl.constexpr, MAX_LEVELS: tl.constexpr,
+                 PREFETCH: tl.constexpr):
     """sum_i p_i * sign_i over columns [start, stop) of one row, each sign read from the bucket
     its key ends in."""
     lanes = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], tl.float32)
+    ahead = _first_block(row_ptr, start + lanes, col_stride, stop, UNIT_COL_STRIDE, PREFETCH)
     for block_start in tl.range(start, stop, BLOCK, num_stages=STAGES):
-        p, key, counted, _z = _probs_and_keys(row_ptr, block_start + lanes, col_stride, vocab,
-                                          inv_temperature, row_max, log_sum, UNIT_COL_STRIDE)
+        idx = block_start + lanes
+        raw, ahead = _this_block(ahead, row_ptr, idx, col_stride, stop, BLOCK, UNIT_COL_STRIDE, PREFETCH)
+        p, key, counted, _z = _keys_of(raw, idx < stop, inv_temperature, row_max, log_sum)
         sign = _walk_sign(key, counted, ws_ptr + _CHILD * ENTRIES, sign_ptr, meta_ptr, depth, MAX_LEVELS)
         acc += tl.where(counted, p * sign, 0.0)
     return tl.sum(acc, 0)
 
 
 @triton.jit
-def _write_grad(row_ptr, col_stride, vocab, inv_temperature, row_max, log_sum, ws_ptr, sign_ptr,
+def _write_grad(row_ptr, col_stride, inv_temperature, row_max, log_sum, ws_ptr, sign_ptr,
                 meta_ptr, depth, start, stop, signed_mass, factor, grad_ptr, ce_max, ce_log_sum, ce_label, ce_factor,
                 ENTRIES: tl.constexpr, BLOCK: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr,
-                STAGES: tl.constexpr, MAX_LEVELS: tl.constexpr, HAS_CE: tl.constexpr):
+                STAGES: tl.constexpr, MAX_LEVELS: tl.constexpr, HAS_CE: tl.constexpr,
+                PREFETCH: tl.constexpr):
     """grad_i = factor * (p_i / T) * (sign_i - signed_mass): the softmax backward of signs,
     plus, with HAS_CE, ce_factor * (softmax(z)_i - [i == ce_label]): the cross-entropy's.
     Columns [start, stop)."""
     lanes = tl.arange(0, BLOCK)
+    ahead = _first_block(row_ptr, start + lanes, col_stride, stop, UNIT_COL_STRIDE, PREFETCH)
     for block_start in tl.range(start, stop, BLOCK, num_stages=STAGES):
         idx = block_start + lanes
-        p, key, counted, z = _probs_and_keys(row_ptr, idx, col_stride, vocab, inv_temperature,
-                                             row_max, log_sum, UNIT_COL_STRIDE)
+        raw, ahead = _this_block(ahead, row_ptr, idx, col_stride, stop, BLOCK, UNIT_COL_STRIDE, PREFETCH)
+        p, key, counted, z = _keys_of(raw, idx < stop, inv_temperature, row_max, log_sum)
         sign = _walk_sign(key, counted, ws_ptr + _CHILD * ENTRIES, sign_ptr, meta_ptr, depth, MAX_LEVELS)
         grad = factor * (p * inv_temperature) * (sign - signed_mass)
         if HAS_CE:
             grad += ce_factor * (tl.exp((z - ce_max) - ce_log_sum) - (idx == ce_label).to(tl.float32))
-        tl.store(grad_ptr + idx, grad.to(grad_ptr.dtype.element_ty), mask=idx < vocab)
+        tl.store(grad_ptr + idx, grad.to(grad_ptr.dtype.element_ty), mask=idx < stop)
 
 
 @triton.jit

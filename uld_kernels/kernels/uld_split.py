@@ -236,26 +236,26 @@ def _pair_workspace(local, ws_int_ptr, ws_sign_ptr, ws_mass_ptr, row_mass_ptr, E
 
 
 @triton.jit
-def _count_level_both(s_row, t_row, student_col_stride, teacher_col_stride, student_vocab, teacher_vocab,
+def _count_level_both(s_row, t_row, student_col_stride, teacher_col_stride,
                       inv_student_temperature, inv_teacher_temperature, row_f, ws_ptr, meta_ptr, mass_ptr,
                       level, start, s_stop, t_stop,
                       ENTRIES: tl.constexpr, BLOCK: tl.constexpr, STUDENT_UNIT_STRIDE: tl.constexpr,
                       TEACHER_UNIT_STRIDE: tl.constexpr, STAGES: tl.constexpr, MAX_LEVELS: tl.constexpr,
-                      MASS: tl.constexpr, USE_PTX: tl.constexpr):
+                      MASS: tl.constexpr, USE_PTX: tl.constexpr, PREFETCH: tl.constexpr):
     """Counts `level` over columns [start, s_stop) of the student row and [start, t_stop) of
     the teacher row, walking only keys inside the root's open range."""
     key_lo = tl.load(meta_ptr + _OPEN_LO)
     key_hi = tl.load(meta_ptr + _OPEN_HI)
-    _count_level(s_row, student_col_stride, student_vocab, inv_student_temperature,
+    _count_level(s_row, student_col_stride, inv_student_temperature,
                  tl.load(row_f + _S_TOP), tl.load(row_f + _S_LOG_SUM), ws_ptr, meta_ptr, level,
                  start, s_stop, key_lo, key_hi, mass_ptr,
                  _CNT_S, _MIN_S, _MAX_S, ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS, MASS,
-                 USE_PTX)
-    _count_level(t_row, teacher_col_stride, teacher_vocab, inv_teacher_temperature,
+                 USE_PTX, PREFETCH)
+    _count_level(t_row, teacher_col_stride, inv_teacher_temperature,
                  tl.load(row_f + _T_TOP), tl.load(row_f + _T_LOG_SUM), ws_ptr, meta_ptr, level,
                  start, t_stop, key_lo, key_hi, mass_ptr + ENTRIES,
                  _CNT_T, _MIN_T, _MAX_T, ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS, MASS,
-                 USE_PTX)
+                 USE_PTX, PREFETCH)
 
 
 @triton.jit(do_not_specialize=["n_chunks", "batch_start", "student_seq_len", "teacher_seq_len"])
@@ -402,7 +402,7 @@ def count_kernel(
     STUDENT_UNIT_STRIDE: tl.constexpr, TEACHER_UNIT_STRIDE: tl.constexpr, GATHER: tl.constexpr,
     BLOCK: tl.constexpr, CHUNK: tl.constexpr, ENTRIES: tl.constexpr,
     RESOLVE_BLOCK: tl.constexpr, MAX_LEVELS: tl.constexpr, STAGES: tl.constexpr, MASS: tl.constexpr,
-    USE_PTX: tl.constexpr,
+    USE_PTX: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """Per (pair, chunk) of the pairs whose trie has open buckets at `level - 1`: count the
     chunk's keys one level down; the pair's last program resolves `level`."""
@@ -415,11 +415,11 @@ def count_kernel(
             teacher_seq_len, teacher_batch_stride, teacher_row_stride, GATHER)
         ws_ptr, sign_ptr, mass_ptr, row_mass = _pair_workspace(local, ws_int_ptr, ws_sign_ptr, ws_mass_ptr,
                                                                row_mass_ptr, ENTRIES)
-        _count_level_both(s_row, t_row, student_col_stride, teacher_col_stride, student_vocab, teacher_vocab,
+        _count_level_both(s_row, t_row, student_col_stride, teacher_col_stride,
                           inv_student_temperature, inv_teacher_temperature, row_f, ws_ptr, meta_ptr, mass_ptr,
                           level, start, tl.minimum(start + CHUNK, student_vocab),
                           tl.minimum(start + CHUNK, teacher_vocab), ENTRIES, BLOCK, STUDENT_UNIT_STRIDE,
-                          TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS, MASS, USE_PTX)
+                          TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS, MASS, USE_PTX, PREFETCH)
         if _last_of_pair(meta_ptr + _DONE_LEVEL + level, n_chunks):
             tl.store(meta_ptr + _DEPTH, level)
             tl.store(meta_ptr + _STATUS, _resolve_level(ws_ptr, sign_ptr, meta_ptr, level, mass_ptr, row_mass,
@@ -437,7 +437,7 @@ def deep_kernel(
     STUDENT_UNIT_STRIDE: tl.constexpr, TEACHER_UNIT_STRIDE: tl.constexpr, GATHER: tl.constexpr,
     BLOCK: tl.constexpr, ENTRIES: tl.constexpr,
     RESOLVE_BLOCK: tl.constexpr, MAX_LEVELS: tl.constexpr, STAGES: tl.constexpr, MASS: tl.constexpr,
-    USE_PTX: tl.constexpr,
+    USE_PTX: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """Per pair still open after the split levels: one program counts and resolves the
     remaining levels over the whole rows."""
@@ -455,10 +455,10 @@ def deep_kernel(
         depth = tl.load(meta_ptr + _DEPTH)
         while status > 0:
             depth += 1
-            _count_level_both(s_row, t_row, student_col_stride, teacher_col_stride, student_vocab,
-                              teacher_vocab, inv_student_temperature, inv_teacher_temperature, row_f, ws_ptr,
+            _count_level_both(s_row, t_row, student_col_stride, teacher_col_stride,
+                              inv_student_temperature, inv_teacher_temperature, row_f, ws_ptr,
                               meta_ptr, mass_ptr, depth, 0, student_vocab, teacher_vocab, ENTRIES, BLOCK,
-                              STUDENT_UNIT_STRIDE, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS, MASS, USE_PTX)
+                              STUDENT_UNIT_STRIDE, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS, MASS, USE_PTX, PREFETCH)
             tl.debug_barrier()
             status = _resolve_level(ws_ptr, sign_ptr, meta_ptr, depth, mass_ptr, row_mass,
                                     ENTRIES, RESOLVE_BLOCK, MAX_LEVELS, MASS)
@@ -478,7 +478,7 @@ def loss_kernel(
     inv_student_temperature, inv_teacher_temperature,
     STUDENT_UNIT_STRIDE: tl.constexpr, TEACHER_UNIT_STRIDE: tl.constexpr, GATHER: tl.constexpr,
     BLOCK: tl.constexpr, CHUNK: tl.constexpr, CHUNKS_POW2: tl.constexpr, ENTRIES: tl.constexpr,
-    MAX_LEVELS: tl.constexpr, STAGES: tl.constexpr, MASS: tl.constexpr,
+    MAX_LEVELS: tl.constexpr, STAGES: tl.constexpr, MASS: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """Per (pair, chunk): sum p * sign over the chunk on both sides; the pair's last program
     writes the loss sum_i a_i g_i - sum_j b_j h_j and the status."""
@@ -503,15 +503,15 @@ def loss_kernel(
                 ws_ptr, sign_ptr, _mass, _row_mass = _pair_workspace(local, ws_int_ptr, ws_sign_ptr,
                                                                      ws_mass_ptr, row_mass_ptr, ENTRIES)
                 student_mass = _signed_mass(
-                    s_row, student_col_stride, student_vocab, inv_student_temperature,
+                    s_row, student_col_stride, inv_student_temperature,
                     tl.load(row_f + _S_TOP), tl.load(row_f + _S_LOG_SUM), ws_ptr, sign_ptr, meta_ptr, depth,
                     start, tl.minimum(start + CHUNK, student_vocab),
-                    ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS)
+                    ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS, PREFETCH)
                 teacher_mass = _signed_mass(
-                    t_row, teacher_col_stride, teacher_vocab, inv_teacher_temperature,
+                    t_row, teacher_col_stride, inv_teacher_temperature,
                     tl.load(row_f + _T_TOP), tl.load(row_f + _T_LOG_SUM), ws_ptr, sign_ptr + ENTRIES, meta_ptr,
                     depth, start, tl.minimum(start + CHUNK, teacher_vocab),
-                    ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS)
+                    ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS, PREFETCH)
             part = partial_ptr + (local.to(tl.int64) * CHUNKS_POW2 + chunk) * PARTIAL_FLOATS
             tl.store(part + 0, student_mass)
             tl.store(part + 1, teacher_mass)
@@ -547,7 +547,7 @@ def grad_kernel(
     STUDENT_UNIT_STRIDE: tl.constexpr, TEACHER_UNIT_STRIDE: tl.constexpr,
     GATHER: tl.constexpr, HAS_CE: tl.constexpr,
     BLOCK: tl.constexpr, CHUNK: tl.constexpr, ENTRIES: tl.constexpr,
-    MAX_LEVELS: tl.constexpr, STAGES: tl.constexpr,
+    MAX_LEVELS: tl.constexpr, STAGES: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """Per (pair, chunk): the gradient of grad_scale * weight * loss (plus, with HAS_CE, the
     weighted cross-entropy's) over the chunk's columns."""
@@ -575,17 +575,17 @@ def grad_kernel(
                 ce_log_sum = tl.load(row_f + _CE_LOG_SUM)
                 ce_label = tl.load(ce_label_ptr + pair).to(tl.int32)
                 ce_factor = tl.where(ce_label >= 0, tl.load(ce_weight_ptr + pair), 0.0)
-            _write_grad(s_row, student_col_stride, student_vocab, inv_student_temperature,
+            _write_grad(s_row, student_col_stride, inv_student_temperature,
                         tl.load(row_f + _S_TOP), tl.load(row_f + _S_LOG_SUM), ws_ptr, sign_ptr, meta_ptr,
                         depth, start, tl.minimum(start + CHUNK, student_vocab), tl.load(row_f + _S_MASS),
                         row_grad_scale, grad_student_ptr + s_index * grad_student_row_stride,
                         ce_max, ce_log_sum, ce_label, ce_factor,
-                        ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS, HAS_CE)
+                        ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS, HAS_CE, PREFETCH)
         if TEACHER_GRAD:
-            _write_grad(t_row, teacher_col_stride, teacher_vocab, inv_teacher_temperature,
+            _write_grad(t_row, teacher_col_stride, inv_teacher_temperature,
                         tl.load(row_f + _T_TOP), tl.load(row_f + _T_LOG_SUM), ws_ptr, sign_ptr + ENTRIES,
                         meta_ptr, depth, start, tl.minimum(start + CHUNK, teacher_vocab),
                         tl.load(row_f + _T_MASS), -row_grad_scale,
                         grad_teacher_ptr + t_index * grad_teacher_row_stride,
                         0.0, 0.0, -1, 0.0,
-                        ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS, False)
+                        ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS, False, PREFETCH)
