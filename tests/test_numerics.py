@@ -14,7 +14,7 @@ import uld_kernels.launch as launch
 from reference import uld_row_losses_reference
 from tests.helpers import assert_grads_close, assert_losses_close, reference_rows_and_grads
 from uld_kernels import uld_loss
-from uld_kernels.kernels import uld_rows, uld_split
+from uld_kernels.kernels import uld_rows
 
 
 def _check(student, teacher, dtype, per_tie_group=True):
@@ -83,11 +83,11 @@ def test_float16_softmax_underflow(device):
 
 
 @triton.jit
-def _probs_and_keys_fused(ptr, idx, col_stride, vocab, inv_temperature, row_max, log_sum,
-                          UNIT_COL_STRIDE: tl.constexpr):
-    """_probs_and_keys as the sm_90 build computes it: z * (1 / T) - max fused into one
-    multiply-add (one rounding), emulated in float64 and rounded once."""
-    z, in_row = uld_rows._load_logits(ptr, idx, col_stride, vocab, UNIT_COL_STRIDE)
+def _keys_of_fused(raw, in_row, inv_temperature, row_max, log_sum):
+    """_keys_of (every pass's probabilities and keys) as the sm_90 build computes it:
+    z * (1 / T) - max fused into one multiply-add (one rounding), emulated in float64 and
+    rounded once."""
+    z = raw.to(tl.float32)
     inv = tl.full([1], inv_temperature, tl.float32).to(tl.float64)
     x = (z.to(tl.float64) * inv - row_max.to(tl.float64)).to(tl.float32)
     p = tl.exp(x - log_sum)
@@ -107,8 +107,7 @@ def test_keys_rounded_past_the_root_range_stay_exact(monkeypatch):
     teacher = 1000 + torch.rand(160, 512, generator=g)
     pick = [77, 143, 0, 5]
     student, teacher = student[pick].contiguous(), teacher[pick].contiguous()
-    monkeypatch.setattr(uld_rows, "_probs_and_keys", _probs_and_keys_fused)
-    monkeypatch.setattr(uld_split, "_probs_and_keys", _probs_and_keys_fused)
+    monkeypatch.setattr(uld_rows, "_keys_of", _keys_of_fused)
     rows, _status, _, _ = launch.uld_rows(student, teacher, 1.5, 1.5, False, False, 1.0)
     ref = uld_row_losses_reference(student.double(), teacher.double(), 1.5, 1.5)
     assert_losses_close(rows, ref, torch.float32)
