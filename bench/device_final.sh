@@ -5,9 +5,9 @@
 set -u
 OUT=${OUT:-bench/out}; mkdir -p "$OUT"; export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,driver_version --format=csv > "$OUT/facts.txt"
-python3 -m pytest tests/test_gpu.py -q -p no:warnings -p no:cacheprovider --timeout 200 2>&1 | tail -4 | tee "$OUT/tests.txt"
+python3 -m pytest tests/test_gpu.py tests/test_kernels.py -q -p no:warnings -p no:cacheprovider --timeout 200 2>&1 | tail -4 | tee "$OUT/tests.txt"
 python3 bench/bench_uld.py --out "$OUT/table" --impls uld_kernels reference --rows 16384 --warmup 3 --rep 10 \
-  --reference-kinds random --pairs qwen_llama3 qwen_qwen 2>&1 | tee "$OUT/bench.txt" | grep -E "^\| |copy"
+  --reference-kinds random --pairs qwen_llama3 qwen_qwen llama2_gemma 2>&1 | tee "$OUT/bench.txt" | grep -E "^\| |copy"
 for knobs in "ULD_BATCH_ROWS=512" "ULD_BATCH_ROWS=1024 ULD_SPLIT_ENTRIES=8192"; do
   env $knobs python3 bench/bench_uld.py --out "$OUT/sweep" --impls uld_kernels --rows 16384 --full-only \
     --pairs qwen_llama3 --kinds random peaked --warmup 3 --rep 10 2>&1 | grep -E "^\| uld" | sed "s/^/$knobs /" | tee -a "$OUT/sweep.txt"

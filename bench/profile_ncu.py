@@ -1,8 +1,9 @@
 """Run uld_rows twice on a benchmark batch (one workspace batch: every pass is one launch per
-call, the count pass two) so that Nsight Compute can profile the second call's launch.
+call, the count pass one per split level, 4 by default) so that Nsight Compute can profile the
+second call's launch.
 
     ncu --clock-control none --set full --import-source yes -k regex:count_kernel \
-        --launch-skip 2 --launch-count 1 -o prof python3 bench/profile_ncu.py random 2048
+        --launch-skip 4 --launch-count 1 -o prof python3 bench/profile_ncu.py random 2048
 """
 
 import os

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Warp-stall breakdown of one pass (default: the count pass, level 1) on two kinds of rows;
 # logs under $OUT. usage: bash bench/profile_stalls.sh [kernel name] [launches to skip]
-# (root_kernel 1, count_kernel 2, loss_kernel 1: the first call of profile_ncu.py compiles).
+# (root_kernel 1, count_kernel 4 = ULD_SPLIT_LEVELS, loss_kernel 1: the first call of
+# profile_ncu.py compiles, and the count pass is one launch per split level).
 set -u
 OUT=${OUT:-bench/out}; mkdir -p "$OUT"
-KERNEL=${1:-count_kernel}; SKIP=${2:-2}
+KERNEL=${1:-count_kernel}; SKIP=${2:-4}
 NCU=$(ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1); NCU=${NCU:-ncu}
 for spec in "peaked 2048 qwen_llama3" "random 2048 qwen_llama3"; do
   set -- $spec
