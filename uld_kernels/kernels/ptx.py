@@ -121,7 +121,8 @@ def smem_load_mass(word):
 @triton.jit
 def count_key(reached, count_ptr, key_min_ptr, key_max_ptr, key):
     """Where `reached`: count += 1, key_min = min(key_min, key), key_max = max(key_max, key),
-    through relaxed global reductions (integers: the result does not depend on their order)."""
+    through relaxed global reductions (integers: the result does not depend on their order).
+    The three pointers are global-memory addresses (the workspace), passed as 64-bit operands."""
     tl.inline_asm_elementwise(_COUNT_KEY_ASM, "=r,r,l,l,r,l",
                               [reached.to(tl.int32), count_ptr, key_min_ptr, key, key_max_ptr],
                               dtype=tl.int32, is_pure=False, pack=1)
