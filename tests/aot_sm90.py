@@ -81,7 +81,7 @@ def _types_by_name(kernel, logits: str) -> dict:
             types[name] = "*i64"
         elif name in ("ws_int_ptr", "ws_meta_ptr", "status_ptr", "partial_i_ptr", "root_partial_ptr"):
             types[name] = "*i32"
-        elif name in ("ws_mass_ptr", "root_mass_partial_ptr"):
+        elif name == "ws_mass_ptr":
             types[name] = "*i64"
         elif name == "row_mass_ptr":
             types[name] = "*fp64"
@@ -107,14 +107,14 @@ def split_kernel_configs():
                      "grad_teacher_row_stride"]
     kernels = [
         ("stats", uld_split.stats_kernel, dict(SAME_VOCAB=False, HAS_CE=False, CHUNKS_POW2=chunks_pow2,
-                                               RESOLVE_BLOCK=256, ROOT_BITS=cfg.root_bits, MASS=cfg.mass)),
-        ("root", uld_split.root_kernel, dict(RESOLVE_BLOCK=256, ROOT_BITS=cfg.root_bits, USE_PTX=cfg.smem,
-                                             MASS=cfg.mass)),
-        ("count", uld_split.count_kernel, dict(RESOLVE_BLOCK=256, MASS=cfg.mass, USE_PTX=cfg.smem,
-                                               PREFETCH=cfg.prefetch)),
-        ("deep", uld_split.deep_kernel, dict(RESOLVE_BLOCK=256, MASS=cfg.mass, USE_PTX=cfg.smem,
-                                             PREFETCH=cfg.prefetch)),
-        ("loss", uld_split.loss_kernel, dict(CHUNKS_POW2=chunks_pow2, MASS=cfg.mass, PREFETCH=cfg.prefetch)),
+                                               RESOLVE_BLOCK=256)),
+        ("root", uld_split.root_kernel, dict(RESOLVE_BLOCK=256, USE_PTX=cfg.smem)),
+        ("count level 1 (sums the loss)", uld_split.count_kernel,
+         dict(RESOLVE_BLOCK=256, CHUNKS_POW2=chunks_pow2, LOSS=True, USE_PTX=cfg.smem, PREFETCH=cfg.prefetch)),
+        ("count", uld_split.count_kernel,
+         dict(RESOLVE_BLOCK=256, CHUNKS_POW2=chunks_pow2, LOSS=False, USE_PTX=cfg.smem, PREFETCH=cfg.prefetch)),
+        ("finish", uld_split.finish_kernel, dict(RESOLVE_BLOCK=256, CHUNKS_POW2=chunks_pow2, USE_PTX=cfg.smem,
+                                                 PREFETCH=cfg.prefetch)),
         ("grad", uld_split.grad_kernel, dict(STUDENT_GRAD=True, TEACHER_GRAD=False, HAS_CE=False,
                                              PREFETCH=cfg.prefetch)),
     ]
@@ -122,40 +122,19 @@ def split_kernel_configs():
         names = kernel.arg_names
         constexprs = dict(STUDENT_UNIT_STRIDE=True, TEACHER_UNIT_STRIDE=True, GATHER=False,
                           BLOCK=cfg.block, ENTRIES=cfg.entries, MAX_LEVELS=10, STAGES=cfg.stages,
-                          **extra)
+                          ROOT_BITS=cfg.root_bits, **extra)
         if "CHUNK" in names:
             constexprs["CHUNK"] = cfg.chunk
-        if label == "deep":
+        if label == "finish":
             constexprs["BLOCK"] = min(cfg.block, 512)  # as launch.py runs it
-        if label == "loss" and cfg.mass:
-            label = "loss (from bucket masses: reads no rows)"
         yield (f"split {label} {TRITON_TYPE[dtype]}", kernel, _types_by_name(kernel, "*" + TRITON_TYPE[dtype]),
                constexprs, [n for n in aligned_names if n in names], cfg.num_warps)
-    # The bucket-mass mode's root (ULD_MASS=1 ULD_ROOT_BITS=11): its shared-memory layout.
-    root = uld_split.root_kernel
-    yield ("split root with masses bf16", root, _types_by_name(root, "*bf16"),
-           dict(STUDENT_UNIT_STRIDE=True, TEACHER_UNIT_STRIDE=True, GATHER=False, BLOCK=cfg.block,
-                ENTRIES=cfg.entries, MAX_LEVELS=10, STAGES=cfg.stages, CHUNK=cfg.chunk, RESOLVE_BLOCK=256,
-                ROOT_BITS=11, USE_PTX=True, MASS=True),
-           [n for n in aligned_names if n in root.arg_names], cfg.num_warps)
-    for label, kernel, extra in kernels:
-        if label in ("stats", "count", "deep", "loss"):
-            names = kernel.arg_names
-            constexprs = dict(STUDENT_UNIT_STRIDE=True, TEACHER_UNIT_STRIDE=True, GATHER=False,
-                              BLOCK=min(cfg.block, 512) if label == "deep" else cfg.block,
-                              ENTRIES=cfg.entries, MAX_LEVELS=10, STAGES=cfg.stages,
-                              **dict(extra, MASS=True, **({"ROOT_BITS": 11} if label == "stats" else {})))
-            if "CHUNK" in names:
-                constexprs["CHUNK"] = cfg.chunk
-            suffix = " (reads no rows)" if label == "loss" else ""
-            yield (f"split {label} with masses{suffix} bf16", kernel, _types_by_name(kernel, "*bf16"),
-                   constexprs, [n for n in aligned_names if n in names], cfg.num_warps)
     for label, kernel, extra in [("stats", uld_split.stats_kernel, kernels[0][2]),
                                  ("grad", uld_split.grad_kernel, kernels[-1][2])]:
         names = kernel.arg_names
         constexprs = dict(STUDENT_UNIT_STRIDE=True, TEACHER_UNIT_STRIDE=True, BLOCK=cfg.block,
                           ENTRIES=cfg.entries, MAX_LEVELS=10, STAGES=cfg.stages, CHUNK=cfg.chunk,
-                          **dict(extra, GATHER=True, HAS_CE=True))
+                          ROOT_BITS=cfg.root_bits, **dict(extra, GATHER=True, HAS_CE=True))
         yield (f"split {label} gathered bf16 ce=True", kernel, _types_by_name(kernel, "*bf16"),
                constexprs, [n for n in aligned_names if n in names], cfg.num_warps)
 

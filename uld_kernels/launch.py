@@ -53,9 +53,8 @@ class SplitConfig:
     num_warps: int
     stages: int
     prefetch: bool  # count, loss and gradient loops load the next block before using this one
-    root_bits: int  # the root has 2**root_bits buckets (10 to 12; 11 with mass on the GPU)
+    root_bits: int  # the root has 2**root_bits buckets (10 to 12)
     smem: bool  # inline PTX (GPU only): root histogram in shared memory, count-level reductions
-    mass: bool  # buckets sum their probabilities: the loss without a pass over the rows
 
 
 # Sizes of the engine on the GPU; each can be overridden for tuning (bench/NOTES.md records
@@ -65,21 +64,18 @@ SPLIT = dict(
     chunk=int(os.environ.get("ULD_CHUNK", 32768)),
     entries=int(os.environ.get("ULD_SPLIT_ENTRIES", 16384)),
     batch_rows=int(os.environ.get("ULD_BATCH_ROWS", 1024)),  # workspace ~0.8 GB at real vocabularies
-    split_levels=int(os.environ.get("ULD_SPLIT_LEVELS", 4)),
+    split_levels=int(os.environ.get("ULD_SPLIT_LEVELS", 4)),  # level 1 also sums the loss: >= 1
     num_warps=4,  # the shared-memory histogram is laid out for 128 threads (kernels/ptx.py)
     stages=int(os.environ.get("ULD_SPLIT_STAGES", 1)),
     prefetch=os.environ.get("ULD_PREFETCH", "1") != "0",
     root_bits=int(os.environ.get("ULD_ROOT_BITS", 12)),
     smem=os.environ.get("ULD_SMEM", "1") != "0",
-    # Off: the 40 KB layout (16-bit counts, ULD_MASS=1 ULD_ROOT_BITS=11) runs and passes the GPU
-    # tests but measured slower, 71 ms against 53 (bench/NOTES.md, session 3).
-    mass=os.environ.get("ULD_MASS", "0") != "0",
 )
 # Under the interpreter: small chunks and batches, so that short test rows still span several
 # chunks and batches (every cross-program path runs), at a cost the interpreter can afford;
 # a 1,024-bucket root (four resolve chunks: the carry across chunks runs) from tl.histogram.
 SPLIT_INTERPRETED = dict(block=128, chunk=256, entries=8192, batch_rows=5, split_levels=2,
-                         num_warps=4, stages=1, prefetch=True, root_bits=10, smem=False, mass=False)
+                         num_warps=4, stages=1, prefetch=True, root_bits=10, smem=False)
 
 
 def split_config(on_gpu: bool) -> SplitConfig:
@@ -91,19 +87,16 @@ def split_config(on_gpu: bool) -> SplitConfig:
     chunk = max(block, knobs["chunk"] // block * block)
     if not 10 <= knobs["root_bits"] <= 12:
         raise ValueError(f"ULD_ROOT_BITS must be 10, 11 or 12, got {knobs['root_bits']}")
-    if not 0 <= knobs["split_levels"] <= 8:
-        raise ValueError(f"ULD_SPLIT_LEVELS must be in [0, 8] (a counter slot each), got {knobs['split_levels']}")
+    if not 1 <= knobs["split_levels"] <= 8:
+        raise ValueError(f"ULD_SPLIT_LEVELS must be in [1, 8] (a counter slot each; level 1 sums the loss), "
+                         f"got {knobs['split_levels']}")
     if knobs["entries"] <= 1 << knobs["root_bits"]:
         raise ValueError(f"ULD_SPLIT_ENTRIES must exceed the root's {1 << knobs['root_bits']} buckets, "
                          f"got {knobs['entries']}")
     if knobs["block"] < 128 or knobs["block"] & (knobs["block"] - 1):
         raise ValueError(f"ULD_SPLIT_BLOCK must be a power of two >= 128, got {knobs['block']}")
-    if on_gpu and knobs["smem"] and knobs["mass"] and knobs["root_bits"] != 11:
-        raise ValueError("ULD_MASS=1 with the shared-memory root needs ULD_ROOT_BITS=11: counts and "
-                         "masses of 2 x 2,048 buckets take 40 KB (kernels/ptx.py)")
-    if on_gpu and knobs["smem"] and knobs["mass"] and chunk > 32768:
-        raise ValueError("ULD_MASS=1 with the shared-memory root counts in 16 bits: ULD_CHUNK must be "
-                         "at most 32,768 columns")
+    if chunk >= 65536:
+        raise ValueError(f"ULD_CHUNK must be below 65,536 columns (16-bit partial root counts), got {chunk}")
     knobs.update(block=block, chunk=chunk)
     return SplitConfig(**knobs)
 
@@ -219,10 +212,9 @@ def _split_pairs(student_logits, teacher_logits, row_loss, status, row_ce, grad_
                           device=device)
     partial_i = torch.empty(batch * chunks_pow2 * uld_split.PARTIAL_INTS.value, dtype=torch.int32,
                             device=device)
-    root_partial = torch.empty(batch * n_chunks * 2 << cfg.root_bits, dtype=torch.int32, device=device)
-    root_mass_partial = torch.empty((batch * n_chunks * 2 << cfg.root_bits) if cfg.mass else 1,
-                                    dtype=torch.int64, device=device)
-    ws_mass = torch.empty(batch * 2 * cfg.entries if cfg.mass else 1, dtype=torch.int64, device=device)
+    root_partial = torch.empty(batch * n_chunks << cfg.root_bits, dtype=torch.int32, device=device)
+    # int64 masses of the buckets below the root, both sides
+    ws_mass = torch.empty(batch * 2 * (cfg.entries - (1 << cfg.root_bits)), dtype=torch.int64, device=device)
     row_mass = torch.empty(batch * 2, dtype=torch.float64, device=device)
     unused = row_loss  # stands for pointers a configuration never reads
     s_index = student_index if gather else unused
@@ -232,7 +224,7 @@ def _split_pairs(student_logits, teacher_logits, row_loss, status, row_ce, grad_
     strides = dict(STUDENT_UNIT_STRIDE=student_logits.stride(-1) == 1,
                    TEACHER_UNIT_STRIDE=teacher_logits.stride(-1) == 1, GATHER=gather)
     sizes = dict(BLOCK=cfg.block, ENTRIES=cfg.entries, MAX_LEVELS=_MAX_LEVELS, STAGES=cfg.stages,
-                 num_warps=cfg.num_warps)
+                 ROOT_BITS=cfg.root_bits, num_warps=cfg.num_warps)
     trie = (ws_int, ws_sign, ws_meta, row_f, ws_mass, row_mass)
     use_ptx = cfg.smem and device.type == "cuda"  # inline PTX (kernels/ptx.py): never interpreted
     for batch_start in range(0, n_pairs, batch):
@@ -244,28 +236,22 @@ def _split_pairs(student_logits, teacher_logits, row_loss, status, row_ce, grad_
             s_index, t_index, ce_label if has_ce else unused, row_ce if has_ce else unused,
             n_chunks, batch_start, student_vocab, teacher_vocab, *layouts, *temps,
             SAME_VOCAB=student_vocab == teacher_vocab, HAS_CE=has_ce, CHUNK=cfg.chunk,
-            CHUNKS_POW2=chunks_pow2, RESOLVE_BLOCK=256, ROOT_BITS=cfg.root_bits, MASS=cfg.mass,
-            **strides, **sizes)
+            CHUNKS_POW2=chunks_pow2, RESOLVE_BLOCK=256, **strides, **sizes)
         common = (student_logits, teacher_logits, *trie, s_index, t_index)
         uld_split.root_kernel[grid](
-            *common, root_partial, root_mass_partial, n_chunks, batch_start, student_vocab,
-            teacher_vocab, *layouts, *temps, CHUNK=cfg.chunk, RESOLVE_BLOCK=256,
-            ROOT_BITS=cfg.root_bits, USE_PTX=use_ptx, MASS=cfg.mass,
+            *common, root_partial, n_chunks, batch_start, student_vocab,
+            teacher_vocab, *layouts, *temps, CHUNK=cfg.chunk, RESOLVE_BLOCK=256, USE_PTX=use_ptx,
             **strides, **sizes)
         for level in range(1, cfg.split_levels + 1):
             uld_split.count_kernel[grid](
-                *common, n_chunks, batch_start, level, student_vocab, teacher_vocab, *layouts,
-                *temps, CHUNK=cfg.chunk, RESOLVE_BLOCK=256, MASS=cfg.mass, USE_PTX=use_ptx,
-                PREFETCH=cfg.prefetch, **strides, **sizes)
-        uld_split.deep_kernel[(rows,)](
-            *common, batch_start, student_vocab, teacher_vocab, *layouts, *temps,
-            RESOLVE_BLOCK=256, MASS=cfg.mass, USE_PTX=use_ptx, PREFETCH=cfg.prefetch, **strides,
-            **dict(sizes, BLOCK=min(cfg.block, 512)))  # 8 elements per thread spill more here
-        uld_split.loss_kernel[grid](
+                *common, partial, n_chunks, batch_start, level, student_vocab, teacher_vocab, *layouts,
+                *temps, CHUNK=cfg.chunk, CHUNKS_POW2=chunks_pow2, RESOLVE_BLOCK=256, LOSS=level == 1,
+                USE_PTX=use_ptx, PREFETCH=cfg.prefetch, **strides, **sizes)
+        uld_split.finish_kernel[(rows,)](
             student_logits, teacher_logits, row_loss, status, *trie, partial, s_index, t_index,
             n_chunks, batch_start, student_vocab, teacher_vocab, *layouts, *temps,
-            CHUNK=cfg.chunk, CHUNKS_POW2=chunks_pow2, MASS=cfg.mass, PREFETCH=cfg.prefetch, **strides,
-            **sizes)
+            CHUNKS_POW2=chunks_pow2, RESOLVE_BLOCK=256, USE_PTX=use_ptx, PREFETCH=cfg.prefetch, **strides,
+            **dict(sizes, BLOCK=min(cfg.block, 512)))  # 8 elements per thread spill more here
         if grad_student is not None or grad_teacher is not None:
             uld_split.grad_kernel[grid](
                 student_logits, teacher_logits,
@@ -279,6 +265,7 @@ def _split_pairs(student_logits, teacher_logits, row_loss, status, row_ce, grad_
                 *temps, grad_scale, STUDENT_GRAD=grad_student is not None,
                 TEACHER_GRAD=grad_teacher is not None, HAS_CE=has_ce, CHUNK=cfg.chunk,
                 PREFETCH=cfg.prefetch, **strides, **sizes)
+
 
 def cross_entropy_rows(
     logits: torch.Tensor,

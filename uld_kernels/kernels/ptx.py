@@ -1,43 +1,43 @@
-"""Inline PTX (GPU only): a per-program histogram in shared memory, and the count levels'
-global reductions.
+"""Inline PTX (GPU only): a per-program histogram in shared memory, the count levels'
+global reductions, and a flush-to-zero exp2.
 
 Triton has no shared-memory atomics: `tl.histogram` costs about log2(bins) ballots plus
 bins / 32 popcounts per 32 elements (65 instructions at 256 bins), and global atomics run
 at about 100 G/s on the H200. Shared-memory reductions (`red.shared.add`) cost one
 instruction per element whatever the number of bins, so the root can have 4,096 buckets.
 
-The buffer is a function-scope `.shared` array declared once, by `smem_zero`, whose inline
-assembly is emitted exactly once per kernel: it runs on a tensor of one element per thread
-(SMEM_THREADS = 32 x num_warps threads, so the kernels using it run with 4 warps). Every
-other helper refers to the array by name. Callers put `tl.debug_barrier()` between zeroing,
-adding and reading back. Two layouts:
+The buffer is a function-scope `.shared` array (int32 counts of 2 x 4,096 buckets, 32 KB)
+declared once, by `smem_zero`, whose inline assembly is emitted exactly once per kernel: it
+runs on a tensor of one element per thread (SMEM_THREADS = 32 x num_warps threads, so the
+kernels using it run with 4 warps). Every other helper refers to the array by name. Callers
+put `tl.debug_barrier()` between zeroing, adding and reading back. Static shared memory plus
+the kernel's own (Triton's, about 1 KB) must stay within 48 KB, or the launch fails without
+an opt-in (a 48 KB layout failed exactly so).
 
-    COUNTS_ONLY (32 KB): int32 counts of 2 x 4,096 buckets at byte 0
-    WITH_MASS   (40 KB): 16-bit counts of 2 x 2,048 buckets, two to a word, at byte 0 (a
-                         program counts at most CHUNK = 32,768 elements per side: no carry),
-                         then their int64 fixed-point masses (sum of p * 2**52) at byte
-                         MASS_OFFSET
+The count levels' global reductions (`count_key`) are inline PTX for two more reasons:
+Triton gives its own atomics on gathered addresses a layout of one element per thread, and
+converts the vectorised row loads' layout to it through shared memory, with barriers, at
+every level of the trie walk (an elementwise inline-asm op takes whatever layout its operands
+have); and a branch inside the assembly skips the address arithmetic, the mass conversion and
+the four reductions for lanes that reach no open bucket (most of them), where Triton would
+issue them predicated off.
 
-Static shared memory plus the kernel's own (Triton's, about 1 KB) must stay within 48 KB, or
-the launch fails without an opt-in; a 48 KB layout with int32 counts failed exactly so.
-
-The count levels' global reductions (`count_key`) are inline PTX for another reason: Triton
-gives its own atomics on gathered addresses a layout of one element per thread, and converts
-the vectorised row loads' layout to it through shared memory, with barriers, at every level of
-the trie walk; an elementwise inline-asm op takes whatever layout its operands have.
+`exp2_ftz` is `ex2.approx.ftz.f32`: one MUFU instruction, where `tl.exp` and `tl.exp2` emit the
+non-flushing form, which rescales subnormal results (four more instructions per element).
+Probabilities below 2**-126 become 0: they are left out of every count, like masked logits,
+and change a loss by less than 1e-33.
 
 Nothing here runs under TRITON_INTERPRET (inline assembly): the kernels fall back to
-`tl.histogram` and global atomics there (a constexpr switch), and the GPU tests check this
-path.
+`tl.histogram`, `tl.exp2` and global atomics there (constexpr switches), and the GPU tests
+check these paths.
 """
 
 import triton
 import triton.language as tl
 
 SMEM_THREADS = tl.constexpr(128)  # 4 warps
-COUNTS_ONLY_BYTES = tl.constexpr(32768)
-WITH_MASS_BYTES = tl.constexpr(40960)
-MASS_OFFSET = tl.constexpr(8192)  # after 2 x 2,048 16-bit counts
+SMEM_BYTES = tl.constexpr(32768)  # int32 counts of 2 x 4,096 buckets
+MASS_SCALE = tl.constexpr(4503599627370496.0)  # 2**52: masses are int64 sums of p * 2**52
 
 
 def _zero_asm(size: int, threads: int) -> str:
@@ -47,39 +47,29 @@ def _zero_asm(size: int, threads: int) -> str:
             f"{{ .reg .u32 a; mov.u32 a, uld_smem; mad.lo.u32 a, $1, 16, a; {stores} mov.u32 $0, 0; }}")
 
 
-_ZERO_COUNTS_ONLY = tl.constexpr(_zero_asm(COUNTS_ONLY_BYTES.value, SMEM_THREADS.value))
-_ZERO_WITH_MASS = tl.constexpr(_zero_asm(WITH_MASS_BYTES.value, SMEM_THREADS.value))
+_ZERO_ASM = tl.constexpr(_zero_asm(SMEM_BYTES.value, SMEM_THREADS.value))
 _ADD_ONE_ASM = tl.constexpr(
     "{ .reg .pred p; .reg .u32 a; setp.ge.s32 p, $1, 0; mov.u32 a, uld_smem; "
     "mad.lo.u32 a, $1, 4, a; @p red.shared.add.u32 [a], 1; mov.u32 $0, 0; }")
-_ADD_MASS_ASM = tl.constexpr(
-    "{ .reg .pred p; .reg .u32 a; setp.ge.s32 p, $1, 0; mov.u32 a, uld_smem; "
-    f"add.u32 a, a, {MASS_OFFSET.value}; mad.lo.u32 a, $1, 8, a; @p red.shared.add.u64 [a], $2; mov.u32 $0, 0; }}")
-_ADD_ONE_PACKED_ASM = tl.constexpr(
-    "{ .reg .pred p; .reg .u32 a, h, v; setp.ge.s32 p, $1, 0; shr.u32 a, $1, 1; "
-    "and.b32 h, $1, 1; shl.b32 h, h, 4; shl.b32 v, 1, h; mov.u32 h, uld_smem; mad.lo.u32 a, a, 4, h; "
-    "@p red.shared.add.u32 [a], v; mov.u32 $0, 0; }")
-_LOAD_PACKED_ASM = tl.constexpr(
-    "{ .reg .u32 a, h, x; shr.u32 a, $1, 1; mov.u32 h, uld_smem; mad.lo.u32 a, a, 4, h; "
-    "ld.shared.u32 x, [a]; and.b32 h, $1, 1; shl.b32 h, h, 4; shr.u32 x, x, h; and.b32 $0, x, 65535; }")
+# $1 reached, $2 entry, $3 key, $4 p; $5..$8 the count, key-min, key-max and mass planes.
+# Labels are local to the braces, so the block can be inlined once per element.
 _COUNT_KEY_ASM = tl.constexpr(
-    "{ .reg .pred p; setp.ne.s32 p, $1, 0; @p red.global.add.u32 [$2], 1; "
-    "@p red.global.min.s32 [$3], $4; @p red.global.max.s32 [$5], $4; mov.u32 $0, 0; }")
+    "{ .reg .pred p; .reg .u64 a; .reg .f32 f; .reg .s64 m; setp.eq.s32 p, $1, 0; @p bra SKIP; "
+    "mad.wide.s32 a, $2, 4, $5; red.global.add.u32 [a], 1; "
+    "mad.wide.s32 a, $2, 4, $6; red.global.min.s32 [a], $3; "
+    "mad.wide.s32 a, $2, 4, $7; red.global.max.s32 [a], $3; "
+    "mul.f32 f, $4, 0f59800000; cvt.rzi.s64.f32 m, f; "  # 0f59800000 = 2**52
+    "mad.wide.s32 a, $2, 8, $8; red.global.add.u64 [a], m; "
+    "SKIP: mov.u32 $0, 0; }")
 _LOAD_ASM = tl.constexpr(
     "{ .reg .u32 a; mov.u32 a, uld_smem; mad.lo.u32 a, $1, 4, a; ld.shared.u32 $0, [a]; }")
-_LOAD_MASS_ASM = tl.constexpr(
-    "{ .reg .u32 a; mov.u32 a, uld_smem; "
-    f"add.u32 a, a, {MASS_OFFSET.value}; mad.lo.u32 a, $1, 8, a; ld.shared.u64 $0, [a]; }}")
 
 
 @triton.jit
-def smem_zero(WITH_MASS: tl.constexpr):
-    """Declares the shared array (one of the two layouts) and zeroes it."""
+def smem_zero():
+    """Declares the shared array and zeroes it."""
     thread = tl.arange(0, SMEM_THREADS)
-    if WITH_MASS:
-        tl.inline_asm_elementwise(_ZERO_WITH_MASS, "=r,r", [thread], dtype=tl.int32, is_pure=False, pack=1)
-    else:
-        tl.inline_asm_elementwise(_ZERO_COUNTS_ONLY, "=r,r", [thread], dtype=tl.int32, is_pure=False, pack=1)
+    tl.inline_asm_elementwise(_ZERO_ASM, "=r,r", [thread], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -89,40 +79,26 @@ def smem_add_one(word):
 
 
 @triton.jit
-def smem_add_one_packed(bucket):
-    """16-bit counts[bucket] += 1 for every lane whose bucket is >= 0 (WITH_MASS layout)."""
-    tl.inline_asm_elementwise(_ADD_ONE_PACKED_ASM, "=r,r", [bucket], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def smem_load_packed(bucket):
-    """16-bit counts[bucket], one value per lane (WITH_MASS layout)."""
-    return tl.inline_asm_elementwise(_LOAD_PACKED_ASM, "=r,r", [bucket], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def smem_add_mass(word, mass):
-    """masses[word] += mass (int64) for every lane whose word is >= 0 (WITH_MASS layout)."""
-    tl.inline_asm_elementwise(_ADD_MASS_ASM, "=r,r,l", [word, mass], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def smem_load(word):
     """counts[word], one value per lane."""
     return tl.inline_asm_elementwise(_LOAD_ASM, "=r,r", [word], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
-def smem_load_mass(word):
-    """masses[word], one int64 per lane (WITH_MASS layout)."""
-    return tl.inline_asm_elementwise(_LOAD_MASS_ASM, "=l,r", [word], dtype=tl.int64, is_pure=False, pack=1)
+def count_key(reached, entry, key, p, count_ptr, key_min_ptr, key_max_ptr, mass_ptr):
+    """Where `reached`: at bucket `entry`, count += 1, key_min = min(key_min, key), key_max =
+    max(key_max, key) and mass += trunc(p * 2**52), through relaxed global reductions
+    (integers: the result does not depend on their order). The four plane pointers are scalars
+    (global addresses of the workspace: int32 planes, int64 masses)."""
+    lanes = tl.zeros_like(entry)  # the pointers, one per lane (inline asm takes tensors)
+    tl.inline_asm_elementwise(_COUNT_KEY_ASM, "=r,r,r,r,f,l,l,l,l",
+                              [reached.to(tl.int32), entry, key, p, count_ptr + lanes, key_min_ptr + lanes,
+                               key_max_ptr + lanes, mass_ptr + lanes],
+                              dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
-def count_key(reached, count_ptr, key_min_ptr, key_max_ptr, key):
-    """Where `reached`: count += 1, key_min = min(key_min, key), key_max = max(key_max, key),
-    through relaxed global reductions (integers: the result does not depend on their order).
-    The three pointers are global-memory addresses (the workspace), passed as 64-bit operands."""
-    tl.inline_asm_elementwise(_COUNT_KEY_ASM, "=r,r,l,l,r,l",
-                              [reached.to(tl.int32), count_ptr, key_min_ptr, key, key_max_ptr],
-                              dtype=tl.int32, is_pure=False, pack=1)
+def exp2_ftz(x):
+    """2**x, flushing subnormal results to 0 (one MUFU.EX2)."""
+    return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                     is_pure=True, pack=1)

@@ -27,10 +27,12 @@ vocabulary). Then one pass sums the loss and one writes the gradient
     dL/dz_s = (a / T_s) * (g - <g, a>)       dL/dz_t = -(b / T_t) * (h - <h, b>).
 """
 
+import os
+
 import triton
 import triton.language as tl
 
-from uld_kernels.kernels.ptx import count_key
+from uld_kernels.kernels.ptx import MASS_SCALE, count_key, exp2_ftz
 
 # Planes of the int32 workspace, each ENTRIES long, per pair.
 _CNT_S = tl.constexpr(0)  # student elements in the bucket
@@ -50,7 +52,11 @@ _KEY_LO = tl.constexpr(46)  # every key is clamped into the root's range [_KEY_L
 _KEY_HI = tl.constexpr(47)
 
 _MAX_CHILD_BITS = tl.constexpr(8)
-MASS_SCALE = tl.constexpr(4503599627370496.0)  # 2**52: probabilities as int64 fixed point
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+# Compiled kernels take exp2 from one flush-to-zero MUFU instruction (kernels/ptx.py); the
+# interpreter cannot run inline assembly and uses tl.exp2.
+_FAST_EXP2 = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
 _KEY_NONE_MIN = tl.constexpr(2147483647)
 _KEY_NONE_MAX = tl.constexpr(-1)
 
@@ -83,7 +89,7 @@ def _first_block(ptr, idx, col_stride, stop, UNIT_COL_STRIDE: tl.constexpr, PREF
 
 
 @triton.jit
-def _block_keys(ahead, ptr, idx, col_stride, stop, inv_temperature, row_max, log_sum,
+def _block_keys(ahead, ptr, idx, col_stride, stop, scale, top, log_sum,
                 BLOCK: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr, PREFETCH: tl.constexpr):
     """`_probs_and_keys` of block `idx` of a loop over [.., stop), and what to carry to the next
     iteration. With PREFETCH, `ahead` holds this block already (loaded one iteration earlier)
@@ -94,38 +100,41 @@ def _block_keys(ahead, ptr, idx, col_stride, stop, inv_temperature, row_max, log
         ahead = _load_raw(ptr, idx + BLOCK, col_stride, stop, UNIT_COL_STRIDE)
     else:
         raw = _load_raw(ptr, idx, col_stride, stop, UNIT_COL_STRIDE)
-    p, key, counted, z = _keys_of(raw, idx < stop, inv_temperature, row_max, log_sum)
+    p, key, counted, z = _keys_of(raw, scale, top, log_sum)
     return p, key, counted, z, ahead
 
 
 @triton.jit
-def _load_scaled(ptr, idx, col_stride, vocab, inv_temperature, UNIT_COL_STRIDE: tl.constexpr):
-    """Logits idx of one row as float32, divided by the temperature; -inf past the row."""
-    z, in_row = _load_logits(ptr, idx, col_stride, vocab, UNIT_COL_STRIDE)
-    return z * inv_temperature, in_row
+def _probs_and_keys(ptr, idx, col_stride, vocab, scale, top, log_sum, UNIT_COL_STRIDE: tl.constexpr):
+    """Probabilities, their order keys (float32 bits as int32) and which lanes count, of
+    logits idx of one row."""
+    return _keys_of(_load_raw(ptr, idx, col_stride, vocab, UNIT_COL_STRIDE), scale, top, log_sum)
 
 
 @triton.jit
-def _probs_and_keys(ptr, idx, col_stride, vocab, inv_temperature, row_max, log_sum,
-                    UNIT_COL_STRIDE: tl.constexpr):
-    """Probabilities, their order keys (float32 bits as int32) and which lanes count.
+def _exp2(x):
+    if _FAST_EXP2:
+        return exp2_ftz(x)
+    else:
+        return tl.exp2(x)
 
-    Zero probabilities (masked logits, lanes past the row) never exceed any value, so they
-    are left out of every count: exactly like the zero padding of the shorter vocabulary.
-    NaN probabilities (a row without a finite log-sum-exp) are left out too; such a row's
-    loss is NaN.
+
+@triton.jit
+def _keys_of(raw, scale, top, log_sum):
+    """Probabilities p = 2**((z - top) * scale - log_sum) of logits already loaded (input
+    dtype), their keys and which lanes count. scale = log2(e) / T; top is the row's largest
+    logit and log_sum its base-2 log-sum (`_lse_block`), kept apart: z - top is exact near the
+    top (and cannot overflow), so neither huge logits nor huge temperatures lose precision.
+
+    Zero probabilities (masked logits, lanes past the row, results below 2**-126) never exceed
+    any value, so they are left out of every count: exactly like the zero padding of the
+    shorter vocabulary. The passes that count run only on rows with a finite log-sum-exp, so
+    no probability there is NaN.
     """
-    return _keys_of(_load_raw(ptr, idx, col_stride, vocab, UNIT_COL_STRIDE), idx < vocab, inv_temperature,
-                    row_max, log_sum)
-
-
-@triton.jit
-def _keys_of(raw, in_row, inv_temperature, row_max, log_sum):
-    """`_probs_and_keys` of logits already loaded (input dtype)."""
     z = raw.to(tl.float32)
-    p = tl.exp((z * inv_temperature - row_max) - log_sum)
+    p = _exp2((z - top) * scale - log_sum)
     key = p.to(tl.int32, bitcast=True)
-    return p, key, in_row & (key > 0) & (p == p), z
+    return p, key, key > 0, z
 
 
 @triton.jit
@@ -153,8 +162,24 @@ def _finish_lse(m, s):
 
 
 @triton.jit
-def _key_of(x, row_max, log_sum):
-    return tl.exp((x - row_max) - log_sum).to(tl.int32, bitcast=True)
+def _lse_block(top, total, z, scale):
+    """One block of a per-thread online log-sum-exp in base 2. z: [R, 8] float32 logits, a
+    row of 8 per thread; top: [R], the largest logit so far; total: [R], the sum of
+    2**((z - top) * scale) so far. One exp2 per element plus one per row of 8, where an
+    elementwise online update needs compares and selects per element. A NaN logit makes the
+    total NaN (that row's loss is NaN); -inf adds 0."""
+    new_top = tl.maximum(top, tl.max(z, axis=1))
+    safe = tl.where(new_top > float("-inf"), new_top, 0.0)
+    total = total * _exp2((top - safe) * scale) + tl.sum(_exp2((z - safe[:, None]) * scale), axis=1)
+    return new_top, total
+
+
+@triton.jit
+def _finish_lse2(top, total, scale):
+    """A chunk's largest logit and base-2 log-sum from the per-thread states of `_lse_block`."""
+    chunk_top = tl.max(top, 0)
+    weight = tl.where(top > float("-inf"), _exp2((top - chunk_top) * scale), 0.0)  # NaN totals stay NaN
+    return chunk_top, tl.log2(tl.sum(total * weight, 0))
 
 
 @triton.jit
@@ -181,41 +206,39 @@ def _pair_rows(pair, student_ptr, teacher_ptr, student_index_ptr, teacher_index_
 
 @triton.jit
 def _stats_range(s_row, t_row, start, stop, student_vocab, teacher_vocab, student_col_stride,
-                 teacher_col_stride, inv_student_temperature, inv_teacher_temperature,
+                 teacher_col_stride, student_scale, teacher_scale,
                  STUDENT_UNIT_STRIDE: tl.constexpr, TEACHER_UNIT_STRIDE: tl.constexpr,
-                 HAS_CE: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr):
-    """Per-lane statistics of columns [start, stop) of both rows: online log-sum-exp states
-    (student, teacher and, with HAS_CE, the student's at temperature 1), the smallest finite
-    scaled logits, how many columns differ between the rows, how many are NaN on either side
-    and on the student's."""
-    lanes = tl.arange(0, BLOCK)
-    s_max = tl.full([BLOCK], float("-inf"), tl.float32)
-    s_sum = tl.zeros([BLOCK], tl.float32)
-    t_max = tl.full([BLOCK], float("-inf"), tl.float32)
-    t_sum = tl.zeros([BLOCK], tl.float32)
-    s_min = tl.full([BLOCK], float("inf"), tl.float32)  # smallest finite logit
-    t_min = tl.full([BLOCK], float("inf"), tl.float32)
-    differ = tl.zeros([BLOCK], tl.int32)
-    nans = tl.zeros([BLOCK], tl.int32)  # max() may drop NaNs, so they are counted apart
-    student_nans = tl.zeros([BLOCK], tl.int32)  # the student's cross-entropy sees only its row
-    c_max = tl.full([BLOCK], float("-inf"), tl.float32)  # cross-entropy: temperature 1
-    c_sum = tl.zeros([BLOCK], tl.float32)
-    for block_start in tl.range(start, stop, BLOCK, num_stages=STAGES):
+                 SAME_VOCAB: tl.constexpr, HAS_CE: tl.constexpr, BLOCK: tl.constexpr):
+    """Statistics of columns [start, stop) of both rows, per thread: base-2 online log-sum-exp
+    states (student, teacher and, with HAS_CE, the student's at temperature 1, which shares
+    the student's largest logit), the smallest finite logits, and (SAME_VOCAB) how many columns
+    differ between the rows.
+
+    Each thread reads a row of 8 consecutive columns per step (one 16-byte load in bf16), so
+    the maximum that the online update needs is taken in registers once per 8 elements."""
+    ROWS: tl.constexpr = BLOCK // 8
+    lanes = tl.arange(0, ROWS)[:, None] * 8 + tl.arange(0, 8)[None, :]
+    s_top = tl.full([ROWS], float("-inf"), tl.float32)
+    s_total = tl.zeros([ROWS], tl.float32)
+    t_top = tl.full([ROWS], float("-inf"), tl.float32)
+    t_total = tl.zeros([ROWS], tl.float32)
+    c_total = tl.zeros([ROWS], tl.float32)  # cross-entropy: temperature 1
+    s_low = tl.full([ROWS], float("inf"), tl.float32)  # smallest finite logit
+    t_low = tl.full([ROWS], float("inf"), tl.float32)
+    differ = tl.zeros([ROWS], tl.int32)
+    for block_start in tl.range(start, stop, BLOCK):
         idx = block_start + lanes
-        zs, in_s = _load_logits(s_row, idx, student_col_stride, student_vocab, STUDENT_UNIT_STRIDE)
-        xs = zs * inv_student_temperature
+        zs = _load_raw(s_row, idx, student_col_stride, student_vocab, STUDENT_UNIT_STRIDE).to(tl.float32)
+        zt = _load_raw(t_row, idx, teacher_col_stride, teacher_vocab, TEACHER_UNIT_STRIDE).to(tl.float32)
         if HAS_CE:
-            c_max, c_sum = _online_lse_update(c_max, c_sum, zs)
-        xt, in_t = _load_scaled(t_row, idx, teacher_col_stride, teacher_vocab,
-                                inv_teacher_temperature, TEACHER_UNIT_STRIDE)
-        s_max, s_sum = _online_lse_update(s_max, s_sum, xs)
-        t_max, t_sum = _online_lse_update(t_max, t_sum, xt)
-        s_min = tl.minimum(s_min, tl.where(xs > float("-inf"), xs, float("inf")))
-        t_min = tl.minimum(t_min, tl.where(xt > float("-inf"), xt, float("inf")))
-        differ += ((xs != xt) & (in_s | in_t)).to(tl.int32)
-        nans += ((xs != xs) | (xt != xt)).to(tl.int32)
-        student_nans += (xs != xs).to(tl.int32)
-    return s_max, s_sum, t_max, t_sum, s_min, t_min, differ, nans, student_nans, c_max, c_sum
+            _same_top, c_total = _lse_block(s_top, c_total, zs, LOG2E)
+        s_top, s_total = _lse_block(s_top, s_total, zs, student_scale)
+        t_top, t_total = _lse_block(t_top, t_total, zt, teacher_scale)
+        s_low = tl.minimum(s_low, tl.min(tl.where(zs > float("-inf"), zs, float("inf")), axis=1))
+        t_low = tl.minimum(t_low, tl.min(tl.where(zt > float("-inf"), zt, float("inf")), axis=1))
+        if SAME_VOCAB:
+            differ += tl.sum((zs != zt).to(tl.int32), axis=1)
+    return s_top, s_total, t_top, t_total, c_total, s_low, t_low, differ
 
 
 @triton.jit
@@ -359,14 +382,15 @@ def _count_difference(ws_ptr, chunk_start, level_end, ENTRIES: tl.constexpr, RES
 
 @triton.jit
 def _resolve_level(ws_ptr, sign_ptr, meta_ptr, level, mass_ptr, row_mass_ptr, ENTRIES: tl.constexpr,
-                   RESOLVE_BLOCK: tl.constexpr, MAX_LEVELS: tl.constexpr, MASS: tl.constexpr):
+                   RESOLVE_BLOCK: tl.constexpr, MAX_LEVELS: tl.constexpr, MASS_SPAN: tl.constexpr):
     """Sign every bucket of `level`; give each open bucket a child node on `level + 1`.
 
     Returns the number of open buckets, or -1 when the workspace or the depth ran out.
-    With MASS, the buckets also hold their probability mass (int64 fixed point, student at
-    mass_ptr, teacher at mass_ptr + ENTRIES), and the signed mass of every bucket resolved
-    here, sum sign * mass per side, is added to row_mass_ptr[0:2] (float64, units of
-    2**-52): the loss without a pass over the rows.
+    Buckets below the root also hold their probability mass (int64 sums of p * 2**52,
+    student at mass_ptr + entry, teacher at mass_ptr + MASS_SPAN + entry; the root has none),
+    and the signed mass of every such bucket resolved here, sum sign * mass per side, is added
+    to row_mass_ptr[0:2] (float64, units of 2**-52): the part of the loss that the level-1
+    pass could not sum, because the root left those elements open.
     """
     level_start = tl.load(meta_ptr + level)
     level_end = tl.load(meta_ptr + level + 1)
@@ -414,9 +438,8 @@ def _resolve_level(ws_ptr, sign_ptr, meta_ptr, level, mass_ptr, row_mass_ptr, EN
             tl.store(ws_ptr + _MIN_T * ENTRIES + entry, zeros + _KEY_NONE_MIN, mask=fresh)
             tl.store(ws_ptr + _MAX_T * ENTRIES + entry, zeros + _KEY_NONE_MAX, mask=fresh)
             tl.store(ws_ptr + _CHILD * ENTRIES + entry, zeros, mask=fresh)
-            if MASS:
-                tl.store(mass_ptr + entry, zeros.to(tl.int64), mask=fresh)
-                tl.store(mass_ptr + ENTRIES + entry, zeros.to(tl.int64), mask=fresh)
+            tl.store(mass_ptr + entry, zeros.to(tl.int64), mask=fresh)
+            tl.store(mass_ptr + MASS_SPAN + entry, zeros.to(tl.int64), mask=fresh)
         tl.store(meta_ptr + level + 2, next_end)
         tl.store(meta_ptr + _SHIFT_OFFSET + level + 1, shift - child_bits)
     opened = 0
@@ -437,71 +460,64 @@ def _resolve_level(ws_ptr, sign_ptr, meta_ptr, level, mass_ptr, row_mass_ptr, EN
         tl.store(ws_ptr + _CHILD * ENTRIES + entry, tl.where(is_open > 0, child, 0), mask=in_level)
         tl.store(ws_ptr + _NODE_TOP * ENTRIES + child, d, mask=is_open > 0)
         opened += tl.sum(is_open, 0)
-        if MASS:
-            resolved = in_level & (is_open == 0)
-            student_mass = tl.load(mass_ptr + entry, mask=resolved, other=0, cache_modifier=".cg")
-            teacher_mass = tl.load(mass_ptr + ENTRIES + entry, mask=resolved, other=0, cache_modifier=".cg")
-            student_acc += tl.sum(tl.where(resolved, student_sign.to(tl.float64) * student_mass.to(tl.float64), 0.0), 0)
-            teacher_acc += tl.sum(tl.where(resolved, teacher_sign.to(tl.float64) * teacher_mass.to(tl.float64), 0.0), 0)
-    if MASS:
+        resolved = in_level & (is_open == 0) & (level > 0)
+        student_mass = tl.load(mass_ptr + entry, mask=resolved, other=0, cache_modifier=".cg")
+        teacher_mass = tl.load(mass_ptr + MASS_SPAN + entry, mask=resolved, other=0, cache_modifier=".cg")
+        student_acc += tl.sum(tl.where(resolved, student_sign.to(tl.float64) * student_mass.to(tl.float64), 0.0), 0)
+        teacher_acc += tl.sum(tl.where(resolved, teacher_sign.to(tl.float64) * teacher_mass.to(tl.float64), 0.0), 0)
+    if level > 0:
         tl.store(row_mass_ptr, tl.load(row_mass_ptr) + student_acc)
         tl.store(row_mass_ptr + 1, tl.load(row_mass_ptr + 1) + teacher_acc)
     return status
 
 
 @triton.jit
-def _count_level(row_ptr, col_stride, inv_temperature, row_max, log_sum, ws_ptr,
-                 meta_ptr, level, start, stop, key_lo, key_hi, mass_ptr,
+def _count_level(row_ptr, col_stride, scale, top, log_sum, ws_ptr, sign_ptr, mass_ptr,
+                 meta_ptr, level, start, stop, key_lo, key_hi, count,
                  CNT: tl.constexpr, KEY_MIN: tl.constexpr, KEY_MAX: tl.constexpr,
                  ENTRIES: tl.constexpr, BLOCK: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr,
-                 STAGES: tl.constexpr, MAX_LEVELS: tl.constexpr, MASS: tl.constexpr,
+                 STAGES: tl.constexpr, MAX_LEVELS: tl.constexpr, LOSS: tl.constexpr,
                  USE_PTX: tl.constexpr, PREFETCH: tl.constexpr):
-    """One pass over columns [start, stop) of a row: count its keys that reach the open buckets
-    of `level`. Keys outside [key_lo, key_hi] (a range known to hold every open bucket) skip
+    """One pass over columns [start, stop) of a row. Where `count`: count (and sum the mass of)
+    its keys that reach the open buckets of `level`. With LOSS (level 1): also return
+    sum p * sign over the elements that the root decided, reading each sign at its root
+    bucket; the open root buckets' signs are NaN, and exactly their elements walk down.
+    Without LOSS, keys outside [key_lo, key_hi] (a range known to hold every open bucket) skip
     the walk: no gathers, no atomics. USE_PTX (GPU): the reductions as inline PTX, which keep
-    the row loads' layout (kernels/ptx.py says why)."""
-    lanes = tl.arange(0, BLOCK)
-    ahead = _first_block(row_ptr, start + lanes, col_stride, stop, UNIT_COL_STRIDE, PREFETCH)
-    for block_start in tl.range(start, stop, BLOCK, num_stages=STAGES):
-        idx = block_start + lanes
-        p, key, counted, _z, ahead = _block_keys(ahead, row_ptr, idx, col_stride, stop, inv_temperature,
-                                                  row_max, log_sum, BLOCK, UNIT_COL_STRIDE, PREFETCH)
-        key = _clamp_key(key, meta_ptr)
-        counted = counted & (key >= key_lo) & (key <= key_hi)
-        entry, reached = _walk(key, counted, ws_ptr + _CHILD * ENTRIES, meta_ptr, level, MAX_LEVELS)
-        if USE_PTX:
-            count_key(reached, ws_ptr + CNT * ENTRIES + entry, ws_ptr + KEY_MIN * ENTRIES + entry,
-                      ws_ptr + KEY_MAX * ENTRIES + entry, key)
-        else:
-            tl.atomic_add(ws_ptr + CNT * ENTRIES + entry, 1, mask=reached, sem="relaxed")
-            tl.atomic_min(ws_ptr + KEY_MIN * ENTRIES + entry, key, mask=reached, sem="relaxed")
-            tl.atomic_max(ws_ptr + KEY_MAX * ENTRIES + entry, key, mask=reached, sem="relaxed")
-        if MASS:
-            tl.atomic_add(mass_ptr + entry, (p * MASS_SCALE).to(tl.int64), mask=reached, sem="relaxed")
-
-
-@triton.jit
-def _signed_mass(row_ptr, col_stride, inv_temperature, row_max, log_sum, ws_ptr, sign_ptr,
-                 meta_ptr, depth, start, stop, ENTRIES: tl.constexpr, BLOCK: tl.constexpr,
-                 UNIT_COL_STRIDE: tl.constexpr, STAGES: tl.constexpr, MAX_LEVELS: tl.constexpr,
-                 PREFETCH: tl.constexpr):
-    """sum_i p_i * sign_i over columns [start, stop) of one row, each sign read from the bucket
-    its key ends in."""
+    the row loads' layout and branch around lanes that reach nothing (kernels/ptx.py)."""
     lanes = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], tl.float32)
+    root_shift = tl.load(meta_ptr + _SHIFT_OFFSET)
+    root_base = tl.load(meta_ptr + _ROOT_BASE)
     ahead = _first_block(row_ptr, start + lanes, col_stride, stop, UNIT_COL_STRIDE, PREFETCH)
     for block_start in tl.range(start, stop, BLOCK, num_stages=STAGES):
         idx = block_start + lanes
-        p, key, counted, _z, ahead = _block_keys(ahead, row_ptr, idx, col_stride, stop, inv_temperature,
-                                                  row_max, log_sum, BLOCK, UNIT_COL_STRIDE, PREFETCH)
-        sign = _walk_sign(key, counted, ws_ptr + _CHILD * ENTRIES, sign_ptr, meta_ptr, depth, MAX_LEVELS)
-        acc += tl.where(counted, p * sign, 0.0)
+        p, key, counted, _z, ahead = _block_keys(ahead, row_ptr, idx, col_stride, stop, scale,
+                                                  top, log_sum, BLOCK, UNIT_COL_STRIDE, PREFETCH)
+        key = _clamp_key(key, meta_ptr)
+        if LOSS:
+            sign = tl.load(sign_ptr + ((key >> root_shift) - root_base), mask=counted, other=0.0)
+            decided = sign == sign
+            acc += tl.where(decided, p * sign, 0.0)
+            walking = counted & (~decided)
+        else:
+            walking = counted & (key >= key_lo) & (key <= key_hi)
+        if count:
+            entry, reached = _walk(key, walking, ws_ptr + _CHILD * ENTRIES, meta_ptr, level, MAX_LEVELS)
+            if USE_PTX:
+                count_key(reached, entry, key, p, ws_ptr + CNT * ENTRIES, ws_ptr + KEY_MIN * ENTRIES,
+                          ws_ptr + KEY_MAX * ENTRIES, mass_ptr)
+            else:
+                tl.atomic_add(ws_ptr + CNT * ENTRIES + entry, 1, mask=reached, sem="relaxed")
+                tl.atomic_min(ws_ptr + KEY_MIN * ENTRIES + entry, key, mask=reached, sem="relaxed")
+                tl.atomic_max(ws_ptr + KEY_MAX * ENTRIES + entry, key, mask=reached, sem="relaxed")
+                tl.atomic_add(mass_ptr + entry, (p * MASS_SCALE).to(tl.int64), mask=reached, sem="relaxed")
     return tl.sum(acc, 0)
 
 
 @triton.jit
-def _write_grad(row_ptr, col_stride, inv_temperature, row_max, log_sum, ws_ptr, sign_ptr,
-                meta_ptr, depth, start, stop, signed_mass, factor, grad_ptr, ce_max, ce_log_sum, ce_label, ce_factor,
+def _write_grad(row_ptr, col_stride, inv_temperature, scale, top, log_sum, ws_ptr, sign_ptr,
+                meta_ptr, depth, start, stop, signed_mass, factor, grad_ptr, ce_top, ce_log_sum, ce_label, ce_factor,
                 ENTRIES: tl.constexpr, BLOCK: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr,
                 STAGES: tl.constexpr, MAX_LEVELS: tl.constexpr, HAS_CE: tl.constexpr,
                 PREFETCH: tl.constexpr):
@@ -512,12 +528,12 @@ def _write_grad(row_ptr, col_stride, inv_temperature, row_max, log_sum, ws_ptr, 
     ahead = _first_block(row_ptr, start + lanes, col_stride, stop, UNIT_COL_STRIDE, PREFETCH)
     for block_start in tl.range(start, stop, BLOCK, num_stages=STAGES):
         idx = block_start + lanes
-        p, key, counted, z, ahead = _block_keys(ahead, row_ptr, idx, col_stride, stop, inv_temperature,
-                                                  row_max, log_sum, BLOCK, UNIT_COL_STRIDE, PREFETCH)
+        p, key, counted, z, ahead = _block_keys(ahead, row_ptr, idx, col_stride, stop, scale,
+                                                top, log_sum, BLOCK, UNIT_COL_STRIDE, PREFETCH)
         sign = _walk_sign(key, counted, ws_ptr + _CHILD * ENTRIES, sign_ptr, meta_ptr, depth, MAX_LEVELS)
         grad = factor * (p * inv_temperature) * (sign - signed_mass)
-        if HAS_CE:
-            grad += ce_factor * (tl.exp((z - ce_max) - ce_log_sum) - (idx == ce_label).to(tl.float32))
+        if HAS_CE:  # ce_top, ce_log_sum: the base-2 statistics of the row at temperature 1
+            grad += ce_factor * (_exp2((z - ce_top) * LOG2E - ce_log_sum) - (idx == ce_label).to(tl.float32))
         tl.store(grad_ptr + idx, grad.to(grad_ptr.dtype.element_ty), mask=idx < stop)
 
 

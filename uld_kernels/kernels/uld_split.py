@@ -14,10 +14,12 @@ One call handles a batch of pairs with a per-pair workspace (the trie of uld_row
                    the root key range, and settles rows that need no counting (identical, NaN)
     root_kernel    the root histogram of both rows' keys; the last program resolves the root
     count_kernel   one trie level (launched for levels 1 .. SPLIT_LEVELS); the last program
-                   resolves it
-    deep_kernel    one program per pair finishes any deeper levels (rare: near-identical rows)
-    loss_kernel    sum_i a_i g_i - sum_j b_j h_j per chunk; the last program writes the loss
-                   (MASS: the buckets already summed their probabilities; no row is read)
+                   resolves it. Level 1 (LOSS) also sums p * sign over every element the root
+                   decided, so no separate pass over the rows sums the loss; the elements the
+                   root left open carry their probability into the buckets they reach, and each
+                   bucket adds its signed mass when it is resolved
+    finish_kernel  one program per pair: any deeper levels (rare: near-identical rows), then
+                   the loss from the level-1 sums and the resolved buckets' masses
     grad_kernel    the gradient, chunk by chunk
 
 The math and the trie are documented in uld_rows.py.
@@ -29,14 +31,11 @@ import triton.language as tl
 from uld_kernels.kernels.uld_rows import (
     _CNT_S, _CNT_T, _KEY_HI, _KEY_LO, _MAX_S, _MAX_T, _MIN_S, _MIN_T, _NODE_TOP, _ROOT_BASE,
     _SHIFT_OFFSET, _clamp_key,
-    INT_PLANES, MASS_SCALE, SIGN_PLANES,
-    _count_level, _finish_lse, _key_of, _pair_rows, _probs_and_keys, _resolve_level,
-    _signed_mass, _stats_range, _write_grad,
+    INT_PLANES, LN2, LOG2E, MASS_SCALE, SIGN_PLANES,
+    _count_level, _finish_lse2, _keys_of, _pair_rows, _probs_and_keys, _resolve_level,
+    _stats_range, _write_grad,
 )
-from uld_kernels.kernels.ptx import (
-    smem_add_mass, smem_add_one, smem_add_one_packed, smem_load, smem_load_mass, smem_load_packed,
-    smem_zero,
-)
+from uld_kernels.kernels.ptx import smem_add_one, smem_load, smem_zero
 
 # Per-pair integers in the meta block of uld_rows.py (slots past its trie levels).
 _FLAGS = tl.constexpr(48)  # bit 0: the row has a distribution; bit 1: student == teacher
@@ -44,23 +43,29 @@ _STATUS = tl.constexpr(49)  # open buckets of the last level resolved (-1: out o
 _DEPTH = tl.constexpr(50)  # trie levels counted below the root
 _DONE_STATS = tl.constexpr(51)  # per-pass counters of the programs that finished
 _DONE_ROOT = tl.constexpr(52)
-_DONE_LOSS = tl.constexpr(53)
 _DONE_LEVEL = tl.constexpr(54)  # + level, levels 1 .. 8
 _OPEN_LO = tl.constexpr(44)  # the keys of the root's open buckets lie in [_OPEN_LO, _OPEN_HI]
 _OPEN_HI = tl.constexpr(45)
-# Per-pair floats.
+# Per-pair floats: largest logits (tops) and base-2 log-sums (uld_rows._keys_of).
 ROW_FLOATS = tl.constexpr(8)
 _S_TOP = tl.constexpr(0)
 _S_LOG_SUM = tl.constexpr(1)
 _T_TOP = tl.constexpr(2)
 _T_LOG_SUM = tl.constexpr(3)
-_CE_MAX = tl.constexpr(4)
+_CE_TOP = tl.constexpr(4)
 _CE_LOG_SUM = tl.constexpr(5)
-_S_MASS = tl.constexpr(6)
+_S_MASS = tl.constexpr(6)  # sum p * sign of each side: the softmax backward needs the student's
 _T_MASS = tl.constexpr(7)
-# Per-chunk partial results.
+# Per-chunk partial results: the stats pass's (below), then the level-1 pass's signed sums at 0, 1.
 PARTIAL_FLOATS = tl.constexpr(8)
-PARTIAL_INTS = tl.constexpr(3)  # columns that differ, NaNs on either side, NaNs of the student
+_P_S_TOP = tl.constexpr(0)
+_P_S_LOG_SUM = tl.constexpr(1)
+_P_T_TOP = tl.constexpr(2)
+_P_T_LOG_SUM = tl.constexpr(3)
+_P_S_LOW = tl.constexpr(4)  # smallest finite logit
+_P_T_LOW = tl.constexpr(5)
+_P_CE_LOG_SUM = tl.constexpr(6)  # the cross-entropy's top is the student's
+PARTIAL_INTS = tl.constexpr(1)  # columns that differ between the rows
 
 
 @triton.jit
@@ -95,7 +100,7 @@ def stats_kernel(
     GATHER: tl.constexpr, HAS_CE: tl.constexpr,
     BLOCK: tl.constexpr, CHUNK: tl.constexpr, CHUNKS_POW2: tl.constexpr, ENTRIES: tl.constexpr,
     RESOLVE_BLOCK: tl.constexpr, MAX_LEVELS: tl.constexpr, STAGES: tl.constexpr,
-    ROOT_BITS: tl.constexpr, MASS: tl.constexpr,
+    ROOT_BITS: tl.constexpr,
 ):
     """Per (pair, chunk): both rows' log-sum-exp over the chunk; the pair's last program
     combines the chunks and prepares the root."""
@@ -105,6 +110,8 @@ def stats_kernel(
         student_seq_len, student_batch_stride, student_row_stride,
         teacher_seq_len, teacher_batch_stride, teacher_row_stride, GATHER)
     meta_ptr = ws_meta_ptr + local.to(tl.int64) * 64
+    student_scale = inv_student_temperature * LOG2E
+    teacher_scale = inv_teacher_temperature * LOG2E
     if s_index < 0:  # padding of the row maps: nothing to read, nothing to write
         if chunk == 0:
             tl.store(row_loss_ptr + pair, 0.0)
@@ -114,69 +121,70 @@ def stats_kernel(
                 tl.store(row_ce_ptr + pair, 0.0)
     else:
         stop = tl.minimum(start + CHUNK, tl.maximum(student_vocab, teacher_vocab))
-        (s_max, s_sum, t_max, t_sum, s_min, t_min, differ, nans, student_nans, c_max, c_sum) = _stats_range(
+        (s_top, s_total, t_top, t_total, c_total, s_low, t_low, differ) = _stats_range(
             s_row, t_row, start, stop, student_vocab, teacher_vocab, student_col_stride,
-            teacher_col_stride, inv_student_temperature, inv_teacher_temperature,
-            STUDENT_UNIT_STRIDE, TEACHER_UNIT_STRIDE, HAS_CE, BLOCK, STAGES)
-        s_top, s_log_sum = _finish_lse(s_max, s_sum)
-        t_top, t_log_sum = _finish_lse(t_max, t_sum)
+            teacher_col_stride, student_scale, teacher_scale,
+            STUDENT_UNIT_STRIDE, TEACHER_UNIT_STRIDE, SAME_VOCAB, HAS_CE, BLOCK)
         part = partial_ptr + (local.to(tl.int64) * CHUNKS_POW2 + chunk) * PARTIAL_FLOATS
-        tl.store(part + 0, s_top)
-        tl.store(part + 1, s_log_sum)
-        tl.store(part + 2, t_top)
-        tl.store(part + 3, t_log_sum)
-        tl.store(part + 4, tl.min(s_min, 0))
-        tl.store(part + 5, tl.min(t_min, 0))
+        chunk_top, chunk_log_sum = _finish_lse2(s_top, s_total, student_scale)
+        tl.store(part + _P_S_TOP, chunk_top)
+        tl.store(part + _P_S_LOG_SUM, chunk_log_sum)
         if HAS_CE:
-            c_top, c_log_sum = _finish_lse(c_max, c_sum)
-            tl.store(part + 6, c_top)
-            tl.store(part + 7, c_log_sum)
-        part_i = partial_i_ptr + (local.to(tl.int64) * CHUNKS_POW2 + chunk) * PARTIAL_INTS
-        tl.store(part_i + 0, tl.sum(differ, 0))
-        tl.store(part_i + 1, tl.sum(nans, 0))
-        tl.store(part_i + 2, tl.sum(student_nans, 0))
+            _same_top, chunk_log_sum = _finish_lse2(s_top, c_total, LOG2E)
+            tl.store(part + _P_CE_LOG_SUM, chunk_log_sum)
+        chunk_top, chunk_log_sum = _finish_lse2(t_top, t_total, teacher_scale)
+        tl.store(part + _P_T_TOP, chunk_top)
+        tl.store(part + _P_T_LOG_SUM, chunk_log_sum)
+        tl.store(part + _P_S_LOW, tl.min(s_low, 0))
+        tl.store(part + _P_T_LOW, tl.min(t_low, 0))
+        tl.store(partial_i_ptr + local.to(tl.int64) * CHUNKS_POW2 + chunk, tl.sum(differ, 0))
 
         if _last_of_pair(meta_ptr + _DONE_STATS, n_chunks):
             chunks = tl.arange(0, CHUNKS_POW2)
             have = chunks < n_chunks
             parts = partial_ptr + (local.to(tl.int64) * CHUNKS_POW2 + chunks) * PARTIAL_FLOATS
-            ws_ptr, sign_ptr, _mass, row_mass = _pair_workspace(local, ws_int_ptr, ws_sign_ptr, ws_mass_ptr,
-                                                                row_mass_ptr, ENTRIES)
+            ws_ptr, sign_ptr, mass_ptr, row_mass = _pair_workspace(local, ws_int_ptr, ws_sign_ptr, ws_mass_ptr,
+                                                                   row_mass_ptr, ENTRIES, ROOT_BITS)
             row_f = row_f_ptr + local.to(tl.int64) * ROW_FLOATS
-            student_top, student_log_sum = _combine_lse(parts + 0, parts + 1, have)
-            teacher_top, teacher_log_sum = _combine_lse(parts + 2, parts + 3, have)
-            lowest_s = tl.min(tl.load(parts + 4, mask=have, other=float("inf"), cache_modifier=".cg"), 0)
-            lowest_t = tl.min(tl.load(parts + 5, mask=have, other=float("inf"), cache_modifier=".cg"), 0)
-            parts_i = partial_i_ptr + (local.to(tl.int64) * CHUNKS_POW2 + chunks) * PARTIAL_INTS
-            differ_total = tl.sum(tl.load(parts_i + 0, mask=have, other=0, cache_modifier=".cg"), 0)
-            any_nan = tl.sum(tl.load(parts_i + 1, mask=have, other=0, cache_modifier=".cg"), 0) > 0
+            student_top, student_log_sum = _combine_lse(parts + _P_S_TOP, parts + _P_S_LOG_SUM, have,
+                                                        student_scale)
+            teacher_top, teacher_log_sum = _combine_lse(parts + _P_T_TOP, parts + _P_T_LOG_SUM, have,
+                                                        teacher_scale)
+            # A NaN anywhere in the pair makes both sides' log-sums NaN: the row has no loss.
+            any_nan = (student_log_sum != student_log_sum) | (teacher_log_sum != teacher_log_sum)
             student_log_sum = tl.where(any_nan, float("nan"), student_log_sum)
             teacher_log_sum = tl.where(any_nan, float("nan"), teacher_log_sum)
+            lowest_s = tl.min(tl.load(parts + _P_S_LOW, mask=have, other=float("inf"), cache_modifier=".cg"), 0)
+            lowest_t = tl.min(tl.load(parts + _P_T_LOW, mask=have, other=float("inf"), cache_modifier=".cg"), 0)
+            differ_total = tl.sum(tl.load(partial_i_ptr + local.to(tl.int64) * CHUNKS_POW2 + chunks, mask=have,
+                                          other=0, cache_modifier=".cg"), 0)
             row_ok = (tl.abs(student_top) < float("inf")) & (tl.abs(teacher_top) < float("inf")) & (
                 tl.abs(student_log_sum) < float("inf")) & (tl.abs(teacher_log_sum) < float("inf"))
-            identical = SAME_VOCAB & (differ_total == 0)
+            # Equal logits give equal distributions only at equal temperatures.
+            identical = SAME_VOCAB & (differ_total == 0) & (student_scale == teacher_scale)
             tl.store(row_f + _S_TOP, student_top)
             tl.store(row_f + _S_LOG_SUM, student_log_sum)
             tl.store(row_f + _T_TOP, teacher_top)
             tl.store(row_f + _T_LOG_SUM, teacher_log_sum)
             if HAS_CE:
-                ce_max, ce_log_sum = _combine_lse(parts + 6, parts + 7, have)
-                student_nan = tl.sum(tl.load(parts_i + 2, mask=have, other=0, cache_modifier=".cg"), 0) > 0
-                ce_log_sum = tl.where(student_nan, float("nan"), ce_log_sum)
-                tl.store(row_f + _CE_MAX, ce_max)
+                ce_top, ce_log_sum = _combine_lse(parts + _P_S_TOP, parts + _P_CE_LOG_SUM, have, LOG2E)
+                tl.store(row_f + _CE_TOP, ce_top)
                 tl.store(row_f + _CE_LOG_SUM, ce_log_sum)
                 ce_label = tl.load(ce_label_ptr + pair).to(tl.int32)
                 # A label past the vocabulary poisons the row (NaN), it is never read.
                 label_logit = tl.load(s_row + tl.maximum(ce_label, 0).to(tl.int64) * student_col_stride,
-                                      mask=ce_label < student_vocab, other=float("nan"))
-                tl.store(row_ce_ptr + pair, tl.where(ce_label >= 0, (ce_max - label_logit.to(tl.float32)) + ce_log_sum, 0.0))
+                                      mask=ce_label < student_vocab, other=float("nan")).to(tl.float32)
+                ce = (ce_top - label_logit) + ce_log_sum * LN2  # log-sum-exp - label logit
+                tl.store(row_ce_ptr + pair, tl.where(ce_label >= 0, ce, 0.0))
 
             # The root: 2**ROOT_BITS power-of-two-aligned buckets over the keys the pair holds.
             ROOT_ENTRIES: tl.constexpr = 1 << ROOT_BITS
-            key_hi = tl.maximum(_key_of(student_top, student_top, student_log_sum),
-                                _key_of(teacher_top, teacher_top, teacher_log_sum))
-            key_lo = tl.maximum(tl.minimum(_key_of(lowest_s, student_top, student_log_sum),
-                                           _key_of(lowest_t, teacher_top, teacher_log_sum)), 1)
+            _p, key_s_hi, _c, _z = _keys_of(student_top, student_scale, student_top, student_log_sum)
+            _p, key_t_hi, _c, _z = _keys_of(teacher_top, teacher_scale, teacher_top, teacher_log_sum)
+            _p, key_s_lo, _c, _z = _keys_of(lowest_s, student_scale, student_top, student_log_sum)
+            _p, key_t_lo, _c, _z = _keys_of(lowest_t, teacher_scale, teacher_top, teacher_log_sum)
+            key_hi = tl.maximum(key_s_hi, key_t_hi)
+            key_lo = tl.maximum(tl.minimum(key_s_lo, key_t_lo), 1)
             root_shift = 0
             while ((key_hi >> root_shift) - (key_lo >> root_shift) >= ROOT_ENTRIES) & (root_shift < 31):
                 root_shift += 1
@@ -192,9 +200,8 @@ def stats_kernel(
             tl.store(meta_ptr + _KEY_HI, tl.minimum(root_hi, 2147483647).to(tl.int32))
             tl.store(meta_ptr + _DEPTH, 0)
             tl.store(meta_ptr + _FLAGS, row_ok.to(tl.int32) + 2 * identical.to(tl.int32))
-            if MASS:
-                tl.store(row_mass, tl.zeros([1], tl.float64).sum(0))
-                tl.store(row_mass + 1, tl.zeros([1], tl.float64).sum(0))
+            tl.store(row_mass, tl.zeros([1], tl.float64).sum(0))
+            tl.store(row_mass + 1, tl.zeros([1], tl.float64).sum(0))
             if row_ok & (~identical):
                 tl.store(meta_ptr + _STATUS, 1)  # the root is still to be counted
             else:
@@ -205,18 +212,21 @@ def stats_kernel(
                     tl.store(ws_ptr + _CNT_S * ENTRIES + root, tl.zeros([1024], tl.int32), mask=root < ROOT_ENTRIES)
                     tl.store(ws_ptr + _CNT_T * ENTRIES + root, tl.zeros([1024], tl.int32), mask=root < ROOT_ENTRIES)
                 tl.debug_barrier()
-                tl.store(meta_ptr + _STATUS, _resolve_level(ws_ptr, sign_ptr, meta_ptr, 0, ws_ptr, ws_ptr,
-                                                            ENTRIES, RESOLVE_BLOCK, MAX_LEVELS, False))
+                tl.store(meta_ptr + _STATUS, _resolve_level(ws_ptr, sign_ptr, meta_ptr, 0, mass_ptr, row_mass,
+                                                            ENTRIES, RESOLVE_BLOCK, MAX_LEVELS,
+                                                            ENTRIES - ROOT_ENTRIES))
 
 
 @triton.jit
-def _combine_lse(top_ptr, log_sum_ptr, have):
-    """Log-sum-exp of a row from its chunks' (maximum, log sum exp(x - maximum)), kept apart."""
+def _combine_lse(top_ptr, log_sum_ptr, have, scale):
+    """A row's largest logit and base-2 log-sum from its chunks', kept apart; NaN when any
+    chunk's is."""
     tops = tl.load(top_ptr, mask=have, other=float("-inf"), cache_modifier=".cg")
     log_sums = tl.load(log_sum_ptr, mask=have, other=0.0, cache_modifier=".cg")
     top = tl.max(tops, 0)
-    terms = tl.where(tops > float("-inf"), tl.exp((tops - top) + log_sums), 0.0)
-    return top, tl.log(tl.sum(terms, 0))
+    terms = tl.where(tops > float("-inf"), tl.exp2((tops - top) * scale + log_sums), 0.0)
+    any_nan = tl.max((log_sums != log_sums).to(tl.int32), 0) > 0
+    return top, tl.where(any_nan, float("nan"), tl.log2(tl.sum(terms, 0)))
 
 
 @triton.jit
@@ -228,40 +238,48 @@ def _row_state(ws_meta_ptr, row_f_ptr, local):
 
 
 @triton.jit
-def _pair_workspace(local, ws_int_ptr, ws_sign_ptr, ws_mass_ptr, row_mass_ptr, ENTRIES: tl.constexpr):
-    """The pair's trie (int planes, sign planes, int64 masses) and its two signed-mass sums."""
+def _pair_workspace(local, ws_int_ptr, ws_sign_ptr, ws_mass_ptr, row_mass_ptr, ENTRIES: tl.constexpr,
+                    ROOT_BITS: tl.constexpr):
+    """The pair's trie (int planes, sign planes), its int64 bucket masses and its two signed-mass
+    sums. Masses exist only below the root: the returned mass pointer is offset so that entry
+    e's student mass is at mass + e (e >= 2**ROOT_BITS), the teacher's ENTRIES - 2**ROOT_BITS
+    further."""
     local = local.to(tl.int64)
+    span: tl.constexpr = ENTRIES - (1 << ROOT_BITS)
     return (ws_int_ptr + local * (INT_PLANES * ENTRIES), ws_sign_ptr + local * (SIGN_PLANES * ENTRIES),
-            ws_mass_ptr + local * (2 * ENTRIES), row_mass_ptr + local * 2)
+            ws_mass_ptr + local * (2 * span) - (1 << ROOT_BITS), row_mass_ptr + local * 2)
 
 
 @triton.jit
 def _count_level_both(s_row, t_row, student_col_stride, teacher_col_stride,
-                      inv_student_temperature, inv_teacher_temperature, row_f, ws_ptr, meta_ptr, mass_ptr,
-                      level, start, s_stop, t_stop,
+                      inv_student_temperature, inv_teacher_temperature, row_f, ws_ptr, sign_ptr, meta_ptr,
+                      mass_ptr, level, start, s_stop, t_stop, count,
                       ENTRIES: tl.constexpr, BLOCK: tl.constexpr, STUDENT_UNIT_STRIDE: tl.constexpr,
                       TEACHER_UNIT_STRIDE: tl.constexpr, STAGES: tl.constexpr, MAX_LEVELS: tl.constexpr,
-                      MASS: tl.constexpr, USE_PTX: tl.constexpr, PREFETCH: tl.constexpr):
-    """Counts `level` over columns [start, s_stop) of the student row and [start, t_stop) of
-    the teacher row, walking only keys inside the root's open range."""
+                      ROOT_BITS: tl.constexpr, LOSS: tl.constexpr, USE_PTX: tl.constexpr,
+                      PREFETCH: tl.constexpr):
+    """`_count_level` over columns [start, s_stop) of the student row and [start, t_stop) of the
+    teacher row; returns both sides' sums of p * sign over the elements the root decided (LOSS)."""
     key_lo = tl.load(meta_ptr + _OPEN_LO)
     key_hi = tl.load(meta_ptr + _OPEN_HI)
-    _count_level(s_row, student_col_stride, inv_student_temperature,
-                 tl.load(row_f + _S_TOP), tl.load(row_f + _S_LOG_SUM), ws_ptr, meta_ptr, level,
-                 start, s_stop, key_lo, key_hi, mass_ptr,
-                 _CNT_S, _MIN_S, _MAX_S, ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS, MASS,
-                 USE_PTX, PREFETCH)
-    _count_level(t_row, teacher_col_stride, inv_teacher_temperature,
-                 tl.load(row_f + _T_TOP), tl.load(row_f + _T_LOG_SUM), ws_ptr, meta_ptr, level,
-                 start, t_stop, key_lo, key_hi, mass_ptr + ENTRIES,
-                 _CNT_T, _MIN_T, _MAX_T, ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS, MASS,
-                 USE_PTX, PREFETCH)
+    span: tl.constexpr = ENTRIES - (1 << ROOT_BITS)
+    student_sum = _count_level(
+        s_row, student_col_stride, inv_student_temperature * LOG2E, tl.load(row_f + _S_TOP),
+        tl.load(row_f + _S_LOG_SUM), ws_ptr, sign_ptr, mass_ptr, meta_ptr, level,
+        start, s_stop, key_lo, key_hi, count,
+        _CNT_S, _MIN_S, _MAX_S, ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS, LOSS, USE_PTX, PREFETCH)
+    teacher_sum = _count_level(
+        t_row, teacher_col_stride, inv_teacher_temperature * LOG2E, tl.load(row_f + _T_TOP),
+        tl.load(row_f + _T_LOG_SUM), ws_ptr, sign_ptr + ENTRIES, mass_ptr + span, meta_ptr, level,
+        start, t_stop, key_lo, key_hi, count,
+        _CNT_T, _MIN_T, _MAX_T, ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS, LOSS, USE_PTX, PREFETCH)
+    return student_sum, teacher_sum
 
 
 @triton.jit(do_not_specialize=["n_chunks", "batch_start", "student_seq_len", "teacher_seq_len"])
 def root_kernel(
     student_ptr, teacher_ptr, ws_int_ptr, ws_sign_ptr, ws_meta_ptr, row_f_ptr, ws_mass_ptr, row_mass_ptr,
-    student_index_ptr, teacher_index_ptr, root_partial_ptr, root_mass_partial_ptr,
+    student_index_ptr, teacher_index_ptr, root_partial_ptr,
     n_chunks, batch_start, student_vocab, teacher_vocab,
     student_seq_len, student_batch_stride, student_row_stride, student_col_stride,
     teacher_seq_len, teacher_batch_stride, teacher_row_stride, teacher_col_stride,
@@ -269,19 +287,17 @@ def root_kernel(
     STUDENT_UNIT_STRIDE: tl.constexpr, TEACHER_UNIT_STRIDE: tl.constexpr, GATHER: tl.constexpr,
     BLOCK: tl.constexpr, CHUNK: tl.constexpr, ENTRIES: tl.constexpr,
     RESOLVE_BLOCK: tl.constexpr, MAX_LEVELS: tl.constexpr, STAGES: tl.constexpr,
-    ROOT_BITS: tl.constexpr, USE_PTX: tl.constexpr, MASS: tl.constexpr,
+    ROOT_BITS: tl.constexpr, USE_PTX: tl.constexpr,
 ):
     """Per (pair, chunk): the root histogram of the chunk's keys (2**ROOT_BITS buckets per
-    side), written as the chunk's partial counts; the pair's last program adds the chunks up
-    in order and decides the root buckets.
+    side), written as the chunk's partial counts (student in the low 16 bits of a word, teacher
+    in the high 16: a chunk has fewer than 65,536 columns); the pair's last program adds the
+    chunks up in order and decides the root buckets.
 
     USE_PTX (GPU): shared-memory reductions, one instruction per element (kernels/ptx.py);
-    otherwise `tl.histogram` (the interpreter). MASS: each bucket also sums its elements'
-    probabilities (int64 fixed point), so that resolving a bucket adds its signed mass to the
-    loss and no pass over the rows is left to sum the loss."""
+    otherwise `tl.histogram` (the interpreter)."""
     ROOT_ENTRIES: tl.constexpr = 1 << ROOT_BITS
-    if USE_PTX and MASS:
-        tl.static_assert(CHUNK <= 65535, "16-bit shared-memory counts: at most 65,535 columns per chunk")
+    tl.static_assert(CHUNK < 65536, "16-bit partial counts: fewer than 65,536 columns per chunk")
     local, pair, chunk, start = _chunk_of(tl.program_id(0), n_chunks, batch_start, CHUNK)
     meta_ptr, row_f, flags = _row_state(ws_meta_ptr, row_f_ptr, local)
     if flags == 1:  # a distribution on both sides, not identical
@@ -290,7 +306,9 @@ def root_kernel(
             student_seq_len, student_batch_stride, student_row_stride,
             teacher_seq_len, teacher_batch_stride, teacher_row_stride, GATHER)
         ws_ptr, sign_ptr, mass_ptr, row_mass = _pair_workspace(local, ws_int_ptr, ws_sign_ptr, ws_mass_ptr,
-                                                               row_mass_ptr, ENTRIES)
+                                                               row_mass_ptr, ENTRIES, ROOT_BITS)
+        student_scale = inv_student_temperature * LOG2E
+        teacher_scale = inv_teacher_temperature * LOG2E
         s_top = tl.load(row_f + _S_TOP)
         s_log_sum = tl.load(row_f + _S_LOG_SUM)
         t_top = tl.load(row_f + _T_TOP)
@@ -298,83 +316,50 @@ def root_kernel(
         root_shift = tl.load(meta_ptr + _SHIFT_OFFSET)
         root_base = tl.load(meta_ptr + _ROOT_BASE)
         lanes = tl.arange(0, BLOCK)
-        partial = root_partial_ptr + (local.to(tl.int64) * n_chunks + chunk) * (2 * ROOT_ENTRIES)
+        partial = root_partial_ptr + (local.to(tl.int64) * n_chunks + chunk) * ROOT_ENTRIES
         stop = tl.minimum(start + CHUNK, tl.maximum(student_vocab, teacher_vocab))
-        mass_partial = root_mass_partial_ptr + (local.to(tl.int64) * n_chunks + chunk) * (2 * ROOT_ENTRIES)
         if USE_PTX:
-            smem_zero(MASS)
+            smem_zero()
             tl.debug_barrier()
         else:
             student_hist = tl.zeros([ROOT_ENTRIES], tl.int32)
             teacher_hist = tl.zeros([ROOT_ENTRIES], tl.int32)
-            if MASS:  # global atomics into this chunk's own partial (the interpreter)
-                for piece in tl.static_range(0, 2 * ROOT_ENTRIES, 1024):
-                    tl.store(mass_partial + piece + tl.arange(0, 1024), tl.zeros([1024], tl.int64))
-                tl.debug_barrier()
         for block_start in tl.range(start, stop, BLOCK, num_stages=STAGES):
             idx = block_start + lanes
-            ps, ks, counted_s, _zs = _probs_and_keys(s_row, idx, student_col_stride, student_vocab,
-                                                     inv_student_temperature, s_top, s_log_sum,
-                                                     STUDENT_UNIT_STRIDE)
-            pt, kt, counted_t, _zt = _probs_and_keys(t_row, idx, teacher_col_stride, teacher_vocab,
-                                                     inv_teacher_temperature, t_top, t_log_sum,
-                                                     TEACHER_UNIT_STRIDE)
+            _ps, ks, counted_s, _zs = _probs_and_keys(s_row, idx, student_col_stride, student_vocab,
+                                                      student_scale, s_top, s_log_sum, STUDENT_UNIT_STRIDE)
+            _pt, kt, counted_t, _zt = _probs_and_keys(t_row, idx, teacher_col_stride, teacher_vocab,
+                                                      teacher_scale, t_top, t_log_sum, TEACHER_UNIT_STRIDE)
             ds = (_clamp_key(ks, meta_ptr) >> root_shift) - root_base  # in [0, ROOT_ENTRIES)
             dt = (_clamp_key(kt, meta_ptr) >> root_shift) - root_base
             if USE_PTX:
-                if MASS:  # 16-bit counts, so that the masses fit beside them
-                    smem_add_one_packed(tl.where(counted_s, ds, -1))
-                    smem_add_one_packed(tl.where(counted_t, dt + ROOT_ENTRIES, -1))
-                    smem_add_mass(tl.where(counted_s, ds, -1), (ps * MASS_SCALE).to(tl.int64))
-                    smem_add_mass(tl.where(counted_t, dt + ROOT_ENTRIES, -1), (pt * MASS_SCALE).to(tl.int64))
-                else:
-                    smem_add_one(tl.where(counted_s, ds, -1))
-                    smem_add_one(tl.where(counted_t, dt + ROOT_ENTRIES, -1))
+                smem_add_one(tl.where(counted_s, ds, -1))
+                smem_add_one(tl.where(counted_t, dt + ROOT_ENTRIES, -1))
             else:
                 student_hist += tl.histogram(ds, ROOT_ENTRIES, mask=counted_s)
                 teacher_hist += tl.histogram(dt, ROOT_ENTRIES, mask=counted_t)
-                if MASS:
-                    tl.atomic_add(mass_partial + ds, (ps * MASS_SCALE).to(tl.int64), mask=counted_s, sem="relaxed")
-                    tl.atomic_add(mass_partial + ROOT_ENTRIES + dt, (pt * MASS_SCALE).to(tl.int64),
-                                  mask=counted_t, sem="relaxed")
         if USE_PTX:
             tl.debug_barrier()
-            for piece in tl.static_range(0, 2 * ROOT_ENTRIES, 1024):
+            for piece in tl.static_range(0, ROOT_ENTRIES, 1024):
                 word = piece + tl.arange(0, 1024)
-                if MASS:
-                    tl.store(partial + word, smem_load_packed(word))
-                    tl.store(mass_partial + word, smem_load_mass(word))
-                else:
-                    tl.store(partial + word, smem_load(word))
+                tl.store(partial + word, smem_load(word) | (smem_load(word + ROOT_ENTRIES) << 16))
         else:
-            root = tl.arange(0, ROOT_ENTRIES)
-            tl.store(partial + root, student_hist)
-            tl.store(partial + ROOT_ENTRIES + root, teacher_hist)
+            tl.store(partial + tl.arange(0, ROOT_ENTRIES), student_hist | (teacher_hist << 16))
         if _last_of_pair(meta_ptr + _DONE_ROOT, n_chunks):
-            counts_first = root_partial_ptr + local.to(tl.int64) * n_chunks * (2 * ROOT_ENTRIES)
+            counts_first = root_partial_ptr + local.to(tl.int64) * n_chunks * ROOT_ENTRIES
             for piece in tl.static_range(0, ROOT_ENTRIES, 1024):
                 root = piece + tl.arange(0, 1024)
                 student_count = tl.zeros([1024], tl.int32)
                 teacher_count = tl.zeros([1024], tl.int32)
                 for c in range(0, n_chunks):
-                    student_count += tl.load(counts_first + c * (2 * ROOT_ENTRIES) + root, cache_modifier=".cg")
-                    teacher_count += tl.load(counts_first + c * (2 * ROOT_ENTRIES) + ROOT_ENTRIES + root,
-                                             cache_modifier=".cg")
+                    word = tl.load(counts_first + c * ROOT_ENTRIES + root, cache_modifier=".cg")
+                    student_count += word & 0xFFFF
+                    teacher_count += (word >> 16) & 0xFFFF
                 tl.store(ws_ptr + _CNT_S * ENTRIES + root, student_count)
                 tl.store(ws_ptr + _CNT_T * ENTRIES + root, teacher_count)
-                if MASS:
-                    first_mass = root_mass_partial_ptr + local.to(tl.int64) * n_chunks * (2 * ROOT_ENTRIES)
-                    student_mass = tl.zeros([1024], tl.int64)
-                    teacher_mass = tl.zeros([1024], tl.int64)
-                    for c in range(0, n_chunks):
-                        student_mass += tl.load(first_mass + c * (2 * ROOT_ENTRIES) + root, cache_modifier=".cg")
-                        teacher_mass += tl.load(first_mass + c * (2 * ROOT_ENTRIES) + ROOT_ENTRIES + root,
-                                                cache_modifier=".cg")
-                    tl.store(mass_ptr + root, student_mass)
-                    tl.store(mass_ptr + ENTRIES + root, teacher_mass)
             tl.debug_barrier()
             status = _resolve_level(ws_ptr, sign_ptr, meta_ptr, 0, mass_ptr, row_mass,
-                                    ENTRIES, RESOLVE_BLOCK, MAX_LEVELS, MASS)
+                                    ENTRIES, RESOLVE_BLOCK, MAX_LEVELS, ENTRIES - ROOT_ENTRIES)
             tl.store(meta_ptr + _STATUS, status)
             if status > 0:
                 # The key range of the open buckets (their signs are NaN): the levels below
@@ -394,81 +379,56 @@ def root_kernel(
 @triton.jit(do_not_specialize=["n_chunks", "batch_start", "level", "student_seq_len", "teacher_seq_len"])
 def count_kernel(
     student_ptr, teacher_ptr, ws_int_ptr, ws_sign_ptr, ws_meta_ptr, row_f_ptr, ws_mass_ptr, row_mass_ptr,
-    student_index_ptr, teacher_index_ptr,
+    student_index_ptr, teacher_index_ptr, partial_ptr,
     n_chunks, batch_start, level, student_vocab, teacher_vocab,
     student_seq_len, student_batch_stride, student_row_stride, student_col_stride,
     teacher_seq_len, teacher_batch_stride, teacher_row_stride, teacher_col_stride,
     inv_student_temperature, inv_teacher_temperature,
     STUDENT_UNIT_STRIDE: tl.constexpr, TEACHER_UNIT_STRIDE: tl.constexpr, GATHER: tl.constexpr,
-    BLOCK: tl.constexpr, CHUNK: tl.constexpr, ENTRIES: tl.constexpr,
-    RESOLVE_BLOCK: tl.constexpr, MAX_LEVELS: tl.constexpr, STAGES: tl.constexpr, MASS: tl.constexpr,
-    USE_PTX: tl.constexpr, PREFETCH: tl.constexpr,
+    BLOCK: tl.constexpr, CHUNK: tl.constexpr, CHUNKS_POW2: tl.constexpr, ENTRIES: tl.constexpr,
+    RESOLVE_BLOCK: tl.constexpr, MAX_LEVELS: tl.constexpr, STAGES: tl.constexpr, ROOT_BITS: tl.constexpr,
+    LOSS: tl.constexpr, USE_PTX: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """Per (pair, chunk) of the pairs whose trie has open buckets at `level - 1`: count the
-    chunk's keys one level down; the pair's last program resolves `level`."""
+    chunk's keys one level down; the pair's last program resolves `level`.
+
+    LOSS (level 1): every pair with a distribution runs, open buckets or not, and writes the
+    chunk's sums of p * sign over the elements the root decided (partial slots 0 and 1)."""
     local, pair, chunk, start = _chunk_of(tl.program_id(0), n_chunks, batch_start, CHUNK)
     meta_ptr, row_f, flags = _row_state(ws_meta_ptr, row_f_ptr, local)
-    if (flags == 1) & (tl.load(meta_ptr + _STATUS) > 0) & (tl.load(meta_ptr + _DEPTH) == level - 1):
-        s_index, t_index, s_row, t_row = _pair_rows(
-            pair, student_ptr, teacher_ptr, student_index_ptr, teacher_index_ptr,
-            student_seq_len, student_batch_stride, student_row_stride,
-            teacher_seq_len, teacher_batch_stride, teacher_row_stride, GATHER)
-        ws_ptr, sign_ptr, mass_ptr, row_mass = _pair_workspace(local, ws_int_ptr, ws_sign_ptr, ws_mass_ptr,
-                                                               row_mass_ptr, ENTRIES)
-        _count_level_both(s_row, t_row, student_col_stride, teacher_col_stride,
-                          inv_student_temperature, inv_teacher_temperature, row_f, ws_ptr, meta_ptr, mass_ptr,
-                          level, start, tl.minimum(start + CHUNK, student_vocab),
-                          tl.minimum(start + CHUNK, teacher_vocab), ENTRIES, BLOCK, STUDENT_UNIT_STRIDE,
-                          TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS, MASS, USE_PTX, PREFETCH)
-        if _last_of_pair(meta_ptr + _DONE_LEVEL + level, n_chunks):
-            tl.store(meta_ptr + _DEPTH, level)
-            tl.store(meta_ptr + _STATUS, _resolve_level(ws_ptr, sign_ptr, meta_ptr, level, mass_ptr, row_mass,
-                                                        ENTRIES, RESOLVE_BLOCK, MAX_LEVELS, MASS))
-
-
-@triton.jit(do_not_specialize=["batch_start", "student_seq_len", "teacher_seq_len"])
-def deep_kernel(
-    student_ptr, teacher_ptr, ws_int_ptr, ws_sign_ptr, ws_meta_ptr, row_f_ptr, ws_mass_ptr, row_mass_ptr,
-    student_index_ptr, teacher_index_ptr,
-    batch_start, student_vocab, teacher_vocab,
-    student_seq_len, student_batch_stride, student_row_stride, student_col_stride,
-    teacher_seq_len, teacher_batch_stride, teacher_row_stride, teacher_col_stride,
-    inv_student_temperature, inv_teacher_temperature,
-    STUDENT_UNIT_STRIDE: tl.constexpr, TEACHER_UNIT_STRIDE: tl.constexpr, GATHER: tl.constexpr,
-    BLOCK: tl.constexpr, ENTRIES: tl.constexpr,
-    RESOLVE_BLOCK: tl.constexpr, MAX_LEVELS: tl.constexpr, STAGES: tl.constexpr, MASS: tl.constexpr,
-    USE_PTX: tl.constexpr, PREFETCH: tl.constexpr,
-):
-    """Per pair still open after the split levels: one program counts and resolves the
-    remaining levels over the whole rows."""
-    local = tl.program_id(0)
-    pair = batch_start + local
-    meta_ptr, row_f, flags = _row_state(ws_meta_ptr, row_f_ptr, local)
     status = tl.load(meta_ptr + _STATUS)
-    if (flags == 1) & (status > 0):
+    count = (flags == 1) & (status > 0) & (tl.load(meta_ptr + _DEPTH) == level - 1)
+    if LOSS:
+        run = flags == 1
+    else:
+        run = count
+    if run:
         s_index, t_index, s_row, t_row = _pair_rows(
             pair, student_ptr, teacher_ptr, student_index_ptr, teacher_index_ptr,
             student_seq_len, student_batch_stride, student_row_stride,
             teacher_seq_len, teacher_batch_stride, teacher_row_stride, GATHER)
         ws_ptr, sign_ptr, mass_ptr, row_mass = _pair_workspace(local, ws_int_ptr, ws_sign_ptr, ws_mass_ptr,
-                                                               row_mass_ptr, ENTRIES)
-        depth = tl.load(meta_ptr + _DEPTH)
-        while status > 0:
-            depth += 1
-            _count_level_both(s_row, t_row, student_col_stride, teacher_col_stride,
-                              inv_student_temperature, inv_teacher_temperature, row_f, ws_ptr,
-                              meta_ptr, mass_ptr, depth, 0, student_vocab, teacher_vocab, ENTRIES, BLOCK,
-                              STUDENT_UNIT_STRIDE, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS, MASS, USE_PTX, PREFETCH)
-            tl.debug_barrier()
-            status = _resolve_level(ws_ptr, sign_ptr, meta_ptr, depth, mass_ptr, row_mass,
-                                    ENTRIES, RESOLVE_BLOCK, MAX_LEVELS, MASS)
-            tl.debug_barrier()
-        tl.store(meta_ptr + _DEPTH, depth)
-        tl.store(meta_ptr + _STATUS, status)
+                                                               row_mass_ptr, ENTRIES, ROOT_BITS)
+        student_sum, teacher_sum = _count_level_both(
+            s_row, t_row, student_col_stride, teacher_col_stride,
+            inv_student_temperature, inv_teacher_temperature, row_f, ws_ptr, sign_ptr, meta_ptr, mass_ptr,
+            level, start, tl.minimum(start + CHUNK, student_vocab), tl.minimum(start + CHUNK, teacher_vocab),
+            count, ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS, ROOT_BITS,
+            LOSS, USE_PTX, PREFETCH)
+        if LOSS:
+            part = partial_ptr + (local.to(tl.int64) * CHUNKS_POW2 + chunk) * PARTIAL_FLOATS
+            tl.store(part + 0, student_sum)
+            tl.store(part + 1, teacher_sum)
+        if count:
+            if _last_of_pair(meta_ptr + _DONE_LEVEL + level, n_chunks):
+                tl.store(meta_ptr + _DEPTH, level)
+                tl.store(meta_ptr + _STATUS, _resolve_level(ws_ptr, sign_ptr, meta_ptr, level, mass_ptr, row_mass,
+                                                            ENTRIES, RESOLVE_BLOCK, MAX_LEVELS,
+                                                            ENTRIES - (1 << ROOT_BITS)))
 
 
 @triton.jit(do_not_specialize=["n_chunks", "batch_start", "student_seq_len", "teacher_seq_len"])
-def loss_kernel(
+def finish_kernel(
     student_ptr, teacher_ptr, row_loss_ptr, status_ptr,
     ws_int_ptr, ws_sign_ptr, ws_meta_ptr, row_f_ptr, ws_mass_ptr, row_mass_ptr, partial_ptr,
     student_index_ptr, teacher_index_ptr,
@@ -477,60 +437,59 @@ def loss_kernel(
     teacher_seq_len, teacher_batch_stride, teacher_row_stride, teacher_col_stride,
     inv_student_temperature, inv_teacher_temperature,
     STUDENT_UNIT_STRIDE: tl.constexpr, TEACHER_UNIT_STRIDE: tl.constexpr, GATHER: tl.constexpr,
-    BLOCK: tl.constexpr, CHUNK: tl.constexpr, CHUNKS_POW2: tl.constexpr, ENTRIES: tl.constexpr,
-    MAX_LEVELS: tl.constexpr, STAGES: tl.constexpr, MASS: tl.constexpr, PREFETCH: tl.constexpr,
+    BLOCK: tl.constexpr, CHUNKS_POW2: tl.constexpr, ENTRIES: tl.constexpr,
+    RESOLVE_BLOCK: tl.constexpr, MAX_LEVELS: tl.constexpr, STAGES: tl.constexpr, ROOT_BITS: tl.constexpr,
+    USE_PTX: tl.constexpr, PREFETCH: tl.constexpr,
 ):
-    """Per (pair, chunk): sum p * sign over the chunk on both sides; the pair's last program
-    writes the loss sum_i a_i g_i - sum_j b_j h_j and the status."""
-    local, pair, chunk, start = _chunk_of(tl.program_id(0), n_chunks, batch_start, CHUNK)
+    """One program per pair: count and resolve any levels still open after the split levels
+    (over the whole rows), then write the loss
+
+        sum_i a_i g_i - sum_j b_j h_j = (level-1 sums, in chunk order) + (resolved bucket masses)
+
+    and the status."""
+    local = tl.program_id(0)
+    pair = batch_start + local
     meta_ptr, row_f, flags = _row_state(ws_meta_ptr, row_f_ptr, local)
     s_index, t_index, s_row, t_row = _pair_rows(
         pair, student_ptr, teacher_ptr, student_index_ptr, teacher_index_ptr,
         student_seq_len, student_batch_stride, student_row_stride,
         teacher_seq_len, teacher_batch_stride, teacher_row_stride, GATHER)
     if s_index >= 0:
+        ws_ptr, sign_ptr, mass_ptr, row_mass = _pair_workspace(local, ws_int_ptr, ws_sign_ptr, ws_mass_ptr,
+                                                               row_mass_ptr, ENTRIES, ROOT_BITS)
+        status = tl.load(meta_ptr + _STATUS)
         depth = tl.load(meta_ptr + _DEPTH)
-        if MASS:  # the signed masses were summed bucket by bucket while resolving the trie
-            final = chunk == 0
-            _ws, _sign, _mass, row_mass = _pair_workspace(local, ws_int_ptr, ws_sign_ptr, ws_mass_ptr,
-                                                           row_mass_ptr, ENTRIES)
-            student_mass = (tl.load(row_mass) * (1.0 / MASS_SCALE)).to(tl.float32)
-            teacher_mass = (tl.load(row_mass + 1) * (1.0 / MASS_SCALE)).to(tl.float32)
-        else:
-            student_mass = 0.0
-            teacher_mass = 0.0
-            if flags == 1:  # identical rows and rows without a distribution have nothing to sum
-                ws_ptr, sign_ptr, _mass, _row_mass = _pair_workspace(local, ws_int_ptr, ws_sign_ptr,
-                                                                     ws_mass_ptr, row_mass_ptr, ENTRIES)
-                student_mass = _signed_mass(
-                    s_row, student_col_stride, inv_student_temperature,
-                    tl.load(row_f + _S_TOP), tl.load(row_f + _S_LOG_SUM), ws_ptr, sign_ptr, meta_ptr, depth,
-                    start, tl.minimum(start + CHUNK, student_vocab),
-                    ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS, PREFETCH)
-                teacher_mass = _signed_mass(
-                    t_row, teacher_col_stride, inv_teacher_temperature,
-                    tl.load(row_f + _T_TOP), tl.load(row_f + _T_LOG_SUM), ws_ptr, sign_ptr + ENTRIES, meta_ptr,
-                    depth, start, tl.minimum(start + CHUNK, teacher_vocab),
-                    ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS, PREFETCH)
-            part = partial_ptr + (local.to(tl.int64) * CHUNKS_POW2 + chunk) * PARTIAL_FLOATS
-            tl.store(part + 0, student_mass)
-            tl.store(part + 1, teacher_mass)
-            final = _last_of_pair(meta_ptr + _DONE_LOSS, n_chunks)
-            if final:
-                chunks = tl.arange(0, CHUNKS_POW2)
-                parts = partial_ptr + (local.to(tl.int64) * CHUNKS_POW2 + chunks) * PARTIAL_FLOATS
-                have = chunks < n_chunks
-                student_mass = tl.sum(tl.load(parts + 0, mask=have, other=0.0, cache_modifier=".cg"), 0)
-                teacher_mass = tl.sum(tl.load(parts + 1, mask=have, other=0.0, cache_modifier=".cg"), 0)
-        if final:
-            exhausted = tl.load(meta_ptr + _STATUS) < 0
-            failed = ((flags & 1) == 0) | exhausted
-            loss = tl.where(failed, float("nan"), student_mass - teacher_mass)
-            tl.store(row_f + _S_MASS, tl.where(failed, float("nan"), student_mass))
-            tl.store(row_f + _T_MASS, tl.where(failed, float("nan"), teacher_mass))
-            tl.store(row_loss_ptr + pair, loss)
-            # status: bit 0 = workspace exhausted, bits 1.. = trie levels counted below the root
-            tl.store(status_ptr + pair, exhausted.to(tl.int32) + 2 * depth)
+        if (flags == 1) & (status > 0):
+            while status > 0:
+                depth += 1
+                _count_level_both(s_row, t_row, student_col_stride, teacher_col_stride,
+                                  inv_student_temperature, inv_teacher_temperature, row_f, ws_ptr, sign_ptr,
+                                  meta_ptr, mass_ptr, depth, 0, student_vocab, teacher_vocab, status > 0,
+                                  ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS,
+                                  ROOT_BITS, False, USE_PTX, PREFETCH)
+                tl.debug_barrier()
+                status = _resolve_level(ws_ptr, sign_ptr, meta_ptr, depth, mass_ptr, row_mass,
+                                        ENTRIES, RESOLVE_BLOCK, MAX_LEVELS, ENTRIES - (1 << ROOT_BITS))
+                tl.debug_barrier()
+            tl.store(meta_ptr + _DEPTH, depth)
+            tl.store(meta_ptr + _STATUS, status)
+        student_mass = 0.0
+        teacher_mass = 0.0
+        if flags == 1:  # identical rows and rows without a distribution have nothing to sum
+            chunks = tl.arange(0, CHUNKS_POW2)
+            parts = partial_ptr + (local.to(tl.int64) * CHUNKS_POW2 + chunks) * PARTIAL_FLOATS
+            have = chunks < n_chunks
+            student_sum = tl.sum(tl.load(parts + 0, mask=have, other=0.0).to(tl.float64), 0)
+            teacher_sum = tl.sum(tl.load(parts + 1, mask=have, other=0.0).to(tl.float64), 0)
+            student_mass = (student_sum + tl.load(row_mass) * (1.0 / MASS_SCALE)).to(tl.float32)
+            teacher_mass = (teacher_sum + tl.load(row_mass + 1) * (1.0 / MASS_SCALE)).to(tl.float32)
+        exhausted = status < 0
+        failed = ((flags & 1) == 0) | exhausted
+        tl.store(row_f + _S_MASS, tl.where(failed, float("nan"), student_mass))
+        tl.store(row_f + _T_MASS, tl.where(failed, float("nan"), teacher_mass))
+        tl.store(row_loss_ptr + pair, tl.where(failed, float("nan"), student_mass - teacher_mass))
+        # status: bit 0 = workspace exhausted, bits 1.. = trie levels counted below the root
+        tl.store(status_ptr + pair, exhausted.to(tl.int32) + 2 * depth)
 
 
 @triton.jit(do_not_specialize=["n_chunks", "batch_start", "student_seq_len", "teacher_seq_len"])
@@ -547,7 +506,7 @@ def grad_kernel(
     STUDENT_UNIT_STRIDE: tl.constexpr, TEACHER_UNIT_STRIDE: tl.constexpr,
     GATHER: tl.constexpr, HAS_CE: tl.constexpr,
     BLOCK: tl.constexpr, CHUNK: tl.constexpr, ENTRIES: tl.constexpr,
-    MAX_LEVELS: tl.constexpr, STAGES: tl.constexpr, PREFETCH: tl.constexpr,
+    MAX_LEVELS: tl.constexpr, STAGES: tl.constexpr, ROOT_BITS: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """Per (pair, chunk): the gradient of grad_scale * weight * loss (plus, with HAS_CE, the
     weighted cross-entropy's) over the chunk's columns."""
@@ -563,26 +522,26 @@ def grad_kernel(
         else:
             row_grad_scale = grad_scale
         ws_ptr, sign_ptr, _mass, _row_mass = _pair_workspace(local, ws_int_ptr, ws_sign_ptr, ws_mass_ptr,
-                                                             row_mass_ptr, ENTRIES)
+                                                             row_mass_ptr, ENTRIES, ROOT_BITS)
         depth = tl.load(meta_ptr + _DEPTH)
         if STUDENT_GRAD:
-            ce_max = 0.0
+            ce_top = 0.0
             ce_log_sum = 0.0
             ce_label = -1
             ce_factor = 0.0
             if HAS_CE:
-                ce_max = tl.load(row_f + _CE_MAX)
+                ce_top = tl.load(row_f + _CE_TOP)
                 ce_log_sum = tl.load(row_f + _CE_LOG_SUM)
                 ce_label = tl.load(ce_label_ptr + pair).to(tl.int32)
                 ce_factor = tl.where(ce_label >= 0, tl.load(ce_weight_ptr + pair), 0.0)
-            _write_grad(s_row, student_col_stride, inv_student_temperature,
+            _write_grad(s_row, student_col_stride, inv_student_temperature, inv_student_temperature * LOG2E,
                         tl.load(row_f + _S_TOP), tl.load(row_f + _S_LOG_SUM), ws_ptr, sign_ptr, meta_ptr,
                         depth, start, tl.minimum(start + CHUNK, student_vocab), tl.load(row_f + _S_MASS),
                         row_grad_scale, grad_student_ptr + s_index * grad_student_row_stride,
-                        ce_max, ce_log_sum, ce_label, ce_factor,
+                        ce_top, ce_log_sum, ce_label, ce_factor,
                         ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS, HAS_CE, PREFETCH)
         if TEACHER_GRAD:
-            _write_grad(t_row, teacher_col_stride, inv_teacher_temperature,
+            _write_grad(t_row, teacher_col_stride, inv_teacher_temperature, inv_teacher_temperature * LOG2E,
                         tl.load(row_f + _T_TOP), tl.load(row_f + _T_LOG_SUM), ws_ptr, sign_ptr + ENTRIES,
                         meta_ptr, depth, start, tl.minimum(start + CHUNK, teacher_vocab),
                         tl.load(row_f + _T_MASS), -row_grad_scale,
