@@ -116,7 +116,7 @@ def split_kernel_configs():
         ("finish", uld_split.finish_kernel, dict(RESOLVE_BLOCK=256, CHUNKS_POW2=chunks_pow2, USE_PTX=cfg.smem,
                                                  PREFETCH=cfg.prefetch)),
         ("grad", uld_split.grad_kernel, dict(STUDENT_GRAD=True, TEACHER_GRAD=False, HAS_CE=False,
-                                             PREFETCH=cfg.prefetch)),
+                                             USE_PTX=cfg.smem, PREFETCH=cfg.prefetch)),
     ]
     for dtype, (label, kernel, extra) in itertools.product(TRITON_TYPE, kernels):
         names = kernel.arg_names

@@ -264,7 +264,7 @@ def _split_pairs(student_logits, teacher_logits, row_loss, status, row_ce, grad_
                 grad_teacher.stride(0) if grad_teacher is not None else 0,
                 *temps, grad_scale, STUDENT_GRAD=grad_student is not None,
                 TEACHER_GRAD=grad_teacher is not None, HAS_CE=has_ce, CHUNK=cfg.chunk,
-                PREFETCH=cfg.prefetch, **strides, **sizes)
+                USE_PTX=use_ptx, PREFETCH=cfg.prefetch, **strides, **sizes)
 
 
 def cross_entropy_rows(

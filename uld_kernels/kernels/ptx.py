@@ -36,21 +36,24 @@ import triton
 import triton.language as tl
 
 SMEM_THREADS = tl.constexpr(128)  # 4 warps
-SMEM_BYTES = tl.constexpr(32768)  # int32 counts of 2 x 4,096 buckets
+SMEM_BYTES = tl.constexpr(32768)  # int32 counts of 2 x 4,096 buckets (zeroed, read back)
+SMEM_SPARE = tl.constexpr(8192)  # one more word past them, never read: `smem_add_one`'s sink
 MASS_SCALE = tl.constexpr(4503599627370496.0)  # 2**52: masses are int64 sums of p * 2**52
 
 
 def _zero_asm(size: int, threads: int) -> str:
     stride = 16 * threads
     stores = " ".join(f"st.shared.v4.u32 [a+{stride * i}], {{0, 0, 0, 0}};" for i in range(size // stride))
-    return (f".shared .align 16 .b8 uld_smem[{size}];\n"
+    return (f".shared .align 16 .b8 uld_smem[{size + 16}];\n"
             f"{{ .reg .u32 a; mov.u32 a, uld_smem; mad.lo.u32 a, $1, 16, a; {stores} mov.u32 $0, 0; }}")
 
 
 _ZERO_ASM = tl.constexpr(_zero_asm(SMEM_BYTES.value, SMEM_THREADS.value))
+# Unconditional: lanes with nothing to count add to the spare word instead of branching around
+# the add (a predicated shared add costs a branch and a convergence barrier per element).
 _ADD_ONE_ASM = tl.constexpr(
-    "{ .reg .pred p; .reg .u32 a; setp.ge.s32 p, $1, 0; mov.u32 a, uld_smem; "
-    "mad.lo.u32 a, $1, 4, a; @p red.shared.add.u32 [a], 1; mov.u32 $0, 0; }")
+    "{ .reg .u32 a; mov.u32 a, uld_smem; "
+    "mad.lo.u32 a, $1, 4, a; red.shared.add.u32 [a], 1; mov.u32 $0, 0; }")
 # $1 reached, $2 entry, $3 key, $4 p; $5..$8 the count, key-min, key-max and mass planes.
 # Labels are local to the braces, so the block can be inlined once per element.
 _COUNT_KEY_ASM = tl.constexpr(
@@ -61,6 +64,27 @@ _COUNT_KEY_ASM = tl.constexpr(
     "mul.f32 f, $4, 0f59800000; cvt.rzi.s64.f32 m, f; "  # 0f59800000 = 2**52
     "mad.wide.s32 a, $2, 8, $8; red.global.add.u64 [a], m; "
     "SKIP: mov.u32 $0, 0; }")
+# The level-1 pass's open elements: one step down from the root bucket, then count_key's
+# reductions. $1 walking, $2 root entry, $3 key, $4 p, $5 child plane, $6..$9 the count,
+# key-min, key-max and mass planes, $10 the level's shift, $11 its digit mask.
+_STEP_AND_COUNT_ASM = tl.constexpr(
+    "{ .reg .pred p; .reg .u64 a; .reg .s32 c, d; .reg .f32 f; .reg .s64 m; setp.eq.s32 p, $1, 0; "
+    "@p bra SKIP; mad.wide.s32 a, $2, 4, $5; ld.global.s32 c, [a]; "
+    "shr.s32 d, $3, $10; and.b32 d, d, $11; add.s32 c, c, d; "
+    "mad.wide.s32 a, c, 4, $6; red.global.add.u32 [a], 1; "
+    "mad.wide.s32 a, c, 4, $7; red.global.min.s32 [a], $3; "
+    "mad.wide.s32 a, c, 4, $8; red.global.max.s32 [a], $3; "
+    "mul.f32 f, $4, 0f59800000; cvt.rzi.s64.f32 m, f; "
+    "mad.wide.s32 a, c, 8, $9; red.global.add.u64 [a], m; "
+    "SKIP: mov.u32 $0, 0; }")
+# One level of the sign walk, only for lanes whose sign is NaN (an open bucket): the child
+# node of the bucket, the key's digit there, and that bucket's sign. $2 entry, $3 sign, $4 key,
+# $5 child plane, $6 sign plane, $7 shift, $8 digit mask; out: $0 sign, $1 entry.
+_DESCEND_ASM = tl.constexpr(
+    "{ .reg .pred p; .reg .u64 a; .reg .s32 c, d; mov.b32 $0, $3; mov.b32 $1, $2; "
+    "setp.num.f32 p, $3, $3; @p bra DONE; mad.wide.s32 a, $2, 4, $5; ld.global.s32 c, [a]; "
+    "shr.s32 d, $4, $7; and.b32 d, d, $8; add.s32 $1, c, d; "
+    "mad.wide.s32 a, $1, 4, $6; ld.global.f32 $0, [a]; DONE: }")
 _LOAD_ASM = tl.constexpr(
     "{ .reg .u32 a; mov.u32 a, uld_smem; mad.lo.u32 a, $1, 4, a; ld.shared.u32 $0, [a]; }")
 
@@ -73,9 +97,10 @@ def smem_zero():
 
 
 @triton.jit
-def smem_add_one(word):
-    """counts[word] += 1 for every lane whose word is >= 0."""
-    tl.inline_asm_elementwise(_ADD_ONE_ASM, "=r,r", [word], dtype=tl.int32, is_pure=False, pack=1)
+def smem_add_one(word, counted):
+    """counts[word] += 1 for every lane that is counted (word in [0, 8192))."""
+    tl.inline_asm_elementwise(_ADD_ONE_ASM, "=r,r", [tl.where(counted, word, SMEM_SPARE)], dtype=tl.int32,
+                              is_pure=False, pack=1)
 
 
 @triton.jit
@@ -95,6 +120,34 @@ def count_key(reached, entry, key, p, count_ptr, key_min_ptr, key_max_ptr, mass_
                               [reached.to(tl.int32), entry, key, p, count_ptr + lanes, key_min_ptr + lanes,
                                key_max_ptr + lanes, mass_ptr + lanes],
                               dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def step_and_count(walking, root_entry, key, p, child_ptr, count_ptr, key_min_ptr, key_max_ptr, mass_ptr,
+                   shift, digit_mask):
+    """Where `walking`: the bucket one level below root bucket `root_entry` that `key` falls in
+    (its child node plus the key's digit), then `count_key` there. Lanes not walking skip it
+    all, and a warp with no lane walking skips it in one branch: in the level-1 pass that is
+    almost every warp."""
+    lanes = tl.zeros_like(root_entry)
+    tl.inline_asm_elementwise(_STEP_AND_COUNT_ASM, "=r,r,r,r,f,l,l,l,l,l,r,r",
+                              [walking.to(tl.int32), root_entry, key, p, child_ptr + lanes, count_ptr + lanes,
+                               key_min_ptr + lanes, key_max_ptr + lanes, mass_ptr + lanes, shift + lanes,
+                               digit_mask + lanes],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def descend(sign, entry, key, child_ptr, sign_ptr, shift, digit_mask):
+    """One level of the sign walk (uld_rows._walk_sign) where `sign` is NaN; other lanes keep
+    their sign and entry. (ptxas predicates the short branch; the gain over Triton's version is
+    the address arithmetic: one wide multiply-add per gather. A warp-uniform branch through
+    `vote` made ptxas spill.)"""
+    lanes = tl.zeros_like(entry)
+    return tl.inline_asm_elementwise(_DESCEND_ASM, "=f,=r,r,f,r,l,l,r,r",
+                                     [entry, sign, key, child_ptr + lanes, sign_ptr + lanes, shift + lanes,
+                                      digit_mask + lanes],
+                                     dtype=(tl.float32, tl.int32), is_pure=True, pack=1)
 
 
 @triton.jit

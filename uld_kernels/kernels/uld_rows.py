@@ -32,7 +32,7 @@ import os
 import triton
 import triton.language as tl
 
-from uld_kernels.kernels.ptx import MASS_SCALE, count_key, exp2_ftz
+from uld_kernels.kernels.ptx import MASS_SCALE, count_key, descend, exp2_ftz, step_and_count
 
 # Planes of the int32 workspace, each ENTRIES long, per pair.
 _CNT_S = tl.constexpr(0)  # student elements in the bucket
@@ -292,21 +292,26 @@ def _walk(key, counted, child_ptr, meta_ptr, depth, MAX_LEVELS: tl.constexpr):
 
 
 @triton.jit
-def _walk_sign(key, counted, child_ptr, sign_ptr, meta_ptr, depth, MAX_LEVELS: tl.constexpr):
+def _walk_sign(key, counted, child_ptr, sign_ptr, meta_ptr, depth, MAX_LEVELS: tl.constexpr,
+               USE_PTX: tl.constexpr):
     """The sign of each key: read at its root bucket, and one level further down only where
     the bucket read is open (its sign is NaN), so that keys decided near the root cost one
-    gather. Lanes not counted get 0."""
+    gather. Lanes not counted get 0. USE_PTX: each level is an inline-PTX step that a warp
+    with no open lane skips in one branch (kernels/ptx.py: `descend`)."""
     key = _clamp_key(key, meta_ptr)
     entry = (key >> tl.load(meta_ptr + _SHIFT_OFFSET)) - tl.load(meta_ptr + _ROOT_BASE)
     sign = tl.load(sign_ptr + entry, mask=counted, other=0.0)
     for level in tl.static_range(1, MAX_LEVELS):
         if level <= depth:
-            descend = counted & (sign != sign)
-            child = tl.load(child_ptr + entry, mask=descend, other=0)
             shift = tl.load(meta_ptr + _SHIFT_OFFSET + level)
             bits = tl.load(meta_ptr + _SHIFT_OFFSET + level - 1) - shift
-            entry = tl.where(descend, child + ((key >> shift) & ((1 << bits) - 1)), entry)
-            sign = tl.where(descend, tl.load(sign_ptr + entry, mask=descend, other=0.0), sign)
+            if USE_PTX:
+                sign, entry = descend(sign, entry, key, child_ptr, sign_ptr, shift, (1 << bits) - 1)
+            else:
+                descend_mask = counted & (sign != sign)
+                child = tl.load(child_ptr + entry, mask=descend_mask, other=0)
+                entry = tl.where(descend_mask, child + ((key >> shift) & ((1 << bits) - 1)), entry)
+                sign = tl.where(descend_mask, tl.load(sign_ptr + entry, mask=descend_mask, other=0.0), sign)
     return sign
 
 @triton.jit
@@ -489,6 +494,8 @@ def _count_level(row_ptr, col_stride, scale, top, log_sum, ws_ptr, sign_ptr, mas
     acc = tl.zeros([BLOCK], tl.float32)
     root_shift = tl.load(meta_ptr + _SHIFT_OFFSET)
     root_base = tl.load(meta_ptr + _ROOT_BASE)
+    level_shift = tl.load(meta_ptr + _SHIFT_OFFSET + 1)  # level 1's digit (LOSS and USE_PTX)
+    digit_mask = (1 << (root_shift - level_shift)) - 1
     ahead = _first_block(row_ptr, start + lanes, col_stride, stop, UNIT_COL_STRIDE, PREFETCH)
     for block_start in tl.range(start, stop, BLOCK, num_stages=STAGES):
         idx = block_start + lanes
@@ -496,13 +503,20 @@ def _count_level(row_ptr, col_stride, scale, top, log_sum, ws_ptr, sign_ptr, mas
                                                   top, log_sum, BLOCK, UNIT_COL_STRIDE, PREFETCH)
         key = _clamp_key(key, meta_ptr)
         if LOSS:
-            sign = tl.load(sign_ptr + ((key >> root_shift) - root_base), mask=counted, other=0.0)
+            root_entry = (key >> root_shift) - root_base
+            sign = tl.load(sign_ptr + root_entry, mask=counted, other=0.0)
             decided = sign == sign
             acc += tl.where(decided, p * sign, 0.0)
             walking = counted & (~decided)
         else:
             walking = counted & (key >= key_lo) & (key <= key_hi)
-        if count:
+        if LOSS and USE_PTX:
+            # Level 1: an open root bucket (NaN sign) exists only while the root is being
+            # counted below (`count`), so `walking` alone says which lanes step and count.
+            step_and_count(walking, root_entry, key, p, ws_ptr + _CHILD * ENTRIES, ws_ptr + CNT * ENTRIES,
+                           ws_ptr + KEY_MIN * ENTRIES, ws_ptr + KEY_MAX * ENTRIES, mass_ptr, level_shift,
+                           digit_mask)
+        elif count:
             entry, reached = _walk(key, walking, ws_ptr + _CHILD * ENTRIES, meta_ptr, level, MAX_LEVELS)
             if USE_PTX:
                 count_key(reached, entry, key, p, ws_ptr + CNT * ENTRIES, ws_ptr + KEY_MIN * ENTRIES,
@@ -520,7 +534,7 @@ def _write_grad(row_ptr, col_stride, inv_temperature, scale, top, log_sum, ws_pt
                 meta_ptr, depth, start, stop, signed_mass, factor, grad_ptr, ce_top, ce_log_sum, ce_label, ce_factor,
                 ENTRIES: tl.constexpr, BLOCK: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr,
                 STAGES: tl.constexpr, MAX_LEVELS: tl.constexpr, HAS_CE: tl.constexpr,
-                PREFETCH: tl.constexpr):
+                USE_PTX: tl.constexpr, PREFETCH: tl.constexpr):
     """grad_i = factor * (p_i / T) * (sign_i - signed_mass): the softmax backward of signs,
     plus, with HAS_CE, ce_factor * (softmax(z)_i - [i == ce_label]): the cross-entropy's.
     Columns [start, stop)."""
@@ -530,7 +544,8 @@ def _write_grad(row_ptr, col_stride, inv_temperature, scale, top, log_sum, ws_pt
         idx = block_start + lanes
         p, key, counted, z, ahead = _block_keys(ahead, row_ptr, idx, col_stride, stop, scale,
                                                 top, log_sum, BLOCK, UNIT_COL_STRIDE, PREFETCH)
-        sign = _walk_sign(key, counted, ws_ptr + _CHILD * ENTRIES, sign_ptr, meta_ptr, depth, MAX_LEVELS)
+        sign = _walk_sign(key, counted, ws_ptr + _CHILD * ENTRIES, sign_ptr, meta_ptr, depth, MAX_LEVELS,
+                          USE_PTX)
         grad = factor * (p * inv_temperature) * (sign - signed_mass)
         if HAS_CE:  # ce_top, ce_log_sum: the base-2 statistics of the row at temperature 1
             grad += ce_factor * (_exp2((z - ce_top) * LOG2E - ce_log_sum) - (idx == ce_label).to(tl.float32))

@@ -333,8 +333,8 @@ def root_kernel(
             ds = (_clamp_key(ks, meta_ptr) >> root_shift) - root_base  # in [0, ROOT_ENTRIES)
             dt = (_clamp_key(kt, meta_ptr) >> root_shift) - root_base
             if USE_PTX:
-                smem_add_one(tl.where(counted_s, ds, -1))
-                smem_add_one(tl.where(counted_t, dt + ROOT_ENTRIES, -1))
+                smem_add_one(ds, counted_s)
+                smem_add_one(dt + ROOT_ENTRIES, counted_t)
             else:
                 student_hist += tl.histogram(ds, ROOT_ENTRIES, mask=counted_s)
                 teacher_hist += tl.histogram(dt, ROOT_ENTRIES, mask=counted_t)
@@ -506,7 +506,8 @@ def grad_kernel(
     STUDENT_UNIT_STRIDE: tl.constexpr, TEACHER_UNIT_STRIDE: tl.constexpr,
     GATHER: tl.constexpr, HAS_CE: tl.constexpr,
     BLOCK: tl.constexpr, CHUNK: tl.constexpr, ENTRIES: tl.constexpr,
-    MAX_LEVELS: tl.constexpr, STAGES: tl.constexpr, ROOT_BITS: tl.constexpr, PREFETCH: tl.constexpr,
+    MAX_LEVELS: tl.constexpr, STAGES: tl.constexpr, ROOT_BITS: tl.constexpr, USE_PTX: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """Per (pair, chunk): the gradient of grad_scale * weight * loss (plus, with HAS_CE, the
     weighted cross-entropy's) over the chunk's columns."""
@@ -539,7 +540,7 @@ def grad_kernel(
                         depth, start, tl.minimum(start + CHUNK, student_vocab), tl.load(row_f + _S_MASS),
                         row_grad_scale, grad_student_ptr + s_index * grad_student_row_stride,
                         ce_top, ce_log_sum, ce_label, ce_factor,
-                        ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS, HAS_CE, PREFETCH)
+                        ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS, HAS_CE, USE_PTX, PREFETCH)
         if TEACHER_GRAD:
             _write_grad(t_row, teacher_col_stride, inv_teacher_temperature, inv_teacher_temperature * LOG2E,
                         tl.load(row_f + _T_TOP), tl.load(row_f + _T_LOG_SUM), ws_ptr, sign_ptr + ENTRIES,
@@ -547,4 +548,4 @@ def grad_kernel(
                         tl.load(row_f + _T_MASS), -row_grad_scale,
                         grad_teacher_ptr + t_index * grad_teacher_row_stride,
                         0.0, 0.0, -1, 0.0,
-                        ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS, False, PREFETCH)
+                        ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS, False, USE_PTX, PREFETCH)
