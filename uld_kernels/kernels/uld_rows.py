@@ -32,7 +32,7 @@ import os
 import triton
 import triton.language as tl
 
-from uld_kernels.kernels.ptx import MASS_SCALE, count_key, descend, exp2_ftz, step_and_count
+from uld_kernels.kernels.ptx import MASS_SCALE, count_key, descend, exp2_ftz, gather_f32, step_and_count
 
 # Planes of the int32 workspace, each ENTRIES long, per pair.
 _CNT_S = tl.constexpr(0)  # student elements in the bucket
@@ -300,7 +300,10 @@ def _walk_sign(key, counted, child_ptr, sign_ptr, meta_ptr, depth, MAX_LEVELS: t
     with no open lane skips in one branch (kernels/ptx.py: `descend`)."""
     key = _clamp_key(key, meta_ptr)
     entry = (key >> tl.load(meta_ptr + _SHIFT_OFFSET)) - tl.load(meta_ptr + _ROOT_BASE)
-    sign = tl.load(sign_ptr + entry, mask=counted, other=0.0)
+    if USE_PTX:
+        sign = gather_f32(sign_ptr, entry, counted)
+    else:
+        sign = tl.load(sign_ptr + entry, mask=counted, other=0.0)
     for level in tl.static_range(1, MAX_LEVELS):
         if level <= depth:
             shift = tl.load(meta_ptr + _SHIFT_OFFSET + level)
@@ -504,7 +507,10 @@ def _count_level(row_ptr, col_stride, scale, top, log_sum, ws_ptr, sign_ptr, mas
         key = _clamp_key(key, meta_ptr)
         if LOSS:
             root_entry = (key >> root_shift) - root_base
-            sign = tl.load(sign_ptr + root_entry, mask=counted, other=0.0)
+            if USE_PTX:  # the root's signs do not change during this pass
+                sign = gather_f32(sign_ptr, root_entry, counted)
+            else:
+                sign = tl.load(sign_ptr + root_entry, mask=counted, other=0.0)
             decided = sign == sign
             acc += tl.where(decided, p * sign, 0.0)
             walking = counted & (~decided)
