@@ -19,10 +19,13 @@ row pair actually holds, [min p, max p], into 2**ROOT_BITS power-of-two-aligned 
 bucket whose elements all share one sign is *decided*: with D the count difference above the
 bucket and cs, ct its counts, that is D >= ct (all +1) or D + cs <= 0 (all -1). A bucket
 holding a single value per side is resolved exactly by the tie rule. Any other bucket is
-*open*: it gets a child node that splits it by the next bits, and one more pass over the
-rows counts its elements (integer atomics: deterministic). The trie lives in a per-pair
-workspace of the batch being processed, so extra memory is O(batch), not O(rows x
-vocabulary). Then one pass sums the loss and one writes the gradient
+*open*: it gets a child node
+that splits it by the next bits, and one more pass over the rows counts its elements (integer
+atomics: deterministic). The trie lives in a per-pair workspace of the batch being processed,
+so extra memory is O(batch), not O(rows x vocabulary). The first counting pass also sums the
+loss: an element whose root bucket is decided adds p * sign; an element of an open bucket adds
+p (int64 fixed point) to each bucket it reaches, and a bucket adds sign * its mass when it is
+decided. Then one pass writes the gradient
 
     dL/dz_s = (a / T_s) * (g - <g, a>)       dL/dz_t = -(b / T_t) * (h - <h, b>).
 """
