@@ -54,37 +54,44 @@ _ZERO_ASM = tl.constexpr(_zero_asm(SMEM_BYTES.value, SMEM_THREADS.value))
 _ADD_ONE_ASM = tl.constexpr(
     "{ .reg .u32 a; mov.u32 a, uld_smem; "
     "mad.lo.u32 a, $1, 4, a; red.shared.add.u32 [a], 1; mov.u32 $0, 0; }")
+
+
+def _reductions(entry: str, key: str, p: str, planes: tuple[str, str, str, str]) -> str:
+    """PTX: at bucket `entry` of the count, key-min, key-max and mass planes, count += 1,
+    key-min/max with `key`, mass += trunc(p * 2**52) (0f59800000 = 2**52)."""
+    count, key_min, key_max, mass = planes
+    return (f"mad.wide.s32 a, {entry}, 4, {count}; red.global.add.u32 [a], 1; "
+            f"mad.wide.s32 a, {entry}, 4, {key_min}; red.global.min.s32 [a], {key}; "
+            f"mad.wide.s32 a, {entry}, 4, {key_max}; red.global.max.s32 [a], {key}; "
+            f"mul.f32 f, {p}, 0f59800000; cvt.rzi.s64.f32 m, f; "
+            f"mad.wide.s32 a, {entry}, 8, {mass}; red.global.add.u64 [a], m; ")
+
+
+def _step(entry: str, key: str, child: str, shift: str, digit_mask: str, out: str) -> str:
+    """PTX: the bucket one level below `entry` that `key` falls in: child node + digit."""
+    return (f"mad.wide.s32 a, {entry}, 4, {child}; ld.global.s32 c, [a]; "
+            f"shr.s32 d, {key}, {shift}; and.b32 d, d, {digit_mask}; add.s32 {out}, c, d; ")
+
+
 # $1 reached, $2 entry, $3 key, $4 p; $5..$8 the count, key-min, key-max and mass planes.
 # Labels are local to the braces, so the block can be inlined once per element.
 _COUNT_KEY_ASM = tl.constexpr(
     "{ .reg .pred p; .reg .u64 a; .reg .f32 f; .reg .s64 m; setp.eq.s32 p, $1, 0; @p bra SKIP; "
-    "mad.wide.s32 a, $2, 4, $5; red.global.add.u32 [a], 1; "
-    "mad.wide.s32 a, $2, 4, $6; red.global.min.s32 [a], $3; "
-    "mad.wide.s32 a, $2, 4, $7; red.global.max.s32 [a], $3; "
-    "mul.f32 f, $4, 0f59800000; cvt.rzi.s64.f32 m, f; "  # 0f59800000 = 2**52
-    "mad.wide.s32 a, $2, 8, $8; red.global.add.u64 [a], m; "
-    "SKIP: mov.u32 $0, 0; }")
+    + _reductions("$2", "$3", "$4", ("$5", "$6", "$7", "$8")) + "SKIP: mov.u32 $0, 0; }")
 # The level-1 pass's open elements: one step down from the root bucket, then count_key's
 # reductions. $1 walking, $2 root entry, $3 key, $4 p, $5 child plane, $6..$9 the count,
 # key-min, key-max and mass planes, $10 the level's shift, $11 its digit mask.
 _STEP_AND_COUNT_ASM = tl.constexpr(
     "{ .reg .pred p; .reg .u64 a; .reg .s32 c, d; .reg .f32 f; .reg .s64 m; setp.eq.s32 p, $1, 0; "
-    "@p bra SKIP; mad.wide.s32 a, $2, 4, $5; ld.global.s32 c, [a]; "
-    "shr.s32 d, $3, $10; and.b32 d, d, $11; add.s32 c, c, d; "
-    "mad.wide.s32 a, c, 4, $6; red.global.add.u32 [a], 1; "
-    "mad.wide.s32 a, c, 4, $7; red.global.min.s32 [a], $3; "
-    "mad.wide.s32 a, c, 4, $8; red.global.max.s32 [a], $3; "
-    "mul.f32 f, $4, 0f59800000; cvt.rzi.s64.f32 m, f; "
-    "mad.wide.s32 a, c, 8, $9; red.global.add.u64 [a], m; "
-    "SKIP: mov.u32 $0, 0; }")
+    "@p bra SKIP; " + _step("$2", "$3", "$5", "$10", "$11", "c")
+    + _reductions("c", "$3", "$4", ("$6", "$7", "$8", "$9")) + "SKIP: mov.u32 $0, 0; }")
 # One level of the sign walk, only for lanes whose sign is NaN (an open bucket): the child
 # node of the bucket, the key's digit there, and that bucket's sign. $2 entry, $3 sign, $4 key,
 # $5 child plane, $6 sign plane, $7 shift, $8 digit mask; out: $0 sign, $1 entry.
 _DESCEND_ASM = tl.constexpr(
     "{ .reg .pred p; .reg .u64 a; .reg .s32 c, d; mov.b32 $0, $3; mov.b32 $1, $2; "
-    "setp.num.f32 p, $3, $3; @p bra DONE; mad.wide.s32 a, $2, 4, $5; ld.global.s32 c, [a]; "
-    "shr.s32 d, $4, $7; and.b32 d, d, $8; add.s32 $1, c, d; "
-    "mad.wide.s32 a, $1, 4, $6; ld.global.f32 $0, [a]; DONE: }")
+    "setp.num.f32 p, $3, $3; @p bra DONE; " + _step("$2", "$4", "$5", "$7", "$8", "$1")
+    + "mad.wide.s32 a, $1, 4, $6; ld.global.f32 $0, [a]; DONE: }")
 # A masked gather of float32 through the read-only path, one wide multiply-add for the address
 # (Triton spends four instructions on a 64-bit address from a signed 32-bit index). $1 index,
 # $2 mask, $3 base; 0 where masked.
