@@ -78,32 +78,26 @@ def _step(entry: str, key: str, child: str, shift: str, digit_mask: str, out: st
 _COUNT_KEY_ASM = tl.constexpr(
     "{ .reg .pred p; .reg .u64 a; .reg .f32 f; .reg .s64 m; setp.eq.s32 p, $1, 0; @p bra SKIP; "
     + _reductions("$2", "$3", "$4", ("$5", "$6", "$7", "$8")) + "SKIP: mov.u32 $0, 0; }")
-# The sign of a key from its side's sign runs (uld_rows._run_sign): hi_sign at or above hi_key,
-# lo_sign below lo_key; a key in between (the middle, rare) reads its root bucket's sign, after
-# the clamp into the root's range. Shared by the two blocks below; $1 key, $3 hi key, $4 lo key,
-# $5 hi sign, $6 lo sign, $7/$8 the clamp range, $9 root shift, $10 root base, $11 sign plane;
-# leaves the clamped key in k and the root entry in e, and branches to DONE outside the middle.
-_RUN_SIGN = ("setp.ge.s32 h, $1, $3; selp.f32 $0, $5, $6, h; setp.lt.s32 o, $1, $4; or.pred o, o, h; "
-             "@o bra DONE; max.s32 k, $1, $7; min.s32 k, k, $8; shr.s32 e, k, $9; sub.s32 e, e, $10; "
-             "mad.wide.s32 a, e, 4, $11; ld.global.nc.f32 $0, [a]; ")
-# The level-1 pass: the sign of each key, and for a key in an open root bucket (NaN sign) one
-# step down from it and count_key's reductions there, with sign 0 (its mass is summed through
-# the bucket it reaches). $2 p; $12 child plane, $13..$16 the count, key-min, key-max and mass
-# planes, $17 level 1's shift, $18 its digit mask.
-_LOSS_SIGN_ASM = tl.constexpr(
-    "{ .reg .pred h, o, q; .reg .u64 a; .reg .s32 k, e, c, d; .reg .f32 f; .reg .s64 m; " + _RUN_SIGN
-    + "setp.num.f32 q, $0, $0; @q bra DONE; mov.f32 $0, 0f00000000; " + _step("e", "k", "$12", "$17", "$18", "c")
-    + _reductions("c", "k", "$2", ("$13", "$14", "$15", "$16")) + "DONE: }")
-# The gradient pass: the sign of each key, walking a middle key down from an open root bucket
-# (NaN sign) while its bucket is open, at most `depth` levels. $2 unused (p), $12 child plane,
-# $13 the level shifts (meta + _SHIFT_OFFSET: level v's at [v]), $14 depth.
-_WALK_SIGN_ASM = tl.constexpr(
-    "{ .reg .pred h, o, q; .reg .u64 a; .reg .s32 k, e, c, d, v, s, t; " + _RUN_SIGN
-    + "mov.s32 v, 0; mov.s32 s, $9; "
-    "LOOP: setp.num.f32 q, $0, $0; @q bra DONE; setp.ge.s32 q, v, $14; @q bra DONE; add.s32 v, v, 1; "
-    "mad.wide.s32 a, v, 4, $13; ld.global.s32 t, [a]; sub.s32 d, s, t; "
-    "mad.wide.s32 a, e, 4, $12; ld.global.s32 c, [a]; bfe.u32 e, k, t, d; add.s32 e, e, c; "
-    "mad.wide.s32 a, e, 4, $11; ld.global.f32 $0, [a]; mov.s32 s, t; bra LOOP; DONE: }")
+# The level-1 pass's open elements: one step down from the root bucket, then count_key's
+# reductions. $1 walking, $2 root entry, $3 key, $4 p, $5 child plane, $6..$9 the count,
+# key-min, key-max and mass planes, $10 the level's shift, $11 its digit mask.
+_STEP_AND_COUNT_ASM = tl.constexpr(
+    "{ .reg .pred p; .reg .u64 a; .reg .s32 c, d; .reg .f32 f; .reg .s64 m; setp.eq.s32 p, $1, 0; "
+    "@p bra SKIP; " + _step("$2", "$3", "$5", "$10", "$11", "c")
+    + _reductions("c", "$3", "$4", ("$6", "$7", "$8", "$9")) + "SKIP: mov.u32 $0, 0; }")
+# One level of the sign walk, only for lanes whose sign is NaN (an open bucket): the child
+# node of the bucket, the key's digit there, and that bucket's sign. $2 entry, $3 sign, $4 key,
+# $5 child plane, $6 sign plane, $7 shift, $8 digit mask; out: $0 sign, $1 entry.
+_DESCEND_ASM = tl.constexpr(
+    "{ .reg .pred p; .reg .u64 a; .reg .s32 c, d; mov.b32 $0, $3; mov.b32 $1, $2; "
+    "setp.num.f32 p, $3, $3; @p bra DONE; " + _step("$2", "$4", "$5", "$7", "$8", "$1")
+    + "mad.wide.s32 a, $1, 4, $6; ld.global.f32 $0, [a]; DONE: }")
+# A masked gather of float32 through the read-only path, one wide multiply-add for the address
+# (Triton spends four instructions on a 64-bit address from a signed 32-bit index). $1 index,
+# $2 mask, $3 base; 0 where masked.
+_GATHER_ASM = tl.constexpr(
+    "{ .reg .pred p; .reg .u64 a; mov.b32 $0, 0; setp.ne.s32 p, $2, 0; mad.wide.s32 a, $1, 4, $3; "
+    "@p ld.global.nc.f32 $0, [a]; }")
 _LOAD_ASM = tl.constexpr(
     "{ .reg .u32 a; mov.u32 a, uld_smem; mad.lo.u32 a, $1, 4, a; ld.shared.u32 $0, [a]; }")
 
@@ -142,41 +136,38 @@ def count_key(reached, entry, key, p, count_ptr, key_min_ptr, key_max_ptr, mass_
 
 
 @triton.jit
-def loss_sign(key, p, runs, clamp, root, sign_ptr, child_ptr, count_ptr, key_min_ptr, key_max_ptr, mass_ptr,
-              shift, digit_mask):
-    """The level-1 pass's sign of each key (`uld_rows._run_sign` outside the middle of its runs,
-    the root bucket's sign in it), 0 for a key in an open root bucket, which instead steps one
-    level down (child node + digit) and is counted there by `count_key`'s reductions.
-    runs = (hi key, lo key, hi sign, lo sign); clamp = the root's key range; root = (shift,
-    base). Lanes outside the middle branch around the rest: in this pass almost every warp."""
-    lanes = tl.zeros_like(key)
-    hi_key, lo_key, hi_sign, lo_sign = runs
-    key_lo, key_hi = clamp
-    root_shift, root_base = root
-    return tl.inline_asm_elementwise(
-        _LOSS_SIGN_ASM, "=f,r,f,r,r,f,f,r,r,r,r,l,l,l,l,l,l,r,r",
-        [key, p, hi_key + lanes, lo_key + lanes, hi_sign + lanes.to(tl.float32), lo_sign + lanes.to(tl.float32),
-         key_lo + lanes, key_hi + lanes, root_shift + lanes, root_base + lanes, sign_ptr + lanes, child_ptr + lanes,
-         count_ptr + lanes, key_min_ptr + lanes, key_max_ptr + lanes, mass_ptr + lanes, shift + lanes,
-         digit_mask + lanes],
-        dtype=tl.float32, is_pure=False, pack=1)
+def step_and_count(walking, root_entry, key, p, child_ptr, count_ptr, key_min_ptr, key_max_ptr, mass_ptr,
+                   shift, digit_mask):
+    """Where `walking`: the bucket one level below root bucket `root_entry` that `key` falls in
+    (its child node plus the key's digit), then `count_key` there. Lanes not walking skip it
+    all, and a warp with no lane walking skips it in one branch: in the level-1 pass that is
+    almost every warp."""
+    lanes = tl.zeros_like(root_entry)
+    tl.inline_asm_elementwise(_STEP_AND_COUNT_ASM, "=r,r,r,r,f,l,l,l,l,l,r,r",
+                              [walking.to(tl.int32), root_entry, key, p, child_ptr + lanes, count_ptr + lanes,
+                               key_min_ptr + lanes, key_max_ptr + lanes, mass_ptr + lanes, shift + lanes,
+                               digit_mask + lanes],
+                              dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
-def walk_sign(key, runs, clamp, root, sign_ptr, child_ptr, shift_ptr, depth):
-    """The gradient pass's sign of each key: from its side's runs outside their middle; in it,
-    the root bucket's sign, and while that is NaN (open) one level further down, at most
-    `depth` levels (shift_ptr[v]: level v's shift). Arguments as `loss_sign`'s."""
-    lanes = tl.zeros_like(key)
-    hi_key, lo_key, hi_sign, lo_sign = runs
-    key_lo, key_hi = clamp
-    root_shift, root_base = root
-    return tl.inline_asm_elementwise(
-        _WALK_SIGN_ASM, "=f,r,f,r,r,f,f,r,r,r,r,l,l,l,r",
-        [key, lanes.to(tl.float32), hi_key + lanes, lo_key + lanes, hi_sign + lanes.to(tl.float32),
-         lo_sign + lanes.to(tl.float32), key_lo + lanes, key_hi + lanes, root_shift + lanes, root_base + lanes,
-         sign_ptr + lanes, child_ptr + lanes, shift_ptr + lanes, depth + lanes],
-        dtype=tl.float32, is_pure=True, pack=1)
+def descend(sign, entry, key, child_ptr, sign_ptr, shift, digit_mask):
+    """One level of the sign walk (uld_rows._walk_sign) where `sign` is NaN; other lanes keep
+    their sign and entry. (ptxas predicates the short branch; the gain over Triton's version is
+    the address arithmetic: one wide multiply-add per gather. A warp-uniform branch through
+    `vote` made ptxas spill.)"""
+    lanes = tl.zeros_like(entry)
+    return tl.inline_asm_elementwise(_DESCEND_ASM, "=f,=r,r,f,r,l,l,r,r",
+                                     [entry, sign, key, child_ptr + lanes, sign_ptr + lanes, shift + lanes,
+                                      digit_mask + lanes],
+                                     dtype=(tl.float32, tl.int32), is_pure=True, pack=1)
+
+
+@triton.jit
+def gather_f32(base_ptr, index, mask):
+    """base_ptr[index] where mask, else 0 (float32; the table must not change during the kernel)."""
+    return tl.inline_asm_elementwise(_GATHER_ASM, "=r,r,r,l", [index, mask.to(tl.int32), base_ptr + tl.zeros_like(index)],
+                                     dtype=tl.float32, is_pure=True, pack=1)
 
 
 @triton.jit

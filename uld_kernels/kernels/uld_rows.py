@@ -35,7 +35,7 @@ import os
 import triton
 import triton.language as tl
 
-from uld_kernels.kernels.ptx import MASS_SCALE, count_key, exp2_ftz, loss_sign, walk_sign
+from uld_kernels.kernels.ptx import MASS_SCALE, count_key, descend, exp2_ftz, gather_f32, step_and_count
 
 # Planes of the int32 workspace, each ENTRIES long, per pair.
 _CNT_S = tl.constexpr(0)  # student elements in the bucket
@@ -48,10 +48,7 @@ _CHILD = tl.constexpr(6)  # first entry of the child node, 0 when the bucket is 
 _NODE_TOP = tl.constexpr(7)  # at a node's first entry: D at the top of the node
 INT_PLANES = tl.constexpr(8)
 SIGN_PLANES = tl.constexpr(2)  # float32: student sign, teacher sign of a resolved bucket
-META_SLOTS = tl.constexpr(64)  # level starts at [0, 12); the shift of level l at [33 + l]
-# A side's sign runs (`_run_sign`) at [_RUNS + 4 * side]: hi key, lo key, hi sign, lo sign (float32
-# bits); side 0 is the student. Level starts end before them: at most 10 levels (launch.py).
-_RUNS = tl.constexpr(12)
+META_SLOTS = tl.constexpr(64)  # level starts at [0, 31); the shift of level l at [33 + l]
 _SHIFT_OFFSET = tl.constexpr(33)  # [32]: root shift + ROOT_BITS, as if the root had a parent
 _ROOT_BASE = tl.constexpr(31)  # the root digit of a key is (key >> root shift) - [31]
 _KEY_LO = tl.constexpr(46)  # every key is clamped into the root's range [_KEY_LO, _KEY_HI]
@@ -298,58 +295,30 @@ def _walk(key, counted, child_ptr, meta_ptr, depth, MAX_LEVELS: tl.constexpr):
 
 
 @triton.jit
-def _side_runs(meta_ptr, side):
-    """A side's sign runs as stored by the root's resolve (uld_split._sign_runs), and the
-    root's key range and digit: what `_run_sign` and the walks below it need."""
-    runs = meta_ptr + _RUNS + 4 * side
-    return ((tl.load(runs), tl.load(runs + 1), tl.load(runs + 2).to(tl.float32, bitcast=True),
-             tl.load(runs + 3).to(tl.float32, bitcast=True)),
-            (tl.load(meta_ptr + _KEY_LO), tl.load(meta_ptr + _KEY_HI)),
-            (tl.load(meta_ptr + _SHIFT_OFFSET), tl.load(meta_ptr + _ROOT_BASE)))
-
-
-@triton.jit
-def _run_sign(key, runs):
-    """The sign of each key from its side's sign runs, and which keys are in their middle.
-
-    Outside its open buckets a root's signs form runs: with distributions that differ, one sign
-    above the keys where student and teacher cross and the other below (empty buckets take
-    either). The root's resolve stores, per side, the longest run of one sign at the top
-    (keys >= hi key get hi sign) and at the bottom (keys < lo key get lo sign), over the
-    buckets that side's elements fill. Only keys in between (the middle: the open buckets,
-    and decided buckets among them) read their bucket's sign from the trie. lo key >= 1, so a
-    zero probability (key 0) is never in the middle; its sign is multiplied by 0."""
-    hi_key, lo_key, hi_sign, lo_sign = runs
-    return tl.where(key >= hi_key, hi_sign, lo_sign), (key >= lo_key) & (key < hi_key)
-
-
-@triton.jit
-def _walk_sign(key, child_ptr, sign_ptr, meta_ptr, depth, runs, clamp, root, MAX_LEVELS: tl.constexpr,
+def _walk_sign(key, counted, child_ptr, sign_ptr, meta_ptr, depth, MAX_LEVELS: tl.constexpr,
                USE_PTX: tl.constexpr):
-    """The sign of each key: from its side's runs (`_run_sign`), and for keys in their middle
-    read at the root bucket, then one level further down while the bucket read is open (its
-    sign is NaN). USE_PTX: the middle's walk is inline PTX that lanes outside it branch
-    around (kernels/ptx.py: `walk_sign`)."""
+    """The sign of each key: read at its root bucket, and one level further down only where
+    the bucket read is open (its sign is NaN), so that keys decided near the root cost one
+    gather. Lanes not counted get 0. USE_PTX: each level is an inline-PTX step that a warp
+    with no open lane skips in one branch (kernels/ptx.py: `descend`)."""
+    key = _clamp_key(key, meta_ptr)
+    entry = (key >> tl.load(meta_ptr + _SHIFT_OFFSET)) - tl.load(meta_ptr + _ROOT_BASE)
     if USE_PTX:
-        sign = walk_sign(key, runs, clamp, root, sign_ptr, child_ptr, meta_ptr + _SHIFT_OFFSET, depth)
+        sign = gather_f32(sign_ptr, entry, counted)
     else:
-        outside, middle = _run_sign(key, runs)
-        key_lo, key_hi = clamp
-        key = tl.minimum(tl.maximum(key, key_lo), key_hi)
-        root_shift, root_base = root
-        entry = (key >> root_shift) - root_base
-        sign = tl.load(sign_ptr + entry, mask=middle, other=0.0)
-        for level in tl.static_range(1, MAX_LEVELS):
-            if level <= depth:
-                shift = tl.load(meta_ptr + _SHIFT_OFFSET + level)
-                bits = tl.load(meta_ptr + _SHIFT_OFFSET + level - 1) - shift
-                descend_mask = middle & (sign != sign)
+        sign = tl.load(sign_ptr + entry, mask=counted, other=0.0)
+    for level in tl.static_range(1, MAX_LEVELS):
+        if level <= depth:
+            shift = tl.load(meta_ptr + _SHIFT_OFFSET + level)
+            bits = tl.load(meta_ptr + _SHIFT_OFFSET + level - 1) - shift
+            if USE_PTX:
+                sign, entry = descend(sign, entry, key, child_ptr, sign_ptr, shift, (1 << bits) - 1)
+            else:
+                descend_mask = counted & (sign != sign)
                 child = tl.load(child_ptr + entry, mask=descend_mask, other=0)
                 entry = tl.where(descend_mask, child + ((key >> shift) & ((1 << bits) - 1)), entry)
                 sign = tl.where(descend_mask, tl.load(sign_ptr + entry, mask=descend_mask, other=0.0), sign)
-        sign = tl.where(middle, sign, outside)
     return sign
-
 
 @triton.jit
 def _bucket_states(ws_ptr, meta_ptr, level, chunk_start, above, ENTRIES: tl.constexpr,
@@ -494,7 +463,7 @@ def _resolve_level(ws_ptr, sign_ptr, meta_ptr, level, mass_ptr, row_mass_ptr, EN
             ws_ptr, meta_ptr, level, chunk_start, tl.where(level == 0, level_total - below, 0),
             ENTRIES, RESOLVE_BLOCK)
         is_open = (open_bucket & (status > 0)).to(tl.int32)
-        # An open bucket's sign is NaN: the walks descend only where they read one.
+        # An open bucket's sign is NaN: `_walk_sign` descends only where it reads one.
         tl.store(sign_ptr + entry, tl.where(is_open > 0, float("nan"), student_sign), mask=in_level)
         tl.store(sign_ptr + ENTRIES + entry, tl.where(is_open > 0, float("nan"), teacher_sign), mask=in_level)
         rank = opened + tl.cumsum(is_open, 0) - is_open
@@ -515,79 +484,77 @@ def _resolve_level(ws_ptr, sign_ptr, meta_ptr, level, mass_ptr, row_mass_ptr, EN
 
 @triton.jit
 def _count_level(row_ptr, col_stride, scale, top, log_sum, ws_ptr, sign_ptr, mass_ptr,
-                 meta_ptr, side, level, start, stop, key_lo, key_hi, count,
+                 meta_ptr, level, start, stop, key_lo, key_hi, count,
                  CNT: tl.constexpr, KEY_MIN: tl.constexpr, KEY_MAX: tl.constexpr,
                  ENTRIES: tl.constexpr, BLOCK: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr,
                  STAGES: tl.constexpr, MAX_LEVELS: tl.constexpr, LOSS: tl.constexpr,
                  USE_PTX: tl.constexpr, PREFETCH: tl.constexpr):
     """One pass over columns [start, stop) of a row. Where `count`: count (and sum the mass of)
     its keys that reach the open buckets of `level`. With LOSS (level 1): also return
-    sum p * sign over the elements that the root decided, with each sign from the side's runs
-    (`_run_sign`) or, in their middle, read at its root bucket; the open root buckets' signs
-    are NaN, and exactly their elements walk down. Without LOSS, keys outside [key_lo, key_hi]
-    (a range known to hold every open bucket) skip the walk: no gathers, no atomics. USE_PTX
-    (GPU): the reductions as inline PTX, which keep the row loads' layout and branch around
-    lanes that reach nothing (kernels/ptx.py)."""
+    sum p * sign over the elements that the root decided, reading each sign at its root
+    bucket; the open root buckets' signs are NaN, and exactly their elements walk down.
+    Without LOSS, keys outside [key_lo, key_hi] (a range known to hold every open bucket) skip
+    the walk: no gathers, no atomics. USE_PTX (GPU): the reductions as inline PTX, which keep
+    the row loads' layout and branch around lanes that reach nothing (kernels/ptx.py)."""
     lanes = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], tl.float32)
-    runs, clamp, root = _side_runs(meta_ptr, side)
+    root_shift = tl.load(meta_ptr + _SHIFT_OFFSET)
+    root_base = tl.load(meta_ptr + _ROOT_BASE)
     level_shift = tl.load(meta_ptr + _SHIFT_OFFSET + 1)  # level 1's digit (LOSS and USE_PTX)
-    digit_mask = (1 << (tl.load(meta_ptr + _SHIFT_OFFSET) - level_shift)) - 1
+    digit_mask = (1 << (root_shift - level_shift)) - 1
     ahead = _first_block(row_ptr, start + lanes, col_stride, stop, UNIT_COL_STRIDE, PREFETCH)
     for block_start in tl.range(start, stop, BLOCK, num_stages=STAGES):
         idx = block_start + lanes
         p, key, counted, _z, ahead = _block_keys(ahead, row_ptr, idx, col_stride, stop, scale,
                                                   top, log_sum, BLOCK, UNIT_COL_STRIDE, PREFETCH)
-        if LOSS and USE_PTX:
-            # An open root bucket (NaN sign) exists only while the root is being counted below
-            # (`count`): its elements step one level and are counted inside `loss_sign`.
-            acc += p * loss_sign(key, p, runs, clamp, root, sign_ptr, ws_ptr + _CHILD * ENTRIES,
-                                 ws_ptr + CNT * ENTRIES, ws_ptr + KEY_MIN * ENTRIES, ws_ptr + KEY_MAX * ENTRIES,
-                                 mass_ptr, level_shift, digit_mask)
-        else:
-            if LOSS:
-                outside, middle = _run_sign(key, runs)
-                key = _clamp_key(key, meta_ptr)
-                root_shift, root_base = root
-                sign = tl.load(sign_ptr + (key >> root_shift) - root_base, mask=middle, other=0.0)
-                sign = tl.where(middle, sign, outside)
-                decided = sign == sign
-                acc += tl.where(decided, p * sign, 0.0)
-                walking = middle & (~decided)
+        key = _clamp_key(key, meta_ptr)
+        if LOSS:
+            root_entry = (key >> root_shift) - root_base
+            if USE_PTX:  # the root's signs do not change during this pass
+                sign = gather_f32(sign_ptr, root_entry, counted)
             else:
-                key = _clamp_key(key, meta_ptr)
-                walking = counted & (key >= key_lo) & (key <= key_hi)
-            if count:
-                entry, reached = _walk(key, walking, ws_ptr + _CHILD * ENTRIES, meta_ptr, level, MAX_LEVELS)
-                if USE_PTX:
-                    count_key(reached, entry, key, p, ws_ptr + CNT * ENTRIES, ws_ptr + KEY_MIN * ENTRIES,
-                              ws_ptr + KEY_MAX * ENTRIES, mass_ptr)
-                else:
-                    tl.atomic_add(ws_ptr + CNT * ENTRIES + entry, 1, mask=reached, sem="relaxed")
-                    tl.atomic_min(ws_ptr + KEY_MIN * ENTRIES + entry, key, mask=reached, sem="relaxed")
-                    tl.atomic_max(ws_ptr + KEY_MAX * ENTRIES + entry, key, mask=reached, sem="relaxed")
-                    tl.atomic_add(mass_ptr + entry, (p * MASS_SCALE).to(tl.int64), mask=reached, sem="relaxed")
+                sign = tl.load(sign_ptr + root_entry, mask=counted, other=0.0)
+            decided = sign == sign
+            acc += tl.where(decided, p * sign, 0.0)
+            walking = counted & (~decided)
+        else:
+            walking = counted & (key >= key_lo) & (key <= key_hi)
+        if LOSS and USE_PTX:
+            # Level 1: an open root bucket (NaN sign) exists only while the root is being
+            # counted below (`count`), so `walking` alone says which lanes step and count.
+            step_and_count(walking, root_entry, key, p, ws_ptr + _CHILD * ENTRIES, ws_ptr + CNT * ENTRIES,
+                           ws_ptr + KEY_MIN * ENTRIES, ws_ptr + KEY_MAX * ENTRIES, mass_ptr, level_shift,
+                           digit_mask)
+        elif count:
+            entry, reached = _walk(key, walking, ws_ptr + _CHILD * ENTRIES, meta_ptr, level, MAX_LEVELS)
+            if USE_PTX:
+                count_key(reached, entry, key, p, ws_ptr + CNT * ENTRIES, ws_ptr + KEY_MIN * ENTRIES,
+                          ws_ptr + KEY_MAX * ENTRIES, mass_ptr)
+            else:
+                tl.atomic_add(ws_ptr + CNT * ENTRIES + entry, 1, mask=reached, sem="relaxed")
+                tl.atomic_min(ws_ptr + KEY_MIN * ENTRIES + entry, key, mask=reached, sem="relaxed")
+                tl.atomic_max(ws_ptr + KEY_MAX * ENTRIES + entry, key, mask=reached, sem="relaxed")
+                tl.atomic_add(mass_ptr + entry, (p * MASS_SCALE).to(tl.int64), mask=reached, sem="relaxed")
     return tl.sum(acc, 0)
 
 
 @triton.jit
 def _write_grad(row_ptr, col_stride, inv_temperature, scale, top, log_sum, ws_ptr, sign_ptr,
-                meta_ptr, side, depth, start, stop, signed_mass, factor, grad_ptr, ce_top, ce_log_sum, ce_label, ce_factor,
+                meta_ptr, depth, start, stop, signed_mass, factor, grad_ptr, ce_top, ce_log_sum, ce_label, ce_factor,
                 ENTRIES: tl.constexpr, BLOCK: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr,
                 STAGES: tl.constexpr, MAX_LEVELS: tl.constexpr, HAS_CE: tl.constexpr,
                 USE_PTX: tl.constexpr, PREFETCH: tl.constexpr):
     """grad_i = factor * (p_i / T) * (sign_i - signed_mass): the softmax backward of signs,
     plus, with HAS_CE, ce_factor * (softmax(z)_i - [i == ce_label]): the cross-entropy's.
-    Columns [start, stop) of side `side` (0: the student)."""
+    Columns [start, stop)."""
     lanes = tl.arange(0, BLOCK)
-    runs, clamp, root = _side_runs(meta_ptr, side)
     ahead = _first_block(row_ptr, start + lanes, col_stride, stop, UNIT_COL_STRIDE, PREFETCH)
     for block_start in tl.range(start, stop, BLOCK, num_stages=STAGES):
         idx = block_start + lanes
-        p, key, _counted, z, ahead = _block_keys(ahead, row_ptr, idx, col_stride, stop, scale,
-                                                 top, log_sum, BLOCK, UNIT_COL_STRIDE, PREFETCH)
-        sign = _walk_sign(key, ws_ptr + _CHILD * ENTRIES, sign_ptr, meta_ptr, depth, runs, clamp, root,
-                          MAX_LEVELS, USE_PTX)
+        p, key, counted, z, ahead = _block_keys(ahead, row_ptr, idx, col_stride, stop, scale,
+                                                top, log_sum, BLOCK, UNIT_COL_STRIDE, PREFETCH)
+        sign = _walk_sign(key, counted, ws_ptr + _CHILD * ENTRIES, sign_ptr, meta_ptr, depth, MAX_LEVELS,
+                          USE_PTX)
         grad = factor * (p * inv_temperature) * (sign - signed_mass)
         if HAS_CE:  # ce_top, ce_log_sum: the base-2 statistics of the row at temperature 1
             grad += ce_factor * (_exp2((z - ce_top) * LOG2E - ce_log_sum) - (idx == ce_label).to(tl.float32))

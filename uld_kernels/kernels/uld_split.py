@@ -30,7 +30,7 @@ import triton.language as tl
 
 from uld_kernels.kernels.uld_rows import (
     _CNT_S, _CNT_T, _KEY_HI, _KEY_LO, _MAX_S, _MAX_T, _MIN_S, _MIN_T, _NODE_TOP, _ROOT_BASE,
-    _RUNS, _SHIFT_OFFSET, _clamp_key,
+    _SHIFT_OFFSET, _clamp_key,
     INT_PLANES, LN2, LOG2E, MASS_SCALE, SIGN_PLANES,
     _count_level, _finish_lse2, _keys_of, _pair_rows, _probs_and_keys, _resolve_level,
     _stats_range, _write_grad,
@@ -205,57 +205,13 @@ def stats_kernel(
             if row_ok & (~identical):
                 tl.store(meta_ptr + _STATUS, 1)  # the root is still to be counted
             else:
-                # Nothing to count (identical rows: every element ties exactly, sign 0; rows
-                # without a distribution: NaN loss): every key's sign is 0, from its runs alone.
+                # Nothing to count (identical rows: every element ties exactly; rows without a
+                # distribution: NaN loss): every root bucket gets sign 0, and no level below it.
                 tl.store(meta_ptr + _STATUS, 0)
-                _store_runs(meta_ptr, 0, -2147483648, 1, 0.0, 0.0)
-                _store_runs(meta_ptr, 1, -2147483648, 1, 0.0, 0.0)
-
-
-@triton.jit
-def _store_runs(meta_ptr, side, hi_key, lo_key, hi_sign, lo_sign):
-    runs = meta_ptr + _RUNS + 4 * side
-    tl.store(runs, hi_key)
-    tl.store(runs + 1, lo_key)
-    tl.store(runs + 2, tl.cast(hi_sign, tl.float32).to(tl.int32, bitcast=True))
-    tl.store(runs + 3, tl.cast(lo_sign, tl.float32).to(tl.int32, bitcast=True))
-
-
-@triton.jit
-def _bucket_key(bucket, root_shift, root_base, ROOT_ENTRIES: tl.constexpr):
-    """The smallest key of root bucket `bucket`; below every key for bucket 0, above every key
-    for ROOT_ENTRIES (keys past the root's range are clamped into its edge buckets)."""
-    first = ((root_base + bucket).to(tl.int64) << root_shift).to(tl.int32)
-    return tl.where(bucket <= 0, -2147483648, tl.where(bucket >= ROOT_ENTRIES, 2147483647, first))
-
-
-@triton.jit
-def _sign_runs(sign_ptr, count_ptr, meta_ptr, side, root_shift, root_base, ROOT_ENTRIES: tl.constexpr):
-    """One side's sign runs of a resolved root (uld_rows._run_sign): the sign of the highest
-    bucket that holds the side's elements and how far down the buckets holding them keep it;
-    the same from the lowest bucket up. An open bucket (NaN) ends a run; a side whose top or
-    bottom bucket is open has no run there."""
-    top = -1
-    bottom = ROOT_ENTRIES
-    for piece in range(0, ROOT_ENTRIES, 1024):
-        root = piece + tl.arange(0, 1024)
-        held = tl.load(count_ptr + root, cache_modifier=".cg") > 0
-        top = tl.maximum(top, tl.max(tl.where(held, root, -1), 0))
-        bottom = tl.minimum(bottom, tl.min(tl.where(held, root, ROOT_ENTRIES), 0))
-    top_sign = tl.load(sign_ptr + tl.maximum(top, 0), cache_modifier=".cg")
-    bottom_sign = tl.load(sign_ptr + tl.minimum(bottom, ROOT_ENTRIES - 1), cache_modifier=".cg")
-    last_off = -1  # the highest held bucket whose sign differs from the top's (NaN differs)
-    first_off = ROOT_ENTRIES  # the lowest one whose sign differs from the bottom's
-    for piece in range(0, ROOT_ENTRIES, 1024):
-        root = piece + tl.arange(0, 1024)
-        held = tl.load(count_ptr + root, cache_modifier=".cg") > 0
-        sign = tl.load(sign_ptr + root, cache_modifier=".cg")
-        last_off = tl.maximum(last_off, tl.max(tl.where(held & (sign != top_sign), root, -1), 0))
-        first_off = tl.minimum(first_off, tl.min(tl.where(held & (sign != bottom_sign), root, ROOT_ENTRIES), 0))
-    _store_runs(meta_ptr, side, _bucket_key(last_off + 1, root_shift, root_base, ROOT_ENTRIES),
-                tl.maximum(_bucket_key(first_off, root_shift, root_base, ROOT_ENTRIES), 1),
-                tl.where((top >= 0) & (top_sign == top_sign), top_sign, 0.0),
-                tl.where((bottom < ROOT_ENTRIES) & (bottom_sign == bottom_sign), bottom_sign, 0.0))
+                for piece in tl.static_range(0, ROOT_ENTRIES, 1024):
+                    root = piece + tl.arange(0, 1024)
+                    tl.store(sign_ptr + root, tl.zeros([1024], tl.float32), mask=root < ROOT_ENTRIES)
+                    tl.store(sign_ptr + ENTRIES + root, tl.zeros([1024], tl.float32), mask=root < ROOT_ENTRIES)
 
 
 @triton.jit
@@ -306,12 +262,12 @@ def _count_level_both(s_row, t_row, student_col_stride, teacher_col_stride,
     span: tl.constexpr = ENTRIES - (1 << ROOT_BITS)
     student_sum = _count_level(
         s_row, student_col_stride, inv_student_temperature * LOG2E, tl.load(row_f + _S_TOP),
-        tl.load(row_f + _S_LOG_SUM), ws_ptr, sign_ptr, mass_ptr, meta_ptr, 0, level,
+        tl.load(row_f + _S_LOG_SUM), ws_ptr, sign_ptr, mass_ptr, meta_ptr, level,
         start, s_stop, key_lo, key_hi, count,
         _CNT_S, _MIN_S, _MAX_S, ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS, LOSS, USE_PTX, PREFETCH)
     teacher_sum = _count_level(
         t_row, teacher_col_stride, inv_teacher_temperature * LOG2E, tl.load(row_f + _T_TOP),
-        tl.load(row_f + _T_LOG_SUM), ws_ptr, sign_ptr + ENTRIES, mass_ptr + span, meta_ptr, 1, level,
+        tl.load(row_f + _T_LOG_SUM), ws_ptr, sign_ptr + ENTRIES, mass_ptr + span, meta_ptr, level,
         start, t_stop, key_lo, key_hi, count,
         _CNT_T, _MIN_T, _MAX_T, ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS, LOSS, USE_PTX, PREFETCH)
     return student_sum, teacher_sum
@@ -402,13 +358,10 @@ def root_kernel(
             status = _resolve_level(ws_ptr, sign_ptr, meta_ptr, 0, mass_ptr, row_mass,
                                     ENTRIES, RESOLVE_BLOCK, MAX_LEVELS, ENTRIES - ROOT_ENTRIES)
             tl.store(meta_ptr + _STATUS, status)
-            tl.debug_barrier()
-            _sign_runs(sign_ptr, ws_ptr + _CNT_S * ENTRIES, meta_ptr, 0, root_shift, root_base, ROOT_ENTRIES)
-            _sign_runs(sign_ptr + ENTRIES, ws_ptr + _CNT_T * ENTRIES, meta_ptr, 1, root_shift, root_base,
-                       ROOT_ENTRIES)
             if status > 0:
                 # The key range of the open buckets (their signs are NaN): the levels below
                 # walk only keys inside it.
+                tl.debug_barrier()
                 open_first = ROOT_ENTRIES
                 open_last = -1
                 for piece in tl.static_range(0, ROOT_ENTRIES, 1024):
@@ -580,7 +533,7 @@ def grad_kernel(
                 ce_label = tl.load(ce_label_ptr + pair).to(tl.int32)
                 ce_factor = tl.where(ce_label >= 0, tl.load(ce_weight_ptr + pair), 0.0)
             _write_grad(s_row, student_col_stride, inv_student_temperature, inv_student_temperature * LOG2E,
-                        tl.load(row_f + _S_TOP), tl.load(row_f + _S_LOG_SUM), ws_ptr, sign_ptr, meta_ptr, 0,
+                        tl.load(row_f + _S_TOP), tl.load(row_f + _S_LOG_SUM), ws_ptr, sign_ptr, meta_ptr,
                         depth, start, tl.minimum(start + CHUNK, student_vocab), tl.load(row_f + _S_MASS),
                         row_grad_scale, grad_student_ptr + s_index * grad_student_row_stride,
                         ce_top, ce_log_sum, ce_label, ce_factor,
@@ -588,7 +541,7 @@ def grad_kernel(
         if TEACHER_GRAD:
             _write_grad(t_row, teacher_col_stride, inv_teacher_temperature, inv_teacher_temperature * LOG2E,
                         tl.load(row_f + _T_TOP), tl.load(row_f + _T_LOG_SUM), ws_ptr, sign_ptr + ENTRIES,
-                        meta_ptr, 1, depth, start, tl.minimum(start + CHUNK, teacher_vocab),
+                        meta_ptr, depth, start, tl.minimum(start + CHUNK, teacher_vocab),
                         tl.load(row_f + _T_MASS), -row_grad_scale,
                         grad_teacher_ptr + t_index * grad_teacher_row_stride,
                         0.0, 0.0, -1, 0.0,
