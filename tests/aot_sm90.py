@@ -108,7 +108,7 @@ def split_kernel_configs():
     kernels = [
         ("stats", uld_split.stats_kernel, dict(SAME_VOCAB=False, HAS_CE=False, CHUNKS_POW2=chunks_pow2,
                                                RESOLVE_BLOCK=256)),
-        ("root", uld_split.root_kernel, dict(RESOLVE_BLOCK=256, USE_PTX=cfg.smem)),
+        ("root", uld_split.root_kernel, dict(RESOLVE_BLOCK=256, USE_PTX=cfg.smem, LEVEL_CAP=cfg.level_cap)),
         ("count level 1 (sums the loss)", uld_split.count_kernel,
          dict(RESOLVE_BLOCK=256, CHUNKS_POW2=chunks_pow2, LOSS=True, USE_PTX=cfg.smem, PREFETCH=cfg.prefetch)),
         ("count", uld_split.count_kernel,

@@ -55,6 +55,7 @@ class SplitConfig:
     prefetch: bool  # count, loss and gradient loops load the next block before using this one
     root_bits: int  # the root has 2**root_bits buckets (10 to 12)
     smem: bool  # inline PTX (GPU only): root histogram in shared memory, count-level reductions
+    level_cap: int  # entries the root's open buckets get below them, past 4 bits each
 
 
 # Sizes of the engine on the GPU; each can be overridden for tuning (bench/NOTES.md records
@@ -70,12 +71,14 @@ SPLIT = dict(
     prefetch=os.environ.get("ULD_PREFETCH", "1") != "0",
     root_bits=int(os.environ.get("ULD_ROOT_BITS", 12)),
     smem=os.environ.get("ULD_SMEM", "1") != "0",
+    level_cap=int(os.environ.get("ULD_LEVEL_CAP", 2048)),
 )
 # Under the interpreter: small chunks and batches, so that short test rows still span several
 # chunks and batches (every cross-program path runs), at a cost the interpreter can afford;
 # a 1,024-bucket root (four resolve chunks: the carry across chunks runs) from tl.histogram.
 SPLIT_INTERPRETED = dict(block=128, chunk=256, entries=8192, batch_rows=5, split_levels=2,
-                         num_warps=4, stages=1, prefetch=True, root_bits=10, smem=False)
+                         num_warps=4, stages=1, prefetch=True, root_bits=10, smem=False,
+                         level_cap=512)
 
 
 def split_config(on_gpu: bool) -> SplitConfig:
@@ -93,6 +96,8 @@ def split_config(on_gpu: bool) -> SplitConfig:
     if knobs["entries"] <= 1 << knobs["root_bits"]:
         raise ValueError(f"ULD_SPLIT_ENTRIES must exceed the root's {1 << knobs['root_bits']} buckets, "
                          f"got {knobs['entries']}")
+    if knobs["level_cap"] < 1:
+        raise ValueError(f"ULD_LEVEL_CAP must be a positive number of entries, got {knobs['level_cap']}")
     if knobs["block"] < 128 or knobs["block"] & (knobs["block"] - 1):
         raise ValueError(f"ULD_SPLIT_BLOCK must be a power of two >= 128, got {knobs['block']}")
     if chunk >= 65536:
@@ -241,7 +246,7 @@ def _split_pairs(student_logits, teacher_logits, row_loss, status, row_ce, grad_
         uld_split.root_kernel[grid](
             *common, root_partial, n_chunks, batch_start, student_vocab,
             teacher_vocab, *layouts, *temps, CHUNK=cfg.chunk, RESOLVE_BLOCK=256, USE_PTX=use_ptx,
-            **strides, **sizes)
+            LEVEL_CAP=cfg.level_cap, **strides, **sizes)
         for level in range(1, cfg.split_levels + 1):
             uld_split.count_kernel[grid](
                 *common, partial, n_chunks, batch_start, level, student_vocab, teacher_vocab, *layouts,

@@ -55,6 +55,7 @@ _KEY_LO = tl.constexpr(46)  # every key is clamped into the root's range [_KEY_L
 _KEY_HI = tl.constexpr(47)
 
 _MAX_CHILD_BITS = tl.constexpr(8)
+_MIN_CHILD_BITS = tl.constexpr(4)  # a level may take more than its cap (`_resolve_level`) up to here
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 # Compiled kernels take exp2 from one flush-to-zero MUFU instruction (kernels/ptx.py); the
@@ -393,7 +394,8 @@ def _count_difference(ws_ptr, chunk_start, level_end, ENTRIES: tl.constexpr, RES
 
 @triton.jit
 def _resolve_level(ws_ptr, sign_ptr, meta_ptr, level, mass_ptr, row_mass_ptr, ENTRIES: tl.constexpr,
-                   RESOLVE_BLOCK: tl.constexpr, MAX_LEVELS: tl.constexpr, MASS_SPAN: tl.constexpr):
+                   RESOLVE_BLOCK: tl.constexpr, MAX_LEVELS: tl.constexpr, MASS_SPAN: tl.constexpr,
+                   LEVEL_CAP: tl.constexpr):
     """Sign every bucket of `level`; give each open bucket a child node on `level + 1`.
 
     Returns the number of open buckets, or -1 when the workspace or the depth ran out.
@@ -422,12 +424,16 @@ def _resolve_level(ws_ptr, sign_ptr, meta_ptr, level, mass_ptr, row_mass_ptr, EN
         open_total += tl.sum(open_bucket.to(tl.int32), 0)
     # Child nodes split the next `child_bits` bits (up to 8: every level costs a pass over
     # the rows, so as few levels as possible); spend at most half of the free entries on
-    # this level so that deeper levels still find room.
+    # this level so that deeper levels still find room, and past _MIN_CHILD_BITS at most
+    # LEVEL_CAP entries: every fresh entry is zeroed and resolved by one program of the pair
+    # (at 16,384 entries, 8 bits for a handful of open root buckets cost more than the deeper
+    # levels they might save: bench/NOTES.md, fifth session).
     child_bits = 0
     half_free = (ENTRIES - level_end) // 2
     if open_total > 0:
         while (child_bits < _MAX_CHILD_BITS) & (child_bits < shift) & (
-                (open_total << (child_bits + 1)) <= half_free):
+                (open_total << (child_bits + 1)) <= half_free) & (
+                (child_bits < _MIN_CHILD_BITS) | ((open_total << (child_bits + 1)) <= LEVEL_CAP)):
             child_bits += 1
     status = open_total
     if open_total > 0:

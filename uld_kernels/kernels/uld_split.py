@@ -284,7 +284,7 @@ def root_kernel(
     STUDENT_UNIT_STRIDE: tl.constexpr, TEACHER_UNIT_STRIDE: tl.constexpr, GATHER: tl.constexpr,
     BLOCK: tl.constexpr, CHUNK: tl.constexpr, ENTRIES: tl.constexpr,
     RESOLVE_BLOCK: tl.constexpr, MAX_LEVELS: tl.constexpr, STAGES: tl.constexpr,
-    ROOT_BITS: tl.constexpr, USE_PTX: tl.constexpr,
+    ROOT_BITS: tl.constexpr, USE_PTX: tl.constexpr, LEVEL_CAP: tl.constexpr,
 ):
     """Per (pair, chunk): the root histogram of the chunk's keys (2**ROOT_BITS buckets per
     side), written as the chunk's partial counts (student in the low 16 bits of a word, teacher
@@ -356,7 +356,7 @@ def root_kernel(
                 tl.store(ws_ptr + _CNT_T * ENTRIES + root, teacher_count)
             tl.debug_barrier()
             status = _resolve_level(ws_ptr, sign_ptr, meta_ptr, 0, mass_ptr, row_mass,
-                                    ENTRIES, RESOLVE_BLOCK, MAX_LEVELS, ENTRIES - ROOT_ENTRIES)
+                                    ENTRIES, RESOLVE_BLOCK, MAX_LEVELS, ENTRIES - ROOT_ENTRIES, LEVEL_CAP)
             tl.store(meta_ptr + _STATUS, status)
             if status > 0:
                 # The key range of the open buckets (their signs are NaN): the levels below
@@ -421,7 +421,7 @@ def count_kernel(
                 tl.store(meta_ptr + _DEPTH, level)
                 tl.store(meta_ptr + _STATUS, _resolve_level(ws_ptr, sign_ptr, meta_ptr, level, mass_ptr, row_mass,
                                                             ENTRIES, RESOLVE_BLOCK, MAX_LEVELS,
-                                                            ENTRIES - (1 << ROOT_BITS)))
+                                                            ENTRIES - (1 << ROOT_BITS), ENTRIES))
 
 
 @triton.jit(do_not_specialize=["n_chunks", "batch_start", "student_seq_len", "teacher_seq_len"])
@@ -466,7 +466,7 @@ def finish_kernel(
                                   ROOT_BITS, False, USE_PTX, PREFETCH)
                 tl.debug_barrier()
                 status = _resolve_level(ws_ptr, sign_ptr, meta_ptr, depth, mass_ptr, row_mass,
-                                        ENTRIES, RESOLVE_BLOCK, MAX_LEVELS, ENTRIES - (1 << ROOT_BITS))
+                                        ENTRIES, RESOLVE_BLOCK, MAX_LEVELS, ENTRIES - (1 << ROOT_BITS), ENTRIES)
                 tl.debug_barrier()
             tl.store(meta_ptr + _DEPTH, depth)
             tl.store(meta_ptr + _STATUS, status)
