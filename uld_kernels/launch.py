@@ -71,7 +71,7 @@ SPLIT = dict(
     prefetch=os.environ.get("ULD_PREFETCH", "1") != "0",
     root_bits=int(os.environ.get("ULD_ROOT_BITS", 12)),
     smem=os.environ.get("ULD_SMEM", "1") != "0",
-    level_cap=int(os.environ.get("ULD_LEVEL_CAP", 2048)),
+    level_cap=int(os.environ.get("ULD_LEVEL_CAP", 1024)),
 )
 # Under the interpreter: small chunks and batches, so that short test rows still span several
 # chunks and batches (every cross-program path runs), at a cost the interpreter can afford;
