@@ -19,6 +19,7 @@ import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.profile_passes import kernel_times, print_kernel_times  # noqa: E402
 from bench.shapes import VOCAB_PAIRS, make_rows  # noqa: E402
 from reference.paper import uld_distillation_loss_reference  # noqa: E402
 from uld_kernels import ULDLoss, uld_loss  # noqa: E402
@@ -45,6 +46,7 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="also print each case's kernels (GPU time)")
     args = parser.parse_args()
     vs, vt = VOCAB_PAIRS["qwen_llama3"]
     student, teacher, s_labels, t_labels = labelled_batch(args.batch, args.length, vs, vt)
@@ -81,6 +83,10 @@ def main():
             torch.cuda.synchronize()
             peak = (torch.cuda.max_memory_allocated() - base) / 1e9
             print(f"| {name} | {ms:.2f} | {peak:.2f} |", flush=True)
+            if args.profile:
+                per_kernel = kernel_times(fn)
+                print(f"  {name}: {sum(t for t, _ in per_kernel.values()) / 1e3:.2f} ms of kernels")
+                print_kernel_times(per_kernel)
         except torch.OutOfMemoryError:
             print(f"| {name} | out of memory | - |")
             torch.cuda.empty_cache()

@@ -23,6 +23,26 @@ from bench.shapes import KINDS, VOCAB_PAIRS, make_rows  # noqa: E402
 from uld_kernels.launch import uld_rows  # noqa: E402
 
 
+def kernel_times(fn) -> dict:
+    """GPU time (microseconds) and launches of each kernel of one call of fn, by name."""
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    per_kernel = collections.defaultdict(lambda: [0.0, 0])
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            entry = per_kernel[event.name[:60]]
+            entry[0] += event.device_time_total if hasattr(event, "device_time_total") else event.cuda_time_total
+            entry[1] += 1
+    return per_kernel
+
+
+def print_kernel_times(per_kernel: dict):
+    for name, (t, n) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0]):
+        print(f"  {t / 1e3:8.3f} ms  {n:4d} launches  {name}")
+
+
 def one_call(student, teacher):
     return uld_rows(student, teacher, 1.0, 1.0, True, False, 1.0)
 
@@ -41,22 +61,12 @@ def main():
             student, teacher = make_rows(kind, args.rows, vs, vt, seed=1)
             for _ in range(2):
                 _, status, _, _ = one_call(student, teacher)
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                one_call(student, teacher)
-                torch.cuda.synchronize()
-            per_kernel = collections.defaultdict(lambda: [0.0, 0])
-            for event in prof.events():
-                if event.device_type == torch.autograd.DeviceType.CUDA:
-                    entry = per_kernel[event.name[:60]]
-                    entry[0] += event.device_time_total if hasattr(event, "device_time_total") else event.cuda_time_total
-                    entry[1] += 1
+            per_kernel = kernel_times(lambda: one_call(student, teacher))
             total = sum(t for t, _ in per_kernel.values())
             depth = (status >> 1).float()
             print(f"\n{pair} {kind} rows={args.rows}: {total / 1e3:.2f} ms of kernels; trie depth mean "
                   f"{depth.mean():.2f} max {int(depth.max())}; exhausted rows {int((status & 1).sum())}")
-            for name, (t, n) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0]):
-                print(f"  {t / 1e3:8.3f} ms  {n:4d} launches  {name}")
+            print_kernel_times(per_kernel)
             del student, teacher
             torch.cuda.empty_cache()
 
