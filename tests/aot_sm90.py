@@ -21,7 +21,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from uld_kernels.kernels.cross_entropy import ce_rows_kernel  # noqa: E402
 from uld_kernels.kernels import uld_split  # noqa: E402
-from uld_kernels.kernels.uld_rows import scale_rows_kernel  # noqa: E402
+from uld_kernels.kernels.uld_rows import scale_rows_kernel, zero_rows_kernel  # noqa: E402
 from uld_kernels.launch import ce_kernel_config, split_config  # noqa: E402
 
 TRITON_TYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -45,6 +45,7 @@ def facts(name: str, compiled) -> dict:
         # 8- or 16-byte row loads: plain vector loads, or pipelined copies to shared memory
         vector_loads=bool(re.search(
             r"ld\.global(\.nc)?\.v[24]|cp\.async\.\w+\.shared\.global \[[^\]]*\], \[[^\]]*\], (0x8|0x10|8|16)\b", ptx)),
+        vector_stores=bool(re.search(r"st\.global\.v[24]", ptx)),
         pipelined=("cp.async" in ptx),
         shared=compiled.metadata.shared,
         # static shared memory declared by inline PTX (kernels/ptx.py)
@@ -145,10 +146,19 @@ def scale_kernel_configs():
                dict(SCALE_PER_ROW=per_row, BLOCK=4096), ["grad_ptr", "scale_ptr", "vocab"], 8)
 
 
+def zero_kernel_configs():
+    """The distillation gradient's zeroing of what no kernel writes (launch.zero_unwritten_)."""
+    for dtype in TRITON_TYPE:
+        types = dict(grad_ptr="*" + TRITON_TYPE[dtype], written_ptr="*i8", used="i32", width="i32")
+        yield (f"zero_rows {TRITON_TYPE[dtype]}", zero_rows_kernel, types, dict(BLOCK=4096),
+               ["grad_ptr", "written_ptr", "width"], 8)
+
+
 def main():
     resources = "--resources" in sys.argv  # print ptxas -v of each kernel instead of facts
     only = [a for a in sys.argv[1:] if not a.startswith("--")]  # name prefixes to compile
-    for name, kernel, types, constexprs, aligned, warps in [*split_kernel_configs(), *distill_kernel_configs(), *scale_kernel_configs()]:
+    for name, kernel, types, constexprs, aligned, warps in [*split_kernel_configs(), *distill_kernel_configs(), *scale_kernel_configs(),
+                                                     *zero_kernel_configs()]:
         if only and not any(name.startswith(o) for o in only):
             continue
         compiled = compile_kernel(kernel, types, constexprs, aligned, warps)

@@ -11,6 +11,7 @@ import torch
 from reference.paper import uld_distillation_loss_reference
 from tests.helpers import assert_grads_close, assert_losses_close
 from uld_kernels import ULDLoss, uld_distillation_loss
+from uld_kernels.launch import zero_unwritten_
 
 IGNORE = -100
 
@@ -202,3 +203,17 @@ def test_no_grad_evaluation_of_the_training_loss_computes_no_gradient(monkeypatc
     assert calls == [False, True], calls
     for a, b in zip(evaluated, trained):
         assert torch.equal(a, b.detach())
+
+
+@pytest.mark.parametrize("used", [37, 50])
+def test_zero_unwritten_rows_and_padded_columns(used, device):
+    """The distillation gradient buffer starts uninitialised: rows no kernel writes are zeroed
+    whole, the written ones only past the used vocabulary; written columns are left alone."""
+    grad = torch.full((6, 50), float("nan"), dtype=torch.bfloat16, device=device)
+    written = torch.tensor([1, 0, 0, 1, 1, 0], dtype=torch.int8, device=device)
+    zero_unwritten_(grad, written, used)
+    keep = written.bool().cpu()
+    out = grad.cpu()
+    assert (out[~keep] == 0).all()
+    assert (out[keep][:, used:] == 0).all()
+    assert torch.isnan(out[keep][:, :used]).all()

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from uld_kernels.alignment import ALIGNMENTS, next_token_targets, pair_rows
-from uld_kernels.launch import cross_entropy_rows, interpreter_enabled, uld_pairs
+from uld_kernels.launch import cross_entropy_rows, interpreter_enabled, uld_pairs, zero_unwritten_
 from uld_kernels.validation import (
     check_choice,
     check_finite,
@@ -49,16 +49,32 @@ def uld_distill_op(
     student = student_logits[..., :student_vocab]
     teacher = teacher_logits[..., :teacher_vocab]
     n_rows = student_logits.shape[0] * student_logits.shape[1]
-    # Full width, so that padded lm_head columns get their zero gradient without a copy.
-    grad = (torch.zeros((n_rows, student_logits.shape[-1]), dtype=student_logits.dtype,
-                        device=student_logits.device) if student_grad else None)
-    grad_used = grad[:, :student_vocab] if student_grad else None
-    safe = student_index.clamp(min=0)
-    pair_label = torch.where(student_index >= 0, ce_label[safe], -1) if has_ce else None
+    device = student_logits.device
+    grad = grad_used = None
+    if student_grad:
+        # Full width, so that padded lm_head columns get their zero gradient without a copy;
+        # only what the kernels below leave unwritten is zeroed.
+        grad = torch.empty((n_rows, student_logits.shape[-1]), dtype=student_logits.dtype, device=device)
+        written = torch.zeros(n_rows + 1, dtype=torch.int8, device=device)
+        written.index_fill_(0, torch.where(student_index >= 0, student_index, n_rows), 1)
+        written = written[:n_rows]
+        if has_ce:
+            written = written | (ce_index >= 0).to(torch.int8)
+        zero_unwritten_(grad, written.contiguous(), student_vocab)
+        grad_used = grad[:, :student_vocab]
+    # Pairs first, padding slots last (a stable order: deterministic): the engine's batches
+    # then hold pairs only, and the trailing all-padding ones cost their launches alone.
+    order = torch.argsort((student_index < 0).to(torch.int8), stable=True)
+    pair_student, pair_teacher = student_index[order], teacher_index[order]
+    safe = pair_student.clamp(min=0)
+    pair_label = torch.where(pair_student >= 0, ce_label[safe], -1) if has_ce else None
     rows, _status, pair_ce, _, _ = uld_pairs(
         student, teacher, student_temperature, teacher_temperature, student_grad, False, 1.0,
-        student_index=student_index, teacher_index=teacher_index, row_weight=pair_weight,
+        student_index=pair_student, teacher_index=pair_teacher, row_weight=pair_weight[order],
         ce_label=pair_label, ce_weight=ce_weight[safe] if has_ce else None, grad_student=grad_used)
+    rows = torch.empty_like(rows).scatter_(0, order, rows)
+    if has_ce:
+        pair_ce = torch.empty_like(pair_ce).scatter_(0, order, pair_ce)
     if has_ce:
         other_ce = cross_entropy_rows(student, ce_index, ce_label, ce_weight, grad_used)
     else:

@@ -13,7 +13,7 @@ import triton
 
 from uld_kernels.kernels import uld_split
 from uld_kernels.kernels.cross_entropy import ce_rows_kernel
-from uld_kernels.kernels.uld_rows import INT_PLANES, META_SLOTS, SIGN_PLANES, scale_rows_kernel
+from uld_kernels.kernels.uld_rows import INT_PLANES, META_SLOTS, SIGN_PLANES, scale_rows_kernel, zero_rows_kernel
 
 INT_PLANES, META_SLOTS, SIGN_PLANES = INT_PLANES.value, META_SLOTS.value, SIGN_PLANES.value
 
@@ -168,8 +168,9 @@ def uld_pairs(
     (float32), and the gradients are full-size, zero on rows no pair reads. With
     ``ce_label`` (int64 ``[M]``, negative: none) and ``ce_weight`` (float32 ``[M]``), the
     student's temperature-1 cross-entropy of each pair's row is returned and its gradient,
-    weighted, is added to the student's. ``grad_student``: a zeroed 2-D buffer to write the
-    student gradient into (its row stride may exceed the vocabulary: padded lm_head columns).
+    weighted, is added to the student's. ``grad_student``: a 2-D buffer to write the student
+    gradient into (its row stride may exceed the vocabulary: padded lm_head columns); the rows
+    of the pairs are written whole, the others are left as they are.
     """
     gather = student_index is not None
     has_ce = ce_label is not None
@@ -298,14 +299,31 @@ def cross_entropy_rows(
     return row_ce
 
 
+def _row_splits(grad: torch.Tensor) -> tuple[int, int]:
+    """Block and programs per row of the elementwise row kernels."""
+    block = 4096 if grad.is_cuda else 1024
+    return block, max(1, min(triton.cdiv(grad.shape[1], block), 8))
+
+
+def zero_unwritten_(grad: torch.Tensor, written: torch.Tensor, used: int) -> None:
+    """In place, on a contiguous ``[rows, width]`` gradient about to be written by the kernels:
+    zeroes the rows they will not write (``written[r] == 0``) and, in the others, the columns
+    past ``used``. Cheaper than zeroing the whole buffer first, which the written rows
+    would overwrite."""
+    n_rows, width = grad.shape
+    if n_rows == 0 or width == 0:
+        return
+    block, splits = _row_splits(grad)
+    zero_rows_kernel[(n_rows, splits)](grad, written, used, width, BLOCK=block, num_warps=8)
+
+
 def scale_rows_(grad: torch.Tensor, scale: torch.Tensor) -> None:
     """In place: ``grad[r] *= scale`` (``scale`` one element, or one per row). Rows whose scale
     is exactly 1 are not touched, so the common ``loss.backward()`` moves no bytes."""
     n_rows, vocab = grad.shape
     if n_rows == 0 or vocab == 0:
         return
-    block = 4096 if grad.is_cuda else 1024
-    splits = max(1, min(triton.cdiv(vocab, block), 8))
+    block, splits = _row_splits(grad)
     scale_rows_kernel[(n_rows, splits)](
         grad, scale, vocab, SCALE_PER_ROW=scale.numel() != 1, BLOCK=block, num_warps=8
     )

@@ -568,6 +568,23 @@ def _write_grad(row_ptr, col_stride, inv_temperature, scale, top, log_sum, ws_pt
 
 
 @triton.jit
+def zero_rows_kernel(grad_ptr, written_ptr, used, width, BLOCK: tl.constexpr):
+    """Zeroes what no kernel writes in a [rows, width] gradient: all of row r where
+    written[r] is 0, and the columns past `used` (padded lm_head columns) where it is 1."""
+    row = tl.program_id(0)
+    base = grad_ptr + tl.cast(row, tl.int64) * width
+    zeros = tl.zeros([BLOCK], grad_ptr.dtype.element_ty)
+    if tl.load(written_ptr + row) == 0:
+        for block_start in range(tl.program_id(1) * BLOCK, width, tl.num_programs(1) * BLOCK):
+            idx = block_start + tl.arange(0, BLOCK)
+            tl.store(base + idx, zeros, mask=idx < width)
+    elif tl.program_id(1) == 0:
+        for block_start in range(used, width, BLOCK):  # a few hundred columns at most
+            idx = block_start + tl.arange(0, BLOCK)
+            tl.store(base + idx, zeros, mask=idx < width)
+
+
+@triton.jit
 def scale_rows_kernel(grad_ptr, scale_ptr, vocab, SCALE_PER_ROW: tl.constexpr,
                       BLOCK: tl.constexpr):
     """grad[row, :] *= scale (one scalar or one per row); leaves rows whose scale is 1 alone,
