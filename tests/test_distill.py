@@ -176,7 +176,7 @@ def test_torch_compile_fullgraph(device):
     assert torch.equal(eager_in.grad, compiled_in.grad)
 
 
-def test_no_grad_evaluation_of_the_training_loss_computes_no_gradient(monkeypatch):
+def test_no_grad_evaluation_of_the_training_loss_computes_no_gradient(monkeypatch, device):
     """ULDLoss under torch.no_grad(): no student gradient is computed (the kernels get
     student_grad=False), and the losses equal those of a training call."""
     import uld_kernels.distill as distill
@@ -190,12 +190,13 @@ def test_no_grad_evaluation_of_the_training_loss_computes_no_gradient(monkeypatc
 
     monkeypatch.setattr(distill, "uld_pairs", spy)
     g = torch.Generator().manual_seed(3)
-    student = torch.randn(2, 12, 60, generator=g, requires_grad=True)
-    teacher = torch.randn(2, 12, 50, generator=g)
+    student = torch.randn(2, 12, 60, generator=g).to(device).requires_grad_(True)
+    teacher = torch.randn(2, 12, 50, generator=g).to(device)
     labels_s = torch.randint(0, 60, (2, 12), generator=g)
     labels_t = torch.randint(0, 50, (2, 12), generator=g)
     labels_s[:, :4] = -100
     labels_t[:, :3] = -100
+    labels_s, labels_t = labels_s.to(device), labels_t.to(device)
     uld = ULDLoss()
     with torch.no_grad():
         evaluated = uld(student, teacher, labels_s, labels_t)
