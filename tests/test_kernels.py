@@ -258,6 +258,16 @@ def test_without_prefetch(kind, device, monkeypatch):
     _check_rows_with_a_nan_row(kind, device, seed=41)
 
 
+@pytest.mark.parametrize("cap", [1, 1 << 20])
+@pytest.mark.parametrize("kind", ["random", "near", "integers"])
+def test_level_cap(cap, kind, device, monkeypatch):
+    """ULD_LEVEL_CAP bounds the entries under the root's open buckets past 4 bits each: 1 keeps
+    just the 4 bits (more levels), a huge cap none (as before the cap). Same results."""
+    monkeypatch.setitem(launch.SPLIT_INTERPRETED, "level_cap", cap)
+    monkeypatch.setitem(launch.SPLIT, "level_cap", cap)
+    _check_rows_with_a_nan_row(kind, device, seed=43)
+
+
 def test_no_grad_evaluation_computes_no_gradient(device, monkeypatch):
     """Under torch.no_grad() the logits may still require grad (a model's output in an
     evaluation loop): the kernels must not compute or allocate a gradient then."""
