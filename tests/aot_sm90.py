@@ -157,8 +157,8 @@ def zero_kernel_configs():
 def main():
     resources = "--resources" in sys.argv  # print ptxas -v of each kernel instead of facts
     only = [a for a in sys.argv[1:] if not a.startswith("--")]  # name prefixes to compile
-    for name, kernel, types, constexprs, aligned, warps in [*split_kernel_configs(), *distill_kernel_configs(), *scale_kernel_configs(),
-                                                     *zero_kernel_configs()]:
+    configs = [*split_kernel_configs(), *distill_kernel_configs(), *scale_kernel_configs(), *zero_kernel_configs()]
+    for name, kernel, types, constexprs, aligned, warps in configs:
         if only and not any(name.startswith(o) for o in only):
             continue
         compiled = compile_kernel(kernel, types, constexprs, aligned, warps)

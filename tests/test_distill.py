@@ -206,11 +206,15 @@ def test_no_grad_evaluation_of_the_training_loss_computes_no_gradient(monkeypatc
         assert torch.equal(a, b.detach())
 
 
-@pytest.mark.parametrize("used", [37, 50])
-def test_zero_unwritten_rows_and_padded_columns(used, device):
+@pytest.mark.parametrize("width_blocks", [0, 3])
+@pytest.mark.parametrize("padding", [0, 13])
+def test_zero_unwritten_rows_and_padded_columns(width_blocks, padding, device):
     """The distillation gradient buffer starts uninitialised: rows no kernel writes are zeroed
-    whole, the written ones only past the used vocabulary; written columns are left alone."""
-    grad = torch.full((6, 50), float("nan"), dtype=torch.bfloat16, device=device)
+    whole, the written ones only past the used vocabulary; written columns are left alone.
+    Rows wider than one block take several programs each (as real vocabularies do)."""
+    block = 4096 if device == "cuda" else 1024
+    used = width_blocks * block + 37
+    grad = torch.full((6, used + padding), float("nan"), dtype=torch.bfloat16, device=device)
     written = torch.tensor([1, 0, 0, 1, 1, 0], dtype=torch.int8, device=device)
     zero_unwritten_(grad, written, used)
     keep = written.bool().cpu()
@@ -218,3 +222,32 @@ def test_zero_unwritten_rows_and_padded_columns(used, device):
     assert (out[~keep] == 0).all()
     assert (out[keep][:, used:] == 0).all()
     assert torch.isnan(out[keep][:, :used]).all()
+
+
+@pytest.mark.parametrize("crossentropy_weight", [0.0, 1.0])
+def test_gradient_buffer_garbage_never_leaks(crossentropy_weight, device, monkeypatch):
+    """The training loss's gradient buffer comes from torch.empty: filled with NaN before the
+    zeroing, every row the kernels do not write (prompt rows, padded lm_head columns, and with
+    crossentropy_weight=0 the rows only the cross-entropy would write) must still come out
+    exact."""
+    import uld_kernels.distill as distill
+
+    real = distill.zero_unwritten_
+
+    def poisoned(grad, written, used):
+        grad.fill_(float("nan"))
+        real(grad, written, used)
+
+    monkeypatch.setattr(distill, "zero_unwritten_", poisoned)
+    student, teacher, s_labels, t_labels = _batch(7, device, vs=40, vs_full=48)
+    student = student.detach().requires_grad_(True)
+    options = dict(student_vocab_size=40, crossentropy_weight=crossentropy_weight, skip_student_eos=True)
+    total, _, _ = uld_distillation_loss(student, teacher, s_labels, t_labels, **options)
+    total.backward()
+    s64 = student.detach().double().requires_grad_(True)
+    ref, _, _ = uld_distillation_loss_reference(s64, teacher.double(), s_labels, t_labels, **options)
+    ref.backward()
+    assert torch.isfinite(student.grad).all()
+    assert (student.grad[..., 40:] == 0).all()
+    assert_grads_close(student.grad, s64.grad, student.reshape(-1, 48).detach(), torch.float32,
+                       per_tie_group=False)

@@ -55,12 +55,14 @@ def uld_distill_op(
         # Full width, so that padded lm_head columns get their zero gradient without a copy;
         # only what the kernels below leave unwritten is zeroed.
         grad = torch.empty((n_rows, student_logits.shape[-1]), dtype=student_logits.dtype, device=device)
+        # Rows written whole below: the pairs' student rows (uld_pairs) and, with the
+        # cross-entropy, row ce_index[r] where ce_index[r] and ce_label[r] are both >= 0
+        # (cross_entropy_rows); entry n_rows takes the rest.
         written = torch.zeros(n_rows + 1, dtype=torch.int8, device=device)
         written.index_fill_(0, torch.where(student_index >= 0, student_index, n_rows), 1)
-        written = written[:n_rows]
         if has_ce:
-            written = written | (ce_index >= 0).to(torch.int8)
-        zero_unwritten_(grad, written.contiguous(), student_vocab)
+            written.index_fill_(0, torch.where((ce_index >= 0) & (ce_label >= 0), ce_index, n_rows), 1)
+        zero_unwritten_(grad, written[:n_rows], student_vocab)
         grad_used = grad[:, :student_vocab]
     # Pairs first, padding slots last (a stable order: deterministic): the engine's batches
     # then hold pairs only, and the trailing all-padding ones cost their launches alone.
@@ -75,10 +77,9 @@ def uld_distill_op(
     rows = torch.empty_like(rows).scatter_(0, order, rows)
     if has_ce:
         pair_ce = torch.empty_like(pair_ce).scatter_(0, order, pair_ce)
-    if has_ce:
         other_ce = cross_entropy_rows(student, ce_index, ce_label, ce_weight, grad_used)
     else:
-        other_ce = torch.zeros(ce_index.shape, dtype=torch.float32, device=student_logits.device)
+        other_ce = torch.zeros(ce_index.shape, dtype=torch.float32, device=device)
         pair_ce = torch.zeros_like(rows)
     grad = grad.view(student_logits.shape) if student_grad else student_logits.new_empty(0)
     return rows, pair_ce, other_ce, grad

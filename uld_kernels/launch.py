@@ -165,7 +165,8 @@ def uld_pairs(
     any strides. Without indices, pair r is row r of both inputs. With ``student_index`` /
     ``teacher_index`` (int64 ``[M]``, rows of the 2-D inputs; a negative student index is
     padding), pair r reads those rows, its gradient is weighted by ``row_weight[r]``
-    (float32), and the gradients are full-size, zero on rows no pair reads. With
+    (float32), and the gradients are full-size (those allocated here: zero on rows no pair
+    reads). With
     ``ce_label`` (int64 ``[M]``, negative: none) and ``ce_weight`` (float32 ``[M]``), the
     student's temperature-1 cross-entropy of each pair's row is returned and its gradient,
     weighted, is added to the student's. ``grad_student``: a 2-D buffer to write the student
@@ -311,6 +312,8 @@ def zero_unwritten_(grad: torch.Tensor, written: torch.Tensor, used: int) -> Non
     past ``used``. Cheaper than zeroing the whole buffer first, which the written rows
     would overwrite."""
     n_rows, width = grad.shape
+    if grad.stride() != (width, 1):
+        raise ValueError(f"grad must be a contiguous [rows, width] tensor, got strides {grad.stride()}")
     if n_rows == 0 or width == 0:
         return
     block, splits = _row_splits(grad)

@@ -419,6 +419,7 @@ def count_kernel(
         if count:
             if _last_of_pair(meta_ptr + _DONE_LEVEL + level, n_chunks):
                 tl.store(meta_ptr + _DEPTH, level)
+                # LEVEL_CAP = ENTRIES: no cap below level 1 (only the root's children are capped)
                 tl.store(meta_ptr + _STATUS, _resolve_level(ws_ptr, sign_ptr, meta_ptr, level, mass_ptr, row_mass,
                                                             ENTRIES, RESOLVE_BLOCK, MAX_LEVELS,
                                                             ENTRIES - (1 << ROOT_BITS), ENTRIES))
@@ -465,6 +466,7 @@ def finish_kernel(
                                   ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS,
                                   ROOT_BITS, False, USE_PTX, PREFETCH)
                 tl.debug_barrier()
+                # LEVEL_CAP = ENTRIES: no cap below level 1 (only the root's children are capped)
                 status = _resolve_level(ws_ptr, sign_ptr, meta_ptr, depth, mass_ptr, row_mass,
                                         ENTRIES, RESOLVE_BLOCK, MAX_LEVELS, ENTRIES - (1 << ROOT_BITS), ENTRIES)
                 tl.debug_barrier()
