@@ -59,7 +59,8 @@ class SplitConfig:
 
 
 # Sizes of the engine on the GPU; each can be overridden for tuning (bench/NOTES.md records
-# the sweeps). Read at each call, so tests and benchmarks can change them.
+# the sweeps) through its ULD_* variable, read at import. The dict is read at each call, so
+# tests and benchmarks can change it.
 SPLIT = dict(
     block=int(os.environ.get("ULD_SPLIT_BLOCK", 1024)),
     chunk=int(os.environ.get("ULD_CHUNK", 32768)),
