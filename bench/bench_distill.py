@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import torch
 import triton
@@ -39,6 +40,19 @@ def labelled_batch(batch, length, vs, vt, seed=0):
         t_labels[b, prompt_t:prompt_t + answer + 7] = torch.randint(0, vt, (answer + 7,), generator=g)
     return (student.view(batch, length, vs), teacher.view(batch, length, vt),
             s_labels.cuda(), t_labels.cuda())
+
+
+def host_ms(fn, calls: int = 10) -> float:
+    """Median host time of one call, without waiting for the GPU: when it nears the kernels'
+    time, the call is bound by launches, not by the GPU."""
+    times = []
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    torch.cuda.synchronize()
+    return sorted(times)[len(times) // 2]
 
 
 def main():
@@ -85,7 +99,8 @@ def main():
             print(f"| {name} | {ms:.2f} | {peak:.2f} |", flush=True)
             if args.profile:
                 per_kernel = kernel_times(fn)
-                print(f"  {name}: {sum(t for t, _ in per_kernel.values()) / 1e3:.2f} ms of kernels")
+                print(f"  {name}: {sum(t for t, _ in per_kernel.values()) / 1e3:.2f} ms of kernels, "
+                      f"{host_ms(fn):.2f} ms of host time per call (median of 10, GPU queue not waited on)")
                 print_kernel_times(per_kernel)
         except torch.OutOfMemoryError:
             print(f"| {name} | out of memory | - |")
