@@ -19,7 +19,7 @@ from tests.helpers import (
     cross_near_ties,
     reference_rows_and_grads,
 )
-from uld_kernels import uld_loss
+from uld_kernels import ULDLoss, uld_loss
 from uld_kernels.launch import uld_rows
 
 pytestmark = pytest.mark.gpu
@@ -126,6 +126,28 @@ def test_no_host_synchronisation():
     try:
         loss = uld_loss(student, teacher, reduction="none")
         (loss * 2).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_training_loss_without_host_synchronisation():
+    """ULDLoss (row pairs from the labels, pairs reordered, gradient zeroed where unwritten,
+    the cross-entropy fused) never waits for the GPU either."""
+    vs, vt = VOCAB_PAIRS["qwen_llama3"]
+    batch, length = 2, 96
+    student, teacher = make_rows("peaked", batch * length, vs, vt, seed=10)
+    student = student.view(batch, length, vs).requires_grad_(True)
+    teacher = teacher.view(batch, length, vt)
+    labels = torch.randint(0, vt, (batch, length), device="cuda")
+    labels[:, :20] = -100
+    loss_fn = ULDLoss(distillation_weight=1.5, skip_student_eos=True)
+    loss_fn(student, teacher, labels, labels)[0].backward()  # compile and warm up first
+    student.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        total, _ce, _distill = loss_fn(student, teacher, labels, labels)
+        (total * 2).backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
