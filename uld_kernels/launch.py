@@ -65,7 +65,7 @@ SPLIT = dict(
     block=int(os.environ.get("ULD_SPLIT_BLOCK", 1024)),
     chunk=int(os.environ.get("ULD_CHUNK", 32768)),
     entries=int(os.environ.get("ULD_SPLIT_ENTRIES", 16384)),
-    batch_rows=int(os.environ.get("ULD_BATCH_ROWS", 1024)),  # workspace ~0.8 GB at real vocabularies
+    batch_rows=int(os.environ.get("ULD_BATCH_ROWS", 1024)),  # workspace 0.96 GB at real vocabularies
     split_levels=int(os.environ.get("ULD_SPLIT_LEVELS", 4)),  # level 1 also sums the loss: >= 1
     num_warps=4,  # the shared-memory histogram is laid out for 128 threads (kernels/ptx.py)
     stages=int(os.environ.get("ULD_SPLIT_STAGES", 1)),
