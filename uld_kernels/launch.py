@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from uld_kernels.kernels import uld_split
+from uld_kernels.kernels import uld_hist, uld_split
 from uld_kernels.kernels.cross_entropy import ce_rows_kernel
 from uld_kernels.kernels.uld_rows import INT_PLANES, META_SLOTS, SIGN_PLANES, scale_rows_kernel, zero_rows_kernel
 
@@ -74,6 +74,11 @@ SPLIT = dict(
     smem=os.environ.get("ULD_SMEM", "1") != "0",
     level_cap=int(os.environ.get("ULD_LEVEL_CAP", 1024)),
 )
+# Which engine computes 16-bit rows: "hist" (uld_hist.py: histograms of the logits' values,
+# rows it cannot settle exactly go to the trie) or "split" (the trie engine for every row).
+ENGINE = os.environ.get("ULD_ENGINE", "split")
+HIST_BATCH = int(os.environ.get("ULD_HIST_BATCH", 4096))  # pairs per batch: 160 KB of workspace each
+HIST_DTYPES = (torch.bfloat16, torch.float16)
 # Under the interpreter: small chunks and batches, so that short test rows still span several
 # chunks and batches (every cross-program path runs), at a cost the interpreter can afford;
 # a 1,024-bucket root (four resolve chunks: the carry across chunks runs) from tl.histogram.
@@ -136,10 +141,85 @@ def uld_rows(
 
     Inputs are 2-D with any row stride; nothing is copied.
     """
+    if ENGINE == "hist" and student_logits.dtype in HIST_DTYPES and teacher_logits.dtype in HIST_DTYPES:
+        return hist_rows(student_logits, teacher_logits, student_temperature, teacher_temperature,
+                         student_grad, teacher_grad, grad_scale)
     row_loss, status, _ce, grad_student, grad_teacher = uld_pairs(
         student_logits, teacher_logits, student_temperature, teacher_temperature,
         student_grad, teacher_grad, grad_scale)
     return row_loss, status, grad_student, grad_teacher
+
+
+def hist_rows(student_logits, teacher_logits, student_temperature, teacher_temperature,
+              student_grad, teacher_grad, grad_scale, *, fallback=True):
+    """`uld_rows` through the histogram engine (16-bit logits): rows it flags (status bit 1)
+    are computed again by the trie engine when ``fallback`` is set."""
+    n_rows, student_vocab = _rows_and_vocab(student_logits)
+    _, teacher_vocab = _rows_and_vocab(teacher_logits)
+    device = student_logits.device
+    on_gpu = device.type == "cuda"
+    row_loss = torch.empty(n_rows, dtype=torch.float32, device=device)
+    flags = torch.zeros(n_rows, dtype=torch.int32, device=device)
+    grad_s = (torch.empty((n_rows, student_vocab), dtype=student_logits.dtype, device=device)
+              if student_grad else None)
+    grad_t = (torch.empty((n_rows, teacher_vocab), dtype=teacher_logits.dtype, device=device)
+              if teacher_grad else None)
+    if n_rows == 0:
+        return row_loss, flags, grad_s, grad_t
+    cap, slots = uld_hist.CAP.value, uld_hist.PARAM_SLOTS.value
+    batch = min(n_rows, HIST_BATCH if on_gpu else 3)
+    fparam = torch.empty(batch * 2 * slots, dtype=torch.float32, device=device)
+    iparam = torch.empty(batch * 2 * slots, dtype=torch.int32, device=device)
+    counts = torch.empty(batch * 2 * (cap + 1), dtype=torch.int32, device=device)
+    probs = torch.empty(batch * 2 * cap, dtype=torch.float32, device=device)
+    signs = torch.empty(batch * 2 * cap, dtype=torch.float32, device=device)
+    use_ptx = on_gpu and SPLIT["smem"]
+    chunk = 32768 if on_gpu else 256
+    block = 1024 if on_gpu else 128
+    sides = ((student_logits, 1.0 / student_temperature, grad_s, student_vocab),
+             (teacher_logits, 1.0 / teacher_temperature, grad_t, teacher_vocab))
+    for batch_start in range(0, n_rows, batch):
+        rows = min(batch, n_rows - batch_start)
+        if not use_ptx:
+            counts.zero_()
+        for side, (logits, inv_t, _grad, vocab) in enumerate(sides):
+            uld_hist.hist_kernel[(rows,)](
+                logits, row_loss, fparam, iparam, counts, batch_start, side, vocab, *_row_layout(logits), inv_t,
+                GATHER=False, UNIT_STRIDE=logits.stride(-1) == 1, USE_PTX=use_ptx,
+                BLOCK=4096 if on_gpu else 256, num_warps=4)
+        uld_hist.merge_kernel[(rows,)](
+            fparam, iparam, counts, probs, signs, row_loss, batch_start,
+            1.0 / student_temperature, 1.0 / teacher_temperature,
+            DTYPE_S=_TL_DTYPES[student_logits.dtype], DTYPE_T=_TL_DTYPES[teacher_logits.dtype],
+            BLOCK=1024 if on_gpu else 2048, num_warps=4)
+        flags[batch_start:batch_start + rows] = iparam.view(batch, 2, slots)[:rows, 0, uld_hist._FLAG.value]
+        for side, (logits, inv_t, grad, vocab) in enumerate(sides):
+            if grad is None:
+                continue
+            n_chunks = triton.cdiv(vocab, chunk)
+            uld_hist.grad_kernel[(rows * n_chunks,)](
+                logits, row_loss, grad, fparam, iparam, signs, batch_start, side, n_chunks, vocab,
+                *_row_layout(logits), grad.stride(-2), inv_t, grad_scale, GATHER=False,
+                UNIT_STRIDE=logits.stride(-1) == 1, CHUNK=chunk, BLOCK=block, num_warps=4)
+    status = (flags != 0).to(torch.int32) * 2
+    if fallback:
+        # Flagged rows, again through the trie engine (every row is launched: padding where
+        # unflagged, so nothing waits for the host to learn how many there are).
+        index = torch.arange(n_rows, device=device)
+        flagged = flags != 0
+        fb_loss, fb_status, _ce, _gs, fb_grad_t = uld_pairs(
+            student_logits, teacher_logits, student_temperature, teacher_temperature, student_grad, teacher_grad, grad_scale,
+            student_index=torch.where(flagged, index, -1), teacher_index=index,
+            row_weight=torch.ones(n_rows, dtype=torch.float32, device=device),
+            grad_student=grad_s)
+        row_loss = torch.where(flagged, fb_loss, row_loss)
+        status = torch.where(flagged, fb_status | 2, status)
+        if grad_t is not None:
+            grad_t.copy_(torch.where(flagged[:, None], fb_grad_t, grad_t))
+    return row_loss, status, grad_s, grad_t
+
+
+_TL_DTYPES = {torch.bfloat16: triton.language.bfloat16, torch.float16: triton.language.float16}
 
 
 def uld_pairs(
