@@ -76,11 +76,12 @@ def _types_by_name(kernel, logits: str) -> dict:
     for name in kernel.arg_names:
         if name[0].isupper():
             continue  # constexpr
-        if name in ("student_ptr", "teacher_ptr", "grad_student_ptr", "grad_teacher_ptr"):
+        if name in ("student_ptr", "teacher_ptr", "grad_student_ptr", "grad_teacher_ptr", "logits_ptr", "grad_ptr"):
             types[name] = logits
-        elif name in ("student_index_ptr", "teacher_index_ptr", "ce_label_ptr"):
+        elif name in ("student_index_ptr", "teacher_index_ptr", "ce_label_ptr", "index_ptr"):
             types[name] = "*i64"
-        elif name in ("ws_int_ptr", "ws_meta_ptr", "status_ptr", "partial_i_ptr", "root_partial_ptr"):
+        elif name in ("ws_int_ptr", "ws_meta_ptr", "status_ptr", "partial_i_ptr", "root_partial_ptr", "iparam_ptr",
+                      "count_ptr"):
             types[name] = "*i32"
         elif name == "ws_mass_ptr":
             types[name] = "*i64"
@@ -90,7 +91,7 @@ def _types_by_name(kernel, logits: str) -> dict:
             types[name] = "*fp32"
         elif name.endswith(("batch_stride", "row_stride")):
             types[name] = "i64"
-        elif name.startswith("inv_") or name == "grad_scale":
+        elif "inv_temperature" in name or name == "grad_scale":
             types[name] = "fp32"
         else:
             types[name] = "i32"
@@ -139,6 +140,25 @@ def split_kernel_configs():
         yield (f"split {label} gathered bf16 ce=True", kernel, _types_by_name(kernel, "*bf16"),
                constexprs, [n for n in aligned_names if n in names], cfg.num_warps)
 
+def hist_kernel_configs():
+    """The histogram engine's passes (uld_hist.py), bf16 and fp16, as launch.hist_rows runs them."""
+    import triton.language as tl
+
+    from uld_kernels.kernels import uld_hist
+    aligned = ["logits_ptr", "grad_ptr", "vocab", "row_stride", "batch_stride", "grad_row_stride"]
+    for dtype in (torch.bfloat16, torch.float16):
+        logits = "*" + TRITON_TYPE[dtype]
+        tl_dtype = tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
+        for label, kernel, constexprs in [
+            ("hist", uld_hist.hist_kernel, dict(GATHER=False, UNIT_STRIDE=True, USE_PTX=True, BLOCK=4096)),
+            ("merge", uld_hist.merge_kernel, dict(DTYPE_S=tl_dtype, DTYPE_T=tl_dtype, BLOCK=1024)),
+            ("grad", uld_hist.grad_kernel, dict(GATHER=False, UNIT_STRIDE=True, CHUNK=32768, BLOCK=1024)),
+        ]:
+            names = kernel.arg_names
+            yield (f"hist {label} {TRITON_TYPE[dtype]}", kernel, _types_by_name(kernel, logits), constexprs,
+                   [n for n in aligned if n in names], 4)
+
+
 def scale_kernel_configs():
     for dtype, per_row in itertools.product(TRITON_TYPE, [False, True]):
         types = dict(grad_ptr="*" + TRITON_TYPE[dtype], scale_ptr="*fp32", vocab="i32")
@@ -157,7 +177,8 @@ def zero_kernel_configs():
 def main():
     resources = "--resources" in sys.argv  # print ptxas -v of each kernel instead of facts
     only = [a for a in sys.argv[1:] if not a.startswith("--")]  # name prefixes to compile
-    configs = [*split_kernel_configs(), *distill_kernel_configs(), *scale_kernel_configs(), *zero_kernel_configs()]
+    configs = [*split_kernel_configs(), *hist_kernel_configs(), *distill_kernel_configs(), *scale_kernel_configs(),
+               *zero_kernel_configs()]
     for name, kernel, types, constexprs, aligned, warps in configs:
         if only and not any(name.startswith(o) for o in only):
             continue
