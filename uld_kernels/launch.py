@@ -78,6 +78,8 @@ SPLIT = dict(
 # rows it cannot settle exactly go to the trie) or "split" (the trie engine for every row).
 ENGINE = os.environ.get("ULD_ENGINE", "split")
 HIST_BATCH = int(os.environ.get("ULD_HIST_BATCH", 4096))  # pairs per batch: 160 KB of workspace each
+HIST_BLOCK = int(os.environ.get("ULD_HIST_BLOCK", 4096))  # elements per step of hist_kernel's loops
+MERGE_WARPS = int(os.environ.get("ULD_MERGE_WARPS", 8))
 HIST_DTYPES = (torch.bfloat16, torch.float16)
 # Under the interpreter: small chunks and batches, so that short test rows still span several
 # chunks and batches (every cross-program path runs), at a cost the interpreter can afford;
@@ -186,12 +188,12 @@ def hist_rows(student_logits, teacher_logits, student_temperature, teacher_tempe
             uld_hist.hist_kernel[(rows,)](
                 logits, row_loss, fparam, iparam, counts, batch_start, side, vocab, *_row_layout(logits), inv_t,
                 GATHER=False, UNIT_STRIDE=logits.stride(-1) == 1, USE_PTX=use_ptx,
-                BLOCK=4096 if on_gpu else 256, num_warps=4)
+                BLOCK=HIST_BLOCK if on_gpu else 256, num_warps=4)
         uld_hist.merge_kernel[(rows,)](
             fparam, iparam, counts, probs, signs, row_loss, batch_start,
             1.0 / student_temperature, 1.0 / teacher_temperature,
             DTYPE_S=_TL_DTYPES[student_logits.dtype], DTYPE_T=_TL_DTYPES[teacher_logits.dtype],
-            BLOCK=1024 if on_gpu else 2048, num_warps=4)
+            BLOCK=1024 if on_gpu else 2048, num_warps=MERGE_WARPS if on_gpu else 4)
         flags[batch_start:batch_start + rows] = iparam.view(batch, 2, slots)[:rows, 0, uld_hist._FLAG.value]
         for side, (logits, inv_t, grad, vocab) in enumerate(sides):
             if grad is None:

@@ -49,9 +49,10 @@ _Z_BAND = tl.constexpr(4)  # z_b
 _MASS = tl.constexpr(5)  # sum over the side of p * sign
 _K_LO = tl.constexpr(0)
 _K_BAND = tl.constexpr(1)  # the band holds keys [-K_BAND, K_BAND)
-_BAND_W = tl.constexpr(2)  # 2 * BAND_J + 1, or 0 without a band
+_BAND_W = tl.constexpr(2)  # bins of the band (at most 2 * BAND_J + 1), or 0 without a band
 _WIDTH = tl.constexpr(3)  # bins of the window
 _FLAG = tl.constexpr(4)  # nonzero: the trie engine computes this row
+_J_MIN = tl.constexpr(5)  # the band's first bin holds k0 + J_MIN * h
 
 
 @triton.jit
@@ -85,7 +86,7 @@ def _exponent(x):
 
 
 @triton.jit
-def _bins_of(raw, scale, top, log_sum, k0, inv_h, k_lo, k_band, band_w):
+def _bins_of(raw, scale, top, log_sum, k0, inv_h, k_lo, k_band, j_min, band_w):
     """Bins of logits already loaded (input dtype), whether they fall in the window, whether in
     the band, and their band offsets j."""
     key = _key_of_bits(raw.to(tl.int16, bitcast=True).to(tl.int32))
@@ -94,19 +95,19 @@ def _bins_of(raw, scale, top, log_sum, k0, inv_h, k_lo, k_band, band_w):
     j = j.to(tl.int32)
     base = -k_band - k_lo
     bins = tl.where(key < -k_band, key - k_lo,
-                    tl.where(key < k_band, base + BAND_J + j, key - k_band + base + band_w))
+                    tl.where(key < k_band, base + j - j_min, key - k_band + base + band_w))
     in_band = (key >= -k_band) & (key < k_band)
     return bins, key >= k_lo, in_band, j
 
 
 @triton.jit
-def _bin_log2_probs(bins, k_lo, k_band, band_w, top, scale, log_sum, k0, h, DTYPE: tl.constexpr):
+def _bin_log2_probs(bins, k_lo, k_band, j_min, band_w, top, scale, log_sum, k0, h, DTYPE: tl.constexpr):
     """k of every bin: the value its logits have (the inverse of `_bins_of`)."""
     base = -k_band - k_lo
     key = tl.where(bins < base, bins + k_lo, bins - base - band_w + k_band)
     z = _key_of_bits(key).to(tl.int16).to(DTYPE, bitcast=True).to(tl.float32)
     in_band = (bins >= base) & (bins < base + band_w)
-    return tl.where(in_band, k0 + (bins - base - BAND_J).to(tl.float32) * h, _log2_prob(z, scale, top, log_sum))
+    return tl.where(in_band, k0 + (bins - base + j_min).to(tl.float32) * h, _log2_prob(z, scale, top, log_sum))
 
 
 @triton.jit
@@ -152,9 +153,15 @@ def hist_kernel(logits_ptr, index_ptr, fparam_ptr, iparam_ptr, count_ptr, batch_
     eb = tl.minimum(tl.maximum(_exponent(h * (BAND_J * 0.25) / scale), -126), 100)
     z_band = _pow2(eb)
     k_band = _key16(z_band, DTYPE)
-    band_ok = band_ok & (k_band >= 1) & (k_lo < -k_band) & (k_hi >= k_band)
+    # The band's bins run from k(-z_b) to k(z_b) (both on the grid): the bins next to the
+    # band hold those two values, so the bins' values stay in order across its edges.
+    j_min = ((_log2_prob(-z_band, scale, top, log_sum) - k0) * inv_h).to(tl.int32)
+    j_max = ((_log2_prob(z_band, scale, top, log_sum) - k0) * inv_h).to(tl.int32)
+    band_ok = (band_ok & (k_band >= 1) & (k_lo < -k_band) & (k_hi >= k_band) & (j_min >= -BAND_J)
+               & (j_max <= BAND_J))
     k_band = tl.where(band_ok, k_band, 0)
-    band_w = tl.where(band_ok, 2 * BAND_J + 1, 0)
+    j_min = tl.where(band_ok, j_min, 0)
+    band_w = tl.where(band_ok, j_max - j_min + 1, 0)
     width = k_hi - k_lo + 1 - 2 * k_band + band_w
     flag = (~finite).to(tl.int32) + (width > CAP).to(tl.int32) * 2
 
@@ -166,14 +173,14 @@ def hist_kernel(logits_ptr, index_ptr, fparam_ptr, iparam_ptr, count_ptr, batch_
         far = tl.zeros([ROWS, 8], tl.int32)
         for start in tl.range(0, vocab, BLOCK):
             raw = _load_raw(row_ptr, start + lanes, col_stride, vocab, UNIT_STRIDE)
-            bins, inside, in_band, j = _bins_of(raw, scale, top, log_sum, k0, inv_h, k_lo, k_band, band_w)
-            far = tl.maximum(far, tl.where(in_band & inside, tl.abs(j), 0))
+            bins, inside, in_band, j = _bins_of(raw, scale, top, log_sum, k0, inv_h, k_lo, k_band, j_min, band_w)
+            far = tl.maximum(far, (in_band & inside & ((j < j_min) | (j - j_min >= band_w))).to(tl.int32))
             counted = inside & (bins >= 0) & (bins < CAP)
             if USE_PTX:
                 smem_add_one(bins, counted)
             else:
                 tl.atomic_add(counts + bins, 1, mask=counted)
-        flag = (tl.max(tl.max(far, 1), 0) > BAND_J).to(tl.int32) * 4
+        flag = tl.max(tl.max(far, 1), 0) * 4
         if USE_PTX:
             tl.debug_barrier()
             for start in tl.range(0, CAP, 1024):
@@ -188,6 +195,7 @@ def hist_kernel(logits_ptr, index_ptr, fparam_ptr, iparam_ptr, count_ptr, batch_
     tl.store(iparam_ptr + params + _K_LO, k_lo)
     tl.store(iparam_ptr + params + _K_BAND, k_band)
     tl.store(iparam_ptr + params + _BAND_W, band_w)
+    tl.store(iparam_ptr + params + _J_MIN, j_min)
     tl.store(iparam_ptr + params + _WIDTH, width)
     tl.store(iparam_ptr + params + _FLAG, flag)
 
@@ -198,33 +206,37 @@ def _side(fparam_ptr, iparam_ptr, pair):
     return (tl.load(fparam_ptr + params + _TOP), tl.load(fparam_ptr + params + _LOG_SUM),
             tl.load(fparam_ptr + params + _K0), tl.load(fparam_ptr + params + _H),
             tl.load(fparam_ptr + params + _Z_BAND), tl.load(iparam_ptr + params + _K_LO),
-            tl.load(iparam_ptr + params + _K_BAND), tl.load(iparam_ptr + params + _BAND_W),
-            tl.load(iparam_ptr + params + _WIDTH))
+            tl.load(iparam_ptr + params + _K_BAND), tl.load(iparam_ptr + params + _J_MIN),
+            tl.load(iparam_ptr + params + _BAND_W), tl.load(iparam_ptr + params + _WIDTH))
 
 
 @triton.jit
-def _prefix(count_ptr, prob_ptr, width, top, log_sum, k0, h, k_lo, k_band, band_w, scale,
+def _prefix(count_ptr, prob_ptr, width, top, log_sum, k0, h, k_lo, k_band, j_min, band_w, scale,
             DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     """In place over one side's histogram: count[i] = elements of nonzero probability in bins
-    below i (count[width] = all of them); prob[i] = the largest probability of bins <= i
-    (the bins' own, made non-decreasing where empty band bins would break the order)."""
+    below i (count[width] = all of them); prob[i] = the bin's probability. Returns the count
+    and whether the occupied bins' probabilities are in order (the searches rely on it; an
+    exp2 that was not monotone would flag the row)."""
     carry = tl.zeros([], tl.int32)
     ceiling = tl.zeros([], tl.float32)
+    disorder = tl.zeros([], tl.int32)
     for start in tl.range(0, width, BLOCK):
         bins = start + tl.arange(0, BLOCK)
         inside = bins < width
         counts = tl.load(count_ptr + bins, mask=inside, other=0)
-        p = _exp2(_bin_log2_probs(bins, k_lo, k_band, band_w, top, scale, log_sum, k0, h, DTYPE))
+        p = _exp2(_bin_log2_probs(bins, k_lo, k_band, j_min, band_w, top, scale, log_sum, k0, h, DTYPE))
         p = tl.where(inside, p, 0.0)
         counts = tl.where(p > 0.0, counts, 0)
-        p = tl.maximum(tl.associative_scan(p, 0, _max_combine), ceiling)
+        ordered = tl.maximum(tl.associative_scan(p, 0, _max_combine), ceiling)
+        disorder += tl.sum(((counts > 0) & (p < ordered)).to(tl.int32), 0)
+        p = ordered
         below = tl.cumsum(counts, 0) - counts + carry
         tl.store(count_ptr + bins, below, mask=inside)
         tl.store(prob_ptr + bins, p, mask=inside)
         carry += tl.sum(counts, 0)
         ceiling = tl.maximum(ceiling, tl.max(p, 0))
     tl.store(count_ptr + width, carry)
-    return carry
+    return carry, disorder == 0
 
 
 @triton.jit
@@ -255,7 +267,7 @@ def _bounds(prob_ptr, width, estimate, v, active, R: tl.constexpr):
 
 
 @triton.jit
-def _estimate(v, top, log_sum, k0, h, z_band, k_lo, k_band, band_w, width, scale, DTYPE: tl.constexpr):
+def _estimate(v, top, log_sum, k0, h, z_band, k_lo, k_band, j_min, band_w, width, scale, DTYPE: tl.constexpr):
     """A bin of a side near probability v (v > 0): through the logit of that probability."""
     k = tl.log2(tl.maximum(v, 1e-38))
     z = top + (k + log_sum) / scale
@@ -263,14 +275,15 @@ def _estimate(v, top, log_sum, k0, h, z_band, k_lo, k_band, band_w, width, scale
     key = _key16(z, DTYPE)
     base = -k_band - k_lo
     j = tl.minimum(tl.maximum((k - k0) / h, -BAND_J), BAND_J).to(tl.int32)
+    j = tl.minimum(tl.maximum(j - j_min, 0), tl.maximum(band_w - 1, 0))
     band = (band_w > 0) & (tl.abs(z) < z_band)
-    seg = tl.where(key < -k_band, key - k_lo, tl.where(key < k_band, base + BAND_J, key - k_band + base + band_w))
-    return tl.minimum(tl.maximum(tl.where(band, base + BAND_J + j, seg), 0), width - 1)
+    seg = tl.where(key < -k_band, key - k_lo, tl.where(key < k_band, base - j_min, key - k_band + base + band_w))
+    return tl.minimum(tl.maximum(tl.where(band, base + j, seg), 0), width - 1)
 
 
 @triton.jit
 def _side_signs(own_count, own_prob, own_width, own_total, other_count, other_prob, other_width,
-                other_total, sign_ptr, o_top, o_log_sum, o_k0, o_h, o_z_band, o_k_lo, o_k_band, o_band_w,
+                other_total, sign_ptr, o_top, o_log_sum, o_k0, o_h, o_z_band, o_k_lo, o_k_band, o_j_min, o_band_w,
                 o_scale, OWN_IS_STUDENT: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     """Signs of every bin of one side (written to sign_ptr), the side's sum of p * sign, and
     whether every search settled."""
@@ -284,7 +297,7 @@ def _side_signs(own_count, own_prob, own_width, own_total, other_count, other_pr
         active = inside & (count > 0)
         v = tl.load(own_prob + bins, mask=inside, other=0.0)
         lo, hi, ok_own = _bounds(own_prob, own_width, bins, v, active, SEARCH_R)
-        guess = _estimate(v, o_top, o_log_sum, o_k0, o_h, o_z_band, o_k_lo, o_k_band, o_band_w, other_width,
+        guess = _estimate(v, o_top, o_log_sum, o_k0, o_h, o_z_band, o_k_lo, o_k_band, o_j_min, o_band_w, other_width,
                           o_scale, DTYPE)
         o_lo, o_hi, ok_other = _bounds(other_prob, other_width, guess, v, active, SEARCH_R)
         own_ge = own_total - tl.load(own_count + lo, mask=active, other=0)
@@ -318,25 +331,27 @@ def merge_kernel(fparam_ptr, iparam_ptr, count_ptr, prob_ptr, sign_ptr, row_loss
     if flag == 0:
         s_scale = student_inv_temperature * 1.4426950408889634
         t_scale = teacher_inv_temperature * 1.4426950408889634
-        s_top, s_ls, s_k0, s_h, s_zb, s_klo, s_kb, s_bw, s_w = _side(fparam_ptr, iparam_ptr, s_at)
-        t_top, t_ls, t_k0, t_h, t_zb, t_klo, t_kb, t_bw, t_w = _side(fparam_ptr, iparam_ptr, t_at)
+        s_top, s_ls, s_k0, s_h, s_zb, s_klo, s_kb, s_jm, s_bw, s_w = _side(fparam_ptr, iparam_ptr, s_at)
+        t_top, t_ls, t_k0, t_h, t_zb, t_klo, t_kb, t_jm, t_bw, t_w = _side(fparam_ptr, iparam_ptr, t_at)
         s_count = count_ptr + s_at.to(tl.int64) * (CAP + 1)
         t_count = count_ptr + t_at.to(tl.int64) * (CAP + 1)
         s_prob = prob_ptr + s_at.to(tl.int64) * CAP
         t_prob = prob_ptr + t_at.to(tl.int64) * CAP
-        s_total = _prefix(s_count, s_prob, s_w, s_top, s_ls, s_k0, s_h, s_klo, s_kb, s_bw, s_scale, DTYPE_S, BLOCK)
-        t_total = _prefix(t_count, t_prob, t_w, t_top, t_ls, t_k0, t_h, t_klo, t_kb, t_bw, t_scale, DTYPE_T, BLOCK)
+        s_total, s_ordered = _prefix(s_count, s_prob, s_w, s_top, s_ls, s_k0, s_h, s_klo, s_kb, s_jm, s_bw,
+                                     s_scale, DTYPE_S, BLOCK)
+        t_total, t_ordered = _prefix(t_count, t_prob, t_w, t_top, t_ls, t_k0, t_h, t_klo, t_kb, t_jm, t_bw,
+                                     t_scale, DTYPE_T, BLOCK)
         tl.debug_barrier()  # the prefix counts and probabilities of both sides, visible to all threads
         s_mass, s_ok = _side_signs(s_count, s_prob, s_w, s_total, t_count, t_prob, t_w, t_total,
                                    sign_ptr + s_at.to(tl.int64) * CAP, t_top, t_ls, t_k0, t_h, t_zb, t_klo,
-                                   t_kb, t_bw, t_scale, True, DTYPE_T, BLOCK)
+                                   t_kb, t_jm, t_bw, t_scale, True, DTYPE_T, BLOCK)
         t_mass, t_ok = _side_signs(t_count, t_prob, t_w, t_total, s_count, s_prob, s_w, s_total,
                                    sign_ptr + t_at.to(tl.int64) * CAP, s_top, s_ls, s_k0, s_h, s_zb, s_klo,
-                                   s_kb, s_bw, s_scale, False, DTYPE_S, BLOCK)
+                                   s_kb, s_jm, s_bw, s_scale, False, DTYPE_S, BLOCK)
         tl.store(fparam_ptr + s_at.to(tl.int64) * PARAM_SLOTS + _MASS, s_mass.to(tl.float32))
         tl.store(fparam_ptr + t_at.to(tl.int64) * PARAM_SLOTS + _MASS, t_mass.to(tl.float32))
         tl.store(row_loss_ptr + batch_start + pair, (s_mass - t_mass).to(tl.float32))
-        flag = (1 - s_ok * t_ok) * 8
+        flag = (1 - s_ok * t_ok) * 8 + (1 - (s_ordered & t_ordered).to(tl.int32)) * 16
         tl.store(iparam_ptr + s_at.to(tl.int64) * PARAM_SLOTS + _FLAG, flag)
     else:
         tl.store(iparam_ptr + s_at.to(tl.int64) * PARAM_SLOTS + _FLAG, flag)
@@ -358,7 +373,7 @@ def grad_kernel(logits_ptr, index_ptr, grad_ptr, fparam_ptr, iparam_ptr, sign_pt
                                           row_stride, GATHER)
     if (flag == 0) & (row >= 0):
         at = pair * 2 + side
-        top, log_sum, k0, h, _zb, k_lo, k_band, band_w, width = _side(fparam_ptr, iparam_ptr, at)
+        top, log_sum, k0, h, _zb, k_lo, k_band, j_min, band_w, width = _side(fparam_ptr, iparam_ptr, at)
         mass = tl.load(fparam_ptr + at.to(tl.int64) * PARAM_SLOTS + _MASS)
         signs = sign_ptr + at.to(tl.int64) * CAP
         scale = inv_temperature * 1.4426950408889634
@@ -368,7 +383,7 @@ def grad_kernel(logits_ptr, index_ptr, grad_ptr, fparam_ptr, iparam_ptr, sign_pt
         for start in tl.range(chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, vocab), BLOCK):
             idx = start + tl.arange(0, BLOCK)
             raw = _load_raw(row_ptr, idx, col_stride, vocab, UNIT_STRIDE)
-            bins, inside, _in_band, _j = _bins_of(raw, scale, top, log_sum, k0, inv_h, k_lo, k_band, band_w)
+            bins, inside, _in_band, _j = _bins_of(raw, scale, top, log_sum, k0, inv_h, k_lo, k_band, j_min, band_w)
             p = _exp2(_log2_prob(raw.to(tl.float32), scale, top, log_sum))
             sign = tl.load(signs + bins, mask=inside & (p > 0.0), other=0.0)
             tl.store(grad_row + idx, (p * factor * (sign - mass)).to(grad_ptr.dtype.element_ty), mask=idx < vocab)
