@@ -81,11 +81,11 @@ def _types_by_name(kernel, logits: str) -> dict:
         elif name in ("student_index_ptr", "teacher_index_ptr", "ce_label_ptr", "index_ptr"):
             types[name] = "*i64"
         elif name in ("ws_int_ptr", "ws_meta_ptr", "status_ptr", "partial_i_ptr", "root_partial_ptr", "iparam_ptr",
-                      "count_ptr"):
+                      "count_ptr", "partial_ok_ptr"):
             types[name] = "*i32"
         elif name == "ws_mass_ptr":
             types[name] = "*i64"
-        elif name == "row_mass_ptr":
+        elif name in ("row_mass_ptr", "partial_ptr"):
             types[name] = "*fp64"
         elif name.endswith("_ptr"):
             types[name] = "*fp32"
@@ -151,7 +151,9 @@ def hist_kernel_configs():
         tl_dtype = tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
         for label, kernel, constexprs in [
             ("hist", uld_hist.hist_kernel, dict(GATHER=False, UNIT_STRIDE=True, USE_PTX=True, BLOCK=4096)),
-            ("merge", uld_hist.merge_kernel, dict(DTYPE_S=tl_dtype, DTYPE_T=tl_dtype, BLOCK=1024)),
+            ("sign student", uld_hist.sign_kernel, dict(SIDE=0, DTYPE_OTHER=tl_dtype, BLOCK=1024)),
+            ("sign teacher", uld_hist.sign_kernel, dict(SIDE=1, DTYPE_OTHER=tl_dtype, BLOCK=1024)),
+            ("finish", uld_hist.finish_kernel, dict(BLOCKS=8)),
             ("grad", uld_hist.grad_kernel, dict(GATHER=False, UNIT_STRIDE=True, CHUNK=32768, BLOCK=1024)),
         ]:
             names = kernel.arg_names

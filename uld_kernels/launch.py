@@ -79,7 +79,8 @@ SPLIT = dict(
 ENGINE = os.environ.get("ULD_ENGINE", "split")
 HIST_BATCH = int(os.environ.get("ULD_HIST_BATCH", 4096))  # pairs per batch: 160 KB of workspace each
 HIST_BLOCK = int(os.environ.get("ULD_HIST_BLOCK", 4096))  # elements per step of hist_kernel's loops
-MERGE_WARPS = int(os.environ.get("ULD_MERGE_WARPS", 8))
+HIST_SIGN_BLOCK = int(os.environ.get("ULD_HIST_SIGN_BLOCK", 1024))  # bins per sign_kernel program
+HIST_SIGN_WARPS = int(os.environ.get("ULD_HIST_SIGN_WARPS", 8))
 HIST_DTYPES = (torch.bfloat16, torch.float16)
 # Under the interpreter: small chunks and batches, so that short test rows still span several
 # chunks and batches (every cross-program path runs), at a cost the interpreter can afford;
@@ -180,20 +181,27 @@ def hist_rows(student_logits, teacher_logits, student_temperature, teacher_tempe
     block = 1024 if on_gpu else 128
     sides = ((student_logits, 1.0 / student_temperature, grad_s, student_vocab),
              (teacher_logits, 1.0 / teacher_temperature, grad_t, teacher_vocab))
+    sign_block = HIST_SIGN_BLOCK if on_gpu else 2048
+    blocks = cap // sign_block
+    partial = torch.empty(batch * 2 * blocks, dtype=torch.float64, device=device)
+    partial_ok = torch.empty(batch * 2 * blocks, dtype=torch.int32, device=device)
+    dtypes = (_TL_DTYPES[student_logits.dtype], _TL_DTYPES[teacher_logits.dtype])
     for batch_start in range(0, n_rows, batch):
         rows = min(batch, n_rows - batch_start)
         if not use_ptx:
             counts.zero_()
         for side, (logits, inv_t, _grad, vocab) in enumerate(sides):
             uld_hist.hist_kernel[(rows,)](
-                logits, row_loss, fparam, iparam, counts, batch_start, side, vocab, *_row_layout(logits), inv_t,
-                GATHER=False, UNIT_STRIDE=logits.stride(-1) == 1, USE_PTX=use_ptx,
+                logits, row_loss, fparam, iparam, counts, probs, batch_start, side, vocab, *_row_layout(logits),
+                inv_t, GATHER=False, UNIT_STRIDE=logits.stride(-1) == 1, USE_PTX=use_ptx,
                 BLOCK=HIST_BLOCK if on_gpu else 256, num_warps=4)
-        uld_hist.merge_kernel[(rows,)](
-            fparam, iparam, counts, probs, signs, row_loss, batch_start,
-            1.0 / student_temperature, 1.0 / teacher_temperature,
-            DTYPE_S=_TL_DTYPES[student_logits.dtype], DTYPE_T=_TL_DTYPES[teacher_logits.dtype],
-            BLOCK=1024 if on_gpu else 2048, num_warps=MERGE_WARPS if on_gpu else 4)
+        for side in (0, 1):
+            uld_hist.sign_kernel[(rows, blocks)](
+                fparam, iparam, counts, probs, signs, partial, partial_ok, sides[side][1], sides[1 - side][1],
+                SIDE=side, DTYPE_OTHER=dtypes[1 - side], BLOCK=sign_block,
+                num_warps=HIST_SIGN_WARPS if on_gpu else 4)
+        uld_hist.finish_kernel[(rows,)](fparam, iparam, partial, partial_ok, row_loss, batch_start,
+                                        BLOCKS=blocks, num_warps=1)
         flags[batch_start:batch_start + rows] = iparam.view(batch, 2, slots)[:rows, 0, uld_hist._FLAG.value]
         for side, (logits, inv_t, grad, vocab) in enumerate(sides):
             if grad is None:

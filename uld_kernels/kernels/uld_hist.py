@@ -4,14 +4,16 @@ A bf16 (or fp16) row of 150k logits holds only a few thousand distinct values, a
 probability is a monotone function of its logit: p = 2**k with k = (z - top) * scale - log_sum
 (uld_rows._keys_of). So the sorted probabilities of a row are known exactly from a histogram of
 its logits' bit patterns, and the counts the sign of every element needs (uld_rows, top of
-file) come from two such histograms, however close the rows are. Four passes:
+file) come from two such histograms, however close the rows are. The passes:
 
     hist_kernel    one program per row (per side): the row's statistics (largest logit,
-                   base-2 log-sum, smallest logit), then the histogram of its logits over the
-                   row's *window* of bins (below) in shared memory, written out whole
-    merge_kernel   one program per row pair: the probability of every bin, prefix counts,
-                   then for every occupied bin the counts of both sides above and at its value
-                   (a local search around an estimate), its tie-rule sign, and the loss
+                   base-2 log-sum, smallest logit), the histogram of its logits over the row's
+                   *window* of bins (below) in shared memory, and from it the side's prefix
+                   counts and the probability of every bin
+    sign_kernel    per (pair, block of bins), for each side: the counts of both sides above and
+                   at each occupied bin's value (a local search around an estimate), its
+                   tie-rule sign, and the block's sum of count * p * sign
+    finish_kernel  per pair: the sums of p * sign of both sides, and the loss
     grad_kernel    per (pair, chunk): each element's bin, its sign from the bin's table, and
                    the softmax backward
 
@@ -111,13 +113,14 @@ def _bin_log2_probs(bins, k_lo, k_band, j_min, band_w, top, scale, log_sum, k0, 
 
 
 @triton.jit
-def hist_kernel(logits_ptr, index_ptr, fparam_ptr, iparam_ptr, count_ptr, batch_start, side, vocab,
+def hist_kernel(logits_ptr, index_ptr, fparam_ptr, iparam_ptr, count_ptr, prob_ptr, batch_start, side, vocab,
                 seq_len, batch_stride, row_stride, col_stride, inv_temperature,
                 GATHER: tl.constexpr, UNIT_STRIDE: tl.constexpr, USE_PTX: tl.constexpr,
                 BLOCK: tl.constexpr):
-    """One row of one side per program: statistics, window, histogram (count_ptr: CAP + 1 int32
-    per row and side, at pair * 2 + side; zeroed by the launcher when USE_PTX is off, else
-    written here)."""
+    """One row of one side per program: statistics, window, histogram, and from it the side's
+    prefix counts and bin probabilities (`_prefix`). Workspace per row and side, at
+    pair * 2 + side: count_ptr CAP + 1 int32 (zeroed by the launcher when USE_PTX is off: the
+    histogram is counted there), prob_ptr CAP float32."""
     pair = tl.program_id(0)
     at = (pair * 2 + side).to(tl.int64)
     row, _unused, row_ptr, _ = _pair_rows(batch_start + pair, logits_ptr, logits_ptr, index_ptr, index_ptr,
@@ -180,12 +183,11 @@ def hist_kernel(logits_ptr, index_ptr, fparam_ptr, iparam_ptr, count_ptr, batch_
                 smem_add_one(bins, counted)
             else:
                 tl.atomic_add(counts + bins, 1, mask=counted)
-        flag = tl.max(tl.max(far, 1), 0) * 4
         if USE_PTX:
             tl.debug_barrier()
-            for start in tl.range(0, CAP, 1024):
-                words = start + tl.arange(0, 1024)
-                tl.store(counts + words, smem_load(words), mask=words < width)
+        _total, ordered = _prefix(counts, prob_ptr + at * CAP, width, top, log_sum, k0, h, k_lo, k_band, j_min,
+                                  band_w, scale, DTYPE, USE_PTX, 1024)
+        flag = tl.max(tl.max(far, 1), 0) * 4 + (1 - ordered.to(tl.int32)) * 16
     params = at * PARAM_SLOTS
     tl.store(fparam_ptr + params + _TOP, top)
     tl.store(fparam_ptr + params + _LOG_SUM, log_sum)
@@ -212,8 +214,8 @@ def _side(fparam_ptr, iparam_ptr, pair):
 
 @triton.jit
 def _prefix(count_ptr, prob_ptr, width, top, log_sum, k0, h, k_lo, k_band, j_min, band_w, scale,
-            DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    """In place over one side's histogram: count[i] = elements of nonzero probability in bins
+            DTYPE: tl.constexpr, USE_PTX: tl.constexpr, BLOCK: tl.constexpr):
+    """From one side's histogram (shared memory with USE_PTX, else count_ptr): count[i] = elements of nonzero probability in bins
     below i (count[width] = all of them); prob[i] = the bin's probability. Returns the count
     and whether the occupied bins' probabilities are in order (the searches rely on it; an
     exp2 that was not monotone would flag the row)."""
@@ -223,7 +225,10 @@ def _prefix(count_ptr, prob_ptr, width, top, log_sum, k0, h, k_lo, k_band, j_min
     for start in tl.range(0, width, BLOCK):
         bins = start + tl.arange(0, BLOCK)
         inside = bins < width
-        counts = tl.load(count_ptr + bins, mask=inside, other=0)
+        if USE_PTX:
+            counts = tl.where(inside, smem_load(bins), 0)
+        else:
+            counts = tl.load(count_ptr + bins, mask=inside, other=0)
         p = _exp2(_bin_log2_probs(bins, k_lo, k_band, j_min, band_w, top, scale, log_sum, k0, h, DTYPE))
         p = tl.where(inside, p, 0.0)
         counts = tl.where(p > 0.0, counts, 0)
@@ -282,79 +287,75 @@ def _estimate(v, top, log_sum, k0, h, z_band, k_lo, k_band, j_min, band_w, width
 
 
 @triton.jit
-def _side_signs(own_count, own_prob, own_width, own_total, other_count, other_prob, other_width,
-                other_total, sign_ptr, o_top, o_log_sum, o_k0, o_h, o_z_band, o_k_lo, o_k_band, o_j_min, o_band_w,
-                o_scale, OWN_IS_STUDENT: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    """Signs of every bin of one side (written to sign_ptr), the side's sum of p * sign, and
-    whether every search settled."""
-    mass = tl.zeros([BLOCK], tl.float64)
-    settled = tl.full([BLOCK], 1, tl.int1)
-    for start in tl.range(0, own_width, BLOCK):
-        bins = start + tl.arange(0, BLOCK)
+def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, prob_ptr, sign_ptr, partial_ptr, partial_ok_ptr,
+                own_inv_temperature, other_inv_temperature, SIDE: tl.constexpr, DTYPE_OTHER: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """Signs of BLOCK bins of one side (SIDE 0 student, 1 teacher) of one pair per program
+    (grid: pairs x CAP / BLOCK), written to the side's sign table; the block's sum of
+    count * p * sign and whether its searches settled go to partial_ptr (float64) and
+    partial_ok_ptr, at (pair * 2 + SIDE) * (CAP / BLOCK) + block."""
+    pair = tl.program_id(0)
+    block = tl.program_id(1)
+    own = (pair * 2 + SIDE).to(tl.int64)
+    other = (pair * 2 + 1 - SIDE).to(tl.int64)
+    slot = own * (CAP // BLOCK) + block
+    flag = tl.load(iparam_ptr + own * PARAM_SLOTS + _FLAG) | tl.load(iparam_ptr + other * PARAM_SLOTS + _FLAG)
+    own_width = tl.load(iparam_ptr + own * PARAM_SLOTS + _WIDTH)
+    mass = tl.zeros([], tl.float64)
+    settled = tl.full([], 1, tl.int32)
+    if (flag == 0) & (block * BLOCK < own_width):
+        o_top, o_ls, o_k0, o_h, o_zb, o_klo, o_kb, o_jm, o_bw, o_w = _side(fparam_ptr, iparam_ptr, other)
+        own_count = count_ptr + own * (CAP + 1)
+        other_count = count_ptr + other * (CAP + 1)
+        own_prob = prob_ptr + own * CAP
+        other_prob = prob_ptr + other * CAP
+        own_total = tl.load(own_count + own_width)
+        other_total = tl.load(other_count + o_w)
+        o_scale = other_inv_temperature * 1.4426950408889634
+        bins = block * BLOCK + tl.arange(0, BLOCK)
         inside = bins < own_width
         below = tl.load(own_count + bins, mask=inside, other=0)
         count = tl.load(own_count + bins + 1, mask=inside, other=0) - below
         active = inside & (count > 0)
         v = tl.load(own_prob + bins, mask=inside, other=0.0)
         lo, hi, ok_own = _bounds(own_prob, own_width, bins, v, active, SEARCH_R)
-        guess = _estimate(v, o_top, o_log_sum, o_k0, o_h, o_z_band, o_k_lo, o_k_band, o_j_min, o_band_w, other_width,
-                          o_scale, DTYPE)
-        o_lo, o_hi, ok_other = _bounds(other_prob, other_width, guess, v, active, SEARCH_R)
+        guess = _estimate(v, o_top, o_ls, o_k0, o_h, o_zb, o_klo, o_kb, o_jm, o_bw, o_w, o_scale, DTYPE_OTHER)
+        o_lo, o_hi, ok_other = _bounds(other_prob, o_w, guess, v, active, SEARCH_R)
         own_ge = own_total - tl.load(own_count + lo, mask=active, other=0)
         own_gt = own_total - tl.load(own_count + hi, mask=active, other=0)
         other_ge = other_total - tl.load(other_count + o_lo, mask=active, other=0)
         other_gt = other_total - tl.load(other_count + o_hi, mask=active, other=0)
-        if OWN_IS_STUDENT:
+        if SIDE == 0:
             sign, _unused = _tie_signs(own_gt - other_gt, own_ge - own_gt, other_ge - other_gt)
         else:
             _unused, sign = _tie_signs(other_gt - own_gt, other_ge - other_gt, own_ge - own_gt)
         sign = tl.where(active, sign, 0.0)
-        tl.store(sign_ptr + bins, sign, mask=inside)
-        mass += tl.where(active, count.to(tl.float64) * v.to(tl.float64) * sign.to(tl.float64), 0.0)
-        settled = settled & ok_own & ok_other
-    return tl.sum(mass, 0), tl.min(settled.to(tl.int32), 0)
+        tl.store(sign_ptr + own * CAP + bins, sign, mask=inside)
+        mass = tl.sum(tl.where(active, count.to(tl.float64) * v.to(tl.float64) * sign.to(tl.float64), 0.0), 0)
+        settled = tl.min((ok_own & ok_other).to(tl.int32), 0)
+    tl.store(partial_ptr + slot, mass)
+    tl.store(partial_ok_ptr + slot, settled)
 
 
 @triton.jit
-def merge_kernel(fparam_ptr, iparam_ptr, count_ptr, prob_ptr, sign_ptr, row_loss_ptr, batch_start,
-                 student_inv_temperature, teacher_inv_temperature,
-                 DTYPE_S: tl.constexpr, DTYPE_T: tl.constexpr, BLOCK: tl.constexpr):
-    """One row pair per program. Workspace per pair: side s (0 student, 1 teacher) at
-    pair * 2 + s; count_ptr CAP + 1 int32 (the histogram, turned into prefix counts), prob_ptr
-    and sign_ptr CAP float32. Flagged pairs are left to the trie engine (their flag is set on
-    the student side)."""
+def finish_kernel(fparam_ptr, iparam_ptr, partial_ptr, partial_ok_ptr, row_loss_ptr, batch_start,
+                  BLOCKS: tl.constexpr):
+    """One pair per program: both sides' sums of p * sign (the blocks' partials, in order),
+    the loss, and the pair's flag (on the student side: nonzero hands it to the trie)."""
     pair = tl.program_id(0)
-    s_at = pair * 2
-    t_at = pair * 2 + 1
-    flag = (tl.load(iparam_ptr + s_at.to(tl.int64) * PARAM_SLOTS + _FLAG)
-            | tl.load(iparam_ptr + t_at.to(tl.int64) * PARAM_SLOTS + _FLAG))
-    if flag == 0:
-        s_scale = student_inv_temperature * 1.4426950408889634
-        t_scale = teacher_inv_temperature * 1.4426950408889634
-        s_top, s_ls, s_k0, s_h, s_zb, s_klo, s_kb, s_jm, s_bw, s_w = _side(fparam_ptr, iparam_ptr, s_at)
-        t_top, t_ls, t_k0, t_h, t_zb, t_klo, t_kb, t_jm, t_bw, t_w = _side(fparam_ptr, iparam_ptr, t_at)
-        s_count = count_ptr + s_at.to(tl.int64) * (CAP + 1)
-        t_count = count_ptr + t_at.to(tl.int64) * (CAP + 1)
-        s_prob = prob_ptr + s_at.to(tl.int64) * CAP
-        t_prob = prob_ptr + t_at.to(tl.int64) * CAP
-        s_total, s_ordered = _prefix(s_count, s_prob, s_w, s_top, s_ls, s_k0, s_h, s_klo, s_kb, s_jm, s_bw,
-                                     s_scale, DTYPE_S, BLOCK)
-        t_total, t_ordered = _prefix(t_count, t_prob, t_w, t_top, t_ls, t_k0, t_h, t_klo, t_kb, t_jm, t_bw,
-                                     t_scale, DTYPE_T, BLOCK)
-        tl.debug_barrier()  # the prefix counts and probabilities of both sides, visible to all threads
-        s_mass, s_ok = _side_signs(s_count, s_prob, s_w, s_total, t_count, t_prob, t_w, t_total,
-                                   sign_ptr + s_at.to(tl.int64) * CAP, t_top, t_ls, t_k0, t_h, t_zb, t_klo,
-                                   t_kb, t_jm, t_bw, t_scale, True, DTYPE_T, BLOCK)
-        t_mass, t_ok = _side_signs(t_count, t_prob, t_w, t_total, s_count, s_prob, s_w, s_total,
-                                   sign_ptr + t_at.to(tl.int64) * CAP, s_top, s_ls, s_k0, s_h, s_zb, s_klo,
-                                   s_kb, s_jm, s_bw, s_scale, False, DTYPE_S, BLOCK)
-        tl.store(fparam_ptr + s_at.to(tl.int64) * PARAM_SLOTS + _MASS, s_mass.to(tl.float32))
-        tl.store(fparam_ptr + t_at.to(tl.int64) * PARAM_SLOTS + _MASS, t_mass.to(tl.float32))
-        tl.store(row_loss_ptr + batch_start + pair, (s_mass - t_mass).to(tl.float32))
-        flag = (1 - s_ok * t_ok) * 8 + (1 - (s_ordered & t_ordered).to(tl.int32)) * 16
-        tl.store(iparam_ptr + s_at.to(tl.int64) * PARAM_SLOTS + _FLAG, flag)
-    else:
-        tl.store(iparam_ptr + s_at.to(tl.int64) * PARAM_SLOTS + _FLAG, flag)
+    s_at = (pair * 2).to(tl.int64)
+    t_at = s_at + 1
+    flag = tl.load(iparam_ptr + s_at * PARAM_SLOTS + _FLAG) | tl.load(iparam_ptr + t_at * PARAM_SLOTS + _FLAG)
+    blocks = tl.arange(0, BLOCKS)
+    s_mass = tl.sum(tl.load(partial_ptr + s_at * BLOCKS + blocks), 0)
+    t_mass = tl.sum(tl.load(partial_ptr + t_at * BLOCKS + blocks), 0)
+    settled = tl.min(tl.load(partial_ok_ptr + s_at * BLOCKS + blocks), 0) * tl.min(
+        tl.load(partial_ok_ptr + t_at * BLOCKS + blocks), 0)
+    flag = flag | ((1 - settled) * 8)
+    tl.store(fparam_ptr + s_at * PARAM_SLOTS + _MASS, s_mass.to(tl.float32))
+    tl.store(fparam_ptr + t_at * PARAM_SLOTS + _MASS, t_mass.to(tl.float32))
+    tl.store(row_loss_ptr + batch_start + pair, (s_mass - t_mass).to(tl.float32))
+    tl.store(iparam_ptr + s_at * PARAM_SLOTS + _FLAG, flag)
 
 
 @triton.jit
