@@ -150,15 +150,19 @@ def hist_kernel_configs():
         logits = "*" + TRITON_TYPE[dtype]
         tl_dtype = tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
         for label, kernel, constexprs in [
-            ("hist", uld_hist.hist_kernel, dict(GATHER=False, UNIT_STRIDE=True, USE_PTX=True, BLOCK=4096)),
-            ("sign student", uld_hist.sign_kernel, dict(SIDE=0, DTYPE_OTHER=tl_dtype, BLOCK=1024)),
-            ("sign teacher", uld_hist.sign_kernel, dict(SIDE=1, DTYPE_OTHER=tl_dtype, BLOCK=1024)),
-            ("finish", uld_hist.finish_kernel, dict(BLOCKS=8)),
+            ("stats", uld_hist.stats_kernel, dict(GATHER=False, UNIT_STRIDE=True, CHUNK=32768, CHUNKS_POW2=8,
+                                                  BLOCK=1024)),
+            ("hist", uld_hist.hist_kernel, dict(GATHER=False, UNIT_STRIDE=True, USE_PTX=True, CHUNKS_POW2=8,
+                                                BLOCK=2048)),
+            ("sign student", uld_hist.sign_kernel, dict(SIDE=0, DTYPE_OTHER=tl_dtype, BLOCK=256)),
+            ("sign teacher", uld_hist.sign_kernel, dict(SIDE=1, DTYPE_OTHER=tl_dtype, BLOCK=256)),
+            ("finish", uld_hist.finish_kernel, dict(BLOCKS=32)),
             ("grad", uld_hist.grad_kernel, dict(GATHER=False, UNIT_STRIDE=True, CHUNK=32768, BLOCK=1024)),
         ]:
             names = kernel.arg_names
+            warps = 2 if label.startswith("sign") else 4
             yield (f"hist {label} {TRITON_TYPE[dtype]}", kernel, _types_by_name(kernel, logits), constexprs,
-                   [n for n in aligned if n in names], 4)
+                   [n for n in aligned if n in names], warps)
 
 
 def scale_kernel_configs():

@@ -78,9 +78,9 @@ SPLIT = dict(
 # rows it cannot settle exactly go to the trie) or "split" (the trie engine for every row).
 ENGINE = os.environ.get("ULD_ENGINE", "split")
 HIST_BATCH = int(os.environ.get("ULD_HIST_BATCH", 4096))  # pairs per batch: 160 KB of workspace each
-HIST_BLOCK = int(os.environ.get("ULD_HIST_BLOCK", 4096))  # elements per step of hist_kernel's loops
-HIST_SIGN_BLOCK = int(os.environ.get("ULD_HIST_SIGN_BLOCK", 1024))  # bins per sign_kernel program
-HIST_SIGN_WARPS = int(os.environ.get("ULD_HIST_SIGN_WARPS", 8))
+HIST_BLOCK = int(os.environ.get("ULD_HIST_BLOCK", 2048))  # elements per step of hist_kernel's loops
+HIST_SIGN_BLOCK = int(os.environ.get("ULD_HIST_SIGN_BLOCK", 256))  # bins per sign_kernel program
+HIST_SIGN_WARPS = int(os.environ.get("ULD_HIST_SIGN_WARPS", 2))
 HIST_DTYPES = (torch.bfloat16, torch.float16)
 # Under the interpreter: small chunks and batches, so that short test rows still span several
 # chunks and batches (every cross-program path runs), at a cost the interpreter can afford;
@@ -186,15 +186,22 @@ def hist_rows(student_logits, teacher_logits, student_temperature, teacher_tempe
     partial = torch.empty(batch * 2 * blocks, dtype=torch.float64, device=device)
     partial_ok = torch.empty(batch * 2 * blocks, dtype=torch.int32, device=device)
     dtypes = (_TL_DTYPES[student_logits.dtype], _TL_DTYPES[teacher_logits.dtype])
+    chunks_pow2 = triton.next_power_of_2(triton.cdiv(max(student_vocab, teacher_vocab), chunk))
+    stats = torch.empty(batch * 2 * chunks_pow2 * 4, dtype=torch.float32, device=device)
     for batch_start in range(0, n_rows, batch):
         rows = min(batch, n_rows - batch_start)
         if not use_ptx:
             counts.zero_()
         for side, (logits, inv_t, _grad, vocab) in enumerate(sides):
+            n_chunks = triton.cdiv(vocab, chunk)
+            uld_hist.stats_kernel[(rows * n_chunks,)](
+                logits, row_loss, stats, batch_start, side, n_chunks, vocab, *_row_layout(logits), inv_t,
+                GATHER=False, UNIT_STRIDE=logits.stride(-1) == 1, CHUNK=chunk, CHUNKS_POW2=chunks_pow2,
+                BLOCK=block, num_warps=4)
             uld_hist.hist_kernel[(rows,)](
-                logits, row_loss, fparam, iparam, counts, probs, batch_start, side, vocab, *_row_layout(logits),
-                inv_t, GATHER=False, UNIT_STRIDE=logits.stride(-1) == 1, USE_PTX=use_ptx,
-                BLOCK=HIST_BLOCK if on_gpu else 256, num_warps=4)
+                logits, row_loss, stats, fparam, iparam, counts, probs, batch_start, side, n_chunks, vocab,
+                *_row_layout(logits), inv_t, GATHER=False, UNIT_STRIDE=logits.stride(-1) == 1, USE_PTX=use_ptx,
+                CHUNKS_POW2=chunks_pow2, BLOCK=HIST_BLOCK if on_gpu else 256, num_warps=4)
         for side in (0, 1):
             uld_hist.sign_kernel[(rows, blocks)](
                 fparam, iparam, counts, probs, signs, partial, partial_ok, sides[side][1], sides[1 - side][1],

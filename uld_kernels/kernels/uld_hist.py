@@ -113,14 +113,43 @@ def _bin_log2_probs(bins, k_lo, k_band, j_min, band_w, top, scale, log_sum, k0, 
 
 
 @triton.jit
-def hist_kernel(logits_ptr, index_ptr, fparam_ptr, iparam_ptr, count_ptr, prob_ptr, batch_start, side, vocab,
-                seq_len, batch_stride, row_stride, col_stride, inv_temperature,
+def stats_kernel(logits_ptr, index_ptr, stats_ptr, batch_start, side, n_chunks, vocab, seq_len, batch_stride,
+                 row_stride, col_stride, inv_temperature, GATHER: tl.constexpr, UNIT_STRIDE: tl.constexpr,
+                 CHUNK: tl.constexpr, CHUNKS_POW2: tl.constexpr, BLOCK: tl.constexpr):
+    """Per (pair, chunk of CHUNK columns) of one side: the chunk's largest logit, base-2 log-sum
+    and smallest finite logit, at stats_ptr[((pair * 2 + side) * CHUNKS_POW2 + chunk) * 4]."""
+    program = tl.program_id(0)
+    pair = program // n_chunks
+    chunk = program % n_chunks
+    _row, _unused, row_ptr, _ = _pair_rows(batch_start + pair, logits_ptr, logits_ptr, index_ptr, index_ptr,
+                                           seq_len, batch_stride, row_stride, seq_len, batch_stride,
+                                           row_stride, GATHER)
+    scale = inv_temperature * 1.4426950408889634
+    ROWS: tl.constexpr = BLOCK // 8
+    lanes = tl.arange(0, ROWS)[:, None] * 8 + tl.arange(0, 8)[None, :]
+    tops = tl.full([ROWS], float("-inf"), tl.float32)
+    totals = tl.zeros([ROWS], tl.float32)
+    lows = tl.full([ROWS], float("inf"), tl.float32)
+    for start in tl.range(chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, vocab), BLOCK):
+        z = _load_raw(row_ptr, start + lanes, col_stride, vocab, UNIT_STRIDE).to(tl.float32)
+        tops, totals = _lse_block(tops, totals, z, scale)
+        lows = tl.minimum(lows, tl.min(tl.where(z > float("-inf"), z, float("inf")), axis=1))
+    top, log_sum = _finish_lse2(tops, totals, scale)
+    at = (((pair * 2 + side) * CHUNKS_POW2 + chunk) * 4).to(tl.int64)
+    tl.store(stats_ptr + at, top)
+    tl.store(stats_ptr + at + 1, log_sum)
+    tl.store(stats_ptr + at + 2, tl.min(lows, 0))
+
+
+@triton.jit
+def hist_kernel(logits_ptr, index_ptr, stats_ptr, fparam_ptr, iparam_ptr, count_ptr, prob_ptr, batch_start,
+                side, n_chunks, vocab, seq_len, batch_stride, row_stride, col_stride, inv_temperature,
                 GATHER: tl.constexpr, UNIT_STRIDE: tl.constexpr, USE_PTX: tl.constexpr,
-                BLOCK: tl.constexpr):
-    """One row of one side per program: statistics, window, histogram, and from it the side's
-    prefix counts and bin probabilities (`_prefix`). Workspace per row and side, at
-    pair * 2 + side: count_ptr CAP + 1 int32 (zeroed by the launcher when USE_PTX is off: the
-    histogram is counted there), prob_ptr CAP float32."""
+                CHUNKS_POW2: tl.constexpr, BLOCK: tl.constexpr):
+    """One row of one side per program: the statistics (from stats_kernel's chunks), window,
+    histogram, and from it the side's prefix counts and bin probabilities (`_prefix`).
+    Workspace per row and side, at pair * 2 + side: count_ptr CAP + 1 int32 (zeroed by the
+    launcher when USE_PTX is off: the histogram is counted there), prob_ptr CAP float32."""
     pair = tl.program_id(0)
     at = (pair * 2 + side).to(tl.int64)
     row, _unused, row_ptr, _ = _pair_rows(batch_start + pair, logits_ptr, logits_ptr, index_ptr, index_ptr,
@@ -130,15 +159,14 @@ def hist_kernel(logits_ptr, index_ptr, fparam_ptr, iparam_ptr, count_ptr, prob_p
     scale = inv_temperature * 1.4426950408889634
     ROWS: tl.constexpr = BLOCK // 8
     lanes = tl.arange(0, ROWS)[:, None] * 8 + tl.arange(0, 8)[None, :]
-    tops = tl.full([ROWS], float("-inf"), tl.float32)
-    totals = tl.zeros([ROWS], tl.float32)
-    lows = tl.full([ROWS], float("inf"), tl.float32)
-    for start in tl.range(0, vocab, BLOCK):
-        z = _load_raw(row_ptr, start + lanes, col_stride, vocab, UNIT_STRIDE).to(tl.float32)
-        tops, totals = _lse_block(tops, totals, z, scale)
-        lows = tl.minimum(lows, tl.min(tl.where(z > float("-inf"), z, float("inf")), axis=1))
-    top, log_sum = _finish_lse2(tops, totals, scale)
-    low = tl.min(lows, 0)
+    chunks = tl.arange(0, CHUNKS_POW2)
+    stats = stats_ptr + (at * CHUNKS_POW2 + chunks) * 4
+    real = chunks < n_chunks
+    tops = tl.load(stats, mask=real, other=float("-inf"))
+    top = tl.max(tops, 0)
+    weight = tl.where(tops > float("-inf"), _exp2((tops - top) * scale), 0.0)  # NaN totals stay NaN
+    log_sum = tl.log2(tl.sum(tl.where(real, tl.exp2(tl.load(stats + 1, mask=real, other=0.0)) * weight, 0.0), 0))
+    low = tl.min(tl.load(stats + 2, mask=real, other=float("inf")), 0)
     finite = (top < float("inf")) & (log_sum == log_sum) & (log_sum < float("inf")) & (row >= 0)
     top = tl.where(finite, top, 0.0)
     log_sum = tl.where(finite, log_sum, 0.0)
