@@ -81,7 +81,7 @@ def _types_by_name(kernel, logits: str) -> dict:
         elif name in ("student_index_ptr", "teacher_index_ptr", "ce_label_ptr", "index_ptr"):
             types[name] = "*i64"
         elif name in ("ws_int_ptr", "ws_meta_ptr", "status_ptr", "partial_i_ptr", "root_partial_ptr", "iparam_ptr",
-                      "count_ptr", "partial_ok_ptr"):
+                      "count_ptr", "partial_ok_ptr", "run_ptr"):
             types[name] = "*i32"
         elif name == "ws_mass_ptr":
             types[name] = "*i64"
@@ -165,6 +165,23 @@ def hist_kernel_configs():
                    [n for n in aligned if n in names], warps)
 
 
+def hist2_kernel_configs():
+    """The histogram engine's passes (uld_hist2.py, bf16), as launch.hist_rows runs them."""
+    from uld_kernels.kernels import uld_hist2
+    aligned = ["logits_ptr", "grad_ptr", "vocab", "row_stride", "batch_stride", "grad_row_stride"]
+    for label, kernel, constexprs, warps in [
+        ("hist", uld_hist2.hist_kernel, dict(GATHER=False, UNIT_STRIDE=True, USE_PTX=True, BLOCK=2048), 4),
+        ("prefix", uld_hist2.prefix_kernel, dict(), 16),
+        ("sign student", uld_hist2.sign_kernel, dict(SIDE=0, BLOCK=256), 2),
+        ("sign teacher", uld_hist2.sign_kernel, dict(SIDE=1, BLOCK=256), 2),
+        ("finish", uld_hist2.finish_kernel, dict(BLOCKS=32), 1),
+        ("grad", uld_hist2.grad_kernel, dict(GATHER=False, UNIT_STRIDE=True, CHUNK=32768, BLOCK=1024), 4),
+    ]:
+        names = kernel.arg_names
+        yield (f"hist2 {label} bf16", kernel, _types_by_name(kernel, "*bf16"), constexprs,
+               [n for n in aligned if n in names], warps)
+
+
 def scale_kernel_configs():
     for dtype, per_row in itertools.product(TRITON_TYPE, [False, True]):
         types = dict(grad_ptr="*" + TRITON_TYPE[dtype], scale_ptr="*fp32", vocab="i32")
@@ -183,7 +200,7 @@ def zero_kernel_configs():
 def main():
     resources = "--resources" in sys.argv  # print ptxas -v of each kernel instead of facts
     only = [a for a in sys.argv[1:] if not a.startswith("--")]  # name prefixes to compile
-    configs = [*split_kernel_configs(), *hist_kernel_configs(), *distill_kernel_configs(), *scale_kernel_configs(),
+    configs = [*split_kernel_configs(), *hist_kernel_configs(), *hist2_kernel_configs(), *distill_kernel_configs(), *scale_kernel_configs(),
                *zero_kernel_configs()]
     for name, kernel, types, constexprs, aligned, warps in configs:
         if only and not any(name.startswith(o) for o in only):

@@ -1,11 +1,12 @@
 """The histogram engine (`launch.hist_rows`, kernels/uld_hist.py) against the float64 reference.
 
-Rows the engine cannot settle exactly are flagged (status bit 1) and recomputed by the trie
-engine, so a test that only looked at `hist_rows(..., fallback=True)` could pass through the
-fallback alone: where the engine is meant to handle a row itself, the tests also call it with
-``fallback=False`` and require the row unflagged; where it must flag a row, they require the
-flag. Under the interpreter one call costs about 0.75 s per row, whatever the vocabulary
-(the merge pass walks the row's thousands of bins), so rows stay few.
+Rows the engine cannot settle exactly are flagged and recomputed by the trie engine, so a
+test that only looked at `hist_rows(..., fallback=True)` could pass through the fallback alone.
+Which rows are flagged shows only with ``fallback=False`` (status bit 1; with the fallback,
+flagged rows carry the trie's status): where the engine is meant to handle a row itself, the
+tests require it unflagged there, and where it must flag a row, flagged. Under the interpreter
+a call costs about 0.75 s per row whatever the vocabulary (the passes over the row's thousands
+of bins dominate), so rows stay few.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import torch
 
 import uld_kernels.launch as launch
 from tests.helpers import assert_grads_close, assert_losses_close, cross_near_ties, reference_rows_and_grads
+from uld_kernels.kernels import uld_hist
 
-FLAGGED = 2  # status bit 1: the row was left to the trie engine
+FLAGGED = 2  # status bit 1 of hist_rows(..., fallback=False): the row is left to the trie engine
 
 
 def _rows(kind, n, vs, vt, dtype, device, seed):
@@ -120,23 +122,35 @@ def test_nan_and_inf_rows_are_flagged_and_nan_like_the_trie(device):
     student, teacher = _rows("random", 3, 200, 150, torch.bfloat16, device, seed=7)
     student[0, 5] = math.nan
     teacher[1, 3] = math.inf
-    rows, status, grad_s, grad_t = launch.hist_rows(student, teacher, 1.5, 0.7, True, True, 1.0)
-    trie_rows, _st, _ce, trie_s, trie_t = launch.uld_pairs(student, teacher, 1.5, 0.7, True, True, 1.0)
+    _rows_alone, status, _gs, _gt = launch.hist_rows(student, teacher, 1.5, 0.7, False, False, 1.0,
+                                                     fallback=False)
     status = status.cpu()
     assert (status[:2] & FLAGGED != 0).all() and status[2] & FLAGGED == 0, (
         f"rows with NaN / +inf logits must be flagged, the finite row not: status {status.tolist()}")
+    rows, _status, grad_s, grad_t = launch.hist_rows(student, teacher, 1.5, 0.7, True, True, 1.0)
+    trie_rows, _st, _ce, trie_s, trie_t = launch.uld_pairs(student, teacher, 1.5, 0.7, True, True, 1.0)
     assert torch.isnan(trie_rows[:2]).all(), f"the trie engine's losses {trie_rows.tolist()}"
     for name, ours, trie in (("loss", rows, trie_rows), ("student gradient", grad_s, trie_s),
                              ("teacher gradient", grad_t, trie_t)):
         assert torch.equal(torch.isnan(ours), torch.isnan(trie)), (
             f"{name}: NaN in {torch.isnan(ours).flatten(1).sum(-1).tolist()} elements per row, the trie "
             f"engine in {torch.isnan(trie).flatten(1).sum(-1).tolist()}")
-    _assert_matches_reference((rows[2:], status[2:], grad_s[2:], grad_t[2:]), student[2:], teacher[2:],
-                              1.5, 0.7)
+    _assert_matches_reference((rows[2:], None, grad_s[2:], grad_t[2:]), student[2:], teacher[2:], 1.5, 0.7)
+
+
+def _keys(logits):
+    """Monotone integer keys of 16-bit floats (uld_hist._key_of_bits): consecutive values,
+    consecutive keys."""
+    bits = logits.view(torch.int16).int()
+    return torch.where(bits >= 0, bits, bits ^ 0x7FFF)
 
 
 def test_window_past_the_bin_cap_is_flagged_and_exact(device):
     student, teacher = _rows("huge", 2, 300, 300, torch.bfloat16, device, seed=5)
+    # Every logit here has nonzero probability (k above -150), so the window holds all the keys
+    # from the smallest logit to the largest: more than the engine's bins.
+    keys = _keys(student.cpu())
+    assert (keys.max(-1).values - keys.min(-1).values > uld_hist.CAP.value).all(), "inputs: window within CAP"
     _rows_alone, status, _gs, _gt = launch.hist_rows(student, teacher, 1.0, 1.0, False, False, 1.0,
                                                      fallback=False)
     assert (status.cpu() & FLAGGED != 0).all(), (
@@ -162,7 +176,8 @@ def test_masked_logits(device):
     assert (grad_s[masked_s] == 0).all() and (grad_t[masked_t] == 0).all(), "masked logits must get zero gradient"
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])  # the engine's rows, the fallback's
+# bf16: the engine's own gradient kernel; fp16: rows it flags, the trie's
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_grad_scale(dtype, device):
     student, teacher = _rows("random", 2, 160, 200, dtype, device, seed=12)
     _assert_no_cross_near_ties(student, teacher, 1.5, 0.7)

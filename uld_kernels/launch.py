@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from uld_kernels.kernels import uld_hist, uld_split
+from uld_kernels.kernels import uld_hist, uld_hist2, uld_split
 from uld_kernels.kernels.cross_entropy import ce_rows_kernel
 from uld_kernels.kernels.uld_rows import INT_PLANES, META_SLOTS, SIGN_PLANES, scale_rows_kernel, zero_rows_kernel
 
@@ -74,14 +74,18 @@ SPLIT = dict(
     smem=os.environ.get("ULD_SMEM", "1") != "0",
     level_cap=int(os.environ.get("ULD_LEVEL_CAP", 1024)),
 )
-# Which engine computes 16-bit rows: "hist" (uld_hist.py: histograms of the logits' values,
-# rows it cannot settle exactly go to the trie) or "split" (the trie engine for every row).
-ENGINE = os.environ.get("ULD_ENGINE", "split")
+# Which engine computes bf16 rows: "hist" (uld_hist.py: histograms of the logits' values; rows
+# it cannot settle exactly go to the trie) or "split" (the trie engine for every row). Other
+# dtypes always take the trie: float32 has no small set of values, and fp16 rows' windows
+# (1,024 keys per binade) overflow the histogram.
+ENGINE = os.environ.get("ULD_ENGINE", "hist")
+if ENGINE not in ("hist", "split"):
+    raise ValueError(f"ULD_ENGINE must be 'hist' or 'split', got {ENGINE!r}")
+HIST_VERSION = os.environ.get("ULD_HIST", "2")  # 1: kernels/uld_hist.py, 2: kernels/uld_hist2.py
 HIST_BATCH = int(os.environ.get("ULD_HIST_BATCH", 4096))  # pairs per batch: 160 KB of workspace each
 HIST_BLOCK = int(os.environ.get("ULD_HIST_BLOCK", 2048))  # elements per step of hist_kernel's loops
 HIST_SIGN_BLOCK = int(os.environ.get("ULD_HIST_SIGN_BLOCK", 256))  # bins per sign_kernel program
 HIST_SIGN_WARPS = int(os.environ.get("ULD_HIST_SIGN_WARPS", 2))
-HIST_DTYPES = (torch.bfloat16, torch.float16)
 # Under the interpreter: small chunks and batches, so that short test rows still span several
 # chunks and batches (every cross-program path runs), at a cost the interpreter can afford;
 # a 1,024-bucket root (four resolve chunks: the carry across chunks runs) from tl.histogram.
@@ -138,13 +142,16 @@ def uld_rows(
     teacher_grad: bool,
     grad_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Row losses ``[N]`` (float32), status ``[N]`` (int32: bit 0 set when the workspace ran out
-    and the row's loss is NaN; ``status >> 1`` = trie levels the row needed) and the
-    gradients of ``grad_scale * sum(row losses)`` for the sides asked for (input dtypes).
+    """Row losses ``[N]`` (float32), status ``[N]`` (int32: bit 0 set when the trie's workspace
+    ran out and the row's loss is NaN; ``status >> 1`` = trie levels the row needed; 0 for
+    rows the histogram engine settled) and the gradients of ``grad_scale * sum(row losses)``
+    for the sides asked for (input dtypes).
 
-    Inputs are 2-D with any row stride; nothing is copied.
+    bf16 rows go through the histogram engine (`hist_rows`) unless ULD_ENGINE=split, other
+    dtypes through the trie engine (`uld_pairs`). Inputs are 2-D with any row stride; nothing
+    is copied.
     """
-    if ENGINE == "hist" and student_logits.dtype in HIST_DTYPES and teacher_logits.dtype in HIST_DTYPES:
+    if ENGINE == "hist" and student_logits.dtype == teacher_logits.dtype == torch.bfloat16:
         return hist_rows(student_logits, teacher_logits, student_temperature, teacher_temperature,
                          student_grad, teacher_grad, grad_scale)
     row_loss, status, _ce, grad_student, grad_teacher = uld_pairs(
@@ -155,8 +162,11 @@ def uld_rows(
 
 def hist_rows(student_logits, teacher_logits, student_temperature, teacher_temperature,
               student_grad, teacher_grad, grad_scale, *, fallback=True):
-    """`uld_rows` through the histogram engine (16-bit logits): rows it flags (status bit 1)
-    are computed again by the trie engine when ``fallback`` is set."""
+    """`uld_rows` through the histogram engine (kernels/uld_hist.py; 16-bit logits). Rows it
+    flags (those it cannot settle exactly) are computed again by the trie engine when
+    ``fallback`` is set, and carry the trie's status; the others have status 0. Without
+    ``fallback``, flagged rows have status 2 and no valid loss or gradient (for tests and
+    diagnostics: which rows did the histogram engine settle?)."""
     n_rows, student_vocab = _rows_and_vocab(student_logits)
     _, teacher_vocab = _rows_and_vocab(teacher_logits)
     device = student_logits.device
@@ -169,6 +179,34 @@ def hist_rows(student_logits, teacher_logits, student_temperature, teacher_tempe
               if teacher_grad else None)
     if n_rows == 0:
         return row_loss, flags, grad_s, grad_t
+    sides = ((student_logits, 1.0 / student_temperature, grad_s, student_vocab),
+             (teacher_logits, 1.0 / teacher_temperature, grad_t, teacher_vocab))
+    if HIST_VERSION == "1":
+        _hist1_batches(student_logits, teacher_logits, row_loss, flags, sides, grad_scale, n_rows, on_gpu)
+    else:
+        _hist2_batches(row_loss, flags, sides, grad_scale, n_rows, on_gpu)
+    status = (flags != 0).to(torch.int32) * 2
+    if fallback:
+        # Flagged rows, again through the trie engine (every row is launched: padding where
+        # unflagged, so nothing waits for the host to learn how many there are).
+        index = torch.arange(n_rows, device=device)
+        flagged = flags != 0
+        fb_loss, fb_status, _ce, _gs, fb_grad_t = uld_pairs(
+            student_logits, teacher_logits, student_temperature, teacher_temperature, student_grad, teacher_grad, grad_scale,
+            student_index=torch.where(flagged, index, -1), teacher_index=index,
+            row_weight=torch.ones(n_rows, dtype=torch.float32, device=device),
+            grad_student=grad_s)
+        row_loss = torch.where(flagged, fb_loss, row_loss)
+        status = torch.where(flagged, fb_status, 0)
+        if grad_t is not None:
+            grad_t.copy_(torch.where(flagged[:, None], fb_grad_t, grad_t))
+    return row_loss, status, grad_s, grad_t
+
+
+def _hist1_batches(student_logits, teacher_logits, row_loss, flags, sides, grad_scale, n_rows, on_gpu):
+    """The first histogram engine (kernels/uld_hist.py: per-row windows and a band of k bins)."""
+    device = row_loss.device
+    student_vocab, teacher_vocab = sides[0][3], sides[1][3]
     cap, slots = uld_hist.CAP.value, uld_hist.PARAM_SLOTS.value
     batch = min(n_rows, HIST_BATCH if on_gpu else 3)
     fparam = torch.empty(batch * 2 * slots, dtype=torch.float32, device=device)
@@ -179,8 +217,6 @@ def hist_rows(student_logits, teacher_logits, student_temperature, teacher_tempe
     use_ptx = on_gpu and SPLIT["smem"]
     chunk = 32768 if on_gpu else 256
     block = 1024 if on_gpu else 128
-    sides = ((student_logits, 1.0 / student_temperature, grad_s, student_vocab),
-             (teacher_logits, 1.0 / teacher_temperature, grad_t, teacher_vocab))
     sign_block = HIST_SIGN_BLOCK if on_gpu else 2048
     blocks = cap // sign_block
     partial = torch.empty(batch * 2 * blocks, dtype=torch.float64, device=device)
@@ -218,22 +254,53 @@ def hist_rows(student_logits, teacher_logits, student_temperature, teacher_tempe
                 logits, row_loss, grad, fparam, iparam, signs, batch_start, side, n_chunks, vocab,
                 *_row_layout(logits), grad.stride(-2), inv_t, grad_scale, GATHER=False,
                 UNIT_STRIDE=logits.stride(-1) == 1, CHUNK=chunk, BLOCK=block, num_warps=4)
-    status = (flags != 0).to(torch.int32) * 2
-    if fallback:
-        # Flagged rows, again through the trie engine (every row is launched: padding where
-        # unflagged, so nothing waits for the host to learn how many there are).
-        index = torch.arange(n_rows, device=device)
-        flagged = flags != 0
-        fb_loss, fb_status, _ce, _gs, fb_grad_t = uld_pairs(
-            student_logits, teacher_logits, student_temperature, teacher_temperature, student_grad, teacher_grad, grad_scale,
-            student_index=torch.where(flagged, index, -1), teacher_index=index,
-            row_weight=torch.ones(n_rows, dtype=torch.float32, device=device),
-            grad_student=grad_s)
-        row_loss = torch.where(flagged, fb_loss, row_loss)
-        status = torch.where(flagged, fb_status | 2, status)
-        if grad_t is not None:
-            grad_t.copy_(torch.where(flagged[:, None], fb_grad_t, grad_t))
-    return row_loss, status, grad_s, grad_t
+
+
+def _hist2_batches(row_loss, flags, sides, grad_scale, n_rows, on_gpu):
+    """The histogram engine's launches (kernels/uld_hist2.py), batch by batch: row losses and
+    flags of every row, gradients of the unflagged ones."""
+    device = row_loss.device
+    cap, slots = uld_hist2.CAP.value, uld_hist2.PARAM_SLOTS.value
+    batch = min(n_rows, HIST_BATCH if on_gpu else 3)
+    fparam = torch.empty(batch * 2 * slots, dtype=torch.float32, device=device)
+    iparam = torch.empty(batch * 2 * slots, dtype=torch.int32, device=device)
+    counts = torch.empty(batch * 2 * cap, dtype=torch.int32, device=device)
+    probs = torch.empty(batch * 2 * cap, dtype=torch.float32, device=device)
+    runs = torch.empty(batch * 2 * cap, dtype=torch.int32, device=device)
+    signs = torch.empty(batch * 2 * cap, dtype=torch.float32, device=device)
+    use_ptx = on_gpu and SPLIT["smem"]
+    chunk = 32768 if on_gpu else 256
+    block = 1024 if on_gpu else 128
+    sign_block = HIST_SIGN_BLOCK if on_gpu else 2048
+    blocks = cap // sign_block
+    partial = torch.empty(batch * 2 * blocks, dtype=torch.float64, device=device)
+    partial_ok = torch.empty(batch * 2 * blocks, dtype=torch.int32, device=device)
+    for batch_start in range(0, n_rows, batch):
+        rows = min(batch, n_rows - batch_start)
+        if not use_ptx:
+            counts.zero_()
+        for side, (logits, inv_t, _grad, vocab) in enumerate(sides):
+            uld_hist2.hist_kernel[(rows,)](
+                logits, row_loss, counts, batch_start, side, vocab, *_row_layout(logits), GATHER=False,
+                UNIT_STRIDE=logits.stride(-1) == 1, USE_PTX=use_ptx, BLOCK=HIST_BLOCK if on_gpu else 256,
+                num_warps=4)
+            uld_hist2.prefix_kernel[(rows,)](counts, probs, runs, fparam, iparam, side, inv_t,
+                                             num_warps=16 if on_gpu else 4)
+        for side in (0, 1):
+            uld_hist2.sign_kernel[(rows, blocks)](
+                fparam, iparam, counts, probs, runs, signs, partial, partial_ok, sides[1 - side][1], SIDE=side,
+                BLOCK=sign_block, num_warps=HIST_SIGN_WARPS if on_gpu else 4)
+        uld_hist2.finish_kernel[(rows,)](fparam, iparam, partial, partial_ok, row_loss, batch_start,
+                                         BLOCKS=blocks, num_warps=1)
+        flags[batch_start:batch_start + rows] = iparam.view(batch, 2, slots)[:rows, 0, uld_hist2._FLAG.value]
+        for side, (logits, inv_t, grad, vocab) in enumerate(sides):
+            if grad is None:
+                continue
+            n_chunks = triton.cdiv(vocab, chunk)
+            uld_hist2.grad_kernel[(rows * n_chunks,)](
+                logits, row_loss, grad, fparam, iparam, signs, batch_start, side, n_chunks, vocab,
+                *_row_layout(logits), grad.stride(-2), inv_t, grad_scale, GATHER=False,
+                UNIT_STRIDE=logits.stride(-1) == 1, CHUNK=chunk, BLOCK=block, num_warps=4)
 
 
 _TL_DTYPES = {torch.bfloat16: triton.language.bfloat16, torch.float16: triton.language.float16}

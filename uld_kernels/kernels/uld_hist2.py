@@ -1,0 +1,311 @@
+"""Triton kernels: the exact ULD loss of bf16 logits from per-row histograms of their values.
+
+A bf16 row of 150k logits holds only a few thousand distinct values, and a probability is a
+monotone function of its logit: p = 2**k with k = (z - top) * scale - log_sum
+(uld_rows._keys_of). So the sorted probabilities of a row are known exactly from a histogram of
+its logits' bit patterns, and the counts that the sign of every element needs (uld_rows, top
+of file) come from two such histograms, however close the two rows are. The passes:
+
+    hist_kernel    one program per row (per side): the histogram of the row's logits over
+                   the fixed bins below, in shared memory, written out whole (one read of the
+                   row, a few integer instructions per element; no statistics needed first)
+    prefix_kernel  one program per row (per side): the row's largest logit and log-sum from
+                   its bins, every bin's probability, prefix counts, and the runs of bins of
+                   equal probability
+    sign_kernel    per (pair, block of bins), for each side: the counts of both sides above
+                   and at each occupied bin's value (the other side's bin is estimated from
+                   the value's logit, then settled by a few steps along that side's runs), its
+                   tie-rule sign, and the block's sum of count * p * sign
+    finish_kernel  per pair: both sides' sums of p * sign, and the loss
+    grad_kernel    per (pair, chunk): each element's bin, its sign from the bin's table, and
+                   the softmax backward
+
+Bins. A bf16 pattern b gives a key monotone in the logit (b if b >= 0, else b ^ 0x7FFF). Every
+logit with 2**-23 <= |z| < 256 has a bin of its own (3,967 per sign); logits of |z| < 2**-23
+share one bin (exact when its two ends have the same k, which the prefix checks: z - top
+rounds them all to -top unless the row's largest logit is itself tiny); logits <= -256 share
+the lowest bin (exact when p(-256) is 0, checked); -inf (masked) is not counted. A row holding
+a logit >= 256, +inf or NaN, or failing a check, is *flagged*: the launcher hands flagged rows
+to the trie engine (uld_split.py), so every result stays exact.
+"""
+
+import triton
+import triton.language as tl
+
+from uld_kernels.kernels.ptx import smem_add_one, smem_load, smem_zero
+from uld_kernels.kernels.uld_rows import _exp2, _load_raw, _pair_rows, _tie_signs
+
+CAP = tl.constexpr(8192)  # words per row and side: the shared-memory histogram's 8,192
+WIDTH = tl.constexpr(7937)  # bins in order of value: 0 low, 1..3967 negative, 3968 tiny, 3969..7936 positive
+_TINY = tl.constexpr(3968)
+_OUT = tl.constexpr(8191)  # counts logits >= 256, +inf and NaN: the row is flagged
+_NEG_INF_KEY = tl.constexpr(-32641)
+SEARCH_STEPS = tl.constexpr(3)  # steps along the other side's runs before a search gives up
+# Per row and side: floats, then ints (PARAM_SLOTS each).
+PARAM_SLOTS = tl.constexpr(4)
+_TOP = tl.constexpr(0)
+_LOG_SUM = tl.constexpr(1)
+_MASS = tl.constexpr(2)  # sum over the side of p * sign
+_FLAG = tl.constexpr(0)  # nonzero: the trie engine computes this row
+_TOTAL = tl.constexpr(1)  # elements of nonzero probability
+
+
+@triton.jit
+def _key_of_bits(b):
+    """Monotone key of a 16-bit float's pattern (sign-extended int32); its own inverse."""
+    return tl.where(b >= 0, b, b ^ 0x7FFF)
+
+
+@triton.jit
+def _keys(raw):
+    """Keys of bf16 logits already loaded."""
+    return _key_of_bits(raw.to(tl.int16, bitcast=True).to(tl.int32))
+
+
+@triton.jit
+def _bin_of_key(key):
+    return tl.where(key < -17279, 0,
+                    tl.where(key < -13312, key + 17280,
+                             tl.where(key < 13312, _TINY, tl.where(key < 17280, key - 9343, _OUT))))
+
+
+@triton.jit
+def _logit_of_bin(bins):
+    """The logit a bin stands for (float32): its own value; 0 for the tiny bin, -256 for the
+    low one."""
+    key = tl.where(bins < _TINY, bins - 17280, tl.where(bins == _TINY, 0, bins + 9343))
+    return _key_of_bits(key).to(tl.int16).to(tl.bfloat16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _log2_prob(z, scale, top, log_sum):
+    """k = log2 p of float32 logits: the expression of uld_rows._keys_of."""
+    return (z - top) * scale - log_sum
+
+
+@triton.jit
+def hist_kernel(logits_ptr, index_ptr, count_ptr, batch_start, side, vocab, seq_len, batch_stride,
+                row_stride, col_stride, GATHER: tl.constexpr, UNIT_STRIDE: tl.constexpr,
+                USE_PTX: tl.constexpr, BLOCK: tl.constexpr):
+    """One row of one side per program: the histogram of its logits, CAP int32 at
+    count_ptr + (pair * 2 + side) * CAP (zeroed by the launcher when USE_PTX is off: then the
+    histogram is counted there with global atomics)."""
+    pair = tl.program_id(0)
+    _row, _unused, row_ptr, _ = _pair_rows(batch_start + pair, logits_ptr, logits_ptr, index_ptr, index_ptr,
+                                           seq_len, batch_stride, row_stride, seq_len, batch_stride,
+                                           row_stride, GATHER)
+    counts = count_ptr + (pair * 2 + side).to(tl.int64) * CAP
+    if USE_PTX:
+        smem_zero()
+        tl.debug_barrier()
+    for start in tl.range(0, vocab, BLOCK):
+        idx = start + tl.arange(0, BLOCK)
+        key = _keys(_load_raw(row_ptr, idx, col_stride, vocab, UNIT_STRIDE))
+        counted = (idx < vocab) & (key != _NEG_INF_KEY)
+        if USE_PTX:
+            smem_add_one(_bin_of_key(key), counted)
+        else:
+            tl.atomic_add(counts + _bin_of_key(key), 1, mask=counted)
+    if USE_PTX:
+        tl.debug_barrier()
+        for start in tl.range(0, CAP, 1024):
+            words = start + tl.arange(0, 1024)
+            tl.store(counts + words, smem_load(words))
+
+
+@triton.jit
+def _max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _min_combine(a, b):
+    return tl.minimum(a, b)
+
+
+@triton.jit
+def prefix_kernel(count_ptr, prob_ptr, run_ptr, fparam_ptr, iparam_ptr, side, inv_temperature):
+    """One row of one side per program, over its whole histogram at once: the largest logit and
+    base-2 log-sum (from the bins), each bin's probability (prob_ptr), the count of elements
+    of nonzero probability below each bin (in place over the histogram; [WIDTH] = all of
+    them), the first bin of each bin's run of equal probability and the first bin past it
+    (run_ptr: first | next << 16), and the row's flag."""
+    pair = tl.program_id(0)
+    at = (pair * 2 + side).to(tl.int64)
+    scale = inv_temperature * 1.4426950408889634
+    bins = tl.arange(0, CAP)
+    counts = tl.load(count_ptr + at * CAP + bins)
+    in_order = (bins >= 1) & (bins < WIDTH)  # bins past the low one
+    occupied = in_order & (counts > 0)
+    z = _logit_of_bin(bins)
+    top_bin = tl.max(tl.where(occupied, bins, -1), 0)
+    top = tl.max(tl.where(bins == top_bin, z, float("-inf")), 0)
+    flag = (top_bin < 0).to(tl.int32) + (tl.max(tl.where(bins == _OUT, counts, 0), 0) > 0).to(tl.int32) * 2
+    top = tl.where(top_bin < 0, 0.0, top)
+    log_sum = tl.log2(tl.sum(tl.where(occupied, counts.to(tl.float32) * _exp2((z - top) * scale), 0.0), 0))
+    p = _exp2(_log2_prob(z, scale, top, log_sum))
+    p_below = _exp2(_log2_prob(_logit_of_bin(bins - 1), scale, top, log_sum))
+    p_above = _exp2(_log2_prob(_logit_of_bin(bins + 1), scale, top, log_sum))
+    p = tl.where(bins < WIDTH, p, 1.0)
+    # The low bin holds logits <= -256: exact only when p(-256) is 0. The tiny bin holds
+    # |z| < 2**-23 (its ends: +-(2**-23 - 2**-31)): exact when both ends have one probability.
+    low_count = tl.max(tl.where(bins == 0, counts, 0), 0)
+    p_low = tl.max(tl.where(bins == 0, p, 0.0), 0)
+    tiny_count = tl.max(tl.where(bins == _TINY, counts, 0), 0)
+    tiny_end = 1.1920928955078125e-07 - 4.656612873077393e-10
+    tiny_split = _log2_prob(-tiny_end, scale, top, log_sum) != _log2_prob(tiny_end, scale, top, log_sum)
+    flag += (((low_count > 0) & (p_low > 0.0)) | ((tiny_count > 0) & tiny_split)).to(tl.int32) * 4
+    flag += (tl.sum((in_order & (p < p_below)).to(tl.int32), 0) > 0).to(tl.int32) * 16
+    counted = tl.where((bins < WIDTH) & (p > 0.0), counts, 0)
+    below = tl.cumsum(counted, 0) - counted
+    first = tl.associative_scan(tl.where((bins == 0) | (p != p_below), bins, 0), 0, _max_combine)
+    after = tl.associative_scan(tl.where((bins >= WIDTH - 1) | (p != p_above), bins + 1, CAP), 0, _min_combine,
+                                reverse=True)
+    after = tl.minimum(after, WIDTH)
+    tl.store(count_ptr + at * CAP + bins, tl.where(bins == WIDTH, tl.sum(counted, 0), below), mask=bins <= WIDTH)
+    tl.store(prob_ptr + at * CAP + bins, p, mask=bins < WIDTH)
+    tl.store(run_ptr + at * CAP + bins, first | (after << 16), mask=bins < WIDTH)
+    params = at * PARAM_SLOTS
+    tl.store(fparam_ptr + params + _TOP, top)
+    tl.store(fparam_ptr + params + _LOG_SUM, log_sum)
+    tl.store(iparam_ptr + params + _FLAG, flag)
+    tl.store(iparam_ptr + params + _TOTAL, tl.sum(counted, 0))
+
+
+@triton.jit
+def _estimate(v, top, log_sum, scale):
+    """A bin of a side near probability v > 0: the bin of the logit of that probability."""
+    z = top + (tl.log2(tl.maximum(v, 1e-38)) + log_sum) / scale
+    z = tl.minimum(tl.maximum(z, -60000.0), 60000.0)
+    key = _key_of_bits(z.to(tl.float32).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32))
+    return tl.minimum(_bin_of_key(key), WIDTH - 1)
+
+
+@triton.jit
+def _lower_bound(prob_ptr, run_ptr, start, v, active):
+    """First bin of a side with probability >= v, by steps along the side's runs from bin
+    `start` (probabilities non-decreasing over [0, WIDTH)); -1 where SEARCH_STEPS steps did not
+    settle it."""
+    i = start
+    found = tl.full(start.shape, -1, tl.int32)
+    for _step in tl.static_range(SEARCH_STEPS):
+        going = active & (found < 0)
+        p = tl.load(prob_ptr + i, mask=going, other=0.0)
+        runs = tl.load(run_ptr + i, mask=going, other=0)
+        first = runs & 0xFFFF
+        after = runs >> 16
+        at_or_above = p >= v
+        p_before = tl.load(prob_ptr + first - 1, mask=going & at_or_above & (first > 0), other=0.0)
+        p_after = tl.load(prob_ptr + after, mask=going & ~at_or_above & (after < WIDTH), other=0.0)
+        here = at_or_above & ((first == 0) | (p_before < v))
+        next_run = ~at_or_above & ((after == WIDTH) | (p_after >= v))
+        found = tl.where(going & here, first, tl.where(going & next_run, after, found))
+        i = tl.where(at_or_above, tl.maximum(first - 1, 0), tl.minimum(after, WIDTH - 1))
+    return found
+
+
+@triton.jit
+def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, prob_ptr, run_ptr, sign_ptr, partial_ptr, partial_ok_ptr,
+                other_inv_temperature, SIDE: tl.constexpr, BLOCK: tl.constexpr):
+    """Signs of BLOCK bins of one side (SIDE 0 student, 1 teacher) of one pair per program
+    (grid: pairs x CAP / BLOCK), written to the side's sign table; the block's sum of
+    count * p * sign and whether its searches settled go to partial_ptr (float64) and
+    partial_ok_ptr, at (pair * 2 + SIDE) * (CAP / BLOCK) + block."""
+    pair = tl.program_id(0)
+    block = tl.program_id(1)
+    own = (pair * 2 + SIDE).to(tl.int64)
+    other = (pair * 2 + 1 - SIDE).to(tl.int64)
+    slot = own * (CAP // BLOCK) + block
+    flag = tl.load(iparam_ptr + own * PARAM_SLOTS + _FLAG) | tl.load(iparam_ptr + other * PARAM_SLOTS + _FLAG)
+    mass = tl.zeros([], tl.float64)
+    settled = tl.full([], 1, tl.int32)
+    if (flag == 0) & (block * BLOCK < WIDTH):
+        own_count = count_ptr + own * CAP
+        other_count = count_ptr + other * CAP
+        own_prob = prob_ptr + own * CAP
+        other_prob = prob_ptr + other * CAP
+        own_total = tl.load(iparam_ptr + own * PARAM_SLOTS + _TOTAL)
+        other_total = tl.load(iparam_ptr + other * PARAM_SLOTS + _TOTAL)
+        bins = block * BLOCK + tl.arange(0, BLOCK)
+        inside = bins < WIDTH
+        below = tl.load(own_count + bins, mask=inside, other=0)
+        count = tl.load(own_count + bins + 1, mask=inside, other=0) - below
+        active = inside & (count > 0)
+        v = tl.load(own_prob + bins, mask=inside, other=0.0)
+        runs = tl.load(run_ptr + own * CAP + bins, mask=active, other=0)
+        own_ge = own_total - tl.load(own_count + (runs & 0xFFFF), mask=active, other=0)
+        own_gt = own_total - tl.load(own_count + (runs >> 16), mask=active, other=0)
+        guess = _estimate(v, tl.load(fparam_ptr + other * PARAM_SLOTS + _TOP),
+                          tl.load(fparam_ptr + other * PARAM_SLOTS + _LOG_SUM),
+                          other_inv_temperature * 1.4426950408889634)
+        lower = _lower_bound(other_prob, run_ptr + other * CAP, guess, v, active)
+        ok = lower >= 0
+        lower = tl.maximum(lower, 0)
+        tied = active & ok & (lower < WIDTH)
+        p_lower = tl.load(other_prob + lower, mask=tied, other=0.0)
+        after = tl.load(run_ptr + other * CAP + lower, mask=tied & (p_lower == v), other=0) >> 16
+        upper = tl.where(tied & (p_lower == v), after, lower)
+        other_ge = other_total - tl.load(other_count + lower, mask=active, other=0)
+        other_gt = other_total - tl.load(other_count + upper, mask=active, other=0)
+        if SIDE == 0:
+            sign, _unused = _tie_signs(own_gt - other_gt, own_ge - own_gt, other_ge - other_gt)
+        else:
+            _unused, sign = _tie_signs(other_gt - own_gt, other_ge - other_gt, own_ge - own_gt)
+        sign = tl.where(active, sign, 0.0)
+        tl.store(sign_ptr + own * CAP + bins, sign, mask=inside)
+        mass = tl.sum(tl.where(active, count.to(tl.float64) * v.to(tl.float64) * sign.to(tl.float64), 0.0), 0)
+        settled = tl.min((ok | ~active).to(tl.int32), 0)
+    tl.store(partial_ptr + slot, mass)
+    tl.store(partial_ok_ptr + slot, settled)
+
+
+@triton.jit
+def finish_kernel(fparam_ptr, iparam_ptr, partial_ptr, partial_ok_ptr, row_loss_ptr, batch_start,
+                  BLOCKS: tl.constexpr):
+    """One pair per program: both sides' sums of p * sign (the blocks' partials, in order),
+    the loss, and the pair's flag (on the student side: nonzero hands it to the trie)."""
+    pair = tl.program_id(0)
+    s_at = (pair * 2).to(tl.int64)
+    t_at = s_at + 1
+    flag = tl.load(iparam_ptr + s_at * PARAM_SLOTS + _FLAG) | tl.load(iparam_ptr + t_at * PARAM_SLOTS + _FLAG)
+    blocks = tl.arange(0, BLOCKS)
+    s_mass = tl.sum(tl.load(partial_ptr + s_at * BLOCKS + blocks), 0)
+    t_mass = tl.sum(tl.load(partial_ptr + t_at * BLOCKS + blocks), 0)
+    settled = tl.min(tl.load(partial_ok_ptr + s_at * BLOCKS + blocks), 0) * tl.min(
+        tl.load(partial_ok_ptr + t_at * BLOCKS + blocks), 0)
+    flag = flag | ((1 - settled) * 8)
+    tl.store(fparam_ptr + s_at * PARAM_SLOTS + _MASS, s_mass.to(tl.float32))
+    tl.store(fparam_ptr + t_at * PARAM_SLOTS + _MASS, t_mass.to(tl.float32))
+    tl.store(row_loss_ptr + batch_start + pair, (s_mass - t_mass).to(tl.float32))
+    tl.store(iparam_ptr + s_at * PARAM_SLOTS + _FLAG, flag)
+
+
+@triton.jit
+def grad_kernel(logits_ptr, index_ptr, grad_ptr, fparam_ptr, iparam_ptr, sign_ptr, batch_start, side,
+                n_chunks, vocab, seq_len, batch_stride, row_stride, col_stride, grad_row_stride,
+                inv_temperature, grad_scale, GATHER: tl.constexpr, UNIT_STRIDE: tl.constexpr,
+                CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """The gradient of one side (side 0 student: +, 1 teacher: -) of unflagged pairs, chunk by
+    chunk: (p / T) * (sign of the element's bin - the side's sum of p * sign)."""
+    program = tl.program_id(0)
+    pair = program // n_chunks
+    chunk = program % n_chunks
+    flag = tl.load(iparam_ptr + (pair * 2).to(tl.int64) * PARAM_SLOTS + _FLAG)
+    row, _unused, row_ptr, _ = _pair_rows(batch_start + pair, logits_ptr, logits_ptr, index_ptr, index_ptr,
+                                          seq_len, batch_stride, row_stride, seq_len, batch_stride,
+                                          row_stride, GATHER)
+    if (flag == 0) & (row >= 0):
+        at = (pair * 2 + side).to(tl.int64)
+        top = tl.load(fparam_ptr + at * PARAM_SLOTS + _TOP)
+        log_sum = tl.load(fparam_ptr + at * PARAM_SLOTS + _LOG_SUM)
+        mass = tl.load(fparam_ptr + at * PARAM_SLOTS + _MASS)
+        signs = sign_ptr + at * CAP
+        scale = inv_temperature * 1.4426950408889634
+        factor = inv_temperature * grad_scale * (1.0 - 2.0 * side)
+        grad_row = grad_ptr + row * grad_row_stride
+        for start in tl.range(chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, vocab), BLOCK):
+            idx = start + tl.arange(0, BLOCK)
+            raw = _load_raw(row_ptr, idx, col_stride, vocab, UNIT_STRIDE)
+            p = _exp2(_log2_prob(raw.to(tl.float32), scale, top, log_sum))
+            sign = tl.load(signs + _bin_of_key(_keys(raw)), mask=p > 0.0, other=0.0)
+            tl.store(grad_row + idx, (p * factor * (sign - mass)).to(grad_ptr.dtype.element_ty), mask=idx < vocab)
