@@ -35,15 +35,16 @@ def main():
                 continue
             s, t = make_rows(kind, args.rows, vs, vt, seed=1)
             loss_h, status_h, grad_h, _ = launch.hist_rows(s, t, ts, tt, True, False, 1.0)
-            loss_h_only, _st, _g, _ = launch.hist_rows(s, t, ts, tt, False, False, 1.0, fallback=False)
+            loss_h_only, flag_bits, _g, _ = launch.hist_rows(s, t, ts, tt, False, False, 1.0, fallback=False)
+            reasons = {int(b): int(((flag_bits & b) != 0).sum()) for b in (1, 2, 4, 8, 16) if ((flag_bits & b) != 0).any()}
             loss_s, _status, _ce, grad_s, _ = launch.uld_pairs(s, t, ts, tt, True, False, 1.0)
-            flagged = int((status_h & 2 != 0).sum())
-            unflagged = status_h & 2 == 0
+            flagged = int((flag_bits != 0).sum())
+            unflagged = flag_bits == 0
             loss_diff = (loss_h.double() - loss_s.double()).abs().max().item()
             hist_only_diff = ((loss_h_only.double() - loss_s.double()).abs()[unflagged].max().item()
                               if unflagged.any() else float("nan"))
             grad_diff = (grad_h.double() - grad_s.double()).abs().max().item()
-            print(f"{pair:13s} {kind:9s} T={ts}/{tt} rows={args.rows} flagged={flagged} "
+            print(f"{pair:13s} {kind:9s} T={ts}/{tt} rows={args.rows} flagged={flagged} {reasons} "
                   f"max|loss diff|={loss_diff:.3g} (hist alone, unflagged rows: {hist_only_diff:.3g}) "
                   f"max|grad diff|={grad_diff:.3g} loss mean={loss_s.mean().item():.5f}", flush=True)
 

@@ -85,6 +85,7 @@ HIST_VERSION = os.environ.get("ULD_HIST", "2")  # 1: kernels/uld_hist.py, 2: ker
 HIST_BATCH = int(os.environ.get("ULD_HIST_BATCH", 4096))  # pairs per batch: 160 KB of workspace each
 HIST_BLOCK = int(os.environ.get("ULD_HIST_BLOCK", 2048))  # elements per step of hist_kernel's loops
 HIST_SIGN_BLOCK = int(os.environ.get("ULD_HIST_SIGN_BLOCK", 256))  # bins per sign_kernel program
+HIST_PREFIX_WARPS = int(os.environ.get("ULD_HIST_PREFIX_WARPS", 16))
 HIST_SIGN_WARPS = int(os.environ.get("ULD_HIST_SIGN_WARPS", 2))
 # Under the interpreter: small chunks and batches, so that short test rows still span several
 # chunks and batches (every cross-program path runs), at a cost the interpreter can afford;
@@ -165,8 +166,8 @@ def hist_rows(student_logits, teacher_logits, student_temperature, teacher_tempe
     """`uld_rows` through the histogram engine (kernels/uld_hist.py; 16-bit logits). Rows it
     flags (those it cannot settle exactly) are computed again by the trie engine when
     ``fallback`` is set, and carry the trie's status; the others have status 0. Without
-    ``fallback``, flagged rows have status 2 and no valid loss or gradient (for tests and
-    diagnostics: which rows did the histogram engine settle?)."""
+    ``fallback``, the status is the engine's flag bits (nonzero: no valid loss or gradient;
+    for tests and diagnostics: which rows did the histogram engine settle, and why not?)."""
     n_rows, student_vocab = _rows_and_vocab(student_logits)
     _, teacher_vocab = _rows_and_vocab(teacher_logits)
     device = student_logits.device
@@ -185,7 +186,7 @@ def hist_rows(student_logits, teacher_logits, student_temperature, teacher_tempe
         _hist1_batches(student_logits, teacher_logits, row_loss, flags, sides, grad_scale, n_rows, on_gpu)
     else:
         _hist2_batches(row_loss, flags, sides, grad_scale, n_rows, on_gpu)
-    status = (flags != 0).to(torch.int32) * 2
+    status = flags
     if fallback:
         # Flagged rows, again through the trie engine (every row is launched: padding where
         # unflagged, so nothing waits for the host to learn how many there are).
@@ -285,7 +286,7 @@ def _hist2_batches(row_loss, flags, sides, grad_scale, n_rows, on_gpu):
                 UNIT_STRIDE=logits.stride(-1) == 1, USE_PTX=use_ptx, BLOCK=HIST_BLOCK if on_gpu else 256,
                 num_warps=4)
             uld_hist2.prefix_kernel[(rows,)](counts, probs, runs, fparam, iparam, side, inv_t,
-                                             num_warps=16 if on_gpu else 4)
+                                             num_warps=HIST_PREFIX_WARPS if on_gpu else 4)
         for side in (0, 1):
             uld_hist2.sign_kernel[(rows, blocks)](
                 fparam, iparam, counts, probs, runs, signs, partial, partial_ok, sides[1 - side][1], SIDE=side,

@@ -143,10 +143,15 @@ def prefix_kernel(count_ptr, prob_ptr, run_ptr, fparam_ptr, iparam_ptr, side, in
     flag = (top_bin < 0).to(tl.int32) + (tl.max(tl.where(bins == _OUT, counts, 0), 0) > 0).to(tl.int32) * 2
     top = tl.where(top_bin < 0, 0.0, top)
     log_sum = tl.log2(tl.sum(tl.where(occupied, counts.to(tl.float32) * _exp2((z - top) * scale), 0.0), 0))
-    p = _exp2(_log2_prob(z, scale, top, log_sum))
-    p_below = _exp2(_log2_prob(_logit_of_bin(bins - 1), scale, top, log_sum))
-    p_above = _exp2(_log2_prob(_logit_of_bin(bins + 1), scale, top, log_sum))
-    p = tl.where(bins < WIDTH, p, 1.0)
+    # Probabilities in order of the bins: exp2 (ex2.approx) is not promised to be monotone,
+    # so each bin takes the largest probability at or below it (a bin whose own value differs
+    # from that by an ulp is compared as if it had it; its elements' gradients use their own).
+    p = tl.where(bins < WIDTH, _exp2(_log2_prob(z, scale, top, log_sum)), 1.0)
+    p = tl.associative_scan(p, 0, _max_combine)
+    p_below = tl.associative_scan(tl.where(bins >= 1, _exp2(_log2_prob(_logit_of_bin(bins - 1), scale, top,
+                                                                         log_sum)), 0.0), 0, _max_combine)
+    p_above = tl.where(bins < WIDTH - 1, _exp2(_log2_prob(_logit_of_bin(bins + 1), scale, top, log_sum)), 1.0)
+    p_above = tl.maximum(p_above, p)
     # The low bin holds logits <= -256: exact only when p(-256) is 0. The tiny bin holds
     # |z| < 2**-23 (its ends: +-(2**-23 - 2**-31)): exact when both ends have one probability.
     low_count = tl.max(tl.where(bins == 0, counts, 0), 0)
@@ -155,7 +160,6 @@ def prefix_kernel(count_ptr, prob_ptr, run_ptr, fparam_ptr, iparam_ptr, side, in
     tiny_end = 1.1920928955078125e-07 - 4.656612873077393e-10
     tiny_split = _log2_prob(-tiny_end, scale, top, log_sum) != _log2_prob(tiny_end, scale, top, log_sum)
     flag += (((low_count > 0) & (p_low > 0.0)) | ((tiny_count > 0) & tiny_split)).to(tl.int32) * 4
-    flag += (tl.sum((in_order & (p < p_below)).to(tl.int32), 0) > 0).to(tl.int32) * 16
     counted = tl.where((bins < WIDTH) & (p > 0.0), counts, 0)
     below = tl.cumsum(counted, 0) - counted
     first = tl.associative_scan(tl.where((bins == 0) | (p != p_below), bins, 0), 0, _max_combine)
