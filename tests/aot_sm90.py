@@ -171,7 +171,7 @@ def hist2_kernel_configs():
     aligned = ["logits_ptr", "grad_ptr", "vocab", "row_stride", "batch_stride", "grad_row_stride"]
     for label, kernel, constexprs, warps in [
         ("hist", uld_hist2.hist_kernel, dict(GATHER=False, UNIT_STRIDE=True, USE_PTX=True, BLOCK=2048), 4),
-        ("prefix", uld_hist2.prefix_kernel, dict(), 16),
+        ("prefix", uld_hist2.prefix_kernel, dict(BLOCK=1024), 4),
         ("sign student", uld_hist2.sign_kernel, dict(SIDE=0, BLOCK=256), 2),
         ("sign teacher", uld_hist2.sign_kernel, dict(SIDE=1, BLOCK=256), 2),
         ("finish", uld_hist2.finish_kernel, dict(BLOCKS=32), 1),

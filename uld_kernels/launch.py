@@ -85,7 +85,7 @@ HIST_VERSION = os.environ.get("ULD_HIST", "2")  # 1: kernels/uld_hist.py, 2: ker
 HIST_BATCH = int(os.environ.get("ULD_HIST_BATCH", 4096))  # pairs per batch: 160 KB of workspace each
 HIST_BLOCK = int(os.environ.get("ULD_HIST_BLOCK", 2048))  # elements per step of hist_kernel's loops
 HIST_SIGN_BLOCK = int(os.environ.get("ULD_HIST_SIGN_BLOCK", 256))  # bins per sign_kernel program
-HIST_PREFIX_WARPS = int(os.environ.get("ULD_HIST_PREFIX_WARPS", 16))
+HIST_PREFIX_WARPS = int(os.environ.get("ULD_HIST_PREFIX_WARPS", 4))
 HIST_SIGN_WARPS = int(os.environ.get("ULD_HIST_SIGN_WARPS", 2))
 # Under the interpreter: small chunks and batches, so that short test rows still span several
 # chunks and batches (every cross-program path runs), at a cost the interpreter can afford;
@@ -286,7 +286,7 @@ def _hist2_batches(row_loss, flags, sides, grad_scale, n_rows, on_gpu):
                 UNIT_STRIDE=logits.stride(-1) == 1, USE_PTX=use_ptx, BLOCK=HIST_BLOCK if on_gpu else 256,
                 num_warps=4)
             uld_hist2.prefix_kernel[(rows,)](counts, probs, runs, fparam, iparam, side, inv_t,
-                                             num_warps=HIST_PREFIX_WARPS if on_gpu else 4)
+                                             BLOCK=1024 if on_gpu else 2048, num_warps=HIST_PREFIX_WARPS if on_gpu else 4)
         for side in (0, 1):
             uld_hist2.sign_kernel[(rows, blocks)](
                 fparam, iparam, counts, probs, runs, signs, partial, partial_ok, sides[1 - side][1], SIDE=side,

@@ -21,7 +21,7 @@ of file) come from two such histograms, however close the two rows are. The pass
                    the softmax backward
 
 Bins. A bf16 pattern b gives a key monotone in the logit (b if b >= 0, else b ^ 0x7FFF). Every
-logit with 2**-23 <= |z| < 256 has a bin of its own (3,967 per sign); logits of |z| < 2**-23
+logit with 2**-23 <= |z| < 256 has a bin of its own (3,968 per sign); logits of |z| < 2**-23
 share one bin (exact when its two ends have the same k, which the prefix checks: z - top
 rounds them all to -top unless the row's largest logit is itself tiny); logits <= -256 share
 the lowest bin (exact when p(-256) is 0, checked); -inf (masked) is not counted. A row holding
@@ -36,11 +36,11 @@ from uld_kernels.kernels.ptx import smem_add_one, smem_load, smem_zero
 from uld_kernels.kernels.uld_rows import _exp2, _load_raw, _pair_rows, _tie_signs
 
 CAP = tl.constexpr(8192)  # words per row and side: the shared-memory histogram's 8,192
-WIDTH = tl.constexpr(7937)  # bins in order of value: 0 low, 1..3967 negative, 3968 tiny, 3969..7936 positive
-_TINY = tl.constexpr(3968)
+WIDTH = tl.constexpr(7938)  # bins in order of value: 0 low, 1..3968 negative, 3969 tiny, 3970..7937 positive
+_TINY = tl.constexpr(3969)
 _OUT = tl.constexpr(8191)  # counts logits >= 256, +inf and NaN: the row is flagged
 _NEG_INF_KEY = tl.constexpr(-32641)
-SEARCH_STEPS = tl.constexpr(3)  # steps along the other side's runs before a search gives up
+SEARCH_STEPS = tl.constexpr(64)  # steps along the other side's runs before a search gives up
 # Per row and side: floats, then ints (PARAM_SLOTS each).
 PARAM_SLOTS = tl.constexpr(4)
 _TOP = tl.constexpr(0)
@@ -64,16 +64,18 @@ def _keys(raw):
 
 @triton.jit
 def _bin_of_key(key):
-    return tl.where(key < -17279, 0,
-                    tl.where(key < -13312, key + 17280,
-                             tl.where(key < 13312, _TINY, tl.where(key < 17280, key - 9343, _OUT))))
+    """Keys of -256 and below (-17281: -256), -255 .. -2**-23, the tiny ones, 2**-23 .. 255
+    (17279), and 256 and above."""
+    return tl.where(key < -17280, 0,
+                    tl.where(key < -13312, key + 17281,
+                             tl.where(key < 13312, _TINY, tl.where(key < 17280, key - 9342, _OUT))))
 
 
 @triton.jit
 def _logit_of_bin(bins):
     """The logit a bin stands for (float32): its own value; 0 for the tiny bin, -256 for the
     low one."""
-    key = tl.where(bins < _TINY, bins - 17280, tl.where(bins == _TINY, 0, bins + 9343))
+    key = tl.where(bins < _TINY, bins - 17281, tl.where(bins == _TINY, 0, bins + 9342))
     return _key_of_bits(key).to(tl.int16).to(tl.bfloat16, bitcast=True).to(tl.float32)
 
 
@@ -124,56 +126,86 @@ def _min_combine(a, b):
 
 
 @triton.jit
-def prefix_kernel(count_ptr, prob_ptr, run_ptr, fparam_ptr, iparam_ptr, side, inv_temperature):
-    """One row of one side per program, over its whole histogram at once: the largest logit and
-    base-2 log-sum (from the bins), each bin's probability (prob_ptr), the count of elements
-    of nonzero probability below each bin (in place over the histogram; [WIDTH] = all of
-    them), the first bin of each bin's run of equal probability and the first bin past it
-    (run_ptr: first | next << 16), and the row's flag."""
+def prefix_kernel(count_ptr, prob_ptr, run_ptr, fparam_ptr, iparam_ptr, side, inv_temperature,
+                  BLOCK: tl.constexpr):
+    """One row of one side per program, in blocks of bins: the largest logit and base-2 log-sum
+    (from the bins), each bin's probability (prob_ptr), the count of elements of nonzero
+    probability below each bin (in place over the histogram; [WIDTH] = all of them), the first
+    bin of each bin's run of equal probability and the first bin past it (run_ptr:
+    first | next << 16), the count, and the row's flag."""
     pair = tl.program_id(0)
     at = (pair * 2 + side).to(tl.int64)
+    counts_at = count_ptr + at * CAP
+    probs = prob_ptr + at * CAP
+    runs = run_ptr + at * CAP
     scale = inv_temperature * 1.4426950408889634
-    bins = tl.arange(0, CAP)
-    counts = tl.load(count_ptr + at * CAP + bins)
-    in_order = (bins >= 1) & (bins < WIDTH)  # bins past the low one
-    occupied = in_order & (counts > 0)
-    z = _logit_of_bin(bins)
-    top_bin = tl.max(tl.where(occupied, bins, -1), 0)
-    top = tl.max(tl.where(bins == top_bin, z, float("-inf")), 0)
-    flag = (top_bin < 0).to(tl.int32) + (tl.max(tl.where(bins == _OUT, counts, 0), 0) > 0).to(tl.int32) * 2
-    top = tl.where(top_bin < 0, 0.0, top)
-    log_sum = tl.log2(tl.sum(tl.where(occupied, counts.to(tl.float32) * _exp2((z - top) * scale), 0.0), 0))
-    # Probabilities in order of the bins: exp2 (ex2.approx) is not promised to be monotone,
-    # so each bin takes the largest probability at or below it (a bin whose own value differs
-    # from that by an ulp is compared as if it had it; its elements' gradients use their own).
-    p = tl.where(bins < WIDTH, _exp2(_log2_prob(z, scale, top, log_sum)), 1.0)
-    p = tl.associative_scan(p, 0, _max_combine)
-    p_below = tl.associative_scan(tl.where(bins >= 1, _exp2(_log2_prob(_logit_of_bin(bins - 1), scale, top,
-                                                                         log_sum)), 0.0), 0, _max_combine)
-    p_above = tl.where(bins < WIDTH - 1, _exp2(_log2_prob(_logit_of_bin(bins + 1), scale, top, log_sum)), 1.0)
-    p_above = tl.maximum(p_above, p)
+    # The largest occupied bin (past the low one), and the logits >= 256.
+    top_bin = tl.full([], -1, tl.int32)
+    out = tl.zeros([], tl.int32)
+    for start in tl.range(0, CAP, BLOCK):
+        bins = start + tl.arange(0, BLOCK)
+        counts = tl.load(counts_at + bins)
+        top_bin = tl.maximum(top_bin, tl.max(tl.where((bins >= 1) & (bins < WIDTH) & (counts > 0), bins, -1), 0))
+        out += tl.sum(tl.where(bins == _OUT, counts, 0), 0)
+    flag = (top_bin < 0).to(tl.int32) + (out > 0).to(tl.int32) * 2
+    top = tl.where(top_bin < 0, 0.0, tl.max(_logit_of_bin(tl.full([2], top_bin, tl.int32)), 0))
+    total = tl.zeros([], tl.float64)
+    for start in tl.range(0, WIDTH, BLOCK):
+        bins = start + tl.arange(0, BLOCK)
+        occupied = (bins >= 1) & (bins < WIDTH)
+        counts = tl.load(counts_at + bins, mask=occupied, other=0)
+        weight = _exp2((_logit_of_bin(bins) - top) * scale)
+        total += tl.sum(tl.where(counts > 0, counts.to(tl.float64) * weight.to(tl.float64), 0.0), 0)
+    log_sum = tl.log2(total.to(tl.float32))
+    # Probabilities in order of the bins: exp2 (ex2.approx) is not promised to be monotone, so
+    # each bin takes the largest probability at or below it (a bin whose own value is an ulp
+    # below that is compared as if it had it; its elements' gradients use their own).
+    carry_p = tl.zeros([], tl.float32)
+    carry_count = tl.zeros([], tl.int32)
+    carry_first = tl.zeros([], tl.int32)
+    for start in tl.range(0, WIDTH, BLOCK):
+        bins = start + tl.arange(0, BLOCK)
+        inside = bins < WIDTH
+        counts = tl.load(counts_at + bins, mask=inside, other=0)
+        p = tl.where(inside, _exp2(_log2_prob(_logit_of_bin(bins), scale, top, log_sum)), 0.0)
+        p = tl.maximum(tl.associative_scan(p, 0, _max_combine), carry_p)
+        before = tl.where(bins >= 1, _exp2(_log2_prob(_logit_of_bin(bins - 1), scale, top, log_sum)), 0.0)
+        before = tl.maximum(tl.associative_scan(before, 0, _max_combine), carry_p)  # the bin below's p
+        counted = tl.where(inside & (p > 0.0), counts, 0)
+        tl.store(counts_at + bins, tl.cumsum(counted, 0) - counted + carry_count, mask=inside)
+        tl.store(probs + bins, p, mask=inside)
+        first = tl.maximum(tl.associative_scan(tl.where((bins == 0) | (p != before), bins, 0), 0, _max_combine),
+                           carry_first)
+        tl.store(runs + bins, first, mask=inside)
+        carry_p = tl.maximum(carry_p, tl.max(p, 0))
+        carry_count += tl.sum(counted, 0)
+        carry_first = tl.maximum(carry_first, tl.max(first, 0))
+    tl.store(counts_at + WIDTH, carry_count)
     # The low bin holds logits <= -256: exact only when p(-256) is 0. The tiny bin holds
     # |z| < 2**-23 (its ends: +-(2**-23 - 2**-31)): exact when both ends have one probability.
-    low_count = tl.max(tl.where(bins == 0, counts, 0), 0)
-    p_low = tl.max(tl.where(bins == 0, p, 0.0), 0)
-    tiny_count = tl.max(tl.where(bins == _TINY, counts, 0), 0)
     tiny_end = 1.1920928955078125e-07 - 4.656612873077393e-10
     tiny_split = _log2_prob(-tiny_end, scale, top, log_sum) != _log2_prob(tiny_end, scale, top, log_sum)
-    flag += (((low_count > 0) & (p_low > 0.0)) | ((tiny_count > 0) & tiny_split)).to(tl.int32) * 4
-    counted = tl.where((bins < WIDTH) & (p > 0.0), counts, 0)
-    below = tl.cumsum(counted, 0) - counted
-    first = tl.associative_scan(tl.where((bins == 0) | (p != p_below), bins, 0), 0, _max_combine)
-    after = tl.associative_scan(tl.where((bins >= WIDTH - 1) | (p != p_above), bins + 1, CAP), 0, _min_combine,
-                                reverse=True)
-    after = tl.minimum(after, WIDTH)
-    tl.store(count_ptr + at * CAP + bins, tl.where(bins == WIDTH, tl.sum(counted, 0), below), mask=bins <= WIDTH)
-    tl.store(prob_ptr + at * CAP + bins, p, mask=bins < WIDTH)
-    tl.store(run_ptr + at * CAP + bins, first | (after << 16), mask=bins < WIDTH)
+    tl.debug_barrier()  # the prefix counts, probabilities and first bins, visible to every thread
+    low_count = tl.load(counts_at + 1)  # elements of nonzero probability in the low bin
+    tiny_count = tl.load(counts_at + _TINY + 1) - tl.load(counts_at + _TINY)
+    flag += ((low_count > 0) | ((tiny_count > 0) & tiny_split)).to(tl.int32) * 4
+    # The first bin past each run, from the top down.
+    carry_after = tl.full([], WIDTH, tl.int32)
+    for back in tl.range(0, WIDTH, BLOCK):
+        bins = (WIDTH - BLOCK - back) + tl.arange(0, BLOCK)
+        inside = (bins >= 0) & (bins < WIDTH)
+        p = tl.load(probs + bins, mask=inside, other=0.0)
+        above = tl.load(probs + bins + 1, mask=inside & (bins + 1 < WIDTH), other=float("inf"))
+        after = tl.associative_scan(tl.where(inside & (p != above), bins + 1, WIDTH), 0, _min_combine, reverse=True)
+        after = tl.minimum(after, carry_after)
+        first = tl.load(runs + bins, mask=inside, other=0)
+        tl.store(runs + bins, first | (after << 16), mask=inside)
+        carry_after = tl.minimum(carry_after, tl.min(after, 0))
     params = at * PARAM_SLOTS
     tl.store(fparam_ptr + params + _TOP, top)
     tl.store(fparam_ptr + params + _LOG_SUM, log_sum)
     tl.store(iparam_ptr + params + _FLAG, flag)
-    tl.store(iparam_ptr + params + _TOTAL, tl.sum(counted, 0))
+    tl.store(iparam_ptr + params + _TOTAL, carry_count)
 
 
 @triton.jit
@@ -189,11 +221,12 @@ def _estimate(v, top, log_sum, scale):
 def _lower_bound(prob_ptr, run_ptr, start, v, active):
     """First bin of a side with probability >= v, by steps along the side's runs from bin
     `start` (probabilities non-decreasing over [0, WIDTH)); -1 where SEARCH_STEPS steps did not
-    settle it."""
+    settle it. The block steps until all its lanes are settled: one or two steps, mostly."""
     i = start
     found = tl.full(start.shape, -1, tl.int32)
-    for _step in tl.static_range(SEARCH_STEPS):
-        going = active & (found < 0)
+    going = active
+    steps = 0
+    while (tl.max(going.to(tl.int32), 0) > 0) & (steps < SEARCH_STEPS):
         p = tl.load(prob_ptr + i, mask=going, other=0.0)
         runs = tl.load(run_ptr + i, mask=going, other=0)
         first = runs & 0xFFFF
@@ -205,6 +238,8 @@ def _lower_bound(prob_ptr, run_ptr, start, v, active):
         next_run = ~at_or_above & ((after == WIDTH) | (p_after >= v))
         found = tl.where(going & here, first, tl.where(going & next_run, after, found))
         i = tl.where(at_or_above, tl.maximum(first - 1, 0), tl.minimum(after, WIDTH - 1))
+        going = active & (found < 0)
+        steps += 1
     return found
 
 
