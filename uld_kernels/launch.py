@@ -266,7 +266,7 @@ def _hist2_batches(row_loss, flags, sides, grad_scale, n_rows, on_gpu):
     fparam = torch.empty(batch * 2 * slots, dtype=torch.float32, device=device)
     iparam = torch.empty(batch * 2 * slots, dtype=torch.int32, device=device)
     counts = torch.empty(batch * 2 * cap, dtype=torch.int32, device=device)
-    probs = torch.empty(batch * 2 * cap, dtype=torch.float32, device=device)
+    keys = torch.empty(batch * 2 * cap, dtype=torch.float32, device=device)  # k = log2 p of each bin
     runs = torch.empty(batch * 2 * cap, dtype=torch.int32, device=device)
     signs = torch.empty(batch * 2 * cap, dtype=torch.float32, device=device)
     use_ptx = on_gpu and SPLIT["smem"]
@@ -285,11 +285,11 @@ def _hist2_batches(row_loss, flags, sides, grad_scale, n_rows, on_gpu):
                 logits, row_loss, counts, batch_start, side, vocab, *_row_layout(logits), GATHER=False,
                 UNIT_STRIDE=logits.stride(-1) == 1, USE_PTX=use_ptx, BLOCK=HIST_BLOCK if on_gpu else 256,
                 num_warps=4)
-            uld_hist2.prefix_kernel[(rows,)](counts, probs, runs, fparam, iparam, side, inv_t,
+            uld_hist2.prefix_kernel[(rows,)](counts, keys, runs, fparam, iparam, side, inv_t,
                                              BLOCK=1024 if on_gpu else 2048, num_warps=HIST_PREFIX_WARPS if on_gpu else 4)
         for side in (0, 1):
             uld_hist2.sign_kernel[(rows, blocks)](
-                fparam, iparam, counts, probs, runs, signs, partial, partial_ok, sides[1 - side][1], SIDE=side,
+                fparam, iparam, counts, keys, runs, signs, partial, partial_ok, sides[1 - side][1], SIDE=side,
                 BLOCK=sign_block, num_warps=HIST_SIGN_WARPS if on_gpu else 4)
         uld_hist2.finish_kernel[(rows,)](fparam, iparam, partial, partial_ok, row_loss, batch_start,
                                          BLOCKS=blocks, num_warps=1)

@@ -126,66 +126,61 @@ def _min_combine(a, b):
 
 
 @triton.jit
-def prefix_kernel(count_ptr, prob_ptr, run_ptr, fparam_ptr, iparam_ptr, side, inv_temperature,
+def prefix_kernel(count_ptr, key_ptr, run_ptr, fparam_ptr, iparam_ptr, side, inv_temperature,
                   BLOCK: tl.constexpr):
     """One row of one side per program, in blocks of bins: the largest logit and base-2 log-sum
-    (from the bins), each bin's probability (prob_ptr), the count of elements of nonzero
-    probability below each bin (in place over the histogram; [WIDTH] = all of them), the first
-    bin of each bin's run of equal probability and the first bin past it (run_ptr:
+    (from the bins), each bin's k = log2 p (key_ptr: the value bins are compared by; k is
+    monotone in the logit by construction, where exp2 is not promised to be), the count of
+    elements of nonzero probability below each bin (in place over the histogram; [WIDTH] = all
+    of them), the first bin of each bin's run of equal k and the first bin past it (run_ptr:
     first | next << 16), the count, and the row's flag."""
     pair = tl.program_id(0)
     at = (pair * 2 + side).to(tl.int64)
     counts_at = count_ptr + at * CAP
-    probs = prob_ptr + at * CAP
+    keys = key_ptr + at * CAP
     runs = run_ptr + at * CAP
     scale = inv_temperature * 1.4426950408889634
-    # The largest occupied bin (past the low one), and the logits >= 256.
-    top_bin = tl.full([], -1, tl.int32)
+    # The largest occupied logit (past the low bin) and the sum of 2**((z - top) * scale),
+    # online in blocks; and the logits >= 256.
+    top = tl.full([], float("-inf"), tl.float32)
+    total = tl.zeros([], tl.float64)
     out = tl.zeros([], tl.int32)
     for start in tl.range(0, CAP, BLOCK):
         bins = start + tl.arange(0, BLOCK)
         counts = tl.load(counts_at + bins)
-        top_bin = tl.maximum(top_bin, tl.max(tl.where((bins >= 1) & (bins < WIDTH) & (counts > 0), bins, -1), 0))
+        occupied = (bins >= 1) & (bins < WIDTH) & (counts > 0)
+        z = _logit_of_bin(bins)
+        new_top = tl.maximum(top, tl.max(tl.where(occupied, z, float("-inf")), 0))
+        safe = tl.where(new_top > float("-inf"), new_top, 0.0)
+        weight = tl.where(occupied, counts.to(tl.float64) * _exp2((z - safe) * scale).to(tl.float64), 0.0)
+        total = total * _exp2((top - safe) * scale).to(tl.float64) + tl.sum(weight, 0)
+        top = new_top
         out += tl.sum(tl.where(bins == _OUT, counts, 0), 0)
-    flag = (top_bin < 0).to(tl.int32) + (out > 0).to(tl.int32) * 2
-    top = tl.where(top_bin < 0, 0.0, tl.max(_logit_of_bin(tl.full([2], top_bin, tl.int32)), 0))
-    total = tl.zeros([], tl.float64)
-    for start in tl.range(0, WIDTH, BLOCK):
-        bins = start + tl.arange(0, BLOCK)
-        occupied = (bins >= 1) & (bins < WIDTH)
-        counts = tl.load(counts_at + bins, mask=occupied, other=0)
-        weight = _exp2((_logit_of_bin(bins) - top) * scale)
-        total += tl.sum(tl.where(counts > 0, counts.to(tl.float64) * weight.to(tl.float64), 0.0), 0)
+    flag = (top == float("-inf")).to(tl.int32) + (out > 0).to(tl.int32) * 2
+    top = tl.where(top > float("-inf"), top, 0.0)
     log_sum = tl.log2(total.to(tl.float32))
-    # Probabilities in order of the bins: exp2 (ex2.approx) is not promised to be monotone, so
-    # each bin takes the largest probability at or below it (a bin whose own value is an ulp
-    # below that is compared as if it had it; its elements' gradients use their own).
-    carry_p = tl.zeros([], tl.float32)
     carry_count = tl.zeros([], tl.int32)
     carry_first = tl.zeros([], tl.int32)
     for start in tl.range(0, WIDTH, BLOCK):
         bins = start + tl.arange(0, BLOCK)
         inside = bins < WIDTH
         counts = tl.load(counts_at + bins, mask=inside, other=0)
-        p = tl.where(inside, _exp2(_log2_prob(_logit_of_bin(bins), scale, top, log_sum)), 0.0)
-        p = tl.maximum(tl.associative_scan(p, 0, _max_combine), carry_p)
-        before = tl.where(bins >= 1, _exp2(_log2_prob(_logit_of_bin(bins - 1), scale, top, log_sum)), 0.0)
-        before = tl.maximum(tl.associative_scan(before, 0, _max_combine), carry_p)  # the bin below's p
-        counted = tl.where(inside & (p > 0.0), counts, 0)
+        k = _log2_prob(_logit_of_bin(bins), scale, top, log_sum)
+        k_below = _log2_prob(_logit_of_bin(bins - 1), scale, top, log_sum)
+        counted = tl.where(inside & (_exp2(k) > 0.0), counts, 0)
         tl.store(counts_at + bins, tl.cumsum(counted, 0) - counted + carry_count, mask=inside)
-        tl.store(probs + bins, p, mask=inside)
-        first = tl.maximum(tl.associative_scan(tl.where((bins == 0) | (p != before), bins, 0), 0, _max_combine),
+        tl.store(keys + bins, k, mask=inside)
+        first = tl.maximum(tl.associative_scan(tl.where((bins == 0) | (k != k_below), bins, 0), 0, _max_combine),
                            carry_first)
         tl.store(runs + bins, first, mask=inside)
-        carry_p = tl.maximum(carry_p, tl.max(p, 0))
         carry_count += tl.sum(counted, 0)
         carry_first = tl.maximum(carry_first, tl.max(first, 0))
     tl.store(counts_at + WIDTH, carry_count)
     # The low bin holds logits <= -256: exact only when p(-256) is 0. The tiny bin holds
-    # |z| < 2**-23 (its ends: +-(2**-23 - 2**-31)): exact when both ends have one probability.
+    # |z| < 2**-23 (its ends: +-(2**-23 - 2**-31)): exact when both ends have one k.
     tiny_end = 1.1920928955078125e-07 - 4.656612873077393e-10
     tiny_split = _log2_prob(-tiny_end, scale, top, log_sum) != _log2_prob(tiny_end, scale, top, log_sum)
-    tl.debug_barrier()  # the prefix counts, probabilities and first bins, visible to every thread
+    tl.debug_barrier()  # the prefix counts and first bins, visible to every thread
     low_count = tl.load(counts_at + 1)  # elements of nonzero probability in the low bin
     tiny_count = tl.load(counts_at + _TINY + 1) - tl.load(counts_at + _TINY)
     flag += ((low_count > 0) | ((tiny_count > 0) & tiny_split)).to(tl.int32) * 4
@@ -194,10 +189,11 @@ def prefix_kernel(count_ptr, prob_ptr, run_ptr, fparam_ptr, iparam_ptr, side, in
     for back in tl.range(0, WIDTH, BLOCK):
         bins = (WIDTH - BLOCK - back) + tl.arange(0, BLOCK)
         inside = (bins >= 0) & (bins < WIDTH)
-        p = tl.load(probs + bins, mask=inside, other=0.0)
-        above = tl.load(probs + bins + 1, mask=inside & (bins + 1 < WIDTH), other=float("inf"))
-        after = tl.associative_scan(tl.where(inside & (p != above), bins + 1, WIDTH), 0, _min_combine, reverse=True)
-        after = tl.minimum(after, carry_after)
+        k = _log2_prob(_logit_of_bin(bins), scale, top, log_sum)
+        k_above = _log2_prob(_logit_of_bin(bins + 1), scale, top, log_sum)
+        ends = inside & ((bins == WIDTH - 1) | (k != k_above))
+        after = tl.minimum(tl.associative_scan(tl.where(ends, bins + 1, WIDTH), 0, _min_combine, reverse=True),
+                           carry_after)
         first = tl.load(runs + bins, mask=inside, other=0)
         tl.store(runs + bins, first | (after << 16), mask=inside)
         carry_after = tl.minimum(carry_after, tl.min(after, 0))
@@ -210,32 +206,32 @@ def prefix_kernel(count_ptr, prob_ptr, run_ptr, fparam_ptr, iparam_ptr, side, in
 
 @triton.jit
 def _estimate(v, top, log_sum, scale):
-    """A bin of a side near probability v > 0: the bin of the logit of that probability."""
-    z = top + (tl.log2(tl.maximum(v, 1e-38)) + log_sum) / scale
+    """A bin of a side near k = v: the bin of the logit with that k."""
+    z = top + (v + log_sum) / scale
     z = tl.minimum(tl.maximum(z, -60000.0), 60000.0)
     key = _key_of_bits(z.to(tl.float32).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32))
     return tl.minimum(_bin_of_key(key), WIDTH - 1)
 
 
 @triton.jit
-def _lower_bound(prob_ptr, run_ptr, start, v, active):
-    """First bin of a side with probability >= v, by steps along the side's runs from bin
-    `start` (probabilities non-decreasing over [0, WIDTH)); -1 where SEARCH_STEPS steps did not
+def _lower_bound(key_ptr, run_ptr, start, v, active):
+    """First bin of a side with k >= v, by steps along the side's runs from bin `start` (k
+    non-decreasing over [0, WIDTH)); -1 where SEARCH_STEPS steps did not
     settle it. The block steps until all its lanes are settled: one or two steps, mostly."""
     i = start
     found = tl.full(start.shape, -1, tl.int32)
     going = active
     steps = 0
     while (tl.max(going.to(tl.int32), 0) > 0) & (steps < SEARCH_STEPS):
-        p = tl.load(prob_ptr + i, mask=going, other=0.0)
+        k = tl.load(key_ptr + i, mask=going, other=0.0)
         runs = tl.load(run_ptr + i, mask=going, other=0)
         first = runs & 0xFFFF
         after = runs >> 16
-        at_or_above = p >= v
-        p_before = tl.load(prob_ptr + first - 1, mask=going & at_or_above & (first > 0), other=0.0)
-        p_after = tl.load(prob_ptr + after, mask=going & ~at_or_above & (after < WIDTH), other=0.0)
-        here = at_or_above & ((first == 0) | (p_before < v))
-        next_run = ~at_or_above & ((after == WIDTH) | (p_after >= v))
+        at_or_above = k >= v
+        k_before = tl.load(key_ptr + first - 1, mask=going & at_or_above & (first > 0), other=0.0)
+        k_after = tl.load(key_ptr + after, mask=going & ~at_or_above & (after < WIDTH), other=0.0)
+        here = at_or_above & ((first == 0) | (k_before < v))
+        next_run = ~at_or_above & ((after == WIDTH) | (k_after >= v))
         found = tl.where(going & here, first, tl.where(going & next_run, after, found))
         i = tl.where(at_or_above, tl.maximum(first - 1, 0), tl.minimum(after, WIDTH - 1))
         going = active & (found < 0)
@@ -244,7 +240,7 @@ def _lower_bound(prob_ptr, run_ptr, start, v, active):
 
 
 @triton.jit
-def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, prob_ptr, run_ptr, sign_ptr, partial_ptr, partial_ok_ptr,
+def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, key_ptr, run_ptr, sign_ptr, partial_ptr, partial_ok_ptr,
                 other_inv_temperature, SIDE: tl.constexpr, BLOCK: tl.constexpr):
     """Signs of BLOCK bins of one side (SIDE 0 student, 1 teacher) of one pair per program
     (grid: pairs x CAP / BLOCK), written to the side's sign table; the block's sum of
@@ -261,8 +257,8 @@ def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, prob_ptr, run_ptr, sign_ptr, 
     if (flag == 0) & (block * BLOCK < WIDTH):
         own_count = count_ptr + own * CAP
         other_count = count_ptr + other * CAP
-        own_prob = prob_ptr + own * CAP
-        other_prob = prob_ptr + other * CAP
+        own_key = key_ptr + own * CAP
+        other_key = key_ptr + other * CAP
         own_total = tl.load(iparam_ptr + own * PARAM_SLOTS + _TOTAL)
         other_total = tl.load(iparam_ptr + other * PARAM_SLOTS + _TOTAL)
         bins = block * BLOCK + tl.arange(0, BLOCK)
@@ -270,20 +266,20 @@ def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, prob_ptr, run_ptr, sign_ptr, 
         below = tl.load(own_count + bins, mask=inside, other=0)
         count = tl.load(own_count + bins + 1, mask=inside, other=0) - below
         active = inside & (count > 0)
-        v = tl.load(own_prob + bins, mask=inside, other=0.0)
+        v = tl.load(own_key + bins, mask=inside, other=0.0)
         runs = tl.load(run_ptr + own * CAP + bins, mask=active, other=0)
         own_ge = own_total - tl.load(own_count + (runs & 0xFFFF), mask=active, other=0)
         own_gt = own_total - tl.load(own_count + (runs >> 16), mask=active, other=0)
         guess = _estimate(v, tl.load(fparam_ptr + other * PARAM_SLOTS + _TOP),
                           tl.load(fparam_ptr + other * PARAM_SLOTS + _LOG_SUM),
                           other_inv_temperature * 1.4426950408889634)
-        lower = _lower_bound(other_prob, run_ptr + other * CAP, guess, v, active)
+        lower = _lower_bound(other_key, run_ptr + other * CAP, guess, v, active)
         ok = lower >= 0
         lower = tl.maximum(lower, 0)
         tied = active & ok & (lower < WIDTH)
-        p_lower = tl.load(other_prob + lower, mask=tied, other=0.0)
-        after = tl.load(run_ptr + other * CAP + lower, mask=tied & (p_lower == v), other=0) >> 16
-        upper = tl.where(tied & (p_lower == v), after, lower)
+        k_lower = tl.load(other_key + lower, mask=tied, other=0.0)
+        after = tl.load(run_ptr + other * CAP + lower, mask=tied & (k_lower == v), other=0) >> 16
+        upper = tl.where(tied & (k_lower == v), after, lower)
         other_ge = other_total - tl.load(other_count + lower, mask=active, other=0)
         other_gt = other_total - tl.load(other_count + upper, mask=active, other=0)
         if SIDE == 0:
@@ -292,7 +288,8 @@ def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, prob_ptr, run_ptr, sign_ptr, 
             _unused, sign = _tie_signs(other_gt - own_gt, other_ge - other_gt, own_ge - own_gt)
         sign = tl.where(active, sign, 0.0)
         tl.store(sign_ptr + own * CAP + bins, sign, mask=inside)
-        mass = tl.sum(tl.where(active, count.to(tl.float64) * v.to(tl.float64) * sign.to(tl.float64), 0.0), 0)
+        p = _exp2(v)
+        mass = tl.sum(tl.where(active, count.to(tl.float64) * p.to(tl.float64) * sign.to(tl.float64), 0.0), 0)
         settled = tl.min((ok | ~active).to(tl.int32), 0)
     tl.store(partial_ptr + slot, mass)
     tl.store(partial_ok_ptr + slot, settled)
