@@ -141,44 +141,19 @@ def split_kernel_configs():
                constexprs, [n for n in aligned_names if n in names], cfg.num_warps)
 
 def hist_kernel_configs():
-    """The histogram engine's passes (uld_hist.py), bf16 and fp16, as launch.hist_rows runs them."""
-    import triton.language as tl
-
+    """The histogram engine's passes (uld_hist.py, bf16), as launch.hist_rows runs them."""
     from uld_kernels.kernels import uld_hist
     aligned = ["logits_ptr", "grad_ptr", "vocab", "row_stride", "batch_stride", "grad_row_stride"]
-    for dtype in (torch.bfloat16, torch.float16):
-        logits = "*" + TRITON_TYPE[dtype]
-        tl_dtype = tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
-        for label, kernel, constexprs in [
-            ("stats", uld_hist.stats_kernel, dict(GATHER=False, UNIT_STRIDE=True, CHUNK=32768, CHUNKS_POW2=8,
-                                                  BLOCK=1024)),
-            ("hist", uld_hist.hist_kernel, dict(GATHER=False, UNIT_STRIDE=True, USE_PTX=True, CHUNKS_POW2=8,
-                                                BLOCK=2048)),
-            ("sign student", uld_hist.sign_kernel, dict(SIDE=0, DTYPE_OTHER=tl_dtype, BLOCK=256)),
-            ("sign teacher", uld_hist.sign_kernel, dict(SIDE=1, DTYPE_OTHER=tl_dtype, BLOCK=256)),
-            ("finish", uld_hist.finish_kernel, dict(BLOCKS=32)),
-            ("grad", uld_hist.grad_kernel, dict(GATHER=False, UNIT_STRIDE=True, CHUNK=32768, BLOCK=1024)),
-        ]:
-            names = kernel.arg_names
-            warps = 2 if label.startswith("sign") else 4
-            yield (f"hist {label} {TRITON_TYPE[dtype]}", kernel, _types_by_name(kernel, logits), constexprs,
-                   [n for n in aligned if n in names], warps)
-
-
-def hist2_kernel_configs():
-    """The histogram engine's passes (uld_hist2.py, bf16), as launch.hist_rows runs them."""
-    from uld_kernels.kernels import uld_hist2
-    aligned = ["logits_ptr", "grad_ptr", "vocab", "row_stride", "batch_stride", "grad_row_stride"]
     for label, kernel, constexprs, warps in [
-        ("hist", uld_hist2.hist_kernel, dict(GATHER=False, UNIT_STRIDE=True, USE_PTX=True, BLOCK=2048), 4),
-        ("prefix", uld_hist2.prefix_kernel, dict(BLOCK=1024), 4),
-        ("sign student", uld_hist2.sign_kernel, dict(SIDE=0, BLOCK=256), 2),
-        ("sign teacher", uld_hist2.sign_kernel, dict(SIDE=1, BLOCK=256), 2),
-        ("finish", uld_hist2.finish_kernel, dict(BLOCKS=32), 1),
-        ("grad", uld_hist2.grad_kernel, dict(GATHER=False, UNIT_STRIDE=True, CHUNK=32768, BLOCK=1024), 4),
+        ("hist", uld_hist.hist_kernel, dict(GATHER=False, UNIT_STRIDE=True, USE_PTX=True, BLOCK=2048), 4),
+        ("prefix", uld_hist.prefix_kernel, dict(BLOCK=1024), 4),
+        ("sign student", uld_hist.sign_kernel, dict(SIDE=0, BLOCK=256), 2),
+        ("sign teacher", uld_hist.sign_kernel, dict(SIDE=1, BLOCK=256), 2),
+        ("finish", uld_hist.finish_kernel, dict(BLOCKS=32), 1),
+        ("grad", uld_hist.grad_kernel, dict(GATHER=False, UNIT_STRIDE=True, CHUNK=32768, BLOCK=1024), 4),
     ]:
         names = kernel.arg_names
-        yield (f"hist2 {label} bf16", kernel, _types_by_name(kernel, "*bf16"), constexprs,
+        yield (f"hist {label} bf16", kernel, _types_by_name(kernel, "*bf16"), constexprs,
                [n for n in aligned if n in names], warps)
 
 
@@ -200,7 +175,7 @@ def zero_kernel_configs():
 def main():
     resources = "--resources" in sys.argv  # print ptxas -v of each kernel instead of facts
     only = [a for a in sys.argv[1:] if not a.startswith("--")]  # name prefixes to compile
-    configs = [*split_kernel_configs(), *hist_kernel_configs(), *hist2_kernel_configs(), *distill_kernel_configs(), *scale_kernel_configs(),
+    configs = [*split_kernel_configs(), *hist_kernel_configs(), *distill_kernel_configs(), *scale_kernel_configs(),
                *zero_kernel_configs()]
     for name, kernel, types, constexprs, aligned, warps in configs:
         if only and not any(name.startswith(o) for o in only):

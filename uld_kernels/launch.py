@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from uld_kernels.kernels import uld_hist, uld_hist2, uld_split
+from uld_kernels.kernels import uld_hist, uld_split
 from uld_kernels.kernels.cross_entropy import ce_rows_kernel
 from uld_kernels.kernels.uld_rows import INT_PLANES, META_SLOTS, SIGN_PLANES, scale_rows_kernel, zero_rows_kernel
 
@@ -76,16 +76,14 @@ SPLIT = dict(
 )
 # Which engine computes bf16 rows: "hist" (uld_hist.py: histograms of the logits' values; rows
 # it cannot settle exactly go to the trie) or "split" (the trie engine for every row). Other
-# dtypes always take the trie: float32 has no small set of values, and fp16 rows' windows
-# (1,024 keys per binade) overflow the histogram.
+# dtypes always take the trie: float32 has no small set of values, and fp16's 1,024 values per
+# binade would need a histogram 8 times larger.
 ENGINE = os.environ.get("ULD_ENGINE", "hist")
 if ENGINE not in ("hist", "split"):
     raise ValueError(f"ULD_ENGINE must be 'hist' or 'split', got {ENGINE!r}")
-HIST_VERSION = os.environ.get("ULD_HIST", "2")  # 1: kernels/uld_hist.py, 2: kernels/uld_hist2.py
-HIST_BATCH = int(os.environ.get("ULD_HIST_BATCH", 4096))  # pairs per batch: 160 KB of workspace each
-HIST_BLOCK = int(os.environ.get("ULD_HIST_BLOCK", 2048))  # elements per step of hist_kernel's loops
+HIST_BATCH = int(os.environ.get("ULD_HIST_BATCH", 4096))  # pairs per batch: 256 KB of workspace each
+HIST_BLOCK = int(os.environ.get("ULD_HIST_BLOCK", 2048))  # elements per step of hist_kernel's loop
 HIST_SIGN_BLOCK = int(os.environ.get("ULD_HIST_SIGN_BLOCK", 256))  # bins per sign_kernel program
-HIST_PREFIX_WARPS = int(os.environ.get("ULD_HIST_PREFIX_WARPS", 4))
 HIST_SIGN_WARPS = int(os.environ.get("ULD_HIST_SIGN_WARPS", 2))
 # Under the interpreter: small chunks and batches, so that short test rows still span several
 # chunks and batches (every cross-program path runs), at a cost the interpreter can afford;
@@ -163,11 +161,14 @@ def uld_rows(
 
 def hist_rows(student_logits, teacher_logits, student_temperature, teacher_temperature,
               student_grad, teacher_grad, grad_scale, *, fallback=True):
-    """`uld_rows` through the histogram engine (kernels/uld_hist.py; 16-bit logits). Rows it
+    """`uld_rows` through the histogram engine (kernels/uld_hist.py; bf16 logits). Rows it
     flags (those it cannot settle exactly) are computed again by the trie engine when
     ``fallback`` is set, and carry the trie's status; the others have status 0. Without
     ``fallback``, the status is the engine's flag bits (nonzero: no valid loss or gradient;
     for tests and diagnostics: which rows did the histogram engine settle, and why not?)."""
+    if not student_logits.dtype == teacher_logits.dtype == torch.bfloat16:
+        raise ValueError(f"the histogram engine takes bf16 logits, got {student_logits.dtype} (student) and "
+                         f"{teacher_logits.dtype} (teacher)")
     n_rows, student_vocab = _rows_and_vocab(student_logits)
     _, teacher_vocab = _rows_and_vocab(teacher_logits)
     device = student_logits.device
@@ -182,10 +183,7 @@ def hist_rows(student_logits, teacher_logits, student_temperature, teacher_tempe
         return row_loss, flags, grad_s, grad_t
     sides = ((student_logits, 1.0 / student_temperature, grad_s, student_vocab),
              (teacher_logits, 1.0 / teacher_temperature, grad_t, teacher_vocab))
-    if HIST_VERSION == "1":
-        _hist1_batches(student_logits, teacher_logits, row_loss, flags, sides, grad_scale, n_rows, on_gpu)
-    else:
-        _hist2_batches(row_loss, flags, sides, grad_scale, n_rows, on_gpu)
+    _hist_batches(row_loss, flags, sides, grad_scale, n_rows, on_gpu)
     status = flags
     if fallback:
         # Flagged rows, again through the trie engine (every row is launched: padding where
@@ -204,64 +202,11 @@ def hist_rows(student_logits, teacher_logits, student_temperature, teacher_tempe
     return row_loss, status, grad_s, grad_t
 
 
-def _hist1_batches(student_logits, teacher_logits, row_loss, flags, sides, grad_scale, n_rows, on_gpu):
-    """The first histogram engine (kernels/uld_hist.py: per-row windows and a band of k bins)."""
-    device = row_loss.device
-    student_vocab, teacher_vocab = sides[0][3], sides[1][3]
-    cap, slots = uld_hist.CAP.value, uld_hist.PARAM_SLOTS.value
-    batch = min(n_rows, HIST_BATCH if on_gpu else 3)
-    fparam = torch.empty(batch * 2 * slots, dtype=torch.float32, device=device)
-    iparam = torch.empty(batch * 2 * slots, dtype=torch.int32, device=device)
-    counts = torch.empty(batch * 2 * (cap + 1), dtype=torch.int32, device=device)
-    probs = torch.empty(batch * 2 * cap, dtype=torch.float32, device=device)
-    signs = torch.empty(batch * 2 * cap, dtype=torch.float32, device=device)
-    use_ptx = on_gpu and SPLIT["smem"]
-    chunk = 32768 if on_gpu else 256
-    block = 1024 if on_gpu else 128
-    sign_block = HIST_SIGN_BLOCK if on_gpu else 2048
-    blocks = cap // sign_block
-    partial = torch.empty(batch * 2 * blocks, dtype=torch.float64, device=device)
-    partial_ok = torch.empty(batch * 2 * blocks, dtype=torch.int32, device=device)
-    dtypes = (_TL_DTYPES[student_logits.dtype], _TL_DTYPES[teacher_logits.dtype])
-    chunks_pow2 = triton.next_power_of_2(triton.cdiv(max(student_vocab, teacher_vocab), chunk))
-    stats = torch.empty(batch * 2 * chunks_pow2 * 4, dtype=torch.float32, device=device)
-    for batch_start in range(0, n_rows, batch):
-        rows = min(batch, n_rows - batch_start)
-        if not use_ptx:
-            counts.zero_()
-        for side, (logits, inv_t, _grad, vocab) in enumerate(sides):
-            n_chunks = triton.cdiv(vocab, chunk)
-            uld_hist.stats_kernel[(rows * n_chunks,)](
-                logits, row_loss, stats, batch_start, side, n_chunks, vocab, *_row_layout(logits), inv_t,
-                GATHER=False, UNIT_STRIDE=logits.stride(-1) == 1, CHUNK=chunk, CHUNKS_POW2=chunks_pow2,
-                BLOCK=block, num_warps=4)
-            uld_hist.hist_kernel[(rows,)](
-                logits, row_loss, stats, fparam, iparam, counts, probs, batch_start, side, n_chunks, vocab,
-                *_row_layout(logits), inv_t, GATHER=False, UNIT_STRIDE=logits.stride(-1) == 1, USE_PTX=use_ptx,
-                CHUNKS_POW2=chunks_pow2, BLOCK=HIST_BLOCK if on_gpu else 256, num_warps=4)
-        for side in (0, 1):
-            uld_hist.sign_kernel[(rows, blocks)](
-                fparam, iparam, counts, probs, signs, partial, partial_ok, sides[side][1], sides[1 - side][1],
-                SIDE=side, DTYPE_OTHER=dtypes[1 - side], BLOCK=sign_block,
-                num_warps=HIST_SIGN_WARPS if on_gpu else 4)
-        uld_hist.finish_kernel[(rows,)](fparam, iparam, partial, partial_ok, row_loss, batch_start,
-                                        BLOCKS=blocks, num_warps=1)
-        flags[batch_start:batch_start + rows] = iparam.view(batch, 2, slots)[:rows, 0, uld_hist._FLAG.value]
-        for side, (logits, inv_t, grad, vocab) in enumerate(sides):
-            if grad is None:
-                continue
-            n_chunks = triton.cdiv(vocab, chunk)
-            uld_hist.grad_kernel[(rows * n_chunks,)](
-                logits, row_loss, grad, fparam, iparam, signs, batch_start, side, n_chunks, vocab,
-                *_row_layout(logits), grad.stride(-2), inv_t, grad_scale, GATHER=False,
-                UNIT_STRIDE=logits.stride(-1) == 1, CHUNK=chunk, BLOCK=block, num_warps=4)
-
-
-def _hist2_batches(row_loss, flags, sides, grad_scale, n_rows, on_gpu):
-    """The histogram engine's launches (kernels/uld_hist2.py), batch by batch: row losses and
+def _hist_batches(row_loss, flags, sides, grad_scale, n_rows, on_gpu):
+    """The histogram engine's launches (kernels/uld_hist.py), batch by batch: row losses and
     flags of every row, gradients of the unflagged ones."""
     device = row_loss.device
-    cap, slots = uld_hist2.CAP.value, uld_hist2.PARAM_SLOTS.value
+    cap, slots = uld_hist.CAP.value, uld_hist.PARAM_SLOTS.value
     batch = min(n_rows, HIST_BATCH if on_gpu else 3)
     fparam = torch.empty(batch * 2 * slots, dtype=torch.float32, device=device)
     iparam = torch.empty(batch * 2 * slots, dtype=torch.int32, device=device)
@@ -281,30 +226,29 @@ def _hist2_batches(row_loss, flags, sides, grad_scale, n_rows, on_gpu):
         if not use_ptx:
             counts.zero_()
         for side, (logits, inv_t, _grad, vocab) in enumerate(sides):
-            uld_hist2.hist_kernel[(rows,)](
+            uld_hist.hist_kernel[(rows,)](
                 logits, row_loss, counts, batch_start, side, vocab, *_row_layout(logits), GATHER=False,
                 UNIT_STRIDE=logits.stride(-1) == 1, USE_PTX=use_ptx, BLOCK=HIST_BLOCK if on_gpu else 256,
                 num_warps=4)
-            uld_hist2.prefix_kernel[(rows,)](counts, keys, runs, fparam, iparam, side, inv_t,
-                                             BLOCK=1024 if on_gpu else 2048, num_warps=HIST_PREFIX_WARPS if on_gpu else 4)
+            uld_hist.prefix_kernel[(rows,)](counts, keys, runs, fparam, iparam, side, inv_t,
+                                             BLOCK=1024 if on_gpu else 2048, num_warps=4)
         for side in (0, 1):
-            uld_hist2.sign_kernel[(rows, blocks)](
+            uld_hist.sign_kernel[(rows, blocks)](
                 fparam, iparam, counts, keys, runs, signs, partial, partial_ok, sides[1 - side][1], SIDE=side,
                 BLOCK=sign_block, num_warps=HIST_SIGN_WARPS if on_gpu else 4)
-        uld_hist2.finish_kernel[(rows,)](fparam, iparam, partial, partial_ok, row_loss, batch_start,
+        uld_hist.finish_kernel[(rows,)](fparam, iparam, partial, partial_ok, row_loss, batch_start,
                                          BLOCKS=blocks, num_warps=1)
-        flags[batch_start:batch_start + rows] = iparam.view(batch, 2, slots)[:rows, 0, uld_hist2._FLAG.value]
+        flags[batch_start:batch_start + rows] = iparam.view(batch, 2, slots)[:rows, 0, uld_hist._FLAG.value]
         for side, (logits, inv_t, grad, vocab) in enumerate(sides):
             if grad is None:
                 continue
             n_chunks = triton.cdiv(vocab, chunk)
-            uld_hist2.grad_kernel[(rows * n_chunks,)](
+            uld_hist.grad_kernel[(rows * n_chunks,)](
                 logits, row_loss, grad, fparam, iparam, signs, batch_start, side, n_chunks, vocab,
                 *_row_layout(logits), grad.stride(-2), inv_t, grad_scale, GATHER=False,
                 UNIT_STRIDE=logits.stride(-1) == 1, CHUNK=chunk, BLOCK=block, num_warps=4)
 
 
-_TL_DTYPES = {torch.bfloat16: triton.language.bfloat16, torch.float16: triton.language.float16}
 
 
 def uld_pairs(

@@ -1,60 +1,53 @@
-"""Triton kernels: the exact ULD loss of 16-bit logits from per-row histograms of their values.
+"""Triton kernels: the exact ULD loss of bf16 logits from per-row histograms of their values.
 
-A bf16 (or fp16) row of 150k logits holds only a few thousand distinct values, and a
-probability is a monotone function of its logit: p = 2**k with k = (z - top) * scale - log_sum
+A bf16 row of 150k logits holds only a few thousand distinct values, and a probability is a
+monotone function of its logit: p = 2**k with k = (z - top) * scale - log_sum
 (uld_rows._keys_of). So the sorted probabilities of a row are known exactly from a histogram of
-its logits' bit patterns, and the counts the sign of every element needs (uld_rows, top of
-file) come from two such histograms, however close the rows are. The passes:
+its logits' bit patterns, and the counts that the sign of every element needs (uld_rows, top
+of file) come from two such histograms, however close the two rows are. The passes:
 
-    hist_kernel    one program per row (per side): the row's statistics (largest logit,
-                   base-2 log-sum, smallest logit), the histogram of its logits over the row's
-                   *window* of bins (below) in shared memory, and from it the side's prefix
-                   counts and the probability of every bin
-    sign_kernel    per (pair, block of bins), for each side: the counts of both sides above and
-                   at each occupied bin's value (a local search around an estimate), its
+    hist_kernel    one program per row (per side): the histogram of the row's logits over
+                   the fixed bins below, in shared memory, written out whole (one read of the
+                   row, a few integer instructions per element; no statistics needed first)
+    prefix_kernel  one program per row (per side): the row's largest logit and log-sum from
+                   its bins, every bin's probability, prefix counts, and the runs of bins of
+                   equal probability
+    sign_kernel    per (pair, block of bins), for each side: the counts of both sides above
+                   and at each occupied bin's value (the other side's bin is estimated from
+                   the value's logit, then settled by a few steps along that side's runs), its
                    tie-rule sign, and the block's sum of count * p * sign
-    finish_kernel  per pair: the sums of p * sign of both sides, and the loss
+    finish_kernel  per pair: both sides' sums of p * sign, and the loss
     grad_kernel    per (pair, chunk): each element's bin, its sign from the bin's table, and
                    the softmax backward
 
-Bins. A 16-bit logit's pattern b gives a key monotone in the logit (b if b >= 0, else
-b ^ 0x7FFF). The window is the key range [K_lo, K_hi]: K_hi the row's largest logit, K_lo just
-below the smallest logit whose probability can be nonzero (logits below it have k < -150: p is
-0 in every mode, and zero probabilities are left out of every count). Logits near 0 waste keys:
-every tiny logit has its own pattern while z - top rounds them to a handful of values. So the
-keys of |z| < z_b (the *band*, z_b a power of two per row) are replaced by bins of k itself:
-there k lies within BAND_J steps h of k0 = k(0), on a grid of spacing h (half an ulp of k0, so
-k - k0 is exact), and bin = j + BAND_J with j = (k - k0) / h. Every bin then holds one value of
-k, the bins are in the order of k, and a row of N(0, 1) or LLM-like logits needs about 4,600
-of them. A row is *flagged* when something falls outside what this engine handles exactly
-(a window wider than CAP bins, a band value past BAND_J steps, a search that does not settle
-within SEARCH_R bins, non-finite statistics); the launcher hands flagged rows to the trie
-engine (uld_split.py), so every row's result stays exact.
+Bins. A bf16 pattern b gives a key monotone in the logit (b if b >= 0, else b ^ 0x7FFF). Every
+logit with 2**-23 <= |z| < 256 has a bin of its own (3,968 per sign); logits of |z| < 2**-23
+share one bin (exact when its two ends have the same k, which the prefix checks: z - top
+rounds them all to -top unless the row's largest logit is itself tiny); logits <= -256 share
+the lowest bin (exact when p(-256) is 0, checked); -inf (masked) is not counted. A row holding
+a logit >= 256, +inf or NaN, or failing a check, is *flagged*: the launcher hands flagged rows
+to the trie engine (uld_split.py), so every result stays exact.
 """
 
 import triton
 import triton.language as tl
 
 from uld_kernels.kernels.ptx import smem_add_one, smem_load, smem_zero
-from uld_kernels.kernels.uld_rows import _exp2, _finish_lse2, _lse_block, _load_raw, _pair_rows, _tie_signs
+from uld_kernels.kernels.uld_rows import _exp2, _load_raw, _pair_rows, _tie_signs
 
-CAP = tl.constexpr(8192)  # bins per row and side: the shared-memory histogram's 8,192 words
-BAND_J = tl.constexpr(1024)  # band bins j in [-BAND_J, BAND_J]
-SEARCH_R = tl.constexpr(4)  # a local search reads 2 * SEARCH_R + 1 bins around its estimate
+CAP = tl.constexpr(8192)  # words per row and side: the shared-memory histogram's 8,192
+WIDTH = tl.constexpr(7938)  # bins in order of value: 0 low, 1..3968 negative, 3969 tiny, 3970..7937 positive
+_TINY = tl.constexpr(3969)
+_OUT = tl.constexpr(8191)  # counts logits >= 256, +inf and NaN: the row is flagged
+_NEG_INF_KEY = tl.constexpr(-32641)
+SEARCH_STEPS = tl.constexpr(64)  # steps along the other side's runs before a search gives up
 # Per row and side: floats, then ints (PARAM_SLOTS each).
-PARAM_SLOTS = tl.constexpr(8)
+PARAM_SLOTS = tl.constexpr(4)
 _TOP = tl.constexpr(0)
 _LOG_SUM = tl.constexpr(1)
-_K0 = tl.constexpr(2)  # k at z = 0
-_H = tl.constexpr(3)  # band grid spacing
-_Z_BAND = tl.constexpr(4)  # z_b
-_MASS = tl.constexpr(5)  # sum over the side of p * sign
-_K_LO = tl.constexpr(0)
-_K_BAND = tl.constexpr(1)  # the band holds keys [-K_BAND, K_BAND)
-_BAND_W = tl.constexpr(2)  # bins of the band (at most 2 * BAND_J + 1), or 0 without a band
-_WIDTH = tl.constexpr(3)  # bins of the window
-_FLAG = tl.constexpr(4)  # nonzero: the trie engine computes this row
-_J_MIN = tl.constexpr(5)  # the band's first bin holds k0 + J_MIN * h
+_MASS = tl.constexpr(2)  # sum over the side of p * sign
+_FLAG = tl.constexpr(0)  # nonzero: the trie engine computes this row
+_TOTAL = tl.constexpr(1)  # elements of nonzero probability
 
 
 @triton.jit
@@ -64,9 +57,26 @@ def _key_of_bits(b):
 
 
 @triton.jit
-def _key16(x, DTYPE: tl.constexpr):
-    """Key of float32 values rounded to the 16-bit input type."""
-    return _key_of_bits(x.to(tl.float32).to(DTYPE).to(tl.int16, bitcast=True).to(tl.int32))
+def _keys(raw):
+    """Keys of bf16 logits already loaded."""
+    return _key_of_bits(raw.to(tl.int16, bitcast=True).to(tl.int32))
+
+
+@triton.jit
+def _bin_of_key(key):
+    """Keys of -256 and below (-17281: -256), -255 .. -2**-23, the tiny ones, 2**-23 .. 255
+    (17279), and 256 and above."""
+    return tl.where(key < -17280, 0,
+                    tl.where(key < -13312, key + 17281,
+                             tl.where(key < 13312, _TINY, tl.where(key < 17280, key - 9342, _OUT))))
+
+
+@triton.jit
+def _logit_of_bin(bins):
+    """The logit a bin stands for (float32): its own value; 0 for the tiny bin, -256 for the
+    low one."""
+    key = tl.where(bins < _TINY, bins - 17281, tl.where(bins == _TINY, 0, bins + 9342))
+    return _key_of_bits(key).to(tl.int16).to(tl.bfloat16, bitcast=True).to(tl.float32)
 
 
 @triton.jit
@@ -76,200 +86,33 @@ def _log2_prob(z, scale, top, log_sum):
 
 
 @triton.jit
-def _pow2(e):
-    """2**e for an int32 exponent in [-126, 127], exactly."""
-    return ((e + 127) << 23).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _exponent(x):
-    """floor(log2 |x|) of a normal float32."""
-    return ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
-
-
-@triton.jit
-def _bins_of(raw, scale, top, log_sum, k0, inv_h, k_lo, k_band, j_min, band_w):
-    """Bins of logits already loaded (input dtype), whether they fall in the window, whether in
-    the band, and their band offsets j."""
-    key = _key_of_bits(raw.to(tl.int16, bitcast=True).to(tl.int32))
-    z = raw.to(tl.float32)
-    j = tl.minimum(tl.maximum((_log2_prob(z, scale, top, log_sum) - k0) * inv_h, -1048576.0), 1048576.0)
-    j = j.to(tl.int32)
-    base = -k_band - k_lo
-    bins = tl.where(key < -k_band, key - k_lo,
-                    tl.where(key < k_band, base + j - j_min, key - k_band + base + band_w))
-    in_band = (key >= -k_band) & (key < k_band)
-    return bins, key >= k_lo, in_band, j
-
-
-@triton.jit
-def _bin_log2_probs(bins, k_lo, k_band, j_min, band_w, top, scale, log_sum, k0, h, DTYPE: tl.constexpr):
-    """k of every bin: the value its logits have (the inverse of `_bins_of`)."""
-    base = -k_band - k_lo
-    key = tl.where(bins < base, bins + k_lo, bins - base - band_w + k_band)
-    z = _key_of_bits(key).to(tl.int16).to(DTYPE, bitcast=True).to(tl.float32)
-    in_band = (bins >= base) & (bins < base + band_w)
-    return tl.where(in_band, k0 + (bins - base + j_min).to(tl.float32) * h, _log2_prob(z, scale, top, log_sum))
-
-
-@triton.jit
-def stats_kernel(logits_ptr, index_ptr, stats_ptr, batch_start, side, n_chunks, vocab, seq_len, batch_stride,
-                 row_stride, col_stride, inv_temperature, GATHER: tl.constexpr, UNIT_STRIDE: tl.constexpr,
-                 CHUNK: tl.constexpr, CHUNKS_POW2: tl.constexpr, BLOCK: tl.constexpr):
-    """Per (pair, chunk of CHUNK columns) of one side: the chunk's largest logit, base-2 log-sum
-    and smallest finite logit, at stats_ptr[((pair * 2 + side) * CHUNKS_POW2 + chunk) * 4]."""
-    program = tl.program_id(0)
-    pair = program // n_chunks
-    chunk = program % n_chunks
+def hist_kernel(logits_ptr, index_ptr, count_ptr, batch_start, side, vocab, seq_len, batch_stride,
+                row_stride, col_stride, GATHER: tl.constexpr, UNIT_STRIDE: tl.constexpr,
+                USE_PTX: tl.constexpr, BLOCK: tl.constexpr):
+    """One row of one side per program: the histogram of its logits, CAP int32 at
+    count_ptr + (pair * 2 + side) * CAP (zeroed by the launcher when USE_PTX is off: then the
+    histogram is counted there with global atomics)."""
+    pair = tl.program_id(0)
     _row, _unused, row_ptr, _ = _pair_rows(batch_start + pair, logits_ptr, logits_ptr, index_ptr, index_ptr,
                                            seq_len, batch_stride, row_stride, seq_len, batch_stride,
                                            row_stride, GATHER)
-    scale = inv_temperature * 1.4426950408889634
-    ROWS: tl.constexpr = BLOCK // 8
-    lanes = tl.arange(0, ROWS)[:, None] * 8 + tl.arange(0, 8)[None, :]
-    tops = tl.full([ROWS], float("-inf"), tl.float32)
-    totals = tl.zeros([ROWS], tl.float32)
-    lows = tl.full([ROWS], float("inf"), tl.float32)
-    for start in tl.range(chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, vocab), BLOCK):
-        z = _load_raw(row_ptr, start + lanes, col_stride, vocab, UNIT_STRIDE).to(tl.float32)
-        tops, totals = _lse_block(tops, totals, z, scale)
-        lows = tl.minimum(lows, tl.min(tl.where(z > float("-inf"), z, float("inf")), axis=1))
-    top, log_sum = _finish_lse2(tops, totals, scale)
-    at = (((pair * 2 + side) * CHUNKS_POW2 + chunk) * 4).to(tl.int64)
-    tl.store(stats_ptr + at, top)
-    tl.store(stats_ptr + at + 1, log_sum)
-    tl.store(stats_ptr + at + 2, tl.min(lows, 0))
-
-
-@triton.jit
-def hist_kernel(logits_ptr, index_ptr, stats_ptr, fparam_ptr, iparam_ptr, count_ptr, prob_ptr, batch_start,
-                side, n_chunks, vocab, seq_len, batch_stride, row_stride, col_stride, inv_temperature,
-                GATHER: tl.constexpr, UNIT_STRIDE: tl.constexpr, USE_PTX: tl.constexpr,
-                CHUNKS_POW2: tl.constexpr, BLOCK: tl.constexpr):
-    """One row of one side per program: the statistics (from stats_kernel's chunks), window,
-    histogram, and from it the side's prefix counts and bin probabilities (`_prefix`).
-    Workspace per row and side, at pair * 2 + side: count_ptr CAP + 1 int32 (zeroed by the
-    launcher when USE_PTX is off: the histogram is counted there), prob_ptr CAP float32."""
-    pair = tl.program_id(0)
-    at = (pair * 2 + side).to(tl.int64)
-    row, _unused, row_ptr, _ = _pair_rows(batch_start + pair, logits_ptr, logits_ptr, index_ptr, index_ptr,
-                                          seq_len, batch_stride, row_stride, seq_len, batch_stride,
-                                          row_stride, GATHER)
-    DTYPE: tl.constexpr = logits_ptr.dtype.element_ty
-    scale = inv_temperature * 1.4426950408889634
-    ROWS: tl.constexpr = BLOCK // 8
-    lanes = tl.arange(0, ROWS)[:, None] * 8 + tl.arange(0, 8)[None, :]
-    chunks = tl.arange(0, CHUNKS_POW2)
-    stats = stats_ptr + (at * CHUNKS_POW2 + chunks) * 4
-    real = chunks < n_chunks
-    tops = tl.load(stats, mask=real, other=float("-inf"))
-    top = tl.max(tops, 0)
-    weight = tl.where(tops > float("-inf"), _exp2((tops - top) * scale), 0.0)  # NaN totals stay NaN
-    log_sum = tl.log2(tl.sum(tl.where(real, tl.exp2(tl.load(stats + 1, mask=real, other=0.0)) * weight, 0.0), 0))
-    low = tl.min(tl.load(stats + 2, mask=real, other=float("inf")), 0)
-    finite = (top < float("inf")) & (log_sum == log_sum) & (log_sum < float("inf")) & (row >= 0)
-    top = tl.where(finite, top, 0.0)
-    log_sum = tl.where(finite, log_sum, 0.0)
-    # The window: logits below z_cut have k < -150 (p is 0 even without flushing subnormals).
-    z_cut = tl.maximum(top + (log_sum - 152.0) / scale, tl.where(finite, low, 0.0))
-    k_lo = _key16(z_cut, DTYPE) - 1
-    k_hi = _key16(top, DTYPE)
-    # The band: k within BAND_J / 4 steps of k0 for |z| < z_b (the row check below makes sure).
-    k0 = _log2_prob(0.0, scale, top, log_sum)
-    e0 = _exponent(k0)
-    band_ok = (e0 >= -100) & (k0 < 0.0)
-    e0 = tl.where(band_ok, e0, 0)
-    h = _pow2(e0 - 24)
-    inv_h = _pow2(24 - e0)
-    eb = tl.minimum(tl.maximum(_exponent(h * (BAND_J * 0.25) / scale), -126), 100)
-    z_band = _pow2(eb)
-    k_band = _key16(z_band, DTYPE)
-    # The band's bins run from k(-z_b) to k(z_b) (both on the grid): the bins next to the
-    # band hold those two values, so the bins' values stay in order across its edges.
-    j_min = ((_log2_prob(-z_band, scale, top, log_sum) - k0) * inv_h).to(tl.int32)
-    j_max = ((_log2_prob(z_band, scale, top, log_sum) - k0) * inv_h).to(tl.int32)
-    band_ok = (band_ok & (k_band >= 1) & (k_lo < -k_band) & (k_hi >= k_band) & (j_min >= -BAND_J)
-               & (j_max <= BAND_J))
-    k_band = tl.where(band_ok, k_band, 0)
-    j_min = tl.where(band_ok, j_min, 0)
-    band_w = tl.where(band_ok, j_max - j_min + 1, 0)
-    width = k_hi - k_lo + 1 - 2 * k_band + band_w
-    flag = (~finite).to(tl.int32) + (width > CAP).to(tl.int32) * 2
-
-    counts = count_ptr + at * (CAP + 1)
-    if flag == 0:
+    counts = count_ptr + (pair * 2 + side).to(tl.int64) * CAP
+    if USE_PTX:
+        smem_zero()
+        tl.debug_barrier()
+    for start in tl.range(0, vocab, BLOCK):
+        idx = start + tl.arange(0, BLOCK)
+        key = _keys(_load_raw(row_ptr, idx, col_stride, vocab, UNIT_STRIDE))
+        counted = (idx < vocab) & (key != _NEG_INF_KEY)
         if USE_PTX:
-            smem_zero()
-            tl.debug_barrier()
-        far = tl.zeros([ROWS, 8], tl.int32)
-        for start in tl.range(0, vocab, BLOCK):
-            raw = _load_raw(row_ptr, start + lanes, col_stride, vocab, UNIT_STRIDE)
-            bins, inside, in_band, j = _bins_of(raw, scale, top, log_sum, k0, inv_h, k_lo, k_band, j_min, band_w)
-            far = tl.maximum(far, (in_band & inside & ((j < j_min) | (j - j_min >= band_w))).to(tl.int32))
-            counted = inside & (bins >= 0) & (bins < CAP)
-            if USE_PTX:
-                smem_add_one(bins, counted)
-            else:
-                tl.atomic_add(counts + bins, 1, mask=counted)
-        if USE_PTX:
-            tl.debug_barrier()
-        _total, ordered = _prefix(counts, prob_ptr + at * CAP, width, top, log_sum, k0, h, k_lo, k_band, j_min,
-                                  band_w, scale, DTYPE, USE_PTX, 1024)
-        flag = tl.max(tl.max(far, 1), 0) * 4 + (1 - ordered.to(tl.int32)) * 16
-    params = at * PARAM_SLOTS
-    tl.store(fparam_ptr + params + _TOP, top)
-    tl.store(fparam_ptr + params + _LOG_SUM, log_sum)
-    tl.store(fparam_ptr + params + _K0, k0)
-    tl.store(fparam_ptr + params + _H, h)
-    tl.store(fparam_ptr + params + _Z_BAND, tl.where(band_ok, z_band, 0.0))
-    tl.store(iparam_ptr + params + _K_LO, k_lo)
-    tl.store(iparam_ptr + params + _K_BAND, k_band)
-    tl.store(iparam_ptr + params + _BAND_W, band_w)
-    tl.store(iparam_ptr + params + _J_MIN, j_min)
-    tl.store(iparam_ptr + params + _WIDTH, width)
-    tl.store(iparam_ptr + params + _FLAG, flag)
-
-
-@triton.jit
-def _side(fparam_ptr, iparam_ptr, pair):
-    params = pair.to(tl.int64) * PARAM_SLOTS
-    return (tl.load(fparam_ptr + params + _TOP), tl.load(fparam_ptr + params + _LOG_SUM),
-            tl.load(fparam_ptr + params + _K0), tl.load(fparam_ptr + params + _H),
-            tl.load(fparam_ptr + params + _Z_BAND), tl.load(iparam_ptr + params + _K_LO),
-            tl.load(iparam_ptr + params + _K_BAND), tl.load(iparam_ptr + params + _J_MIN),
-            tl.load(iparam_ptr + params + _BAND_W), tl.load(iparam_ptr + params + _WIDTH))
-
-
-@triton.jit
-def _prefix(count_ptr, prob_ptr, width, top, log_sum, k0, h, k_lo, k_band, j_min, band_w, scale,
-            DTYPE: tl.constexpr, USE_PTX: tl.constexpr, BLOCK: tl.constexpr):
-    """From one side's histogram (shared memory with USE_PTX, else count_ptr): count[i] = elements of nonzero probability in bins
-    below i (count[width] = all of them); prob[i] = the bin's probability. Returns the count
-    and whether the occupied bins' probabilities are in order (the searches rely on it; an
-    exp2 that was not monotone would flag the row)."""
-    carry = tl.zeros([], tl.int32)
-    ceiling = tl.zeros([], tl.float32)
-    disorder = tl.zeros([], tl.int32)
-    for start in tl.range(0, width, BLOCK):
-        bins = start + tl.arange(0, BLOCK)
-        inside = bins < width
-        if USE_PTX:
-            counts = tl.where(inside, smem_load(bins), 0)
+            smem_add_one(_bin_of_key(key), counted)
         else:
-            counts = tl.load(count_ptr + bins, mask=inside, other=0)
-        p = _exp2(_bin_log2_probs(bins, k_lo, k_band, j_min, band_w, top, scale, log_sum, k0, h, DTYPE))
-        p = tl.where(inside, p, 0.0)
-        counts = tl.where(p > 0.0, counts, 0)
-        ordered = tl.maximum(tl.associative_scan(p, 0, _max_combine), ceiling)
-        disorder += tl.sum(((counts > 0) & (p < ordered)).to(tl.int32), 0)
-        p = ordered
-        below = tl.cumsum(counts, 0) - counts + carry
-        tl.store(count_ptr + bins, below, mask=inside)
-        tl.store(prob_ptr + bins, p, mask=inside)
-        carry += tl.sum(counts, 0)
-        ceiling = tl.maximum(ceiling, tl.max(p, 0))
-    tl.store(count_ptr + width, carry)
-    return carry, disorder == 0
+            tl.atomic_add(counts + _bin_of_key(key), 1, mask=counted)
+    if USE_PTX:
+        tl.debug_barrier()
+        for start in tl.range(0, CAP, 1024):
+            words = start + tl.arange(0, 1024)
+            tl.store(counts + words, smem_load(words))
 
 
 @triton.jit
@@ -278,46 +121,127 @@ def _max_combine(a, b):
 
 
 @triton.jit
-def _bounds(prob_ptr, width, estimate, v, active, R: tl.constexpr):
-    """First bins with probability >= v and > v, of a side whose probabilities are
-    non-decreasing over [0, width), from the 2R + 1 bins around `estimate`, and whether the
-    window settles both (else the true bounds may lie outside it)."""
-    first = tl.maximum(estimate - R, 0)
-    stop = tl.minimum(estimate + R + 1, width)
-    below = tl.zeros_like(estimate)
-    at_most = tl.zeros_like(estimate)
-    for m in tl.static_range(2 * R + 1):
-        idx = estimate - R + m
-        ok = (idx >= 0) & (idx < width)
-        p = tl.load(prob_ptr + idx, mask=active & ok, other=0.0)
-        below += (ok & (p < v)).to(tl.int32)
-        at_most += (ok & (p <= v)).to(tl.int32)
-    lower = first + below
-    upper = first + at_most
-    settled = (((below > 0) | (first == 0)) & ((lower < stop) | (stop == width))
-               & ((at_most > 0) | (first == 0)) & ((upper < stop) | (stop == width)))
-    return lower, upper, settled | ~active
+def _min_combine(a, b):
+    return tl.minimum(a, b)
 
 
 @triton.jit
-def _estimate(v, top, log_sum, k0, h, z_band, k_lo, k_band, j_min, band_w, width, scale, DTYPE: tl.constexpr):
-    """A bin of a side near probability v (v > 0): through the logit of that probability."""
-    k = tl.log2(tl.maximum(v, 1e-38))
-    z = top + (k + log_sum) / scale
+def prefix_kernel(count_ptr, key_ptr, run_ptr, fparam_ptr, iparam_ptr, side, inv_temperature,
+                  BLOCK: tl.constexpr):
+    """One row of one side per program, in blocks of bins: the largest logit and base-2 log-sum
+    (from the bins), each bin's k = log2 p (key_ptr: the value bins are compared by; k is
+    monotone in the logit by construction, where exp2 is not promised to be), the count of
+    elements of nonzero probability below each bin (in place over the histogram; [WIDTH] = all
+    of them), the first bin of each bin's run of equal k and the first bin past it (run_ptr:
+    first | next << 16), the count, and the row's flag."""
+    pair = tl.program_id(0)
+    at = (pair * 2 + side).to(tl.int64)
+    counts_at = count_ptr + at * CAP
+    keys = key_ptr + at * CAP
+    runs = run_ptr + at * CAP
+    scale = inv_temperature * 1.4426950408889634
+    # The largest occupied logit (past the low bin) and the sum of 2**((z - top) * scale),
+    # online in blocks; and the logits >= 256.
+    top = tl.full([], float("-inf"), tl.float32)
+    total = tl.zeros([], tl.float64)
+    out = tl.zeros([], tl.int32)
+    for start in tl.range(0, CAP, BLOCK):
+        bins = start + tl.arange(0, BLOCK)
+        counts = tl.load(counts_at + bins)
+        occupied = (bins >= 1) & (bins < WIDTH) & (counts > 0)
+        z = _logit_of_bin(bins)
+        new_top = tl.maximum(top, tl.max(tl.where(occupied, z, float("-inf")), 0))
+        safe = tl.where(new_top > float("-inf"), new_top, 0.0)
+        weight = tl.where(occupied, counts.to(tl.float64) * _exp2((z - safe) * scale).to(tl.float64), 0.0)
+        total = total * _exp2((top - safe) * scale).to(tl.float64) + tl.sum(weight, 0)
+        top = new_top
+        out += tl.sum(tl.where(bins == _OUT, counts, 0), 0)
+    flag = (top == float("-inf")).to(tl.int32) + (out > 0).to(tl.int32) * 2
+    top = tl.where(top > float("-inf"), top, 0.0)
+    log_sum = tl.log2(total.to(tl.float32))
+    carry_count = tl.zeros([], tl.int32)
+    carry_first = tl.zeros([], tl.int32)
+    for start in tl.range(0, WIDTH, BLOCK):
+        bins = start + tl.arange(0, BLOCK)
+        inside = bins < WIDTH
+        counts = tl.load(counts_at + bins, mask=inside, other=0)
+        k = _log2_prob(_logit_of_bin(bins), scale, top, log_sum)
+        k_below = _log2_prob(_logit_of_bin(bins - 1), scale, top, log_sum)
+        counted = tl.where(inside & (_exp2(k) > 0.0), counts, 0)
+        tl.store(counts_at + bins, tl.cumsum(counted, 0) - counted + carry_count, mask=inside)
+        tl.store(keys + bins, k, mask=inside)
+        first = tl.maximum(tl.associative_scan(tl.where((bins == 0) | (k != k_below), bins, 0), 0, _max_combine),
+                           carry_first)
+        tl.store(runs + bins, first, mask=inside)
+        carry_count += tl.sum(counted, 0)
+        carry_first = tl.maximum(carry_first, tl.max(first, 0))
+    tl.store(counts_at + WIDTH, carry_count)
+    # The low bin holds logits <= -256: exact only when p(-256) is 0. The tiny bin holds
+    # |z| < 2**-23 (its ends: +-(2**-23 - 2**-31)): exact when both ends have one k.
+    tiny_end = 1.1920928955078125e-07 - 4.656612873077393e-10
+    tiny_split = _log2_prob(-tiny_end, scale, top, log_sum) != _log2_prob(tiny_end, scale, top, log_sum)
+    tl.debug_barrier()  # the prefix counts and first bins, visible to every thread
+    low_count = tl.load(counts_at + 1)  # elements of nonzero probability in the low bin
+    tiny_count = tl.load(counts_at + _TINY + 1) - tl.load(counts_at + _TINY)
+    flag += ((low_count > 0) | ((tiny_count > 0) & tiny_split)).to(tl.int32) * 4
+    # The first bin past each run, from the top down.
+    carry_after = tl.full([], WIDTH, tl.int32)
+    for back in tl.range(0, WIDTH, BLOCK):
+        bins = (WIDTH - BLOCK - back) + tl.arange(0, BLOCK)
+        inside = (bins >= 0) & (bins < WIDTH)
+        k = _log2_prob(_logit_of_bin(bins), scale, top, log_sum)
+        k_above = _log2_prob(_logit_of_bin(bins + 1), scale, top, log_sum)
+        ends = inside & ((bins == WIDTH - 1) | (k != k_above))
+        after = tl.minimum(tl.associative_scan(tl.where(ends, bins + 1, WIDTH), 0, _min_combine, reverse=True),
+                           carry_after)
+        first = tl.load(runs + bins, mask=inside, other=0)
+        tl.store(runs + bins, first | (after << 16), mask=inside)
+        carry_after = tl.minimum(carry_after, tl.min(after, 0))
+    params = at * PARAM_SLOTS
+    tl.store(fparam_ptr + params + _TOP, top)
+    tl.store(fparam_ptr + params + _LOG_SUM, log_sum)
+    tl.store(iparam_ptr + params + _FLAG, flag)
+    tl.store(iparam_ptr + params + _TOTAL, carry_count)
+
+
+@triton.jit
+def _estimate(v, top, log_sum, scale):
+    """A bin of a side near k = v: the bin of the logit with that k."""
+    z = top + (v + log_sum) / scale
     z = tl.minimum(tl.maximum(z, -60000.0), 60000.0)
-    key = _key16(z, DTYPE)
-    base = -k_band - k_lo
-    j = tl.minimum(tl.maximum((k - k0) / h, -BAND_J), BAND_J).to(tl.int32)
-    j = tl.minimum(tl.maximum(j - j_min, 0), tl.maximum(band_w - 1, 0))
-    band = (band_w > 0) & (tl.abs(z) < z_band)
-    seg = tl.where(key < -k_band, key - k_lo, tl.where(key < k_band, base - j_min, key - k_band + base + band_w))
-    return tl.minimum(tl.maximum(tl.where(band, base + j, seg), 0), width - 1)
+    key = _key_of_bits(z.to(tl.float32).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32))
+    return tl.minimum(_bin_of_key(key), WIDTH - 1)
 
 
 @triton.jit
-def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, prob_ptr, sign_ptr, partial_ptr, partial_ok_ptr,
-                own_inv_temperature, other_inv_temperature, SIDE: tl.constexpr, DTYPE_OTHER: tl.constexpr,
-                BLOCK: tl.constexpr):
+def _lower_bound(key_ptr, run_ptr, start, v, active):
+    """First bin of a side with k >= v, by steps along the side's runs from bin `start` (k
+    non-decreasing over [0, WIDTH)); -1 where SEARCH_STEPS steps did not
+    settle it. The block steps until all its lanes are settled: one or two steps, mostly."""
+    i = start
+    found = tl.full(start.shape, -1, tl.int32)
+    going = active
+    steps = 0
+    while (tl.max(going.to(tl.int32), 0) > 0) & (steps < SEARCH_STEPS):
+        k = tl.load(key_ptr + i, mask=going, other=0.0)
+        runs = tl.load(run_ptr + i, mask=going, other=0)
+        first = runs & 0xFFFF
+        after = runs >> 16
+        at_or_above = k >= v
+        k_before = tl.load(key_ptr + first - 1, mask=going & at_or_above & (first > 0), other=0.0)
+        k_after = tl.load(key_ptr + after, mask=going & ~at_or_above & (after < WIDTH), other=0.0)
+        here = at_or_above & ((first == 0) | (k_before < v))
+        next_run = ~at_or_above & ((after == WIDTH) | (k_after >= v))
+        found = tl.where(going & here, first, tl.where(going & next_run, after, found))
+        i = tl.where(at_or_above, tl.maximum(first - 1, 0), tl.minimum(after, WIDTH - 1))
+        going = active & (found < 0)
+        steps += 1
+    return found
+
+
+@triton.jit
+def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, key_ptr, run_ptr, sign_ptr, partial_ptr, partial_ok_ptr,
+                other_inv_temperature, SIDE: tl.constexpr, BLOCK: tl.constexpr):
     """Signs of BLOCK bins of one side (SIDE 0 student, 1 teacher) of one pair per program
     (grid: pairs x CAP / BLOCK), written to the side's sign table; the block's sum of
     count * p * sign and whether its searches settled go to partial_ptr (float64) and
@@ -328,39 +252,45 @@ def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, prob_ptr, sign_ptr, partial_p
     other = (pair * 2 + 1 - SIDE).to(tl.int64)
     slot = own * (CAP // BLOCK) + block
     flag = tl.load(iparam_ptr + own * PARAM_SLOTS + _FLAG) | tl.load(iparam_ptr + other * PARAM_SLOTS + _FLAG)
-    own_width = tl.load(iparam_ptr + own * PARAM_SLOTS + _WIDTH)
     mass = tl.zeros([], tl.float64)
     settled = tl.full([], 1, tl.int32)
-    if (flag == 0) & (block * BLOCK < own_width):
-        o_top, o_ls, o_k0, o_h, o_zb, o_klo, o_kb, o_jm, o_bw, o_w = _side(fparam_ptr, iparam_ptr, other)
-        own_count = count_ptr + own * (CAP + 1)
-        other_count = count_ptr + other * (CAP + 1)
-        own_prob = prob_ptr + own * CAP
-        other_prob = prob_ptr + other * CAP
-        own_total = tl.load(own_count + own_width)
-        other_total = tl.load(other_count + o_w)
-        o_scale = other_inv_temperature * 1.4426950408889634
+    if (flag == 0) & (block * BLOCK < WIDTH):
+        own_count = count_ptr + own * CAP
+        other_count = count_ptr + other * CAP
+        own_key = key_ptr + own * CAP
+        other_key = key_ptr + other * CAP
+        own_total = tl.load(iparam_ptr + own * PARAM_SLOTS + _TOTAL)
+        other_total = tl.load(iparam_ptr + other * PARAM_SLOTS + _TOTAL)
         bins = block * BLOCK + tl.arange(0, BLOCK)
-        inside = bins < own_width
+        inside = bins < WIDTH
         below = tl.load(own_count + bins, mask=inside, other=0)
         count = tl.load(own_count + bins + 1, mask=inside, other=0) - below
         active = inside & (count > 0)
-        v = tl.load(own_prob + bins, mask=inside, other=0.0)
-        lo, hi, ok_own = _bounds(own_prob, own_width, bins, v, active, SEARCH_R)
-        guess = _estimate(v, o_top, o_ls, o_k0, o_h, o_zb, o_klo, o_kb, o_jm, o_bw, o_w, o_scale, DTYPE_OTHER)
-        o_lo, o_hi, ok_other = _bounds(other_prob, o_w, guess, v, active, SEARCH_R)
-        own_ge = own_total - tl.load(own_count + lo, mask=active, other=0)
-        own_gt = own_total - tl.load(own_count + hi, mask=active, other=0)
-        other_ge = other_total - tl.load(other_count + o_lo, mask=active, other=0)
-        other_gt = other_total - tl.load(other_count + o_hi, mask=active, other=0)
+        v = tl.load(own_key + bins, mask=inside, other=0.0)
+        runs = tl.load(run_ptr + own * CAP + bins, mask=active, other=0)
+        own_ge = own_total - tl.load(own_count + (runs & 0xFFFF), mask=active, other=0)
+        own_gt = own_total - tl.load(own_count + (runs >> 16), mask=active, other=0)
+        guess = _estimate(v, tl.load(fparam_ptr + other * PARAM_SLOTS + _TOP),
+                          tl.load(fparam_ptr + other * PARAM_SLOTS + _LOG_SUM),
+                          other_inv_temperature * 1.4426950408889634)
+        lower = _lower_bound(other_key, run_ptr + other * CAP, guess, v, active)
+        ok = lower >= 0
+        lower = tl.maximum(lower, 0)
+        tied = active & ok & (lower < WIDTH)
+        k_lower = tl.load(other_key + lower, mask=tied, other=0.0)
+        after = tl.load(run_ptr + other * CAP + lower, mask=tied & (k_lower == v), other=0) >> 16
+        upper = tl.where(tied & (k_lower == v), after, lower)
+        other_ge = other_total - tl.load(other_count + lower, mask=active, other=0)
+        other_gt = other_total - tl.load(other_count + upper, mask=active, other=0)
         if SIDE == 0:
             sign, _unused = _tie_signs(own_gt - other_gt, own_ge - own_gt, other_ge - other_gt)
         else:
             _unused, sign = _tie_signs(other_gt - own_gt, other_ge - other_gt, own_ge - own_gt)
         sign = tl.where(active, sign, 0.0)
         tl.store(sign_ptr + own * CAP + bins, sign, mask=inside)
-        mass = tl.sum(tl.where(active, count.to(tl.float64) * v.to(tl.float64) * sign.to(tl.float64), 0.0), 0)
-        settled = tl.min((ok_own & ok_other).to(tl.int32), 0)
+        p = _exp2(v)
+        mass = tl.sum(tl.where(active, count.to(tl.float64) * p.to(tl.float64) * sign.to(tl.float64), 0.0), 0)
+        settled = tl.min((ok | ~active).to(tl.int32), 0)
     tl.store(partial_ptr + slot, mass)
     tl.store(partial_ok_ptr + slot, settled)
 
@@ -401,18 +331,17 @@ def grad_kernel(logits_ptr, index_ptr, grad_ptr, fparam_ptr, iparam_ptr, sign_pt
                                           seq_len, batch_stride, row_stride, seq_len, batch_stride,
                                           row_stride, GATHER)
     if (flag == 0) & (row >= 0):
-        at = pair * 2 + side
-        top, log_sum, k0, h, _zb, k_lo, k_band, j_min, band_w, width = _side(fparam_ptr, iparam_ptr, at)
-        mass = tl.load(fparam_ptr + at.to(tl.int64) * PARAM_SLOTS + _MASS)
-        signs = sign_ptr + at.to(tl.int64) * CAP
+        at = (pair * 2 + side).to(tl.int64)
+        top = tl.load(fparam_ptr + at * PARAM_SLOTS + _TOP)
+        log_sum = tl.load(fparam_ptr + at * PARAM_SLOTS + _LOG_SUM)
+        mass = tl.load(fparam_ptr + at * PARAM_SLOTS + _MASS)
+        signs = sign_ptr + at * CAP
         scale = inv_temperature * 1.4426950408889634
-        inv_h = 1.0 / h
         factor = inv_temperature * grad_scale * (1.0 - 2.0 * side)
         grad_row = grad_ptr + row * grad_row_stride
         for start in tl.range(chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, vocab), BLOCK):
             idx = start + tl.arange(0, BLOCK)
             raw = _load_raw(row_ptr, idx, col_stride, vocab, UNIT_STRIDE)
-            bins, inside, _in_band, _j = _bins_of(raw, scale, top, log_sum, k0, inv_h, k_lo, k_band, j_min, band_w)
             p = _exp2(_log2_prob(raw.to(tl.float32), scale, top, log_sum))
-            sign = tl.load(signs + bins, mask=inside & (p > 0.0), other=0.0)
+            sign = tl.load(signs + _bin_of_key(_keys(raw)), mask=p > 0.0, other=0.0)
             tl.store(grad_row + idx, (p * factor * (sign - mass)).to(grad_ptr.dtype.element_ty), mask=idx < vocab)
