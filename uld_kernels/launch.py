@@ -81,7 +81,7 @@ SPLIT = dict(
 ENGINE = os.environ.get("ULD_ENGINE", "hist")
 if ENGINE not in ("hist", "split"):
     raise ValueError(f"ULD_ENGINE must be 'hist' or 'split', got {ENGINE!r}")
-HIST_BATCH = int(os.environ.get("ULD_HIST_BATCH", 2048))  # pairs per batch: 256 KB of workspace each (0.54 GB)
+HIST_BATCH = int(os.environ.get("ULD_HIST_BATCH", 3584))  # pairs per batch: 256 KB of workspace each (0.94 GB)
 HIST_BLOCK = int(os.environ.get("ULD_HIST_BLOCK", 2048))  # elements per step of hist_kernel's loop
 HIST_SIGN_BLOCK = int(os.environ.get("ULD_HIST_SIGN_BLOCK", 256))  # bins per sign_kernel program
 HIST_SIGN_WARPS = int(os.environ.get("ULD_HIST_SIGN_WARPS", 2))
