@@ -143,7 +143,10 @@ def split_kernel_configs():
 def hist_kernel_configs():
     """The histogram engine's passes (uld_hist.py, bf16), as launch.hist_rows runs them."""
     from uld_kernels.kernels import uld_hist
-    aligned = ["logits_ptr", "grad_ptr", "vocab", "row_stride", "batch_stride", "grad_row_stride"]
+    # Workspace buffers are allocated by the launcher (16-byte aligned, as Triton specializes
+    # them at run time); the logits as in the split engine's configurations.
+    aligned = ["logits_ptr", "grad_ptr", "vocab", "row_stride", "batch_stride", "grad_row_stride", "count_ptr",
+               "key_ptr", "run_ptr", "fparam_ptr", "iparam_ptr", "sign_ptr", "partial_ptr", "partial_ok_ptr"]
     for label, kernel, constexprs, warps in [
         ("hist", uld_hist.hist_kernel, dict(GATHER=False, UNIT_STRIDE=True, USE_PTX=True, BLOCK=2048), 4),
         ("prefix", uld_hist.prefix_kernel, dict(BLOCK=1024), 4),

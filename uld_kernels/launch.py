@@ -185,9 +185,11 @@ def hist_rows(student_logits, teacher_logits, student_temperature, teacher_tempe
              (teacher_logits, 1.0 / teacher_temperature, grad_t, teacher_vocab))
     _hist_batches(row_loss, flags, sides, grad_scale, n_rows, on_gpu)
     status = flags
-    if fallback:
+    # On the GPU the fallback always runs, so nothing waits for the host to learn whether a row
+    # was flagged; on the CPU (the interpreter) that costs nothing to ask.
+    if fallback and (on_gpu or bool((flags != 0).any())):
         # Flagged rows, again through the trie engine (every row is launched: padding where
-        # unflagged, so nothing waits for the host to learn how many there are).
+        # unflagged).
         index = torch.arange(n_rows, device=device)
         flagged = flags != 0
         fb_loss, fb_status, _ce, _gs, fb_grad_t = uld_pairs(
