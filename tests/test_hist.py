@@ -121,11 +121,14 @@ def test_other_dtypes_are_refused_here_and_take_the_trie(dtype, device):
 
 
 def test_nan_and_inf_rows_are_flagged_and_nan_like_the_trie(device):
-    """A NaN logit (student, row 0) or a +inf one (teacher, row 1) poisons its own row as in
-    the trie engine: same NaN pattern in losses and gradients."""
-    student, teacher = _rows("random", 2, 200, 150, torch.bfloat16, device, seed=7)
+    """A NaN logit (student, row 0), a +inf one (teacher, row 1) or a NaN with its sign bit set
+    (student, row 2: what `inf - inf` gives on a CPU) poisons its own row as in the trie engine:
+    same NaN pattern in losses and gradients."""
+    student, teacher = _rows("random", 3, 200, 150, torch.bfloat16, device, seed=7)
     student[0, 5] = math.nan
     teacher[1, 3] = math.inf
+    student.view(torch.int16)[2, 9] = -64  # 0xFFC0
+    assert torch.isnan(student[2, 9]) and student[2, 9].view(torch.int16) < 0
     _rows_alone, status, _gs, _gt = launch.hist_rows(student, teacher, 1.5, 0.7, False, False, 1.0,
                                                      fallback=False)
     assert _flagged(status).all(), f"rows with NaN / +inf logits must be flagged, status {status.tolist()}"

@@ -192,15 +192,13 @@ def hist_rows(student_logits, teacher_logits, student_temperature, teacher_tempe
         # unflagged).
         index = torch.arange(n_rows, device=device)
         flagged = flags != 0
-        fb_loss, fb_status, _ce, _gs, fb_grad_t = uld_pairs(
+        fb_loss, fb_status, _ce, _gs, _gt = uld_pairs(
             student_logits, teacher_logits, student_temperature, teacher_temperature, student_grad, teacher_grad, grad_scale,
             student_index=torch.where(flagged, index, -1), teacher_index=index,
             row_weight=torch.ones(n_rows, dtype=torch.float32, device=device),
-            grad_student=grad_s)
+            grad_student=grad_s, grad_teacher=grad_t)  # written in place, flagged rows only
         row_loss = torch.where(flagged, fb_loss, row_loss)
         status = torch.where(flagged, fb_status, 0)
-        if grad_t is not None:
-            grad_t.copy_(torch.where(flagged[:, None], fb_grad_t, grad_t))
     return row_loss, status, grad_s, grad_t
 
 
@@ -268,6 +266,7 @@ def uld_pairs(
     ce_label: torch.Tensor | None = None,
     ce_weight: torch.Tensor | None = None,
     grad_student: torch.Tensor | None = None,
+    grad_teacher: torch.Tensor | None = None,
 ):
     """ULD over pairs of rows, optionally gathered by index, optionally with the student's
     cross-entropy fused in. Returns (row losses, status, row cross-entropies or None,
@@ -283,7 +282,8 @@ def uld_pairs(
     student's temperature-1 cross-entropy of each pair's row is returned and its gradient,
     weighted, is added to the student's. ``grad_student``: a 2-D buffer to write the student
     gradient into (its row stride may exceed the vocabulary: padded lm_head columns); the rows
-    of the pairs are written whole, the others are left as they are.
+    of the pairs are written whole, the others are left as they are. ``grad_teacher``: the
+    same for the teacher's gradient.
     """
     gather = student_index is not None
     has_ce = ce_label is not None
@@ -299,8 +299,10 @@ def uld_pairs(
         grad_student = new((n_student_rows, student_vocab), dtype=student_logits.dtype, device=device)
     if not student_grad:
         grad_student = None
-    grad_teacher = (new((n_teacher_rows, teacher_vocab), dtype=teacher_logits.dtype, device=device)
-                    if teacher_grad else None)
+    if teacher_grad and grad_teacher is None:
+        grad_teacher = new((n_teacher_rows, teacher_vocab), dtype=teacher_logits.dtype, device=device)
+    if not teacher_grad:
+        grad_teacher = None
     if n_pairs == 0:
         return row_loss, status, row_ce, grad_student, grad_teacher
     _split_pairs(student_logits, teacher_logits, row_loss, status, row_ce, grad_student,

@@ -21,12 +21,13 @@ of file) come from two such histograms, however close the two rows are. The pass
                    the softmax backward
 
 Bins. A bf16 pattern b gives a key monotone in the logit (b if b >= 0, else b ^ 0x7FFF). Every
-logit with 2**-23 <= |z| < 256 has a bin of its own (3,968 per sign); logits of |z| < 2**-23
-share one bin (exact when its two ends have the same k, which the prefix checks: z - top
-rounds them all to -top unless the row's largest logit is itself tiny); logits <= -256 share
-the lowest bin (exact when p(-256) is 0, checked); -inf (masked) is not counted. A row holding
-a logit >= 256, +inf or NaN, or failing a check, is *flagged*: the launcher hands flagged rows
-to the trie engine (uld_split.py), so every result stays exact.
+logit with 2**-23 <= |z| < 256 has a bin of its own (3,968 per sign); the tiny logits
+|z| < 2**-23, zeros too, share one (exact when its two ends have the same k, which the prefix
+checks: z - top rounds them all to -top unless the row's largest logit is itself small, below
+about 2); logits <= -256 share one bin (exact when p(-256) is 0: at temperatures up to about
+2.5; above, a row holding finite logits <= -256, such as a mask of -1e4, is flagged); -inf
+(masked) is not counted. A row holding a logit >= 256, +inf or NaN, or failing a check, is *flagged*: the
+launcher hands flagged rows to the trie engine (uld_split.py), so every result stays exact.
 """
 
 import triton
@@ -36,10 +37,14 @@ from uld_kernels.kernels.ptx import smem_add_one, smem_load, smem_zero
 from uld_kernels.kernels.uld_rows import _exp2, _load_raw, _pair_rows, _tie_signs
 
 CAP = tl.constexpr(8192)  # words per row and side: the shared-memory histogram's 8,192
-WIDTH = tl.constexpr(7938)  # bins in order of value: 0 low, 1..3968 negative, 3969 tiny, 3970..7937 positive
+# Bins in order of value: 0 the logits <= -256, 1..3968 the logits -255 .. -2**-23, 3969 the
+# tiny ones (|z| < 2**-23, zeros too), 3970..7937 the logits 2**-23 .. 255.
+WIDTH = tl.constexpr(7938)
+_LOW_BINS = tl.constexpr(1)
 _TINY = tl.constexpr(3969)
-_OUT = tl.constexpr(8191)  # counts logits >= 256, +inf and NaN: the row is flagged
+_OUT = tl.constexpr(8191)  # counts logits >= 256, +inf and NaN of either sign: the row is flagged
 _NEG_INF_KEY = tl.constexpr(-32641)
+_TINY_END = tl.constexpr(1.1920928955078125e-07 - 4.656612873077393e-10)  # 2**-23 - 2**-31
 SEARCH_STEPS = tl.constexpr(64)  # steps along the other side's runs before a search gives up
 # Per row and side: floats, then ints (PARAM_SLOTS each).
 PARAM_SLOTS = tl.constexpr(4)
@@ -64,17 +69,17 @@ def _keys(raw):
 
 @triton.jit
 def _bin_of_key(key):
-    """Keys of -256 and below (-17281: -256), -255 .. -2**-23, the tiny ones, 2**-23 .. 255
-    (17279), and 256 and above."""
-    return tl.where(key < -17280, 0,
+    """Keys below -inf's (-32641: negative NaNs), -max .. -256 (-17281), -255 .. -2**-23
+    (-13313), the tiny ones, 2**-23 .. 255 (13312 .. 17279), and 256 and above."""
+    return tl.where(key < -17280, tl.where(key < _NEG_INF_KEY, _OUT, 0),
                     tl.where(key < -13312, key + 17281,
                              tl.where(key < 13312, _TINY, tl.where(key < 17280, key - 9342, _OUT))))
 
 
 @triton.jit
 def _logit_of_bin(bins):
-    """The logit a bin stands for (float32): its own value; 0 for the tiny bin, -256 for the
-    low one."""
+    """The logit a bin stands for (float32): its own value; -256 for the low bin (its end
+    nearest 0), 0 for the tiny bin."""
     key = tl.where(bins < _TINY, bins - 17281, tl.where(bins == _TINY, 0, bins + 9342))
     return _key_of_bits(key).to(tl.int16).to(tl.bfloat16, bitcast=True).to(tl.float32)
 
@@ -148,7 +153,7 @@ def prefix_kernel(count_ptr, key_ptr, run_ptr, fparam_ptr, iparam_ptr, side, inv
     for start in tl.range(0, CAP, BLOCK):
         bins = start + tl.arange(0, BLOCK)
         counts = tl.load(counts_at + bins)
-        occupied = (bins >= 1) & (bins < WIDTH) & (counts > 0)
+        occupied = (bins >= _LOW_BINS) & (bins < WIDTH) & (counts > 0)
         z = _logit_of_bin(bins)
         new_top = tl.maximum(top, tl.max(tl.where(occupied, z, float("-inf")), 0))
         safe = tl.where(new_top > float("-inf"), new_top, 0.0)
@@ -176,12 +181,11 @@ def prefix_kernel(count_ptr, key_ptr, run_ptr, fparam_ptr, iparam_ptr, side, inv
         carry_count += tl.sum(counted, 0)
         carry_first = tl.maximum(carry_first, tl.max(first, 0))
     tl.store(counts_at + WIDTH, carry_count)
-    # The low bin holds logits <= -256: exact only when p(-256) is 0. The tiny bin holds
-    # |z| < 2**-23 (its ends: +-(2**-23 - 2**-31)): exact when both ends have one k.
-    tiny_end = 1.1920928955078125e-07 - 4.656612873077393e-10
-    tiny_split = _log2_prob(-tiny_end, scale, top, log_sum) != _log2_prob(tiny_end, scale, top, log_sum)
+    # The low bin is exact when p(-256) is 0 (then it is counted nowhere); the tiny bin when
+    # both its ends have one k.
+    tiny_split = _log2_prob(-_TINY_END, scale, top, log_sum) != _log2_prob(_TINY_END, scale, top, log_sum)
     tl.debug_barrier()  # the prefix counts and first bins, visible to every thread
-    low_count = tl.load(counts_at + 1)  # elements of nonzero probability in the low bin
+    low_count = tl.load(counts_at + _LOW_BINS)  # elements of nonzero probability below -255
     tiny_count = tl.load(counts_at + _TINY + 1) - tl.load(counts_at + _TINY)
     flag += ((low_count > 0) | ((tiny_count > 0) & tiny_split)).to(tl.int32) * 4
     # The first bin past each run, from the top down.
