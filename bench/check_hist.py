@@ -13,8 +13,6 @@ import argparse
 import os
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.shapes import KINDS, VOCAB_PAIRS, make_rows  # noqa: E402

@@ -227,9 +227,8 @@ def _hist_batches(row_loss, flags, sides, grad_scale, n_rows, on_gpu):
             counts.zero_()
         for side, (logits, inv_t, _grad, vocab) in enumerate(sides):
             uld_hist.hist_kernel[(rows,)](
-                logits, row_loss, counts, batch_start, side, vocab, *_row_layout(logits), GATHER=False,
-                UNIT_STRIDE=logits.stride(-1) == 1, USE_PTX=use_ptx, BLOCK=HIST_BLOCK if on_gpu else 256,
-                num_warps=4)
+                logits, counts, batch_start, side, vocab, *_row_layout(logits), UNIT_STRIDE=logits.stride(-1) == 1,
+                USE_PTX=use_ptx, BLOCK=HIST_BLOCK if on_gpu else 256, num_warps=4)
             uld_hist.prefix_kernel[(rows,)](counts, keys, runs, fparam, iparam, side, inv_t,
                                              BLOCK=1024 if on_gpu else 2048, num_warps=4)
         for side in (0, 1):
@@ -244,9 +243,9 @@ def _hist_batches(row_loss, flags, sides, grad_scale, n_rows, on_gpu):
                 continue
             n_chunks = triton.cdiv(vocab, chunk)
             uld_hist.grad_kernel[(rows * n_chunks,)](
-                logits, row_loss, grad, fparam, iparam, signs, batch_start, side, n_chunks, vocab,
-                *_row_layout(logits), grad.stride(-2), inv_t, grad_scale, GATHER=False,
-                UNIT_STRIDE=logits.stride(-1) == 1, CHUNK=chunk, BLOCK=block, num_warps=4)
+                logits, grad, fparam, iparam, signs, batch_start, side, n_chunks, vocab, *_row_layout(logits),
+                grad.stride(-2), inv_t, grad_scale, UNIT_STRIDE=logits.stride(-1) == 1, CHUNK=chunk, BLOCK=block,
+                num_warps=4)
 
 
 

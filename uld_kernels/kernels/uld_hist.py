@@ -91,16 +91,15 @@ def _log2_prob(z, scale, top, log_sum):
 
 
 @triton.jit
-def hist_kernel(logits_ptr, index_ptr, count_ptr, batch_start, side, vocab, seq_len, batch_stride,
-                row_stride, col_stride, GATHER: tl.constexpr, UNIT_STRIDE: tl.constexpr,
-                USE_PTX: tl.constexpr, BLOCK: tl.constexpr):
+def hist_kernel(logits_ptr, count_ptr, batch_start, side, vocab, seq_len, batch_stride, row_stride, col_stride,
+                UNIT_STRIDE: tl.constexpr, USE_PTX: tl.constexpr, BLOCK: tl.constexpr):
     """One row of one side per program: the histogram of its logits, CAP int32 at
     count_ptr + (pair * 2 + side) * CAP (zeroed by the launcher when USE_PTX is off: then the
     histogram is counted there with global atomics)."""
     pair = tl.program_id(0)
-    _row, _unused, row_ptr, _ = _pair_rows(batch_start + pair, logits_ptr, logits_ptr, index_ptr, index_ptr,
+    _row, _unused, row_ptr, _ = _pair_rows(batch_start + pair, logits_ptr, logits_ptr, logits_ptr, logits_ptr,
                                            seq_len, batch_stride, row_stride, seq_len, batch_stride,
-                                           row_stride, GATHER)
+                                           row_stride, False)
     counts = count_ptr + (pair * 2 + side).to(tl.int64) * CAP
     if USE_PTX:
         smem_zero()
@@ -321,20 +320,19 @@ def finish_kernel(fparam_ptr, iparam_ptr, partial_ptr, partial_ok_ptr, row_loss_
 
 
 @triton.jit
-def grad_kernel(logits_ptr, index_ptr, grad_ptr, fparam_ptr, iparam_ptr, sign_ptr, batch_start, side,
-                n_chunks, vocab, seq_len, batch_stride, row_stride, col_stride, grad_row_stride,
-                inv_temperature, grad_scale, GATHER: tl.constexpr, UNIT_STRIDE: tl.constexpr,
-                CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+def grad_kernel(logits_ptr, grad_ptr, fparam_ptr, iparam_ptr, sign_ptr, batch_start, side, n_chunks, vocab,
+                seq_len, batch_stride, row_stride, col_stride, grad_row_stride, inv_temperature, grad_scale,
+                UNIT_STRIDE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     """The gradient of one side (side 0 student: +, 1 teacher: -) of unflagged pairs, chunk by
     chunk: (p / T) * (sign of the element's bin - the side's sum of p * sign)."""
     program = tl.program_id(0)
     pair = program // n_chunks
     chunk = program % n_chunks
     flag = tl.load(iparam_ptr + (pair * 2).to(tl.int64) * PARAM_SLOTS + _FLAG)
-    row, _unused, row_ptr, _ = _pair_rows(batch_start + pair, logits_ptr, logits_ptr, index_ptr, index_ptr,
+    row, _unused, row_ptr, _ = _pair_rows(batch_start + pair, logits_ptr, logits_ptr, logits_ptr, logits_ptr,
                                           seq_len, batch_stride, row_stride, seq_len, batch_stride,
-                                          row_stride, GATHER)
-    if (flag == 0) & (row >= 0):
+                                          row_stride, False)
+    if flag == 0:
         at = (pair * 2 + side).to(tl.int64)
         top = tl.load(fparam_ptr + at * PARAM_SLOTS + _TOP)
         log_sum = tl.load(fparam_ptr + at * PARAM_SLOTS + _LOG_SUM)
