@@ -156,7 +156,9 @@ def prefix_kernel(count_ptr, key_ptr, run_ptr, fparam_ptr, iparam_ptr, side, inv
         z = _logit_of_bin(bins)
         new_top = tl.maximum(top, tl.max(tl.where(occupied, z, float("-inf")), 0))
         safe = tl.where(new_top > float("-inf"), new_top, 0.0)
-        weight = tl.where(occupied, counts.to(tl.float64) * _exp2((z - safe) * scale).to(tl.float64), 0.0)
+        # (bins above the top are empty: their exponents are clamped, not overflowed)
+        weight = _exp2(tl.minimum((z - safe) * scale, 0.0)).to(tl.float64)
+        weight = tl.where(occupied, counts.to(tl.float64) * weight, 0.0)
         total = total * _exp2((top - safe) * scale).to(tl.float64) + tl.sum(weight, 0)
         top = new_top
         out += tl.sum(tl.where(bins == _OUT, counts, 0), 0)
@@ -171,7 +173,7 @@ def prefix_kernel(count_ptr, key_ptr, run_ptr, fparam_ptr, iparam_ptr, side, inv
         counts = tl.load(counts_at + bins, mask=inside, other=0)
         k = _log2_prob(_logit_of_bin(bins), scale, top, log_sum)
         k_below = _log2_prob(_logit_of_bin(bins - 1), scale, top, log_sum)
-        counted = tl.where(inside & (_exp2(k) > 0.0), counts, 0)
+        counted = tl.where(inside & (_exp2(tl.minimum(k, 0.0)) > 0.0), counts, 0)
         tl.store(counts_at + bins, tl.cumsum(counted, 0) - counted + carry_count, mask=inside)
         tl.store(keys + bins, k, mask=inside)
         first = tl.maximum(tl.associative_scan(tl.where((bins == 0) | (k != k_below), bins, 0), 0, _max_combine),
@@ -291,7 +293,7 @@ def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, key_ptr, run_ptr, sign_ptr, p
             _unused, sign = _tie_signs(other_gt - own_gt, other_ge - other_gt, own_ge - own_gt)
         sign = tl.where(active, sign, 0.0)
         tl.store(sign_ptr + own * CAP + bins, sign, mask=inside)
-        p = _exp2(v)
+        p = _exp2(tl.minimum(v, 0.0))  # (k <= 0 where occupied; empty bins above the top: clamped)
         mass = tl.sum(tl.where(active, count.to(tl.float64) * p.to(tl.float64) * sign.to(tl.float64), 0.0), 0)
         settled = tl.min((ok | ~active).to(tl.int32), 0)
     tl.store(partial_ptr + slot, mass)
