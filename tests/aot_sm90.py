@@ -148,12 +148,18 @@ def hist_kernel_configs():
     aligned = ["logits_ptr", "grad_ptr", "vocab", "row_stride", "batch_stride", "grad_row_stride", "count_ptr",
                "key_ptr", "run_ptr", "fparam_ptr", "iparam_ptr", "sign_ptr", "partial_ptr", "partial_ok_ptr"]
     for label, kernel, constexprs, warps in [
-        ("hist", uld_hist.hist_kernel, dict(UNIT_STRIDE=True, USE_PTX=True, BLOCK=2048), 4),
-        ("prefix", uld_hist.prefix_kernel, dict(BLOCK=1024), 4),
+        ("hist", uld_hist.hist_kernel, dict(GATHER=False, UNIT_STRIDE=True, USE_PTX=True, BLOCK=2048), 4),
+        ("hist gathered", uld_hist.hist_kernel, dict(GATHER=True, UNIT_STRIDE=True, USE_PTX=True, BLOCK=2048), 4),
+        ("prefix", uld_hist.prefix_kernel, dict(HAS_CE=False, BLOCK=1024), 4),
+        ("prefix ce", uld_hist.prefix_kernel, dict(HAS_CE=True, BLOCK=1024), 4),
         ("sign student", uld_hist.sign_kernel, dict(SIDE=0, BLOCK=256), 2),
         ("sign teacher", uld_hist.sign_kernel, dict(SIDE=1, BLOCK=256), 2),
-        ("finish", uld_hist.finish_kernel, dict(BLOCKS=32), 1),
-        ("grad", uld_hist.grad_kernel, dict(UNIT_STRIDE=True, CHUNK=32768, BLOCK=1024), 4),
+        ("finish", uld_hist.finish_kernel, dict(GATHER=False, HAS_CE=False, BLOCKS=32), 1),
+        ("finish gathered ce", uld_hist.finish_kernel, dict(GATHER=True, HAS_CE=True, BLOCKS=32), 1),
+        ("grad", uld_hist.grad_kernel, dict(GATHER=False, HAS_CE=False, UNIT_STRIDE=True, CHUNK=32768, BLOCK=1024),
+         4),
+        ("grad gathered ce", uld_hist.grad_kernel, dict(GATHER=True, HAS_CE=True, UNIT_STRIDE=True, CHUNK=32768,
+                                                         BLOCK=1024), 4),
     ]:
         names = kernel.arg_names
         yield (f"hist {label} bf16", kernel, _types_by_name(kernel, "*bf16"), constexprs,

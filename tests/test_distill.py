@@ -47,7 +47,12 @@ OPTIONS = [
 
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "defaults")
 def test_matches_the_papers_semantics(options, device):
-    student, teacher, s_labels, t_labels = _batch(len(str(options)), device)
+    _assert_matches_the_papers_semantics(*_batch(len(str(options)), device), options, torch.float32)
+
+
+def _assert_matches_the_papers_semantics(student, teacher, s_labels, t_labels, options, dtype):
+    """Losses and the student's gradient against reference/paper.py in float64 (gradients per
+    tie group on 16-bit logits, element by element on float32 ones)."""
     student = student.detach().requires_grad_(True)
     total, ce, distill = uld_distillation_loss(student, teacher, s_labels, t_labels, **options)
     total.sum().backward()
@@ -56,9 +61,10 @@ def test_matches_the_papers_semantics(options, device):
         s64, teacher.double(), s_labels, t_labels, **options)
     ref_total.sum().backward()
     for ours, ref, what in ((total, ref_total, "total"), (ce, ref_ce, "ce"), (distill, ref_distill, "distillation")):
-        assert_losses_close(ours, ref.detach(), torch.float32, what=what)
-    assert_grads_close(student.grad, s64.grad, student.reshape(-1, student.shape[-1]).detach(),
-                       torch.float32, per_tie_group=False)
+        assert_losses_close(ours, ref.detach(), dtype, what=what)
+    vocab = student.shape[-1]
+    assert_grads_close(student.grad.reshape(-1, vocab), s64.grad.reshape(-1, vocab),
+                       student.reshape(-1, vocab).detach(), dtype)
 
 
 def test_padded_lm_head_columns_are_left_out(device):
@@ -251,3 +257,15 @@ def test_gradient_buffer_garbage_never_leaks(crossentropy_weight, device, monkey
     assert (student.grad[..., 40:] == 0).all()
     assert_grads_close(student.grad, s64.grad, student.reshape(-1, 48).detach(), torch.float32,
                        per_tie_group=False)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(reduction="sum", skip_student_eos=True, student_temperature=2.0)],
+                         ids=["defaults", "sum,eos,T=2"])
+def test_the_histogram_engine_as_the_training_loss_engine(options, device, monkeypatch):
+    """`ULD_DISTILL_ENGINE=hist`: the training loss's pairs through the histogram engine
+    (gathered rows, padding, row weights, the fused cross-entropy) on bf16 batches, against
+    the paper's semantics in float64."""
+    import uld_kernels.launch as launch
+
+    monkeypatch.setattr(launch, "DISTILL_ENGINE", "hist")
+    _assert_matches_the_papers_semantics(*_batch(5, device, dtype=torch.bfloat16), options, torch.bfloat16)

@@ -205,3 +205,27 @@ def test_vocabulary_sizes(vs, vt, device):
     out = launch.hist_rows(student, teacher, 1.5, 0.7, True, True, 1.0, fallback=False)
     _assert_unflagged(out[1], f"vocabularies {vs} / {vt}")
     _assert_matches_reference(out, student, teacher, 1.5, 0.7)
+
+
+def test_gathered_pairs_with_cross_entropy_match_the_trie(device):
+    """`hist_pairs` with row maps, padding, row weights and the student's cross-entropy (the
+    training loss's path, `ULD_DISTILL_ENGINE=hist`): the same losses, cross-entropies and
+    gradient as the trie engine on the same pairs (both exact), the pairs the engine's own."""
+    g = torch.Generator().manual_seed(21)
+    student = (torch.randn(5, 260, generator=g) * 2).to(torch.bfloat16).to(device)
+    teacher = (torch.randn(4, 190, generator=g) * 2).to(torch.bfloat16).to(device)
+    student_index = torch.tensor([3, -1, 0, 4], device=device)
+    teacher_index = torch.tensor([1, 2, 3, 0], device=device)
+    weight = torch.tensor([0.5, 1.0, 2.0, 0.25], device=device)
+    ce_label = torch.tensor([7, -1, 259, -1], device=device)
+    ce_weight = torch.tensor([1.5, 1.0, 0.75, 1.0], device=device)
+    kw = dict(student_index=student_index, teacher_index=teacher_index, row_weight=weight, ce_label=ce_label,
+              ce_weight=ce_weight)
+    ours = launch.hist_pairs(student, teacher, 1.5, 0.7, True, False, 1.0, fallback=False, **kw)
+    assert (ours[1] == 0).all(), f"flags {ours[1].tolist()}: the engine must settle these pairs itself"
+    trie = launch.uld_pairs(student, teacher, 1.5, 0.7, True, False, 1.0, **kw)
+    assert_losses_close(ours[0], trie[0], torch.bfloat16, what="loss")
+    assert_losses_close(ours[2], trie[2], torch.bfloat16, what="cross-entropy")
+    assert ours[0][1] == 0 and ours[2][1] == 0, "a padding pair has loss and cross-entropy 0"
+    assert (ours[3][[1, 2]] == 0).all(), "rows no pair reads get no gradient"
+    assert_grads_close(ours[3], trie[3], student, torch.bfloat16)

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from uld_kernels.alignment import ALIGNMENTS, next_token_targets, pair_rows
-from uld_kernels.launch import cross_entropy_rows, interpreter_enabled, uld_pairs, zero_unwritten_
+from uld_kernels import launch
+from uld_kernels.launch import cross_entropy_rows, hist_pairs, interpreter_enabled, uld_pairs, zero_unwritten_
 from uld_kernels.validation import (
     check_choice,
     check_finite,
@@ -70,7 +71,11 @@ def uld_distill_op(
     pair_student, pair_teacher = student_index[order], teacher_index[order]
     safe = pair_student.clamp(min=0)
     pair_label = torch.where(pair_student >= 0, ce_label[safe], -1) if has_ce else None
-    rows, _status, pair_ce, _, _ = uld_pairs(
+    # The pairs' ULD and cross-entropy: the trie engine, or with ULD_DISTILL_ENGINE=hist and
+    # bf16 logits the histogram engine (not yet the default: not yet measured on a GPU here).
+    engine = hist_pairs if (launch.DISTILL_ENGINE == "hist" and student.dtype == teacher.dtype == torch.bfloat16) \
+        else uld_pairs
+    rows, _status, pair_ce, _, _ = engine(
         student, teacher, student_temperature, teacher_temperature, student_grad, False, 1.0,
         student_index=pair_student, teacher_index=pair_teacher, row_weight=pair_weight[order],
         ce_label=pair_label, ce_weight=ce_weight[safe] if has_ce else None, grad_student=grad_used)

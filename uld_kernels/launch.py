@@ -81,6 +81,11 @@ SPLIT = dict(
 ENGINE = os.environ.get("ULD_ENGINE", "hist")
 if ENGINE not in ("hist", "split"):
     raise ValueError(f"ULD_ENGINE must be 'hist' or 'split', got {ENGINE!r}")
+# The training loss's pairs (distill.py, gathered rows with the cross-entropy): "split" (the
+# trie engine) until the histogram engine's path is measured on a GPU, or "hist" (bf16).
+DISTILL_ENGINE = os.environ.get("ULD_DISTILL_ENGINE", "split")
+if DISTILL_ENGINE not in ("hist", "split"):
+    raise ValueError(f"ULD_DISTILL_ENGINE must be 'hist' or 'split', got {DISTILL_ENGINE!r}")
 HIST_BATCH = int(os.environ.get("ULD_HIST_BATCH", 3584))  # pairs per batch: 256 KB of workspace each (0.94 GB)
 HIST_BLOCK = int(os.environ.get("ULD_HIST_BLOCK", 2048))  # elements per step of hist_kernel's loop
 HIST_SIGN_BLOCK = int(os.environ.get("ULD_HIST_SIGN_BLOCK", 256))  # bins per sign_kernel program
@@ -166,48 +171,78 @@ def hist_rows(student_logits, teacher_logits, student_temperature, teacher_tempe
     ``fallback`` is set, and carry the trie's status; the others have status 0. Without
     ``fallback``, the status is the engine's flag bits (nonzero: no valid loss or gradient;
     for tests and diagnostics: which rows did the histogram engine settle, and why not?)."""
-    if not student_logits.dtype == teacher_logits.dtype == torch.bfloat16:
-        raise ValueError(f"the histogram engine takes bf16 logits, got {student_logits.dtype} (student) and "
-                         f"{teacher_logits.dtype} (teacher)")
-    n_rows, student_vocab = _rows_and_vocab(student_logits)
-    _, teacher_vocab = _rows_and_vocab(teacher_logits)
-    device = student_logits.device
-    on_gpu = device.type == "cuda"
-    row_loss = torch.empty(n_rows, dtype=torch.float32, device=device)
-    flags = torch.zeros(n_rows, dtype=torch.int32, device=device)
-    grad_s = (torch.empty((n_rows, student_vocab), dtype=student_logits.dtype, device=device)
-              if student_grad else None)
-    grad_t = (torch.empty((n_rows, teacher_vocab), dtype=teacher_logits.dtype, device=device)
-              if teacher_grad else None)
-    if n_rows == 0:
-        return row_loss, flags, grad_s, grad_t
-    sides = ((student_logits, 1.0 / student_temperature, grad_s, student_vocab),
-             (teacher_logits, 1.0 / teacher_temperature, grad_t, teacher_vocab))
-    _hist_batches(row_loss, flags, sides, grad_scale, n_rows, on_gpu)
-    status = flags
-    # On the GPU the fallback always runs, so nothing waits for the host to learn whether a row
-    # was flagged; on the CPU (the interpreter) that costs nothing to ask.
-    if fallback and (on_gpu or bool((flags != 0).any())):
-        # Flagged rows, again through the trie engine (every row is launched: padding where
-        # unflagged).
-        index = torch.arange(n_rows, device=device)
-        flagged = flags != 0
-        fb_loss, fb_status, _ce, _gs, _gt = uld_pairs(
-            student_logits, teacher_logits, student_temperature, teacher_temperature, student_grad, teacher_grad, grad_scale,
-            student_index=torch.where(flagged, index, -1), teacher_index=index,
-            row_weight=torch.ones(n_rows, dtype=torch.float32, device=device),
-            grad_student=grad_s, grad_teacher=grad_t)  # written in place, flagged rows only
-        row_loss = torch.where(flagged, fb_loss, row_loss)
-        status = torch.where(flagged, fb_status, 0)
+    row_loss, status, _ce, grad_s, grad_t = hist_pairs(
+        student_logits, teacher_logits, student_temperature, teacher_temperature, student_grad, teacher_grad,
+        grad_scale, fallback=fallback)
     return row_loss, status, grad_s, grad_t
 
 
-def _hist_batches(row_loss, flags, sides, grad_scale, n_rows, on_gpu):
-    """The histogram engine's launches (kernels/uld_hist.py), batch by batch: row losses and
-    flags of every row, gradients of the unflagged ones."""
+def hist_pairs(student_logits, teacher_logits, student_temperature, teacher_temperature, student_grad,
+               teacher_grad, grad_scale, *, student_index=None, teacher_index=None, row_weight=None,
+               ce_label=None, ce_weight=None, grad_student=None, grad_teacher=None, fallback=True):
+    """`uld_pairs` (the same arguments and results) through the histogram engine: bf16 logits.
+    Flagged pairs go to the trie engine as in `hist_rows`; padding pairs (a negative student
+    index) have loss 0, cross-entropy 0, status 0, and no gradient written."""
+    if not student_logits.dtype == teacher_logits.dtype == torch.bfloat16:
+        raise ValueError(f"the histogram engine takes bf16 logits, got {student_logits.dtype} (student) and "
+                         f"{teacher_logits.dtype} (teacher)")
+    gather = student_index is not None
+    has_ce = ce_label is not None
+    n_student_rows, student_vocab = _rows_and_vocab(student_logits)
+    n_teacher_rows, teacher_vocab = _rows_and_vocab(teacher_logits)
+    n_pairs = student_index.numel() if gather else n_student_rows
+    device = student_logits.device
+    on_gpu = device.type == "cuda"
+    row_loss = torch.empty(n_pairs, dtype=torch.float32, device=device)
+    row_ce = torch.empty(n_pairs, dtype=torch.float32, device=device) if has_ce else None
+    flags = torch.zeros(n_pairs, dtype=torch.int32, device=device)
+    new = torch.zeros if gather else torch.empty  # gathered: rows no pair reads get 0
+    if student_grad and grad_student is None:
+        grad_student = new((n_student_rows, student_vocab), dtype=student_logits.dtype, device=device)
+    if teacher_grad and grad_teacher is None:
+        grad_teacher = new((n_teacher_rows, teacher_vocab), dtype=teacher_logits.dtype, device=device)
+    grad_student = grad_student if student_grad else None
+    grad_teacher = grad_teacher if teacher_grad else None
+    if n_pairs == 0:
+        return row_loss, flags, row_ce, grad_student, grad_teacher
+    padding = None
+    if gather:  # the teacher side of a padding pair is padding too
+        padding = student_index < 0
+        teacher_index = torch.where(padding, -1, teacher_index)
+    sides = ((student_logits, 1.0 / student_temperature, grad_student, student_vocab, student_index),
+             (teacher_logits, 1.0 / teacher_temperature, grad_teacher, teacher_vocab, teacher_index))
+    _hist_batches(row_loss, flags, row_ce, sides, grad_scale, n_pairs, on_gpu, row_weight, ce_label, ce_weight)
+    status = flags
+    flagged = flags != 0
+    if gather:
+        flagged = flagged & ~padding
+        row_loss = torch.where(padding, 0.0, row_loss)
+        status = torch.where(padding, 0, status)
+    # On the GPU the fallback always runs, so nothing waits for the host to learn whether a row
+    # was flagged; on the CPU (the interpreter) that costs nothing to ask.
+    if fallback and (on_gpu or bool(flagged.any())):
+        # Flagged pairs, again through the trie engine (every pair is launched: padding where
+        # unflagged); gradients are written in place, flagged rows only.
+        index = student_index if gather else torch.arange(n_pairs, device=device)
+        fb_loss, fb_status, fb_ce, _gs, _gt = uld_pairs(
+            student_logits, teacher_logits, student_temperature, teacher_temperature, student_grad, teacher_grad,
+            grad_scale, student_index=torch.where(flagged, index, -1),
+            teacher_index=teacher_index if gather else index,
+            row_weight=row_weight if gather else torch.ones(n_pairs, dtype=torch.float32, device=device),
+            ce_label=ce_label, ce_weight=ce_weight, grad_student=grad_student, grad_teacher=grad_teacher)
+        row_loss = torch.where(flagged, fb_loss, row_loss)
+        status = torch.where(flagged, fb_status, 0)
+        if has_ce:
+            row_ce = torch.where(flagged, fb_ce, row_ce)
+    return row_loss, status, row_ce, grad_student, grad_teacher
+
+
+def _hist_batches(row_loss, flags, row_ce, sides, grad_scale, n_pairs, on_gpu, row_weight, ce_label, ce_weight):
+    """The histogram engine's launches (kernels/uld_hist.py), batch by batch: losses (and
+    cross-entropies) and flags of every pair, gradients of the unflagged ones."""
     device = row_loss.device
     cap, slots = uld_hist.CAP.value, uld_hist.PARAM_SLOTS.value
-    batch = min(n_rows, HIST_BATCH if on_gpu else 3)
+    batch = min(n_pairs, HIST_BATCH if on_gpu else 3)
     fparam = torch.empty(batch * 2 * slots, dtype=torch.float32, device=device)
     iparam = torch.empty(batch * 2 * slots, dtype=torch.int32, device=device)
     counts = torch.empty(batch * 2 * cap, dtype=torch.int32, device=device)
@@ -221,33 +256,41 @@ def _hist_batches(row_loss, flags, sides, grad_scale, n_rows, on_gpu):
     blocks = cap // sign_block
     partial = torch.empty(batch * 2 * blocks, dtype=torch.float64, device=device)
     partial_ok = torch.empty(batch * 2 * blocks, dtype=torch.int32, device=device)
-    for batch_start in range(0, n_rows, batch):
-        rows = min(batch, n_rows - batch_start)
+    student_logits, _inv_t, _grad, student_vocab, student_index = sides[0]
+    gather = student_index is not None
+    has_ce = row_ce is not None
+    unused = row_loss  # stands for pointers a configuration never reads
+    for batch_start in range(0, n_pairs, batch):
+        rows = min(batch, n_pairs - batch_start)
         if not use_ptx:
             counts.zero_()
-        for side, (logits, inv_t, _grad, vocab) in enumerate(sides):
+        for side, (logits, inv_t, _grad, vocab, index) in enumerate(sides):
             uld_hist.hist_kernel[(rows,)](
-                logits, counts, batch_start, side, vocab, *_row_layout(logits), UNIT_STRIDE=logits.stride(-1) == 1,
-                USE_PTX=use_ptx, BLOCK=HIST_BLOCK if on_gpu else 256, num_warps=4)
+                logits, index if gather else unused, counts, batch_start, side, vocab, *_row_layout(logits),
+                GATHER=gather, UNIT_STRIDE=logits.stride(-1) == 1, USE_PTX=use_ptx,
+                BLOCK=HIST_BLOCK if on_gpu else 256, num_warps=4)
             uld_hist.prefix_kernel[(rows,)](counts, keys, runs, fparam, iparam, side, inv_t,
-                                             BLOCK=1024 if on_gpu else 2048, num_warps=4)
+                                             HAS_CE=has_ce and side == 0, BLOCK=1024 if on_gpu else 2048,
+                                             num_warps=4)
         for side in (0, 1):
             uld_hist.sign_kernel[(rows, blocks)](
                 fparam, iparam, counts, keys, runs, signs, partial, partial_ok, sides[1 - side][1], SIDE=side,
                 BLOCK=sign_block, num_warps=HIST_SIGN_WARPS if on_gpu else 4)
-        uld_hist.finish_kernel[(rows,)](fparam, iparam, partial, partial_ok, row_loss, batch_start,
-                                         BLOCKS=blocks, num_warps=1)
+        uld_hist.finish_kernel[(rows,)](
+            fparam, iparam, partial, partial_ok, row_loss, batch_start, student_logits,
+            student_index if gather else unused, ce_label if has_ce else unused, row_ce if has_ce else unused,
+            student_vocab, *_row_layout(student_logits), GATHER=gather, HAS_CE=has_ce, BLOCKS=blocks, num_warps=1)
         flags[batch_start:batch_start + rows] = iparam.view(batch, 2, slots)[:rows, 0, uld_hist._FLAG.value]
-        for side, (logits, inv_t, grad, vocab) in enumerate(sides):
+        for side, (logits, inv_t, grad, vocab, index) in enumerate(sides):
             if grad is None:
                 continue
             n_chunks = triton.cdiv(vocab, chunk)
             uld_hist.grad_kernel[(rows * n_chunks,)](
-                logits, grad, fparam, iparam, signs, batch_start, side, n_chunks, vocab, *_row_layout(logits),
-                grad.stride(-2), inv_t, grad_scale, UNIT_STRIDE=logits.stride(-1) == 1, CHUNK=chunk, BLOCK=block,
-                num_warps=4)
-
-
+                logits, index if gather else unused, grad, fparam, iparam, signs,
+                row_weight if gather else unused, ce_label if has_ce else unused, ce_weight if has_ce else unused,
+                batch_start, side, n_chunks, vocab, *_row_layout(logits), grad.stride(-2), inv_t, grad_scale,
+                GATHER=gather, HAS_CE=has_ce and side == 0, UNIT_STRIDE=logits.stride(-1) == 1, CHUNK=chunk,
+                BLOCK=block, num_warps=4)
 
 
 def uld_pairs(

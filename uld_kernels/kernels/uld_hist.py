@@ -51,6 +51,7 @@ PARAM_SLOTS = tl.constexpr(4)
 _TOP = tl.constexpr(0)
 _LOG_SUM = tl.constexpr(1)
 _MASS = tl.constexpr(2)  # sum over the side of p * sign
+_CE_LOG_SUM = tl.constexpr(3)  # the student's base-2 log-sum at temperature 1 (cross-entropy)
 _FLAG = tl.constexpr(0)  # nonzero: the trie engine computes this row
 _TOTAL = tl.constexpr(1)  # elements of nonzero probability
 
@@ -91,20 +92,22 @@ def _log2_prob(z, scale, top, log_sum):
 
 
 @triton.jit
-def hist_kernel(logits_ptr, count_ptr, batch_start, side, vocab, seq_len, batch_stride, row_stride, col_stride,
-                UNIT_STRIDE: tl.constexpr, USE_PTX: tl.constexpr, BLOCK: tl.constexpr):
+def hist_kernel(logits_ptr, index_ptr, count_ptr, batch_start, side, vocab, seq_len, batch_stride, row_stride,
+                col_stride, GATHER: tl.constexpr, UNIT_STRIDE: tl.constexpr, USE_PTX: tl.constexpr,
+                BLOCK: tl.constexpr):
     """One row of one side per program: the histogram of its logits, CAP int32 at
     count_ptr + (pair * 2 + side) * CAP (zeroed by the launcher when USE_PTX is off: then the
-    histogram is counted there with global atomics)."""
+    histogram is counted there with global atomics). With GATHER the row is index_ptr[pair]; a
+    negative index is padding: an empty histogram."""
     pair = tl.program_id(0)
-    _row, _unused, row_ptr, _ = _pair_rows(batch_start + pair, logits_ptr, logits_ptr, logits_ptr, logits_ptr,
-                                           seq_len, batch_stride, row_stride, seq_len, batch_stride,
-                                           row_stride, False)
+    row, _unused, row_ptr, _ = _pair_rows(batch_start + pair, logits_ptr, logits_ptr, index_ptr, index_ptr,
+                                          seq_len, batch_stride, row_stride, seq_len, batch_stride,
+                                          row_stride, GATHER)
     counts = count_ptr + (pair * 2 + side).to(tl.int64) * CAP
     if USE_PTX:
         smem_zero()
         tl.debug_barrier()
-    for start in tl.range(0, vocab, BLOCK):
+    for start in tl.range(0, tl.where(row >= 0, vocab, 0), BLOCK):
         idx = start + tl.arange(0, BLOCK)
         key = _keys(_load_raw(row_ptr, idx, col_stride, vocab, UNIT_STRIDE))
         counted = (idx < vocab) & (key != _NEG_INF_KEY)
@@ -131,13 +134,14 @@ def _min_combine(a, b):
 
 @triton.jit
 def prefix_kernel(count_ptr, key_ptr, run_ptr, fparam_ptr, iparam_ptr, side, inv_temperature,
-                  BLOCK: tl.constexpr):
+                  HAS_CE: tl.constexpr, BLOCK: tl.constexpr):
     """One row of one side per program, in blocks of bins: the largest logit and base-2 log-sum
     (from the bins), each bin's k = log2 p (key_ptr: the value bins are compared by; k is
     monotone in the logit by construction, where exp2 is not promised to be), the count of
     elements of nonzero probability below each bin (in place over the histogram; [WIDTH] = all
     of them), the first bin of each bin's run of equal k and the first bin past it (run_ptr:
-    first | next << 16), the count, and the row's flag."""
+    first | next << 16), the count, and the row's flag. With HAS_CE, also the base-2 log-sum at
+    temperature 1 (the student's cross-entropy), from the same bins."""
     pair = tl.program_id(0)
     at = (pair * 2 + side).to(tl.int64)
     counts_at = count_ptr + at * CAP
@@ -148,7 +152,9 @@ def prefix_kernel(count_ptr, key_ptr, run_ptr, fparam_ptr, iparam_ptr, side, inv
     # online in blocks; and the logits >= 256.
     top = tl.full([], float("-inf"), tl.float32)
     total = tl.zeros([], tl.float64)
+    ce_total = tl.zeros([], tl.float64)
     out = tl.zeros([], tl.int32)
+    low_raw = tl.zeros([], tl.int32)
     for start in tl.range(0, CAP, BLOCK):
         bins = start + tl.arange(0, BLOCK)
         counts = tl.load(counts_at + bins)
@@ -160,8 +166,13 @@ def prefix_kernel(count_ptr, key_ptr, run_ptr, fparam_ptr, iparam_ptr, side, inv
         weight = _exp2(tl.minimum((z - safe) * scale, 0.0)).to(tl.float64)
         weight = tl.where(occupied, counts.to(tl.float64) * weight, 0.0)
         total = total * _exp2((top - safe) * scale).to(tl.float64) + tl.sum(weight, 0)
+        if HAS_CE:
+            ce_weight = _exp2(tl.minimum((z - safe) * 1.4426950408889634, 0.0)).to(tl.float64)
+            ce_weight = tl.where(occupied, counts.to(tl.float64) * ce_weight, 0.0)
+            ce_total = ce_total * _exp2((top - safe) * 1.4426950408889634).to(tl.float64) + tl.sum(ce_weight, 0)
         top = new_top
         out += tl.sum(tl.where(bins == _OUT, counts, 0), 0)
+        low_raw += tl.sum(tl.where(bins == 0, counts, 0), 0)
     flag = (top == float("-inf")).to(tl.int32) + (out > 0).to(tl.int32) * 2
     top = tl.where(top > float("-inf"), top, 0.0)
     log_sum = tl.log2(total.to(tl.float32))
@@ -189,6 +200,13 @@ def prefix_kernel(count_ptr, key_ptr, run_ptr, fparam_ptr, iparam_ptr, side, inv
     low_count = tl.load(counts_at + _LOW_BINS)  # elements of nonzero probability below -255
     tiny_count = tl.load(counts_at + _TINY + 1) - tl.load(counts_at + _TINY)
     flag += ((low_count > 0) | ((tiny_count > 0) & tiny_split)).to(tl.int32) * 4
+    if HAS_CE:  # the same two checks at temperature 1
+        ce_log_sum = tl.log2(ce_total.to(tl.float32))
+        ce_split = (_log2_prob(-_TINY_END, 1.4426950408889634, top, ce_log_sum)
+                    != _log2_prob(_TINY_END, 1.4426950408889634, top, ce_log_sum))
+        ce_low = _exp2(_log2_prob(-256.0, 1.4426950408889634, top, ce_log_sum)) > 0.0
+        flag += (((low_raw > 0) & ce_low) | ((tiny_count > 0) & ce_split)).to(tl.int32) * 4
+        tl.store(fparam_ptr + at * PARAM_SLOTS + _CE_LOG_SUM, ce_log_sum)
     # The first bin past each run, from the top down.
     carry_after = tl.full([], WIDTH, tl.int32)
     for back in tl.range(0, WIDTH, BLOCK):
@@ -302,9 +320,12 @@ def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, key_ptr, run_ptr, sign_ptr, p
 
 @triton.jit
 def finish_kernel(fparam_ptr, iparam_ptr, partial_ptr, partial_ok_ptr, row_loss_ptr, batch_start,
-                  BLOCKS: tl.constexpr):
+                  logits_ptr, index_ptr, ce_label_ptr, row_ce_ptr, vocab, seq_len, batch_stride, row_stride,
+                  col_stride, GATHER: tl.constexpr, HAS_CE: tl.constexpr, BLOCKS: tl.constexpr):
     """One pair per program: both sides' sums of p * sign (the blocks' partials, in order),
-    the loss, and the pair's flag (on the student side: nonzero hands it to the trie)."""
+    the loss, and the pair's flag (on the student side: nonzero hands it to the trie). With
+    HAS_CE, the student's cross-entropy against ce_label_ptr[pair] (0 where negative): the
+    log-sum-exp at temperature 1 minus the label's logit (logits_ptr: the student's)."""
     pair = tl.program_id(0)
     s_at = (pair * 2).to(tl.int64)
     t_at = s_at + 1
@@ -319,22 +340,35 @@ def finish_kernel(fparam_ptr, iparam_ptr, partial_ptr, partial_ok_ptr, row_loss_
     tl.store(fparam_ptr + t_at * PARAM_SLOTS + _MASS, t_mass.to(tl.float32))
     tl.store(row_loss_ptr + batch_start + pair, (s_mass - t_mass).to(tl.float32))
     tl.store(iparam_ptr + s_at * PARAM_SLOTS + _FLAG, flag)
+    if HAS_CE:
+        row, _unused, row_ptr, _ = _pair_rows(batch_start + pair, logits_ptr, logits_ptr, index_ptr, index_ptr,
+                                              seq_len, batch_stride, row_stride, seq_len, batch_stride,
+                                              row_stride, GATHER)
+        label = tl.load(ce_label_ptr + batch_start + pair).to(tl.int32)
+        label_logit = tl.load(row_ptr + tl.maximum(label, 0).to(tl.int64) * col_stride,
+                              mask=(label < vocab) & (row >= 0), other=float("nan")).to(tl.float32)
+        top = tl.load(fparam_ptr + s_at * PARAM_SLOTS + _TOP)
+        ce = (top - label_logit) + tl.load(fparam_ptr + s_at * PARAM_SLOTS + _CE_LOG_SUM) * 0.6931471805599453
+        tl.store(row_ce_ptr + batch_start + pair, tl.where((label >= 0) & (row >= 0), ce, 0.0))
 
 
 @triton.jit
-def grad_kernel(logits_ptr, grad_ptr, fparam_ptr, iparam_ptr, sign_ptr, batch_start, side, n_chunks, vocab,
-                seq_len, batch_stride, row_stride, col_stride, grad_row_stride, inv_temperature, grad_scale,
+def grad_kernel(logits_ptr, index_ptr, grad_ptr, fparam_ptr, iparam_ptr, sign_ptr, row_weight_ptr, ce_label_ptr,
+                ce_weight_ptr, batch_start, side, n_chunks, vocab, seq_len, batch_stride, row_stride, col_stride,
+                grad_row_stride, inv_temperature, grad_scale, GATHER: tl.constexpr, HAS_CE: tl.constexpr,
                 UNIT_STRIDE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     """The gradient of one side (side 0 student: +, 1 teacher: -) of unflagged pairs, chunk by
-    chunk: (p / T) * (sign of the element's bin - the side's sum of p * sign)."""
+    chunk: (p / T) * (sign of the element's bin - the side's sum of p * sign), times
+    row_weight_ptr[pair] with GATHER (row index_ptr[pair] of the logits and of the gradient);
+    with HAS_CE (student side) plus ce_weight * (softmax(z) - [i == label])."""
     program = tl.program_id(0)
     pair = program // n_chunks
     chunk = program % n_chunks
     flag = tl.load(iparam_ptr + (pair * 2).to(tl.int64) * PARAM_SLOTS + _FLAG)
-    row, _unused, row_ptr, _ = _pair_rows(batch_start + pair, logits_ptr, logits_ptr, logits_ptr, logits_ptr,
+    row, _unused, row_ptr, _ = _pair_rows(batch_start + pair, logits_ptr, logits_ptr, index_ptr, index_ptr,
                                           seq_len, batch_stride, row_stride, seq_len, batch_stride,
-                                          row_stride, False)
-    if flag == 0:
+                                          row_stride, GATHER)
+    if (flag == 0) & (row >= 0):
         at = (pair * 2 + side).to(tl.int64)
         top = tl.load(fparam_ptr + at * PARAM_SLOTS + _TOP)
         log_sum = tl.load(fparam_ptr + at * PARAM_SLOTS + _LOG_SUM)
@@ -342,10 +376,24 @@ def grad_kernel(logits_ptr, grad_ptr, fparam_ptr, iparam_ptr, sign_ptr, batch_st
         signs = sign_ptr + at * CAP
         scale = inv_temperature * 1.4426950408889634
         factor = inv_temperature * grad_scale * (1.0 - 2.0 * side)
+        if GATHER:
+            factor *= tl.load(row_weight_ptr + batch_start + pair)
+        ce_label = -1
+        ce_factor = 0.0
+        ce_log_sum = 0.0
+        if HAS_CE:
+            ce_label = tl.load(ce_label_ptr + batch_start + pair).to(tl.int32)
+            ce_factor = tl.where(ce_label >= 0, tl.load(ce_weight_ptr + batch_start + pair), 0.0)
+            ce_log_sum = tl.load(fparam_ptr + at * PARAM_SLOTS + _CE_LOG_SUM)
         grad_row = grad_ptr + row * grad_row_stride
         for start in tl.range(chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, vocab), BLOCK):
             idx = start + tl.arange(0, BLOCK)
             raw = _load_raw(row_ptr, idx, col_stride, vocab, UNIT_STRIDE)
-            p = _exp2(_log2_prob(raw.to(tl.float32), scale, top, log_sum))
+            z = raw.to(tl.float32)
+            p = _exp2(_log2_prob(z, scale, top, log_sum))
             sign = tl.load(signs + _bin_of_key(_keys(raw)), mask=p > 0.0, other=0.0)
-            tl.store(grad_row + idx, (p * factor * (sign - mass)).to(grad_ptr.dtype.element_ty), mask=idx < vocab)
+            grad = p * factor * (sign - mass)
+            if HAS_CE:  # the cross-entropy's softmax, temperature 1
+                grad += ce_factor * (_exp2(_log2_prob(z, 1.4426950408889634, top, ce_log_sum))
+                                     - (idx == ce_label).to(tl.float32))
+            tl.store(grad_row + idx, grad.to(grad_ptr.dtype.element_ty), mask=idx < vocab)
