@@ -10,15 +10,18 @@ of file) come from two such histograms, however close the two rows are. The pass
                    the fixed bins below, in shared memory, written out whole (one read of the
                    row, a few integer instructions per element; no statistics needed first)
     prefix_kernel  one program per row (per side): the row's largest logit and log-sum from
-                   its bins, every bin's probability, prefix counts, and the runs of bins of
-                   equal probability
+                   its bins (and the cross-entropy's, at temperature 1), every bin's
+                   k = log2 p, prefix counts, and the runs of bins of equal k
     sign_kernel    per (pair, block of bins), for each side: the counts of both sides above
                    and at each occupied bin's value (the other side's bin is estimated from
                    the value's logit, then settled by a few steps along that side's runs), its
                    tie-rule sign, and the block's sum of count * p * sign
-    finish_kernel  per pair: both sides' sums of p * sign, and the loss
+    finish_kernel  per pair: both sides' sums of p * sign, the loss (and the cross-entropy)
     grad_kernel    per (pair, chunk): each element's bin, its sign from the bin's table, and
-                   the softmax backward
+                   the softmax backward (plus the cross-entropy's)
+
+Rows are those of aligned inputs, or (GATHER) those the pairs' row maps name, as in the trie
+engine; a negative student index is padding.
 
 Bins. A bf16 pattern b gives a key monotone in the logit (b if b >= 0, else b ^ 0x7FFF). Every
 logit with 2**-23 <= |z| < 256 has a bin of its own (3,968 per sign); the tiny logits
@@ -26,8 +29,9 @@ logit with 2**-23 <= |z| < 256 has a bin of its own (3,968 per sign); the tiny l
 checks: z - top rounds them all to -top unless the row's largest logit is itself small, below
 about 2); logits <= -256 share one bin (exact when p(-256) is 0: at temperatures up to about
 2.5; above, a row holding finite logits <= -256, such as a mask of -1e4, is flagged); -inf
-(masked) is not counted. A row holding a logit >= 256, +inf or NaN, or failing a check, is *flagged*: the
-launcher hands flagged rows to the trie engine (uld_split.py), so every result stays exact.
+(masked) is not counted. A row holding a logit >= 256, +inf or NaN, or failing a check, is
+*flagged*: the launcher hands flagged rows to the trie engine (uld_split.py), so every result
+stays exact.
 """
 
 import triton
