@@ -164,6 +164,27 @@ def uld_rows(
     return row_loss, status, grad_student, grad_teacher
 
 
+def _pair_outputs(student_logits, teacher_logits, student_index, has_ce, student_grad, teacher_grad,
+                  grad_student, grad_teacher):
+    """The pairs' count and what both engines return for them: row losses, cross-entropies
+    (with the cross-entropy), and the gradients asked for, allocated unless given (gathered:
+    zero-filled, for rows no pair reads)."""
+    n_student_rows, student_vocab = _rows_and_vocab(student_logits)
+    n_teacher_rows, teacher_vocab = _rows_and_vocab(teacher_logits)
+    gather = student_index is not None
+    n_pairs = student_index.numel() if gather else n_student_rows
+    device = student_logits.device
+    row_loss = torch.empty(n_pairs, dtype=torch.float32, device=device)
+    row_ce = torch.empty(n_pairs, dtype=torch.float32, device=device) if has_ce else None
+    new = torch.zeros if gather else torch.empty
+    if student_grad and grad_student is None:
+        grad_student = new((n_student_rows, student_vocab), dtype=student_logits.dtype, device=device)
+    if teacher_grad and grad_teacher is None:
+        grad_teacher = new((n_teacher_rows, teacher_vocab), dtype=teacher_logits.dtype, device=device)
+    return (n_pairs, row_loss, row_ce, grad_student if student_grad else None,
+            grad_teacher if teacher_grad else None)
+
+
 def hist_rows(student_logits, teacher_logits, student_temperature, teacher_temperature,
               student_grad, teacher_grad, grad_scale, *, fallback=True):
     """`uld_rows` through the histogram engine (kernels/uld_hist.py; bf16 logits). Rows it
@@ -188,21 +209,14 @@ def hist_pairs(student_logits, teacher_logits, student_temperature, teacher_temp
                          f"{teacher_logits.dtype} (teacher)")
     gather = student_index is not None
     has_ce = ce_label is not None
-    n_student_rows, student_vocab = _rows_and_vocab(student_logits)
-    n_teacher_rows, teacher_vocab = _rows_and_vocab(teacher_logits)
-    n_pairs = student_index.numel() if gather else n_student_rows
+    _, student_vocab = _rows_and_vocab(student_logits)
+    _, teacher_vocab = _rows_and_vocab(teacher_logits)
     device = student_logits.device
     on_gpu = device.type == "cuda"
-    row_loss = torch.empty(n_pairs, dtype=torch.float32, device=device)
-    row_ce = torch.empty(n_pairs, dtype=torch.float32, device=device) if has_ce else None
+    n_pairs, row_loss, row_ce, grad_student, grad_teacher = _pair_outputs(
+        student_logits, teacher_logits, student_index, has_ce, student_grad, teacher_grad, grad_student,
+        grad_teacher)
     flags = torch.zeros(n_pairs, dtype=torch.int32, device=device)
-    new = torch.zeros if gather else torch.empty  # gathered: rows no pair reads get 0
-    if student_grad and grad_student is None:
-        grad_student = new((n_student_rows, student_vocab), dtype=student_logits.dtype, device=device)
-    if teacher_grad and grad_teacher is None:
-        grad_teacher = new((n_teacher_rows, teacher_vocab), dtype=teacher_logits.dtype, device=device)
-    grad_student = grad_student if student_grad else None
-    grad_teacher = grad_teacher if teacher_grad else None
     if n_pairs == 0:
         return row_loss, flags, row_ce, grad_student, grad_teacher
     padding = None
@@ -327,24 +341,10 @@ def uld_pairs(
     of the pairs are written whole, the others are left as they are. ``grad_teacher``: the
     same for the teacher's gradient.
     """
-    gather = student_index is not None
-    has_ce = ce_label is not None
-    n_student_rows, student_vocab = _rows_and_vocab(student_logits)
-    n_teacher_rows, teacher_vocab = _rows_and_vocab(teacher_logits)
-    n_pairs = student_index.numel() if gather else n_student_rows
-    device = student_logits.device
-    row_loss = torch.empty(n_pairs, dtype=torch.float32, device=device)
-    status = torch.empty(n_pairs, dtype=torch.int32, device=device)
-    row_ce = torch.empty(n_pairs, dtype=torch.float32, device=device) if has_ce else None
-    new = torch.zeros if gather else torch.empty  # gathered: rows no pair reads get 0
-    if student_grad and grad_student is None:
-        grad_student = new((n_student_rows, student_vocab), dtype=student_logits.dtype, device=device)
-    if not student_grad:
-        grad_student = None
-    if teacher_grad and grad_teacher is None:
-        grad_teacher = new((n_teacher_rows, teacher_vocab), dtype=teacher_logits.dtype, device=device)
-    if not teacher_grad:
-        grad_teacher = None
+    n_pairs, row_loss, row_ce, grad_student, grad_teacher = _pair_outputs(
+        student_logits, teacher_logits, student_index, ce_label is not None, student_grad, teacher_grad,
+        grad_student, grad_teacher)
+    status = torch.empty(n_pairs, dtype=torch.int32, device=student_logits.device)
     if n_pairs == 0:
         return row_loss, status, row_ce, grad_student, grad_teacher
     _split_pairs(student_logits, teacher_logits, row_loss, status, row_ce, grad_student,

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from uld_kernels.kernels.ptx import smem_add_one, smem_load, smem_zero
-from uld_kernels.kernels.uld_rows import _exp2, _load_raw, _pair_rows, _tie_signs
+from uld_kernels.kernels.uld_rows import LN2, LOG2E, _exp2, _load_raw, _log2_prob, _pair_rows, _tie_signs
 
 CAP = tl.constexpr(8192)  # words per row and side: the shared-memory histogram's 8,192
 # Bins in order of value: 0 the logits <= -256, 1..3968 the logits -255 .. -2**-23, 3969 the
@@ -87,12 +87,6 @@ def _logit_of_bin(bins):
     nearest 0), 0 for the tiny bin."""
     key = tl.where(bins < _TINY, bins - 17281, tl.where(bins == _TINY, 0, bins + 9342))
     return _key_of_bits(key).to(tl.int16).to(tl.bfloat16, bitcast=True).to(tl.float32)
-
-
-@triton.jit
-def _log2_prob(z, scale, top, log_sum):
-    """k = log2 p of float32 logits: the expression of uld_rows._keys_of."""
-    return (z - top) * scale - log_sum
 
 
 @triton.jit
@@ -151,7 +145,7 @@ def prefix_kernel(count_ptr, key_ptr, run_ptr, fparam_ptr, iparam_ptr, side, inv
     counts_at = count_ptr + at * CAP
     keys = key_ptr + at * CAP
     runs = run_ptr + at * CAP
-    scale = inv_temperature * 1.4426950408889634
+    scale = inv_temperature * LOG2E
     # The largest occupied logit (past the low bin) and the sum of 2**((z - top) * scale),
     # online in blocks; and the logits >= 256.
     top = tl.full([], float("-inf"), tl.float32)
@@ -171,9 +165,9 @@ def prefix_kernel(count_ptr, key_ptr, run_ptr, fparam_ptr, iparam_ptr, side, inv
         weight = tl.where(occupied, counts.to(tl.float64) * weight, 0.0)
         total = total * _exp2((top - safe) * scale).to(tl.float64) + tl.sum(weight, 0)
         if HAS_CE:
-            ce_weight = _exp2(tl.minimum((z - safe) * 1.4426950408889634, 0.0)).to(tl.float64)
+            ce_weight = _exp2(tl.minimum((z - safe) * LOG2E, 0.0)).to(tl.float64)
             ce_weight = tl.where(occupied, counts.to(tl.float64) * ce_weight, 0.0)
-            ce_total = ce_total * _exp2((top - safe) * 1.4426950408889634).to(tl.float64) + tl.sum(ce_weight, 0)
+            ce_total = ce_total * _exp2((top - safe) * LOG2E).to(tl.float64) + tl.sum(ce_weight, 0)
         top = new_top
         out += tl.sum(tl.where(bins == _OUT, counts, 0), 0)
         low_raw += tl.sum(tl.where(bins == 0, counts, 0), 0)
@@ -206,9 +200,9 @@ def prefix_kernel(count_ptr, key_ptr, run_ptr, fparam_ptr, iparam_ptr, side, inv
     flag += ((low_count > 0) | ((tiny_count > 0) & tiny_split)).to(tl.int32) * 4
     if HAS_CE:  # the same two checks at temperature 1
         ce_log_sum = tl.log2(ce_total.to(tl.float32))
-        ce_split = (_log2_prob(-_TINY_END, 1.4426950408889634, top, ce_log_sum)
-                    != _log2_prob(_TINY_END, 1.4426950408889634, top, ce_log_sum))
-        ce_low = _exp2(_log2_prob(-256.0, 1.4426950408889634, top, ce_log_sum)) > 0.0
+        ce_split = (_log2_prob(-_TINY_END, LOG2E, top, ce_log_sum)
+                    != _log2_prob(_TINY_END, LOG2E, top, ce_log_sum))
+        ce_low = _exp2(_log2_prob(-256.0, LOG2E, top, ce_log_sum)) > 0.0
         flag += (((low_raw > 0) & ce_low) | ((tiny_count > 0) & ce_split)).to(tl.int32) * 4
         tl.store(fparam_ptr + at * PARAM_SLOTS + _CE_LOG_SUM, ce_log_sum)
     # The first bin past each run, from the top down.
@@ -299,7 +293,7 @@ def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, key_ptr, run_ptr, sign_ptr, p
         own_gt = own_total - tl.load(own_count + (runs >> 16), mask=active, other=0)
         guess = _estimate(v, tl.load(fparam_ptr + other * PARAM_SLOTS + _TOP),
                           tl.load(fparam_ptr + other * PARAM_SLOTS + _LOG_SUM),
-                          other_inv_temperature * 1.4426950408889634)
+                          other_inv_temperature * LOG2E)
         lower = _lower_bound(other_key, run_ptr + other * CAP, guess, v, active)
         ok = lower >= 0
         lower = tl.maximum(lower, 0)
@@ -352,7 +346,7 @@ def finish_kernel(fparam_ptr, iparam_ptr, partial_ptr, partial_ok_ptr, row_loss_
         label_logit = tl.load(row_ptr + tl.maximum(label, 0).to(tl.int64) * col_stride,
                               mask=(label < vocab) & (row >= 0), other=float("nan")).to(tl.float32)
         top = tl.load(fparam_ptr + s_at * PARAM_SLOTS + _TOP)
-        ce = (top - label_logit) + tl.load(fparam_ptr + s_at * PARAM_SLOTS + _CE_LOG_SUM) * 0.6931471805599453
+        ce = (top - label_logit) + tl.load(fparam_ptr + s_at * PARAM_SLOTS + _CE_LOG_SUM) * LN2
         tl.store(row_ce_ptr + batch_start + pair, tl.where((label >= 0) & (row >= 0), ce, 0.0))
 
 
@@ -378,7 +372,7 @@ def grad_kernel(logits_ptr, index_ptr, grad_ptr, fparam_ptr, iparam_ptr, sign_pt
         log_sum = tl.load(fparam_ptr + at * PARAM_SLOTS + _LOG_SUM)
         mass = tl.load(fparam_ptr + at * PARAM_SLOTS + _MASS)
         signs = sign_ptr + at * CAP
-        scale = inv_temperature * 1.4426950408889634
+        scale = inv_temperature * LOG2E
         factor = inv_temperature * grad_scale * (1.0 - 2.0 * side)
         if GATHER:
             factor *= tl.load(row_weight_ptr + batch_start + pair)
@@ -398,6 +392,6 @@ def grad_kernel(logits_ptr, index_ptr, grad_ptr, fparam_ptr, iparam_ptr, sign_pt
             sign = tl.load(signs + _bin_of_key(_keys(raw)), mask=p > 0.0, other=0.0)
             grad = p * factor * (sign - mass)
             if HAS_CE:  # the cross-entropy's softmax, temperature 1
-                grad += ce_factor * (_exp2(_log2_prob(z, 1.4426950408889634, top, ce_log_sum))
+                grad += ce_factor * (_exp2(_log2_prob(z, LOG2E, top, ce_log_sum))
                                      - (idx == ce_label).to(tl.float32))
             tl.store(grad_row + idx, grad.to(grad_ptr.dtype.element_ty), mask=idx < vocab)

@@ -124,6 +124,12 @@ def _exp2(x):
 
 
 @triton.jit
+def _log2_prob(z, scale, top, log_sum):
+    """k = log2 p of float32 logits; both engines compute every probability through it."""
+    return (z - top) * scale - log_sum
+
+
+@triton.jit
 def _keys_of(raw, scale, top, log_sum):
     """Probabilities p = 2**((z - top) * scale - log_sum) of logits already loaded (input
     dtype), their keys and which lanes count. scale = log2(e) / T; top is the row's largest
@@ -136,7 +142,7 @@ def _keys_of(raw, scale, top, log_sum):
     no probability there is NaN.
     """
     z = raw.to(tl.float32)
-    p = _exp2((z - top) * scale - log_sum)
+    p = _exp2(_log2_prob(z, scale, top, log_sum))
     key = p.to(tl.int32, bitcast=True)
     return p, key, key > 0, z
 
