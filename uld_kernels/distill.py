@@ -71,8 +71,8 @@ def uld_distill_op(
     pair_student, pair_teacher = student_index[order], teacher_index[order]
     safe = pair_student.clamp(min=0)
     pair_label = torch.where(pair_student >= 0, ce_label[safe], -1) if has_ce else None
-    # The pairs' ULD and cross-entropy: the trie engine, or with ULD_DISTILL_ENGINE=hist and
-    # bf16 logits the histogram engine (not yet the default: not yet measured on a GPU here).
+    # The pairs' ULD and cross-entropy: bf16 pairs through the histogram engine (unless
+    # ULD_DISTILL_ENGINE=split), other dtypes through the trie engine.
     engine = hist_pairs if (launch.DISTILL_ENGINE == "hist" and student.dtype == teacher.dtype == torch.bfloat16) \
         else uld_pairs
     rows, _status, pair_ce, _, _ = engine(

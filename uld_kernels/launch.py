@@ -81,9 +81,10 @@ SPLIT = dict(
 ENGINE = os.environ.get("ULD_ENGINE", "hist")
 if ENGINE not in ("hist", "split"):
     raise ValueError(f"ULD_ENGINE must be 'hist' or 'split', got {ENGINE!r}")
-# The training loss's pairs (distill.py, gathered rows with the cross-entropy): "split" (the
-# trie engine) until the histogram engine's path is measured on a GPU, or "hist" (bf16).
-DISTILL_ENGINE = os.environ.get("ULD_DISTILL_ENGINE", "split")
+# The training loss's pairs (distill.py, gathered rows with the cross-entropy): "hist" (bf16
+# pairs to the histogram engine: 13.66 ms against the trie's 17.48, RESULTS seventh session
+# run 1) or "split" (the trie engine for every pair).
+DISTILL_ENGINE = os.environ.get("ULD_DISTILL_ENGINE", "hist")
 if DISTILL_ENGINE not in ("hist", "split"):
     raise ValueError(f"ULD_DISTILL_ENGINE must be 'hist' or 'split', got {DISTILL_ENGINE!r}")
 HIST_BATCH = int(os.environ.get("ULD_HIST_BATCH", 3584))  # pairs per batch: 256 KB of workspace each (0.94 GB)
