@@ -260,8 +260,9 @@ def test_gradient_buffer_garbage_never_leaks(crossentropy_weight, device, monkey
 
 
 def test_the_histogram_engine_as_the_training_loss_engine(device, monkeypatch):
-    """The training loss's default engine for bf16 (`ULD_DISTILL_ENGINE=hist`): its pairs through the histogram engine
-    (gathered rows, padding, row weights, the fused cross-entropy) on bf16 batches, against
+    """The training loss's default engine for bf16 (`ULD_DISTILL_ENGINE=hist`): its pairs
+    through the histogram engine (gathered rows, padding, row weights, the fused cross-entropy)
+    on bf16 batches, against
     the paper's semantics in float64."""
     import uld_kernels.launch as launch
 
