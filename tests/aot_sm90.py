@@ -81,7 +81,7 @@ def _types_by_name(kernel, logits: str) -> dict:
         elif name in ("student_index_ptr", "teacher_index_ptr", "ce_label_ptr", "index_ptr"):
             types[name] = "*i64"
         elif name in ("ws_int_ptr", "ws_meta_ptr", "status_ptr", "partial_i_ptr", "root_partial_ptr", "iparam_ptr",
-                      "count_ptr", "partial_ok_ptr", "run_ptr"):
+                      "count_ptr"):
             types[name] = "*i32"
         elif name == "ws_mass_ptr":
             types[name] = "*i64"
@@ -146,14 +146,14 @@ def hist_kernel_configs():
     # Workspace buffers are allocated by the launcher (16-byte aligned, as Triton specializes
     # them at run time); the logits as in the split engine's configurations.
     aligned = ["logits_ptr", "grad_ptr", "vocab", "row_stride", "batch_stride", "grad_row_stride", "count_ptr",
-               "key_ptr", "run_ptr", "fparam_ptr", "iparam_ptr", "sign_ptr", "partial_ptr", "partial_ok_ptr"]
+               "fparam_ptr", "iparam_ptr", "sign_ptr", "partial_ptr"]
     for label, kernel, constexprs, warps in [
-        ("hist", uld_hist.hist_kernel, dict(GATHER=False, UNIT_STRIDE=True, USE_PTX=True, BLOCK=2048), 4),
-        ("hist gathered", uld_hist.hist_kernel, dict(GATHER=True, UNIT_STRIDE=True, USE_PTX=True, BLOCK=2048), 4),
-        ("prefix", uld_hist.prefix_kernel, dict(HAS_CE=False, BLOCK=1024), 4),
-        ("prefix ce", uld_hist.prefix_kernel, dict(HAS_CE=True, BLOCK=1024), 4),
-        ("sign student", uld_hist.sign_kernel, dict(SIDE=0, BLOCK=256), 2),
-        ("sign teacher", uld_hist.sign_kernel, dict(SIDE=1, BLOCK=256), 2),
+        ("hist", uld_hist.hist_kernel, dict(GATHER=False, UNIT_STRIDE=True, USE_PTX=True, HAS_CE=False,
+                                            BLOCK=2048, TAIL_BLOCK=1024), 4),
+        ("hist gathered ce", uld_hist.hist_kernel, dict(GATHER=True, UNIT_STRIDE=True, USE_PTX=True, HAS_CE=True,
+                                                        BLOCK=2048, TAIL_BLOCK=1024), 4),
+        ("sign student", uld_hist.sign_kernel, dict(SIDE=0, STORE=True, BLOCK=256), 2),
+        ("sign teacher", uld_hist.sign_kernel, dict(SIDE=1, STORE=False, BLOCK=256), 2),
         ("finish", uld_hist.finish_kernel, dict(GATHER=False, HAS_CE=False, BLOCKS=32), 1),
         ("finish gathered ce", uld_hist.finish_kernel, dict(GATHER=True, HAS_CE=True, BLOCKS=32), 1),
         ("grad", uld_hist.grad_kernel, dict(GATHER=False, HAS_CE=False, UNIT_STRIDE=True, CHUNK=32768, BLOCK=1024),

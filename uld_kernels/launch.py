@@ -87,10 +87,12 @@ if ENGINE not in ("hist", "split"):
 DISTILL_ENGINE = os.environ.get("ULD_DISTILL_ENGINE", "hist")
 if DISTILL_ENGINE not in ("hist", "split"):
     raise ValueError(f"ULD_DISTILL_ENGINE must be 'hist' or 'split', got {DISTILL_ENGINE!r}")
-HIST_BATCH = int(os.environ.get("ULD_HIST_BATCH", 3584))  # pairs per batch: 256 KB of workspace each (0.94 GB)
+HIST_BATCH = int(os.environ.get("ULD_HIST_BATCH", 6144))  # pairs per batch at most: 128 KB of workspace each
 HIST_BLOCK = int(os.environ.get("ULD_HIST_BLOCK", 2048))  # elements per step of hist_kernel's loop
 HIST_SIGN_BLOCK = int(os.environ.get("ULD_HIST_SIGN_BLOCK", 256))  # bins per sign_kernel program
 HIST_SIGN_WARPS = int(os.environ.get("ULD_HIST_SIGN_WARPS", 2))
+HIST_GRAD_CHUNK = int(os.environ.get("ULD_HIST_GRAD_CHUNK", 32768))  # columns per grad_kernel program
+HIST_GRAD_BLOCK = int(os.environ.get("ULD_HIST_GRAD_BLOCK", 1024))  # columns per step of its loop
 # Under the interpreter: small chunks and batches, so that short test rows still span several
 # chunks and batches (every cross-program path runs), at a cost the interpreter can afford;
 # a 1,024-bucket root (four resolve chunks: the carry across chunks runs) from tl.histogram.
@@ -257,20 +259,18 @@ def _hist_batches(row_loss, flags, row_ce, sides, grad_scale, n_pairs, on_gpu, r
     cross-entropies) and flags of every pair, gradients of the unflagged ones."""
     device = row_loss.device
     cap, slots = uld_hist.CAP.value, uld_hist.PARAM_SLOTS.value
-    batch = min(n_pairs, HIST_BATCH if on_gpu else 3)
+    # Batches of equal size (the last one is not a short tail of a few pairs), at most HIST_BATCH.
+    batch = triton.cdiv(n_pairs, triton.cdiv(n_pairs, HIST_BATCH if on_gpu else 3))
     fparam = torch.empty(batch * 2 * slots, dtype=torch.float32, device=device)
     iparam = torch.empty(batch * 2 * slots, dtype=torch.int32, device=device)
-    counts = torch.empty(batch * 2 * cap, dtype=torch.int32, device=device)
-    keys = torch.empty(batch * 2 * cap, dtype=torch.float32, device=device)  # k = log2 p of each bin
-    runs = torch.empty(batch * 2 * cap, dtype=torch.int32, device=device)
+    counts = torch.empty(batch * 2 * cap, dtype=torch.int32, device=device)  # prefix counts per bin
     signs = torch.empty(batch * 2 * cap, dtype=torch.float32, device=device)
     use_ptx = on_gpu and SPLIT["smem"]
-    chunk = 32768 if on_gpu else 256
-    block = 1024 if on_gpu else 128
+    block = HIST_GRAD_BLOCK if on_gpu else 128
+    chunk = max(block, HIST_GRAD_CHUNK // block * block) if on_gpu else 256
     sign_block = HIST_SIGN_BLOCK if on_gpu else 2048
     blocks = cap // sign_block
     partial = torch.empty(batch * 2 * blocks, dtype=torch.float64, device=device)
-    partial_ok = torch.empty(batch * 2 * blocks, dtype=torch.int32, device=device)
     student_logits, _inv_t, _grad, student_vocab, student_index = sides[0]
     gather = student_index is not None
     has_ce = row_ce is not None
@@ -281,18 +281,16 @@ def _hist_batches(row_loss, flags, row_ce, sides, grad_scale, n_pairs, on_gpu, r
             counts.zero_()
         for side, (logits, inv_t, _grad, vocab, index) in enumerate(sides):
             uld_hist.hist_kernel[(rows,)](
-                logits, index if gather else unused, counts, batch_start, side, vocab, *_row_layout(logits),
-                GATHER=gather, UNIT_STRIDE=logits.stride(-1) == 1, USE_PTX=use_ptx,
-                BLOCK=HIST_BLOCK if on_gpu else 256, num_warps=4)
-            uld_hist.prefix_kernel[(rows,)](counts, keys, runs, fparam, iparam, side, inv_t,
-                                             HAS_CE=has_ce and side == 0, BLOCK=1024 if on_gpu else 2048,
-                                             num_warps=4)
+                logits, index if gather else unused, counts, fparam, iparam, batch_start, side, vocab,
+                *_row_layout(logits), inv_t, GATHER=gather, UNIT_STRIDE=logits.stride(-1) == 1, USE_PTX=use_ptx,
+                HAS_CE=has_ce and side == 0, BLOCK=HIST_BLOCK if on_gpu else 256,
+                TAIL_BLOCK=1024 if on_gpu else 2048, num_warps=4)
         for side in (0, 1):
             uld_hist.sign_kernel[(rows, blocks)](
-                fparam, iparam, counts, keys, runs, signs, partial, partial_ok, sides[1 - side][1], SIDE=side,
-                BLOCK=sign_block, num_warps=HIST_SIGN_WARPS if on_gpu else 4)
+                fparam, iparam, counts, signs, partial, sides[side][1], sides[1 - side][1], SIDE=side,
+                STORE=sides[side][2] is not None, BLOCK=sign_block, num_warps=HIST_SIGN_WARPS if on_gpu else 4)
         uld_hist.finish_kernel[(rows,)](
-            fparam, iparam, partial, partial_ok, row_loss, batch_start, student_logits,
+            fparam, iparam, partial, row_loss, batch_start, student_logits,
             student_index if gather else unused, ce_label if has_ce else unused, row_ce if has_ce else unused,
             student_vocab, *_row_layout(student_logits), GATHER=gather, HAS_CE=has_ce, BLOCKS=blocks, num_warps=1)
         flags[batch_start:batch_start + rows] = iparam.view(batch, 2, slots)[:rows, 0, uld_hist._FLAG.value]

@@ -7,15 +7,16 @@ its logits' bit patterns, and the counts that the sign of every element needs (u
 of file) come from two such histograms, however close the two rows are. The passes:
 
     hist_kernel    one program per row (per side): the histogram of the row's logits over
-                   the fixed bins below, in shared memory, written out whole (one read of the
-                   row, a few integer instructions per element; no statistics needed first)
-    prefix_kernel  one program per row (per side): the row's largest logit and log-sum from
-                   its bins (and the cross-entropy's, at temperature 1), every bin's
-                   k = log2 p, prefix counts, and the runs of bins of equal k
+                   the fixed bins below, in shared memory (one read of the row, a few integer
+                   instructions per element; no statistics needed first); then, from the
+                   bins, the row's largest logit and log-sum (and the cross-entropy's, at
+                   temperature 1), the prefix counts of the bins (the only thing per bin
+                   written out) and the row's flag
     sign_kernel    per (pair, block of bins), for each side: the counts of both sides above
-                   and at each occupied bin's value (the other side's bin is estimated from
-                   the value's logit, then settled by a few steps along that side's runs), its
-                   tie-rule sign, and the block's sum of count * p * sign
+                   and at each occupied bin's value (bounds found by bisection over k = log2 p,
+                   recomputed from the bin: from the bin itself on its own side, from the bin
+                   of the value's logit on the other), its tie-rule sign, and the block's sum
+                   of count * p * sign
     finish_kernel  per pair: both sides' sums of p * sign, the loss (and the cross-entropy)
     grad_kernel    per (pair, chunk): each element's bin, its sign from the bin's table, and
                    the softmax backward (plus the cross-entropy's)
@@ -25,7 +26,7 @@ engine; a negative student index is padding.
 
 Bins. A bf16 pattern b gives a key monotone in the logit (b if b >= 0, else b ^ 0x7FFF). Every
 logit with 2**-23 <= |z| < 256 has a bin of its own (3,968 per sign); the tiny logits
-|z| < 2**-23, zeros too, share one (exact when its two ends have the same k, which the prefix
+|z| < 2**-23, zeros too, share one (exact when its two ends have the same k, which hist_kernel
 checks: z - top rounds them all to -top unless the row's largest logit is itself small, below
 about 2); logits <= -256 share one bin (exact when p(-256) is 0: at temperatures up to about
 2.5; above, a row holding finite logits <= -256, such as a mask of -1e4, is flagged); -inf
@@ -49,7 +50,6 @@ _TINY = tl.constexpr(3969)
 _OUT = tl.constexpr(8191)  # counts logits >= 256, +inf and NaN of either sign: the row is flagged
 _NEG_INF_KEY = tl.constexpr(-32641)
 _TINY_END = tl.constexpr(1.1920928955078125e-07 - 4.656612873077393e-10)  # 2**-23 - 2**-31
-SEARCH_STEPS = tl.constexpr(64)  # steps along the other side's runs before a search gives up
 # Per row and side: floats, then ints (PARAM_SLOTS each).
 PARAM_SLOTS = tl.constexpr(4)
 _TOP = tl.constexpr(0)
@@ -90,18 +90,35 @@ def _logit_of_bin(bins):
 
 
 @triton.jit
-def hist_kernel(logits_ptr, index_ptr, count_ptr, batch_start, side, vocab, seq_len, batch_stride, row_stride,
-                col_stride, GATHER: tl.constexpr, UNIT_STRIDE: tl.constexpr, USE_PTX: tl.constexpr,
-                BLOCK: tl.constexpr):
-    """One row of one side per program: the histogram of its logits, CAP int32 at
-    count_ptr + (pair * 2 + side) * CAP (zeroed by the launcher when USE_PTX is off: then the
-    histogram is counted there with global atomics). With GATHER the row is index_ptr[pair]; a
-    negative index is padding: an empty histogram."""
+def _bin_counts(count_ptr, bins, USE_PTX: tl.constexpr):
+    """The histogram's counts at `bins` (in [0, CAP)): from shared memory, or from count_ptr."""
+    if USE_PTX:
+        return smem_load(bins)
+    else:
+        return tl.load(count_ptr + bins)
+
+
+@triton.jit
+def hist_kernel(logits_ptr, index_ptr, count_ptr, fparam_ptr, iparam_ptr, batch_start, side, vocab, seq_len,
+                batch_stride, row_stride, col_stride, inv_temperature, GATHER: tl.constexpr,
+                UNIT_STRIDE: tl.constexpr, USE_PTX: tl.constexpr, HAS_CE: tl.constexpr, BLOCK: tl.constexpr,
+                TAIL_BLOCK: tl.constexpr):
+    """One row of one side per program. First the histogram of its logits over the bins (in
+    shared memory with USE_PTX; else counted with global atomics at count_ptr +
+    (pair * 2 + side) * CAP, zeroed by the launcher). Then, from the bins: the row's largest
+    logit and base-2 log-sum (and with HAS_CE the log-sum at temperature 1, the student's
+    cross-entropy), the count of elements of nonzero probability below each bin (written at
+    count_ptr; [WIDTH] = all of them) and the row's flag. With GATHER the row is
+    index_ptr[pair]; a negative index is padding: an empty histogram, flagged (no finite logit).
+
+    Nothing per bin but the prefix counts leaves the program: a bin's k = log2 p is a function
+    of (bin, top, log-sum), recomputed where it is needed (`_k_of_bins`)."""
     pair = tl.program_id(0)
     row, _unused, row_ptr, _ = _pair_rows(batch_start + pair, logits_ptr, logits_ptr, index_ptr, index_ptr,
                                           seq_len, batch_stride, row_stride, seq_len, batch_stride,
                                           row_stride, GATHER)
-    counts = count_ptr + (pair * 2 + side).to(tl.int64) * CAP
+    at = (pair * 2 + side).to(tl.int64)
+    counts_at = count_ptr + at * CAP
     if USE_PTX:
         smem_zero()
         tl.debug_barrier()
@@ -112,39 +129,8 @@ def hist_kernel(logits_ptr, index_ptr, count_ptr, batch_start, side, vocab, seq_
         if USE_PTX:
             smem_add_one(_bin_of_key(key), counted)
         else:
-            tl.atomic_add(counts + _bin_of_key(key), 1, mask=counted)
-    if USE_PTX:
-        tl.debug_barrier()
-        for start in tl.range(0, CAP, 1024):
-            words = start + tl.arange(0, 1024)
-            tl.store(counts + words, smem_load(words))
-
-
-@triton.jit
-def _max_combine(a, b):
-    return tl.maximum(a, b)
-
-
-@triton.jit
-def _min_combine(a, b):
-    return tl.minimum(a, b)
-
-
-@triton.jit
-def prefix_kernel(count_ptr, key_ptr, run_ptr, fparam_ptr, iparam_ptr, side, inv_temperature,
-                  HAS_CE: tl.constexpr, BLOCK: tl.constexpr):
-    """One row of one side per program, in blocks of bins: the largest logit and base-2 log-sum
-    (from the bins), each bin's k = log2 p (key_ptr: the value bins are compared by; k is
-    monotone in the logit by construction, where exp2 is not promised to be), the count of
-    elements of nonzero probability below each bin (in place over the histogram; [WIDTH] = all
-    of them), the first bin of each bin's run of equal k and the first bin past it (run_ptr:
-    first | next << 16), the count, and the row's flag. With HAS_CE, also the base-2 log-sum at
-    temperature 1 (the student's cross-entropy), from the same bins."""
-    pair = tl.program_id(0)
-    at = (pair * 2 + side).to(tl.int64)
-    counts_at = count_ptr + at * CAP
-    keys = key_ptr + at * CAP
-    runs = run_ptr + at * CAP
+            tl.atomic_add(counts_at + _bin_of_key(key), 1, mask=counted)
+    tl.debug_barrier()  # the counts, visible to every thread
     scale = inv_temperature * LOG2E
     # The largest occupied logit (past the low bin) and the sum of 2**((z - top) * scale),
     # online in blocks; and the logits >= 256.
@@ -153,9 +139,9 @@ def prefix_kernel(count_ptr, key_ptr, run_ptr, fparam_ptr, iparam_ptr, side, inv
     ce_total = tl.zeros([], tl.float64)
     out = tl.zeros([], tl.int32)
     low_raw = tl.zeros([], tl.int32)
-    for start in tl.range(0, CAP, BLOCK):
-        bins = start + tl.arange(0, BLOCK)
-        counts = tl.load(counts_at + bins)
+    for start in tl.range(0, CAP, TAIL_BLOCK):
+        bins = start + tl.arange(0, TAIL_BLOCK)
+        counts = _bin_counts(counts_at, bins, USE_PTX)
         occupied = (bins >= _LOW_BINS) & (bins < WIDTH) & (counts > 0)
         z = _logit_of_bin(bins)
         new_top = tl.maximum(top, tl.max(tl.where(occupied, z, float("-inf")), 0))
@@ -174,29 +160,25 @@ def prefix_kernel(count_ptr, key_ptr, run_ptr, fparam_ptr, iparam_ptr, side, inv
     flag = (top == float("-inf")).to(tl.int32) + (out > 0).to(tl.int32) * 2
     top = tl.where(top > float("-inf"), top, 0.0)
     log_sum = tl.log2(total.to(tl.float32))
-    carry_count = tl.zeros([], tl.int32)
-    carry_first = tl.zeros([], tl.int32)
-    for start in tl.range(0, WIDTH, BLOCK):
-        bins = start + tl.arange(0, BLOCK)
+    # Prefix counts of the elements of nonzero probability (in place without USE_PTX: each
+    # block is read before it is written).
+    below = tl.zeros([], tl.int32)
+    low_count = tl.zeros([], tl.int32)  # elements of nonzero probability below -255
+    tiny_count = tl.zeros([], tl.int32)
+    for start in tl.range(0, WIDTH, TAIL_BLOCK):
+        bins = start + tl.arange(0, TAIL_BLOCK)
         inside = bins < WIDTH
-        counts = tl.load(counts_at + bins, mask=inside, other=0)
-        k = _log2_prob(_logit_of_bin(bins), scale, top, log_sum)
-        k_below = _log2_prob(_logit_of_bin(bins - 1), scale, top, log_sum)
-        counted = tl.where(inside & (_exp2(tl.minimum(k, 0.0)) > 0.0), counts, 0)
-        tl.store(counts_at + bins, tl.cumsum(counted, 0) - counted + carry_count, mask=inside)
-        tl.store(keys + bins, k, mask=inside)
-        first = tl.maximum(tl.associative_scan(tl.where((bins == 0) | (k != k_below), bins, 0), 0, _max_combine),
-                           carry_first)
-        tl.store(runs + bins, first, mask=inside)
-        carry_count += tl.sum(counted, 0)
-        carry_first = tl.maximum(carry_first, tl.max(first, 0))
-    tl.store(counts_at + WIDTH, carry_count)
+        counts = tl.where(inside, _bin_counts(counts_at, bins, USE_PTX), 0)
+        k = _k_of_bins(bins, top, log_sum, scale)
+        counted = tl.where(_exp2(tl.minimum(k, 0.0)) > 0.0, counts, 0)
+        tl.store(counts_at + bins, tl.cumsum(counted, 0) - counted + below, mask=inside)
+        below += tl.sum(counted, 0)
+        low_count += tl.sum(tl.where(bins == 0, counted, 0), 0)
+        tiny_count += tl.sum(tl.where(bins == _TINY, counted, 0), 0)
+    tl.store(counts_at + WIDTH, below)
     # The low bin is exact when p(-256) is 0 (then it is counted nowhere); the tiny bin when
     # both its ends have one k.
     tiny_split = _log2_prob(-_TINY_END, scale, top, log_sum) != _log2_prob(_TINY_END, scale, top, log_sum)
-    tl.debug_barrier()  # the prefix counts and first bins, visible to every thread
-    low_count = tl.load(counts_at + _LOW_BINS)  # elements of nonzero probability below -255
-    tiny_count = tl.load(counts_at + _TINY + 1) - tl.load(counts_at + _TINY)
     flag += ((low_count > 0) | ((tiny_count > 0) & tiny_split)).to(tl.int32) * 4
     if HAS_CE:  # the same two checks at temperature 1
         ce_log_sum = tl.log2(ce_total.to(tl.float32))
@@ -205,24 +187,18 @@ def prefix_kernel(count_ptr, key_ptr, run_ptr, fparam_ptr, iparam_ptr, side, inv
         ce_low = _exp2(_log2_prob(-256.0, LOG2E, top, ce_log_sum)) > 0.0
         flag += (((low_raw > 0) & ce_low) | ((tiny_count > 0) & ce_split)).to(tl.int32) * 4
         tl.store(fparam_ptr + at * PARAM_SLOTS + _CE_LOG_SUM, ce_log_sum)
-    # The first bin past each run, from the top down.
-    carry_after = tl.full([], WIDTH, tl.int32)
-    for back in tl.range(0, WIDTH, BLOCK):
-        bins = (WIDTH - BLOCK - back) + tl.arange(0, BLOCK)
-        inside = (bins >= 0) & (bins < WIDTH)
-        k = _log2_prob(_logit_of_bin(bins), scale, top, log_sum)
-        k_above = _log2_prob(_logit_of_bin(bins + 1), scale, top, log_sum)
-        ends = inside & ((bins == WIDTH - 1) | (k != k_above))
-        after = tl.minimum(tl.associative_scan(tl.where(ends, bins + 1, WIDTH), 0, _min_combine, reverse=True),
-                           carry_after)
-        first = tl.load(runs + bins, mask=inside, other=0)
-        tl.store(runs + bins, first | (after << 16), mask=inside)
-        carry_after = tl.minimum(carry_after, tl.min(after, 0))
     params = at * PARAM_SLOTS
     tl.store(fparam_ptr + params + _TOP, top)
     tl.store(fparam_ptr + params + _LOG_SUM, log_sum)
     tl.store(iparam_ptr + params + _FLAG, flag)
-    tl.store(iparam_ptr + params + _TOTAL, carry_count)
+    tl.store(iparam_ptr + params + _TOTAL, below)
+
+
+@triton.jit
+def _k_of_bins(bins, top, log_sum, scale):
+    """k = log2 p of the logits bins stand for, non-decreasing over [0, WIDTH) (a function of
+    the bin and the row's statistics: every pass that compares bins computes it here)."""
+    return _log2_prob(_logit_of_bin(bins), scale, top, log_sum)
 
 
 @triton.jit
@@ -235,72 +211,90 @@ def _estimate(v, top, log_sum, scale):
 
 
 @triton.jit
-def _lower_bound(key_ptr, run_ptr, start, v, active):
-    """First bin of a side with k >= v, by steps along the side's runs from bin `start` (k
-    non-decreasing over [0, WIDTH)); -1 where SEARCH_STEPS steps did not
-    settle it. The block steps until all its lanes are settled: one or two steps, mostly."""
-    i = start
-    found = tl.full(start.shape, -1, tl.int32)
-    going = active
-    steps = 0
-    while (tl.max(going.to(tl.int32), 0) > 0) & (steps < SEARCH_STEPS):
-        k = tl.load(key_ptr + i, mask=going, other=0.0)
-        runs = tl.load(run_ptr + i, mask=going, other=0)
-        first = runs & 0xFFFF
-        after = runs >> 16
-        at_or_above = k >= v
-        k_before = tl.load(key_ptr + first - 1, mask=going & at_or_above & (first > 0), other=0.0)
-        k_after = tl.load(key_ptr + after, mask=going & ~at_or_above & (after < WIDTH), other=0.0)
-        here = at_or_above & ((first == 0) | (k_before < v))
-        next_run = ~at_or_above & ((after == WIDTH) | (k_after >= v))
-        found = tl.where(going & here, first, tl.where(going & next_run, after, found))
-        i = tl.where(at_or_above, tl.maximum(first - 1, 0), tl.minimum(after, WIDTH - 1))
-        going = active & (found < 0)
-        steps += 1
-    return found
+def _at_or_past(bins, v, top, log_sum, scale, STRICT: tl.constexpr):
+    """Whether bins (in [-1, WIDTH]) lie at or past a side's first bin with k >= v (k > v when
+    STRICT): -1 lies before every bin, WIDTH past them all."""
+    k = _k_of_bins(tl.minimum(tl.maximum(bins, 0), WIDTH - 1), top, log_sum, scale)
+    if STRICT:
+        hit = k > v
+    else:
+        hit = k >= v
+    return (bins >= WIDTH) | ((bins >= 0) & hit)
 
 
 @triton.jit
-def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, key_ptr, run_ptr, sign_ptr, partial_ptr, partial_ok_ptr,
-                other_inv_temperature, SIDE: tl.constexpr, BLOCK: tl.constexpr):
+def _bound(v, start, top, log_sum, scale, active, STRICT: tl.constexpr):
+    """A side's first bin with k >= v (k > v when STRICT; WIDTH if none), for the active lanes:
+    from bin `start` (an estimate, mostly the bound itself or a neighbour) by steps that double
+    away from it until the bound is bracketed, then by bisection. k is non-decreasing over the
+    bins; its runs of equal values (logits near 0, which z - top rounds alike) cost a few
+    doublings. The block loops until all its lanes are settled: two evaluations of k, mostly."""
+    start = tl.minimum(tl.maximum(start, 0), WIDTH)
+    down = _at_or_past(start, v, top, log_sum, scale, STRICT)  # the bound is at or below start
+    # lo lies before the bound, hi at or past it; the probe is the end not yet known
+    lo = tl.where(down, start - 1, start)
+    hi = tl.where(down, start, start + 1)
+    step = tl.full(start.shape, 1, tl.int32)
+    going = active
+    while tl.max(going.to(tl.int32), 0) > 0:
+        probe = tl.where(down, lo, hi)
+        hit = _at_or_past(probe, v, top, log_sum, scale, STRICT)
+        going = going & (hit == down)  # the probe fell on the same side as start: not bracketed
+        step = tl.where(going, step * 2, step)
+        hi = tl.where(going, tl.where(down, probe, tl.minimum(probe + step, WIDTH)), hi)
+        lo = tl.where(going, tl.where(down, tl.maximum(probe - step, -1), probe), lo)
+    going = active & (hi - lo > 1)
+    while tl.max(going.to(tl.int32), 0) > 0:
+        mid = (lo + hi) >> 1
+        hit = _at_or_past(mid, v, top, log_sum, scale, STRICT)
+        hi = tl.where(going & hit, mid, hi)
+        lo = tl.where(going & ~hit, mid, lo)
+        going = active & (hi - lo > 1)
+    return hi
+
+
+@triton.jit
+def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, sign_ptr, partial_ptr, own_inv_temperature,
+                other_inv_temperature, SIDE: tl.constexpr, STORE: tl.constexpr, BLOCK: tl.constexpr):
     """Signs of BLOCK bins of one side (SIDE 0 student, 1 teacher) of one pair per program
-    (grid: pairs x CAP / BLOCK), written to the side's sign table; the block's sum of
-    count * p * sign and whether its searches settled go to partial_ptr (float64) and
-    partial_ok_ptr, at (pair * 2 + SIDE) * (CAP / BLOCK) + block."""
+    (grid: pairs x CAP / BLOCK), written to the side's sign table when STORE (a gradient of that
+    side is wanted); the block's sum of count * p * sign goes to partial_ptr (float64), at
+    (pair * 2 + SIDE) * (CAP / BLOCK) + block.
+
+    For an occupied bin of value k = v: the counts of both sides at or above v and above v,
+    from the prefix counts at four bounds (`_bound`): the bin's own run of equal k, and the
+    other side's first bins with k >= v and k > v, searched from the bin of the logit with
+    that k there."""
     pair = tl.program_id(0)
     block = tl.program_id(1)
     own = (pair * 2 + SIDE).to(tl.int64)
     other = (pair * 2 + 1 - SIDE).to(tl.int64)
-    slot = own * (CAP // BLOCK) + block
     flag = tl.load(iparam_ptr + own * PARAM_SLOTS + _FLAG) | tl.load(iparam_ptr + other * PARAM_SLOTS + _FLAG)
     mass = tl.zeros([], tl.float64)
-    settled = tl.full([], 1, tl.int32)
     if (flag == 0) & (block * BLOCK < WIDTH):
         own_count = count_ptr + own * CAP
         other_count = count_ptr + other * CAP
-        own_key = key_ptr + own * CAP
-        other_key = key_ptr + other * CAP
+        own_top = tl.load(fparam_ptr + own * PARAM_SLOTS + _TOP)
+        own_log_sum = tl.load(fparam_ptr + own * PARAM_SLOTS + _LOG_SUM)
+        own_scale = own_inv_temperature * LOG2E
+        other_top = tl.load(fparam_ptr + other * PARAM_SLOTS + _TOP)
+        other_log_sum = tl.load(fparam_ptr + other * PARAM_SLOTS + _LOG_SUM)
+        other_scale = other_inv_temperature * LOG2E
         own_total = tl.load(iparam_ptr + own * PARAM_SLOTS + _TOTAL)
         other_total = tl.load(iparam_ptr + other * PARAM_SLOTS + _TOTAL)
         bins = block * BLOCK + tl.arange(0, BLOCK)
         inside = bins < WIDTH
-        below = tl.load(own_count + bins, mask=inside, other=0)
-        count = tl.load(own_count + bins + 1, mask=inside, other=0) - below
+        count = (tl.load(own_count + bins + 1, mask=inside, other=0)
+                 - tl.load(own_count + bins, mask=inside, other=0))
         active = inside & (count > 0)
-        v = tl.load(own_key + bins, mask=inside, other=0.0)
-        runs = tl.load(run_ptr + own * CAP + bins, mask=active, other=0)
-        own_ge = own_total - tl.load(own_count + (runs & 0xFFFF), mask=active, other=0)
-        own_gt = own_total - tl.load(own_count + (runs >> 16), mask=active, other=0)
-        guess = _estimate(v, tl.load(fparam_ptr + other * PARAM_SLOTS + _TOP),
-                          tl.load(fparam_ptr + other * PARAM_SLOTS + _LOG_SUM),
-                          other_inv_temperature * LOG2E)
-        lower = _lower_bound(other_key, run_ptr + other * CAP, guess, v, active)
-        ok = lower >= 0
-        lower = tl.maximum(lower, 0)
-        tied = active & ok & (lower < WIDTH)
-        k_lower = tl.load(other_key + lower, mask=tied, other=0.0)
-        after = tl.load(run_ptr + other * CAP + lower, mask=tied & (k_lower == v), other=0) >> 16
-        upper = tl.where(tied & (k_lower == v), after, lower)
+        v = _k_of_bins(bins, own_top, own_log_sum, own_scale)
+        own_first = _bound(v, bins, own_top, own_log_sum, own_scale, active, False)
+        own_after = _bound(v, bins + 1, own_top, own_log_sum, own_scale, active, True)
+        own_ge = own_total - tl.load(own_count + own_first, mask=active, other=0)
+        own_gt = own_total - tl.load(own_count + own_after, mask=active, other=0)
+        guess = _estimate(v, other_top, other_log_sum, other_scale)
+        lower = _bound(v, guess, other_top, other_log_sum, other_scale, active, False)
+        upper = _bound(v, lower, other_top, other_log_sum, other_scale, active, True)
         other_ge = other_total - tl.load(other_count + lower, mask=active, other=0)
         other_gt = other_total - tl.load(other_count + upper, mask=active, other=0)
         if SIDE == 0:
@@ -308,16 +302,15 @@ def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, key_ptr, run_ptr, sign_ptr, p
         else:
             _unused, sign = _tie_signs(other_gt - own_gt, other_ge - other_gt, own_ge - own_gt)
         sign = tl.where(active, sign, 0.0)
-        tl.store(sign_ptr + own * CAP + bins, sign, mask=inside)
+        if STORE:
+            tl.store(sign_ptr + own * CAP + bins, sign, mask=inside)
         p = _exp2(tl.minimum(v, 0.0))  # (k <= 0 where occupied; empty bins above the top: clamped)
         mass = tl.sum(tl.where(active, count.to(tl.float64) * p.to(tl.float64) * sign.to(tl.float64), 0.0), 0)
-        settled = tl.min((ok | ~active).to(tl.int32), 0)
-    tl.store(partial_ptr + slot, mass)
-    tl.store(partial_ok_ptr + slot, settled)
+    tl.store(partial_ptr + own * (CAP // BLOCK) + block, mass)
 
 
 @triton.jit
-def finish_kernel(fparam_ptr, iparam_ptr, partial_ptr, partial_ok_ptr, row_loss_ptr, batch_start,
+def finish_kernel(fparam_ptr, iparam_ptr, partial_ptr, row_loss_ptr, batch_start,
                   logits_ptr, index_ptr, ce_label_ptr, row_ce_ptr, vocab, seq_len, batch_stride, row_stride,
                   col_stride, GATHER: tl.constexpr, HAS_CE: tl.constexpr, BLOCKS: tl.constexpr):
     """One pair per program: both sides' sums of p * sign (the blocks' partials, in order),
@@ -331,9 +324,6 @@ def finish_kernel(fparam_ptr, iparam_ptr, partial_ptr, partial_ok_ptr, row_loss_
     blocks = tl.arange(0, BLOCKS)
     s_mass = tl.sum(tl.load(partial_ptr + s_at * BLOCKS + blocks), 0)
     t_mass = tl.sum(tl.load(partial_ptr + t_at * BLOCKS + blocks), 0)
-    settled = tl.min(tl.load(partial_ok_ptr + s_at * BLOCKS + blocks), 0) * tl.min(
-        tl.load(partial_ok_ptr + t_at * BLOCKS + blocks), 0)
-    flag = flag | ((1 - settled) * 8)
     tl.store(fparam_ptr + s_at * PARAM_SLOTS + _MASS, s_mass.to(tl.float32))
     tl.store(fparam_ptr + t_at * PARAM_SLOTS + _MASS, t_mass.to(tl.float32))
     tl.store(row_loss_ptr + batch_start + pair, (s_mass - t_mass).to(tl.float32))
