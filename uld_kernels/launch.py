@@ -89,8 +89,8 @@ if DISTILL_ENGINE not in ("hist", "split"):
     raise ValueError(f"ULD_DISTILL_ENGINE must be 'hist' or 'split', got {DISTILL_ENGINE!r}")
 HIST_BATCH = int(os.environ.get("ULD_HIST_BATCH", 6144))  # pairs per batch at most: 128 KB of workspace each
 HIST_BLOCK = int(os.environ.get("ULD_HIST_BLOCK", 2048))  # elements per step of hist_kernel's loop
-HIST_SIGN_BLOCK = int(os.environ.get("ULD_HIST_SIGN_BLOCK", 256))  # bins per sign_kernel program
-HIST_SIGN_WARPS = int(os.environ.get("ULD_HIST_SIGN_WARPS", 2))
+HIST_SIGN_BLOCK = int(os.environ.get("ULD_HIST_SIGN_BLOCK", 128))  # bins per sign_kernel program
+HIST_SIGN_WARPS = int(os.environ.get("ULD_HIST_SIGN_WARPS", 1))
 HIST_GRAD_CHUNK = int(os.environ.get("ULD_HIST_GRAD_CHUNK", 32768))  # columns per grad_kernel program
 HIST_GRAD_BLOCK = int(os.environ.get("ULD_HIST_GRAD_BLOCK", 1024))  # columns per step of its loop
 # Under the interpreter: small chunks and batches, so that short test rows still span several

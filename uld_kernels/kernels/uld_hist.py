@@ -262,9 +262,11 @@ def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, sign_ptr, partial_ptr, own_in
     (pair * 2 + SIDE) * (CAP / BLOCK) + block.
 
     For an occupied bin of value k = v: the counts of both sides at or above v and above v,
-    from the prefix counts at four bounds (`_bound`): the bin's own run of equal k, and the
-    other side's first bins with k >= v and k > v, searched from the bin of the logit with
-    that k there."""
+    from the prefix counts at four bounds: the ends of the bin's own run of equal k, and the
+    other side's first bins with k >= v and k > v, near the bin of the logit with that k
+    there. The k of the neighbours settle them almost everywhere; where they do not (runs of
+    equal k near logit 0, an estimate off by more than a bin), `_bound` searches, for the
+    whole block only when some lane needs it."""
     pair = tl.program_id(0)
     block = tl.program_id(1)
     own = (pair * 2 + SIDE).to(tl.int64)
@@ -288,13 +290,28 @@ def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, sign_ptr, partial_ptr, own_in
                  - tl.load(own_count + bins, mask=inside, other=0))
         active = inside & (count > 0)
         v = _k_of_bins(bins, own_top, own_log_sum, own_scale)
-        own_first = _bound(v, bins, own_top, own_log_sum, own_scale, active, False)
-        own_after = _bound(v, bins + 1, own_top, own_log_sum, own_scale, active, True)
+        # The four bounds from the neighbours' k, where a run of equal k or a missed estimate
+        # does not get in the way (all but a few bins near logit 0); -1 where it does.
+        own_first = tl.where((bins == 0) | (_k_of_bins(bins - 1, own_top, own_log_sum, own_scale) < v), bins, -1)
+        own_after = tl.where((bins == WIDTH - 1) | (_k_of_bins(bins + 1, own_top, own_log_sum, own_scale) > v),
+                             bins + 1, -1)
+        guess = _estimate(v, other_top, other_log_sum, other_scale)
+        k_guess = _k_of_bins(guess, other_top, other_log_sum, other_scale)
+        k_before = _k_of_bins(guess - 1, other_top, other_log_sum, other_scale)
+        k_next = _k_of_bins(guess + 1, other_top, other_log_sum, other_scale)
+        at_guess = (k_guess >= v) & ((guess == 0) | (k_before < v))
+        at_next = (k_guess < v) & ((guess == WIDTH - 1) | (k_next >= v))
+        lower = tl.where(at_guess, guess, tl.where(at_next, guess + 1, -1))
+        upper = tl.where(at_guess & (k_guess > v), guess,
+                         tl.where((at_guess | at_next) & ((guess == WIDTH - 1) | (k_next > v)), guess + 1, -1))
+        slow = active & ((own_first < 0) | (own_after < 0) | (lower < 0) | (upper < 0))
+        if tl.max(slow.to(tl.int32), 0) > 0:
+            own_first = tl.where(slow, _bound(v, bins, own_top, own_log_sum, own_scale, slow, False), own_first)
+            own_after = tl.where(slow, _bound(v, bins + 1, own_top, own_log_sum, own_scale, slow, True), own_after)
+            lower = tl.where(slow, _bound(v, guess, other_top, other_log_sum, other_scale, slow, False), lower)
+            upper = tl.where(slow, _bound(v, lower, other_top, other_log_sum, other_scale, slow, True), upper)
         own_ge = own_total - tl.load(own_count + own_first, mask=active, other=0)
         own_gt = own_total - tl.load(own_count + own_after, mask=active, other=0)
-        guess = _estimate(v, other_top, other_log_sum, other_scale)
-        lower = _bound(v, guess, other_top, other_log_sum, other_scale, active, False)
-        upper = _bound(v, lower, other_top, other_log_sum, other_scale, active, True)
         other_ge = other_total - tl.load(other_count + lower, mask=active, other=0)
         other_gt = other_total - tl.load(other_count + upper, mask=active, other=0)
         if SIDE == 0:
