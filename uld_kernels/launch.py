@@ -91,6 +91,8 @@ HIST_BATCH = int(os.environ.get("ULD_HIST_BATCH", 6144))  # pairs per batch at m
 HIST_BLOCK = int(os.environ.get("ULD_HIST_BLOCK", 2048))  # elements per step of hist_kernel's loop
 HIST_SIGN_BLOCK = int(os.environ.get("ULD_HIST_SIGN_BLOCK", 128))  # bins per sign_kernel program
 HIST_SIGN_WARPS = int(os.environ.get("ULD_HIST_SIGN_WARPS", 1))
+# Loops of hist_kernel and grad_kernel load the next block before working on this one.
+HIST_PREFETCH = os.environ.get("ULD_HIST_PREFETCH", "0") != "0"
 HIST_GRAD_CHUNK = int(os.environ.get("ULD_HIST_GRAD_CHUNK", 32768))  # columns per grad_kernel program
 HIST_GRAD_BLOCK = int(os.environ.get("ULD_HIST_GRAD_BLOCK", 1024))  # columns per step of its loop
 # Under the interpreter: small chunks and batches, so that short test rows still span several
@@ -283,8 +285,8 @@ def _hist_batches(row_loss, flags, row_ce, sides, grad_scale, n_pairs, on_gpu, r
             uld_hist.hist_kernel[(rows,)](
                 logits, index if gather else unused, counts, fparam, iparam, batch_start, side, vocab,
                 *_row_layout(logits), inv_t, GATHER=gather, UNIT_STRIDE=logits.stride(-1) == 1, USE_PTX=use_ptx,
-                HAS_CE=has_ce and side == 0, BLOCK=HIST_BLOCK if on_gpu else 256,
-                TAIL_BLOCK=1024 if on_gpu else 2048, num_warps=4)
+                HAS_CE=has_ce and side == 0, PREFETCH=HIST_PREFETCH or not on_gpu,
+                BLOCK=HIST_BLOCK if on_gpu else 256, TAIL_BLOCK=1024 if on_gpu else 2048, num_warps=4)
         for side in (0, 1):
             uld_hist.sign_kernel[(rows, blocks)](
                 fparam, iparam, counts, signs, partial, sides[side][1], sides[1 - side][1], SIDE=side,
@@ -302,7 +304,8 @@ def _hist_batches(row_loss, flags, row_ce, sides, grad_scale, n_pairs, on_gpu, r
                 logits, index if gather else unused, grad, fparam, iparam, signs,
                 row_weight if gather else unused, ce_label if has_ce else unused, ce_weight if has_ce else unused,
                 batch_start, side, n_chunks, vocab, *_row_layout(logits), grad.stride(-2), inv_t, grad_scale,
-                GATHER=gather, HAS_CE=has_ce and side == 0, UNIT_STRIDE=logits.stride(-1) == 1, CHUNK=chunk,
+                GATHER=gather, HAS_CE=has_ce and side == 0, UNIT_STRIDE=logits.stride(-1) == 1,
+                PREFETCH=HIST_PREFETCH or not on_gpu, CHUNK=chunk,
                 BLOCK=block, num_warps=4)
 
 

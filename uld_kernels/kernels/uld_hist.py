@@ -39,7 +39,8 @@ import triton
 import triton.language as tl
 
 from uld_kernels.kernels.ptx import smem_add_one, smem_load, smem_zero
-from uld_kernels.kernels.uld_rows import LN2, LOG2E, _exp2, _load_raw, _log2_prob, _pair_rows, _tie_signs
+from uld_kernels.kernels.uld_rows import (LN2, LOG2E, _block_raw, _exp2, _first_block, _log2_prob, _pair_rows,
+                                          _tie_signs)
 
 CAP = tl.constexpr(8192)  # words per row and side: the shared-memory histogram's 8,192
 # Bins in order of value: 0 the logits <= -256, 1..3968 the logits -255 .. -2**-23, 3969 the
@@ -101,8 +102,8 @@ def _bin_counts(count_ptr, bins, USE_PTX: tl.constexpr):
 @triton.jit
 def hist_kernel(logits_ptr, index_ptr, count_ptr, fparam_ptr, iparam_ptr, batch_start, side, vocab, seq_len,
                 batch_stride, row_stride, col_stride, inv_temperature, GATHER: tl.constexpr,
-                UNIT_STRIDE: tl.constexpr, USE_PTX: tl.constexpr, HAS_CE: tl.constexpr, BLOCK: tl.constexpr,
-                TAIL_BLOCK: tl.constexpr):
+                UNIT_STRIDE: tl.constexpr, USE_PTX: tl.constexpr, HAS_CE: tl.constexpr, PREFETCH: tl.constexpr,
+                BLOCK: tl.constexpr, TAIL_BLOCK: tl.constexpr):
     """One row of one side per program. First the histogram of its logits over the bins (in
     shared memory with USE_PTX; else counted with global atomics at count_ptr +
     (pair * 2 + side) * CAP, zeroed by the launcher). Then, from the bins: the row's largest
@@ -122,9 +123,12 @@ def hist_kernel(logits_ptr, index_ptr, count_ptr, fparam_ptr, iparam_ptr, batch_
     if USE_PTX:
         smem_zero()
         tl.debug_barrier()
-    for start in tl.range(0, tl.where(row >= 0, vocab, 0), BLOCK):
+    stop = tl.where(row >= 0, vocab, 0)
+    ahead = _first_block(row_ptr, tl.arange(0, BLOCK), col_stride, stop, UNIT_STRIDE, PREFETCH)
+    for start in tl.range(0, stop, BLOCK):
         idx = start + tl.arange(0, BLOCK)
-        key = _keys(_load_raw(row_ptr, idx, col_stride, vocab, UNIT_STRIDE))
+        raw, ahead = _block_raw(ahead, row_ptr, idx, col_stride, stop, BLOCK, UNIT_STRIDE, PREFETCH)
+        key = _keys(raw)
         counted = (idx < vocab) & (key != _NEG_INF_KEY)
         if USE_PTX:
             smem_add_one(_bin_of_key(key), counted)
@@ -361,7 +365,7 @@ def finish_kernel(fparam_ptr, iparam_ptr, partial_ptr, row_loss_ptr, batch_start
 def grad_kernel(logits_ptr, index_ptr, grad_ptr, fparam_ptr, iparam_ptr, sign_ptr, row_weight_ptr, ce_label_ptr,
                 ce_weight_ptr, batch_start, side, n_chunks, vocab, seq_len, batch_stride, row_stride, col_stride,
                 grad_row_stride, inv_temperature, grad_scale, GATHER: tl.constexpr, HAS_CE: tl.constexpr,
-                UNIT_STRIDE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                UNIT_STRIDE: tl.constexpr, PREFETCH: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     """The gradient of one side (side 0 student: +, 1 teacher: -) of unflagged pairs, chunk by
     chunk: (p / T) * (sign of the element's bin - the side's sum of p * sign), times
     row_weight_ptr[pair] with GATHER (row index_ptr[pair] of the logits and of the gradient);
@@ -391,9 +395,11 @@ def grad_kernel(logits_ptr, index_ptr, grad_ptr, fparam_ptr, iparam_ptr, sign_pt
             ce_factor = tl.where(ce_label >= 0, tl.load(ce_weight_ptr + batch_start + pair), 0.0)
             ce_log_sum = tl.load(fparam_ptr + at * PARAM_SLOTS + _CE_LOG_SUM)
         grad_row = grad_ptr + row * grad_row_stride
-        for start in tl.range(chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, vocab), BLOCK):
+        stop = tl.minimum(chunk * CHUNK + CHUNK, vocab)  # (CHUNK is a multiple of BLOCK)
+        ahead = _first_block(row_ptr, chunk * CHUNK + tl.arange(0, BLOCK), col_stride, stop, UNIT_STRIDE, PREFETCH)
+        for start in tl.range(chunk * CHUNK, stop, BLOCK):
             idx = start + tl.arange(0, BLOCK)
-            raw = _load_raw(row_ptr, idx, col_stride, vocab, UNIT_STRIDE)
+            raw, ahead = _block_raw(ahead, row_ptr, idx, col_stride, stop, BLOCK, UNIT_STRIDE, PREFETCH)
             z = raw.to(tl.float32)
             p = _exp2(_log2_prob(z, scale, top, log_sum))
             sign = tl.load(signs + _bin_of_key(_keys(raw)), mask=p > 0.0, other=0.0)

@@ -93,17 +93,27 @@ def _first_block(ptr, idx, col_stride, stop, UNIT_COL_STRIDE: tl.constexpr, PREF
 
 
 @triton.jit
-def _block_keys(ahead, ptr, idx, col_stride, stop, scale, top, log_sum,
-                BLOCK: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr, PREFETCH: tl.constexpr):
-    """`_probs_and_keys` of block `idx` of a loop over [.., stop), and what to carry to the next
+def _block_raw(ahead, ptr, idx, col_stride, stop, BLOCK: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr,
+               PREFETCH: tl.constexpr):
+    """Logits idx (input dtype) of a loop over [.., stop), and what to carry to the next
     iteration. With PREFETCH, `ahead` holds this block already (loaded one iteration earlier)
-    and the next block's load is issued here: two loads in flight per thread while this block's
-    keys, trie walk and sign gathers run (bench/NOTES.md, run 7: 2% faster)."""
+    and the next block's load is issued here: two loads in flight per thread while this block
+    is worked on."""
     if PREFETCH:
         raw = ahead
         ahead = _load_raw(ptr, idx + BLOCK, col_stride, stop, UNIT_COL_STRIDE)
     else:
         raw = _load_raw(ptr, idx, col_stride, stop, UNIT_COL_STRIDE)
+    return raw, ahead
+
+
+@triton.jit
+def _block_keys(ahead, ptr, idx, col_stride, stop, scale, top, log_sum,
+                BLOCK: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr, PREFETCH: tl.constexpr):
+    """`_probs_and_keys` of block `idx` of a loop over [.., stop) through `_block_raw` (with
+    PREFETCH the trie walk and sign gathers run under the next load: bench/NOTES.md, run 7:
+    2% faster), and what to carry to the next iteration."""
+    raw, ahead = _block_raw(ahead, ptr, idx, col_stride, stop, BLOCK, UNIT_COL_STRIDE, PREFETCH)
     p, key, counted, z = _keys_of(raw, scale, top, log_sum)
     return p, key, counted, z, ahead
 
