@@ -83,6 +83,8 @@ def _types_by_name(kernel, logits: str) -> dict:
         elif name in ("ws_int_ptr", "ws_meta_ptr", "status_ptr", "partial_i_ptr", "root_partial_ptr", "iparam_ptr",
                       "count_ptr"):
             types[name] = "*i32"
+        elif name == "list_ptr":
+            types[name] = "*i16"
         elif name == "ws_mass_ptr":
             types[name] = "*i64"
         elif name in ("row_mass_ptr", "partial_ptr"):
@@ -146,16 +148,16 @@ def hist_kernel_configs():
     # Workspace buffers are allocated by the launcher (16-byte aligned, as Triton specializes
     # them at run time); the logits as in the split engine's configurations.
     aligned = ["logits_ptr", "grad_ptr", "vocab", "row_stride", "batch_stride", "grad_row_stride", "count_ptr",
-               "fparam_ptr", "iparam_ptr", "sign_ptr", "partial_ptr"]
+               "fparam_ptr", "iparam_ptr", "sign_ptr", "partial_ptr", "list_ptr"]
     for label, kernel, constexprs, warps in [
         ("hist", uld_hist.hist_kernel, dict(GATHER=False, UNIT_STRIDE=True, USE_PTX=True, HAS_CE=False,
-                                            PREFETCH=False, BLOCK=2048, TAIL_BLOCK=1024), 4),
+                                            PREFETCH=False, BLOCK=2048, TAIL_BLOCK=512), 4),
         ("hist gathered ce", uld_hist.hist_kernel, dict(GATHER=True, UNIT_STRIDE=True, USE_PTX=True, HAS_CE=True,
-                                                        PREFETCH=False, BLOCK=2048, TAIL_BLOCK=1024), 4),
+                                                        PREFETCH=False, BLOCK=2048, TAIL_BLOCK=512), 4),
         ("sign student", uld_hist.sign_kernel, dict(SIDE=0, STORE=True, BLOCK=128), 1),
         ("sign teacher", uld_hist.sign_kernel, dict(SIDE=1, STORE=False, BLOCK=128), 1),
-        ("finish", uld_hist.finish_kernel, dict(GATHER=False, HAS_CE=False, BLOCKS=64), 1),
-        ("finish gathered ce", uld_hist.finish_kernel, dict(GATHER=True, HAS_CE=True, BLOCKS=64), 1),
+        ("finish", uld_hist.finish_kernel, dict(GATHER=False, HAS_CE=False), 1),
+        ("finish gathered ce", uld_hist.finish_kernel, dict(GATHER=True, HAS_CE=True), 1),
         ("grad", uld_hist.grad_kernel, dict(GATHER=False, HAS_CE=False, UNIT_STRIDE=True, PREFETCH=False,
                                             CHUNK=32768, BLOCK=1024), 4),
         ("grad gathered ce", uld_hist.grad_kernel, dict(GATHER=True, HAS_CE=True, UNIT_STRIDE=True, PREFETCH=False,

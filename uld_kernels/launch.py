@@ -87,9 +87,9 @@ if ENGINE not in ("hist", "split"):
 DISTILL_ENGINE = os.environ.get("ULD_DISTILL_ENGINE", "hist")
 if DISTILL_ENGINE not in ("hist", "split"):
     raise ValueError(f"ULD_DISTILL_ENGINE must be 'hist' or 'split', got {DISTILL_ENGINE!r}")
-HIST_BATCH = int(os.environ.get("ULD_HIST_BATCH", 6144))  # pairs per batch at most: 128 KB of workspace each
+HIST_BATCH = int(os.environ.get("ULD_HIST_BATCH", 6144))  # pairs per batch at most: 160 KB of workspace each
 HIST_BLOCK = int(os.environ.get("ULD_HIST_BLOCK", 2048))  # elements per step of hist_kernel's loop
-HIST_SIGN_BLOCK = int(os.environ.get("ULD_HIST_SIGN_BLOCK", 128))  # bins per sign_kernel program
+HIST_SIGN_BLOCK = int(os.environ.get("ULD_HIST_SIGN_BLOCK", 128))  # bins per step of sign_kernel's loop
 HIST_SIGN_WARPS = int(os.environ.get("ULD_HIST_SIGN_WARPS", 1))
 # Loops of hist_kernel and grad_kernel load the next block before working on this one.
 HIST_PREFETCH = os.environ.get("ULD_HIST_PREFETCH", "0") != "0"
@@ -266,13 +266,12 @@ def _hist_batches(row_loss, flags, row_ce, sides, grad_scale, n_pairs, on_gpu, r
     fparam = torch.empty(batch * 2 * slots, dtype=torch.float32, device=device)
     iparam = torch.empty(batch * 2 * slots, dtype=torch.int32, device=device)
     counts = torch.empty(batch * 2 * cap, dtype=torch.int32, device=device)  # prefix counts per bin
+    occupied = torch.empty(batch * 2 * cap, dtype=torch.int16, device=device)  # the occupied bins, listed
     signs = torch.empty(batch * 2 * cap, dtype=torch.float32, device=device)
     use_ptx = on_gpu and SPLIT["smem"]
     block = HIST_GRAD_BLOCK if on_gpu else 128
     chunk = max(block, HIST_GRAD_CHUNK // block * block) if on_gpu else 256
-    sign_block = HIST_SIGN_BLOCK if on_gpu else 2048
-    blocks = cap // sign_block
-    partial = torch.empty(batch * 2 * blocks, dtype=torch.float64, device=device)
+    partial = torch.empty(batch * 2, dtype=torch.float64, device=device)  # each side's sum of p * sign
     student_logits, _inv_t, _grad, student_vocab, student_index = sides[0]
     gather = student_index is not None
     has_ce = row_ce is not None
@@ -283,18 +282,19 @@ def _hist_batches(row_loss, flags, row_ce, sides, grad_scale, n_pairs, on_gpu, r
             counts.zero_()
         for side, (logits, inv_t, _grad, vocab, index) in enumerate(sides):
             uld_hist.hist_kernel[(rows,)](
-                logits, index if gather else unused, counts, fparam, iparam, batch_start, side, vocab,
+                logits, index if gather else unused, counts, occupied, fparam, iparam, batch_start, side, vocab,
                 *_row_layout(logits), inv_t, GATHER=gather, UNIT_STRIDE=logits.stride(-1) == 1, USE_PTX=use_ptx,
                 HAS_CE=has_ce and side == 0, PREFETCH=HIST_PREFETCH or not on_gpu,
-                BLOCK=HIST_BLOCK if on_gpu else 256, TAIL_BLOCK=1024 if on_gpu else 2048, num_warps=4)
+                BLOCK=HIST_BLOCK if on_gpu else 256, TAIL_BLOCK=512 if on_gpu else 2048, num_warps=4)
         for side in (0, 1):
-            uld_hist.sign_kernel[(rows, blocks)](
-                fparam, iparam, counts, signs, partial, sides[side][1], sides[1 - side][1], SIDE=side,
-                STORE=sides[side][2] is not None, BLOCK=sign_block, num_warps=HIST_SIGN_WARPS if on_gpu else 4)
+            uld_hist.sign_kernel[(rows,)](
+                fparam, iparam, counts, occupied, signs, partial, sides[side][1], sides[1 - side][1], SIDE=side,
+                STORE=sides[side][2] is not None, BLOCK=HIST_SIGN_BLOCK if on_gpu else 512,
+                num_warps=HIST_SIGN_WARPS if on_gpu else 4)
         uld_hist.finish_kernel[(rows,)](
             fparam, iparam, partial, row_loss, batch_start, student_logits,
             student_index if gather else unused, ce_label if has_ce else unused, row_ce if has_ce else unused,
-            student_vocab, *_row_layout(student_logits), GATHER=gather, HAS_CE=has_ce, BLOCKS=blocks, num_warps=1)
+            student_vocab, *_row_layout(student_logits), GATHER=gather, HAS_CE=has_ce, num_warps=1)
         flags[batch_start:batch_start + rows] = iparam.view(batch, 2, slots)[:rows, 0, uld_hist._FLAG.value]
         for side, (logits, inv_t, grad, vocab, index) in enumerate(sides):
             if grad is None:

@@ -59,6 +59,7 @@ _MASS = tl.constexpr(2)  # sum over the side of p * sign
 _CE_LOG_SUM = tl.constexpr(3)  # the student's base-2 log-sum at temperature 1 (cross-entropy)
 _FLAG = tl.constexpr(0)  # nonzero: the trie engine computes this row
 _TOTAL = tl.constexpr(1)  # elements of nonzero probability
+_OCCUPIED = tl.constexpr(2)  # bins holding any of them (listed in order at list_ptr)
 
 
 @triton.jit
@@ -100,7 +101,7 @@ def _bin_counts(count_ptr, bins, USE_PTX: tl.constexpr):
 
 
 @triton.jit
-def hist_kernel(logits_ptr, index_ptr, count_ptr, fparam_ptr, iparam_ptr, batch_start, side, vocab, seq_len,
+def hist_kernel(logits_ptr, index_ptr, count_ptr, list_ptr, fparam_ptr, iparam_ptr, batch_start, side, vocab, seq_len,
                 batch_stride, row_stride, col_stride, inv_temperature, GATHER: tl.constexpr,
                 UNIT_STRIDE: tl.constexpr, USE_PTX: tl.constexpr, HAS_CE: tl.constexpr, PREFETCH: tl.constexpr,
                 BLOCK: tl.constexpr, TAIL_BLOCK: tl.constexpr):
@@ -109,7 +110,8 @@ def hist_kernel(logits_ptr, index_ptr, count_ptr, fparam_ptr, iparam_ptr, batch_
     (pair * 2 + side) * CAP, zeroed by the launcher). Then, from the bins: the row's largest
     logit and base-2 log-sum (and with HAS_CE the log-sum at temperature 1, the student's
     cross-entropy), the count of elements of nonzero probability below each bin (written at
-    count_ptr; [WIDTH] = all of them) and the row's flag. With GATHER the row is
+    count_ptr; [WIDTH] = all of them), the bins holding any of them in order (int16 at
+    list_ptr, the same offset) and the row's flag. With GATHER the row is
     index_ptr[pair]; a negative index is padding: an empty histogram, flagged (no finite logit).
 
     Nothing per bin but the prefix counts leaves the program: a bin's k = log2 p is a function
@@ -167,6 +169,7 @@ def hist_kernel(logits_ptr, index_ptr, count_ptr, fparam_ptr, iparam_ptr, batch_
     # Prefix counts of the elements of nonzero probability (in place without USE_PTX: each
     # block is read before it is written).
     below = tl.zeros([], tl.int32)
+    listed = tl.zeros([], tl.int32)
     low_count = tl.zeros([], tl.int32)  # elements of nonzero probability below -255
     tiny_count = tl.zeros([], tl.int32)
     for start in tl.range(0, WIDTH, TAIL_BLOCK):
@@ -177,6 +180,10 @@ def hist_kernel(logits_ptr, index_ptr, count_ptr, fparam_ptr, iparam_ptr, batch_
         counted = tl.where(_exp2(tl.minimum(k, 0.0)) > 0.0, counts, 0)
         tl.store(counts_at + bins, tl.cumsum(counted, 0) - counted + below, mask=inside)
         below += tl.sum(counted, 0)
+        occupied = (counted > 0).to(tl.int32)
+        tl.store(list_ptr + at * CAP + tl.cumsum(occupied, 0) - occupied + listed, bins.to(tl.int16),
+                 mask=occupied > 0)
+        listed += tl.sum(occupied, 0)
         low_count += tl.sum(tl.where(bins == 0, counted, 0), 0)
         tiny_count += tl.sum(tl.where(bins == _TINY, counted, 0), 0)
     tl.store(counts_at + WIDTH, below)
@@ -196,6 +203,7 @@ def hist_kernel(logits_ptr, index_ptr, count_ptr, fparam_ptr, iparam_ptr, batch_
     tl.store(fparam_ptr + params + _LOG_SUM, log_sum)
     tl.store(iparam_ptr + params + _FLAG, flag)
     tl.store(iparam_ptr + params + _TOTAL, below)
+    tl.store(iparam_ptr + params + _OCCUPIED, listed)
 
 
 @triton.jit
@@ -258,12 +266,54 @@ def _bound(v, start, top, log_sum, scale, active, STRICT: tl.constexpr):
 
 
 @triton.jit
-def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, sign_ptr, partial_ptr, own_inv_temperature,
+def _bin_signs(bins, active, count, own_count, other_count, own_top, own_log_sum, own_scale, other_top,
+               other_log_sum, other_scale, own_total, other_total, sign_ptr, SIDE: tl.constexpr,
+               STORE: tl.constexpr):
+    """sign_kernel's work on one block of occupied bins (`active` lanes): their signs (stored
+    at sign_ptr + bin when STORE) and their sum of count * p * sign (float64)."""
+    v = _k_of_bins(bins, own_top, own_log_sum, own_scale)
+    # The four bounds from the neighbours' k, where a run of equal k or a missed estimate
+    # does not get in the way (all but a few bins near logit 0); -1 where it does.
+    own_first = tl.where((bins == 0) | (_k_of_bins(bins - 1, own_top, own_log_sum, own_scale) < v), bins, -1)
+    own_after = tl.where((bins == WIDTH - 1) | (_k_of_bins(bins + 1, own_top, own_log_sum, own_scale) > v),
+                         bins + 1, -1)
+    guess = _estimate(v, other_top, other_log_sum, other_scale)
+    k_guess = _k_of_bins(guess, other_top, other_log_sum, other_scale)
+    k_before = _k_of_bins(guess - 1, other_top, other_log_sum, other_scale)
+    k_next = _k_of_bins(guess + 1, other_top, other_log_sum, other_scale)
+    at_guess = (k_guess >= v) & ((guess == 0) | (k_before < v))
+    at_next = (k_guess < v) & ((guess == WIDTH - 1) | (k_next >= v))
+    lower = tl.where(at_guess, guess, tl.where(at_next, guess + 1, -1))
+    upper = tl.where(at_guess & (k_guess > v), guess,
+                     tl.where((at_guess | at_next) & ((guess == WIDTH - 1) | (k_next > v)), guess + 1, -1))
+    slow = active & ((own_first < 0) | (own_after < 0) | (lower < 0) | (upper < 0))
+    if tl.max(slow.to(tl.int32), 0) > 0:
+        own_first = tl.where(slow, _bound(v, bins, own_top, own_log_sum, own_scale, slow, False), own_first)
+        own_after = tl.where(slow, _bound(v, bins + 1, own_top, own_log_sum, own_scale, slow, True), own_after)
+        lower = tl.where(slow, _bound(v, guess, other_top, other_log_sum, other_scale, slow, False), lower)
+        upper = tl.where(slow, _bound(v, lower, other_top, other_log_sum, other_scale, slow, True), upper)
+    own_ge = own_total - tl.load(own_count + own_first, mask=active, other=0)
+    own_gt = own_total - tl.load(own_count + own_after, mask=active, other=0)
+    other_ge = other_total - tl.load(other_count + lower, mask=active, other=0)
+    other_gt = other_total - tl.load(other_count + upper, mask=active, other=0)
+    if SIDE == 0:
+        sign, _unused = _tie_signs(own_gt - other_gt, own_ge - own_gt, other_ge - other_gt)
+    else:
+        _unused, sign = _tie_signs(other_gt - own_gt, other_ge - other_gt, own_ge - own_gt)
+    sign = tl.where(active, sign, 0.0)
+    if STORE:
+        tl.store(sign_ptr + bins, sign, mask=active)
+    p = _exp2(tl.minimum(v, 0.0))  # (k <= 0 where occupied)
+    return tl.sum(tl.where(active, count.to(tl.float64) * p.to(tl.float64) * sign.to(tl.float64), 0.0), 0)
+
+
+@triton.jit
+def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, list_ptr, sign_ptr, partial_ptr, own_inv_temperature,
                 other_inv_temperature, SIDE: tl.constexpr, STORE: tl.constexpr, BLOCK: tl.constexpr):
-    """Signs of BLOCK bins of one side (SIDE 0 student, 1 teacher) of one pair per program
-    (grid: pairs x CAP / BLOCK), written to the side's sign table when STORE (a gradient of that
-    side is wanted); the block's sum of count * p * sign goes to partial_ptr (float64), at
-    (pair * 2 + SIDE) * (CAP / BLOCK) + block.
+    """Signs of the occupied bins of one side (SIDE 0 student, 1 teacher) of one pair per
+    program, BLOCK of them at a time from the side's list, written to the side's sign table when
+    STORE (a gradient of that side is wanted; the entries of empty bins are never read); the
+    side's sum of count * p * sign goes to partial_ptr[pair * 2 + SIDE] (float64).
 
     For an occupied bin of value k = v: the counts of both sides at or above v and above v,
     from the prefix counts at four bounds: the ends of the bin's own run of equal k, and the
@@ -272,12 +322,11 @@ def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, sign_ptr, partial_ptr, own_in
     equal k near logit 0, an estimate off by more than a bin), `_bound` searches, for the
     whole block only when some lane needs it."""
     pair = tl.program_id(0)
-    block = tl.program_id(1)
     own = (pair * 2 + SIDE).to(tl.int64)
     other = (pair * 2 + 1 - SIDE).to(tl.int64)
     flag = tl.load(iparam_ptr + own * PARAM_SLOTS + _FLAG) | tl.load(iparam_ptr + other * PARAM_SLOTS + _FLAG)
     mass = tl.zeros([], tl.float64)
-    if (flag == 0) & (block * BLOCK < WIDTH):
+    if flag == 0:
         own_count = count_ptr + own * CAP
         other_count = count_ptr + other * CAP
         own_top = tl.load(fparam_ptr + own * PARAM_SLOTS + _TOP)
@@ -288,52 +337,23 @@ def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, sign_ptr, partial_ptr, own_in
         other_scale = other_inv_temperature * LOG2E
         own_total = tl.load(iparam_ptr + own * PARAM_SLOTS + _TOTAL)
         other_total = tl.load(iparam_ptr + other * PARAM_SLOTS + _TOTAL)
-        bins = block * BLOCK + tl.arange(0, BLOCK)
-        inside = bins < WIDTH
-        count = (tl.load(own_count + bins + 1, mask=inside, other=0)
-                 - tl.load(own_count + bins, mask=inside, other=0))
-        active = inside & (count > 0)
-        v = _k_of_bins(bins, own_top, own_log_sum, own_scale)
-        # The four bounds from the neighbours' k, where a run of equal k or a missed estimate
-        # does not get in the way (all but a few bins near logit 0); -1 where it does.
-        own_first = tl.where((bins == 0) | (_k_of_bins(bins - 1, own_top, own_log_sum, own_scale) < v), bins, -1)
-        own_after = tl.where((bins == WIDTH - 1) | (_k_of_bins(bins + 1, own_top, own_log_sum, own_scale) > v),
-                             bins + 1, -1)
-        guess = _estimate(v, other_top, other_log_sum, other_scale)
-        k_guess = _k_of_bins(guess, other_top, other_log_sum, other_scale)
-        k_before = _k_of_bins(guess - 1, other_top, other_log_sum, other_scale)
-        k_next = _k_of_bins(guess + 1, other_top, other_log_sum, other_scale)
-        at_guess = (k_guess >= v) & ((guess == 0) | (k_before < v))
-        at_next = (k_guess < v) & ((guess == WIDTH - 1) | (k_next >= v))
-        lower = tl.where(at_guess, guess, tl.where(at_next, guess + 1, -1))
-        upper = tl.where(at_guess & (k_guess > v), guess,
-                         tl.where((at_guess | at_next) & ((guess == WIDTH - 1) | (k_next > v)), guess + 1, -1))
-        slow = active & ((own_first < 0) | (own_after < 0) | (lower < 0) | (upper < 0))
-        if tl.max(slow.to(tl.int32), 0) > 0:
-            own_first = tl.where(slow, _bound(v, bins, own_top, own_log_sum, own_scale, slow, False), own_first)
-            own_after = tl.where(slow, _bound(v, bins + 1, own_top, own_log_sum, own_scale, slow, True), own_after)
-            lower = tl.where(slow, _bound(v, guess, other_top, other_log_sum, other_scale, slow, False), lower)
-            upper = tl.where(slow, _bound(v, lower, other_top, other_log_sum, other_scale, slow, True), upper)
-        own_ge = own_total - tl.load(own_count + own_first, mask=active, other=0)
-        own_gt = own_total - tl.load(own_count + own_after, mask=active, other=0)
-        other_ge = other_total - tl.load(other_count + lower, mask=active, other=0)
-        other_gt = other_total - tl.load(other_count + upper, mask=active, other=0)
-        if SIDE == 0:
-            sign, _unused = _tie_signs(own_gt - other_gt, own_ge - own_gt, other_ge - other_gt)
-        else:
-            _unused, sign = _tie_signs(other_gt - own_gt, other_ge - other_gt, own_ge - own_gt)
-        sign = tl.where(active, sign, 0.0)
-        if STORE:
-            tl.store(sign_ptr + own * CAP + bins, sign, mask=inside)
-        p = _exp2(tl.minimum(v, 0.0))  # (k <= 0 where occupied; empty bins above the top: clamped)
-        mass = tl.sum(tl.where(active, count.to(tl.float64) * p.to(tl.float64) * sign.to(tl.float64), 0.0), 0)
-    tl.store(partial_ptr + own * (CAP // BLOCK) + block, mass)
+        listed = tl.load(iparam_ptr + own * PARAM_SLOTS + _OCCUPIED)
+        for start in tl.range(0, listed, BLOCK):
+            slots = start + tl.arange(0, BLOCK)
+            active = slots < listed
+            bins = tl.load(list_ptr + own * CAP + slots, mask=active, other=0).to(tl.int32)
+            count = (tl.load(own_count + bins + 1, mask=active, other=0)
+                     - tl.load(own_count + bins, mask=active, other=0))
+            mass += _bin_signs(bins, active, count, own_count, other_count, own_top, own_log_sum, own_scale,
+                               other_top, other_log_sum, other_scale, own_total, other_total,
+                               sign_ptr + own * CAP, SIDE, STORE)
+    tl.store(partial_ptr + own, mass)
 
 
 @triton.jit
 def finish_kernel(fparam_ptr, iparam_ptr, partial_ptr, row_loss_ptr, batch_start,
                   logits_ptr, index_ptr, ce_label_ptr, row_ce_ptr, vocab, seq_len, batch_stride, row_stride,
-                  col_stride, GATHER: tl.constexpr, HAS_CE: tl.constexpr, BLOCKS: tl.constexpr):
+                  col_stride, GATHER: tl.constexpr, HAS_CE: tl.constexpr):
     """One pair per program: both sides' sums of p * sign (the blocks' partials, in order),
     the loss, and the pair's flag (on the student side: nonzero hands it to the trie). With
     HAS_CE, the student's cross-entropy against ce_label_ptr[pair] (0 where negative): the
@@ -342,9 +362,8 @@ def finish_kernel(fparam_ptr, iparam_ptr, partial_ptr, row_loss_ptr, batch_start
     s_at = (pair * 2).to(tl.int64)
     t_at = s_at + 1
     flag = tl.load(iparam_ptr + s_at * PARAM_SLOTS + _FLAG) | tl.load(iparam_ptr + t_at * PARAM_SLOTS + _FLAG)
-    blocks = tl.arange(0, BLOCKS)
-    s_mass = tl.sum(tl.load(partial_ptr + s_at * BLOCKS + blocks), 0)
-    t_mass = tl.sum(tl.load(partial_ptr + t_at * BLOCKS + blocks), 0)
+    s_mass = tl.load(partial_ptr + s_at)
+    t_mass = tl.load(partial_ptr + t_at)
     tl.store(fparam_ptr + s_at * PARAM_SLOTS + _MASS, s_mass.to(tl.float32))
     tl.store(fparam_ptr + t_at * PARAM_SLOTS + _MASS, t_mass.to(tl.float32))
     tl.store(row_loss_ptr + batch_start + pair, (s_mass - t_mass).to(tl.float32))
