@@ -142,12 +142,15 @@ def test_nan_and_inf_rows_are_flagged_and_nan_like_the_trie(device):
             f"engine in {torch.isnan(trie).flatten(1).sum(-1).tolist()}")
 
 
-def test_rows_past_the_bins_are_flagged_or_exact(device):
+@pytest.mark.parametrize("mode", ["sync", "always"])
+def test_rows_past_the_bins_are_flagged_or_exact(mode, device, monkeypatch):
     """bf16 rows of huge range: the "wide" row holds logits >= 256, past the engine's fixed bins,
     and must be flagged; the "huge" one (tiny negative logits over 127 binades) is the engine's
     own. Without the fallback each row is flagged or already exact, and at least one is
     flagged, so the fallback runs on finite bf16 rows here; with it, both are exact, and an
-    unflagged row of the batch keeps the engine's results bit for bit."""
+    unflagged row of the batch keeps the engine's results bit for bit. Both ways of running the
+    fallback (`ULD_HIST_FALLBACK`): the flagged pairs alone, or every pair."""
+    monkeypatch.setattr(launch, "HIST_FALLBACK", mode)
     huge = _rows("huge", 1, 300, 300, torch.bfloat16, device, seed=5)
     wide = _rows("wide", 1, 300, 300, torch.bfloat16, device, seed=6)
     student, teacher = torch.cat([huge[0], wide[0]]), torch.cat([huge[1], wide[1]])
@@ -228,4 +231,31 @@ def test_gathered_pairs_with_cross_entropy_match_the_trie(device):
     assert_losses_close(ours[2], trie[2], torch.bfloat16, what="cross-entropy")
     assert ours[0][1] == 0 and ours[2][1] == 0, "a padding pair has loss and cross-entropy 0"
     assert (ours[3][[1, 2]] == 0).all(), "rows no pair reads get no gradient"
+    assert_grads_close(ours[3], trie[3], student, torch.bfloat16)
+
+
+@pytest.mark.parametrize("mode", ["sync", "always"])
+def test_flagged_gathered_pairs_with_cross_entropy_go_through_the_fallback(mode, device, monkeypatch):
+    """The training loss's path with a flagged pair (student row 0 holds a logit of 300, past
+    the bins) among ordinary and padding pairs: through the fallback, by either way of running
+    it, the same losses, cross-entropies and gradient as the trie engine on all the pairs."""
+    monkeypatch.setattr(launch, "HIST_FALLBACK", mode)
+    g = torch.Generator().manual_seed(22)
+    student = (torch.randn(4, 230, generator=g) * 2).to(torch.bfloat16).to(device)
+    teacher = (torch.randn(3, 170, generator=g) * 2).to(torch.bfloat16).to(device)
+    student[0, 11] = 300.0
+    student_index = torch.tensor([2, 0, -1, 3], device=device)
+    teacher_index = torch.tensor([0, 1, 2, 2], device=device)
+    kw = dict(student_index=student_index, teacher_index=teacher_index,
+              row_weight=torch.tensor([0.5, 2.0, 1.0, 1.5], device=device),
+              ce_label=torch.tensor([5, 11, -1, 229], device=device),
+              ce_weight=torch.tensor([1.0, 0.5, 1.0, 2.0], device=device))
+    flags = launch.hist_pairs(student, teacher, 1.5, 0.7, True, False, 1.0, fallback=False, **kw)[1]
+    assert flags.tolist()[1] != 0 and flags.tolist()[0] == flags.tolist()[3] == 0, f"flags {flags.tolist()}"
+    ours = launch.hist_pairs(student, teacher, 1.5, 0.7, True, False, 1.0, **kw)
+    trie = launch.uld_pairs(student, teacher, 1.5, 0.7, True, False, 1.0, **kw)
+    assert_losses_close(ours[0], trie[0], torch.bfloat16, what="loss")
+    assert_losses_close(ours[2], trie[2], torch.bfloat16, what="cross-entropy")
+    assert ours[1].tolist()[1] == trie[1].tolist()[1], "the flagged pair carries the trie's status"
+    assert ours[0][2] == 0 and ours[2][2] == 0, "a padding pair has loss and cross-entropy 0"
     assert_grads_close(ours[3], trie[3], student, torch.bfloat16)

@@ -91,6 +91,12 @@ HIST_BATCH = int(os.environ.get("ULD_HIST_BATCH", 6144))  # pairs per batch at m
 HIST_BLOCK = int(os.environ.get("ULD_HIST_BLOCK", 2048))  # elements per step of hist_kernel's loop
 HIST_SIGN_BLOCK = int(os.environ.get("ULD_HIST_SIGN_BLOCK", 128))  # bins per step of sign_kernel's loop
 HIST_SIGN_WARPS = int(os.environ.get("ULD_HIST_SIGN_WARPS", 1))
+# Rows the histogram engine flags go to the trie: "sync" launches it over the flagged pairs
+# alone (one host sync a call to find them), "always" over every pair (no sync; what a
+# CUDA-graph capture gets whatever this says).
+HIST_FALLBACK = os.environ.get("ULD_HIST_FALLBACK", "sync")
+if HIST_FALLBACK not in ("sync", "always"):
+    raise ValueError(f"ULD_HIST_FALLBACK must be 'sync' or 'always', got {HIST_FALLBACK!r}")
 # Loops of hist_kernel and grad_kernel load the next block before working on this one.
 HIST_PREFETCH = os.environ.get("ULD_HIST_PREFETCH", "0") != "0"
 HIST_GRAD_CHUNK = int(os.environ.get("ULD_HIST_GRAD_CHUNK", 32768))  # columns per grad_kernel program
@@ -237,22 +243,40 @@ def hist_pairs(student_logits, teacher_logits, student_temperature, teacher_temp
         flagged = flagged & ~padding
         row_loss = torch.where(padding, 0.0, row_loss)
         status = torch.where(padding, 0, status)
-    # On the GPU the fallback always runs, so nothing waits for the host to learn whether a row
-    # was flagged; on the CPU (the interpreter) that costs nothing to ask.
-    if fallback and (on_gpu or bool(flagged.any())):
-        # Flagged pairs, again through the trie engine (every pair is launched: padding where
-        # unflagged); gradients are written in place, flagged rows only.
+    if fallback:
+        # Flagged pairs, again through the trie engine; gradients are written in place, flagged
+        # rows only. By default only the flagged pairs are launched, which costs one host sync
+        # to learn which they are (the trie's launches over every pair took ~4 ms of host time
+        # a call, more than the GPU time: seventh session, run 4). Under CUDA-graph capture, or
+        # with ULD_HIST_FALLBACK=always, every pair is launched (unflagged ones as padding).
         index = student_index if gather else torch.arange(n_pairs, device=device)
-        fb_loss, fb_status, fb_ce, _gs, _gt = uld_pairs(
-            student_logits, teacher_logits, student_temperature, teacher_temperature, student_grad, teacher_grad,
-            grad_scale, student_index=torch.where(flagged, index, -1),
-            teacher_index=teacher_index if gather else index,
-            row_weight=row_weight if gather else torch.ones(n_pairs, dtype=torch.float32, device=device),
-            ce_label=ce_label, ce_weight=ce_weight, grad_student=grad_student, grad_teacher=grad_teacher)
-        row_loss = torch.where(flagged, fb_loss, row_loss)
-        status = torch.where(flagged, fb_status, 0)
-        if has_ce:
-            row_ce = torch.where(flagged, fb_ce, row_ce)
+        per_pair = dict(teacher_index=teacher_index if gather else index,
+                        row_weight=row_weight if gather else torch.ones(n_pairs, dtype=torch.float32, device=device),
+                        ce_label=ce_label, ce_weight=ce_weight)
+        launch_all = HIST_FALLBACK == "always" or (on_gpu and torch.cuda.is_current_stream_capturing())
+        chosen = None if launch_all else flagged.nonzero().squeeze(1)
+        if launch_all or chosen.numel() > 0:
+            if launch_all:
+                pair_index = torch.where(flagged, index, -1)
+            else:
+                pair_index = index[chosen]
+                per_pair = {name: None if value is None else value[chosen] for name, value in per_pair.items()}
+            fb_loss, fb_status, fb_ce, _gs, _gt = uld_pairs(
+                student_logits, teacher_logits, student_temperature, teacher_temperature, student_grad,
+                teacher_grad, grad_scale, student_index=pair_index, grad_student=grad_student,
+                grad_teacher=grad_teacher, **per_pair)
+            if launch_all:
+                row_loss = torch.where(flagged, fb_loss, row_loss)
+                status = torch.where(flagged, fb_status, 0)
+                if has_ce:
+                    row_ce = torch.where(flagged, fb_ce, row_ce)
+            else:
+                status = torch.zeros_like(status)
+                for out, value in ((row_loss, fb_loss), (status, fb_status), (row_ce, fb_ce)):
+                    if out is not None:
+                        out[chosen] = value
+        else:
+            status = torch.zeros_like(status)
     return row_loss, status, row_ce, grad_student, grad_teacher
 
 
