@@ -89,7 +89,7 @@ def main():
     print("| implementation | forward+backward ms | peak extra GB |\n|---|---|---|")
     for name, fn in cases:
         try:
-            ms = triton.testing.do_bench(fn, warmup=10, rep=30, return_mode="median")
+            ms = triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()

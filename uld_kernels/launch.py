@@ -91,10 +91,14 @@ HIST_BATCH = int(os.environ.get("ULD_HIST_BATCH", 6144))  # pairs per batch at m
 HIST_BLOCK = int(os.environ.get("ULD_HIST_BLOCK", 2048))  # elements per step of hist_kernel's loop
 HIST_SIGN_BLOCK = int(os.environ.get("ULD_HIST_SIGN_BLOCK", 128))  # bins per step of sign_kernel's loop
 HIST_SIGN_WARPS = int(os.environ.get("ULD_HIST_SIGN_WARPS", 1))
-# Rows the histogram engine flags go to the trie: "sync" launches it over the flagged pairs
-# alone (one host sync a call to find them), "always" over every pair (no sync; what a
-# CUDA-graph capture gets whatever this says).
-HIST_FALLBACK = os.environ.get("ULD_HIST_FALLBACK", "sync")
+# Rows the histogram engine flags go to the trie: "always" launches it over every pair,
+# unflagged ones as padding (no host sync: the GPU tests require none), "sync" over the
+# flagged pairs alone (one host sync a call to find them; what a CUDA-graph capture never
+# gets). Seventh session, runs 4 and 5: "always" costs ~10 ms of host time a call at 16,384
+# rows (the trie's 16 batches of 9 launches), as much as the GPU time, so a call measured
+# alone is bound by the host (12.4 to 17 ms); "sync" measured 13.0 to 13.9 ms, bound by the
+# GPU's 11.6 ms and the wait.
+HIST_FALLBACK = os.environ.get("ULD_HIST_FALLBACK", "always")
 if HIST_FALLBACK not in ("sync", "always"):
     raise ValueError(f"ULD_HIST_FALLBACK must be 'sync' or 'always', got {HIST_FALLBACK!r}")
 # Loops of hist_kernel and grad_kernel load the next block before working on this one.
@@ -245,10 +249,9 @@ def hist_pairs(student_logits, teacher_logits, student_temperature, teacher_temp
         status = torch.where(padding, 0, status)
     if fallback:
         # Flagged pairs, again through the trie engine; gradients are written in place, flagged
-        # rows only. By default only the flagged pairs are launched, which costs one host sync
-        # to learn which they are (the trie's launches over every pair took ~4 ms of host time
-        # a call, more than the GPU time: seventh session, run 4). Under CUDA-graph capture, or
-        # with ULD_HIST_FALLBACK=always, every pair is launched (unflagged ones as padding).
+        # rows only. By default (and under CUDA-graph capture) every pair is launched, the
+        # unflagged ones as padding, so that nothing waits for the GPU; ULD_HIST_FALLBACK=sync
+        # launches the flagged pairs alone, found with one host sync.
         index = student_index if gather else torch.arange(n_pairs, device=device)
         per_pair = dict(teacher_index=teacher_index if gather else index,
                         row_weight=row_weight if gather else torch.ones(n_pairs, dtype=torch.float32, device=device),
