@@ -65,6 +65,7 @@ def main():
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         print("matplotlib missing: no plot")
         return
@@ -76,6 +77,7 @@ def main():
         ax.plot(xs, ys, marker="o", label="uld_kernels")
         ax.plot(xs, [ys[0] * x / xs[0] for x in xs], linestyle="--", color="gray", label="linear from the first")
         ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel="forward+backward ms (median)", title=title)
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "scaling.png"), dpi=110)
