@@ -259,3 +259,28 @@ def test_flagged_gathered_pairs_with_cross_entropy_go_through_the_fallback(mode,
     assert ours[1].tolist()[1] == trie[1].tolist()[1], "the flagged pair carries the trie's status"
     assert ours[0][2] == 0 and ours[2][2] == 0, "a padding pair has loss and cross-entropy 0"
     assert_grads_close(ours[3], trie[3], student, torch.bfloat16)
+
+
+def test_rows_near_zero_whose_float32_probabilities_merge(device):
+    """Logits all within ~2**-8 of 0, on 700 columns: k = (z - top) * scale - log_sum rounds at
+    the ulp of log_sum (~2**-20), coarser than the bf16 spacing of the smallest logits, so
+    neighbouring bins share one k and sign_kernel must find its bounds by search, not from the
+    neighbours alone (the teacher, the student with three logits raised, sits a near-tie away
+    everywhere). These probabilities are ~1/700 each: a wrong bound moves the loss by far more
+    than the tolerance. The float64 reference keeps them distinct, so the oracle is the trie
+    engine, which works on the same float32 probabilities."""
+    g = torch.Generator().manual_seed(31)
+    student = torch.randn(2, 700, generator=g) * 2.0 ** -10
+    teacher = student.clone()
+    teacher[:, :3] += 0.01
+    student, teacher = student.to(torch.bfloat16).to(device), teacher.to(torch.bfloat16).to(device)
+    values = torch.unique(student[0].float().cpu())
+    log_sum = torch.log2(torch.exp2((values - values.max()) * 1.4426950408889634).sum())
+    merged = len(values) - len(torch.unique((values - values.max()) * 1.4426950408889634 - log_sum))
+    assert merged > 0, "no two bins share a float32 k: the search is not reached"
+    ours = launch.hist_rows(student, teacher, 1.0, 1.0, True, True, 1.0, fallback=False)
+    _assert_unflagged(ours[1], "rows near 0")
+    trie_rows, _status, _ce, trie_s, trie_t = launch.uld_pairs(student, teacher, 1.0, 1.0, True, True, 1.0)
+    assert_losses_close(ours[0], trie_rows, torch.bfloat16, what="loss against the trie")
+    assert_grads_close(ours[2], trie_s, student, torch.bfloat16, what="student gradient against the trie")
+    assert_grads_close(ours[3], trie_t, teacher, torch.bfloat16, what="teacher gradient against the trie")
