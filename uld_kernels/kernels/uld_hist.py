@@ -10,14 +10,14 @@ of file) come from two such histograms, however close the two rows are. The pass
                    the fixed bins below, in shared memory (one read of the row, a few integer
                    instructions per element; no statistics needed first); then, from the
                    bins, the row's largest logit and log-sum (and the cross-entropy's, at
-                   temperature 1), the prefix counts of the bins (the only thing per bin
-                   written out) and the row's flag
-    sign_kernel    per (pair, block of bins), for each side: the counts of both sides above
-                   and at each occupied bin's value (bounds found by bisection over k = log2 p,
-                   recomputed from the bin: from the bin itself on its own side, from the bin
-                   of the value's logit on the other), its tie-rule sign, and the block's sum
-                   of count * p * sign
-    finish_kernel  per pair: both sides' sums of p * sign, the loss (and the cross-entropy)
+                   temperature 1), the prefix counts of the bins and the list of the occupied
+                   ones (all that is written per bin) and the row's flag
+    sign_kernel    per pair, for each side, over its occupied bins: the counts of both sides
+                   above and at each bin's value (bounds from the k = log2 p of neighbouring
+                   bins, recomputed from the bin: the bin itself on its own side, the bin of
+                   the value's logit on the other; a search where runs of equal k get in the
+                   way), its tie-rule sign, and the side's sum of count * p * sign
+    finish_kernel  per pair: the loss from both sides' sums (and the cross-entropy)
     grad_kernel    per (pair, chunk): each element's bin, its sign from the bin's table, and
                    the softmax backward (plus the cross-entropy's)
 
@@ -114,8 +114,8 @@ def hist_kernel(logits_ptr, index_ptr, count_ptr, list_ptr, fparam_ptr, iparam_p
     list_ptr, the same offset) and the row's flag. With GATHER the row is
     index_ptr[pair]; a negative index is padding: an empty histogram, flagged (no finite logit).
 
-    Nothing per bin but the prefix counts leaves the program: a bin's k = log2 p is a function
-    of (bin, top, log-sum), recomputed where it is needed (`_k_of_bins`)."""
+    Nothing else per bin leaves the program: a bin's k = log2 p is a function of (bin, top,
+    log-sum), recomputed where it is needed (`_k_of_bins`)."""
     pair = tl.program_id(0)
     row, _unused, row_ptr, _ = _pair_rows(batch_start + pair, logits_ptr, logits_ptr, index_ptr, index_ptr,
                                           seq_len, batch_stride, row_stride, seq_len, batch_stride,
@@ -145,6 +145,7 @@ def hist_kernel(logits_ptr, index_ptr, count_ptr, list_ptr, fparam_ptr, iparam_p
     ce_total = tl.zeros([], tl.float64)
     out = tl.zeros([], tl.int32)
     low_raw = tl.zeros([], tl.int32)
+    tiny_raw = tl.zeros([], tl.int32)  # (the cross-entropy's checks count every element)
     for start in tl.range(0, CAP, TAIL_BLOCK):
         bins = start + tl.arange(0, TAIL_BLOCK)
         counts = _bin_counts(counts_at, bins, USE_PTX)
@@ -163,6 +164,7 @@ def hist_kernel(logits_ptr, index_ptr, count_ptr, list_ptr, fparam_ptr, iparam_p
         top = new_top
         out += tl.sum(tl.where(bins == _OUT, counts, 0), 0)
         low_raw += tl.sum(tl.where(bins == 0, counts, 0), 0)
+        tiny_raw += tl.sum(tl.where(bins == _TINY, counts, 0), 0)
     flag = (top == float("-inf")).to(tl.int32) + (out > 0).to(tl.int32) * 2
     top = tl.where(top > float("-inf"), top, 0.0)
     log_sum = tl.log2(total.to(tl.float32))
@@ -196,7 +198,7 @@ def hist_kernel(logits_ptr, index_ptr, count_ptr, list_ptr, fparam_ptr, iparam_p
         ce_split = (_log2_prob(-_TINY_END, LOG2E, top, ce_log_sum)
                     != _log2_prob(_TINY_END, LOG2E, top, ce_log_sum))
         ce_low = _exp2(_log2_prob(-256.0, LOG2E, top, ce_log_sum)) > 0.0
-        flag += (((low_raw > 0) & ce_low) | ((tiny_count > 0) & ce_split)).to(tl.int32) * 4
+        flag += (((low_raw > 0) & ce_low) | ((tiny_raw > 0) & ce_split)).to(tl.int32) * 4
         tl.store(fparam_ptr + at * PARAM_SLOTS + _CE_LOG_SUM, ce_log_sum)
     params = at * PARAM_SLOTS
     tl.store(fparam_ptr + params + _TOP, top)
@@ -354,8 +356,7 @@ def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, list_ptr, sign_ptr, partial_p
 def finish_kernel(fparam_ptr, iparam_ptr, partial_ptr, row_loss_ptr, batch_start,
                   logits_ptr, index_ptr, ce_label_ptr, row_ce_ptr, vocab, seq_len, batch_stride, row_stride,
                   col_stride, GATHER: tl.constexpr, HAS_CE: tl.constexpr):
-    """One pair per program: both sides' sums of p * sign (the blocks' partials, in order),
-    the loss, and the pair's flag (on the student side: nonzero hands it to the trie). With
+    """One pair per program: the loss from both sides' sums of p * sign (sign_kernel's), and the pair's flag (on the student side: nonzero hands it to the trie). With
     HAS_CE, the student's cross-entropy against ce_label_ptr[pair] (0 where negative): the
     log-sum-exp at temperature 1 minus the label's logit (logits_ptr: the student's)."""
     pair = tl.program_id(0)
