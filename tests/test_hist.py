@@ -16,6 +16,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import uld_kernels.launch as launch
 from tests.helpers import assert_grads_close, assert_losses_close, cross_near_ties, reference_rows_and_grads
@@ -307,3 +309,31 @@ def test_the_cross_entropy_checks_the_tiny_bin_at_its_own_temperature(device):
     ours = launch.hist_pairs(student, teacher, 0.01, 1.0, True, False, 1.0, **kw)
     trie = launch.uld_pairs(student, teacher, 0.01, 1.0, True, False, 1.0, **kw)
     assert_losses_close(ours[2], trie[2], torch.bfloat16, what="cross-entropy")
+
+
+@settings(max_examples=30, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**31 - 1), student_vocab=st.integers(1, 300), teacher_vocab=st.integers(1, 300),
+       scale=st.sampled_from([2.0 ** -10, 0.5, 2.0, 8.0]), near=st.booleans(),
+       temperatures=st.sampled_from([(1.0, 1.0), (0.5, 2.0), (2.0, 0.7)]))
+def test_unflagged_rows_agree_with_the_trie(seed, student_vocab, teacher_vocab, scale, near, temperatures, device):
+    """Drawn bf16 rows (both vocabularies, the logits' scale: from near 0, where float32
+    merges probabilities, to wide; a teacher drawn apart or, on one vocabulary, the student
+    plus noise; temperatures): every row the engine settles itself matches the trie engine,
+    which works on the same float32 probabilities (the float64 reference would not: near-ties
+    across the sides are allowed here)."""
+    g = torch.Generator().manual_seed(seed)
+    student = torch.randn(2, student_vocab, generator=g) * scale
+    if near:
+        teacher_vocab = student_vocab
+        teacher = student + 0.02 * scale * torch.randn(2, teacher_vocab, generator=g)
+    else:
+        teacher = torch.randn(2, teacher_vocab, generator=g) * scale
+    student, teacher = student.to(torch.bfloat16).to(device), teacher.to(torch.bfloat16).to(device)
+    ts, tt = temperatures
+    rows, status, grad_s, grad_t = launch.hist_rows(student, teacher, ts, tt, True, True, 1.0, fallback=False)
+    trie_rows, _status, _ce, trie_s, trie_t = launch.uld_pairs(student, teacher, ts, tt, True, True, 1.0)
+    kept = ~_flagged(status).to(student.device)
+    assert_losses_close(rows[kept], trie_rows[kept], torch.bfloat16, what="loss against the trie")
+    assert_grads_close(grad_s[kept], trie_s[kept], student[kept], torch.bfloat16, what="student gradient")
+    assert_grads_close(grad_t[kept], trie_t[kept], teacher[kept], torch.bfloat16, what="teacher gradient")
