@@ -196,8 +196,9 @@ def main():
     parser.add_argument("--reference-kinds", nargs="+", default=["random"],
                         help="row kinds on which the (slow) references run; their time does not depend on the data")
     parser.add_argument("--reference-max-rows", type=int, default=16384)
-    parser.add_argument("--warmup", type=int, default=25)
-    parser.add_argument("--rep", type=int, default=100)
+    parser.add_argument("--warmup", type=int, default=50, help="do_bench's warm-up, in milliseconds")
+    parser.add_argument("--rep", type=int, default=300,
+                        help="do_bench's timed calls, in milliseconds (300: ~25 calls at 12 ms; 10 times one)")
     parser.add_argument("--full-only", action="store_true", help="time forward+backward only")
     parser.add_argument("--quick", action="store_true", help="2,048 rows, one pair, ours only")
     parser.add_argument("--out", default=os.environ.get("OUT", os.path.join(os.path.dirname(__file__), "out")))

@@ -13,14 +13,14 @@ for temps in "1 1" "2 1"; do
   timeout 60 python3 bench/check_hist.py --rows 512 --temperatures $temps --pairs qwen_llama3 qwen_qwen 2>&1 \
     | grep -v -i warn | cut -c1-200
 done | tee "$OUT/check.txt"
-timeout 120 python3 bench/bench_uld.py --out "$OUT/table" --impls uld_kernels --rows 16384 --warmup 3 --rep 10 \
+timeout 120 python3 bench/bench_uld.py --out "$OUT/table" --impls uld_kernels --rows 16384 --warmup 50 --rep 300 \
   --pairs qwen_llama3 qwen_qwen llama2_gemma 2>&1 | tee "$OUT/bench.txt" | grep -E "^\| uld|copy"
 timeout 60 python3 bench/profile_passes.py --rows 16384 --pairs qwen_llama3 qwen_qwen --kinds random identical 2>&1 \
   | grep -v -i warn | tee "$OUT/passes.txt"
 for spec in "$@"; do
   echo "== $spec"
-  env $spec timeout 60 python3 bench/bench_uld.py --out "$OUT/sweep" --impls uld_kernels --rows 16384 --warmup 3 \
-    --rep 10 --pairs qwen_llama3 --kinds random --full-only 2>&1 | grep -E "^\| uld"
+  env $spec timeout 60 python3 bench/bench_uld.py --out "$OUT/sweep" --impls uld_kernels --rows 16384 --warmup 50 \
+    --rep 300 --pairs qwen_llama3 --kinds random --full-only 2>&1 | grep -E "^\| uld"
 done 2>&1 | tee "$OUT/sweep.txt"
 NCU=$(ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1); NCU=${NCU:-ncu}
 for spec in "hist_kernel 2" "grad_kernel 2" "sign_kernel 2"; do

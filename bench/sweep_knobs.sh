@@ -7,8 +7,8 @@ set -u
 OUT=${OUT:-bench/out}; mkdir -p "$OUT"; export PYTHONUNBUFFERED=1
 for spec in "$@"; do
   echo "== $spec"
-  env $spec timeout 120 python3 bench/bench_uld.py --out "$OUT/sweep" --impls uld_kernels --rows 16384 --warmup 3 \
-    --rep 10 --pairs qwen_llama3 qwen_qwen --kinds random peaked near 2>&1 | grep -E "^\| uld"
+  env $spec timeout 120 python3 bench/bench_uld.py --out "$OUT/sweep" --impls uld_kernels --rows 16384 --warmup 50 \
+    --rep 300 --pairs qwen_llama3 qwen_qwen --kinds random peaked near 2>&1 | grep -E "^\| uld"
   env $spec timeout 60 python3 bench/profile_passes.py --rows 16384 --pairs qwen_llama3 qwen_qwen \
     --kinds random near 2>&1 | grep -E "rows=|count_kernel|root_kernel"
 done 2>&1 | tee "$OUT/sweep.txt"
