@@ -81,7 +81,7 @@ def _types_by_name(kernel, logits: str) -> dict:
         elif name in ("student_index_ptr", "teacher_index_ptr", "ce_label_ptr", "index_ptr"):
             types[name] = "*i64"
         elif name in ("ws_int_ptr", "ws_meta_ptr", "status_ptr", "partial_i_ptr", "root_partial_ptr", "iparam_ptr",
-                      "count_ptr"):
+                      "count_ptr", "raw_ptr"):
             types[name] = "*i32"
         elif name == "list_ptr":
             types[name] = "*i16"
@@ -148,12 +148,14 @@ def hist_kernel_configs():
     # Workspace buffers are allocated by the launcher (16-byte aligned, as Triton specializes
     # them at run time); the logits as in the split engine's configurations.
     aligned = ["logits_ptr", "grad_ptr", "vocab", "row_stride", "batch_stride", "grad_row_stride", "count_ptr",
-               "fparam_ptr", "iparam_ptr", "sign_ptr", "partial_ptr", "list_ptr"]
+               "fparam_ptr", "iparam_ptr", "sign_ptr", "partial_ptr", "list_ptr", "raw_ptr"]
     for label, kernel, constexprs, warps in [
         ("hist", uld_hist.hist_kernel, dict(GATHER=False, UNIT_STRIDE=True, USE_PTX=True, HAS_CE=False,
-                                            PREFETCH=False, BLOCK=2048, TAIL_BLOCK=512), 4),
+                                            PREFETCH=False, PACKED=False, BLOCK=2048, TAIL_BLOCK=512), 4),
         ("hist gathered ce", uld_hist.hist_kernel, dict(GATHER=True, UNIT_STRIDE=True, USE_PTX=True, HAS_CE=True,
-                                                        PREFETCH=False, BLOCK=2048, TAIL_BLOCK=512), 4),
+                                                        PREFETCH=False, PACKED=False, BLOCK=2048, TAIL_BLOCK=512), 4),
+        ("hist packed", uld_hist.hist_kernel, dict(GATHER=False, UNIT_STRIDE=True, USE_PTX=True, HAS_CE=False,
+                                                   PREFETCH=False, PACKED=True, BLOCK=2048, TAIL_BLOCK=512), 4),
         ("sign student", uld_hist.sign_kernel, dict(SIDE=0, STORE=True, BLOCK=128), 1),
         ("sign teacher", uld_hist.sign_kernel, dict(SIDE=1, STORE=False, BLOCK=128), 1),
         ("finish", uld_hist.finish_kernel, dict(GATHER=False, HAS_CE=False), 1),

@@ -337,3 +337,37 @@ def test_unflagged_rows_agree_with_the_trie(seed, student_vocab, teacher_vocab, 
     assert_losses_close(rows[kept], trie_rows[kept], torch.bfloat16, what="loss against the trie")
     assert_grads_close(grad_s[kept], trie_s[kept], student[kept], torch.bfloat16, what="student gradient")
     assert_grads_close(grad_t[kept], trie_t[kept], teacher[kept], torch.bfloat16, what="teacher gradient")
+
+
+@pytest.mark.parametrize("kind", ["random", "near", "integers"])
+def test_packed_counts_give_the_same_results(kind, device, monkeypatch):
+    """`ULD_HIST_PACKED`: 16-bit counts two to a word give the unpacked engine's losses and
+    gradients bit for bit, on rows it settles itself."""
+    ts, tt = BF16_KINDS[kind]
+    student, teacher = _rows(kind, 2, 300, 300 if kind == "near" else 250, torch.bfloat16, device, seed=17)
+    unpacked = launch.hist_rows(student, teacher, ts, tt, True, True, 1.0, fallback=False)
+    monkeypatch.setattr(launch, "HIST_PACKED", True)
+    packed = launch.hist_rows(student, teacher, ts, tt, True, True, 1.0, fallback=False)
+    _assert_unflagged(packed[1], f"packed, {kind}")
+    for name, ours, theirs in zip(("loss", "status", "student gradient", "teacher gradient"), packed, unpacked):
+        assert torch.equal(ours, theirs), f"packed counts changed the {name}"
+
+
+def test_packed_counts_flag_a_bin_past_65535(device, monkeypatch):
+    """A row holding 65,600 logits equal to 1.0 overflows a 16-bit count: with packed counts
+    it is flagged (8) and, through the fallback, exact. 65,600 zeros (the tiny bin) and 65,600
+    logits of -1e4 (the low bin) have 32-bit counts of their own and stay the engine's."""
+    monkeypatch.setattr(launch, "HIST_PACKED", True)
+    g = torch.Generator().manual_seed(51)
+    student = torch.randn(3, 65_700, generator=g)
+    student[0, :65_600] = 1.0
+    student[1, :65_600] = 0.0
+    student[2, :65_600] = -1e4
+    student[:, -1] = 10.0  # the largest logit: the tiny bin's ends share one k
+    teacher = torch.randn(3, 200, generator=g)
+    student, teacher = student.to(torch.bfloat16).to(device), teacher.to(torch.bfloat16).to(device)
+    flags = launch.hist_rows(student, teacher, 1.0, 1.0, False, False, 1.0, fallback=False)[1].tolist()
+    assert flags[0] & 8 and flags[1] == 0 and flags[2] == 0, f"flags {flags}"
+    rows = launch.hist_rows(student[:1], teacher[:1], 1.0, 1.0, False, False, 1.0)[0]
+    ref_rows, _ref_s, _ref_t = reference_rows_and_grads(student[:1], teacher[:1], 1.0, 1.0, teacher_grad=True)
+    assert_losses_close(rows, ref_rows, torch.bfloat16, what="loss of the overflowing row, through the fallback")

@@ -101,6 +101,10 @@ HIST_SIGN_WARPS = int(os.environ.get("ULD_HIST_SIGN_WARPS", 1))
 HIST_FALLBACK = os.environ.get("ULD_HIST_FALLBACK", "always")
 if HIST_FALLBACK not in ("sync", "always"):
     raise ValueError(f"ULD_HIST_FALLBACK must be 'sync' or 'always', got {HIST_FALLBACK!r}")
+# hist_kernel counts in 16-bit halves of words (half the shared memory: 18 KB against 32 KB,
+# so 8 programs per SM instead of 6, at 58 registers); a row with more than 65,535 equal logits
+# in one bin is flagged. Not measured yet: off.
+HIST_PACKED = os.environ.get("ULD_HIST_PACKED", "0") != "0"
 # Loops of hist_kernel and grad_kernel load the next block before working on this one.
 HIST_PREFETCH = os.environ.get("ULD_HIST_PREFETCH", "0") != "0"
 HIST_GRAD_CHUNK = int(os.environ.get("ULD_HIST_GRAD_CHUNK", 32768))  # columns per grad_kernel program
@@ -296,6 +300,10 @@ def _hist_batches(row_loss, flags, row_ce, sides, grad_scale, n_pairs, on_gpu, r
     occupied = torch.empty(batch * 2 * cap, dtype=torch.int16, device=device)  # the occupied bins, listed
     signs = torch.empty(batch * 2 * cap, dtype=torch.float32, device=device)
     use_ptx = on_gpu and SPLIT["smem"]
+    # the packed counts without shared memory (the interpreter): apart from the prefix counts
+    # that overwrite the unpacked ones in place
+    raw = torch.empty(batch * 2 * uld_hist.PACKED_RAW.value if HIST_PACKED and not use_ptx else 1,
+                      dtype=torch.int32, device=device)
     block = HIST_GRAD_BLOCK if on_gpu else 128
     chunk = max(block, HIST_GRAD_CHUNK // block * block) if on_gpu else 256
     partial = torch.empty(batch * 2, dtype=torch.float64, device=device)  # each side's sum of p * sign
@@ -307,12 +315,14 @@ def _hist_batches(row_loss, flags, row_ce, sides, grad_scale, n_pairs, on_gpu, r
         rows = min(batch, n_pairs - batch_start)
         if not use_ptx:
             counts.zero_()
+            raw.zero_()
         for side, (logits, inv_t, _grad, vocab, index) in enumerate(sides):
             uld_hist.hist_kernel[(rows,)](
-                logits, index if gather else unused, counts, occupied, fparam, iparam, batch_start, side, vocab,
-                *_row_layout(logits), inv_t, GATHER=gather, UNIT_STRIDE=logits.stride(-1) == 1, USE_PTX=use_ptx,
-                HAS_CE=has_ce and side == 0, PREFETCH=HIST_PREFETCH or not on_gpu,
-                BLOCK=HIST_BLOCK if on_gpu else 256, TAIL_BLOCK=512 if on_gpu else 2048, num_warps=4)
+                logits, index if gather else unused, counts, occupied, raw, fparam, iparam, batch_start, side,
+                vocab, *_row_layout(logits), inv_t, GATHER=gather, UNIT_STRIDE=logits.stride(-1) == 1,
+                USE_PTX=use_ptx, HAS_CE=has_ce and side == 0, PREFETCH=HIST_PREFETCH or not on_gpu,
+                PACKED=HIST_PACKED, BLOCK=HIST_BLOCK if on_gpu else 256, TAIL_BLOCK=512 if on_gpu else 2048,
+                num_warps=4)
         for side in (0, 1):
             uld_hist.sign_kernel[(rows,)](
                 fparam, iparam, counts, occupied, signs, partial, sides[side][1], sides[1 - side][1], SIDE=side,

@@ -49,6 +49,10 @@ def _zero_asm(size: int, threads: int) -> str:
 
 
 _ZERO_ASM = tl.constexpr(_zero_asm(SMEM_BYTES.value, SMEM_THREADS.value))
+# The histogram engine's packed counts (ULD_HIST_PACKED): 4,096 words of two 16-bit counts and
+# a few 32-bit words past them, in 18 KB (a multiple of the 2 KB that one zeroing step covers).
+SMEM_PACKED_BYTES = tl.constexpr(18432)
+_ZERO_PACKED_ASM = tl.constexpr(_zero_asm(SMEM_PACKED_BYTES.value, SMEM_THREADS.value))
 # Unconditional: lanes with nothing to count add to the spare word instead of branching around
 # the add (a predicated shared add costs a branch and a convergence barrier per element).
 _ADD_ONE_ASM = tl.constexpr(
@@ -98,6 +102,8 @@ _DESCEND_ASM = tl.constexpr(
 _GATHER_ASM = tl.constexpr(
     "{ .reg .pred p; .reg .u64 a; mov.b32 $0, 0; setp.ne.s32 p, $2, 0; mad.wide.s32 a, $1, 4, $3; "
     "@p ld.global.nc.f32 $0, [a]; }")
+_ADD_ASM = tl.constexpr(
+    "{ .reg .u32 a; mov.u32 a, uld_smem; mad.lo.u32 a, $1, 4, a; red.shared.add.u32 [a], $2; mov.u32 $0, 0; }")
 _LOAD_ASM = tl.constexpr(
     "{ .reg .u32 a; mov.u32 a, uld_smem; mad.lo.u32 a, $1, 4, a; ld.shared.u32 $0, [a]; }")
 
@@ -107,6 +113,20 @@ def smem_zero():
     """Declares the shared array and zeroes it."""
     thread = tl.arange(0, SMEM_THREADS)
     tl.inline_asm_elementwise(_ZERO_ASM, "=r,r", [thread], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def smem_zero_packed():
+    """Declares the shared array at the packed histogram's size (SMEM_PACKED_BYTES) and zeroes
+    it; a kernel calls this or `smem_zero`, never both."""
+    thread = tl.arange(0, SMEM_THREADS)
+    tl.inline_asm_elementwise(_ZERO_PACKED_ASM, "=r,r", [thread], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def smem_add(word, value):
+    """counts[word] += value, every lane (unconditional, like `smem_add_one`)."""
+    tl.inline_asm_elementwise(_ADD_ASM, "=r,r,r", [word, value], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit

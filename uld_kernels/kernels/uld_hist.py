@@ -38,7 +38,7 @@ stays exact.
 import triton
 import triton.language as tl
 
-from uld_kernels.kernels.ptx import smem_add_one, smem_load, smem_zero
+from uld_kernels.kernels.ptx import smem_add, smem_add_one, smem_load, smem_zero, smem_zero_packed
 from uld_kernels.kernels.uld_rows import (LN2, LOG2E, _block_raw, _exp2, _first_block, _log2_prob, _pair_rows,
                                           _tie_signs)
 
@@ -51,6 +51,15 @@ _TINY = tl.constexpr(3969)
 _OUT = tl.constexpr(8191)  # counts logits >= 256, +inf and NaN of either sign: the row is flagged
 _NEG_INF_KEY = tl.constexpr(-32641)
 _TINY_END = tl.constexpr(1.1920928955078125e-07 - 4.656612873077393e-10)  # 2**-23 - 2**-31
+# Packed counts (PACKED): bin b is the 16-bit half (b & 1) of word b >> 1, except the low bin
+# and the tiny bin (the ones a real row fills past 65,535: masks of -1e4, zero-filled logits),
+# which have 32-bit words of their own; lanes that count nothing (past the row, -inf) add 1 to
+# the sink word. The decoded counts plus the sink equal the lanes processed unless a 16-bit
+# count carried over: then the row is flagged (8).
+_SINK_WORD = tl.constexpr(4096)
+_LOW_WORD = tl.constexpr(4097)
+_TINY_WORD = tl.constexpr(4098)
+PACKED_RAW = tl.constexpr(4160)  # words per row and side of the packed counts without USE_PTX
 # Per row and side: floats, then ints (PARAM_SLOTS each).
 PARAM_SLOTS = tl.constexpr(4)
 _TOP = tl.constexpr(0)
@@ -92,19 +101,36 @@ def _logit_of_bin(bins):
 
 
 @triton.jit
-def _bin_counts(count_ptr, bins, USE_PTX: tl.constexpr):
-    """The histogram's counts at `bins` (in [0, CAP)): from shared memory, or from count_ptr."""
-    if USE_PTX:
-        return smem_load(bins)
-    else:
-        return tl.load(count_ptr + bins)
+def _packed_slot(bins):
+    """The word and bit shift of bins' packed counts (PACKED_RAW, above)."""
+    own_word = (bins == 0) | (bins == _TINY)
+    word = tl.where(bins == 0, _LOW_WORD, tl.where(bins == _TINY, _TINY_WORD, bins >> 1))
+    return word, tl.where(own_word, 0, (bins & 1) * 16), own_word
 
 
 @triton.jit
-def hist_kernel(logits_ptr, index_ptr, count_ptr, list_ptr, fparam_ptr, iparam_ptr, batch_start, side, vocab, seq_len,
-                batch_stride, row_stride, col_stride, inv_temperature, GATHER: tl.constexpr,
+def _bin_counts(count_ptr, raw_ptr, bins, USE_PTX: tl.constexpr, PACKED: tl.constexpr):
+    """The histogram's counts at `bins` (in [0, CAP)): from shared memory, or from count_ptr
+    (raw_ptr: packed)."""
+    if PACKED:
+        word, shift, own_word = _packed_slot(bins)
+        if USE_PTX:
+            packed = smem_load(word)
+        else:
+            packed = tl.load(raw_ptr + word)
+        return tl.where(own_word, packed, (packed >> shift) & 0xFFFF)
+    else:
+        if USE_PTX:
+            return smem_load(bins)
+        else:
+            return tl.load(count_ptr + bins)
+
+
+@triton.jit
+def hist_kernel(logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, fparam_ptr, iparam_ptr, batch_start, side,
+                vocab, seq_len, batch_stride, row_stride, col_stride, inv_temperature, GATHER: tl.constexpr,
                 UNIT_STRIDE: tl.constexpr, USE_PTX: tl.constexpr, HAS_CE: tl.constexpr, PREFETCH: tl.constexpr,
-                BLOCK: tl.constexpr, TAIL_BLOCK: tl.constexpr):
+                PACKED: tl.constexpr, BLOCK: tl.constexpr, TAIL_BLOCK: tl.constexpr):
     """One row of one side per program. First the histogram of its logits over the bins (in
     shared memory with USE_PTX; else counted with global atomics at count_ptr +
     (pair * 2 + side) * CAP, zeroed by the launcher). Then, from the bins: the row's largest
@@ -113,6 +139,8 @@ def hist_kernel(logits_ptr, index_ptr, count_ptr, list_ptr, fparam_ptr, iparam_p
     count_ptr; [WIDTH] = all of them), the bins holding any of them in order (int16 at
     list_ptr, the same offset) and the row's flag. With GATHER the row is
     index_ptr[pair]; a negative index is padding: an empty histogram, flagged (no finite logit).
+    With PACKED, 16-bit counts two to a word (half the shared memory; PACKED_RAW words per row
+    and side at raw_ptr without USE_PTX, zeroed by the launcher).
 
     Nothing else per bin leaves the program: a bin's k = log2 p is a function of (bin, top,
     log-sum), recomputed where it is needed (`_k_of_bins`)."""
@@ -122,8 +150,12 @@ def hist_kernel(logits_ptr, index_ptr, count_ptr, list_ptr, fparam_ptr, iparam_p
                                           row_stride, GATHER)
     at = (pair * 2 + side).to(tl.int64)
     counts_at = count_ptr + at * CAP
+    raw_at = raw_ptr + at * PACKED_RAW
     if USE_PTX:
-        smem_zero()
+        if PACKED:
+            smem_zero_packed()
+        else:
+            smem_zero()
         tl.debug_barrier()
     stop = tl.where(row >= 0, vocab, 0)
     ahead = _first_block(row_ptr, tl.arange(0, BLOCK), col_stride, stop, UNIT_STRIDE, PREFETCH)
@@ -132,10 +164,19 @@ def hist_kernel(logits_ptr, index_ptr, count_ptr, list_ptr, fparam_ptr, iparam_p
         raw, ahead = _block_raw(ahead, row_ptr, idx, col_stride, stop, BLOCK, UNIT_STRIDE, PREFETCH)
         key = _keys(raw)
         counted = (idx < vocab) & (key != _NEG_INF_KEY)
-        if USE_PTX:
-            smem_add_one(_bin_of_key(key), counted)
+        if PACKED:
+            word, shift, _own = _packed_slot(_bin_of_key(key))
+            word = tl.where(counted, word, _SINK_WORD)
+            value = tl.where(counted, 1 << shift, 1)
+            if USE_PTX:
+                smem_add(word, value)
+            else:
+                tl.atomic_add(raw_at + word, value)
         else:
-            tl.atomic_add(counts_at + _bin_of_key(key), 1, mask=counted)
+            if USE_PTX:
+                smem_add_one(_bin_of_key(key), counted)
+            else:
+                tl.atomic_add(counts_at + _bin_of_key(key), 1, mask=counted)
     tl.debug_barrier()  # the counts, visible to every thread
     scale = inv_temperature * LOG2E
     # The largest occupied logit (past the low bin) and the sum of 2**((z - top) * scale),
@@ -146,9 +187,11 @@ def hist_kernel(logits_ptr, index_ptr, count_ptr, list_ptr, fparam_ptr, iparam_p
     out = tl.zeros([], tl.int32)
     low_raw = tl.zeros([], tl.int32)
     tiny_raw = tl.zeros([], tl.int32)  # (the cross-entropy's checks count every element)
+    decoded = tl.zeros([], tl.int32)
     for start in tl.range(0, CAP, TAIL_BLOCK):
         bins = start + tl.arange(0, TAIL_BLOCK)
-        counts = _bin_counts(counts_at, bins, USE_PTX)
+        counts = _bin_counts(counts_at, raw_at, bins, USE_PTX, PACKED)
+        decoded += tl.sum(counts, 0)
         occupied = (bins >= _LOW_BINS) & (bins < WIDTH) & (counts > 0)
         z = _logit_of_bin(bins)
         new_top = tl.maximum(top, tl.max(tl.where(occupied, z, float("-inf")), 0))
@@ -166,6 +209,12 @@ def hist_kernel(logits_ptr, index_ptr, count_ptr, list_ptr, fparam_ptr, iparam_p
         low_raw += tl.sum(tl.where(bins == 0, counts, 0), 0)
         tiny_raw += tl.sum(tl.where(bins == _TINY, counts, 0), 0)
     flag = (top == float("-inf")).to(tl.int32) + (out > 0).to(tl.int32) * 2
+    if PACKED:  # a 16-bit count that carried over
+        if USE_PTX:
+            sink = smem_load(tl.full([1], _SINK_WORD, tl.int32))
+        else:
+            sink = tl.load(raw_at + tl.full([1], _SINK_WORD, tl.int32))
+        flag += (tl.sum(sink, 0) + decoded != tl.cdiv(stop, BLOCK) * BLOCK).to(tl.int32) * 8
     top = tl.where(top > float("-inf"), top, 0.0)
     log_sum = tl.log2(total.to(tl.float32))
     # Prefix counts of the elements of nonzero probability (in place without USE_PTX: each
@@ -177,7 +226,7 @@ def hist_kernel(logits_ptr, index_ptr, count_ptr, list_ptr, fparam_ptr, iparam_p
     for start in tl.range(0, WIDTH, TAIL_BLOCK):
         bins = start + tl.arange(0, TAIL_BLOCK)
         inside = bins < WIDTH
-        counts = tl.where(inside, _bin_counts(counts_at, bins, USE_PTX), 0)
+        counts = tl.where(inside, _bin_counts(counts_at, raw_at, bins, USE_PTX, PACKED), 0)
         k = _k_of_bins(bins, top, log_sum, scale)
         counted = tl.where(_exp2(tl.minimum(k, 0.0)) > 0.0, counts, 0)
         tl.store(counts_at + bins, tl.cumsum(counted, 0) - counted + below, mask=inside)
@@ -356,9 +405,10 @@ def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, list_ptr, sign_ptr, partial_p
 def finish_kernel(fparam_ptr, iparam_ptr, partial_ptr, row_loss_ptr, batch_start,
                   logits_ptr, index_ptr, ce_label_ptr, row_ce_ptr, vocab, seq_len, batch_stride, row_stride,
                   col_stride, GATHER: tl.constexpr, HAS_CE: tl.constexpr):
-    """One pair per program: the loss from both sides' sums of p * sign (sign_kernel's), and the pair's flag (on the student side: nonzero hands it to the trie). With
-    HAS_CE, the student's cross-entropy against ce_label_ptr[pair] (0 where negative): the
-    log-sum-exp at temperature 1 minus the label's logit (logits_ptr: the student's)."""
+    """One pair per program: the loss from both sides' sums of p * sign (sign_kernel's), and
+    the pair's flag (on the student side: nonzero hands it to the trie). With HAS_CE, the
+    student's cross-entropy against ce_label_ptr[pair] (0 where negative): the log-sum-exp at
+    temperature 1 minus the label's logit (logits_ptr: the student's)."""
     pair = tl.program_id(0)
     s_at = (pair * 2).to(tl.int64)
     t_at = s_at + 1
