@@ -191,7 +191,8 @@ def hist_kernel(logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, fparam_ptr,
     for start in tl.range(0, CAP, TAIL_BLOCK):
         bins = start + tl.arange(0, TAIL_BLOCK)
         counts = _bin_counts(counts_at, raw_at, bins, USE_PTX, PACKED)
-        decoded += tl.sum(counts, 0)
+        if PACKED:
+            decoded += tl.sum(counts, 0)
         occupied = (bins >= _LOW_BINS) & (bins < WIDTH) & (counts > 0)
         z = _logit_of_bin(bins)
         new_top = tl.maximum(top, tl.max(tl.where(occupied, z, float("-inf")), 0))
@@ -207,7 +208,8 @@ def hist_kernel(logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, fparam_ptr,
         top = new_top
         out += tl.sum(tl.where(bins == _OUT, counts, 0), 0)
         low_raw += tl.sum(tl.where(bins == 0, counts, 0), 0)
-        tiny_raw += tl.sum(tl.where(bins == _TINY, counts, 0), 0)
+        if HAS_CE:
+            tiny_raw += tl.sum(tl.where(bins == _TINY, counts, 0), 0)
     flag = (top == float("-inf")).to(tl.int32) + (out > 0).to(tl.int32) * 2
     if PACKED:  # a 16-bit count that carried over
         if USE_PTX:
