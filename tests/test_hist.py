@@ -145,15 +145,17 @@ def test_nan_and_inf_rows_are_flagged_and_nan_like_the_trie(device):
             f"engine in {torch.isnan(trie).flatten(1).sum(-1).tolist()}")
 
 
-@pytest.mark.parametrize("mode", ["sync", "always"])
-def test_rows_past_the_bins_are_flagged_or_exact(mode, device, monkeypatch):
+@pytest.mark.parametrize("mode,levels", [("sync", None), ("always", None), ("always", 1)])
+def test_rows_past_the_bins_are_flagged_or_exact(mode, levels, device, monkeypatch):
     """bf16 rows of huge range: the "wide" row holds logits >= 256, past the engine's fixed bins,
     and must be flagged; the "huge" one (tiny negative logits over 127 binades) is the engine's
     own. Without the fallback each row is flagged or already exact, and at least one is
     flagged, so the fallback runs on finite bf16 rows here; with it, both are exact, and an
     unflagged row of the batch keeps the engine's results bit for bit. Both ways of running the
-    fallback (`ULD_HIST_FALLBACK`): the flagged pairs alone, or every pair."""
+    fallback (`ULD_HIST_FALLBACK`): the flagged pairs alone, or every pair; and the fallback's
+    trie with one level counted by chunk (`ULD_HIST_FALLBACK_LEVELS=1`), deeper ones per pair."""
     monkeypatch.setattr(launch, "HIST_FALLBACK", mode)
+    monkeypatch.setattr(launch, "HIST_FALLBACK_LEVELS", levels)
     huge = _rows("huge", 1, 300, 300, torch.bfloat16, device, seed=5)
     wide = _rows("wide", 1, 300, 300, torch.bfloat16, device, seed=6)
     student, teacher = torch.cat([huge[0], wide[0]]), torch.cat([huge[1], wide[1]])

@@ -6,7 +6,7 @@ Nothing here validates user input (api.py does) or knows about autograd (autogra
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -101,6 +101,13 @@ HIST_SIGN_WARPS = int(os.environ.get("ULD_HIST_SIGN_WARPS", 1))
 HIST_FALLBACK = os.environ.get("ULD_HIST_FALLBACK", "always")
 if HIST_FALLBACK not in ("sync", "always"):
     raise ValueError(f"ULD_HIST_FALLBACK must be 'sync' or 'always', got {HIST_FALLBACK!r}")
+# The trie's levels counted split across chunks in the fallback alone (unset: ULD_SPLIT_LEVELS,
+# 4): fewer are fewer launches a batch (9 at 4, 7 at 2, 6 at 1), and the fallback's launches
+# over every pair are most of a call's host time (NOTES, seventh session). Not measured yet.
+_FALLBACK_LEVELS = os.environ.get("ULD_HIST_FALLBACK_LEVELS", "")
+HIST_FALLBACK_LEVELS = int(_FALLBACK_LEVELS) if _FALLBACK_LEVELS else None
+if HIST_FALLBACK_LEVELS is not None and not 1 <= HIST_FALLBACK_LEVELS <= 8:
+    raise ValueError(f"ULD_HIST_FALLBACK_LEVELS must be in [1, 8], got {HIST_FALLBACK_LEVELS}")
 # hist_kernel counts in 16-bit halves of words (half the shared memory: 18 KB against 32 KB,
 # so 8 programs per SM instead of 6, at 58 registers); a row with more than 65,535 equal logits
 # in one bin is flagged. Not measured yet: off.
@@ -271,7 +278,7 @@ def hist_pairs(student_logits, teacher_logits, student_temperature, teacher_temp
             fb_loss, fb_status, fb_ce, _gs, _gt = uld_pairs(
                 student_logits, teacher_logits, student_temperature, teacher_temperature, student_grad,
                 teacher_grad, grad_scale, student_index=pair_index, grad_student=grad_student,
-                grad_teacher=grad_teacher, **per_pair)
+                grad_teacher=grad_teacher, split_levels=HIST_FALLBACK_LEVELS, **per_pair)
             if launch_all:
                 row_loss = torch.where(flagged, fb_loss, row_loss)
                 status = torch.where(flagged, fb_status, 0)
@@ -362,6 +369,7 @@ def uld_pairs(
     ce_weight: torch.Tensor | None = None,
     grad_student: torch.Tensor | None = None,
     grad_teacher: torch.Tensor | None = None,
+    split_levels: int | None = None,
 ):
     """ULD over pairs of rows, optionally gathered by index, optionally with the student's
     cross-entropy fused in. Returns (row losses, status, row cross-entropies or None,
@@ -378,7 +386,8 @@ def uld_pairs(
     weighted, is added to the student's. ``grad_student``: a 2-D buffer to write the student
     gradient into (its row stride may exceed the vocabulary: padded lm_head columns); the rows
     of the pairs are written whole, the others are left as they are. ``grad_teacher``: the
-    same for the teacher's gradient.
+    same for the teacher's gradient. ``split_levels``: the trie's levels counted split across
+    chunks, in place of the configuration's (fewer launches a batch).
     """
     n_pairs, row_loss, row_ce, grad_student, grad_teacher = _pair_outputs(
         student_logits, teacher_logits, student_index, ce_label is not None, student_grad, teacher_grad,
@@ -388,13 +397,13 @@ def uld_pairs(
         return row_loss, status, row_ce, grad_student, grad_teacher
     _split_pairs(student_logits, teacher_logits, row_loss, status, row_ce, grad_student,
                  grad_teacher, student_temperature, teacher_temperature, grad_scale,
-                 student_index, teacher_index, row_weight, ce_label, ce_weight, n_pairs)
+                 student_index, teacher_index, row_weight, ce_label, ce_weight, n_pairs, split_levels)
     return row_loss, status, row_ce, grad_student, grad_teacher
 
 
 def _split_pairs(student_logits, teacher_logits, row_loss, status, row_ce, grad_student,
                  grad_teacher, student_temperature, teacher_temperature, grad_scale,
-                 student_index, teacher_index, row_weight, ce_label, ce_weight, n_pairs):
+                 student_index, teacher_index, row_weight, ce_label, ce_weight, n_pairs, split_levels=None):
     """The split engine: per batch of pairs, one launch per pass over a (pair, chunk) grid."""
     gather = student_index is not None
     has_ce = ce_label is not None
@@ -403,6 +412,8 @@ def _split_pairs(student_logits, teacher_logits, row_loss, status, row_ce, grad_
     longest = max(student_vocab, teacher_vocab)
     device = student_logits.device
     cfg = split_config(device.type == "cuda")
+    if split_levels is not None:
+        cfg = replace(cfg, split_levels=split_levels)
     n_chunks = triton.cdiv(longest, cfg.chunk)
     chunks_pow2 = triton.next_power_of_2(n_chunks)
     batch = min(n_pairs, cfg.batch_rows)
