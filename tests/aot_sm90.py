@@ -161,9 +161,11 @@ def hist_kernel_configs():
         ("finish", uld_hist.finish_kernel, dict(GATHER=False, HAS_CE=False), 1),
         ("finish gathered ce", uld_hist.finish_kernel, dict(GATHER=True, HAS_CE=True), 1),
         ("grad", uld_hist.grad_kernel, dict(GATHER=False, HAS_CE=False, UNIT_STRIDE=True, PREFETCH=False,
-                                            CHUNK=32768, BLOCK=1024), 4),
+                                            NC_GATHER=False, CHUNK=32768, BLOCK=1024), 4),
         ("grad gathered ce", uld_hist.grad_kernel, dict(GATHER=True, HAS_CE=True, UNIT_STRIDE=True, PREFETCH=False,
-                                                         CHUNK=32768, BLOCK=1024), 4),
+                                                         NC_GATHER=False, CHUNK=32768, BLOCK=1024), 4),
+        ("grad nc", uld_hist.grad_kernel, dict(GATHER=False, HAS_CE=False, UNIT_STRIDE=True, PREFETCH=False,
+                                               NC_GATHER=True, CHUNK=32768, BLOCK=1024), 4),
     ]:
         names = kernel.arg_names
         yield (f"hist {label} bf16", kernel, _types_by_name(kernel, "*bf16"), constexprs,

@@ -108,6 +108,9 @@ _FALLBACK_LEVELS = os.environ.get("ULD_HIST_FALLBACK_LEVELS", "")
 HIST_FALLBACK_LEVELS = int(_FALLBACK_LEVELS) if _FALLBACK_LEVELS else None
 if HIST_FALLBACK_LEVELS is not None and not 1 <= HIST_FALLBACK_LEVELS <= 8:
     raise ValueError(f"ULD_HIST_FALLBACK_LEVELS must be in [1, 8], got {HIST_FALLBACK_LEVELS}")
+# grad_kernel reads each element's sign through the non-coherent path (inline PTX, as the
+# trie's passes do). Not measured yet: off.
+HIST_GRAD_NC = os.environ.get("ULD_HIST_GRAD_NC", "0") != "0"
 # hist_kernel counts in 16-bit halves of words (half the shared memory: 18 KB against 32 KB,
 # so 8 programs per SM instead of 6, at 58 registers); a row with more than 65,535 equal logits
 # in one bin is flagged. Not measured yet: off.
@@ -349,7 +352,7 @@ def _hist_batches(row_loss, flags, row_ce, sides, grad_scale, n_pairs, on_gpu, r
                 row_weight if gather else unused, ce_label if has_ce else unused, ce_weight if has_ce else unused,
                 batch_start, side, n_chunks, vocab, *_row_layout(logits), grad.stride(-2), inv_t, grad_scale,
                 GATHER=gather, HAS_CE=has_ce and side == 0, UNIT_STRIDE=logits.stride(-1) == 1,
-                PREFETCH=HIST_PREFETCH or not on_gpu, CHUNK=chunk,
+                PREFETCH=HIST_PREFETCH or not on_gpu, NC_GATHER=HIST_GRAD_NC and use_ptx, CHUNK=chunk,
                 BLOCK=block, num_warps=4)
 
 

@@ -38,7 +38,7 @@ stays exact.
 import triton
 import triton.language as tl
 
-from uld_kernels.kernels.ptx import smem_add, smem_add_one, smem_load, smem_zero, smem_zero_packed
+from uld_kernels.kernels.ptx import gather_f32, smem_add, smem_add_one, smem_load, smem_zero, smem_zero_packed
 from uld_kernels.kernels.uld_rows import (LN2, LOG2E, _block_raw, _exp2, _first_block, _log2_prob, _pair_rows,
                                           _tie_signs)
 
@@ -437,7 +437,8 @@ def finish_kernel(fparam_ptr, iparam_ptr, partial_ptr, row_loss_ptr, batch_start
 def grad_kernel(logits_ptr, index_ptr, grad_ptr, fparam_ptr, iparam_ptr, sign_ptr, row_weight_ptr, ce_label_ptr,
                 ce_weight_ptr, batch_start, side, n_chunks, vocab, seq_len, batch_stride, row_stride, col_stride,
                 grad_row_stride, inv_temperature, grad_scale, GATHER: tl.constexpr, HAS_CE: tl.constexpr,
-                UNIT_STRIDE: tl.constexpr, PREFETCH: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                UNIT_STRIDE: tl.constexpr, PREFETCH: tl.constexpr, NC_GATHER: tl.constexpr, CHUNK: tl.constexpr,
+                BLOCK: tl.constexpr):
     """The gradient of one side (side 0 student: +, 1 teacher: -) of unflagged pairs, chunk by
     chunk: (p / T) * (sign of the element's bin - the side's sum of p * sign), times
     row_weight_ptr[pair] with GATHER (row index_ptr[pair] of the logits and of the gradient);
@@ -474,7 +475,10 @@ def grad_kernel(logits_ptr, index_ptr, grad_ptr, fparam_ptr, iparam_ptr, sign_pt
             raw, ahead = _block_raw(ahead, row_ptr, idx, col_stride, stop, BLOCK, UNIT_STRIDE, PREFETCH)
             z = raw.to(tl.float32)
             p = _exp2(_log2_prob(z, scale, top, log_sum))
-            sign = tl.load(signs + _bin_of_key(_keys(raw)), mask=p > 0.0, other=0.0)
+            if NC_GATHER:  # the table is read-only here: the non-coherent path, one wide address add
+                sign = gather_f32(signs, _bin_of_key(_keys(raw)), p > 0.0)
+            else:
+                sign = tl.load(signs + _bin_of_key(_keys(raw)), mask=p > 0.0, other=0.0)
             grad = p * factor * (sign - mass)
             if HAS_CE:  # the cross-entropy's softmax, temperature 1
                 grad += ce_factor * (_exp2(_log2_prob(z, LOG2E, top, ce_log_sum))
