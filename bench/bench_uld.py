@@ -136,6 +136,19 @@ def run(args) -> list[Result]:
     return results
 
 
+def pyplot():
+    """matplotlib.pyplot without a display, or None (and a message) where matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot")
+        return None
+    return plt
+
+
 def write_outputs(results: list[Result], copy_gbps: float, out_dir: str, header: str) -> None:
     os.makedirs(out_dir, exist_ok=True)
     csv_path = os.path.join(out_dir, "bench_uld.csv")
@@ -159,13 +172,8 @@ def write_outputs(results: list[Result], copy_gbps: float, out_dir: str, header:
     with open(os.path.join(out_dir, "bench_uld.md"), "w") as f:
         f.write(md + "\n")
     print(md)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for impl in sorted({r.impl for r in results}):

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.bench_uld import IMPLS, measure  # noqa: E402
+from bench.bench_uld import IMPLS, measure, pyplot  # noqa: E402
 from bench.shapes import VOCAB_PAIRS, make_rows  # noqa: E402
 
 
@@ -60,15 +60,10 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "scaling.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import matplotlib.ticker
-    except ImportError:
-        print("matplotlib missing: no plot")
+    plt = pyplot()
+    if plt is None:
         return
+    from matplotlib.ticker import NullFormatter
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for ax, points, xlabel, title in (
             (axes[0], by_rows, "rows", f"Vs / Vt = {vs:,} / {vt:,}"),
@@ -77,7 +72,7 @@ def main():
         ax.plot(xs, ys, marker="o", label="uld_kernels")
         ax.plot(xs, [ys[0] * x / xs[0] for x in xs], linestyle="--", color="gray", label="linear from the first")
         ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel="forward+backward ms (median)", title=title)
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "scaling.png"), dpi=110)

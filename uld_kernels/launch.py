@@ -271,13 +271,14 @@ def hist_pairs(student_logits, teacher_logits, student_temperature, teacher_temp
                         row_weight=row_weight if gather else torch.ones(n_pairs, dtype=torch.float32, device=device),
                         ce_label=ce_label, ce_weight=ce_weight)
         launch_all = HIST_FALLBACK == "always" or (on_gpu and torch.cuda.is_current_stream_capturing())
-        chosen = None if launch_all else flagged.nonzero().squeeze(1)
-        if launch_all or chosen.numel() > 0:
-            if launch_all:
-                pair_index = torch.where(flagged, index, -1)
-            else:
-                pair_index = index[chosen]
-                per_pair = {name: None if value is None else value[chosen] for name, value in per_pair.items()}
+        if launch_all:
+            pair_index = torch.where(flagged, index, -1)
+        else:
+            chosen = flagged.nonzero().squeeze(1)
+            pair_index = index[chosen]
+            per_pair = {name: None if value is None else value[chosen] for name, value in per_pair.items()}
+            status = torch.zeros_like(status)
+        if launch_all or pair_index.numel() > 0:
             fb_loss, fb_status, fb_ce, _gs, _gt = uld_pairs(
                 student_logits, teacher_logits, student_temperature, teacher_temperature, student_grad,
                 teacher_grad, grad_scale, student_index=pair_index, grad_student=grad_student,
@@ -288,12 +289,9 @@ def hist_pairs(student_logits, teacher_logits, student_temperature, teacher_temp
                 if has_ce:
                     row_ce = torch.where(flagged, fb_ce, row_ce)
             else:
-                status = torch.zeros_like(status)
                 for out, value in ((row_loss, fb_loss), (status, fb_status), (row_ce, fb_ce)):
                     if out is not None:
                         out[chosen] = value
-        else:
-            status = torch.zeros_like(status)
     return row_loss, status, row_ce, grad_student, grad_teacher
 
 

@@ -353,7 +353,6 @@ def _bin_signs(bins, active, count, own_count, other_count, own_top, own_log_sum
         sign, _unused = _tie_signs(own_gt - other_gt, own_ge - own_gt, other_ge - other_gt)
     else:
         _unused, sign = _tie_signs(other_gt - own_gt, other_ge - other_gt, own_ge - own_gt)
-    sign = tl.where(active, sign, 0.0)
     if STORE:
         tl.store(sign_ptr + bins, sign, mask=active)
     p = _exp2(tl.minimum(v, 0.0))  # (k <= 0 where occupied)
