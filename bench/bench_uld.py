@@ -10,6 +10,7 @@ copy bandwidth measured in the same run. Writes a CSV and a PNG plot.
     python bench/bench_uld.py                       # the full table (about 10 minutes)
     python bench/bench_uld.py --quick               # one shape per kind, a smoke run
     python bench/bench_uld.py --rows 16384 --pairs qwen_llama3 --impls uld_kernels
+    python bench/bench_uld.py --rows 16384 --pairs qwen_qwen --kinds random --impls uld_kernels liger_jsd
 """
 
 from __future__ import annotations
@@ -36,11 +37,24 @@ def _compiled_reference():
     return torch.compile(uld_loss_reference, dynamic=False)
 
 
+def _liger_jsd():
+    """Liger-Kernel's fused JSD (a comparison, never a dependency: carried to the GPU as a
+    wheel). It takes log-probabilities of one shared vocabulary; `run` gives it bf16
+    log-softmaxes of the same rows, computed outside the timed region, so it moves the same
+    bytes as ULD on a same-vocabulary pair."""
+    from liger_kernel.ops import LigerJSDFunction
+
+    return lambda log_q, log_p: LigerJSDFunction.apply(log_q, log_p)
+
+
 IMPLS = {
     "uld_kernels": lambda: uld_loss,
     "reference": lambda: uld_loss_reference,
     "reference_compiled": _compiled_reference,
+    "liger_jsd": _liger_jsd,
 }
+# Implementations that take log-probabilities of one vocabulary, not logits.
+LOG_PROB_IMPLS = {"liger_jsd"}
 
 
 @dataclass
@@ -116,10 +130,16 @@ def run(args) -> list[Result]:
                 for impl in args.impls:
                     if impl != "uld_kernels" and (kind not in args.reference_kinds or rows > args.reference_max_rows):
                         continue
+                    inputs = (student, teacher)
+                    if impl in LOG_PROB_IMPLS:
+                        if vs != vt:
+                            continue
+                        with torch.no_grad():
+                            inputs = tuple(x.float().log_softmax(-1).to(x.dtype) for x in inputs)
+                        inputs[0].requires_grad_(True)
                     try:
                         fwd, fwd_grad, bwd, full, peak, loss = measure(
-                            impl, IMPLS[impl](), student, teacher, args.warmup, args.rep,
-                            args.full_only)
+                            impl, IMPLS[impl](), *inputs, args.warmup, args.rep, args.full_only)
                     except torch.OutOfMemoryError:
                         print(f"{impl} {pair} rows={rows} {kind}: out of memory", flush=True)
                         torch.cuda.empty_cache()
@@ -130,6 +150,7 @@ def run(args) -> list[Result]:
                     print(f"{impl:>18} {pair:>14} rows={rows:>6} {kind:>10}: fwd {fwd:8.2f} ms  "
                           f"fwd(grad) {fwd_grad:8.2f}  fwd+bwd {full:8.2f} ms  {r.gbps:7.0f} GB/s  "
                           f"peak extra {peak:7.3f} GB  loss {loss:.6f}", flush=True)
+                    del inputs
                     torch.cuda.empty_cache()
                 del student, teacher
                 torch.cuda.empty_cache()
@@ -200,7 +221,8 @@ def main():
     parser.add_argument("--rows", type=int, nargs="+", default=[2048, 8192, 16384])
     parser.add_argument("--pairs", nargs="+", default=list(VOCAB_PAIRS), choices=list(VOCAB_PAIRS))
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
-    parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
+    parser.add_argument("--impls", nargs="+", default=[i for i in IMPLS if i not in LOG_PROB_IMPLS],
+                        choices=list(IMPLS), help="liger_jsd (same-vocabulary pairs only) needs liger-kernel")
     parser.add_argument("--reference-kinds", nargs="+", default=["random"],
                         help="row kinds on which the (slow) references run; their time does not depend on the data")
     parser.add_argument("--reference-max-rows", type=int, default=16384)

@@ -1,0 +1,109 @@
+"""Where a call's host time goes: one forward+backward of `uld_loss`, measured from the host.
+
+    python bench/profile_host.py [--rows 16384] [--pairs qwen_llama3 qwen_qwen] [--kinds ...]
+
+Per (pair, kind): the call's median wall time (do_bench), the host's time to enqueue it
+(the GPU idle before it starts), the GPU's time for it (CUDA events), the driver calls a call
+makes (kernel launches, synchronisations, allocations, copies: torch.profiler's CPU events)
+and, with --cprofile, the Python functions that take the host's time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import collections
+import io
+import os
+import pstats
+import statistics
+import sys
+import time
+
+import torch
+import triton
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.shapes import KINDS, VOCAB_PAIRS, make_rows  # noqa: E402
+from uld_kernels import uld_loss  # noqa: E402
+
+DRIVER_CALLS = ("LaunchKernel", "Synchronize", "Malloc", "Free", "Memcpy", "Memset", "EventQuery")
+
+
+def host_and_gpu_ms(fn, calls: int = 10) -> tuple[float, float]:
+    """Medians of the host's enqueue time and the GPU's time of fn, each call on an idle GPU."""
+    host, gpu = [], []
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0 = time.perf_counter()
+        start.record()
+        fn()
+        end.record()
+        host.append((time.perf_counter() - t0) * 1e3)
+        torch.cuda.synchronize()
+        gpu.append(start.elapsed_time(end))
+    return statistics.median(host), statistics.median(gpu)
+
+
+def driver_calls(fn) -> dict:
+    """Count and host time (us) of the CUDA runtime and driver calls of one call of fn."""
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    calls = collections.defaultdict(lambda: [0, 0.0])
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CPU and any(k in event.name for k in DRIVER_CALLS):
+            calls[event.name][0] += 1
+            calls[event.name][1] += event.cpu_time_total
+    return calls
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=16384)
+    parser.add_argument("--pairs", nargs="+", default=["qwen_llama3", "qwen_qwen"], choices=list(VOCAB_PAIRS))
+    parser.add_argument("--kinds", nargs="+", default=["random", "near"], choices=list(KINDS))
+    parser.add_argument("--cprofile", type=int, default=15, help="Python functions to list (0: none)")
+    args = parser.parse_args()
+    for pair in args.pairs:
+        vs, vt = VOCAB_PAIRS[pair]
+        for kind in args.kinds:
+            if KINDS[kind].same_vocab and vs != vt:
+                continue
+            student, teacher = make_rows(kind, args.rows, vs, vt, seed=args.rows + vs + vt)
+            student.requires_grad_(True)
+
+            def call():
+                return torch.autograd.grad(uld_loss(student, teacher), student)
+
+            wall = triton.testing.do_bench(call, warmup=50, rep=300, return_mode="median")
+            host, gpu = host_and_gpu_ms(call)
+            print(f"== {pair} {kind} rows={args.rows}: wall {wall:.2f} ms, host enqueue {host:.2f} ms, "
+                  f"GPU {gpu:.2f} ms", flush=True)
+            for name, (count, us) in sorted(driver_calls(call).items(), key=lambda kv: -kv[1][1]):
+                print(f"   {name[:40]:40} x{count:4d}  {us / 1e3:7.2f} ms host")
+            if args.cprofile:
+                torch.cuda.synchronize()
+                prof = cProfile.Profile()
+                prof.enable()
+                for _ in range(5):
+                    call()
+                prof.disable()
+                torch.cuda.synchronize()
+                text = io.StringIO()
+                pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(args.cprofile)
+                lines = [line for line in text.getvalue().splitlines() if line.strip()]
+                start = next(i for i, line in enumerate(lines) if "ncalls" in line)
+                print("   cProfile, 5 calls, by own time:")
+                for line in lines[start:]:
+                    print("   " + line[:150])
+            del student, teacher
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
