@@ -292,24 +292,30 @@ def test_rows_near_zero_whose_float32_probabilities_merge(device):
 
 
 def test_the_cross_entropy_checks_the_tiny_bin_at_its_own_temperature(device):
-    """At a student temperature of 0.01 the logits 0 have no ULD probability (flushed to 0),
-    but at the cross-entropy's temperature 1 they do, and the tiny bin's two ends have
-    different k there (the row's largest logit is 1.5): the pair must be flagged for the
-    cross-entropy's sake (the review of d99b858 found the check counting only the elements of
-    nonzero ULD probability), and through the fallback its cross-entropy is the trie's."""
+    """At a student temperature of 0.001 the logit 0 has no ULD probability (2**-180: 0 in
+    float32, on the GPU and in the interpreter alike), but at the cross-entropy's temperature 1
+    it has, and the tiny bin's two ends have different k there: the pair must be flagged for
+    the cross-entropy's sake (the review of d99b858 found the check counting only the elements
+    of nonzero ULD probability), and through the fallback its cross-entropy is the trie's.
+
+    The row is built so that the two ends' k differ by ~3 ulps at temperature 1 (top 0.125,
+    one zero: |k| ~ 1.09), with one rounding (the GPU's fused multiply-add) or two (the
+    interpreter); a top of 1.5 and 20 zeros (|k| ~ 6.5) split only without the fused
+    multiply-add, and this test failed on the GPU (2026-11-29)."""
     g = torch.Generator().manual_seed(41)
-    student = (torch.rand(1, 120, generator=g) * 1.5).to(torch.bfloat16)
-    student[0, 5:25] = 0.0
-    student[0, 0] = 1.5
+    student = -(torch.rand(1, 120, generator=g) * 4 + 6)  # -10 .. -6
+    student[0, 0] = 0.125
+    student[0, 5] = 0.0
+    student = student.to(torch.bfloat16)
     teacher = (torch.rand(1, 90, generator=g) * 1.5).to(torch.bfloat16)
     student, teacher = student.to(device), teacher.to(device)
     kw = dict(student_index=torch.tensor([0], device=device), teacher_index=torch.tensor([0], device=device),
               row_weight=torch.ones(1, device=device), ce_label=torch.tensor([3], device=device),
               ce_weight=torch.ones(1, device=device))
-    flags = launch.hist_pairs(student, teacher, 0.01, 1.0, True, False, 1.0, fallback=False, **kw)[1]
+    flags = launch.hist_pairs(student, teacher, 0.001, 1.0, True, False, 1.0, fallback=False, **kw)[1]
     assert int(flags[0]) & 4, f"flags {flags.tolist()}: the tiny bin splits at temperature 1"
-    ours = launch.hist_pairs(student, teacher, 0.01, 1.0, True, False, 1.0, **kw)
-    trie = launch.uld_pairs(student, teacher, 0.01, 1.0, True, False, 1.0, **kw)
+    ours = launch.hist_pairs(student, teacher, 0.001, 1.0, True, False, 1.0, **kw)
+    trie = launch.uld_pairs(student, teacher, 0.001, 1.0, True, False, 1.0, **kw)
     assert_losses_close(ours[2], trie[2], torch.bfloat16, what="cross-entropy")
 
 
