@@ -105,6 +105,30 @@ def stats_kernel(
     """Per (pair, chunk): both rows' log-sum-exp over the chunk; the pair's last program
     combines the chunks and prepares the root."""
     local, pair, chunk, start = _chunk_of(tl.program_id(0), n_chunks, batch_start, CHUNK)
+    _stats_pass(
+        local, pair, chunk, start, student_ptr, teacher_ptr, row_loss_ptr, status_ptr, ws_int_ptr, ws_sign_ptr,
+        ws_meta_ptr, row_f_ptr, ws_mass_ptr, row_mass_ptr, partial_ptr, partial_i_ptr, student_index_ptr,
+        teacher_index_ptr, ce_label_ptr, row_ce_ptr, n_chunks, student_vocab, teacher_vocab, student_seq_len,
+        student_batch_stride, student_row_stride, student_col_stride, teacher_seq_len, teacher_batch_stride,
+        teacher_row_stride, teacher_col_stride, inv_student_temperature, inv_teacher_temperature, SAME_VOCAB,
+        STUDENT_UNIT_STRIDE, TEACHER_UNIT_STRIDE, GATHER, HAS_CE, BLOCK, CHUNK, CHUNKS_POW2, ENTRIES,
+        RESOLVE_BLOCK, MAX_LEVELS, STAGES, ROOT_BITS)
+
+
+@triton.jit
+def _stats_pass(
+    local, pair, chunk, start, student_ptr, teacher_ptr, row_loss_ptr, status_ptr, ws_int_ptr, ws_sign_ptr,
+    ws_meta_ptr, row_f_ptr, ws_mass_ptr, row_mass_ptr, partial_ptr, partial_i_ptr, student_index_ptr,
+    teacher_index_ptr, ce_label_ptr, row_ce_ptr, n_chunks, student_vocab, teacher_vocab, student_seq_len,
+    student_batch_stride, student_row_stride, student_col_stride, teacher_seq_len, teacher_batch_stride,
+    teacher_row_stride, teacher_col_stride, inv_student_temperature, inv_teacher_temperature,
+    SAME_VOCAB: tl.constexpr, STUDENT_UNIT_STRIDE: tl.constexpr, TEACHER_UNIT_STRIDE: tl.constexpr,
+    GATHER: tl.constexpr, HAS_CE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+    CHUNKS_POW2: tl.constexpr, ENTRIES: tl.constexpr, RESOLVE_BLOCK: tl.constexpr, MAX_LEVELS: tl.constexpr,
+    STAGES: tl.constexpr, ROOT_BITS: tl.constexpr,
+):
+    """`stats_kernel` for one (pair, chunk): `local` is the pair's workspace slot, `pair` its
+    index in the outputs and the row maps."""
     s_index, t_index, s_row, t_row = _pair_rows(
         pair, student_ptr, teacher_ptr, student_index_ptr, teacher_index_ptr,
         student_seq_len, student_batch_stride, student_row_stride,
@@ -293,9 +317,30 @@ def root_kernel(
 
     USE_PTX (GPU): shared-memory reductions, one instruction per element (kernels/ptx.py);
     otherwise `tl.histogram` (the interpreter)."""
+    local, pair, chunk, start = _chunk_of(tl.program_id(0), n_chunks, batch_start, CHUNK)
+    _root_pass(
+        local, pair, chunk, start, student_ptr, teacher_ptr, ws_int_ptr, ws_sign_ptr, ws_meta_ptr, row_f_ptr,
+        ws_mass_ptr, row_mass_ptr, student_index_ptr, teacher_index_ptr, root_partial_ptr, n_chunks,
+        student_vocab, teacher_vocab, student_seq_len, student_batch_stride, student_row_stride,
+        student_col_stride, teacher_seq_len, teacher_batch_stride, teacher_row_stride, teacher_col_stride,
+        inv_student_temperature, inv_teacher_temperature, STUDENT_UNIT_STRIDE, TEACHER_UNIT_STRIDE, GATHER,
+        BLOCK, CHUNK, ENTRIES, RESOLVE_BLOCK, MAX_LEVELS, STAGES, ROOT_BITS, USE_PTX, LEVEL_CAP)
+
+
+@triton.jit
+def _root_pass(
+    local, pair, chunk, start, student_ptr, teacher_ptr, ws_int_ptr, ws_sign_ptr, ws_meta_ptr, row_f_ptr,
+    ws_mass_ptr, row_mass_ptr, student_index_ptr, teacher_index_ptr, root_partial_ptr, n_chunks, student_vocab,
+    teacher_vocab, student_seq_len, student_batch_stride, student_row_stride, student_col_stride,
+    teacher_seq_len, teacher_batch_stride, teacher_row_stride, teacher_col_stride, inv_student_temperature,
+    inv_teacher_temperature, STUDENT_UNIT_STRIDE: tl.constexpr, TEACHER_UNIT_STRIDE: tl.constexpr,
+    GATHER: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, ENTRIES: tl.constexpr,
+    RESOLVE_BLOCK: tl.constexpr, MAX_LEVELS: tl.constexpr, STAGES: tl.constexpr, ROOT_BITS: tl.constexpr,
+    USE_PTX: tl.constexpr, LEVEL_CAP: tl.constexpr,
+):
+    """`root_kernel` for one (pair, chunk) (`_stats_pass` says what `local` and `pair` are)."""
     ROOT_ENTRIES: tl.constexpr = 1 << ROOT_BITS
     tl.static_assert(CHUNK < 65536, "16-bit partial counts: fewer than 65,536 columns per chunk")
-    local, pair, chunk, start = _chunk_of(tl.program_id(0), n_chunks, batch_start, CHUNK)
     meta_ptr, row_f, flags = _row_state(ws_meta_ptr, row_f_ptr, local)
     if flags == 1:  # a distribution on both sides, not identical
         s_index, t_index, s_row, t_row = _pair_rows(
@@ -392,6 +437,29 @@ def count_kernel(
     LOSS (level 1): every pair with a distribution runs, open buckets or not, and writes the
     chunk's sums of p * sign over the elements the root decided (partial slots 0 and 1)."""
     local, pair, chunk, start = _chunk_of(tl.program_id(0), n_chunks, batch_start, CHUNK)
+    _count_pass(
+        local, pair, chunk, start, student_ptr, teacher_ptr, ws_int_ptr, ws_sign_ptr, ws_meta_ptr, row_f_ptr,
+        ws_mass_ptr, row_mass_ptr, student_index_ptr, teacher_index_ptr, partial_ptr, n_chunks, level,
+        student_vocab, teacher_vocab, student_seq_len, student_batch_stride, student_row_stride,
+        student_col_stride, teacher_seq_len, teacher_batch_stride, teacher_row_stride, teacher_col_stride,
+        inv_student_temperature, inv_teacher_temperature, STUDENT_UNIT_STRIDE, TEACHER_UNIT_STRIDE, GATHER,
+        BLOCK, CHUNK, CHUNKS_POW2, ENTRIES, RESOLVE_BLOCK, MAX_LEVELS, STAGES, ROOT_BITS, LOSS, USE_PTX,
+        PREFETCH)
+
+
+@triton.jit
+def _count_pass(
+    local, pair, chunk, start, student_ptr, teacher_ptr, ws_int_ptr, ws_sign_ptr, ws_meta_ptr, row_f_ptr,
+    ws_mass_ptr, row_mass_ptr, student_index_ptr, teacher_index_ptr, partial_ptr, n_chunks, level,
+    student_vocab, teacher_vocab, student_seq_len, student_batch_stride, student_row_stride,
+    student_col_stride, teacher_seq_len, teacher_batch_stride, teacher_row_stride, teacher_col_stride,
+    inv_student_temperature, inv_teacher_temperature, STUDENT_UNIT_STRIDE: tl.constexpr,
+    TEACHER_UNIT_STRIDE: tl.constexpr, GATHER: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+    CHUNKS_POW2: tl.constexpr, ENTRIES: tl.constexpr, RESOLVE_BLOCK: tl.constexpr, MAX_LEVELS: tl.constexpr,
+    STAGES: tl.constexpr, ROOT_BITS: tl.constexpr, LOSS: tl.constexpr, USE_PTX: tl.constexpr,
+    PREFETCH: tl.constexpr,
+):
+    """`count_kernel` for one (pair, chunk) (`_stats_pass` says what `local` and `pair` are)."""
     meta_ptr, row_f, flags = _row_state(ws_meta_ptr, row_f_ptr, local)
     status = tl.load(meta_ptr + _STATUS)
     count = (flags == 1) & (status > 0) & (tl.load(meta_ptr + _DEPTH) == level - 1)
@@ -447,6 +515,27 @@ def finish_kernel(
     and the status."""
     local = tl.program_id(0)
     pair = batch_start + local
+    _finish_pass(
+        local, pair, student_ptr, teacher_ptr, row_loss_ptr, status_ptr, ws_int_ptr, ws_sign_ptr, ws_meta_ptr,
+        row_f_ptr, ws_mass_ptr, row_mass_ptr, partial_ptr, student_index_ptr, teacher_index_ptr, n_chunks,
+        student_vocab, teacher_vocab, student_seq_len, student_batch_stride, student_row_stride,
+        student_col_stride, teacher_seq_len, teacher_batch_stride, teacher_row_stride, teacher_col_stride,
+        inv_student_temperature, inv_teacher_temperature, STUDENT_UNIT_STRIDE, TEACHER_UNIT_STRIDE, GATHER,
+        BLOCK, CHUNKS_POW2, ENTRIES, RESOLVE_BLOCK, MAX_LEVELS, STAGES, ROOT_BITS, USE_PTX, PREFETCH)
+
+
+@triton.jit
+def _finish_pass(
+    local, pair, student_ptr, teacher_ptr, row_loss_ptr, status_ptr, ws_int_ptr, ws_sign_ptr, ws_meta_ptr,
+    row_f_ptr, ws_mass_ptr, row_mass_ptr, partial_ptr, student_index_ptr, teacher_index_ptr, n_chunks,
+    student_vocab, teacher_vocab, student_seq_len, student_batch_stride, student_row_stride,
+    student_col_stride, teacher_seq_len, teacher_batch_stride, teacher_row_stride, teacher_col_stride,
+    inv_student_temperature, inv_teacher_temperature, STUDENT_UNIT_STRIDE: tl.constexpr,
+    TEACHER_UNIT_STRIDE: tl.constexpr, GATHER: tl.constexpr, BLOCK: tl.constexpr, CHUNKS_POW2: tl.constexpr,
+    ENTRIES: tl.constexpr, RESOLVE_BLOCK: tl.constexpr, MAX_LEVELS: tl.constexpr, STAGES: tl.constexpr,
+    ROOT_BITS: tl.constexpr, USE_PTX: tl.constexpr, PREFETCH: tl.constexpr,
+):
+    """`finish_kernel` for one pair (`_stats_pass` says what `local` and `pair` are)."""
     meta_ptr, row_f, flags = _row_state(ws_meta_ptr, row_f_ptr, local)
     s_index, t_index, s_row, t_row = _pair_rows(
         pair, student_ptr, teacher_ptr, student_index_ptr, teacher_index_ptr,
@@ -511,6 +600,31 @@ def grad_kernel(
     """Per (pair, chunk): the gradient of grad_scale * weight * loss (plus, with HAS_CE, the
     weighted cross-entropy's) over the chunk's columns."""
     local, pair, chunk, start = _chunk_of(tl.program_id(0), n_chunks, batch_start, CHUNK)
+    _grad_pass(
+        local, pair, chunk, start, student_ptr, teacher_ptr, grad_student_ptr, grad_teacher_ptr, ws_int_ptr,
+        ws_sign_ptr, ws_meta_ptr, row_f_ptr, ws_mass_ptr, row_mass_ptr, student_index_ptr, teacher_index_ptr,
+        row_weight_ptr, ce_label_ptr, ce_weight_ptr, n_chunks, student_vocab, teacher_vocab, student_seq_len,
+        student_batch_stride, student_row_stride, student_col_stride, teacher_seq_len, teacher_batch_stride,
+        teacher_row_stride, teacher_col_stride, grad_student_row_stride, grad_teacher_row_stride,
+        inv_student_temperature, inv_teacher_temperature, grad_scale, STUDENT_GRAD, TEACHER_GRAD,
+        STUDENT_UNIT_STRIDE, TEACHER_UNIT_STRIDE, GATHER, HAS_CE, BLOCK, CHUNK, ENTRIES, MAX_LEVELS, STAGES,
+        ROOT_BITS, USE_PTX, PREFETCH)
+
+
+@triton.jit
+def _grad_pass(
+    local, pair, chunk, start, student_ptr, teacher_ptr, grad_student_ptr, grad_teacher_ptr, ws_int_ptr,
+    ws_sign_ptr, ws_meta_ptr, row_f_ptr, ws_mass_ptr, row_mass_ptr, student_index_ptr, teacher_index_ptr,
+    row_weight_ptr, ce_label_ptr, ce_weight_ptr, n_chunks, student_vocab, teacher_vocab, student_seq_len,
+    student_batch_stride, student_row_stride, student_col_stride, teacher_seq_len, teacher_batch_stride,
+    teacher_row_stride, teacher_col_stride, grad_student_row_stride, grad_teacher_row_stride,
+    inv_student_temperature, inv_teacher_temperature, grad_scale, STUDENT_GRAD: tl.constexpr,
+    TEACHER_GRAD: tl.constexpr, STUDENT_UNIT_STRIDE: tl.constexpr, TEACHER_UNIT_STRIDE: tl.constexpr,
+    GATHER: tl.constexpr, HAS_CE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+    ENTRIES: tl.constexpr, MAX_LEVELS: tl.constexpr, STAGES: tl.constexpr, ROOT_BITS: tl.constexpr,
+    USE_PTX: tl.constexpr, PREFETCH: tl.constexpr,
+):
+    """`grad_kernel` for one (pair, chunk) (`_stats_pass` says what `local` and `pair` are)."""
     meta_ptr, row_f, flags = _row_state(ws_meta_ptr, row_f_ptr, local)
     s_index, t_index, s_row, t_row = _pair_rows(
         pair, student_ptr, teacher_ptr, student_index_ptr, teacher_index_ptr,
