@@ -1,25 +1,51 @@
 #!/usr/bin/env bash
-# The histogram engine's recorded run, within one 10-minute device call: agreement with the
-# trie engine, the benchmark table against the reference, the per-pass profile, the training
-# loss, the scaling table and plot, the GPU tests, then (LARGEST=1) the largest shape and knob
-# settings to weigh next. Logs under $OUT. do_bench's warmup and rep are milliseconds: at
-# 12 ms a call, rep 300 takes the median of ~25 calls (rep 10, used before the seventh
-# session's run 4, timed one or two: their tables moved by up to 4 ms between runs).
-# usage (from the device tool): ULD_COMMIT=<short hash of the tree sent> bash bench/device_hist.sh ["ULD_X=1" ...]
+# The histogram engine's recorded run, within one 10-minute device call. Steps (ULD_STEPS, in
+# this order; default all but stress): tests (test_hist.py, test_gpu.py), check (agreement with
+# the trie engine), bench (the table against the reference and Liger's fused JSD), host (a
+# call's host and GPU time: profile_host.py), passes (per-kernel GPU time), distill (the
+# training loss), scaling (table and plot), stress (the largest shape); then knob settings to
+# weigh, given as arguments. Logs under $OUT. do_bench's warmup and rep are milliseconds: at
+# 12 ms a call, rep 300 takes the median of ~25 calls. Liger-Kernel is carried as a wheel in
+# .whl/ (a benchmark comparison, never a dependency; the device README says how).
+# usage (from the device tool): ULD_COMMIT=<short hash> [ULD_STEPS="tests bench"] bash bench/device_hist.sh ["ULD_X=1" ...]
 set -u
 OUT=${OUT:-bench/out}; mkdir -p "$OUT"; export PYTHONUNBUFFERED=1
-timeout 40 python3 bench/check_hist.py --rows 512 --pairs qwen_llama3 qwen_qwen 2>&1 | grep -v -i warn \
-  | cut -c1-200 | tee "$OUT/check.txt"
-timeout 160 python3 bench/bench_uld.py --out "$OUT/table" --impls uld_kernels reference --rows 16384 --warmup 50 \
-  --rep 300 --reference-kinds random --pairs qwen_llama3 qwen_qwen llama2_gemma 2>&1 | tee "$OUT/bench.txt" \
-  | grep -E "^\| |copy"
-timeout 30 python3 bench/profile_passes.py --rows 16384 --pairs qwen_llama3 --kinds random 2>&1 \
-  | grep -v -i warn | grep -v "at::native" | tee "$OUT/passes.txt"
-timeout 45 python3 bench/bench_distill.py --skip-reference 2>&1 | grep -E "^\| |aligned" | tee "$OUT/distill.txt"
-timeout 70 python3 bench/scaling.py --out "$OUT" ${SCALING_ARGS:-} 2>&1 | grep -v -i warn | tee "$OUT/scaling.txt"
-timeout 200 python3 -m pytest tests/test_hist.py tests/test_gpu.py -q -p no:warnings -p no:cacheprovider 2>&1 \
-  | tail -3 | tee "$OUT/tests.txt"
-if [ "${LARGEST:-0}" = 1 ]; then
+STEPS=${ULD_STEPS:-tests check bench host passes distill scaling}
+has() { [[ " $STEPS " == *" $1 "* ]]; }
+IMPLS="uld_kernels reference"
+if ls .whl/liger_kernel-*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile \
+    --no-cache-dir --upgrade --target /tmp/site .whl/liger_kernel-*.whl; then
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}; IMPLS="$IMPLS liger_jsd"
+fi
+if has tests; then
+  timeout 240 python3 -m pytest tests/test_hist.py tests/test_gpu.py -q -p no:warnings -p no:cacheprovider 2>&1 \
+    | tail -4 | tee "$OUT/tests.txt"
+fi
+if has check; then
+  timeout 40 python3 bench/check_hist.py --rows 512 --pairs qwen_llama3 qwen_qwen 2>&1 | grep -v -i warn \
+    | cut -c1-200 | tee "$OUT/check.txt"
+fi
+if has bench; then
+  timeout 170 python3 bench/bench_uld.py --out "$OUT/table" --impls $IMPLS --rows 16384 --warmup 50 \
+    --rep 300 --reference-kinds random --pairs qwen_llama3 qwen_qwen llama2_gemma 2>&1 | tee "$OUT/bench.txt" \
+    | grep -E "^\| |copy"
+fi
+if has host; then
+  timeout 60 python3 bench/profile_host.py --cprofile 0 --pairs qwen_llama3 qwen_qwen --kinds random near identical \
+    2>&1 | grep -v -i warn | tee "$OUT/host.txt"
+fi
+if has passes; then
+  timeout 30 python3 bench/profile_passes.py --rows 16384 --pairs qwen_llama3 --kinds random 2>&1 \
+    | grep -v -i warn | grep -v "at::native" | tee "$OUT/passes.txt"
+fi
+if has distill; then
+  timeout 45 python3 bench/bench_distill.py --skip-reference --profile 2>&1 | grep -E "^\| |aligned|ms" \
+    | tee "$OUT/distill.txt"
+fi
+if has scaling; then
+  timeout 70 python3 bench/scaling.py --out "$OUT" ${SCALING_ARGS:-} 2>&1 | grep -v -i warn | tee "$OUT/scaling.txt"
+fi
+if has stress; then
   timeout 50 python3 bench/stress.py --calls 10 2>&1 | grep -v -i warn | tail -6 | tee "$OUT/stress.txt"
 fi
 for spec in "$@"; do

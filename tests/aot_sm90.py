@@ -28,12 +28,15 @@ TRITON_TYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 TARGET = GPUTarget("cuda", 90, 32)
 
 
-def compile_kernel(kernel, types: dict, constexprs: dict, aligned: list[str], num_warps: int):
+def compile_kernel(kernel, types: dict, constexprs: dict, aligned: list[str], options):
+    """options: num_warps, or a dict of compile options (num_warps, num_stages) as launch.py
+    passes them."""
     names = kernel.arg_names
     signature = {name: types.get(name, "constexpr") for name in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=TARGET, options=dict(num_warps=num_warps))
+    options = options if isinstance(options, dict) else dict(num_warps=options)
+    return triton.compile(src, target=TARGET, options=options)
 
 
 def facts(name: str, compiled) -> dict:
@@ -72,6 +75,7 @@ def distill_kernel_configs():
 
 def _types_by_name(kernel, logits: str) -> dict:
     """Triton types of a kernel's runtime arguments, from the naming convention of kernels/."""
+    split = kernel.fn.__module__ == uld_split.__name__
     types = {}
     for name in kernel.arg_names:
         if name[0].isupper():
@@ -87,8 +91,8 @@ def _types_by_name(kernel, logits: str) -> dict:
             types[name] = "*i16"
         elif name == "ws_mass_ptr":
             types[name] = "*i64"
-        elif name in ("row_mass_ptr", "partial_ptr"):
-            types[name] = "*fp64"
+        elif name == "row_mass_ptr" or (name == "partial_ptr" and not split):
+            types[name] = "*fp64"  # (the histogram engine's partial sums; the split engine's are float32)
         elif name.endswith("_ptr"):
             types[name] = "*fp32"
         elif name.endswith(("batch_stride", "row_stride")):
@@ -133,6 +137,17 @@ def split_kernel_configs():
             constexprs["BLOCK"] = min(cfg.block, 512)  # as launch.py runs it
         yield (f"split {label} {TRITON_TYPE[dtype]}", kernel, _types_by_name(kernel, "*" + TRITON_TYPE[dtype]),
                constexprs, [n for n in aligned_names if n in names], cfg.num_warps)
+    # The histogram engine's fallback: every pass of a flagged pair in one program (launch.py:
+    # `_trie_fallback`, num_stages=1).
+    for label, gathered in (("", False), (" gathered ce", True)):
+        kernel = uld_split.fallback_kernel
+        constexprs = dict(SAME_VOCAB=False, STUDENT_UNIT_STRIDE=True, TEACHER_UNIT_STRIDE=True, GATHER=gathered,
+                          HAS_CE=gathered, STUDENT_GRAD=True, TEACHER_GRAD=False, BLOCK=cfg.block,
+                          FINISH_BLOCK=min(cfg.block, 512), ROOT_CHUNK=cfg.chunk, ENTRIES=cfg.entries,
+                          RESOLVE_BLOCK=256, MAX_LEVELS=10, ROOT_BITS=cfg.root_bits, USE_PTX=cfg.smem,
+                          LEVEL_CAP=cfg.level_cap, PREFETCH=cfg.prefetch)
+        yield (f"fallback{label} bf16", kernel, _types_by_name(kernel, "*bf16"), constexprs,
+               [n for n in aligned_names if n in kernel.arg_names], dict(num_warps=cfg.num_warps, num_stages=1))
     for label, kernel, extra in [("stats", uld_split.stats_kernel, kernels[0][2]),
                                  ("grad", uld_split.grad_kernel, kernels[-1][2])]:
         names = kernel.arg_names

@@ -32,6 +32,7 @@ def test_every_configuration_compiles(compiled):
     assert sum(n.startswith("zero_rows") for n in names) == 3, names
     assert sum(n.startswith("split") and "gathered" not in n for n in names) == 18, names
     assert sum(n.startswith("split") and "gathered" in n for n in names) == 2, names
+    assert sum(n.startswith("fallback") for n in names) == 2, names
     for c in compiled:
         assert c["cubin_bytes"] > 0 and c["sm90"], c
 
@@ -48,7 +49,10 @@ def test_row_loads_are_vectorized_and_fit(compiled):
         # Static (inline PTX) plus Triton's dynamic shared memory past 48 KB fails to launch
         # without an opt-in (CUDA "invalid argument", seen on the H200).
         assert c["static_shared"] == 0 or c["static_shared"] + c["shared"] <= 48 * 1024, c
-        assert not c["local_memory"], f"{c['name']}: uses local memory (spills or stack arrays)"
+        if not c["name"].startswith("fallback"):
+            # (The fallback inlines every pass of the trie in one program: 255 registers and
+            # ~100 bytes of spills, compiled for sm_90 on 2026-11-29; it runs for flagged rows only.)
+            assert not c["local_memory"], f"{c['name']}: uses local memory (spills or stack arrays)"
 
 
 def test_count_levels_convert_no_layouts(compiled):

@@ -145,17 +145,12 @@ def test_nan_and_inf_rows_are_flagged_and_nan_like_the_trie(device):
             f"engine in {torch.isnan(trie).flatten(1).sum(-1).tolist()}")
 
 
-@pytest.mark.parametrize("mode,levels", [("sync", None), ("always", None), ("always", 1)])
-def test_rows_past_the_bins_are_flagged_or_exact(mode, levels, device, monkeypatch):
+def test_rows_past_the_bins_are_flagged_or_exact(device):
     """bf16 rows of huge range: the "wide" row holds logits >= 256, past the engine's fixed bins,
     and must be flagged; the "huge" one (tiny negative logits over 127 binades) is the engine's
     own. Without the fallback each row is flagged or already exact, and at least one is
     flagged, so the fallback runs on finite bf16 rows here; with it, both are exact, and an
-    unflagged row of the batch keeps the engine's results bit for bit. Both ways of running the
-    fallback (`ULD_HIST_FALLBACK`): the flagged pairs alone, or every pair; and the fallback's
-    trie with one level counted by chunk (`ULD_HIST_FALLBACK_LEVELS=1`), deeper ones per pair."""
-    monkeypatch.setattr(launch, "HIST_FALLBACK", mode)
-    monkeypatch.setattr(launch, "HIST_FALLBACK_LEVELS", levels)
+    unflagged row of the batch keeps the engine's results bit for bit."""
     huge = _rows("huge", 1, 300, 300, torch.bfloat16, device, seed=5)
     wide = _rows("wide", 1, 300, 300, torch.bfloat16, device, seed=6)
     student, teacher = torch.cat([huge[0], wide[0]]), torch.cat([huge[1], wide[1]])
@@ -172,6 +167,35 @@ def test_rows_past_the_bins_are_flagged_or_exact(mode, levels, device, monkeypat
     for name, ours, theirs in (("loss", out[0], rows), ("student gradient", out[2], grad_s),
                                ("teacher gradient", out[3], grad_t)):
         assert torch.equal(ours[kept], theirs[kept]), f"the fallback changed the {name} of an unflagged row"
+
+
+def test_the_fallback_walks_more_pairs_than_programs(device):
+    """The fallback kernel's persistent grid (`launch.SPLIT_INTERPRETED`: 5 programs under the
+    interpreter) over 11 pairs, flagged ones at 1, 6, 9 and 10 (logits of 300, past the bins;
+    pairs 6 and 1, 9 share a program): every flagged pair gets the trie engine's loss, status
+    and both gradients, and the unflagged ones keep the engine's own results bit for bit."""
+    g = torch.Generator().manual_seed(31)
+    student = (torch.randn(11, 150, generator=g) * 2).to(torch.bfloat16)
+    teacher = (torch.randn(11, 120, generator=g) * 2).to(torch.bfloat16)
+    for row, col in ((1, 3), (6, 100), (9, 0), (10, 149)):
+        student[row, col] = 300.0
+    teacher[9, 7] = -300.0  # and one past the bins on the teacher's side
+    student, teacher = student.to(device), teacher.to(device)
+    alone = launch.hist_rows(student, teacher, 1.3, 0.8, True, True, 1.0, fallback=False)
+    flagged = _flagged(alone[1])
+    assert flagged.tolist() == [i in (1, 6, 9, 10) for i in range(11)], f"flags {alone[1].tolist()}"
+    if device == "cpu":
+        assert launch.split_config(False).batch_rows < 11, "the grid must be shorter than the pairs"
+    ours = launch.hist_rows(student, teacher, 1.3, 0.8, True, True, 1.0)
+    trie = launch.uld_pairs(student, teacher, 1.3, 0.8, True, True, 1.0)
+    assert_losses_close(ours[0], trie[0], torch.bfloat16, what="loss against the trie")
+    assert ours[1].tolist() == torch.where(flagged.to(device), trie[1], 0).tolist(), "statuses"
+    assert_grads_close(ours[2], trie[3], student, torch.bfloat16, what="student gradient against the trie")
+    assert_grads_close(ours[3], trie[4], teacher, torch.bfloat16, what="teacher gradient against the trie")
+    kept = (~flagged).to(device)
+    for name, mine, engine in (("loss", ours[0], alone[0]), ("student gradient", ours[2], alone[2]),
+                               ("teacher gradient", ours[3], alone[3])):
+        assert torch.equal(mine[kept], engine[kept]), f"the fallback changed the {name} of an unflagged row"
 
 
 def test_masked_logits(device):
@@ -239,12 +263,10 @@ def test_gathered_pairs_with_cross_entropy_match_the_trie(device):
     assert_grads_close(ours[3], trie[3], student, torch.bfloat16)
 
 
-@pytest.mark.parametrize("mode", ["sync", "always"])
-def test_flagged_gathered_pairs_with_cross_entropy_go_through_the_fallback(mode, device, monkeypatch):
+def test_flagged_gathered_pairs_with_cross_entropy_go_through_the_fallback(device):
     """The training loss's path with a flagged pair (student row 0 holds a logit of 300, past
-    the bins) among ordinary and padding pairs: through the fallback, by either way of running
-    it, the same losses, cross-entropies and gradient as the trie engine on all the pairs."""
-    monkeypatch.setattr(launch, "HIST_FALLBACK", mode)
+    the bins) among ordinary and padding pairs: through the fallback, the same losses,
+    cross-entropies and gradient as the trie engine on all the pairs."""
     g = torch.Generator().manual_seed(22)
     student = (torch.randn(4, 230, generator=g) * 2).to(torch.bfloat16).to(device)
     teacher = (torch.randn(3, 170, generator=g) * 2).to(torch.bfloat16).to(device)

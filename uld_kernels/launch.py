@@ -6,7 +6,7 @@ Nothing here validates user input (api.py does) or knows about autograd (autogra
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -91,23 +91,6 @@ HIST_BATCH = int(os.environ.get("ULD_HIST_BATCH", 6144))  # pairs per batch at m
 HIST_BLOCK = int(os.environ.get("ULD_HIST_BLOCK", 2048))  # elements per step of hist_kernel's loop
 HIST_SIGN_BLOCK = int(os.environ.get("ULD_HIST_SIGN_BLOCK", 128))  # bins per step of sign_kernel's loop
 HIST_SIGN_WARPS = int(os.environ.get("ULD_HIST_SIGN_WARPS", 1))
-# Rows the histogram engine flags go to the trie: "always" launches it over every pair,
-# unflagged ones as padding (no host sync: the GPU tests require none), "sync" over the
-# flagged pairs alone (one host sync a call to find them; what a CUDA-graph capture never
-# gets). Seventh session, runs 4 and 5: "always" costs ~10 ms of host time a call at 16,384
-# rows (the trie's 16 batches of 9 launches), as much as the GPU time, so a call measured
-# alone is bound by the host (12.4 to 17 ms); "sync" measured 13.0 to 13.9 ms, bound by the
-# GPU's 11.6 ms and the wait.
-HIST_FALLBACK = os.environ.get("ULD_HIST_FALLBACK", "always")
-if HIST_FALLBACK not in ("sync", "always"):
-    raise ValueError(f"ULD_HIST_FALLBACK must be 'sync' or 'always', got {HIST_FALLBACK!r}")
-# The trie's levels counted split across chunks in the fallback alone (unset: ULD_SPLIT_LEVELS,
-# 4): fewer are fewer launches a batch (9 at 4, 7 at 2, 6 at 1), and the fallback's launches
-# over every pair are most of a call's host time (NOTES, seventh session). Not measured yet.
-_FALLBACK_LEVELS = os.environ.get("ULD_HIST_FALLBACK_LEVELS", "")
-HIST_FALLBACK_LEVELS = int(_FALLBACK_LEVELS) if _FALLBACK_LEVELS else None
-if HIST_FALLBACK_LEVELS is not None and not 1 <= HIST_FALLBACK_LEVELS <= 8:
-    raise ValueError(f"ULD_HIST_FALLBACK_LEVELS must be in [1, 8], got {HIST_FALLBACK_LEVELS}")
 # grad_kernel reads each element's sign through the non-coherent path (inline PTX, as the
 # trie's passes do). Not measured yet: off.
 HIST_GRAD_NC = os.environ.get("ULD_HIST_GRAD_NC", "0") != "0"
@@ -256,42 +239,16 @@ def hist_pairs(student_logits, teacher_logits, student_temperature, teacher_temp
              (teacher_logits, 1.0 / teacher_temperature, grad_teacher, teacher_vocab, teacher_index))
     _hist_batches(row_loss, flags, row_ce, sides, grad_scale, n_pairs, on_gpu, row_weight, ce_label, ce_weight)
     status = flags
-    flagged = flags != 0
     if gather:
-        flagged = flagged & ~padding
         row_loss = torch.where(padding, 0.0, row_loss)
         status = torch.where(padding, 0, status)
     if fallback:
-        # Flagged pairs, again through the trie engine; gradients are written in place, flagged
-        # rows only. By default (and under CUDA-graph capture) every pair is launched, the
-        # unflagged ones as padding, so that nothing waits for the GPU; ULD_HIST_FALLBACK=sync
-        # launches the flagged pairs alone, found with one host sync.
-        index = student_index if gather else torch.arange(n_pairs, device=device)
-        per_pair = dict(teacher_index=teacher_index if gather else index,
-                        row_weight=row_weight if gather else torch.ones(n_pairs, dtype=torch.float32, device=device),
-                        ce_label=ce_label, ce_weight=ce_weight)
-        launch_all = HIST_FALLBACK == "always" or (on_gpu and torch.cuda.is_current_stream_capturing())
-        if launch_all:
-            pair_index = torch.where(flagged, index, -1)
-        else:
-            chosen = flagged.nonzero().squeeze(1)
-            pair_index = index[chosen]
-            per_pair = {name: None if value is None else value[chosen] for name, value in per_pair.items()}
-            status = torch.zeros_like(status)
-        if launch_all or pair_index.numel() > 0:
-            fb_loss, fb_status, fb_ce, _gs, _gt = uld_pairs(
-                student_logits, teacher_logits, student_temperature, teacher_temperature, student_grad,
-                teacher_grad, grad_scale, student_index=pair_index, grad_student=grad_student,
-                grad_teacher=grad_teacher, split_levels=HIST_FALLBACK_LEVELS, **per_pair)
-            if launch_all:
-                row_loss = torch.where(flagged, fb_loss, row_loss)
-                status = torch.where(flagged, fb_status, 0)
-                if has_ce:
-                    row_ce = torch.where(flagged, fb_ce, row_ce)
-            else:
-                for out, value in ((row_loss, fb_loss), (status, fb_status), (row_ce, fb_ce)):
-                    if out is not None:
-                        out[chosen] = value
+        # Flagged pairs, again through the trie: one launch whatever their number (none, as a
+        # rule), nothing waits for the GPU; their losses, statuses, cross-entropies and
+        # gradient rows are written in place.
+        _trie_fallback(student_logits, teacher_logits, row_loss, status, row_ce, grad_student, grad_teacher,
+                       student_temperature, teacher_temperature, grad_scale, student_index, teacher_index,
+                       row_weight, ce_label, ce_weight, n_pairs)
     return row_loss, status, row_ce, grad_student, grad_teacher
 
 
@@ -370,7 +327,6 @@ def uld_pairs(
     ce_weight: torch.Tensor | None = None,
     grad_student: torch.Tensor | None = None,
     grad_teacher: torch.Tensor | None = None,
-    split_levels: int | None = None,
 ):
     """ULD over pairs of rows, optionally gathered by index, optionally with the student's
     cross-entropy fused in. Returns (row losses, status, row cross-entropies or None,
@@ -387,8 +343,7 @@ def uld_pairs(
     weighted, is added to the student's. ``grad_student``: a 2-D buffer to write the student
     gradient into (its row stride may exceed the vocabulary: padded lm_head columns); the rows
     of the pairs are written whole, the others are left as they are. ``grad_teacher``: the
-    same for the teacher's gradient. ``split_levels``: the trie's levels counted split across
-    chunks, in place of the configuration's (fewer launches a batch).
+    same for the teacher's gradient.
     """
     n_pairs, row_loss, row_ce, grad_student, grad_teacher = _pair_outputs(
         student_logits, teacher_logits, student_index, ce_label is not None, student_grad, teacher_grad,
@@ -398,13 +353,66 @@ def uld_pairs(
         return row_loss, status, row_ce, grad_student, grad_teacher
     _split_pairs(student_logits, teacher_logits, row_loss, status, row_ce, grad_student,
                  grad_teacher, student_temperature, teacher_temperature, grad_scale,
-                 student_index, teacher_index, row_weight, ce_label, ce_weight, n_pairs, split_levels)
+                 student_index, teacher_index, row_weight, ce_label, ce_weight, n_pairs)
     return row_loss, status, row_ce, grad_student, grad_teacher
+
+
+def _trie_workspace(batch, cfg, n_chunks, chunks_pow2, device):
+    """The trie engine's workspace for `batch` pairs at a time: (int planes, sign planes, meta,
+    row floats, bucket masses, row masses), the per-chunk partial floats and ints, the root's
+    per-chunk partial counts."""
+    trie = (torch.empty(batch * INT_PLANES * cfg.entries, dtype=torch.int32, device=device),
+            torch.empty(batch * SIGN_PLANES * cfg.entries, dtype=torch.float32, device=device),
+            torch.empty(batch * META_SLOTS, dtype=torch.int32, device=device),
+            torch.empty(batch * uld_split.ROW_FLOATS.value, dtype=torch.float32, device=device),
+            # int64 masses of the buckets below the root, both sides
+            torch.empty(batch * 2 * (cfg.entries - (1 << cfg.root_bits)), dtype=torch.int64, device=device),
+            torch.empty(batch * 2, dtype=torch.float64, device=device))
+    partial = torch.empty(batch * chunks_pow2 * uld_split.PARTIAL_FLOATS.value, dtype=torch.float32, device=device)
+    partial_i = torch.empty(batch * chunks_pow2 * uld_split.PARTIAL_INTS.value, dtype=torch.int32, device=device)
+    root_partial = torch.empty(batch * n_chunks << cfg.root_bits, dtype=torch.int32, device=device)
+    return trie, partial, partial_i, root_partial
+
+
+def _trie_fallback(student_logits, teacher_logits, row_loss, status, row_ce, grad_student, grad_teacher,
+                   student_temperature, teacher_temperature, grad_scale, student_index, teacher_index,
+                   row_weight, ce_label, ce_weight, n_pairs):
+    """The trie engine over the pairs of nonzero ``status`` (the histogram engine's flags), in
+    place and in one launch (`uld_split.fallback_kernel`): a persistent grid of up to
+    ``batch_rows`` programs, each with a workspace slot, walks every pair and computes the
+    flagged ones whole."""
+    gather = student_index is not None
+    has_ce = ce_label is not None
+    _, student_vocab = _rows_and_vocab(student_logits)
+    _, teacher_vocab = _rows_and_vocab(teacher_logits)
+    device = student_logits.device
+    cfg = split_config(device.type == "cuda")
+    programs = min(n_pairs, cfg.batch_rows)
+    root_chunks = triton.cdiv(max(student_vocab, teacher_vocab), cfg.chunk)
+    trie, partial, partial_i, root_partial = _trie_workspace(programs, cfg, root_chunks, 2, device)
+    unused = row_loss  # stands for pointers a configuration never reads
+    uld_split.fallback_kernel[(programs,)](
+        student_logits, teacher_logits, row_loss, status,
+        grad_student if grad_student is not None else unused, grad_teacher if grad_teacher is not None else unused,
+        *trie, partial, partial_i, root_partial, student_index if gather else unused,
+        teacher_index if gather else unused, row_weight if gather else unused, ce_label if has_ce else unused,
+        ce_weight if has_ce else unused, row_ce if has_ce else unused, n_pairs, root_chunks, student_vocab,
+        teacher_vocab, *_row_layout(student_logits), *_row_layout(teacher_logits),
+        grad_student.stride(0) if grad_student is not None else 0,
+        grad_teacher.stride(0) if grad_teacher is not None else 0,
+        1.0 / student_temperature, 1.0 / teacher_temperature, grad_scale,
+        SAME_VOCAB=student_vocab == teacher_vocab, STUDENT_UNIT_STRIDE=student_logits.stride(-1) == 1,
+        TEACHER_UNIT_STRIDE=teacher_logits.stride(-1) == 1, GATHER=gather, HAS_CE=has_ce,
+        STUDENT_GRAD=grad_student is not None, TEACHER_GRAD=grad_teacher is not None,
+        BLOCK=cfg.block, FINISH_BLOCK=min(cfg.block, 512), ROOT_CHUNK=cfg.chunk, ENTRIES=cfg.entries,
+        RESOLVE_BLOCK=256, MAX_LEVELS=_MAX_LEVELS, ROOT_BITS=cfg.root_bits,
+        USE_PTX=cfg.smem and device.type == "cuda", LEVEL_CAP=cfg.level_cap, PREFETCH=cfg.prefetch,
+        num_warps=cfg.num_warps, num_stages=1)
 
 
 def _split_pairs(student_logits, teacher_logits, row_loss, status, row_ce, grad_student,
                  grad_teacher, student_temperature, teacher_temperature, grad_scale,
-                 student_index, teacher_index, row_weight, ce_label, ce_weight, n_pairs, split_levels=None):
+                 student_index, teacher_index, row_weight, ce_label, ce_weight, n_pairs):
     """The split engine: per batch of pairs, one launch per pass over a (pair, chunk) grid."""
     gather = student_index is not None
     has_ce = ce_label is not None
@@ -413,23 +421,10 @@ def _split_pairs(student_logits, teacher_logits, row_loss, status, row_ce, grad_
     longest = max(student_vocab, teacher_vocab)
     device = student_logits.device
     cfg = split_config(device.type == "cuda")
-    if split_levels is not None:
-        cfg = replace(cfg, split_levels=split_levels)
     n_chunks = triton.cdiv(longest, cfg.chunk)
     chunks_pow2 = triton.next_power_of_2(n_chunks)
     batch = min(n_pairs, cfg.batch_rows)
-    ws_int = torch.empty(batch * INT_PLANES * cfg.entries, dtype=torch.int32, device=device)
-    ws_sign = torch.empty(batch * SIGN_PLANES * cfg.entries, dtype=torch.float32, device=device)
-    ws_meta = torch.empty(batch * META_SLOTS, dtype=torch.int32, device=device)
-    row_f = torch.empty(batch * uld_split.ROW_FLOATS.value, dtype=torch.float32, device=device)
-    partial = torch.empty(batch * chunks_pow2 * uld_split.PARTIAL_FLOATS.value, dtype=torch.float32,
-                          device=device)
-    partial_i = torch.empty(batch * chunks_pow2 * uld_split.PARTIAL_INTS.value, dtype=torch.int32,
-                            device=device)
-    root_partial = torch.empty(batch * n_chunks << cfg.root_bits, dtype=torch.int32, device=device)
-    # int64 masses of the buckets below the root, both sides
-    ws_mass = torch.empty(batch * 2 * (cfg.entries - (1 << cfg.root_bits)), dtype=torch.int64, device=device)
-    row_mass = torch.empty(batch * 2, dtype=torch.float64, device=device)
+    trie, partial, partial_i, root_partial = _trie_workspace(batch, cfg, n_chunks, chunks_pow2, device)
     unused = row_loss  # stands for pointers a configuration never reads
     s_index = student_index if gather else unused
     t_index = teacher_index if gather else unused
@@ -439,12 +434,11 @@ def _split_pairs(student_logits, teacher_logits, row_loss, status, row_ce, grad_
                    TEACHER_UNIT_STRIDE=teacher_logits.stride(-1) == 1, GATHER=gather)
     sizes = dict(BLOCK=cfg.block, ENTRIES=cfg.entries, MAX_LEVELS=_MAX_LEVELS, STAGES=cfg.stages,
                  ROOT_BITS=cfg.root_bits, num_warps=cfg.num_warps)
-    trie = (ws_int, ws_sign, ws_meta, row_f, ws_mass, row_mass)
     use_ptx = cfg.smem and device.type == "cuda"  # inline PTX (kernels/ptx.py): never interpreted
     for batch_start in range(0, n_pairs, batch):
         rows = min(batch, n_pairs - batch_start)
         grid = (rows * n_chunks,)
-        ws_meta.zero_()  # the per-pass counters of the last program of each pair
+        trie[2].zero_()  # the per-pass counters of the last program of each pair
         uld_split.stats_kernel[grid](
             student_logits, teacher_logits, row_loss, status, *trie, partial, partial_i,
             s_index, t_index, ce_label if has_ce else unused, row_ce if has_ce else unused,

@@ -31,7 +31,7 @@ import triton.language as tl
 from uld_kernels.kernels.uld_rows import (
     _CNT_S, _CNT_T, _KEY_HI, _KEY_LO, _MAX_S, _MAX_T, _MIN_S, _MIN_T, _NODE_TOP, _ROOT_BASE,
     _SHIFT_OFFSET, _clamp_key,
-    INT_PLANES, LN2, LOG2E, MASS_SCALE, SIGN_PLANES,
+    INT_PLANES, LN2, LOG2E, MASS_SCALE, META_SLOTS, SIGN_PLANES,
     _count_level, _finish_lse2, _keys_of, _pair_rows, _probs_and_keys, _resolve_level,
     _stats_range, _write_grad,
 )
@@ -662,3 +662,89 @@ def _grad_pass(
                         grad_teacher_ptr + t_index * grad_teacher_row_stride,
                         0.0, 0.0, -1, 0.0,
                         ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS, False, USE_PTX, PREFETCH)
+
+
+@triton.jit(do_not_specialize=["n_pairs", "root_chunks", "student_seq_len", "teacher_seq_len"])
+def fallback_kernel(
+    student_ptr, teacher_ptr, row_loss_ptr, status_ptr, grad_student_ptr, grad_teacher_ptr,
+    ws_int_ptr, ws_sign_ptr, ws_meta_ptr, row_f_ptr, ws_mass_ptr, row_mass_ptr, partial_ptr, partial_i_ptr,
+    root_partial_ptr, student_index_ptr, teacher_index_ptr, row_weight_ptr, ce_label_ptr, ce_weight_ptr,
+    row_ce_ptr, n_pairs, root_chunks, student_vocab, teacher_vocab,
+    student_seq_len, student_batch_stride, student_row_stride, student_col_stride,
+    teacher_seq_len, teacher_batch_stride, teacher_row_stride, teacher_col_stride,
+    grad_student_row_stride, grad_teacher_row_stride,
+    inv_student_temperature, inv_teacher_temperature, grad_scale,
+    SAME_VOCAB: tl.constexpr, STUDENT_UNIT_STRIDE: tl.constexpr, TEACHER_UNIT_STRIDE: tl.constexpr,
+    GATHER: tl.constexpr, HAS_CE: tl.constexpr, STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr, FINISH_BLOCK: tl.constexpr, ROOT_CHUNK: tl.constexpr, ENTRIES: tl.constexpr,
+    RESOLVE_BLOCK: tl.constexpr, MAX_LEVELS: tl.constexpr, ROOT_BITS: tl.constexpr, USE_PTX: tl.constexpr,
+    LEVEL_CAP: tl.constexpr, PREFETCH: tl.constexpr,
+):
+    """The trie over the pairs whose status is nonzero (those the histogram engine flagged),
+    every pass of a pair in one program, in one launch whatever the number of pairs.
+
+    A persistent grid: program s walks pairs s, s + programs, ... and gives each flagged one
+    workspace slot s (its per-pass counters zeroed), then the passes in turn: the stats over
+    the whole rows (one chunk), the root chunk by chunk (ROOT_CHUNK < 65,536 columns: 16-bit
+    partial counts), level 1 with the loss's sums, the deeper levels (`_finish_pass`), and the
+    gradients. It writes the pair's loss, status (the trie's: 0 when the root settled it),
+    cross-entropy and gradient rows in place; other pairs are not touched. The launches of the
+    split passes over every pair "just in case" cost ~10 ms of host time at 16,384 rows
+    (bench/NOTES.md, seventh session); this costs one launch, and a program per pair reading
+    its rows a few times is fast enough for the rare flagged row."""
+    WHOLE: tl.constexpr = 1 << 30  # a chunk longer than any row
+    slot = tl.program_id(0)
+    meta_ptr = ws_meta_ptr + slot.to(tl.int64) * META_SLOTS
+    for pair in range(slot, n_pairs, tl.num_programs(0)):
+        if tl.load(status_ptr + pair) != 0:
+            tl.store(meta_ptr + tl.arange(0, META_SLOTS), tl.zeros([META_SLOTS], tl.int32))
+            tl.debug_barrier()
+            _stats_pass(
+                slot, pair, 0, 0, student_ptr, teacher_ptr, row_loss_ptr, status_ptr, ws_int_ptr, ws_sign_ptr,
+                ws_meta_ptr, row_f_ptr, ws_mass_ptr, row_mass_ptr, partial_ptr, partial_i_ptr, student_index_ptr,
+                teacher_index_ptr, ce_label_ptr, row_ce_ptr, 1, student_vocab, teacher_vocab, student_seq_len,
+                student_batch_stride, student_row_stride, student_col_stride, teacher_seq_len,
+                teacher_batch_stride, teacher_row_stride, teacher_col_stride, inv_student_temperature,
+                inv_teacher_temperature, SAME_VOCAB, STUDENT_UNIT_STRIDE, TEACHER_UNIT_STRIDE, GATHER, HAS_CE,
+                BLOCK, WHOLE, 2, ENTRIES, RESOLVE_BLOCK, MAX_LEVELS, 1, ROOT_BITS)
+            tl.debug_barrier()
+            for chunk in range(0, root_chunks):
+                _root_pass(
+                    slot, pair, chunk, chunk * ROOT_CHUNK, student_ptr, teacher_ptr, ws_int_ptr, ws_sign_ptr,
+                    ws_meta_ptr, row_f_ptr, ws_mass_ptr, row_mass_ptr, student_index_ptr, teacher_index_ptr,
+                    root_partial_ptr, root_chunks, student_vocab, teacher_vocab, student_seq_len,
+                    student_batch_stride, student_row_stride, student_col_stride, teacher_seq_len,
+                    teacher_batch_stride, teacher_row_stride, teacher_col_stride, inv_student_temperature,
+                    inv_teacher_temperature, STUDENT_UNIT_STRIDE, TEACHER_UNIT_STRIDE, GATHER, BLOCK, ROOT_CHUNK,
+                    ENTRIES, RESOLVE_BLOCK, MAX_LEVELS, 1, ROOT_BITS, USE_PTX, LEVEL_CAP)
+                tl.debug_barrier()  # the shared histogram is read back before the next chunk zeroes it
+            _count_pass(
+                slot, pair, 0, 0, student_ptr, teacher_ptr, ws_int_ptr, ws_sign_ptr, ws_meta_ptr, row_f_ptr,
+                ws_mass_ptr, row_mass_ptr, student_index_ptr, teacher_index_ptr, partial_ptr, 1, 1,
+                student_vocab, teacher_vocab, student_seq_len, student_batch_stride, student_row_stride,
+                student_col_stride, teacher_seq_len, teacher_batch_stride, teacher_row_stride, teacher_col_stride,
+                inv_student_temperature, inv_teacher_temperature, STUDENT_UNIT_STRIDE, TEACHER_UNIT_STRIDE,
+                GATHER, BLOCK, WHOLE, 2, ENTRIES, RESOLVE_BLOCK, MAX_LEVELS, 1, ROOT_BITS, True, USE_PTX,
+                PREFETCH)
+            tl.debug_barrier()
+            _finish_pass(
+                slot, pair, student_ptr, teacher_ptr, row_loss_ptr, status_ptr, ws_int_ptr, ws_sign_ptr,
+                ws_meta_ptr, row_f_ptr, ws_mass_ptr, row_mass_ptr, partial_ptr, student_index_ptr,
+                teacher_index_ptr, 1, student_vocab, teacher_vocab, student_seq_len, student_batch_stride,
+                student_row_stride, student_col_stride, teacher_seq_len, teacher_batch_stride,
+                teacher_row_stride, teacher_col_stride, inv_student_temperature, inv_teacher_temperature,
+                STUDENT_UNIT_STRIDE, TEACHER_UNIT_STRIDE, GATHER, FINISH_BLOCK, 2, ENTRIES, RESOLVE_BLOCK,
+                MAX_LEVELS, 1, ROOT_BITS, USE_PTX, PREFETCH)
+            tl.debug_barrier()
+            if STUDENT_GRAD or TEACHER_GRAD:
+                _grad_pass(
+                    slot, pair, 0, 0, student_ptr, teacher_ptr, grad_student_ptr, grad_teacher_ptr, ws_int_ptr,
+                    ws_sign_ptr, ws_meta_ptr, row_f_ptr, ws_mass_ptr, row_mass_ptr, student_index_ptr,
+                    teacher_index_ptr, row_weight_ptr, ce_label_ptr, ce_weight_ptr, 1, student_vocab,
+                    teacher_vocab, student_seq_len, student_batch_stride, student_row_stride, student_col_stride,
+                    teacher_seq_len, teacher_batch_stride, teacher_row_stride, teacher_col_stride,
+                    grad_student_row_stride, grad_teacher_row_stride, inv_student_temperature,
+                    inv_teacher_temperature, grad_scale, STUDENT_GRAD, TEACHER_GRAD, STUDENT_UNIT_STRIDE,
+                    TEACHER_UNIT_STRIDE, GATHER, HAS_CE, BLOCK, WHOLE, ENTRIES, MAX_LEVELS, 1, ROOT_BITS,
+                    USE_PTX, PREFETCH)
+            tl.debug_barrier()  # before the next pair takes the slot
