@@ -57,11 +57,18 @@ def _identical(gen, rows, vs, vt, device):
     return student, student.clone()
 
 
+def _wide(gen, rows, vs, vt, device):
+    """Logits of standard deviation 100: each row holds some past +-256, beyond the histogram
+    engine's bins, so every row is flagged and goes to the trie fallback."""
+    return _randn(gen, rows, vs, device) * 100.0, _randn(gen, rows, vt, device) * 100.0
+
+
 KINDS = {
     "random": Kind(_random, False, "student and teacher logits N(0, 1)"),
     "peaked": Kind(_peaked, False, "Gumbel(0, 2) logits plus five large ones per row"),
     "near": Kind(_near, True, "teacher = student (peaked) + N(0, 0.1^2), same vocabulary"),
     "identical": Kind(_identical, True, "teacher identical to student"),
+    "wide": Kind(_wide, False, "logits N(0, 100^2): every row past the histogram's bins (the fallback's worst case)"),
 }
 
 
