@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
+import functools
 import os
 import subprocess
 import sys
@@ -135,11 +136,15 @@ def run(args) -> list[Result]:
                         if vs != vt:
                             continue
                         with torch.no_grad():
-                            inputs = tuple(x.float().log_softmax(-1).to(x.dtype) for x in inputs)
+                            inputs = tuple((x.float() / args.temperature).log_softmax(-1).to(x.dtype) for x in inputs)
                         inputs[0].requires_grad_(True)
+                    fn = IMPLS[impl]()
+                    if impl not in LOG_PROB_IMPLS and args.temperature != 1.0:
+                        fn = functools.partial(fn, student_temperature=args.temperature,
+                                               teacher_temperature=args.temperature)
                     try:
                         fwd, fwd_grad, bwd, full, peak, loss = measure(
-                            impl, IMPLS[impl](), *inputs, args.warmup, args.rep, args.full_only)
+                            impl, fn, *inputs, args.warmup, args.rep, args.full_only)
                     except torch.OutOfMemoryError:
                         print(f"{impl} {pair} rows={rows} {kind}: out of memory", flush=True)
                         torch.cuda.empty_cache()
@@ -230,6 +235,8 @@ def main():
     parser.add_argument("--rep", type=int, default=300,
                         help="do_bench's timed calls, in milliseconds (300: ~25 calls at 12 ms; 10 times one)")
     parser.add_argument("--full-only", action="store_true", help="time forward+backward only")
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="softmax temperature of both sides (the masked kind is flagged above ~2.9)")
     parser.add_argument("--quick", action="store_true", help="2,048 rows, one pair, ours only")
     parser.add_argument("--out", default=os.environ.get("OUT", os.path.join(os.path.dirname(__file__), "out")))
     args = parser.parse_args()

@@ -63,11 +63,23 @@ def _wide(gen, rows, vs, vt, device):
     return _randn(gen, rows, vs, device) * 100.0, _randn(gen, rows, vt, device) * 100.0
 
 
+def _masked(gen, rows, vs, vt, device):
+    """Peaked rows with a quarter of each row's columns masked by a finite -1e4 (what a
+    vocabulary mask in the logits looks like). At temperature 1 the masks have probability 0;
+    above ~2.9 the lowest bin (-256 and below) has probability, and the histogram engine flags
+    every such row (`bench_uld.py --temperature 3`: every row through the fallback, dense)."""
+    def one(vocab):
+        row = _peaked_row(gen, rows, vocab, device)
+        return row.masked_fill_(torch.rand(rows, vocab, generator=gen, device=device) < 0.25, -1e4)
+    return one(vs), one(vt)
+
+
 KINDS = {
     "random": Kind(_random, False, "student and teacher logits N(0, 1)"),
     "peaked": Kind(_peaked, False, "Gumbel(0, 2) logits plus five large ones per row"),
     "near": Kind(_near, True, "teacher = student (peaked) + N(0, 0.1^2), same vocabulary"),
     "identical": Kind(_identical, True, "teacher identical to student"),
+    "masked": Kind(_masked, False, "peaked, a quarter of the columns at -1e4 (flagged at temperatures above ~2.9)"),
     "wide": Kind(_wide, False, "logits N(0, 100^2): every row past the histogram's bins (the fallback's worst case)"),
 }
 
