@@ -56,6 +56,8 @@ def facts(name: str, compiled) -> dict:
         local_memory=".local" in ptx,
         # stores to shared memory: layout conversions go through it (kernels/ptx.py)
         shared_stores=len(re.findall(r"\bst\.shared", ptx)),
+        # float32 loads through the read-only path (ptx.gather_f32's sign gathers)
+        nc_f32_loads=len(re.findall(r"ld\.global\.nc\.f32", ptx)),
     )
 
 

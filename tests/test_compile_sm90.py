@@ -63,3 +63,15 @@ def test_count_levels_convert_no_layouts(compiled):
     assert len(walks) == 9, [c["name"] for c in compiled]
     for c in walks:
         assert c["shared_stores"] < 64, c
+
+
+def test_the_fallback_reads_its_own_sign_tables_coherently(compiled):
+    """fallback_kernel writes the sign tables it reads in the same launch (and again for every
+    pair that reuses a workspace slot), where the read-only path (`ld.global.nc`) promises
+    nothing: its sign gathers are plain loads. The split passes, which read tables an earlier
+    launch wrote, keep the read-only path."""
+    by_name = {c["name"]: c for c in compiled}
+    for name in ("fallback bf16", "fallback gathered ce bf16"):
+        assert by_name[name]["nc_f32_loads"] == 0, by_name[name]
+    for name in ("split count level 1 (sums the loss) bf16", "split grad bf16"):
+        assert by_name[name]["nc_f32_loads"] > 0, by_name[name]

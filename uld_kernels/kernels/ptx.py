@@ -98,10 +98,12 @@ _DESCEND_ASM = tl.constexpr(
     + "mad.wide.s32 a, $1, 4, $6; ld.global.f32 $0, [a]; DONE: }")
 # A masked gather of float32 through the read-only path, one wide multiply-add for the address
 # (Triton spends four instructions on a 64-bit address from a signed 32-bit index). $1 index,
-# $2 mask, $3 base; 0 where masked.
+# $2 mask, $3 base; 0 where masked. The coherent form (a plain load) is for tables written in
+# the same launch, where the read-only path's contract does not hold.
 _GATHER_ASM = tl.constexpr(
     "{ .reg .pred p; .reg .u64 a; mov.b32 $0, 0; setp.ne.s32 p, $2, 0; mad.wide.s32 a, $1, 4, $3; "
     "@p ld.global.nc.f32 $0, [a]; }")
+_GATHER_COHERENT_ASM = tl.constexpr(_GATHER_ASM.value.replace("ld.global.nc.f32", "ld.global.f32"))
 _ADD_ASM = tl.constexpr(
     "{ .reg .u32 a; mov.u32 a, uld_smem; mad.lo.u32 a, $1, 4, a; red.shared.add.u32 [a], $2; mov.u32 $0, 0; }")
 _LOAD_ASM = tl.constexpr(
@@ -184,9 +186,15 @@ def descend(sign, entry, key, child_ptr, sign_ptr, shift, digit_mask):
 
 
 @triton.jit
-def gather_f32(base_ptr, index, mask):
-    """base_ptr[index] where mask, else 0 (float32; the table must not change during the kernel)."""
-    return tl.inline_asm_elementwise(_GATHER_ASM, "=r,r,r,l", [index, mask.to(tl.int32), base_ptr + tl.zeros_like(index)],
+def gather_f32(base_ptr, index, mask, NC: tl.constexpr = True):
+    """base_ptr[index] where mask, else 0 (float32). NC: through the read-only (non-coherent)
+    path, for a table that does not change during the kernel; else a plain load, which sees
+    what this program wrote before a barrier."""
+    if NC:
+        asm: tl.constexpr = _GATHER_ASM
+    else:
+        asm: tl.constexpr = _GATHER_COHERENT_ASM
+    return tl.inline_asm_elementwise(asm, "=r,r,r,l", [index, mask.to(tl.int32), base_ptr + tl.zeros_like(index)],
                                      dtype=tl.float32, is_pure=True, pack=1)
 
 

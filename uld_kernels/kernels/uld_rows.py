@@ -313,7 +313,7 @@ def _walk(key, counted, child_ptr, meta_ptr, depth, MAX_LEVELS: tl.constexpr):
 
 @triton.jit
 def _walk_sign(key, counted, child_ptr, sign_ptr, meta_ptr, depth, MAX_LEVELS: tl.constexpr,
-               USE_PTX: tl.constexpr):
+               USE_PTX: tl.constexpr, NC_SIGNS: tl.constexpr = True):
     """The sign of each key: read at its root bucket, and one level further down only where
     the bucket read is open (its sign is NaN), so that keys decided near the root cost one
     gather. Lanes not counted get 0. USE_PTX: each level is an inline-PTX step that a warp
@@ -321,7 +321,7 @@ def _walk_sign(key, counted, child_ptr, sign_ptr, meta_ptr, depth, MAX_LEVELS: t
     key = _clamp_key(key, meta_ptr)
     entry = (key >> tl.load(meta_ptr + _SHIFT_OFFSET)) - tl.load(meta_ptr + _ROOT_BASE)
     if USE_PTX:
-        sign = gather_f32(sign_ptr, entry, counted)
+        sign = gather_f32(sign_ptr, entry, counted, NC_SIGNS)
     else:
         sign = tl.load(sign_ptr + entry, mask=counted, other=0.0)
     for level in tl.static_range(1, MAX_LEVELS):
@@ -510,14 +510,16 @@ def _count_level(row_ptr, col_stride, scale, top, log_sum, ws_ptr, sign_ptr, mas
                  CNT: tl.constexpr, KEY_MIN: tl.constexpr, KEY_MAX: tl.constexpr,
                  ENTRIES: tl.constexpr, BLOCK: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr,
                  STAGES: tl.constexpr, MAX_LEVELS: tl.constexpr, LOSS: tl.constexpr,
-                 USE_PTX: tl.constexpr, PREFETCH: tl.constexpr):
+                 USE_PTX: tl.constexpr, PREFETCH: tl.constexpr, NC_SIGNS: tl.constexpr = True):
     """One pass over columns [start, stop) of a row. Where `count`: count (and sum the mass of)
     its keys that reach the open buckets of `level`. With LOSS (level 1): also return
     sum p * sign over the elements that the root decided, reading each sign at its root
     bucket; the open root buckets' signs are NaN, and exactly their elements walk down.
     Without LOSS, keys outside [key_lo, key_hi] (a range known to hold every open bucket) skip
     the walk: no gathers, no atomics. USE_PTX (GPU): the reductions as inline PTX, which keep
-    the row loads' layout and branch around lanes that reach nothing (kernels/ptx.py)."""
+    the row loads' layout and branch around lanes that reach nothing (kernels/ptx.py), and the
+    root signs gathered through the read-only path unless NC_SIGNS is off (a launch that
+    writes the sign tables it reads: `uld_split.fallback_kernel`)."""
     lanes = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], tl.float32)
     root_shift = tl.load(meta_ptr + _SHIFT_OFFSET)
@@ -533,7 +535,7 @@ def _count_level(row_ptr, col_stride, scale, top, log_sum, ws_ptr, sign_ptr, mas
         if LOSS:
             root_entry = (key >> root_shift) - root_base
             if USE_PTX:  # the root's signs do not change during this pass
-                sign = gather_f32(sign_ptr, root_entry, counted)
+                sign = gather_f32(sign_ptr, root_entry, counted, NC_SIGNS)
             else:
                 sign = tl.load(sign_ptr + root_entry, mask=counted, other=0.0)
             decided = sign == sign
@@ -565,7 +567,7 @@ def _write_grad(row_ptr, col_stride, inv_temperature, scale, top, log_sum, ws_pt
                 meta_ptr, depth, start, stop, signed_mass, factor, grad_ptr, ce_top, ce_log_sum, ce_label, ce_factor,
                 ENTRIES: tl.constexpr, BLOCK: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr,
                 STAGES: tl.constexpr, MAX_LEVELS: tl.constexpr, HAS_CE: tl.constexpr,
-                USE_PTX: tl.constexpr, PREFETCH: tl.constexpr):
+                USE_PTX: tl.constexpr, PREFETCH: tl.constexpr, NC_SIGNS: tl.constexpr = True):
     """grad_i = factor * (p_i / T) * (sign_i - signed_mass): the softmax backward of signs,
     plus, with HAS_CE, ce_factor * (softmax(z)_i - [i == ce_label]): the cross-entropy's.
     Columns [start, stop)."""
@@ -576,7 +578,7 @@ def _write_grad(row_ptr, col_stride, inv_temperature, scale, top, log_sum, ws_pt
         p, key, counted, z, ahead = _block_keys(ahead, row_ptr, idx, col_stride, stop, scale,
                                                 top, log_sum, BLOCK, UNIT_COL_STRIDE, PREFETCH)
         sign = _walk_sign(key, counted, ws_ptr + _CHILD * ENTRIES, sign_ptr, meta_ptr, depth, MAX_LEVELS,
-                          USE_PTX)
+                          USE_PTX, NC_SIGNS)
         grad = factor * (p * inv_temperature) * (sign - signed_mass)
         if HAS_CE:  # ce_top, ce_log_sum: the base-2 statistics of the row at temperature 1
             grad += ce_factor * (_exp2((z - ce_top) * LOG2E - ce_log_sum) - (idx == ce_label).to(tl.float32))

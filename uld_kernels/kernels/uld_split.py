@@ -278,7 +278,7 @@ def _count_level_both(s_row, t_row, student_col_stride, teacher_col_stride,
                       ENTRIES: tl.constexpr, BLOCK: tl.constexpr, STUDENT_UNIT_STRIDE: tl.constexpr,
                       TEACHER_UNIT_STRIDE: tl.constexpr, STAGES: tl.constexpr, MAX_LEVELS: tl.constexpr,
                       ROOT_BITS: tl.constexpr, LOSS: tl.constexpr, USE_PTX: tl.constexpr,
-                      PREFETCH: tl.constexpr):
+                      PREFETCH: tl.constexpr, NC_SIGNS: tl.constexpr = True):
     """`_count_level` over columns [start, s_stop) of the student row and [start, t_stop) of the
     teacher row; returns both sides' sums of p * sign over the elements the root decided (LOSS)."""
     key_lo = tl.load(meta_ptr + _OPEN_LO)
@@ -288,12 +288,14 @@ def _count_level_both(s_row, t_row, student_col_stride, teacher_col_stride,
         s_row, student_col_stride, inv_student_temperature * LOG2E, tl.load(row_f + _S_TOP),
         tl.load(row_f + _S_LOG_SUM), ws_ptr, sign_ptr, mass_ptr, meta_ptr, level,
         start, s_stop, key_lo, key_hi, count,
-        _CNT_S, _MIN_S, _MAX_S, ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS, LOSS, USE_PTX, PREFETCH)
+        _CNT_S, _MIN_S, _MAX_S, ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS, LOSS, USE_PTX, PREFETCH,
+        NC_SIGNS)
     teacher_sum = _count_level(
         t_row, teacher_col_stride, inv_teacher_temperature * LOG2E, tl.load(row_f + _T_TOP),
         tl.load(row_f + _T_LOG_SUM), ws_ptr, sign_ptr + ENTRIES, mass_ptr + span, meta_ptr, level,
         start, t_stop, key_lo, key_hi, count,
-        _CNT_T, _MIN_T, _MAX_T, ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS, LOSS, USE_PTX, PREFETCH)
+        _CNT_T, _MIN_T, _MAX_T, ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS, LOSS, USE_PTX, PREFETCH,
+        NC_SIGNS)
     return student_sum, teacher_sum
 
 
@@ -458,6 +460,7 @@ def _count_pass(
     CHUNKS_POW2: tl.constexpr, ENTRIES: tl.constexpr, RESOLVE_BLOCK: tl.constexpr, MAX_LEVELS: tl.constexpr,
     STAGES: tl.constexpr, ROOT_BITS: tl.constexpr, LOSS: tl.constexpr, USE_PTX: tl.constexpr,
     PREFETCH: tl.constexpr,
+    NC_SIGNS: tl.constexpr = True
 ):
     """`count_kernel` for one (pair, chunk) (`_stats_pass` says what `local` and `pair` are)."""
     meta_ptr, row_f, flags = _row_state(ws_meta_ptr, row_f_ptr, local)
@@ -479,7 +482,7 @@ def _count_pass(
             inv_student_temperature, inv_teacher_temperature, row_f, ws_ptr, sign_ptr, meta_ptr, mass_ptr,
             level, start, tl.minimum(start + CHUNK, student_vocab), tl.minimum(start + CHUNK, teacher_vocab),
             count, ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS, ROOT_BITS,
-            LOSS, USE_PTX, PREFETCH)
+            LOSS, USE_PTX, PREFETCH, NC_SIGNS)
         if LOSS:
             part = partial_ptr + (local.to(tl.int64) * CHUNKS_POW2 + chunk) * PARTIAL_FLOATS
             tl.store(part + 0, student_sum)
@@ -534,6 +537,7 @@ def _finish_pass(
     TEACHER_UNIT_STRIDE: tl.constexpr, GATHER: tl.constexpr, BLOCK: tl.constexpr, CHUNKS_POW2: tl.constexpr,
     ENTRIES: tl.constexpr, RESOLVE_BLOCK: tl.constexpr, MAX_LEVELS: tl.constexpr, STAGES: tl.constexpr,
     ROOT_BITS: tl.constexpr, USE_PTX: tl.constexpr, PREFETCH: tl.constexpr,
+    NC_SIGNS: tl.constexpr = True
 ):
     """`finish_kernel` for one pair (`_stats_pass` says what `local` and `pair` are)."""
     meta_ptr, row_f, flags = _row_state(ws_meta_ptr, row_f_ptr, local)
@@ -553,7 +557,7 @@ def _finish_pass(
                                   inv_student_temperature, inv_teacher_temperature, row_f, ws_ptr, sign_ptr,
                                   meta_ptr, mass_ptr, depth, 0, student_vocab, teacher_vocab, status > 0,
                                   ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS,
-                                  ROOT_BITS, False, USE_PTX, PREFETCH)
+                                  ROOT_BITS, False, USE_PTX, PREFETCH, NC_SIGNS)
                 tl.debug_barrier()
                 # LEVEL_CAP = ENTRIES: no cap below level 1 (only the root's children are capped)
                 status = _resolve_level(ws_ptr, sign_ptr, meta_ptr, depth, mass_ptr, row_mass,
@@ -623,6 +627,7 @@ def _grad_pass(
     GATHER: tl.constexpr, HAS_CE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
     ENTRIES: tl.constexpr, MAX_LEVELS: tl.constexpr, STAGES: tl.constexpr, ROOT_BITS: tl.constexpr,
     USE_PTX: tl.constexpr, PREFETCH: tl.constexpr,
+    NC_SIGNS: tl.constexpr = True
 ):
     """`grad_kernel` for one (pair, chunk) (`_stats_pass` says what `local` and `pair` are)."""
     meta_ptr, row_f, flags = _row_state(ws_meta_ptr, row_f_ptr, local)
@@ -653,7 +658,8 @@ def _grad_pass(
                         depth, start, tl.minimum(start + CHUNK, student_vocab), tl.load(row_f + _S_MASS),
                         row_grad_scale, grad_student_ptr + s_index * grad_student_row_stride,
                         ce_top, ce_log_sum, ce_label, ce_factor,
-                        ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS, HAS_CE, USE_PTX, PREFETCH)
+                        ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS, HAS_CE, USE_PTX, PREFETCH,
+                        NC_SIGNS)
         if TEACHER_GRAD:
             _write_grad(t_row, teacher_col_stride, inv_teacher_temperature, inv_teacher_temperature * LOG2E,
                         tl.load(row_f + _T_TOP), tl.load(row_f + _T_LOG_SUM), ws_ptr, sign_ptr + ENTRIES,
@@ -661,7 +667,8 @@ def _grad_pass(
                         tl.load(row_f + _T_MASS), -row_grad_scale,
                         grad_teacher_ptr + t_index * grad_teacher_row_stride,
                         0.0, 0.0, -1, 0.0,
-                        ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS, False, USE_PTX, PREFETCH)
+                        ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS, False, USE_PTX, PREFETCH,
+                        NC_SIGNS)
 
 
 @triton.jit(do_not_specialize=["n_pairs", "root_chunks", "student_seq_len", "teacher_seq_len"])
@@ -687,11 +694,13 @@ def fallback_kernel(
     workspace slot s (its per-pass counters zeroed), then the passes in turn: the stats over
     the whole rows (one chunk), the root chunk by chunk (ROOT_CHUNK < 65,536 columns: 16-bit
     partial counts), level 1 with the loss's sums, the deeper levels (`_finish_pass`), and the
-    gradients. It writes the pair's loss, status (the trie's: 0 when the root settled it),
-    cross-entropy and gradient rows in place; other pairs are not touched. The launches of the
-    split passes over every pair "just in case" cost ~10 ms of host time at 16,384 rows
-    (bench/NOTES.md, seventh session); this costs one launch, and a program per pair reading
-    its rows a few times is fast enough for the rare flagged row."""
+    gradients. The sign tables it writes are read back in the same launch, so through plain
+    loads, not the read-only path (`NC_SIGNS=False`). It writes the pair's loss, status (the
+    trie's: 0 when the root settled it), cross-entropy and gradient rows in place; other pairs
+    are not touched. The launches of the split passes over every pair "just in case" cost ~10
+    ms of host time at 16,384 rows (bench/NOTES.md, seventh session); this costs one launch,
+    and a program per pair reading its rows a few times is fast enough for the rare flagged
+    row."""
     WHOLE: tl.constexpr = 1 << 30  # a chunk longer than any row
     slot = tl.program_id(0)
     meta_ptr = ws_meta_ptr + slot.to(tl.int64) * META_SLOTS
@@ -725,7 +734,7 @@ def fallback_kernel(
                 student_col_stride, teacher_seq_len, teacher_batch_stride, teacher_row_stride, teacher_col_stride,
                 inv_student_temperature, inv_teacher_temperature, STUDENT_UNIT_STRIDE, TEACHER_UNIT_STRIDE,
                 GATHER, BLOCK, WHOLE, 2, ENTRIES, RESOLVE_BLOCK, MAX_LEVELS, 1, ROOT_BITS, True, USE_PTX,
-                PREFETCH)
+                PREFETCH, NC_SIGNS=False)
             tl.debug_barrier()
             _finish_pass(
                 slot, pair, student_ptr, teacher_ptr, row_loss_ptr, status_ptr, ws_int_ptr, ws_sign_ptr,
@@ -734,7 +743,7 @@ def fallback_kernel(
                 student_row_stride, student_col_stride, teacher_seq_len, teacher_batch_stride,
                 teacher_row_stride, teacher_col_stride, inv_student_temperature, inv_teacher_temperature,
                 STUDENT_UNIT_STRIDE, TEACHER_UNIT_STRIDE, GATHER, FINISH_BLOCK, 2, ENTRIES, RESOLVE_BLOCK,
-                MAX_LEVELS, 1, ROOT_BITS, USE_PTX, PREFETCH)
+                MAX_LEVELS, 1, ROOT_BITS, USE_PTX, PREFETCH, NC_SIGNS=False)
             tl.debug_barrier()
             if STUDENT_GRAD or TEACHER_GRAD:
                 _grad_pass(
@@ -746,5 +755,5 @@ def fallback_kernel(
                     grad_student_row_stride, grad_teacher_row_stride, inv_student_temperature,
                     inv_teacher_temperature, grad_scale, STUDENT_GRAD, TEACHER_GRAD, STUDENT_UNIT_STRIDE,
                     TEACHER_UNIT_STRIDE, GATHER, HAS_CE, BLOCK, WHOLE, ENTRIES, MAX_LEVELS, 1, ROOT_BITS,
-                    USE_PTX, PREFETCH)
+                    USE_PTX, PREFETCH, NC_SIGNS=False)
             tl.debug_barrier()  # before the next pair takes the slot
