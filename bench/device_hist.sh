@@ -6,7 +6,9 @@
 # training loss), scaling (table and plot), stress (the largest shape); then knob settings to
 # weigh, given as arguments. Logs under $OUT. do_bench's warmup and rep are milliseconds: at
 # 12 ms a call, rep 300 takes the median of ~25 calls. Liger-Kernel is carried as a wheel in
-# .whl/ (a benchmark comparison, never a dependency; the device README says how).
+# .whl/ (a benchmark comparison, never a dependency): once, here, `echo /.whl/ >>
+# .git/info/exclude; python3 -m pip download --no-deps liger-kernel==0.8.5 -d .whl`, then name
+# .whl in the device call's carry. Without it the table has no Liger row.
 # usage (from the device tool): ULD_COMMIT=<short hash> [ULD_STEPS="tests bench"] bash bench/device_hist.sh ["ULD_X=1" ...]
 set -u
 OUT=${OUT:-bench/out}; mkdir -p "$OUT"; export PYTHONUNBUFFERED=1
