@@ -26,7 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.shapes import KINDS, VOCAB_PAIRS, make_rows  # noqa: E402
+from bench.shapes import KINDS, VOCAB_PAIRS, make_rows, pair_kinds  # noqa: E402
 from uld_kernels import uld_loss  # noqa: E402
 
 DRIVER_CALLS = ("LaunchKernel", "Synchronize", "Malloc", "Free", "Memcpy", "Memset", "EventQuery")
@@ -69,40 +69,36 @@ def main():
     parser.add_argument("--kinds", nargs="+", default=["random", "near"], choices=list(KINDS))
     parser.add_argument("--cprofile", type=int, default=15, help="Python functions to list (0: none)")
     args = parser.parse_args()
-    for pair in args.pairs:
-        vs, vt = VOCAB_PAIRS[pair]
-        for kind in args.kinds:
-            if KINDS[kind].same_vocab and vs != vt:
-                continue
-            student, teacher = make_rows(kind, args.rows, vs, vt, seed=args.rows + vs + vt)
-            student.requires_grad_(True)
+    for pair, vs, vt, kind in pair_kinds(args.pairs, args.kinds):
+        student, teacher = make_rows(kind, args.rows, vs, vt, seed=args.rows + vs + vt)
+        student.requires_grad_(True)
 
-            def call():
-                return torch.autograd.grad(uld_loss(student, teacher), student)
+        def call():
+            return torch.autograd.grad(uld_loss(student, teacher), student)
 
-            wall = triton.testing.do_bench(call, warmup=50, rep=300, return_mode="median")
-            host, gpu = host_and_gpu_ms(call)
-            print(f"== {pair} {kind} rows={args.rows}: wall {wall:.2f} ms, host enqueue {host:.2f} ms, "
-                  f"GPU {gpu:.2f} ms", flush=True)
-            for name, (count, us) in sorted(driver_calls(call).items(), key=lambda kv: -kv[1][1]):
-                print(f"   {name[:40]:40} x{count:4d}  {us / 1e3:7.2f} ms host")
-            if args.cprofile:
-                torch.cuda.synchronize()
-                prof = cProfile.Profile()
-                prof.enable()
-                for _ in range(5):
-                    call()
-                prof.disable()
-                torch.cuda.synchronize()
-                text = io.StringIO()
-                pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(args.cprofile)
-                lines = [line for line in text.getvalue().splitlines() if line.strip()]
-                start = next(i for i, line in enumerate(lines) if "ncalls" in line)
-                print("   cProfile, 5 calls, by own time:")
-                for line in lines[start:]:
-                    print("   " + line[:150])
-            del student, teacher
-            torch.cuda.empty_cache()
+        wall = triton.testing.do_bench(call, warmup=50, rep=300, return_mode="median")
+        host, gpu = host_and_gpu_ms(call)
+        print(f"== {pair} {kind} rows={args.rows}: wall {wall:.2f} ms, host enqueue {host:.2f} ms, "
+              f"GPU {gpu:.2f} ms", flush=True)
+        for name, (count, us) in sorted(driver_calls(call).items(), key=lambda kv: -kv[1][1]):
+            print(f"   {name[:40]:40} x{count:4d}  {us / 1e3:7.2f} ms host")
+        if args.cprofile:
+            torch.cuda.synchronize()
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(5):
+                call()
+            prof.disable()
+            torch.cuda.synchronize()
+            text = io.StringIO()
+            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(args.cprofile)
+            lines = [line for line in text.getvalue().splitlines() if line.strip()]
+            start = next(i for i, line in enumerate(lines) if "ncalls" in line)
+            print("   cProfile, 5 calls, by own time:")
+            for line in lines[start:]:
+                print("   " + line[:150])
+        del student, teacher
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.shapes import KINDS, VOCAB_PAIRS, make_rows  # noqa: E402
+from bench.shapes import KINDS, VOCAB_PAIRS, make_rows, pair_kinds  # noqa: E402
 from uld_kernels.launch import uld_rows  # noqa: E402
 
 
@@ -53,22 +53,18 @@ def main():
     parser.add_argument("--pairs", nargs="+", default=["qwen_llama3", "qwen_qwen"], choices=list(VOCAB_PAIRS))
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
     args = parser.parse_args()
-    for pair in args.pairs:
-        vs, vt = VOCAB_PAIRS[pair]
-        for kind in args.kinds:
-            if KINDS[kind].same_vocab and vs != vt:
-                continue
-            student, teacher = make_rows(kind, args.rows, vs, vt, seed=1)
-            for _ in range(2):
-                _, status, _, _ = one_call(student, teacher)
-            per_kernel = kernel_times(lambda: one_call(student, teacher))
-            total = sum(t for t, _ in per_kernel.values())
-            depth = (status >> 1).float()
-            print(f"\n{pair} {kind} rows={args.rows}: {total / 1e3:.2f} ms of kernels; trie depth mean "
-                  f"{depth.mean():.2f} max {int(depth.max())}; exhausted rows {int((status & 1).sum())}")
-            print_kernel_times(per_kernel)
-            del student, teacher
-            torch.cuda.empty_cache()
+    for pair, vs, vt, kind in pair_kinds(args.pairs, args.kinds):
+        student, teacher = make_rows(kind, args.rows, vs, vt, seed=1)
+        for _ in range(2):
+            _, status, _, _ = one_call(student, teacher)
+        per_kernel = kernel_times(lambda: one_call(student, teacher))
+        total = sum(t for t, _ in per_kernel.values())
+        depth = (status >> 1).float()
+        print(f"\n{pair} {kind} rows={args.rows}: {total / 1e3:.2f} ms of kernels; trie depth mean "
+              f"{depth.mean():.2f} max {int(depth.max())}; exhausted rows {int((status & 1).sum())}")
+        print_kernel_times(per_kernel)
+        del student, teacher
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -84,6 +84,16 @@ KINDS = {
 }
 
 
+def pair_kinds(pairs, kinds):
+    """(pair name, student vocabulary, teacher vocabulary, kind) for every pair and kind, except
+    the same-vocabulary kinds on pairs of two vocabularies."""
+    for pair in pairs:
+        vs, vt = VOCAB_PAIRS[pair]
+        for kind in kinds:
+            if not (KINDS[kind].same_vocab and vs != vt):
+                yield pair, vs, vt, kind
+
+
 def make_rows(kind: str, rows: int, student_vocab: int, teacher_vocab: int, *, seed: int = 0,
               dtype: torch.dtype = torch.bfloat16, device: str = "cuda"):
     """Fresh random student and teacher logits of one kind, in ``dtype``."""
