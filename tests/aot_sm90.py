@@ -168,21 +168,17 @@ def hist_kernel_configs():
                "fparam_ptr", "iparam_ptr", "sign_ptr", "partial_ptr", "list_ptr", "raw_ptr"]
     for label, kernel, constexprs, warps in [
         ("hist", uld_hist.hist_kernel, dict(GATHER=False, UNIT_STRIDE=True, USE_PTX=True, HAS_CE=False,
-                                            PREFETCH=False, PACKED=False, BLOCK=2048, TAIL_BLOCK=512), 4),
+                                            PREFETCH=False, BLOCK=2048, TAIL_BLOCK=512), 4),
         ("hist gathered ce", uld_hist.hist_kernel, dict(GATHER=True, UNIT_STRIDE=True, USE_PTX=True, HAS_CE=True,
-                                                        PREFETCH=False, PACKED=False, BLOCK=2048, TAIL_BLOCK=512), 4),
-        ("hist packed", uld_hist.hist_kernel, dict(GATHER=False, UNIT_STRIDE=True, USE_PTX=True, HAS_CE=False,
-                                                   PREFETCH=False, PACKED=True, BLOCK=2048, TAIL_BLOCK=512), 4),
+                                                        PREFETCH=False, BLOCK=2048, TAIL_BLOCK=512), 4),
         ("sign student", uld_hist.sign_kernel, dict(SIDE=0, STORE=True, BLOCK=128), 1),
         ("sign teacher", uld_hist.sign_kernel, dict(SIDE=1, STORE=False, BLOCK=128), 1),
         ("finish", uld_hist.finish_kernel, dict(GATHER=False, HAS_CE=False), 1),
         ("finish gathered ce", uld_hist.finish_kernel, dict(GATHER=True, HAS_CE=True), 1),
         ("grad", uld_hist.grad_kernel, dict(GATHER=False, HAS_CE=False, UNIT_STRIDE=True, PREFETCH=False,
-                                            NC_GATHER=False, CHUNK=32768, BLOCK=1024), 4),
+                                            USE_PTX=True, CHUNK=32768, BLOCK=1024), 4),
         ("grad gathered ce", uld_hist.grad_kernel, dict(GATHER=True, HAS_CE=True, UNIT_STRIDE=True, PREFETCH=False,
-                                                         NC_GATHER=False, CHUNK=32768, BLOCK=1024), 4),
-        ("grad nc", uld_hist.grad_kernel, dict(GATHER=False, HAS_CE=False, UNIT_STRIDE=True, PREFETCH=False,
-                                               NC_GATHER=True, CHUNK=32768, BLOCK=1024), 4),
+                                                         USE_PTX=True, CHUNK=32768, BLOCK=1024), 4),
     ]:
         names = kernel.arg_names
         yield (f"hist {label} bf16", kernel, _types_by_name(kernel, "*bf16"), constexprs,

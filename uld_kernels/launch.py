@@ -91,13 +91,6 @@ HIST_BATCH = int(os.environ.get("ULD_HIST_BATCH", 6144))  # pairs per batch at m
 HIST_BLOCK = int(os.environ.get("ULD_HIST_BLOCK", 2048))  # elements per step of hist_kernel's loop
 HIST_SIGN_BLOCK = int(os.environ.get("ULD_HIST_SIGN_BLOCK", 128))  # bins per step of sign_kernel's loop
 HIST_SIGN_WARPS = int(os.environ.get("ULD_HIST_SIGN_WARPS", 1))
-# grad_kernel reads each element's sign through the non-coherent path (inline PTX, as the
-# trie's passes do): 11.64 ms against 11.67 (eighth session, run 2), no faster: off.
-HIST_GRAD_NC = os.environ.get("ULD_HIST_GRAD_NC", "0") != "0"
-# hist_kernel counts in 16-bit halves of words (half the shared memory: 18 KB against 32 KB,
-# so 8 programs per SM instead of 6, at 64 registers); a row with more than 65,535 equal logits
-# in one bin is flagged. 15.06 ms against 11.67 (eighth session, run 2): slower, off.
-HIST_PACKED = os.environ.get("ULD_HIST_PACKED", "0") != "0"
 # Loops of hist_kernel and grad_kernel load the next block before working on this one.
 HIST_PREFETCH = os.environ.get("ULD_HIST_PREFETCH", "0") != "0"
 HIST_GRAD_CHUNK = int(os.environ.get("ULD_HIST_GRAD_CHUNK", 32768))  # columns per grad_kernel program
@@ -265,10 +258,8 @@ def _hist_batches(row_loss, flags, row_ce, sides, grad_scale, n_pairs, on_gpu, r
     occupied = torch.empty(batch * 2 * cap, dtype=torch.int16, device=device)  # the occupied bins, listed
     signs = torch.empty(batch * 2 * cap, dtype=torch.float32, device=device)
     use_ptx = on_gpu and SPLIT["smem"]
-    # the packed counts without shared memory (the interpreter): apart from the prefix counts
-    # that overwrite the unpacked ones in place
-    raw = torch.empty(batch * 2 * uld_hist.PACKED_RAW.value if HIST_PACKED and not use_ptx else 1,
-                      dtype=torch.int32, device=device)
+    # the histogram's slots without shared memory (the interpreter), apart from the prefix counts
+    raw = torch.empty(batch * 2 * cap if not use_ptx else 1, dtype=torch.int32, device=device)
     block = HIST_GRAD_BLOCK if on_gpu else 128
     chunk = max(block, HIST_GRAD_CHUNK // block * block) if on_gpu else 256
     partial = torch.empty(batch * 2, dtype=torch.float64, device=device)  # each side's sum of p * sign
@@ -279,14 +270,13 @@ def _hist_batches(row_loss, flags, row_ce, sides, grad_scale, n_pairs, on_gpu, r
     for batch_start in range(0, n_pairs, batch):
         rows = min(batch, n_pairs - batch_start)
         if not use_ptx:
-            counts.zero_()
             raw.zero_()
         for side, (logits, inv_t, _grad, vocab, index) in enumerate(sides):
             uld_hist.hist_kernel[(rows,)](
                 logits, index if gather else unused, counts, occupied, raw, fparam, iparam, batch_start, side,
                 vocab, *_row_layout(logits), inv_t, GATHER=gather, UNIT_STRIDE=logits.stride(-1) == 1,
                 USE_PTX=use_ptx, HAS_CE=has_ce and side == 0, PREFETCH=HIST_PREFETCH or not on_gpu,
-                PACKED=HIST_PACKED, BLOCK=HIST_BLOCK if on_gpu else 256, TAIL_BLOCK=512 if on_gpu else 2048,
+                BLOCK=HIST_BLOCK if on_gpu else 256, TAIL_BLOCK=512 if on_gpu else 2048,
                 num_warps=4)
         for side in (0, 1):
             uld_hist.sign_kernel[(rows,)](
@@ -307,7 +297,7 @@ def _hist_batches(row_loss, flags, row_ce, sides, grad_scale, n_pairs, on_gpu, r
                 row_weight if gather else unused, ce_label if has_ce else unused, ce_weight if has_ce else unused,
                 batch_start, side, n_chunks, vocab, *_row_layout(logits), grad.stride(-2), inv_t, grad_scale,
                 GATHER=gather, HAS_CE=has_ce and side == 0, UNIT_STRIDE=logits.stride(-1) == 1,
-                PREFETCH=HIST_PREFETCH or not on_gpu, NC_GATHER=HIST_GRAD_NC and use_ptx, CHUNK=chunk,
+                PREFETCH=HIST_PREFETCH or not on_gpu, USE_PTX=use_ptx, CHUNK=chunk,
                 BLOCK=block, num_warps=4)
 
 

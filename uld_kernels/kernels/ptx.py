@@ -49,10 +49,6 @@ def _zero_asm(size: int, threads: int) -> str:
 
 
 _ZERO_ASM = tl.constexpr(_zero_asm(SMEM_BYTES.value, SMEM_THREADS.value))
-# The histogram engine's packed counts (ULD_HIST_PACKED): 4,096 words of two 16-bit counts and
-# a few 32-bit words past them, in 18 KB (a multiple of the 2 KB that one zeroing step covers).
-SMEM_PACKED_BYTES = tl.constexpr(18432)
-_ZERO_PACKED_ASM = tl.constexpr(_zero_asm(SMEM_PACKED_BYTES.value, SMEM_THREADS.value))
 # Unconditional: lanes with nothing to count add to the spare word instead of branching around
 # the add (a predicated shared add costs a branch and a convergence barrier per element).
 _ADD_ONE_ASM = tl.constexpr(
@@ -104,8 +100,26 @@ _GATHER_ASM = tl.constexpr(
     "{ .reg .pred p; .reg .u64 a; mov.b32 $0, 0; setp.ne.s32 p, $2, 0; mad.wide.s32 a, $1, 4, $3; "
     "@p ld.global.nc.f32 $0, [a]; }")
 _GATHER_COHERENT_ASM = tl.constexpr(_GATHER_ASM.value.replace("ld.global.nc.f32", "ld.global.f32"))
-_ADD_ASM = tl.constexpr(
-    "{ .reg .u32 a; mov.u32 a, uld_smem; mad.lo.u32 a, $1, 4, a; red.shared.add.u32 [a], $2; mov.u32 $0, 0; }")
+# bf16 logits, two to a 32-bit register (inline assembly with pack=2 on int16 bit patterns):
+# their histogram slots in SIMD halves (uld_hist.py, "Slots"): the magnitude bits m clamped to
+# [SLOT_M_LO, SLOT_M_HI] by two VIMNMX.U16x2, the sign bit moved to the NEG_SLOTS bit, minus
+# SLOT_M_LO (each half stays in [0, 8192): no carry crosses halves). 0x33FF33FF, 0x43804380 and
+# 0x10001000 are those constants in both halves. $w: the pair of patterns; leaves the slots'
+# pair in `c`.
+SLOT_M_LO = tl.constexpr(13311)  # magnitudes below 13312 (|z| < 2**-23): the tiny slots
+SLOT_M_HI = tl.constexpr(17280)  # magnitudes from 17280 (|z| >= 256, inf, NaN): the out slots
+NEG_SLOTS = tl.constexpr(4096)  # negative logits' slots start here
+_SLOTS_X2 = ("and.b32 m, $w, 0x7FFF7FFF; mov.b32 k, 0x33FF33FF; max.u16x2 c, m, k; mov.b32 s, 0x43804380; "
+             "min.u16x2 c, c, s; shr.b32 s, $w, 3; and.b32 s, s, 0x10001000; add.u32 c, c, s; sub.u32 c, c, k; ")
+# Counts both slots in the shared histogram (like `smem_add_one`, every lane) and keeps a
+# running maximum of the magnitudes: $0 the new maximum pair, $1 the patterns, $2 the old one.
+_COUNT_BF16X2_ASM = tl.constexpr(
+    "{ .reg .b32 m, k, c, s, a, base; " + _SLOTS_X2.replace("$w", "$1") + "max.u16x2 $0, $2, m; "
+    "mov.u32 base, uld_smem; and.b32 s, c, 0xFFFF; mad.lo.u32 a, s, 4, base; red.shared.add.u32 [a], 1; "
+    "shr.b32 s, c, 16; mad.lo.u32 a, s, 4, base; red.shared.add.u32 [a], 1; }")
+# The two slots as 32-bit integers: $0, $1 out, $2 the patterns.
+_SLOTS_BF16X2_ASM = tl.constexpr(
+    "{ .reg .b32 m, k, c, s; " + _SLOTS_X2.replace("$w", "$2") + "and.b32 $0, c, 0xFFFF; shr.b32 $1, c, 16; }")
 _LOAD_ASM = tl.constexpr(
     "{ .reg .u32 a; mov.u32 a, uld_smem; mad.lo.u32 a, $1, 4, a; ld.shared.u32 $0, [a]; }")
 
@@ -118,24 +132,25 @@ def smem_zero():
 
 
 @triton.jit
-def smem_zero_packed():
-    """Declares the shared array at the packed histogram's size (SMEM_PACKED_BYTES) and zeroes
-    it; a kernel calls this or `smem_zero`, never both."""
-    thread = tl.arange(0, SMEM_THREADS)
-    tl.inline_asm_elementwise(_ZERO_PACKED_ASM, "=r,r", [thread], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def smem_add(word, value):
-    """counts[word] += value, every lane (unconditional, like `smem_add_one`)."""
-    tl.inline_asm_elementwise(_ADD_ASM, "=r,r,r", [word, value], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def smem_add_one(word, counted):
     """counts[word] += 1 for every lane that is counted (word in [0, 8192))."""
     tl.inline_asm_elementwise(_ADD_ONE_ASM, "=r,r", [tl.where(counted, word, SMEM_SPARE)], dtype=tl.int32,
                               is_pure=False, pack=1)
+
+
+@triton.jit
+def smem_count_bf16(bits, top_magnitude):
+    """Counts bf16 logits (their int16 bit patterns) in the shared histogram at their slots,
+    two per instruction sequence, and returns the running maximum of their magnitude bits
+    (`top_magnitude`, int16, the same shape: start from zeros)."""
+    return tl.inline_asm_elementwise(_COUNT_BF16X2_ASM, "=r,r,r", [bits, top_magnitude], dtype=tl.int16,
+                                     is_pure=False, pack=2)
+
+
+@triton.jit
+def slots_bf16(bits):
+    """The histogram slots (int32) of bf16 logits given as int16 bit patterns."""
+    return tl.inline_asm_elementwise(_SLOTS_BF16X2_ASM, "=r,=r,r", [bits], dtype=tl.int32, is_pure=True, pack=2)
 
 
 @triton.jit

@@ -7,7 +7,7 @@ its logits' bit patterns, and the counts that the sign of every element needs (u
 of file) come from two such histograms, however close the two rows are. The passes:
 
     hist_kernel    one program per row (per side): the histogram of the row's logits over
-                   the fixed bins below, in shared memory (one read of the row, a few integer
+                   the fixed bins below, in shared memory (one read of the row, about eight
                    instructions per element; no statistics needed first); then, from the
                    bins, the row's largest logit and log-sum (and the cross-entropy's, at
                    temperature 1), the prefix counts of the bins and the list of the occupied
@@ -18,8 +18,8 @@ of file) come from two such histograms, however close the two rows are. The pass
                    the value's logit on the other; a search where runs of equal k get in the
                    way), its tie-rule sign, and the side's sum of count * p * sign
     finish_kernel  per pair: the loss from both sides' sums (and the cross-entropy)
-    grad_kernel    per (pair, chunk): each element's bin, its sign from the bin's table, and
-                   the softmax backward (plus the cross-entropy's)
+    grad_kernel    per (pair, chunk): each element's slot, its sign from the slot's table,
+                   and the softmax backward (plus the cross-entropy's)
 
 Rows are those of aligned inputs, or (GATHER) those the pairs' row maps name, as in the trie
 engine; a negative student index is padding.
@@ -30,7 +30,8 @@ logit with 2**-23 <= |z| < 256 has a bin of its own (3,968 per sign); the tiny l
 checks: z - top rounds them all to -top unless the row's largest logit is itself small, below
 about 2); logits <= -256 share one bin (exact when p(-256) is 0: at temperatures up to about
 2.5; above, a row holding finite logits <= -256, such as a mask of -1e4, is flagged); -inf
-(masked) is not counted. A row holding a logit >= 256, +inf or NaN, or failing a check, is
+(masked) is not counted. Shared memory holds the counts in *slots* (below), which two SIMD
+clamps give for two logits at once; the bins are read through them. A row holding a logit >= 256, +inf or NaN, or failing a check, is
 *flagged*: the launcher hands flagged rows to the trie engine (uld_split.py), so every result
 stays exact.
 """
@@ -38,9 +39,10 @@ stays exact.
 import triton
 import triton.language as tl
 
-from uld_kernels.kernels.ptx import gather_f32, smem_add, smem_add_one, smem_load, smem_zero, smem_zero_packed
-from uld_kernels.kernels.uld_rows import (LN2, LOG2E, _block_raw, _exp2, _first_block, _log2_prob, _pair_rows,
-                                          _tie_signs)
+from uld_kernels.kernels.ptx import (NEG_SLOTS, SLOT_M_HI, SLOT_M_LO, gather_f32, slots_bf16, smem_count_bf16,
+                                     smem_load, smem_zero)
+from uld_kernels.kernels.uld_rows import (LN2, LOG2E, _block_raw, _exp2, _first_block, _load_raw, _log2_prob,
+                                          _pair_rows, _tie_signs)
 
 CAP = tl.constexpr(8192)  # words per row and side: the shared-memory histogram's 8,192
 # Bins in order of value: 0 the logits <= -256, 1..3968 the logits -255 .. -2**-23, 3969 the
@@ -51,15 +53,20 @@ _TINY = tl.constexpr(3969)
 _OUT = tl.constexpr(8191)  # counts logits >= 256, +inf and NaN of either sign: the row is flagged
 _NEG_INF_KEY = tl.constexpr(-32641)
 _TINY_END = tl.constexpr(1.1920928955078125e-07 - 4.656612873077393e-10)  # 2**-23 - 2**-31
-# Packed counts (PACKED): bin b is the 16-bit half (b & 1) of word b >> 1, except the low bin
-# and the tiny bin (the ones a real row fills past 65,535: masks of -1e4, zero-filled logits),
-# which have 32-bit words of their own; lanes that count nothing (past the row, -inf) add 1 to
-# the sink word. The decoded counts plus the sink equal the lanes processed unless a 16-bit
-# count carried over: then the row is flagged (8).
-_SINK_WORD = tl.constexpr(4096)
-_LOW_WORD = tl.constexpr(4097)
-_TINY_WORD = tl.constexpr(4098)
-PACKED_RAW = tl.constexpr(4160)  # words per row and side of the packed counts without USE_PTX
+# Slots: where hist_kernel counts a logit and grad_kernel finds its sign. A bf16 pattern's
+# magnitude bits m (|z|'s bits) clamped to [13311, 17280], minus 13311, plus 4,096 for a
+# negative logit: a few integer instructions for two logits at once (ptx.smem_count_bf16).
+# Positive logits: 0 the tiny ones, 1..3968 bins 3970..7937, 3969 the logits >= 256, +inf and
+# NaN; negative: 4096 the tiny ones, 4097..8064 bins 3968..1, 8065 the logits <= -256, -inf and
+# the NaNs with their sign bit set. Lanes past a row load +0 (slot 0) and are subtracted; -inf
+# shares the low slot, and is counted apart by one more read of the row only where that slot
+# matters (`_masked_count`); a row's largest magnitude tells NaNs (> 32640) apart.
+_POS_OUT_SLOT = tl.constexpr(3969)
+_EMPTY_SLOT = tl.constexpr(4000)  # never counted: what bins past WIDTH read
+_NEG_TINY_SLOT = tl.constexpr(4096)
+_LOW_SLOT = tl.constexpr(8065)
+_INF_MAGNITUDE = tl.constexpr(32640)  # m of +-inf; NaNs above
+_NEG_INF_BITS = tl.constexpr(-128)  # -inf's pattern, 0xFF80, as an int16
 # Per row and side: floats, then ints (PARAM_SLOTS each).
 PARAM_SLOTS = tl.constexpr(4)
 _TOP = tl.constexpr(0)
@@ -101,46 +108,80 @@ def _logit_of_bin(bins):
 
 
 @triton.jit
-def _packed_slot(bins):
-    """The word and bit shift of bins' packed counts (PACKED_RAW, above)."""
-    own_word = (bins == 0) | (bins == _TINY)
-    word = tl.where(bins == 0, _LOW_WORD, tl.where(bins == _TINY, _TINY_WORD, bins >> 1))
-    return word, tl.where(own_word, 0, (bins & 1) * 16), own_word
+def _slots_of_bits(bits):
+    """Slots (above) and magnitude bits of bf16 patterns (sign-extended int32): ptx.slots_bf16
+    in Triton operations (the interpreter's)."""
+    magnitude = bits & 0x7FFF
+    clamped = tl.minimum(tl.maximum(magnitude, SLOT_M_LO), SLOT_M_HI) - SLOT_M_LO
+    return clamped + tl.where(bits < 0, NEG_SLOTS, 0), magnitude
 
 
 @triton.jit
-def _bin_counts(count_ptr, raw_ptr, bins, USE_PTX: tl.constexpr, PACKED: tl.constexpr):
-    """The histogram's counts at `bins` (in [0, CAP)): from shared memory, or from count_ptr
-    (raw_ptr: packed)."""
-    if PACKED:
-        word, shift, own_word = _packed_slot(bins)
-        if USE_PTX:
-            packed = smem_load(word)
-        else:
-            packed = tl.load(raw_ptr + word)
-        return tl.where(own_word, packed, (packed >> shift) & 0xFFFF)
+def _slots(raw, USE_PTX: tl.constexpr):
+    """The slots of bf16 logits already loaded."""
+    bits = raw.to(tl.int16, bitcast=True)
+    if USE_PTX:
+        slots = slots_bf16(bits)
     else:
-        if USE_PTX:
-            return smem_load(bins)
-        else:
-            return tl.load(count_ptr + bins)
+        slots, _magnitude = _slots_of_bits(bits.to(tl.int32))
+    return slots
+
+
+@triton.jit
+def _slot_of_bin(bins):
+    """The slot a bin's count is read from (bins in [0, CAP): past WIDTH an empty one); the
+    tiny bin's positive half."""
+    return tl.where(bins > _TINY, tl.where(bins < WIDTH, bins - 3969, _EMPTY_SLOT),
+                    tl.where(bins == _TINY, 0, _LOW_SLOT - bins))
+
+
+@triton.jit
+def _slot_counts(raw_at, bins, tiny_more, low_less, USE_PTX: tl.constexpr):
+    """The histogram's counts at `bins` (in [0, CAP)), from the slots in shared memory (or at
+    raw_at), plus `tiny_more` in the tiny bin and less `low_less` in the low one."""
+    slots = _slot_of_bin(bins)
+    if USE_PTX:
+        counts = smem_load(slots)
+    else:
+        counts = tl.load(raw_at + slots)
+    return counts + tl.where(bins == _TINY, tiny_more, 0) - tl.where(bins == 0, low_less, 0)
+
+
+@triton.jit
+def _slot_count(raw_at, slot, USE_PTX: tl.constexpr):
+    """One slot's count (a scalar)."""
+    slots = tl.full([1], slot, tl.int32)
+    if USE_PTX:
+        counts = smem_load(slots)
+    else:
+        counts = tl.load(raw_at + slots)
+    return tl.sum(counts, 0)
+
+
+@triton.jit
+def _masked_count(row_ptr, col_stride, stop, UNIT_STRIDE: tl.constexpr, BLOCK: tl.constexpr):
+    """How many logits of a row are -inf: one more read of it, for the rows that need it."""
+    found = tl.zeros([BLOCK], tl.int32)
+    for start in tl.range(0, stop, BLOCK):
+        raw = _load_raw(row_ptr, start + tl.arange(0, BLOCK), col_stride, stop, UNIT_STRIDE, 0.0)
+        found += (raw.to(tl.int16, bitcast=True) == _NEG_INF_BITS).to(tl.int32)
+    return tl.sum(found, 0)
 
 
 @triton.jit
 def hist_kernel(logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, fparam_ptr, iparam_ptr, batch_start, side,
                 vocab, seq_len, batch_stride, row_stride, col_stride, inv_temperature, GATHER: tl.constexpr,
                 UNIT_STRIDE: tl.constexpr, USE_PTX: tl.constexpr, HAS_CE: tl.constexpr, PREFETCH: tl.constexpr,
-                PACKED: tl.constexpr, BLOCK: tl.constexpr, TAIL_BLOCK: tl.constexpr):
-    """One row of one side per program. First the histogram of its logits over the bins (in
-    shared memory with USE_PTX; else counted with global atomics at count_ptr +
+                BLOCK: tl.constexpr, TAIL_BLOCK: tl.constexpr):
+    """One row of one side per program. First the histogram of its logits over the slots
+    (above; in shared memory with USE_PTX, else counted with global atomics at raw_ptr +
     (pair * 2 + side) * CAP, zeroed by the launcher). Then, from the bins: the row's largest
     logit and base-2 log-sum (and with HAS_CE the log-sum at temperature 1, the student's
     cross-entropy), the count of elements of nonzero probability below each bin (written at
     count_ptr; [WIDTH] = all of them), the bins holding any of them in order (int16 at
-    list_ptr, the same offset) and the row's flag. With GATHER the row is
-    index_ptr[pair]; a negative index is padding: an empty histogram, flagged (no finite logit).
-    With PACKED, 16-bit counts two to a word (half the shared memory; PACKED_RAW words per row
-    and side at raw_ptr without USE_PTX, zeroed by the launcher).
+    list_ptr, the same offset) and the row's flag. With GATHER the row is index_ptr[pair]; a
+    negative index is padding: an empty histogram, flagged (no finite logit), and no pass over
+    the bins.
 
     Nothing else per bin leaves the program: a bin's k = log2 p is a function of (bin, top,
     log-sum), recomputed where it is needed (`_k_of_bins`)."""
@@ -150,49 +191,41 @@ def hist_kernel(logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, fparam_ptr,
                                           row_stride, GATHER)
     at = (pair * 2 + side).to(tl.int64)
     counts_at = count_ptr + at * CAP
-    raw_at = raw_ptr + at * PACKED_RAW
+    raw_at = raw_ptr + at * CAP
     if USE_PTX:
-        if PACKED:
-            smem_zero_packed()
-        else:
-            smem_zero()
+        smem_zero()
         tl.debug_barrier()
     stop = tl.where(row >= 0, vocab, 0)
-    ahead = _first_block(row_ptr, tl.arange(0, BLOCK), col_stride, stop, UNIT_STRIDE, PREFETCH)
+    # Lanes past the row load +0: the tiny slot counts them, and they are taken off it below.
+    ahead = _first_block(row_ptr, tl.arange(0, BLOCK), col_stride, stop, UNIT_STRIDE, PREFETCH, 0.0)
+    if USE_PTX:
+        magnitudes = tl.zeros([BLOCK], tl.int16)
+    else:
+        magnitudes = tl.zeros([BLOCK], tl.int32)
     for start in tl.range(0, stop, BLOCK):
         idx = start + tl.arange(0, BLOCK)
-        raw, ahead = _block_raw(ahead, row_ptr, idx, col_stride, stop, BLOCK, UNIT_STRIDE, PREFETCH)
-        key = _keys(raw)
-        counted = (idx < vocab) & (key != _NEG_INF_KEY)
-        if PACKED:
-            word, shift, _own = _packed_slot(_bin_of_key(key))
-            word = tl.where(counted, word, _SINK_WORD)
-            value = tl.where(counted, 1 << shift, 1)
-            if USE_PTX:
-                smem_add(word, value)
-            else:
-                tl.atomic_add(raw_at + word, value)
+        raw, ahead = _block_raw(ahead, row_ptr, idx, col_stride, stop, BLOCK, UNIT_STRIDE, PREFETCH, 0.0)
+        bits = raw.to(tl.int16, bitcast=True)
+        if USE_PTX:
+            magnitudes = smem_count_bf16(bits, magnitudes)
         else:
-            if USE_PTX:
-                smem_add_one(_bin_of_key(key), counted)
-            else:
-                tl.atomic_add(counts_at + _bin_of_key(key), 1, mask=counted)
+            slots, magnitude = _slots_of_bits(bits.to(tl.int32))
+            magnitudes = tl.maximum(magnitudes, magnitude)
+            tl.atomic_add(raw_at + slots, 1)
     tl.debug_barrier()  # the counts, visible to every thread
+    top_magnitude = tl.max(magnitudes.to(tl.int32), 0)
+    tiny_more = _slot_count(raw_at, _NEG_TINY_SLOT, USE_PTX) - (tl.cdiv(stop, BLOCK) * BLOCK - stop)
     scale = inv_temperature * LOG2E
+    tail_stop = tl.where(row >= 0, WIDTH, 0)  # (padding: nothing to read)
     # The largest occupied logit (past the low bin) and the sum of 2**((z - top) * scale),
     # online in blocks; and the logits >= 256.
     top = tl.full([], float("-inf"), tl.float32)
     total = tl.zeros([], tl.float64)
     ce_total = tl.zeros([], tl.float64)
-    out = tl.zeros([], tl.int32)
-    low_raw = tl.zeros([], tl.int32)
     tiny_raw = tl.zeros([], tl.int32)  # (the cross-entropy's checks count every element)
-    decoded = tl.zeros([], tl.int32)
-    for start in tl.range(0, CAP, TAIL_BLOCK):
+    for start in tl.range(0, tail_stop, TAIL_BLOCK):
         bins = start + tl.arange(0, TAIL_BLOCK)
-        counts = _bin_counts(counts_at, raw_at, bins, USE_PTX, PACKED)
-        if PACKED:
-            decoded += tl.sum(counts, 0)
+        counts = _slot_counts(raw_at, bins, tiny_more, 0, USE_PTX)  # (the low bin is not read here)
         occupied = (bins >= _LOW_BINS) & (bins < WIDTH) & (counts > 0)
         z = _logit_of_bin(bins)
         new_top = tl.maximum(top, tl.max(tl.where(occupied, z, float("-inf")), 0))
@@ -205,30 +238,37 @@ def hist_kernel(logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, fparam_ptr,
             ce_weight = _exp2(tl.minimum((z - safe) * LOG2E, 0.0)).to(tl.float64)
             ce_weight = tl.where(occupied, counts.to(tl.float64) * ce_weight, 0.0)
             ce_total = ce_total * _exp2((top - safe) * LOG2E).to(tl.float64) + tl.sum(ce_weight, 0)
-        top = new_top
-        out += tl.sum(tl.where(bins == _OUT, counts, 0), 0)
-        low_raw += tl.sum(tl.where(bins == 0, counts, 0), 0)
-        if HAS_CE:
             tiny_raw += tl.sum(tl.where(bins == _TINY, counts, 0), 0)
+        top = new_top
+    # logits >= 256, +inf and NaN (either sign): past the bins
+    out = _slot_count(raw_at, _POS_OUT_SLOT, USE_PTX) + (top_magnitude > _INF_MAGNITUDE).to(tl.int32)
     flag = (top == float("-inf")).to(tl.int32) + (out > 0).to(tl.int32) * 2
-    if PACKED:  # a 16-bit count that carried over
-        if USE_PTX:
-            sink = smem_load(tl.full([1], _SINK_WORD, tl.int32))
-        else:
-            sink = tl.load(raw_at + tl.full([1], _SINK_WORD, tl.int32))
-        flag += (tl.sum(sink, 0) + decoded != tl.cdiv(stop, BLOCK) * BLOCK).to(tl.int32) * 8
     top = tl.where(top > float("-inf"), top, 0.0)
     log_sum = tl.log2(total.to(tl.float32))
-    # Prefix counts of the elements of nonzero probability (in place without USE_PTX: each
-    # block is read before it is written).
+    if HAS_CE:
+        ce_log_sum = tl.log2(ce_total.to(tl.float32))
+    else:
+        ce_log_sum = log_sum
+    # The low slot holds the logits <= -256 and the -inf ones: they are told apart (one more
+    # read of the row) only where a row holds an infinity and the low bin's count matters,
+    # at p(-256) > 0 (or the cross-entropy's).
+    low_slot = _slot_count(raw_at, _LOW_SLOT, USE_PTX)
+    low_matters = _exp2(_log2_prob(-256.0, scale, top, log_sum)) > 0.0
+    if HAS_CE:
+        low_matters |= _exp2(_log2_prob(-256.0, LOG2E, top, ce_log_sum)) > 0.0
+    masked = tl.zeros([], tl.int32)
+    if (low_slot > 0) & (top_magnitude == _INF_MAGNITUDE) & low_matters:
+        masked = _masked_count(row_ptr, col_stride, stop, UNIT_STRIDE, BLOCK)
+    low_raw = low_slot - masked
+    # Prefix counts of the elements of nonzero probability.
     below = tl.zeros([], tl.int32)
     listed = tl.zeros([], tl.int32)
     low_count = tl.zeros([], tl.int32)  # elements of nonzero probability below -255
     tiny_count = tl.zeros([], tl.int32)
-    for start in tl.range(0, WIDTH, TAIL_BLOCK):
+    for start in tl.range(0, tail_stop, TAIL_BLOCK):
         bins = start + tl.arange(0, TAIL_BLOCK)
         inside = bins < WIDTH
-        counts = tl.where(inside, _bin_counts(counts_at, raw_at, bins, USE_PTX, PACKED), 0)
+        counts = tl.where(inside, _slot_counts(raw_at, bins, tiny_more, masked, USE_PTX), 0)
         k = _k_of_bins(bins, top, log_sum, scale)
         counted = tl.where(_exp2(tl.minimum(k, 0.0)) > 0.0, counts, 0)
         tl.store(counts_at + bins, tl.cumsum(counted, 0) - counted + below, mask=inside)
@@ -245,7 +285,6 @@ def hist_kernel(logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, fparam_ptr,
     tiny_split = _log2_prob(-_TINY_END, scale, top, log_sum) != _log2_prob(_TINY_END, scale, top, log_sum)
     flag += ((low_count > 0) | ((tiny_count > 0) & tiny_split)).to(tl.int32) * 4
     if HAS_CE:  # the same two checks at temperature 1
-        ce_log_sum = tl.log2(ce_total.to(tl.float32))
         ce_split = (_log2_prob(-_TINY_END, LOG2E, top, ce_log_sum)
                     != _log2_prob(_TINY_END, LOG2E, top, ce_log_sum))
         ce_low = _exp2(_log2_prob(-256.0, LOG2E, top, ce_log_sum)) > 0.0
@@ -353,8 +392,9 @@ def _bin_signs(bins, active, count, own_count, other_count, own_top, own_log_sum
         sign, _unused = _tie_signs(own_gt - other_gt, own_ge - own_gt, other_ge - other_gt)
     else:
         _unused, sign = _tie_signs(other_gt - own_gt, other_ge - other_gt, own_ge - own_gt)
-    if STORE:
-        tl.store(sign_ptr + bins, sign, mask=active)
+    if STORE:  # at the bins' slots, the tiny bin's at both of its own
+        tl.store(sign_ptr + _slot_of_bin(bins), sign, mask=active)
+        tl.store(sign_ptr + _NEG_TINY_SLOT + tl.zeros_like(bins), sign, mask=active & (bins == _TINY))
     p = _exp2(tl.minimum(v, 0.0))  # (k <= 0 where occupied)
     return tl.sum(tl.where(active, count.to(tl.float64) * p.to(tl.float64) * sign.to(tl.float64), 0.0), 0)
 
@@ -436,10 +476,10 @@ def finish_kernel(fparam_ptr, iparam_ptr, partial_ptr, row_loss_ptr, batch_start
 def grad_kernel(logits_ptr, index_ptr, grad_ptr, fparam_ptr, iparam_ptr, sign_ptr, row_weight_ptr, ce_label_ptr,
                 ce_weight_ptr, batch_start, side, n_chunks, vocab, seq_len, batch_stride, row_stride, col_stride,
                 grad_row_stride, inv_temperature, grad_scale, GATHER: tl.constexpr, HAS_CE: tl.constexpr,
-                UNIT_STRIDE: tl.constexpr, PREFETCH: tl.constexpr, NC_GATHER: tl.constexpr, CHUNK: tl.constexpr,
+                UNIT_STRIDE: tl.constexpr, PREFETCH: tl.constexpr, USE_PTX: tl.constexpr, CHUNK: tl.constexpr,
                 BLOCK: tl.constexpr):
     """The gradient of one side (side 0 student: +, 1 teacher: -) of unflagged pairs, chunk by
-    chunk: (p / T) * (sign of the element's bin - the side's sum of p * sign), times
+    chunk: (p / T) * (sign at the element's slot - the side's sum of p * sign), times
     row_weight_ptr[pair] with GATHER (row index_ptr[pair] of the logits and of the gradient);
     with HAS_CE (student side) plus ce_weight * (softmax(z) - [i == label])."""
     program = tl.program_id(0)
@@ -459,6 +499,7 @@ def grad_kernel(logits_ptr, index_ptr, grad_ptr, fparam_ptr, iparam_ptr, sign_pt
         factor = inv_temperature * grad_scale * (1.0 - 2.0 * side)
         if GATHER:
             factor *= tl.load(row_weight_ptr + batch_start + pair)
+        mass_factor = mass * factor
         ce_label = -1
         ce_factor = 0.0
         ce_log_sum = 0.0
@@ -474,11 +515,11 @@ def grad_kernel(logits_ptr, index_ptr, grad_ptr, fparam_ptr, iparam_ptr, sign_pt
             raw, ahead = _block_raw(ahead, row_ptr, idx, col_stride, stop, BLOCK, UNIT_STRIDE, PREFETCH)
             z = raw.to(tl.float32)
             p = _exp2(_log2_prob(z, scale, top, log_sum))
-            if NC_GATHER:  # the table is read-only here: the non-coherent path, one wide address add
-                sign = gather_f32(signs, _bin_of_key(_keys(raw)), p > 0.0)
+            if USE_PTX:  # the table is read-only here: the non-coherent path, one wide address add
+                sign = gather_f32(signs, _slots(raw, USE_PTX), p > 0.0)
             else:
-                sign = tl.load(signs + _bin_of_key(_keys(raw)), mask=p > 0.0, other=0.0)
-            grad = p * factor * (sign - mass)
+                sign = tl.load(signs + _slots(raw, USE_PTX), mask=p > 0.0, other=0.0)
+            grad = p * (sign * factor - mass_factor)  # (a fused multiply-add, and one product)
             if HAS_CE:  # the cross-entropy's softmax, temperature 1
                 grad += ce_factor * (_exp2(_log2_prob(z, LOG2E, top, ce_log_sum))
                                      - (idx == ce_label).to(tl.float32))

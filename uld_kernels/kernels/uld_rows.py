@@ -66,13 +66,13 @@ _KEY_NONE_MAX = tl.constexpr(-1)
 
 
 @triton.jit
-def _load_raw(ptr, idx, col_stride, vocab, UNIT_COL_STRIDE: tl.constexpr):
-    """Logits idx of one row in the input dtype; -inf past the row."""
+def _load_raw(ptr, idx, col_stride, vocab, UNIT_COL_STRIDE: tl.constexpr, PAST: tl.constexpr = float("-inf")):
+    """Logits idx of one row in the input dtype; PAST (-inf) past the row."""
     if UNIT_COL_STRIDE:
         offsets = idx
     else:
         offsets = idx.to(tl.int64) * col_stride
-    return tl.load(ptr + offsets, mask=idx < vocab, other=float("-inf"))
+    return tl.load(ptr + offsets, mask=idx < vocab, other=PAST)
 
 
 @triton.jit
@@ -82,11 +82,12 @@ def _load_logits(ptr, idx, col_stride, vocab, UNIT_COL_STRIDE: tl.constexpr):
 
 
 @triton.jit
-def _first_block(ptr, idx, col_stride, stop, UNIT_COL_STRIDE: tl.constexpr, PREFETCH: tl.constexpr):
+def _first_block(ptr, idx, col_stride, stop, UNIT_COL_STRIDE: tl.constexpr, PREFETCH: tl.constexpr,
+                 PAST: tl.constexpr = float("-inf")):
     """What a prefetching loop over [idx[0], stop) carries into its first iteration: the first
     block's logits with PREFETCH, else nothing (zeros of the same type)."""
     if PREFETCH:
-        ahead = _load_raw(ptr, idx, col_stride, stop, UNIT_COL_STRIDE)
+        ahead = _load_raw(ptr, idx, col_stride, stop, UNIT_COL_STRIDE, PAST)
     else:
         ahead = tl.zeros(idx.shape, ptr.dtype.element_ty)
     return ahead
@@ -94,16 +95,16 @@ def _first_block(ptr, idx, col_stride, stop, UNIT_COL_STRIDE: tl.constexpr, PREF
 
 @triton.jit
 def _block_raw(ahead, ptr, idx, col_stride, stop, BLOCK: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr,
-               PREFETCH: tl.constexpr):
+               PREFETCH: tl.constexpr, PAST: tl.constexpr = float("-inf")):
     """Logits idx (input dtype) of a loop over [.., stop), and what to carry to the next
     iteration. With PREFETCH, `ahead` holds this block already (loaded one iteration earlier)
     and the next block's load is issued here: two loads in flight per thread while this block
     is worked on."""
     if PREFETCH:
         raw = ahead
-        ahead = _load_raw(ptr, idx + BLOCK, col_stride, stop, UNIT_COL_STRIDE)
+        ahead = _load_raw(ptr, idx + BLOCK, col_stride, stop, UNIT_COL_STRIDE, PAST)
     else:
-        raw = _load_raw(ptr, idx, col_stride, stop, UNIT_COL_STRIDE)
+        raw = _load_raw(ptr, idx, col_stride, stop, UNIT_COL_STRIDE, PAST)
     return raw, ahead
 
 
