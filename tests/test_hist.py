@@ -123,6 +123,16 @@ def test_other_dtypes_are_refused_here_and_take_the_trie(dtype, device):
     assert_grads_close(grad_s, ref_s, student, dtype)
 
 
+def test_rows_of_2_21_columns_or_more_are_refused_here(device):
+    """hist_kernel's scan keeps a block's count in 21 bits: rows as long as 2**21 are not the
+    engine's (`uld_rows` sends them to the trie), and `hist_rows` refuses them by name."""
+    long = torch.zeros(1, 2**21, dtype=torch.bfloat16, device=device)
+    short = torch.zeros(1, 2**21 - 1, dtype=torch.bfloat16, device=device)
+    assert launch.hist_takes(short, short) and not launch.hist_takes(short, long)
+    with pytest.raises(ValueError, match="shorter than 2097152"):
+        launch.hist_rows(long, short, 1.0, 1.0, False, False, 1.0)
+
+
 def test_nan_and_inf_rows_are_flagged_and_nan_like_the_trie(device):
     """A NaN logit (student, row 0), a +inf one (teacher, row 1) or a NaN with its sign bit set
     (student, row 2: what `inf - inf` gives on a CPU) poisons its own row as in the trie engine:
@@ -212,6 +222,23 @@ def test_masked_logits(device):
     _rows_out, _status, grad_s, grad_t = out
     masked_s, masked_t = student == -math.inf, teacher == -math.inf
     assert (grad_s[masked_s] == 0).all() and (grad_t[masked_t] == 0).all(), "masked logits must get zero gradient"
+
+
+def test_logits_of_zero_probability_in_bins_of_their_own(device):
+    """Logits from -200 to -100 (a third of each row) and -1e4 (a few) have probability 0 at
+    these temperatures (below 2**-126) for the most part, in bins of their own below the row's
+    first live one (hist_kernel's bisection), whose bins sign_kernel skips: the rows stay the
+    engine's own and exact. (Those elements lie below every live value, so they change no
+    count above one; skipping live bins, as a first live bin found far too high would, does.)"""
+    student, teacher = _rows("random", 2, 450, 380, torch.bfloat16, device, seed=71)
+    g = torch.Generator().manual_seed(72)
+    student[:, ::3] = (-100.0 - 100.0 * torch.rand(2, 150, generator=g)).to(student)
+    teacher[:, 1::3] = (-100.0 - 100.0 * torch.rand(2, 127, generator=g)).to(teacher)
+    student[0, 10:14] = -1e4
+    _assert_no_cross_near_ties(student, teacher, 1.5, 0.7)
+    out = launch.hist_rows(student, teacher, 1.5, 0.7, True, True, 1.0, fallback=False)
+    _assert_unflagged(out[1], "rows with dead bins")
+    _assert_matches_reference(out, student, teacher, 1.5, 0.7)
 
 
 def test_grad_scale(device):
@@ -369,17 +396,19 @@ def test_unflagged_rows_agree_with_the_trie(seed, student_vocab, teacher_vocab, 
     assert_grads_close(grad_t[kept], trie_t[kept], teacher[kept], torch.bfloat16, what="teacher gradient")
 
 
-def test_minus_inf_masks_at_a_high_temperature(device):
+@pytest.mark.parametrize("ts", [4.0, 60.0])
+def test_minus_inf_masks_at_a_high_temperature(ts, device):
     """At a student temperature of 4 a logit of -256 has a probability (2**-93 or so, the
-    rows' largest logits near 3), so the low bin's count matters, and its slot holds the -inf
-    logits too. A row masked with -inf (600 columns: past one block of hist_kernel's loop) stays
-    the engine's and exact: hist_kernel counts its -inf apart by one more read of the row. A row
-    also holding a finite -300 is flagged (the low bin cannot be split), and exact through the
+    rows' largest logits near 3; at 60, about a tenth of an average one), so the low bin's
+    count matters, and its slot holds the -inf logits too. A row masked with -inf (600 columns:
+    past one block of hist_kernel's loop) stays the engine's and exact: hist_kernel counts its
+    -inf apart by one more read of the row, and leaves them out of every count. A row also
+    holding a finite -300 is flagged (the low bin cannot be split), and exact through the
     fallback."""
     student, teacher = _rows("random", 2, 600, 450, torch.bfloat16, device, seed=61)
     student[:, ::5] = -math.inf
     student[1, 7] = -300.0
-    ts, tt = 4.0, 0.7
+    tt = 0.7
     _assert_no_cross_near_ties(student, teacher, ts, tt)
     alone = launch.hist_rows(student, teacher, ts, tt, True, True, 1.0, fallback=False)
     assert _flagged(alone[1]).tolist() == [False, True], f"flags {alone[1].tolist()}"

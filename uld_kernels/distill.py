@@ -73,8 +73,7 @@ def uld_distill_op(
     pair_label = torch.where(pair_student >= 0, ce_label[safe], -1) if has_ce else None
     # The pairs' ULD and cross-entropy: bf16 pairs through the histogram engine (unless
     # ULD_DISTILL_ENGINE=split), other dtypes through the trie engine.
-    engine = hist_pairs if (launch.DISTILL_ENGINE == "hist" and student.dtype == teacher.dtype == torch.bfloat16) \
-        else uld_pairs
+    engine = hist_pairs if (launch.DISTILL_ENGINE == "hist" and launch.hist_takes(student, teacher)) else uld_pairs
     rows, _status, pair_ce, _, _ = engine(
         student, teacher, student_temperature, teacher_temperature, student_grad, False, 1.0,
         student_index=pair_student, teacher_index=pair_teacher, row_weight=pair_weight[order],

@@ -160,7 +160,7 @@ def uld_rows(
     dtypes through the trie engine (`uld_pairs`). Inputs are 2-D with any row stride; nothing
     is copied.
     """
-    if ENGINE == "hist" and student_logits.dtype == teacher_logits.dtype == torch.bfloat16:
+    if ENGINE == "hist" and hist_takes(student_logits, teacher_logits):
         return hist_rows(student_logits, teacher_logits, student_temperature, teacher_temperature,
                          student_grad, teacher_grad, grad_scale)
     row_loss, status, _ce, grad_student, grad_teacher = uld_pairs(
@@ -190,6 +190,13 @@ def _pair_outputs(student_logits, teacher_logits, student_index, has_ce, student
             grad_teacher if teacher_grad else None)
 
 
+def hist_takes(student_logits, teacher_logits) -> bool:
+    """Whether the histogram engine computes these logits: bf16 rows shorter than 2**21 (its
+    scan of counts per bin holds 21 bits)."""
+    return (student_logits.dtype == teacher_logits.dtype == torch.bfloat16
+            and max(student_logits.shape[-1], teacher_logits.shape[-1]) < uld_hist.MAX_VOCAB.value)
+
+
 def hist_rows(student_logits, teacher_logits, student_temperature, teacher_temperature,
               student_grad, teacher_grad, grad_scale, *, fallback=True):
     """`uld_rows` through the histogram engine (kernels/uld_hist.py; bf16 logits). Rows it
@@ -209,9 +216,10 @@ def hist_pairs(student_logits, teacher_logits, student_temperature, teacher_temp
     """`uld_pairs` (the same arguments and results) through the histogram engine: bf16 logits.
     Flagged pairs go to the trie engine as in `hist_rows`; padding pairs (a negative student
     index) have loss 0, cross-entropy 0, status 0, and no gradient written."""
-    if not student_logits.dtype == teacher_logits.dtype == torch.bfloat16:
-        raise ValueError(f"the histogram engine takes bf16 logits, got {student_logits.dtype} (student) and "
-                         f"{teacher_logits.dtype} (teacher)")
+    if not hist_takes(student_logits, teacher_logits):
+        raise ValueError(f"the histogram engine takes bf16 logits shorter than {uld_hist.MAX_VOCAB.value}, got "
+                         f"{student_logits.dtype} {tuple(student_logits.shape)} (student) and {teacher_logits.dtype} "
+                         f"{tuple(teacher_logits.shape)} (teacher)")
     gather = student_index is not None
     has_ce = ce_label is not None
     _, student_vocab = _rows_and_vocab(student_logits)

@@ -66,6 +66,9 @@ _EMPTY_SLOT = tl.constexpr(4000)  # never counted: what bins past WIDTH read
 _NEG_TINY_SLOT = tl.constexpr(4096)
 _LOW_SLOT = tl.constexpr(8065)
 _INF_MAGNITUDE = tl.constexpr(32640)  # m of +-inf; NaNs above
+_LISTED_SHIFT = tl.constexpr(21)  # hist_kernel's scan: counts below, occupied bins above
+_COUNT_MASK = tl.constexpr((1 << 21) - 1)
+MAX_VOCAB = tl.constexpr(1 << 21)  # a row shorter than this: its counts fit the scan's 21 bits
 _NEG_INF_BITS = tl.constexpr(-128)  # -inf's pattern, 0xFF80, as an int16
 # Per row and side: floats, then ints (PARAM_SLOTS each).
 PARAM_SLOTS = tl.constexpr(4)
@@ -75,7 +78,8 @@ _MASS = tl.constexpr(2)  # sum over the side of p * sign
 _CE_LOG_SUM = tl.constexpr(3)  # the student's base-2 log-sum at temperature 1 (cross-entropy)
 _FLAG = tl.constexpr(0)  # nonzero: the trie engine computes this row
 _TOTAL = tl.constexpr(1)  # elements of nonzero probability
-_OCCUPIED = tl.constexpr(2)  # bins holding any of them (listed in order at list_ptr)
+_OCCUPIED = tl.constexpr(2)  # bins holding any element (listed in order at list_ptr)
+_DEAD = tl.constexpr(3)  # elements of probability 0 (their bins come first)
 
 
 @triton.jit
@@ -216,17 +220,27 @@ def hist_kernel(logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, fparam_ptr,
     top_magnitude = tl.max(magnitudes.to(tl.int32), 0)
     tiny_more = _slot_count(raw_at, _NEG_TINY_SLOT, USE_PTX) - (tl.cdiv(stop, BLOCK) * BLOCK - stop)
     scale = inv_temperature * LOG2E
-    tail_stop = tl.where(row >= 0, WIDTH, 0)  # (padding: nothing to read)
-    # The largest occupied logit (past the low bin) and the sum of 2**((z - top) * scale),
-    # online in blocks; and the logits >= 256.
+    tail_stop = tl.where(row >= 0, WIDTH, 0).to(tl.int32)  # (padding: nothing to read)
+    # One pass over the bins: the largest occupied logit (past the low bin) and the sum of
+    # 2**((z - top) * scale), online in blocks; the count of elements below each bin (written
+    # at count_ptr) and the list of occupied bins, from one scan of both (the count in the low
+    # 21 bits: a block holds fewer than 2**21 elements, launch.py checks the vocabulary). The
+    # elements of zero probability are those below the first bin of nonzero p (bins are in the
+    # order of p), `_first_live` after the pass: the passes that read these counts subtract
+    # the count below it (`_live_below`) and skip the bins before it.
     top = tl.full([], float("-inf"), tl.float32)
     total = tl.zeros([], tl.float64)
     ce_total = tl.zeros([], tl.float64)
-    tiny_raw = tl.zeros([], tl.int32)  # (the cross-entropy's checks count every element)
+    below = tl.zeros([], tl.int32)
+    listed = tl.zeros([], tl.int32)
+    # (the counts' pointer moves with the loop: bins stay 32-bit, which LLVM would widen to
+    # 64 bits if their addresses were computed from them, doubling every comparison)
+    counts_block = counts_at
     for start in tl.range(0, tail_stop, TAIL_BLOCK):
         bins = start + tl.arange(0, TAIL_BLOCK)
-        counts = _slot_counts(raw_at, bins, tiny_more, 0, USE_PTX)  # (the low bin is not read here)
-        occupied = (bins >= _LOW_BINS) & (bins < WIDTH) & (counts > 0)
+        inside = bins < WIDTH
+        counts = tl.where(inside, _slot_counts(raw_at, bins, tiny_more, 0, USE_PTX), 0)
+        occupied = (bins >= _LOW_BINS) & (counts > 0)
         z = _logit_of_bin(bins)
         new_top = tl.maximum(top, tl.max(tl.where(occupied, z, float("-inf")), 0))
         safe = tl.where(new_top > float("-inf"), new_top, 0.0)
@@ -238,8 +252,16 @@ def hist_kernel(logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, fparam_ptr,
             ce_weight = _exp2(tl.minimum((z - safe) * LOG2E, 0.0)).to(tl.float64)
             ce_weight = tl.where(occupied, counts.to(tl.float64) * ce_weight, 0.0)
             ce_total = ce_total * _exp2((top - safe) * LOG2E).to(tl.float64) + tl.sum(ce_weight, 0)
-            tiny_raw += tl.sum(tl.where(bins == _TINY, counts, 0), 0)
         top = new_top
+        both = counts + ((counts > 0).to(tl.int32) << _LISTED_SHIFT)
+        before = tl.cumsum(both, 0) - both
+        tl.store(counts_block + tl.arange(0, TAIL_BLOCK), (before & _COUNT_MASK) + below, mask=inside)
+        counts_block += TAIL_BLOCK
+        tl.store(list_ptr + at * CAP + (before >> _LISTED_SHIFT) + listed, bins.to(tl.int16), mask=counts > 0)
+        block = tl.sum(both, 0)
+        below += block & _COUNT_MASK
+        listed += block >> _LISTED_SHIFT
+    tl.store(counts_at + WIDTH, below)
     # logits >= 256, +inf and NaN (either sign): past the bins
     out = _slot_count(raw_at, _POS_OUT_SLOT, USE_PTX) + (top_magnitude > _INF_MAGNITUDE).to(tl.int32)
     flag = (top == float("-inf")).to(tl.int32) + (out > 0).to(tl.int32) * 2
@@ -253,49 +275,59 @@ def hist_kernel(logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, fparam_ptr,
     # read of the row) only where a row holds an infinity and the low bin's count matters,
     # at p(-256) > 0 (or the cross-entropy's).
     low_slot = _slot_count(raw_at, _LOW_SLOT, USE_PTX)
-    low_matters = _exp2(_log2_prob(-256.0, scale, top, log_sum)) > 0.0
+    low_live = _exp2(_log2_prob(-256.0, scale, top, log_sum)) > 0.0
+    ce_low = _exp2(_log2_prob(-256.0, LOG2E, top, ce_log_sum)) > 0.0
+    low_matters = low_live
     if HAS_CE:
-        low_matters |= _exp2(_log2_prob(-256.0, LOG2E, top, ce_log_sum)) > 0.0
+        low_matters |= ce_low
     masked = tl.zeros([], tl.int32)
-    if (low_slot > 0) & (top_magnitude == _INF_MAGNITUDE) & low_matters:
+    if (low_slot > 0) & (top_magnitude == _INF_MAGNITUDE) & low_matters & (flag == 0):
         masked = _masked_count(row_ptr, col_stride, stop, UNIT_STRIDE, BLOCK)
     low_raw = low_slot - masked
-    # Prefix counts of the elements of nonzero probability.
-    below = tl.zeros([], tl.int32)
-    listed = tl.zeros([], tl.int32)
-    low_count = tl.zeros([], tl.int32)  # elements of nonzero probability below -255
-    tiny_count = tl.zeros([], tl.int32)
-    for start in tl.range(0, tail_stop, TAIL_BLOCK):
-        bins = start + tl.arange(0, TAIL_BLOCK)
-        inside = bins < WIDTH
-        counts = tl.where(inside, _slot_counts(raw_at, bins, tiny_more, masked, USE_PTX), 0)
-        k = _k_of_bins(bins, top, log_sum, scale)
-        counted = tl.where(_exp2(tl.minimum(k, 0.0)) > 0.0, counts, 0)
-        tl.store(counts_at + bins, tl.cumsum(counted, 0) - counted + below, mask=inside)
-        below += tl.sum(counted, 0)
-        occupied = (counted > 0).to(tl.int32)
-        tl.store(list_ptr + at * CAP + tl.cumsum(occupied, 0) - occupied + listed, bins.to(tl.int16),
-                 mask=occupied > 0)
-        listed += tl.sum(occupied, 0)
-        low_count += tl.sum(tl.where(bins == 0, counted, 0), 0)
-        tiny_count += tl.sum(tl.where(bins == _TINY, counted, 0), 0)
-    tl.store(counts_at + WIDTH, below)
+    tiny_raw = _slot_count(raw_at, 0, USE_PTX) + tiny_more
+    # The elements of nonzero probability: from the first bin of nonzero p on (less the -inf
+    # counted in the low bin, when that bin is live)
+    first = _first_live(top, log_sum, scale)
+    tl.debug_barrier()  # the counts below each bin, visible to every thread
+    dead = tl.where(first > 0, tl.load(counts_at + first), masked)
     # The low bin is exact when p(-256) is 0 (then it is counted nowhere); the tiny bin when
     # both its ends have one k.
     tiny_split = _log2_prob(-_TINY_END, scale, top, log_sum) != _log2_prob(_TINY_END, scale, top, log_sum)
-    flag += ((low_count > 0) | ((tiny_count > 0) & tiny_split)).to(tl.int32) * 4
+    tiny_live = first <= _TINY
+    flag += (((low_raw > 0) & low_live) | ((tiny_raw > 0) & tiny_live & tiny_split)).to(tl.int32) * 4
     if HAS_CE:  # the same two checks at temperature 1
         ce_split = (_log2_prob(-_TINY_END, LOG2E, top, ce_log_sum)
                     != _log2_prob(_TINY_END, LOG2E, top, ce_log_sum))
-        ce_low = _exp2(_log2_prob(-256.0, LOG2E, top, ce_log_sum)) > 0.0
         flag += (((low_raw > 0) & ce_low) | ((tiny_raw > 0) & ce_split)).to(tl.int32) * 4
         tl.store(fparam_ptr + at * PARAM_SLOTS + _CE_LOG_SUM, ce_log_sum)
     params = at * PARAM_SLOTS
     tl.store(fparam_ptr + params + _TOP, top)
     tl.store(fparam_ptr + params + _LOG_SUM, log_sum)
     tl.store(iparam_ptr + params + _FLAG, flag)
-    tl.store(iparam_ptr + params + _TOTAL, below)
+    tl.store(iparam_ptr + params + _TOTAL, below - dead)
     tl.store(iparam_ptr + params + _OCCUPIED, listed)
+    tl.store(iparam_ptr + params + _DEAD, dead)
+
+
+@triton.jit
+def _first_live(top, log_sum, scale):
+    """The first bin of nonzero p (WIDTH if none), by bisection: p is non-decreasing over the
+    bins."""
+    lo = tl.zeros([], tl.int32) - 1  # dead (or before the bins)
+    hi = tl.zeros([], tl.int32) + WIDTH  # live (or past them)
+    while hi - lo > 1:
+        mid = (lo + hi) >> 1
+        live = _exp2(tl.minimum(_k_of_bins(mid, top, log_sum, scale), 0.0)) > 0.0
+        hi = tl.where(live, mid, hi)
+        lo = tl.where(live, lo, mid)
+    return hi
+
+
+@triton.jit
+def _live_below(count_ptr, bins, dead, mask):
+    """Elements of nonzero probability below `bins` (in [0, WIDTH]), from hist_kernel's counts
+    below each bin and the row's count of the others (`dead`: all below the first live bin)."""
+    return tl.maximum(tl.load(count_ptr + bins, mask=mask, other=0) - dead, 0)
 
 
 @triton.jit
@@ -358,8 +390,8 @@ def _bound(v, start, top, log_sum, scale, active, STRICT: tl.constexpr):
 
 
 @triton.jit
-def _bin_signs(bins, active, count, own_count, other_count, own_top, own_log_sum, own_scale, other_top,
-               other_log_sum, other_scale, own_total, other_total, sign_ptr, SIDE: tl.constexpr,
+def _bin_signs(bins, active, count, own_count, other_count, own_dead, other_dead, own_top, own_log_sum, own_scale,
+               other_top, other_log_sum, other_scale, own_total, other_total, sign_ptr, SIDE: tl.constexpr,
                STORE: tl.constexpr):
     """sign_kernel's work on one block of occupied bins (`active` lanes): their signs (stored
     at sign_ptr + bin when STORE) and their sum of count * p * sign (float64)."""
@@ -384,10 +416,10 @@ def _bin_signs(bins, active, count, own_count, other_count, own_top, own_log_sum
         own_after = tl.where(slow, _bound(v, bins + 1, own_top, own_log_sum, own_scale, slow, True), own_after)
         lower = tl.where(slow, _bound(v, guess, other_top, other_log_sum, other_scale, slow, False), lower)
         upper = tl.where(slow, _bound(v, lower, other_top, other_log_sum, other_scale, slow, True), upper)
-    own_ge = own_total - tl.load(own_count + own_first, mask=active, other=0)
-    own_gt = own_total - tl.load(own_count + own_after, mask=active, other=0)
-    other_ge = other_total - tl.load(other_count + lower, mask=active, other=0)
-    other_gt = other_total - tl.load(other_count + upper, mask=active, other=0)
+    own_ge = own_total - _live_below(own_count, own_first, own_dead, active)
+    own_gt = own_total - _live_below(own_count, own_after, own_dead, active)
+    other_ge = other_total - _live_below(other_count, lower, other_dead, active)
+    other_gt = other_total - _live_below(other_count, upper, other_dead, active)
     if SIDE == 0:
         sign, _unused = _tie_signs(own_gt - other_gt, own_ge - own_gt, other_ge - other_gt)
     else:
@@ -430,15 +462,17 @@ def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, list_ptr, sign_ptr, partial_p
         own_total = tl.load(iparam_ptr + own * PARAM_SLOTS + _TOTAL)
         other_total = tl.load(iparam_ptr + other * PARAM_SLOTS + _TOTAL)
         listed = tl.load(iparam_ptr + own * PARAM_SLOTS + _OCCUPIED)
+        own_dead = tl.load(iparam_ptr + own * PARAM_SLOTS + _DEAD)
+        other_dead = tl.load(iparam_ptr + other * PARAM_SLOTS + _DEAD)
         for start in tl.range(0, listed, BLOCK):
             slots = start + tl.arange(0, BLOCK)
-            active = slots < listed
-            bins = tl.load(list_ptr + own * CAP + slots, mask=active, other=0).to(tl.int32)
-            count = (tl.load(own_count + bins + 1, mask=active, other=0)
-                     - tl.load(own_count + bins, mask=active, other=0))
-            mass += _bin_signs(bins, active, count, own_count, other_count, own_top, own_log_sum, own_scale,
-                               other_top, other_log_sum, other_scale, own_total, other_total,
-                               sign_ptr + own * CAP, SIDE, STORE)
+            bins = tl.load(list_ptr + own * CAP + slots, mask=slots < listed, other=0).to(tl.int32)
+            count = (_live_below(own_count, bins + 1, own_dead, slots < listed)
+                     - _live_below(own_count, bins, own_dead, slots < listed))
+            active = count > 0  # (occupied bins of probability 0 come first in the list: skipped)
+            mass += _bin_signs(bins, active, count, own_count, other_count, own_dead, other_dead, own_top,
+                               own_log_sum, own_scale, other_top, other_log_sum, other_scale, own_total,
+                               other_total, sign_ptr + own * CAP, SIDE, STORE)
     tl.store(partial_ptr + own, mass)
 
 
