@@ -91,6 +91,7 @@ HIST_BATCH = int(os.environ.get("ULD_HIST_BATCH", 6144))  # pairs per batch at m
 HIST_BLOCK = int(os.environ.get("ULD_HIST_BLOCK", 2048))  # elements per step of hist_kernel's loop
 HIST_SIGN_BLOCK = int(os.environ.get("ULD_HIST_SIGN_BLOCK", 128))  # bins per step of sign_kernel's loop
 HIST_SIGN_WARPS = int(os.environ.get("ULD_HIST_SIGN_WARPS", 1))
+HIST_TAIL_BLOCK = int(os.environ.get("ULD_HIST_TAIL_BLOCK", 512))  # bins per step of hist_kernel's pass over them
 # Loops of hist_kernel and grad_kernel load the next block before working on this one.
 HIST_PREFETCH = os.environ.get("ULD_HIST_PREFETCH", "0") != "0"
 HIST_GRAD_CHUNK = int(os.environ.get("ULD_HIST_GRAD_CHUNK", 32768))  # columns per grad_kernel program
@@ -284,7 +285,7 @@ def _hist_batches(row_loss, flags, row_ce, sides, grad_scale, n_pairs, on_gpu, r
                 logits, index if gather else unused, counts, occupied, raw, fparam, iparam, batch_start, side,
                 vocab, *_row_layout(logits), inv_t, GATHER=gather, UNIT_STRIDE=logits.stride(-1) == 1,
                 USE_PTX=use_ptx, HAS_CE=has_ce and side == 0, PREFETCH=HIST_PREFETCH or not on_gpu,
-                BLOCK=HIST_BLOCK if on_gpu else 256, TAIL_BLOCK=512 if on_gpu else 2048,
+                BLOCK=HIST_BLOCK if on_gpu else 256, TAIL_BLOCK=HIST_TAIL_BLOCK if on_gpu else 2048,
                 num_warps=4)
         for side in (0, 1):
             uld_hist.sign_kernel[(rows,)](
