@@ -168,16 +168,16 @@ def hist_kernel_configs():
                "fparam_ptr", "iparam_ptr", "sign_ptr", "partial_ptr", "list_ptr", "raw_ptr"]
     for label, kernel, constexprs, warps in [
         ("hist", uld_hist.hist_kernel, dict(GATHER=False, UNIT_STRIDE=True, USE_PTX=True, HAS_CE=False,
-                                            PREFETCH=False, BLOCK=2048, TAIL_BLOCK=512), 4),
+                                            PREFETCH=True, BLOCK=4096, TAIL_BLOCK=512), 4),
         ("hist gathered ce", uld_hist.hist_kernel, dict(GATHER=True, UNIT_STRIDE=True, USE_PTX=True, HAS_CE=True,
-                                                        PREFETCH=False, BLOCK=2048, TAIL_BLOCK=512), 4),
+                                                        PREFETCH=True, BLOCK=4096, TAIL_BLOCK=512), 4),
         ("sign student", uld_hist.sign_kernel, dict(SIDE=0, STORE=True, BLOCK=128), 1),
         ("sign teacher", uld_hist.sign_kernel, dict(SIDE=1, STORE=False, BLOCK=128), 1),
         ("finish", uld_hist.finish_kernel, dict(GATHER=False, HAS_CE=False), 1),
         ("finish gathered ce", uld_hist.finish_kernel, dict(GATHER=True, HAS_CE=True), 1),
-        ("grad", uld_hist.grad_kernel, dict(GATHER=False, HAS_CE=False, UNIT_STRIDE=True, PREFETCH=False,
+        ("grad", uld_hist.grad_kernel, dict(GATHER=False, HAS_CE=False, UNIT_STRIDE=True, PREFETCH=True,
                                             USE_PTX=True, CHUNK=32768, BLOCK=1024), 4),
-        ("grad gathered ce", uld_hist.grad_kernel, dict(GATHER=True, HAS_CE=True, UNIT_STRIDE=True, PREFETCH=False,
+        ("grad gathered ce", uld_hist.grad_kernel, dict(GATHER=True, HAS_CE=True, UNIT_STRIDE=True, PREFETCH=True,
                                                          USE_PTX=True, CHUNK=32768, BLOCK=1024), 4),
     ]:
         names = kernel.arg_names
