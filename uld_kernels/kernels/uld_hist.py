@@ -106,9 +106,12 @@ def _bin_of_key(key):
 @triton.jit
 def _logit_of_bin(bins):
     """The logit a bin stands for (float32): its own value; -256 for the low bin (its end
-    nearest 0), 0 for the tiny bin."""
-    key = tl.where(bins < _TINY, bins - 17281, tl.where(bins == _TINY, 0, bins + 9342))
-    return _key_of_bits(key).to(tl.int16).to(tl.bfloat16, bitcast=True).to(tl.float32)
+    nearest 0), 0 for the tiny bin. Built as float32 bits: bins below or above the tiny one,
+    at distance d, hold magnitude bits SLOT_M_LO + d (bin 0: 17280, -256), with the sign of
+    the side (five integer instructions; the passes over bins call this for every bin)."""
+    d = bins - _TINY
+    bits = (tl.abs(d) + SLOT_M_LO) * 65536 | (d & -2147483648)
+    return tl.where(d == 0, 0, bits).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -338,9 +341,10 @@ def _k_of_bins(bins, top, log_sum, scale):
 
 
 @triton.jit
-def _estimate(v, top, log_sum, scale):
-    """A bin of a side near k = v: the bin of the logit with that k."""
-    z = top + (v + log_sum) / scale
+def _estimate(v, top, log_sum, inv_scale):
+    """A bin of a side near k = v: the bin of the logit with that k (inv_scale = 1 / scale: an
+    estimate, checked by the caller, needs no division)."""
+    z = top + (v + log_sum) * inv_scale
     z = tl.minimum(tl.maximum(z, -60000.0), 60000.0)
     key = _key_of_bits(z.to(tl.float32).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32))
     return tl.minimum(_bin_of_key(key), WIDTH - 1)
@@ -401,7 +405,7 @@ def _bin_signs(bins, active, count, own_count, other_count, own_dead, other_dead
     own_first = tl.where((bins == 0) | (_k_of_bins(bins - 1, own_top, own_log_sum, own_scale) < v), bins, -1)
     own_after = tl.where((bins == WIDTH - 1) | (_k_of_bins(bins + 1, own_top, own_log_sum, own_scale) > v),
                          bins + 1, -1)
-    guess = _estimate(v, other_top, other_log_sum, other_scale)
+    guess = _estimate(v, other_top, other_log_sum, 1.0 / other_scale)  # (a scalar division)
     k_guess = _k_of_bins(guess, other_top, other_log_sum, other_scale)
     k_before = _k_of_bins(guess - 1, other_top, other_log_sum, other_scale)
     k_next = _k_of_bins(guess + 1, other_top, other_log_sum, other_scale)

@@ -671,6 +671,14 @@ def _grad_pass(
                         NC_SIGNS)
 
 
+# fallback_kernel calls the passes as functions, where the split kernels inline them: inlined
+# into one kernel they share one register allocation, 255 registers with ~100 B of spills and 2
+# programs per SM; called, each keeps its own, 128 registers in all with 8 B of spills, 4 per
+# SM (ptxas, sm_90a, bf16).
+_stats_call, _root_call, _count_call, _finish_call, _grad_call = (
+    triton.jit(noinline=True)(f.fn) for f in (_stats_pass, _root_pass, _count_pass, _finish_pass, _grad_pass))
+
+
 @triton.jit(do_not_specialize=["n_pairs", "root_chunks", "student_seq_len", "teacher_seq_len"])
 def fallback_kernel(
     student_ptr, teacher_ptr, row_loss_ptr, status_ptr, grad_student_ptr, grad_teacher_ptr,
@@ -708,7 +716,7 @@ def fallback_kernel(
         if tl.load(status_ptr + pair) != 0:
             tl.store(meta_ptr + tl.arange(0, META_SLOTS), tl.zeros([META_SLOTS], tl.int32))
             tl.debug_barrier()
-            _stats_pass(
+            _stats_call(
                 slot, pair, 0, 0, student_ptr, teacher_ptr, row_loss_ptr, status_ptr, ws_int_ptr, ws_sign_ptr,
                 ws_meta_ptr, row_f_ptr, ws_mass_ptr, row_mass_ptr, partial_ptr, partial_i_ptr, student_index_ptr,
                 teacher_index_ptr, ce_label_ptr, row_ce_ptr, 1, student_vocab, teacher_vocab, student_seq_len,
@@ -718,7 +726,7 @@ def fallback_kernel(
                 BLOCK, WHOLE, 2, ENTRIES, RESOLVE_BLOCK, MAX_LEVELS, 1, ROOT_BITS)
             tl.debug_barrier()
             for chunk in range(0, root_chunks):
-                _root_pass(
+                _root_call(
                     slot, pair, chunk, chunk * ROOT_CHUNK, student_ptr, teacher_ptr, ws_int_ptr, ws_sign_ptr,
                     ws_meta_ptr, row_f_ptr, ws_mass_ptr, row_mass_ptr, student_index_ptr, teacher_index_ptr,
                     root_partial_ptr, root_chunks, student_vocab, teacher_vocab, student_seq_len,
@@ -727,7 +735,7 @@ def fallback_kernel(
                     inv_teacher_temperature, STUDENT_UNIT_STRIDE, TEACHER_UNIT_STRIDE, GATHER, BLOCK, ROOT_CHUNK,
                     ENTRIES, RESOLVE_BLOCK, MAX_LEVELS, 1, ROOT_BITS, USE_PTX, LEVEL_CAP)
                 tl.debug_barrier()  # the shared histogram is read back before the next chunk zeroes it
-            _count_pass(
+            _count_call(
                 slot, pair, 0, 0, student_ptr, teacher_ptr, ws_int_ptr, ws_sign_ptr, ws_meta_ptr, row_f_ptr,
                 ws_mass_ptr, row_mass_ptr, student_index_ptr, teacher_index_ptr, partial_ptr, 1, 1,
                 student_vocab, teacher_vocab, student_seq_len, student_batch_stride, student_row_stride,
@@ -736,7 +744,7 @@ def fallback_kernel(
                 GATHER, BLOCK, WHOLE, 2, ENTRIES, RESOLVE_BLOCK, MAX_LEVELS, 1, ROOT_BITS, True, USE_PTX,
                 PREFETCH, NC_SIGNS=False)
             tl.debug_barrier()
-            _finish_pass(
+            _finish_call(
                 slot, pair, student_ptr, teacher_ptr, row_loss_ptr, status_ptr, ws_int_ptr, ws_sign_ptr,
                 ws_meta_ptr, row_f_ptr, ws_mass_ptr, row_mass_ptr, partial_ptr, student_index_ptr,
                 teacher_index_ptr, 1, student_vocab, teacher_vocab, student_seq_len, student_batch_stride,
@@ -746,7 +754,7 @@ def fallback_kernel(
                 MAX_LEVELS, 1, ROOT_BITS, USE_PTX, PREFETCH, NC_SIGNS=False)
             tl.debug_barrier()
             if STUDENT_GRAD or TEACHER_GRAD:
-                _grad_pass(
+                _grad_call(
                     slot, pair, 0, 0, student_ptr, teacher_ptr, grad_student_ptr, grad_teacher_ptr, ws_int_ptr,
                     ws_sign_ptr, ws_meta_ptr, row_f_ptr, ws_mass_ptr, row_mass_ptr, student_index_ptr,
                     teacher_index_ptr, row_weight_ptr, ce_label_ptr, ce_weight_ptr, 1, student_vocab,
