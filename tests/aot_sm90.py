@@ -28,7 +28,7 @@ TRITON_TYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 TARGET = GPUTarget("cuda", 90, 32)
 
 
-def compile_kernel(kernel, types: dict, constexprs: dict, aligned: list[str], options):
+def compile_kernel(kernel, types: dict, constexprs: dict, aligned: list[str], options, target=TARGET):
     """options: num_warps, or a dict of compile options (num_warps, num_stages) as launch.py
     passes them."""
     names = kernel.arg_names
@@ -36,7 +36,7 @@ def compile_kernel(kernel, types: dict, constexprs: dict, aligned: list[str], op
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     options = options if isinstance(options, dict) else dict(num_warps=options)
-    return triton.compile(src, target=TARGET, options=options)
+    return triton.compile(src, target=target, options=options)
 
 
 def facts(name: str, compiled) -> dict:
@@ -45,6 +45,7 @@ def facts(name: str, compiled) -> dict:
         name=name,
         cubin_bytes=len(compiled.asm["cubin"]),
         sm90=".target sm_90" in ptx,
+        sm80=".target sm_80" in ptx,
         # 8- or 16-byte row loads: plain vector loads, or pipelined copies to shared memory
         vector_loads=bool(re.search(
             r"ld\.global(\.nc)?\.v[24]|cp\.async\.\w+\.shared\.global \[[^\]]*\], \[[^\]]*\], (0x8|0x10|8|16)\b", ptx)),
@@ -167,22 +168,38 @@ def hist_kernel_configs():
     aligned = ["logits_ptr", "grad_ptr", "vocab", "row_stride", "batch_stride", "grad_row_stride", "count_ptr",
                "fparam_ptr", "iparam_ptr", "sign_ptr", "partial_ptr", "list_ptr", "raw_ptr"]
     for label, kernel, constexprs, warps in [
-        ("hist", uld_hist.hist_kernel, dict(GATHER=False, UNIT_STRIDE=True, USE_PTX=True, HAS_CE=False,
+        ("hist", uld_hist.hist_kernel, dict(GATHER=False, UNIT_STRIDE=True, USE_PTX=True, SIMD16=True, HAS_CE=False,
                                             PREFETCH=True, BLOCK=4096, TAIL_BLOCK=512), 4),
-        ("hist gathered ce", uld_hist.hist_kernel, dict(GATHER=True, UNIT_STRIDE=True, USE_PTX=True, HAS_CE=True,
-                                                        PREFETCH=True, BLOCK=4096, TAIL_BLOCK=512), 4),
+        ("hist gathered ce", uld_hist.hist_kernel, dict(GATHER=True, UNIT_STRIDE=True, USE_PTX=True, SIMD16=True,
+                                                        HAS_CE=True, PREFETCH=True, BLOCK=4096, TAIL_BLOCK=512), 4),
         ("sign student", uld_hist.sign_kernel, dict(SIDE=0, STORE=True, BLOCK=128), 1),
         ("sign teacher", uld_hist.sign_kernel, dict(SIDE=1, STORE=False, BLOCK=128), 1),
         ("finish", uld_hist.finish_kernel, dict(GATHER=False, HAS_CE=False), 1),
         ("finish gathered ce", uld_hist.finish_kernel, dict(GATHER=True, HAS_CE=True), 1),
         ("grad", uld_hist.grad_kernel, dict(GATHER=False, HAS_CE=False, UNIT_STRIDE=True, PREFETCH=True,
-                                            USE_PTX=True, CHUNK=32768, BLOCK=1024), 4),
+                                            USE_PTX=True, SIMD16=True, CHUNK=32768, BLOCK=1024), 4),
         ("grad gathered ce", uld_hist.grad_kernel, dict(GATHER=True, HAS_CE=True, UNIT_STRIDE=True, PREFETCH=True,
-                                                         USE_PTX=True, CHUNK=32768, BLOCK=1024), 4),
+                                                         USE_PTX=True, SIMD16=True, CHUNK=32768, BLOCK=1024), 4),
     ]:
         names = kernel.arg_names
         yield (f"hist {label} bf16", kernel, _types_by_name(kernel, "*bf16"), constexprs,
                [n for n in aligned if n in names], warps)
+
+
+def hist_sm80_configs():
+    """The histogram engine's row passes as an sm_80 / sm_89 GPU runs them (A100, L40S): no
+    u16x2 instructions (SIMD16=False), the shared-memory histogram still."""
+    from uld_kernels.kernels import uld_hist
+    aligned = ["logits_ptr", "grad_ptr", "vocab", "row_stride", "batch_stride", "grad_row_stride", "count_ptr",
+               "fparam_ptr", "iparam_ptr", "sign_ptr", "list_ptr", "raw_ptr"]
+    for label, kernel, constexprs in [
+        ("hist", uld_hist.hist_kernel, dict(GATHER=False, UNIT_STRIDE=True, USE_PTX=True, SIMD16=False, HAS_CE=True,
+                                            PREFETCH=True, BLOCK=4096, TAIL_BLOCK=512)),
+        ("grad", uld_hist.grad_kernel, dict(GATHER=True, HAS_CE=True, UNIT_STRIDE=True, PREFETCH=True, USE_PTX=True,
+                                            SIMD16=False, CHUNK=32768, BLOCK=1024)),
+    ]:
+        yield (f"sm80 {label} bf16", kernel, _types_by_name(kernel, "*bf16"), constexprs,
+               [n for n in aligned if n in kernel.arg_names], 4)
 
 
 def scale_kernel_configs():
@@ -205,10 +222,11 @@ def main():
     only = [a for a in sys.argv[1:] if not a.startswith("--")]  # name prefixes to compile
     configs = [*split_kernel_configs(), *hist_kernel_configs(), *distill_kernel_configs(), *scale_kernel_configs(),
                *zero_kernel_configs()]
-    for name, kernel, types, constexprs, aligned, warps in configs:
+    configs += [(*c, GPUTarget("cuda", 80, 32)) for c in hist_sm80_configs()]
+    for name, kernel, types, constexprs, aligned, warps, *target in configs:
         if only and not any(name.startswith(o) for o in only):
             continue
-        compiled = compile_kernel(kernel, types, constexprs, aligned, warps)
+        compiled = compile_kernel(kernel, types, constexprs, aligned, warps, *target)
         if resources:
             print(f"{name}: {ptxas_resources(compiled)}", flush=True)
         else:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -239,6 +240,90 @@ def test_logits_of_zero_probability_in_bins_of_their_own(device):
     out = launch.hist_rows(student, teacher, 1.5, 0.7, True, True, 1.0, fallback=False)
     _assert_unflagged(out[1], "rows with dead bins")
     _assert_matches_reference(out, student, teacher, 1.5, 0.7)
+
+
+def test_rows_read_with_a_column_stride(device):
+    """Rows read through a column stride of 2 and 3 (views into wider tensors: hist_kernel's
+    and grad_kernel's strided loads, the -inf recount too), the engine's own and exact."""
+    student, teacher = _rows("random", 2, 400, 330, torch.bfloat16, device, seed=81)
+    wide_s = torch.zeros(2, 800, dtype=torch.bfloat16, device=device)
+    wide_t = torch.zeros(2, 990, dtype=torch.bfloat16, device=device)
+    wide_s[:, ::2], wide_t[:, ::3] = student, teacher
+    strided_s, strided_t = wide_s[:, ::2], wide_t[:, ::3]
+    strided_s[0, ::7] = -math.inf
+    assert strided_s.stride(-1) == 2 and strided_t.stride(-1) == 3
+    _assert_no_cross_near_ties(strided_s, strided_t, 60.0, 0.7)
+    out = launch.hist_rows(strided_s, strided_t, 60.0, 0.7, True, True, 1.0, fallback=False)
+    _assert_unflagged(out[1], "strided rows")
+    _assert_matches_reference(out, strided_s.contiguous(), strided_t.contiguous(), 60.0, 0.7)
+
+
+def test_a_block_of_bins_all_occupied(device):
+    """1,100 consecutive bf16 values (2**-7 to ~3: every bin of 8.6 binades occupied, so whole
+    steps of hist_kernel's pass over bins are full, 512 occupied bins in a step): the packed
+    scan's occupied count at its widest, against the trie engine."""
+    g = torch.Generator().manual_seed(91)
+    bits = (torch.arange(1100) + 0x3C00).to(torch.int16)
+    student = bits.view(torch.bfloat16)[torch.randperm(1100, generator=g)].reshape(1, 1100).to(device)
+    teacher = (torch.randn(1, 700, generator=g) * 2).to(torch.bfloat16).to(device)
+    ours = launch.hist_rows(student, teacher, 1.3, 0.8, True, True, 1.0, fallback=False)
+    _assert_unflagged(ours[1], "a row of 1,100 distinct values")
+    trie = launch.uld_pairs(student, teacher, 1.3, 0.8, True, True, 1.0)
+    assert_losses_close(ours[0], trie[0], torch.bfloat16, what="loss against the trie")
+    assert_grads_close(ours[2], trie[3], student, torch.bfloat16, what="student gradient against the trie")
+    assert_grads_close(ours[3], trie[4], teacher, torch.bfloat16, what="teacher gradient against the trie")
+
+
+def test_tiny_logits_live_where_zero_is_not(device):
+    """The tiny bin stands for |z| < 2**-23 and takes the k of 0. At a student temperature
+    where p(0) underflows to 0 while p(1e-7) does not (top 0.125: k(0) = -0.125 * scale just
+    past the threshold: below 2**-126 the GPU's exp2 flushes to 0, at 2**-149.5 and below the
+    interpreter's numpy does), the tiny elements are live and the bin splits: the pair must be
+    flagged (the review of b3d5d6a found it unflagged, and its tiny elements' sign entries
+    never written), and through the fallback the trie's."""
+    threshold = 126.0 if device == "cuda" else 149.5
+
+    def dead(k):
+        return k < -126.0 if device == "cuda" else bool(np.exp2(np.float32(k)) == 0)
+
+    tiny = torch.tensor(1e-7).to(torch.bfloat16).float().item()
+    scale = 8.0 * (threshold + 7e-5)  # k(0) = -threshold - 7e-5, k(tiny) = k(0) + ~1.4e-4
+    temperature = 1.4426950408889634 / scale
+    k0 = -0.125 * float(np.float32(np.float32(1.0 / temperature) * np.float32(1.4426950408889634)))
+    assert dead(k0) and not dead(k0 + tiny * scale - 1e-5), f"premise: k(0) = {k0}"
+    student = torch.full((1, 40), -5.0)
+    student[0, 0] = 0.125
+    student[0, 1:21] = tiny
+    student = student.to(torch.bfloat16).to(device)
+    teacher = torch.randn(1, 30, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16).to(device)
+    flags = launch.hist_rows(student, teacher, temperature, 1.0, True, False, 1.0, fallback=False)[1]
+    assert int(flags[0]) & 4, f"flags {flags.tolist()}: the tiny bin's logits are live and split"
+    ours = launch.hist_rows(student, teacher, temperature, 1.0, True, False, 1.0)
+    trie = launch.uld_pairs(student, teacher, temperature, 1.0, True, False, 1.0)
+    assert_losses_close(ours[0], trie[0], torch.bfloat16, what="loss against the trie")
+    assert_grads_close(ours[2], trie[3], student, torch.bfloat16, what="student gradient against the trie")
+
+
+def test_the_cross_entropy_alone_needs_the_minus_inf_counted(device):
+    """A student row whose logits all lie near -190 (top < -169), masked with -inf: at the
+    cross-entropy's temperature 1 a logit of -256 has a probability, at the ULD's 0.5 it has
+    not, so only the cross-entropy's check looks at the low slot, which holds the -inf: they
+    are counted apart and the pair stays the engine's, with the trie's loss, cross-entropy and
+    gradient."""
+    g = torch.Generator().manual_seed(95)
+    student = (-190.0 + 5.0 * torch.randn(1, 300, generator=g)).to(torch.bfloat16)
+    student[0, ::4] = -math.inf
+    teacher = torch.randn(1, 250, generator=g).to(torch.bfloat16)
+    student, teacher = student.to(device), teacher.to(device)
+    kw = dict(student_index=torch.tensor([0], device=device), teacher_index=torch.tensor([0], device=device),
+              row_weight=torch.ones(1, device=device), ce_label=torch.tensor([5], device=device),
+              ce_weight=torch.ones(1, device=device))
+    ours = launch.hist_pairs(student, teacher, 0.5, 1.0, True, False, 1.0, fallback=False, **kw)
+    assert ours[1].tolist() == [0], f"flags {ours[1].tolist()}: the -inf are not logits <= -256"
+    trie = launch.uld_pairs(student, teacher, 0.5, 1.0, True, False, 1.0, **kw)
+    assert_losses_close(ours[0], trie[0], torch.bfloat16, what="loss")
+    assert_losses_close(ours[2], trie[2], torch.bfloat16, what="cross-entropy")
+    assert_grads_close(ours[3], trie[3], student, torch.bfloat16)
 
 
 def test_grad_scale(device):

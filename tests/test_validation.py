@@ -203,3 +203,20 @@ def test_zero_rows(student_grad):
     assert mean.shape == () and torch.isnan(mean), f"'mean' on 0 rows gave {mean}, expected nan"
     for loss in (none, total, mean):
         assert loss.dtype == torch.float32, f"loss on 0 rows is {loss.dtype}, expected float32"
+
+
+@pytest.mark.parametrize("knob,value,message", [
+    ("ULD_HIST_TAIL_BLOCK", "1024", "ULD_HIST_TAIL_BLOCK must be 128, 256 or 512, got 1024"),
+    ("ULD_HIST_BLOCK", "2000", "must be multiples of 256, got 2000 and 1024"),
+])
+def test_histogram_knobs_out_of_range_fail_at_import(knob, value, message):
+    """A tuning knob the histogram kernels cannot run with (a pass over bins of more than 512
+    bins a step overflows its packed scan; an odd number of logits per thread breaks the
+    two-at-a-time slots) fails when the launcher is imported, naming the variable."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, **{knob: value})
+    proc = subprocess.run([sys.executable, "-c", "import uld_kernels.launch"], capture_output=True, text=True,
+                          env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=120)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]

@@ -94,11 +94,16 @@ HIST_BLOCK = int(os.environ.get("ULD_HIST_BLOCK", 4096))
 HIST_SIGN_BLOCK = int(os.environ.get("ULD_HIST_SIGN_BLOCK", 128))  # bins per step of sign_kernel's loop
 HIST_SIGN_WARPS = int(os.environ.get("ULD_HIST_SIGN_WARPS", 1))
 HIST_TAIL_BLOCK = int(os.environ.get("ULD_HIST_TAIL_BLOCK", 512))  # bins per step of hist_kernel's pass over them
+if HIST_TAIL_BLOCK not in (128, 256, 512):  # (its scan packs a step's occupied count in 10 bits)
+    raise ValueError(f"ULD_HIST_TAIL_BLOCK must be 128, 256 or 512, got {HIST_TAIL_BLOCK}")
 # Loops of hist_kernel and grad_kernel load the next block before working on this one (two
 # blocks in flight per thread): 8.13 ms against 8.42 at 2,048 (ninth session, run 2).
 HIST_PREFETCH = os.environ.get("ULD_HIST_PREFETCH", "1") != "0"
 HIST_GRAD_CHUNK = int(os.environ.get("ULD_HIST_GRAD_CHUNK", 32768))  # columns per grad_kernel program
 HIST_GRAD_BLOCK = int(os.environ.get("ULD_HIST_GRAD_BLOCK", 1024))  # columns per step of its loop
+if HIST_BLOCK % 256 or HIST_GRAD_BLOCK % 256:  # two logits per thread of 4 warps (SIMD16)
+    raise ValueError(f"ULD_HIST_BLOCK and ULD_HIST_GRAD_BLOCK must be multiples of 256, got {HIST_BLOCK} and "
+                     f"{HIST_GRAD_BLOCK}")
 # Under the interpreter: small chunks and batches, so that short test rows still span several
 # chunks and batches (every cross-program path runs), at a cost the interpreter can afford;
 # a 1,024-bucket root (four resolve chunks: the carry across chunks runs) from tl.histogram.
@@ -270,6 +275,7 @@ def _hist_batches(row_loss, flags, row_ce, sides, grad_scale, n_pairs, on_gpu, r
     occupied = torch.empty(batch * 2 * cap, dtype=torch.int16, device=device)  # the occupied bins, listed
     signs = torch.empty(batch * 2 * cap, dtype=torch.float32, device=device)
     use_ptx = on_gpu and SPLIT["smem"]
+    simd16 = use_ptx and torch.cuda.get_device_capability(device) >= (9, 0)  # u16x2 instructions: sm_90 on
     # the histogram's slots without shared memory (the interpreter), apart from the prefix counts
     raw = torch.empty(batch * 2 * cap if not use_ptx else 1, dtype=torch.int32, device=device)
     block = HIST_GRAD_BLOCK if on_gpu else 128
@@ -287,8 +293,8 @@ def _hist_batches(row_loss, flags, row_ce, sides, grad_scale, n_pairs, on_gpu, r
             uld_hist.hist_kernel[(rows,)](
                 logits, index if gather else unused, counts, occupied, raw, fparam, iparam, batch_start, side,
                 vocab, *_row_layout(logits), inv_t, GATHER=gather, UNIT_STRIDE=logits.stride(-1) == 1,
-                USE_PTX=use_ptx, HAS_CE=has_ce and side == 0, PREFETCH=HIST_PREFETCH or not on_gpu,
-                BLOCK=HIST_BLOCK if on_gpu else 256, TAIL_BLOCK=HIST_TAIL_BLOCK if on_gpu else 2048,
+                USE_PTX=use_ptx, SIMD16=simd16, HAS_CE=has_ce and side == 0, PREFETCH=HIST_PREFETCH or not on_gpu,
+                BLOCK=HIST_BLOCK if on_gpu else 256, TAIL_BLOCK=HIST_TAIL_BLOCK if on_gpu else 512,
                 num_warps=4)
         for side in (0, 1):
             uld_hist.sign_kernel[(rows,)](
@@ -309,7 +315,7 @@ def _hist_batches(row_loss, flags, row_ce, sides, grad_scale, n_pairs, on_gpu, r
                 row_weight if gather else unused, ce_label if has_ce else unused, ce_weight if has_ce else unused,
                 batch_start, side, n_chunks, vocab, *_row_layout(logits), grad.stride(-2), inv_t, grad_scale,
                 GATHER=gather, HAS_CE=has_ce and side == 0, UNIT_STRIDE=logits.stride(-1) == 1,
-                PREFETCH=HIST_PREFETCH or not on_gpu, USE_PTX=use_ptx, CHUNK=chunk,
+                PREFETCH=HIST_PREFETCH or not on_gpu, USE_PTX=use_ptx, SIMD16=simd16, CHUNK=chunk,
                 BLOCK=block, num_warps=4)
 
 

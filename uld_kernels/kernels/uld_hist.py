@@ -39,8 +39,8 @@ stays exact.
 import triton
 import triton.language as tl
 
-from uld_kernels.kernels.ptx import (NEG_SLOTS, SLOT_M_HI, SLOT_M_LO, gather_f32, slots_bf16, smem_count_bf16,
-                                     smem_load, smem_zero)
+from uld_kernels.kernels.ptx import (NEG_SLOTS, SLOT_M_HI, SLOT_M_LO, SMEM_THREADS, gather_f32, slots_bf16,
+                                     smem_add_one, smem_count_bf16, smem_load, smem_zero)
 from uld_kernels.kernels.uld_rows import (LN2, LOG2E, _block_raw, _exp2, _first_block, _load_raw, _log2_prob,
                                           _pair_rows, _tie_signs)
 
@@ -124,10 +124,11 @@ def _slots_of_bits(bits):
 
 
 @triton.jit
-def _slots(raw, USE_PTX: tl.constexpr):
-    """The slots of bf16 logits already loaded."""
+def _slots(raw, SIMD16: tl.constexpr):
+    """The slots of bf16 logits already loaded: two at a time with SIMD16 (sm_90's u16x2
+    instructions, inline PTX), else one at a time."""
     bits = raw.to(tl.int16, bitcast=True)
-    if USE_PTX:
+    if SIMD16:
         slots = slots_bf16(bits)
     else:
         slots, _magnitude = _slots_of_bits(bits.to(tl.int32))
@@ -178,8 +179,8 @@ def _masked_count(row_ptr, col_stride, stop, UNIT_STRIDE: tl.constexpr, BLOCK: t
 @triton.jit
 def hist_kernel(logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, fparam_ptr, iparam_ptr, batch_start, side,
                 vocab, seq_len, batch_stride, row_stride, col_stride, inv_temperature, GATHER: tl.constexpr,
-                UNIT_STRIDE: tl.constexpr, USE_PTX: tl.constexpr, HAS_CE: tl.constexpr, PREFETCH: tl.constexpr,
-                BLOCK: tl.constexpr, TAIL_BLOCK: tl.constexpr):
+                UNIT_STRIDE: tl.constexpr, USE_PTX: tl.constexpr, SIMD16: tl.constexpr, HAS_CE: tl.constexpr,
+                PREFETCH: tl.constexpr, BLOCK: tl.constexpr, TAIL_BLOCK: tl.constexpr):
     """One row of one side per program. First the histogram of its logits over the slots
     (above; in shared memory with USE_PTX, else counted with global atomics at raw_ptr +
     (pair * 2 + side) * CAP, zeroed by the launcher). Then, from the bins: the row's largest
@@ -190,8 +191,15 @@ def hist_kernel(logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, fparam_ptr,
     negative index is padding: an empty histogram, flagged (no finite logit), and no pass over
     the bins.
 
+    SIMD16 (with USE_PTX, sm_90 and later): two logits' slots at a time (ptx.smem_count_bf16);
+    it needs an even number of logits per thread. The pass over bins packs a block's occupied
+    count above 21 bits of int32: at most 512 bins a step.
+
     Nothing else per bin leaves the program: a bin's k = log2 p is a function of (bin, top,
     log-sum), recomputed where it is needed (`_k_of_bins`)."""
+    tl.static_assert(TAIL_BLOCK <= 512, "the pass over bins packs a block's occupied count in 10 bits")
+    if SIMD16:
+        tl.static_assert(USE_PTX and BLOCK % (2 * SMEM_THREADS) == 0, "SIMD16: two logits per thread and step")
     pair = tl.program_id(0)
     row, _unused, row_ptr, _ = _pair_rows(batch_start + pair, logits_ptr, logits_ptr, index_ptr, index_ptr,
                                           seq_len, batch_stride, row_stride, seq_len, batch_stride,
@@ -205,7 +213,7 @@ def hist_kernel(logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, fparam_ptr,
     stop = tl.where(row >= 0, vocab, 0)
     # Lanes past the row load +0: the tiny slot counts them, and they are taken off it below.
     ahead = _first_block(row_ptr, tl.arange(0, BLOCK), col_stride, stop, UNIT_STRIDE, PREFETCH, 0.0)
-    if USE_PTX:
+    if SIMD16:
         magnitudes = tl.zeros([BLOCK], tl.int16)
     else:
         magnitudes = tl.zeros([BLOCK], tl.int32)
@@ -213,12 +221,15 @@ def hist_kernel(logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, fparam_ptr,
         idx = start + tl.arange(0, BLOCK)
         raw, ahead = _block_raw(ahead, row_ptr, idx, col_stride, stop, BLOCK, UNIT_STRIDE, PREFETCH, 0.0)
         bits = raw.to(tl.int16, bitcast=True)
-        if USE_PTX:
+        if SIMD16:
             magnitudes = smem_count_bf16(bits, magnitudes)
         else:
             slots, magnitude = _slots_of_bits(bits.to(tl.int32))
             magnitudes = tl.maximum(magnitudes, magnitude)
-            tl.atomic_add(raw_at + slots, 1)
+            if USE_PTX:
+                smem_add_one(slots, True)
+            else:
+                tl.atomic_add(raw_at + slots, 1)
     tl.debug_barrier()  # the counts, visible to every thread
     top_magnitude = tl.max(magnitudes.to(tl.int32), 0)
     tiny_more = _slot_count(raw_at, _NEG_TINY_SLOT, USE_PTX) - (tl.cdiv(stop, BLOCK) * BLOCK - stop)
@@ -296,7 +307,8 @@ def hist_kernel(logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, fparam_ptr,
     # The low bin is exact when p(-256) is 0 (then it is counted nowhere); the tiny bin when
     # both its ends have one k.
     tiny_split = _log2_prob(-_TINY_END, scale, top, log_sum) != _log2_prob(_TINY_END, scale, top, log_sum)
-    tiny_live = first <= _TINY
+    # (the bin's k is that of 0; its positive logits may be live where 0 is not: the upper end)
+    tiny_live = _exp2(tl.minimum(_log2_prob(_TINY_END, scale, top, log_sum), 0.0)) > 0.0
     flag += (((low_raw > 0) & low_live) | ((tiny_raw > 0) & tiny_live & tiny_split)).to(tl.int32) * 4
     if HAS_CE:  # the same two checks at temperature 1
         ce_split = (_log2_prob(-_TINY_END, LOG2E, top, ce_log_sum)
@@ -514,12 +526,15 @@ def finish_kernel(fparam_ptr, iparam_ptr, partial_ptr, row_loss_ptr, batch_start
 def grad_kernel(logits_ptr, index_ptr, grad_ptr, fparam_ptr, iparam_ptr, sign_ptr, row_weight_ptr, ce_label_ptr,
                 ce_weight_ptr, batch_start, side, n_chunks, vocab, seq_len, batch_stride, row_stride, col_stride,
                 grad_row_stride, inv_temperature, grad_scale, GATHER: tl.constexpr, HAS_CE: tl.constexpr,
-                UNIT_STRIDE: tl.constexpr, PREFETCH: tl.constexpr, USE_PTX: tl.constexpr, CHUNK: tl.constexpr,
-                BLOCK: tl.constexpr):
+                UNIT_STRIDE: tl.constexpr, PREFETCH: tl.constexpr, USE_PTX: tl.constexpr, SIMD16: tl.constexpr,
+                CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     """The gradient of one side (side 0 student: +, 1 teacher: -) of unflagged pairs, chunk by
     chunk: (p / T) * (sign at the element's slot - the side's sum of p * sign), times
     row_weight_ptr[pair] with GATHER (row index_ptr[pair] of the logits and of the gradient);
-    with HAS_CE (student side) plus ce_weight * (softmax(z) - [i == label])."""
+    with HAS_CE (student side) plus ce_weight * (softmax(z) - [i == label]). SIMD16 as in
+    hist_kernel."""
+    if SIMD16:  # (launched on 4 warps, like hist_kernel)
+        tl.static_assert(USE_PTX and BLOCK % (2 * SMEM_THREADS) == 0, "SIMD16: two logits per thread and step")
     program = tl.program_id(0)
     pair = program // n_chunks
     chunk = program % n_chunks
@@ -554,9 +569,9 @@ def grad_kernel(logits_ptr, index_ptr, grad_ptr, fparam_ptr, iparam_ptr, sign_pt
             z = raw.to(tl.float32)
             p = _exp2(_log2_prob(z, scale, top, log_sum))
             if USE_PTX:  # the table is read-only here: the non-coherent path, one wide address add
-                sign = gather_f32(signs, _slots(raw, USE_PTX), p > 0.0)
+                sign = gather_f32(signs, _slots(raw, SIMD16), p > 0.0)
             else:
-                sign = tl.load(signs + _slots(raw, USE_PTX), mask=p > 0.0, other=0.0)
+                sign = tl.load(signs + _slots(raw, SIMD16), mask=p > 0.0, other=0.0)
             grad = p * (sign * factor - mass_factor)  # (a fused multiply-add, and one product)
             if HAS_CE:  # the cross-entropy's softmax, temperature 1
                 grad += ce_factor * (_exp2(_log2_prob(z, LOG2E, top, ce_log_sum))
