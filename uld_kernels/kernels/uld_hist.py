@@ -89,12 +89,6 @@ def _key_of_bits(b):
 
 
 @triton.jit
-def _keys(raw):
-    """Keys of bf16 logits already loaded."""
-    return _key_of_bits(raw.to(tl.int16, bitcast=True).to(tl.int32))
-
-
-@triton.jit
 def _bin_of_key(key):
     """Keys below -inf's (-32641: negative NaNs), -max .. -256 (-17281), -255 .. -2**-23
     (-13313), the tiny ones, 2**-23 .. 255 (13312 .. 17279), and 256 and above."""
