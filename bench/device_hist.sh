@@ -20,7 +20,7 @@ if ls .whl/liger_kernel-*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}; IMPLS="$IMPLS liger_jsd"
 fi
 if has tests; then
-  timeout 240 python3 -m pytest tests/test_hist.py tests/test_gpu.py -q -p no:warnings -p no:cacheprovider 2>&1 \
+  timeout 330 python3 -m pytest tests/test_hist.py tests/test_gpu.py -q -p no:warnings -p no:cacheprovider 2>&1 \
     | tail -4 | tee "$OUT/tests.txt"
 fi
 if has check; then
