@@ -31,9 +31,9 @@ checks: z - top rounds them all to -top unless the row's largest logit is itself
 about 2); logits <= -256 share one bin (exact when p(-256) is 0: at temperatures up to about
 2.5; above, a row holding finite logits <= -256, such as a mask of -1e4, is flagged); -inf
 (masked) is not counted. Shared memory holds the counts in *slots* (below), which two SIMD
-clamps give for two logits at once; the bins are read through them. A row holding a logit >= 256, +inf or NaN, or failing a check, is
-*flagged*: the launcher hands flagged rows to the trie engine (uld_split.py), so every result
-stays exact.
+clamps give for two logits at once; the bins are read through them. A row holding a logit
+>= 256, +inf or NaN, or failing a check, is *flagged*: the launcher hands flagged rows to the
+trie engine (uld_split.py), so every result stays exact.
 """
 
 import triton
@@ -138,26 +138,26 @@ def _slot_of_bin(bins):
 
 
 @triton.jit
-def _slot_counts(raw_at, bins, tiny_more, low_less, USE_PTX: tl.constexpr):
-    """The histogram's counts at `bins` (in [0, CAP)), from the slots in shared memory (or at
-    raw_at), plus `tiny_more` in the tiny bin and less `low_less` in the low one."""
-    slots = _slot_of_bin(bins)
+def _read_slots(raw_at, slots, USE_PTX: tl.constexpr):
+    """The histogram's counts at `slots`: in shared memory, or at raw_at (the interpreter)."""
     if USE_PTX:
         counts = smem_load(slots)
     else:
         counts = tl.load(raw_at + slots)
-    return counts + tl.where(bins == _TINY, tiny_more, 0) - tl.where(bins == 0, low_less, 0)
+    return counts
+
+
+@triton.jit
+def _slot_counts(raw_at, bins, tiny_more, USE_PTX: tl.constexpr):
+    """The histogram's counts at `bins` (in [0, CAP): 0 past WIDTH), through their slots, plus
+    `tiny_more` in the tiny bin."""
+    return _read_slots(raw_at, _slot_of_bin(bins), USE_PTX) + tl.where(bins == _TINY, tiny_more, 0)
 
 
 @triton.jit
 def _slot_count(raw_at, slot, USE_PTX: tl.constexpr):
     """One slot's count (a scalar)."""
-    slots = tl.full([1], slot, tl.int32)
-    if USE_PTX:
-        counts = smem_load(slots)
-    else:
-        counts = tl.load(raw_at + slots)
-    return tl.sum(counts, 0)
+    return tl.sum(_read_slots(raw_at, tl.full([1], slot, tl.int32), USE_PTX), 0)
 
 
 @triton.jit
@@ -247,7 +247,7 @@ def hist_kernel(logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, fparam_ptr,
     for start in tl.range(0, tail_stop, TAIL_BLOCK):
         bins = start + tl.arange(0, TAIL_BLOCK)
         inside = bins < WIDTH
-        counts = tl.where(inside, _slot_counts(raw_at, bins, tiny_more, 0, USE_PTX), 0)
+        counts = _slot_counts(raw_at, bins, tiny_more, USE_PTX)  # (0 past WIDTH: an empty slot)
         occupied = (bins >= _LOW_BINS) & (counts > 0)
         z = _logit_of_bin(bins)
         new_top = tl.maximum(top, tl.max(tl.where(occupied, z, float("-inf")), 0))
