@@ -299,7 +299,7 @@ def _hist_batches(row_loss, flags, row_ce, sides, grad_scale, n_pairs, on_gpu, r
         for side in (0, 1):
             uld_hist.sign_kernel[(rows,)](
                 fparam, iparam, counts, occupied, signs, partial, sides[side][1], sides[1 - side][1], SIDE=side,
-                STORE=sides[side][2] is not None, BLOCK=HIST_SIGN_BLOCK if on_gpu else 512,
+                STORE=sides[side][2] is not None, USE_PTX=use_ptx, BLOCK=HIST_SIGN_BLOCK if on_gpu else 512,
                 num_warps=HIST_SIGN_WARPS if on_gpu else 4)
         uld_hist.finish_kernel[(rows,)](
             fparam, iparam, partial, row_loss, batch_start, student_logits,

@@ -99,6 +99,16 @@ _DESCEND_ASM = tl.constexpr(
 _GATHER_ASM = tl.constexpr(
     "{ .reg .pred p; .reg .u64 a; mov.b32 $0, 0; setp.ne.s32 p, $2, 0; mad.wide.s32 a, $1, 4, $3; "
     "@p ld.global.nc.f32 $0, [a]; }")
+_SCATTER_U16_ASM = tl.constexpr(
+    "{ .reg .pred p; .reg .u64 a; mov.b32 $0, 0; setp.ne.s32 p, $2, 0; mad.wide.s32 a, $1, 2, $4; "
+    "@p st.global.u16 [a], $3; }")
+# Four consecutive int32 of a thread (pack=4, 16-byte aligned) with one vector store: $4 the
+# address of the first (the others' are unused), $8..$11 the values.
+_STORE_RUN_ASM = tl.constexpr("{ st.global.v4.u32 [$4], {$8, $9, $10, $11}; mov.b32 $0, 0; mov.b32 $1, 0; "
+                              "mov.b32 $2, 0; mov.b32 $3, 0; }")
+_SCATTER_B32_ASM = tl.constexpr(
+    "{ .reg .pred p; .reg .u64 a; mov.b32 $0, 0; setp.ne.s32 p, $2, 0; mad.wide.s32 a, $1, 4, $4; "
+    "@p st.global.b32 [a], $3; }")
 _GATHER_COHERENT_ASM = tl.constexpr(_GATHER_ASM.value.replace("ld.global.nc.f32", "ld.global.f32"))
 # bf16 logits, two to a 32-bit register (inline assembly with pack=2 on int16 bit patterns):
 # their histogram slots in SIMD halves (uld_hist.py, "Slots"): the magnitude bits m clamped to
@@ -211,6 +221,43 @@ def gather_f32(base_ptr, index, mask, NC: tl.constexpr = True):
         asm: tl.constexpr = _GATHER_COHERENT_ASM
     return tl.inline_asm_elementwise(asm, "=r,r,r,l", [index, mask.to(tl.int32), base_ptr + tl.zeros_like(index)],
                                      dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def scatter_u16(base_ptr, index, value, mask):
+    """base_ptr[index] = value (the low 16 bits of int32) where mask: a masked scatter that
+    takes its operands' layout, where `tl.store` would give its gathered addresses a layout of
+    one element per thread and have the values computed a second time in it."""
+    tl.inline_asm_elementwise(_SCATTER_U16_ASM, "=r,r,r,r,l", [index, mask.to(tl.int32), value,
+                                                               base_ptr + tl.zeros_like(index)],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def scatter_b32(base_ptr, index, value, mask):
+    """base_ptr[index] = value (32 bits: int32, or float32 bits as int32) where mask, in the
+    operands' layout (`scatter_u16`)."""
+    tl.inline_asm_elementwise(_SCATTER_B32_ASM, "=r,r,r,r,l", [index, mask.to(tl.int32), value,
+                                                               base_ptr + tl.zeros_like(index)],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def store_runs_u32(base_ptr, offsets, value):
+    """base_ptr[offsets] = value (int32, [4, n] with offsets[:, j] four consecutive words from a
+    multiple of 4): one vector store per thread and run, in the operands' layout (Triton's
+    default for [4, n] gives each thread one column), where `tl.store` would choose its own."""
+    tl.inline_asm_elementwise(_STORE_RUN_ASM, "=r,=r,=r,=r,l,l,l,l,r,r,r,r", [base_ptr + offsets, value],
+                              dtype=tl.int32, is_pure=False, pack=4)
+
+
+@triton.jit
+def gather_i32(base_ptr, index, mask):
+    """base_ptr[index] where mask, else 0 (int32), through the read-only path (a table written
+    by an earlier launch), in the operands' layout."""
+    return tl.inline_asm_elementwise(_GATHER_ASM, "=r,r,r,l", [index, mask.to(tl.int32),
+                                                               base_ptr + tl.zeros_like(index)],
+                                     dtype=tl.int32, is_pure=True, pack=1)
 
 
 @triton.jit

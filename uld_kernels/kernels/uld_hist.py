@@ -39,7 +39,8 @@ trie engine (uld_split.py), so every result stays exact.
 import triton
 import triton.language as tl
 
-from uld_kernels.kernels.ptx import (NEG_SLOTS, SLOT_M_HI, SLOT_M_LO, SMEM_THREADS, gather_f32, slots_bf16,
+from uld_kernels.kernels.ptx import (NEG_SLOTS, SLOT_M_HI, SLOT_M_LO, SMEM_THREADS, gather_f32, gather_i32, scatter_b32, scatter_u16,
+                                     store_runs_u32, slots_bf16,
                                      smem_add_one, smem_count_bf16, smem_load, smem_zero)
 from uld_kernels.kernels.uld_rows import (LN2, LOG2E, _block_raw, _exp2, _first_block, _load_raw, _log2_prob,
                                           _pair_rows, _tie_signs)
@@ -62,6 +63,7 @@ _TINY_END = tl.constexpr(1.1920928955078125e-07 - 4.656612873077393e-10)  # 2**-
 # shares the low slot, and is counted apart by one more read of the row only where that slot
 # matters (`_masked_count`); a row's largest magnitude tells NaNs (> 32640) apart.
 _POS_OUT_SLOT = tl.constexpr(3969)
+_RUN = tl.constexpr(4)  # bins per thread in hist_kernel's pass over them
 _EMPTY_SLOT = tl.constexpr(4000)  # never counted: what bins past WIDTH read
 _NEG_TINY_SLOT = tl.constexpr(4096)
 _LOW_SLOT = tl.constexpr(8065)
@@ -161,6 +163,24 @@ def _slot_count(raw_at, slot, USE_PTX: tl.constexpr):
 
 
 @triton.jit
+def _store_counts(counts_block, offsets, before, USE_PTX: tl.constexpr):
+    """A step's counts below each bin, `offsets` [RUN, runs] from counts_block."""
+    if USE_PTX:  # (one vector store per run, in the operands' layout)
+        store_runs_u32(counts_block, offsets, before)
+    else:
+        tl.store(counts_block + offsets, before)
+
+
+@triton.jit
+def _store_listed(list_at, position, bins, occupied, USE_PTX: tl.constexpr):
+    """The occupied bins at their positions in the row's list (int16)."""
+    if USE_PTX:  # (in the operands' layout: tl.store would have the pass computed twice)
+        scatter_u16(list_at, position, bins, occupied)
+    else:
+        tl.store(list_at + position, bins.to(tl.int16), mask=occupied)
+
+
+@triton.jit
 def _masked_count(row_ptr, col_stride, stop, UNIT_STRIDE: tl.constexpr, BLOCK: tl.constexpr):
     """How many logits of a row are -inf: one more read of it, for the rows that need it."""
     found = tl.zeros([BLOCK], tl.int32)
@@ -229,47 +249,51 @@ def hist_kernel(logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, fparam_ptr,
     tiny_more = _slot_count(raw_at, _NEG_TINY_SLOT, USE_PTX) - (tl.cdiv(stop, BLOCK) * BLOCK - stop)
     scale = inv_temperature * LOG2E
     tail_stop = tl.where(row >= 0, WIDTH, 0).to(tl.int32)  # (padding: nothing to read)
-    # One pass over the bins: the largest occupied logit (past the low bin) and the sum of
-    # 2**((z - top) * scale), online in blocks; the count of elements below each bin (written
-    # at count_ptr) and the list of occupied bins, from one scan of both (the count in the low
-    # 21 bits: a block holds fewer than 2**21 elements, launch.py checks the vocabulary). The
-    # elements of zero probability are those below the first bin of nonzero p (bins are in the
-    # order of p), `_first_live` after the pass: the passes that read these counts subtract
-    # the count below it (`_live_below`) and skip the bins before it.
-    top = tl.full([], float("-inf"), tl.float32)
-    total = tl.zeros([], tl.float64)
-    ce_total = tl.zeros([], tl.float64)
+    # The row's largest logit first: its highest occupied bin past the low one (`_top_bin`),
+    # so the pass over the bins needs no online rescaling. Then one pass: the sum of
+    # 2**((z - top) * scale), per lane (one reduction after the pass), and the count of elements
+    # below each bin (written at count_ptr) and the list of occupied bins, from one scan of both
+    # (the count in the low 21 bits: a block holds fewer than 2**21 elements, launch.py checks
+    # the vocabulary). The elements of zero probability are those below the first bin of
+    # nonzero p (bins are in the order of p), `_first_live` after the pass: the passes that
+    # read these counts subtract the count below it (`_live_below`) and skip the bins before it.
+    top_bin = _top_bin(raw_at, top_magnitude, tiny_more, tail_stop, USE_PTX, TAIL_BLOCK)
+    top = tl.where(top_bin > 0, _logit_of_bin(top_bin), float("-inf"))
+    safe = tl.where(top_bin > 0, top, 0.0)
+    # A step's bins as [RUN, TAIL_BLOCK // RUN]: each thread holds a run of RUN consecutive
+    # bins (the default layout), so the scan is serial within a run and one warp scan across
+    # runs. Steps cover [0, CAP): bins past WIDTH are empty, and their counts below (all the
+    # elements, [WIDTH] among them) are written with the others, unmasked.
+    runs: tl.constexpr = TAIL_BLOCK // _RUN
+    offsets = tl.arange(0, runs)[None, :] * _RUN + tl.arange(0, _RUN)[:, None]
+    totals = tl.zeros([_RUN, runs], tl.float64)
+    ce_totals = tl.zeros([_RUN, runs], tl.float64)
     below = tl.zeros([], tl.int32)
     listed = tl.zeros([], tl.int32)
     # (the counts' pointer moves with the loop: bins stay 32-bit, which LLVM would widen to
     # 64 bits if their addresses were computed from them, doubling every comparison)
     counts_block = counts_at
     for start in tl.range(0, tail_stop, TAIL_BLOCK):
-        bins = start + tl.arange(0, TAIL_BLOCK)
-        inside = bins < WIDTH
+        bins = start + offsets
         counts = _slot_counts(raw_at, bins, tiny_more, USE_PTX)  # (0 past WIDTH: an empty slot)
-        occupied = (bins >= _LOW_BINS) & (counts > 0)
+        # (the low bin is left out: where its p matters the row is flagged, below)
+        summed = tl.where(bins >= _LOW_BINS, counts, 0).to(tl.float64)
         z = _logit_of_bin(bins)
-        new_top = tl.maximum(top, tl.max(tl.where(occupied, z, float("-inf")), 0))
-        safe = tl.where(new_top > float("-inf"), new_top, 0.0)
         # (bins above the top are empty: their exponents are clamped, not overflowed)
-        weight = _exp2(tl.minimum((z - safe) * scale, 0.0)).to(tl.float64)
-        weight = tl.where(occupied, counts.to(tl.float64) * weight, 0.0)
-        total = total * _exp2((top - safe) * scale).to(tl.float64) + tl.sum(weight, 0)
+        totals += summed * _exp2(tl.minimum((z - safe) * scale, 0.0)).to(tl.float64)
         if HAS_CE:
-            ce_weight = _exp2(tl.minimum((z - safe) * LOG2E, 0.0)).to(tl.float64)
-            ce_weight = tl.where(occupied, counts.to(tl.float64) * ce_weight, 0.0)
-            ce_total = ce_total * _exp2((top - safe) * LOG2E).to(tl.float64) + tl.sum(ce_weight, 0)
-        top = new_top
+            ce_totals += summed * _exp2(tl.minimum((z - safe) * LOG2E, 0.0)).to(tl.float64)
         both = counts + ((counts > 0).to(tl.int32) << _LISTED_SHIFT)
-        before = tl.cumsum(both, 0) - both
-        tl.store(counts_block + tl.arange(0, TAIL_BLOCK), (before & _COUNT_MASK) + below, mask=inside)
+        run_total = tl.sum(both, 0)
+        before = (tl.cumsum(both, 0) - both) + (tl.cumsum(run_total, 0) - run_total)[None, :]
+        _store_counts(counts_block, offsets, (before & _COUNT_MASK) + below, USE_PTX)
         counts_block += TAIL_BLOCK
-        tl.store(list_ptr + at * CAP + (before >> _LISTED_SHIFT) + listed, bins.to(tl.int16), mask=counts > 0)
-        block = tl.sum(both, 0)
+        _store_listed(list_ptr + at * CAP, (before >> _LISTED_SHIFT) + listed, bins, counts > 0, USE_PTX)
+        block = tl.sum(run_total, 0)
         below += block & _COUNT_MASK
         listed += block >> _LISTED_SHIFT
-    tl.store(counts_at + WIDTH, below)
+    total = tl.sum(tl.sum(totals, 1), 0)
+    ce_total = tl.sum(tl.sum(ce_totals, 1), 0)
     # logits >= 256, +inf and NaN (either sign): past the bins
     out = _slot_count(raw_at, _POS_OUT_SLOT, USE_PTX) + (top_magnitude > _INF_MAGNITUDE).to(tl.int32)
     flag = (top == float("-inf")).to(tl.int32) + (out > 0).to(tl.int32) * 2
@@ -319,6 +343,22 @@ def hist_kernel(logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, fparam_ptr,
 
 
 @triton.jit
+def _top_bin(raw_at, top_magnitude, tiny_more, tail_stop, USE_PTX: tl.constexpr, TAIL_BLOCK: tl.constexpr):
+    """A row's highest occupied bin past the low one (0 if none; padding, tail_stop 0: 0): bins
+    are in the order of value, and none lies above the positive bin of the row's largest
+    magnitude, where a scan down starts (mostly one step of TAIL_BLOCK bins)."""
+    start = _TINY + tl.maximum(tl.minimum(top_magnitude, SLOT_M_HI - 1) - SLOT_M_LO, 0)
+    end = tl.where(tail_stop > 0, start + 1, 0)  # past the bins to scan
+    found = tl.zeros([], tl.int32)
+    while (found == 0) & (end > _LOW_BINS):
+        bins = end - TAIL_BLOCK + tl.arange(0, TAIL_BLOCK)
+        counts = _slot_counts(raw_at, tl.maximum(bins, 0), tiny_more, USE_PTX)
+        found = tl.max(tl.where((bins >= _LOW_BINS) & (counts > 0), bins, 0), 0)
+        end -= TAIL_BLOCK
+    return found
+
+
+@triton.jit
 def _first_live(top, log_sum, scale):
     """The first bin of nonzero p (WIDTH if none), by bisection: p is non-decreasing over the
     bins."""
@@ -333,10 +373,14 @@ def _first_live(top, log_sum, scale):
 
 
 @triton.jit
-def _live_below(count_ptr, bins, dead, mask):
+def _live_below(count_ptr, bins, dead, mask, USE_PTX: tl.constexpr):
     """Elements of nonzero probability below `bins` (in [0, WIDTH]), from hist_kernel's counts
     below each bin and the row's count of the others (`dead`: all below the first live bin)."""
-    return tl.maximum(tl.load(count_ptr + bins, mask=mask, other=0) - dead, 0)
+    if USE_PTX:  # (the operands' layout, one wide multiply-add for the address)
+        below = gather_i32(count_ptr, bins, mask)
+    else:
+        below = tl.load(count_ptr + bins, mask=mask, other=0)
+    return tl.maximum(below - dead, 0)
 
 
 @triton.jit
@@ -400,11 +444,13 @@ def _bound(v, start, top, log_sum, scale, active, STRICT: tl.constexpr):
 
 
 @triton.jit
-def _bin_signs(bins, active, count, own_count, other_count, own_dead, other_dead, own_top, own_log_sum, own_scale,
-               other_top, other_log_sum, other_scale, own_total, other_total, sign_ptr, SIDE: tl.constexpr,
-               STORE: tl.constexpr):
-    """sign_kernel's work on one block of occupied bins (`active` lanes): their signs (stored
-    at sign_ptr + bin when STORE) and their sum of count * p * sign (float64)."""
+def _bin_signs(bins, active, own_ge, own_gt, own_count, other_count, own_dead, other_dead, own_top, own_log_sum,
+               own_scale, other_top, other_log_sum, other_scale, own_total, other_total, sign_ptr,
+               SIDE: tl.constexpr, STORE: tl.constexpr, USE_PTX: tl.constexpr):
+    """sign_kernel's work on one block of occupied bins (`active` lanes; own_ge and own_gt:
+    the side's live elements from the bin on and past it): their signs (stored at their slots
+    from sign_ptr when STORE) and their count * p * sign (float64, per lane)."""
+    count = own_ge - own_gt  # the bin's own elements
     v = _k_of_bins(bins, own_top, own_log_sum, own_scale)
     # The four bounds from the neighbours' k, where a run of equal k or a missed estimate
     # does not get in the way (all but a few bins near logit 0); -1 where it does.
@@ -426,24 +472,32 @@ def _bin_signs(bins, active, count, own_count, other_count, own_dead, other_dead
         own_after = tl.where(slow, _bound(v, bins + 1, own_top, own_log_sum, own_scale, slow, True), own_after)
         lower = tl.where(slow, _bound(v, guess, other_top, other_log_sum, other_scale, slow, False), lower)
         upper = tl.where(slow, _bound(v, lower, other_top, other_log_sum, other_scale, slow, True), upper)
-    own_ge = own_total - _live_below(own_count, own_first, own_dead, active)
-    own_gt = own_total - _live_below(own_count, own_after, own_dead, active)
-    other_ge = other_total - _live_below(other_count, lower, other_dead, active)
-    other_gt = other_total - _live_below(other_count, upper, other_dead, active)
+        # (elsewhere the bin's own run is the bin: the counts below it and the next one, read)
+        own_ge = tl.where(slow, own_total - _live_below(own_count, own_first, own_dead, slow, USE_PTX), own_ge)
+        own_gt = tl.where(slow, own_total - _live_below(own_count, own_after, own_dead, slow, USE_PTX), own_gt)
+    other_ge = other_total - _live_below(other_count, lower, other_dead, active, USE_PTX)
+    other_gt = other_total - _live_below(other_count, upper, other_dead, active, USE_PTX)
     if SIDE == 0:
         sign, _unused = _tie_signs(own_gt - other_gt, own_ge - own_gt, other_ge - other_gt)
     else:
         _unused, sign = _tie_signs(other_gt - own_gt, other_ge - other_gt, own_ge - own_gt)
     if STORE:  # at the bins' slots, the tiny bin's at both of its own
-        tl.store(sign_ptr + _slot_of_bin(bins), sign, mask=active)
-        tl.store(sign_ptr + _NEG_TINY_SLOT + tl.zeros_like(bins), sign, mask=active & (bins == _TINY))
+        slots = _slot_of_bin(bins)
+        if USE_PTX:  # (the operands' layout)
+            sign_bits = sign.to(tl.int32, bitcast=True)
+            scatter_b32(sign_ptr, slots, sign_bits, active)
+            scatter_b32(sign_ptr, tl.full(bins.shape, _NEG_TINY_SLOT, tl.int32), sign_bits, active & (bins == _TINY))
+        else:
+            tl.store(sign_ptr + slots, sign, mask=active)
+            tl.store(sign_ptr + _NEG_TINY_SLOT + tl.zeros_like(bins), sign, mask=active & (bins == _TINY))
     p = _exp2(tl.minimum(v, 0.0))  # (k <= 0 where occupied)
-    return tl.sum(tl.where(active, count.to(tl.float64) * p.to(tl.float64) * sign.to(tl.float64), 0.0), 0)
+    return tl.where(active, count.to(tl.float64) * p.to(tl.float64) * sign.to(tl.float64), 0.0)
 
 
 @triton.jit
 def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, list_ptr, sign_ptr, partial_ptr, own_inv_temperature,
-                other_inv_temperature, SIDE: tl.constexpr, STORE: tl.constexpr, BLOCK: tl.constexpr):
+                other_inv_temperature, SIDE: tl.constexpr, STORE: tl.constexpr, USE_PTX: tl.constexpr,
+                BLOCK: tl.constexpr):
     """Signs of the occupied bins of one side (SIDE 0 student, 1 teacher) of one pair per
     program, BLOCK of them at a time from the side's list, written to the side's sign table when
     STORE (a gradient of that side is wanted; the entries of empty bins are never read); the
@@ -459,7 +513,7 @@ def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, list_ptr, sign_ptr, partial_p
     own = (pair * 2 + SIDE).to(tl.int64)
     other = (pair * 2 + 1 - SIDE).to(tl.int64)
     flag = tl.load(iparam_ptr + own * PARAM_SLOTS + _FLAG) | tl.load(iparam_ptr + other * PARAM_SLOTS + _FLAG)
-    mass = tl.zeros([], tl.float64)
+    masses = tl.zeros([BLOCK], tl.float64)
     if flag == 0:
         own_count = count_ptr + own * CAP
         other_count = count_ptr + other * CAP
@@ -477,13 +531,13 @@ def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, list_ptr, sign_ptr, partial_p
         for start in tl.range(0, listed, BLOCK):
             slots = start + tl.arange(0, BLOCK)
             bins = tl.load(list_ptr + own * CAP + slots, mask=slots < listed, other=0).to(tl.int32)
-            count = (_live_below(own_count, bins + 1, own_dead, slots < listed)
-                     - _live_below(own_count, bins, own_dead, slots < listed))
-            active = count > 0  # (occupied bins of probability 0 come first in the list: skipped)
-            mass += _bin_signs(bins, active, count, own_count, other_count, own_dead, other_dead, own_top,
+            own_ge = own_total - _live_below(own_count, bins, own_dead, slots < listed, USE_PTX)
+            own_gt = own_total - _live_below(own_count, bins + 1, own_dead, slots < listed, USE_PTX)
+            active = own_ge > own_gt  # (occupied bins of probability 0 come first in the list: skipped)
+            masses += _bin_signs(bins, active, own_ge, own_gt, own_count, other_count, own_dead, other_dead, own_top,
                                own_log_sum, own_scale, other_top, other_log_sum, other_scale, own_total,
-                               other_total, sign_ptr + own * CAP, SIDE, STORE)
-    tl.store(partial_ptr + own, mass)
+                               other_total, sign_ptr + own * CAP, SIDE, STORE, USE_PTX)
+    tl.store(partial_ptr + own, tl.sum(masses, 0))
 
 
 @triton.jit
