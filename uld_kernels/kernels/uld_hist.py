@@ -231,7 +231,7 @@ def hist_kernel(logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, fparam_ptr,
         magnitudes = tl.zeros([BLOCK], tl.int16)
     else:
         magnitudes = tl.zeros([BLOCK], tl.int32)
-    for start in tl.range(0, stop, BLOCK):
+    for start in tl.range(0, stop, BLOCK, loop_unroll_factor=2):
         idx = start + tl.arange(0, BLOCK)
         raw, ahead = _block_raw(ahead, row_ptr, idx, col_stride, stop, BLOCK, UNIT_STRIDE, PREFETCH, 0.0)
         bits = raw.to(tl.int16, bitcast=True)
