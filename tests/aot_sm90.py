@@ -22,8 +22,10 @@ from triton.compiler import ASTSource  # noqa: E402
 from uld_kernels.kernels.cross_entropy import ce_rows_kernel  # noqa: E402
 from uld_kernels.kernels import uld_split  # noqa: E402
 from uld_kernels.kernels.uld_rows import scale_rows_kernel, zero_rows_kernel  # noqa: E402
-from uld_kernels.launch import ce_kernel_config, split_config  # noqa: E402
+from uld_kernels.launch import (HIST_BLOCK, HIST_GRAD_BLOCK, HIST_GRAD_CHUNK, HIST_SIGN_BLOCK,  # noqa: E402
+                                HIST_MAXNREG, HIST_TAIL_BLOCK, ce_kernel_config, split_config)
 
+HIST_OPTIONS = dict(num_warps=4, **({"maxnreg": HIST_MAXNREG} if HIST_MAXNREG else {}))  # as launch.py
 TRITON_TYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -169,17 +171,17 @@ def hist_kernel_configs():
                "fparam_ptr", "iparam_ptr", "sign_ptr", "partial_ptr", "list_ptr", "raw_ptr"]
     for label, kernel, constexprs, warps in [
         ("hist", uld_hist.hist_kernel, dict(GATHER=False, UNIT_STRIDE=True, USE_PTX=True, SIMD16=True, HAS_CE=False,
-                                            PREFETCH=True, BLOCK=4096, TAIL_BLOCK=512), 4),
+                                            PREFETCH=True, BLOCK=HIST_BLOCK, TAIL_BLOCK=HIST_TAIL_BLOCK), HIST_OPTIONS),
         ("hist gathered ce", uld_hist.hist_kernel, dict(GATHER=True, UNIT_STRIDE=True, USE_PTX=True, SIMD16=True,
-                                                        HAS_CE=True, PREFETCH=True, BLOCK=4096, TAIL_BLOCK=512), 4),
-        ("sign student", uld_hist.sign_kernel, dict(SIDE=0, STORE=True, USE_PTX=True, BLOCK=128), 1),
-        ("sign teacher", uld_hist.sign_kernel, dict(SIDE=1, STORE=False, USE_PTX=True, BLOCK=128), 1),
+                                                        HAS_CE=True, PREFETCH=True, BLOCK=HIST_BLOCK, TAIL_BLOCK=HIST_TAIL_BLOCK), HIST_OPTIONS),
+        ("sign student", uld_hist.sign_kernel, dict(SIDE=0, STORE=True, USE_PTX=True, BLOCK=HIST_SIGN_BLOCK), 1),
+        ("sign teacher", uld_hist.sign_kernel, dict(SIDE=1, STORE=False, USE_PTX=True, BLOCK=HIST_SIGN_BLOCK), 1),
         ("finish", uld_hist.finish_kernel, dict(GATHER=False, HAS_CE=False), 1),
         ("finish gathered ce", uld_hist.finish_kernel, dict(GATHER=True, HAS_CE=True), 1),
         ("grad", uld_hist.grad_kernel, dict(GATHER=False, HAS_CE=False, UNIT_STRIDE=True, PREFETCH=True,
-                                            USE_PTX=True, SIMD16=True, CHUNK=32768, BLOCK=1024), 4),
+                                            USE_PTX=True, SIMD16=True, CHUNK=HIST_GRAD_CHUNK, BLOCK=HIST_GRAD_BLOCK), 4),
         ("grad gathered ce", uld_hist.grad_kernel, dict(GATHER=True, HAS_CE=True, UNIT_STRIDE=True, PREFETCH=True,
-                                                         USE_PTX=True, SIMD16=True, CHUNK=32768, BLOCK=1024), 4),
+                                                         USE_PTX=True, SIMD16=True, CHUNK=HIST_GRAD_CHUNK, BLOCK=HIST_GRAD_BLOCK), 4),
     ]:
         names = kernel.arg_names
         yield (f"hist {label} bf16", kernel, _types_by_name(kernel, "*bf16"), constexprs,
@@ -194,9 +196,9 @@ def hist_sm80_configs():
                "fparam_ptr", "iparam_ptr", "sign_ptr", "list_ptr", "raw_ptr"]
     for label, kernel, constexprs in [
         ("hist", uld_hist.hist_kernel, dict(GATHER=False, UNIT_STRIDE=True, USE_PTX=True, SIMD16=False, HAS_CE=True,
-                                            PREFETCH=True, BLOCK=4096, TAIL_BLOCK=512)),
+                                            PREFETCH=True, BLOCK=HIST_BLOCK, TAIL_BLOCK=HIST_TAIL_BLOCK)),
         ("grad", uld_hist.grad_kernel, dict(GATHER=True, HAS_CE=True, UNIT_STRIDE=True, PREFETCH=True, USE_PTX=True,
-                                            SIMD16=False, CHUNK=32768, BLOCK=1024)),
+                                            SIMD16=False, CHUNK=HIST_GRAD_CHUNK, BLOCK=HIST_GRAD_BLOCK)),
     ]:
         yield (f"sm80 {label} bf16", kernel, _types_by_name(kernel, "*bf16"), constexprs,
                [n for n in aligned if n in kernel.arg_names], 4)

@@ -206,13 +206,12 @@ def test_zero_rows(student_grad):
 
 
 @pytest.mark.parametrize("knob,value,message", [
-    ("ULD_HIST_TAIL_BLOCK", "1024", "ULD_HIST_TAIL_BLOCK must be 128, 256 or 512, got 1024"),
-    ("ULD_HIST_BLOCK", "2000", "must be multiples of 256, got 2000 and 1024"),
+    ("ULD_HIST_GRAD_BLOCK", "1000", "must be multiples of 256, got 4096 and 1000"),
+    ("ULD_HIST_BLOCK", "2000", "must be multiples of 256, got 2000 and 2048"),
 ])
 def test_histogram_knobs_out_of_range_fail_at_import(knob, value, message):
-    """A tuning knob the histogram kernels cannot run with (a pass over bins of more than 512
-    bins a step overflows its packed scan; an odd number of logits per thread breaks the
-    two-at-a-time slots) fails when the launcher is imported, naming the variable."""
+    """A tuning knob the histogram kernels cannot run with (an odd number of logits per thread
+    breaks the two-at-a-time slots) fails when the launcher is imported, naming the variable."""
     import os
     import subprocess
     import sys

@@ -91,16 +91,20 @@ HIST_BATCH = int(os.environ.get("ULD_HIST_BATCH", 6144))  # pairs per batch at m
 # elements per step of hist_kernel's loop: 4,096 with the prefetch 8.01 ms, 2,048 without 8.42
 # (ninth session, run 2)
 HIST_BLOCK = int(os.environ.get("ULD_HIST_BLOCK", 4096))
-HIST_SIGN_BLOCK = int(os.environ.get("ULD_HIST_SIGN_BLOCK", 128))  # bins per step of sign_kernel's loop
+# bins per step of sign_kernel's loop: 64 (62 registers, 32 programs an SM) 6.99 ms, 128 (104
+# registers) 7.09, 32 7.36 (tenth session, run 2)
+HIST_SIGN_BLOCK = int(os.environ.get("ULD_HIST_SIGN_BLOCK", 64))
 HIST_SIGN_WARPS = int(os.environ.get("ULD_HIST_SIGN_WARPS", 1))
-HIST_TAIL_BLOCK = int(os.environ.get("ULD_HIST_TAIL_BLOCK", 512))  # bins per step of hist_kernel's pass over them
-if HIST_TAIL_BLOCK not in (128, 256, 512):  # (its scan packs a step's occupied count in 10 bits)
-    raise ValueError(f"ULD_HIST_TAIL_BLOCK must be 128, 256 or 512, got {HIST_TAIL_BLOCK}")
+HIST_TAIL_BLOCK = 512  # bins per step of hist_kernel's pass over them: runs of 4 on each of 128 threads
+# hist_kernel's register cap (0: none): 80 keeps 6 programs an SM (74 registers, no spills);
+# uncapped, ptxas takes 84 (88 allocated: 5 programs)
+HIST_MAXNREG = int(os.environ.get("ULD_HIST_MAXNREG", 80))
 # Loops of hist_kernel and grad_kernel load the next block before working on this one (two
 # blocks in flight per thread): 8.13 ms against 8.42 at 2,048 (ninth session, run 2).
 HIST_PREFETCH = os.environ.get("ULD_HIST_PREFETCH", "1") != "0"
 HIST_GRAD_CHUNK = int(os.environ.get("ULD_HIST_GRAD_CHUNK", 32768))  # columns per grad_kernel program
-HIST_GRAD_BLOCK = int(os.environ.get("ULD_HIST_GRAD_BLOCK", 1024))  # columns per step of its loop
+# columns per step of its loop: 2,048 7.00 ms, 1,024 7.09 (tenth session, run 2)
+HIST_GRAD_BLOCK = int(os.environ.get("ULD_HIST_GRAD_BLOCK", 2048))
 if HIST_BLOCK % 256 or HIST_GRAD_BLOCK % 256:  # two logits per thread of 4 warps (SIMD16)
     raise ValueError(f"ULD_HIST_BLOCK and ULD_HIST_GRAD_BLOCK must be multiples of 256, got {HIST_BLOCK} and "
                      f"{HIST_GRAD_BLOCK}")
@@ -294,8 +298,8 @@ def _hist_batches(row_loss, flags, row_ce, sides, grad_scale, n_pairs, on_gpu, r
                 logits, index if gather else unused, counts, occupied, raw, fparam, iparam, batch_start, side,
                 vocab, *_row_layout(logits), inv_t, GATHER=gather, UNIT_STRIDE=logits.stride(-1) == 1,
                 USE_PTX=use_ptx, SIMD16=simd16, HAS_CE=has_ce and side == 0, PREFETCH=HIST_PREFETCH or not on_gpu,
-                BLOCK=HIST_BLOCK if on_gpu else 256, TAIL_BLOCK=HIST_TAIL_BLOCK if on_gpu else 512,
-                num_warps=4)
+                BLOCK=HIST_BLOCK if on_gpu else 256, TAIL_BLOCK=HIST_TAIL_BLOCK,
+                num_warps=4, **({"maxnreg": HIST_MAXNREG} if on_gpu and HIST_MAXNREG else {}))
         for side in (0, 1):
             uld_hist.sign_kernel[(rows,)](
                 fparam, iparam, counts, occupied, signs, partial, sides[side][1], sides[1 - side][1], SIDE=side,

@@ -211,7 +211,8 @@ def hist_kernel(logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, fparam_ptr,
 
     Nothing else per bin leaves the program: a bin's k = log2 p is a function of (bin, top,
     log-sum), recomputed where it is needed (`_k_of_bins`)."""
-    tl.static_assert(TAIL_BLOCK <= 512, "the pass over bins packs a block's occupied count in 10 bits")
+    tl.static_assert(TAIL_BLOCK == _RUN * SMEM_THREADS, "the pass over bins: a run of bins per thread, 512 a step "
+                     "(its scan packs a step's occupied count in 10 bits)")
     if SIMD16:
         tl.static_assert(USE_PTX and BLOCK % (2 * SMEM_THREADS) == 0, "SIMD16: two logits per thread and step")
     pair = tl.program_id(0)
