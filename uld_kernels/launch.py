@@ -96,9 +96,10 @@ HIST_BLOCK = int(os.environ.get("ULD_HIST_BLOCK", 4096))
 HIST_SIGN_BLOCK = int(os.environ.get("ULD_HIST_SIGN_BLOCK", 64))
 HIST_SIGN_WARPS = int(os.environ.get("ULD_HIST_SIGN_WARPS", 1))
 HIST_TAIL_BLOCK = 512  # bins per step of hist_kernel's pass over them: runs of 4 on each of 128 threads
-# hist_kernel's register cap (0: none): 80 keeps 6 programs an SM (74 registers, no spills);
-# uncapped, ptxas takes 84 (88 allocated: 5 programs)
-HIST_MAXNREG = int(os.environ.get("ULD_HIST_MAXNREG", 80))
+# hist_kernel's register cap (0: none). Uncapped, ptxas takes 84 (88 allocated: 5 programs an
+# SM); 80 gives 74 without spills and 6 programs, but measured no faster (6.94 against 6.88 ms,
+# tenth session, run 3: the loop is bound by shared-memory atomics, not by warps)
+HIST_MAXNREG = int(os.environ.get("ULD_HIST_MAXNREG", 0))
 # Loops of hist_kernel and grad_kernel load the next block before working on this one (two
 # blocks in flight per thread): 8.13 ms against 8.42 at 2,048 (ninth session, run 2).
 HIST_PREFETCH = os.environ.get("ULD_HIST_PREFETCH", "1") != "0"

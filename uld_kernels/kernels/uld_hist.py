@@ -496,6 +496,20 @@ def _bin_signs(bins, active, own_ge, own_gt, own_count, other_count, own_dead, o
 
 
 @triton.jit
+def _listed(list_at, slots, listed):
+    """Entries `slots` of a side's list of occupied bins (the low bin past its end)."""
+    return tl.load(list_at + slots, mask=slots < listed, other=0).to(tl.int32)
+
+
+@triton.jit
+def _own_counts(own_count, bins, own_total, own_dead, mask, USE_PTX: tl.constexpr):
+    """A side's live elements from `bins` on and past them (where mask; else own_total twice)."""
+    own_ge = own_total - _live_below(own_count, bins, own_dead, mask, USE_PTX)
+    own_gt = own_total - _live_below(own_count, bins + 1, own_dead, mask, USE_PTX)
+    return own_ge, own_gt
+
+
+@triton.jit
 def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, list_ptr, sign_ptr, partial_ptr, own_inv_temperature,
                 other_inv_temperature, SIDE: tl.constexpr, STORE: tl.constexpr, USE_PTX: tl.constexpr,
                 BLOCK: tl.constexpr):
@@ -529,15 +543,26 @@ def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, list_ptr, sign_ptr, partial_p
         listed = tl.load(iparam_ptr + own * PARAM_SLOTS + _OCCUPIED)
         own_dead = tl.load(iparam_ptr + own * PARAM_SLOTS + _DEAD)
         other_dead = tl.load(iparam_ptr + other * PARAM_SLOTS + _DEAD)
+        # Software-pipelined: a step works on bins listed one step earlier and on their counts
+        # read one step earlier, so no load waits in the step that issues it (the list two
+        # steps ahead, the counts of the next step's bins).
+        list_at = list_ptr + own * CAP
+        lanes = tl.arange(0, BLOCK)
+        bins = _listed(list_at, lanes, listed)
+        ahead = _listed(list_at, BLOCK + lanes, listed)
+        own_ge, own_gt = _own_counts(own_count, bins, own_total, own_dead, lanes < listed, USE_PTX)
         for start in tl.range(0, listed, BLOCK):
-            slots = start + tl.arange(0, BLOCK)
-            bins = tl.load(list_ptr + own * CAP + slots, mask=slots < listed, other=0).to(tl.int32)
-            own_ge = own_total - _live_below(own_count, bins, own_dead, slots < listed, USE_PTX)
-            own_gt = own_total - _live_below(own_count, bins + 1, own_dead, slots < listed, USE_PTX)
+            later = _listed(list_at, start + 2 * BLOCK + lanes, listed)
+            next_ge, next_gt = _own_counts(own_count, ahead, own_total, own_dead, start + BLOCK + lanes < listed,
+                                           USE_PTX)
             active = own_ge > own_gt  # (occupied bins of probability 0 come first in the list: skipped)
             masses += _bin_signs(bins, active, own_ge, own_gt, own_count, other_count, own_dead, other_dead, own_top,
-                               own_log_sum, own_scale, other_top, other_log_sum, other_scale, own_total,
-                               other_total, sign_ptr + own * CAP, SIDE, STORE, USE_PTX)
+                                 own_log_sum, own_scale, other_top, other_log_sum, other_scale, own_total,
+                                 other_total, sign_ptr + own * CAP, SIDE, STORE, USE_PTX)
+            bins = ahead
+            ahead = later
+            own_ge = next_ge
+            own_gt = next_gt
     tl.store(partial_ptr + own, tl.sum(masses, 0))
 
 
