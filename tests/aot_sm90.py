@@ -90,7 +90,7 @@ def _types_by_name(kernel, logits: str) -> dict:
         elif name in ("student_index_ptr", "teacher_index_ptr", "ce_label_ptr", "index_ptr"):
             types[name] = "*i64"
         elif name in ("ws_int_ptr", "ws_meta_ptr", "status_ptr", "partial_i_ptr", "root_partial_ptr", "iparam_ptr",
-                      "count_ptr", "raw_ptr"):
+                      "count_ptr", "raw_ptr", "flag_ptr"):
             types[name] = "*i32"
         elif name == "list_ptr":
             types[name] = "*i16"

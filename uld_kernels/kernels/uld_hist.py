@@ -51,8 +51,6 @@ CAP = tl.constexpr(8192)  # words per row and side: the shared-memory histogram'
 WIDTH = tl.constexpr(7938)
 _LOW_BINS = tl.constexpr(1)
 _TINY = tl.constexpr(3969)
-_OUT = tl.constexpr(8191)  # counts logits >= 256, +inf and NaN of either sign: the row is flagged
-_NEG_INF_KEY = tl.constexpr(-32641)
 _TINY_END = tl.constexpr(1.1920928955078125e-07 - 4.656612873077393e-10)  # 2**-23 - 2**-31
 # Slots: where hist_kernel counts a logit and grad_kernel finds its sign. A bf16 pattern's
 # magnitude bits m (|z|'s bits) clamped to [13311, 17280], minus 13311, plus 4,096 for a
@@ -85,29 +83,15 @@ _DEAD = tl.constexpr(3)  # elements of probability 0 (their bins come first)
 
 
 @triton.jit
-def _key_of_bits(b):
-    """Monotone key of a 16-bit float's pattern (sign-extended int32); its own inverse."""
-    return tl.where(b >= 0, b, b ^ 0x7FFF)
-
-
-@triton.jit
-def _bin_of_key(key):
-    """Keys below -inf's (-32641: negative NaNs), -max .. -256 (-17281), -255 .. -2**-23
-    (-13313), the tiny ones, 2**-23 .. 255 (13312 .. 17279), and 256 and above."""
-    return tl.where(key < -17280, tl.where(key < _NEG_INF_KEY, _OUT, 0),
-                    tl.where(key < -13312, key + 17281,
-                             tl.where(key < 13312, _TINY, tl.where(key < 17280, key - 9342, _OUT))))
-
-
-@triton.jit
 def _logit_of_bin(bins):
     """The logit a bin stands for (float32): its own value; -256 for the low bin (its end
-    nearest 0), 0 for the tiny bin. Built as float32 bits: bins below or above the tiny one,
-    at distance d, hold magnitude bits SLOT_M_LO + d (bin 0: 17280, -256), with the sign of
-    the side (five integer instructions; the passes over bins call this for every bin)."""
+    nearest 0), +(2**-23 - 2**-31) for the tiny bin (its upper end: where the bin is not
+    flagged, every logit in it has that k, 0's among them). Built as float32 bits: a bin at
+    distance d from the tiny one holds magnitude bits SLOT_M_LO + |d| (bin 0: 17280, -256) with
+    the sign of d (three integer instructions after d; the passes over bins call this for every
+    bin)."""
     d = bins - _TINY
-    bits = (tl.abs(d) + SLOT_M_LO) * 65536 | (d & -2147483648)
-    return tl.where(d == 0, 0, bits).to(tl.float32, bitcast=True)
+    return ((tl.abs(d) + SLOT_M_LO) * 65536 | (d & -2147483648)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -393,12 +377,15 @@ def _k_of_bins(bins, top, log_sum, scale):
 
 @triton.jit
 def _estimate(v, top, log_sum, inv_scale):
-    """A bin of a side near k = v: the bin of the logit with that k (inv_scale = 1 / scale: an
-    estimate, checked by the caller, needs no division)."""
+    """A bin of a side near k = v: the bin of the logit with that k, rounded to bf16 (inv_scale
+    = 1 / scale: an estimate, checked by the caller, needs no division), from its float32 bits:
+    the bf16 magnitude clamped to the bins' range, on the side of its sign."""
     z = top + (v + log_sum) * inv_scale
     z = tl.minimum(tl.maximum(z, -60000.0), 60000.0)
-    key = _key_of_bits(z.to(tl.float32).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32))
-    return tl.minimum(_bin_of_key(key), WIDTH - 1)
+    bits = z.to(tl.int32, bitcast=True)
+    magnitude = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0x7FFF  # (round to nearest even)
+    d = tl.minimum(tl.maximum(magnitude, SLOT_M_LO), SLOT_M_HI) - SLOT_M_LO
+    return tl.minimum(tl.where(bits < 0, _TINY - d, _TINY + d), WIDTH - 1)
 
 
 @triton.jit
@@ -567,11 +554,12 @@ def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, list_ptr, sign_ptr, partial_p
 
 
 @triton.jit
-def finish_kernel(fparam_ptr, iparam_ptr, partial_ptr, row_loss_ptr, batch_start,
+def finish_kernel(fparam_ptr, iparam_ptr, partial_ptr, row_loss_ptr, flag_ptr, batch_start,
                   logits_ptr, index_ptr, ce_label_ptr, row_ce_ptr, vocab, seq_len, batch_stride, row_stride,
                   col_stride, GATHER: tl.constexpr, HAS_CE: tl.constexpr):
     """One pair per program: the loss from both sides' sums of p * sign (sign_kernel's), and
-    the pair's flag (on the student side: nonzero hands it to the trie). With HAS_CE, the
+    the pair's flag (on the student side, and at flag_ptr[batch_start + pair]: nonzero hands it
+    to the trie). With HAS_CE, the
     student's cross-entropy against ce_label_ptr[pair] (0 where negative): the log-sum-exp at
     temperature 1 minus the label's logit (logits_ptr: the student's)."""
     pair = tl.program_id(0)
@@ -584,6 +572,7 @@ def finish_kernel(fparam_ptr, iparam_ptr, partial_ptr, row_loss_ptr, batch_start
     tl.store(fparam_ptr + t_at * PARAM_SLOTS + _MASS, t_mass.to(tl.float32))
     tl.store(row_loss_ptr + batch_start + pair, (s_mass - t_mass).to(tl.float32))
     tl.store(iparam_ptr + s_at * PARAM_SLOTS + _FLAG, flag)
+    tl.store(flag_ptr + batch_start + pair, flag)
     if HAS_CE:
         row, _unused, row_ptr, _ = _pair_rows(batch_start + pair, logits_ptr, logits_ptr, index_ptr, index_ptr,
                                               seq_len, batch_stride, row_stride, seq_len, batch_stride,
