@@ -168,14 +168,18 @@ def hist_kernel_configs():
     # Workspace buffers are allocated by the launcher (16-byte aligned, as Triton specializes
     # them at run time); the logits as in the split engine's configurations.
     aligned = ["logits_ptr", "grad_ptr", "vocab", "row_stride", "batch_stride", "grad_row_stride", "count_ptr",
+               *[f"{side}_{name}" for side in ("student", "teacher") for name in ("ptr", "vocab", "row_stride",
+                                                                                 "batch_stride")],
                "fparam_ptr", "iparam_ptr", "sign_ptr", "partial_ptr", "list_ptr", "raw_ptr"]
     for label, kernel, constexprs, warps in [
-        ("hist", uld_hist.hist_kernel, dict(GATHER=False, UNIT_STRIDE=True, USE_PTX=True, SIMD16=True, HAS_CE=False,
-                                            PREFETCH=True, BLOCK=HIST_BLOCK, TAIL_BLOCK=HIST_TAIL_BLOCK), HIST_OPTIONS),
-        ("hist gathered ce", uld_hist.hist_kernel, dict(GATHER=True, UNIT_STRIDE=True, USE_PTX=True, SIMD16=True,
+        ("hist", uld_hist.hist_kernel, dict(GATHER=False, STUDENT_UNIT_STRIDE=True, TEACHER_UNIT_STRIDE=True,
+                                            USE_PTX=True, SIMD16=True, HAS_CE=False, PREFETCH=True,
+                                            BLOCK=HIST_BLOCK, TAIL_BLOCK=HIST_TAIL_BLOCK), HIST_OPTIONS),
+        ("hist gathered ce", uld_hist.hist_kernel, dict(GATHER=True, STUDENT_UNIT_STRIDE=True,
+                                                        TEACHER_UNIT_STRIDE=True, USE_PTX=True, SIMD16=True,
                                                         HAS_CE=True, PREFETCH=True, BLOCK=HIST_BLOCK, TAIL_BLOCK=HIST_TAIL_BLOCK), HIST_OPTIONS),
-        ("sign student", uld_hist.sign_kernel, dict(SIDE=0, STORE=True, USE_PTX=True, BLOCK=HIST_SIGN_BLOCK), 1),
-        ("sign teacher", uld_hist.sign_kernel, dict(SIDE=1, STORE=False, USE_PTX=True, BLOCK=HIST_SIGN_BLOCK), 1),
+        ("sign", uld_hist.sign_kernel, dict(STORE_STUDENT=True, STORE_TEACHER=False, USE_PTX=True,
+                                            BLOCK=HIST_SIGN_BLOCK), 1),
         ("finish", uld_hist.finish_kernel, dict(GATHER=False, HAS_CE=False), 1),
         ("finish gathered ce", uld_hist.finish_kernel, dict(GATHER=True, HAS_CE=True), 1),
         ("grad", uld_hist.grad_kernel, dict(GATHER=False, HAS_CE=False, UNIT_STRIDE=True, PREFETCH=True,
@@ -193,9 +197,12 @@ def hist_sm80_configs():
     u16x2 instructions (SIMD16=False), the shared-memory histogram still."""
     from uld_kernels.kernels import uld_hist
     aligned = ["logits_ptr", "grad_ptr", "vocab", "row_stride", "batch_stride", "grad_row_stride", "count_ptr",
+               *[f"{side}_{name}" for side in ("student", "teacher") for name in ("ptr", "vocab", "row_stride",
+                                                                                 "batch_stride")],
                "fparam_ptr", "iparam_ptr", "sign_ptr", "list_ptr", "raw_ptr"]
     for label, kernel, constexprs in [
-        ("hist", uld_hist.hist_kernel, dict(GATHER=False, UNIT_STRIDE=True, USE_PTX=True, SIMD16=False, HAS_CE=True,
+        ("hist", uld_hist.hist_kernel, dict(GATHER=False, STUDENT_UNIT_STRIDE=True, TEACHER_UNIT_STRIDE=True,
+                                            USE_PTX=True, SIMD16=False, HAS_CE=True,
                                             PREFETCH=True, BLOCK=HIST_BLOCK, TAIL_BLOCK=HIST_TAIL_BLOCK)),
         ("grad", uld_hist.grad_kernel, dict(GATHER=True, HAS_CE=True, UNIT_STRIDE=True, PREFETCH=True, USE_PTX=True,
                                             SIMD16=False, CHUNK=HIST_GRAD_CHUNK, BLOCK=HIST_GRAD_BLOCK)),

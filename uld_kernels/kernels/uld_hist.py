@@ -175,12 +175,39 @@ def _masked_count(row_ptr, col_stride, stop, UNIT_STRIDE: tl.constexpr, BLOCK: t
 
 
 @triton.jit
-def hist_kernel(logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, fparam_ptr, iparam_ptr, batch_start, side,
-                vocab, seq_len, batch_stride, row_stride, col_stride, inv_temperature, GATHER: tl.constexpr,
-                UNIT_STRIDE: tl.constexpr, USE_PTX: tl.constexpr, SIMD16: tl.constexpr, HAS_CE: tl.constexpr,
-                PREFETCH: tl.constexpr, BLOCK: tl.constexpr, TAIL_BLOCK: tl.constexpr):
-    """One row of one side per program. First the histogram of its logits over the slots
-    (above; in shared memory with USE_PTX, else counted with global atomics at raw_ptr +
+def hist_kernel(student_ptr, teacher_ptr, student_index_ptr, teacher_index_ptr, count_ptr, list_ptr, raw_ptr,
+                fparam_ptr, iparam_ptr, batch_start, student_vocab, teacher_vocab, student_seq_len,
+                student_batch_stride, student_row_stride, student_col_stride, teacher_seq_len, teacher_batch_stride,
+                teacher_row_stride, teacher_col_stride, student_inv_temperature, teacher_inv_temperature,
+                GATHER: tl.constexpr, STUDENT_UNIT_STRIDE: tl.constexpr, TEACHER_UNIT_STRIDE: tl.constexpr,
+                USE_PTX: tl.constexpr, SIMD16: tl.constexpr, HAS_CE: tl.constexpr, PREFETCH: tl.constexpr,
+                BLOCK: tl.constexpr, TAIL_BLOCK: tl.constexpr):
+    """Both sides' rows of a batch of pairs in one launch: program (pair, side) runs `_hist_row`
+    on the student's row (side 0; with HAS_CE, the cross-entropy's statistics too) or the
+    teacher's (each branch keeps its own pointers' alignment, so its loads stay vectorised)."""
+    pair = tl.program_id(0)
+    if USE_PTX:  # (the shared array is declared here, once, for both branches)
+        smem_zero()
+        tl.debug_barrier()
+    if tl.program_id(1) == 0:
+        _hist_row(pair, 0, student_ptr, student_index_ptr, count_ptr, list_ptr, raw_ptr, fparam_ptr, iparam_ptr,
+                  batch_start, student_vocab, student_seq_len, student_batch_stride, student_row_stride,
+                  student_col_stride, student_inv_temperature, GATHER, STUDENT_UNIT_STRIDE, USE_PTX, SIMD16, HAS_CE,
+                  PREFETCH, BLOCK, TAIL_BLOCK)
+    else:
+        _hist_row(pair, 1, teacher_ptr, teacher_index_ptr, count_ptr, list_ptr, raw_ptr, fparam_ptr, iparam_ptr,
+                  batch_start, teacher_vocab, teacher_seq_len, teacher_batch_stride, teacher_row_stride,
+                  teacher_col_stride, teacher_inv_temperature, GATHER, TEACHER_UNIT_STRIDE, USE_PTX, SIMD16, False,
+                  PREFETCH, BLOCK, TAIL_BLOCK)
+
+
+@triton.jit
+def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, fparam_ptr, iparam_ptr, batch_start,
+              vocab, seq_len, batch_stride, row_stride, col_stride, inv_temperature, GATHER: tl.constexpr,
+              UNIT_STRIDE: tl.constexpr, USE_PTX: tl.constexpr, SIMD16: tl.constexpr, HAS_CE: tl.constexpr,
+              PREFETCH: tl.constexpr, BLOCK: tl.constexpr, TAIL_BLOCK: tl.constexpr):
+    """One row of one side: hist_kernel's program. First the histogram of its logits over the slots
+    (above; in shared memory with USE_PTX, zeroed by the caller, else counted with global atomics at raw_ptr +
     (pair * 2 + side) * CAP, zeroed by the launcher). Then, from the bins: the row's largest
     logit and base-2 log-sum (and with HAS_CE the log-sum at temperature 1, the student's
     cross-entropy), the count of elements of nonzero probability below each bin (written at
@@ -199,16 +226,12 @@ def hist_kernel(logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, fparam_ptr,
                      "(its scan packs a step's occupied count in 10 bits)")
     if SIMD16:
         tl.static_assert(USE_PTX and BLOCK % (2 * SMEM_THREADS) == 0, "SIMD16: two logits per thread and step")
-    pair = tl.program_id(0)
     row, _unused, row_ptr, _ = _pair_rows(batch_start + pair, logits_ptr, logits_ptr, index_ptr, index_ptr,
                                           seq_len, batch_stride, row_stride, seq_len, batch_stride,
                                           row_stride, GATHER)
     at = (pair * 2 + side).to(tl.int64)
     counts_at = count_ptr + at * CAP
     raw_at = raw_ptr + at * CAP
-    if USE_PTX:
-        smem_zero()
-        tl.debug_barrier()
     stop = tl.where(row >= 0, vocab, 0)
     # Lanes past the row load +0: the tiny slot counts them, and they are taken off it below.
     ahead = _first_block(row_ptr, tl.arange(0, BLOCK), col_stride, stop, UNIT_STRIDE, PREFETCH, 0.0)
@@ -433,11 +456,12 @@ def _bound(v, start, top, log_sum, scale, active, STRICT: tl.constexpr):
 
 @triton.jit
 def _bin_signs(bins, active, own_ge, own_gt, own_count, other_count, own_dead, other_dead, own_top, own_log_sum,
-               own_scale, other_top, other_log_sum, other_scale, own_total, other_total, sign_ptr,
-               SIDE: tl.constexpr, STORE: tl.constexpr, USE_PTX: tl.constexpr):
+               own_scale, other_top, other_log_sum, other_scale, own_total, other_total, sign_ptr, side, store,
+               USE_PTX: tl.constexpr):
     """sign_kernel's work on one block of occupied bins (`active` lanes; own_ge and own_gt:
-    the side's live elements from the bin on and past it): their signs (stored at their slots
-    from sign_ptr when STORE) and their count * p * sign (float64, per lane)."""
+    the side's live elements from the bin on and past it) of side `side`: their signs (stored
+    at their slots from sign_ptr where `store`) and their count * p * sign (float64, per
+    lane)."""
     count = own_ge - own_gt  # the bin's own elements
     v = _k_of_bins(bins, own_top, own_log_sum, own_scale)
     # The four bounds from the neighbours' k, where a run of equal k or a missed estimate
@@ -465,11 +489,11 @@ def _bin_signs(bins, active, own_ge, own_gt, own_count, other_count, own_dead, o
         own_gt = tl.where(slow, own_total - _live_below(own_count, own_after, own_dead, slow, USE_PTX), own_gt)
     other_ge = other_total - _live_below(other_count, lower, other_dead, active, USE_PTX)
     other_gt = other_total - _live_below(other_count, upper, other_dead, active, USE_PTX)
-    if SIDE == 0:
-        sign, _unused = _tie_signs(own_gt - other_gt, own_ge - own_gt, other_ge - other_gt)
-    else:
-        _unused, sign = _tie_signs(other_gt - own_gt, other_ge - other_gt, own_ge - own_gt)
-    if STORE:  # at the bins' slots, the tiny bin's at both of its own
+    # (the tie rule is symmetric: a teacher's sign is minus the student rule's with the sides
+    # swapped, so one rule serves both, from the side's own point of view)
+    sign, _unused = _tie_signs(own_gt - other_gt, own_ge - own_gt, other_ge - other_gt)
+    sign = tl.where(side == 0, sign, -sign)
+    if store:  # at the bins' slots, the tiny bin's at both of its own
         slots = _slot_of_bin(bins)
         if USE_PTX:  # (the operands' layout)
             sign_bits = sign.to(tl.int32, bitcast=True)
@@ -497,13 +521,14 @@ def _own_counts(own_count, bins, own_total, own_dead, mask, USE_PTX: tl.constexp
 
 
 @triton.jit
-def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, list_ptr, sign_ptr, partial_ptr, own_inv_temperature,
-                other_inv_temperature, SIDE: tl.constexpr, STORE: tl.constexpr, USE_PTX: tl.constexpr,
-                BLOCK: tl.constexpr):
-    """Signs of the occupied bins of one side (SIDE 0 student, 1 teacher) of one pair per
-    program, BLOCK of them at a time from the side's list, written to the side's sign table when
-    STORE (a gradient of that side is wanted; the entries of empty bins are never read); the
-    side's sum of count * p * sign goes to partial_ptr[pair * 2 + SIDE] (float64).
+def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, list_ptr, sign_ptr, partial_ptr, student_inv_temperature,
+                teacher_inv_temperature, STORE_STUDENT: tl.constexpr, STORE_TEACHER: tl.constexpr,
+                USE_PTX: tl.constexpr, BLOCK: tl.constexpr):
+    """Signs of the occupied bins of one side (program_id(1): 0 student, 1 teacher) of one pair
+    (program_id(0)) per program, BLOCK of them at a time from the side's list, written to the
+    side's sign table when STORE_STUDENT / STORE_TEACHER (a gradient of that side is wanted;
+    the entries of empty bins are never read); the side's sum of count * p * sign goes to
+    partial_ptr[pair * 2 + side] (float64).
 
     For an occupied bin of value k = v: the counts of both sides at or above v and above v,
     from the prefix counts at four bounds: the ends of the bin's own run of equal k, and the
@@ -512,8 +537,10 @@ def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, list_ptr, sign_ptr, partial_p
     equal k near logit 0, an estimate off by more than a bin), `_bound` searches, for the
     whole block only when some lane needs it."""
     pair = tl.program_id(0)
-    own = (pair * 2 + SIDE).to(tl.int64)
-    other = (pair * 2 + 1 - SIDE).to(tl.int64)
+    side = tl.program_id(1)
+    own = (pair * 2 + side).to(tl.int64)
+    other = (pair * 2 + 1 - side).to(tl.int64)
+    store = tl.where(side == 0, STORE_STUDENT, STORE_TEACHER)
     flag = tl.load(iparam_ptr + own * PARAM_SLOTS + _FLAG) | tl.load(iparam_ptr + other * PARAM_SLOTS + _FLAG)
     masses = tl.zeros([BLOCK], tl.float64)
     if flag == 0:
@@ -521,10 +548,10 @@ def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, list_ptr, sign_ptr, partial_p
         other_count = count_ptr + other * CAP
         own_top = tl.load(fparam_ptr + own * PARAM_SLOTS + _TOP)
         own_log_sum = tl.load(fparam_ptr + own * PARAM_SLOTS + _LOG_SUM)
-        own_scale = own_inv_temperature * LOG2E
+        own_scale = tl.where(side == 0, student_inv_temperature, teacher_inv_temperature) * LOG2E
         other_top = tl.load(fparam_ptr + other * PARAM_SLOTS + _TOP)
         other_log_sum = tl.load(fparam_ptr + other * PARAM_SLOTS + _LOG_SUM)
-        other_scale = other_inv_temperature * LOG2E
+        other_scale = tl.where(side == 0, teacher_inv_temperature, student_inv_temperature) * LOG2E
         own_total = tl.load(iparam_ptr + own * PARAM_SLOTS + _TOTAL)
         other_total = tl.load(iparam_ptr + other * PARAM_SLOTS + _TOTAL)
         listed = tl.load(iparam_ptr + own * PARAM_SLOTS + _OCCUPIED)
@@ -545,7 +572,7 @@ def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, list_ptr, sign_ptr, partial_p
             active = own_ge > own_gt  # (occupied bins of probability 0 come first in the list: skipped)
             masses += _bin_signs(bins, active, own_ge, own_gt, own_count, other_count, own_dead, other_dead, own_top,
                                  own_log_sum, own_scale, other_top, other_log_sum, other_scale, own_total,
-                                 other_total, sign_ptr + own * CAP, SIDE, STORE, USE_PTX)
+                                 other_total, sign_ptr + own * CAP, side, store, USE_PTX)
             bins = ahead
             ahead = later
             own_ge = next_ge
