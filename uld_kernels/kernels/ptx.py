@@ -22,6 +22,12 @@ have); and a branch inside the assembly skips the address arithmetic, the mass c
 the four reductions for lanes that reach no open bucket (most of them), where Triton would
 issue them predicated off.
 
+The histogram engine's stores and gathers of its per-bin tables (`store_runs_u32`,
+`scatter_u16`, `scatter_b32`, `gather_i32`) are inline PTX for the same first reason: an
+elementwise op takes its operands' layout, where a `tl.store` of a contiguous tensor next to a
+gathered one gives each its own layout, and Triton then computes the values twice, once in
+each (hist_kernel's pass over bins ran its scan twice so).
+
 `exp2_ftz` is `ex2.approx.ftz.f32`: one MUFU instruction, where `tl.exp` and `tl.exp2` emit the
 non-flushing form, which rescales subnormal results (four more instructions per element).
 Probabilities below 2**-126 become 0: they are left out of every count, like masked logits,

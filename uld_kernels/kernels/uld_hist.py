@@ -6,13 +6,14 @@ monotone function of its logit: p = 2**k with k = (z - top) * scale - log_sum
 its logits' bit patterns, and the counts that the sign of every element needs (uld_rows, top
 of file) come from two such histograms, however close the two rows are. The passes:
 
-    hist_kernel    one program per row (per side): the histogram of the row's logits over
-                   the fixed bins below, in shared memory (one read of the row, about eight
-                   instructions per element; no statistics needed first); then, from the
-                   bins, the row's largest logit and log-sum (and the cross-entropy's, at
-                   temperature 1), the prefix counts of the bins and the list of the occupied
-                   ones (all that is written per bin) and the row's flag
-    sign_kernel    per pair, for each side, over its occupied bins: the counts of both sides
+    hist_kernel    per (pair, side), both sides in one launch: the histogram of the row's
+                   logits over the fixed bins below, in shared memory (one read of the row,
+                   about eight instructions per element; no statistics needed first); then,
+                   from the bins, the row's largest logit (its highest occupied bin, found
+                   first) and log-sum (and the cross-entropy's, at temperature 1), the prefix
+                   counts of the bins and the list of the occupied ones (all that is written
+                   per bin, 512 bins a step, a run of 4 per thread) and the row's flag
+    sign_kernel    per (pair, side), over the side's occupied bins: the counts of both sides
                    above and at each bin's value (bounds from the k = log2 p of neighbouring
                    bins, recomputed from the bin: the bin itself on its own side, the bin of
                    the value's logit on the other; a search where runs of equal k get in the
