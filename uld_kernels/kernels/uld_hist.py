@@ -86,13 +86,15 @@ _DEAD = tl.constexpr(3)  # elements of probability 0 (their bins come first)
 @triton.jit
 def _logit_of_bin(bins):
     """The logit a bin stands for (float32): its own value; -256 for the low bin (its end
-    nearest 0), +(2**-23 - 2**-31) for the tiny bin (its upper end: where the bin is not
-    flagged, every logit in it has that k, 0's among them). Built as float32 bits: a bin at
-    distance d from the tiny one holds magnitude bits SLOT_M_LO + |d| (bin 0: 17280, -256) with
-    the sign of d (three integer instructions after d; the passes over bins call this for every
-    bin)."""
+    nearest 0), 0 for the tiny bin. Built as float32 bits: bins below or above the tiny one,
+    at distance d, hold magnitude bits SLOT_M_LO + d (bin 0: 17280, -256), with the sign of
+    the side (five integer instructions; the passes over bins call this for every bin).
+    The tiny bin must stand at 0 exactly, not at an end: a row whose largest logit is in it
+    takes 0 as its top, and only then do its k match the other side's exactly where the two
+    rows tie (a shifted or rescaled teacher; tests/test_hist_edges.py)."""
     d = bins - _TINY
-    return ((tl.abs(d) + SLOT_M_LO) * 65536 | (d & -2147483648)).to(tl.float32, bitcast=True)
+    bits = (tl.abs(d) + SLOT_M_LO) * 65536 | (d & -2147483648)
+    return tl.where(d == 0, 0, bits).to(tl.float32, bitcast=True)
 
 
 @triton.jit
