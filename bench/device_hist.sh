@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The histogram engine's recorded run, within one 10-minute device call. Steps (ULD_STEPS, in
-# this order; default all but stress): tests (test_hist.py, test_gpu.py), check (agreement with
-# the trie engine), bench (the table against the reference and Liger's fused JSD), host (a
+# this order; default all but stress): tests (test_hist.py, test_hist_edges.py, test_gpu.py), check (agreement with
+# the trie engine), bench (the table against the reference and Liger's fused JSD), fresh
+# (Qwen/Llama-3 random and peaked, each in its own process), host (a
 # call's host and GPU time: profile_host.py), passes (per-kernel GPU time), distill (the
 # training loss), scaling (table and plot), stress (the largest shape); then knob settings to
 # weigh, given as arguments. Logs under $OUT. do_bench's warmup and rep are milliseconds: at
@@ -20,7 +21,7 @@ if ls .whl/liger_kernel-*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}; IMPLS="$IMPLS liger_jsd"
 fi
 if has tests; then
-  timeout 330 python3 -m pytest tests/test_hist.py tests/test_gpu.py -q -p no:warnings -p no:cacheprovider 2>&1 \
+  timeout 400 python3 -m pytest tests/test_hist.py tests/test_hist_edges.py tests/test_gpu.py -q -p no:warnings -p no:cacheprovider 2>&1 \
     | tail -4 | tee "$OUT/tests.txt"
 fi
 if has check; then
@@ -31,6 +32,12 @@ if has bench; then
   timeout 170 python3 bench/bench_uld.py --out "$OUT/table" --impls $IMPLS --rows 16384 --warmup 50 \
     --rep 300 --reference-kinds random --pairs qwen_llama3 qwen_qwen llama2_gemma 2>&1 | tee "$OUT/bench.txt" \
     | grep -E "^\| |copy"
+fi
+if has fresh; then  # one process per kind: the first row of a process had a clean backward column (10th session)
+  for kind in random peaked; do
+    timeout 60 python3 bench/bench_uld.py --out "$OUT/fresh_$kind" --impls uld_kernels --rows 16384 --warmup 50 \
+      --rep 300 --pairs qwen_llama3 --kinds "$kind" 2>&1 | grep -E "^\| uld"
+  done | tee "$OUT/fresh.txt"
 fi
 if has host; then
   timeout 60 python3 bench/profile_host.py --cprofile 0 --pairs qwen_llama3 qwen_qwen --kinds random near identical \
