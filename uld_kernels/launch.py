@@ -288,8 +288,8 @@ def _hist_batches(row_loss, flags, row_ce, sides, grad_scale, n_pairs, on_gpu, r
     block = HIST_GRAD_BLOCK if on_gpu else 128
     chunk = max(block, HIST_GRAD_CHUNK // block * block) if on_gpu else 256
     partial = torch.empty(batch * 2, dtype=torch.float64, device=device)  # each side's sum of p * sign
-    student_logits, _inv_t, _grad, student_vocab, student_index = sides[0]
-    teacher_logits, _inv_t, _grad, teacher_vocab, teacher_index = sides[1]
+    student_logits, student_inv_t, student_grad, student_vocab, student_index = sides[0]
+    teacher_logits, teacher_inv_t, teacher_grad, teacher_vocab, teacher_index = sides[1]
     gather = student_index is not None
     has_ce = row_ce is not None
     unused = row_loss  # stands for pointers a configuration never reads
@@ -300,15 +300,15 @@ def _hist_batches(row_loss, flags, row_ce, sides, grad_scale, n_pairs, on_gpu, r
         uld_hist.hist_kernel[(rows, 2)](  # both sides of every pair
             student_logits, teacher_logits, student_index if gather else unused,
             teacher_index if gather else unused, counts, occupied, raw, fparam, iparam, batch_start, student_vocab,
-            teacher_vocab, *_row_layout(student_logits), *_row_layout(teacher_logits), sides[0][1], sides[1][1],
+            teacher_vocab, *_row_layout(student_logits), *_row_layout(teacher_logits), student_inv_t, teacher_inv_t,
             GATHER=gather, STUDENT_UNIT_STRIDE=student_logits.stride(-1) == 1,
             TEACHER_UNIT_STRIDE=teacher_logits.stride(-1) == 1,
             USE_PTX=use_ptx, SIMD16=simd16, HAS_CE=has_ce, PREFETCH=HIST_PREFETCH or not on_gpu,
             BLOCK=HIST_BLOCK if on_gpu else 256, TAIL_BLOCK=HIST_TAIL_BLOCK, num_warps=4,
             **({"maxnreg": HIST_MAXNREG} if on_gpu and HIST_MAXNREG else {}))
         uld_hist.sign_kernel[(rows, 2)](  # both sides of every pair
-            fparam, iparam, counts, occupied, signs, partial, sides[0][1], sides[1][1],
-            STORE_STUDENT=sides[0][2] is not None, STORE_TEACHER=sides[1][2] is not None, USE_PTX=use_ptx,
+            fparam, iparam, counts, occupied, signs, partial, student_inv_t, teacher_inv_t,
+            STORE_STUDENT=student_grad is not None, STORE_TEACHER=teacher_grad is not None, USE_PTX=use_ptx,
             BLOCK=HIST_SIGN_BLOCK if on_gpu else 512, num_warps=HIST_SIGN_WARPS if on_gpu else 4)
         uld_hist.finish_kernel[(rows,)](
             fparam, iparam, partial, row_loss, flags, batch_start, student_logits,

@@ -23,7 +23,7 @@ the four reductions for lanes that reach no open bucket (most of them), where Tr
 issue them predicated off.
 
 The histogram engine's stores and gathers of its per-bin tables (`store_runs_u32`,
-`scatter_u16`, `scatter_b32`, `gather_i32`) are inline PTX for the same first reason: an
+`scatter`, `gather_i32`) are inline PTX for the same first reason: an
 elementwise op takes its operands' layout, where a `tl.store` of a contiguous tensor next to a
 gathered one gives each its own layout, and Triton then computes the values twice, once in
 each (hist_kernel's pass over bins ran its scan twice so).
@@ -105,16 +105,20 @@ _DESCEND_ASM = tl.constexpr(
 _GATHER_ASM = tl.constexpr(
     "{ .reg .pred p; .reg .u64 a; mov.b32 $0, 0; setp.ne.s32 p, $2, 0; mad.wide.s32 a, $1, 4, $3; "
     "@p ld.global.nc.f32 $0, [a]; }")
-_SCATTER_U16_ASM = tl.constexpr(
-    "{ .reg .pred p; .reg .u64 a; mov.b32 $0, 0; setp.ne.s32 p, $2, 0; mad.wide.s32 a, $1, 2, $4; "
-    "@p st.global.u16 [a], $3; }")
+
+
+def _scatter_asm(kind: str, size: int) -> str:
+    """PTX: base[$1] = $3 (`st.global.<kind>`, `size` bytes) where $2; $4 the base."""
+    return ("{ .reg .pred p; .reg .u64 a; mov.b32 $0, 0; setp.ne.s32 p, $2, 0; "
+            f"mad.wide.s32 a, $1, {size}, $4; @p st.global.{kind} [a], $3; }}")
+
+
+_SCATTER_U16_ASM = tl.constexpr(_scatter_asm("u16", 2))
+_SCATTER_B32_ASM = tl.constexpr(_scatter_asm("b32", 4))
 # Four consecutive int32 of a thread (pack=4, 16-byte aligned) with one vector store: $4 the
 # address of the first (the others' are unused), $8..$11 the values.
 _STORE_RUN_ASM = tl.constexpr("{ st.global.v4.u32 [$4], {$8, $9, $10, $11}; mov.b32 $0, 0; mov.b32 $1, 0; "
                               "mov.b32 $2, 0; mov.b32 $3, 0; }")
-_SCATTER_B32_ASM = tl.constexpr(
-    "{ .reg .pred p; .reg .u64 a; mov.b32 $0, 0; setp.ne.s32 p, $2, 0; mad.wide.s32 a, $1, 4, $4; "
-    "@p st.global.b32 [a], $3; }")
 _GATHER_COHERENT_ASM = tl.constexpr(_GATHER_ASM.value.replace("ld.global.nc.f32", "ld.global.f32"))
 # bf16 logits, two to a 32-bit register (inline assembly with pack=2 on int16 bit patterns):
 # their histogram slots in SIMD halves (uld_hist.py, "Slots"): the magnitude bits m clamped to
@@ -230,21 +234,16 @@ def gather_f32(base_ptr, index, mask, NC: tl.constexpr = True):
 
 
 @triton.jit
-def scatter_u16(base_ptr, index, value, mask):
-    """base_ptr[index] = value (the low 16 bits of int32) where mask: a masked scatter that
-    takes its operands' layout, where `tl.store` would give its gathered addresses a layout of
-    one element per thread and have the values computed a second time in it."""
-    tl.inline_asm_elementwise(_SCATTER_U16_ASM, "=r,r,r,r,l", [index, mask.to(tl.int32), value,
-                                                               base_ptr + tl.zeros_like(index)],
-                              dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def scatter_b32(base_ptr, index, value, mask):
-    """base_ptr[index] = value (32 bits: int32, or float32 bits as int32) where mask, in the
-    operands' layout (`scatter_u16`)."""
-    tl.inline_asm_elementwise(_SCATTER_B32_ASM, "=r,r,r,r,l", [index, mask.to(tl.int32), value,
-                                                               base_ptr + tl.zeros_like(index)],
+def scatter(base_ptr, index, value, mask, WIDE: tl.constexpr):
+    """base_ptr[index] = value where mask: the low 16 bits of int32 values, or (WIDE) all 32
+    (int32, or float32 bits as int32). A masked scatter that takes its operands' layout, where
+    `tl.store` would give its gathered addresses a layout of one element per thread and have
+    the values computed a second time in it."""
+    if WIDE:
+        asm: tl.constexpr = _SCATTER_B32_ASM
+    else:
+        asm: tl.constexpr = _SCATTER_U16_ASM
+    tl.inline_asm_elementwise(asm, "=r,r,r,r,l", [index, mask.to(tl.int32), value, base_ptr + tl.zeros_like(index)],
                               dtype=tl.int32, is_pure=False, pack=1)
 
 

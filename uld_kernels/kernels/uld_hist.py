@@ -40,9 +40,8 @@ trie engine (uld_split.py), so every result stays exact.
 import triton
 import triton.language as tl
 
-from uld_kernels.kernels.ptx import (NEG_SLOTS, SLOT_M_HI, SLOT_M_LO, SMEM_THREADS, gather_f32, gather_i32, scatter_b32, scatter_u16,
-                                     store_runs_u32, slots_bf16,
-                                     smem_add_one, smem_count_bf16, smem_load, smem_zero)
+from uld_kernels.kernels.ptx import (NEG_SLOTS, SLOT_M_HI, SLOT_M_LO, SMEM_THREADS, gather_f32, gather_i32, scatter,
+                                     slots_bf16, smem_add_one, smem_count_bf16, smem_load, smem_zero, store_runs_u32)
 from uld_kernels.kernels.uld_rows import (LN2, LOG2E, _block_raw, _exp2, _first_block, _load_raw, _log2_prob,
                                           _pair_rows, _tie_signs)
 
@@ -98,12 +97,18 @@ def _logit_of_bin(bins):
 
 
 @triton.jit
+def _distance(magnitude):
+    """A bf16 magnitude's distance from the tiny bin, in bins of its sign: its slot among the
+    side's (magnitude bits clamped to [SLOT_M_LO, SLOT_M_HI], minus SLOT_M_LO)."""
+    return tl.minimum(tl.maximum(magnitude, SLOT_M_LO), SLOT_M_HI) - SLOT_M_LO
+
+
+@triton.jit
 def _slots_of_bits(bits):
     """Slots (above) and magnitude bits of bf16 patterns (sign-extended int32): ptx.slots_bf16
     in Triton operations (the interpreter's)."""
     magnitude = bits & 0x7FFF
-    clamped = tl.minimum(tl.maximum(magnitude, SLOT_M_LO), SLOT_M_HI) - SLOT_M_LO
-    return clamped + tl.where(bits < 0, NEG_SLOTS, 0), magnitude
+    return _distance(magnitude) + tl.where(bits < 0, NEG_SLOTS, 0), magnitude
 
 
 @triton.jit
@@ -162,7 +167,7 @@ def _store_counts(counts_block, offsets, before, USE_PTX: tl.constexpr):
 def _store_listed(list_at, position, bins, occupied, USE_PTX: tl.constexpr):
     """The occupied bins at their positions in the row's list (int16)."""
     if USE_PTX:  # (in the operands' layout: tl.store would have the pass computed twice)
-        scatter_u16(list_at, position, bins, occupied)
+        scatter(list_at, position, bins, occupied, False)
     else:
         tl.store(list_at + position, bins.to(tl.int16), mask=occupied)
 
@@ -209,9 +214,9 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
               vocab, seq_len, batch_stride, row_stride, col_stride, inv_temperature, GATHER: tl.constexpr,
               UNIT_STRIDE: tl.constexpr, USE_PTX: tl.constexpr, SIMD16: tl.constexpr, HAS_CE: tl.constexpr,
               PREFETCH: tl.constexpr, BLOCK: tl.constexpr, TAIL_BLOCK: tl.constexpr):
-    """One row of one side: hist_kernel's program. First the histogram of its logits over the slots
-    (above; in shared memory with USE_PTX, zeroed by the caller, else counted with global atomics at raw_ptr +
-    (pair * 2 + side) * CAP, zeroed by the launcher). Then, from the bins: the row's largest
+    """One row of one side: hist_kernel's program. First the histogram of its logits over the
+    slots (above; in shared memory with USE_PTX, zeroed by the caller, else counted with global
+    atomics at raw_ptr + (pair * 2 + side) * CAP, zeroed by the launcher). Then, from the bins: the row's largest
     logit and base-2 log-sum (and with HAS_CE the log-sum at temperature 1, the student's
     cross-entropy), the count of elements of nonzero probability below each bin (written at
     count_ptr; [WIDTH] = all of them), the bins holding any of them in order (int16 at
@@ -234,6 +239,7 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
                                           row_stride, GATHER)
     at = (pair * 2 + side).to(tl.int64)
     counts_at = count_ptr + at * CAP
+    list_at = list_ptr + at * CAP
     raw_at = raw_ptr + at * CAP
     stop = tl.where(row >= 0, vocab, 0)
     # Lanes past the row load +0: the tiny slot counts them, and they are taken off it below.
@@ -269,8 +275,7 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
     # nonzero p (bins are in the order of p), `_first_live` after the pass: the passes that
     # read these counts subtract the count below it (`_live_below`) and skip the bins before it.
     top_bin = _top_bin(raw_at, top_magnitude, tiny_more, tail_stop, USE_PTX, TAIL_BLOCK)
-    top = tl.where(top_bin > 0, _logit_of_bin(top_bin), float("-inf"))
-    safe = tl.where(top_bin > 0, top, 0.0)
+    top = tl.where(top_bin > 0, _logit_of_bin(top_bin), 0.0)  # (no occupied bin: flagged below)
     # A step's bins as [RUN, TAIL_BLOCK // RUN]: each thread holds a run of RUN consecutive
     # bins (the default layout), so the scan is serial within a run and one warp scan across
     # runs. Steps cover [0, CAP): bins past WIDTH are empty, and their counts below (all the
@@ -291,15 +296,15 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
         summed = tl.where(bins >= _LOW_BINS, counts, 0).to(tl.float64)
         z = _logit_of_bin(bins)
         # (bins above the top are empty: their exponents are clamped, not overflowed)
-        totals += summed * _exp2(tl.minimum((z - safe) * scale, 0.0)).to(tl.float64)
+        totals += summed * _exp2(tl.minimum((z - top) * scale, 0.0)).to(tl.float64)
         if HAS_CE:
-            ce_totals += summed * _exp2(tl.minimum((z - safe) * LOG2E, 0.0)).to(tl.float64)
+            ce_totals += summed * _exp2(tl.minimum((z - top) * LOG2E, 0.0)).to(tl.float64)
         both = counts + ((counts > 0).to(tl.int32) << _LISTED_SHIFT)
         run_total = tl.sum(both, 0)
         before = (tl.cumsum(both, 0) - both) + (tl.cumsum(run_total, 0) - run_total)[None, :]
         _store_counts(counts_block, offsets, (before & _COUNT_MASK) + below, USE_PTX)
         counts_block += TAIL_BLOCK
-        _store_listed(list_ptr + at * CAP, (before >> _LISTED_SHIFT) + listed, bins, counts > 0, USE_PTX)
+        _store_listed(list_at, (before >> _LISTED_SHIFT) + listed, bins, counts > 0, USE_PTX)
         block = tl.sum(run_total, 0)
         below += block & _COUNT_MASK
         listed += block >> _LISTED_SHIFT
@@ -307,8 +312,7 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
     ce_total = tl.sum(tl.sum(ce_totals, 1), 0)
     # logits >= 256, +inf and NaN (either sign): past the bins
     out = _slot_count(raw_at, _POS_OUT_SLOT, USE_PTX) + (top_magnitude > _INF_MAGNITUDE).to(tl.int32)
-    flag = (top == float("-inf")).to(tl.int32) + (out > 0).to(tl.int32) * 2
-    top = tl.where(top > float("-inf"), top, 0.0)
+    flag = (top_bin == 0).to(tl.int32) + (out > 0).to(tl.int32) * 2
     log_sum = tl.log2(total.to(tl.float32))
     if HAS_CE:
         ce_log_sum = tl.log2(ce_total.to(tl.float32))
@@ -410,7 +414,7 @@ def _estimate(v, top, log_sum, inv_scale):
     z = tl.minimum(tl.maximum(z, -60000.0), 60000.0)
     bits = z.to(tl.int32, bitcast=True)
     magnitude = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0x7FFF  # (round to nearest even)
-    d = tl.minimum(tl.maximum(magnitude, SLOT_M_LO), SLOT_M_HI) - SLOT_M_LO
+    d = _distance(magnitude)
     return tl.minimum(tl.where(bits < 0, _TINY - d, _TINY + d), WIDTH - 1)
 
 
@@ -500,8 +504,8 @@ def _bin_signs(bins, active, own_ge, own_gt, own_count, other_count, own_dead, o
         slots = _slot_of_bin(bins)
         if USE_PTX:  # (the operands' layout)
             sign_bits = sign.to(tl.int32, bitcast=True)
-            scatter_b32(sign_ptr, slots, sign_bits, active)
-            scatter_b32(sign_ptr, tl.full(bins.shape, _NEG_TINY_SLOT, tl.int32), sign_bits, active & (bins == _TINY))
+            scatter(sign_ptr, slots, sign_bits, active, True)
+            scatter(sign_ptr, tl.full(bins.shape, _NEG_TINY_SLOT, tl.int32), sign_bits, active & (bins == _TINY), True)
         else:
             tl.store(sign_ptr + slots, sign, mask=active)
             tl.store(sign_ptr + _NEG_TINY_SLOT + tl.zeros_like(bins), sign, mask=active & (bins == _TINY))
