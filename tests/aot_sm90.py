@@ -213,7 +213,7 @@ def hist_sm80_configs():
 
 def scale_kernel_configs():
     for dtype, per_row in itertools.product(TRITON_TYPE, [False, True]):
-        types = dict(grad_ptr="*" + TRITON_TYPE[dtype], scale_ptr="*fp32", vocab="i32")
+        types = dict(grad_ptr="*" + TRITON_TYPE[dtype], scale_ptr="*fp32", n_rows="i32", vocab="i32")
         yield (f"scale_rows {TRITON_TYPE[dtype]} per_row={per_row}", scale_rows_kernel, types,
                dict(SCALE_PER_ROW=per_row, BLOCK=4096), ["grad_ptr", "scale_ptr", "vocab"], 8)
 

@@ -133,6 +133,34 @@ def test_reductions_and_upstream_gradient(reduction, device):
     assert_grads_close(student.grad, s.grad, student, torch.float32)
 
 
+@pytest.mark.parametrize("per_row", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scale_rows_over_more_rows_than_programs(per_row, dtype, device):
+    """launch.scale_rows_ (backward's in-place scaling) runs a persistent grid: each program
+    takes several rows. Every row is scaled exactly like the float32 product rounded once (as
+    the device rounds), and
+    rows of scale exactly 1 are left as they were, bit for bit."""
+    n_rows, vocab = 100 if device == "cpu" else 5000, 1500
+    g = torch.Generator().manual_seed(3)
+    grad = torch.randn(n_rows, vocab, generator=g).to(dtype).to(device)
+    if per_row:
+        scale = (torch.rand(n_rows, generator=g) * 2 + 0.25).to(device)
+        scale[::3] = 1.0  # rows left alone
+    else:
+        scale = torch.tensor([0.375], device=device)
+    product = grad.float() * (scale[:, None] if per_row else scale)
+    if dtype == torch.bfloat16 and device == "cpu":  # Triton's interpreter truncates float32 to bf16
+        expected = (product.view(torch.int32) >> 16).to(torch.int16).view(torch.bfloat16)
+    else:  # the GPU rounds to nearest even, as torch does
+        expected = product.to(dtype)
+    ours = grad.clone()
+    launch.scale_rows_(ours, scale)
+    assert torch.equal(ours, expected)
+    unchanged = grad.clone()
+    launch.scale_rows_(unchanged, torch.ones(1, device=device))
+    assert torch.equal(unchanged, grad)
+
+
 def test_masked_vocabulary_and_nan_rows(device):
     student, teacher = _rows("random", 4, 64, 48, torch.float32, device, seed=5)
     student[0, ::3] = -math.inf  # masked entries: probability 0

@@ -5,6 +5,7 @@ Nothing here validates user input (api.py does) or knows about autograd (autogra
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -539,11 +540,25 @@ def zero_unwritten_(grad: torch.Tensor, written: torch.Tensor, used: int) -> Non
 
 def scale_rows_(grad: torch.Tensor, scale: torch.Tensor) -> None:
     """In place: ``grad[r] *= scale`` (``scale`` one element, or one per row). Rows whose scale
-    is exactly 1 are not touched, so the common ``loss.backward()`` moves no bytes."""
+    is exactly 1 are not touched, so the common ``loss.backward()`` moves no bytes; its launch is
+    a persistent grid of at most 8 programs an SM, whatever the number of rows."""
     n_rows, vocab = grad.shape
     if n_rows == 0 or vocab == 0:
         return
     block, splits = _row_splits(grad)
-    scale_rows_kernel[(n_rows, splits)](
-        grad, scale, vocab, SCALE_PER_ROW=scale.numel() != 1, BLOCK=block, num_warps=8
+    row_programs = min(n_rows, max(1, _resident_programs(grad.device) // splits))
+    scale_rows_kernel[(row_programs, splits)](
+        grad, scale, n_rows, vocab, SCALE_PER_ROW=scale.numel() != 1, BLOCK=block, num_warps=8
     )
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _resident_programs(device: torch.device) -> int:
+    """Programs of 8 warps that fit on the device at once (8 an SM); 16 off a GPU."""
+    if device.type != "cuda":
+        return 16
+    return 8 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())

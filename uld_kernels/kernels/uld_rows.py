@@ -604,18 +604,21 @@ def zero_rows_kernel(grad_ptr, written_ptr, used, width, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def scale_rows_kernel(grad_ptr, scale_ptr, vocab, SCALE_PER_ROW: tl.constexpr,
+def scale_rows_kernel(grad_ptr, scale_ptr, n_rows, vocab, SCALE_PER_ROW: tl.constexpr,
                       BLOCK: tl.constexpr):
-    """grad[row, :] *= scale (one scalar or one per row); leaves rows whose scale is 1 alone,
-    so that the usual loss.backward() costs no pass over the gradient."""
-    row = tl.program_id(0)
-    if SCALE_PER_ROW:
-        scale = tl.load(scale_ptr + row).to(tl.float32)
-    else:
-        scale = tl.load(scale_ptr).to(tl.float32)
-    if scale != 1.0:
-        base = grad_ptr + tl.cast(row, tl.int64) * vocab
-        for block_start in range(tl.program_id(1) * BLOCK, vocab, tl.num_programs(1) * BLOCK):
-            idx = block_start + tl.arange(0, BLOCK)
-            g = tl.load(base + idx, mask=idx < vocab)
-            tl.store(base + idx, (g.to(tl.float32) * scale).to(g.dtype), mask=idx < vocab)
+    """grad[row, :] *= scale (one scalar or one per row), over a persistent grid: program
+    (i, j) takes rows i, i + num_programs(0), ... and, in each, the blocks j, j +
+    num_programs(1), ... Rows whose scale is exactly 1 are left alone, so the usual
+    loss.backward() (a scalar 1) costs each of a few hundred programs one load, not one
+    program per block of the gradient."""
+    scale = tl.load(scale_ptr).to(tl.float32)
+    if SCALE_PER_ROW or scale != 1.0:
+        for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+            if SCALE_PER_ROW:
+                scale = tl.load(scale_ptr + row).to(tl.float32)
+            if scale != 1.0:
+                base = grad_ptr + tl.cast(row, tl.int64) * vocab
+                for block_start in range(tl.program_id(1) * BLOCK, vocab, tl.num_programs(1) * BLOCK):
+                    idx = block_start + tl.arange(0, BLOCK)
+                    g = tl.load(base + idx, mask=idx < vocab)
+                    tl.store(base + idx, (g.to(tl.float32) * scale).to(g.dtype), mask=idx < vocab)
