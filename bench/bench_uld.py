@@ -1,6 +1,6 @@
 """Benchmark: uld_kernels against the PyTorch reference and torch.compile of it, on a GPU.
 
-Measures, with ``triton.testing.do_bench`` (median), per (rows, vocabulary pair, kind of
+Measures, with ``triton.testing.do_bench`` (median over interleaved rounds), per (rows, vocabulary pair, kind of
 rows, implementation): forward without grad, forward with grad, backward (= forward+backward
 minus forward with grad), forward+backward, and the peak device memory taken beyond the
 inputs and the gradient. Reports achieved GB/s of forward+backward (bytes a fused pass must
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
+import statistics
 import functools
 import os
 import subprocess
@@ -86,6 +87,9 @@ def copy_bandwidth_gbps() -> float:
     return gbps
 
 
+ROUNDS = 3  # interleaved rounds of the timed modes (measure)
+
+
 def measure(impl_name, fn, student, teacher, warmup, rep, full_only=False) -> tuple[float, ...]:
     def forward_no_grad():
         with torch.no_grad():
@@ -98,11 +102,18 @@ def measure(impl_name, fn, student, teacher, warmup, rep, full_only=False) -> tu
         loss = fn(student, teacher)
         return torch.autograd.grad(loss, student)
 
-    bench = dict(warmup=warmup, rep=rep, return_mode="median")
+    # The three modes in interleaved rounds, each mode's median over all its calls: an H200 at
+    # its 700 W power limit lowers its SM clock within seconds of sustained load (1,980 ->
+    # 1,845-1,905 MHz, 11th session), so medians taken one mode after the other compared
+    # different clocks and made the backward column (their difference) up to 0.4 ms.
+    modes = [forward_backward] if full_only else [forward_no_grad, forward_with_grad, forward_backward]
+    times = [[] for _ in modes]
+    for _ in range(ROUNDS):
+        for mode, calls in zip(modes, times):
+            calls += triton.testing.do_bench(mode, warmup=warmup, rep=max(1, rep // ROUNDS), return_mode="all")
+    medians = [statistics.median(calls) for calls in times]
     nan = float("nan")
-    fwd = nan if full_only else triton.testing.do_bench(forward_no_grad, **bench)
-    fwd_grad = nan if full_only else triton.testing.do_bench(forward_with_grad, **bench)
-    full = triton.testing.do_bench(forward_backward, **bench)
+    fwd, fwd_grad, full = medians if not full_only else (nan, nan, medians[0])
 
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()

@@ -15,6 +15,16 @@ set -u
 OUT=${OUT:-bench/out}; mkdir -p "$OUT"; export PYTHONUNBUFFERED=1
 STEPS=${ULD_STEPS:-tests check bench host passes distill scaling}
 has() { [[ " $STEPS " == *" $1 "* ]]; }
+# The SM clock and power each second (the H200 meets its 700 W limit within seconds of this
+# load and lowers its clock: 11th session); summarized in $OUT/clocks.txt at the end.
+nvidia-smi dmon -s pc -d 1 > "$OUT/dmon.txt" 2>&1 & DMON=$!
+clocks() {
+  kill "$DMON" 2>/dev/null
+  awk '!/^#/ && $2 > 300 {print $6}' "$OUT/dmon.txt" | sort -n | awk '{c[NR] = $1}
+    END {printf "seconds above 300 W: %d; SM clock there: min %s, median %s, max %s MHz\n", NR, c[1], c[int((NR + 1) / 2)], c[NR]}' \
+    | tee "$OUT/clocks.txt"
+}
+trap clocks EXIT
 IMPLS="uld_kernels reference"
 if ls .whl/liger_kernel-*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile \
     --no-cache-dir --upgrade --target /tmp/site .whl/liger_kernel-*.whl; then
@@ -29,7 +39,7 @@ if has check; then
     | cut -c1-200 | tee "$OUT/check.txt"
 fi
 if has bench; then
-  timeout 170 python3 bench/bench_uld.py --out "$OUT/table" --impls $IMPLS --rows 16384 --warmup 50 \
+  timeout 240 python3 bench/bench_uld.py --out "$OUT/table" --impls $IMPLS --rows 16384 --warmup 50 \
     --rep 300 --reference-kinds random --pairs qwen_llama3 qwen_qwen llama2_gemma 2>&1 | tee "$OUT/bench.txt" \
     | grep -E "^\| |copy"
 fi
