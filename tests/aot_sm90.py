@@ -221,7 +221,7 @@ def scale_kernel_configs():
 def zero_kernel_configs():
     """The distillation gradient's zeroing of what no kernel writes (launch.zero_unwritten_)."""
     for dtype in TRITON_TYPE:
-        types = dict(grad_ptr="*" + TRITON_TYPE[dtype], written_ptr="*i8", used="i32", width="i32")
+        types = dict(grad_ptr="*" + TRITON_TYPE[dtype], written_ptr="*i8", n_rows="i32", used="i32", width="i32")
         yield (f"zero_rows {TRITON_TYPE[dtype]}", zero_rows_kernel, types, dict(BLOCK=4096),
                ["grad_ptr", "written_ptr", "width"], 8)
 

@@ -212,18 +212,24 @@ def test_no_grad_evaluation_of_the_training_loss_computes_no_gradient(monkeypatc
         assert torch.equal(a, b.detach())
 
 
+@pytest.mark.parametrize("rows", ["few", "many"])
 @pytest.mark.parametrize("width_blocks", [0, 3])
 @pytest.mark.parametrize("padding", [0, 13])
-def test_zero_unwritten_rows_and_padded_columns(width_blocks, padding, device):
+def test_zero_unwritten_rows_and_padded_columns(rows, width_blocks, padding, device):
     """The distillation gradient buffer starts uninitialised: rows no kernel writes are zeroed
     whole, the written ones only past the used vocabulary; written columns are left alone.
-    Rows wider than one block take several programs each (as real vocabularies do)."""
+    Rows wider than one block take several programs each (as real vocabularies do); with many
+    rows, each program of the persistent grid takes several."""
     block = 4096 if device == "cuda" else 1024
     used = width_blocks * block + 37
-    grad = torch.full((6, used + padding), float("nan"), dtype=torch.bfloat16, device=device)
-    written = torch.tensor([1, 0, 0, 1, 1, 0], dtype=torch.int8, device=device)
-    zero_unwritten_(grad, written, used)
-    keep = written.bool().cpu()
+    if rows == "few":
+        written = torch.tensor([1, 0, 0, 1, 1, 0], dtype=torch.int8)
+    else:  # more rows than the grid has row programs (launch._row_grid)
+        n_rows = 40 if device == "cpu" else 5000
+        written = (torch.rand(n_rows, generator=torch.Generator().manual_seed(width_blocks)) < 0.7).to(torch.int8)
+    grad = torch.full((len(written), used + padding), float("nan"), dtype=torch.bfloat16, device=device)
+    zero_unwritten_(grad, written.to(device), used)
+    keep = written.bool()
     out = grad.cpu()
     assert (out[~keep] == 0).all()
     assert (out[keep][:, used:] == 0).all()

@@ -518,10 +518,15 @@ def cross_entropy_rows(
     return row_ce
 
 
-def _row_splits(grad: torch.Tensor) -> tuple[int, int]:
-    """Block and programs per row of the elementwise row kernels."""
+def _row_grid(grad: torch.Tensor) -> tuple[int, tuple[int, int]]:
+    """Block and persistent grid (row programs, programs per row) of the elementwise row
+    kernels: at most 8 programs of 8 warps an SM, whatever the number of rows, so that a launch
+    with little to do (rows already written, a scale of exactly 1) costs a few hundred
+    programs, not one per block of the gradient."""
+    n_rows, width = grad.shape
     block = 4096 if grad.is_cuda else 1024
-    return block, max(1, min(triton.cdiv(grad.shape[1], block), 8))
+    splits = max(1, min(triton.cdiv(width, block), 8))
+    return block, (min(n_rows, max(1, _resident_programs(grad.device) // splits)), splits)
 
 
 def zero_unwritten_(grad: torch.Tensor, written: torch.Tensor, used: int) -> None:
@@ -534,22 +539,19 @@ def zero_unwritten_(grad: torch.Tensor, written: torch.Tensor, used: int) -> Non
         raise ValueError(f"grad must be a contiguous [rows, width] tensor, got strides {grad.stride()}")
     if n_rows == 0 or width == 0:
         return
-    block, splits = _row_splits(grad)
-    zero_rows_kernel[(n_rows, splits)](grad, written, used, width, BLOCK=block, num_warps=8)
+    block, grid = _row_grid(grad)
+    zero_rows_kernel[grid](grad, written, n_rows, used, width, BLOCK=block, num_warps=8)
 
 
 def scale_rows_(grad: torch.Tensor, scale: torch.Tensor) -> None:
     """In place: ``grad[r] *= scale`` (``scale`` one element, or one per row). Rows whose scale
-    is exactly 1 are not touched, so the common ``loss.backward()`` moves no bytes; its launch is
-    a persistent grid of at most 8 programs an SM, whatever the number of rows."""
+    is exactly 1 are not touched, so the common ``loss.backward()`` moves no bytes (and its
+    launch is a persistent grid of a few hundred programs)."""
     n_rows, vocab = grad.shape
     if n_rows == 0 or vocab == 0:
         return
-    block, splits = _row_splits(grad)
-    row_programs = min(n_rows, max(1, _resident_programs(grad.device) // splits))
-    scale_rows_kernel[(row_programs, splits)](
-        grad, scale, n_rows, vocab, SCALE_PER_ROW=scale.numel() != 1, BLOCK=block, num_warps=8
-    )
+    block, grid = _row_grid(grad)
+    scale_rows_kernel[grid](grad, scale, n_rows, vocab, SCALE_PER_ROW=scale.numel() != 1, BLOCK=block, num_warps=8)
 
 
 @functools.cache

@@ -587,20 +587,22 @@ def _write_grad(row_ptr, col_stride, inv_temperature, scale, top, log_sum, ws_pt
 
 
 @triton.jit
-def zero_rows_kernel(grad_ptr, written_ptr, used, width, BLOCK: tl.constexpr):
+def zero_rows_kernel(grad_ptr, written_ptr, n_rows, used, width, BLOCK: tl.constexpr):
     """Zeroes what no kernel writes in a [rows, width] gradient: all of row r where
-    written[r] is 0, and the columns past `used` (padded lm_head columns) where it is 1."""
-    row = tl.program_id(0)
-    base = grad_ptr + tl.cast(row, tl.int64) * width
+    written[r] is 0, and the columns past `used` (padded lm_head columns) where it is 1. A
+    persistent grid, as in scale_rows_kernel: program (i, j) takes rows i, i +
+    num_programs(0), ... and, in a row to zero, its blocks j, j + num_programs(1), ..."""
     zeros = tl.zeros([BLOCK], grad_ptr.dtype.element_ty)
-    if tl.load(written_ptr + row) == 0:
-        for block_start in range(tl.program_id(1) * BLOCK, width, tl.num_programs(1) * BLOCK):
-            idx = block_start + tl.arange(0, BLOCK)
-            tl.store(base + idx, zeros, mask=idx < width)
-    elif tl.program_id(1) == 0:
-        for block_start in range(used, width, BLOCK):  # a few hundred columns at most
-            idx = block_start + tl.arange(0, BLOCK)
-            tl.store(base + idx, zeros, mask=idx < width)
+    for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+        base = grad_ptr + tl.cast(row, tl.int64) * width
+        if tl.load(written_ptr + row) == 0:
+            for block_start in range(tl.program_id(1) * BLOCK, width, tl.num_programs(1) * BLOCK):
+                idx = block_start + tl.arange(0, BLOCK)
+                tl.store(base + idx, zeros, mask=idx < width)
+        elif tl.program_id(1) == 0:
+            for block_start in range(used, width, BLOCK):  # a few hundred columns at most
+                idx = block_start + tl.arange(0, BLOCK)
+                tl.store(base + idx, zeros, mask=idx < width)
 
 
 @triton.jit
