@@ -108,9 +108,10 @@ def measure(impl_name, fn, student, teacher, warmup, rep, full_only=False) -> tu
     # different clocks and made the backward column (their difference) up to 0.4 ms.
     modes = [forward_backward] if full_only else [forward_no_grad, forward_with_grad, forward_backward]
     times = [[] for _ in modes]
-    for _ in range(ROUNDS):
-        for mode, calls in zip(modes, times):
-            calls += triton.testing.do_bench(mode, warmup=warmup, rep=max(1, rep // ROUNDS), return_mode="all")
+    for round_ in range(ROUNDS):  # every other round in reverse, so no mode always comes last
+        order = range(len(modes)) if round_ % 2 == 0 else reversed(range(len(modes)))
+        for m in order:
+            times[m] += triton.testing.do_bench(modes[m], warmup=warmup, rep=max(1, rep // ROUNDS), return_mode="all")
     medians = [statistics.median(calls) for calls in times]
     nan = float("nan")
     fwd, fwd_grad, full = medians if not full_only else (nan, nan, medians[0])

@@ -213,7 +213,8 @@ def hist_sm80_configs():
 
 def scale_kernel_configs():
     for dtype, per_row in itertools.product(TRITON_TYPE, [False, True]):
-        types = dict(grad_ptr="*" + TRITON_TYPE[dtype], scale_ptr="*fp32", n_rows="i32", vocab="i32")
+        types = dict(grad_ptr="*" + TRITON_TYPE[dtype], scale_ptr="*fp32", n_rows="i32", rows_per_program="i32",
+                     vocab="i32")
         yield (f"scale_rows {TRITON_TYPE[dtype]} per_row={per_row}", scale_rows_kernel, types,
                dict(SCALE_PER_ROW=per_row, BLOCK=4096), ["grad_ptr", "scale_ptr", "vocab"], 8)
 
@@ -221,8 +222,9 @@ def scale_kernel_configs():
 def zero_kernel_configs():
     """The distillation gradient's zeroing of what no kernel writes (launch.zero_unwritten_)."""
     for dtype in TRITON_TYPE:
-        types = dict(grad_ptr="*" + TRITON_TYPE[dtype], written_ptr="*i8", n_rows="i32", used="i32", width="i32")
-        yield (f"zero_rows {TRITON_TYPE[dtype]}", zero_rows_kernel, types, dict(BLOCK=4096),
+        types = dict(grad_ptr="*" + TRITON_TYPE[dtype], written_ptr="*i8", n_rows="i32", rows_per_program="i32",
+                     used="i32", width="i32")
+        yield (f"zero_rows {TRITON_TYPE[dtype]}", zero_rows_kernel, types, dict(BLOCK=4096, ROWS=128),
                ["grad_ptr", "written_ptr", "width"], 8)
 
 

@@ -213,20 +213,25 @@ def test_no_grad_evaluation_of_the_training_loss_computes_no_gradient(monkeypatc
 
 
 @pytest.mark.parametrize("rows", ["few", "many"])
-@pytest.mark.parametrize("width_blocks", [0, 3])
+@pytest.mark.parametrize("width_blocks", [0, 3, 9])
 @pytest.mark.parametrize("padding", [0, 13])
 def test_zero_unwritten_rows_and_padded_columns(rows, width_blocks, padding, device):
     """The distillation gradient buffer starts uninitialised: rows no kernel writes are zeroed
     whole, the written ones only past the used vocabulary; written columns are left alone.
-    Rows wider than one block take several programs each (as real vocabularies do); with many
-    rows, each program of the persistent grid takes several."""
+    Rows wider than one block take several programs each (as real vocabularies do), rows wider
+    than 8 blocks several blocks a program; with many rows, each program of the persistent grid
+    takes a run of them, in steps of 128 rows (those all written, without padding, skipped at
+    once: here the first half)."""
     block = 4096 if device == "cuda" else 1024
     used = width_blocks * block + 37
     if rows == "few":
         written = torch.tensor([1, 0, 0, 1, 1, 0], dtype=torch.int8)
-    else:  # more rows than the grid has row programs (launch._row_grid)
-        n_rows = 40 if device == "cpu" else 5000
+    else:  # more rows than the grid has row programs (launch._row_grid), more than 128 a program
+        n_rows = 40 if width_blocks < 9 else 300
+        if device == "cuda":  # (more than 128 rows a program there too: 132 row programs at 9 blocks)
+            n_rows *= 100 if width_blocks < 9 else 60
         written = (torch.rand(n_rows, generator=torch.Generator().manual_seed(width_blocks)) < 0.7).to(torch.int8)
+        written[: n_rows // 2] = 1
     grad = torch.full((len(written), used + padding), float("nan"), dtype=torch.bfloat16, device=device)
     zero_unwritten_(grad, written.to(device), used)
     keep = written.bool()

@@ -133,14 +133,18 @@ def test_reductions_and_upstream_gradient(reduction, device):
     assert_grads_close(student.grad, s.grad, student, torch.float32)
 
 
+@pytest.mark.parametrize("width", ["narrow", "wide"])
 @pytest.mark.parametrize("per_row", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_scale_rows_over_more_rows_than_programs(per_row, dtype, device):
+def test_scale_rows_over_more_rows_than_programs(width, per_row, dtype, device):
     """launch.scale_rows_ (backward's in-place scaling) runs a persistent grid: each program
-    takes several rows. Every row is scaled exactly like the float32 product rounded once (as
-    the device rounds), and
-    rows of scale exactly 1 are left as they were, bit for bit."""
-    n_rows, vocab = 100 if device == "cpu" else 5000, 1500
+    takes several rows, and in a row wider than 8 blocks, several blocks. Every row is scaled
+    exactly like the float32 product rounded once (as the device rounds), and rows of scale
+    exactly 1 are left as they were, bit for bit."""
+    block = 4096 if device == "cuda" else 1024
+    n_rows, vocab = (100, 1500) if width == "narrow" else (20, 8 * block + 900)
+    if device == "cuda":
+        n_rows *= 50
     g = torch.Generator().manual_seed(3)
     grad = torch.randn(n_rows, vocab, generator=g).to(dtype).to(device)
     if per_row:
@@ -159,6 +163,24 @@ def test_scale_rows_over_more_rows_than_programs(per_row, dtype, device):
     unchanged = grad.clone()
     launch.scale_rows_(unchanged, torch.ones(1, device=device))
     assert torch.equal(unchanged, grad)
+
+
+@pytest.mark.parametrize("n_rows,width", [(1, 10), (7, 100), (5000, 151936), (65536, 4096), (100, 262144)])
+def test_row_grid_is_persistent_and_covers_every_row(n_rows, width, device):
+    """launch._row_grid: at most the resident programs (8 an SM), each row in one program's run."""
+    grad = torch.empty(n_rows, width, dtype=torch.bfloat16, device=device)  # (never touched)
+    block, rows_per_program, (row_programs, splits) = launch._row_grid(grad)
+    assert row_programs * splits <= launch._resident_programs(grad.device)
+    assert (row_programs - 1) * rows_per_program < n_rows <= row_programs * rows_per_program
+    assert 1 <= splits <= 8 and (splits - 1) * block < width
+
+
+def test_scale_rows_rejects_what_it_cannot_scale(device):
+    grad = torch.zeros(4, 6, device=device)
+    with pytest.raises(ValueError, match="grad must be a contiguous"):
+        launch.scale_rows_(grad.t(), torch.ones(1, device=device))
+    with pytest.raises(ValueError, match="scale must be a contiguous tensor of 1 or 4"):
+        launch.scale_rows_(grad, torch.ones(3, device=device))
 
 
 def test_masked_vocabulary_and_nan_rows(device):

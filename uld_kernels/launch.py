@@ -518,15 +518,17 @@ def cross_entropy_rows(
     return row_ce
 
 
-def _row_grid(grad: torch.Tensor) -> tuple[int, tuple[int, int]]:
-    """Block and persistent grid (row programs, programs per row) of the elementwise row
-    kernels: at most 8 programs of 8 warps an SM, whatever the number of rows, so that a launch
-    with little to do (rows already written, a scale of exactly 1) costs a few hundred
-    programs, not one per block of the gradient."""
+def _row_grid(grad: torch.Tensor) -> tuple[int, int, tuple[int, int]]:
+    """Block, rows per program and persistent grid (row programs, programs per row) of the
+    elementwise row kernels: at most 8 programs of 8 warps an SM, whatever the number of rows,
+    so that a launch with little to do (rows already written, a scale of exactly 1) costs a few
+    hundred programs, not one per block of the gradient. Each row program takes a run of
+    consecutive rows."""
     n_rows, width = grad.shape
     block = 4096 if grad.is_cuda else 1024
     splits = max(1, min(triton.cdiv(width, block), 8))
-    return block, (min(n_rows, max(1, _resident_programs(grad.device) // splits)), splits)
+    rows_per_program = triton.cdiv(n_rows, max(1, _resident_programs(grad.device) // splits))
+    return block, rows_per_program, (triton.cdiv(n_rows, rows_per_program), splits)
 
 
 def zero_unwritten_(grad: torch.Tensor, written: torch.Tensor, used: int) -> None:
@@ -539,19 +541,27 @@ def zero_unwritten_(grad: torch.Tensor, written: torch.Tensor, used: int) -> Non
         raise ValueError(f"grad must be a contiguous [rows, width] tensor, got strides {grad.stride()}")
     if n_rows == 0 or width == 0:
         return
-    block, grid = _row_grid(grad)
-    zero_rows_kernel[grid](grad, written, n_rows, used, width, BLOCK=block, num_warps=8)
+    block, rows_per_program, grid = _row_grid(grad)
+    zero_rows_kernel[grid](grad, written, n_rows, rows_per_program, used, width, BLOCK=block, ROWS=128,
+                           num_warps=8)
 
 
 def scale_rows_(grad: torch.Tensor, scale: torch.Tensor) -> None:
-    """In place: ``grad[r] *= scale`` (``scale`` one element, or one per row). Rows whose scale
-    is exactly 1 are not touched, so the common ``loss.backward()`` moves no bytes (and its
-    launch is a persistent grid of a few hundred programs)."""
+    """In place: ``grad[r] *= scale`` (``scale`` one element, or one per row) on a contiguous
+    ``[rows, vocab]`` gradient. Rows whose scale is exactly 1 are not touched, so the common
+    ``loss.backward()`` moves no bytes (and its launch is a persistent grid of a few hundred
+    programs)."""
     n_rows, vocab = grad.shape
+    if grad.stride() != (vocab, 1):
+        raise ValueError(f"grad must be a contiguous [rows, vocab] tensor, got strides {grad.stride()}")
+    if scale.numel() not in (1, n_rows) or not scale.is_contiguous():
+        raise ValueError(f"scale must be a contiguous tensor of 1 or {n_rows} (rows) elements, got shape "
+                         f"{tuple(scale.shape)}")
     if n_rows == 0 or vocab == 0:
         return
-    block, grid = _row_grid(grad)
-    scale_rows_kernel[grid](grad, scale, n_rows, vocab, SCALE_PER_ROW=scale.numel() != 1, BLOCK=block, num_warps=8)
+    block, rows_per_program, grid = _row_grid(grad)
+    scale_rows_kernel[grid](grad, scale, n_rows, rows_per_program, vocab, SCALE_PER_ROW=scale.numel() != 1,
+                            BLOCK=block, num_warps=8)
 
 
 @functools.cache

@@ -587,35 +587,44 @@ def _write_grad(row_ptr, col_stride, inv_temperature, scale, top, log_sum, ws_pt
 
 
 @triton.jit
-def zero_rows_kernel(grad_ptr, written_ptr, n_rows, used, width, BLOCK: tl.constexpr):
+def zero_rows_kernel(grad_ptr, written_ptr, n_rows, rows_per_program, used, width, BLOCK: tl.constexpr,
+                     ROWS: tl.constexpr):
     """Zeroes what no kernel writes in a [rows, width] gradient: all of row r where
-    written[r] is 0, and the columns past `used` (padded lm_head columns) where it is 1. A
-    persistent grid, as in scale_rows_kernel: program (i, j) takes rows i, i +
-    num_programs(0), ... and, in a row to zero, its blocks j, j + num_programs(1), ..."""
+    written[r] is 0, and the columns past `used` (padded lm_head columns) where it is 1.
+    Persistent (launch._row_grid): program (i, j) takes rows [i * rows_per_program, ...) and,
+    in a row to zero, its blocks j, j + num_programs(1), ... It reads the flags of ROWS rows
+    at a time and skips them in one step when all are written and no column is padding (the
+    usual case: a few hundred programs, a few loads each)."""
     zeros = tl.zeros([BLOCK], grad_ptr.dtype.element_ty)
-    for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
-        base = grad_ptr + tl.cast(row, tl.int64) * width
-        if tl.load(written_ptr + row) == 0:
-            for block_start in range(tl.program_id(1) * BLOCK, width, tl.num_programs(1) * BLOCK):
-                idx = block_start + tl.arange(0, BLOCK)
-                tl.store(base + idx, zeros, mask=idx < width)
-        elif tl.program_id(1) == 0:
-            for block_start in range(used, width, BLOCK):  # a few hundred columns at most
-                idx = block_start + tl.arange(0, BLOCK)
-                tl.store(base + idx, zeros, mask=idx < width)
+    first = tl.program_id(0) * rows_per_program
+    last = tl.minimum(first + rows_per_program, n_rows)
+    for start in range(first, last, ROWS):
+        rows = start + tl.arange(0, ROWS)
+        flags = tl.load(written_ptr + rows, mask=rows < last, other=1).to(tl.int32)
+        if (tl.min(flags) == 0) | (used < width):
+            for row in range(start, tl.minimum(start + ROWS, last)):
+                base = grad_ptr + tl.cast(row, tl.int64) * width
+                if tl.load(written_ptr + row) == 0:
+                    for block_start in range(tl.program_id(1) * BLOCK, width, tl.num_programs(1) * BLOCK):
+                        idx = block_start + tl.arange(0, BLOCK)
+                        tl.store(base + idx, zeros, mask=idx < width)
+                elif tl.program_id(1) == 0:
+                    for block_start in range(used, width, BLOCK):  # a few hundred columns at most
+                        idx = block_start + tl.arange(0, BLOCK)
+                        tl.store(base + idx, zeros, mask=idx < width)
 
 
 @triton.jit
-def scale_rows_kernel(grad_ptr, scale_ptr, n_rows, vocab, SCALE_PER_ROW: tl.constexpr,
+def scale_rows_kernel(grad_ptr, scale_ptr, n_rows, rows_per_program, vocab, SCALE_PER_ROW: tl.constexpr,
                       BLOCK: tl.constexpr):
-    """grad[row, :] *= scale (one scalar or one per row), over a persistent grid: program
-    (i, j) takes rows i, i + num_programs(0), ... and, in each, the blocks j, j +
+    """grad[row, :] *= scale (one scalar or one per row). Persistent (launch._row_grid):
+    program (i, j) takes rows [i * rows_per_program, ...) and, in each, the blocks j, j +
     num_programs(1), ... Rows whose scale is exactly 1 are left alone, so the usual
-    loss.backward() (a scalar 1) costs each of a few hundred programs one load, not one
-    program per block of the gradient."""
+    loss.backward() (a scalar 1) costs each of a few hundred programs one load."""
     scale = tl.load(scale_ptr).to(tl.float32)
     if SCALE_PER_ROW or scale != 1.0:
-        for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+        first = tl.program_id(0) * rows_per_program
+        for row in range(first, tl.minimum(first + rows_per_program, n_rows)):
             if SCALE_PER_ROW:
                 scale = tl.load(scale_ptr + row).to(tl.float32)
             if scale != 1.0:
