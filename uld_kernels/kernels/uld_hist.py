@@ -83,17 +83,24 @@ _DEAD = tl.constexpr(3)  # elements of probability 0 (their bins come first)
 
 
 @triton.jit
-def _logit_of_bin(bins):
+def _logit_of_bin(bins, TINY_AT_ZERO: tl.constexpr):
     """The logit a bin stands for (float32): its own value; -256 for the low bin (its end
-    nearest 0), 0 for the tiny bin. Built as float32 bits: bins below or above the tiny one,
-    at distance d, hold magnitude bits SLOT_M_LO + d (bin 0: 17280, -256), with the sign of
-    the side (five integer instructions; the passes over bins call this for every bin).
-    The tiny bin must stand at 0 exactly, not at an end: a row whose largest logit is in it
-    takes 0 as its top, and only then do its k match the other side's exactly where the two
-    rows tie (a shifted or rescaled teacher; tests/test_hist_edges.py)."""
+    nearest 0); the tiny bin 0 (TINY_AT_ZERO) or its upper end 2**-23 - 2**-31. Built as
+    float32 bits: bins below or above the tiny one, at distance d, hold magnitude bits
+    SLOT_M_LO + d (bin 0: 17280, -256), with the sign of the side (three integer instructions,
+    two more for TINY_AT_ZERO; the passes over bins call this for every bin).
+    hist_kernel's top and exp-sums need the tiny bin at 0 exactly: a row whose largest logit
+    is in it takes 0 as its top, and only then do its statistics match the other side's
+    exactly where the two rows tie (a shifted or rescaled teacher; tests/test_hist_edges.py).
+    Comparisons of k in an unflagged row (sign_kernel) may take the upper end: there the tiny
+    bin, where occupied and live, has one k at both ends (hist_kernel flags it otherwise), so
+    0's k too; where empty, its k moves a bound at most from the bin after it to it, and the
+    count below the two is the same."""
     d = bins - _TINY
     bits = (tl.abs(d) + SLOT_M_LO) * 65536 | (d & -2147483648)
-    return tl.where(d == 0, 0, bits).to(tl.float32, bitcast=True)
+    if TINY_AT_ZERO:
+        bits = tl.where(d == 0, 0, bits)
+    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -275,7 +282,7 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
     # nonzero p (bins are in the order of p), `_first_live` after the pass: the passes that
     # read these counts subtract the count below it (`_live_below`) and skip the bins before it.
     top_bin = _top_bin(raw_at, top_magnitude, tiny_more, tail_stop, USE_PTX, TAIL_BLOCK)
-    top = tl.where(top_bin > 0, _logit_of_bin(top_bin), 0.0)  # (no occupied bin: flagged below)
+    top = tl.where(top_bin > 0, _logit_of_bin(top_bin, True), 0.0)  # (no occupied bin: flagged below)
     # A step's bins as [RUN, TAIL_BLOCK // RUN]: each thread holds a run of RUN consecutive
     # bins (the default layout), so the scan is serial within a run and one warp scan across
     # runs. Steps cover [0, CAP): bins past WIDTH are empty, and their counts below (all the
@@ -294,7 +301,7 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
         counts = _slot_counts(raw_at, bins, tiny_more, USE_PTX)  # (0 past WIDTH: an empty slot)
         # (the low bin is left out: where its p matters the row is flagged, below)
         summed = tl.where(bins >= _LOW_BINS, counts, 0).to(tl.float64)
-        z = _logit_of_bin(bins)
+        z = _logit_of_bin(bins, True)
         # (bins above the top are empty: their exponents are clamped, not overflowed)
         totals += summed * _exp2(tl.minimum((z - top) * scale, 0.0)).to(tl.float64)
         if HAS_CE:
@@ -381,7 +388,7 @@ def _first_live(top, log_sum, scale):
     hi = tl.zeros([], tl.int32) + WIDTH  # live (or past them)
     while hi - lo > 1:
         mid = (lo + hi) >> 1
-        live = _exp2(tl.minimum(_k_of_bins(mid, top, log_sum, scale), 0.0)) > 0.0
+        live = _exp2(tl.minimum(_k_of_bins(mid, top, log_sum, scale, True), 0.0)) > 0.0
         hi = tl.where(live, mid, hi)
         lo = tl.where(live, lo, mid)
     return hi
@@ -399,10 +406,12 @@ def _live_below(count_ptr, bins, dead, mask, USE_PTX: tl.constexpr):
 
 
 @triton.jit
-def _k_of_bins(bins, top, log_sum, scale):
+def _k_of_bins(bins, top, log_sum, scale, TINY_AT_ZERO: tl.constexpr = False):
     """k = log2 p of the logits bins stand for, non-decreasing over [0, WIDTH) (a function of
-    the bin and the row's statistics: every pass that compares bins computes it here)."""
-    return _log2_prob(_logit_of_bin(bins), scale, top, log_sum)
+    the bin and the row's statistics: every pass that compares bins computes it here). Without
+    TINY_AT_ZERO, the tiny bin at its upper end: exact in comparisons within an unflagged row
+    (`_logit_of_bin`), two instructions fewer per evaluation (sign_kernel makes six a bin)."""
+    return _log2_prob(_logit_of_bin(bins, TINY_AT_ZERO), scale, top, log_sum)
 
 
 @triton.jit
