@@ -18,9 +18,9 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
-import statistics
 import functools
 import os
+import statistics
 import subprocess
 import sys
 from dataclasses import dataclass

@@ -531,14 +531,20 @@ def _row_grid(grad: torch.Tensor) -> tuple[int, int, tuple[int, int]]:
     return block, rows_per_program, (triton.cdiv(n_rows, rows_per_program), splits)
 
 
+def _contiguous_rows(grad: torch.Tensor) -> tuple[int, int]:
+    """(rows, columns) of a gradient the row kernels index as ``row * columns + column``."""
+    n_rows, width = grad.shape
+    if grad.stride() != (width, 1):
+        raise ValueError(f"grad must be a contiguous [rows, columns] tensor, got strides {grad.stride()}")
+    return n_rows, width
+
+
 def zero_unwritten_(grad: torch.Tensor, written: torch.Tensor, used: int) -> None:
     """In place, on a contiguous ``[rows, width]`` gradient about to be written by the kernels:
     zeroes the rows they will not write (``written[r] == 0``) and, in the others, the columns
     past ``used``. Cheaper than zeroing the whole buffer first, which the written rows
     would overwrite."""
-    n_rows, width = grad.shape
-    if grad.stride() != (width, 1):
-        raise ValueError(f"grad must be a contiguous [rows, width] tensor, got strides {grad.stride()}")
+    n_rows, width = _contiguous_rows(grad)
     if n_rows == 0 or width == 0:
         return
     block, rows_per_program, grid = _row_grid(grad)
@@ -551,9 +557,7 @@ def scale_rows_(grad: torch.Tensor, scale: torch.Tensor) -> None:
     ``[rows, vocab]`` gradient. Rows whose scale is exactly 1 are not touched, so the common
     ``loss.backward()`` moves no bytes (and its launch is a persistent grid of a few hundred
     programs)."""
-    n_rows, vocab = grad.shape
-    if grad.stride() != (vocab, 1):
-        raise ValueError(f"grad must be a contiguous [rows, vocab] tensor, got strides {grad.stride()}")
+    n_rows, vocab = _contiguous_rows(grad)
     if scale.numel() not in (1, n_rows) or not scale.is_contiguous():
         raise ValueError(f"scale must be a contiguous tensor of 1 or {n_rows} (rows) elements, got shape "
                          f"{tuple(scale.shape)}")

@@ -503,8 +503,7 @@ def _bin_signs(bins, active, own_ge, own_gt, own_count, other_count, own_dead, o
         # (elsewhere the bin's own run is the bin: the counts below it and the next one, read)
         own_ge = tl.where(slow, own_total - _live_below(own_count, own_first, own_dead, slow, USE_PTX), own_ge)
         own_gt = tl.where(slow, own_total - _live_below(own_count, own_after, own_dead, slow, USE_PTX), own_gt)
-    other_ge = other_total - _live_below(other_count, lower, other_dead, active, USE_PTX)
-    other_gt = other_total - _live_below(other_count, upper, other_dead, active, USE_PTX)
+    other_ge, other_gt = _live_from(other_count, lower, upper, other_total, other_dead, active, USE_PTX)
     # (the tie rule is symmetric: a teacher's sign is minus the student rule's with the sides
     # swapped, so one rule serves both, from the side's own point of view)
     sign, _unused = _tie_signs(own_gt - other_gt, own_ge - own_gt, other_ge - other_gt)
@@ -529,11 +528,11 @@ def _listed(list_at, slots, listed):
 
 
 @triton.jit
-def _own_counts(own_count, bins, own_total, own_dead, mask, USE_PTX: tl.constexpr):
-    """A side's live elements from `bins` on and past them (where mask; else own_total twice)."""
-    own_ge = own_total - _live_below(own_count, bins, own_dead, mask, USE_PTX)
-    own_gt = own_total - _live_below(own_count, bins + 1, own_dead, mask, USE_PTX)
-    return own_ge, own_gt
+def _live_from(count_ptr, first, after, total, dead, mask, USE_PTX: tl.constexpr):
+    """A side's live elements from bin `first` on and from bin `after` on (where mask; else
+    `total` twice): at or above a value and above it, given the bounds of its run of bins."""
+    return (total - _live_below(count_ptr, first, dead, mask, USE_PTX),
+            total - _live_below(count_ptr, after, dead, mask, USE_PTX))
 
 
 @triton.jit
@@ -580,11 +579,11 @@ def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, list_ptr, sign_ptr, partial_p
         lanes = tl.arange(0, BLOCK)
         bins = _listed(list_at, lanes, listed)
         ahead = _listed(list_at, BLOCK + lanes, listed)
-        own_ge, own_gt = _own_counts(own_count, bins, own_total, own_dead, lanes < listed, USE_PTX)
+        own_ge, own_gt = _live_from(own_count, bins, bins + 1, own_total, own_dead, lanes < listed, USE_PTX)
         for start in tl.range(0, listed, BLOCK):
             later = _listed(list_at, start + 2 * BLOCK + lanes, listed)
-            next_ge, next_gt = _own_counts(own_count, ahead, own_total, own_dead, start + BLOCK + lanes < listed,
-                                           USE_PTX)
+            next_ge, next_gt = _live_from(own_count, ahead, ahead + 1, own_total, own_dead,
+                                          start + BLOCK + lanes < listed, USE_PTX)
             active = own_ge > own_gt  # (occupied bins of probability 0 come first in the list: skipped)
             masses += _bin_signs(bins, active, own_ge, own_gt, own_count, other_count, own_dead, other_dead, own_top,
                                  own_log_sum, own_scale, other_top, other_log_sum, other_scale, own_total,
