@@ -59,15 +59,27 @@ def _identical(gen, rows, vs, vt, device):
 
 def _wide(gen, rows, vs, vt, device):
     """Logits of standard deviation 100: each row holds some past +-256, beyond the histogram
-    engine's bins, so every row is flagged and goes to the trie fallback."""
+    engine's bins, so every row is counted a second time, shifted (uld_hist.py, "Rows past
+    256")."""
     return _randn(gen, rows, vs, device) * 100.0, _randn(gen, rows, vt, device) * 100.0
+
+
+def _flagged(gen, rows, vs, vt, device):
+    """`wide` rows with 1% of their columns masked by -inf: past 256, with no shift known (the
+    row's largest magnitude is -inf's), so every row is flagged and goes to the trie fallback,
+    whose worst case this is."""
+    def one(vocab):
+        row = _randn(gen, rows, vocab, device) * 100.0
+        return row.masked_fill_(torch.rand(rows, vocab, generator=gen, device=device) < 0.01, -torch.inf)
+    return one(vs), one(vt)
 
 
 def _masked(gen, rows, vs, vt, device):
     """Peaked rows with a quarter of each row's columns masked by a finite -1e4 (what a
     vocabulary mask in the logits looks like). At temperature 1 the masks have probability 0;
-    above ~2.9 the lowest bin (-256 and below) has probability, and the histogram engine flags
-    every such row (`bench_uld.py --temperature 3`: every row through the fallback, dense)."""
+    above ~2.9 the lowest bin (-256 and below) has probability, and the histogram engine counts
+    every such row a second time, shifted so that -1e4 has a bin of its own
+    (`bench_uld.py --temperature 3`; uld_hist.py, "Rows past 256")."""
     def one(vocab):
         row = _peaked_row(gen, rows, vocab, device)
         return row.masked_fill_(torch.rand(rows, vocab, generator=gen, device=device) < 0.25, -1e4)
@@ -79,8 +91,10 @@ KINDS = {
     "peaked": Kind(_peaked, False, "Gumbel(0, 2) logits plus five large ones per row"),
     "near": Kind(_near, True, "teacher = student (peaked) + N(0, 0.1^2), same vocabulary"),
     "identical": Kind(_identical, True, "teacher identical to student"),
-    "masked": Kind(_masked, False, "peaked, a quarter of the columns at -1e4 (flagged at temperatures above ~2.9)"),
-    "wide": Kind(_wide, False, "logits N(0, 100^2): every row past the histogram's bins (the fallback's worst case)"),
+    "masked": Kind(_masked, False, "peaked, a quarter of the columns at -1e4 (counted again, shifted, at "
+                                   "temperatures above ~2.9)"),
+    "wide": Kind(_wide, False, "logits N(0, 100^2): every row past the histogram's bins, counted again, shifted"),
+    "flagged": Kind(_flagged, False, "wide, 1% of the columns -inf: every row flagged (the fallback's worst case)"),
 }
 
 

@@ -156,23 +156,69 @@ def test_nan_and_inf_rows_are_flagged_and_nan_like_the_trie(device):
             f"engine in {torch.isnan(trie).flatten(1).sum(-1).tolist()}")
 
 
+def _past_256_rows(case, seed):
+    """One student / teacher pair of bf16 rows with finite logits of magnitude >= 256 (200 and
+    240 columns), and the temperatures it is taken at."""
+    g = torch.Generator().manual_seed(seed)
+    s, t = torch.randn(1, 200, generator=g), torch.randn(1, 240, generator=g)
+    if case == "wide":  # magnitudes 2**-20 to 2**9 of either sign (shift 1), a near-uniform teacher
+        s = s.sign() * 2.0 ** (torch.rand(1, 200, generator=g) * 29 - 20)
+        t = 0.01 * t
+        temperatures = (1.0, 1.0)
+    elif case == "both_sides":  # shifts 2 and 5, at temperatures that keep a few hundred live
+        s, t = s * 200, t * 3000
+        temperatures = (60.0, 900.0)
+    elif case == "low_bin_live":  # -1e4 masks at a temperature where p(-256) > 0 (shift 6)
+        s, t = s * 3, t * 2.5
+        s[:, ::4] = -1e4
+        t[:, 1::5] = -1e4
+        temperatures = (3.0, 3.0)
+    elif case == "teacher_only":  # a teacher peaked at ~400 (shift 1), an ordinary student
+        s, t = s * 3, t * 30
+        t[:, :3] += 400.0
+        temperatures = (1.5, 40.0)
+    else:
+        raise ValueError(case)
+    return s.to(torch.bfloat16), t.to(torch.bfloat16), temperatures
+
+
+PAST_256 = ["wide", "both_sides", "low_bin_live", "teacher_only"]
+
+
+@pytest.mark.parametrize("case", PAST_256)
+def test_rows_past_256_are_counted_again_shifted_and_exact(case, device):
+    """A row whose finite logits reach magnitudes >= 256 (or, at a high temperature, whose
+    logits <= -256 have a probability) is counted a second time with its magnitude bits
+    shifted by whole binades (hist_kernel, "Rows past 256"): the engine keeps it (unflagged,
+    nothing reaches the trie) and its loss and both gradients match float64."""
+    student, teacher, (ts, tt) = _past_256_rows(case, seed=PAST_256.index(case) + 40)
+    student, teacher = student.to(device), teacher.to(device)
+    assert max(student.float().abs().max(), teacher.float().abs().max()) >= 256, "test input: nothing past 256"
+    _assert_no_cross_near_ties(student, teacher, ts, tt)
+    out = launch.hist_rows(student, teacher, ts, tt, True, True, 1.0, fallback=False)
+    _assert_unflagged(out[1], case)
+    _assert_matches_reference(out, student, teacher, ts, tt, what=f"{case}: ")
+
+
 def test_rows_past_the_bins_are_flagged_or_exact(device):
-    """bf16 rows of huge range: the "wide" row holds logits >= 256, past the engine's fixed bins,
-    and must be flagged; the "huge" one (tiny negative logits over 127 binades) is the engine's
-    own. Without the fallback each row is flagged or already exact, and at least one is
-    flagged, so the fallback runs on finite bf16 rows here; with it, both are exact, and an
-    unflagged row of the batch keeps the engine's results bit for bit."""
+    """Rows the second count cannot keep: logits >= 256 in a row masked with -inf (its largest
+    magnitude is -inf's, so no shift is known), a +inf (NaN in the trie as here). Without the
+    fallback they are flagged, next to a "huge" row (tiny negative logits over 127 binades) and
+    a "wide" one (logits >= 256, shifted) that are not; with it, all are exact, and the
+    unflagged rows keep the engine's results bit for bit."""
     huge = _rows("huge", 1, 300, 300, torch.bfloat16, device, seed=5)
     wide = _rows("wide", 1, 300, 300, torch.bfloat16, device, seed=6)
-    student, teacher = torch.cat([huge[0], wide[0]]), torch.cat([huge[1], wide[1]])
+    masked = _rows("wide", 1, 300, 300, torch.bfloat16, device, seed=7)
+    masked[0][0, ::7] = -math.inf
+    student, teacher = torch.cat([huge[0], wide[0], masked[0]]), torch.cat([huge[1], wide[1], masked[1]])
     _assert_no_cross_near_ties(student, teacher, 1.0, 1.0)
     alone = launch.hist_rows(student, teacher, 1.0, 1.0, True, True, 1.0, fallback=False)
     flagged = _flagged(alone[1])
-    assert flagged.any(), "neither row of huge range was flagged: the fallback never ran on a bf16 row"
+    assert flagged.tolist() == [False, False, True], f"flags {alone[1].tolist()}"
     kept = (~flagged).to(student.device)
     rows, _status, grad_s, grad_t = alone
     _assert_matches_reference((rows[kept], None, grad_s[kept], grad_t[kept]), student[kept], teacher[kept],
-                              1.0, 1.0, what="an unflagged row, fallback=False: ")
+                              1.0, 1.0, what="unflagged rows, fallback=False: ")
     out = launch.hist_rows(student, teacher, 1.0, 1.0, True, True, 1.0)
     _assert_matches_reference(out, student, teacher, 1.0, 1.0)
     for name, ours, theirs in (("loss", out[0], rows), ("student gradient", out[2], grad_s),
@@ -182,7 +228,7 @@ def test_rows_past_the_bins_are_flagged_or_exact(device):
 
 def test_the_fallback_walks_more_pairs_than_programs(device):
     """The fallback kernel's persistent grid (`launch.SPLIT_INTERPRETED`: 5 programs under the
-    interpreter) over 11 pairs, flagged ones at 1, 6, 9 and 10 (logits of 300, past the bins;
+    interpreter) over 11 pairs, flagged ones at 1, 6, 9 and 10 (logits of 300 in rows masked with -inf;
     pairs 6 and 1, 9 share a program): every flagged pair gets the trie engine's loss, status
     and both gradients, and the unflagged ones keep the engine's own results bit for bit."""
     g = torch.Generator().manual_seed(31)
@@ -190,6 +236,7 @@ def test_the_fallback_walks_more_pairs_than_programs(device):
     teacher = (torch.randn(11, 120, generator=g) * 2).to(torch.bfloat16)
     for row, col in ((1, 3), (6, 100), (9, 0), (10, 149)):
         student[row, col] = 300.0
+        student[row, (col + 1) % 150] = -math.inf  # (and no shift known: flagged, "Rows past 256")
     teacher[9, 7] = -300.0  # and one past the bins on the teacher's side
     student, teacher = student.to(device), teacher.to(device)
     alone = launch.hist_rows(student, teacher, 1.3, 0.8, True, True, 1.0, fallback=False)
@@ -375,14 +422,19 @@ def test_gathered_pairs_with_cross_entropy_match_the_trie(device):
     assert_grads_close(ours[3], trie[3], student, torch.bfloat16)
 
 
-def test_flagged_gathered_pairs_with_cross_entropy_go_through_the_fallback(device):
-    """The training loss's path with a flagged pair (student row 0 holds a logit of 300, past
-    the bins) among ordinary and padding pairs: through the fallback, the same losses,
-    cross-entropies and gradient as the trie engine on all the pairs."""
+@pytest.mark.parametrize("masked", [True, False])
+def test_flagged_gathered_pairs_with_cross_entropy_go_through_the_fallback(masked, device):
+    """The training loss's path with a pair past the bins (student row 0 holds a logit of 300,
+    its cross-entropy's label): masked with -inf, flagged, through the fallback; unmasked,
+    counted again shifted ("Rows past 256"), its statistics at temperature 1 too; among
+    ordinary and padding pairs, the same losses, cross-entropies and gradient as the trie
+    engine on all the pairs."""
     g = torch.Generator().manual_seed(22)
     student = (torch.randn(4, 230, generator=g) * 2).to(torch.bfloat16).to(device)
     teacher = (torch.randn(3, 170, generator=g) * 2).to(torch.bfloat16).to(device)
     student[0, 11] = 300.0
+    if masked:
+        student[0, 40:60] = -math.inf
     student_index = torch.tensor([2, 0, -1, 3], device=device)
     teacher_index = torch.tensor([0, 1, 2, 2], device=device)
     kw = dict(student_index=student_index, teacher_index=teacher_index,
@@ -390,7 +442,8 @@ def test_flagged_gathered_pairs_with_cross_entropy_go_through_the_fallback(devic
               ce_label=torch.tensor([5, 11, -1, 229], device=device),
               ce_weight=torch.tensor([1.0, 0.5, 1.0, 2.0], device=device))
     flags = launch.hist_pairs(student, teacher, 1.5, 0.7, True, False, 1.0, fallback=False, **kw)[1]
-    assert flags.tolist()[1] != 0 and flags.tolist()[0] == flags.tolist()[3] == 0, f"flags {flags.tolist()}"
+    assert (flags.tolist()[1] != 0) == masked and flags.tolist()[0] == flags.tolist()[3] == 0, (
+        f"flags {flags.tolist()}")
     ours = launch.hist_pairs(student, teacher, 1.5, 0.7, True, False, 1.0, **kw)
     trie = launch.uld_pairs(student, teacher, 1.5, 0.7, True, False, 1.0, **kw)
     assert_losses_close(ours[0], trie[0], torch.bfloat16, what="loss")

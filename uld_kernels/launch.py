@@ -99,10 +99,13 @@ HIST_BLOCK = int(os.environ.get("ULD_HIST_BLOCK", 4096))
 HIST_SIGN_BLOCK = int(os.environ.get("ULD_HIST_SIGN_BLOCK", 64))
 HIST_SIGN_WARPS = int(os.environ.get("ULD_HIST_SIGN_WARPS", 1))
 HIST_TAIL_BLOCK = 512  # bins per step of hist_kernel's pass over them: runs of 4 on each of 128 threads
-# hist_kernel's register cap (0: none). Uncapped, ptxas takes 84 (88 allocated: 5 programs an
-# SM); 80 gives 74 without spills and 6 programs, but measured no faster (6.94 against 6.88 ms,
-# tenth session, run 3: the loop is bound by shared-memory atomics, not by warps)
-HIST_MAXNREG = int(os.environ.get("ULD_HIST_MAXNREG", 0))
+# hist_kernel's register cap (0: none). Before rows past 256 were counted again (twelfth
+# session), ptxas took 84 uncapped (88 allocated: 5 programs an SM); 80 gave 74 without spills
+# and 6 programs, but measured no faster (6.94 against 6.88 ms, tenth session, run 3: the loop
+# is bound by shared-memory atomics, not by warps). With the second count, uncapped, the
+# cross-entropy's configuration takes 119 (4 programs an SM): 96 keeps 5, spilling one word
+# outside the loops (`python tests/aot_sm90.py --resources hist`).
+HIST_MAXNREG = int(os.environ.get("ULD_HIST_MAXNREG", 96))
 # Loops of hist_kernel and grad_kernel load the next block before working on this one (two
 # blocks in flight per thread): 8.13 ms against 8.42 at 2,048 (ninth session, run 2).
 HIST_PREFETCH = os.environ.get("ULD_HIST_PREFETCH", "1") != "0"

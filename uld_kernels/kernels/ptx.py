@@ -47,14 +47,15 @@ SMEM_SPARE = tl.constexpr(8192)  # one more word past them, never read: `smem_ad
 MASS_SCALE = tl.constexpr(4503599627370496.0)  # 2**52: masses are int64 sums of p * 2**52
 
 
-def _zero_asm(size: int, threads: int) -> str:
+def _zero_asm(size: int, threads: int, declare: bool) -> str:
     stride = 16 * threads
     stores = " ".join(f"st.shared.v4.u32 [a+{stride * i}], {{0, 0, 0, 0}};" for i in range(size // stride))
-    return (f".shared .align 16 .b8 uld_smem[{size + 16}];\n"
-            f"{{ .reg .u32 a; mov.u32 a, uld_smem; mad.lo.u32 a, $1, 16, a; {stores} mov.u32 $0, 0; }}")
+    declaration = f".shared .align 16 .b8 uld_smem[{size + 16}];\n" if declare else ""
+    return f"{declaration}{{ .reg .u32 a; mov.u32 a, uld_smem; mad.lo.u32 a, $1, 16, a; {stores} mov.u32 $0, 0; }}"
 
 
-_ZERO_ASM = tl.constexpr(_zero_asm(SMEM_BYTES.value, SMEM_THREADS.value))
+_ZERO_ASM = tl.constexpr(_zero_asm(SMEM_BYTES.value, SMEM_THREADS.value, True))
+_CLEAR_ASM = tl.constexpr(_zero_asm(SMEM_BYTES.value, SMEM_THREADS.value, False))
 # Unconditional: lanes with nothing to count add to the spare word instead of branching around
 # the add (a predicated shared add costs a branch and a convergence barrier per element).
 _ADD_ONE_ASM = tl.constexpr(
@@ -122,24 +123,29 @@ _STORE_RUN_ASM = tl.constexpr("{ st.global.v4.u32 [$4], {$8, $9, $10, $11}; mov.
 _GATHER_COHERENT_ASM = tl.constexpr(_GATHER_ASM.value.replace("ld.global.nc.f32", "ld.global.f32"))
 # bf16 logits, two to a 32-bit register (inline assembly with pack=2 on int16 bit patterns):
 # their histogram slots in SIMD halves (uld_hist.py, "Slots"): the magnitude bits m clamped to
-# [SLOT_M_LO, SLOT_M_HI] by two VIMNMX.U16x2, the sign bit moved to the NEG_SLOTS bit, minus
-# SLOT_M_LO (each half stays in [0, 8192): no carry crosses halves). 0x33FF33FF, 0x43804380 and
-# 0x10001000 are those constants in both halves. $w: the pair of patterns; leaves the slots'
-# pair in `c`.
+# [lo, hi] by two VIMNMX.U16x2, the sign bit moved to the NEG_SLOTS bit, minus lo (each half
+# stays in [0, 8192): no carry crosses halves). lo and hi are SLOT_M_LO and SLOT_M_HI plus the
+# row's shift (uld_hist.py, "Rows past 256": 0 for most rows), in both halves of a 32-bit
+# scalar: $lo and $hi (an int32 operand takes a register per element with pack=2, both the same
+# loop-invariant one: nothing is packed per step); 0x10001000 is the sign bit's move in both
+# halves. $w: the pair of patterns; leaves the slots' pair in `c`.
 SLOT_M_LO = tl.constexpr(13311)  # magnitudes below 13312 (|z| < 2**-23): the tiny slots
 SLOT_M_HI = tl.constexpr(17280)  # magnitudes from 17280 (|z| >= 256, inf, NaN): the out slots
 NEG_SLOTS = tl.constexpr(4096)  # negative logits' slots start here
-_SLOTS_X2 = ("and.b32 m, $w, 0x7FFF7FFF; mov.b32 k, 0x33FF33FF; max.u16x2 c, m, k; mov.b32 s, 0x43804380; "
-             "min.u16x2 c, c, s; shr.b32 s, $w, 3; and.b32 s, s, 0x10001000; add.u32 c, c, s; sub.u32 c, c, k; ")
+_SLOTS_X2 = ("and.b32 m, $w, 0x7FFF7FFF; max.u16x2 c, m, $lo; min.u16x2 c, c, $hi; shr.b32 s, $w, 3; "
+             "and.b32 s, s, 0x10001000; add.u32 c, c, s; sub.u32 c, c, $lo; ")
 # Counts both slots in the shared histogram (like `smem_add_one`, every lane) and keeps a
-# running maximum of the magnitudes: $0 the new maximum pair, $1 the patterns, $2 the old one.
+# running maximum of the magnitudes: $0 the new maximum pair, $1 the patterns, $2 the old one,
+# $3 (and $4) lo, $5 (and $6) hi.
 _COUNT_BF16X2_ASM = tl.constexpr(
-    "{ .reg .b32 m, k, c, s, a, base; " + _SLOTS_X2.replace("$w", "$1") + "max.u16x2 $0, $2, m; "
+    "{ .reg .b32 m, c, s, a, base; " + _SLOTS_X2.replace("$w", "$1").replace("$lo", "$3").replace("$hi", "$5")
+    + "max.u16x2 $0, $2, m; "
     "mov.u32 base, uld_smem; and.b32 s, c, 0xFFFF; mad.lo.u32 a, s, 4, base; red.shared.add.u32 [a], 1; "
     "shr.b32 s, c, 16; mad.lo.u32 a, s, 4, base; red.shared.add.u32 [a], 1; }")
-# The two slots as 32-bit integers: $0, $1 out, $2 the patterns.
+# The two slots as 32-bit integers: $0, $1 out, $2 the patterns, $3 (and $4) lo, $5 (and $6) hi.
 _SLOTS_BF16X2_ASM = tl.constexpr(
-    "{ .reg .b32 m, k, c, s; " + _SLOTS_X2.replace("$w", "$2") + "and.b32 $0, c, 0xFFFF; shr.b32 $1, c, 16; }")
+    "{ .reg .b32 m, c, s; " + _SLOTS_X2.replace("$w", "$2").replace("$lo", "$3").replace("$hi", "$5")
+    + "and.b32 $0, c, 0xFFFF; shr.b32 $1, c, 16; }")
 _LOAD_ASM = tl.constexpr(
     "{ .reg .u32 a; mov.u32 a, uld_smem; mad.lo.u32 a, $1, 4, a; ld.shared.u32 $0, [a]; }")
 
@@ -152,6 +158,13 @@ def smem_zero():
 
 
 @triton.jit
+def smem_clear():
+    """Zeroes the shared array again (declared by `smem_zero`, which a kernel calls once)."""
+    thread = tl.arange(0, SMEM_THREADS)
+    tl.inline_asm_elementwise(_CLEAR_ASM, "=r,r", [thread], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def smem_add_one(word, counted):
     """counts[word] += 1 for every lane that is counted (word in [0, 8192))."""
     tl.inline_asm_elementwise(_ADD_ONE_ASM, "=r,r", [tl.where(counted, word, SMEM_SPARE)], dtype=tl.int32,
@@ -159,18 +172,32 @@ def smem_add_one(word, counted):
 
 
 @triton.jit
-def smem_count_bf16(bits, top_magnitude):
-    """Counts bf16 logits (their int16 bit patterns) in the shared histogram at their slots,
-    two per instruction sequence, and returns the running maximum of their magnitude bits
+def smem_count_bf16(bits, top_magnitude, shift):
+    """Counts bf16 logits (their int16 bit patterns) in the shared histogram at their slots
+    (magnitude bits less `shift`, a scalar multiple of 128: 0 for most rows), two per
+    instruction sequence, and returns the running maximum of their magnitude bits
     (`top_magnitude`, int16, the same shape: start from zeros)."""
-    return tl.inline_asm_elementwise(_COUNT_BF16X2_ASM, "=r,r,r", [bits, top_magnitude], dtype=tl.int16,
-                                     is_pure=False, pack=2)
+    lo, hi = _clamp_ends(bits, shift)
+    return tl.inline_asm_elementwise(_COUNT_BF16X2_ASM, "=r,r,r,r,r,r,r", [bits, top_magnitude, lo, hi],
+                                     dtype=tl.int16, is_pure=False, pack=2)
 
 
 @triton.jit
-def slots_bf16(bits):
-    """The histogram slots (int32) of bf16 logits given as int16 bit patterns."""
-    return tl.inline_asm_elementwise(_SLOTS_BF16X2_ASM, "=r,=r,r", [bits], dtype=tl.int32, is_pure=True, pack=2)
+def slots_bf16(bits, shift):
+    """The histogram slots (int32) of bf16 logits given as int16 bit patterns, their magnitude
+    bits less `shift` (as in `smem_count_bf16`)."""
+    lo, hi = _clamp_ends(bits, shift)
+    return tl.inline_asm_elementwise(_SLOTS_BF16X2_ASM, "=r,=r,r,r,r,r,r", [bits, lo, hi], dtype=tl.int32,
+                                     is_pure=True, pack=2)
+
+
+@triton.jit
+def _clamp_ends(bits, shift):
+    """The clamp's ends of the slot sequences, SLOT_M_LO and SLOT_M_HI plus `shift` in both
+    halves of an int32, broadcast to bits' shape."""
+    lo = tl.full(bits.shape, 0, tl.int32) + (SLOT_M_LO + shift) * 65537
+    hi = tl.full(bits.shape, 0, tl.int32) + (SLOT_M_HI + shift) * 65537
+    return lo, hi
 
 
 @triton.jit

@@ -33,15 +33,29 @@ about 2); logits <= -256 share one bin (exact when p(-256) is 0: at temperatures
 2.5; above, a row holding finite logits <= -256, such as a mask of -1e4, is flagged); -inf
 (masked) is not counted. Shared memory holds the counts in *slots* (below), which two SIMD
 clamps give for two logits at once; the bins are read through them. A row holding a logit
->= 256, +inf or NaN, or failing a check, is *flagged*: the launcher hands flagged rows to the
-trie engine (uld_split.py), so every result stays exact.
+>= 256 (unless counted again, below), +inf or NaN, or failing a check, is *flagged*: the
+launcher hands flagged rows to the trie engine (uld_split.py), so every result stays exact.
+
+Rows past 256. A row flagged after its count whose logits are all finite, and some of
+magnitude >= 256, is counted a second time by the same program with its magnitude bits less
+a *shift* of whole binades (s * 128, the smallest s that brings its largest magnitude below
+256): its bins then hold the logits times 2**-s, each a bf16 value of its own, and its k is
+computed from those values at scale times 2**s, which gives every float32 k bit for bit as
+the unshifted values would (scaling by a power of two commutes with rounding), so its counts,
+signs and loss are exact under the same checks; magnitudes below 2**(s - 23) share the tiny
+bin. Rows of logits like N(0, 100^2) take this path, and so do rows with finite masks (-1e4)
+at temperatures where p(-256) > 0. A row with -inf among such logits (its largest magnitude
+is -inf's: no shift is known) stays flagged. Each side stores its shift (_SHIFT) and its
+largest logit unshifted (_TOP): sign_kernel takes top and scale to the shifted values,
+grad_kernel shifts its slots the same, and finish_kernel needs neither.
 """
 
 import triton
 import triton.language as tl
 
 from uld_kernels.kernels.ptx import (NEG_SLOTS, SLOT_M_HI, SLOT_M_LO, SMEM_THREADS, gather_f32, gather_i32, scatter,
-                                     slots_bf16, smem_add_one, smem_count_bf16, smem_load, smem_zero, store_runs_u32)
+                                     slots_bf16, smem_add_one, smem_clear, smem_count_bf16, smem_load, smem_zero,
+                                     store_runs_u32)
 from uld_kernels.kernels.uld_rows import (LN2, LOG2E, _block_raw, _exp2, _first_block, _load_raw, _log2_prob,
                                           _pair_rows, _tie_signs)
 
@@ -71,7 +85,7 @@ _COUNT_MASK = tl.constexpr((1 << 21) - 1)
 MAX_VOCAB = tl.constexpr(1 << 21)  # a row shorter than this: its counts fit the scan's 21 bits
 _NEG_INF_BITS = tl.constexpr(-128)  # -inf's pattern, 0xFF80, as an int16
 # Per row and side: floats, then ints (PARAM_SLOTS each).
-PARAM_SLOTS = tl.constexpr(4)
+PARAM_SLOTS = tl.constexpr(5)
 _TOP = tl.constexpr(0)
 _LOG_SUM = tl.constexpr(1)
 _MASS = tl.constexpr(2)  # sum over the side of p * sign
@@ -80,6 +94,8 @@ _FLAG = tl.constexpr(0)  # nonzero: the trie engine computes this row
 _TOTAL = tl.constexpr(1)  # elements of nonzero probability
 _OCCUPIED = tl.constexpr(2)  # bins holding any element (listed in order at list_ptr)
 _DEAD = tl.constexpr(3)  # elements of probability 0 (their bins come first)
+_SHIFT = tl.constexpr(4)  # the row's shift (magnitude bits; "Rows past 256" above); _TOP is the unshifted top
+_SHIFT_STEP = tl.constexpr(128)  # a binade of bf16 magnitude bits: shifts are multiples of it
 
 
 @triton.jit
@@ -111,23 +127,30 @@ def _distance(magnitude):
 
 
 @triton.jit
-def _slots_of_bits(bits):
-    """Slots (above) and magnitude bits of bf16 patterns (sign-extended int32): ptx.slots_bf16
-    in Triton operations (the interpreter's)."""
+def _slots_of_bits(bits, shift):
+    """Slots (above) and magnitude bits of bf16 patterns (sign-extended int32), the magnitudes
+    less the row's `shift`: ptx.slots_bf16 in Triton operations (the interpreter's)."""
     magnitude = bits & 0x7FFF
-    return _distance(magnitude) + tl.where(bits < 0, NEG_SLOTS, 0), magnitude
+    return _distance(magnitude - shift) + tl.where(bits < 0, NEG_SLOTS, 0), magnitude
 
 
 @triton.jit
-def _slots(raw, SIMD16: tl.constexpr):
-    """The slots of bf16 logits already loaded: two at a time with SIMD16 (sm_90's u16x2
-    instructions, inline PTX), else one at a time."""
+def _slots(raw, shift, SIMD16: tl.constexpr):
+    """The slots of bf16 logits already loaded, in a row of `shift`: two at a time with SIMD16
+    (sm_90's u16x2 instructions, inline PTX), else one at a time."""
     bits = raw.to(tl.int16, bitcast=True)
     if SIMD16:
-        slots = slots_bf16(bits)
+        slots = slots_bf16(bits, shift)
     else:
-        slots, _magnitude = _slots_of_bits(bits.to(tl.int32))
+        slots, _magnitude = _slots_of_bits(bits.to(tl.int32), shift)
     return slots
+
+
+@triton.jit
+def _power_of_shift(shift, SIGN: tl.constexpr):
+    """2 ** (SIGN * shift / 128) in float32, exactly (built from its exponent bits): the factor
+    between a shifted row's bin values and its logits."""
+    return ((127 + SIGN * (shift >> 7)) << 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -249,119 +272,141 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
     list_at = list_ptr + at * CAP
     raw_at = raw_ptr + at * CAP
     stop = tl.where(row >= 0, vocab, 0)
-    # Lanes past the row load +0: the tiny slot counts them, and they are taken off it below.
-    ahead = _first_block(row_ptr, tl.arange(0, BLOCK), col_stride, stop, UNIT_STRIDE, PREFETCH, 0.0)
-    if SIMD16:
-        magnitudes = tl.zeros([BLOCK], tl.int16)
-    else:
-        magnitudes = tl.zeros([BLOCK], tl.int32)
-    for start in tl.range(0, stop, BLOCK, loop_unroll_factor=2):
-        idx = start + tl.arange(0, BLOCK)
-        raw, ahead = _block_raw(ahead, row_ptr, idx, col_stride, stop, BLOCK, UNIT_STRIDE, PREFETCH, 0.0)
-        bits = raw.to(tl.int16, bitcast=True)
-        if SIMD16:
-            magnitudes = smem_count_bf16(bits, magnitudes)
-        else:
-            slots, magnitude = _slots_of_bits(bits.to(tl.int32))
-            magnitudes = tl.maximum(magnitudes, magnitude)
-            if USE_PTX:
-                smem_add_one(slots, True)
-            else:
-                tl.atomic_add(raw_at + slots, 1)
-    tl.debug_barrier()  # the counts, visible to every thread
-    top_magnitude = tl.max(magnitudes.to(tl.int32), 0)
-    tiny_more = _slot_count(raw_at, _NEG_TINY_SLOT, USE_PTX) - (tl.cdiv(stop, BLOCK) * BLOCK - stop)
-    scale = inv_temperature * LOG2E
     tail_stop = tl.where(row >= 0, WIDTH, 0).to(tl.int32)  # (padding: nothing to read)
-    # The row's largest logit first: its highest occupied bin past the low one (`_top_bin`),
-    # so the pass over the bins needs no online rescaling. Then one pass: the sum of
-    # 2**((z - top) * scale), per lane (one reduction after the pass), and the count of elements
-    # below each bin (written at count_ptr) and the list of occupied bins, from one scan of both
-    # (the count in the low 21 bits: a block holds fewer than 2**21 elements, launch.py checks
-    # the vocabulary). The elements of zero probability are those below the first bin of
-    # nonzero p (bins are in the order of p), `_first_live` after the pass: the passes that
-    # read these counts subtract the count below it (`_live_below`) and skip the bins before it.
-    top_bin = _top_bin(raw_at, top_magnitude, tiny_more, tail_stop, USE_PTX, TAIL_BLOCK)
-    top = tl.where(top_bin > 0, _logit_of_bin(top_bin, True), 0.0)  # (no occupied bin: flagged below)
     # A step's bins as [RUN, TAIL_BLOCK // RUN]: each thread holds a run of RUN consecutive
     # bins (the default layout), so the scan is serial within a run and one warp scan across
     # runs. Steps cover [0, CAP): bins past WIDTH are empty, and their counts below (all the
     # elements, [WIDTH] among them) are written with the others, unmasked.
     runs: tl.constexpr = TAIL_BLOCK // _RUN
     offsets = tl.arange(0, runs)[None, :] * _RUN + tl.arange(0, _RUN)[:, None]
-    totals = tl.zeros([_RUN, runs], tl.float64)
-    ce_totals = tl.zeros([_RUN, runs], tl.float64)
-    below = tl.zeros([], tl.int32)
-    listed = tl.zeros([], tl.int32)
-    # (the counts' pointer moves with the loop: bins stay 32-bit, which LLVM would widen to
-    # 64 bits if their addresses were computed from them, doubling every comparison)
-    counts_block = counts_at
-    for start in tl.range(0, tail_stop, TAIL_BLOCK):
-        bins = start + offsets
-        counts = _slot_counts(raw_at, bins, tiny_more, USE_PTX)  # (0 past WIDTH: an empty slot)
-        # (the low bin is left out: where its p matters the row is flagged, below)
-        summed = tl.where(bins >= _LOW_BINS, counts, 0).to(tl.float64)
-        z = _logit_of_bin(bins, True)
-        # (bins above the top are empty: their exponents are clamped, not overflowed)
-        totals += summed * _exp2(tl.minimum((z - top) * scale, 0.0)).to(tl.float64)
-        if HAS_CE:
-            ce_totals += summed * _exp2(tl.minimum((z - top) * LOG2E, 0.0)).to(tl.float64)
-        both = counts + ((counts > 0).to(tl.int32) << _LISTED_SHIFT)
-        run_total = tl.sum(both, 0)
-        before = (tl.cumsum(both, 0) - both) + (tl.cumsum(run_total, 0) - run_total)[None, :]
-        _store_counts(counts_block, offsets, (before & _COUNT_MASK) + below, USE_PTX)
-        counts_block += TAIL_BLOCK
-        _store_listed(list_at, (before >> _LISTED_SHIFT) + listed, bins, counts > 0, USE_PTX)
-        block = tl.sum(run_total, 0)
-        below += block & _COUNT_MASK
-        listed += block >> _LISTED_SHIFT
-    total = tl.sum(tl.sum(totals, 1), 0)
-    ce_total = tl.sum(tl.sum(ce_totals, 1), 0)
-    # logits >= 256, +inf and NaN (either sign): past the bins
-    out = _slot_count(raw_at, _POS_OUT_SLOT, USE_PTX) + (top_magnitude > _INF_MAGNITUDE).to(tl.int32)
-    flag = (top_bin == 0).to(tl.int32) + (out > 0).to(tl.int32) * 2
-    log_sum = tl.log2(total.to(tl.float32))
-    if HAS_CE:
-        ce_log_sum = tl.log2(ce_total.to(tl.float32))
-    else:
-        ce_log_sum = log_sum
-    # The low slot holds the logits <= -256 and the -inf ones: they are told apart (one more
-    # read of the row) only where a row holds an infinity and the low bin's count matters,
-    # at p(-256) > 0 (or the cross-entropy's).
-    low_slot = _slot_count(raw_at, _LOW_SLOT, USE_PTX)
-    low_live = _exp2(_log2_prob(-256.0, scale, top, log_sum)) > 0.0
-    ce_low = _exp2(_log2_prob(-256.0, LOG2E, top, ce_log_sum)) > 0.0
-    low_matters = low_live
-    if HAS_CE:
-        low_matters |= ce_low
-    masked = tl.zeros([], tl.int32)
-    if (low_slot > 0) & (top_magnitude == _INF_MAGNITUDE) & low_matters & (flag == 0):
-        masked = _masked_count(row_ptr, col_stride, stop, UNIT_STRIDE, BLOCK)
-    low_raw = low_slot - masked
-    tiny_raw = _slot_count(raw_at, 0, USE_PTX) + tiny_more
-    # The elements of nonzero probability: from the first bin of nonzero p on (less the -inf
-    # counted in the low bin, when that bin is live)
-    first = _first_live(top, log_sum, scale)
-    tl.debug_barrier()  # the counts below each bin, visible to every thread
-    dead = tl.where(first > 0, tl.load(counts_at + first), masked)
-    # The low bin is exact when p(-256) is 0 (then it is counted nowhere); the tiny bin when
-    # both its ends have one k.
-    tiny_split = _log2_prob(-_TINY_END, scale, top, log_sum) != _log2_prob(_TINY_END, scale, top, log_sum)
-    # (the bin's k is that of 0; its positive logits may be live where 0 is not: the upper end)
-    tiny_live = _exp2(tl.minimum(_log2_prob(_TINY_END, scale, top, log_sum), 0.0)) > 0.0
-    flag += (((low_raw > 0) & low_live) | ((tiny_raw > 0) & tiny_live & tiny_split)).to(tl.int32) * 4
-    if HAS_CE:  # the same two checks at temperature 1
-        ce_split = (_log2_prob(-_TINY_END, LOG2E, top, ce_log_sum)
-                    != _log2_prob(_TINY_END, LOG2E, top, ce_log_sum))
-        flag += (((low_raw > 0) & ce_low) | ((tiny_raw > 0) & ce_split)).to(tl.int32) * 4
-        tl.store(fparam_ptr + at * PARAM_SLOTS + _CE_LOG_SUM, ce_log_sum)
     params = at * PARAM_SLOTS
-    tl.store(fparam_ptr + params + _TOP, top)
-    tl.store(fparam_ptr + params + _LOG_SUM, log_sum)
-    tl.store(iparam_ptr + params + _FLAG, flag)
-    tl.store(iparam_ptr + params + _TOTAL, below - dead)
-    tl.store(iparam_ptr + params + _OCCUPIED, listed)
-    tl.store(iparam_ptr + params + _DEAD, dead)
+    # A row is counted once with shift 0; a row that this flags only for its range (a finite
+    # logit of magnitude >= 256, no infinity or NaN) once more, with the smallest shift that
+    # brings its largest magnitude below 256 ("Rows past 256"). Each pass writes all it has.
+    shift = tl.zeros([], tl.int32)
+    again = shift == 0  # (padding rows too: their one pass flags them)
+    while again:
+        # The bins' values are the row's logits times 2**-(shift / 128), and its k is that of
+        # those values at scale times 2**(shift / 128): the same float32 k.
+        power = _power_of_shift(shift, 1)
+        scale = inv_temperature * LOG2E * power
+        ce_scale = LOG2E * power
+        # Lanes past the row load +0: the tiny slot counts them, and they are taken off it below.
+        ahead = _first_block(row_ptr, tl.arange(0, BLOCK), col_stride, stop, UNIT_STRIDE, PREFETCH, 0.0)
+        if SIMD16:
+            magnitudes = tl.zeros([BLOCK], tl.int16)
+        else:
+            magnitudes = tl.zeros([BLOCK], tl.int32)
+        for start in tl.range(0, stop, BLOCK, loop_unroll_factor=2):
+            idx = start + tl.arange(0, BLOCK)
+            raw, ahead = _block_raw(ahead, row_ptr, idx, col_stride, stop, BLOCK, UNIT_STRIDE, PREFETCH, 0.0)
+            bits = raw.to(tl.int16, bitcast=True)
+            if SIMD16:
+                magnitudes = smem_count_bf16(bits, magnitudes, shift)
+            else:
+                slots, magnitude = _slots_of_bits(bits.to(tl.int32), shift)
+                magnitudes = tl.maximum(magnitudes, magnitude)
+                if USE_PTX:
+                    smem_add_one(slots, True)
+                else:
+                    tl.atomic_add(raw_at + slots, 1)
+        tl.debug_barrier()  # the counts, visible to every thread
+        top_magnitude = tl.max(magnitudes.to(tl.int32), 0)
+        tiny_more = _slot_count(raw_at, _NEG_TINY_SLOT, USE_PTX) - (tl.cdiv(stop, BLOCK) * BLOCK - stop)
+        # The row's largest logit first: its highest occupied bin past the low one (`_top_bin`),
+        # so the pass over the bins needs no online rescaling. Then one pass: the sum of
+        # 2**((z - top) * scale), per lane (one reduction after the pass), and the count of
+        # elements below each bin (written at count_ptr) and the list of occupied bins, from one
+        # scan of both (the count in the low 21 bits: a block holds fewer than 2**21 elements,
+        # launch.py checks the vocabulary). The elements of zero probability are those below the
+        # first bin of nonzero p (bins are in the order of p), `_first_live` after the pass: the
+        # passes that read these counts subtract the count below it (`_live_below`) and skip the
+        # bins before it.
+        top_bin = _top_bin(raw_at, top_magnitude - shift, tiny_more, tail_stop, USE_PTX, TAIL_BLOCK)
+        top = tl.where(top_bin > 0, _logit_of_bin(top_bin, True), 0.0)  # (no occupied bin: flagged below)
+        totals = tl.zeros([_RUN, runs], tl.float64)
+        ce_totals = tl.zeros([_RUN, runs], tl.float64)
+        below = tl.zeros([], tl.int32)
+        listed = tl.zeros([], tl.int32)
+        # (the counts' pointer moves with the loop: bins stay 32-bit, which LLVM would widen to
+        # 64 bits if their addresses were computed from them, doubling every comparison)
+        counts_block = counts_at
+        for start in tl.range(0, tail_stop, TAIL_BLOCK):
+            bins = start + offsets
+            counts = _slot_counts(raw_at, bins, tiny_more, USE_PTX)  # (0 past WIDTH: an empty slot)
+            # (the low bin is left out: where its p matters the row is flagged, below)
+            summed = tl.where(bins >= _LOW_BINS, counts, 0).to(tl.float64)
+            z = _logit_of_bin(bins, True)
+            # (bins above the top are empty: their exponents are clamped, not overflowed)
+            totals += summed * _exp2(tl.minimum((z - top) * scale, 0.0)).to(tl.float64)
+            if HAS_CE:
+                ce_totals += summed * _exp2(tl.minimum((z - top) * ce_scale, 0.0)).to(tl.float64)
+            both = counts + ((counts > 0).to(tl.int32) << _LISTED_SHIFT)
+            run_total = tl.sum(both, 0)
+            before = (tl.cumsum(both, 0) - both) + (tl.cumsum(run_total, 0) - run_total)[None, :]
+            _store_counts(counts_block, offsets, (before & _COUNT_MASK) + below, USE_PTX)
+            counts_block += TAIL_BLOCK
+            _store_listed(list_at, (before >> _LISTED_SHIFT) + listed, bins, counts > 0, USE_PTX)
+            block = tl.sum(run_total, 0)
+            below += block & _COUNT_MASK
+            listed += block >> _LISTED_SHIFT
+        total = tl.sum(tl.sum(totals, 1), 0)
+        ce_total = tl.sum(tl.sum(ce_totals, 1), 0)
+        # logits >= 256 (times the shift's power), +inf and NaN (either sign): past the bins
+        out = _slot_count(raw_at, _POS_OUT_SLOT, USE_PTX) + (top_magnitude > _INF_MAGNITUDE).to(tl.int32)
+        flag = (top_bin == 0).to(tl.int32) + (out > 0).to(tl.int32) * 2
+        log_sum = tl.log2(total.to(tl.float32))
+        if HAS_CE:
+            ce_log_sum = tl.log2(ce_total.to(tl.float32))
+        else:
+            ce_log_sum = log_sum
+        # The low slot holds the logits <= -256 and the -inf ones: they are told apart (one more
+        # read of the row) only where a row holds an infinity and the low bin's count matters,
+        # at p(-256) > 0 (or the cross-entropy's).
+        low_slot = _slot_count(raw_at, _LOW_SLOT, USE_PTX)
+        low_live = _exp2(_log2_prob(-256.0, scale, top, log_sum)) > 0.0
+        ce_low = _exp2(_log2_prob(-256.0, ce_scale, top, ce_log_sum)) > 0.0
+        low_matters = low_live
+        if HAS_CE:
+            low_matters |= ce_low
+        masked = tl.zeros([], tl.int32)
+        if (low_slot > 0) & (top_magnitude == _INF_MAGNITUDE) & low_matters & (flag == 0):
+            masked = _masked_count(row_ptr, col_stride, stop, UNIT_STRIDE, BLOCK)
+        low_raw = low_slot - masked
+        tiny_raw = _slot_count(raw_at, 0, USE_PTX) + tiny_more
+        # The elements of nonzero probability: from the first bin of nonzero p on (less the -inf
+        # counted in the low bin, when that bin is live)
+        first = _first_live(top, log_sum, scale)
+        tl.debug_barrier()  # the counts below each bin, visible to every thread
+        dead = tl.where(first > 0, tl.load(counts_at + first), masked)
+        # The low bin is exact when p(-256) is 0 (then it is counted nowhere); the tiny bin when
+        # both its ends have one k.
+        tiny_split = _log2_prob(-_TINY_END, scale, top, log_sum) != _log2_prob(_TINY_END, scale, top, log_sum)
+        # (the bin's k is that of 0; its positive logits may be live where 0 is not: the upper end)
+        tiny_live = _exp2(tl.minimum(_log2_prob(_TINY_END, scale, top, log_sum), 0.0)) > 0.0
+        flag += (((low_raw > 0) & low_live) | ((tiny_raw > 0) & tiny_live & tiny_split)).to(tl.int32) * 4
+        if HAS_CE:  # the same two checks at temperature 1
+            ce_split = (_log2_prob(-_TINY_END, ce_scale, top, ce_log_sum)
+                        != _log2_prob(_TINY_END, ce_scale, top, ce_log_sum))
+            flag += (((low_raw > 0) & ce_low) | ((tiny_raw > 0) & ce_split)).to(tl.int32) * 4
+            tl.store(fparam_ptr + at * PARAM_SLOTS + _CE_LOG_SUM, ce_log_sum)
+        tl.store(fparam_ptr + params + _TOP, top * power)  # (exact: the largest logit itself)
+        tl.store(fparam_ptr + params + _LOG_SUM, log_sum)
+        tl.store(iparam_ptr + params + _FLAG, flag)
+        tl.store(iparam_ptr + params + _TOTAL, below - dead)
+        tl.store(iparam_ptr + params + _OCCUPIED, listed)
+        tl.store(iparam_ptr + params + _DEAD, dead)
+        tl.store(iparam_ptr + params + _SHIFT, shift)
+        again = (shift == 0) & (flag > 1) & (top_magnitude >= SLOT_M_HI) & (top_magnitude < _INF_MAGNITUDE)
+        if again:  # the histogram read, then zeroed for the second count
+            tl.debug_barrier()
+            if USE_PTX:
+                smem_clear()
+            else:
+                for word in tl.range(0, CAP, TAIL_BLOCK):
+                    tl.store(raw_at + word + tl.arange(0, TAIL_BLOCK), tl.zeros([TAIL_BLOCK], tl.int32))
+            tl.debug_barrier()
+        shift = (top_magnitude - SLOT_M_HI + _SHIFT_STEP) // _SHIFT_STEP * _SHIFT_STEP
 
 
 @triton.jit
@@ -561,12 +606,17 @@ def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, list_ptr, sign_ptr, partial_p
     if flag == 0:
         own_count = count_ptr + own * CAP
         other_count = count_ptr + other * CAP
-        own_top = tl.load(fparam_ptr + own * PARAM_SLOTS + _TOP)
+        # Each side's bins, top and scale in its shifted values (hist_kernel's, "Rows past 256")
+        own_shift = tl.load(iparam_ptr + own * PARAM_SLOTS + _SHIFT)
+        own_top = tl.load(fparam_ptr + own * PARAM_SLOTS + _TOP) * _power_of_shift(own_shift, -1)
         own_log_sum = tl.load(fparam_ptr + own * PARAM_SLOTS + _LOG_SUM)
-        own_scale = tl.where(side == 0, student_inv_temperature, teacher_inv_temperature) * LOG2E
-        other_top = tl.load(fparam_ptr + other * PARAM_SLOTS + _TOP)
+        own_scale = (tl.where(side == 0, student_inv_temperature, teacher_inv_temperature) * LOG2E
+                     * _power_of_shift(own_shift, 1))
+        other_shift = tl.load(iparam_ptr + other * PARAM_SLOTS + _SHIFT)
+        other_top = tl.load(fparam_ptr + other * PARAM_SLOTS + _TOP) * _power_of_shift(other_shift, -1)
         other_log_sum = tl.load(fparam_ptr + other * PARAM_SLOTS + _LOG_SUM)
-        other_scale = tl.where(side == 0, teacher_inv_temperature, student_inv_temperature) * LOG2E
+        other_scale = (tl.where(side == 0, teacher_inv_temperature, student_inv_temperature) * LOG2E
+                       * _power_of_shift(other_shift, 1))
         own_total = tl.load(iparam_ptr + own * PARAM_SLOTS + _TOTAL)
         other_total = tl.load(iparam_ptr + other * PARAM_SLOTS + _TOTAL)
         listed = tl.load(iparam_ptr + own * PARAM_SLOTS + _OCCUPIED)
@@ -653,6 +703,7 @@ def grad_kernel(logits_ptr, index_ptr, grad_ptr, fparam_ptr, iparam_ptr, sign_pt
         log_sum = tl.load(fparam_ptr + at * PARAM_SLOTS + _LOG_SUM)
         mass = tl.load(fparam_ptr + at * PARAM_SLOTS + _MASS)
         signs = sign_ptr + at * CAP
+        shift = tl.load(iparam_ptr + at * PARAM_SLOTS + _SHIFT)  # (the slots'; top is the logit itself)
         scale = inv_temperature * LOG2E
         factor = inv_temperature * grad_scale * (1.0 - 2.0 * side)
         if GATHER:
@@ -674,9 +725,9 @@ def grad_kernel(logits_ptr, index_ptr, grad_ptr, fparam_ptr, iparam_ptr, sign_pt
             z = raw.to(tl.float32)
             p = _exp2(_log2_prob(z, scale, top, log_sum))
             if USE_PTX:  # the table is read-only here: the non-coherent path, one wide address add
-                sign = gather_f32(signs, _slots(raw, SIMD16), p > 0.0)
+                sign = gather_f32(signs, _slots(raw, shift, SIMD16), p > 0.0)
             else:
-                sign = tl.load(signs + _slots(raw, SIMD16), mask=p > 0.0, other=0.0)
+                sign = tl.load(signs + _slots(raw, shift, SIMD16), mask=p > 0.0, other=0.0)
             grad = p * (sign * factor - mass_factor)  # (a fused multiply-add, and one product)
             if HAS_CE:  # the cross-entropy's softmax, temperature 1
                 grad += ce_factor * (_exp2(_log2_prob(z, LOG2E, top, ce_log_sum))
