@@ -64,13 +64,25 @@ def _wide(gen, rows, vs, vt, device):
     return _randn(gen, rows, vs, device) * 100.0, _randn(gen, rows, vt, device) * 100.0
 
 
-def _flagged(gen, rows, vs, vt, device):
-    """`wide` rows with 1% of their columns masked by -inf: past 256, with no shift known (the
-    row's largest magnitude is -inf's), so every row is flagged and goes to the trie fallback,
-    whose worst case this is."""
+def _wide_masked(gen, rows, vs, vt, device):
+    """`wide` rows with 1% of their columns masked by -inf: the row's largest magnitude is
+    -inf's, so the largest finite one takes one more read before the second count."""
     def one(vocab):
         row = _randn(gen, rows, vocab, device) * 100.0
         return row.masked_fill_(torch.rand(rows, vocab, generator=gen, device=device) < 0.01, -torch.inf)
+    return one(vs), one(vt)
+
+
+def _flagged(gen, rows, vs, vt, device):
+    """Rows whose probability sits on 16 logits of magnitude below 2**-23, the others N(-60, 4^2)
+    (live, far below): at temperature 1 (log-sum ~4) the tiny bin's two ends have different k,
+    so every row is flagged and goes to the trie fallback: the histogram engine's worst case
+    found (rows past 256 are counted again instead, `wide`)."""
+    def one(vocab):
+        row = _randn(gen, rows, vocab, device) * 4.0 - 60.0
+        columns = torch.rand(rows, vocab, generator=gen, device=device).argsort(-1)[:, :16]
+        tiny = (torch.rand(rows, 16, generator=gen, device=device) * 2 - 1) * 2.0 ** -23
+        return row.scatter_(1, columns, tiny)
     return one(vs), one(vt)
 
 
@@ -94,7 +106,8 @@ KINDS = {
     "masked": Kind(_masked, False, "peaked, a quarter of the columns at -1e4 (counted again, shifted, at "
                                    "temperatures above ~2.9)"),
     "wide": Kind(_wide, False, "logits N(0, 100^2): every row past the histogram's bins, counted again, shifted"),
-    "flagged": Kind(_flagged, False, "wide, 1% of the columns -inf: every row flagged (the fallback's worst case)"),
+    "wide_masked": Kind(_wide_masked, False, "wide, 1% of the columns -inf: counted again after one more read"),
+    "flagged": Kind(_flagged, False, "16 logits below 2**-23, the rest N(-60, 4^2): every row flagged (the fallback)"),
 }
 
 

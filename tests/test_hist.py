@@ -173,6 +173,17 @@ def _past_256_rows(case, seed):
         s[:, ::4] = -1e4
         t[:, 1::5] = -1e4
         temperatures = (3.0, 3.0)
+    elif case == "minus_inf":  # logits past 256 masked with -inf: the largest finite magnitude read
+        s, t = s * 100, t * 50
+        s[:, ::9] = -math.inf
+        t[:, 1::11] = -math.inf
+        temperatures = (2.0, 1.0)
+    elif case == "low_bin_live_minus_inf":  # -1e4 and -inf masks at T = 3: the low bin holds -inf only
+        s, t = s * 3, t * 2.5
+        s[:, ::4] = -1e4
+        s[:, 2::8] = -math.inf
+        t[:, 1::5] = -1e4
+        temperatures = (3.0, 3.0)
     elif case == "teacher_only":  # a teacher peaked at ~400 (shift 1), an ordinary student
         s, t = s * 3, t * 30
         t[:, :3] += 400.0
@@ -182,30 +193,30 @@ def _past_256_rows(case, seed):
     return s.to(torch.bfloat16), t.to(torch.bfloat16), temperatures
 
 
-PAST_256 = ["wide", "both_sides", "low_bin_live", "teacher_only"]
+PAST_256 = ["wide", "both_sides", "low_bin_live", "teacher_only", "minus_inf", "low_bin_live_minus_inf"]
 
 
 @pytest.mark.parametrize("case", PAST_256)
 def test_rows_past_256_are_counted_again_shifted_and_exact(case, device):
     """A row whose finite logits reach magnitudes >= 256 (or, at a high temperature, whose
-    logits <= -256 have a probability) is counted a second time with its magnitude bits
-    shifted by whole binades (hist_kernel, "Rows past 256"): the engine keeps it (unflagged,
-    nothing reaches the trie) and its loss and both gradients match float64."""
+    logits <= -256 have a probability), masked with -inf or not, is counted a second time with
+    its magnitude bits shifted by whole binades (hist_kernel, "Rows past 256"): the engine keeps
+    it (unflagged, nothing reaches the trie) and its loss and both gradients match float64."""
     student, teacher, (ts, tt) = _past_256_rows(case, seed=PAST_256.index(case) + 40)
     student, teacher = student.to(device), teacher.to(device)
-    assert max(student.float().abs().max(), teacher.float().abs().max()) >= 256, "test input: nothing past 256"
+    finite = torch.cat([student.float().flatten(), teacher.float().flatten()])
+    assert finite[finite.isfinite()].abs().max() >= 256, "test input: nothing past 256"
     _assert_no_cross_near_ties(student, teacher, ts, tt)
     out = launch.hist_rows(student, teacher, ts, tt, True, True, 1.0, fallback=False)
     _assert_unflagged(out[1], case)
     _assert_matches_reference(out, student, teacher, ts, tt, what=f"{case}: ")
 
 
-def test_rows_past_the_bins_are_flagged_or_exact(device):
-    """Rows the second count cannot keep: logits >= 256 in a row masked with -inf (its largest
-    magnitude is -inf's, so no shift is known), a +inf (NaN in the trie as here). Without the
-    fallback they are flagged, next to a "huge" row (tiny negative logits over 127 binades) and
-    a "wide" one (logits >= 256, shifted) that are not; with it, all are exact, and the
-    unflagged rows keep the engine's results bit for bit."""
+def test_rows_of_huge_range_are_the_engines_own(device):
+    """bf16 rows of huge range, none flagged: "huge" (tiny negative logits over 127 binades),
+    "wide" (logits past 256: counted again, shifted) and "wide" masked with -inf (the same,
+    after one more read for the largest finite magnitude, "Rows past 256"); exact, and the same
+    bit for bit with the fallback on."""
     huge = _rows("huge", 1, 300, 300, torch.bfloat16, device, seed=5)
     wide = _rows("wide", 1, 300, 300, torch.bfloat16, device, seed=6)
     masked = _rows("wide", 1, 300, 300, torch.bfloat16, device, seed=7)
@@ -213,39 +224,33 @@ def test_rows_past_the_bins_are_flagged_or_exact(device):
     student, teacher = torch.cat([huge[0], wide[0], masked[0]]), torch.cat([huge[1], wide[1], masked[1]])
     _assert_no_cross_near_ties(student, teacher, 1.0, 1.0)
     alone = launch.hist_rows(student, teacher, 1.0, 1.0, True, True, 1.0, fallback=False)
-    flagged = _flagged(alone[1])
-    assert flagged.tolist() == [False, False, True], f"flags {alone[1].tolist()}"
-    kept = (~flagged).to(student.device)
-    rows, _status, grad_s, grad_t = alone
-    _assert_matches_reference((rows[kept], None, grad_s[kept], grad_t[kept]), student[kept], teacher[kept],
-                              1.0, 1.0, what="unflagged rows, fallback=False: ")
+    _assert_unflagged(alone[1], "rows of huge range")
+    _assert_matches_reference(alone, student, teacher, 1.0, 1.0)
     out = launch.hist_rows(student, teacher, 1.0, 1.0, True, True, 1.0)
-    _assert_matches_reference(out, student, teacher, 1.0, 1.0)
-    for name, ours, theirs in (("loss", out[0], rows), ("student gradient", out[2], grad_s),
-                               ("teacher gradient", out[3], grad_t)):
-        assert torch.equal(ours[kept], theirs[kept]), f"the fallback changed the {name} of an unflagged row"
+    for name, ours, theirs in (("loss", out[0], alone[0]), ("student gradient", out[2], alone[2]),
+                               ("teacher gradient", out[3], alone[3])):
+        assert torch.equal(ours, theirs), f"the fallback changed the {name} of an unflagged row"
 
 
 def test_the_fallback_walks_more_pairs_than_programs(device):
     """The fallback kernel's persistent grid (`launch.SPLIT_INTERPRETED`: 5 programs under the
-    interpreter) over 11 pairs, flagged ones at 1, 6, 9 and 10 (logits of 300 in rows masked with -inf;
+    interpreter) over 11 pairs, flagged ones at 1, 6, 9 and 10 (student rows of logits below 2**-23, their tiny bin split;
     pairs 6 and 1, 9 share a program): every flagged pair gets the trie engine's loss, status
     and both gradients, and the unflagged ones keep the engine's own results bit for bit."""
     g = torch.Generator().manual_seed(31)
     student = (torch.randn(11, 150, generator=g) * 2).to(torch.bfloat16)
     teacher = (torch.randn(11, 120, generator=g) * 2).to(torch.bfloat16)
-    for row, col in ((1, 3), (6, 100), (9, 0), (10, 149)):
-        student[row, col] = 300.0
-        student[row, (col + 1) % 150] = -math.inf  # (and no shift known: flagged, "Rows past 256")
-    teacher[9, 7] = -300.0  # and one past the bins on the teacher's side
+    for row in (1, 6, 9, 10):  # logits below 2**-23 only: a tiny bin split at this temperature
+        student[row] = ((torch.rand(150, generator=g) * 2 - 1) * 2.0 ** -23).to(student)
+    teacher[9, 7] = -300.0  # and one past the bins on the teacher's side (dead here: no second count)
     student, teacher = student.to(device), teacher.to(device)
-    alone = launch.hist_rows(student, teacher, 1.3, 0.8, True, True, 1.0, fallback=False)
+    alone = launch.hist_rows(student, teacher, 0.5, 0.8, True, True, 1.0, fallback=False)
     flagged = _flagged(alone[1])
     assert flagged.tolist() == [i in (1, 6, 9, 10) for i in range(11)], f"flags {alone[1].tolist()}"
     if device == "cpu":
         assert launch.split_config(False).batch_rows < 11, "the grid must be shorter than the pairs"
-    ours = launch.hist_rows(student, teacher, 1.3, 0.8, True, True, 1.0)
-    trie = launch.uld_pairs(student, teacher, 1.3, 0.8, True, True, 1.0)
+    ours = launch.hist_rows(student, teacher, 0.5, 0.8, True, True, 1.0)
+    trie = launch.uld_pairs(student, teacher, 0.5, 0.8, True, True, 1.0)
     assert_losses_close(ours[0], trie[0], torch.bfloat16, what="loss against the trie")
     assert ours[1].tolist() == torch.where(flagged.to(device), trie[1], 0).tolist(), "statuses"
     assert_grads_close(ours[2], trie[3], student, torch.bfloat16, what="student gradient against the trie")
@@ -422,30 +427,35 @@ def test_gathered_pairs_with_cross_entropy_match_the_trie(device):
     assert_grads_close(ours[3], trie[3], student, torch.bfloat16)
 
 
-@pytest.mark.parametrize("masked", [True, False])
-def test_flagged_gathered_pairs_with_cross_entropy_go_through_the_fallback(masked, device):
-    """The training loss's path with a pair past the bins (student row 0 holds a logit of 300,
-    its cross-entropy's label): masked with -inf, flagged, through the fallback; unmasked,
-    counted again shifted ("Rows past 256"), its statistics at temperature 1 too; among
-    ordinary and padding pairs, the same losses, cross-entropies and gradient as the trie
-    engine on all the pairs."""
+@pytest.mark.parametrize("case", ["tiny", "past_256", "past_256_masked"])
+def test_flagged_gathered_pairs_with_cross_entropy_go_through_the_fallback(case, device):
+    """The training loss's path with an unusual student row 0 among ordinary and padding pairs:
+    logits below 2**-23 only (its tiny bin split at this temperature: flagged, through the
+    fallback), or a logit of 300, its cross-entropy's label (counted again, shifted, its
+    statistics at temperature 1 too: "Rows past 256"), also masked with -inf (the same, after
+    a read for its largest finite magnitude). The same losses, cross-entropies and gradient as
+    the trie engine on all the pairs."""
     g = torch.Generator().manual_seed(22)
     student = (torch.randn(4, 230, generator=g) * 2).to(torch.bfloat16).to(device)
     teacher = (torch.randn(3, 170, generator=g) * 2).to(torch.bfloat16).to(device)
-    student[0, 11] = 300.0
-    if masked:
+    if case == "tiny":
+        student[0] = ((torch.rand(230, generator=g) * 2 - 1) * 2.0 ** -23).to(student)
+    else:
+        student[0, 11] = 300.0
+    if case == "past_256_masked":
         student[0, 40:60] = -math.inf
+    flagged = case == "tiny"
     student_index = torch.tensor([2, 0, -1, 3], device=device)
     teacher_index = torch.tensor([0, 1, 2, 2], device=device)
     kw = dict(student_index=student_index, teacher_index=teacher_index,
               row_weight=torch.tensor([0.5, 2.0, 1.0, 1.5], device=device),
               ce_label=torch.tensor([5, 11, -1, 229], device=device),
               ce_weight=torch.tensor([1.0, 0.5, 1.0, 2.0], device=device))
-    flags = launch.hist_pairs(student, teacher, 1.5, 0.7, True, False, 1.0, fallback=False, **kw)[1]
-    assert (flags.tolist()[1] != 0) == masked and flags.tolist()[0] == flags.tolist()[3] == 0, (
+    flags = launch.hist_pairs(student, teacher, 0.5, 0.7, True, False, 1.0, fallback=False, **kw)[1]
+    assert (flags.tolist()[1] != 0) == flagged and flags.tolist()[0] == flags.tolist()[3] == 0, (
         f"flags {flags.tolist()}")
-    ours = launch.hist_pairs(student, teacher, 1.5, 0.7, True, False, 1.0, **kw)
-    trie = launch.uld_pairs(student, teacher, 1.5, 0.7, True, False, 1.0, **kw)
+    ours = launch.hist_pairs(student, teacher, 0.5, 0.7, True, False, 1.0, **kw)
+    trie = launch.uld_pairs(student, teacher, 0.5, 0.7, True, False, 1.0, **kw)
     assert_losses_close(ours[0], trie[0], torch.bfloat16, what="loss")
     assert_losses_close(ours[2], trie[2], torch.bfloat16, what="cross-entropy")
     assert ours[1].tolist()[1] == trie[1].tolist()[1], "the flagged pair carries the trie's status"
@@ -541,17 +551,16 @@ def test_minus_inf_masks_at_a_high_temperature(ts, device):
     count matters, and its slot holds the -inf logits too. A row masked with -inf (600 columns:
     past one block of hist_kernel's loop) stays the engine's and exact: hist_kernel counts its
     -inf apart by one more read of the row, and leaves them out of every count. A row also
-    holding a finite -300 is flagged (the low bin cannot be split), and exact through the
-    fallback."""
+    holding a finite -300 is counted again, shifted, after one more read for its largest finite
+    magnitude ("Rows past 256"): its low bin then holds the -inf only; exact too."""
     student, teacher = _rows("random", 2, 600, 450, torch.bfloat16, device, seed=61)
     student[:, ::5] = -math.inf
     student[1, 7] = -300.0
     tt = 0.7
     _assert_no_cross_near_ties(student, teacher, ts, tt)
     alone = launch.hist_rows(student, teacher, ts, tt, True, True, 1.0, fallback=False)
-    assert _flagged(alone[1]).tolist() == [False, True], f"flags {alone[1].tolist()}"
-    _assert_matches_reference((alone[0][:1], None, alone[2][:1], alone[3][:1]), student[:1], teacher[:1], ts, tt,
-                              what="the masked row, fallback=False: ")
+    _assert_unflagged(alone[1], "rows masked with -inf")
+    _assert_matches_reference(alone, student, teacher, ts, tt, what="fallback=False: ")
     _assert_matches_reference(launch.hist_rows(student, teacher, ts, tt, True, True, 1.0), student, teacher, ts, tt)
 
 

@@ -273,6 +273,35 @@ def test_exact_ties_across_the_sides(name, device):
     assert_grads_close(teacher.grad, ref_t, teacher.detach(), BF16, what=f"{name}: teacher gradient")
 
 
+def test_within_row_float32_ties_share_one_sign(device):
+    """The float32 tie contract (README, "Exactness"): distinct logits of one row whose k rounds
+    to one float32 value are one tie group. Here 0, +-1e-8, +-5e-8 and 1e-7 share the tiny bin
+    of rows whose largest logit is ~10, where z - top rounds them all alike: the engine keeps
+    the rows (unflagged), gives every one of them the same gradient (one p, one sign), and, no
+    value of the other row lying within float32 resolution of them, matches the float64
+    reference element by element, which orders them apart."""
+    g = torch.Generator().manual_seed(77)
+    tiny = torch.tensor([0.0, 1e-8, -1e-8, 5e-8, -5e-8, 1e-7, 0.0, -0.0, 3e-8, -1e-7])
+    student = torch.randn(2, 260, generator=g) * 3
+    student[:, 40:50] = tiny
+    student[:, 100:110] = tiny.flip(0)
+    student[:, 7] = 10.0
+    teacher = torch.randn(2, 230, generator=g) * 2.5
+    student, teacher = student.to(BF16).to(device), teacher.to(BF16).to(device)
+    grouped = student.float().abs() < 2.0 ** -23
+    assert (student.float()[grouped].unique().numel() >= 7), "test input: the tiny logits rounded together"
+    _no_cross_near_ties(student, teacher, 1.0, 1.0)
+    rows, status, grad_s, grad_t = launch.hist_rows(student, teacher, 1.0, 1.0, True, True, 1.0, fallback=False)
+    assert (status == 0).all(), f"flags {status.tolist()}"
+    for row in range(2):
+        group = grad_s[row][grouped[row]]
+        assert (group == group[0]).all(), f"row {row}: one tie group, gradients {group.unique().tolist()}"
+    ref_rows, ref_s, ref_t = reference_rows_and_grads(student, teacher, 1.0, 1.0, teacher_grad=True)
+    assert_losses_close(rows, ref_rows, BF16, what="loss")
+    assert_grads_close(grad_s, ref_s, student, BF16, what="student gradient", per_tie_group=False)
+    assert_grads_close(grad_t, ref_t, teacher, BF16, what="teacher gradient")
+
+
 # --- both sides in one launch: strides, vocabularies, gradients asked for -------------------
 
 

@@ -44,8 +44,10 @@ computed from those values at scale times 2**s, which gives every float32 k bit 
 the unshifted values would (scaling by a power of two commutes with rounding), so its counts,
 signs and loss are exact under the same checks; magnitudes below 2**(s - 23) share the tiny
 bin. Rows of logits like N(0, 100^2) take this path, and so do rows with finite masks (-1e4)
-at temperatures where p(-256) > 0. A row with -inf among such logits (its largest magnitude
-is -inf's: no shift is known) stays flagged. Each side stores its shift (_SHIFT) and its
+at temperatures where p(-256) > 0. In a row with an infinity the running maximum is the
+infinity's: there one more read finds the largest finite magnitude (`_finite_top`), and a row
+with -inf masks is counted again the same way (its low bin then holds the -inf only); +inf and
+NaN stay flagged. Each side stores its shift (_SHIFT) and its
 largest logit unshifted (_TOP): sign_kernel takes top and scale to the shifted values,
 grad_kernel shifts its slots the same, and finish_kernel needs neither.
 """
@@ -210,6 +212,21 @@ def _masked_count(row_ptr, col_stride, stop, UNIT_STRIDE: tl.constexpr, BLOCK: t
         raw = _load_raw(row_ptr, start + tl.arange(0, BLOCK), col_stride, stop, UNIT_STRIDE, 0.0)
         found += (raw.to(tl.int16, bitcast=True) == _NEG_INF_BITS).to(tl.int32)
     return tl.sum(found, 0)
+
+
+@triton.jit
+def _finite_top(row_ptr, col_stride, stop, UNIT_STRIDE: tl.constexpr, BLOCK: tl.constexpr):
+    """The largest magnitude bits among a row's finite logits, or past _INF_MAGNITUDE where it
+    holds +inf or a NaN (no shift helps those): one more read of the row, for rows with an
+    infinity that are flagged ("Rows past 256": -inf masks among logits past 256)."""
+    top = tl.zeros([BLOCK], tl.int32)
+    for start in tl.range(0, stop, BLOCK):
+        raw = _load_raw(row_ptr, start + tl.arange(0, BLOCK), col_stride, stop, UNIT_STRIDE, 0.0)
+        bits = raw.to(tl.int16, bitcast=True).to(tl.int32)
+        magnitude = bits & 0x7FFF
+        finite = magnitude < _INF_MAGNITUDE
+        top = tl.maximum(top, tl.where(finite, magnitude, tl.where(bits == _NEG_INF_BITS, 0, _INF_MAGNITUDE + 1)))
+    return tl.max(top, 0)
 
 
 @triton.jit
@@ -397,7 +414,11 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
         tl.store(iparam_ptr + params + _OCCUPIED, listed)
         tl.store(iparam_ptr + params + _DEAD, dead)
         tl.store(iparam_ptr + params + _SHIFT, shift)
-        again = (shift == 0) & (flag > 1) & (top_magnitude >= SLOT_M_HI) & (top_magnitude < _INF_MAGNITUDE)
+        # (a row with an infinity: the largest magnitude among its finite logits, one more read)
+        finite = top_magnitude
+        if (shift == 0) & (flag > 1) & (top_magnitude == _INF_MAGNITUDE):
+            finite = _finite_top(row_ptr, col_stride, stop, UNIT_STRIDE, BLOCK)
+        again = (shift == 0) & (flag > 1) & (finite >= SLOT_M_HI) & (finite < _INF_MAGNITUDE)
         if again:  # the histogram read, then zeroed for the second count
             tl.debug_barrier()
             if USE_PTX:
@@ -406,7 +427,7 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
                 for word in tl.range(0, CAP, TAIL_BLOCK):
                     tl.store(raw_at + word + tl.arange(0, TAIL_BLOCK), tl.zeros([TAIL_BLOCK], tl.int32))
             tl.debug_barrier()
-        shift = (top_magnitude - SLOT_M_HI + _SHIFT_STEP) // _SHIFT_STEP * _SHIFT_STEP
+        shift = (finite - SLOT_M_HI + _SHIFT_STEP) // _SHIFT_STEP * _SHIFT_STEP
 
 
 @triton.jit
