@@ -212,6 +212,22 @@ def test_rows_past_256_are_counted_again_shifted_and_exact(case, device):
     _assert_matches_reference(out, student, teacher, ts, tt, what=f"{case}: ")
 
 
+def test_a_shifted_scale_past_float32_is_flagged(device):
+    """A logit of 2e38 (shift 120 binades) at a student temperature of 0.005: scale * 2**120
+    overflows float32, where the top's k would be 0 * inf (NaN); the row is flagged and exact
+    through the fallback (found by a review of 8509d22, which left it unflagged with loss 1.0
+    against 1.6033 and NaN gradients)."""
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(1, 100, generator=g) * 3
+    student[0, 5] = 2e38
+    teacher = torch.randn(1, 120, generator=g) * 3
+    student, teacher = student.to(torch.bfloat16).to(device), teacher.to(torch.bfloat16).to(device)
+    alone = launch.hist_rows(student, teacher, 0.005, 1.0, True, True, 1.0, fallback=False)
+    assert _flagged(alone[1]).all(), f"flags {alone[1].tolist()}"
+    _assert_matches_reference(launch.hist_rows(student, teacher, 0.005, 1.0, True, True, 1.0), student, teacher,
+                              0.005, 1.0)
+
+
 def test_rows_of_huge_range_are_the_engines_own(device):
     """bf16 rows of huge range, none flagged: "huge" (tiny negative logits over 127 binades),
     "wide" (logits past 256: counted again, shifted) and "wide" masked with -inf (the same,

@@ -402,6 +402,9 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
         # (the bin's k is that of 0; its positive logits may be live where 0 is not: the upper end)
         tiny_live = _exp2(tl.minimum(_log2_prob(_TINY_END, scale, top, log_sum), 0.0)) > 0.0
         flag += (((low_raw > 0) & low_live) | ((tiny_raw > 0) & tiny_live & tiny_split)).to(tl.int32) * 4
+        # (a shifted row at a small temperature: scale * 2**s past float32, where 0 * inf would
+        # make the top's k NaN; the trie's unshifted products do not overflow so)
+        flag += (scale > 3.4e38).to(tl.int32) * 4
         if HAS_CE:  # the same two checks at temperature 1
             ce_split = (_log2_prob(-_TINY_END, ce_scale, top, ce_log_sum)
                         != _log2_prob(_TINY_END, ce_scale, top, ce_log_sum))
