@@ -31,13 +31,23 @@ def check_logits(name: str, logits: object, ndim: int = 2) -> torch.Tensor:
     return logits
 
 
+# The kernels take 1 / T as a float32 argument (a normal float32 from 1.2e-38 to 3.4e38); a
+# temperature outside these bounds would reach them as a float64 (Triton's type for other
+# values) or overflow: far outside any use (0.1 to 10 in practice), refused with an error.
+MIN_TEMPERATURE = 1e-30
+MAX_TEMPERATURE = 1e30
+
+
 def check_temperature(name: str, value: object) -> float:
-    """A finite real number > 0."""
+    """A finite real number in [MIN_TEMPERATURE, MAX_TEMPERATURE]."""
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value) or value <= 0.0:
         raise ValueError(f"{name} must be finite and > 0, got {value}")
+    if not MIN_TEMPERATURE <= value <= MAX_TEMPERATURE:
+        raise ValueError(f"{name} must lie in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}] (the kernels take 1 / "
+                         f"{name} in float32), got {value}")
     return value
 
 
