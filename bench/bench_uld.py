@@ -248,7 +248,7 @@ def main():
                         help="do_bench's timed calls, in milliseconds (300: ~25 calls at 12 ms; 10 times one)")
     parser.add_argument("--full-only", action="store_true", help="time forward+backward only")
     parser.add_argument("--temperature", type=float, default=1.0,
-                        help="softmax temperature of both sides (the masked kind is flagged above ~2.9)")
+                        help="softmax temperature of both sides (above ~2.9 the masked kind is counted twice, shifted)")
     parser.add_argument("--quick", action="store_true", help="2,048 rows, one pair, ours only")
     parser.add_argument("--out", default=os.environ.get("OUT", os.path.join(os.path.dirname(__file__), "out")))
     args = parser.parse_args()
