@@ -276,7 +276,10 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
     count above 21 bits of int32: at most 512 bins a step.
 
     Nothing else per bin leaves the program: a bin's k = log2 p is a function of (bin, top,
-    log-sum), recomputed where it is needed (`_k_of_bins`)."""
+    log-sum), recomputed where it is needed (`_k_of_bins`).
+
+    A row flagged for its range alone is counted a second time, shifted, by the same program
+    ("Rows past 256", top of file): everything above is written again, with its shift."""
     tl.static_assert(TAIL_BLOCK == _RUN * SMEM_THREADS, "the pass over bins: a run of bins per thread, 512 a step "
                      "(its scan packs a step's occupied count in 10 bits)")
     if SIMD16:
