@@ -67,10 +67,8 @@ def _wide(gen, rows, vs, vt, device):
 def _wide_masked(gen, rows, vs, vt, device):
     """`wide` rows with 1% of their columns masked by -inf: the row's largest magnitude is
     -inf's, so the largest finite one takes one more read before the second count."""
-    def one(vocab):
-        row = _randn(gen, rows, vocab, device) * 100.0
-        return row.masked_fill_(torch.rand(rows, vocab, generator=gen, device=device) < 0.01, -torch.inf)
-    return one(vs), one(vt)
+    return tuple(x.masked_fill_(torch.rand(x.shape, generator=gen, device=device) < 0.01, -torch.inf)
+                 for x in _wide(gen, rows, vs, vt, device))
 
 
 def _flagged(gen, rows, vs, vt, device):

@@ -45,9 +45,9 @@ the unshifted values would (scaling by a power of two commutes with rounding), s
 signs and loss are exact under the same checks; magnitudes below 2**(s - 23) share the tiny
 bin. Rows of logits like N(0, 100^2) take this path, and so do rows with finite masks (-1e4)
 at temperatures where p(-256) > 0. In a row with an infinity the running maximum is the
-infinity's: there one more read finds the largest finite magnitude (`_finite_top`), and a row
+infinity's: there one more read finds the largest finite magnitude (`_infinities`), and a row
 with -inf masks is counted again the same way (its low bin then holds the -inf only); +inf and
-NaN stay flagged. Each side stores its shift (_SHIFT) and its
+NaN stay flagged, and so does a row whose scale times 2**s would pass float32. Each side stores its shift (_SHIFT) and its
 largest logit unshifted (_TOP): sign_kernel takes top and scale to the shifted values,
 grad_kernel shifts its slots the same, and finish_kernel needs neither.
 """
@@ -75,7 +75,7 @@ _TINY_END = tl.constexpr(1.1920928955078125e-07 - 4.656612873077393e-10)  # 2**-
 # NaN; negative: 4096 the tiny ones, 4097..8064 bins 3968..1, 8065 the logits <= -256, -inf and
 # the NaNs with their sign bit set. Lanes past a row load +0 (slot 0) and are subtracted; -inf
 # shares the low slot, and is counted apart by one more read of the row only where that slot
-# matters (`_masked_count`); a row's largest magnitude tells NaNs (> 32640) apart.
+# matters (`_infinities`); a row's largest magnitude tells NaNs (> 32640) apart.
 _POS_OUT_SLOT = tl.constexpr(3969)
 _RUN = tl.constexpr(4)  # bins per thread in hist_kernel's pass over them
 _EMPTY_SLOT = tl.constexpr(4000)  # never counted: what bins past WIDTH read
@@ -205,28 +205,20 @@ def _store_listed(list_at, position, bins, occupied, USE_PTX: tl.constexpr):
 
 
 @triton.jit
-def _masked_count(row_ptr, col_stride, stop, UNIT_STRIDE: tl.constexpr, BLOCK: tl.constexpr):
-    """How many logits of a row are -inf: one more read of it, for the rows that need it."""
-    found = tl.zeros([BLOCK], tl.int32)
-    for start in tl.range(0, stop, BLOCK):
-        raw = _load_raw(row_ptr, start + tl.arange(0, BLOCK), col_stride, stop, UNIT_STRIDE, 0.0)
-        found += (raw.to(tl.int16, bitcast=True) == _NEG_INF_BITS).to(tl.int32)
-    return tl.sum(found, 0)
-
-
-@triton.jit
-def _finite_top(row_ptr, col_stride, stop, UNIT_STRIDE: tl.constexpr, BLOCK: tl.constexpr):
-    """The largest magnitude bits among a row's finite logits, or past _INF_MAGNITUDE where it
-    holds +inf or a NaN (no shift helps those): one more read of the row, for rows with an
-    infinity that are flagged ("Rows past 256": -inf masks among logits past 256)."""
+def _infinities(row_ptr, col_stride, stop, UNIT_STRIDE: tl.constexpr, BLOCK: tl.constexpr):
+    """One more read of a row that holds an infinity, for the rows that need it: how many of
+    its logits are -inf, and the largest magnitude bits among its finite ones, or past
+    _INF_MAGNITUDE where it holds +inf or a NaN (no shift helps those; "Rows past 256")."""
+    minus_inf = tl.zeros([BLOCK], tl.int32)
     top = tl.zeros([BLOCK], tl.int32)
     for start in tl.range(0, stop, BLOCK):
         raw = _load_raw(row_ptr, start + tl.arange(0, BLOCK), col_stride, stop, UNIT_STRIDE, 0.0)
         bits = raw.to(tl.int16, bitcast=True).to(tl.int32)
         magnitude = bits & 0x7FFF
-        finite = magnitude < _INF_MAGNITUDE
-        top = tl.maximum(top, tl.where(finite, magnitude, tl.where(bits == _NEG_INF_BITS, 0, _INF_MAGNITUDE + 1)))
-    return tl.max(top, 0)
+        minus_inf += (bits == _NEG_INF_BITS).to(tl.int32)
+        top = tl.maximum(top, tl.where(magnitude < _INF_MAGNITUDE, magnitude,
+                                       tl.where(bits == _NEG_INF_BITS, 0, _INF_MAGNITUDE + 1)))
+    return tl.sum(minus_inf, 0), tl.max(top, 0)
 
 
 @triton.jit
@@ -391,7 +383,7 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
             low_matters |= ce_low
         masked = tl.zeros([], tl.int32)
         if (low_slot > 0) & (top_magnitude == _INF_MAGNITUDE) & low_matters & (flag == 0):
-            masked = _masked_count(row_ptr, col_stride, stop, UNIT_STRIDE, BLOCK)
+            masked, _finite = _infinities(row_ptr, col_stride, stop, UNIT_STRIDE, BLOCK)
         low_raw = low_slot - masked
         tiny_raw = _slot_count(raw_at, 0, USE_PTX) + tiny_more
         # The elements of nonzero probability: from the first bin of nonzero p on (less the -inf
@@ -405,9 +397,6 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
         # (the bin's k is that of 0; its positive logits may be live where 0 is not: the upper end)
         tiny_live = _exp2(tl.minimum(_log2_prob(_TINY_END, scale, top, log_sum), 0.0)) > 0.0
         flag += (((low_raw > 0) & low_live) | ((tiny_raw > 0) & tiny_live & tiny_split)).to(tl.int32) * 4
-        # (a shifted row at a small temperature: scale * 2**s past float32, where 0 * inf would
-        # make the top's k NaN; the trie's unshifted products do not overflow so)
-        flag += (scale > 3.4e38).to(tl.int32) * 4
         if HAS_CE:  # the same two checks at temperature 1
             ce_split = (_log2_prob(-_TINY_END, ce_scale, top, ce_log_sum)
                         != _log2_prob(_TINY_END, ce_scale, top, ce_log_sum))
@@ -423,8 +412,12 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
         # (a row with an infinity: the largest magnitude among its finite logits, one more read)
         finite = top_magnitude
         if (shift == 0) & (flag > 1) & (top_magnitude == _INF_MAGNITUDE):
-            finite = _finite_top(row_ptr, col_stride, stop, UNIT_STRIDE, BLOCK)
-        again = (shift == 0) & (flag > 1) & (finite >= SLOT_M_HI) & (finite < _INF_MAGNITUDE)
+            _minus_inf, finite = _infinities(row_ptr, col_stride, stop, UNIT_STRIDE, BLOCK)
+        next_shift = (finite - SLOT_M_HI + _SHIFT_STEP) // _SHIFT_STEP * _SHIFT_STEP
+        # Not where scale * 2**s passes float32 (a small temperature; there the top's k would
+        # be 0 * inf): the row stays flagged, as it is after this count.
+        again = ((shift == 0) & (flag > 1) & (finite >= SLOT_M_HI) & (finite < _INF_MAGNITUDE)
+                 & (inv_temperature * LOG2E * _power_of_shift(next_shift, 1) < 3.4e38))
         if again:  # the histogram read, then zeroed for the second count
             tl.debug_barrier()
             if USE_PTX:
@@ -433,7 +426,7 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
                 for word in tl.range(0, CAP, TAIL_BLOCK):
                     tl.store(raw_at + word + tl.arange(0, TAIL_BLOCK), tl.zeros([TAIL_BLOCK], tl.int32))
             tl.debug_barrier()
-        shift = (finite - SLOT_M_HI + _SHIFT_STEP) // _SHIFT_STEP * _SHIFT_STEP
+        shift = next_shift
 
 
 @triton.jit
