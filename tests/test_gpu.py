@@ -27,12 +27,13 @@ pytestmark = pytest.mark.gpu
 _CHECKED_ROWS = 6
 
 
-def _check_rows_against_reference(student, teacher, rows, grad, dtype, seed):
+def _check_rows_against_reference(student, teacher, rows, grad, dtype, seed, near_ties=False):
     pick = torch.randperm(student.shape[0], generator=torch.Generator().manual_seed(seed))[:_CHECKED_ROWS]
     pick = pick.to(student.device)
     ref_rows, ref_grad, _ = reference_rows_and_grads(student[pick], teacher[pick])
     assert_losses_close(rows[pick], ref_rows, dtype)
-    assert_grads_close(grad[pick], ref_grad, student[pick], dtype)
+    near = cross_near_ties(student[pick], teacher[pick]) if near_ties else None
+    assert_grads_close(grad[pick], ref_grad, student[pick], dtype, near_ties=near)
     # The same rows alone give bit-identical results.
     alone, _, alone_grad, _ = uld_rows(student[pick], teacher[pick], 1.0, 1.0, True, False, 1.0)
     assert torch.equal(alone, rows[pick]), "a row's loss depends on its batch"
@@ -50,7 +51,11 @@ def test_realistic_batches(pair, kind):
     rows, status, grad, _ = uld_rows(student, teacher, 1.0, 1.0, True, False, 1.0)
     assert ((status & 1) == 0).all(), f"{int((status != 0).sum())} rows ran out of workspace"
     assert torch.isfinite(rows).all()
-    _check_rows_against_reference(student, teacher, rows, grad, torch.bfloat16, seed=n)
+    # `flagged` rows put their mass on 16 logits within 2**-23 of 0 in both rows: their
+    # probabilities agree across the rows to float32 resolution (near-ties: README, "Ties"),
+    # and any sign of those is right. The loss is still checked as tightly as elsewhere.
+    _check_rows_against_reference(student, teacher, rows, grad, torch.bfloat16, seed=n,
+                                  near_ties=kind == "flagged")
     if kind == "identical":
         assert (rows == 0).all() and (grad == 0).all()
 
