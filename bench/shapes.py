@@ -71,11 +71,19 @@ def _wide_masked(gen, rows, vs, vt, device):
                  for x in _wide(gen, rows, vs, vt, device))
 
 
+def _init(gen, rows, vs, vt, device):
+    """A freshly initialised student (flat logits N(0, 0.1^2)) and a peaked teacher: at 152k
+    columns ~2% of the student's rows hold a logit below 2**-23 in a split tiny bin, counted
+    again scaled up (uld_hist.py, "Split tiny bins"; before 2026-11-30, the trie's)."""
+    return _randn(gen, rows, vs, device) * 0.1, _peaked_row(gen, rows, vt, device)
+
+
 def _flagged(gen, rows, vs, vt, device):
     """Rows whose probability sits on 16 logits of magnitude below 2**-23, the others N(-60, 4^2)
-    (live, far below): at temperature 1 (log-sum ~4) the tiny bin's two ends have different k,
-    so every row is flagged and goes to the trie fallback: the histogram engine's worst case
-    found (rows past 256 are counted again instead, `wide`)."""
+    (live, far below): at temperature 1 (log-sum ~4) the tiny bin's two ends have different k.
+    The tail's magnitudes (up to ~78) leave room to scale the row up by one binade only
+    ("Split tiny bins"): rows whose tiny logits below 2**-24 still split (about a third) stay
+    flagged and go to the trie fallback, the histogram engine's worst case found."""
     def one(vocab):
         row = _randn(gen, rows, vocab, device) * 4.0 - 60.0
         columns = torch.rand(rows, vocab, generator=gen, device=device).argsort(-1)[:, :16]
@@ -105,7 +113,8 @@ KINDS = {
                                    "temperatures above ~2.9)"),
     "wide": Kind(_wide, False, "logits N(0, 100^2): every row past the histogram's bins, counted again, shifted"),
     "wide_masked": Kind(_wide_masked, False, "wide, 1% of the columns -inf: counted again after one more read"),
-    "flagged": Kind(_flagged, False, "16 logits below 2**-23, the rest N(-60, 4^2): every row flagged (the fallback)"),
+    "init": Kind(_init, False, "student logits N(0, 0.1^2) (freshly initialised), teacher peaked"),
+    "flagged": Kind(_flagged, False, "16 logits below 2**-23, the rest N(-60, 4^2): many rows flagged (the fallback)"),
 }
 
 

@@ -212,6 +212,38 @@ def test_rows_past_256_are_counted_again_shifted_and_exact(case, device):
     _assert_matches_reference(out, student, teacher, ts, tt, what=f"{case}: ")
 
 
+def _split_tiny_rows(seed):
+    """Twelve student rows of 300 flat logits (N(0, s^2), s from 0.02 to 0.5, the range of a
+    freshly initialised model's) with logits below 2**-23 planted (and zeros, on every other
+    column in half the rows): at these temperatures some rows' tiny bins split."""
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(12, 300, generator=g) * torch.tensor([0.02, 0.05, 0.1, 0.2, 0.3, 0.5] * 2)[:, None]
+    s[:, ::9] = (torch.rand(12, 34, generator=g) * 2 - 1) * 2.0 ** -23
+    s[:, 5] = 0.0
+    s[6:, ::2] = 0.0
+    teacher = torch.randn(12, 250, generator=g) * 3
+    return s.to(torch.bfloat16), teacher.to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("ts", [0.5, 1.0])
+def test_split_tiny_bins_are_counted_again_scaled_up(ts, device):
+    """Rows whose largest logit is small split their tiny bin (logits near 0 of different k).
+    Counted again with their values scaled up (a negative shift: hist_kernel, "Split tiny
+    bins"), they are the engine's own: unflagged, and exact against float64. The premise, and
+    the rows that cannot be scaled: the same rows with one dead logit of -200 (a magnitude past
+    128 leaves no room) are flagged, as at the first count."""
+    student, teacher = _split_tiny_rows(seed=8)
+    student, teacher = student.to(device), teacher.to(device)
+    kept = student.clone()
+    kept[:, -1] = -200.0
+    split = _flagged(launch.hist_rows(kept, teacher, ts, 1.0, True, True, 1.0, fallback=False)[1])
+    assert int(split.sum()) >= 3, f"test input: {int(split.sum())} of 12 rows split their tiny bin"
+    _assert_no_cross_near_ties(student, teacher, ts, 1.0)
+    out = launch.hist_rows(student, teacher, ts, 1.0, True, True, 1.0, fallback=False)
+    _assert_unflagged(out[1], "rows of a split tiny bin")
+    _assert_matches_reference(out, student, teacher, ts, 1.0, what=f"T={ts}: ")
+
+
 def test_a_shifted_scale_past_float32_is_flagged(device):
     """A logit of 2e38 (shift 120 binades) at a student temperature of 0.005: scale * 2**120
     overflows float32, where the top's k would be 0 * inf (NaN); the row is flagged and exact
@@ -258,6 +290,7 @@ def test_the_fallback_walks_more_pairs_than_programs(device):
     teacher = (torch.randn(11, 120, generator=g) * 2).to(torch.bfloat16)
     for row in (1, 6, 9, 10):  # logits below 2**-23 only: a tiny bin split at this temperature
         student[row] = ((torch.rand(150, generator=g) * 2 - 1) * 2.0 ** -23).to(student)
+        student[row, 0] = -200.0  # (dead, a magnitude past 128: not scaled up, "Split tiny bins")
     teacher[9, 7] = -300.0  # and one past the bins on the teacher's side (dead here: no second count)
     student, teacher = student.to(device), teacher.to(device)
     alone = launch.hist_rows(student, teacher, 0.5, 0.8, True, True, 1.0, fallback=False)
@@ -362,6 +395,7 @@ def test_tiny_logits_live_where_zero_is_not(device):
     student = torch.full((1, 40), -5.0)
     student[0, 0] = 0.125
     student[0, 1:21] = tiny
+    student[0, 39] = -200.0  # (dead: it keeps the row from being scaled up, "Split tiny bins")
     student = student.to(torch.bfloat16).to(device)
     teacher = torch.randn(1, 30, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16).to(device)
     flags = launch.hist_rows(student, teacher, temperature, 1.0, True, False, 1.0, fallback=False)[1]
@@ -443,19 +477,22 @@ def test_gathered_pairs_with_cross_entropy_match_the_trie(device):
     assert_grads_close(ours[3], trie[3], student, torch.bfloat16)
 
 
-@pytest.mark.parametrize("case", ["tiny", "past_256", "past_256_masked"])
+@pytest.mark.parametrize("case", ["tiny", "tiny_scaled", "past_256", "past_256_masked"])
 def test_flagged_gathered_pairs_with_cross_entropy_go_through_the_fallback(case, device):
     """The training loss's path with an unusual student row 0 among ordinary and padding pairs:
-    logits below 2**-23 only (its tiny bin split at this temperature: flagged, through the
-    fallback), or a logit of 300, its cross-entropy's label (counted again, shifted, its
+    logits below 2**-23 only (its tiny bin split at this temperature) with a dead -200 (so that
+    it cannot be scaled up: flagged, through the fallback) or without (counted again scaled
+    up, its statistics at temperature 1 too: "Split tiny bins"), or a logit of 300, its cross-entropy's label (counted again, shifted, its
     statistics at temperature 1 too: "Rows past 256"), also masked with -inf (the same, after
     a read for its largest finite magnitude). The same losses, cross-entropies and gradient as
     the trie engine on all the pairs."""
     g = torch.Generator().manual_seed(22)
     student = (torch.randn(4, 230, generator=g) * 2).to(torch.bfloat16).to(device)
     teacher = (torch.randn(3, 170, generator=g) * 2).to(torch.bfloat16).to(device)
-    if case == "tiny":
+    if case.startswith("tiny"):
         student[0] = ((torch.rand(230, generator=g) * 2 - 1) * 2.0 ** -23).to(student)
+        if case == "tiny":
+            student[0, 100] = -200.0
     else:
         student[0, 11] = 300.0
     if case == "past_256_masked":
@@ -474,7 +511,8 @@ def test_flagged_gathered_pairs_with_cross_entropy_go_through_the_fallback(case,
     trie = launch.uld_pairs(student, teacher, 0.5, 0.7, True, False, 1.0, **kw)
     assert_losses_close(ours[0], trie[0], torch.bfloat16, what="loss")
     assert_losses_close(ours[2], trie[2], torch.bfloat16, what="cross-entropy")
-    assert ours[1].tolist()[1] == trie[1].tolist()[1], "the flagged pair carries the trie's status"
+    assert ours[1].tolist()[1] == (trie[1].tolist()[1] if flagged else 0), (
+        "a flagged pair carries the trie's status, a kept one 0")
     assert ours[0][2] == 0 and ours[2][2] == 0, "a padding pair has loss and cross-entropy 0"
     assert_grads_close(ours[3], trie[3], student, torch.bfloat16)
 
@@ -519,6 +557,7 @@ def test_the_cross_entropy_checks_the_tiny_bin_at_its_own_temperature(device):
     student = -(torch.rand(1, 120, generator=g) * 4 + 6)  # -10 .. -6
     student[0, 0] = 0.125
     student[0, 5] = 0.0
+    student[0, 7] = -200.0  # (dead: it keeps the row from being scaled up, "Split tiny bins")
     student = student.to(torch.bfloat16)
     teacher = (torch.rand(1, 90, generator=g) * 1.5).to(torch.bfloat16)
     student, teacher = student.to(device), teacher.to(device)

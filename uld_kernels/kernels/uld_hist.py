@@ -50,6 +50,15 @@ with -inf masks is counted again the same way (its low bin then holds the -inf o
 NaN stay flagged, and so does a row whose scale times 2**s would pass float32. Each side stores its shift (_SHIFT) and its
 largest logit unshifted (_TOP): sign_kernel takes top and scale to the shifted values,
 grad_kernel shifts its slots the same, and finish_kernel needs neither.
+
+Split tiny bins. A row whose largest logit is small (below about 2) resolves logits near 0
+in z - top, so its tiny bin can hold logits of different k (a split bin, flagged). Where every
+logit's magnitude is below 128, the row is counted a second time with a *negative* shift: its
+values times 2**s for the largest s (at most 64) that keeps them below 256, so that only
+magnitudes below 2**(-23 - s) share the tiny bin, which then holds one k unless the row's
+range is too wide for it (such a row stays flagged; rows of logits N(0, 0.1^2), a freshly
+initialised student's, have ~2% of their rows split at 152k columns and are all kept). The
+rest is the same as above, with scale times 2**-s kept a normal float32.
 """
 
 import triton
@@ -98,6 +107,8 @@ _OCCUPIED = tl.constexpr(2)  # bins holding any element (listed in order at list
 _DEAD = tl.constexpr(3)  # elements of probability 0 (their bins come first)
 _SHIFT = tl.constexpr(4)  # the row's shift (magnitude bits; "Rows past 256" above); _TOP is the unshifted top
 _SHIFT_STEP = tl.constexpr(128)  # a binade of bf16 magnitude bits: shifts are multiples of it
+_MAX_UP = tl.constexpr(64)  # binades a row may be scaled up by ("Split tiny bins"): 2**-87 still tiny
+_MIN_NORMAL = tl.constexpr(1.1754943508222875e-38)  # 2**-126: a scale below it would lose bits
 
 
 @triton.jit
@@ -413,11 +424,18 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
         finite = top_magnitude
         if (shift == 0) & (flag > 1) & (top_magnitude == _INF_MAGNITUDE):
             _minus_inf, finite = _infinities(row_ptr, col_stride, stop, UNIT_STRIDE, BLOCK)
-        next_shift = (finite - SLOT_M_HI + _SHIFT_STEP) // _SHIFT_STEP * _SHIFT_STEP
-        # Not where scale * 2**s passes float32 (a small temperature; there the top's k would
-        # be 0 * inf): the row stays flagged, as it is after this count.
-        again = ((shift == 0) & (flag > 1) & (finite >= SLOT_M_HI) & (finite < _INF_MAGNITUDE)
-                 & (inv_temperature * LOG2E * _power_of_shift(next_shift, 1) < 3.4e38))
+        # Past 256: the smallest shift that brings the largest magnitude below 256. Below it
+        # (the row was flagged for a split tiny bin: nothing else flags a row of finite logits
+        # below 256 with an occupied bin), the largest scaling up that keeps it below 256
+        # (a negative shift, at most _MAX_UP binades; none for a largest magnitude >= 128).
+        next_shift = tl.where(finite >= SLOT_M_HI, (finite - SLOT_M_HI + _SHIFT_STEP) // _SHIFT_STEP,
+                              -tl.minimum((SLOT_M_HI - 1 - finite) // _SHIFT_STEP, _MAX_UP)) * _SHIFT_STEP
+        # Not where scale * 2**s leaves float32's normal range (a small temperature, past it:
+        # there the top's k would be 0 * inf; a huge one, below it: k would lose bits): the
+        # row stays flagged, as it is after this count.
+        next_scale = inv_temperature * LOG2E * _power_of_shift(next_shift, 1)
+        again = ((shift == 0) & (flag > 1) & ((next_shift > 0) | ((next_shift < 0) & (top_bin > 0)))
+                 & (finite < _INF_MAGNITUDE) & (next_scale < 3.4e38) & (next_scale >= _MIN_NORMAL))
         if again:  # the histogram read, then zeroed for the second count
             tl.debug_barrier()
             if USE_PTX:
