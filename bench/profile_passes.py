@@ -2,9 +2,10 @@
 
     python bench/profile_passes.py [--rows 16384] [--pairs qwen_llama3 qwen_qwen] [--kinds ...]
 
-Prints, per (pair, kind), each kernel's total device time over one call (after warm-up) and
-the trie depth statistics of the rows (status >> 1), so a change can be aimed at the pass
-that costs most.
+Prints, per (pair, kind), each kernel's total device time over one call (after warm-up), the
+trie depth statistics of the rows (status >> 1) and, for bf16 rows in the histogram engine,
+how many rows it flagged (the trie fallback's), so a change can be aimed at the pass that
+costs most.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.shapes import KINDS, VOCAB_PAIRS, make_rows, pair_kinds  # noqa: E402
+from uld_kernels import launch  # noqa: E402
 from uld_kernels.launch import uld_rows  # noqa: E402
 
 
@@ -60,8 +62,12 @@ def main():
         per_kernel = kernel_times(lambda: one_call(student, teacher))
         total = sum(t for t, _ in per_kernel.values())
         depth = (status >> 1).float()
+        flagged = ""
+        if launch.ENGINE == "hist" and student.dtype == torch.bfloat16:  # rows the trie fallback took
+            flags = launch.hist_rows(student, teacher, 1.0, 1.0, True, False, 1.0, fallback=False)[1]
+            flagged = f"; flagged rows {int((flags != 0).sum())}"
         print(f"\n{pair} {kind} rows={args.rows}: {total / 1e3:.2f} ms of kernels; trie depth mean "
-              f"{depth.mean():.2f} max {int(depth.max())}; exhausted rows {int((status & 1).sum())}")
+              f"{depth.mean():.2f} max {int(depth.max())}; exhausted rows {int((status & 1).sum())}{flagged}")
         print_kernel_times(per_kernel)
         del student, teacher
         torch.cuda.empty_cache()
