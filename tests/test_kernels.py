@@ -7,11 +7,13 @@ TRITON_INTERPRET=1), so shapes stay small; on a GPU the same tests run compiled.
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
 
 import uld_kernels.launch as launch
+from bench.shapes import make_rows
 from tests.helpers import assert_grads_close, assert_losses_close, cross_near_ties, reference_rows_and_grads
 from uld_kernels import uld_loss
 
@@ -241,16 +243,22 @@ def test_deterministic_and_independent_of_batch(device):
 @pytest.mark.parametrize("entries", [1024, 300, 20])
 def test_small_workspace_stays_exact_or_says_nan(entries, device, monkeypatch):
     """A smaller trie (`entries` below the root) splits fewer bits per level: still exact.
-    When even one bit per open bucket no longer fits, the row's loss is NaN (never a wrong
-    number)."""
+    When even one bit per open bucket no longer fits and no retry may take more
+    (ULD_TRIE_RETRY_ENTRIES 0 here), the row's loss is NaN, with a warning (never a wrong
+    number, never a silent one)."""
     for knobs in (launch.SPLIT, launch.SPLIT_INTERPRETED):
         monkeypatch.setitem(knobs, "entries", (1 << knobs["root_bits"]) + entries)
+    monkeypatch.setattr(launch, "TRIE_RETRY_ENTRIES", 0)
     student, teacher = _rows("permuted", 2, 400, 400, torch.float32, device, seed=2)
     student.requires_grad_(True)
-    rows, status, grad, _ = launch.uld_rows(student, teacher, 1.0, 1.0, True, False, 1.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rows, status, grad, _ = launch.uld_rows(student, teacher, 1.0, 1.0, True, False, 1.0)
     ref_rows, ref_grad, _ = reference_rows_and_grads(student, teacher)
     ok = (status & 1) == 0
     assert torch.isnan(rows[~ok]).all(), "a row whose workspace ran out must be NaN"
+    said = [w for w in caught if "ran out of trie workspace" in str(w.message)]
+    assert len(said) == int(not ok.all()), f"one warning where rows are NaN: {[str(w.message) for w in caught]}"
     if entries >= 1024:
         assert ok.all(), f"1,024 entries suffice for 400 elements, status {status.tolist()}"
     if entries <= 20:
@@ -262,6 +270,77 @@ def test_small_workspace_stays_exact_or_says_nan(entries, device, monkeypatch):
     near = cross_near_ties(student[ok], teacher[ok])
     assert_grads_close(grad[ok], ref_grad[ok.cpu()], student[ok], torch.float32, per_tie_group=False,
                        near_ties=near)
+
+
+def _out_of_workspace_rows(device, monkeypatch):
+    """float32 rows whose teacher is the student plus a little noise (one vocabulary: the trie's
+    hard case), on a workspace where some run out at the first size: under the interpreter,
+    2,048 entries and 3,000 columns (pair 1 of these, found 2026-11-30); on the GPU, the real
+    16,384 and Qwen/Qwen rows (a third of such rows ran out in the interpreter with the GPU's
+    sizes). Returns them and the size."""
+    if device == "cpu":
+        monkeypatch.setitem(launch.SPLIT_INTERPRETED, "entries", 2048)
+        student, teacher = make_rows("near", 6, 3000, 3000, seed=3, dtype=torch.float32, device="cpu")
+    else:
+        student, teacher = make_rows("near", 12, 151936, 151936, seed=5, dtype=torch.float32, device=device)
+    return student, teacher, launch.split_config(device == "cuda").entries
+
+
+def test_pairs_out_of_workspace_are_computed_again_with_more(device, monkeypatch):
+    """A pair whose trie needs more entries than it has (status bit 0, loss NaN: the premise,
+    with retries off) is computed again alone with 4x the entries (launch._retry_exhausted):
+    every row exact against float64, the retried ones bit for bit what that size gives them
+    from the start, the others untouched; no warning."""
+    student, teacher, entries = _out_of_workspace_rows(device, monkeypatch)
+    monkeypatch.setattr(launch, "TRIE_RETRY_ENTRIES", entries)
+    with pytest.warns(RuntimeWarning, match="ran out of trie workspace"):
+        first, status, _, first_grad, _ = launch.uld_pairs(student, teacher, 1.0, 1.0, True, False, 1.0)
+    out = (status & 1) != 0
+    assert out.any(), f"test input: no pair ran out of {entries} entries, status {status.tolist()}"
+    monkeypatch.setattr(launch, "TRIE_RETRY_ENTRIES", 1 << 20)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rows, status, _, grad, _ = launch.uld_pairs(student, teacher, 1.0, 1.0, True, False, 1.0)
+    assert not (status & 1).any(), f"status {status.tolist()}"
+    assert not [w for w in caught if "ran out of trie workspace" in str(w.message)], "a warning after the retry"
+    assert torch.equal(rows[~out], first[~out]) and torch.equal(grad[~out], first_grad[~out]), (
+        "a pair that did not run out changed")
+    key = "SPLIT_INTERPRETED" if device == "cpu" else "SPLIT"
+    monkeypatch.setitem(getattr(launch, key), "entries", entries * 4)
+    bigger, _, _, bigger_grad, _ = launch.uld_pairs(student, teacher, 1.0, 1.0, True, False, 1.0)
+    assert torch.equal(rows[out], bigger[out]) and torch.equal(grad[out], bigger_grad[out]), (
+        "a retried pair differs from the same pair computed with the larger trie from the start")
+    ref_rows, ref_grad, _ = reference_rows_and_grads(student, teacher)
+    assert_losses_close(rows, ref_rows, torch.float32)
+    assert_grads_close(grad, ref_grad, student, torch.float32, near_ties=cross_near_ties(student, teacher))
+
+
+def test_gathered_pairs_out_of_workspace_keep_their_weights_and_cross_entropy(device, monkeypatch):
+    """The same through the training loss's path: gathered pairs (reordered, one padding),
+    row weights, the cross-entropy fused. The retried pairs get the losses, cross-entropies
+    and gradient rows that the larger trie gives them from the start."""
+    if device != "cpu":
+        pytest.skip("the interpreter's small workspace makes the case; on the GPU the aligned test covers the retry")
+    student, teacher, entries = _out_of_workspace_rows(device, monkeypatch)
+    kw = dict(student_index=torch.tensor([5, 1, -1, 3, 0]), teacher_index=torch.tensor([5, 1, 2, 3, 0]),
+              row_weight=torch.tensor([0.5, 2.0, 1.0, 1.5, 1.0]), ce_label=torch.tensor([7, 2999, -1, 0, 11]),
+              ce_weight=torch.tensor([1.0, 0.5, 1.0, 2.0, 1.0]))
+    monkeypatch.setattr(launch, "TRIE_RETRY_ENTRIES", entries)
+    with pytest.warns(RuntimeWarning, match="ran out of trie workspace"):
+        first = launch.uld_pairs(student, teacher, 1.0, 1.0, True, True, 0.25, **kw)
+    out = (first[1] & 1) != 0
+    assert out.any(), f"test input: no pair ran out, status {first[1].tolist()}"
+    monkeypatch.setattr(launch, "TRIE_RETRY_ENTRIES", 1 << 20)
+    rows, status, ce, grad_s, grad_t = launch.uld_pairs(student, teacher, 1.0, 1.0, True, True, 0.25, **kw)
+    assert not (status & 1).any(), f"status {status.tolist()}"
+    monkeypatch.setitem(launch.SPLIT_INTERPRETED, "entries", entries * 4)
+    big = launch.uld_pairs(student, teacher, 1.0, 1.0, True, True, 0.25, **kw)
+    retried_rows = kw["student_index"][out]
+    assert torch.equal(rows[out], big[0][out]) and torch.equal(ce[out], big[2][out]), "losses or cross-entropies"
+    assert torch.equal(grad_s[retried_rows], big[3][retried_rows]), "the retried pairs' student gradient rows"
+    assert torch.equal(grad_t[kw["teacher_index"][out]], big[4][kw["teacher_index"][out]]), "teacher gradient rows"
+    kept = kw["student_index"][~out & (kw["student_index"] >= 0)]
+    assert torch.equal(grad_s[kept], first[3][kept]) and torch.equal(rows[~out], first[0][~out]), "the other pairs"
 
 
 def test_gradient_matches_finite_differences(device):

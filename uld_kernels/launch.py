@@ -5,8 +5,10 @@ Nothing here validates user input (api.py does) or knows about autograd (autogra
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -75,6 +77,11 @@ SPLIT = dict(
     smem=os.environ.get("ULD_SMEM", "1") != "0",
     level_cap=int(os.environ.get("ULD_LEVEL_CAP", 1024)),
 )
+# A pair whose trie needs more than `entries` runs out of workspace (status bit 0, its loss NaN):
+# rows of one vocabulary drawn alike, in float32 (1 in 3 Qwen/Qwen "near" rows at 16,384
+# entries, thirteenth session). uld_pairs computes such pairs again, alone, with 4x the entries
+# (and a quarter of the pairs per batch: the same workspace), up to this many.
+TRIE_RETRY_ENTRIES = int(os.environ.get("ULD_TRIE_RETRY_ENTRIES", 1 << 20))
 # Which engine computes bf16 rows: "hist" (uld_hist.py: histograms of the logits' values; rows
 # it cannot settle exactly go to the trie) or "split" (the trie engine for every row). Other
 # dtypes always take the trie: float32 has no small set of values, and fp16's 1,024 values per
@@ -172,8 +179,9 @@ def uld_rows(
     grad_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Row losses ``[N]`` (float32), status ``[N]`` (int32: bit 0 set when the trie's workspace
-    ran out and the row's loss is NaN; ``status >> 1`` = trie levels the row needed; 0 for
-    rows the histogram engine settled) and the gradients of ``grad_scale * sum(row losses)``
+    ran out, even after `uld_pairs` gave the pair more (TRIE_RETRY_ENTRIES), and the row's
+    loss is NaN; ``status >> 1`` = trie levels the row needed; 0 for rows the histogram engine
+    settled) and the gradients of ``grad_scale * sum(row losses)``
     for the sides asked for (input dtypes).
 
     bf16 rows go through the histogram engine (`hist_rows`) unless ULD_ENGINE=split, other
@@ -371,10 +379,51 @@ def uld_pairs(
     status = torch.empty(n_pairs, dtype=torch.int32, device=student_logits.device)
     if n_pairs == 0:
         return row_loss, status, row_ce, grad_student, grad_teacher
-    _split_pairs(student_logits, teacher_logits, row_loss, status, row_ce, grad_student,
-                 grad_teacher, student_temperature, teacher_temperature, grad_scale,
-                 student_index, teacher_index, row_weight, ce_label, ce_weight, n_pairs)
+    args = (student_logits, teacher_logits, row_loss, status, row_ce, grad_student, grad_teacher,
+            student_temperature, teacher_temperature, grad_scale, student_index, teacher_index, row_weight,
+            ce_label, ce_weight)
+    _split_pairs(*args, n_pairs)
+    _retry_exhausted(*args)
     return row_loss, status, row_ce, grad_student, grad_teacher
+
+
+def _retry_exhausted(student_logits, teacher_logits, row_loss, status, row_ce, grad_student, grad_teacher,
+                     student_temperature, teacher_temperature, grad_scale, student_index, teacher_index,
+                     row_weight, ce_label, ce_weight):
+    """The pairs that ran out of workspace (status bit 0), computed again alone with 4x the
+    trie entries each time, up to TRIE_RETRY_ENTRIES, in place: their losses, statuses,
+    cross-entropies and gradient rows. One host sync (the count of such pairs) per call of the
+    trie engine; the histogram engine's bf16 rows never come here. A pair still out of
+    workspace at the largest size keeps its NaN loss, with a warning."""
+    cfg = split_config(student_logits.device.type == "cuda")
+    gather = student_index is not None
+    while True:
+        exhausted = torch.nonzero(status & 1).flatten()
+        n = exhausted.numel()
+        if n == 0:
+            return
+        if cfg.entries * 4 > TRIE_RETRY_ENTRIES:
+            warnings.warn(f"uld_kernels: {n} row pair(s) ran out of trie workspace at {cfg.entries} entries "
+                          f"(ULD_TRIE_RETRY_ENTRIES); their loss is NaN", RuntimeWarning, stacklevel=3)
+            return
+        cfg = dataclasses.replace(cfg, entries=cfg.entries * 4, batch_rows=max(1, cfg.batch_rows // 4))
+        device = student_logits.device
+        sub_loss = torch.empty(n, dtype=torch.float32, device=device)
+        sub_status = torch.empty(n, dtype=torch.int32, device=device)
+        sub_ce = torch.empty(n, dtype=torch.float32, device=device) if ce_label is not None else None
+        # Gathered, whatever the call was: pair r of the retry reads the rows of pair exhausted[r]
+        # and writes their gradient rows whole into the same buffers (weight 1 for aligned rows).
+        _split_pairs(student_logits, teacher_logits, sub_loss, sub_status, sub_ce, grad_student, grad_teacher,
+                     student_temperature, teacher_temperature, grad_scale,
+                     student_index[exhausted] if gather else exhausted,
+                     teacher_index[exhausted] if gather else exhausted,
+                     row_weight[exhausted] if gather else torch.ones(n, dtype=torch.float32, device=device),
+                     ce_label[exhausted] if ce_label is not None else None,
+                     ce_weight[exhausted] if ce_weight is not None else None, n, cfg=cfg)
+        row_loss[exhausted] = sub_loss
+        status[exhausted] = sub_status
+        if row_ce is not None:
+            row_ce[exhausted] = sub_ce
 
 
 def _trie_workspace(batch, cfg, n_chunks, chunks_pow2, device):
@@ -432,15 +481,16 @@ def _trie_fallback(student_logits, teacher_logits, row_loss, status, row_ce, gra
 
 def _split_pairs(student_logits, teacher_logits, row_loss, status, row_ce, grad_student,
                  grad_teacher, student_temperature, teacher_temperature, grad_scale,
-                 student_index, teacher_index, row_weight, ce_label, ce_weight, n_pairs):
-    """The split engine: per batch of pairs, one launch per pass over a (pair, chunk) grid."""
+                 student_index, teacher_index, row_weight, ce_label, ce_weight, n_pairs, cfg=None):
+    """The split engine: per batch of pairs, one launch per pass over a (pair, chunk) grid
+    (`cfg`: its sizes, `split_config` unless given)."""
     gather = student_index is not None
     has_ce = ce_label is not None
     _, student_vocab = _rows_and_vocab(student_logits)
     _, teacher_vocab = _rows_and_vocab(teacher_logits)
     longest = max(student_vocab, teacher_vocab)
     device = student_logits.device
-    cfg = split_config(device.type == "cuda")
+    cfg = cfg or split_config(device.type == "cuda")
     n_chunks = triton.cdiv(longest, cfg.chunk)
     chunks_pow2 = triton.next_power_of_2(n_chunks)
     batch = min(n_pairs, cfg.batch_rows)
