@@ -273,6 +273,46 @@ def test_exact_ties_across_the_sides(name, device):
     assert_grads_close(teacher.grad, ref_t, teacher.detach(), BF16, what=f"{name}: teacher gradient")
 
 
+def _scaled_against_unscaled(name):
+    """(student, teacher, Ts, Tt, cross-entropy) whose float64 softmaxes are equal element for
+    element, where one side is scaled up ("Split tiny bins") and the other counts a tiny bin:
+    found by a review of ec2da32, which lost these ties (loss ~1e-7, gradients up to 0.06)."""
+    if name == "rescaled":  # the student's tiny bin splits at T = 0.5; the teacher's (4x at 2) does not
+        student = torch.tensor([[2.0 ** -26, 0, 0, 0] + [-1.0, -2.0, -3.0] * 4])
+        return student.to(BF16), (student * 4).to(BF16), 0.5, 2.0, False
+    z = torch.linspace(-7.0, -10.0, 200)  # "identical": the student splits at the cross-entropy's T = 1 only
+    z[1:10] = 0.0
+    z[0] = 2.0 ** -24
+    return z[None].to(BF16), z[None].to(BF16), 2.0, 2.0, True
+
+
+@pytest.mark.parametrize("name", ["rescaled", "identical"])
+def test_ties_across_a_side_scaled_up_and_one_not(name, device):
+    """A side scaled up resolves its logits near 0 one by one, a side that is not counts them
+    at 0: their log-sums may differ by an ulp, breaking exact ties across the rows. The pair
+    must go to the trie (flagged) and come back with loss 0 and gradient 0, as in float64."""
+    student, teacher, ts, tt, with_ce = _scaled_against_unscaled(name)
+    student, teacher = student.to(device), teacher.to(device)
+    kw = {}
+    if with_ce:
+        kw = dict(student_index=torch.tensor([0], device=device), teacher_index=torch.tensor([0], device=device),
+                  row_weight=torch.ones(1, device=device), ce_label=torch.tensor([5], device=device),
+                  ce_weight=torch.ones(1, device=device))
+    ref_rows, ref_s, ref_t = reference_rows_and_grads(student, teacher, ts, tt, teacher_grad=True)
+    assert (ref_rows == 0).all() and (ref_s == 0).all() and (ref_t == 0).all(), "premise: exact ties in float64"
+    alone = launch.hist_pairs(student, teacher, ts, tt, True, True, 1.0, fallback=False, **kw)
+    assert (alone[1] != 0).all(), f"{name}: flags {alone[1].tolist()}: the pair must go to the trie"
+    rows, _status, ce, grad_s, grad_t = launch.hist_pairs(student, teacher, ts, tt, True, True, 1.0, **kw)
+    assert_losses_close(rows, ref_rows, BF16, what=f"{name}: loss")
+    assert (grad_t == 0).all(), f"{name}: teacher gradient {grad_t.abs().max()}"
+    if with_ce:  # the student's gradient holds the cross-entropy's too: the trie's is the oracle
+        trie = launch.uld_pairs(student, teacher, ts, tt, True, True, 1.0, **kw)
+        assert_losses_close(ce, trie[2], BF16, what=f"{name}: cross-entropy")
+        assert_grads_close(grad_s, trie[3], student, BF16, what=f"{name}: student gradient against the trie")
+    else:
+        assert (grad_s == 0).all(), f"{name}: student gradient {grad_s.abs().max()}"
+
+
 def test_within_row_float32_ties_share_one_sign(device):
     """The float32 tie contract (README, "Exactness"): distinct logits of one row whose k rounds
     to one float32 value are one tie group. Here 0, +-1e-8, +-5e-8 and 1e-7 share the tiny bin

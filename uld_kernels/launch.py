@@ -323,7 +323,7 @@ def _hist_batches(row_loss, flags, row_ce, sides, grad_scale, n_pairs, on_gpu, r
             STORE_STUDENT=student_grad is not None, STORE_TEACHER=teacher_grad is not None, USE_PTX=use_ptx,
             BLOCK=HIST_SIGN_BLOCK if on_gpu else 512, num_warps=HIST_SIGN_WARPS if on_gpu else 4)
         uld_hist.finish_kernel[(rows,)](
-            fparam, iparam, partial, row_loss, flags, batch_start, student_logits,
+            fparam, iparam, counts, partial, row_loss, flags, batch_start, student_logits,
             student_index if gather else unused, ce_label if has_ce else unused, row_ce if has_ce else unused,
             student_vocab, *_row_layout(student_logits), GATHER=gather, HAS_CE=has_ce, num_warps=1)
         for side, (logits, inv_t, grad, vocab, index) in enumerate(sides):

@@ -59,7 +59,9 @@ magnitudes below 2**(-23 - s) share the tiny bin, which then holds one k unless 
 range is too wide for it (such a row stays flagged). Rows of logits N(0, 0.1^2), a freshly
 initialised student's, split ~2% of their tiny bins at 152k columns (a float32 estimate):
 bench kind `init`, 7.92 -> 6.78 ms on the GPU (bench/RESULTS.md, thirteenth session). The
-rest is the same as above, with scale times 2**-s kept a normal float32.
+rest is the same as above, with scale times 2**-s kept a normal float32. A pair with one side
+scaled up and the other counting an occupied tiny bin unscaled is flagged (finish_kernel):
+the two treat logits near 0 differently, which can break exact ties across the rows.
 """
 
 import triton
@@ -685,18 +687,33 @@ def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, list_ptr, sign_ptr, partial_p
 
 
 @triton.jit
-def finish_kernel(fparam_ptr, iparam_ptr, partial_ptr, row_loss_ptr, flag_ptr, batch_start,
+def finish_kernel(fparam_ptr, iparam_ptr, count_ptr, partial_ptr, row_loss_ptr, flag_ptr, batch_start,
                   logits_ptr, index_ptr, ce_label_ptr, row_ce_ptr, vocab, seq_len, batch_stride, row_stride,
                   col_stride, GATHER: tl.constexpr, HAS_CE: tl.constexpr):
     """One pair per program: the loss from both sides' sums of p * sign (sign_kernel's), and
     the pair's flag (on the student side, and at flag_ptr[batch_start + pair]: nonzero hands it
-    to the trie). With HAS_CE, the
+    to the trie; also for a side scaled up against one that counts a tiny bin, below). With
+    HAS_CE, the
     student's cross-entropy against ce_label_ptr[pair] (0 where negative): the log-sum-exp at
     temperature 1 minus the label's logit (logits_ptr: the student's)."""
     pair = tl.program_id(0)
     s_at = (pair * 2).to(tl.int64)
     t_at = s_at + 1
     flag = tl.load(iparam_ptr + s_at * PARAM_SLOTS + _FLAG) | tl.load(iparam_ptr + t_at * PARAM_SLOTS + _FLAG)
+    if flag == 0:
+        # A side scaled up ("Split tiny bins") resolves its logits near 0 one by one; a side
+        # that is not counts them at 0 in its tiny bin (and takes 0 as its top when its
+        # largest logit is there). Values tied across the rows (a teacher that is the student
+        # rescaled, or the student itself) then agree only in exact arithmetic: a log-sum an
+        # ulp apart breaks the tie, and its elements get signs +-1 instead of the tie rule (a
+        # review of ec2da32: loss 1.8e-7 and gradients up to 0.06 where both are 0). Such a
+        # pair goes to the trie.
+        s_shift = tl.load(iparam_ptr + s_at * PARAM_SLOTS + _SHIFT)
+        t_shift = tl.load(iparam_ptr + t_at * PARAM_SLOTS + _SHIFT)
+        s_tiny = tl.load(count_ptr + s_at * CAP + _TINY + 1) - tl.load(count_ptr + s_at * CAP + _TINY)
+        t_tiny = tl.load(count_ptr + t_at * CAP + _TINY + 1) - tl.load(count_ptr + t_at * CAP + _TINY)
+        mixed = ((s_shift < 0) & (t_shift >= 0) & (t_tiny > 0)) | ((t_shift < 0) & (s_shift >= 0) & (s_tiny > 0))
+        flag = mixed.to(tl.int32) * 16
     s_mass = tl.load(partial_ptr + s_at)
     t_mass = tl.load(partial_ptr + t_at)
     tl.store(fparam_ptr + s_at * PARAM_SLOTS + _MASS, s_mass.to(tl.float32))
