@@ -277,16 +277,21 @@ def _scaled_against_unscaled(name):
     """(student, teacher, Ts, Tt, cross-entropy) whose float64 softmaxes are equal element for
     element, where one side is scaled up ("Split tiny bins") and the other counts a tiny bin:
     found by a review of ec2da32, which lost these ties (loss ~1e-7, gradients up to 0.06)."""
-    if name == "rescaled":  # the student's tiny bin splits at T = 0.5; the teacher's (4x at 2) does not
-        student = torch.tensor([[2.0 ** -26, 0, 0, 0] + [-1.0, -2.0, -3.0] * 4])
-        return student.to(BF16), (student * 4).to(BF16), 0.5, 2.0, False
+    if name in ("rescaled", "both below 2**-56"):
+        student = torch.tensor([[2.0 ** -26, 0, 0, 0] + [-1.0, -2.0, -3.0] * 4], dtype=torch.float64)
+        if name == "rescaled":  # the student's tiny bin splits at T = 0.5; the teacher's (4x at 2) does not
+            return student.to(BF16), (student * 4).to(BF16), 0.5, 2.0, False
+        # every magnitude below 2**-56 on both sides: a scaling up by more than 64 binades, which
+        # 97329d4 clamped to 64 on both sides (a review found the tie broken there)
+        student = student * 2.0 ** -62
+        return student.to(BF16), (student * 2).to(BF16), 2.0 ** -63, 2.0 ** -62, False
     z = torch.linspace(-7.0, -10.0, 200)  # "identical": the student splits at the cross-entropy's T = 1 only
     z[1:10] = 0.0
     z[0] = 2.0 ** -24
     return z[None].to(BF16), z[None].to(BF16), 2.0, 2.0, True
 
 
-@pytest.mark.parametrize("name", ["rescaled", "identical"])
+@pytest.mark.parametrize("name", ["rescaled", "identical", "both below 2**-56"])
 def test_ties_across_a_side_scaled_up_and_one_not(name, device):
     """A side scaled up resolves its logits near 0 one by one, a side that is not counts them
     at 0: their log-sums may differ by an ulp, breaking exact ties across the rows. The pair

@@ -53,8 +53,9 @@ grad_kernel shifts its slots the same, and finish_kernel needs neither.
 
 Split tiny bins. A row whose largest logit is small (below about 2) resolves logits near 0
 in z - top, so its tiny bin can hold logits of different k (a split bin, flagged). Where every
-logit's magnitude is below 128, the row is counted a second time with a *negative* shift: its
-values times 2**s for the largest s (at most 64) that keeps them below 256, so that only
+logit's magnitude is below 128 (and its largest is at least 2**-57), the row is counted a
+second time with a *negative* shift: its values times 2**s for the largest s (at most 64)
+that keeps them below 256, so that only
 magnitudes below 2**(-23 - s) share the tiny bin, which then holds one k unless the row's
 range is too wide for it (such a row stays flagged). Rows of logits N(0, 0.1^2), a freshly
 initialised student's, split ~2% of their tiny bins at 152k columns (a float32 estimate):
@@ -430,9 +431,12 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
         # Past 256: the smallest shift that brings the largest magnitude below 256. Below it
         # (the row was flagged for a split tiny bin: nothing else flags a row of finite logits
         # below 256 with an occupied bin), the largest scaling up that keeps it below 256
-        # (a negative shift, at most _MAX_UP binades; none for a largest magnitude >= 128).
+        # (a negative shift; none for a largest magnitude >= 128, and none where it would take
+        # more than _MAX_UP binades: a clamped scaling would not follow a rescaled row's, and
+        # two such rows tied across the sides would round apart, found by a review of 97329d4).
+        up = (SLOT_M_HI - 1 - finite) // _SHIFT_STEP
         next_shift = tl.where(finite >= SLOT_M_HI, (finite - SLOT_M_HI + _SHIFT_STEP) // _SHIFT_STEP,
-                              -tl.minimum((SLOT_M_HI - 1 - finite) // _SHIFT_STEP, _MAX_UP)) * _SHIFT_STEP
+                              tl.where(up <= _MAX_UP, -up, 0)) * _SHIFT_STEP
         # Not where scale * 2**s leaves float32's normal range (a small temperature, past it:
         # there the top's k would be 0 * inf; a huge one, below it: k would lose bits): the
         # row stays flagged, as it is after this count.
