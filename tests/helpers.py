@@ -46,19 +46,51 @@ def cross_near_ties(student, teacher, student_temperature=1.0, teacher_temperatu
     return (nearest <= NEAR_TIE_RELATIVE_GAP * a) & (a > 0)
 
 
+# Two logits of one row closer than this may get one float32 probability in the kernels (the
+# rounding of log2 p: about 2**-24 * 32 absolute), which is then a tie there and not in the
+# float64 reference: 12 N(0, 1) float32 rows of 151,936 held 4 to 24 elements each where the
+# two split a pair's gradient differently (fourteenth session). At temperature 1; a larger
+# temperature only narrows the gap that merges.
+NEAR_TIE_LOGIT_GAP = 4e-6
+
+
+def _joins_previous(values: torch.Tensor) -> torch.Tensor:
+    """Of sorted values (last dimension), whether each past the first ties with the one before."""
+    return ((values[..., 1:] - values[..., :-1]) <= NEAR_TIE_LOGIT_GAP) | (values[..., 1:] == values[..., :-1])
+
+
+def _tie_groups(logits_row: torch.Tensor):
+    """Group index of each element (runs of sorted values, each tied with the one before) and
+    the number of groups."""
+    values, order = logits_row.double().sort()
+    new = torch.ones(values.numel(), dtype=torch.long)
+    new[1:] = (~_joins_previous(values)).long()
+    sorted_group = new.cumsum(0) - 1
+    group = torch.empty_like(sorted_group)
+    group[order] = sorted_group
+    return group, int(new.sum())
+
+
+def has_ties(logits: torch.Tensor) -> bool:
+    """Whether some row holds two values within NEAR_TIE_LOGIT_GAP (or equal)."""
+    return bool(_joins_previous(logits.detach().double().sort(-1).values).any())
+
+
 def _group_sums(grad_row: torch.Tensor, logits_row: torch.Tensor):
-    """Sum and absolute sum of the gradient over each group of equal logits."""
-    values, group = torch.unique(logits_row.float(), return_inverse=True)
-    sums = torch.zeros(values.numel(), dtype=torch.float64).index_add_(0, group, grad_row.double())
-    abs_sums = torch.zeros(values.numel(), dtype=torch.float64).index_add_(0, group, grad_row.double().abs())
+    """Sum and absolute sum of the gradient over each group of (near-)equal logits."""
+    group, n = _tie_groups(logits_row)
+    sums = torch.zeros(n, dtype=torch.float64).index_add_(0, group, grad_row.double())
+    abs_sums = torch.zeros(n, dtype=torch.float64).index_add_(0, group, grad_row.double().abs())
     return sums, abs_sums
 
 
 def assert_grads_close(ours: torch.Tensor, ref: torch.Tensor, logits: torch.Tensor,
                        dtype: torch.dtype, what="gradient", per_tie_group: bool | None = None,
                        near_ties: torch.Tensor | None = None):
-    """Element by element on float32 inputs; per group of equal values on 16-bit inputs, where
-    ties are the rule and any split of a group's gradient is a valid subgradient.
+    """Element by element on float32 inputs without ties; per group of equal values (and of
+    values within NEAR_TIE_LOGIT_GAP, tied at float32 resolution) on 16-bit inputs, where ties
+    are the rule, and on rows that hold one: any split of a group's gradient is a valid
+    subgradient.
 
     ``near_ties`` (from ``cross_near_ties``) marks elements tied with the other row at
     float32 resolution: there any sign in [-1, 1] is right, so only |diff| <= 2 p / T is
@@ -67,7 +99,7 @@ def assert_grads_close(ours: torch.Tensor, ref: torch.Tensor, logits: torch.Tens
     ours, ref, logits = ours.detach().cpu(), ref.detach().cpu(), logits.detach().cpu()
     tol = grad_tol(dtype)
     if per_tie_group is None:
-        per_tie_group = dtype != torch.float32
+        per_tie_group = dtype != torch.float32 or has_ties(logits)
     if not per_tie_group:
         if near_ties is not None:
             near_ties = near_ties.cpu()

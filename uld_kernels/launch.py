@@ -78,9 +78,11 @@ SPLIT = dict(
     level_cap=int(os.environ.get("ULD_LEVEL_CAP", 1024)),
 )
 # A pair whose trie needs more than `entries` runs out of workspace (status bit 0, its loss NaN):
-# rows of one vocabulary drawn alike, in float32 (1 in 3 Qwen/Qwen "near" rows at 16,384
-# entries, thirteenth session). uld_pairs computes such pairs again, alone, with 4x the entries
-# (and a quarter of the pairs per batch: the same workspace), up to this many.
+# rows of one vocabulary drawn alike, in float32 or float16. On the H200 at 16,384 entries, of
+# 256 Qwen/Qwen pairs: N(0, 1) rows 84 in float32, 0 in float16; "near" rows 21 and 8
+# (`bench/probe_trie_workspace.py`, fourteenth session). uld_pairs computes such pairs again,
+# alone, with 4x the entries (and a quarter of the pairs per batch: the same workspace), up to
+# this many.
 TRIE_RETRY_ENTRIES = int(os.environ.get("ULD_TRIE_RETRY_ENTRIES", 1 << 20))
 # Which engine computes bf16 rows: "hist" (uld_hist.py: histograms of the logits' values; rows
 # it cannot settle exactly go to the trie) or "split" (the trie engine for every row). Other
