@@ -19,7 +19,7 @@ from tests.helpers import (
     cross_near_ties,
     reference_rows_and_grads,
 )
-from uld_kernels import ULDLoss, uld_loss
+from uld_kernels import ULDLoss, launch, uld_loss
 from uld_kernels.launch import uld_rows
 
 pytestmark = pytest.mark.gpu
@@ -58,6 +58,24 @@ def test_realistic_batches(pair, kind):
                                   near_ties=kind == "flagged")
     if kind == "identical":
         assert (rows == 0).all() and (grad == 0).all()
+
+
+@pytest.mark.parametrize("pair", ["qwen_qwen", "qwen_llama3"])
+def test_fallback_level_one_in_shared_memory(pair, monkeypatch):
+    """The trie fallback's level 1 counted in shared memory (launch.FALLBACK_SMEM_L1, the
+    default) and by global reductions: both exact against float64 on `flagged` rows (every
+    one goes to the fallback; on Qwen/Qwen most of their root buckets stay open), and their
+    losses agree with each other to float32 rounding (the two tries may split differently)."""
+    vs, vt = VOCAB_PAIRS[pair]
+    student, teacher = make_rows("flagged", 512, vs, vt, seed=11)
+    losses = []
+    for smem in (True, False):
+        monkeypatch.setattr(launch, "FALLBACK_SMEM_L1", smem)
+        rows, status, grad, _ = uld_rows(student, teacher, 1.0, 1.0, True, False, 1.0)
+        assert ((status & 1) == 0).all(), f"{int((status & 1).sum())} rows ran out of workspace"
+        _check_rows_against_reference(student, teacher, rows, grad, torch.bfloat16, seed=int(smem), near_ties=True)
+        losses.append(rows)
+    assert_losses_close(losses[0], losses[1], torch.bfloat16, what="shared-memory level 1 against global")
 
 
 @pytest.mark.parametrize("vs,vt", [(1, 262144), (262144, 1), (262144, 262144), (152064, 151665)])

@@ -84,6 +84,9 @@ SPLIT = dict(
 # alone, with 4x the entries (and a quarter of the pairs per batch: the same workspace), up to
 # this many.
 TRIE_RETRY_ENTRIES = int(os.environ.get("ULD_TRIE_RETRY_ENTRIES", 1 << 20))
+# The trie fallback (flagged bf16 rows) counts level 1 in shared memory where it fits
+# (uld_split.fallback_kernel, SMEM_L1; GPU only): "0" keeps the global reductions.
+FALLBACK_SMEM_L1 = os.environ.get("ULD_FALLBACK_SMEM_L1", "1") != "0"
 # Which engine computes bf16 rows: "hist" (uld_hist.py: histograms of the logits' values; rows
 # it cannot settle exactly go to the trie) or "split" (the trie engine for every row). Other
 # dtypes always take the trie: float32 has no small set of values, and fp16's 1,024 values per
@@ -478,7 +481,7 @@ def _trie_fallback(student_logits, teacher_logits, row_loss, status, row_ce, gra
         BLOCK=cfg.block, FINISH_BLOCK=min(cfg.block, 512), ROOT_CHUNK=cfg.chunk, ENTRIES=cfg.entries,
         RESOLVE_BLOCK=256, MAX_LEVELS=_MAX_LEVELS, ROOT_BITS=cfg.root_bits,
         USE_PTX=cfg.smem and device.type == "cuda", LEVEL_CAP=cfg.level_cap, PREFETCH=cfg.prefetch,
-        num_warps=cfg.num_warps, num_stages=1)
+        SMEM_L1=FALLBACK_SMEM_L1, num_warps=cfg.num_warps, num_stages=1)
 
 
 def _split_pairs(student_logits, teacher_logits, row_loss, status, row_ce, grad_student,

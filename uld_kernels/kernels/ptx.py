@@ -47,15 +47,28 @@ SMEM_SPARE = tl.constexpr(8192)  # one more word past them, never read: `smem_ad
 MASS_SCALE = tl.constexpr(4503599627370496.0)  # 2**52: masses are int64 sums of p * 2**52
 
 
-def _zero_asm(size: int, threads: int, declare: bool) -> str:
+def _zero_asm(size: int, threads: int, declare: bool, base: str = "uld_smem") -> str:
+    """PTX: zeroes `size` bytes of shared memory from `base` (16 bytes a store per thread $1),
+    declaring the array first where `declare`."""
     stride = 16 * threads
+    assert size % stride == 0, (size, stride)
     stores = " ".join(f"st.shared.v4.u32 [a+{stride * i}], {{0, 0, 0, 0}};" for i in range(size // stride))
     declaration = f".shared .align 16 .b8 uld_smem[{size + 16}];\n" if declare else ""
-    return f"{declaration}{{ .reg .u32 a; mov.u32 a, uld_smem; mad.lo.u32 a, $1, 16, a; {stores} mov.u32 $0, 0; }}"
+    return (f"{declaration}{{ .reg .u32 a; mov.u32 a, {base}; mad.lo.u32 a, $1, 16, a; {stores} "
+            "mov.u32 $0, 0; }")
 
 
 _ZERO_ASM = tl.constexpr(_zero_asm(SMEM_BYTES.value, SMEM_THREADS.value, True))
 _CLEAR_ASM = tl.constexpr(_zero_asm(SMEM_BYTES.value, SMEM_THREADS.value, False))
+# Level 1 of the trie fallback in shared memory (`step_and_count_smem`), one side at a time,
+# in the array `smem_zero` declared in another function (the root pass), reached through its
+# address: per bucket w < L1_CAP, the count at word w, INT_MAX - key-min at L1_CAP + w (0:
+# none, as zeroed), key-max at 2 L1_CAP + w (0: none; counted keys are positive) and the
+# int64 mass at byte 12 L1_CAP + 8 w. 5 x 1,536 words fit the 8,192.
+L1_CAP = tl.constexpr(1536)
+L1_KEY_FLIP = tl.constexpr(2147483647)  # key-min is kept as L1_KEY_FLIP - key, by max
+_L1_BYTES = 20 * L1_CAP.value
+_CLEAR_L1_ASM = tl.constexpr(_zero_asm(_L1_BYTES, SMEM_THREADS.value, False, base="$2"))
 # Unconditional: lanes with nothing to count add to the spare word instead of branching around
 # the add (a predicated shared add costs a branch and a convergence barrier per element).
 _ADD_ONE_ASM = tl.constexpr(
@@ -92,6 +105,19 @@ _STEP_AND_COUNT_ASM = tl.constexpr(
     "{ .reg .pred p; .reg .u64 a; .reg .s32 c, d; .reg .f32 f; .reg .s64 m; setp.eq.s32 p, $1, 0; "
     "@p bra SKIP; " + _step("$2", "$3", "$5", "$10", "$11", "c")
     + _reductions("c", "$3", "$4", ("$6", "$7", "$8", "$9")) + "SKIP: mov.u32 $0, 0; }")
+# The same into the shared level-1 table (L1_CAP): $1 walking, $2 root entry, $3 key, $4 p,
+# $5 child plane, $6 the level's shift, $7 its digit mask, $8 the table's address, $9 level
+# 1's first entry.
+_STEP_AND_COUNT_SMEM_ASM = tl.constexpr(
+    "{ .reg .pred p; .reg .u64 a; .reg .s32 c, d; .reg .u32 s; .reg .f32 f; .reg .s64 m; setp.eq.s32 p, $1, 0; "
+    "@p bra SKIP; " + _step("$2", "$3", "$5", "$6", "$7", "c")
+    + f"sub.s32 c, c, $9; mad.lo.u32 s, c, 4, $8; red.shared.add.u32 [s], 1; sub.s32 d, {L1_KEY_FLIP.value}, $3; "
+    f"red.shared.max.s32 [s+{4 * L1_CAP.value}], d; red.shared.max.s32 [s+{8 * L1_CAP.value}], $3; "
+    "mul.f32 f, $4, 0f59800000; cvt.rzi.s64.f32 m, f; mad.lo.u32 s, c, 8, $8; "
+    f"red.shared.add.u64 [s+{12 * L1_CAP.value}], m; SKIP: mov.u32 $0, 0; }}")
+_LOAD_L1_ASM = tl.constexpr("{ .reg .u32 a; mad.lo.u32 a, $1, 4, $2; ld.shared.u32 $0, [a]; }")
+_LOAD_L1_MASS_ASM = tl.constexpr(
+    f"{{ .reg .u32 a; mad.lo.u32 a, $1, 8, $2; ld.shared.u64 $0, [a+{12 * L1_CAP.value}]; }}")
 # One level of the sign walk, only for lanes whose sign is NaN (an open bucket): the child
 # node of the bucket, the key's digit there, and that bucket's sign. $2 entry, $3 sign, $4 key,
 # $5 child plane, $6 sign plane, $7 shift, $8 digit mask; out: $0 sign, $1 entry.
@@ -158,10 +184,53 @@ def smem_zero():
 
 
 @triton.jit
+def smem_address():
+    """The shared array's address in the shared window (a scalar int32), for functions that
+    reach it without its name (`l1_clear`, `step_and_count_smem`): called after `smem_zero`,
+    in the function that declared it."""
+    one = tl.zeros([1], tl.int32)
+    return tl.sum(tl.inline_asm_elementwise("mov.u32 $0, uld_smem;", "=r,r", [one], dtype=tl.int32, is_pure=False,
+                                            pack=1), 0)
+
+
+@triton.jit
 def smem_clear():
     """Zeroes the shared array again (declared by `smem_zero`, which a kernel calls once)."""
     thread = tl.arange(0, SMEM_THREADS)
     tl.inline_asm_elementwise(_CLEAR_ASM, "=r,r", [thread], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def l1_clear(base):
+    """Zeroes the shared level-1 table at `base` (the address `smem_zero` returned)."""
+    thread = tl.arange(0, SMEM_THREADS)
+    tl.inline_asm_elementwise(_CLEAR_L1_ASM, "=r,r,r", [thread, base + tl.zeros_like(thread)], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
+def l1_load(base, word):
+    """The shared level-1 table's int32 word `word` (counts, then the key bounds: L1_CAP)."""
+    return tl.inline_asm_elementwise(_LOAD_L1_ASM, "=r,r,r", [word, base + tl.zeros_like(word)], dtype=tl.int32,
+                                     is_pure=False, pack=1)
+
+
+@triton.jit
+def l1_load_mass(base, bucket):
+    """The shared level-1 table's int64 mass of `bucket`."""
+    return tl.inline_asm_elementwise(_LOAD_L1_MASS_ASM, "=l,r,r", [bucket, base + tl.zeros_like(bucket)],
+                                     dtype=tl.int64, is_pure=False, pack=1)
+
+
+@triton.jit
+def step_and_count_smem(walking, root_entry, key, p, child_ptr, shift, digit_mask, base, level_start):
+    """`step_and_count` into the shared level-1 table at `base` (bucket = entry - level_start <
+    L1_CAP): count += 1, (INT_MAX - key-min) and key-max by max, mass += trunc(p * 2**52)."""
+    lanes = tl.zeros_like(root_entry)
+    tl.inline_asm_elementwise(_STEP_AND_COUNT_SMEM_ASM, "=r,r,r,r,f,l,r,r,r,r",
+                              [walking.to(tl.int32), root_entry, key, p, child_ptr + lanes, shift + lanes,
+                               digit_mask + lanes, base + lanes, level_start + lanes],
+                              dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit

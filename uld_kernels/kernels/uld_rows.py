@@ -35,7 +35,8 @@ import os
 import triton
 import triton.language as tl
 
-from uld_kernels.kernels.ptx import MASS_SCALE, count_key, descend, exp2_ftz, gather_f32, step_and_count
+from uld_kernels.kernels.ptx import (MASS_SCALE, count_key, descend, exp2_ftz, gather_f32, step_and_count,
+                                     step_and_count_smem)
 
 # Planes of the int32 workspace, each ENTRIES long, per pair.
 _CNT_S = tl.constexpr(0)  # student elements in the bucket
@@ -412,7 +413,7 @@ def _count_difference(ws_ptr, chunk_start, level_end, ENTRIES: tl.constexpr, RES
 @triton.jit
 def _resolve_level(ws_ptr, sign_ptr, meta_ptr, level, mass_ptr, row_mass_ptr, ENTRIES: tl.constexpr,
                    RESOLVE_BLOCK: tl.constexpr, MAX_LEVELS: tl.constexpr, MASS_SPAN: tl.constexpr,
-                   LEVEL_CAP: tl.constexpr):
+                   LEVEL_CAP: tl.constexpr, SMEM_CAP: tl.constexpr = 0):
     """Sign every bucket of `level`; give each open bucket a child node on `level + 1`.
 
     Returns the number of open buckets, or -1 when the workspace or the depth ran out.
@@ -421,6 +422,11 @@ def _resolve_level(ws_ptr, sign_ptr, meta_ptr, level, mass_ptr, row_mass_ptr, EN
     and the signed mass of every such bucket resolved here, sum sign * mass per side, is added
     to row_mass_ptr[0:2] (float64, units of 2**-52): the part of the loss that the level-1
     pass could not sum, because the root left those elements open.
+
+    SMEM_CAP (the trie fallback's root): where at least one bit per open bucket fits, the
+    child nodes take at most SMEM_CAP entries, so that level 1 is counted in shared memory
+    (`uld_split._count_level_both`); fewer child bits cost nothing there, as the level's
+    buckets that hold one value per side are resolved whatever their width.
     """
     level_start = tl.load(meta_ptr + level)
     level_end = tl.load(meta_ptr + level + 1)
@@ -447,10 +453,15 @@ def _resolve_level(ws_ptr, sign_ptr, meta_ptr, level, mass_ptr, row_mass_ptr, EN
     # levels they might save: bench/NOTES.md, fifth session).
     child_bits = 0
     half_free = (ENTRIES - level_end) // 2
+    if SMEM_CAP > 0:
+        fits = open_total * 2 <= SMEM_CAP
+    else:
+        fits = open_total < 0  # false
     if open_total > 0:
         while (child_bits < _MAX_CHILD_BITS) & (child_bits < shift) & (
                 (open_total << (child_bits + 1)) <= half_free) & (
-                (child_bits < _MIN_CHILD_BITS) | ((open_total << (child_bits + 1)) <= LEVEL_CAP)):
+                (child_bits < _MIN_CHILD_BITS) | ((open_total << (child_bits + 1)) <= LEVEL_CAP)) & (
+                (~fits) | ((open_total << (child_bits + 1)) <= SMEM_CAP)):
             child_bits += 1
     status = open_total
     if open_total > 0:
@@ -511,7 +522,8 @@ def _count_level(row_ptr, col_stride, scale, top, log_sum, ws_ptr, sign_ptr, mas
                  CNT: tl.constexpr, KEY_MIN: tl.constexpr, KEY_MAX: tl.constexpr,
                  ENTRIES: tl.constexpr, BLOCK: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr,
                  STAGES: tl.constexpr, MAX_LEVELS: tl.constexpr, LOSS: tl.constexpr,
-                 USE_PTX: tl.constexpr, PREFETCH: tl.constexpr, NC_SIGNS: tl.constexpr = True):
+                 USE_PTX: tl.constexpr, PREFETCH: tl.constexpr, NC_SIGNS: tl.constexpr = True,
+                 SMEM_L1: tl.constexpr = False, l1_table=0, l1_start=0):
     """One pass over columns [start, stop) of a row. Where `count`: count (and sum the mass of)
     its keys that reach the open buckets of `level`. With LOSS (level 1): also return
     sum p * sign over the elements that the root decided, reading each sign at its root
@@ -520,7 +532,9 @@ def _count_level(row_ptr, col_stride, scale, top, log_sum, ws_ptr, sign_ptr, mas
     the walk: no gathers, no atomics. USE_PTX (GPU): the reductions as inline PTX, which keep
     the row loads' layout and branch around lanes that reach nothing (kernels/ptx.py), and the
     root signs gathered through the read-only path unless NC_SIGNS is off (a launch that
-    writes the sign tables it reads: `uld_split.fallback_kernel`)."""
+    writes the sign tables it reads: `uld_split.fallback_kernel`). SMEM_L1 (LOSS, USE_PTX): level
+    1 is counted into the shared table at `l1_table` (kernels/ptx.py, L1_CAP) instead, bucket
+    = entry - l1_start."""
     lanes = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], tl.float32)
     root_shift = tl.load(meta_ptr + _SHIFT_OFFSET)
@@ -547,9 +561,13 @@ def _count_level(row_ptr, col_stride, scale, top, log_sum, ws_ptr, sign_ptr, mas
         if LOSS and USE_PTX:
             # Level 1: an open root bucket (NaN sign) exists only while the root is being
             # counted below (`count`), so `walking` alone says which lanes step and count.
-            step_and_count(walking, root_entry, key, p, ws_ptr + _CHILD * ENTRIES, ws_ptr + CNT * ENTRIES,
-                           ws_ptr + KEY_MIN * ENTRIES, ws_ptr + KEY_MAX * ENTRIES, mass_ptr, level_shift,
-                           digit_mask)
+            if SMEM_L1:
+                step_and_count_smem(walking, root_entry, key, p, ws_ptr + _CHILD * ENTRIES, level_shift, digit_mask,
+                                    l1_table, l1_start)
+            else:
+                step_and_count(walking, root_entry, key, p, ws_ptr + _CHILD * ENTRIES, ws_ptr + CNT * ENTRIES,
+                               ws_ptr + KEY_MIN * ENTRIES, ws_ptr + KEY_MAX * ENTRIES, mass_ptr, level_shift,
+                               digit_mask)
         elif count:
             entry, reached = _walk(key, walking, ws_ptr + _CHILD * ENTRIES, meta_ptr, level, MAX_LEVELS)
             if USE_PTX:

@@ -30,12 +30,12 @@ import triton.language as tl
 
 from uld_kernels.kernels.uld_rows import (
     _CNT_S, _CNT_T, _KEY_HI, _KEY_LO, _MAX_S, _MAX_T, _MIN_S, _MIN_T, _NODE_TOP, _ROOT_BASE,
-    _SHIFT_OFFSET, _clamp_key,
+    _KEY_NONE_MAX, _KEY_NONE_MIN, _SHIFT_OFFSET, _clamp_key,
     INT_PLANES, LN2, LOG2E, MASS_SCALE, META_SLOTS, SIGN_PLANES,
     _count_level, _finish_lse2, _keys_of, _pair_rows, _probs_and_keys, _resolve_level,
     _stats_range, _write_grad,
 )
-from uld_kernels.kernels.ptx import smem_add_one, smem_load, smem_zero
+from uld_kernels.kernels.ptx import L1_CAP, L1_KEY_FLIP, l1_clear, l1_load, l1_load_mass, smem_add_one, smem_address, smem_load, smem_zero
 
 # Per-pair integers in the meta block of uld_rows.py (slots past its trie levels).
 _FLAGS = tl.constexpr(48)  # bit 0: the row has a distribution; bit 1: student == teacher
@@ -278,25 +278,75 @@ def _count_level_both(s_row, t_row, student_col_stride, teacher_col_stride,
                       ENTRIES: tl.constexpr, BLOCK: tl.constexpr, STUDENT_UNIT_STRIDE: tl.constexpr,
                       TEACHER_UNIT_STRIDE: tl.constexpr, STAGES: tl.constexpr, MAX_LEVELS: tl.constexpr,
                       ROOT_BITS: tl.constexpr, LOSS: tl.constexpr, USE_PTX: tl.constexpr,
-                      PREFETCH: tl.constexpr, NC_SIGNS: tl.constexpr = True):
+                      PREFETCH: tl.constexpr, NC_SIGNS: tl.constexpr = True, SMEM_CAP: tl.constexpr = 0,
+                      l1_table=0):
     """`_count_level` over columns [start, s_stop) of the student row and [start, t_stop) of the
-    teacher row; returns both sides' sums of p * sign over the elements the root decided (LOSS)."""
+    teacher row; returns both sides' sums of p * sign over the elements the root decided (LOSS).
+    SMEM_CAP (the trie fallback, level 1): a level 1 of at most SMEM_CAP buckets is counted
+    in the shared table at `l1_table`, one side at a time (`_count_side`)."""
     key_lo = tl.load(meta_ptr + _OPEN_LO)
     key_hi = tl.load(meta_ptr + _OPEN_HI)
     span: tl.constexpr = ENTRIES - (1 << ROOT_BITS)
-    student_sum = _count_level(
+    l1_start = tl.load(meta_ptr + 1)
+    in_smem = count & (tl.load(meta_ptr + 2) - l1_start <= SMEM_CAP)
+    student_sum = _count_side(
         s_row, student_col_stride, inv_student_temperature * LOG2E, tl.load(row_f + _S_TOP),
         tl.load(row_f + _S_LOG_SUM), ws_ptr, sign_ptr, mass_ptr, meta_ptr, level,
-        start, s_stop, key_lo, key_hi, count,
+        start, s_stop, key_lo, key_hi, count, in_smem, l1_table, l1_start,
         _CNT_S, _MIN_S, _MAX_S, ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS, LOSS, USE_PTX, PREFETCH,
-        NC_SIGNS)
-    teacher_sum = _count_level(
+        NC_SIGNS, SMEM_CAP)
+    teacher_sum = _count_side(
         t_row, teacher_col_stride, inv_teacher_temperature * LOG2E, tl.load(row_f + _T_TOP),
         tl.load(row_f + _T_LOG_SUM), ws_ptr, sign_ptr + ENTRIES, mass_ptr + span, meta_ptr, level,
-        start, t_stop, key_lo, key_hi, count,
+        start, t_stop, key_lo, key_hi, count, in_smem, l1_table, l1_start,
         _CNT_T, _MIN_T, _MAX_T, ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS, LOSS, USE_PTX, PREFETCH,
-        NC_SIGNS)
+        NC_SIGNS, SMEM_CAP)
     return student_sum, teacher_sum
+
+
+@triton.jit
+def _count_side(row_ptr, col_stride, scale, top, log_sum, ws_ptr, sign_ptr, mass_ptr, meta_ptr, level, start,
+                stop, key_lo, key_hi, count, in_smem, l1_table, l1_start,
+                CNT: tl.constexpr, KEY_MIN: tl.constexpr, KEY_MAX: tl.constexpr, ENTRIES: tl.constexpr,
+                BLOCK: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr, STAGES: tl.constexpr,
+                MAX_LEVELS: tl.constexpr, LOSS: tl.constexpr, USE_PTX: tl.constexpr, PREFETCH: tl.constexpr,
+                NC_SIGNS: tl.constexpr, SMEM_CAP: tl.constexpr):
+    """`_count_level` of one side; with SMEM_CAP and `in_smem`, level 1 in the shared table
+    (zeroed, counted, then copied to the side's planes of the workspace: the same counts, key
+    bounds and masses the global reductions would leave there)."""
+    if SMEM_CAP > 0:
+        if in_smem:
+            l1_clear(l1_table)
+            tl.debug_barrier()
+            total = _count_level(row_ptr, col_stride, scale, top, log_sum, ws_ptr, sign_ptr, mass_ptr, meta_ptr, level,
+                                 start, stop, key_lo, key_hi, count, CNT, KEY_MIN, KEY_MAX, ENTRIES, BLOCK,
+                                 UNIT_COL_STRIDE, STAGES, MAX_LEVELS, LOSS, USE_PTX, PREFETCH, NC_SIGNS,
+                                 True, l1_table, l1_start)
+            tl.debug_barrier()
+            size = tl.load(meta_ptr + 2) - l1_start
+            for first in range(0, size, 512):
+                bucket = first + tl.arange(0, 512)
+                live = bucket < size
+                bucket = tl.where(live, bucket, 0)
+                counted = l1_load(l1_table, bucket)
+                key_min = L1_KEY_FLIP - l1_load(l1_table, bucket + L1_CAP)
+                key_max = l1_load(l1_table, bucket + 2 * L1_CAP)
+                mass = l1_load_mass(l1_table, bucket)
+                entry = l1_start + bucket
+                tl.store(ws_ptr + CNT * ENTRIES + entry, counted, mask=live)
+                tl.store(ws_ptr + KEY_MIN * ENTRIES + entry, tl.where(counted > 0, key_min, _KEY_NONE_MIN), mask=live)
+                tl.store(ws_ptr + KEY_MAX * ENTRIES + entry, tl.where(counted > 0, key_max, _KEY_NONE_MAX), mask=live)
+                tl.store(mass_ptr + entry, mass, mask=live)
+            tl.debug_barrier()
+        else:
+            total = _count_level(row_ptr, col_stride, scale, top, log_sum, ws_ptr, sign_ptr, mass_ptr, meta_ptr, level,
+                                 start, stop, key_lo, key_hi, count, CNT, KEY_MIN, KEY_MAX, ENTRIES, BLOCK,
+                                 UNIT_COL_STRIDE, STAGES, MAX_LEVELS, LOSS, USE_PTX, PREFETCH, NC_SIGNS)
+    else:
+        total = _count_level(row_ptr, col_stride, scale, top, log_sum, ws_ptr, sign_ptr, mass_ptr, meta_ptr, level,
+                             start, stop, key_lo, key_hi, count, CNT, KEY_MIN, KEY_MAX, ENTRIES, BLOCK,
+                             UNIT_COL_STRIDE, STAGES, MAX_LEVELS, LOSS, USE_PTX, PREFETCH, NC_SIGNS)
+    return total
 
 
 @triton.jit(do_not_specialize=["n_chunks", "batch_start", "student_seq_len", "teacher_seq_len"])
@@ -338,12 +388,15 @@ def _root_pass(
     inv_teacher_temperature, STUDENT_UNIT_STRIDE: tl.constexpr, TEACHER_UNIT_STRIDE: tl.constexpr,
     GATHER: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, ENTRIES: tl.constexpr,
     RESOLVE_BLOCK: tl.constexpr, MAX_LEVELS: tl.constexpr, STAGES: tl.constexpr, ROOT_BITS: tl.constexpr,
-    USE_PTX: tl.constexpr, LEVEL_CAP: tl.constexpr,
+    USE_PTX: tl.constexpr, LEVEL_CAP: tl.constexpr, SMEM_CAP: tl.constexpr = 0,
 ):
-    """`root_kernel` for one (pair, chunk) (`_stats_pass` says what `local` and `pair` are)."""
+    """`root_kernel` for one (pair, chunk) (`_stats_pass` says what `local` and `pair` are).
+    Returns the shared array's address where USE_PTX (0 otherwise, and for pairs with nothing to
+    count): the trie fallback counts level 1 there (SMEM_CAP, `_resolve_level`)."""
     ROOT_ENTRIES: tl.constexpr = 1 << ROOT_BITS
     tl.static_assert(CHUNK < 65536, "16-bit partial counts: fewer than 65,536 columns per chunk")
     meta_ptr, row_f, flags = _row_state(ws_meta_ptr, row_f_ptr, local)
+    table = local * 0
     if flags == 1:  # a distribution on both sides, not identical
         s_index, t_index, s_row, t_row = _pair_rows(
             pair, student_ptr, teacher_ptr, student_index_ptr, teacher_index_ptr,
@@ -364,6 +417,7 @@ def _root_pass(
         stop = tl.minimum(start + CHUNK, tl.maximum(student_vocab, teacher_vocab))
         if USE_PTX:
             smem_zero()
+            table = smem_address()
             tl.debug_barrier()
         else:
             student_hist = tl.zeros([ROOT_ENTRIES], tl.int32)
@@ -403,7 +457,7 @@ def _root_pass(
                 tl.store(ws_ptr + _CNT_T * ENTRIES + root, teacher_count)
             tl.debug_barrier()
             status = _resolve_level(ws_ptr, sign_ptr, meta_ptr, 0, mass_ptr, row_mass,
-                                    ENTRIES, RESOLVE_BLOCK, MAX_LEVELS, ENTRIES - ROOT_ENTRIES, LEVEL_CAP)
+                                    ENTRIES, RESOLVE_BLOCK, MAX_LEVELS, ENTRIES - ROOT_ENTRIES, LEVEL_CAP, SMEM_CAP)
             tl.store(meta_ptr + _STATUS, status)
             if status > 0:
                 # The key range of the open buckets (their signs are NaN): the levels below
@@ -418,6 +472,7 @@ def _root_pass(
                     open_last = tl.maximum(open_last, tl.max(tl.where(sign != sign, root, -1), 0))
                 tl.store(meta_ptr + _OPEN_LO, ((root_base + open_first).to(tl.int64) << root_shift).to(tl.int32))
                 tl.store(meta_ptr + _OPEN_HI, (((root_base + open_last + 1).to(tl.int64) << root_shift) - 1).to(tl.int32))
+    return table
 
 
 @triton.jit(do_not_specialize=["n_chunks", "batch_start", "level", "student_seq_len", "teacher_seq_len"])
@@ -460,9 +515,10 @@ def _count_pass(
     CHUNKS_POW2: tl.constexpr, ENTRIES: tl.constexpr, RESOLVE_BLOCK: tl.constexpr, MAX_LEVELS: tl.constexpr,
     STAGES: tl.constexpr, ROOT_BITS: tl.constexpr, LOSS: tl.constexpr, USE_PTX: tl.constexpr,
     PREFETCH: tl.constexpr,
-    NC_SIGNS: tl.constexpr = True
+    NC_SIGNS: tl.constexpr = True, SMEM_CAP: tl.constexpr = 0, l1_table=0,
 ):
-    """`count_kernel` for one (pair, chunk) (`_stats_pass` says what `local` and `pair` are)."""
+    """`count_kernel` for one (pair, chunk) (`_stats_pass` says what `local` and `pair` are);
+    SMEM_CAP and `l1_table`: `_count_level_both`'s (the trie fallback's level 1)."""
     meta_ptr, row_f, flags = _row_state(ws_meta_ptr, row_f_ptr, local)
     status = tl.load(meta_ptr + _STATUS)
     count = (flags == 1) & (status > 0) & (tl.load(meta_ptr + _DEPTH) == level - 1)
@@ -482,7 +538,7 @@ def _count_pass(
             inv_student_temperature, inv_teacher_temperature, row_f, ws_ptr, sign_ptr, meta_ptr, mass_ptr,
             level, start, tl.minimum(start + CHUNK, student_vocab), tl.minimum(start + CHUNK, teacher_vocab),
             count, ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS, ROOT_BITS,
-            LOSS, USE_PTX, PREFETCH, NC_SIGNS)
+            LOSS, USE_PTX, PREFETCH, NC_SIGNS, SMEM_CAP, l1_table)
         if LOSS:
             part = partial_ptr + (local.to(tl.int64) * CHUNKS_POW2 + chunk) * PARTIAL_FLOATS
             tl.store(part + 0, student_sum)
@@ -693,7 +749,7 @@ def fallback_kernel(
     GATHER: tl.constexpr, HAS_CE: tl.constexpr, STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr,
     BLOCK: tl.constexpr, FINISH_BLOCK: tl.constexpr, ROOT_CHUNK: tl.constexpr, ENTRIES: tl.constexpr,
     RESOLVE_BLOCK: tl.constexpr, MAX_LEVELS: tl.constexpr, ROOT_BITS: tl.constexpr, USE_PTX: tl.constexpr,
-    LEVEL_CAP: tl.constexpr, PREFETCH: tl.constexpr,
+    LEVEL_CAP: tl.constexpr, PREFETCH: tl.constexpr, SMEM_L1: tl.constexpr = False,
 ):
     """The trie over the pairs whose status is nonzero (those the histogram engine flagged),
     every pass of a pair in one program, in one launch whatever the number of pairs.
@@ -708,8 +764,16 @@ def fallback_kernel(
     are not touched. The launches of the split passes over every pair "just in case" cost ~10
     ms of host time at 16,384 rows (bench/NOTES.md, seventh session); this costs one launch,
     and a program per pair reading its rows a few times is fast enough for the rare flagged
-    row."""
+    row.
+
+    SMEM_L1 (with USE_PTX): level 1 is counted in shared memory where it fits (L1_CAP buckets,
+    `_count_side`), since the program owns its pair: rows of one vocabulary drawn alike leave
+    most root buckets open, and their global reductions (four per element) took the time."""
     WHOLE: tl.constexpr = 1 << 30  # a chunk longer than any row
+    if SMEM_L1 and USE_PTX:
+        SMEM_CAP: tl.constexpr = L1_CAP
+    else:
+        SMEM_CAP: tl.constexpr = 0
     slot = tl.program_id(0)
     meta_ptr = ws_meta_ptr + slot.to(tl.int64) * META_SLOTS
     for pair in range(slot, n_pairs, tl.num_programs(0)):
@@ -725,15 +789,16 @@ def fallback_kernel(
                 inv_teacher_temperature, SAME_VOCAB, STUDENT_UNIT_STRIDE, TEACHER_UNIT_STRIDE, GATHER, HAS_CE,
                 BLOCK, WHOLE, 2, ENTRIES, RESOLVE_BLOCK, MAX_LEVELS, 1, ROOT_BITS)
             tl.debug_barrier()
+            table = slot * 0
             for chunk in range(0, root_chunks):
-                _root_call(
+                table = _root_call(
                     slot, pair, chunk, chunk * ROOT_CHUNK, student_ptr, teacher_ptr, ws_int_ptr, ws_sign_ptr,
                     ws_meta_ptr, row_f_ptr, ws_mass_ptr, row_mass_ptr, student_index_ptr, teacher_index_ptr,
                     root_partial_ptr, root_chunks, student_vocab, teacher_vocab, student_seq_len,
                     student_batch_stride, student_row_stride, student_col_stride, teacher_seq_len,
                     teacher_batch_stride, teacher_row_stride, teacher_col_stride, inv_student_temperature,
                     inv_teacher_temperature, STUDENT_UNIT_STRIDE, TEACHER_UNIT_STRIDE, GATHER, BLOCK, ROOT_CHUNK,
-                    ENTRIES, RESOLVE_BLOCK, MAX_LEVELS, 1, ROOT_BITS, USE_PTX, LEVEL_CAP)
+                    ENTRIES, RESOLVE_BLOCK, MAX_LEVELS, 1, ROOT_BITS, USE_PTX, LEVEL_CAP, SMEM_CAP)
                 tl.debug_barrier()  # the shared histogram is read back before the next chunk zeroes it
             _count_call(
                 slot, pair, 0, 0, student_ptr, teacher_ptr, ws_int_ptr, ws_sign_ptr, ws_meta_ptr, row_f_ptr,
@@ -742,7 +807,7 @@ def fallback_kernel(
                 student_col_stride, teacher_seq_len, teacher_batch_stride, teacher_row_stride, teacher_col_stride,
                 inv_student_temperature, inv_teacher_temperature, STUDENT_UNIT_STRIDE, TEACHER_UNIT_STRIDE,
                 GATHER, BLOCK, WHOLE, 2, ENTRIES, RESOLVE_BLOCK, MAX_LEVELS, 1, ROOT_BITS, True, USE_PTX,
-                PREFETCH, NC_SIGNS=False)
+                PREFETCH, False, SMEM_CAP, table)
             tl.debug_barrier()
             _finish_call(
                 slot, pair, student_ptr, teacher_ptr, row_loss_ptr, status_ptr, ws_int_ptr, ws_sign_ptr,
