@@ -1,5 +1,6 @@
 """How many trie entries row pairs need (GPU): for each (pair, kind, dtype) and workspace size,
-the pairs that run out of it (status bit 0) with the retry off. Picks the sizes the workspace
+the pairs that run out of it (status bit 0) with the retry off, and the rows by trie depth
+(levels below the root; bf16 rows: those the histogram engine flagged, 0 for the others). Picks the sizes the workspace
 and its retry (launch.TRIE_RETRY_ENTRIES) are set from, and the inputs of the retry's test.
 
     python bench/probe_trie_workspace.py [--rows 256] [--entries 2048 4096 8192 16384]
@@ -41,7 +42,9 @@ def main():
                 launch.SPLIT["entries"] = entries
                 _, status, _, _, _ = launch.uld_pairs(s, t, 1.0, 1.0, False, False, 1.0)
                 out = torch.nonzero(status & 1).flatten().tolist()
-                counts.append(f"{entries}: {len(out)}" + (f" (first {out[:6]})" if out else ""))
+                depths = torch.bincount((status >> 1).flatten().cpu()).tolist()
+                counts.append(f"{entries}: {len(out)}" + (f" (first {out[:6]})" if out else "")
+                              + f", rows by trie depth {depths}")
             print(f"{pair} {kind} {name} {args.rows} rows, out of workspace at " + "; ".join(counts), flush=True)
 
 
