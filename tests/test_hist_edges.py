@@ -624,3 +624,42 @@ def test_training_loss_with_teacher_rows_failing_the_cross_entropy_checks(device
     for ours, ref, what in ((total, ref_total, "total"), (ce, ref_ce, "ce"), (distill, ref_distill, "distillation")):
         assert_losses_close(ours, ref.detach(), BF16, what=what)
     assert_grads_close(student.grad.reshape(-1, vs), s64.grad.reshape(-1, vs), student.detach().reshape(-1, vs), BF16)
+
+
+def test_fallback_level_one_capped_for_shared_memory_stays_exact(device, monkeypatch):
+    """The trie fallback with level 1 capped to the shared table's 1,536 buckets
+    (launch.FALLBACK_SMEM_L1: under the interpreter the same capped trie, counted with atomics;
+    on the GPU in shared memory) and without, on `flagged`-like rows of one vocabulary (16
+    logits within 2**-23 of 0, the rest N(-60, 10^2): every row goes to the fallback, and ~110
+    root buckets stay open, so 4 child bits each would pass the cap): both exact against
+    float64 (near-ties across the rows checked by their bound), losses agreeing; the premise
+    (the cap took level 1 from above 1,536 buckets to below) read from the workspace."""
+    g = torch.Generator().manual_seed(4)
+
+    def one():
+        row = torch.randn(3, 4000, generator=g) * 10 - 60
+        columns = torch.rand(3, 4000, generator=g).argsort(-1)[:, :16]
+        return row.scatter_(1, columns, (torch.rand(3, 16, generator=g) * 2 - 1) * 2.0 ** -23).to(BF16).to(device)
+
+    student, teacher = one(), one()
+    workspaces = []
+    make_workspace = launch._trie_workspace
+
+    def kept_workspace(*args, **kwargs):
+        workspaces.append(make_workspace(*args, **kwargs))
+        return workspaces[-1]
+
+    monkeypatch.setattr(launch, "_trie_workspace", kept_workspace)
+    losses, level_one = [], []
+    for capped in (True, False):
+        monkeypatch.setattr(launch, "FALLBACK_SMEM_L1", capped)
+        rows, status, grad, _ = launch.uld_rows(student, teacher, 1.0, 1.0, True, False, 1.0)
+        assert ((status & 1) == 0).all() and (status > 0).all(), f"status {status.tolist()}"
+        meta = workspaces[-1][0][2].view(3, -1).cpu()  # one slot per pair (3 programs)
+        level_one.append((meta[:, 2] - meta[:, 1]).tolist())
+        ref_rows, ref_grad, _ = reference_rows_and_grads(student, teacher)
+        assert_losses_close(rows, ref_rows, BF16)
+        assert_grads_close(grad, ref_grad, student, BF16, near_ties=cross_near_ties(student, teacher))
+        losses.append(rows)
+    assert max(level_one[0]) <= 1536 < max(level_one[1]), f"test input: level 1 sizes {level_one}"
+    assert_losses_close(losses[0], losses[1], BF16, what="capped level 1 against uncapped")

@@ -85,7 +85,8 @@ SPLIT = dict(
 # this many.
 TRIE_RETRY_ENTRIES = int(os.environ.get("ULD_TRIE_RETRY_ENTRIES", 1 << 20))
 # The trie fallback (flagged bf16 rows) counts level 1 in shared memory where it fits
-# (uld_split.fallback_kernel, SMEM_L1; GPU only): "0" keeps the global reductions.
+# (uld_split.fallback_kernel, SMEM_L1: on the GPU; the interpreter caps level 1 alike and
+# counts it with atomics): "0" keeps the global reductions and no cap.
 FALLBACK_SMEM_L1 = os.environ.get("ULD_FALLBACK_SMEM_L1", "1") != "0"
 # Which engine computes bf16 rows: "hist" (uld_hist.py: histograms of the logits' values; rows
 # it cannot settle exactly go to the trie) or "split" (the trie engine for every row). Other

@@ -68,6 +68,7 @@ _CLEAR_ASM = tl.constexpr(_zero_asm(SMEM_BYTES.value, SMEM_THREADS.value, False)
 L1_CAP = tl.constexpr(1536)
 L1_KEY_FLIP = tl.constexpr(2147483647)  # key-min is kept as L1_KEY_FLIP - key, by max
 _L1_BYTES = 20 * L1_CAP.value
+assert _L1_BYTES <= SMEM_BYTES.value, "the level-1 table must fit the shared array"
 _CLEAR_L1_ASM = tl.constexpr(_zero_asm(_L1_BYTES, SMEM_THREADS.value, False, base="$2"))
 # Unconditional: lanes with nothing to count add to the spare word instead of branching around
 # the add (a predicated shared add costs a branch and a convergence barrier per element).

@@ -311,10 +311,11 @@ def _count_side(row_ptr, col_stride, scale, top, log_sum, ws_ptr, sign_ptr, mass
                 BLOCK: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr, STAGES: tl.constexpr,
                 MAX_LEVELS: tl.constexpr, LOSS: tl.constexpr, USE_PTX: tl.constexpr, PREFETCH: tl.constexpr,
                 NC_SIGNS: tl.constexpr, SMEM_CAP: tl.constexpr):
-    """`_count_level` of one side; with SMEM_CAP and `in_smem`, level 1 in the shared table
-    (zeroed, counted, then copied to the side's planes of the workspace: the same counts, key
-    bounds and masses the global reductions would leave there)."""
-    if SMEM_CAP > 0:
+    """`_count_level` of one side; with SMEM_CAP, USE_PTX and `in_smem`, level 1 in the shared
+    table (zeroed, counted, then copied to the side's planes of the workspace: the same counts,
+    key bounds and masses the global reductions would leave there)."""
+    if SMEM_CAP > 0 and USE_PTX:
+        tl.static_assert(LOSS, "the shared level-1 table serves the level-1 pass only")
         if in_smem:
             l1_clear(l1_table)
             tl.debug_barrier()
@@ -766,11 +767,11 @@ def fallback_kernel(
     and a program per pair reading its rows a few times is fast enough for the rare flagged
     row.
 
-    SMEM_L1 (with USE_PTX): level 1 is counted in shared memory where it fits (L1_CAP buckets,
-    `_count_side`), since the program owns its pair: rows of one vocabulary drawn alike leave
+    SMEM_L1: level 1 is counted in shared memory where it fits (L1_CAP buckets, `_count_side`;
+    USE_PTX, else with atomics on the same capped trie), since the program owns its pair: rows of one vocabulary drawn alike leave
     most root buckets open, and their global reductions (four per element) took the time."""
     WHOLE: tl.constexpr = 1 << 30  # a chunk longer than any row
-    if SMEM_L1 and USE_PTX:
+    if SMEM_L1:  # the interpreter caps level 1 alike (the same trie), and counts it with atomics
         SMEM_CAP: tl.constexpr = L1_CAP
     else:
         SMEM_CAP: tl.constexpr = 0
