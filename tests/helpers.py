@@ -123,3 +123,24 @@ def assert_grads_close(ours: torch.Tensor, ref: torch.Tensor, logits: torch.Tens
             f"{float((ours_sum - ref_sum).abs().max()):.3g} (group sums ours "
             f"{ours_sum[bad][:4].tolist()} vs reference {ref_sum[bad][:4].tolist()})"
         )
+
+
+def keep_trie_workspaces(monkeypatch, launch) -> list:
+    """Has `launch._trie_workspace` keep every workspace it makes (in order, in the returned
+    list), for tests that read the trie's meta slots after a call."""
+    workspaces = []
+    make_workspace = launch._trie_workspace
+
+    def kept_workspace(*args, **kwargs):
+        workspaces.append(make_workspace(*args, **kwargs))
+        return workspaces[-1]
+
+    monkeypatch.setattr(launch, "_trie_workspace", kept_workspace)
+    return workspaces
+
+
+def level_one_sizes(workspace, pairs: int) -> torch.Tensor:
+    """Buckets of trie level 1 per workspace slot (a fallback workspace of one slot per pair:
+    `pairs` programs), from its meta slots (level starts at 1 and 2)."""
+    meta = workspace[0][2].view(pairs, -1).cpu()
+    return meta[:, 2] - meta[:, 1]

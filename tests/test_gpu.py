@@ -17,6 +17,8 @@ from tests.helpers import (
     assert_grads_close,
     assert_losses_close,
     cross_near_ties,
+    keep_trie_workspaces,
+    level_one_sizes,
     reference_rows_and_grads,
 )
 from uld_kernels import ULDLoss, launch, uld_loss
@@ -68,22 +70,14 @@ def test_fallback_level_one_in_shared_memory(pair, monkeypatch):
     losses agree with each other to float32 rounding (the two tries may split differently)."""
     vs, vt = VOCAB_PAIRS[pair]
     student, teacher = make_rows("flagged", 512, vs, vt, seed=11)
-    workspaces = []
-    make_workspace = launch._trie_workspace
-
-    def kept_workspace(*args, **kwargs):
-        workspaces.append(make_workspace(*args, **kwargs))
-        return workspaces[-1]
-
-    monkeypatch.setattr(launch, "_trie_workspace", kept_workspace)
+    workspaces = keep_trie_workspaces(monkeypatch, launch)
     losses = []
     for smem in (True, False):
         monkeypatch.setattr(launch, "FALLBACK_SMEM_L1", smem)
         rows, status, grad, _ = uld_rows(student, teacher, 1.0, 1.0, True, False, 1.0)
         assert ((status & 1) == 0).all(), f"{int((status & 1).sum())} rows ran out of workspace"
         if smem:  # premise: level 1 fit the shared table somewhere (one workspace slot per pair)
-            meta = workspaces[-1][0][2].view(512, -1).cpu()
-            level_one = (meta[:, 2] - meta[:, 1])[(status > 0).cpu()]
+            level_one = level_one_sizes(workspaces[-1], 512)[(status > 0).cpu()]
             assert ((level_one > 0) & (level_one <= 1536)).any(), f"level 1 sizes {level_one.tolist()[:8]}"
         _check_rows_against_reference(student, teacher, rows, grad, torch.bfloat16, seed=int(smem), near_ties=True)
         losses.append(rows)

@@ -23,7 +23,8 @@ import triton
 import triton.language as tl
 
 import uld_kernels.launch as launch
-from tests.helpers import assert_grads_close, assert_losses_close, cross_near_ties, reference_rows_and_grads
+from tests.helpers import (assert_grads_close, assert_losses_close, cross_near_ties, keep_trie_workspaces,
+                           level_one_sizes, reference_rows_and_grads)
 from uld_kernels import uld_distillation_loss, uld_loss
 from uld_kernels.kernels import uld_hist
 
@@ -642,21 +643,13 @@ def test_fallback_level_one_capped_for_shared_memory_stays_exact(device, monkeyp
         return row.scatter_(1, columns, (torch.rand(2, 16, generator=g) * 2 - 1) * 2.0 ** -23).to(BF16).to(device)
 
     student, teacher = one(), one()
-    workspaces = []
-    make_workspace = launch._trie_workspace
-
-    def kept_workspace(*args, **kwargs):
-        workspaces.append(make_workspace(*args, **kwargs))
-        return workspaces[-1]
-
-    monkeypatch.setattr(launch, "_trie_workspace", kept_workspace)
+    workspaces = keep_trie_workspaces(monkeypatch, launch)
     losses, level_one = [], []
     for capped in (True, False):
         monkeypatch.setattr(launch, "FALLBACK_SMEM_L1", capped)
         rows, status, grad, _ = launch.uld_rows(student, teacher, 1.0, 1.0, True, False, 1.0)
         assert ((status & 1) == 0).all() and (status > 0).all(), f"status {status.tolist()}"
-        meta = workspaces[-1][0][2].view(2, -1).cpu()  # one slot per pair (2 programs)
-        level_one.append((meta[:, 2] - meta[:, 1]).tolist())
+        level_one.append(level_one_sizes(workspaces[-1], 2).tolist())
         ref_rows, ref_grad, _ = reference_rows_and_grads(student, teacher)
         assert_losses_close(rows, ref_rows, BF16)
         assert_grads_close(grad, ref_grad, student, BF16, near_ties=cross_near_ties(student, teacher))
