@@ -4,6 +4,8 @@ second call's launch.
 
     ncu --clock-control none --set full --import-source yes -k regex:count_kernel \
         --launch-skip 4 --launch-count 1 -o prof python3 bench/profile_ncu.py random 2048
+
+    arguments: kind rows [pair [pairs per workspace batch: rows unless given]]
 """
 
 import os
@@ -19,7 +21,7 @@ from uld_kernels.launch import uld_rows  # noqa: E402
 
 kind, rows = sys.argv[1], int(sys.argv[2])
 pair = sys.argv[3] if len(sys.argv) > 3 else "qwen_llama3"
-launch.SPLIT["batch_rows"] = rows
+launch.SPLIT["batch_rows"] = int(sys.argv[4]) if len(sys.argv) > 4 else rows
 student, teacher = make_rows(kind, rows, *VOCAB_PAIRS[pair], seed=1)
 for _ in range(2):  # the first launch compiles; the profiler skips it
     loss, status, grad, _ = uld_rows(student, teacher, 1.0, 1.0, True, False, 1.0)

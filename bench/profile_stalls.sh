@@ -2,17 +2,19 @@
 # Warp-stall breakdown of one pass (default: the count pass, level 1) on two kinds of rows;
 # logs under $OUT. usage: bash bench/profile_stalls.sh [kernel name] [launches to skip]
 # (root_kernel 1, count_kernel 4 = ULD_SPLIT_LEVELS, loss_kernel 1: the first call of
-# profile_ncu.py compiles, and the count pass is one launch per split level).
+# profile_ncu.py compiles, and the count pass is one launch per split level). ULD_STALL_SPECS:
+# ";"-separated profile_ncu.py arguments (kind rows pair [batch rows]) instead of the two below.
 set -u
 OUT=${OUT:-bench/out}; mkdir -p "$OUT"
 KERNEL=${1:-count_kernel}; SKIP=${2:-4}
 NCU=$(ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1); NCU=${NCU:-ncu}
-for spec in "peaked 2048 qwen_llama3" "random 2048 qwen_llama3"; do
+IFS=";" read -r -a SPECS <<< "${ULD_STALL_SPECS:-peaked 2048 qwen_llama3;random 2048 qwen_llama3}"
+for spec in "${SPECS[@]}"; do
   set -- $spec
   timeout 150 $NCU --clock-control none --section SpeedOfLight --section WarpStateStats \
     --section Occupancy --section LaunchStats --section SourceCounters --import-source yes \
     -k regex:$KERNEL --launch-skip $SKIP --launch-count 1 -o "$OUT/prof_$1" \
-    python3 bench/profile_ncu.py "$1" "$2" "$3" > "$OUT/ncu_$1.log" 2>&1
+    python3 bench/profile_ncu.py "$@" > "$OUT/ncu_$1.log" 2>&1
   $NCU -i "$OUT/prof_$1.ncu-rep" --page details > "$OUT/details_$1.txt" 2>&1
   $NCU -i "$OUT/prof_$1.ncu-rep" --page source --csv --print-source sass > "$OUT/source_$1.csv" 2>&1
   echo "== $1"; grep -E "Duration|DRAM Throughput|Registers Per|Achieved Occupancy|Issue Slots Busy|Warp Cycles Per Issued|Stall" "$OUT/details_$1.txt" | head -20

@@ -62,14 +62,38 @@ def test_realistic_batches(pair, kind):
         assert (rows == 0).all() and (grad == 0).all()
 
 
-@pytest.mark.parametrize("pair", ["qwen_qwen", "qwen_llama3"])
-def test_fallback_level_one_in_shared_memory(pair, monkeypatch):
-    """The trie fallback's level 1 counted in shared memory (launch.FALLBACK_SMEM_L1, the
-    default) and by global reductions: both exact against float64 on `flagged` rows (every
-    one goes to the fallback; on Qwen/Qwen most of their root buckets stay open), and their
-    losses agree with each other to float32 rounding (the two tries may split differently)."""
+def _flagged_rows(pair, tails):
+    """512 pairs the histogram engine flags (a split tiny bin), for the trie fallback. "far":
+    the benchmark's `flagged` rows, tails N(-60, 4^2), whose masses truncate to 0 in units of
+    2**-52. "near": tails N(-12, 2^2), 16 logits within 2**-23 of 0 and one at -200 (so that
+    the row cannot be scaled up: its tiny bin stays split); their elements' masses, ~2**35 in
+    those units, fill the low 32-bit word, so the shared table's mass adds carry into the high
+    word (ptx.py, `_STEP_AND_COUNT_SMEM_ASM`)."""
     vs, vt = VOCAB_PAIRS[pair]
-    student, teacher = make_rows("flagged", 512, vs, vt, seed=11)
+    if tails == "far":
+        return make_rows("flagged", 512, vs, vt, seed=11)
+    gen = torch.Generator(device="cuda").manual_seed(12)
+
+    def one(vocab):
+        row = torch.randn(512, vocab, generator=gen, device="cuda") * 2 - 12
+        columns = torch.rand(512, vocab, generator=gen, device="cuda").argsort(-1)[:, :17]
+        tiny = (torch.rand(512, 16, generator=gen, device="cuda") * 2 - 1) * 2.0 ** -23
+        return row.scatter_(1, columns, torch.cat([tiny, torch.full_like(tiny[:, :1], -200.0)], 1)).bfloat16()
+
+    return one(vs), one(vt)
+
+
+@pytest.mark.parametrize("tails", ["far", "near"])
+@pytest.mark.parametrize("pair", ["qwen_qwen", "qwen_llama3"])
+def test_fallback_level_one_in_shared_memory(pair, tails, monkeypatch):
+    """The trie fallback's level 1 counted in shared memory (launch.FALLBACK_SMEM_L1, the
+    default) and by global reductions: both exact against float64 on flagged rows (every
+    one goes to the fallback; on Qwen/Qwen most of their root buckets stay open), and their
+    losses agree with each other to float32 rounding (the two tries may split differently; a
+    lost carry of the shared mass adds would move a loss by 2**-20 each)."""
+    student, teacher = _flagged_rows(pair, tails)
+    assert (launch.hist_rows(student, teacher, 1.0, 1.0, True, False, 1.0, fallback=False)[1] != 0).any(), (
+        "test input: no row flagged")
     workspaces = keep_trie_workspaces(monkeypatch, launch)
     losses = []
     for smem in (True, False):

@@ -88,6 +88,9 @@ TRIE_RETRY_ENTRIES = int(os.environ.get("ULD_TRIE_RETRY_ENTRIES", 1 << 20))
 # (uld_split.fallback_kernel, SMEM_L1: on the GPU; the interpreter caps level 1 alike and
 # counts it with atomics): "0" keeps the global reductions and no cap.
 FALLBACK_SMEM_L1 = os.environ.get("ULD_FALLBACK_SMEM_L1", "1") != "0"
+# Columns per step of the fallback's deeper levels (its finish pass; the other passes take the
+# split engine's block).
+FALLBACK_FINISH_BLOCK = int(os.environ.get("ULD_FALLBACK_FINISH_BLOCK", 512))
 # Which engine computes bf16 rows: "hist" (uld_hist.py: histograms of the logits' values; rows
 # it cannot settle exactly go to the trie) or "split" (the trie engine for every row). Other
 # dtypes always take the trie: float32 has no small set of values, and fp16's 1,024 values per
@@ -479,7 +482,7 @@ def _trie_fallback(student_logits, teacher_logits, row_loss, status, row_ce, gra
         SAME_VOCAB=student_vocab == teacher_vocab, STUDENT_UNIT_STRIDE=student_logits.stride(-1) == 1,
         TEACHER_UNIT_STRIDE=teacher_logits.stride(-1) == 1, GATHER=gather, HAS_CE=has_ce,
         STUDENT_GRAD=grad_student is not None, TEACHER_GRAD=grad_teacher is not None,
-        BLOCK=cfg.block, FINISH_BLOCK=min(cfg.block, 512), ROOT_CHUNK=cfg.chunk, ENTRIES=cfg.entries,
+        BLOCK=cfg.block, FINISH_BLOCK=min(cfg.block, FALLBACK_FINISH_BLOCK), ROOT_CHUNK=cfg.chunk, ENTRIES=cfg.entries,
         RESOLVE_BLOCK=256, MAX_LEVELS=_MAX_LEVELS, ROOT_BITS=cfg.root_bits,
         USE_PTX=cfg.smem and device.type == "cuda", LEVEL_CAP=cfg.level_cap, PREFETCH=cfg.prefetch,
         SMEM_L1=FALLBACK_SMEM_L1, num_warps=cfg.num_warps, num_stages=1)

@@ -108,14 +108,22 @@ _STEP_AND_COUNT_ASM = tl.constexpr(
     + _reductions("c", "$3", "$4", ("$6", "$7", "$8", "$9")) + "SKIP: mov.u32 $0, 0; }")
 # The same into the shared level-1 table (L1_CAP): $1 walking, $2 root entry, $3 key, $4 p,
 # $5 child plane, $6 the level's shift, $7 its digit mask, $8 the table's address, $9 level
-# 1's first entry.
+# 1's first entry. The int64 mass is added as two 32-bit words: sm_90 has no 64-bit shared
+# add (ptxas builds red.shared.add.u64 as a compare-and-swap loop, which took half of the
+# fallback's level-1 pass on `flagged` rows: fifteenth session, Nsight Compute), so the low
+# word is added with atom (its old value tells the carry) and the high word, plus the carry,
+# with red, each only where nonzero (the rows' far tails have masses that truncate to 0). The
+# sum is exact modulo 2**64, as one 64-bit add would be; read back as one u64 after a barrier.
 _STEP_AND_COUNT_SMEM_ASM = tl.constexpr(
-    "{ .reg .pred p; .reg .u64 a; .reg .s32 c, d; .reg .u32 s; .reg .f32 f; .reg .s64 m; setp.eq.s32 p, $1, 0; "
-    "@p bra SKIP; " + _step("$2", "$3", "$5", "$6", "$7", "c")
+    "{ .reg .pred p; .reg .u64 a; .reg .s32 c, d; .reg .u32 s, lo, hi, old; .reg .f32 f; .reg .s64 m; "
+    "setp.eq.s32 p, $1, 0; @p bra SKIP; " + _step("$2", "$3", "$5", "$6", "$7", "c")
     + f"sub.s32 c, c, $9; mad.lo.u32 s, c, 4, $8; red.shared.add.u32 [s], 1; sub.s32 d, {L1_KEY_FLIP.value}, $3; "
     f"red.shared.max.s32 [s+{4 * L1_CAP.value}], d; red.shared.max.s32 [s+{8 * L1_CAP.value}], $3; "
-    "mul.f32 f, $4, 0f59800000; cvt.rzi.s64.f32 m, f; mad.lo.u32 s, c, 8, $8; "
-    f"red.shared.add.u64 [s+{12 * L1_CAP.value}], m; SKIP: mov.u32 $0, 0; }}")
+    "mul.f32 f, $4, 0f59800000; cvt.rzi.s64.f32 m, f; setp.eq.s64 p, m, 0; @p bra SKIP; "
+    f"mov.b64 {{lo, hi}}, m; mad.lo.u32 s, c, 8, $8; add.u32 s, s, {12 * L1_CAP.value}; "
+    "setp.eq.u32 p, lo, 0; @p bra HIGH; atom.shared.add.u32 old, [s], lo; add.u32 lo, old, lo; "
+    "setp.lt.u32 p, lo, old; @p add.u32 hi, hi, 1; "
+    "HIGH: setp.eq.u32 p, hi, 0; @p bra SKIP; red.shared.add.u32 [s+4], hi; SKIP: mov.u32 $0, 0; }")
 _LOAD_L1_ASM = tl.constexpr("{ .reg .u32 a; mad.lo.u32 a, $1, 4, $2; ld.shared.u32 $0, [a]; }")
 _LOAD_L1_MASS_ASM = tl.constexpr(
     f"{{ .reg .u32 a; mad.lo.u32 a, $1, 8, $2; ld.shared.u64 $0, [a+{12 * L1_CAP.value}]; }}")
