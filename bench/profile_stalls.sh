@@ -10,13 +10,13 @@ KERNEL=${1:-count_kernel}; SKIP=${2:-4}
 NCU=$(ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1); NCU=${NCU:-ncu}
 IFS=";" read -r -a SPECS <<< "${ULD_STALL_SPECS:-peaked 2048 qwen_llama3;random 2048 qwen_llama3}"
 for spec in "${SPECS[@]}"; do
-  set -- $spec
+  set -- $spec; name=$(echo "$spec" | tr ' ' _)
   timeout 150 $NCU --clock-control none --section SpeedOfLight --section WarpStateStats \
     --section Occupancy --section LaunchStats --section SourceCounters --import-source yes \
-    -k regex:$KERNEL --launch-skip $SKIP --launch-count 1 -o "$OUT/prof_$1" \
-    python3 bench/profile_ncu.py "$@" > "$OUT/ncu_$1.log" 2>&1
-  $NCU -i "$OUT/prof_$1.ncu-rep" --page details > "$OUT/details_$1.txt" 2>&1
-  $NCU -i "$OUT/prof_$1.ncu-rep" --page source --csv --print-source sass > "$OUT/source_$1.csv" 2>&1
-  echo "== $1"; grep -E "Duration|DRAM Throughput|Registers Per|Achieved Occupancy|Issue Slots Busy|Warp Cycles Per Issued|Stall" "$OUT/details_$1.txt" | head -20
-  python3 bench/ncu_top.py "$OUT/source_$1.csv" 0
+    -k regex:$KERNEL --launch-skip $SKIP --launch-count 1 -f -o "$OUT/prof_$name" \
+    python3 bench/profile_ncu.py "$@" > "$OUT/ncu_$name.log" 2>&1
+  $NCU -i "$OUT/prof_$name.ncu-rep" --page details > "$OUT/details_$name.txt" 2>&1
+  $NCU -i "$OUT/prof_$name.ncu-rep" --page source --csv --print-source sass > "$OUT/source_$name.csv" 2>&1
+  echo "== $spec"; grep -E "Duration|DRAM Throughput|Registers Per|Achieved Occupancy|Issue Slots Busy|Warp Cycles Per Issued|Stall" "$OUT/details_$name.txt" | head -20
+  python3 bench/ncu_top.py "$OUT/source_$name.csv" 0
 done

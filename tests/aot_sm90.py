@@ -23,7 +23,8 @@ from uld_kernels.kernels.cross_entropy import ce_rows_kernel  # noqa: E402
 from uld_kernels.kernels import uld_split  # noqa: E402
 from uld_kernels.kernels.uld_rows import scale_rows_kernel, zero_rows_kernel  # noqa: E402
 from uld_kernels.launch import (HIST_BLOCK, HIST_GRAD_BLOCK, HIST_GRAD_CHUNK, HIST_SIGN_BLOCK,  # noqa: E402
-                                HIST_MAXNREG, HIST_TAIL_BLOCK, FALLBACK_FINISH_BLOCK, FALLBACK_SMEM_L1, ce_kernel_config, split_config)
+                                HIST_MAXNREG, HIST_TAIL_BLOCK, FALLBACK_FINISH_BLOCK, FALLBACK_LIST, FALLBACK_SMEM_L1,
+                                ce_kernel_config, split_config)
 
 HIST_OPTIONS = dict(num_warps=4, **({"maxnreg": HIST_MAXNREG} if HIST_MAXNREG else {}))  # as launch.py
 TRITON_TYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -150,7 +151,8 @@ def split_kernel_configs():
                           HAS_CE=gathered, STUDENT_GRAD=True, TEACHER_GRAD=False, BLOCK=cfg.block,
                           FINISH_BLOCK=min(cfg.block, FALLBACK_FINISH_BLOCK), ROOT_CHUNK=cfg.chunk, ENTRIES=cfg.entries,
                           RESOLVE_BLOCK=256, MAX_LEVELS=10, ROOT_BITS=cfg.root_bits, USE_PTX=cfg.smem,
-                          LEVEL_CAP=cfg.level_cap, PREFETCH=cfg.prefetch, SMEM_L1=FALLBACK_SMEM_L1)
+                          LEVEL_CAP=cfg.level_cap, PREFETCH=cfg.prefetch, SMEM_L1=FALLBACK_SMEM_L1,
+                          LIST=FALLBACK_LIST)
         yield (f"fallback{label} bf16", kernel, _types_by_name(kernel, "*bf16"), constexprs,
                [n for n in aligned_names if n in kernel.arg_names], dict(num_warps=cfg.num_warps, num_stages=1))
     for label, kernel, extra in [("stats", uld_split.stats_kernel, kernels[0][2]),

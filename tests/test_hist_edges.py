@@ -26,7 +26,7 @@ import uld_kernels.launch as launch
 from tests.helpers import (assert_grads_close, assert_losses_close, cross_near_ties, keep_trie_workspaces,
                            level_one_sizes, reference_rows_and_grads)
 from uld_kernels import uld_distillation_loss, uld_loss
-from uld_kernels.kernels import uld_hist
+from uld_kernels.kernels import uld_hist, uld_split
 
 BF16 = torch.bfloat16
 CAP, WIDTH, TINY, SLOTS = uld_hist.CAP.value, uld_hist.WIDTH.value, uld_hist._TINY.value, uld_hist.PARAM_SLOTS.value
@@ -627,6 +627,52 @@ def test_training_loss_with_teacher_rows_failing_the_cross_entropy_checks(device
     assert_grads_close(student.grad.reshape(-1, vs), s64.grad.reshape(-1, vs), student.detach().reshape(-1, vs), BF16)
 
 
+def _flagged_like(rows, seed, device):
+    """Student and teacher rows of 6,000 columns that the histogram engine flags: 16 logits
+    within 2**-23 of 0, the rest N(-60, 10^2) (the benchmark's `flagged` kind, narrower)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def one():
+        row = torch.randn(rows, 6000, generator=g) * 10 - 60
+        columns = torch.rand(rows, 6000, generator=g).argsort(-1)[:, :16]
+        tiny = (torch.rand(rows, 16, generator=g) * 2 - 1) * 2.0 ** -23
+        return row.scatter_(1, columns, tiny).to(BF16).to(device)
+
+    return one(), one()
+
+
+def test_fallback_levels_below_one_from_listed_columns(device, monkeypatch):
+    """The fallback's finish pass lists the columns that reach a level's open buckets and
+    counts the levels below from the list (launch.FALLBACK_LIST, uld_split._finish_pass): the
+    same trie, so bit for bit the same losses, gradients and status as reading the whole rows
+    at every level, and also where the lists overflow their capacity (3 columns a side: every
+    level reads the rows again and lists anew). Premises, from the workspace: a level below
+    the listed one was counted (depth >= 3), the lists fit at the default capacity and not at
+    3."""
+    student, teacher = _flagged_like(1, 5, device)
+    workspaces = keep_trie_workspaces(monkeypatch, launch)
+    results, listed = [], []
+    for listing, cap in ((True, None), (True, 3), (False, None)):
+        monkeypatch.setattr(launch, "FALLBACK_LIST", listing)
+        if cap is not None:
+            monkeypatch.setattr(launch, "_fallback_list_cap", lambda *args: cap)
+        results.append(launch.uld_rows(student, teacher, 1.0, 1.0, True, False, 1.0)[:3])
+        meta = workspaces[-1][0][2].cpu()
+        listed.append((int(meta[uld_split._LISTED_S.value]), int(meta[uld_split._LISTED_T.value])))
+        monkeypatch.undo()
+        workspaces = keep_trie_workspaces(monkeypatch, launch)
+    depth = int(results[0][1][0]) >> 1
+    assert depth >= 3, f"test input: trie depth {depth}, no level counted from a list"
+    cfg = launch.split_config(student.device.type == "cuda")
+    assert 0 < max(listed[0]) <= launch._fallback_list_cap(triton.cdiv(6000, cfg.chunk), cfg), (
+        f"test input: listed {listed[0]}")
+    assert max(listed[1]) > 3, f"test input: listed {listed[1]} fit 3 a side"
+    for (rows, status, grad), what in zip(results[1:], ("overflowing lists", "whole rows")):
+        assert torch.equal(status, results[0][1]), f"{what}: status {status.tolist()} vs {results[0][1].tolist()}"
+        assert torch.equal(rows, results[0][0]), f"{what}: losses differ"
+        assert torch.equal(grad, results[0][2]), f"{what}: gradients differ"
+
+
 def test_fallback_level_one_capped_for_shared_memory_stays_exact(device, monkeypatch):
     """The trie fallback with level 1 capped to the shared table's 1,536 buckets
     (launch.FALLBACK_SMEM_L1: under the interpreter the same capped trie, counted with atomics;
@@ -636,14 +682,7 @@ def test_fallback_level_one_capped_for_shared_memory_stays_exact(device, monkeyp
     interpreter's 1,024 alike, so 4 child bits each pass the cap): both exact against
     float64 (near-ties across the rows checked by their bound), losses agreeing; the premise
     (the cap took level 1 from above 1,536 buckets to below) read from the workspace."""
-    g = torch.Generator().manual_seed(4)
-
-    def one():
-        row = torch.randn(2, 6000, generator=g) * 10 - 60
-        columns = torch.rand(2, 6000, generator=g).argsort(-1)[:, :16]
-        return row.scatter_(1, columns, (torch.rand(2, 16, generator=g) * 2 - 1) * 2.0 ** -23).to(BF16).to(device)
-
-    student, teacher = one(), one()
+    student, teacher = _flagged_like(2, 4, device)
     workspaces = keep_trie_workspaces(monkeypatch, launch)
     losses, level_one = [], []
     for capped in (True, False):

@@ -88,6 +88,10 @@ TRIE_RETRY_ENTRIES = int(os.environ.get("ULD_TRIE_RETRY_ENTRIES", 1 << 20))
 # (uld_split.fallback_kernel, SMEM_L1: on the GPU; the interpreter caps level 1 alike and
 # counts it with atomics): "0" keeps the global reductions and no cap.
 FALLBACK_SMEM_L1 = os.environ.get("ULD_FALLBACK_SMEM_L1", "1") != "0"
+# The fallback's levels below 1 count only the columns a level above listed as reaching its
+# open buckets, where they fit the slot's spent root counts (uld_split._finish_pass): "0"
+# reads the whole rows at every level.
+FALLBACK_LIST = os.environ.get("ULD_FALLBACK_LIST", "1") != "0"
 # Columns per step of the fallback's deeper levels (its finish pass; the other passes take the
 # split engine's block).
 FALLBACK_FINISH_BLOCK = int(os.environ.get("ULD_FALLBACK_FINISH_BLOCK", 512))
@@ -452,6 +456,12 @@ def _trie_workspace(batch, cfg, n_chunks, chunks_pow2, device):
     return trie, partial, partial_i, root_partial
 
 
+def _fallback_list_cap(root_chunks: int, cfg: SplitConfig) -> int:
+    """Columns a side that the fallback's finish pass may list (`FALLBACK_LIST`): half of a
+    slot's root partial counts (root_chunks << root_bits int32 words), spent by then."""
+    return (root_chunks << cfg.root_bits) // 2
+
+
 def _trie_fallback(student_logits, teacher_logits, row_loss, status, row_ce, grad_student, grad_teacher,
                    student_temperature, teacher_temperature, grad_scale, student_index, teacher_index,
                    row_weight, ce_label, ce_weight, n_pairs):
@@ -474,7 +484,8 @@ def _trie_fallback(student_logits, teacher_logits, row_loss, status, row_ce, gra
         grad_student if grad_student is not None else unused, grad_teacher if grad_teacher is not None else unused,
         *trie, partial, partial_i, root_partial, student_index if gather else unused,
         teacher_index if gather else unused, row_weight if gather else unused, ce_label if has_ce else unused,
-        ce_weight if has_ce else unused, row_ce if has_ce else unused, n_pairs, root_chunks, student_vocab,
+        ce_weight if has_ce else unused, row_ce if has_ce else unused, n_pairs, root_chunks,
+        _fallback_list_cap(root_chunks, cfg), student_vocab,
         teacher_vocab, *_row_layout(student_logits), *_row_layout(teacher_logits),
         grad_student.stride(0) if grad_student is not None else 0,
         grad_teacher.stride(0) if grad_teacher is not None else 0,
@@ -485,7 +496,7 @@ def _trie_fallback(student_logits, teacher_logits, row_loss, status, row_ce, gra
         BLOCK=cfg.block, FINISH_BLOCK=min(cfg.block, FALLBACK_FINISH_BLOCK), ROOT_CHUNK=cfg.chunk, ENTRIES=cfg.entries,
         RESOLVE_BLOCK=256, MAX_LEVELS=_MAX_LEVELS, ROOT_BITS=cfg.root_bits,
         USE_PTX=cfg.smem and device.type == "cuda", LEVEL_CAP=cfg.level_cap, PREFETCH=cfg.prefetch,
-        SMEM_L1=FALLBACK_SMEM_L1, num_warps=cfg.num_warps, num_stages=1)
+        SMEM_L1=FALLBACK_SMEM_L1, LIST=FALLBACK_LIST, num_warps=cfg.num_warps, num_stages=1)
 
 
 def _split_pairs(student_logits, teacher_logits, row_loss, status, row_ce, grad_student,

@@ -523,7 +523,8 @@ def _count_level(row_ptr, col_stride, scale, top, log_sum, ws_ptr, sign_ptr, mas
                  ENTRIES: tl.constexpr, BLOCK: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr,
                  STAGES: tl.constexpr, MAX_LEVELS: tl.constexpr, LOSS: tl.constexpr,
                  USE_PTX: tl.constexpr, PREFETCH: tl.constexpr, NC_SIGNS: tl.constexpr = True,
-                 SMEM_L1: tl.constexpr = False, l1_table=0, l1_start=0):
+                 SMEM_L1: tl.constexpr = False, l1_table=0, l1_start=0,
+                 LIST: tl.constexpr = False, list_ptr=0, listed_ptr=0, list_cap=0):
     """One pass over columns [start, stop) of a row. Where `count`: count (and sum the mass of)
     its keys that reach the open buckets of `level`. With LOSS (level 1): also return
     sum p * sign over the elements that the root decided, reading each sign at its root
@@ -534,7 +535,9 @@ def _count_level(row_ptr, col_stride, scale, top, log_sum, ws_ptr, sign_ptr, mas
     root signs gathered through the read-only path unless NC_SIGNS is off (a launch that
     writes the sign tables it reads: `uld_split.fallback_kernel`). SMEM_L1 (LOSS, USE_PTX): level
     1 is counted into the shared table at `l1_table` (kernels/ptx.py, L1_CAP) instead, bucket
-    = entry - l1_start."""
+    = entry - l1_start. LIST (without LOSS): the columns that reach the level's open buckets are
+    also appended to the list at `list_ptr` (the int32 at `listed_ptr` counts them; those past
+    `list_cap` are counted, not stored), for `_count_listed` to count the levels below from."""
     lanes = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], tl.float32)
     root_shift = tl.load(meta_ptr + _SHIFT_OFFSET)
@@ -570,15 +573,49 @@ def _count_level(row_ptr, col_stride, scale, top, log_sum, ws_ptr, sign_ptr, mas
                                digit_mask)
         elif count:
             entry, reached = _walk(key, walking, ws_ptr + _CHILD * ENTRIES, meta_ptr, level, MAX_LEVELS)
-            if USE_PTX:
-                count_key(reached, entry, key, p, ws_ptr + CNT * ENTRIES, ws_ptr + KEY_MIN * ENTRIES,
-                          ws_ptr + KEY_MAX * ENTRIES, mass_ptr)
-            else:
-                tl.atomic_add(ws_ptr + CNT * ENTRIES + entry, 1, mask=reached, sem="relaxed")
-                tl.atomic_min(ws_ptr + KEY_MIN * ENTRIES + entry, key, mask=reached, sem="relaxed")
-                tl.atomic_max(ws_ptr + KEY_MAX * ENTRIES + entry, key, mask=reached, sem="relaxed")
-                tl.atomic_add(mass_ptr + entry, (p * MASS_SCALE).to(tl.int64), mask=reached, sem="relaxed")
+            _count_reached(reached, entry, key, p, ws_ptr, mass_ptr, CNT, KEY_MIN, KEY_MAX, ENTRIES, USE_PTX)
+            if LIST:  # one relaxed atomic per reaching lane: few lanes reach the levels below 1
+                at = tl.atomic_add(listed_ptr + lanes * 0, 1, mask=reached, sem="relaxed")
+                tl.store(list_ptr + at, idx, mask=reached & (at < list_cap))
     return tl.sum(acc, 0)
+
+
+@triton.jit
+def _count_reached(reached, entry, key, p, ws_ptr, mass_ptr, CNT: tl.constexpr, KEY_MIN: tl.constexpr,
+                   KEY_MAX: tl.constexpr, ENTRIES: tl.constexpr, USE_PTX: tl.constexpr):
+    """Where `reached`: at bucket `entry`, count += 1, key-min / key-max with `key`, mass +=
+    trunc(p * 2**52), by relaxed reductions (integers: the result does not depend on their
+    order)."""
+    if USE_PTX:
+        count_key(reached, entry, key, p, ws_ptr + CNT * ENTRIES, ws_ptr + KEY_MIN * ENTRIES,
+                  ws_ptr + KEY_MAX * ENTRIES, mass_ptr)
+    else:
+        tl.atomic_add(ws_ptr + CNT * ENTRIES + entry, 1, mask=reached, sem="relaxed")
+        tl.atomic_min(ws_ptr + KEY_MIN * ENTRIES + entry, key, mask=reached, sem="relaxed")
+        tl.atomic_max(ws_ptr + KEY_MAX * ENTRIES + entry, key, mask=reached, sem="relaxed")
+        tl.atomic_add(mass_ptr + entry, (p * MASS_SCALE).to(tl.int64), mask=reached, sem="relaxed")
+
+
+@triton.jit
+def _count_listed(row_ptr, col_stride, vocab, scale, top, log_sum, ws_ptr, mass_ptr, meta_ptr, level, key_lo,
+                  key_hi, list_ptr, n_listed, CNT: tl.constexpr, KEY_MIN: tl.constexpr, KEY_MAX: tl.constexpr,
+                  ENTRIES: tl.constexpr, BLOCK: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr,
+                  MAX_LEVELS: tl.constexpr, USE_PTX: tl.constexpr):
+    """`_count_level`'s count (without LOSS) of `level` over the `n_listed` columns listed at
+    `list_ptr` only: a level above listed every column that reached its open buckets, and a
+    key reaches an open bucket of this level only through one of those. The same keys
+    (`_probs_and_keys`), filter and walk as the pass over the whole row, so the same counts;
+    a level of a few listed columns costs a few gathers instead of a read of the row."""
+    lanes = tl.arange(0, BLOCK)
+    for first in range(0, n_listed, BLOCK):
+        listed = first + lanes < n_listed
+        idx = tl.load(list_ptr + first + lanes, mask=listed, other=vocab)  # past the row: not counted
+        p, key, counted, _z = _probs_and_keys(row_ptr, idx, col_stride, vocab, scale, top, log_sum,
+                                              UNIT_COL_STRIDE)
+        key = _clamp_key(key, meta_ptr)
+        walking = counted & (key >= key_lo) & (key <= key_hi)
+        entry, reached = _walk(key, walking, ws_ptr + _CHILD * ENTRIES, meta_ptr, level, MAX_LEVELS)
+        _count_reached(reached, entry, key, p, ws_ptr, mass_ptr, CNT, KEY_MIN, KEY_MAX, ENTRIES, USE_PTX)
 
 
 @triton.jit

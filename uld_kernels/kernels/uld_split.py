@@ -32,7 +32,7 @@ from uld_kernels.kernels.uld_rows import (
     _CNT_S, _CNT_T, _KEY_HI, _KEY_LO, _MAX_S, _MAX_T, _MIN_S, _MIN_T, _NODE_TOP, _ROOT_BASE,
     _KEY_NONE_MAX, _KEY_NONE_MIN, _SHIFT_OFFSET, _clamp_key,
     INT_PLANES, LN2, LOG2E, MASS_SCALE, META_SLOTS, SIGN_PLANES,
-    _count_level, _finish_lse2, _keys_of, _pair_rows, _probs_and_keys, _resolve_level,
+    _count_level, _count_listed, _finish_lse2, _keys_of, _pair_rows, _probs_and_keys, _resolve_level,
     _stats_range, _write_grad,
 )
 from uld_kernels.kernels.ptx import L1_CAP, L1_KEY_FLIP, l1_clear, l1_load, l1_load_mass, smem_add_one, smem_address, smem_load, smem_zero
@@ -46,6 +46,8 @@ _DONE_ROOT = tl.constexpr(52)
 _DONE_LEVEL = tl.constexpr(54)  # + level, levels 1 .. 8
 _OPEN_LO = tl.constexpr(44)  # the keys of the root's open buckets lie in [_OPEN_LO, _OPEN_HI]
 _OPEN_HI = tl.constexpr(45)
+_LISTED_S = tl.constexpr(53)  # columns the trie fallback's finish pass listed, student and teacher
+_LISTED_T = tl.constexpr(63)
 # Per-pair floats: largest logits (tops) and base-2 log-sums (uld_rows._keys_of).
 ROW_FLOATS = tl.constexpr(8)
 _S_TOP = tl.constexpr(0)
@@ -279,11 +281,13 @@ def _count_level_both(s_row, t_row, student_col_stride, teacher_col_stride,
                       TEACHER_UNIT_STRIDE: tl.constexpr, STAGES: tl.constexpr, MAX_LEVELS: tl.constexpr,
                       ROOT_BITS: tl.constexpr, LOSS: tl.constexpr, USE_PTX: tl.constexpr,
                       PREFETCH: tl.constexpr, NC_SIGNS: tl.constexpr = True, SMEM_CAP: tl.constexpr = 0,
-                      l1_table=0):
+                      l1_table=0, LIST: tl.constexpr = False, list_ptr=0, list_cap=0):
     """`_count_level` over columns [start, s_stop) of the student row and [start, t_stop) of the
     teacher row; returns both sides' sums of p * sign over the elements the root decided (LOSS).
     SMEM_CAP (the trie fallback, level 1): a level 1 of at most SMEM_CAP buckets is counted
-    in the shared table at `l1_table`, one side at a time (`_count_side`)."""
+    in the shared table at `l1_table`, one side at a time (`_count_side`). LIST: the columns
+    that reach the level's open buckets are listed (`_count_level`), the student's at
+    `list_ptr`, the teacher's `list_cap` further, counted at meta _LISTED_S and _LISTED_T."""
     key_lo = tl.load(meta_ptr + _OPEN_LO)
     key_hi = tl.load(meta_ptr + _OPEN_HI)
     span: tl.constexpr = ENTRIES - (1 << ROOT_BITS)
@@ -294,13 +298,13 @@ def _count_level_both(s_row, t_row, student_col_stride, teacher_col_stride,
         tl.load(row_f + _S_LOG_SUM), ws_ptr, sign_ptr, mass_ptr, meta_ptr, level,
         start, s_stop, key_lo, key_hi, count, in_smem, l1_table, l1_start,
         _CNT_S, _MIN_S, _MAX_S, ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, STAGES, MAX_LEVELS, LOSS, USE_PTX, PREFETCH,
-        NC_SIGNS, SMEM_CAP)
+        NC_SIGNS, SMEM_CAP, LIST, list_ptr, meta_ptr + _LISTED_S, list_cap)
     teacher_sum = _count_side(
         t_row, teacher_col_stride, inv_teacher_temperature * LOG2E, tl.load(row_f + _T_TOP),
         tl.load(row_f + _T_LOG_SUM), ws_ptr, sign_ptr + ENTRIES, mass_ptr + span, meta_ptr, level,
         start, t_stop, key_lo, key_hi, count, in_smem, l1_table, l1_start,
         _CNT_T, _MIN_T, _MAX_T, ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS, LOSS, USE_PTX, PREFETCH,
-        NC_SIGNS, SMEM_CAP)
+        NC_SIGNS, SMEM_CAP, LIST, list_ptr + list_cap, meta_ptr + _LISTED_T, list_cap)
     return student_sum, teacher_sum
 
 
@@ -310,7 +314,8 @@ def _count_side(row_ptr, col_stride, scale, top, log_sum, ws_ptr, sign_ptr, mass
                 CNT: tl.constexpr, KEY_MIN: tl.constexpr, KEY_MAX: tl.constexpr, ENTRIES: tl.constexpr,
                 BLOCK: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr, STAGES: tl.constexpr,
                 MAX_LEVELS: tl.constexpr, LOSS: tl.constexpr, USE_PTX: tl.constexpr, PREFETCH: tl.constexpr,
-                NC_SIGNS: tl.constexpr, SMEM_CAP: tl.constexpr):
+                NC_SIGNS: tl.constexpr, SMEM_CAP: tl.constexpr, LIST: tl.constexpr = False, list_ptr=0,
+                listed_ptr=0, list_cap=0):
     """`_count_level` of one side; with SMEM_CAP, USE_PTX and `in_smem`, level 1 in the shared
     table (zeroed, counted, then copied to the side's planes of the workspace: the same counts,
     key bounds and masses the global reductions would leave there)."""
@@ -346,8 +351,30 @@ def _count_side(row_ptr, col_stride, scale, top, log_sum, ws_ptr, sign_ptr, mass
     else:
         total = _count_level(row_ptr, col_stride, scale, top, log_sum, ws_ptr, sign_ptr, mass_ptr, meta_ptr, level,
                              start, stop, key_lo, key_hi, count, CNT, KEY_MIN, KEY_MAX, ENTRIES, BLOCK,
-                             UNIT_COL_STRIDE, STAGES, MAX_LEVELS, LOSS, USE_PTX, PREFETCH, NC_SIGNS)
+                             UNIT_COL_STRIDE, STAGES, MAX_LEVELS, LOSS, USE_PTX, PREFETCH, NC_SIGNS,
+                             LIST=LIST, list_ptr=list_ptr, listed_ptr=listed_ptr, list_cap=list_cap)
     return total
+
+
+@triton.jit
+def _count_listed_both(s_row, t_row, student_col_stride, teacher_col_stride, student_vocab, teacher_vocab,
+                       inv_student_temperature, inv_teacher_temperature, row_f, ws_ptr, meta_ptr, mass_ptr, level,
+                       list_ptr, list_cap, ENTRIES: tl.constexpr, BLOCK: tl.constexpr,
+                       STUDENT_UNIT_STRIDE: tl.constexpr, TEACHER_UNIT_STRIDE: tl.constexpr,
+                       MAX_LEVELS: tl.constexpr, ROOT_BITS: tl.constexpr, USE_PTX: tl.constexpr):
+    """`_count_level_both`'s count of a level below 1 from the columns listed by a level above
+    (`_count_listed`, both sides)."""
+    key_lo = tl.load(meta_ptr + _OPEN_LO)
+    key_hi = tl.load(meta_ptr + _OPEN_HI)
+    span: tl.constexpr = ENTRIES - (1 << ROOT_BITS)
+    _count_listed(s_row, student_col_stride, student_vocab, inv_student_temperature * LOG2E,
+                  tl.load(row_f + _S_TOP), tl.load(row_f + _S_LOG_SUM), ws_ptr, mass_ptr, meta_ptr, level, key_lo,
+                  key_hi, list_ptr, tl.load(meta_ptr + _LISTED_S), _CNT_S, _MIN_S, _MAX_S, ENTRIES, BLOCK,
+                  STUDENT_UNIT_STRIDE, MAX_LEVELS, USE_PTX)
+    _count_listed(t_row, teacher_col_stride, teacher_vocab, inv_teacher_temperature * LOG2E,
+                  tl.load(row_f + _T_TOP), tl.load(row_f + _T_LOG_SUM), ws_ptr, mass_ptr + span, meta_ptr, level,
+                  key_lo, key_hi, list_ptr + list_cap, tl.load(meta_ptr + _LISTED_T), _CNT_T, _MIN_T, _MAX_T,
+                  ENTRIES, BLOCK, TEACHER_UNIT_STRIDE, MAX_LEVELS, USE_PTX)
 
 
 @triton.jit(do_not_specialize=["n_chunks", "batch_start", "student_seq_len", "teacher_seq_len"])
@@ -594,9 +621,15 @@ def _finish_pass(
     TEACHER_UNIT_STRIDE: tl.constexpr, GATHER: tl.constexpr, BLOCK: tl.constexpr, CHUNKS_POW2: tl.constexpr,
     ENTRIES: tl.constexpr, RESOLVE_BLOCK: tl.constexpr, MAX_LEVELS: tl.constexpr, STAGES: tl.constexpr,
     ROOT_BITS: tl.constexpr, USE_PTX: tl.constexpr, PREFETCH: tl.constexpr,
-    NC_SIGNS: tl.constexpr = True
+    NC_SIGNS: tl.constexpr = True, LIST: tl.constexpr = False, list_ptr=0, list_cap=0,
 ):
-    """`finish_kernel` for one pair (`_stats_pass` says what `local` and `pair` are)."""
+    """`finish_kernel` for one pair (`_stats_pass` says what `local` and `pair` are).
+
+    LIST (the trie fallback): a level counted over the whole rows also lists the columns that
+    reach its open buckets (up to `list_cap` a side, at `list_ptr`), and while both lists are
+    whole, the levels below count those columns only (`_count_listed_both`). Rows of one
+    vocabulary drawn alike open level after level for a handful of near-equal keys (the
+    `flagged` kind: 16 logits within 2**-23 of 0), and each level cost a read of both rows."""
     meta_ptr, row_f, flags = _row_state(ws_meta_ptr, row_f_ptr, local)
     s_index, t_index, s_row, t_row = _pair_rows(
         pair, student_ptr, teacher_ptr, student_index_ptr, teacher_index_ptr,
@@ -608,13 +641,34 @@ def _finish_pass(
         status = tl.load(meta_ptr + _STATUS)
         depth = tl.load(meta_ptr + _DEPTH)
         if (flags == 1) & (status > 0):
+            listed = status < 0  # false: whether the lists hold every column that can reach an open bucket
             while status > 0:
                 depth += 1
-                _count_level_both(s_row, t_row, student_col_stride, teacher_col_stride,
-                                  inv_student_temperature, inv_teacher_temperature, row_f, ws_ptr, sign_ptr,
-                                  meta_ptr, mass_ptr, depth, 0, student_vocab, teacher_vocab, status > 0,
-                                  ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS,
-                                  ROOT_BITS, False, USE_PTX, PREFETCH, NC_SIGNS)
+                if LIST:
+                    listed = listed & (tl.load(meta_ptr + _LISTED_S) <= list_cap) & (
+                        tl.load(meta_ptr + _LISTED_T) <= list_cap)
+                    if listed:
+                        _count_listed_both(s_row, t_row, student_col_stride, teacher_col_stride, student_vocab,
+                                           teacher_vocab, inv_student_temperature, inv_teacher_temperature, row_f,
+                                           ws_ptr, meta_ptr, mass_ptr, depth, list_ptr, list_cap, ENTRIES, BLOCK,
+                                           STUDENT_UNIT_STRIDE, TEACHER_UNIT_STRIDE, MAX_LEVELS, ROOT_BITS, USE_PTX)
+                    else:
+                        tl.store(meta_ptr + _LISTED_S, 0)
+                        tl.store(meta_ptr + _LISTED_T, 0)
+                        tl.debug_barrier()
+                        _count_level_both(s_row, t_row, student_col_stride, teacher_col_stride,
+                                          inv_student_temperature, inv_teacher_temperature, row_f, ws_ptr, sign_ptr,
+                                          meta_ptr, mass_ptr, depth, 0, student_vocab, teacher_vocab, status > 0,
+                                          ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, TEACHER_UNIT_STRIDE, STAGES,
+                                          MAX_LEVELS, ROOT_BITS, False, USE_PTX, PREFETCH, NC_SIGNS, LIST=True,
+                                          list_ptr=list_ptr, list_cap=list_cap)
+                        listed = status > 0  # true
+                else:
+                    _count_level_both(s_row, t_row, student_col_stride, teacher_col_stride,
+                                      inv_student_temperature, inv_teacher_temperature, row_f, ws_ptr, sign_ptr,
+                                      meta_ptr, mass_ptr, depth, 0, student_vocab, teacher_vocab, status > 0,
+                                      ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, TEACHER_UNIT_STRIDE, STAGES, MAX_LEVELS,
+                                      ROOT_BITS, False, USE_PTX, PREFETCH, NC_SIGNS)
                 tl.debug_barrier()
                 # LEVEL_CAP = ENTRIES: no cap below level 1 (only the root's children are capped)
                 status = _resolve_level(ws_ptr, sign_ptr, meta_ptr, depth, mass_ptr, row_mass,
@@ -736,12 +790,12 @@ _stats_call, _root_call, _count_call, _finish_call, _grad_call = (
     triton.jit(noinline=True)(f.fn) for f in (_stats_pass, _root_pass, _count_pass, _finish_pass, _grad_pass))
 
 
-@triton.jit(do_not_specialize=["n_pairs", "root_chunks", "student_seq_len", "teacher_seq_len"])
+@triton.jit(do_not_specialize=["n_pairs", "root_chunks", "list_cap", "student_seq_len", "teacher_seq_len"])
 def fallback_kernel(
     student_ptr, teacher_ptr, row_loss_ptr, status_ptr, grad_student_ptr, grad_teacher_ptr,
     ws_int_ptr, ws_sign_ptr, ws_meta_ptr, row_f_ptr, ws_mass_ptr, row_mass_ptr, partial_ptr, partial_i_ptr,
     root_partial_ptr, student_index_ptr, teacher_index_ptr, row_weight_ptr, ce_label_ptr, ce_weight_ptr,
-    row_ce_ptr, n_pairs, root_chunks, student_vocab, teacher_vocab,
+    row_ce_ptr, n_pairs, root_chunks, list_cap, student_vocab, teacher_vocab,
     student_seq_len, student_batch_stride, student_row_stride, student_col_stride,
     teacher_seq_len, teacher_batch_stride, teacher_row_stride, teacher_col_stride,
     grad_student_row_stride, grad_teacher_row_stride,
@@ -750,7 +804,7 @@ def fallback_kernel(
     GATHER: tl.constexpr, HAS_CE: tl.constexpr, STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr,
     BLOCK: tl.constexpr, FINISH_BLOCK: tl.constexpr, ROOT_CHUNK: tl.constexpr, ENTRIES: tl.constexpr,
     RESOLVE_BLOCK: tl.constexpr, MAX_LEVELS: tl.constexpr, ROOT_BITS: tl.constexpr, USE_PTX: tl.constexpr,
-    LEVEL_CAP: tl.constexpr, PREFETCH: tl.constexpr, SMEM_L1: tl.constexpr = False,
+    LEVEL_CAP: tl.constexpr, PREFETCH: tl.constexpr, SMEM_L1: tl.constexpr = False, LIST: tl.constexpr = False,
 ):
     """The trie over the pairs whose status is nonzero (those the histogram engine flagged),
     every pass of a pair in one program, in one launch whatever the number of pairs.
@@ -769,7 +823,8 @@ def fallback_kernel(
 
     SMEM_L1: level 1 is counted in shared memory where it fits (L1_CAP buckets, `_count_side`;
     USE_PTX, else with atomics on the same capped trie), since the program owns its pair: rows of one vocabulary drawn alike leave
-    most root buckets open, and their global reductions (four per element) took the time."""
+    most root buckets open, and their global reductions (four per element) took the time.
+    LIST: the levels below 1 count from lists of the columns that reach them (`_finish_pass`)."""
     WHOLE: tl.constexpr = 1 << 30  # a chunk longer than any row
     if SMEM_L1:  # the interpreter caps level 1 alike (the same trie), and counts it with atomics
         SMEM_CAP: tl.constexpr = L1_CAP
@@ -777,6 +832,9 @@ def fallback_kernel(
         SMEM_CAP: tl.constexpr = 0
     slot = tl.program_id(0)
     meta_ptr = ws_meta_ptr + slot.to(tl.int64) * META_SLOTS
+    # The slot's root partial counts are spent once the root is decided: the finish pass lists
+    # columns there (LIST), `list_cap` a side (at most half of them: launch.py).
+    list_ptr = root_partial_ptr + slot.to(tl.int64) * root_chunks * (1 << ROOT_BITS)
     for pair in range(slot, n_pairs, tl.num_programs(0)):
         if tl.load(status_ptr + pair) != 0:
             tl.store(meta_ptr + tl.arange(0, META_SLOTS), tl.zeros([META_SLOTS], tl.int32))
@@ -817,7 +875,8 @@ def fallback_kernel(
                 student_row_stride, student_col_stride, teacher_seq_len, teacher_batch_stride,
                 teacher_row_stride, teacher_col_stride, inv_student_temperature, inv_teacher_temperature,
                 STUDENT_UNIT_STRIDE, TEACHER_UNIT_STRIDE, GATHER, FINISH_BLOCK, 2, ENTRIES, RESOLVE_BLOCK,
-                MAX_LEVELS, 1, ROOT_BITS, USE_PTX, PREFETCH, NC_SIGNS=False)
+                MAX_LEVELS, 1, ROOT_BITS, USE_PTX, PREFETCH, NC_SIGNS=False, LIST=LIST, list_ptr=list_ptr,
+                list_cap=list_cap)
             tl.debug_barrier()
             if STUDENT_GRAD or TEACHER_GRAD:
                 _grad_call(
