@@ -66,9 +66,11 @@ def _flagged_rows(pair, tails):
     """512 pairs the histogram engine flags (a split tiny bin), for the trie fallback. "far":
     the benchmark's `flagged` rows, tails N(-60, 4^2), whose masses truncate to 0 in units of
     2**-52. "near": tails N(-12, 2^2), 16 logits within 2**-23 of 0 and one at -200 (so that
-    the row cannot be scaled up: its tiny bin stays split); their elements' masses, ~2**35 in
-    those units, fill the low 32-bit word, so the shared table's mass adds carry into the high
-    word (ptx.py, `_STEP_AND_COUNT_SMEM_ASM`)."""
+    the row cannot be scaled up: its tiny bin stays split); their elements' masses, ~2**30 to
+    2**43 in those units, fill the low 32-bit word, so the shared table's mass adds carry into
+    the high word thousands of times a row (ptx.py, `_STEP_AND_COUNT_SMEM_ASM`): each carry
+    dropped would move the loss of a row whose level 1 decides that bucket by 2**-20 (the
+    loss tolerance: 2e-5)."""
     vs, vt = VOCAB_PAIRS[pair]
     if tails == "far":
         return make_rows("flagged", 512, vs, vt, seed=11)

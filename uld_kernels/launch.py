@@ -95,6 +95,8 @@ FALLBACK_LIST = os.environ.get("ULD_FALLBACK_LIST", "1") != "0"
 # Columns per step of the fallback's deeper levels (its finish pass; the other passes take the
 # split engine's block).
 FALLBACK_FINISH_BLOCK = int(os.environ.get("ULD_FALLBACK_FINISH_BLOCK", 512))
+if FALLBACK_FINISH_BLOCK < 128 or FALLBACK_FINISH_BLOCK & (FALLBACK_FINISH_BLOCK - 1):
+    raise ValueError(f"ULD_FALLBACK_FINISH_BLOCK must be a power of two >= 128, got {FALLBACK_FINISH_BLOCK}")
 # Which engine computes bf16 rows: "hist" (uld_hist.py: histograms of the logits' values; rows
 # it cannot settle exactly go to the trie) or "split" (the trie engine for every row). Other
 # dtypes always take the trie: float32 has no small set of values, and fp16's 1,024 values per

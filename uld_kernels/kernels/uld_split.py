@@ -47,7 +47,7 @@ _DONE_LEVEL = tl.constexpr(54)  # + level, levels 1 .. 8
 _OPEN_LO = tl.constexpr(44)  # the keys of the root's open buckets lie in [_OPEN_LO, _OPEN_HI]
 _OPEN_HI = tl.constexpr(45)
 _LISTED_S = tl.constexpr(53)  # columns the trie fallback's finish pass listed, student and teacher
-_LISTED_T = tl.constexpr(63)
+_LISTED_T = tl.constexpr(63)  # free while _DONE_LEVEL + split levels (at most 8: launch.py) < 63
 # Per-pair floats: largest logits (tops) and base-2 log-sums (uld_rows._keys_of).
 ROW_FLOATS = tl.constexpr(8)
 _S_TOP = tl.constexpr(0)
@@ -647,6 +647,9 @@ def _finish_pass(
                 if LIST:
                     listed = listed & (tl.load(meta_ptr + _LISTED_S) <= list_cap) & (
                         tl.load(meta_ptr + _LISTED_T) <= list_cap)
+                    # Every warp reads the counters before any resets them below: a warp that
+                    # read a reset counter would take the other branch (and miscount its lanes).
+                    tl.debug_barrier()
                     if listed:
                         _count_listed_both(s_row, t_row, student_col_stride, teacher_col_stride, student_vocab,
                                            teacher_vocab, inv_student_temperature, inv_teacher_temperature, row_f,
