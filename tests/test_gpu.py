@@ -110,6 +110,29 @@ def test_fallback_level_one_in_shared_memory(pair, tails, monkeypatch):
     assert_losses_close(losses[0], losses[1], torch.bfloat16, what="shared-memory level 1 against global")
 
 
+@pytest.mark.parametrize("cap", [None, 8])
+def test_fallback_listed_columns_bit_for_bit(cap, monkeypatch):
+    """The fallback's levels below the second counted from listed columns (launch.FALLBACK_LIST)
+    give bit for bit the losses, gradients and status of whole-row passes, on flagged Qwen/Qwen
+    rows with 8 pairs per program (a slot's spent root counts hold the next pair's lists), at
+    the lists' capacity and at 8 columns a side (overflowing: the counters are read and reset
+    at every level, ae0928a's barrier). Premise: some pair was counted below level 2."""
+    vs, vt = VOCAB_PAIRS["qwen_qwen"]
+    student, teacher = make_rows("flagged", 512, vs, vt, seed=13)
+    monkeypatch.setitem(launch.SPLIT, "batch_rows", 64)
+    if cap is not None:
+        monkeypatch.setattr(launch, "_fallback_list_cap", lambda *args: cap)
+    results = []
+    for listing in (True, False):
+        monkeypatch.setattr(launch, "FALLBACK_LIST", listing)
+        results.append(uld_rows(student, teacher, 1.0, 1.0, True, False, 1.0)[:3])
+    (rows, status, grad), (whole_rows, whole_status, whole_grad) = results
+    assert int((status >> 1).max()) >= 3, f"test input: trie depth at most {int((status >> 1).max())}"
+    assert torch.equal(status, whole_status)
+    assert torch.equal(rows, whole_rows), "losses differ from the whole-row passes"
+    assert torch.equal(grad, whole_grad), "gradients differ from the whole-row passes"
+
+
 @pytest.mark.parametrize("vs,vt", [(1, 262144), (262144, 1), (262144, 262144), (152064, 151665)])
 def test_vocabulary_extremes(vs, vt):
     student, teacher = make_rows("peaked", 64, vs, vt, seed=vs)
