@@ -92,6 +92,10 @@ FALLBACK_SMEM_L1 = os.environ.get("ULD_FALLBACK_SMEM_L1", "1") != "0"
 # open buckets, where they fit the slot's spent root counts (uld_split._finish_pass): "0"
 # reads the whole rows at every level.
 FALLBACK_LIST = os.environ.get("ULD_FALLBACK_LIST", "1") != "0"
+# "1": the lists are appended to by inline PTX (`ptx.list_append`), which removes two barriers
+# a block from the listing pass (its PTX: 71 -> 35 bar.sync in the finish function); written
+# in the fifteenth session with no device time left: not run on a GPU yet, so off.
+FALLBACK_LIST_PTX = os.environ.get("ULD_FALLBACK_LIST_PTX", "0") != "0"
 # Columns per step of the fallback's deeper levels (its finish pass; the other passes take the
 # split engine's block).
 FALLBACK_FINISH_BLOCK = int(os.environ.get("ULD_FALLBACK_FINISH_BLOCK", 512))
@@ -458,6 +462,11 @@ def _trie_workspace(batch, cfg, n_chunks, chunks_pow2, device):
     return trie, partial, partial_i, root_partial
 
 
+def _fallback_list_mode() -> int:
+    """fallback_kernel's LIST: 0 no lists, 1 lists, 2 lists appended by inline PTX."""
+    return 0 if not FALLBACK_LIST else 2 if FALLBACK_LIST_PTX else 1
+
+
 def _fallback_list_cap(root_chunks: int, cfg: SplitConfig) -> int:
     """Columns a side that the fallback's finish pass may list (`FALLBACK_LIST`): half of a
     slot's root partial counts (root_chunks << root_bits int32 words), spent by then."""
@@ -498,7 +507,7 @@ def _trie_fallback(student_logits, teacher_logits, row_loss, status, row_ce, gra
         BLOCK=cfg.block, FINISH_BLOCK=min(cfg.block, FALLBACK_FINISH_BLOCK), ROOT_CHUNK=cfg.chunk, ENTRIES=cfg.entries,
         RESOLVE_BLOCK=256, MAX_LEVELS=_MAX_LEVELS, ROOT_BITS=cfg.root_bits,
         USE_PTX=cfg.smem and device.type == "cuda", LEVEL_CAP=cfg.level_cap, PREFETCH=cfg.prefetch,
-        SMEM_L1=FALLBACK_SMEM_L1, LIST=FALLBACK_LIST, num_warps=cfg.num_warps, num_stages=1)
+        SMEM_L1=FALLBACK_SMEM_L1, LIST=_fallback_list_mode(), num_warps=cfg.num_warps, num_stages=1)
 
 
 def _split_pairs(student_logits, teacher_logits, row_loss, status, row_ce, grad_student,

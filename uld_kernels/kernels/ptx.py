@@ -284,6 +284,26 @@ def smem_load(word):
     return tl.inline_asm_elementwise(_LOAD_ASM, "=r,r", [word], dtype=tl.int32, is_pure=False, pack=1)
 
 
+# The trie fallback's list of columns (uld_rows._count_level, LIST): per reaching lane, a slot
+# from the counter at $3 and, below the capacity $5, the column $2 stored there (list at $4).
+# As inline PTX, so that the lanes keep the row's layout (Triton's atomic on one address
+# converted the mask through shared memory, two barriers a block).
+_LIST_APPEND_ASM = tl.constexpr(
+    "{ .reg .pred p; .reg .u32 at; .reg .u64 a; setp.eq.s32 p, $1, 0; @p bra SKIP; "
+    "atom.global.add.u32 at, [$3], 1; setp.ge.u32 p, at, $5; @p bra SKIP; "
+    "mad.wide.u32 a, at, 4, $4; st.global.u32 [a], $2; SKIP: mov.u32 $0, 0; }")
+
+
+@triton.jit
+def list_append(reached, column, counter_ptr, list_ptr, cap):
+    """Where `reached`: column -> list_ptr[counter++] while the counter is below `cap` (a
+    relaxed global atomic per lane; the counter keeps counting past the capacity)."""
+    lanes = tl.zeros_like(column)
+    tl.inline_asm_elementwise(_LIST_APPEND_ASM, "=r,r,r,l,l,r",
+                              [reached.to(tl.int32), column, counter_ptr + lanes, list_ptr + lanes, cap + lanes],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
 @triton.jit
 def count_key(reached, entry, key, p, count_ptr, key_min_ptr, key_max_ptr, mass_ptr):
     """Where `reached`: at bucket `entry`, count += 1, key_min = min(key_min, key), key_max =

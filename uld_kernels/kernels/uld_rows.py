@@ -35,8 +35,8 @@ import os
 import triton
 import triton.language as tl
 
-from uld_kernels.kernels.ptx import (MASS_SCALE, count_key, descend, exp2_ftz, gather_f32, step_and_count,
-                                     step_and_count_smem)
+from uld_kernels.kernels.ptx import (MASS_SCALE, count_key, descend, exp2_ftz, gather_f32, list_append,
+                                     step_and_count, step_and_count_smem)
 
 # Planes of the int32 workspace, each ENTRIES long, per pair.
 _CNT_S = tl.constexpr(0)  # student elements in the bucket
@@ -537,7 +537,9 @@ def _count_level(row_ptr, col_stride, scale, top, log_sum, ws_ptr, sign_ptr, mas
     1 is counted into the shared table at `l1_table` (kernels/ptx.py, L1_CAP) instead, bucket
     = entry - l1_start. LIST (without LOSS): the columns that reach the level's open buckets are
     also appended to the list at `list_ptr` (the int32 at `listed_ptr` counts them; those past
-    `list_cap` are counted, not stored), for `_count_listed` to count the levels below from."""
+    `list_cap` are counted, not stored), for `_count_listed` to count the levels below from;
+    LIST == 2 with USE_PTX: appended by inline PTX (`ptx.list_append`), which keeps the row's
+    layout where Triton's atomic converts the lanes' mask through shared memory."""
     lanes = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], tl.float32)
     root_shift = tl.load(meta_ptr + _SHIFT_OFFSET)
@@ -575,8 +577,11 @@ def _count_level(row_ptr, col_stride, scale, top, log_sum, ws_ptr, sign_ptr, mas
             entry, reached = _walk(key, walking, ws_ptr + _CHILD * ENTRIES, meta_ptr, level, MAX_LEVELS)
             _count_reached(reached, entry, key, p, ws_ptr, mass_ptr, CNT, KEY_MIN, KEY_MAX, ENTRIES, USE_PTX)
             if LIST:  # one relaxed atomic per reaching lane: few lanes reach the levels below 1
-                at = tl.atomic_add(listed_ptr + lanes * 0, 1, mask=reached, sem="relaxed")
-                tl.store(list_ptr + at, idx, mask=reached & (at < list_cap))
+                if USE_PTX and LIST == 2:
+                    list_append(reached, idx, listed_ptr, list_ptr, list_cap)
+                else:
+                    at = tl.atomic_add(listed_ptr + lanes * 0, 1, mask=reached, sem="relaxed")
+                    tl.store(list_ptr + at, idx, mask=reached & (at < list_cap))
     return tl.sum(acc, 0)
 
 

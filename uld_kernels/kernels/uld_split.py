@@ -625,7 +625,8 @@ def _finish_pass(
 ):
     """`finish_kernel` for one pair (`_stats_pass` says what `local` and `pair` are).
 
-    LIST (the trie fallback): a level counted over the whole rows also lists the columns that
+    LIST (the trie fallback; 2: the append as inline PTX, `_count_level`): a level counted
+    over the whole rows also lists the columns that
     reach its open buckets (up to `list_cap` a side, at `list_ptr`), and while both lists are
     whole, the levels below count those columns only (`_count_listed_both`). Rows of one
     vocabulary drawn alike open level after level for a handful of near-equal keys (the
@@ -663,7 +664,7 @@ def _finish_pass(
                                           inv_student_temperature, inv_teacher_temperature, row_f, ws_ptr, sign_ptr,
                                           meta_ptr, mass_ptr, depth, 0, student_vocab, teacher_vocab, status > 0,
                                           ENTRIES, BLOCK, STUDENT_UNIT_STRIDE, TEACHER_UNIT_STRIDE, STAGES,
-                                          MAX_LEVELS, ROOT_BITS, False, USE_PTX, PREFETCH, NC_SIGNS, LIST=True,
+                                          MAX_LEVELS, ROOT_BITS, False, USE_PTX, PREFETCH, NC_SIGNS, LIST=LIST,
                                           list_ptr=list_ptr, list_cap=list_cap)
                         listed = status > 0  # true
                 else:
