@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from reference import uld_row_losses_reference
 from tests.tolerances import grad_tol, loss_tol
+
+# Examples per hypothesis test are sized for CI (the interpreter runs these kernels slowly,
+# and the suite must stay under 20 minutes on two cores); a thorough run multiplies them:
+# ULD_TEST_EXAMPLES=3 python -m pytest tests. The examples are derandomized either way.
+EXAMPLES_SCALE = float(os.environ.get("ULD_TEST_EXAMPLES", "1"))
+
+
+def examples(n: int) -> int:
+    """Hypothesis max_examples: n at CI's scale, times ULD_TEST_EXAMPLES."""
+    return max(1, round(n * EXAMPLES_SCALE))
 
 
 def reference_rows_and_grads(student, teacher, student_temperature=1.0, teacher_temperature=1.0,

@@ -272,16 +272,18 @@ def test_small_workspace_stays_exact_or_says_nan(entries, device, monkeypatch):
                        near_ties=near)
 
 
-def _out_of_workspace_rows(device, monkeypatch):
+def _out_of_workspace_rows(device, monkeypatch, pairs=6):
     """float32 rows of one vocabulary drawn alike (the trie's hard case), on a workspace where
     some run out at the first size: under the interpreter, a teacher that is the student plus a
-    little noise, 2,048 entries and 3,000 columns (pair 1 of these runs out); on the GPU, the
+    little noise, 2,048 entries and 3,000 columns (pair 1 of these runs out; the first `pairs`
+    of the 6 drawn are returned); on the GPU, the
     real 16,384 entries and independent N(0, 1) Qwen/Qwen rows (84 of 256 ran out there, rows
     0 and 2 of these among them: `bench/probe_trie_workspace.py`, fourteenth session). Returns
     them and the size."""
     if device == "cpu":
         monkeypatch.setitem(launch.SPLIT_INTERPRETED, "entries", 2048)
         student, teacher = make_rows("near", 6, 3000, 3000, seed=3, dtype=torch.float32, device="cpu")
+        student, teacher = student[:pairs].contiguous(), teacher[:pairs].contiguous()
     else:
         student, teacher = make_rows("random", 12, 151936, 151936, seed=5, dtype=torch.float32, device=device)
     return student, teacher, launch.split_config(device == "cuda").entries
@@ -292,7 +294,7 @@ def test_pairs_out_of_workspace_are_computed_again_with_more(device, monkeypatch
     with retries off) is computed again alone with 4x the entries (launch._retry_exhausted):
     every row exact against float64, the retried ones bit for bit what that size gives them
     from the start, the others untouched; no warning."""
-    student, teacher, entries = _out_of_workspace_rows(device, monkeypatch)
+    student, teacher, entries = _out_of_workspace_rows(device, monkeypatch, pairs=3)  # 1 out, 2 not (CPU)
     monkeypatch.setattr(launch, "TRIE_RETRY_ENTRIES", entries)
     with pytest.warns(RuntimeWarning, match="ran out of trie workspace"):
         first, status, _, first_grad, _ = launch.uld_pairs(student, teacher, 1.0, 1.0, True, False, 1.0)
