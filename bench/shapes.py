@@ -86,12 +86,19 @@ def _flagged(gen, rows, vs, vt, device):
     float32's spacing changes): every row stays flagged and goes to the trie fallback, the
     histogram engine's worst case found (2026-11-30: 51.7 ms on Qwen/Llama-3, 247.8 on
     Qwen/Qwen, where the trie counts near-identical tails)."""
-    def one(vocab):
-        row = _randn(gen, rows, vocab, device) * 4.0 - 60.0
-        columns = torch.rand(rows, vocab, generator=gen, device=device).argsort(-1)[:, :16]
-        tiny = (torch.rand(rows, 16, generator=gen, device=device) * 2 - 1) * 2.0 ** -23
-        return row.scatter_(1, columns, tiny)
-    return one(vs), one(vt)
+    return tiny_top_rows(gen, rows, vs, -60.0, 4.0, device), tiny_top_rows(gen, rows, vt, -60.0, 4.0, device)
+
+
+def tiny_top_rows(gen, rows, vocab, mean, std, device, extra=()):
+    """float32 rows N(mean, std^2) with 16 logits of magnitude below 2**-23 in random columns
+    (and each value of `extra` in one more), drawn in that order from `gen`: with a tail far
+    below 0, the rows the histogram engine flags (`flagged`; tests vary the tail)."""
+    row = _randn(gen, rows, vocab, device) * std + mean
+    columns = torch.rand(rows, vocab, generator=gen, device=device).argsort(-1)[:, :16 + len(extra)]
+    values = (torch.rand(rows, 16, generator=gen, device=device) * 2 - 1) * 2.0 ** -23
+    if extra:
+        values = torch.cat([values, torch.tensor(extra, device=device).expand(rows, -1)], 1)
+    return row.scatter_(1, columns, values)
 
 
 def _masked(gen, rows, vs, vt, device):

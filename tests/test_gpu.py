@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from bench.shapes import KINDS, VOCAB_PAIRS, make_rows
+from bench.shapes import KINDS, VOCAB_PAIRS, make_rows, tiny_top_rows
 from tests.helpers import (
     assert_grads_close,
     assert_losses_close,
@@ -75,14 +75,7 @@ def _flagged_rows(pair, tails):
     if tails == "far":
         return make_rows("flagged", 512, vs, vt, seed=11)
     gen = torch.Generator(device="cuda").manual_seed(12)
-
-    def one(vocab):
-        row = torch.randn(512, vocab, generator=gen, device="cuda") * 2 - 12
-        columns = torch.rand(512, vocab, generator=gen, device="cuda").argsort(-1)[:, :17]
-        tiny = (torch.rand(512, 16, generator=gen, device="cuda") * 2 - 1) * 2.0 ** -23
-        return row.scatter_(1, columns, torch.cat([tiny, torch.full_like(tiny[:, :1], -200.0)], 1)).bfloat16()
-
-    return one(vs), one(vt)
+    return tuple(tiny_top_rows(gen, 512, vocab, -12.0, 2.0, "cuda", extra=(-200.0,)).bfloat16() for vocab in (vs, vt))
 
 
 @pytest.mark.parametrize("tails", ["far", "near"])

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 import uld_kernels.launch as launch
+from bench.shapes import tiny_top_rows
 from tests.helpers import (assert_grads_close, assert_losses_close, cross_near_ties, keep_trie_workspaces,
                            level_one_sizes, reference_rows_and_grads)
 from uld_kernels import uld_distillation_loss, uld_loss
@@ -631,14 +632,7 @@ def _flagged_like(rows, seed, device):
     """Student and teacher rows of 6,000 columns that the histogram engine flags: 16 logits
     within 2**-23 of 0, the rest N(-60, 10^2) (the benchmark's `flagged` kind, narrower)."""
     g = torch.Generator().manual_seed(seed)
-
-    def one():
-        row = torch.randn(rows, 6000, generator=g) * 10 - 60
-        columns = torch.rand(rows, 6000, generator=g).argsort(-1)[:, :16]
-        tiny = (torch.rand(rows, 16, generator=g) * 2 - 1) * 2.0 ** -23
-        return row.scatter_(1, columns, tiny).to(BF16).to(device)
-
-    return one(), one()
+    return tuple(tiny_top_rows(g, rows, 6000, -60.0, 10.0, "cpu").to(BF16).to(device) for _ in range(2))
 
 
 def test_fallback_levels_below_one_from_listed_columns(device, monkeypatch):
