@@ -145,7 +145,8 @@ def split_kernel_configs():
                constexprs, [n for n in aligned_names if n in names], cfg.num_warps)
     # The histogram engine's fallback: every pass of a flagged pair in one program (launch.py:
     # `_trie_fallback`, num_stages=1). The gathered configuration appends to the finish pass's
-    # lists by inline PTX (ULD_FALLBACK_LIST_PTX, off by default), so that ptxas checks it too.
+    # lists by Triton's atomics (ULD_FALLBACK_LIST_PTX=0; inline PTX by default), so that
+    # both ways are compiled.
     for label, gathered in (("", False), (" gathered ce", True)):
         kernel = uld_split.fallback_kernel
         constexprs = dict(SAME_VOCAB=False, STUDENT_UNIT_STRIDE=True, TEACHER_UNIT_STRIDE=True, GATHER=gathered,
@@ -153,7 +154,7 @@ def split_kernel_configs():
                           FINISH_BLOCK=min(cfg.block, FALLBACK_FINISH_BLOCK), ROOT_CHUNK=cfg.chunk, ENTRIES=cfg.entries,
                           RESOLVE_BLOCK=256, MAX_LEVELS=10, ROOT_BITS=cfg.root_bits, USE_PTX=cfg.smem,
                           LEVEL_CAP=cfg.level_cap, PREFETCH=cfg.prefetch, SMEM_L1=FALLBACK_SMEM_L1,
-                          LIST=2 if gathered else _fallback_list_mode())
+                          LIST=1 if gathered else _fallback_list_mode())
         yield (f"fallback{label} bf16", kernel, _types_by_name(kernel, "*bf16"), constexprs,
                [n for n in aligned_names if n in kernel.arg_names], dict(num_warps=cfg.num_warps, num_stages=1))
     for label, kernel, extra in [("stats", uld_split.stats_kernel, kernels[0][2]),
