@@ -138,6 +138,11 @@ def run(args) -> list[Result]:
                 if KINDS[kind].same_vocab and vs != vt:
                     continue
                 student, teacher = make_rows(kind, rows, vs, vt, seed=rows + vs + vt)
+                if args.dtype != "bfloat16":  # float32: the bf16 rows upcast, as a training loop's `.float()`
+                    student, teacher = student.float(), teacher.float()
+                    if args.dtype == "float32-full":  # float32 values bf16 cannot hold (a float32 model's)
+                        for x in (student, teacher):
+                            x.add_(torch.randn_like(x) * x.abs() * 2.0 ** -12)
                 student.requires_grad_(True)
                 moved = (student.numel() * 2 + teacher.numel()) * student.element_size()
                 for impl in args.impls:
@@ -249,6 +254,9 @@ def main():
     parser.add_argument("--full-only", action="store_true", help="time forward+backward only")
     parser.add_argument("--temperature", type=float, default=1.0,
                         help="softmax temperature of both sides (above ~2.9 the masked kind is counted twice, shifted)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float32-full"],
+                        help="logits: bf16; float32 holding the bf16 values (a bf16 model's logits upcast); "
+                             "float32 with low bits too (a float32 model's)")
     parser.add_argument("--quick", action="store_true", help="2,048 rows, one pair, ours only")
     parser.add_argument("--out", default=os.environ.get("OUT", os.path.join(os.path.dirname(__file__), "out")))
     args = parser.parse_args()

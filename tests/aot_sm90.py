@@ -22,7 +22,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from uld_kernels.kernels.cross_entropy import ce_rows_kernel  # noqa: E402
 from uld_kernels.kernels import uld_split  # noqa: E402
 from uld_kernels.kernels.uld_rows import scale_rows_kernel, zero_rows_kernel  # noqa: E402
-from uld_kernels.launch import (HIST_BLOCK, HIST_GRAD_BLOCK, HIST_GRAD_CHUNK, HIST_SIGN_BLOCK,  # noqa: E402
+from uld_kernels.launch import (HIST_BLOCK, HIST_GRAD_BLOCK, _hist_blocks, HIST_GRAD_CHUNK, HIST_SIGN_BLOCK,  # noqa: E402
                                 HIST_MAXNREG, HIST_TAIL_BLOCK, FALLBACK_FINISH_BLOCK, FALLBACK_SMEM_L1, _fallback_list_mode,
                                 ce_kernel_config, split_config)
 
@@ -167,7 +167,9 @@ def split_kernel_configs():
                constexprs, [n for n in aligned_names if n in names], cfg.num_warps)
 
 def hist_kernel_configs():
-    """The histogram engine's passes (uld_hist.py, bf16), as launch.hist_rows runs them."""
+    """The histogram engine's passes (uld_hist.py), as launch.hist_rows runs them: on bf16
+    logits, and the passes that read logits on float32 ones too (a bf16 model's logits upcast,
+    at launch._hist_blocks' sizes)."""
     from uld_kernels.kernels import uld_hist
     # Workspace buffers are allocated by the launcher (16-byte aligned, as Triton specializes
     # them at run time); the logits as in the split engine's configurations.
@@ -175,25 +177,27 @@ def hist_kernel_configs():
                *[f"{side}_{name}" for side in ("student", "teacher") for name in ("ptr", "vocab", "row_stride",
                                                                                  "batch_stride")],
                "fparam_ptr", "iparam_ptr", "sign_ptr", "partial_ptr", "list_ptr", "raw_ptr"]
-    for label, kernel, constexprs, warps in [
-        ("hist", uld_hist.hist_kernel, dict(GATHER=False, STUDENT_UNIT_STRIDE=True, TEACHER_UNIT_STRIDE=True,
-                                            USE_PTX=True, SIMD16=True, HAS_CE=False, PREFETCH=True,
-                                            BLOCK=HIST_BLOCK, TAIL_BLOCK=HIST_TAIL_BLOCK), HIST_OPTIONS),
-        ("hist gathered ce", uld_hist.hist_kernel, dict(GATHER=True, STUDENT_UNIT_STRIDE=True,
-                                                        TEACHER_UNIT_STRIDE=True, USE_PTX=True, SIMD16=True,
-                                                        HAS_CE=True, PREFETCH=True, BLOCK=HIST_BLOCK, TAIL_BLOCK=HIST_TAIL_BLOCK), HIST_OPTIONS),
-        ("sign", uld_hist.sign_kernel, dict(STORE_STUDENT=True, STORE_TEACHER=False, USE_PTX=True,
-                                            BLOCK=HIST_SIGN_BLOCK), 1),
-        ("finish", uld_hist.finish_kernel, dict(GATHER=False, HAS_CE=False), 1),
-        ("finish gathered ce", uld_hist.finish_kernel, dict(GATHER=True, HAS_CE=True), 1),
-        ("grad", uld_hist.grad_kernel, dict(GATHER=False, HAS_CE=False, UNIT_STRIDE=True, PREFETCH=True,
-                                            USE_PTX=True, SIMD16=True, CHUNK=HIST_GRAD_CHUNK, BLOCK=HIST_GRAD_BLOCK), 4),
-        ("grad gathered ce", uld_hist.grad_kernel, dict(GATHER=True, HAS_CE=True, UNIT_STRIDE=True, PREFETCH=True,
-                                                         USE_PTX=True, SIMD16=True, CHUNK=HIST_GRAD_CHUNK, BLOCK=HIST_GRAD_BLOCK), 4),
-    ]:
-        names = kernel.arg_names
-        yield (f"hist {label} bf16", kernel, _types_by_name(kernel, "*bf16"), constexprs,
-               [n for n in aligned if n in names], warps)
+    for dtype in (torch.bfloat16, torch.float32):
+        hist_block, grad_block = _hist_blocks(dtype, True)
+        rows = dict(USE_PTX=True, SIMD16=True, PREFETCH=True)
+        hist = dict(rows, STUDENT_UNIT_STRIDE=True, TEACHER_UNIT_STRIDE=True, BLOCK=hist_block,
+                    TAIL_BLOCK=HIST_TAIL_BLOCK)
+        grad = dict(rows, UNIT_STRIDE=True, CHUNK=HIST_GRAD_CHUNK, BLOCK=grad_block)
+        configs = [
+            ("hist", uld_hist.hist_kernel, dict(hist, GATHER=False, HAS_CE=False), HIST_OPTIONS),
+            ("hist gathered ce", uld_hist.hist_kernel, dict(hist, GATHER=True, HAS_CE=True), HIST_OPTIONS),
+            ("finish gathered ce", uld_hist.finish_kernel, dict(GATHER=True, HAS_CE=True), 1),
+            ("grad", uld_hist.grad_kernel, dict(grad, GATHER=False, HAS_CE=False), 4),
+            ("grad gathered ce", uld_hist.grad_kernel, dict(grad, GATHER=True, HAS_CE=True), 4),
+        ]
+        if dtype == torch.bfloat16:  # (no logits read)
+            configs += [("sign", uld_hist.sign_kernel, dict(STORE_STUDENT=True, STORE_TEACHER=False, USE_PTX=True,
+                                                           BLOCK=HIST_SIGN_BLOCK), 1),
+                        ("finish", uld_hist.finish_kernel, dict(GATHER=False, HAS_CE=False), 1)]
+        for label, kernel, constexprs, warps in configs:
+            names = kernel.arg_names
+            yield (f"hist {label} {TRITON_TYPE[dtype]}", kernel, _types_by_name(kernel, "*" + TRITON_TYPE[dtype]),
+                   constexprs, [n for n in aligned if n in names], warps)
 
 
 def hist_sm80_configs():

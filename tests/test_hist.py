@@ -114,8 +114,9 @@ def test_bf16_rows_are_exact_and_handled_by_the_engine(kind, device):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
 def test_other_dtypes_are_refused_here_and_take_the_trie(dtype, device):
-    """The engine reads bf16 bit patterns: other dtypes are refused by name, and `uld_rows`
-    (the path every loss takes) sends them to the trie engine, exact."""
+    """The engine reads bf16 bit patterns: fp16 logits, and float32 ones holding values bf16
+    cannot (these; upcast bf16 values are its own, tests/test_hist_float32.py), are refused by
+    name, and `uld_rows` (the path every loss takes) sends them to the trie engine, exact."""
     student, teacher = _rows("unit", 2, 200, 150, dtype, device, seed=17)
     with pytest.raises(ValueError, match="bf16"):
         launch.hist_rows(student, teacher, 1.0, 1.0, True, False, 1.0)

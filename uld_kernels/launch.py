@@ -102,12 +102,18 @@ FALLBACK_FINISH_BLOCK = int(os.environ.get("ULD_FALLBACK_FINISH_BLOCK", 512))
 if FALLBACK_FINISH_BLOCK < 128 or FALLBACK_FINISH_BLOCK & (FALLBACK_FINISH_BLOCK - 1):
     raise ValueError(f"ULD_FALLBACK_FINISH_BLOCK must be a power of two >= 128, got {FALLBACK_FINISH_BLOCK}")
 # Which engine computes bf16 rows: "hist" (uld_hist.py: histograms of the logits' values; rows
-# it cannot settle exactly go to the trie) or "split" (the trie engine for every row). Other
-# dtypes always take the trie: float32 has no small set of values, and fp16's 1,024 values per
-# binade would need a histogram 8 times larger.
+# it cannot settle exactly go to the trie) or "split" (the trie engine for every row). float32
+# logits that hold bf16 values (a bf16 model's logits upcast with `.float()`) take the
+# histogram engine too (ULD_HIST_FLOAT32, below); other float32 and fp16 rows take the trie:
+# float32 has no small set of values, and fp16's 1,024 values per binade would need a
+# histogram 8 times larger.
 ENGINE = os.environ.get("ULD_ENGINE", "hist")
 if ENGINE not in ("hist", "split"):
     raise ValueError(f"ULD_ENGINE must be 'hist' or 'split', got {ENGINE!r}")
+# float32 logits go to the histogram engine where the first row of each side holds bf16 values
+# only (a sample; rows of the call holding other values are flagged there and computed again
+# by the trie, after one host sync): "0" sends every float32 call to the trie.
+HIST_FLOAT32 = os.environ.get("ULD_HIST_FLOAT32", "1") != "0"
 # The training loss's pairs (distill.py, gathered rows with the cross-entropy): "hist" (bf16
 # pairs to the histogram engine: 13.66 ms against the trie's 17.48, RESULTS seventh session
 # run 1) or "split" (the trie engine for every pair).
@@ -203,8 +209,9 @@ def uld_rows(
     settled) and the gradients of ``grad_scale * sum(row losses)``
     for the sides asked for (input dtypes).
 
-    bf16 rows go through the histogram engine (`hist_rows`) unless ULD_ENGINE=split, other
-    dtypes through the trie engine (`uld_pairs`). Inputs are 2-D with any row stride; nothing
+    bf16 rows (and float32 ones holding bf16 values, `hist_takes`) go through the histogram
+    engine (`hist_rows`) unless ULD_ENGINE=split, other dtypes through the trie engine
+    (`uld_pairs`). Inputs are 2-D with any row stride; nothing
     is copied.
     """
     if ENGINE == "hist" and hist_takes(student_logits, teacher_logits):
@@ -238,10 +245,34 @@ def _pair_outputs(student_logits, teacher_logits, student_index, has_ce, student
 
 
 def hist_takes(student_logits, teacher_logits) -> bool:
-    """Whether the histogram engine computes these logits: bf16 rows shorter than 2**21 (its
-    scan of counts per bin holds 21 bits)."""
-    return (student_logits.dtype == teacher_logits.dtype == torch.bfloat16
-            and max(student_logits.shape[-1], teacher_logits.shape[-1]) < uld_hist.MAX_VOCAB.value)
+    """Whether the histogram engine computes these logits: rows shorter than 2**21 (its scan
+    of counts per bin holds 21 bits), both bf16, or both float32 holding bf16 values in the
+    first row of each side (`_holds_bf16`; ULD_HIST_FLOAT32)."""
+    if max(student_logits.shape[-1], teacher_logits.shape[-1]) >= uld_hist.MAX_VOCAB.value:
+        return False
+    if student_logits.dtype == teacher_logits.dtype == torch.bfloat16:
+        return True
+    return (HIST_FLOAT32 and student_logits.dtype == teacher_logits.dtype == torch.float32
+            and _holds_bf16(student_logits) and _holds_bf16(teacher_logits))
+
+
+def _holds_bf16(logits: torch.Tensor) -> bool:
+    """Whether the first row of float32 logits holds bf16 values only (the low 16 bits of each
+    0): a sample, one host sync, that sends a bf16 model's upcast logits to the histogram
+    engine and a float32 model's straight to the trie (the engine flags any other row)."""
+    if logits.numel() == 0:
+        return True
+    first = logits[(0,) * (logits.dim() - 1)]
+    return not bool((first.view(torch.int32) & 0xFFFF).any())
+
+
+def _hist_blocks(dtype: torch.dtype, on_gpu: bool) -> tuple[int, int]:
+    """Logits per step of hist_kernel's and grad_kernel's loops: float32 rows take half the
+    steps of bf16 ones (the same bytes a step, the same registers)."""
+    if not on_gpu:
+        return 256, 128
+    wide = 2 if dtype == torch.float32 else 1
+    return HIST_BLOCK // wide, HIST_GRAD_BLOCK // wide
 
 
 def hist_rows(student_logits, teacher_logits, student_temperature, teacher_temperature,
@@ -260,12 +291,15 @@ def hist_rows(student_logits, teacher_logits, student_temperature, teacher_tempe
 def hist_pairs(student_logits, teacher_logits, student_temperature, teacher_temperature, student_grad,
                teacher_grad, grad_scale, *, student_index=None, teacher_index=None, row_weight=None,
                ce_label=None, ce_weight=None, grad_student=None, grad_teacher=None, fallback=True):
-    """`uld_pairs` (the same arguments and results) through the histogram engine: bf16 logits.
-    Flagged pairs go to the trie engine as in `hist_rows`; padding pairs (a negative student
-    index) have loss 0, cross-entropy 0, status 0, and no gradient written."""
+    """`uld_pairs` (the same arguments and results) through the histogram engine: bf16 logits,
+    or float32 ones holding bf16 values (`hist_takes`). Flagged pairs go to the trie engine as
+    in `hist_rows` (float32 ones through `_split_subset`, after one host sync); padding pairs
+    (a negative student index) have loss 0, cross-entropy 0, status 0, and no gradient
+    written."""
     if not hist_takes(student_logits, teacher_logits):
-        raise ValueError(f"the histogram engine takes bf16 logits shorter than {uld_hist.MAX_VOCAB.value}, got "
-                         f"{student_logits.dtype} {tuple(student_logits.shape)} (student) and {teacher_logits.dtype} "
+        raise ValueError(f"the histogram engine takes bf16 logits (or float32 ones holding bf16 values) shorter "
+                         f"than {uld_hist.MAX_VOCAB.value}, got {student_logits.dtype} "
+                         f"{tuple(student_logits.shape)} (student) and {teacher_logits.dtype} "
                          f"{tuple(teacher_logits.shape)} (teacher)")
     gather = student_index is not None
     has_ce = ce_label is not None
@@ -290,13 +324,21 @@ def hist_pairs(student_logits, teacher_logits, student_temperature, teacher_temp
     if gather:
         row_loss = torch.where(padding, 0.0, row_loss)
         status = torch.where(padding, 0, status)
-    if fallback:
+    args = (student_logits, teacher_logits, row_loss, status, row_ce, grad_student, grad_teacher,
+            student_temperature, teacher_temperature, grad_scale, student_index, teacher_index, row_weight,
+            ce_label, ce_weight)
+    if fallback and student_logits.dtype == torch.bfloat16:
         # Flagged pairs, again through the trie: one launch whatever their number (none, as a
         # rule), nothing waits for the GPU; their losses, statuses, cross-entropies and
         # gradient rows are written in place.
-        _trie_fallback(student_logits, teacher_logits, row_loss, status, row_ce, grad_student, grad_teacher,
-                       student_temperature, teacher_temperature, grad_scale, student_index, teacher_index,
-                       row_weight, ce_label, ce_weight, n_pairs)
+        _trie_fallback(*args, n_pairs)
+    elif fallback:
+        # float32: the flagged pairs (rows holding values bf16 cannot, mostly) through the
+        # split engine, which takes any float32 and retries a pair that runs out of workspace.
+        flagged = torch.nonzero(status).flatten()
+        if flagged.numel():
+            _split_subset(flagged, split_config(on_gpu), *args)
+            _retry_exhausted(*args)
     return row_loss, status, row_ce, grad_student, grad_teacher
 
 
@@ -316,7 +358,7 @@ def _hist_batches(row_loss, flags, row_ce, sides, grad_scale, n_pairs, on_gpu, r
     simd16 = use_ptx and torch.cuda.get_device_capability(device) >= (9, 0)  # u16x2 instructions: sm_90 on
     # the histogram's slots without shared memory (the interpreter), apart from the prefix counts
     raw = torch.empty(batch * 2 * cap if not use_ptx else 1, dtype=torch.int32, device=device)
-    block = HIST_GRAD_BLOCK if on_gpu else 128
+    hist_block, block = _hist_blocks(sides[0][0].dtype, on_gpu)
     chunk = max(block, HIST_GRAD_CHUNK // block * block) if on_gpu else 256
     partial = torch.empty(batch * 2, dtype=torch.float64, device=device)  # each side's sum of p * sign
     student_logits, student_inv_t, student_grad, student_vocab, student_index = sides[0]
@@ -335,7 +377,7 @@ def _hist_batches(row_loss, flags, row_ce, sides, grad_scale, n_pairs, on_gpu, r
             GATHER=gather, STUDENT_UNIT_STRIDE=student_logits.stride(-1) == 1,
             TEACHER_UNIT_STRIDE=teacher_logits.stride(-1) == 1,
             USE_PTX=use_ptx, SIMD16=simd16, HAS_CE=has_ce, PREFETCH=HIST_PREFETCH or not on_gpu,
-            BLOCK=HIST_BLOCK if on_gpu else 256, TAIL_BLOCK=HIST_TAIL_BLOCK, num_warps=4,
+            BLOCK=hist_block, TAIL_BLOCK=HIST_TAIL_BLOCK, num_warps=4,
             **({"maxnreg": HIST_MAXNREG} if on_gpu and HIST_MAXNREG else {}))
         uld_hist.sign_kernel[(rows, 2)](  # both sides of every pair
             fparam, iparam, counts, occupied, signs, partial, student_inv_t, teacher_inv_t,
@@ -415,7 +457,6 @@ def _retry_exhausted(student_logits, teacher_logits, row_loss, status, row_ce, g
     trie engine; the histogram engine's bf16 rows never come here. A pair still out of
     workspace at the largest size keeps its NaN loss, with a warning."""
     cfg = split_config(student_logits.device.type == "cuda")
-    gather = student_index is not None
     while True:
         exhausted = torch.nonzero(status & 1).flatten()
         n = exhausted.numel()
@@ -426,23 +467,35 @@ def _retry_exhausted(student_logits, teacher_logits, row_loss, status, row_ce, g
                           f"(ULD_TRIE_RETRY_ENTRIES); their loss is NaN", RuntimeWarning, stacklevel=3)
             return
         cfg = dataclasses.replace(cfg, entries=cfg.entries * 4, batch_rows=max(1, cfg.batch_rows // 4))
-        device = student_logits.device
-        sub_loss = torch.empty(n, dtype=torch.float32, device=device)
-        sub_status = torch.empty(n, dtype=torch.int32, device=device)
-        sub_ce = torch.empty(n, dtype=torch.float32, device=device) if ce_label is not None else None
-        # Gathered, whatever the call was: pair r of the retry reads the rows of pair exhausted[r]
-        # and writes their gradient rows whole into the same buffers (weight 1 for aligned rows).
-        _split_pairs(student_logits, teacher_logits, sub_loss, sub_status, sub_ce, grad_student, grad_teacher,
-                     student_temperature, teacher_temperature, grad_scale,
-                     student_index[exhausted] if gather else exhausted,
-                     teacher_index[exhausted] if gather else exhausted,
-                     row_weight[exhausted] if gather else torch.ones(n, dtype=torch.float32, device=device),
-                     ce_label[exhausted] if ce_label is not None else None,
-                     ce_weight[exhausted] if ce_weight is not None else None, n, cfg=cfg)
-        row_loss[exhausted] = sub_loss
-        status[exhausted] = sub_status
-        if row_ce is not None:
-            row_ce[exhausted] = sub_ce
+        _split_subset(exhausted, cfg, student_logits, teacher_logits, row_loss, status, row_ce, grad_student,
+                      grad_teacher, student_temperature, teacher_temperature, grad_scale, student_index,
+                      teacher_index, row_weight, ce_label, ce_weight)
+
+
+def _split_subset(pairs, cfg, student_logits, teacher_logits, row_loss, status, row_ce, grad_student, grad_teacher,
+                  student_temperature, teacher_temperature, grad_scale, student_index, teacher_index, row_weight,
+                  ce_label, ce_weight):
+    """Pairs ``pairs`` (int64 indices) computed again by the split engine with sizes ``cfg``,
+    in place: their losses, statuses, cross-entropies and gradient rows."""
+    n = pairs.numel()
+    gather = student_index is not None
+    device = student_logits.device
+    sub_loss = torch.empty(n, dtype=torch.float32, device=device)
+    sub_status = torch.empty(n, dtype=torch.int32, device=device)
+    sub_ce = torch.empty(n, dtype=torch.float32, device=device) if ce_label is not None else None
+    # Gathered, whatever the call was: pair r of the subset reads the rows of pair pairs[r] and
+    # writes their gradient rows whole into the same buffers (weight 1 for aligned rows).
+    _split_pairs(student_logits, teacher_logits, sub_loss, sub_status, sub_ce, grad_student, grad_teacher,
+                 student_temperature, teacher_temperature, grad_scale,
+                 student_index[pairs] if gather else pairs,
+                 teacher_index[pairs] if gather else pairs,
+                 row_weight[pairs] if gather else torch.ones(n, dtype=torch.float32, device=device),
+                 ce_label[pairs] if ce_label is not None else None,
+                 ce_weight[pairs] if ce_weight is not None else None, n, cfg=cfg)
+    row_loss[pairs] = sub_loss
+    status[pairs] = sub_status
+    if row_ce is not None:
+        row_ce[pairs] = sub_ce
 
 
 def _trie_workspace(batch, cfg, n_chunks, chunks_pow2, device):

@@ -63,6 +63,13 @@ bench kind `init`, 7.92 -> 6.78 ms on the GPU (bench/RESULTS.md, thirteenth sess
 rest is the same as above, with scale times 2**-s kept a normal float32. A pair with one side
 scaled up and the other counting an occupied tiny bin unscaled is flagged (finish_kernel):
 the two treat logits near 0 differently, which can break exact ties across the rows.
+
+float32 rows. A bf16 model's logits upcast with `.float()` (as many training loops do before
+a loss) are float32 values whose low 16 bits are 0: the high half of each is its bf16 pattern
+(`_bf16_bits`), and every pass above runs on those patterns unchanged, reading 4 bytes a
+logit and writing a float32 gradient. hist_kernel ORs the low halves of a row: a row holding
+any value bf16 cannot hold is flagged (_NOT_BF16, no second count), and the launcher hands it
+to the trie engine, which takes any float32.
 """
 
 import triton
@@ -99,6 +106,7 @@ _LISTED_SHIFT = tl.constexpr(21)  # hist_kernel's scan: counts below, occupied b
 _COUNT_MASK = tl.constexpr((1 << 21) - 1)
 MAX_VOCAB = tl.constexpr(1 << 21)  # a row shorter than this: its counts fit the scan's 21 bits
 _NEG_INF_BITS = tl.constexpr(-128)  # -inf's pattern, 0xFF80, as an int16
+_NOT_BF16 = tl.constexpr(32)  # flag bit: a float32 row holding a value bf16 cannot (the trie's)
 # Per row and side: floats, then ints (PARAM_SLOTS each).
 PARAM_SLOTS = tl.constexpr(5)
 _TOP = tl.constexpr(0)
@@ -152,10 +160,22 @@ def _slots_of_bits(bits, shift):
 
 
 @triton.jit
+def _bf16_bits(raw):
+    """The bf16 patterns (int16) of loaded logits: a bf16 logit's own bits; a float32 logit's
+    high half, which is the logit itself where its low half is 0 (a bf16 model's logits upcast
+    with `.float()`: hist_kernel flags a row holding any other float32 value, "float32 rows")."""
+    if raw.dtype == tl.float32:
+        bits = (raw.to(tl.int32, bitcast=True) >> 16).to(tl.int16)
+    else:
+        bits = raw.to(tl.int16, bitcast=True)
+    return bits
+
+
+@triton.jit
 def _slots(raw, shift, SIMD16: tl.constexpr):
     """The slots of bf16 logits already loaded, in a row of `shift`: two at a time with SIMD16
     (sm_90's u16x2 instructions, inline PTX), else one at a time."""
-    bits = raw.to(tl.int16, bitcast=True)
+    bits = _bf16_bits(raw)
     if SIMD16:
         slots = slots_bf16(bits, shift)
     else:
@@ -228,7 +248,7 @@ def _infinities(row_ptr, col_stride, stop, UNIT_STRIDE: tl.constexpr, BLOCK: tl.
     top = tl.zeros([BLOCK], tl.int32)
     for start in tl.range(0, stop, BLOCK):
         raw = _load_raw(row_ptr, start + tl.arange(0, BLOCK), col_stride, stop, UNIT_STRIDE, 0.0)
-        bits = raw.to(tl.int16, bitcast=True).to(tl.int32)
+        bits = _bf16_bits(raw).to(tl.int32)
         magnitude = bits & 0x7FFF
         minus_inf += (bits == _NEG_INF_BITS).to(tl.int32)
         top = tl.maximum(top, tl.where(magnitude < _INF_MAGNITUDE, magnitude,
@@ -324,10 +344,13 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
             magnitudes = tl.zeros([BLOCK], tl.int16)
         else:
             magnitudes = tl.zeros([BLOCK], tl.int32)
+        low_bits = tl.zeros([], tl.int32)  # float32 rows: any low half not 0 (bf16 rows: stays 0)
         for start in tl.range(0, stop, BLOCK, loop_unroll_factor=2):
             idx = start + tl.arange(0, BLOCK)
             raw, ahead = _block_raw(ahead, row_ptr, idx, col_stride, stop, BLOCK, UNIT_STRIDE, PREFETCH, 0.0)
-            bits = raw.to(tl.int16, bitcast=True)
+            bits = _bf16_bits(raw)
+            if raw.dtype == tl.float32:
+                low_bits |= tl.max(raw.to(tl.int32, bitcast=True) & 0xFFFF, 0)
             if SIMD16:
                 magnitudes = smem_count_bf16(bits, magnitudes, shift)
             else:
@@ -381,7 +404,7 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
         ce_total = tl.sum(tl.sum(ce_totals, 1), 0)
         # logits >= 256 (times the shift's power), +inf and NaN (either sign): past the bins
         out = _slot_count(raw_at, _POS_OUT_SLOT, USE_PTX) + (top_magnitude > _INF_MAGNITUDE).to(tl.int32)
-        flag = (top_bin == 0).to(tl.int32) + (out > 0).to(tl.int32) * 2
+        flag = (top_bin == 0).to(tl.int32) + (out > 0).to(tl.int32) * 2 + (low_bits != 0).to(tl.int32) * _NOT_BF16
         log_sum = tl.log2(total.to(tl.float32))
         if HAS_CE:
             ce_log_sum = tl.log2(ce_total.to(tl.float32))
@@ -441,8 +464,9 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
         # there the top's k would be 0 * inf; a huge one, below it: k would lose bits): the
         # row stays flagged, as it is after this count.
         next_scale = inv_temperature * LOG2E * _power_of_shift(next_shift, 1)
-        again = ((shift == 0) & (flag > 1) & ((next_shift > 0) | ((next_shift < 0) & (top_bin > 0)))
-                 & (finite < _INF_MAGNITUDE) & (next_scale < 3.4e38) & (next_scale >= _MIN_NORMAL))
+        again = ((shift == 0) & (flag > 1) & (low_bits == 0)
+                 & ((next_shift > 0) | ((next_shift < 0) & (top_bin > 0))) & (finite < _INF_MAGNITUDE)
+                 & (next_scale < 3.4e38) & (next_scale >= _MIN_NORMAL))
         if again:  # the histogram read, then zeroed for the second count
             tl.debug_barrier()
             if USE_PTX:
