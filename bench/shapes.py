@@ -78,24 +78,38 @@ def _init(gen, rows, vs, vt, device):
     return _randn(gen, rows, vs, device) * 0.1, _peaked_row(gen, rows, vt, device)
 
 
-def _flagged(gen, rows, vs, vt, device):
+# The first bf16 value past the tiny bin's (|z| < 2**-23): a logit there leaves a row no gap
+# next to its tiny bin (uld_hist.py, "Gaps").
+NO_GAP = -(2.0 ** -23)
+
+
+def _gapped(gen, rows, vs, vt, device):
     """Rows whose probability sits on 16 logits of magnitude below 2**-23, the others N(-60, 4^2)
     (live, far below): at temperature 1 (log-sum ~4) the tiny bin's two ends have different k.
     The tail's magnitudes (up to ~78) leave room to scale the row up by one binade only
     ("Split tiny bins"), and its tiny bin still splits there (k sits at -4 = -log2 16, where
-    float32's spacing changes): every row stays flagged and goes to the trie fallback, the
-    histogram engine's worst case found (2026-11-30: 51.7 ms on Qwen/Llama-3, 247.8 on
-    Qwen/Qwen, where the trie counts near-identical tails)."""
+    float32's spacing changes). Until the sixteenth session every such row went to the trie
+    fallback (this was the kind `flagged`: 47.1 ms on Qwen/Llama-3, 57.2 on Qwen/Qwen); the gap
+    between the tiny bin and the tail now keeps them in the histogram engine ("Gaps")."""
     return tiny_top_rows(gen, rows, vs, -60.0, 4.0, device), tiny_top_rows(gen, rows, vt, -60.0, 4.0, device)
 
 
-def tiny_top_rows(gen, rows, vocab, mean, std, device, extra=()):
-    """float32 rows N(mean, std^2) with 16 logits of magnitude below 2**-23 in random columns
-    (and each value of `extra` in one more), drawn in that order from `gen`: with a tail far
-    below 0, the rows the histogram engine flags (`flagged`; tests vary the tail)."""
+def _flagged(gen, rows, vs, vt, device):
+    """`gapped` rows with one of the 16 logits near 0 at -2**-23 (the bin next to the tiny one:
+    no gap): every row stays flagged and goes to the trie fallback, the histogram engine's worst
+    case found (the same fallback work as the rows of `gapped` before the gaps)."""
+    return tuple(tiny_top_rows(gen, rows, v, -60.0, 4.0, device, extra=(NO_GAP,), count=15) for v in (vs, vt))
+
+
+def tiny_top_rows(gen, rows, vocab, mean, std, device, extra=(), count=16):
+    """float32 rows N(mean, std^2) with `count` logits of magnitude below 2**-23 in random
+    columns (and each value of `extra` in one more), drawn in that order from `gen`: with a
+    tail far below 0, the rows whose tiny bin splits (`gapped`, `flagged`; tests vary the
+    tail). 16 logits near 0 put k near -4 = -log2 16, where float32's spacing changes: a logit
+    of `extra` near 0 takes the place of one of them (`count` 15)."""
     row = _randn(gen, rows, vocab, device) * std + mean
-    columns = torch.rand(rows, vocab, generator=gen, device=device).argsort(-1)[:, :16 + len(extra)]
-    values = (torch.rand(rows, 16, generator=gen, device=device) * 2 - 1) * 2.0 ** -23
+    columns = torch.rand(rows, vocab, generator=gen, device=device).argsort(-1)[:, :count + len(extra)]
+    values = (torch.rand(rows, count, generator=gen, device=device) * 2 - 1) * 2.0 ** -23
     if extra:
         values = torch.cat([values, torch.tensor(extra, device=device).expand(rows, -1)], 1)
     return row.scatter_(1, columns, values)
@@ -123,7 +137,8 @@ KINDS = {
     "wide": Kind(_wide, False, "logits N(0, 100^2): every row past the histogram's bins, counted again, shifted"),
     "wide_masked": Kind(_wide_masked, False, "wide, 1% of the columns -inf: counted again after one more read"),
     "init": Kind(_init, False, "student logits N(0, 0.1^2) (freshly initialised), teacher peaked"),
-    "flagged": Kind(_flagged, False, "16 logits below 2**-23, the rest N(-60, 4^2): every row flagged (the fallback)"),
+    "gapped": Kind(_gapped, False, "16 logits below 2**-23, the rest N(-60, 4^2): a gap keeps them in the engine"),
+    "flagged": Kind(_flagged, False, "`gapped` and a logit at -2**-23: no gap, every row flagged (the fallback)"),
 }
 
 

@@ -22,7 +22,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from uld_kernels.kernels.cross_entropy import ce_rows_kernel  # noqa: E402
 from uld_kernels.kernels import uld_split  # noqa: E402
 from uld_kernels.kernels.uld_rows import scale_rows_kernel, zero_rows_kernel  # noqa: E402
-from uld_kernels.launch import (HIST_BLOCK, HIST_GRAD_BLOCK, _hist_blocks, HIST_GRAD_CHUNK, HIST_SIGN_BLOCK,  # noqa: E402
+from uld_kernels.launch import (HIST_BLOCK, HIST_GRAD_BLOCK, HIST_SIGN_MAXNREG, _hist_blocks, HIST_GRAD_CHUNK, HIST_SIGN_BLOCK,  # noqa: E402
                                 HIST_MAXNREG, HIST_TAIL_BLOCK, FALLBACK_FINISH_BLOCK, FALLBACK_SMEM_L1, _fallback_list_mode,
                                 ce_kernel_config, split_config)
 
@@ -192,7 +192,8 @@ def hist_kernel_configs():
         ]
         if dtype == torch.bfloat16:  # (no logits read)
             configs += [("sign", uld_hist.sign_kernel, dict(STORE_STUDENT=True, STORE_TEACHER=False, USE_PTX=True,
-                                                           BLOCK=HIST_SIGN_BLOCK), 1),
+                                                           BLOCK=HIST_SIGN_BLOCK),
+                         dict(num_warps=1, **({"maxnreg": HIST_SIGN_MAXNREG} if HIST_SIGN_MAXNREG else {}))),
                         ("finish", uld_hist.finish_kernel, dict(GATHER=False, HAS_CE=False), 1)]
         for label, kernel, constexprs, warps in configs:
             names = kernel.arg_names

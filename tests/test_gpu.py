@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from bench.shapes import KINDS, VOCAB_PAIRS, make_rows, tiny_top_rows
+from bench.shapes import KINDS, NO_GAP, VOCAB_PAIRS, make_rows, tiny_top_rows
 from tests.helpers import (
     assert_grads_close,
     assert_losses_close,
@@ -53,11 +53,11 @@ def test_realistic_batches(pair, kind):
     rows, status, grad, _ = uld_rows(student, teacher, 1.0, 1.0, True, False, 1.0)
     assert ((status & 1) == 0).all(), f"{int((status != 0).sum())} rows ran out of workspace"
     assert torch.isfinite(rows).all()
-    # `flagged` rows put their mass on 16 logits within 2**-23 of 0 in both rows: their
+    # `flagged` and `gapped` rows put their mass on 16 logits within 2**-23 of 0 in both rows: their
     # probabilities agree across the rows to float32 resolution (near-ties: README, "Ties"),
     # and any sign of those is right. The loss is still checked as tightly as elsewhere.
     _check_rows_against_reference(student, teacher, rows, grad, torch.bfloat16, seed=n,
-                                  near_ties=kind == "flagged")
+                                  near_ties=kind in ("flagged", "gapped"))
     if kind == "identical":
         assert (rows == 0).all() and (grad == 0).all()
 
@@ -65,8 +65,8 @@ def test_realistic_batches(pair, kind):
 def _flagged_rows(pair, tails):
     """512 pairs the histogram engine flags (a split tiny bin), for the trie fallback. "far":
     the benchmark's `flagged` rows, tails N(-60, 4^2), whose masses truncate to 0 in units of
-    2**-52. "near": tails N(-12, 2^2), 16 logits within 2**-23 of 0 and one at -200 (so that
-    the row cannot be scaled up: its tiny bin stays split); their elements' masses, ~2**30 to
+    2**-52. "near": tails N(-12, 2^2), 15 logits within 2**-23 of 0 and one at -2**-23 (no
+    gap), one at -200 (so that the row cannot be scaled up: its tiny bin stays split); their elements' masses, ~2**30 to
     2**43 in those units, fill the low 32-bit word, so the shared table's mass adds carry into
     the high word thousands of times a row (ptx.py, `_STEP_AND_COUNT_SMEM_ASM`): each carry
     dropped would move the loss of a row whose level 1 decides that bucket by 2**-20 (the
@@ -75,7 +75,8 @@ def _flagged_rows(pair, tails):
     if tails == "far":
         return make_rows("flagged", 512, vs, vt, seed=11)
     gen = torch.Generator(device="cuda").manual_seed(12)
-    return tuple(tiny_top_rows(gen, 512, vocab, -12.0, 2.0, "cuda", extra=(-200.0,)).bfloat16() for vocab in (vs, vt))
+    return tuple(tiny_top_rows(gen, 512, vocab, -12.0, 2.0, "cuda", extra=(-200.0, NO_GAP), count=15).bfloat16()
+                 for vocab in (vs, vt))
 
 
 @pytest.mark.parametrize("tails", ["far", "near"])

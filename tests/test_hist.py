@@ -228,17 +228,20 @@ def _split_tiny_rows(seed):
 
 
 @pytest.mark.parametrize("ts", [0.5, 1.0])
-def test_split_tiny_bins_are_counted_again_scaled_up(ts, device):
+def test_split_tiny_bins_are_counted_again_scaled_up(ts, device, monkeypatch):
     """Rows whose largest logit is small split their tiny bin (logits near 0 of different k).
     Counted again with their values scaled up (a negative shift: hist_kernel, "Split tiny
     bins"), they are the engine's own: unflagged, and exact against float64. The premise, and
     the rows that cannot be scaled: the same rows with one dead logit of -200 (a magnitude past
-    128 leaves no room) are flagged, as at the first count."""
+    128 leaves no room) are flagged, as at the first count, where no gap is given
+    (ULD_HIST_GAPS=0; tests/test_hist_gaps.py has the rows a gap keeps)."""
     student, teacher = _split_tiny_rows(seed=8)
     student, teacher = student.to(device), teacher.to(device)
     kept = student.clone()
     kept[:, -1] = -200.0
+    monkeypatch.setattr(launch, "HIST_GAPS", False)
     split = _flagged(launch.hist_rows(kept, teacher, ts, 1.0, True, True, 1.0, fallback=False)[1])
+    monkeypatch.setattr(launch, "HIST_GAPS", True)
     assert int(split.sum()) >= 3, f"test input: {int(split.sum())} of 12 rows split their tiny bin"
     _assert_no_cross_near_ties(student, teacher, ts, 1.0)
     out = launch.hist_rows(student, teacher, ts, 1.0, True, True, 1.0, fallback=False)
@@ -293,6 +296,7 @@ def test_the_fallback_walks_more_pairs_than_programs(device):
     for row in (1, 6, 9, 10):  # logits below 2**-23 only: a tiny bin split at this temperature
         student[row] = ((torch.rand(150, generator=g) * 2 - 1) * 2.0 ** -23).to(student)
         student[row, 0] = -200.0  # (dead, a magnitude past 128: not scaled up, "Split tiny bins")
+        student[row, 1] = -(2.0 ** -23)  # (the bin next to the tiny one: no gap, "Gaps")
     teacher[9, 7] = -300.0  # and one past the bins on the teacher's side (dead here: no second count)
     student, teacher = student.to(device), teacher.to(device)
     alone = launch.hist_rows(student, teacher, 0.5, 0.8, True, True, 1.0, fallback=False)
@@ -377,13 +381,15 @@ def test_a_block_of_bins_all_occupied(device):
     assert_grads_close(ours[3], trie[4], teacher, torch.bfloat16, what="teacher gradient against the trie")
 
 
-def test_tiny_logits_live_where_zero_is_not(device):
+def test_tiny_logits_live_where_zero_is_not(device, monkeypatch):
     """The tiny bin stands for |z| < 2**-23 and takes the k of 0. At a student temperature
     where p(0) underflows to 0 while p(1e-7) does not (top 0.125: k(0) = -0.125 * scale just
     past the threshold: below 2**-126 the GPU's exp2 flushes to 0, at 2**-149.5 and below the
     interpreter's numpy does), the tiny elements are live and the bin splits: the pair must be
     flagged (the review of b3d5d6a found it unflagged, and its tiny elements' sign entries
-    never written), and through the fallback the trie's."""
+    never written), and through the fallback the trie's. (Without gaps: the gap between the
+    tiny bin and -5 would resolve the tiny logits one by one, "Gaps".)"""
+    monkeypatch.setattr(launch, "HIST_GAPS", False)
     threshold = 126.0 if device == "cuda" else 149.5
 
     def dead(k):
@@ -495,6 +501,7 @@ def test_flagged_gathered_pairs_with_cross_entropy_go_through_the_fallback(case,
         student[0] = ((torch.rand(230, generator=g) * 2 - 1) * 2.0 ** -23).to(student)
         if case == "tiny":
             student[0, 100] = -200.0
+            student[0, 101] = -(2.0 ** -23)  # (no gap, "Gaps")
     else:
         student[0, 11] = 300.0
     if case == "past_256_masked":
@@ -544,7 +551,7 @@ def test_rows_near_zero_whose_float32_probabilities_merge(device):
     assert_grads_close(ours[3], trie_t, teacher, torch.bfloat16, what="teacher gradient against the trie")
 
 
-def test_the_cross_entropy_checks_the_tiny_bin_at_its_own_temperature(device):
+def test_the_cross_entropy_checks_the_tiny_bin_at_its_own_temperature(device, monkeypatch):
     """At a student temperature of 0.001 the logit 0 has no ULD probability (2**-180: 0 in
     float32, on the GPU and in the interpreter alike), but at the cross-entropy's temperature 1
     it has, and the tiny bin's two ends have different k there: the pair must be flagged for
@@ -554,7 +561,10 @@ def test_the_cross_entropy_checks_the_tiny_bin_at_its_own_temperature(device):
     The row is built so that the two ends' k differ by ~3 ulps at temperature 1 (top 0.125,
     one zero: |k| ~ 1.09), with one rounding (the GPU's fused multiply-add) or two (the
     interpreter); a top of 1.5 and 20 zeros (|k| ~ 6.5) split only without the fused
-    multiply-add, and this test failed on the GPU (2026-11-29)."""
+    multiply-add, and this test failed on the GPU (2026-11-29). Without gaps: the gap between
+    the tiny bin and 0.125 would resolve the zero alone ("Gaps"), and the pair be the engine's
+    (exact too: the trie comparison below holds either way)."""
+    monkeypatch.setattr(launch, "HIST_GAPS", False)
     g = torch.Generator().manual_seed(41)
     student = -(torch.rand(1, 120, generator=g) * 4 + 6)  # -10 .. -6
     student[0, 0] = 0.125

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 import uld_kernels.launch as launch
-from bench.shapes import tiny_top_rows
+from bench.shapes import NO_GAP, tiny_top_rows
 from tests.helpers import (assert_grads_close, assert_losses_close, cross_near_ties, keep_trie_workspaces,
                            level_one_sizes, reference_rows_and_grads)
 from uld_kernels import uld_distillation_loss, uld_loss
@@ -294,10 +294,14 @@ def _scaled_against_unscaled(name):
 
 
 @pytest.mark.parametrize("name", ["rescaled", "identical", "both below 2**-56"])
-def test_ties_across_a_side_scaled_up_and_one_not(name, device):
+@pytest.mark.parametrize("gaps", [False, True], ids=["no gaps", "gaps"])
+def test_ties_across_a_side_scaled_up_and_one_not(name, gaps, device, monkeypatch):
     """A side scaled up resolves its logits near 0 one by one, a side that is not counts them
-    at 0: their log-sums may differ by an ulp, breaking exact ties across the rows. The pair
-    must go to the trie (flagged) and come back with loss 0 and gradient 0, as in float64."""
+    at 0: their log-sums may differ by an ulp, breaking exact ties across the rows. Without
+    gaps (ULD_HIST_GAPS=0) the pair must go to the trie (flagged); with them, a side whose
+    largest logit is in its tiny bin takes a gap where it has one and resolves them too
+    ("Gaps"). Either way the results are loss 0 and gradient 0, as in float64."""
+    monkeypatch.setattr(launch, "HIST_GAPS", gaps)
     student, teacher, ts, tt, with_ce = _scaled_against_unscaled(name)
     student, teacher = student.to(device), teacher.to(device)
     kw = {}
@@ -308,7 +312,7 @@ def test_ties_across_a_side_scaled_up_and_one_not(name, device):
     ref_rows, ref_s, ref_t = reference_rows_and_grads(student, teacher, ts, tt, teacher_grad=True)
     assert (ref_rows == 0).all() and (ref_s == 0).all() and (ref_t == 0).all(), "premise: exact ties in float64"
     alone = launch.hist_pairs(student, teacher, ts, tt, True, True, 1.0, fallback=False, **kw)
-    assert (alone[1] != 0).all(), f"{name}: flags {alone[1].tolist()}: the pair must go to the trie"
+    assert gaps or (alone[1] != 0).all(), f"{name}: flags {alone[1].tolist()}: the pair must go to the trie"
     rows, _status, ce, grad_s, grad_t = launch.hist_pairs(student, teacher, ts, tt, True, True, 1.0, **kw)
     assert_losses_close(rows, ref_rows, BF16, what=f"{name}: loss")
     assert (grad_t == 0).all(), f"{name}: teacher gradient {grad_t.abs().max()}"
@@ -629,10 +633,12 @@ def test_training_loss_with_teacher_rows_failing_the_cross_entropy_checks(device
 
 
 def _flagged_like(rows, seed, device):
-    """Student and teacher rows of 6,000 columns that the histogram engine flags: 16 logits
-    within 2**-23 of 0, the rest N(-60, 10^2) (the benchmark's `flagged` kind, narrower)."""
+    """Student and teacher rows of 6,000 columns that the histogram engine flags: 15 logits
+    within 2**-23 of 0, one at -2**-23 (no gap), the rest N(-60, 10^2) (the benchmark's `flagged`
+    kind, narrower)."""
     g = torch.Generator().manual_seed(seed)
-    return tuple(tiny_top_rows(g, rows, 6000, -60.0, 10.0, "cpu").to(BF16).to(device) for _ in range(2))
+    return tuple(tiny_top_rows(g, rows, 6000, -60.0, 10.0, "cpu", extra=(NO_GAP,), count=15).to(BF16).to(device)
+                 for _ in range(2))
 
 
 def test_fallback_levels_below_one_from_listed_columns(device, monkeypatch):
@@ -643,7 +649,7 @@ def test_fallback_levels_below_one_from_listed_columns(device, monkeypatch):
     level reads the rows again and lists anew). Premises, from the workspace: a level below
     the listed one was counted (depth >= 3), the lists fit at the default capacity and not at
     3."""
-    student, teacher = _flagged_like(1, 5, device)
+    student, teacher = _flagged_like(1, 6, device)
     workspaces = keep_trie_workspaces(monkeypatch, launch)
     results, listed = [], []
     for listing, cap in ((True, None), (True, 3), (False, None)):

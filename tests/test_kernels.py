@@ -245,7 +245,9 @@ def test_small_workspace_stays_exact_or_says_nan(entries, device, monkeypatch):
     """A smaller trie (`entries` below the root) splits fewer bits per level: still exact.
     When even one bit per open bucket no longer fits and no retry may take more
     (ULD_TRIE_RETRY_ENTRIES 0 here), the row's loss is NaN, with a warning (never a wrong
-    number, never a silent one)."""
+    number, never a silent one). (The rows' float32 values are integers, which bf16 holds: the
+    histogram engine would take them, ULD_HIST_FLOAT32=0 keeps them in the trie.)"""
+    monkeypatch.setattr(launch, "HIST_FLOAT32", False)
     for knobs in (launch.SPLIT, launch.SPLIT_INTERPRETED):
         monkeypatch.setitem(knobs, "entries", (1 << knobs["root_bits"]) + entries)
     monkeypatch.setattr(launch, "TRIE_RETRY_ENTRIES", 0)

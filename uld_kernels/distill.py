@@ -71,8 +71,8 @@ def uld_distill_op(
     pair_student, pair_teacher = student_index[order], teacher_index[order]
     safe = pair_student.clamp(min=0)
     pair_label = torch.where(pair_student >= 0, ce_label[safe], -1) if has_ce else None
-    # The pairs' ULD and cross-entropy: bf16 pairs through the histogram engine (unless
-    # ULD_DISTILL_ENGINE=split), other dtypes through the trie engine.
+    # The pairs' ULD and cross-entropy: bf16 pairs (and float32 ones holding bf16 values)
+    # through the histogram engine (unless ULD_DISTILL_ENGINE=split), others through the trie.
     engine = hist_pairs if (launch.DISTILL_ENGINE == "hist" and launch.hist_takes(student, teacher)) else uld_pairs
     rows, _status, pair_ce, _, _ = engine(
         student, teacher, student_temperature, teacher_temperature, student_grad, False, 1.0,

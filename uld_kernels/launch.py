@@ -114,6 +114,9 @@ if ENGINE not in ("hist", "split"):
 # only (a sample; rows of the call holding other values are flagged there and computed again
 # by the trie, after one host sync): "0" sends every float32 call to the trie.
 HIST_FLOAT32 = os.environ.get("ULD_HIST_FLOAT32", "1") != "0"
+# A row whose tiny bin splits is counted again with a gap where its nearest bin to the tiny
+# one lies a binade or more away (uld_hist.py, "Gaps"): "0" leaves such rows to the trie.
+HIST_GAPS = os.environ.get("ULD_HIST_GAPS", "1") != "0"
 # The training loss's pairs (distill.py, gathered rows with the cross-entropy): "hist" (bf16
 # pairs to the histogram engine: 13.66 ms against the trie's 17.48, RESULTS seventh session
 # run 1) or "split" (the trie engine for every pair).
@@ -130,6 +133,9 @@ HIST_BLOCK = int(os.environ.get("ULD_HIST_BLOCK", 4096))
 # registers) 7.09, 32 7.36 (tenth session, run 2)
 HIST_SIGN_BLOCK = int(os.environ.get("ULD_HIST_SIGN_BLOCK", 64))
 HIST_SIGN_WARPS = int(os.environ.get("ULD_HIST_SIGN_WARPS", 1))
+# sign_kernel's register cap (0: none): 64 keeps 32 one-warp programs an SM; uncapped, ptxas
+# took 67 once the gaps' bins came in (sixteenth session), without spills at 64.
+HIST_SIGN_MAXNREG = int(os.environ.get("ULD_HIST_SIGN_MAXNREG", 64))
 HIST_TAIL_BLOCK = 512  # bins per step of hist_kernel's pass over them: runs of 4 on each of 128 threads
 # hist_kernel's register cap (0: none). Before rows past 256 were counted again (twelfth
 # session), ptxas took 84 uncapped (88 allocated: 5 programs an SM); 80 gave 74 without spills
@@ -377,12 +383,13 @@ def _hist_batches(row_loss, flags, row_ce, sides, grad_scale, n_pairs, on_gpu, r
             GATHER=gather, STUDENT_UNIT_STRIDE=student_logits.stride(-1) == 1,
             TEACHER_UNIT_STRIDE=teacher_logits.stride(-1) == 1,
             USE_PTX=use_ptx, SIMD16=simd16, HAS_CE=has_ce, PREFETCH=HIST_PREFETCH or not on_gpu,
-            BLOCK=hist_block, TAIL_BLOCK=HIST_TAIL_BLOCK, num_warps=4,
+            BLOCK=hist_block, TAIL_BLOCK=HIST_TAIL_BLOCK, GAPS=HIST_GAPS, num_warps=4,
             **({"maxnreg": HIST_MAXNREG} if on_gpu and HIST_MAXNREG else {}))
         uld_hist.sign_kernel[(rows, 2)](  # both sides of every pair
             fparam, iparam, counts, occupied, signs, partial, student_inv_t, teacher_inv_t,
             STORE_STUDENT=student_grad is not None, STORE_TEACHER=teacher_grad is not None, USE_PTX=use_ptx,
-            BLOCK=HIST_SIGN_BLOCK if on_gpu else 512, num_warps=HIST_SIGN_WARPS if on_gpu else 4)
+            BLOCK=HIST_SIGN_BLOCK if on_gpu else 512, num_warps=HIST_SIGN_WARPS if on_gpu else 4,
+            **({"maxnreg": HIST_SIGN_MAXNREG} if on_gpu and HIST_SIGN_MAXNREG else {}))
         uld_hist.finish_kernel[(rows,)](
             fparam, iparam, counts, partial, row_loss, flags, batch_start, student_logits,
             student_index if gather else unused, ce_label if has_ce else unused, row_ce if has_ce else unused,

@@ -64,6 +64,20 @@ rest is the same as above, with scale times 2**-s kept a normal float32. A pair 
 scaled up and the other counting an occupied tiny bin unscaled is flagged (finish_kernel):
 the two treat logits near 0 differently, which can break exact ties across the rows.
 
+Gaps. A row whose tiny bin still splits, because its logits span too many binades for a
+scaling of the whole row (the probability on a few logits within 2**-23 of 0, the rest near
+-60: bench kind `flagged`), is counted again with a *gap* where it has one: if its nearest
+bin to the tiny one lies d >= 128 magnitude bits (a binade) away, every logit below that bin
+(all in the tiny bin) is counted g = d rounded down to whole binades higher (at most as far as
+keeps the subnormal bf16 values, magnitudes below 128, in the tiny bin; on top of a scaling up
+where one applies). The row's bins stay in the order of value, and a bin below the gap stands
+for the logit g bits lower (`_logit_of_bin`: its k is the float32 k of the logit itself, as for
+a shift); only magnitudes below 2**(-23 - g / 128) share the tiny bin, checked again. Each side
+stores where its gap starts (_GAP_AT, in shifted magnitude bits) and its size (_GAP); a row with
+a gap is counted and its gradient's slots found one logit at a time (the SIMD clamps have no
+gap). A row with a gap against one counting an occupied tiny bin without is flagged, as for a
+scaling up (finish_kernel). `ULD_HIST_GAPS=0` leaves such rows to the trie.
+
 float32 rows. A bf16 model's logits upcast with `.float()` (as many training loops do before
 a loss) are float32 values whose low 16 bits are 0: the high half of each is its bf16 pattern
 (`_bf16_bits`), and every pass above runs on those patterns unchanged, reading 4 bytes a
@@ -108,7 +122,7 @@ MAX_VOCAB = tl.constexpr(1 << 21)  # a row shorter than this: its counts fit the
 _NEG_INF_BITS = tl.constexpr(-128)  # -inf's pattern, 0xFF80, as an int16
 _NOT_BF16 = tl.constexpr(32)  # flag bit: a float32 row holding a value bf16 cannot (the trie's)
 # Per row and side: floats, then ints (PARAM_SLOTS each).
-PARAM_SLOTS = tl.constexpr(5)
+PARAM_SLOTS = tl.constexpr(7)
 _TOP = tl.constexpr(0)
 _LOG_SUM = tl.constexpr(1)
 _MASS = tl.constexpr(2)  # sum over the side of p * sign
@@ -118,13 +132,15 @@ _TOTAL = tl.constexpr(1)  # elements of nonzero probability
 _OCCUPIED = tl.constexpr(2)  # bins holding any element (listed in order at list_ptr)
 _DEAD = tl.constexpr(3)  # elements of probability 0 (their bins come first)
 _SHIFT = tl.constexpr(4)  # the row's shift (magnitude bits; "Rows past 256" above); _TOP is the unshifted top
+_GAP_AT = tl.constexpr(5)  # shifted magnitude bits below this are counted _GAP higher ("Gaps"); 0: none
+_GAP = tl.constexpr(6)
 _SHIFT_STEP = tl.constexpr(128)  # a binade of bf16 magnitude bits: shifts are multiples of it
 _MAX_UP = tl.constexpr(64)  # binades a row may be scaled up by ("Split tiny bins"): 2**-87 still tiny
 _MIN_NORMAL = tl.constexpr(1.1754943508222875e-38)  # 2**-126: a scale below it would lose bits
 
 
 @triton.jit
-def _logit_of_bin(bins, TINY_AT_ZERO: tl.constexpr):
+def _logit_of_bin(bins, TINY_AT_ZERO: tl.constexpr, gap_at=0, gap=0):
     """The logit a bin stands for (float32): its own value; -256 for the low bin (its end
     nearest 0); the tiny bin 0 (TINY_AT_ZERO) or its upper end 2**-23 - 2**-31. Built as
     float32 bits: bins below or above the tiny one, at distance d, hold magnitude bits
@@ -136,9 +152,12 @@ def _logit_of_bin(bins, TINY_AT_ZERO: tl.constexpr):
     Comparisons of k in an unflagged row (sign_kernel) may take the upper end: there the tiny
     bin, where occupied and live, has one k at both ends (hist_kernel flags it otherwise), so
     0's k too; where empty, its k moves a bound at most from the bin after it to it, and the
-    count below the two is the same."""
+    count below the two is the same. In a row with a gap ("Gaps"), bins of magnitude bits
+    below gap_at stand for the logits `gap` bits (whole binades) lower."""
     d = bins - _TINY
-    bits = (tl.abs(d) + SLOT_M_LO) * 65536 | (d & -2147483648)
+    magnitude = tl.abs(d) + SLOT_M_LO
+    magnitude -= tl.where(magnitude < gap_at, gap, 0)
+    bits = magnitude * 65536 | (d & -2147483648)
     if TINY_AT_ZERO:
         bits = tl.where(d == 0, 0, bits)
     return bits.to(tl.float32, bitcast=True)
@@ -152,11 +171,14 @@ def _distance(magnitude):
 
 
 @triton.jit
-def _slots_of_bits(bits, shift):
+def _slots_of_bits(bits, shift, gap_at=0, gap=0):
     """Slots (above) and magnitude bits of bf16 patterns (sign-extended int32), the magnitudes
-    less the row's `shift`: ptx.slots_bf16 in Triton operations (the interpreter's)."""
+    less the row's `shift` (and those then below gap_at plus `gap`, "Gaps"): ptx.slots_bf16 in
+    Triton operations (the interpreter's, and rows with a gap)."""
     magnitude = bits & 0x7FFF
-    return _distance(magnitude - shift) + tl.where(bits < 0, NEG_SLOTS, 0), magnitude
+    shifted = magnitude - shift
+    shifted += tl.where(shifted < gap_at, gap, 0)
+    return _distance(shifted) + tl.where(bits < 0, NEG_SLOTS, 0), magnitude
 
 
 @triton.jit
@@ -172,14 +194,14 @@ def _bf16_bits(raw):
 
 
 @triton.jit
-def _slots(raw, shift, SIMD16: tl.constexpr):
-    """The slots of bf16 logits already loaded, in a row of `shift`: two at a time with SIMD16
-    (sm_90's u16x2 instructions, inline PTX), else one at a time."""
+def _slots(raw, shift, SIMD16: tl.constexpr, gap_at=0, gap=0):
+    """The slots of bf16 logits already loaded, in a row of `shift` (and gap): two at a time
+    with SIMD16 (sm_90's u16x2 instructions, inline PTX; no gap), else one at a time."""
     bits = _bf16_bits(raw)
     if SIMD16:
         slots = slots_bf16(bits, shift)
     else:
-        slots, _magnitude = _slots_of_bits(bits.to(tl.int32), shift)
+        slots, _magnitude = _slots_of_bits(bits.to(tl.int32), shift, gap_at, gap)
     return slots
 
 
@@ -263,7 +285,7 @@ def hist_kernel(student_ptr, teacher_ptr, student_index_ptr, teacher_index_ptr, 
                 teacher_row_stride, teacher_col_stride, student_inv_temperature, teacher_inv_temperature,
                 GATHER: tl.constexpr, STUDENT_UNIT_STRIDE: tl.constexpr, TEACHER_UNIT_STRIDE: tl.constexpr,
                 USE_PTX: tl.constexpr, SIMD16: tl.constexpr, HAS_CE: tl.constexpr, PREFETCH: tl.constexpr,
-                BLOCK: tl.constexpr, TAIL_BLOCK: tl.constexpr):
+                BLOCK: tl.constexpr, TAIL_BLOCK: tl.constexpr, GAPS: tl.constexpr = True):
     """Both sides' rows of a batch of pairs in one launch: program (pair, side) runs `_hist_row`
     on the student's row (side 0; with HAS_CE, the cross-entropy's statistics too) or the
     teacher's (each branch keeps its own pointers' alignment, so its loads stay vectorised)."""
@@ -275,19 +297,19 @@ def hist_kernel(student_ptr, teacher_ptr, student_index_ptr, teacher_index_ptr, 
         _hist_row(pair, 0, student_ptr, student_index_ptr, count_ptr, list_ptr, raw_ptr, fparam_ptr, iparam_ptr,
                   batch_start, student_vocab, student_seq_len, student_batch_stride, student_row_stride,
                   student_col_stride, student_inv_temperature, GATHER, STUDENT_UNIT_STRIDE, USE_PTX, SIMD16, HAS_CE,
-                  PREFETCH, BLOCK, TAIL_BLOCK)
+                  PREFETCH, BLOCK, TAIL_BLOCK, GAPS)
     else:
         _hist_row(pair, 1, teacher_ptr, teacher_index_ptr, count_ptr, list_ptr, raw_ptr, fparam_ptr, iparam_ptr,
                   batch_start, teacher_vocab, teacher_seq_len, teacher_batch_stride, teacher_row_stride,
                   teacher_col_stride, teacher_inv_temperature, GATHER, TEACHER_UNIT_STRIDE, USE_PTX, SIMD16, False,
-                  PREFETCH, BLOCK, TAIL_BLOCK)
+                  PREFETCH, BLOCK, TAIL_BLOCK, GAPS)
 
 
 @triton.jit
 def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, fparam_ptr, iparam_ptr, batch_start,
               vocab, seq_len, batch_stride, row_stride, col_stride, inv_temperature, GATHER: tl.constexpr,
               UNIT_STRIDE: tl.constexpr, USE_PTX: tl.constexpr, SIMD16: tl.constexpr, HAS_CE: tl.constexpr,
-              PREFETCH: tl.constexpr, BLOCK: tl.constexpr, TAIL_BLOCK: tl.constexpr):
+              PREFETCH: tl.constexpr, BLOCK: tl.constexpr, TAIL_BLOCK: tl.constexpr, GAPS: tl.constexpr):
     """One row of one side: hist_kernel's program. First the histogram of its logits over the
     slots (above; in shared memory with USE_PTX, zeroed by the caller, else counted with global
     atomics at raw_ptr + (pair * 2 + side) * CAP, zeroed by the launcher). Then, from the bins: the row's largest
@@ -331,37 +353,23 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
     # logit of magnitude >= 256, no infinity or NaN) once more, with the smallest shift that
     # brings its largest magnitude below 256 ("Rows past 256"). Each pass writes all it has.
     shift = tl.zeros([], tl.int32)
-    again = shift == 0  # (padding rows too: their one pass flags them)
+    gap_at = tl.zeros([], tl.int32)  # ("Gaps": none in the first count)
+    gap = tl.zeros([], tl.int32)
+    first_count = shift == 0  # (a second count may keep shift 0: a gap alone)
+    again = first_count  # (padding rows too: their one pass flags them)
     while again:
         # The bins' values are the row's logits times 2**-(shift / 128), and its k is that of
         # those values at scale times 2**(shift / 128): the same float32 k.
         power = _power_of_shift(shift, 1)
         scale = inv_temperature * LOG2E * power
         ce_scale = LOG2E * power
-        # Lanes past the row load +0: the tiny slot counts them, and they are taken off it below.
-        ahead = _first_block(row_ptr, tl.arange(0, BLOCK), col_stride, stop, UNIT_STRIDE, PREFETCH, 0.0)
-        if SIMD16:
-            magnitudes = tl.zeros([BLOCK], tl.int16)
-        else:
-            magnitudes = tl.zeros([BLOCK], tl.int32)
-        low_bits = tl.zeros([], tl.int32)  # float32 rows: any low half not 0 (bf16 rows: stays 0)
-        for start in tl.range(0, stop, BLOCK, loop_unroll_factor=2):
-            idx = start + tl.arange(0, BLOCK)
-            raw, ahead = _block_raw(ahead, row_ptr, idx, col_stride, stop, BLOCK, UNIT_STRIDE, PREFETCH, 0.0)
-            bits = _bf16_bits(raw)
-            if raw.dtype == tl.float32:
-                low_bits |= tl.max(raw.to(tl.int32, bitcast=True) & 0xFFFF, 0)
-            if SIMD16:
-                magnitudes = smem_count_bf16(bits, magnitudes, shift)
-            else:
-                slots, magnitude = _slots_of_bits(bits.to(tl.int32), shift)
-                magnitudes = tl.maximum(magnitudes, magnitude)
-                if USE_PTX:
-                    smem_add_one(slots, True)
-                else:
-                    tl.atomic_add(raw_at + slots, 1)
+        if gap_at == 0:
+            top_magnitude, low_bits = _count_row(row_ptr, raw_at, col_stride, stop, shift, 0, 0, UNIT_STRIDE,
+                                                 USE_PTX, SIMD16, PREFETCH, BLOCK)
+        else:  # (slots one at a time: the SIMD clamps have no gap)
+            top_magnitude, low_bits = _count_row(row_ptr, raw_at, col_stride, stop, shift, gap_at, gap,
+                                                 UNIT_STRIDE, USE_PTX, False, PREFETCH, BLOCK)
         tl.debug_barrier()  # the counts, visible to every thread
-        top_magnitude = tl.max(magnitudes.to(tl.int32), 0)
         tiny_more = _slot_count(raw_at, _NEG_TINY_SLOT, USE_PTX) - (tl.cdiv(stop, BLOCK) * BLOCK - stop)
         # The row's largest logit first: its highest occupied bin past the low one (`_top_bin`),
         # so the pass over the bins needs no online rescaling. Then one pass: the sum of
@@ -372,8 +380,10 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
         # first bin of nonzero p (bins are in the order of p), `_first_live` after the pass: the
         # passes that read these counts subtract the count below it (`_live_below`) and skip the
         # bins before it.
-        top_bin = _top_bin(raw_at, top_magnitude - shift, tiny_more, tail_stop, USE_PTX, TAIL_BLOCK)
-        top = tl.where(top_bin > 0, _logit_of_bin(top_bin, True), 0.0)  # (no occupied bin: flagged below)
+        top_shifted = top_magnitude - shift
+        top_shifted += tl.where(top_shifted < gap_at, gap, 0)
+        top_bin = _top_bin(raw_at, top_shifted, tiny_more, tail_stop, USE_PTX, TAIL_BLOCK)
+        top = tl.where(top_bin > 0, _logit_of_bin(top_bin, True, gap_at, gap), 0.0)  # (none: flagged below)
         totals = tl.zeros([_RUN, runs], tl.float64)
         ce_totals = tl.zeros([_RUN, runs], tl.float64)
         below = tl.zeros([], tl.int32)
@@ -386,7 +396,7 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
             counts = _slot_counts(raw_at, bins, tiny_more, USE_PTX)  # (0 past WIDTH: an empty slot)
             # (the low bin is left out: where its p matters the row is flagged, below)
             summed = tl.where(bins >= _LOW_BINS, counts, 0).to(tl.float64)
-            z = _logit_of_bin(bins, True)
+            z = _logit_of_bin(bins, True, gap_at, gap)
             # (bins above the top are empty: their exponents are clamped, not overflowed)
             totals += summed * _exp2(tl.minimum((z - top) * scale, 0.0)).to(tl.float64)
             if HAS_CE:
@@ -426,18 +436,19 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
         tiny_raw = _slot_count(raw_at, 0, USE_PTX) + tiny_more
         # The elements of nonzero probability: from the first bin of nonzero p on (less the -inf
         # counted in the low bin, when that bin is live)
-        first = _first_live(top, log_sum, scale)
+        first = _first_live(top, log_sum, scale, gap_at, gap)
         tl.debug_barrier()  # the counts below each bin, visible to every thread
         dead = tl.where(first > 0, tl.load(counts_at + first), masked)
         # The low bin is exact when p(-256) is 0 (then it is counted nowhere); the tiny bin when
-        # both its ends have one k.
-        tiny_split = _log2_prob(-_TINY_END, scale, top, log_sum) != _log2_prob(_TINY_END, scale, top, log_sum)
+        # both its ends have one k (its upper end: 2**-23 - 2**-31, lower with a gap).
+        tiny_end = _logit_of_bin(tl.zeros([], tl.int32) + _TINY, False, gap_at, gap)
+        tiny_split = _log2_prob(-tiny_end, scale, top, log_sum) != _log2_prob(tiny_end, scale, top, log_sum)
         # (the bin's k is that of 0; its positive logits may be live where 0 is not: the upper end)
-        tiny_live = _exp2(tl.minimum(_log2_prob(_TINY_END, scale, top, log_sum), 0.0)) > 0.0
+        tiny_live = _exp2(tl.minimum(_log2_prob(tiny_end, scale, top, log_sum), 0.0)) > 0.0
         flag += (((low_raw > 0) & low_live) | ((tiny_raw > 0) & tiny_live & tiny_split)).to(tl.int32) * 4
         if HAS_CE:  # the same two checks at temperature 1
-            ce_split = (_log2_prob(-_TINY_END, ce_scale, top, ce_log_sum)
-                        != _log2_prob(_TINY_END, ce_scale, top, ce_log_sum))
+            ce_split = (_log2_prob(-tiny_end, ce_scale, top, ce_log_sum)
+                        != _log2_prob(tiny_end, ce_scale, top, ce_log_sum))
             flag += (((low_raw > 0) & ce_low) | ((tiny_raw > 0) & ce_split)).to(tl.int32) * 4
             tl.store(fparam_ptr + at * PARAM_SLOTS + _CE_LOG_SUM, ce_log_sum)
         tl.store(fparam_ptr + params + _TOP, top * power)  # (exact: the largest logit itself)
@@ -447,9 +458,11 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
         tl.store(iparam_ptr + params + _OCCUPIED, listed)
         tl.store(iparam_ptr + params + _DEAD, dead)
         tl.store(iparam_ptr + params + _SHIFT, shift)
+        tl.store(iparam_ptr + params + _GAP_AT, gap_at)
+        tl.store(iparam_ptr + params + _GAP, gap)
         # (a row with an infinity: the largest magnitude among its finite logits, one more read)
         finite = top_magnitude
-        if (shift == 0) & (flag > 1) & (top_magnitude == _INF_MAGNITUDE):
+        if first_count & (flag > 1) & (top_magnitude == _INF_MAGNITUDE):
             _minus_inf, finite = _infinities(row_ptr, col_stride, stop, UNIT_STRIDE, BLOCK)
         # Past 256: the smallest shift that brings the largest magnitude below 256. Below it
         # (the row was flagged for a split tiny bin: nothing else flags a row of finite logits
@@ -464,9 +477,27 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
         # there the top's k would be 0 * inf; a huge one, below it: k would lose bits): the
         # row stays flagged, as it is after this count.
         next_scale = inv_temperature * LOG2E * _power_of_shift(next_shift, 1)
-        again = ((shift == 0) & (flag > 1) & (low_bits == 0)
-                 & ((next_shift > 0) | ((next_shift < 0) & (top_bin > 0))) & (finite < _INF_MAGNITUDE)
-                 & (next_scale < 3.4e38) & (next_scale >= _MIN_NORMAL))
+        # A split tiny bin is also given a gap ("Gaps") where the row's nearest bin to it lies a
+        # binade or more away: the logits below that bin are counted gap bits higher, as far as
+        # subnormal bf16 values (the magnitudes below 128) stay in the tiny bin. So is an
+        # unflagged row whose largest logit is in its tiny bin (its top then the logit itself,
+        # not 0, as on the other side, whose tiny bin may split at its own temperature: a gap
+        # against a row taking 0 as its top is flagged by finish_kernel), with no scaling.
+        split = first_count & (flag > 1) & (finite < SLOT_M_HI) & (top_bin > 0)
+        top_tiny = first_count & (flag == 0) & (top_bin == _TINY)
+        next_gap_at = tl.zeros([], tl.int32)
+        next_gap = tl.zeros([], tl.int32)
+        if GAPS:
+            if split | top_tiny:
+                nearest = _nearest_bin(raw_at, USE_PTX, TAIL_BLOCK)
+                up_bits = tl.where(split, -tl.minimum(next_shift, 0), 0)
+                next_gap = tl.minimum(nearest, SLOT_M_LO - _SHIFT_STEP - up_bits) // _SHIFT_STEP * _SHIFT_STEP
+                next_gap_at = tl.where(next_gap > 0, SLOT_M_LO + nearest + up_bits, 0)
+        next_shift = tl.where(top_tiny, 0, next_shift)
+        again = ((first_count & (flag > 1) & (low_bits == 0)
+                  & ((next_shift > 0) | (((next_shift < 0) | (next_gap > 0)) & (top_bin > 0)))
+                  & (finite < _INF_MAGNITUDE) & (next_scale < 3.4e38) & (next_scale >= _MIN_NORMAL))
+                 | (top_tiny & (next_gap > 0)))
         if again:  # the histogram read, then zeroed for the second count
             tl.debug_barrier()
             if USE_PTX:
@@ -476,6 +507,57 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
                     tl.store(raw_at + word + tl.arange(0, TAIL_BLOCK), tl.zeros([TAIL_BLOCK], tl.int32))
             tl.debug_barrier()
         shift = next_shift
+        first_count = shift != shift  # (False, as a tensor)
+        gap_at = next_gap_at
+        gap = next_gap
+
+
+@triton.jit
+def _count_row(row_ptr, raw_at, col_stride, stop, shift, gap_at, gap, UNIT_STRIDE: tl.constexpr,
+               USE_PTX: tl.constexpr, SIMD16: tl.constexpr, PREFETCH: tl.constexpr, BLOCK: tl.constexpr):
+    """hist_kernel's count of one row into its slots, with the row's shift and gap (SIMD16: no
+    gap): the row's largest magnitude bits (unshifted), and for float32 rows the OR of their
+    low halves (0 for bf16 rows). Lanes past the row load +0: the tiny slot counts them, and
+    the caller takes them off it."""
+    ahead = _first_block(row_ptr, tl.arange(0, BLOCK), col_stride, stop, UNIT_STRIDE, PREFETCH, 0.0)
+    if SIMD16:
+        magnitudes = tl.zeros([BLOCK], tl.int16)
+    else:
+        magnitudes = tl.zeros([BLOCK], tl.int32)
+    low_bits = tl.zeros([], tl.int32)
+    for start in tl.range(0, stop, BLOCK, loop_unroll_factor=2):
+        idx = start + tl.arange(0, BLOCK)
+        raw, ahead = _block_raw(ahead, row_ptr, idx, col_stride, stop, BLOCK, UNIT_STRIDE, PREFETCH, 0.0)
+        bits = _bf16_bits(raw)
+        if raw.dtype == tl.float32:
+            low_bits |= tl.max(raw.to(tl.int32, bitcast=True) & 0xFFFF, 0)
+        if SIMD16:
+            magnitudes = smem_count_bf16(bits, magnitudes, shift)
+        else:
+            slots, magnitude = _slots_of_bits(bits.to(tl.int32), shift, gap_at, gap)
+            magnitudes = tl.maximum(magnitudes, magnitude)
+            if USE_PTX:
+                smem_add_one(slots, True)
+            else:
+                tl.atomic_add(raw_at + slots, 1)
+    return tl.max(magnitudes.to(tl.int32), 0), low_bits
+
+
+@triton.jit
+def _nearest_bin(raw_at, USE_PTX: tl.constexpr, TAIL_BLOCK: tl.constexpr):
+    """The distance, in bins (magnitude bits), from the tiny bin to the nearest occupied bin of
+    either sign (the low bin counts, at 3,969; 0 if none), scanning outward TAIL_BLOCK bins a
+    step ("Gaps")."""
+    found = tl.zeros([], tl.int32) + _TINY + 1
+    d0 = tl.zeros([], tl.int32) + 1
+    while (found > _TINY) & (d0 <= _TINY):
+        d = d0 + tl.arange(0, TAIL_BLOCK)
+        inside = d <= _TINY
+        positive = _slot_counts(raw_at, tl.where(inside, _TINY + d, CAP - 1), 0, USE_PTX)
+        negative = _slot_counts(raw_at, tl.where(inside, _TINY - d, 0), 0, USE_PTX)
+        found = tl.min(tl.where(inside & ((positive > 0) | (negative > 0)), d, _TINY + 1), 0)
+        d0 += TAIL_BLOCK
+    return tl.where(found > _TINY, 0, found)
 
 
 @triton.jit
@@ -495,14 +577,14 @@ def _top_bin(raw_at, top_magnitude, tiny_more, tail_stop, USE_PTX: tl.constexpr,
 
 
 @triton.jit
-def _first_live(top, log_sum, scale):
+def _first_live(top, log_sum, scale, gap_at, gap):
     """The first bin of nonzero p (WIDTH if none), by bisection: p is non-decreasing over the
     bins."""
     lo = tl.zeros([], tl.int32) - 1  # dead (or before the bins)
     hi = tl.zeros([], tl.int32) + WIDTH  # live (or past them)
     while hi - lo > 1:
         mid = (lo + hi) >> 1
-        live = _exp2(tl.minimum(_k_of_bins(mid, top, log_sum, scale, True), 0.0)) > 0.0
+        live = _exp2(tl.minimum(_k_of_bins(mid, top, log_sum, scale, True, gap_at, gap), 0.0)) > 0.0
         hi = tl.where(live, mid, hi)
         lo = tl.where(live, lo, mid)
     return hi
@@ -520,16 +602,16 @@ def _live_below(count_ptr, bins, dead, mask, USE_PTX: tl.constexpr):
 
 
 @triton.jit
-def _k_of_bins(bins, top, log_sum, scale, TINY_AT_ZERO: tl.constexpr = False):
+def _k_of_bins(bins, top, log_sum, scale, TINY_AT_ZERO: tl.constexpr = False, gap_at=0, gap=0):
     """k = log2 p of the logits bins stand for, non-decreasing over [0, WIDTH) (a function of
     the bin and the row's statistics: every pass that compares bins computes it here). Without
     TINY_AT_ZERO, the tiny bin at its upper end: exact in comparisons within an unflagged row
     (`_logit_of_bin`), two instructions fewer per evaluation (sign_kernel makes six a bin)."""
-    return _log2_prob(_logit_of_bin(bins, TINY_AT_ZERO), scale, top, log_sum)
+    return _log2_prob(_logit_of_bin(bins, TINY_AT_ZERO, gap_at, gap), scale, top, log_sum)
 
 
 @triton.jit
-def _estimate(v, top, log_sum, inv_scale):
+def _estimate(v, top, log_sum, inv_scale, gap_at=0, gap=0):
     """A bin of a side near k = v: the bin of the logit with that k, rounded to bf16 (inv_scale
     = 1 / scale: an estimate, checked by the caller, needs no division), from its float32 bits:
     the bf16 magnitude clamped to the bins' range, on the side of its sign."""
@@ -537,15 +619,16 @@ def _estimate(v, top, log_sum, inv_scale):
     z = tl.minimum(tl.maximum(z, -60000.0), 60000.0)
     bits = z.to(tl.int32, bitcast=True)
     magnitude = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0x7FFF  # (round to nearest even)
+    magnitude += tl.where(magnitude < gap_at, gap, 0)
     d = _distance(magnitude)
     return tl.minimum(tl.where(bits < 0, _TINY - d, _TINY + d), WIDTH - 1)
 
 
 @triton.jit
-def _at_or_past(bins, v, top, log_sum, scale, STRICT: tl.constexpr):
+def _at_or_past(bins, v, top, log_sum, scale, STRICT: tl.constexpr, gap_at=0, gap=0):
     """Whether bins (in [-1, WIDTH]) lie at or past a side's first bin with k >= v (k > v when
     STRICT): -1 lies before every bin, WIDTH past them all."""
-    k = _k_of_bins(tl.minimum(tl.maximum(bins, 0), WIDTH - 1), top, log_sum, scale)
+    k = _k_of_bins(tl.minimum(tl.maximum(bins, 0), WIDTH - 1), top, log_sum, scale, False, gap_at, gap)
     if STRICT:
         hit = k > v
     else:
@@ -554,14 +637,14 @@ def _at_or_past(bins, v, top, log_sum, scale, STRICT: tl.constexpr):
 
 
 @triton.jit
-def _bound(v, start, top, log_sum, scale, active, STRICT: tl.constexpr):
+def _bound(v, start, top, log_sum, scale, active, STRICT: tl.constexpr, gap_at=0, gap=0):
     """A side's first bin with k >= v (k > v when STRICT; WIDTH if none), for the active lanes:
     from bin `start` (an estimate, mostly the bound itself or a neighbour) by steps that double
     away from it until the bound is bracketed, then by bisection. k is non-decreasing over the
     bins; its runs of equal values (logits near 0, which z - top rounds alike) cost a few
     doublings. The block loops until all its lanes are settled: two evaluations of k, mostly."""
     start = tl.minimum(tl.maximum(start, 0), WIDTH)
-    down = _at_or_past(start, v, top, log_sum, scale, STRICT)  # the bound is at or below start
+    down = _at_or_past(start, v, top, log_sum, scale, STRICT, gap_at, gap)  # the bound is at or below start
     # lo lies before the bound, hi at or past it; the probe is the end not yet known
     lo = tl.where(down, start - 1, start)
     hi = tl.where(down, start, start + 1)
@@ -569,7 +652,7 @@ def _bound(v, start, top, log_sum, scale, active, STRICT: tl.constexpr):
     going = active
     while tl.max(going.to(tl.int32), 0) > 0:
         probe = tl.where(down, lo, hi)
-        hit = _at_or_past(probe, v, top, log_sum, scale, STRICT)
+        hit = _at_or_past(probe, v, top, log_sum, scale, STRICT, gap_at, gap)
         going = going & (hit == down)  # the probe fell on the same side as start: not bracketed
         step = tl.where(going, step * 2, step)
         hi = tl.where(going, tl.where(down, probe, tl.minimum(probe + step, WIDTH)), hi)
@@ -577,7 +660,7 @@ def _bound(v, start, top, log_sum, scale, active, STRICT: tl.constexpr):
     going = active & (hi - lo > 1)
     while tl.max(going.to(tl.int32), 0) > 0:
         mid = (lo + hi) >> 1
-        hit = _at_or_past(mid, v, top, log_sum, scale, STRICT)
+        hit = _at_or_past(mid, v, top, log_sum, scale, STRICT, gap_at, gap)
         hi = tl.where(going & hit, mid, hi)
         lo = tl.where(going & ~hit, mid, lo)
         going = active & (hi - lo > 1)
@@ -587,22 +670,23 @@ def _bound(v, start, top, log_sum, scale, active, STRICT: tl.constexpr):
 @triton.jit
 def _bin_signs(bins, active, own_ge, own_gt, own_count, other_count, own_dead, other_dead, own_top, own_log_sum,
                own_scale, other_top, other_log_sum, other_scale, own_total, other_total, sign_ptr, side, store,
-               USE_PTX: tl.constexpr):
+               own_gap_at, own_gap, other_gap_at, other_gap, USE_PTX: tl.constexpr):
     """sign_kernel's work on one block of occupied bins (`active` lanes; own_ge and own_gt:
     the side's live elements from the bin on and past it) of side `side`: their signs (stored
     at their slots from sign_ptr where `store`) and their count * p * sign (float64, per
     lane)."""
     count = own_ge - own_gt  # the bin's own elements
-    v = _k_of_bins(bins, own_top, own_log_sum, own_scale)
+    v = _k_of_bins(bins, own_top, own_log_sum, own_scale, False, own_gap_at, own_gap)
     # The four bounds from the neighbours' k, where a run of equal k or a missed estimate
     # does not get in the way (all but a few bins near logit 0); -1 where it does.
-    own_first = tl.where((bins == 0) | (_k_of_bins(bins - 1, own_top, own_log_sum, own_scale) < v), bins, -1)
-    own_after = tl.where((bins == WIDTH - 1) | (_k_of_bins(bins + 1, own_top, own_log_sum, own_scale) > v),
-                         bins + 1, -1)
-    guess = _estimate(v, other_top, other_log_sum, 1.0 / other_scale)  # (a scalar division)
-    k_guess = _k_of_bins(guess, other_top, other_log_sum, other_scale)
-    k_before = _k_of_bins(guess - 1, other_top, other_log_sum, other_scale)
-    k_next = _k_of_bins(guess + 1, other_top, other_log_sum, other_scale)
+    own_first = tl.where((bins == 0) | (_k_of_bins(bins - 1, own_top, own_log_sum, own_scale, False, own_gap_at,
+                                                   own_gap) < v), bins, -1)
+    own_after = tl.where((bins == WIDTH - 1) | (_k_of_bins(bins + 1, own_top, own_log_sum, own_scale, False,
+                                                           own_gap_at, own_gap) > v), bins + 1, -1)
+    guess = _estimate(v, other_top, other_log_sum, 1.0 / other_scale, other_gap_at, other_gap)  # (a scalar division)
+    k_guess = _k_of_bins(guess, other_top, other_log_sum, other_scale, False, other_gap_at, other_gap)
+    k_before = _k_of_bins(guess - 1, other_top, other_log_sum, other_scale, False, other_gap_at, other_gap)
+    k_next = _k_of_bins(guess + 1, other_top, other_log_sum, other_scale, False, other_gap_at, other_gap)
     at_guess = (k_guess >= v) & ((guess == 0) | (k_before < v))
     at_next = (k_guess < v) & ((guess == WIDTH - 1) | (k_next >= v))
     lower = tl.where(at_guess, guess, tl.where(at_next, guess + 1, -1))
@@ -610,10 +694,14 @@ def _bin_signs(bins, active, own_ge, own_gt, own_count, other_count, own_dead, o
                      tl.where((at_guess | at_next) & ((guess == WIDTH - 1) | (k_next > v)), guess + 1, -1))
     slow = active & ((own_first < 0) | (own_after < 0) | (lower < 0) | (upper < 0))
     if tl.max(slow.to(tl.int32), 0) > 0:
-        own_first = tl.where(slow, _bound(v, bins, own_top, own_log_sum, own_scale, slow, False), own_first)
-        own_after = tl.where(slow, _bound(v, bins + 1, own_top, own_log_sum, own_scale, slow, True), own_after)
-        lower = tl.where(slow, _bound(v, guess, other_top, other_log_sum, other_scale, slow, False), lower)
-        upper = tl.where(slow, _bound(v, lower, other_top, other_log_sum, other_scale, slow, True), upper)
+        own_first = tl.where(slow, _bound(v, bins, own_top, own_log_sum, own_scale, slow, False, own_gap_at, own_gap),
+                             own_first)
+        own_after = tl.where(slow, _bound(v, bins + 1, own_top, own_log_sum, own_scale, slow, True, own_gap_at,
+                                          own_gap), own_after)
+        lower = tl.where(slow, _bound(v, guess, other_top, other_log_sum, other_scale, slow, False, other_gap_at,
+                                      other_gap), lower)
+        upper = tl.where(slow, _bound(v, lower, other_top, other_log_sum, other_scale, slow, True, other_gap_at,
+                                      other_gap), upper)
         # (elsewhere the bin's own run is the bin: the counts below it and the next one, read)
         own_ge = tl.where(slow, own_total - _live_below(own_count, own_first, own_dead, slow, USE_PTX), own_ge)
         own_gt = tl.where(slow, own_total - _live_below(own_count, own_after, own_dead, slow, USE_PTX), own_gt)
@@ -688,6 +776,10 @@ def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, list_ptr, sign_ptr, partial_p
                        * _power_of_shift(other_shift, 1))
         own_total = tl.load(iparam_ptr + own * PARAM_SLOTS + _TOTAL)
         other_total = tl.load(iparam_ptr + other * PARAM_SLOTS + _TOTAL)
+        own_gap_at = tl.load(iparam_ptr + own * PARAM_SLOTS + _GAP_AT)
+        own_gap = tl.load(iparam_ptr + own * PARAM_SLOTS + _GAP)
+        other_gap_at = tl.load(iparam_ptr + other * PARAM_SLOTS + _GAP_AT)
+        other_gap = tl.load(iparam_ptr + other * PARAM_SLOTS + _GAP)
         listed = tl.load(iparam_ptr + own * PARAM_SLOTS + _OCCUPIED)
         own_dead = tl.load(iparam_ptr + own * PARAM_SLOTS + _DEAD)
         other_dead = tl.load(iparam_ptr + other * PARAM_SLOTS + _DEAD)
@@ -706,7 +798,8 @@ def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, list_ptr, sign_ptr, partial_p
             active = own_ge > own_gt  # (occupied bins of probability 0 come first in the list: skipped)
             masses += _bin_signs(bins, active, own_ge, own_gt, own_count, other_count, own_dead, other_dead, own_top,
                                  own_log_sum, own_scale, other_top, other_log_sum, other_scale, own_total,
-                                 other_total, sign_ptr + own * CAP, side, store, USE_PTX)
+                                 other_total, sign_ptr + own * CAP, side, store, own_gap_at, own_gap, other_gap_at,
+                                 other_gap, USE_PTX)
             bins = ahead
             ahead = later
             own_ge = next_ge
@@ -740,7 +833,9 @@ def finish_kernel(fparam_ptr, iparam_ptr, count_ptr, partial_ptr, row_loss_ptr, 
         t_shift = tl.load(iparam_ptr + t_at * PARAM_SLOTS + _SHIFT)
         s_tiny = tl.load(count_ptr + s_at * CAP + _TINY + 1) - tl.load(count_ptr + s_at * CAP + _TINY)
         t_tiny = tl.load(count_ptr + t_at * CAP + _TINY + 1) - tl.load(count_ptr + t_at * CAP + _TINY)
-        mixed = ((s_shift < 0) & (t_shift >= 0) & (t_tiny > 0)) | ((t_shift < 0) & (s_shift >= 0) & (s_tiny > 0))
+        s_near = (s_shift < 0) | (tl.load(iparam_ptr + s_at * PARAM_SLOTS + _GAP_AT) > 0)  # (or a gap)
+        t_near = (t_shift < 0) | (tl.load(iparam_ptr + t_at * PARAM_SLOTS + _GAP_AT) > 0)
+        mixed = (s_near & ~t_near & (t_tiny > 0)) | (t_near & ~s_near & (s_tiny > 0))
         flag = mixed.to(tl.int32) * 16
     s_mass = tl.load(partial_ptr + s_at)
     t_mass = tl.load(partial_ptr + t_at)
@@ -802,18 +897,36 @@ def grad_kernel(logits_ptr, index_ptr, grad_ptr, fparam_ptr, iparam_ptr, sign_pt
             ce_log_sum = tl.load(fparam_ptr + at * PARAM_SLOTS + _CE_LOG_SUM)
         grad_row = grad_ptr + row * grad_row_stride
         stop = tl.minimum(chunk * CHUNK + CHUNK, vocab)  # (CHUNK is a multiple of BLOCK)
-        ahead = _first_block(row_ptr, chunk * CHUNK + tl.arange(0, BLOCK), col_stride, stop, UNIT_STRIDE, PREFETCH)
-        for start in tl.range(chunk * CHUNK, stop, BLOCK):
-            idx = start + tl.arange(0, BLOCK)
-            raw, ahead = _block_raw(ahead, row_ptr, idx, col_stride, stop, BLOCK, UNIT_STRIDE, PREFETCH)
-            z = raw.to(tl.float32)
-            p = _exp2(_log2_prob(z, scale, top, log_sum))
-            if USE_PTX:  # the table is read-only here: the non-coherent path, one wide address add
-                sign = gather_f32(signs, _slots(raw, shift, SIMD16), p > 0.0)
-            else:
-                sign = tl.load(signs + _slots(raw, shift, SIMD16), mask=p > 0.0, other=0.0)
-            grad = p * (sign * factor - mass_factor)  # (a fused multiply-add, and one product)
-            if HAS_CE:  # the cross-entropy's softmax, temperature 1
-                grad += ce_factor * (_exp2(_log2_prob(z, LOG2E, top, ce_log_sum))
-                                     - (idx == ce_label).to(tl.float32))
-            tl.store(grad_row + idx, grad.to(grad_ptr.dtype.element_ty), mask=idx < vocab)
+        gap_at = tl.load(iparam_ptr + at * PARAM_SLOTS + _GAP_AT)
+        if gap_at == 0:
+            _grad_span(row_ptr, grad_row, signs, chunk * CHUNK, stop, vocab, col_stride, scale, top, log_sum, factor,
+                       mass_factor, ce_label, ce_factor, ce_log_sum, shift, 0, 0, HAS_CE, UNIT_STRIDE, PREFETCH,
+                       USE_PTX, SIMD16, BLOCK)
+        else:  # (slots one at a time: the SIMD clamps have no gap)
+            _grad_span(row_ptr, grad_row, signs, chunk * CHUNK, stop, vocab, col_stride, scale, top, log_sum, factor,
+                       mass_factor, ce_label, ce_factor, ce_log_sum, shift, gap_at,
+                       tl.load(iparam_ptr + at * PARAM_SLOTS + _GAP), HAS_CE, UNIT_STRIDE, PREFETCH, USE_PTX, False,
+                       BLOCK)
+
+
+@triton.jit
+def _grad_span(row_ptr, grad_row, signs, begin, stop, vocab, col_stride, scale, top, log_sum, factor, mass_factor,
+               ce_label, ce_factor, ce_log_sum, shift, gap_at, gap, HAS_CE: tl.constexpr, UNIT_STRIDE: tl.constexpr,
+               PREFETCH: tl.constexpr, USE_PTX: tl.constexpr, SIMD16: tl.constexpr, BLOCK: tl.constexpr):
+    """grad_kernel's loop over columns [begin, stop) of a row: each element's sign from its
+    slot's table (the row's shift and gap), and its gradient."""
+    ahead = _first_block(row_ptr, begin + tl.arange(0, BLOCK), col_stride, stop, UNIT_STRIDE, PREFETCH)
+    for start in tl.range(begin, stop, BLOCK):
+        idx = start + tl.arange(0, BLOCK)
+        raw, ahead = _block_raw(ahead, row_ptr, idx, col_stride, stop, BLOCK, UNIT_STRIDE, PREFETCH)
+        z = raw.to(tl.float32)
+        p = _exp2(_log2_prob(z, scale, top, log_sum))
+        if USE_PTX:  # the table is read-only here: the non-coherent path, one wide address add
+            sign = gather_f32(signs, _slots(raw, shift, SIMD16, gap_at, gap), p > 0.0)
+        else:
+            sign = tl.load(signs + _slots(raw, shift, SIMD16, gap_at, gap), mask=p > 0.0, other=0.0)
+        grad = p * (sign * factor - mass_factor)  # (a fused multiply-add, and one product)
+        if HAS_CE:  # the cross-entropy's softmax, temperature 1
+            grad += ce_factor * (_exp2(_log2_prob(z, LOG2E, top, ce_log_sum))
+                                 - (idx == ce_label).to(tl.float32))
+        tl.store(grad_row + idx, grad.to(grad_row.dtype.element_ty), mask=idx < vocab)

@@ -1,0 +1,131 @@
+"""Rows whose tiny bin splits and no scaling of the whole row separates, counted again with a
+gap (kernels/uld_hist.py, "Gaps"): the probability on a few logits within 2**-23 of 0, the rest
+far below. With a dead -200 in each row no scaling up applies (its magnitude is past 128), so
+only the gap can keep such a row in the engine. Oracles: the float64 reference, and the trie
+engine (`launch.uld_pairs`, for the training loss's path). Under the
+interpreter, rows of a few hundred columns.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import uld_kernels.launch as launch
+from bench.shapes import NO_GAP, tiny_top_rows
+from tests.helpers import assert_grads_close, assert_losses_close, reference_rows_and_grads
+
+BF16 = torch.bfloat16
+DEAD = -200.0  # p = 0 at the temperatures here; its magnitude rules out a scaling up
+
+
+def _rows(seed, n, vs, vt, tail=(-60.0, 4.0), extra=(DEAD,)):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(tiny_top_rows(g, n, v, *tail, "cpu", extra=extra).to(BF16) for v in (vs, vt))
+
+
+def _flags(student, teacher, ts=1.0, tt=1.0):
+    return launch.hist_rows(student, teacher, ts, tt, False, False, 1.0, fallback=False)[1]
+
+
+def _assert_exact(student, teacher, ts, tt, what):
+    """hist_rows (with its fallback) against the float64 reference."""
+    rows, _status, grad_s, grad_t = launch.hist_rows(student, teacher, ts, tt, True, True, 1.0)
+    ref_rows, ref_s, ref_t = reference_rows_and_grads(student, teacher, ts, tt, teacher_grad=True)
+    assert_losses_close(rows, ref_rows, BF16, what=f"{what}: loss")
+    assert_grads_close(grad_s, ref_s, student, BF16, what=f"{what}: student gradient")
+    assert_grads_close(grad_t, ref_t, teacher, BF16, what=f"{what}: teacher gradient")
+
+
+def test_split_tiny_bins_with_a_gap_are_the_engines(device, monkeypatch):
+    """Tiny logits carrying the probability, a tail near -60 and a dead -200: flagged without
+    gaps (ULD_HIST_GAPS=0), the engine's own with them, exact. At the teacher's temperature
+    its tiny bin does not split, but it holds the row's largest logit: it takes a gap too (its
+    top then the logit itself, as on the student's side)."""
+    student, teacher = (x.to(device) for x in _rows(41, 2, 200, 160))
+    ts, tt = 0.5, 2.0
+    monkeypatch.setattr(launch, "HIST_GAPS", False)
+    assert (_flags(student, teacher, ts, tt).cpu() & 4).all(), "the premise: no scaling separates the tiny bin"
+    monkeypatch.setattr(launch, "HIST_GAPS", True)
+    flags = _flags(student, teacher, ts, tt)
+    assert (flags == 0).all(), f"flags {flags.tolist()}: the gap keeps these rows in the engine"
+    _assert_exact(student, teacher, ts, tt, "gap")
+
+
+def test_a_gap_on_top_of_a_scaling_up(device):
+    """Without the dead logit the tail (magnitudes below 128) leaves room to scale the row up by
+    a binade; the gap comes on top of it. Exact, and the engine's."""
+    student, teacher = (x.to(device) for x in _rows(42, 1, 200, 200, extra=()))
+    flags = _flags(student, teacher)
+    assert (flags == 0).all(), f"flags {flags.tolist()}"
+    _assert_exact(student, teacher, 1.0, 1.0, "gap and scaling")
+
+
+def test_no_gap_next_to_the_tiny_bin_stays_flagged(device):
+    """A logit in the bin next to the tiny one leaves no gap: the row stays flagged (the trie's)
+    and exact; the other side keeps its gap."""
+    g = torch.Generator().manual_seed(43)
+    student = tiny_top_rows(g, 1, 200, -60.0, 4.0, "cpu", extra=(DEAD, NO_GAP), count=15).to(BF16).to(device)
+    teacher = tiny_top_rows(g, 1, 160, -60.0, 4.0, "cpu", extra=(DEAD,)).to(BF16).to(device)
+    flags = _flags(student, teacher)
+    assert (flags != 0).all(), f"flags {flags.tolist()}: split without a gap (4), or against a gap (16)"
+    _assert_exact(student, teacher, 1.0, 1.0, "no gap")
+
+
+def test_identical_rows_with_gaps_tie_exactly(device):
+    """The same rows on both sides take the same gap: every value ties across the sides, the
+    loss is 0 and so is every gradient (the tie rule), bit for bit."""
+    student, _ = _rows(44, 2, 200, 200)
+    student = student.to(device)
+    teacher = student.clone()
+    rows, status, grad_s, grad_t = launch.hist_rows(student, teacher, 1.0, 1.0, True, True, 1.0)
+    assert (status == 0).all(), f"status {status.tolist()}"
+    assert (rows == 0).all(), f"losses {rows.tolist()}"
+    assert (grad_s == 0).all() and (grad_t == 0).all(), "gradients of identical rows are 0"
+
+
+def test_a_gap_against_an_occupied_tiny_bin_without_one_is_flagged(device):
+    """A side with a gap resolves its logits near 0 one by one; a side counting them in its tiny
+    bin (unsplit: its largest logit is large) takes them at 0. Such a pair goes to the trie, as
+    for a scaling up (finish_kernel, flag 16), and stays exact."""
+    student, _ = _rows(45, 1, 200, 160)
+    g = torch.Generator().manual_seed(46)
+    teacher = torch.randn(1, 160, generator=g) * 2
+    teacher[:, :5] = 2.0 ** -30  # tiny logits, one k in the tiny bin at this row's top
+    teacher = teacher.to(BF16)
+    student, teacher = student.to(device), teacher.to(device)
+    flags = _flags(student, teacher)
+    assert (flags.cpu() == 16).all(), f"flags {flags.tolist()}"
+    _assert_exact(student, teacher, 1.0, 1.0, "mixed")
+
+
+def test_zeros_and_subnormal_logits_stay_in_the_tiny_bin(device):
+    """Exact zeros and bf16 subnormals (magnitudes below 128) among the tiny logits of a row
+    with a gap: they stay in the tiny bin (the gap is capped for them) and the results are
+    exact."""
+    student, teacher = _rows(47, 1, 200, 160)
+    student[:, 10:14] = torch.tensor([0.0, -0.0, 1e-40, -3e-39]).to(BF16)
+    teacher[:, 7:9] = torch.tensor([0.0, 5e-39]).to(BF16)
+    student, teacher = student.to(device), teacher.to(device)
+    flags = _flags(student, teacher)
+    assert (flags == 0).all(), f"flags {flags.tolist()}"
+    _assert_exact(student, teacher, 1.0, 1.0, "subnormals")
+
+
+def test_gathered_pairs_with_cross_entropy_and_gaps_match_the_trie(device):
+    """The training loss's path (row maps, padding, weights, the student's cross-entropy,
+    whose temperature-1 statistics check the gapped tiny bin too) on rows with gaps: the same
+    losses, cross-entropies and gradient as the trie engine."""
+    student, teacher = (x.to(device) for x in _rows(48, 4, 160, 120))
+    kw = dict(student_index=torch.tensor([2, 0, -1, 3], device=device),
+              teacher_index=torch.tensor([0, 1, 2, 3], device=device),
+              row_weight=torch.tensor([0.5, 2.0, 1.0, 1.5], device=device),
+              ce_label=torch.tensor([5, 11, -1, 159], device=device),
+              ce_weight=torch.tensor([1.0, 0.5, 1.0, 2.0], device=device))
+    flags = launch.hist_pairs(student, teacher, 0.7, 1.3, True, False, 1.0, fallback=False, **kw)[1]
+    assert (flags == 0).all(), f"flags {flags.tolist()}"
+    ours = launch.hist_pairs(student, teacher, 0.7, 1.3, True, False, 1.0, **kw)
+    trie = launch.uld_pairs(student, teacher, 0.7, 1.3, True, False, 1.0, **kw)
+    assert_losses_close(ours[0], trie[0], BF16, what="loss")
+    assert_losses_close(ours[2], trie[2], BF16, what="cross-entropy")
+    assert_grads_close(ours[3], trie[3], student, BF16)
