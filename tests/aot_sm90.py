@@ -168,8 +168,8 @@ def split_kernel_configs():
 
 def hist_kernel_configs():
     """The histogram engine's passes (uld_hist.py), as launch.hist_rows runs them: on bf16
-    logits, and the passes that read logits on float32 ones too (a bf16 model's logits upcast,
-    at launch._hist_blocks' sizes)."""
+    logits, without gaps (the default) and with them (ULD_HIST_GAPS=1), and without gaps on
+    float32 ones (a bf16 model's logits upcast, at launch._hist_blocks' sizes)."""
     from uld_kernels.kernels import uld_hist
     # Workspace buffers are allocated by the launcher (16-byte aligned, as Triton specializes
     # them at run time); the logits as in the split engine's configurations.
@@ -177,28 +177,29 @@ def hist_kernel_configs():
                *[f"{side}_{name}" for side in ("student", "teacher") for name in ("ptr", "vocab", "row_stride",
                                                                                  "batch_stride")],
                "fparam_ptr", "iparam_ptr", "sign_ptr", "partial_ptr", "list_ptr", "raw_ptr"]
-    for dtype in (torch.bfloat16, torch.float32):
+    for dtype, gaps in ((torch.bfloat16, False), (torch.bfloat16, True), (torch.float32, False)):
         hist_block, grad_block = _hist_blocks(dtype, True)
         rows = dict(USE_PTX=True, SIMD16=True, PREFETCH=True)
         hist = dict(rows, STUDENT_UNIT_STRIDE=True, TEACHER_UNIT_STRIDE=True, BLOCK=hist_block,
-                    TAIL_BLOCK=HIST_TAIL_BLOCK)
-        grad = dict(rows, UNIT_STRIDE=True, CHUNK=HIST_GRAD_CHUNK, BLOCK=grad_block)
+                    TAIL_BLOCK=HIST_TAIL_BLOCK, GAPS=gaps)
+        grad = dict(rows, UNIT_STRIDE=True, CHUNK=HIST_GRAD_CHUNK, BLOCK=grad_block, GAPS=gaps)
+        sign_options = dict(num_warps=1, **({"maxnreg": HIST_SIGN_MAXNREG} if gaps and HIST_SIGN_MAXNREG else {}))
         configs = [
             ("hist", uld_hist.hist_kernel, dict(hist, GATHER=False, HAS_CE=False), HIST_OPTIONS),
             ("hist gathered ce", uld_hist.hist_kernel, dict(hist, GATHER=True, HAS_CE=True), HIST_OPTIONS),
-            ("finish gathered ce", uld_hist.finish_kernel, dict(GATHER=True, HAS_CE=True), 1),
+            ("finish gathered ce", uld_hist.finish_kernel, dict(GATHER=True, HAS_CE=True, GAPS=gaps), 1),
             ("grad", uld_hist.grad_kernel, dict(grad, GATHER=False, HAS_CE=False), 4),
             ("grad gathered ce", uld_hist.grad_kernel, dict(grad, GATHER=True, HAS_CE=True), 4),
         ]
         if dtype == torch.bfloat16:  # (no logits read)
             configs += [("sign", uld_hist.sign_kernel, dict(STORE_STUDENT=True, STORE_TEACHER=False, USE_PTX=True,
-                                                           BLOCK=HIST_SIGN_BLOCK),
-                         dict(num_warps=1, **({"maxnreg": HIST_SIGN_MAXNREG} if HIST_SIGN_MAXNREG else {}))),
-                        ("finish", uld_hist.finish_kernel, dict(GATHER=False, HAS_CE=False), 1)]
+                                                           BLOCK=HIST_SIGN_BLOCK, GAPS=gaps), sign_options),
+                        ("finish", uld_hist.finish_kernel, dict(GATHER=False, HAS_CE=False, GAPS=gaps), 1)]
         for label, kernel, constexprs, warps in configs:
             names = kernel.arg_names
-            yield (f"hist {label} {TRITON_TYPE[dtype]}", kernel, _types_by_name(kernel, "*" + TRITON_TYPE[dtype]),
-                   constexprs, [n for n in aligned if n in names], warps)
+            yield (f"hist {label} {TRITON_TYPE[dtype]}{' gaps' if gaps else ''}", kernel,
+                   _types_by_name(kernel, "*" + TRITON_TYPE[dtype]), constexprs, [n for n in aligned if n in names],
+                   warps)
 
 
 def hist_sm80_configs():

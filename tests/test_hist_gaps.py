@@ -1,5 +1,5 @@
 """Rows whose tiny bin splits and no scaling of the whole row separates, counted again with a
-gap (kernels/uld_hist.py, "Gaps"): the probability on a few logits within 2**-23 of 0, the rest
+gap (kernels/uld_hist.py, "Gaps"; ULD_HIST_GAPS=1, launch.HIST_GAPS, set on here): the probability on a few logits within 2**-23 of 0, the rest
 far below. With a dead -200 in each row no scaling up applies (its magnitude is past 128), so
 only the gap can keep such a row in the engine. Oracles: the float64 reference, and the trie
 engine (`launch.uld_pairs`, for the training loss's path). Under the
@@ -17,6 +17,12 @@ from tests.helpers import assert_grads_close, assert_losses_close, reference_row
 
 BF16 = torch.bfloat16
 DEAD = -200.0  # p = 0 at the temperatures here; its magnitude rules out a scaling up
+
+
+@pytest.fixture(autouse=True)
+def _gaps_on(monkeypatch):
+    """The gaps are off by default (launch.HIST_GAPS: they cost ordinary rows time); on here."""
+    monkeypatch.setattr(launch, "HIST_GAPS", True)
 
 
 def _rows(seed, n, vs, vt, tail=(-60.0, 4.0), extra=(DEAD,)):
@@ -39,7 +45,7 @@ def _assert_exact(student, teacher, ts, tt, what):
 
 def test_split_tiny_bins_with_a_gap_are_the_engines(device, monkeypatch):
     """Tiny logits carrying the probability, a tail near -60 and a dead -200: flagged without
-    gaps (ULD_HIST_GAPS=0), the engine's own with them, exact. At the teacher's temperature
+    gaps (ULD_HIST_GAPS=0, the default), the engine's own with them, exact. At the teacher's temperature
     its tiny bin does not split, but it holds the row's largest logit: it takes a gap too (its
     top then the logit itself, as on the student's side)."""
     student, teacher = (x.to(device) for x in _rows(41, 2, 200, 160))

@@ -114,9 +114,13 @@ if ENGINE not in ("hist", "split"):
 # only (a sample; rows of the call holding other values are flagged there and computed again
 # by the trie, after one host sync): "0" sends every float32 call to the trie.
 HIST_FLOAT32 = os.environ.get("ULD_HIST_FLOAT32", "1") != "0"
-# A row whose tiny bin splits is counted again with a gap where its nearest bin to the tiny
-# one lies a binade or more away (uld_hist.py, "Gaps"): "0" leaves such rows to the trie.
-HIST_GAPS = os.environ.get("ULD_HIST_GAPS", "1") != "0"
+# "1": a row whose tiny bin splits is counted again with a gap where its nearest bin to the
+# tiny one lies a binade or more away (uld_hist.py, "Gaps"; the benchmark's `gapped` rows 14.4
+# and 15.3 ms against 47.1 and 54.9 through the trie), but ordinary rows cost 0.18-0.25 ms more
+# (6.70 against 6.52 ms, sixteenth session, run 4: the passes' code with the gap in it). Off by
+# default ("0": such rows go to the trie, and the passes compile as before the gaps) until the
+# gaps cost ordinary rows nothing.
+HIST_GAPS = os.environ.get("ULD_HIST_GAPS", "0") != "0"
 # The training loss's pairs (distill.py, gathered rows with the cross-entropy): "hist" (bf16
 # pairs to the histogram engine: 13.66 ms against the trie's 17.48, RESULTS seventh session
 # run 1) or "split" (the trie engine for every pair).
@@ -133,8 +137,8 @@ HIST_BLOCK = int(os.environ.get("ULD_HIST_BLOCK", 4096))
 # registers) 7.09, 32 7.36 (tenth session, run 2)
 HIST_SIGN_BLOCK = int(os.environ.get("ULD_HIST_SIGN_BLOCK", 64))
 HIST_SIGN_WARPS = int(os.environ.get("ULD_HIST_SIGN_WARPS", 1))
-# sign_kernel's register cap (0: none): 64 keeps 32 one-warp programs an SM; uncapped, ptxas
-# took 67 once the gaps' bins came in (sixteenth session), without spills at 64.
+# sign_kernel's register cap with the gaps on (0: none): 64 keeps 32 one-warp programs an SM;
+# uncapped, ptxas takes 67 for it (62 without the gaps), without spills at 64.
 HIST_SIGN_MAXNREG = int(os.environ.get("ULD_HIST_SIGN_MAXNREG", 64))
 HIST_TAIL_BLOCK = 512  # bins per step of hist_kernel's pass over them: runs of 4 on each of 128 threads
 # hist_kernel's register cap (0: none). Before rows past 256 were counted again (twelfth
@@ -388,12 +392,12 @@ def _hist_batches(row_loss, flags, row_ce, sides, grad_scale, n_pairs, on_gpu, r
         uld_hist.sign_kernel[(rows, 2)](  # both sides of every pair
             fparam, iparam, counts, occupied, signs, partial, student_inv_t, teacher_inv_t,
             STORE_STUDENT=student_grad is not None, STORE_TEACHER=teacher_grad is not None, USE_PTX=use_ptx,
-            BLOCK=HIST_SIGN_BLOCK if on_gpu else 512, num_warps=HIST_SIGN_WARPS if on_gpu else 4,
-            **({"maxnreg": HIST_SIGN_MAXNREG} if on_gpu and HIST_SIGN_MAXNREG else {}))
+            BLOCK=HIST_SIGN_BLOCK if on_gpu else 512, GAPS=HIST_GAPS, num_warps=HIST_SIGN_WARPS if on_gpu else 4,
+            **({"maxnreg": HIST_SIGN_MAXNREG} if on_gpu and HIST_GAPS and HIST_SIGN_MAXNREG else {}))
         uld_hist.finish_kernel[(rows,)](
             fparam, iparam, counts, partial, row_loss, flags, batch_start, student_logits,
             student_index if gather else unused, ce_label if has_ce else unused, row_ce if has_ce else unused,
-            student_vocab, *_row_layout(student_logits), GATHER=gather, HAS_CE=has_ce, num_warps=1)
+            student_vocab, *_row_layout(student_logits), GATHER=gather, HAS_CE=has_ce, GAPS=HIST_GAPS, num_warps=1)
         for side, (logits, inv_t, grad, vocab, index) in enumerate(sides):
             if grad is None:
                 continue
@@ -404,7 +408,7 @@ def _hist_batches(row_loss, flags, row_ce, sides, grad_scale, n_pairs, on_gpu, r
                 batch_start, side, n_chunks, vocab, *_row_layout(logits), grad.stride(-2), inv_t, grad_scale,
                 GATHER=gather, HAS_CE=has_ce and side == 0, UNIT_STRIDE=logits.stride(-1) == 1,
                 PREFETCH=HIST_PREFETCH or not on_gpu, USE_PTX=use_ptx, SIMD16=simd16, CHUNK=chunk,
-                BLOCK=block, num_warps=4)
+                BLOCK=block, GAPS=HIST_GAPS, num_warps=4)
 
 
 def uld_pairs(

@@ -73,10 +73,13 @@ keeps the subnormal bf16 values, magnitudes below 128, in the tiny bin; on top o
 where one applies). The row's bins stay in the order of value, and a bin below the gap stands
 for the logit g bits lower (`_logit_of_bin`: its k is the float32 k of the logit itself, as for
 a shift); only magnitudes below 2**(-23 - g / 128) share the tiny bin, checked again. Each side
-stores where its gap starts (_GAP_AT, in shifted magnitude bits) and its size (_GAP); a row with
+stores where its gap starts (in shifted magnitude bits) and its size (_GAPS); a row with
 a gap is counted and its gradient's slots found one logit at a time (the SIMD clamps have no
 gap). A row with a gap against one counting an occupied tiny bin without is flagged, as for a
-scaling up (finish_kernel). `ULD_HIST_GAPS=0` leaves such rows to the trie.
+scaling up (finish_kernel). The kernels' GAPS (`ULD_HIST_GAPS=1`) turns gaps on; they are off
+by default: with them the passes cost ordinary rows 0.18-0.25 ms more on the H200 (sixteenth
+session), and without, the gap is the constant 0 and the passes compile to the code before
+them (SASS checked), leaving such rows to the trie.
 
 float32 rows. A bf16 model's logits upcast with `.float()` (as many training loops do before
 a loss) are float32 values whose low 16 bits are 0: the high half of each is its bf16 pattern
@@ -122,18 +125,17 @@ MAX_VOCAB = tl.constexpr(1 << 21)  # a row shorter than this: its counts fit the
 _NEG_INF_BITS = tl.constexpr(-128)  # -inf's pattern, 0xFF80, as an int16
 _NOT_BF16 = tl.constexpr(32)  # flag bit: a float32 row holding a value bf16 cannot (the trie's)
 # Per row and side: floats, then ints (PARAM_SLOTS each).
-PARAM_SLOTS = tl.constexpr(7)
+PARAM_SLOTS = tl.constexpr(5)
 _TOP = tl.constexpr(0)
 _LOG_SUM = tl.constexpr(1)
 _MASS = tl.constexpr(2)  # sum over the side of p * sign
 _CE_LOG_SUM = tl.constexpr(3)  # the student's base-2 log-sum at temperature 1 (cross-entropy)
+_GAPS = tl.constexpr(4)  # ("Gaps", with GAPS) the row's gap_at | gap << 16, as float32 bits; 0: no gap
 _FLAG = tl.constexpr(0)  # nonzero: the trie engine computes this row
 _TOTAL = tl.constexpr(1)  # elements of nonzero probability
 _OCCUPIED = tl.constexpr(2)  # bins holding any element (listed in order at list_ptr)
 _DEAD = tl.constexpr(3)  # elements of probability 0 (their bins come first)
 _SHIFT = tl.constexpr(4)  # the row's shift (magnitude bits; "Rows past 256" above); _TOP is the unshifted top
-_GAP_AT = tl.constexpr(5)  # shifted magnitude bits below this are counted _GAP higher ("Gaps"); 0: none
-_GAP = tl.constexpr(6)
 _SHIFT_STEP = tl.constexpr(128)  # a binade of bf16 magnitude bits: shifts are multiples of it
 _MAX_UP = tl.constexpr(64)  # binades a row may be scaled up by ("Split tiny bins"): 2**-87 still tiny
 _MIN_NORMAL = tl.constexpr(1.1754943508222875e-38)  # 2**-126: a scale below it would lose bits
@@ -285,7 +287,7 @@ def hist_kernel(student_ptr, teacher_ptr, student_index_ptr, teacher_index_ptr, 
                 teacher_row_stride, teacher_col_stride, student_inv_temperature, teacher_inv_temperature,
                 GATHER: tl.constexpr, STUDENT_UNIT_STRIDE: tl.constexpr, TEACHER_UNIT_STRIDE: tl.constexpr,
                 USE_PTX: tl.constexpr, SIMD16: tl.constexpr, HAS_CE: tl.constexpr, PREFETCH: tl.constexpr,
-                BLOCK: tl.constexpr, TAIL_BLOCK: tl.constexpr, GAPS: tl.constexpr = True):
+                BLOCK: tl.constexpr, TAIL_BLOCK: tl.constexpr, GAPS: tl.constexpr = False):
     """Both sides' rows of a batch of pairs in one launch: program (pair, side) runs `_hist_row`
     on the student's row (side 0; with HAS_CE, the cross-entropy's statistics too) or the
     teacher's (each branch keeps its own pointers' alignment, so its loads stay vectorised)."""
@@ -353,23 +355,34 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
     # logit of magnitude >= 256, no infinity or NaN) once more, with the smallest shift that
     # brings its largest magnitude below 256 ("Rows past 256"). Each pass writes all it has.
     shift = tl.zeros([], tl.int32)
-    gap_at = tl.zeros([], tl.int32)  # ("Gaps": none in the first count)
+    gap_at = tl.zeros([], tl.int32)  # (GAPS: none in the first count)
     gap = tl.zeros([], tl.int32)
-    first_count = shift == 0  # (a second count may keep shift 0: a gap alone)
-    again = first_count  # (padding rows too: their one pass flags them)
+    first_count = shift == 0  # (GAPS: a second count may keep shift 0, a gap alone)
+    again = shift == 0  # (padding rows too: their one pass flags them)
     while again:
         # The bins' values are the row's logits times 2**-(shift / 128), and its k is that of
         # those values at scale times 2**(shift / 128): the same float32 k.
         power = _power_of_shift(shift, 1)
         scale = inv_temperature * LOG2E * power
         ce_scale = LOG2E * power
-        if gap_at == 0:
-            top_magnitude, low_bits = _count_row(row_ptr, raw_at, col_stride, stop, shift, 0, 0, UNIT_STRIDE,
+        if GAPS:  # (without, the gap is the constant 0: the passes compile as before the gaps)
+            g_at = gap_at
+            g = gap
+            counting_first = first_count
+            if gap_at == 0:
+                magnitudes, low_bits = _count_row(row_ptr, raw_at, col_stride, stop, shift, 0, 0, UNIT_STRIDE,
+                                                     USE_PTX, SIMD16, PREFETCH, BLOCK)
+            else:  # (slots one at a time: the SIMD clamps have no gap)
+                magnitudes, low_bits = _count_row(row_ptr, raw_at, col_stride, stop, shift, gap_at, gap,
+                                                     UNIT_STRIDE, USE_PTX, False, PREFETCH, BLOCK)
+        else:
+            g_at = 0
+            g = 0
+            counting_first = shift == 0
+            magnitudes, low_bits = _count_row(row_ptr, raw_at, col_stride, stop, shift, 0, 0, UNIT_STRIDE,
                                                  USE_PTX, SIMD16, PREFETCH, BLOCK)
-        else:  # (slots one at a time: the SIMD clamps have no gap)
-            top_magnitude, low_bits = _count_row(row_ptr, raw_at, col_stride, stop, shift, gap_at, gap,
-                                                 UNIT_STRIDE, USE_PTX, False, PREFETCH, BLOCK)
         tl.debug_barrier()  # the counts, visible to every thread
+        top_magnitude = tl.max(magnitudes, 0)
         tiny_more = _slot_count(raw_at, _NEG_TINY_SLOT, USE_PTX) - (tl.cdiv(stop, BLOCK) * BLOCK - stop)
         # The row's largest logit first: its highest occupied bin past the low one (`_top_bin`),
         # so the pass over the bins needs no online rescaling. Then one pass: the sum of
@@ -381,9 +394,9 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
         # passes that read these counts subtract the count below it (`_live_below`) and skip the
         # bins before it.
         top_shifted = top_magnitude - shift
-        top_shifted += tl.where(top_shifted < gap_at, gap, 0)
+        top_shifted += tl.where(top_shifted < g_at, g, 0)
         top_bin = _top_bin(raw_at, top_shifted, tiny_more, tail_stop, USE_PTX, TAIL_BLOCK)
-        top = tl.where(top_bin > 0, _logit_of_bin(top_bin, True, gap_at, gap), 0.0)  # (none: flagged below)
+        top = tl.where(top_bin > 0, _logit_of_bin(top_bin, True, g_at, g), 0.0)  # (none: flagged below)
         totals = tl.zeros([_RUN, runs], tl.float64)
         ce_totals = tl.zeros([_RUN, runs], tl.float64)
         below = tl.zeros([], tl.int32)
@@ -396,7 +409,7 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
             counts = _slot_counts(raw_at, bins, tiny_more, USE_PTX)  # (0 past WIDTH: an empty slot)
             # (the low bin is left out: where its p matters the row is flagged, below)
             summed = tl.where(bins >= _LOW_BINS, counts, 0).to(tl.float64)
-            z = _logit_of_bin(bins, True, gap_at, gap)
+            z = _logit_of_bin(bins, True, g_at, g)
             # (bins above the top are empty: their exponents are clamped, not overflowed)
             totals += summed * _exp2(tl.minimum((z - top) * scale, 0.0)).to(tl.float64)
             if HAS_CE:
@@ -436,12 +449,15 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
         tiny_raw = _slot_count(raw_at, 0, USE_PTX) + tiny_more
         # The elements of nonzero probability: from the first bin of nonzero p on (less the -inf
         # counted in the low bin, when that bin is live)
-        first = _first_live(top, log_sum, scale, gap_at, gap)
+        first = _first_live(top, log_sum, scale, g_at, g)
         tl.debug_barrier()  # the counts below each bin, visible to every thread
         dead = tl.where(first > 0, tl.load(counts_at + first), masked)
         # The low bin is exact when p(-256) is 0 (then it is counted nowhere); the tiny bin when
         # both its ends have one k (its upper end: 2**-23 - 2**-31, lower with a gap).
-        tiny_end = _logit_of_bin(tl.zeros([], tl.int32) + _TINY, False, gap_at, gap)
+        if GAPS:
+            tiny_end = _logit_of_bin(tl.zeros([], tl.int32) + _TINY, False, g_at, g)
+        else:
+            tiny_end = _TINY_END
         tiny_split = _log2_prob(-tiny_end, scale, top, log_sum) != _log2_prob(tiny_end, scale, top, log_sum)
         # (the bin's k is that of 0; its positive logits may be live where 0 is not: the upper end)
         tiny_live = _exp2(tl.minimum(_log2_prob(tiny_end, scale, top, log_sum), 0.0)) > 0.0
@@ -458,11 +474,11 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
         tl.store(iparam_ptr + params + _OCCUPIED, listed)
         tl.store(iparam_ptr + params + _DEAD, dead)
         tl.store(iparam_ptr + params + _SHIFT, shift)
-        tl.store(iparam_ptr + params + _GAP_AT, gap_at)
-        tl.store(iparam_ptr + params + _GAP, gap)
+        if GAPS:
+            tl.store(fparam_ptr + params + _GAPS, (g_at | (g << 16)).to(tl.float32, bitcast=True))
         # (a row with an infinity: the largest magnitude among its finite logits, one more read)
         finite = top_magnitude
-        if first_count & (flag > 1) & (top_magnitude == _INF_MAGNITUDE):
+        if counting_first & (flag > 1) & (top_magnitude == _INF_MAGNITUDE):
             _minus_inf, finite = _infinities(row_ptr, col_stride, stop, UNIT_STRIDE, BLOCK)
         # Past 256: the smallest shift that brings the largest magnitude below 256. Below it
         # (the row was flagged for a split tiny bin: nothing else flags a row of finite logits
@@ -477,27 +493,31 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
         # there the top's k would be 0 * inf; a huge one, below it: k would lose bits): the
         # row stays flagged, as it is after this count.
         next_scale = inv_temperature * LOG2E * _power_of_shift(next_shift, 1)
-        # A split tiny bin is also given a gap ("Gaps") where the row's nearest bin to it lies a
-        # binade or more away: the logits below that bin are counted gap bits higher, as far as
-        # subnormal bf16 values (the magnitudes below 128) stay in the tiny bin. So is an
+        # A split tiny bin is also given a gap (GAPS, "Gaps") where the row's nearest bin to it
+        # lies a binade or more away: the logits below that bin are counted gap bits higher, as
+        # far as subnormal bf16 values (the magnitudes below 128) stay in the tiny bin. So is an
         # unflagged row whose largest logit is in its tiny bin (its top then the logit itself,
         # not 0, as on the other side, whose tiny bin may split at its own temperature: a gap
         # against a row taking 0 as its top is flagged by finish_kernel), with no scaling.
-        split = first_count & (flag > 1) & (finite < SLOT_M_HI) & (top_bin > 0)
-        top_tiny = first_count & (flag == 0) & (top_bin == _TINY)
         next_gap_at = tl.zeros([], tl.int32)
         next_gap = tl.zeros([], tl.int32)
         if GAPS:
+            split = counting_first & (flag > 1) & (finite < SLOT_M_HI) & (top_bin > 0)
+            top_tiny = counting_first & (flag == 0) & (top_bin == _TINY)
             if split | top_tiny:
                 nearest = _nearest_bin(raw_at, USE_PTX, TAIL_BLOCK)
                 up_bits = tl.where(split, -tl.minimum(next_shift, 0), 0)
                 next_gap = tl.minimum(nearest, SLOT_M_LO - _SHIFT_STEP - up_bits) // _SHIFT_STEP * _SHIFT_STEP
                 next_gap_at = tl.where(next_gap > 0, SLOT_M_LO + nearest + up_bits, 0)
-        next_shift = tl.where(top_tiny, 0, next_shift)
-        again = ((first_count & (flag > 1) & (low_bits == 0)
-                  & ((next_shift > 0) | (((next_shift < 0) | (next_gap > 0)) & (top_bin > 0)))
-                  & (finite < _INF_MAGNITUDE) & (next_scale < 3.4e38) & (next_scale >= _MIN_NORMAL))
-                 | (top_tiny & (next_gap > 0)))
+            next_shift = tl.where(top_tiny, 0, next_shift)
+            again = ((counting_first & (flag > 1) & (low_bits == 0)
+                      & ((next_shift > 0) | (((next_shift < 0) | (next_gap > 0)) & (top_bin > 0)))
+                      & (finite < _INF_MAGNITUDE) & (next_scale < 3.4e38) & (next_scale >= _MIN_NORMAL))
+                     | (top_tiny & (next_gap > 0)))
+        else:
+            again = ((counting_first & (flag > 1) & (low_bits == 0)
+                      & ((next_shift > 0) | ((next_shift < 0) & (top_bin > 0))) & (finite < _INF_MAGNITUDE)
+                      & (next_scale < 3.4e38) & (next_scale >= _MIN_NORMAL)))
         if again:  # the histogram read, then zeroed for the second count
             tl.debug_barrier()
             if USE_PTX:
@@ -513,11 +533,18 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
 
 
 @triton.jit
+def _gap_of(fparam_ptr, at):
+    """A side's gap ("Gaps"): where it starts (shifted magnitude bits; 0: none) and its size."""
+    packed = tl.load(fparam_ptr + at * PARAM_SLOTS + _GAPS).to(tl.int32, bitcast=True)
+    return packed & 0xFFFF, packed >> 16
+
+
+@triton.jit
 def _count_row(row_ptr, raw_at, col_stride, stop, shift, gap_at, gap, UNIT_STRIDE: tl.constexpr,
                USE_PTX: tl.constexpr, SIMD16: tl.constexpr, PREFETCH: tl.constexpr, BLOCK: tl.constexpr):
     """hist_kernel's count of one row into its slots, with the row's shift and gap (SIMD16: no
-    gap): the row's largest magnitude bits (unshifted), and for float32 rows the OR of their
-    low halves (0 for bf16 rows). Lanes past the row load +0: the tiny slot counts them, and
+    gap): per lane the largest magnitude bits (unshifted; the caller reduces them after its
+    barrier), and for float32 rows the OR of their low halves (0 for bf16 rows). Lanes past the row load +0: the tiny slot counts them, and
     the caller takes them off it."""
     ahead = _first_block(row_ptr, tl.arange(0, BLOCK), col_stride, stop, UNIT_STRIDE, PREFETCH, 0.0)
     if SIMD16:
@@ -540,7 +567,7 @@ def _count_row(row_ptr, raw_at, col_stride, stop, shift, gap_at, gap, UNIT_STRID
                 smem_add_one(slots, True)
             else:
                 tl.atomic_add(raw_at + slots, 1)
-    return tl.max(magnitudes.to(tl.int32), 0), low_bits
+    return magnitudes.to(tl.int32), low_bits
 
 
 @triton.jit
@@ -740,7 +767,7 @@ def _live_from(count_ptr, first, after, total, dead, mask, USE_PTX: tl.constexpr
 @triton.jit
 def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, list_ptr, sign_ptr, partial_ptr, student_inv_temperature,
                 teacher_inv_temperature, STORE_STUDENT: tl.constexpr, STORE_TEACHER: tl.constexpr,
-                USE_PTX: tl.constexpr, BLOCK: tl.constexpr):
+                USE_PTX: tl.constexpr, BLOCK: tl.constexpr, GAPS: tl.constexpr = False):
     """Signs of the occupied bins of one side (program_id(1): 0 student, 1 teacher) of one pair
     (program_id(0)) per program, BLOCK of them at a time from the side's list, written to the
     side's sign table when STORE_STUDENT / STORE_TEACHER (a gradient of that side is wanted;
@@ -776,10 +803,14 @@ def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, list_ptr, sign_ptr, partial_p
                        * _power_of_shift(other_shift, 1))
         own_total = tl.load(iparam_ptr + own * PARAM_SLOTS + _TOTAL)
         other_total = tl.load(iparam_ptr + other * PARAM_SLOTS + _TOTAL)
-        own_gap_at = tl.load(iparam_ptr + own * PARAM_SLOTS + _GAP_AT)
-        own_gap = tl.load(iparam_ptr + own * PARAM_SLOTS + _GAP)
-        other_gap_at = tl.load(iparam_ptr + other * PARAM_SLOTS + _GAP_AT)
-        other_gap = tl.load(iparam_ptr + other * PARAM_SLOTS + _GAP)
+        if GAPS:  # ("Gaps"; without, the constant 0: the pass compiles as before them)
+            own_gap_at, own_gap = _gap_of(fparam_ptr, own)
+            other_gap_at, other_gap = _gap_of(fparam_ptr, other)
+        else:
+            own_gap_at = 0
+            own_gap = 0
+            other_gap_at = 0
+            other_gap = 0
         listed = tl.load(iparam_ptr + own * PARAM_SLOTS + _OCCUPIED)
         own_dead = tl.load(iparam_ptr + own * PARAM_SLOTS + _DEAD)
         other_dead = tl.load(iparam_ptr + other * PARAM_SLOTS + _DEAD)
@@ -810,7 +841,7 @@ def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, list_ptr, sign_ptr, partial_p
 @triton.jit
 def finish_kernel(fparam_ptr, iparam_ptr, count_ptr, partial_ptr, row_loss_ptr, flag_ptr, batch_start,
                   logits_ptr, index_ptr, ce_label_ptr, row_ce_ptr, vocab, seq_len, batch_stride, row_stride,
-                  col_stride, GATHER: tl.constexpr, HAS_CE: tl.constexpr):
+                  col_stride, GATHER: tl.constexpr, HAS_CE: tl.constexpr, GAPS: tl.constexpr = False):
     """One pair per program: the loss from both sides' sums of p * sign (sign_kernel's), and
     the pair's flag (on the student side, and at flag_ptr[batch_start + pair]: nonzero hands it
     to the trie; also for a side scaled up against one that counts a tiny bin, below). With
@@ -833,8 +864,11 @@ def finish_kernel(fparam_ptr, iparam_ptr, count_ptr, partial_ptr, row_loss_ptr, 
         t_shift = tl.load(iparam_ptr + t_at * PARAM_SLOTS + _SHIFT)
         s_tiny = tl.load(count_ptr + s_at * CAP + _TINY + 1) - tl.load(count_ptr + s_at * CAP + _TINY)
         t_tiny = tl.load(count_ptr + t_at * CAP + _TINY + 1) - tl.load(count_ptr + t_at * CAP + _TINY)
-        s_near = (s_shift < 0) | (tl.load(iparam_ptr + s_at * PARAM_SLOTS + _GAP_AT) > 0)  # (or a gap)
-        t_near = (t_shift < 0) | (tl.load(iparam_ptr + t_at * PARAM_SLOTS + _GAP_AT) > 0)
+        s_near = s_shift < 0
+        t_near = t_shift < 0
+        if GAPS:  # (or a gap)
+            s_near |= _gap_of(fparam_ptr, s_at)[0] > 0
+            t_near |= _gap_of(fparam_ptr, t_at)[0] > 0
         mixed = (s_near & ~t_near & (t_tiny > 0)) | (t_near & ~s_near & (s_tiny > 0))
         flag = mixed.to(tl.int32) * 16
     s_mass = tl.load(partial_ptr + s_at)
@@ -861,7 +895,7 @@ def grad_kernel(logits_ptr, index_ptr, grad_ptr, fparam_ptr, iparam_ptr, sign_pt
                 ce_weight_ptr, batch_start, side, n_chunks, vocab, seq_len, batch_stride, row_stride, col_stride,
                 grad_row_stride, inv_temperature, grad_scale, GATHER: tl.constexpr, HAS_CE: tl.constexpr,
                 UNIT_STRIDE: tl.constexpr, PREFETCH: tl.constexpr, USE_PTX: tl.constexpr, SIMD16: tl.constexpr,
-                CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                CHUNK: tl.constexpr, BLOCK: tl.constexpr, GAPS: tl.constexpr = False):
     """The gradient of one side (side 0 student: +, 1 teacher: -) of unflagged pairs, chunk by
     chunk: (p / T) * (sign at the element's slot - the side's sum of p * sign), times
     row_weight_ptr[pair] with GATHER (row index_ptr[pair] of the logits and of the gradient);
@@ -897,16 +931,18 @@ def grad_kernel(logits_ptr, index_ptr, grad_ptr, fparam_ptr, iparam_ptr, sign_pt
             ce_log_sum = tl.load(fparam_ptr + at * PARAM_SLOTS + _CE_LOG_SUM)
         grad_row = grad_ptr + row * grad_row_stride
         stop = tl.minimum(chunk * CHUNK + CHUNK, vocab)  # (CHUNK is a multiple of BLOCK)
-        gap_at = tl.load(iparam_ptr + at * PARAM_SLOTS + _GAP_AT)
+        gap_at = 0
+        gap = 0
+        if GAPS:
+            gap_at, gap = _gap_of(fparam_ptr, at)
         if gap_at == 0:
             _grad_span(row_ptr, grad_row, signs, chunk * CHUNK, stop, vocab, col_stride, scale, top, log_sum, factor,
                        mass_factor, ce_label, ce_factor, ce_log_sum, shift, 0, 0, HAS_CE, UNIT_STRIDE, PREFETCH,
                        USE_PTX, SIMD16, BLOCK)
         else:  # (slots one at a time: the SIMD clamps have no gap)
             _grad_span(row_ptr, grad_row, signs, chunk * CHUNK, stop, vocab, col_stride, scale, top, log_sum, factor,
-                       mass_factor, ce_label, ce_factor, ce_log_sum, shift, gap_at,
-                       tl.load(iparam_ptr + at * PARAM_SLOTS + _GAP), HAS_CE, UNIT_STRIDE, PREFETCH, USE_PTX, False,
-                       BLOCK)
+                       mass_factor, ce_label, ce_factor, ce_log_sum, shift, gap_at, gap, HAS_CE, UNIT_STRIDE,
+                       PREFETCH, USE_PTX, False, BLOCK)
 
 
 @triton.jit
