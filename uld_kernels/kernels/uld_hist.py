@@ -67,10 +67,11 @@ the two treat logits near 0 differently, which can break exact ties across the r
 Gaps. A row whose tiny bin still splits, because its logits span too many binades for a
 scaling of the whole row (the probability on a few logits within 2**-23 of 0, the rest near
 -60: bench kind `flagged`), is counted again with a *gap* where it has one: if its nearest
-bin to the tiny one lies d >= 128 magnitude bits (a binade) away, every logit below that bin
-(all in the tiny bin) is counted g = d rounded down to whole binades higher (at most as far as
-keeps the subnormal bf16 values, magnitudes below 128, in the tiny bin; on top of a scaling up
-where one applies). The row's bins stay in the order of value, and a bin below the gap stands
+bin to the tiny one lies d > 128 magnitude bits (a binade) away, every logit below that bin
+(all in the tiny bin) is counted g = d - 1 rounded down to whole binades higher (so that the
+tiny bin's largest magnitude lands short of that bin; at most as far as keeps the subnormal
+bf16 values, magnitudes below 128, in the tiny bin, and the logits inside the bins; on top of a
+scaling up where one applies). The row's bins stay in the order of value, and a bin below the gap stands
 for the logit g bits lower (`_logit_of_bin`: its k is the float32 k of the logit itself, as for
 a shift); only magnitudes below 2**(-23 - g / 128) share the tiny bin, checked again. Each side
 stores where its gap starts (in shifted magnitude bits) and its size (_GAPS); a row with
@@ -507,7 +508,13 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
             if split | top_tiny:
                 nearest = _nearest_bin(raw_at, USE_PTX, TAIL_BLOCK)
                 up_bits = tl.where(split, -tl.minimum(next_shift, 0), 0)
-                next_gap = tl.minimum(nearest, SLOT_M_LO - _SHIFT_STEP - up_bits) // _SHIFT_STEP * _SHIFT_STEP
+                # Below the nearest bin (a tiny logit of magnitude SLOT_M_LO, 2**-23 - 2**-31,
+                # must land short of it: a review found one taking the value of a logit of
+                # -127.5), inside the bins (below SLOT_M_HI: the nearest bin may be the low one),
+                # and keeping subnormals in the tiny bin.
+                room = tl.minimum(tl.minimum(nearest - 1, SLOT_M_HI - 1 - SLOT_M_LO - up_bits),
+                                  SLOT_M_LO - _SHIFT_STEP - up_bits)
+                next_gap = tl.maximum(room, 0) // _SHIFT_STEP * _SHIFT_STEP
                 next_gap_at = tl.where(next_gap > 0, SLOT_M_LO + nearest + up_bits, 0)
             next_shift = tl.where(top_tiny, 0, next_shift)
             again = ((counting_first & (flag > 1) & (low_bits == 0)
