@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The histogram engine's recorded run, within one 10-minute device call. Steps (ULD_STEPS, in
-# this order; default all but stress): tests (test_hist.py, test_hist_edges.py, test_gpu.py), check (agreement with
+# this order; default all but stress): tests (test_hist_gaps.py, test_hist_float32.py,
+# test_hist.py, test_hist_edges.py, test_gpu.py, one pytest call each), check (agreement with
 # the trie engine), bench (the table against the reference and Liger's fused JSD), fresh
 # (Qwen/Llama-3 random and peaked, each in its own process), host (a
 # call's host and GPU time: profile_host.py), passes (per-kernel GPU time), distill (the
@@ -32,8 +33,9 @@ if ls .whl/liger_kernel-*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}; IMPLS="$IMPLS liger_jsd"
 fi
 if has tests; then
-  timeout 400 python3 -m pytest tests/test_hist.py tests/test_hist_edges.py tests/test_gpu.py -q -p no:warnings -p no:cacheprovider 2>&1 \
-    | tail -4 | tee "$OUT/tests.txt"
+  for f in test_hist_gaps test_hist_float32 test_hist test_hist_edges test_gpu; do  # (a summary per file)
+    echo "== $f"; timeout 200 python3 -m pytest "tests/$f.py" -q -p no:warnings -p no:cacheprovider 2>&1 | tail -3
+  done | tee "$OUT/tests.txt"
 fi
 if has check; then
   timeout 40 python3 bench/check_hist.py --rows 512 --pairs qwen_llama3 qwen_qwen 2>&1 | grep -v -i warn \
