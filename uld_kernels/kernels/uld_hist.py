@@ -66,21 +66,23 @@ the two treat logits near 0 differently, which can break exact ties across the r
 
 Gaps. A row whose tiny bin still splits, because its logits span too many binades for a
 scaling of the whole row (the probability on a few logits within 2**-23 of 0, the rest near
--60: bench kind `flagged`), is counted again with a *gap* where it has one: if its nearest
-bin to the tiny one lies d > 128 magnitude bits (a binade) away, every logit below that bin
-(all in the tiny bin) is counted g = d - 1 rounded down to whole binades higher (so that the
-tiny bin's largest magnitude lands short of that bin; at most as far as keeps the subnormal
-bf16 values, magnitudes below 128, in the tiny bin, and the logits inside the bins; on top of a
-scaling up where one applies). The row's bins stay in the order of value, and a bin below the gap stands
-for the logit g bits lower (`_logit_of_bin`: its k is the float32 k of the logit itself, as for
-a shift); only magnitudes below 2**(-23 - g / 128) share the tiny bin, checked again. Each side
-stores where its gap starts (in shifted magnitude bits) and its size (_GAPS); a row with
-a gap is counted and its gradient's slots found one logit at a time (the SIMD clamps have no
-gap). A row with a gap against one counting an occupied tiny bin without is flagged, as for a
-scaling up (finish_kernel). The kernels' GAPS (`ULD_HIST_GAPS=1`) turns gaps on; they are off
-by default: with them the passes cost ordinary rows 0.18-0.25 ms more on the H200 (sixteenth
-session), and without, the gap is the constant 0 and the passes compile to the code before
-them (SASS checked), leaving such rows to the trie.
+-60: bench kinds `gapped` and `flagged`), is counted again with a *gap* where it has one: if
+its bins hold a run of empty ones a binade (128 magnitude bits) or more wide, counting both
+signs, between distances d0 - 1 and d1 from the tiny bin (the widest such run; the tiny bin at
+0), every logit below d1 is counted g = d1 - d0 rounded down to whole binades higher (so that
+the largest of them lands short of the bin d1; at most as far as keeps the subnormal bf16
+values, magnitudes below 128, in the tiny bin, and the logits inside the bins; on top of a
+scaling up where one applies). The row's bins stay in the order of value, and a bin below d1
+stands for the logit g bits lower (`_logit_of_bin`: its k is the float32 k of the logit itself,
+as for a shift); only magnitudes below 2**(-23 - g / 128) share the tiny bin, checked again.
+Each side stores where its gap ends (d1, in shifted magnitude bits: the same test below it
+maps a logit to its bin and a bin back, as no bin lies in the run) and its size (_GAPS); a row
+with a gap is counted and its gradient's slots found one logit at a time (the SIMD clamps have
+no gap), and its passes over bins run a copy of their loops compiled with the gap (rows
+without one run a copy compiled without). A row with a gap against one counting an occupied
+tiny bin without is flagged, as for a scaling up (finish_kernel). The kernels' GAPS
+(`ULD_HIST_GAPS`, launch.HIST_GAPS) compiles the gaps in; without, the gap is the constant 0
+and the passes compile to the code before them (SASS checked), leaving such rows to the trie.
 
 float32 rows. A bf16 model's logits upcast with `.float()` (as many training loops do before
 a loss) are float32 values whose low 16 bits are 0: the high half of each is its bf16 pattern
@@ -345,12 +347,6 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
     raw_at = raw_ptr + at * CAP
     stop = tl.where(row >= 0, vocab, 0)
     tail_stop = tl.where(row >= 0, WIDTH, 0).to(tl.int32)  # (padding: nothing to read)
-    # A step's bins as [RUN, TAIL_BLOCK // RUN]: each thread holds a run of RUN consecutive
-    # bins (the default layout), so the scan is serial within a run and one warp scan across
-    # runs. Steps cover [0, CAP): bins past WIDTH are empty, and their counts below (all the
-    # elements, [WIDTH] among them) are written with the others, unmasked.
-    runs: tl.constexpr = TAIL_BLOCK // _RUN
-    offsets = tl.arange(0, runs)[None, :] * _RUN + tl.arange(0, _RUN)[:, None]
     params = at * PARAM_SLOTS
     # A row is counted once with shift 0; a row that this flags only for its range (a finite
     # logit of magnitude >= 256, no infinity or NaN) once more, with the smallest shift that
@@ -398,34 +394,16 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
         top_shifted += tl.where(top_shifted < g_at, g, 0)
         top_bin = _top_bin(raw_at, top_shifted, tiny_more, tail_stop, USE_PTX, TAIL_BLOCK)
         top = tl.where(top_bin > 0, _logit_of_bin(top_bin, True, g_at, g), 0.0)  # (none: flagged below)
-        totals = tl.zeros([_RUN, runs], tl.float64)
-        ce_totals = tl.zeros([_RUN, runs], tl.float64)
-        below = tl.zeros([], tl.int32)
-        listed = tl.zeros([], tl.int32)
-        # (the counts' pointer moves with the loop: bins stay 32-bit, which LLVM would widen to
-        # 64 bits if their addresses were computed from them, doubling every comparison)
-        counts_block = counts_at
-        for start in tl.range(0, tail_stop, TAIL_BLOCK):
-            bins = start + offsets
-            counts = _slot_counts(raw_at, bins, tiny_more, USE_PTX)  # (0 past WIDTH: an empty slot)
-            # (the low bin is left out: where its p matters the row is flagged, below)
-            summed = tl.where(bins >= _LOW_BINS, counts, 0).to(tl.float64)
-            z = _logit_of_bin(bins, True, g_at, g)
-            # (bins above the top are empty: their exponents are clamped, not overflowed)
-            totals += summed * _exp2(tl.minimum((z - top) * scale, 0.0)).to(tl.float64)
-            if HAS_CE:
-                ce_totals += summed * _exp2(tl.minimum((z - top) * ce_scale, 0.0)).to(tl.float64)
-            both = counts + ((counts > 0).to(tl.int32) << _LISTED_SHIFT)
-            run_total = tl.sum(both, 0)
-            before = (tl.cumsum(both, 0) - both) + (tl.cumsum(run_total, 0) - run_total)[None, :]
-            _store_counts(counts_block, offsets, (before & _COUNT_MASK) + below, USE_PTX)
-            counts_block += TAIL_BLOCK
-            _store_listed(list_at, (before >> _LISTED_SHIFT) + listed, bins, counts > 0, USE_PTX)
-            block = tl.sum(run_total, 0)
-            below += block & _COUNT_MASK
-            listed += block >> _LISTED_SHIFT
-        total = tl.sum(tl.sum(totals, 1), 0)
-        ce_total = tl.sum(tl.sum(ce_totals, 1), 0)
+        if GAPS:  # (two copies of the pass: a row without a gap runs the one compiled without)
+            if g_at == 0:
+                total, ce_total, below, listed = _scan_bins(raw_at, counts_at, list_at, tail_stop, tiny_more, top, scale,
+                                                            ce_scale, 0, 0, HAS_CE, USE_PTX, TAIL_BLOCK)
+            else:
+                total, ce_total, below, listed = _scan_bins(raw_at, counts_at, list_at, tail_stop, tiny_more, top, scale,
+                                                            ce_scale, g_at, g, HAS_CE, USE_PTX, TAIL_BLOCK)
+        else:
+            total, ce_total, below, listed = _scan_bins(raw_at, counts_at, list_at, tail_stop, tiny_more, top, scale,
+                                                        ce_scale, 0, 0, HAS_CE, USE_PTX, TAIL_BLOCK)
         # logits >= 256 (times the shift's power), +inf and NaN (either sign): past the bins
         out = _slot_count(raw_at, _POS_OUT_SLOT, USE_PTX) + (top_magnitude > _INF_MAGNITUDE).to(tl.int32)
         flag = (top_bin == 0).to(tl.int32) + (out > 0).to(tl.int32) * 2 + (low_bits != 0).to(tl.int32) * _NOT_BF16
@@ -494,9 +472,9 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
         # there the top's k would be 0 * inf; a huge one, below it: k would lose bits): the
         # row stays flagged, as it is after this count.
         next_scale = inv_temperature * LOG2E * _power_of_shift(next_shift, 1)
-        # A split tiny bin is also given a gap (GAPS, "Gaps") where the row's nearest bin to it
-        # lies a binade or more away: the logits below that bin are counted gap bits higher, as
-        # far as subnormal bf16 values (the magnitudes below 128) stay in the tiny bin. So is an
+        # A split tiny bin is also given a gap (GAPS, "Gaps") where a run of empty bins above it
+        # (the widest) spans a binade or more: the logits below the run are counted gap bits
+        # higher, as far as subnormal bf16 values (the magnitudes below 128) stay in the tiny bin. So is an
         # unflagged row whose largest logit is in its tiny bin (its top then the logit itself,
         # not 0, as on the other side, whose tiny bin may split at its own temperature: a gap
         # against a row taking 0 as its top is flagged by finish_kernel), with no scaling.
@@ -506,16 +484,17 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
             split = counting_first & (flag > 1) & (finite < SLOT_M_HI) & (top_bin > 0)
             top_tiny = counting_first & (flag == 0) & (top_bin == _TINY)
             if split | top_tiny:
-                nearest = _nearest_bin(raw_at, USE_PTX, TAIL_BLOCK)
+                width, above = _widest_gap(raw_at, USE_PTX)
                 up_bits = tl.where(split, -tl.minimum(next_shift, 0), 0)
-                # Below the nearest bin (a tiny logit of magnitude SLOT_M_LO, 2**-23 - 2**-31,
-                # must land short of it: a review found one taking the value of a logit of
-                # -127.5), inside the bins (below SLOT_M_HI: the nearest bin may be the low one),
-                # and keeping subnormals in the tiny bin.
-                room = tl.minimum(tl.minimum(nearest - 1, SLOT_M_HI - 1 - SLOT_M_LO - up_bits),
+                # Within the run (the highest logit below it, a tiny one of magnitude SLOT_M_LO,
+                # 2**-23 - 2**-31, at the least, must land short of the bin that ends it: a
+                # review found one taking the value of a logit of -127.5), inside the bins
+                # (below SLOT_M_HI: that bin may be the low one), and keeping subnormals in the
+                # tiny bin.
+                room = tl.minimum(tl.minimum(width, SLOT_M_HI - 1 - SLOT_M_LO - up_bits),
                                   SLOT_M_LO - _SHIFT_STEP - up_bits)
                 next_gap = tl.maximum(room, 0) // _SHIFT_STEP * _SHIFT_STEP
-                next_gap_at = tl.where(next_gap > 0, SLOT_M_LO + nearest + up_bits, 0)
+                next_gap_at = tl.where(next_gap > 0, SLOT_M_LO + above + up_bits, 0)
             next_shift = tl.where(top_tiny, 0, next_shift)
             again = ((counting_first & (flag > 1) & (low_bits == 0)
                       & ((next_shift > 0) | (((next_shift < 0) | (next_gap > 0)) & (top_bin > 0)))
@@ -537,6 +516,49 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
         first_count = shift != shift  # (False, as a tensor)
         gap_at = next_gap_at
         gap = next_gap
+
+
+@triton.jit
+def _scan_bins(raw_at, counts_at, list_at, tail_stop, tiny_more, top, scale, ce_scale, gap_at, gap,
+               HAS_CE: tl.constexpr, USE_PTX: tl.constexpr, TAIL_BLOCK: tl.constexpr):
+    """hist_kernel's pass over the bins of a row counted with `gap` (0: none; the caller passes
+    the constant where it can, so that rows without a gap run code compiled without one): its
+    sums of 2**((z - top) * scale) (and at ce_scale), and the count below each bin and the list
+    of occupied bins, written from one scan of both; returns the two sums, the row's count and
+    its occupied bins."""
+    # A step's bins as [RUN, TAIL_BLOCK // RUN]: each thread holds a run of RUN consecutive
+    # bins (the default layout), so the scan is serial within a run and one warp scan across
+    # runs. Steps cover [0, CAP): bins past WIDTH are empty, and their counts below (all the
+    # elements, [WIDTH] among them) are written with the others, unmasked.
+    runs: tl.constexpr = TAIL_BLOCK // _RUN
+    offsets = tl.arange(0, runs)[None, :] * _RUN + tl.arange(0, _RUN)[:, None]
+    totals = tl.zeros([_RUN, runs], tl.float64)
+    ce_totals = tl.zeros([_RUN, runs], tl.float64)
+    below = tl.zeros([], tl.int32)
+    listed = tl.zeros([], tl.int32)
+    # (the counts' pointer moves with the loop: bins stay 32-bit, which LLVM would widen to
+    # 64 bits if their addresses were computed from them, doubling every comparison)
+    counts_block = counts_at
+    for start in tl.range(0, tail_stop, TAIL_BLOCK):
+        bins = start + offsets
+        counts = _slot_counts(raw_at, bins, tiny_more, USE_PTX)  # (0 past WIDTH: an empty slot)
+        # (the low bin is left out: where its p matters the row is flagged, below)
+        summed = tl.where(bins >= _LOW_BINS, counts, 0).to(tl.float64)
+        z = _logit_of_bin(bins, True, gap_at, gap)
+        # (bins above the top are empty: their exponents are clamped, not overflowed)
+        totals += summed * _exp2(tl.minimum((z - top) * scale, 0.0)).to(tl.float64)
+        if HAS_CE:
+            ce_totals += summed * _exp2(tl.minimum((z - top) * ce_scale, 0.0)).to(tl.float64)
+        both = counts + ((counts > 0).to(tl.int32) << _LISTED_SHIFT)
+        run_total = tl.sum(both, 0)
+        before = (tl.cumsum(both, 0) - both) + (tl.cumsum(run_total, 0) - run_total)[None, :]
+        _store_counts(counts_block, offsets, (before & _COUNT_MASK) + below, USE_PTX)
+        counts_block += TAIL_BLOCK
+        _store_listed(list_at, (before >> _LISTED_SHIFT) + listed, bins, counts > 0, USE_PTX)
+        block = tl.sum(run_total, 0)
+        below += block & _COUNT_MASK
+        listed += block >> _LISTED_SHIFT
+    return tl.sum(tl.sum(totals, 1), 0), tl.sum(tl.sum(ce_totals, 1), 0), below, listed
 
 
 @triton.jit
@@ -578,20 +600,28 @@ def _count_row(row_ptr, raw_at, col_stride, stop, shift, gap_at, gap, UNIT_STRID
 
 
 @triton.jit
-def _nearest_bin(raw_at, USE_PTX: tl.constexpr, TAIL_BLOCK: tl.constexpr):
-    """The distance, in bins (magnitude bits), from the tiny bin to the nearest occupied bin of
-    either sign (the low bin counts, at 3,969; 0 if none), scanning outward TAIL_BLOCK bins a
-    step ("Gaps")."""
-    found = tl.zeros([], tl.int32) + _TINY + 1
-    d0 = tl.zeros([], tl.int32) + 1
-    while (found > _TINY) & (d0 <= _TINY):
-        d = d0 + tl.arange(0, TAIL_BLOCK)
+def _widest_gap(raw_at, USE_PTX: tl.constexpr):
+    """The widest run of empty bins between the tiny bin and an occupied bin above it, in
+    distance from the tiny bin (magnitude bits) counting both signs (the low bin counts, at
+    3,969): its width and the distance of the occupied bin that ends it (0 and 0 if no bin is
+    occupied past the tiny one; "Gaps"). One binade (128 distances) a step, its lowest and
+    highest occupied distances: a run wider than a binade spans binades, so the runs between
+    consecutive occupied binades and their ends are all a gap can use."""
+    last = tl.zeros([], tl.int32)  # the highest occupied distance so far (the tiny bin: 0)
+    width = tl.zeros([], tl.int32)
+    above = tl.zeros([], tl.int32)
+    for d0 in tl.range(1, _TINY + 1, _SHIFT_STEP):
+        d = d0 + tl.arange(0, _SHIFT_STEP)
         inside = d <= _TINY
         positive = _slot_counts(raw_at, tl.where(inside, _TINY + d, CAP - 1), 0, USE_PTX)
         negative = _slot_counts(raw_at, tl.where(inside, _TINY - d, 0), 0, USE_PTX)
-        found = tl.min(tl.where(inside & ((positive > 0) | (negative > 0)), d, _TINY + 1), 0)
-        d0 += TAIL_BLOCK
-    return tl.where(found > _TINY, 0, found)
+        occupied = inside & ((positive > 0) | (negative > 0))
+        lowest = tl.min(tl.where(occupied, d, _TINY + 1), 0)
+        wider = (lowest <= _TINY) & (lowest - last - 1 > width)
+        width = tl.where(wider, lowest - last - 1, width)
+        above = tl.where(wider, lowest, above)
+        last = tl.maximum(last, tl.max(tl.where(occupied, d, 0), 0))
+    return width, above
 
 
 @triton.jit
@@ -821,28 +851,47 @@ def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, list_ptr, sign_ptr, partial_p
         listed = tl.load(iparam_ptr + own * PARAM_SLOTS + _OCCUPIED)
         own_dead = tl.load(iparam_ptr + own * PARAM_SLOTS + _DEAD)
         other_dead = tl.load(iparam_ptr + other * PARAM_SLOTS + _DEAD)
-        # Software-pipelined: a step works on bins listed one step earlier and on their counts
-        # read one step earlier, so no load waits in the step that issues it (the list two
-        # steps ahead, the counts of the next step's bins).
         list_at = list_ptr + own * CAP
-        lanes = tl.arange(0, BLOCK)
-        bins = _listed(list_at, lanes, listed)
-        ahead = _listed(list_at, BLOCK + lanes, listed)
-        own_ge, own_gt = _live_from(own_count, bins, bins + 1, own_total, own_dead, lanes < listed, USE_PTX)
-        for start in tl.range(0, listed, BLOCK):
-            later = _listed(list_at, start + 2 * BLOCK + lanes, listed)
-            next_ge, next_gt = _live_from(own_count, ahead, ahead + 1, own_total, own_dead,
-                                          start + BLOCK + lanes < listed, USE_PTX)
-            active = own_ge > own_gt  # (occupied bins of probability 0 come first in the list: skipped)
-            masses += _bin_signs(bins, active, own_ge, own_gt, own_count, other_count, own_dead, other_dead, own_top,
-                                 own_log_sum, own_scale, other_top, other_log_sum, other_scale, own_total,
-                                 other_total, sign_ptr + own * CAP, side, store, own_gap_at, own_gap, other_gap_at,
-                                 other_gap, USE_PTX)
-            bins = ahead
-            ahead = later
-            own_ge = next_ge
-            own_gt = next_gt
+        signs = sign_ptr + own * CAP
+        if (own_gap_at | other_gap_at) == 0:  # (a pair without a gap: the loop compiled without)
+            masses = _sign_bins(list_at, listed, own_count, other_count, own_dead, other_dead, own_top, own_log_sum,
+                                own_scale, other_top, other_log_sum, other_scale, own_total, other_total, signs, side,
+                                store, 0, 0, 0, 0, USE_PTX, BLOCK)
+        else:
+            masses = _sign_bins(list_at, listed, own_count, other_count, own_dead, other_dead, own_top, own_log_sum,
+                                own_scale, other_top, other_log_sum, other_scale, own_total, other_total, signs, side,
+                                store, own_gap_at, own_gap, other_gap_at, other_gap, USE_PTX, BLOCK)
     tl.store(partial_ptr + own, tl.sum(masses, 0))
+
+
+@triton.jit
+def _sign_bins(list_at, listed, own_count, other_count, own_dead, other_dead, own_top, own_log_sum, own_scale,
+               other_top, other_log_sum, other_scale, own_total, other_total, signs, side, store, own_gap_at,
+               own_gap, other_gap_at, other_gap, USE_PTX: tl.constexpr, BLOCK: tl.constexpr):
+    """sign_kernel's loop over a side's `listed` occupied bins, BLOCK at a time (`_bin_signs`;
+    the gaps 0 as constants where the caller can: the loop then compiles without them): per
+    lane, the sums of count * p * sign (float64)."""
+    masses = tl.zeros([BLOCK], tl.float64)
+    # Software-pipelined: a step works on bins listed one step earlier and on their counts
+    # read one step earlier, so no load waits in the step that issues it (the list two
+    # steps ahead, the counts of the next step's bins).
+    lanes = tl.arange(0, BLOCK)
+    bins = _listed(list_at, lanes, listed)
+    ahead = _listed(list_at, BLOCK + lanes, listed)
+    own_ge, own_gt = _live_from(own_count, bins, bins + 1, own_total, own_dead, lanes < listed, USE_PTX)
+    for start in tl.range(0, listed, BLOCK):
+        later = _listed(list_at, start + 2 * BLOCK + lanes, listed)
+        next_ge, next_gt = _live_from(own_count, ahead, ahead + 1, own_total, own_dead,
+                                      start + BLOCK + lanes < listed, USE_PTX)
+        active = own_ge > own_gt  # (occupied bins of probability 0 come first in the list: skipped)
+        masses += _bin_signs(bins, active, own_ge, own_gt, own_count, other_count, own_dead, other_dead, own_top,
+                             own_log_sum, own_scale, other_top, other_log_sum, other_scale, own_total, other_total,
+                             signs, side, store, own_gap_at, own_gap, other_gap_at, other_gap, USE_PTX)
+        bins = ahead
+        ahead = later
+        own_ge = next_ge
+        own_gt = next_gt
+    return masses
 
 
 @triton.jit
