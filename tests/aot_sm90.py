@@ -181,7 +181,7 @@ def hist_kernel_configs():
         hist_block, grad_block = _hist_blocks(dtype, True)
         rows = dict(USE_PTX=True, SIMD16=True, PREFETCH=True)
         hist = dict(rows, STUDENT_UNIT_STRIDE=True, TEACHER_UNIT_STRIDE=True, BLOCK=hist_block,
-                    TAIL_BLOCK=HIST_TAIL_BLOCK, GAPS=gaps)
+                    TAIL_BLOCK=HIST_TAIL_BLOCK, GAPS=gaps, REDO=gaps)
         grad = dict(rows, UNIT_STRIDE=True, CHUNK=HIST_GRAD_CHUNK, BLOCK=grad_block, GAPS=gaps)
         sign_options = dict(num_warps=1, **({"maxnreg": HIST_SIGN_MAXNREG} if gaps and HIST_SIGN_MAXNREG else {}))
         configs = [

@@ -114,13 +114,12 @@ if ENGINE not in ("hist", "split"):
 # only (a sample; rows of the call holding other values are flagged there and computed again
 # by the trie, after one host sync): "0" sends every float32 call to the trie.
 HIST_FLOAT32 = os.environ.get("ULD_HIST_FLOAT32", "1") != "0"
-# "1": a row whose tiny bin splits is counted again with a gap where its nearest bin to the
-# tiny one lies a binade or more away (uld_hist.py, "Gaps"; the benchmark's `gapped` rows 14.4
-# and 15.3 ms against 47.1 and 54.9 through the trie), but ordinary rows cost 0.18-0.25 ms more
-# (6.70 against 6.52 ms, sixteenth session, run 4: the passes' code with the gap in it). Off by
-# default ("0": such rows go to the trie, and the passes compile as before the gaps) until the
-# gaps cost ordinary rows nothing.
-HIST_GAPS = os.environ.get("ULD_HIST_GAPS", "0") != "0"
+# "1" (the default): a row whose tiny bin splits is counted again with a gap where its bins
+# hold a run of empty ones a binade wide (uld_hist.py, "Gaps"; the benchmark's `gapped` and
+# `flagged` rows 10.7 ms against 46 through the trie, seventeenth session), by a second
+# hist_kernel launch over the rows that may take one, so that the first launch's code, and
+# every ordinary row's, is that without gaps. "0": such rows go to the trie.
+HIST_GAPS = os.environ.get("ULD_HIST_GAPS", "1") != "0"
 # The training loss's pairs (distill.py, gathered rows with the cross-entropy): "hist" (bf16
 # pairs to the histogram engine: 13.66 ms against the trie's 17.48, RESULTS seventh session
 # run 1) or "split" (the trie engine for every pair).
@@ -380,15 +379,18 @@ def _hist_batches(row_loss, flags, row_ce, sides, grad_scale, n_pairs, on_gpu, r
         rows = min(batch, n_pairs - batch_start)
         if not use_ptx:
             raw.zero_()
-        uld_hist.hist_kernel[(rows, 2)](  # both sides of every pair
-            student_logits, teacher_logits, student_index if gather else unused,
-            teacher_index if gather else unused, counts, occupied, raw, fparam, iparam, batch_start, student_vocab,
-            teacher_vocab, *_row_layout(student_logits), *_row_layout(teacher_logits), student_inv_t, teacher_inv_t,
-            GATHER=gather, STUDENT_UNIT_STRIDE=student_logits.stride(-1) == 1,
-            TEACHER_UNIT_STRIDE=teacher_logits.stride(-1) == 1,
-            USE_PTX=use_ptx, SIMD16=simd16, HAS_CE=has_ce, PREFETCH=HIST_PREFETCH or not on_gpu,
-            BLOCK=hist_block, TAIL_BLOCK=HIST_TAIL_BLOCK, GAPS=HIST_GAPS, num_warps=4,
-            **({"maxnreg": HIST_MAXNREG} if on_gpu and HIST_MAXNREG else {}))
+        # Both sides of every pair; with the gaps, again the rows that may take one, in a launch
+        # of their own (uld_hist.py, "Gaps": the first one's code is that without gaps).
+        for grid, redo in [((rows, 2), False), *([((triton.cdiv(rows, uld_hist.REDO_PAIRS.value), 2), True)]
+                                                 if HIST_GAPS else [])]:
+            uld_hist.hist_kernel[grid](
+                student_logits, teacher_logits, student_index if gather else unused,
+                teacher_index if gather else unused, counts, occupied, raw, fparam, iparam, batch_start,
+                student_vocab, teacher_vocab, *_row_layout(student_logits), *_row_layout(teacher_logits),
+                student_inv_t, teacher_inv_t, rows, GATHER=gather, STUDENT_UNIT_STRIDE=student_logits.stride(-1) == 1,
+                TEACHER_UNIT_STRIDE=teacher_logits.stride(-1) == 1, USE_PTX=use_ptx, SIMD16=simd16, HAS_CE=has_ce,
+                PREFETCH=HIST_PREFETCH or not on_gpu, BLOCK=hist_block, TAIL_BLOCK=HIST_TAIL_BLOCK, GAPS=redo,
+                REDO=redo, num_warps=4, **({"maxnreg": HIST_MAXNREG} if on_gpu and HIST_MAXNREG else {}))
         uld_hist.sign_kernel[(rows, 2)](  # both sides of every pair
             fparam, iparam, counts, occupied, signs, partial, student_inv_t, teacher_inv_t,
             STORE_STUDENT=student_grad is not None, STORE_TEACHER=teacher_grad is not None, USE_PTX=use_ptx,

@@ -287,18 +287,88 @@ def _infinities(row_ptr, col_stride, stop, UNIT_STRIDE: tl.constexpr, BLOCK: tl.
 def hist_kernel(student_ptr, teacher_ptr, student_index_ptr, teacher_index_ptr, count_ptr, list_ptr, raw_ptr,
                 fparam_ptr, iparam_ptr, batch_start, student_vocab, teacher_vocab, student_seq_len,
                 student_batch_stride, student_row_stride, student_col_stride, teacher_seq_len, teacher_batch_stride,
-                teacher_row_stride, teacher_col_stride, student_inv_temperature, teacher_inv_temperature,
+                teacher_row_stride, teacher_col_stride, student_inv_temperature, teacher_inv_temperature, n_pairs,
                 GATHER: tl.constexpr, STUDENT_UNIT_STRIDE: tl.constexpr, TEACHER_UNIT_STRIDE: tl.constexpr,
                 USE_PTX: tl.constexpr, SIMD16: tl.constexpr, HAS_CE: tl.constexpr, PREFETCH: tl.constexpr,
-                BLOCK: tl.constexpr, TAIL_BLOCK: tl.constexpr, GAPS: tl.constexpr = False):
+                BLOCK: tl.constexpr, TAIL_BLOCK: tl.constexpr, GAPS: tl.constexpr = False,
+                REDO: tl.constexpr = False):
     """Both sides' rows of a batch of pairs in one launch: program (pair, side) runs `_hist_row`
     on the student's row (side 0; with HAS_CE, the cross-entropy's statistics too) or the
-    teacher's (each branch keeps its own pointers' alignment, so its loads stay vectorised)."""
-    pair = tl.program_id(0)
+    teacher's (each branch keeps its own pointers' alignment, so its loads stay vectorised).
+
+    REDO (with GAPS; "Gaps"): a second launch over the same batch of `n_pairs` pairs, after
+    one without gaps, so that the rows without a gap run code compiled without them: program
+    (g, side) reads the flags of pairs [g * REDO_PAIRS, (g + 1) * REDO_PAIRS) and runs
+    `_hist_row` again, with gaps, on the rows that may take one (a split tiny bin, or an
+    unflagged row whose largest logit is in its tiny bin); the others' gaps are stored as
+    none."""
     if USE_PTX:  # (the shared array is declared here, once, for both branches)
         smem_zero()
         tl.debug_barrier()
-    if tl.program_id(1) == 0:
+    if REDO:
+        tl.static_assert(GAPS, "REDO runs the rows that may take a gap, with gaps")
+        side = tl.program_id(1)
+        first = tl.program_id(0) * REDO_PAIRS
+        pairs = first + tl.arange(0, REDO_PAIRS)
+        at = (pairs * 2 + side).to(tl.int64) * PARAM_SLOTS
+        inside = pairs < n_pairs
+        redo = inside & _may_take_a_gap(tl.load(iparam_ptr + at + _FLAG, mask=inside, other=0),
+                                        tl.load(iparam_ptr + at + _SHIFT, mask=inside, other=0),
+                                        tl.load(fparam_ptr + at + _TOP, mask=inside, other=1.0))
+        tl.store(fparam_ptr + at + _GAPS, tl.zeros([REDO_PAIRS], tl.float32), mask=inside & ~redo)
+        if tl.max(redo.to(tl.int32), 0) > 0:
+            for index in tl.range(first, tl.minimum(first + REDO_PAIRS, n_pairs)):
+                pair = tl.zeros([], tl.int32) + index  # (a tensor under the interpreter too)
+                params = (pair * 2 + side).to(tl.int64) * PARAM_SLOTS
+                if _may_take_a_gap(tl.load(iparam_ptr + params + _FLAG), tl.load(iparam_ptr + params + _SHIFT),
+                                   tl.load(fparam_ptr + params + _TOP)):
+                    if not USE_PTX:  # (the launch without gaps counted this row here)
+                        raw_at = raw_ptr + (pair * 2 + side).to(tl.int64) * CAP
+                        for word in tl.range(0, CAP, TAIL_BLOCK):
+                            tl.store(raw_at + word + tl.arange(0, TAIL_BLOCK), tl.zeros([TAIL_BLOCK], tl.int32))
+                        tl.debug_barrier()
+                    _hist_side(pair, side, student_ptr, teacher_ptr, student_index_ptr, teacher_index_ptr, count_ptr,
+                               list_ptr, raw_ptr, fparam_ptr, iparam_ptr, batch_start, student_vocab, teacher_vocab,
+                               student_seq_len, student_batch_stride, student_row_stride, student_col_stride,
+                               teacher_seq_len, teacher_batch_stride, teacher_row_stride, teacher_col_stride,
+                               student_inv_temperature, teacher_inv_temperature, GATHER, STUDENT_UNIT_STRIDE,
+                               TEACHER_UNIT_STRIDE, USE_PTX, SIMD16, HAS_CE, PREFETCH, BLOCK, TAIL_BLOCK, True)
+                    tl.debug_barrier()  # (the histogram read, then zeroed for the next row)
+                    if USE_PTX:
+                        smem_clear()
+                    tl.debug_barrier()
+    else:
+        _hist_side(tl.program_id(0), tl.program_id(1), student_ptr, teacher_ptr, student_index_ptr,
+                   teacher_index_ptr, count_ptr, list_ptr, raw_ptr, fparam_ptr, iparam_ptr, batch_start,
+                   student_vocab, teacher_vocab, student_seq_len, student_batch_stride, student_row_stride,
+                   student_col_stride, teacher_seq_len, teacher_batch_stride, teacher_row_stride, teacher_col_stride,
+                   student_inv_temperature, teacher_inv_temperature, GATHER, STUDENT_UNIT_STRIDE,
+                   TEACHER_UNIT_STRIDE, USE_PTX, SIMD16, HAS_CE, PREFETCH, BLOCK, TAIL_BLOCK, GAPS)
+
+
+REDO_PAIRS = tl.constexpr(4)  # pairs per program of hist_kernel's REDO launch
+
+
+@triton.jit
+def _may_take_a_gap(flag, shift, top):
+    """Rows a count with gaps may treat otherwise than one without (hist_kernel's REDO), from
+    the flag, shift and top the launch without gaps stored: a tiny bin that still splits (flag
+    4, or 8 where the cross-entropy's check at temperature 1 fails too; also rows with a live low
+    bin, counted again alike), or an unflagged row counted once whose largest logit is in its
+    tiny bin (its top stored as 0)."""
+    return ((flag & 12) != 0) | ((flag == 0) & (shift == 0) & (top == 0.0))
+
+
+@triton.jit
+def _hist_side(pair, side, student_ptr, teacher_ptr, student_index_ptr, teacher_index_ptr, count_ptr, list_ptr,
+               raw_ptr, fparam_ptr, iparam_ptr, batch_start, student_vocab, teacher_vocab, student_seq_len,
+               student_batch_stride, student_row_stride, student_col_stride, teacher_seq_len, teacher_batch_stride,
+               teacher_row_stride, teacher_col_stride, student_inv_temperature, teacher_inv_temperature,
+               GATHER: tl.constexpr, STUDENT_UNIT_STRIDE: tl.constexpr, TEACHER_UNIT_STRIDE: tl.constexpr,
+               USE_PTX: tl.constexpr, SIMD16: tl.constexpr, HAS_CE: tl.constexpr, PREFETCH: tl.constexpr,
+               BLOCK: tl.constexpr, TAIL_BLOCK: tl.constexpr, GAPS: tl.constexpr):
+    """`_hist_row` on the student's row of a pair (side 0) or the teacher's."""
+    if side == 0:
         _hist_row(pair, 0, student_ptr, student_index_ptr, count_ptr, list_ptr, raw_ptr, fparam_ptr, iparam_ptr,
                   batch_start, student_vocab, student_seq_len, student_batch_stride, student_row_stride,
                   student_col_stride, student_inv_temperature, GATHER, STUDENT_UNIT_STRIDE, USE_PTX, SIMD16, HAS_CE,
