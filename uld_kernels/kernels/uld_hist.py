@@ -298,10 +298,11 @@ def hist_kernel(student_ptr, teacher_ptr, student_index_ptr, teacher_index_ptr, 
 
     REDO (with GAPS; "Gaps"): a second launch over the same batch of `n_pairs` pairs, after
     one without gaps, so that the rows without a gap run code compiled without them: program
-    (g, side) reads the flags of pairs [g * REDO_PAIRS, (g + 1) * REDO_PAIRS) and runs
-    `_hist_row` again, with gaps, on the rows that may take one (a split tiny bin, or an
-    unflagged row whose largest logit is in its tiny bin); the others' gaps are stored as
-    none."""
+    (g, side) reads the flags of pairs [g * REDO_PAIRS, (g + 1) * REDO_PAIRS), finds the gap
+    of each row that may take one (a split tiny bin, or an unflagged row whose largest logit
+    is in its tiny bin) from the bins the first launch listed, and where there is one counts
+    the row once more with it (`_hist_row`, with the first launch's shift); the others' gaps
+    are stored as none."""
     if USE_PTX:  # (the shared array is declared here, once, for both branches)
         smem_zero()
         tl.debug_barrier()
@@ -319,31 +320,33 @@ def hist_kernel(student_ptr, teacher_ptr, student_index_ptr, teacher_index_ptr, 
         if tl.max(redo.to(tl.int32), 0) > 0:
             for index in tl.range(first, tl.minimum(first + REDO_PAIRS, n_pairs)):
                 pair = tl.zeros([], tl.int32) + index  # (a tensor under the interpreter too)
-                params = (pair * 2 + side).to(tl.int64) * PARAM_SLOTS
-                if _may_take_a_gap(tl.load(iparam_ptr + params + _FLAG), tl.load(iparam_ptr + params + _SHIFT),
-                                   tl.load(fparam_ptr + params + _TOP)):
-                    if not USE_PTX:  # (the launch without gaps counted this row here)
-                        raw_at = raw_ptr + (pair * 2 + side).to(tl.int64) * CAP
-                        for word in tl.range(0, CAP, TAIL_BLOCK):
-                            tl.store(raw_at + word + tl.arange(0, TAIL_BLOCK), tl.zeros([TAIL_BLOCK], tl.int32))
-                        tl.debug_barrier()
-                    _hist_side(pair, side, student_ptr, teacher_ptr, student_index_ptr, teacher_index_ptr, count_ptr,
-                               list_ptr, raw_ptr, fparam_ptr, iparam_ptr, batch_start, student_vocab, teacher_vocab,
-                               student_seq_len, student_batch_stride, student_row_stride, student_col_stride,
-                               teacher_seq_len, teacher_batch_stride, teacher_row_stride, teacher_col_stride,
-                               student_inv_temperature, teacher_inv_temperature, GATHER, STUDENT_UNIT_STRIDE,
-                               TEACHER_UNIT_STRIDE, USE_PTX, SIMD16, HAS_CE, PREFETCH, BLOCK, TAIL_BLOCK, True)
-                    tl.debug_barrier()  # (the histogram read, then zeroed for the next row)
-                    if USE_PTX:
-                        smem_clear()
-                    tl.debug_barrier()
+                at_row = (pair * 2 + side).to(tl.int64)
+                params = at_row * PARAM_SLOTS
+                shift = tl.load(iparam_ptr + params + _SHIFT)
+                if _may_take_a_gap(tl.load(iparam_ptr + params + _FLAG), shift, tl.load(fparam_ptr + params + _TOP)):
+                    if not USE_PTX:  # (the launch without gaps counted this row there)
+                        _clear_histogram(raw_ptr + at_row * CAP, USE_PTX, TAIL_BLOCK)
+                    gap_at, gap = _gap_from_list(list_ptr + at_row * CAP, raw_ptr + at_row * CAP,
+                                                 tl.load(iparam_ptr + params + _OCCUPIED), shift, USE_PTX, TAIL_BLOCK)
+                    if gap > 0:  # one count, with the launch's shift and this gap
+                        _hist_side(pair, side, student_ptr, teacher_ptr, student_index_ptr, teacher_index_ptr,
+                                   count_ptr, list_ptr, raw_ptr, fparam_ptr, iparam_ptr, batch_start, student_vocab,
+                                   teacher_vocab, student_seq_len, student_batch_stride, student_row_stride,
+                                   student_col_stride, teacher_seq_len, teacher_batch_stride, teacher_row_stride,
+                                   teacher_col_stride, student_inv_temperature, teacher_inv_temperature, GATHER,
+                                   STUDENT_UNIT_STRIDE, TEACHER_UNIT_STRIDE, USE_PTX, SIMD16, HAS_CE, PREFETCH, BLOCK,
+                                   TAIL_BLOCK, True, shift, gap_at, gap, False)
+                        tl.debug_barrier()  # (the histogram read, then zeroed for the next row)
+                        _clear_histogram(raw_ptr + at_row * CAP, USE_PTX, TAIL_BLOCK)
+                    else:
+                        tl.store(fparam_ptr + params + _GAPS, 0.0)
     else:
         _hist_side(tl.program_id(0), tl.program_id(1), student_ptr, teacher_ptr, student_index_ptr,
                    teacher_index_ptr, count_ptr, list_ptr, raw_ptr, fparam_ptr, iparam_ptr, batch_start,
                    student_vocab, teacher_vocab, student_seq_len, student_batch_stride, student_row_stride,
                    student_col_stride, teacher_seq_len, teacher_batch_stride, teacher_row_stride, teacher_col_stride,
                    student_inv_temperature, teacher_inv_temperature, GATHER, STUDENT_UNIT_STRIDE,
-                   TEACHER_UNIT_STRIDE, USE_PTX, SIMD16, HAS_CE, PREFETCH, BLOCK, TAIL_BLOCK, GAPS)
+                   TEACHER_UNIT_STRIDE, USE_PTX, SIMD16, HAS_CE, PREFETCH, BLOCK, TAIL_BLOCK, GAPS, 0, 0, 0, True)
 
 
 REDO_PAIRS = tl.constexpr(4)  # pairs per program of hist_kernel's REDO launch
@@ -354,9 +357,48 @@ def _may_take_a_gap(flag, shift, top):
     """Rows a count with gaps may treat otherwise than one without (hist_kernel's REDO), from
     the flag, shift and top the launch without gaps stored: a tiny bin that still splits (flag
     4, or 8 where the cross-entropy's check at temperature 1 fails too; also rows with a live low
-    bin, counted again alike), or an unflagged row counted once whose largest logit is in its
-    tiny bin (its top stored as 0)."""
-    return ((flag & 12) != 0) | ((flag == 0) & (shift == 0) & (top == 0.0))
+    bin, where no gap helps) in a row of finite bf16 logits (no flag 1, 2 or 32) counted unshifted
+    or scaled up, or an unflagged row counted once whose largest logit is in its tiny bin (its
+    top stored as 0)."""
+    return ((((flag & 12) != 0) & ((flag & 35) == 0) & (shift <= 0))
+            | ((flag == 0) & (shift == 0) & (top == 0.0)))
+
+
+@triton.jit
+def _gap_from_list(list_at, raw_at, listed, shift, USE_PTX: tl.constexpr, TAIL_BLOCK: tl.constexpr):
+    """hist_kernel's REDO: the gap a row's last count (its list of `listed` occupied bins, with
+    `shift`) leaves room for, as a count with gaps would choose it ("Gaps"): each listed bin
+    counted once at its slot of the zeroed histogram, then `_widest_gap` (the run is the same in
+    the first count's bins and in those of a scaling up, moved up with them: the scaling only
+    resolves logits below it). Returns where the gap ends, in the shifted magnitude bits, and
+    its size (0: none); leaves the histogram zeroed."""
+    for start in tl.range(0, listed, TAIL_BLOCK):
+        idx = start + tl.arange(0, TAIL_BLOCK)
+        slots = _slot_of_bin(_listed(list_at, idx, listed))
+        if USE_PTX:
+            smem_add_one(slots, idx < listed)
+        else:
+            tl.atomic_add(raw_at + slots, 1, mask=idx < listed)
+    tl.debug_barrier()  # the occupancy, visible to every thread
+    width, above = _widest_gap(raw_at, USE_PTX)
+    up_bits = -tl.minimum(shift, 0)
+    # (the bounds of hist_kernel's count with gaps, `_hist_row`; `above` is already moved up)
+    room = tl.minimum(tl.minimum(width, SLOT_M_HI - 1 - SLOT_M_LO - up_bits), SLOT_M_LO - _SHIFT_STEP - up_bits)
+    gap = tl.maximum(room, 0) // _SHIFT_STEP * _SHIFT_STEP
+    tl.debug_barrier()  # (read, then zeroed)
+    _clear_histogram(raw_at, USE_PTX, TAIL_BLOCK)
+    return tl.where(gap > 0, SLOT_M_LO + above, 0), gap
+
+
+@triton.jit
+def _clear_histogram(raw_at, USE_PTX: tl.constexpr, TAIL_BLOCK: tl.constexpr):
+    """Zeroes a row's histogram (shared memory, or its words at raw_at), with the barrier after."""
+    if USE_PTX:
+        smem_clear()
+    else:
+        for word in tl.range(0, CAP, TAIL_BLOCK):
+            tl.store(raw_at + word + tl.arange(0, TAIL_BLOCK), tl.zeros([TAIL_BLOCK], tl.int32))
+    tl.debug_barrier()
 
 
 @triton.jit
@@ -366,25 +408,27 @@ def _hist_side(pair, side, student_ptr, teacher_ptr, student_index_ptr, teacher_
                teacher_row_stride, teacher_col_stride, student_inv_temperature, teacher_inv_temperature,
                GATHER: tl.constexpr, STUDENT_UNIT_STRIDE: tl.constexpr, TEACHER_UNIT_STRIDE: tl.constexpr,
                USE_PTX: tl.constexpr, SIMD16: tl.constexpr, HAS_CE: tl.constexpr, PREFETCH: tl.constexpr,
-               BLOCK: tl.constexpr, TAIL_BLOCK: tl.constexpr, GAPS: tl.constexpr):
+               BLOCK: tl.constexpr, TAIL_BLOCK: tl.constexpr, GAPS: tl.constexpr, start_shift, start_gap_at, start_gap,
+               FIRST: tl.constexpr):
     """`_hist_row` on the student's row of a pair (side 0) or the teacher's."""
     if side == 0:
         _hist_row(pair, 0, student_ptr, student_index_ptr, count_ptr, list_ptr, raw_ptr, fparam_ptr, iparam_ptr,
                   batch_start, student_vocab, student_seq_len, student_batch_stride, student_row_stride,
                   student_col_stride, student_inv_temperature, GATHER, STUDENT_UNIT_STRIDE, USE_PTX, SIMD16, HAS_CE,
-                  PREFETCH, BLOCK, TAIL_BLOCK, GAPS)
+                  PREFETCH, BLOCK, TAIL_BLOCK, GAPS, start_shift, start_gap_at, start_gap, FIRST)
     else:
         _hist_row(pair, 1, teacher_ptr, teacher_index_ptr, count_ptr, list_ptr, raw_ptr, fparam_ptr, iparam_ptr,
                   batch_start, teacher_vocab, teacher_seq_len, teacher_batch_stride, teacher_row_stride,
                   teacher_col_stride, teacher_inv_temperature, GATHER, TEACHER_UNIT_STRIDE, USE_PTX, SIMD16, False,
-                  PREFETCH, BLOCK, TAIL_BLOCK, GAPS)
+                  PREFETCH, BLOCK, TAIL_BLOCK, GAPS, start_shift, start_gap_at, start_gap, FIRST)
 
 
 @triton.jit
 def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, fparam_ptr, iparam_ptr, batch_start,
               vocab, seq_len, batch_stride, row_stride, col_stride, inv_temperature, GATHER: tl.constexpr,
               UNIT_STRIDE: tl.constexpr, USE_PTX: tl.constexpr, SIMD16: tl.constexpr, HAS_CE: tl.constexpr,
-              PREFETCH: tl.constexpr, BLOCK: tl.constexpr, TAIL_BLOCK: tl.constexpr, GAPS: tl.constexpr):
+              PREFETCH: tl.constexpr, BLOCK: tl.constexpr, TAIL_BLOCK: tl.constexpr, GAPS: tl.constexpr,
+              start_shift, start_gap_at, start_gap, FIRST: tl.constexpr):
     """One row of one side: hist_kernel's program. First the histogram of its logits over the
     slots (above; in shared memory with USE_PTX, zeroed by the caller, else counted with global
     atomics at raw_ptr + (pair * 2 + side) * CAP, zeroed by the launcher). Then, from the bins: the row's largest
@@ -421,11 +465,15 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
     # A row is counted once with shift 0; a row that this flags only for its range (a finite
     # logit of magnitude >= 256, no infinity or NaN) once more, with the smallest shift that
     # brings its largest magnitude below 256 ("Rows past 256"). Each pass writes all it has.
-    shift = tl.zeros([], tl.int32)
-    gap_at = tl.zeros([], tl.int32)  # (GAPS: none in the first count)
-    gap = tl.zeros([], tl.int32)
-    first_count = shift == 0  # (GAPS: a second count may keep shift 0, a gap alone)
-    again = shift == 0  # (padding rows too: their one pass flags them)
+    # (Not FIRST: hist_kernel's REDO, one count with the shift and gap it found.)
+    shift = tl.zeros([], tl.int32) + start_shift
+    gap_at = tl.zeros([], tl.int32) + start_gap_at  # (GAPS: none in the first count)
+    gap = tl.zeros([], tl.int32) + start_gap
+    if FIRST:
+        first_count = shift == 0  # (GAPS: a second count may keep shift 0, a gap alone)
+    else:
+        first_count = shift != shift
+    again = shift == shift  # (padding rows too: their one pass flags them)
     while again:
         # The bins' values are the row's logits times 2**-(shift / 128), and its k is that of
         # those values at scale times 2**(shift / 128): the same float32 k.
