@@ -285,11 +285,12 @@ def test_rows_of_huge_range_are_the_engines_own(device):
         assert torch.equal(ours, theirs), f"the fallback changed the {name} of an unflagged row"
 
 
-def test_the_fallback_walks_more_pairs_than_programs(device):
+def test_the_fallback_walks_more_pairs_than_programs(device, monkeypatch):
     """The fallback kernel's persistent grid (`launch.SPLIT_INTERPRETED`: 5 programs under the
     interpreter) over 11 pairs, flagged ones at 1, 6, 9 and 10 (student rows of logits below 2**-23, their tiny bin split;
-    pairs 6 and 1, 9 share a program): every flagged pair gets the trie engine's loss, status
-    and both gradients, and the unflagged ones keep the engine's own results bit for bit."""
+    pairs 6 and 1, 9 share a program; without gaps, which would keep them): every flagged pair gets the trie engine's
+    loss, status and both gradients, and the unflagged ones keep the engine's own results bit for bit."""
+    monkeypatch.setattr(launch, "HIST_GAPS", False)
     g = torch.Generator().manual_seed(31)
     student = (torch.randn(11, 150, generator=g) * 2).to(torch.bfloat16)
     teacher = (torch.randn(11, 120, generator=g) * 2).to(torch.bfloat16)
@@ -486,14 +487,15 @@ def test_gathered_pairs_with_cross_entropy_match_the_trie(device):
 
 
 @pytest.mark.parametrize("case", ["tiny", "tiny_scaled", "past_256", "past_256_masked"])
-def test_flagged_gathered_pairs_with_cross_entropy_go_through_the_fallback(case, device):
+def test_flagged_gathered_pairs_with_cross_entropy_go_through_the_fallback(case, device, monkeypatch):
     """The training loss's path with an unusual student row 0 among ordinary and padding pairs:
     logits below 2**-23 only (its tiny bin split at this temperature) with a dead -200 (so that
     it cannot be scaled up: flagged, through the fallback) or without (counted again scaled
     up, its statistics at temperature 1 too: "Split tiny bins"), or a logit of 300, its cross-entropy's label (counted again, shifted, its
     statistics at temperature 1 too: "Rows past 256"), also masked with -inf (the same, after
     a read for its largest finite magnitude). The same losses, cross-entropies and gradient as
-    the trie engine on all the pairs."""
+    the trie engine on all the pairs. Without gaps ("tiny" would take one)."""
+    monkeypatch.setattr(launch, "HIST_GAPS", False)
     g = torch.Generator().manual_seed(22)
     student = (torch.randn(4, 230, generator=g) * 2).to(torch.bfloat16).to(device)
     teacher = (torch.randn(3, 170, generator=g) * 2).to(torch.bfloat16).to(device)

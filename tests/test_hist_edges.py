@@ -143,7 +143,7 @@ def test_hist_kernel_counts_list_and_top_stay_in_each_rows_region(device):
     iparam = torch.full((pairs * 2 * SLOTS + 8,), sentinel, dtype=torch.int32, **on)
     uld_hist.hist_kernel[(pairs, 2)](
         student, teacher, student_index.to(device), teacher_index.to(device), counts, listed,
-        raw, fparam, iparam, 0, vs, vt, *launch._row_layout(student), *launch._row_layout(teacher), 1.0, 1.0,
+        raw, fparam, iparam, 0, vs, vt, *launch._row_layout(student), *launch._row_layout(teacher), 1.0, 1.0, pairs,
         GATHER=True, STUDENT_UNIT_STRIDE=True, TEACHER_UNIT_STRIDE=False, USE_PTX=False, SIMD16=False, HAS_CE=False,
         PREFETCH=True, BLOCK=256, TAIL_BLOCK=512, num_warps=4)
     counts, listed, fparam, iparam = counts.cpu(), listed.cpu(), fparam.cpu(), iparam.cpu()
@@ -633,9 +633,9 @@ def test_training_loss_with_teacher_rows_failing_the_cross_entropy_checks(device
 
 
 def _flagged_like(rows, seed, device):
-    """Student and teacher rows of 6,000 columns that the histogram engine flags: 15 logits
-    within 2**-23 of 0, one at -2**-23 (no gap), the rest N(-60, 10^2) (the benchmark's `flagged`
-    kind, narrower)."""
+    """Student and teacher rows of 6,000 columns that the histogram engine flags without gaps
+    (launch.HIST_GAPS off: the tests that use them set it): 15 logits within 2**-23 of 0, one
+    at -2**-23, the rest N(-60, 10^2) (the benchmark's `flagged` kind, narrower)."""
     g = torch.Generator().manual_seed(seed)
     return tuple(tiny_top_rows(g, rows, 6000, -60.0, 10.0, "cpu", extra=(NO_GAP,), count=15).to(BF16).to(device)
                  for _ in range(2))
@@ -653,6 +653,7 @@ def test_fallback_levels_below_one_from_listed_columns(device, monkeypatch):
     workspaces = keep_trie_workspaces(monkeypatch, launch)
     results, listed = [], []
     for listing, cap in ((True, None), (True, 3), (False, None)):
+        monkeypatch.setattr(launch, "HIST_GAPS", False)  # (the rows to the fallback; undone below)
         monkeypatch.setattr(launch, "FALLBACK_LIST", listing)
         if cap is not None:
             monkeypatch.setattr(launch, "_fallback_list_cap", lambda *args: cap)
@@ -682,6 +683,7 @@ def test_fallback_level_one_capped_for_shared_memory_stays_exact(device, monkeyp
     interpreter's 1,024 alike, so 4 child bits each pass the cap): both exact against
     float64 (near-ties across the rows checked by their bound), losses agreeing; the premise
     (the cap took level 1 from above 1,536 buckets to below) read from the workspace."""
+    monkeypatch.setattr(launch, "HIST_GAPS", False)
     student, teacher = _flagged_like(2, 4, device)
     workspaces = keep_trie_workspaces(monkeypatch, launch)
     losses, level_one = [], []

@@ -178,3 +178,31 @@ def test_a_gap_stops_short_of_the_nearest_bin(case, device):
     flags = _flags(student, teacher)
     assert (flags == 0).all(), f"flags {flags.tolist()}: the gap keeps this row in the engine"
     _assert_exact(student, teacher, 1.0, 1.0, case)
+
+
+def test_redo_over_more_pairs_than_a_program_leaves_other_rows_alone(device, monkeypatch):
+    """The REDO launch (uld_hist.hist_kernel, REDO_PAIRS pairs a program) over 11 pairs whose
+    student rows 1, 6, 9 and 10 take a gap (tiny logits, a logit at -2**-23 below the run, a
+    dead -200; the teacher's pair 9 holds a dead -300): those rows are the engine's and exact,
+    and every other pair keeps, bit for bit, the losses and gradients of a call without gaps."""
+    g = torch.Generator().manual_seed(31)
+    student = (torch.randn(11, 150, generator=g) * 2).to(BF16)
+    teacher = (torch.randn(11, 120, generator=g) * 2).to(BF16)
+    for row in (1, 6, 9, 10):
+        student[row] = ((torch.rand(150, generator=g) * 2 - 1) * 2.0 ** -23).to(student)
+        student[row, 0] = DEAD
+        student[row, 1] = NO_GAP
+    teacher[9, 7] = -300.0
+    student, teacher = student.to(device), teacher.to(device)
+    monkeypatch.setattr(launch, "HIST_GAPS", False)
+    off = launch.hist_rows(student, teacher, 0.5, 0.8, True, True, 1.0, fallback=False)
+    gapped = torch.tensor([i in (1, 6, 9, 10) for i in range(11)])
+    assert ((off[1].cpu() != 0) == gapped).all(), f"the premise: flags without gaps {off[1].tolist()}"
+    monkeypatch.setattr(launch, "HIST_GAPS", True)
+    on = launch.hist_rows(student, teacher, 0.5, 0.8, True, True, 1.0, fallback=False)
+    assert (on[1] == 0).all(), f"flags {on[1].tolist()}: the gaps keep every row in the engine"
+    kept = (~gapped).to(device)
+    for name, a, b in (("loss", on[0], off[0]), ("student gradient", on[2], off[2]),
+                       ("teacher gradient", on[3], off[3])):
+        assert torch.equal(a[kept], b[kept]), f"REDO changed the {name} of a row without a gap"
+    _assert_exact(student, teacher, 0.5, 0.8, "REDO")
