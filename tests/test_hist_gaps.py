@@ -181,22 +181,23 @@ def test_a_gap_stops_short_of_the_nearest_bin(case, device):
 
 
 def test_redo_over_more_pairs_than_a_program_leaves_other_rows_alone(device, monkeypatch):
-    """The REDO launch (uld_hist.hist_kernel, REDO_PAIRS pairs a program) over 11 pairs whose
-    student rows 1, 6, 9 and 10 take a gap (tiny logits, a logit at -2**-23 below the run, a
-    dead -200; the teacher's pair 9 holds a dead -300): those rows are the engine's and exact,
-    and every other pair keeps, bit for bit, the losses and gradients of a call without gaps."""
+    """The REDO launch (uld_hist.hist_kernel, REDO_PAIRS = 4 pairs a program) over 6 pairs whose
+    student rows 1, 4 and 5 take a gap (tiny logits, a logit at -2**-23 below the run, a dead
+    -200; the teacher's pair 4 holds a dead -300), the second program's chunk cut short: those
+    rows are the engine's and exact, and every other pair keeps, bit for bit, the losses and
+    gradients of a call without gaps."""
     g = torch.Generator().manual_seed(31)
-    student = (torch.randn(11, 150, generator=g) * 2).to(BF16)
-    teacher = (torch.randn(11, 120, generator=g) * 2).to(BF16)
-    for row in (1, 6, 9, 10):
-        student[row] = ((torch.rand(150, generator=g) * 2 - 1) * 2.0 ** -23).to(student)
+    student = (torch.randn(6, 100, generator=g) * 2).to(BF16)
+    teacher = (torch.randn(6, 80, generator=g) * 2).to(BF16)
+    gapped = torch.tensor([i in (1, 4, 5) for i in range(6)])
+    for row in (1, 4, 5):
+        student[row] = ((torch.rand(100, generator=g) * 2 - 1) * 2.0 ** -23).to(student)
         student[row, 0] = DEAD
         student[row, 1] = NO_GAP
-    teacher[9, 7] = -300.0
+    teacher[4, 7] = -300.0
     student, teacher = student.to(device), teacher.to(device)
     monkeypatch.setattr(launch, "HIST_GAPS", False)
     off = launch.hist_rows(student, teacher, 0.5, 0.8, True, True, 1.0, fallback=False)
-    gapped = torch.tensor([i in (1, 6, 9, 10) for i in range(11)])
     assert ((off[1].cpu() != 0) == gapped).all(), f"the premise: flags without gaps {off[1].tolist()}"
     monkeypatch.setattr(launch, "HIST_GAPS", True)
     on = launch.hist_rows(student, teacher, 0.5, 0.8, True, True, 1.0, fallback=False)
