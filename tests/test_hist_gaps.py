@@ -207,3 +207,26 @@ def test_redo_over_more_pairs_than_a_program_leaves_other_rows_alone(device, mon
                        ("teacher gradient", on[3], off[3])):
         assert torch.equal(a[kept], b[kept]), f"REDO changed the {name} of a row without a gap"
     _assert_exact(student, teacher, 0.5, 0.8, "REDO")
+
+
+@pytest.mark.parametrize("seed", [12, 26])
+def test_identical_rows_scaled_up_with_the_cross_entropy_tie_exactly(seed, device):
+    """Identical rows of tiny logits and a tail near -60 (no dead logit: the rows scale up by a
+    binade) at temperature 1.25, with the student's cross-entropy (weight 0): the scaling alone
+    settles the teacher's tiny bin, while the student's check at temperature 1 still fails. A
+    count with gaps gives both the same gap (the REDO launch takes rows the first scaled up
+    too): loss and gradients exactly 0. Before that fix, the student alone took a gap, the
+    log-sums rounded apart (3.99999976 against 4) and the pair, unflagged, had loss ~5e-8 and
+    gradients up to 0.034 (a review of 039e1bd)."""
+    g = torch.Generator().manual_seed(seed)
+    student = tiny_top_rows(g, 1, 200, -60.0, 4.0, "cpu", extra=()).to(BF16).to(device)
+    teacher = student.clone()
+    index = torch.zeros(1, dtype=torch.long, device=device)
+    kw = dict(student_index=index, teacher_index=index.clone(), row_weight=torch.ones(1, device=device),
+              ce_label=index.clone(), ce_weight=torch.zeros(1, device=device))
+    loss, status, _ce, grad_s, grad_t = launch.hist_pairs(student, teacher, 1.25, 1.25, True, True, 1.0,
+                                                          fallback=False, **kw)
+    assert status.tolist() == [0], f"flags {status.tolist()}: the engine's own"
+    assert loss.tolist() == [0.0], f"loss {loss.tolist()}"
+    assert (grad_s == 0).all() and (grad_t == 0).all(), (
+        f"gradients of identical rows: max {grad_s.abs().max().item():.3g} / {grad_t.abs().max().item():.3g}")

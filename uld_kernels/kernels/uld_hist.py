@@ -362,20 +362,25 @@ def _may_take_a_gap(flag, shift, top):
     the flag, shift and top the launch without gaps stored: a tiny bin that still splits (flag
     4, or 8 where the cross-entropy's check at temperature 1 fails too; also rows with a live low
     bin, where no gap helps) in a row of finite bf16 logits (no flag 1, 2 or 32) counted unshifted
-    or scaled up, or an unflagged row counted once whose largest logit is in its tiny bin (its
-    top stored as 0)."""
+    or scaled up, an unflagged row counted once whose largest logit is in its tiny bin (its
+    top stored as 0), or an unflagged row scaled up: a count with gaps gave such a row its gap
+    on top of the scaling, as it did the other side's where that one's tiny bin still split
+    (the student's checks at temperature 1 too): without it, identical rows scaled up alike, one
+    of them gapped, rounded their log-sums apart and broke their ties, unflagged (a review of
+    039e1bd: loss 5e-8 and gradients up to 0.034 where both are 0)."""
     return ((((flag & 12) != 0) & ((flag & 35) == 0) & (shift <= 0))
-            | ((flag == 0) & (shift == 0) & (top == 0.0)))
+            | ((flag == 0) & (shift == 0) & (top == 0.0)) | ((flag == 0) & (shift < 0)))
 
 
 @triton.jit
 def _gap_from_list(list_at, raw_at, listed, shift, USE_PTX: tl.constexpr, TAIL_BLOCK: tl.constexpr):
     """hist_kernel's REDO: the gap a row's last count (its list of `listed` occupied bins, with
-    `shift`) leaves room for, as a count with gaps would choose it ("Gaps"): each listed bin
-    counted once at its slot of the zeroed histogram, then `_widest_gap` (the run is the same in
-    the first count's bins and in those of a scaling up, moved up with them: the scaling only
-    resolves logits below it). Returns where the gap ends, in the shifted magnitude bits, and
-    its size (0: none); leaves the histogram zeroed."""
+    `shift`) leaves room for ("Gaps"): each listed bin counted once at its slot of the zeroed
+    histogram, then `_widest_gap`, in the bins of that count, which are those the count with
+    the gap uses (a run of the unshifted bins stays a run there, moved up with the scaling, which
+    only resolves logits below it; the widest run there may be wider, or another: a review found
+    it at least as wide, and valid). Returns where the gap ends, in the shifted magnitude bits,
+    and its size (0: none); leaves the histogram zeroed."""
     for start in tl.range(0, listed, TAIL_BLOCK):
         idx = start + tl.arange(0, TAIL_BLOCK)
         slots = _slot_of_bin(_listed(list_at, idx, listed))
