@@ -339,7 +339,7 @@ def hist_kernel(student_ptr, teacher_ptr, student_index_ptr, teacher_index_ptr, 
                                    student_col_stride, teacher_seq_len, teacher_batch_stride, teacher_row_stride,
                                    teacher_col_stride, student_inv_temperature, teacher_inv_temperature, GATHER,
                                    STUDENT_UNIT_STRIDE, TEACHER_UNIT_STRIDE, USE_PTX, SIMD16, HAS_CE, PREFETCH, BLOCK,
-                                   TAIL_BLOCK, True, shift, gap_at, gap, False)
+                                   TAIL_BLOCK, True, shift, gap_at, gap)
                         tl.debug_barrier()  # (the histogram read, then zeroed for the next row)
                         _clear_histogram(raw_ptr + at_row * CAP, USE_PTX, TAIL_BLOCK)
                     else:
@@ -350,7 +350,7 @@ def hist_kernel(student_ptr, teacher_ptr, student_index_ptr, teacher_index_ptr, 
                    student_vocab, teacher_vocab, student_seq_len, student_batch_stride, student_row_stride,
                    student_col_stride, teacher_seq_len, teacher_batch_stride, teacher_row_stride, teacher_col_stride,
                    student_inv_temperature, teacher_inv_temperature, GATHER, STUDENT_UNIT_STRIDE,
-                   TEACHER_UNIT_STRIDE, USE_PTX, SIMD16, HAS_CE, PREFETCH, BLOCK, TAIL_BLOCK, GAPS, 0, 0, 0, True)
+                   TEACHER_UNIT_STRIDE, USE_PTX, SIMD16, HAS_CE, PREFETCH, BLOCK, TAIL_BLOCK, False, 0, 0, 0)
 
 
 REDO_PAIRS = tl.constexpr(4)  # pairs per program of hist_kernel's REDO launch
@@ -391,7 +391,10 @@ def _gap_from_list(list_at, raw_at, listed, shift, USE_PTX: tl.constexpr, TAIL_B
     tl.debug_barrier()  # the occupancy, visible to every thread
     width, above = _widest_gap(raw_at, USE_PTX)
     up_bits = -tl.minimum(shift, 0)
-    # (the bounds of hist_kernel's count with gaps, `_hist_row`; `above` is already moved up)
+    # Within the run (the highest logit below it, a tiny one of magnitude SLOT_M_LO, 2**-23 -
+    # 2**-31, at the least, must land short of the bin that ends it: a review found one taking
+    # the value of a logit of -127.5), inside the bins (below SLOT_M_HI: that bin may be the low
+    # one), and keeping subnormals in the tiny bin; `above` is already moved up with the shift.
     room = tl.minimum(tl.minimum(width, SLOT_M_HI - 1 - SLOT_M_LO - up_bits), SLOT_M_LO - _SHIFT_STEP - up_bits)
     gap = tl.maximum(room, 0) // _SHIFT_STEP * _SHIFT_STEP
     tl.debug_barrier()  # (read, then zeroed)
@@ -417,19 +420,19 @@ def _hist_side(pair, side, student_ptr, teacher_ptr, student_index_ptr, teacher_
                teacher_row_stride, teacher_col_stride, student_inv_temperature, teacher_inv_temperature,
                GATHER: tl.constexpr, STUDENT_UNIT_STRIDE: tl.constexpr, TEACHER_UNIT_STRIDE: tl.constexpr,
                USE_PTX: tl.constexpr, SIMD16: tl.constexpr, HAS_CE: tl.constexpr, PREFETCH: tl.constexpr,
-               BLOCK: tl.constexpr, TAIL_BLOCK: tl.constexpr, GAPS: tl.constexpr, start_shift, start_gap_at, start_gap,
-               FIRST: tl.constexpr):
+               BLOCK: tl.constexpr, TAIL_BLOCK: tl.constexpr, GAPS: tl.constexpr, start_shift, start_gap_at,
+               start_gap):
     """`_hist_row` on the student's row of a pair (side 0) or the teacher's."""
     if side == 0:
         _hist_row(pair, 0, student_ptr, student_index_ptr, count_ptr, list_ptr, raw_ptr, fparam_ptr, iparam_ptr,
                   batch_start, student_vocab, student_seq_len, student_batch_stride, student_row_stride,
                   student_col_stride, student_inv_temperature, GATHER, STUDENT_UNIT_STRIDE, USE_PTX, SIMD16, HAS_CE,
-                  PREFETCH, BLOCK, TAIL_BLOCK, GAPS, start_shift, start_gap_at, start_gap, FIRST)
+                  PREFETCH, BLOCK, TAIL_BLOCK, GAPS, start_shift, start_gap_at, start_gap)
     else:
         _hist_row(pair, 1, teacher_ptr, teacher_index_ptr, count_ptr, list_ptr, raw_ptr, fparam_ptr, iparam_ptr,
                   batch_start, teacher_vocab, teacher_seq_len, teacher_batch_stride, teacher_row_stride,
                   teacher_col_stride, teacher_inv_temperature, GATHER, TEACHER_UNIT_STRIDE, USE_PTX, SIMD16, False,
-                  PREFETCH, BLOCK, TAIL_BLOCK, GAPS, start_shift, start_gap_at, start_gap, FIRST)
+                  PREFETCH, BLOCK, TAIL_BLOCK, GAPS, start_shift, start_gap_at, start_gap)
 
 
 @triton.jit
@@ -437,7 +440,7 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
               vocab, seq_len, batch_stride, row_stride, col_stride, inv_temperature, GATHER: tl.constexpr,
               UNIT_STRIDE: tl.constexpr, USE_PTX: tl.constexpr, SIMD16: tl.constexpr, HAS_CE: tl.constexpr,
               PREFETCH: tl.constexpr, BLOCK: tl.constexpr, TAIL_BLOCK: tl.constexpr, GAPS: tl.constexpr,
-              start_shift, start_gap_at, start_gap, FIRST: tl.constexpr):
+              start_shift, start_gap_at, start_gap):
     """One row of one side: hist_kernel's program. First the histogram of its logits over the
     slots (above; in shared memory with USE_PTX, zeroed by the caller, else counted with global
     atomics at raw_ptr + (pair * 2 + side) * CAP, zeroed by the launcher). Then, from the bins: the row's largest
@@ -474,14 +477,10 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
     # A row is counted once with shift 0; a row that this flags only for its range (a finite
     # logit of magnitude >= 256, no infinity or NaN) once more, with the smallest shift that
     # brings its largest magnitude below 256 ("Rows past 256"). Each pass writes all it has.
-    # (Not FIRST: hist_kernel's REDO, one count with the shift and gap it found.)
+    # (GAPS: hist_kernel's REDO, one count with the shift and gap it found.)
     shift = tl.zeros([], tl.int32) + start_shift
-    gap_at = tl.zeros([], tl.int32) + start_gap_at  # (GAPS: none in the first count)
+    gap_at = tl.zeros([], tl.int32) + start_gap_at
     gap = tl.zeros([], tl.int32) + start_gap
-    if FIRST:
-        first_count = shift == 0  # (GAPS: a second count may keep shift 0, a gap alone)
-    else:
-        first_count = shift != shift
     again = shift == shift  # (padding rows too: their one pass flags them)
     while again:
         # The bins' values are the row's logits times 2**-(shift / 128), and its k is that of
@@ -492,13 +491,10 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
         if GAPS:  # (without, the gap is the constant 0: the passes compile as before the gaps)
             g_at = gap_at
             g = gap
-            counting_first = first_count
-            if gap_at == 0:
-                magnitudes, low_bits = _count_row(row_ptr, raw_at, col_stride, stop, shift, 0, 0, UNIT_STRIDE,
-                                                     USE_PTX, SIMD16, PREFETCH, BLOCK)
-            else:  # (slots one at a time: the SIMD clamps have no gap)
-                magnitudes, low_bits = _count_row(row_ptr, raw_at, col_stride, stop, shift, gap_at, gap,
-                                                     UNIT_STRIDE, USE_PTX, False, PREFETCH, BLOCK)
+            counting_first = shift != shift  # (REDO's one count: no other)
+            # (slots one at a time: the SIMD clamps have no gap)
+            magnitudes, low_bits = _count_row(row_ptr, raw_at, col_stride, stop, shift, gap_at, gap, UNIT_STRIDE,
+                                                 USE_PTX, False, PREFETCH, BLOCK)
         else:
             g_at = 0
             g = 0
@@ -521,16 +517,8 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
         top_shifted += tl.where(top_shifted < g_at, g, 0)
         top_bin = _top_bin(raw_at, top_shifted, tiny_more, tail_stop, USE_PTX, TAIL_BLOCK)
         top = tl.where(top_bin > 0, _logit_of_bin(top_bin, True, g_at, g), 0.0)  # (none: flagged below)
-        if GAPS:  # (two copies of the pass: a row without a gap runs the one compiled without)
-            if g_at == 0:
-                total, ce_total, below, listed = _scan_bins(raw_at, counts_at, list_at, tail_stop, tiny_more, top, scale,
-                                                            ce_scale, 0, 0, HAS_CE, USE_PTX, TAIL_BLOCK)
-            else:
-                total, ce_total, below, listed = _scan_bins(raw_at, counts_at, list_at, tail_stop, tiny_more, top, scale,
-                                                            ce_scale, g_at, g, HAS_CE, USE_PTX, TAIL_BLOCK)
-        else:
-            total, ce_total, below, listed = _scan_bins(raw_at, counts_at, list_at, tail_stop, tiny_more, top, scale,
-                                                        ce_scale, 0, 0, HAS_CE, USE_PTX, TAIL_BLOCK)
+        total, ce_total, below, listed = _scan_bins(raw_at, counts_at, list_at, tail_stop, tiny_more, top, scale,
+                                                    ce_scale, g_at, g, HAS_CE, USE_PTX, TAIL_BLOCK)
         # logits >= 256 (times the shift's power), +inf and NaN (either sign): past the bins
         out = _slot_count(raw_at, _POS_OUT_SLOT, USE_PTX) + (top_magnitude > _INF_MAGNITUDE).to(tl.int32)
         flag = (top_bin == 0).to(tl.int32) + (out > 0).to(tl.int32) * 2 + (low_bits != 0).to(tl.int32) * _NOT_BF16
@@ -599,50 +587,14 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
         # there the top's k would be 0 * inf; a huge one, below it: k would lose bits): the
         # row stays flagged, as it is after this count.
         next_scale = inv_temperature * LOG2E * _power_of_shift(next_shift, 1)
-        # A split tiny bin is also given a gap (GAPS, "Gaps") where a run of empty bins above it
-        # (the widest) spans a binade or more: the logits below the run are counted gap bits
-        # higher, as far as subnormal bf16 values (the magnitudes below 128) stay in the tiny bin. So is an
-        # unflagged row whose largest logit is in its tiny bin (its top then the logit itself,
-        # not 0, as on the other side, whose tiny bin may split at its own temperature: a gap
-        # against a row taking 0 as its top is flagged by finish_kernel), with no scaling.
-        next_gap_at = tl.zeros([], tl.int32)
-        next_gap = tl.zeros([], tl.int32)
-        if GAPS:
-            split = counting_first & (flag > 1) & (finite < SLOT_M_HI) & (top_bin > 0)
-            top_tiny = counting_first & (flag == 0) & (top_bin == _TINY)
-            if split | top_tiny:
-                width, above = _widest_gap(raw_at, USE_PTX)
-                up_bits = tl.where(split, -tl.minimum(next_shift, 0), 0)
-                # Within the run (the highest logit below it, a tiny one of magnitude SLOT_M_LO,
-                # 2**-23 - 2**-31, at the least, must land short of the bin that ends it: a
-                # review found one taking the value of a logit of -127.5), inside the bins
-                # (below SLOT_M_HI: that bin may be the low one), and keeping subnormals in the
-                # tiny bin.
-                room = tl.minimum(tl.minimum(width, SLOT_M_HI - 1 - SLOT_M_LO - up_bits),
-                                  SLOT_M_LO - _SHIFT_STEP - up_bits)
-                next_gap = tl.maximum(room, 0) // _SHIFT_STEP * _SHIFT_STEP
-                next_gap_at = tl.where(next_gap > 0, SLOT_M_LO + above + up_bits, 0)
-            next_shift = tl.where(top_tiny, 0, next_shift)
-            again = ((counting_first & (flag > 1) & (low_bits == 0)
-                      & ((next_shift > 0) | (((next_shift < 0) | (next_gap > 0)) & (top_bin > 0)))
-                      & (finite < _INF_MAGNITUDE) & (next_scale < 3.4e38) & (next_scale >= _MIN_NORMAL))
-                     | (top_tiny & (next_gap > 0)))
-        else:
-            again = ((counting_first & (flag > 1) & (low_bits == 0)
-                      & ((next_shift > 0) | ((next_shift < 0) & (top_bin > 0))) & (finite < _INF_MAGNITUDE)
-                      & (next_scale < 3.4e38) & (next_scale >= _MIN_NORMAL)))
+        # (GAPS: REDO's one count, counting_first False: no other; the gap was chosen there)
+        again = ((counting_first & (flag > 1) & (low_bits == 0)
+                  & ((next_shift > 0) | ((next_shift < 0) & (top_bin > 0))) & (finite < _INF_MAGNITUDE)
+                  & (next_scale < 3.4e38) & (next_scale >= _MIN_NORMAL)))
         if again:  # the histogram read, then zeroed for the second count
             tl.debug_barrier()
-            if USE_PTX:
-                smem_clear()
-            else:
-                for word in tl.range(0, CAP, TAIL_BLOCK):
-                    tl.store(raw_at + word + tl.arange(0, TAIL_BLOCK), tl.zeros([TAIL_BLOCK], tl.int32))
-            tl.debug_barrier()
+            _clear_histogram(raw_at, USE_PTX, TAIL_BLOCK)
         shift = next_shift
-        first_count = shift != shift  # (False, as a tensor)
-        gap_at = next_gap_at
-        gap = next_gap
 
 
 @triton.jit
