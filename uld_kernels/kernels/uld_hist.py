@@ -88,6 +88,23 @@ counts again, once, the rows that take one. The kernels' GAPS (`ULD_HIST_GAPS`, 
 launch.HIST_GAPS) compiles the gaps in; without, the gap is the constant 0 and the passes
 compile to the code before them (SASS checked), leaving such rows to the trie.
 
+Tiny sub-bins. A row whose tiny bin still splits after that (a logit in every binade from
+2**-23 to its tail leaves no run for a gap: bench kind `dense`, every row at temperature 0.5;
+or its gap leaves the tiny bin split) holds in its tiny bin logits of a few different k: the
+k of its two ends, computed as everywhere, bound them, and consecutive float32 values have
+consecutive keys (`_key`). Where the split is the row's only flag (4) and at most _SUB_BINS
+keys lie between its ends' k (both live), the REDO launch reads the row once more and counts
+its tiny logits by the key of their k (computed as grad_kernel computes it) into sub-bins: a
+few counts past the bins (_SUB_P), and the row is unflagged, marked _SUBS in its _GAPS word.
+Nothing else of the row changes: its bins still give every tiny element the k of the bin's
+upper end, so any count of a side's elements at or above a value v from its bins (sign_kernel's)
+is corrected by the sub-bins' prefix counts where that k is >= v (`_sub_counts`, both sides);
+sign_kernel finds the sign of each sub-bin as of a bin whose value is its k (`_sub_signs`,
+its bounds searched), and grad_kernel takes a tiny element's sign from its sub-bin's entry
+past the slots (_SUB_SIGN). Both run this only in the copies of their loops compiled for gaps
+(the ordinary copies unchanged; grad_kernel's registers too, 56). A row with sub-bins counts
+as one with a gap against a side counting an occupied tiny bin without (finish_kernel, 16).
+
 float32 rows. A bf16 model's logits upcast with `.float()` (as many training loops do before
 a loss) are float32 values whose low 16 bits are 0: the high half of each is its bf16 pattern
 (`_bf16_bits`), and every pass above runs on those patterns unchanged, reading 4 bytes a
@@ -146,6 +163,19 @@ _SHIFT = tl.constexpr(4)  # the row's shift (magnitude bits; "Rows past 256" abo
 _SHIFT_STEP = tl.constexpr(128)  # a binade of bf16 magnitude bits: shifts are multiples of it
 _MAX_UP = tl.constexpr(64)  # binades a row may be scaled up by ("Split tiny bins"): 2**-87 still tiny
 _MIN_NORMAL = tl.constexpr(1.1754943508222875e-38)  # 2**-126: a scale below it would lose bits
+# Sub-bins ("Tiny sub-bins"): a row whose split tiny bin no scaling or gap separates, its tiny
+# logits counted by the key of their k. _SUBS marks such a row in its _GAPS word (a gap_at bit
+# no gap sets: no magnitude reaches it, so its gap of 0 changes no slot). Words past the bins:
+# in the side's counts, P[j] (the tiny elements of k below sub-bin j, j <= n) from _SUB_P and
+# the key of sub-bin 0's k and n at _SUB_KEY and _SUB_N (hist_kernel's REDO; counts past WIDTH
+# are never read); in its sign table the sub-bins' signs from _SUB_SIGN, with the key and n
+# again (sign_kernel; grad_kernel reads no counts). Sub-bin j holds the k of key _SUB_KEY + j.
+_SUBS = tl.constexpr(0x8000)
+_SUB_BINS = tl.constexpr(32)  # sub-bins at most (the k of a tiny bin's two ends, that many keys apart)
+_SUB_P = tl.constexpr(8128)
+_SUB_KEY = tl.constexpr(8161)
+_SUB_N = tl.constexpr(8162)
+_SUB_SIGN = tl.constexpr(8128)  # (in the sign table: past _LOW_SLOT, the highest slot)
 
 
 @triton.jit
@@ -170,6 +200,20 @@ def _logit_of_bin(bins, TINY_AT_ZERO: tl.constexpr, gap_at=0, gap=0):
     if TINY_AT_ZERO:
         bits = tl.where(d == 0, 0, bits)
     return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _key(k):
+    """An int32 key in the order of float32 values k (-0 and +0 alike; no NaN): consecutive
+    float32 values take consecutive keys."""
+    bits = k.to(tl.int32, bitcast=True)
+    return tl.where(k == 0.0, 0, tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF))
+
+
+@triton.jit
+def _of_key(key):
+    """The float32 value of a key (`_key`'s inverse)."""
+    return tl.where(key >= 0, key, key ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -344,6 +388,14 @@ def hist_kernel(student_ptr, teacher_ptr, student_index_ptr, teacher_index_ptr, 
                         _clear_histogram(raw_ptr + at_row * CAP, USE_PTX, TAIL_BLOCK)
                     else:
                         tl.store(fparam_ptr + params + _GAPS, 0.0)
+                    if tl.load(iparam_ptr + params + _FLAG) == 4:  # sub-bins, where the split tiny bin alone flags it
+                        _hist_side(pair, side, student_ptr, teacher_ptr, student_index_ptr, teacher_index_ptr,
+                                   count_ptr, list_ptr, raw_ptr, fparam_ptr, iparam_ptr, batch_start, student_vocab,
+                                   teacher_vocab, student_seq_len, student_batch_stride, student_row_stride,
+                                   student_col_stride, teacher_seq_len, teacher_batch_stride, teacher_row_stride,
+                                   teacher_col_stride, student_inv_temperature, teacher_inv_temperature, GATHER,
+                                   STUDENT_UNIT_STRIDE, TEACHER_UNIT_STRIDE, USE_PTX, SIMD16, HAS_CE, PREFETCH, BLOCK,
+                                   TAIL_BLOCK, True, shift, gap_at, gap, True)
     else:
         _hist_side(tl.program_id(0), tl.program_id(1), student_ptr, teacher_ptr, student_index_ptr,
                    teacher_index_ptr, count_ptr, list_ptr, raw_ptr, fparam_ptr, iparam_ptr, batch_start,
@@ -421,18 +473,93 @@ def _hist_side(pair, side, student_ptr, teacher_ptr, student_index_ptr, teacher_
                GATHER: tl.constexpr, STUDENT_UNIT_STRIDE: tl.constexpr, TEACHER_UNIT_STRIDE: tl.constexpr,
                USE_PTX: tl.constexpr, SIMD16: tl.constexpr, HAS_CE: tl.constexpr, PREFETCH: tl.constexpr,
                BLOCK: tl.constexpr, TAIL_BLOCK: tl.constexpr, GAPS: tl.constexpr, start_shift, start_gap_at,
-               start_gap):
-    """`_hist_row` on the student's row of a pair (side 0) or the teacher's."""
+               start_gap, SUBS: tl.constexpr = False):
+    """`_hist_row` on the student's row of a pair (side 0) or the teacher's (SUBS: `_sub_bins_row`)."""
     if side == 0:
-        _hist_row(pair, 0, student_ptr, student_index_ptr, count_ptr, list_ptr, raw_ptr, fparam_ptr, iparam_ptr,
-                  batch_start, student_vocab, student_seq_len, student_batch_stride, student_row_stride,
-                  student_col_stride, student_inv_temperature, GATHER, STUDENT_UNIT_STRIDE, USE_PTX, SIMD16, HAS_CE,
-                  PREFETCH, BLOCK, TAIL_BLOCK, GAPS, start_shift, start_gap_at, start_gap)
+        if SUBS:
+            _sub_bins_row(pair, 0, student_ptr, student_index_ptr, count_ptr, raw_ptr, fparam_ptr, iparam_ptr,
+                          batch_start, student_vocab, student_seq_len, student_batch_stride, student_row_stride,
+                          student_col_stride, student_inv_temperature, GATHER, STUDENT_UNIT_STRIDE, USE_PTX, PREFETCH,
+                          BLOCK, TAIL_BLOCK, start_gap_at, start_gap)
+        else:
+            _hist_row(pair, 0, student_ptr, student_index_ptr, count_ptr, list_ptr, raw_ptr, fparam_ptr, iparam_ptr,
+                      batch_start, student_vocab, student_seq_len, student_batch_stride, student_row_stride,
+                      student_col_stride, student_inv_temperature, GATHER, STUDENT_UNIT_STRIDE, USE_PTX, SIMD16,
+                      HAS_CE, PREFETCH, BLOCK, TAIL_BLOCK, GAPS, start_shift, start_gap_at, start_gap)
     else:
-        _hist_row(pair, 1, teacher_ptr, teacher_index_ptr, count_ptr, list_ptr, raw_ptr, fparam_ptr, iparam_ptr,
-                  batch_start, teacher_vocab, teacher_seq_len, teacher_batch_stride, teacher_row_stride,
-                  teacher_col_stride, teacher_inv_temperature, GATHER, TEACHER_UNIT_STRIDE, USE_PTX, SIMD16, False,
-                  PREFETCH, BLOCK, TAIL_BLOCK, GAPS, start_shift, start_gap_at, start_gap)
+        if SUBS:
+            _sub_bins_row(pair, 1, teacher_ptr, teacher_index_ptr, count_ptr, raw_ptr, fparam_ptr, iparam_ptr,
+                          batch_start, teacher_vocab, teacher_seq_len, teacher_batch_stride, teacher_row_stride,
+                          teacher_col_stride, teacher_inv_temperature, GATHER, TEACHER_UNIT_STRIDE, USE_PTX, PREFETCH,
+                          BLOCK, TAIL_BLOCK, start_gap_at, start_gap)
+        else:
+            _hist_row(pair, 1, teacher_ptr, teacher_index_ptr, count_ptr, list_ptr, raw_ptr, fparam_ptr, iparam_ptr,
+                      batch_start, teacher_vocab, teacher_seq_len, teacher_batch_stride, teacher_row_stride,
+                      teacher_col_stride, teacher_inv_temperature, GATHER, TEACHER_UNIT_STRIDE, USE_PTX, SIMD16, False,
+                      PREFETCH, BLOCK, TAIL_BLOCK, GAPS, start_shift, start_gap_at, start_gap)
+
+
+@triton.jit
+def _sub_bins_row(pair, side, logits_ptr, index_ptr, count_ptr, raw_ptr, fparam_ptr, iparam_ptr, batch_start, vocab,
+                  seq_len, batch_stride, row_stride, col_stride, inv_temperature, GATHER: tl.constexpr,
+                  UNIT_STRIDE: tl.constexpr, USE_PTX: tl.constexpr, PREFETCH: tl.constexpr, BLOCK: tl.constexpr,
+                  TAIL_BLOCK: tl.constexpr, gap_at, gap):
+    """hist_kernel's REDO, after a row's gap (`gap`, 0: none; "Tiny sub-bins"): where its flag
+    is the split tiny bin's alone (4: no other check of the last count failed, nor the
+    cross-entropy's), its tiny bin's k live at both ends and at most _SUB_BINS keys apart, one
+    more read of the row counts its tiny logits (those of the count's slot 0 or
+    _NEG_TINY_SLOT) by the key of their k, computed as grad_kernel computes it; their prefix
+    counts go to the words past the bins, and the row is unflagged, marked _SUBS. Expects the
+    histogram zeroed; leaves it so."""
+    at = (pair * 2 + side).to(tl.int64)
+    params = at * PARAM_SLOTS
+    counts_at = count_ptr + at * CAP
+    raw_at = raw_ptr + at * CAP
+    flag = tl.load(iparam_ptr + params + _FLAG)
+    shift = tl.load(iparam_ptr + params + _SHIFT)
+    top = tl.load(fparam_ptr + params + _TOP)  # (unshifted)
+    log_sum = tl.load(fparam_ptr + params + _LOG_SUM)
+    # The split check as hist_kernel made it, in the shifted values
+    scale = inv_temperature * LOG2E * _power_of_shift(shift, 1)
+    shifted_top = top * _power_of_shift(shift, -1)
+    tiny_end = _logit_of_bin(tl.zeros([], tl.int32) + _TINY, False, gap_at, gap)
+    k_low = _log2_prob(-tiny_end, scale, shifted_top, log_sum)
+    key_low = _key(k_low)
+    n = _key(_log2_prob(tiny_end, scale, shifted_top, log_sum)) - key_low + 1
+    tiny = tl.load(counts_at + _TINY + 1) - tl.load(counts_at + _TINY)
+    low = tl.load(counts_at + 1) - tl.load(counts_at)
+    low_live = _exp2(_log2_prob(-256.0, scale, shifted_top, log_sum)) > 0.0
+    if ((flag == 4) & (shift <= 0) & (tiny > 0) & (n > 1) & (n <= _SUB_BINS) & (_exp2(k_low) > 0.0)
+            & ((low == 0) | ~low_live)):
+        row, _unused, row_ptr, _ = _pair_rows(batch_start + pair, logits_ptr, logits_ptr, index_ptr, index_ptr,
+                                              seq_len, batch_stride, row_stride, seq_len, batch_stride,
+                                              row_stride, GATHER)
+        stop = tl.where(row >= 0, vocab, 0)
+        unscaled = inv_temperature * LOG2E
+        ahead = _first_block(row_ptr, tl.arange(0, BLOCK), col_stride, stop, UNIT_STRIDE, PREFETCH, 0.0)
+        for start in tl.range(0, stop, BLOCK):
+            idx = start + tl.arange(0, BLOCK)
+            raw, ahead = _block_raw(ahead, row_ptr, idx, col_stride, stop, BLOCK, UNIT_STRIDE, PREFETCH, 0.0)
+            slots, _magnitude = _slots_of_bits(_bf16_bits(raw).to(tl.int32), shift, gap_at, gap)
+            k = _log2_prob(raw.to(tl.float32), unscaled, top, log_sum)
+            sub = tl.minimum(tl.maximum(_key(k) - key_low, 0), _SUB_BINS - 1)
+            counted = ((slots == 0) | (slots == _NEG_TINY_SLOT)) & (idx < stop)
+            if USE_PTX:
+                smem_add_one(sub, counted)
+            else:
+                tl.atomic_add(raw_at + sub, 1, mask=counted)
+        tl.debug_barrier()  # the counts, visible to every thread
+        j = tl.arange(0, _SUB_BINS)
+        counts = _read_slots(raw_at, j, USE_PTX)
+        tl.store(counts_at + _SUB_P + 1 + j, tl.cumsum(counts, 0))
+        tl.store(counts_at + _SUB_P, 0)
+        tl.store(counts_at + _SUB_KEY, key_low)
+        tl.store(counts_at + _SUB_N, n)
+        if tl.sum(counts, 0) == tiny:  # (else left flagged: the trie's)
+            tl.store(iparam_ptr + params + _FLAG, 0)
+            tl.store(fparam_ptr + params + _GAPS, (gap_at | (gap << 16) | _SUBS).to(tl.float32, bitcast=True))
+        tl.debug_barrier()  # (read, then zeroed for the next row)
+        _clear_histogram(raw_at, USE_PTX, TAIL_BLOCK)
 
 
 @triton.jit
@@ -642,9 +769,10 @@ def _scan_bins(raw_at, counts_at, list_at, tail_stop, tiny_more, top, scale, ce_
 
 @triton.jit
 def _gap_of(fparam_ptr, at):
-    """A side's gap ("Gaps"): where it starts (shifted magnitude bits; 0: none) and its size."""
+    """A side's gap ("Gaps"): where it starts (shifted magnitude bits; 0: none) and its size,
+    and its _SUBS bit ("Tiny sub-bins"; 0: none)."""
     packed = tl.load(fparam_ptr + at * PARAM_SLOTS + _GAPS).to(tl.int32, bitcast=True)
-    return packed & 0xFFFF, packed >> 16
+    return packed & (_SUBS - 1), packed >> 16, packed & _SUBS
 
 
 @triton.jit
@@ -813,11 +941,15 @@ def _bound(v, start, top, log_sum, scale, active, STRICT: tl.constexpr, gap_at=0
 @triton.jit
 def _bin_signs(bins, active, own_ge, own_gt, own_count, other_count, own_dead, other_dead, own_top, own_log_sum,
                own_scale, other_top, other_log_sum, other_scale, own_total, other_total, sign_ptr, side, store,
-               own_gap_at, own_gap, other_gap_at, other_gap, USE_PTX: tl.constexpr):
+               own_gap_at, own_gap, other_gap_at, other_gap, own_subs, other_subs, USE_PTX: tl.constexpr,
+               SUB: tl.constexpr):
     """sign_kernel's work on one block of occupied bins (`active` lanes; own_ge and own_gt:
     the side's live elements from the bin on and past it) of side `side`: their signs (stored
     at their slots from sign_ptr where `store`) and their count * p * sign (float64, per
-    lane)."""
+    lane). SUB: either side may count its tiny bin in sub-bins (own_subs, other_subs:
+    `_sub_bins_of`); a side's own tiny bin then is `_sub_signs`' work."""
+    if SUB:
+        active &= (bins != _TINY) | (own_subs[1] == 0)
     count = own_ge - own_gt  # the bin's own elements
     v = _k_of_bins(bins, own_top, own_log_sum, own_scale, False, own_gap_at, own_gap)
     # The four bounds from the neighbours' k, where a run of equal k or a missed estimate
@@ -849,6 +981,9 @@ def _bin_signs(bins, active, own_ge, own_gt, own_count, other_count, own_dead, o
         own_ge = tl.where(slow, own_total - _live_below(own_count, own_first, own_dead, slow, USE_PTX), own_ge)
         own_gt = tl.where(slow, own_total - _live_below(own_count, own_after, own_dead, slow, USE_PTX), own_gt)
     other_ge, other_gt = _live_from(other_count, lower, upper, other_total, other_dead, active, USE_PTX)
+    if SUB:
+        own_ge, own_gt = _sub_counts(own_ge, own_gt, v, own_count, own_subs, active)
+        other_ge, other_gt = _sub_counts(other_ge, other_gt, v, other_count, other_subs, active)
     # (the tie rule is symmetric: a teacher's sign is minus the student rule's with the sides
     # swapped, so one rule serves both, from the side's own point of view)
     sign, _unused = _tie_signs(own_gt - other_gt, own_ge - own_gt, other_ge - other_gt)
@@ -864,6 +999,66 @@ def _bin_signs(bins, active, own_ge, own_gt, own_count, other_count, own_dead, o
             tl.store(sign_ptr + _NEG_TINY_SLOT + tl.zeros_like(bins), sign, mask=active & (bins == _TINY))
     p = _exp2(tl.minimum(v, 0.0))  # (k <= 0 where occupied)
     return tl.where(active, count.to(tl.float64) * p.to(tl.float64) * sign.to(tl.float64), 0.0)
+
+
+@triton.jit
+def _sub_bins_of(count_at, marked, top, log_sum, scale, gap_at, gap):
+    """A side's sub-bins ("Tiny sub-bins"): the key of sub-bin 0's k, their number n (0: the
+    side has none), their elements (P[n]) and the k its bins give its tiny bin (the k of the
+    bin's upper end, which `_bound` and the counts from bins take for all its elements)."""
+    subs = marked != 0
+    key_low = tl.load(count_at + _SUB_KEY, mask=subs, other=0)
+    n = tl.load(count_at + _SUB_N, mask=subs, other=0)
+    total = tl.load(count_at + _SUB_P + n, mask=subs, other=0)
+    return key_low, n, total, _k_of_bins(tl.zeros([], tl.int32) + _TINY, top, log_sum, scale, False, gap_at, gap)
+
+
+@triton.jit
+def _sub_counts(ge, gt, v, count_at, subs, mask):
+    """A side's elements of k >= v and k > v from the counts its bins give (`ge`, `gt`: its
+    tiny bin's elements all at the bin's k), its tiny elements taken by their sub-bins instead
+    (no change where the side has none)."""
+    key_low, n, total, k_tiny = subs
+    key = _key(v) - key_low
+    counted = mask & (n > 0)
+    below = tl.load(count_at + _SUB_P + tl.minimum(tl.maximum(key, 0), n), mask=counted, other=0)
+    upto = tl.load(count_at + _SUB_P + tl.minimum(tl.maximum(key + 1, 0), n), mask=counted, other=0)
+    return (ge - tl.where(k_tiny >= v, total, 0) + total - below,
+            gt - tl.where(k_tiny > v, total, 0) + total - upto)
+
+
+@triton.jit
+def _sub_signs(own_count, other_count, own_dead, other_dead, own_top, own_log_sum, own_scale, other_top,
+               other_log_sum, other_scale, own_total, other_total, signs, side, store, own_gap_at, own_gap,
+               other_gap_at, other_gap, own_subs, other_subs, USE_PTX: tl.constexpr):
+    """sign_kernel's work on a side's sub-bins ("Tiny sub-bins"; none: nothing): as
+    `_bin_signs`' on a bin, each sub-bin's value its own k, its four bounds searched (the bins
+    give all its elements one k); their signs stored from signs + _SUB_SIGN (with the key and n,
+    for grad_kernel) where `store`; returns their sum of count * p * sign."""
+    key_low, n, _total, _k_tiny = own_subs
+    j = tl.arange(0, _SUB_BINS)
+    count = (tl.load(own_count + _SUB_P + 1 + j, mask=j < n, other=0)
+             - tl.load(own_count + _SUB_P + j, mask=j < n, other=0))
+    active = count > 0
+    v = _of_key(key_low + j)
+    bins = tl.full([_SUB_BINS], _TINY, tl.int32)
+    own_first = _bound(v, bins, own_top, own_log_sum, own_scale, active, False, own_gap_at, own_gap)
+    own_after = _bound(v, bins + 1, own_top, own_log_sum, own_scale, active, True, own_gap_at, own_gap)
+    guess = _estimate(v, other_top, other_log_sum, 1.0 / other_scale, other_gap_at, other_gap)
+    lower = _bound(v, guess, other_top, other_log_sum, other_scale, active, False, other_gap_at, other_gap)
+    upper = _bound(v, lower, other_top, other_log_sum, other_scale, active, True, other_gap_at, other_gap)
+    own_ge, own_gt = _live_from(own_count, own_first, own_after, own_total, own_dead, active, USE_PTX)
+    other_ge, other_gt = _live_from(other_count, lower, upper, other_total, other_dead, active, USE_PTX)
+    own_ge, own_gt = _sub_counts(own_ge, own_gt, v, own_count, own_subs, active)
+    other_ge, other_gt = _sub_counts(other_ge, other_gt, v, other_count, other_subs, active)
+    sign, _unused = _tie_signs(own_gt - other_gt, own_ge - own_gt, other_ge - other_gt)
+    sign = tl.where(side == 0, sign, -sign)
+    if store & (n > 0):
+        tl.store(signs + _SUB_SIGN + j, sign, mask=active)
+        tl.store(signs + _SUB_KEY, key_low.to(tl.float32, bitcast=True))
+        tl.store(signs + _SUB_N, n.to(tl.float32, bitcast=True))
+    p = _exp2(tl.minimum(v, 0.0))
+    return tl.sum(tl.where(active, count.to(tl.float64) * p.to(tl.float64) * sign.to(tl.float64), 0.0), 0)
 
 
 @triton.jit
@@ -920,36 +1115,47 @@ def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, list_ptr, sign_ptr, partial_p
         own_total = tl.load(iparam_ptr + own * PARAM_SLOTS + _TOTAL)
         other_total = tl.load(iparam_ptr + other * PARAM_SLOTS + _TOTAL)
         if GAPS:  # ("Gaps"; without, the constant 0: the pass compiles as before them)
-            own_gap_at, own_gap = _gap_of(fparam_ptr, own)
-            other_gap_at, other_gap = _gap_of(fparam_ptr, other)
+            own_gap_at, own_gap, own_marked = _gap_of(fparam_ptr, own)
+            other_gap_at, other_gap, other_marked = _gap_of(fparam_ptr, other)
         else:
             own_gap_at = 0
             own_gap = 0
+            own_marked = 0
             other_gap_at = 0
             other_gap = 0
+            other_marked = 0
         listed = tl.load(iparam_ptr + own * PARAM_SLOTS + _OCCUPIED)
         own_dead = tl.load(iparam_ptr + own * PARAM_SLOTS + _DEAD)
         other_dead = tl.load(iparam_ptr + other * PARAM_SLOTS + _DEAD)
         list_at = list_ptr + own * CAP
         signs = sign_ptr + own * CAP
-        if (own_gap_at | other_gap_at) == 0:  # (a pair without a gap: the loop compiled without)
+        if (own_gap_at | other_gap_at | own_marked | other_marked) == 0:  # (no gap: the loop compiled without)
             masses = _sign_bins(list_at, listed, own_count, other_count, own_dead, other_dead, own_top, own_log_sum,
                                 own_scale, other_top, other_log_sum, other_scale, own_total, other_total, signs, side,
-                                store, 0, 0, 0, 0, USE_PTX, BLOCK)
-        else:
+                                store, 0, 0, 0, 0, (0, 0, 0, 0.0), (0, 0, 0, 0.0), USE_PTX, BLOCK, False)
+        else:  # (or sub-bins, "Tiny sub-bins")
+            own_subs = _sub_bins_of(own_count, own_marked, own_top, own_log_sum, own_scale, own_gap_at, own_gap)
+            other_subs = _sub_bins_of(other_count, other_marked, other_top, other_log_sum, other_scale, other_gap_at,
+                                      other_gap)
             masses = _sign_bins(list_at, listed, own_count, other_count, own_dead, other_dead, own_top, own_log_sum,
                                 own_scale, other_top, other_log_sum, other_scale, own_total, other_total, signs, side,
-                                store, own_gap_at, own_gap, other_gap_at, other_gap, USE_PTX, BLOCK)
+                                store, own_gap_at, own_gap, other_gap_at, other_gap, own_subs, other_subs, USE_PTX,
+                                BLOCK, True)
+            sub_mass = _sub_signs(own_count, other_count, own_dead, other_dead, own_top, own_log_sum, own_scale,
+                                  other_top, other_log_sum, other_scale, own_total, other_total, signs, side, store,
+                                  own_gap_at, own_gap, other_gap_at, other_gap, own_subs, other_subs, USE_PTX)
+            masses += tl.where(tl.arange(0, BLOCK) == 0, sub_mass, 0.0)
     tl.store(partial_ptr + own, tl.sum(masses, 0))
 
 
 @triton.jit
 def _sign_bins(list_at, listed, own_count, other_count, own_dead, other_dead, own_top, own_log_sum, own_scale,
                other_top, other_log_sum, other_scale, own_total, other_total, signs, side, store, own_gap_at,
-               own_gap, other_gap_at, other_gap, USE_PTX: tl.constexpr, BLOCK: tl.constexpr):
+               own_gap, other_gap_at, other_gap, own_subs, other_subs, USE_PTX: tl.constexpr, BLOCK: tl.constexpr,
+               SUB: tl.constexpr):
     """sign_kernel's loop over a side's `listed` occupied bins, BLOCK at a time (`_bin_signs`;
-    the gaps 0 as constants where the caller can: the loop then compiles without them): per
-    lane, the sums of count * p * sign (float64)."""
+    the gaps 0 as constants where the caller can, without SUB: the loop then compiles without
+    them): per lane, the sums of count * p * sign (float64)."""
     masses = tl.zeros([BLOCK], tl.float64)
     # Software-pipelined: a step works on bins listed one step earlier and on their counts
     # read one step earlier, so no load waits in the step that issues it (the list two
@@ -965,7 +1171,8 @@ def _sign_bins(list_at, listed, own_count, other_count, own_dead, other_dead, ow
         active = own_ge > own_gt  # (occupied bins of probability 0 come first in the list: skipped)
         masses += _bin_signs(bins, active, own_ge, own_gt, own_count, other_count, own_dead, other_dead, own_top,
                              own_log_sum, own_scale, other_top, other_log_sum, other_scale, own_total, other_total,
-                             signs, side, store, own_gap_at, own_gap, other_gap_at, other_gap, USE_PTX)
+                             signs, side, store, own_gap_at, own_gap, other_gap_at, other_gap, own_subs, other_subs,
+                             USE_PTX, SUB)
         bins = ahead
         ahead = later
         own_ge = next_ge
@@ -1002,8 +1209,8 @@ def finish_kernel(fparam_ptr, iparam_ptr, count_ptr, partial_ptr, row_loss_ptr, 
         s_near = s_shift < 0
         t_near = t_shift < 0
         if GAPS:  # (or a gap)
-            s_near |= _gap_of(fparam_ptr, s_at)[0] > 0
-            t_near |= _gap_of(fparam_ptr, t_at)[0] > 0
+            s_near |= (_gap_of(fparam_ptr, s_at)[0] | _gap_of(fparam_ptr, s_at)[2]) > 0
+            t_near |= (_gap_of(fparam_ptr, t_at)[0] | _gap_of(fparam_ptr, t_at)[2]) > 0
         mixed = (s_near & ~t_near & (t_tiny > 0)) | (t_near & ~s_near & (s_tiny > 0))
         flag = mixed.to(tl.int32) * 16
     s_mass = tl.load(partial_ptr + s_at)
@@ -1068,34 +1275,44 @@ def grad_kernel(logits_ptr, index_ptr, grad_ptr, fparam_ptr, iparam_ptr, sign_pt
         stop = tl.minimum(chunk * CHUNK + CHUNK, vocab)  # (CHUNK is a multiple of BLOCK)
         gap_at = 0
         gap = 0
+        marked = 0
         if GAPS:
-            gap_at, gap = _gap_of(fparam_ptr, at)
-        if gap_at == 0:
+            gap_at, gap, marked = _gap_of(fparam_ptr, at)
+        if (gap_at | marked) == 0:
             _grad_span(row_ptr, grad_row, signs, chunk * CHUNK, stop, vocab, col_stride, scale, top, log_sum, factor,
-                       mass_factor, ce_label, ce_factor, ce_log_sum, shift, 0, 0, HAS_CE, UNIT_STRIDE, PREFETCH,
-                       USE_PTX, SIMD16, BLOCK)
-        else:  # (slots one at a time: the SIMD clamps have no gap)
+                       mass_factor, ce_label, ce_factor, ce_log_sum, shift, 0, 0, 0, 0, HAS_CE, UNIT_STRIDE,
+                       PREFETCH, USE_PTX, SIMD16, BLOCK, False)
+        else:  # (slots one at a time: the SIMD clamps have no gap; or sub-bins, "Tiny sub-bins")
+            sub_key = tl.load(signs + _SUB_KEY, mask=marked != 0, other=0.0).to(tl.int32, bitcast=True)
+            sub_n = tl.load(signs + _SUB_N, mask=marked != 0, other=0.0).to(tl.int32, bitcast=True)
             _grad_span(row_ptr, grad_row, signs, chunk * CHUNK, stop, vocab, col_stride, scale, top, log_sum, factor,
-                       mass_factor, ce_label, ce_factor, ce_log_sum, shift, gap_at, gap, HAS_CE, UNIT_STRIDE,
-                       PREFETCH, USE_PTX, False, BLOCK)
+                       mass_factor, ce_label, ce_factor, ce_log_sum, shift, gap_at, gap, sub_key, sub_n, HAS_CE,
+                       UNIT_STRIDE, PREFETCH, USE_PTX, False, BLOCK, True)
 
 
 @triton.jit
 def _grad_span(row_ptr, grad_row, signs, begin, stop, vocab, col_stride, scale, top, log_sum, factor, mass_factor,
-               ce_label, ce_factor, ce_log_sum, shift, gap_at, gap, HAS_CE: tl.constexpr, UNIT_STRIDE: tl.constexpr,
-               PREFETCH: tl.constexpr, USE_PTX: tl.constexpr, SIMD16: tl.constexpr, BLOCK: tl.constexpr):
+               ce_label, ce_factor, ce_log_sum, shift, gap_at, gap, sub_key, sub_n, HAS_CE: tl.constexpr,
+               UNIT_STRIDE: tl.constexpr, PREFETCH: tl.constexpr, USE_PTX: tl.constexpr, SIMD16: tl.constexpr,
+               BLOCK: tl.constexpr, SUB: tl.constexpr):
     """grad_kernel's loop over columns [begin, stop) of a row: each element's sign from its
-    slot's table (the row's shift and gap), and its gradient."""
+    slot's table (the row's shift and gap), and its gradient. SUB: a row with sub_n sub-bins
+    (0: none) takes its tiny elements' signs from theirs, by the key of k (sub_key: sub-bin 0's)."""
     ahead = _first_block(row_ptr, begin + tl.arange(0, BLOCK), col_stride, stop, UNIT_STRIDE, PREFETCH)
     for start in tl.range(begin, stop, BLOCK):
         idx = start + tl.arange(0, BLOCK)
         raw, ahead = _block_raw(ahead, row_ptr, idx, col_stride, stop, BLOCK, UNIT_STRIDE, PREFETCH)
         z = raw.to(tl.float32)
-        p = _exp2(_log2_prob(z, scale, top, log_sum))
+        k = _log2_prob(z, scale, top, log_sum)
+        p = _exp2(k)
+        slots = _slots(raw, shift, SIMD16, gap_at, gap)
+        if SUB:  # (a tiny element's sign: its sub-bin's entry, past the slots)
+            tiny = ((slots == 0) | (slots == _NEG_TINY_SLOT)) & (sub_n > 0)
+            slots = tl.where(tiny, _SUB_SIGN + tl.minimum(tl.maximum(_key(k) - sub_key, 0), _SUB_BINS - 1), slots)
         if USE_PTX:  # the table is read-only here: the non-coherent path, one wide address add
-            sign = gather_f32(signs, _slots(raw, shift, SIMD16, gap_at, gap), p > 0.0)
+            sign = gather_f32(signs, slots, p > 0.0)
         else:
-            sign = tl.load(signs + _slots(raw, shift, SIMD16, gap_at, gap), mask=p > 0.0, other=0.0)
+            sign = tl.load(signs + slots, mask=p > 0.0, other=0.0)
         grad = p * (sign * factor - mass_factor)  # (a fused multiply-add, and one product)
         if HAS_CE:  # the cross-entropy's softmax, temperature 1
             grad += ce_factor * (_exp2(_log2_prob(z, LOG2E, top, ce_log_sum))

@@ -1,0 +1,149 @@
+"""Rows whose tiny bin splits where neither a scaling up nor a gap separates it (a logit in every
+binade from 2**-23 to the tail: bench kind `dense`), their tiny logits counted by the key of
+their k in sub-bins (kernels/uld_hist.py, "Tiny sub-bins"; part of the gaps' REDO launch,
+ULD_HIST_GAPS=1, on here). Without them every such row went to the trie (43.6 ms for 16,384
+`dense` rows at temperature 0.5, seventeenth session). Oracles: the float64 reference, the
+trie engine, and exact zeros where the two rows tie. Rows of a few hundred columns.
+
+The two rows of a pair never share a logit value here (the teacher's ladder is 1.5 times the
+student's): equal logits in both rows put their probabilities within float32 rounding of each
+other, where the float64 reference and any float32 engine may order them apart.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import uld_kernels.launch as launch
+from bench.shapes import LADDER, tiny_top_rows
+from tests.helpers import assert_grads_close, assert_losses_close, reference_rows_and_grads
+
+BF16 = torch.bfloat16
+DEAD = -200.0  # p = 0 here; a run of empty bins above the tail, where the gap goes (it then still splits)
+TEACHER_LADDER = tuple(1.5 * x for x in LADDER[:-1])
+
+
+@pytest.fixture(autouse=True)
+def _gaps_on(monkeypatch):
+    """The sub-bins are the gaps' REDO launch's: on (launch.HIST_GAPS)."""
+    monkeypatch.setattr(launch, "HIST_GAPS", True)
+
+
+def _dense(seed, n, vs, vt, extra=(DEAD,), teacher_ladder=TEACHER_LADDER):
+    g = torch.Generator().manual_seed(seed)
+    student = tiny_top_rows(g, n, vs, -60.0, 4.0, "cpu", extra=(*extra, *LADDER), count=15).to(BF16)
+    teacher = tiny_top_rows(g, n, vt, -60.0, 4.0, "cpu", extra=(*extra, *teacher_ladder), count=15).to(BF16)
+    return student, teacher
+
+
+def _flags(student, teacher, ts, tt):
+    return launch.hist_rows(student, teacher, ts, tt, False, False, 1.0, fallback=False)[1]
+
+
+def _assert_exact(student, teacher, ts, tt, what):
+    """hist_rows (with its fallback) against the float64 reference."""
+    rows, _status, grad_s, grad_t = launch.hist_rows(student, teacher, ts, tt, True, True, 1.0)
+    ref_rows, ref_s, ref_t = reference_rows_and_grads(student, teacher, ts, tt, teacher_grad=True)
+    assert_losses_close(rows, ref_rows, BF16, what=f"{what}: loss")
+    assert_grads_close(grad_s, ref_s, student, BF16, what=f"{what}: student gradient")
+    assert_grads_close(grad_t, ref_t, teacher, BF16, what=f"{what}: teacher gradient")
+
+
+@pytest.mark.parametrize("extra", [(DEAD,), ()], ids=["after-a-gap", "scaled-up"])
+def test_dense_rows_take_sub_bins(extra, device, monkeypatch):
+    """`dense` rows at temperature 0.5 on both sides: flagged without the REDO launch (split
+    tiny bins), the engine's with it, exact. With a dead -200 the rows take a gap above the
+    tail first and still split; without it they are scaled up a binade, no gap."""
+    student, teacher = (x.to(device) for x in _dense(60, 2, 200, 160, extra))
+    monkeypatch.setattr(launch, "HIST_GAPS", False)
+    assert (_flags(student, teacher, 0.5, 0.5).cpu() & 4).all(), "the premise: split tiny bins"
+    monkeypatch.setattr(launch, "HIST_GAPS", True)
+    flags = _flags(student, teacher, 0.5, 0.5)
+    assert (flags == 0).all(), f"flags {flags.tolist()}: the sub-bins keep these rows in the engine"
+    _assert_exact(student, teacher, 0.5, 0.5, "sub-bins")
+
+
+def test_sub_bins_against_a_gap(device):
+    """A `dense` student against a teacher of tiny logits and a tail (a gap, no sub-bins), at
+    temperatures 0.5 and 0.7: the engine's, exact."""
+    g = torch.Generator().manual_seed(61)
+    student = tiny_top_rows(g, 2, 200, -60.0, 4.0, "cpu", extra=(DEAD, *LADDER), count=15).to(BF16).to(device)
+    teacher = tiny_top_rows(g, 2, 160, -60.0, 4.0, "cpu", extra=(DEAD,)).to(BF16).to(device)
+    flags = _flags(student, teacher, 0.5, 0.7)
+    assert (flags == 0).all(), f"flags {flags.tolist()}"
+    _assert_exact(student, teacher, 0.5, 0.7, "sub-bins against a gap")
+
+
+@pytest.mark.parametrize("permute", [False, True])
+def test_identical_rows_with_sub_bins_tie_exactly(permute, device):
+    """The same `dense` row on both sides (its columns shuffled, or not): the same sub-bins,
+    every value tied across the sides, loss and gradients exactly 0."""
+    student, _ = _dense(62, 2, 200, 160)
+    teacher = student[:, torch.randperm(200, generator=torch.Generator().manual_seed(7))] if permute else student
+    student, teacher = student.to(device), teacher.clone().to(device)
+    rows, status, grad_s, grad_t = launch.hist_rows(student, teacher, 0.5, 0.5, True, True, 1.0, fallback=False)
+    assert (status == 0).all(), f"flags {status.tolist()}: the engine's own"
+    assert (rows == 0).all(), f"losses {rows.tolist()}"
+    assert (grad_s == 0).all() and (grad_t == 0).all(), "gradients of identical rows are 0"
+
+
+def test_sub_bins_against_an_occupied_tiny_bin_without_them_are_flagged(device):
+    """A side with sub-bins resolves its logits near 0 by their k; a side whose tiny bin holds
+    logits of one k at its top of 0 counts them there: such a pair goes to the trie (flag 16,
+    as for a gap or a scaling up), exact."""
+    student, _ = _dense(63, 1, 200, 160)
+    g = torch.Generator().manual_seed(64)
+    teacher = torch.randn(1, 160, generator=g) * 2
+    teacher[:, :5] = 2.0 ** -30
+    student, teacher = student.to(device), teacher.to(BF16).to(device)
+    flags = _flags(student, teacher, 0.5, 0.5)
+    assert (flags.cpu() == 16).all(), f"flags {flags.tolist()}"
+    _assert_exact(student, teacher, 0.5, 0.5, "mixed")
+
+
+def test_too_many_sub_bins_stay_flagged(device):
+    """At temperature 0.01 the k of the tiny bin's two ends lie ~70 float32 values apart, past
+    the 32 sub-bins: the rows stay the trie's, exact."""
+    student, teacher = (x.to(device) for x in _dense(65, 1, 200, 160))
+    flags = _flags(student, teacher, 0.01, 0.01)
+    assert (flags.cpu() & 4).all(), f"flags {flags.tolist()}"
+    _assert_exact(student, teacher, 0.01, 0.01, "too many sub-bins")
+
+
+def test_gathered_pairs_with_cross_entropy_and_sub_bins_match_the_trie(device):
+    """The training loss's path (row maps, padding, weights, the student's cross-entropy) on
+    `dense` rows at temperature 0.5: rows whose cross-entropy check at temperature 1 fails stay
+    flagged; the losses, cross-entropies and gradient are the trie engine's."""
+    student, teacher = (x.to(device) for x in _dense(66, 4, 160, 120))
+    kw = dict(student_index=torch.tensor([2, 0, -1, 3], device=device),
+              teacher_index=torch.tensor([0, 1, 2, 3], device=device),
+              row_weight=torch.tensor([0.5, 2.0, 1.0, 1.5], device=device),
+              ce_label=torch.tensor([5, 11, -1, 159], device=device),
+              ce_weight=torch.tensor([1.0, 0.5, 1.0, 2.0], device=device))
+    ours = launch.hist_pairs(student, teacher, 0.5, 0.5, True, False, 1.0, **kw)
+    trie = launch.uld_pairs(student, teacher, 0.5, 0.5, True, False, 1.0, **kw)
+    assert_losses_close(ours[0], trie[0], BF16, what="loss")
+    assert_losses_close(ours[2], trie[2], BF16, what="cross-entropy")
+    assert_grads_close(ours[3], trie[3], student, BF16)
+
+
+def test_sub_bins_counted_where_the_other_row_changes_rank(device):
+    """The counts at or above each value that the sub-bins correct, made to matter: a `dense`
+    student's ~20 largest probabilities (its tiny logits and the ladder's smallest) lie within a
+    few float32 values of each other, in its sub-bins and the bins next to them (ties at the
+    bins' k); a teacher of B logits at 1 (p ~ 1/B, well above them) and the rest at -10 (well
+    below) changes sign in the middle of that run, at student rank B. Without the sub-bins'
+    counts the signs of those ties are wrong (a mutation of `_sub_counts` fails here, passing
+    every other test); far from every teacher value, the float64 reference orders them as the
+    kernels do."""
+    g = torch.Generator().manual_seed(67)
+    n = 6
+    student = tiny_top_rows(g, n, 200, -60.0, 4.0, "cpu", extra=(DEAD, *LADDER), count=15).to(BF16)
+    teacher = torch.full((n, 160), -10.0)
+    for row, b in enumerate((8, 12, 16, 20, 24, 28)):
+        teacher[row, :b] = 1.0
+    student, teacher = student.to(device), teacher.to(BF16).to(device)
+    flags = _flags(student, teacher, 0.5, 0.5)
+    assert (flags == 0).all(), f"flags {flags.tolist()}"
+    _assert_exact(student, teacher, 0.5, 0.5, "ranks across the sub-bins")
