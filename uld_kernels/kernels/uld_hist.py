@@ -1133,7 +1133,12 @@ def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, list_ptr, sign_ptr, partial_p
             masses = _sign_bins(list_at, listed, own_count, other_count, own_dead, other_dead, own_top, own_log_sum,
                                 own_scale, other_top, other_log_sum, other_scale, own_total, other_total, signs, side,
                                 store, 0, 0, 0, 0, (0, 0, 0, 0.0), (0, 0, 0, 0.0), USE_PTX, BLOCK, False)
-        else:  # (or sub-bins, "Tiny sub-bins")
+        elif (own_marked | other_marked) == 0:  # (a gap: the loop compiled with, without sub-bins)
+            masses = _sign_bins(list_at, listed, own_count, other_count, own_dead, other_dead, own_top, own_log_sum,
+                                own_scale, other_top, other_log_sum, other_scale, own_total, other_total, signs, side,
+                                store, own_gap_at, own_gap, other_gap_at, other_gap, (0, 0, 0, 0.0), (0, 0, 0, 0.0),
+                                USE_PTX, BLOCK, False)
+        else:  # (sub-bins, "Tiny sub-bins")
             own_subs = _sub_bins_of(own_count, own_marked, own_top, own_log_sum, own_scale, own_gap_at, own_gap)
             other_subs = _sub_bins_of(other_count, other_marked, other_top, other_log_sum, other_scale, other_gap_at,
                                       other_gap)
@@ -1282,7 +1287,11 @@ def grad_kernel(logits_ptr, index_ptr, grad_ptr, fparam_ptr, iparam_ptr, sign_pt
             _grad_span(row_ptr, grad_row, signs, chunk * CHUNK, stop, vocab, col_stride, scale, top, log_sum, factor,
                        mass_factor, ce_label, ce_factor, ce_log_sum, shift, 0, 0, 0, 0, HAS_CE, UNIT_STRIDE,
                        PREFETCH, USE_PTX, SIMD16, BLOCK, False)
-        else:  # (slots one at a time: the SIMD clamps have no gap; or sub-bins, "Tiny sub-bins")
+        elif marked == 0:  # (slots one at a time: the SIMD clamps have no gap)
+            _grad_span(row_ptr, grad_row, signs, chunk * CHUNK, stop, vocab, col_stride, scale, top, log_sum, factor,
+                       mass_factor, ce_label, ce_factor, ce_log_sum, shift, gap_at, gap, 0, 0, HAS_CE, UNIT_STRIDE,
+                       PREFETCH, USE_PTX, False, BLOCK, False)
+        else:  # (sub-bins, "Tiny sub-bins")
             sub_key = tl.load(signs + _SUB_KEY, mask=marked != 0, other=0.0).to(tl.int32, bitcast=True)
             sub_n = tl.load(signs + _SUB_N, mask=marked != 0, other=0.0).to(tl.int32, bitcast=True)
             _grad_span(row_ptr, grad_row, signs, chunk * CHUNK, stop, vocab, col_stride, scale, top, log_sum, factor,
