@@ -45,8 +45,8 @@ def print_kernel_times(per_kernel: dict):
         print(f"  {t / 1e3:8.3f} ms  {n:4d} launches  {name}")
 
 
-def one_call(student, teacher):
-    return uld_rows(student, teacher, 1.0, 1.0, True, False, 1.0)
+def one_call(student, teacher, temperature=1.0):
+    return uld_rows(student, teacher, temperature, temperature, True, False, 1.0)
 
 
 def main():
@@ -54,19 +54,21 @@ def main():
     parser.add_argument("--rows", type=int, default=16384)
     parser.add_argument("--pairs", nargs="+", default=["qwen_llama3", "qwen_qwen"], choices=list(VOCAB_PAIRS))
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
+    parser.add_argument("--temperature", type=float, default=1.0, help="both sides' softmax temperature")
     args = parser.parse_args()
+    temperature = args.temperature
     for pair, vs, vt, kind in pair_kinds(args.pairs, args.kinds):
         student, teacher = make_rows(kind, args.rows, vs, vt, seed=1)
         for _ in range(2):
-            _, status, _, _ = one_call(student, teacher)
-        per_kernel = kernel_times(lambda: one_call(student, teacher))
+            _, status, _, _ = one_call(student, teacher, temperature)
+        per_kernel = kernel_times(lambda: one_call(student, teacher, temperature))
         total = sum(t for t, _ in per_kernel.values())
         depth = (status >> 1).float()
         flagged = ""
         if launch.ENGINE == "hist" and student.dtype == torch.bfloat16:  # rows the trie fallback took
-            flags = launch.hist_rows(student, teacher, 1.0, 1.0, True, False, 1.0, fallback=False)[1]
+            flags = launch.hist_rows(student, teacher, temperature, temperature, True, False, 1.0, fallback=False)[1]
             flagged = f"; flagged rows {int((flags != 0).sum())}"
-        print(f"\n{pair} {kind} rows={args.rows}: {total / 1e3:.2f} ms of kernels; trie depth mean "
+        print(f"\n{pair} {kind} T={temperature} rows={args.rows}: {total / 1e3:.2f} ms of kernels; trie depth mean "
               f"{depth.mean():.2f} max {int(depth.max())}; exhausted rows {int((status & 1).sum())}{flagged}")
         print_kernel_times(per_kernel)
         del student, teacher
