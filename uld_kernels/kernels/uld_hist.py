@@ -480,7 +480,7 @@ def _hist_side(pair, side, student_ptr, teacher_ptr, student_index_ptr, teacher_
             _sub_bins_row(pair, 0, student_ptr, student_index_ptr, count_ptr, raw_ptr, fparam_ptr, iparam_ptr,
                           batch_start, student_vocab, student_seq_len, student_batch_stride, student_row_stride,
                           student_col_stride, student_inv_temperature, GATHER, STUDENT_UNIT_STRIDE, USE_PTX, PREFETCH,
-                          BLOCK, TAIL_BLOCK, start_gap_at, start_gap)
+                          BLOCK // 2, TAIL_BLOCK, start_gap_at, start_gap)
         else:
             _hist_row(pair, 0, student_ptr, student_index_ptr, count_ptr, list_ptr, raw_ptr, fparam_ptr, iparam_ptr,
                       batch_start, student_vocab, student_seq_len, student_batch_stride, student_row_stride,
@@ -491,7 +491,7 @@ def _hist_side(pair, side, student_ptr, teacher_ptr, student_index_ptr, teacher_
             _sub_bins_row(pair, 1, teacher_ptr, teacher_index_ptr, count_ptr, raw_ptr, fparam_ptr, iparam_ptr,
                           batch_start, teacher_vocab, teacher_seq_len, teacher_batch_stride, teacher_row_stride,
                           teacher_col_stride, teacher_inv_temperature, GATHER, TEACHER_UNIT_STRIDE, USE_PTX, PREFETCH,
-                          BLOCK, TAIL_BLOCK, start_gap_at, start_gap)
+                          BLOCK // 2, TAIL_BLOCK, start_gap_at, start_gap)
         else:
             _hist_row(pair, 1, teacher_ptr, teacher_index_ptr, count_ptr, list_ptr, raw_ptr, fparam_ptr, iparam_ptr,
                       batch_start, teacher_vocab, teacher_seq_len, teacher_batch_stride, teacher_row_stride,
@@ -541,13 +541,16 @@ def _sub_bins_row(pair, side, logits_ptr, index_ptr, count_ptr, raw_ptr, fparam_
             idx = start + tl.arange(0, BLOCK)
             raw, ahead = _block_raw(ahead, row_ptr, idx, col_stride, stop, BLOCK, UNIT_STRIDE, PREFETCH, 0.0)
             slots, _magnitude = _slots_of_bits(_bf16_bits(raw).to(tl.int32), shift, gap_at, gap)
-            k = _log2_prob(raw.to(tl.float32), unscaled, top, log_sum)
-            sub = tl.minimum(tl.maximum(_key(k) - key_low, 0), _SUB_BINS - 1)
             counted = ((slots == 0) | (slots == _NEG_TINY_SLOT)) & (idx < stop)
-            if USE_PTX:
-                smem_add_one(sub, counted)
-            else:
-                tl.atomic_add(raw_at + sub, 1, mask=counted)
+            # (few blocks hold a tiny logit; the others would send every lane's add to the
+            # spare word, one address: 32 of them a warp instruction)
+            if tl.max(counted.to(tl.int32), 0) > 0:
+                k = _log2_prob(raw.to(tl.float32), unscaled, top, log_sum)
+                sub = tl.minimum(tl.maximum(_key(k) - key_low, 0), _SUB_BINS - 1)
+                if USE_PTX:
+                    smem_add_one(sub, counted)
+                else:
+                    tl.atomic_add(raw_at + sub, 1, mask=counted)
         tl.debug_barrier()  # the counts, visible to every thread
         j = tl.arange(0, _SUB_BINS)
         counts = _read_slots(raw_at, j, USE_PTX)
