@@ -137,6 +137,48 @@ def assert_grads_close(ours: torch.Tensor, ref: torch.Tensor, logits: torch.Tens
         )
 
 
+def hist_flags(student, teacher, student_temperature=1.0, teacher_temperature=1.0):
+    """The histogram engine's flags of each pair (0: its own; no fallback)."""
+    from uld_kernels import launch
+    return launch.hist_rows(student, teacher, student_temperature, teacher_temperature, False, False, 1.0,
+                            fallback=False)[1]
+
+
+def assert_hist_exact(student, teacher, student_temperature, teacher_temperature, what, dtype=torch.bfloat16):
+    """`launch.hist_rows` (with its fallback) against the float64 reference: losses and both
+    gradients."""
+    from uld_kernels import launch
+    rows, _status, grad_s, grad_t = launch.hist_rows(student, teacher, student_temperature, teacher_temperature,
+                                                     True, True, 1.0)
+    ref_rows, ref_s, ref_t = reference_rows_and_grads(student, teacher, student_temperature, teacher_temperature,
+                                                      teacher_grad=True)
+    assert_losses_close(rows, ref_rows, dtype, what=f"{what}: loss")
+    assert_grads_close(grad_s, ref_s, student, dtype, what=f"{what}: student gradient")
+    assert_grads_close(grad_t, ref_t, teacher, dtype, what=f"{what}: teacher gradient")
+
+
+def assert_gathered_pairs_match_the_trie(student, teacher, student_temperature, teacher_temperature,
+                                         dtype=torch.bfloat16):
+    """The training loss's path through the histogram engine (four gathered pairs of 4-row
+    inputs: row maps, a padding pair, weights, the student's cross-entropy) against the trie
+    engine: losses, cross-entropies and the student gradient. Returns the engine's own flags."""
+    from uld_kernels import launch
+    device = student.device
+    kw = dict(student_index=torch.tensor([2, 0, -1, 3], device=device),
+              teacher_index=torch.tensor([0, 1, 2, 3], device=device),
+              row_weight=torch.tensor([0.5, 2.0, 1.0, 1.5], device=device),
+              ce_label=torch.tensor([5, 11, -1, student.shape[-1] - 1], device=device),
+              ce_weight=torch.tensor([1.0, 0.5, 1.0, 2.0], device=device))
+    temperatures = (student_temperature, teacher_temperature, True, False, 1.0)
+    flags = launch.hist_pairs(student, teacher, *temperatures, fallback=False, **kw)[1]
+    ours = launch.hist_pairs(student, teacher, *temperatures, **kw)
+    trie = launch.uld_pairs(student, teacher, *temperatures, **kw)
+    assert_losses_close(ours[0], trie[0], dtype, what="loss")
+    assert_losses_close(ours[2], trie[2], dtype, what="cross-entropy")
+    assert_grads_close(ours[3], trie[3], student, dtype)
+    return flags
+
+
 def keep_trie_workspaces(monkeypatch, launch) -> list:
     """Has `launch._trie_workspace` keep every workspace it makes (in order, in the returned
     list), for tests that read the trie's meta slots after a call."""

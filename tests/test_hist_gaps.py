@@ -13,7 +13,7 @@ import torch
 
 import uld_kernels.launch as launch
 from bench.shapes import NO_GAP, tiny_top_rows
-from tests.helpers import assert_grads_close, assert_losses_close, reference_rows_and_grads
+from tests.helpers import assert_gathered_pairs_match_the_trie, assert_hist_exact, hist_flags
 
 BF16 = torch.bfloat16
 DEAD = -200.0  # p = 0 at the temperatures here; its magnitude rules out a scaling up
@@ -21,26 +21,13 @@ DEAD = -200.0  # p = 0 at the temperatures here; its magnitude rules out a scali
 
 @pytest.fixture(autouse=True)
 def _gaps_on(monkeypatch):
-    """The gaps are off by default (launch.HIST_GAPS: they cost ordinary rows time); on here."""
+    """The gaps (launch.HIST_GAPS) are on by default; on here whatever ULD_HIST_GAPS says."""
     monkeypatch.setattr(launch, "HIST_GAPS", True)
 
 
 def _rows(seed, n, vs, vt, tail=(-60.0, 4.0), extra=(DEAD,)):
     g = torch.Generator().manual_seed(seed)
     return tuple(tiny_top_rows(g, n, v, *tail, "cpu", extra=extra).to(BF16) for v in (vs, vt))
-
-
-def _flags(student, teacher, ts=1.0, tt=1.0):
-    return launch.hist_rows(student, teacher, ts, tt, False, False, 1.0, fallback=False)[1]
-
-
-def _assert_exact(student, teacher, ts, tt, what):
-    """hist_rows (with its fallback) against the float64 reference."""
-    rows, _status, grad_s, grad_t = launch.hist_rows(student, teacher, ts, tt, True, True, 1.0)
-    ref_rows, ref_s, ref_t = reference_rows_and_grads(student, teacher, ts, tt, teacher_grad=True)
-    assert_losses_close(rows, ref_rows, BF16, what=f"{what}: loss")
-    assert_grads_close(grad_s, ref_s, student, BF16, what=f"{what}: student gradient")
-    assert_grads_close(grad_t, ref_t, teacher, BF16, what=f"{what}: teacher gradient")
 
 
 def test_split_tiny_bins_with_a_gap_are_the_engines(device, monkeypatch):
@@ -51,20 +38,20 @@ def test_split_tiny_bins_with_a_gap_are_the_engines(device, monkeypatch):
     student, teacher = (x.to(device) for x in _rows(41, 2, 200, 160))
     ts, tt = 0.5, 2.0
     monkeypatch.setattr(launch, "HIST_GAPS", False)
-    assert (_flags(student, teacher, ts, tt).cpu() & 4).all(), "the premise: no scaling separates the tiny bin"
+    assert (hist_flags(student, teacher, ts, tt).cpu() & 4).all(), "the premise: no scaling separates the tiny bin"
     monkeypatch.setattr(launch, "HIST_GAPS", True)
-    flags = _flags(student, teacher, ts, tt)
+    flags = hist_flags(student, teacher, ts, tt)
     assert (flags == 0).all(), f"flags {flags.tolist()}: the gap keeps these rows in the engine"
-    _assert_exact(student, teacher, ts, tt, "gap")
+    assert_hist_exact(student, teacher, ts, tt, "gap")
 
 
 def test_a_gap_on_top_of_a_scaling_up(device):
     """Without the dead logit the tail (magnitudes below 128) leaves room to scale the row up by
     a binade; the gap comes on top of it. Exact, and the engine's."""
     student, teacher = (x.to(device) for x in _rows(42, 1, 200, 200, extra=()))
-    flags = _flags(student, teacher)
+    flags = hist_flags(student, teacher)
     assert (flags == 0).all(), f"flags {flags.tolist()}"
-    _assert_exact(student, teacher, 1.0, 1.0, "gap and scaling")
+    assert_hist_exact(student, teacher, 1.0, 1.0, "gap and scaling")
 
 
 @pytest.mark.parametrize("below", [NO_GAP, -(2.0 ** -20)])
@@ -77,11 +64,11 @@ def test_a_gap_above_logits_between_it_and_the_tiny_bin(below, device, monkeypat
     student = tiny_top_rows(g, 1, 200, -60.0, 4.0, "cpu", extra=(DEAD, below), count=15).to(BF16).to(device)
     teacher = tiny_top_rows(g, 1, 160, -60.0, 4.0, "cpu", extra=(DEAD,)).to(BF16).to(device)
     monkeypatch.setattr(launch, "HIST_GAPS", False)
-    assert (_flags(student, teacher).cpu() & 4).all(), "the premise: no scaling separates the tiny bin"
+    assert (hist_flags(student, teacher).cpu() & 4).all(), "the premise: no scaling separates the tiny bin"
     monkeypatch.setattr(launch, "HIST_GAPS", True)
-    flags = _flags(student, teacher)
+    flags = hist_flags(student, teacher)
     assert (flags == 0).all(), f"flags {flags.tolist()}: the gap keeps this row in the engine"
-    _assert_exact(student, teacher, 1.0, 1.0, "gap above a logit")
+    assert_hist_exact(student, teacher, 1.0, 1.0, "gap above a logit")
 
 
 def test_identical_rows_with_gaps_tie_exactly(device):
@@ -106,9 +93,9 @@ def test_a_gap_against_an_occupied_tiny_bin_without_one_is_flagged(device):
     teacher[:, :5] = 2.0 ** -30  # tiny logits, one k in the tiny bin at this row's top
     teacher = teacher.to(BF16)
     student, teacher = student.to(device), teacher.to(device)
-    flags = _flags(student, teacher)
+    flags = hist_flags(student, teacher)
     assert (flags.cpu() == 16).all(), f"flags {flags.tolist()}"
-    _assert_exact(student, teacher, 1.0, 1.0, "mixed")
+    assert_hist_exact(student, teacher, 1.0, 1.0, "mixed")
 
 
 def test_zeros_and_subnormal_logits_stay_in_the_tiny_bin(device):
@@ -119,9 +106,9 @@ def test_zeros_and_subnormal_logits_stay_in_the_tiny_bin(device):
     student[:, 10:14] = torch.tensor([0.0, -0.0, 1e-40, -3e-39]).to(BF16)
     teacher[:, 7:9] = torch.tensor([0.0, 5e-39]).to(BF16)
     student, teacher = student.to(device), teacher.to(device)
-    flags = _flags(student, teacher)
+    flags = hist_flags(student, teacher)
     assert (flags == 0).all(), f"flags {flags.tolist()}"
-    _assert_exact(student, teacher, 1.0, 1.0, "subnormals")
+    assert_hist_exact(student, teacher, 1.0, 1.0, "subnormals")
 
 
 def test_gathered_pairs_with_cross_entropy_and_gaps_match_the_trie(device):
@@ -129,18 +116,8 @@ def test_gathered_pairs_with_cross_entropy_and_gaps_match_the_trie(device):
     whose temperature-1 statistics check the gapped tiny bin too) on rows with gaps: the same
     losses, cross-entropies and gradient as the trie engine."""
     student, teacher = (x.to(device) for x in _rows(48, 4, 160, 120))
-    kw = dict(student_index=torch.tensor([2, 0, -1, 3], device=device),
-              teacher_index=torch.tensor([0, 1, 2, 3], device=device),
-              row_weight=torch.tensor([0.5, 2.0, 1.0, 1.5], device=device),
-              ce_label=torch.tensor([5, 11, -1, 159], device=device),
-              ce_weight=torch.tensor([1.0, 0.5, 1.0, 2.0], device=device))
-    flags = launch.hist_pairs(student, teacher, 0.7, 1.3, True, False, 1.0, fallback=False, **kw)[1]
+    flags = assert_gathered_pairs_match_the_trie(student, teacher, 0.7, 1.3)
     assert (flags == 0).all(), f"flags {flags.tolist()}"
-    ours = launch.hist_pairs(student, teacher, 0.7, 1.3, True, False, 1.0, **kw)
-    trie = launch.uld_pairs(student, teacher, 0.7, 1.3, True, False, 1.0, **kw)
-    assert_losses_close(ours[0], trie[0], BF16, what="loss")
-    assert_losses_close(ours[2], trie[2], BF16, what="cross-entropy")
-    assert_grads_close(ours[3], trie[3], student, BF16)
 
 
 @pytest.mark.parametrize("case", ["gapped", "top"])
@@ -162,9 +139,9 @@ def test_a_gap_stops_short_of_the_nearest_bin(case, device):
         student[0, 0], student[0, 1] = edge, -127.5
     teacher = (torch.randn(1, 160, generator=g) * 2).clamp(min=0.01)
     student, teacher = student.to(BF16).to(device), teacher.to(BF16).to(device)
-    flags = _flags(student, teacher)
+    flags = hist_flags(student, teacher)
     assert (flags == 0).all(), f"flags {flags.tolist()}: the gap keeps this row in the engine"
-    _assert_exact(student, teacher, 1.0, 1.0, case)
+    assert_hist_exact(student, teacher, 1.0, 1.0, case)
 
 
 def test_redo_over_more_pairs_than_a_program_leaves_other_rows_alone(device, monkeypatch):
@@ -193,7 +170,7 @@ def test_redo_over_more_pairs_than_a_program_leaves_other_rows_alone(device, mon
     for name, a, b in (("loss", on[0], off[0]), ("student gradient", on[2], off[2]),
                        ("teacher gradient", on[3], off[3])):
         assert torch.equal(a[kept], b[kept]), f"REDO changed the {name} of a row without a gap"
-    _assert_exact(student, teacher, 0.5, 0.8, "REDO")
+    assert_hist_exact(student, teacher, 0.5, 0.8, "REDO")
 
 
 @pytest.mark.parametrize("seed", [12, 26])
