@@ -41,11 +41,13 @@ def _dense(seed, n, vs, vt, extra=(DEAD,), teacher_ladder=TEACHER_LADDER):
 def test_dense_rows_take_sub_bins(extra, device, monkeypatch):
     """`dense` rows at temperature 0.5 on both sides: flagged without the REDO launch (split
     tiny bins), the engine's with it, exact. With a dead -200 the rows take a gap above the
-    tail first and still split; without it they are scaled up a binade, no gap."""
+    tail first and still split; without it they are scaled up a binade, no gap (the premise
+    checked once: it is the same split)."""
     student, teacher = (x.to(device) for x in _dense(60, 2, 200, 160, extra))
-    monkeypatch.setattr(launch, "HIST_GAPS", False)
-    assert (hist_flags(student, teacher, 0.5, 0.5).cpu() & 4).all(), "the premise: split tiny bins"
-    monkeypatch.setattr(launch, "HIST_GAPS", True)
+    if extra:
+        monkeypatch.setattr(launch, "HIST_GAPS", False)
+        assert (hist_flags(student, teacher, 0.5, 0.5).cpu() & 4).all(), "the premise: split tiny bins"
+        monkeypatch.setattr(launch, "HIST_GAPS", True)
     flags = hist_flags(student, teacher, 0.5, 0.5)
     assert (flags == 0).all(), f"flags {flags.tolist()}: the sub-bins keep these rows in the engine"
     assert_hist_exact(student, teacher, 0.5, 0.5, "sub-bins")
@@ -55,19 +57,18 @@ def test_sub_bins_against_a_gap(device):
     """A `dense` student against a teacher of tiny logits and a tail (a gap, no sub-bins), at
     temperatures 0.5 and 0.7: the engine's, exact."""
     g = torch.Generator().manual_seed(61)
-    student = tiny_top_rows(g, 2, 200, -60.0, 4.0, "cpu", extra=(DEAD, *LADDER), count=15).to(BF16).to(device)
-    teacher = tiny_top_rows(g, 2, 160, -60.0, 4.0, "cpu", extra=(DEAD,)).to(BF16).to(device)
+    student = tiny_top_rows(g, 1, 200, -60.0, 4.0, "cpu", extra=(DEAD, *LADDER), count=15).to(BF16).to(device)
+    teacher = tiny_top_rows(g, 1, 160, -60.0, 4.0, "cpu", extra=(DEAD,)).to(BF16).to(device)
     flags = hist_flags(student, teacher, 0.5, 0.7)
     assert (flags == 0).all(), f"flags {flags.tolist()}"
     assert_hist_exact(student, teacher, 0.5, 0.7, "sub-bins against a gap")
 
 
-@pytest.mark.parametrize("permute", [False, True])
-def test_identical_rows_with_sub_bins_tie_exactly(permute, device):
-    """The same `dense` row on both sides (its columns shuffled, or not): the same sub-bins,
-    every value tied across the sides, loss and gradients exactly 0."""
+def test_identical_rows_with_sub_bins_tie_exactly(device):
+    """The same `dense` row on both sides, its columns shuffled: the same sub-bins, every
+    value tied across the sides, loss and gradients exactly 0."""
     student, _ = _dense(62, 2, 200, 160)
-    teacher = student[:, torch.randperm(200, generator=torch.Generator().manual_seed(7))] if permute else student
+    teacher = student[:, torch.randperm(200, generator=torch.Generator().manual_seed(7))]
     student, teacher = student.to(device), teacher.clone().to(device)
     rows, status, grad_s, grad_t = launch.hist_rows(student, teacher, 0.5, 0.5, True, True, 1.0, fallback=False)
     assert (status == 0).all(), f"flags {status.tolist()}: the engine's own"
@@ -118,10 +119,10 @@ def test_sub_bins_counted_where_the_other_row_changes_rank(device):
     every other test); far from every teacher value, the float64 reference orders them as the
     kernels do."""
     g = torch.Generator().manual_seed(67)
-    n = 6
+    n = 4
     student = tiny_top_rows(g, n, 200, -60.0, 4.0, "cpu", extra=(DEAD, *LADDER), count=15).to(BF16)
     teacher = torch.full((n, 160), -10.0)
-    for row, b in enumerate((8, 12, 16, 20, 24, 28)):
+    for row, b in enumerate((12, 16, 20, 24)):
         teacher[row, :b] = 1.0
     student, teacher = student.to(device), teacher.to(BF16).to(device)
     flags = hist_flags(student, teacher, 0.5, 0.5)
