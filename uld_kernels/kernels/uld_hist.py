@@ -217,6 +217,19 @@ def _of_key(key):
 
 
 @triton.jit
+def _in_tiny_bin(slots):
+    """Whether logits' slots are the tiny bin's (its positive or negative half)."""
+    return (slots == 0) | (slots == _NEG_TINY_SLOT)
+
+
+@triton.jit
+def _sub_bin(k, key_low):
+    """The sub-bin of a tiny logit of k ("Tiny sub-bins"; key_low: sub-bin 0's key), clamped
+    to the sub-bins (REDO counts, and grad_kernel reads, by the same index)."""
+    return tl.minimum(tl.maximum(_key(k) - key_low, 0), _SUB_BINS - 1)
+
+
+@triton.jit
 def _distance(magnitude):
     """A bf16 magnitude's distance from the tiny bin, in bins of its sign: its slot among the
     side's (magnitude bits clamped to [SLOT_M_LO, SLOT_M_HI], minus SLOT_M_LO)."""
@@ -541,12 +554,12 @@ def _sub_bins_row(pair, side, logits_ptr, index_ptr, count_ptr, raw_ptr, fparam_
             idx = start + tl.arange(0, BLOCK)
             raw, ahead = _block_raw(ahead, row_ptr, idx, col_stride, stop, BLOCK, UNIT_STRIDE, PREFETCH, 0.0)
             slots, _magnitude = _slots_of_bits(_bf16_bits(raw).to(tl.int32), shift, gap_at, gap)
-            counted = ((slots == 0) | (slots == _NEG_TINY_SLOT)) & (idx < stop)
+            counted = _in_tiny_bin(slots) & (idx < stop)
             # (few blocks hold a tiny logit; the others would send every lane's add to the
             # spare word, one address: 32 of them a warp instruction)
             if tl.max(counted.to(tl.int32), 0) > 0:
                 k = _log2_prob(raw.to(tl.float32), unscaled, top, log_sum)
-                sub = tl.minimum(tl.maximum(_key(k) - key_low, 0), _SUB_BINS - 1)
+                sub = _sub_bin(k, key_low)
                 if USE_PTX:
                     smem_add_one(sub, counted)
                 else:
@@ -560,7 +573,7 @@ def _sub_bins_row(pair, side, logits_ptr, index_ptr, count_ptr, raw_ptr, fparam_
         tl.store(counts_at + _SUB_N, n)
         if tl.sum(counts, 0) == tiny:  # (else left flagged: the trie's)
             tl.store(iparam_ptr + params + _FLAG, 0)
-            tl.store(fparam_ptr + params + _GAPS, (gap_at | (gap << 16) | _SUBS).to(tl.float32, bitcast=True))
+            tl.store(fparam_ptr + params + _GAPS, _gaps_word(gap_at, gap, _SUBS))
         tl.debug_barrier()  # (read, then zeroed for the next row)
         _clear_histogram(raw_at, USE_PTX, TAIL_BLOCK)
 
@@ -699,7 +712,7 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
         tl.store(iparam_ptr + params + _DEAD, dead)
         tl.store(iparam_ptr + params + _SHIFT, shift)
         if GAPS:
-            tl.store(fparam_ptr + params + _GAPS, (g_at | (g << 16)).to(tl.float32, bitcast=True))
+            tl.store(fparam_ptr + params + _GAPS, _gaps_word(g_at, g, 0))
         # (a row with an infinity: the largest magnitude among its finite logits, one more read)
         finite = top_magnitude
         if counting_first & (flag > 1) & (top_magnitude == _INF_MAGNITUDE):
@@ -776,6 +789,13 @@ def _gap_of(fparam_ptr, at):
     and its _SUBS bit ("Tiny sub-bins"; 0: none)."""
     packed = tl.load(fparam_ptr + at * PARAM_SLOTS + _GAPS).to(tl.int32, bitcast=True)
     return packed & (_SUBS - 1), packed >> 16, packed & _SUBS
+
+
+@triton.jit
+def _gaps_word(gap_at, gap, marked):
+    """The _GAPS word `_gap_of` reads (float32 bits): gap_at | gap << 16, with the _SUBS bit
+    where `marked`."""
+    return (gap_at | (gap << 16) | marked).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -1217,8 +1237,10 @@ def finish_kernel(fparam_ptr, iparam_ptr, count_ptr, partial_ptr, row_loss_ptr, 
         s_near = s_shift < 0
         t_near = t_shift < 0
         if GAPS:  # (or a gap)
-            s_near |= (_gap_of(fparam_ptr, s_at)[0] | _gap_of(fparam_ptr, s_at)[2]) > 0
-            t_near |= (_gap_of(fparam_ptr, t_at)[0] | _gap_of(fparam_ptr, t_at)[2]) > 0
+            s_gap_at, _s_gap, s_marked = _gap_of(fparam_ptr, s_at)
+            t_gap_at, _t_gap, t_marked = _gap_of(fparam_ptr, t_at)
+            s_near |= (s_gap_at | s_marked) > 0
+            t_near |= (t_gap_at | t_marked) > 0
         mixed = (s_near & ~t_near & (t_tiny > 0)) | (t_near & ~s_near & (s_tiny > 0))
         flag = mixed.to(tl.int32) * 16
     s_mass = tl.load(partial_ptr + s_at)
@@ -1295,8 +1317,8 @@ def grad_kernel(logits_ptr, index_ptr, grad_ptr, fparam_ptr, iparam_ptr, sign_pt
                        mass_factor, ce_label, ce_factor, ce_log_sum, shift, gap_at, gap, 0, 0, HAS_CE, UNIT_STRIDE,
                        PREFETCH, USE_PTX, False, BLOCK, False)
         else:  # (sub-bins, "Tiny sub-bins")
-            sub_key = tl.load(signs + _SUB_KEY, mask=marked != 0, other=0.0).to(tl.int32, bitcast=True)
-            sub_n = tl.load(signs + _SUB_N, mask=marked != 0, other=0.0).to(tl.int32, bitcast=True)
+            sub_key = tl.load(signs + _SUB_KEY).to(tl.int32, bitcast=True)
+            sub_n = tl.load(signs + _SUB_N).to(tl.int32, bitcast=True)
             _grad_span(row_ptr, grad_row, signs, chunk * CHUNK, stop, vocab, col_stride, scale, top, log_sum, factor,
                        mass_factor, ce_label, ce_factor, ce_log_sum, shift, gap_at, gap, sub_key, sub_n, HAS_CE,
                        UNIT_STRIDE, PREFETCH, USE_PTX, False, BLOCK, True)
@@ -1319,8 +1341,7 @@ def _grad_span(row_ptr, grad_row, signs, begin, stop, vocab, col_stride, scale, 
         p = _exp2(k)
         slots = _slots(raw, shift, SIMD16, gap_at, gap)
         if SUB:  # (a tiny element's sign: its sub-bin's entry, past the slots)
-            tiny = ((slots == 0) | (slots == _NEG_TINY_SLOT)) & (sub_n > 0)
-            slots = tl.where(tiny, _SUB_SIGN + tl.minimum(tl.maximum(_key(k) - sub_key, 0), _SUB_BINS - 1), slots)
+            slots = tl.where(_in_tiny_bin(slots) & (sub_n > 0), _SUB_SIGN + _sub_bin(k, sub_key), slots)
         if USE_PTX:  # the table is read-only here: the non-coherent path, one wide address add
             sign = gather_f32(signs, slots, p > 0.0)
         else:
