@@ -99,7 +99,7 @@ def main():
             print(f"| {name} | {ms:.2f} | {peak:.2f} |", flush=True)
             if args.profile:
                 per_kernel = kernel_times(fn)
-                print(f"  {name}: {sum(t for t, _ in per_kernel.values()) / 1e3:.2f} ms of kernels, "
+                print(f"  {name}: {sum(t for t, *_ in per_kernel.values()) / 1e3:.2f} ms of kernels, "
                       f"{host_ms(fn):.2f} ms of host time per call (median of 10, GPU queue not waited on)")
                 print_kernel_times(per_kernel)
         except torch.OutOfMemoryError:

@@ -31,18 +31,23 @@ def kernel_times(fn) -> dict:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    per_kernel = collections.defaultdict(lambda: [0.0, 0])
+    per_kernel = collections.defaultdict(lambda: [0.0, 0, []])
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             entry = per_kernel[event.name[:60]]
-            entry[0] += event.device_time_total if hasattr(event, "device_time_total") else event.cuda_time_total
+            t = event.device_time_total if hasattr(event, "device_time_total") else event.cuda_time_total
+            entry[0] += t
             entry[1] += 1
+            entry[2].append(t)
     return per_kernel
 
 
 def print_kernel_times(per_kernel: dict):
-    for name, (t, n) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0]):
-        print(f"  {t / 1e3:8.3f} ms  {n:4d} launches  {name}")
+    """Each kernel's total, and its launches one by one in their order where there are a few
+    (hist_kernel's first launch and REDO, batch by batch)."""
+    for name, (t, n, each) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0]):
+        launches = f"  ({' '.join(f'{x / 1e3:.3f}' for x in each)})" if 1 < n <= 8 else ""
+        print(f"  {t / 1e3:8.3f} ms  {n:4d} launches  {name}{launches}")
 
 
 def one_call(student, teacher, temperature=1.0):
@@ -62,7 +67,7 @@ def main():
         for _ in range(2):
             _, status, _, _ = one_call(student, teacher, temperature)
         per_kernel = kernel_times(lambda: one_call(student, teacher, temperature))
-        total = sum(t for t, _ in per_kernel.values())
+        total = sum(t for t, *_ in per_kernel.values())
         depth = (status >> 1).float()
         flagged = ""
         if launch.ENGINE == "hist" and student.dtype == torch.bfloat16:  # rows the trie fallback took

@@ -1319,9 +1319,14 @@ def grad_kernel(logits_ptr, index_ptr, grad_ptr, fparam_ptr, iparam_ptr, sign_pt
         else:  # (sub-bins, "Tiny sub-bins")
             sub_key = tl.load(signs + _SUB_KEY).to(tl.int32, bitcast=True)
             sub_n = tl.load(signs + _SUB_N).to(tl.int32, bitcast=True)
-            _grad_span(row_ptr, grad_row, signs, chunk * CHUNK, stop, vocab, col_stride, scale, top, log_sum, factor,
-                       mass_factor, ce_label, ce_factor, ce_log_sum, shift, gap_at, gap, sub_key, sub_n, HAS_CE,
-                       UNIT_STRIDE, PREFETCH, USE_PTX, False, BLOCK, True)
+            if gap_at == 0:  # (no gap: the SIMD clamps give the tiny bin's slots, 0 and _NEG_TINY_SLOT, too)
+                _grad_span(row_ptr, grad_row, signs, chunk * CHUNK, stop, vocab, col_stride, scale, top, log_sum,
+                           factor, mass_factor, ce_label, ce_factor, ce_log_sum, shift, 0, 0, sub_key, sub_n, HAS_CE,
+                           UNIT_STRIDE, PREFETCH, USE_PTX, SIMD16, BLOCK, True)
+            else:
+                _grad_span(row_ptr, grad_row, signs, chunk * CHUNK, stop, vocab, col_stride, scale, top, log_sum,
+                           factor, mass_factor, ce_label, ce_factor, ce_log_sum, shift, gap_at, gap, sub_key, sub_n,
+                           HAS_CE, UNIT_STRIDE, PREFETCH, USE_PTX, False, BLOCK, True)
 
 
 @triton.jit
