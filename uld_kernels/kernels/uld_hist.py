@@ -176,7 +176,6 @@ _SUB_P = tl.constexpr(8128)
 _SUB_KEY = tl.constexpr(8161)
 _SUB_N = tl.constexpr(8162)
 _SUB_SIGN = tl.constexpr(8128)  # (in the sign table: past _LOW_SLOT, the highest slot)
-_SUB_RAW = tl.constexpr(8096)  # (in the counts: REDO's count of each sub-bin, before the prefix sums)
 
 
 @triton.jit
@@ -491,10 +490,10 @@ def _hist_side(pair, side, student_ptr, teacher_ptr, student_index_ptr, teacher_
     """`_hist_row` on the student's row of a pair (side 0) or the teacher's (SUBS: `_sub_bins_row`)."""
     if side == 0:
         if SUBS:
-            _sub_bins_row(pair, 0, student_ptr, student_index_ptr, count_ptr, fparam_ptr, iparam_ptr, batch_start,
-                          student_vocab, student_seq_len, student_batch_stride, student_row_stride,
-                          student_col_stride, student_inv_temperature, GATHER, STUDENT_UNIT_STRIDE, PREFETCH,
-                          BLOCK // 2, start_gap_at, start_gap)
+            _sub_bins_row(pair, 0, student_ptr, student_index_ptr, count_ptr, raw_ptr, fparam_ptr, iparam_ptr,
+                          batch_start, student_vocab, student_seq_len, student_batch_stride, student_row_stride,
+                          student_col_stride, student_inv_temperature, GATHER, STUDENT_UNIT_STRIDE, USE_PTX, PREFETCH,
+                          BLOCK // 2, TAIL_BLOCK, start_gap_at, start_gap)
         else:
             _hist_row(pair, 0, student_ptr, student_index_ptr, count_ptr, list_ptr, raw_ptr, fparam_ptr, iparam_ptr,
                       batch_start, student_vocab, student_seq_len, student_batch_stride, student_row_stride,
@@ -502,10 +501,10 @@ def _hist_side(pair, side, student_ptr, teacher_ptr, student_index_ptr, teacher_
                       HAS_CE, PREFETCH, BLOCK, TAIL_BLOCK, GAPS, start_shift, start_gap_at, start_gap)
     else:
         if SUBS:
-            _sub_bins_row(pair, 1, teacher_ptr, teacher_index_ptr, count_ptr, fparam_ptr, iparam_ptr, batch_start,
-                          teacher_vocab, teacher_seq_len, teacher_batch_stride, teacher_row_stride,
-                          teacher_col_stride, teacher_inv_temperature, GATHER, TEACHER_UNIT_STRIDE, PREFETCH,
-                          BLOCK // 2, start_gap_at, start_gap)
+            _sub_bins_row(pair, 1, teacher_ptr, teacher_index_ptr, count_ptr, raw_ptr, fparam_ptr, iparam_ptr,
+                          batch_start, teacher_vocab, teacher_seq_len, teacher_batch_stride, teacher_row_stride,
+                          teacher_col_stride, teacher_inv_temperature, GATHER, TEACHER_UNIT_STRIDE, USE_PTX, PREFETCH,
+                          BLOCK // 2, TAIL_BLOCK, start_gap_at, start_gap)
         else:
             _hist_row(pair, 1, teacher_ptr, teacher_index_ptr, count_ptr, list_ptr, raw_ptr, fparam_ptr, iparam_ptr,
                       batch_start, teacher_vocab, teacher_seq_len, teacher_batch_stride, teacher_row_stride,
@@ -514,19 +513,21 @@ def _hist_side(pair, side, student_ptr, teacher_ptr, student_index_ptr, teacher_
 
 
 @triton.jit
-def _sub_bins_row(pair, side, logits_ptr, index_ptr, count_ptr, fparam_ptr, iparam_ptr, batch_start, vocab,
+def _sub_bins_row(pair, side, logits_ptr, index_ptr, count_ptr, raw_ptr, fparam_ptr, iparam_ptr, batch_start, vocab,
                   seq_len, batch_stride, row_stride, col_stride, inv_temperature, GATHER: tl.constexpr,
-                  UNIT_STRIDE: tl.constexpr, PREFETCH: tl.constexpr, BLOCK: tl.constexpr, gap_at, gap):
+                  UNIT_STRIDE: tl.constexpr, USE_PTX: tl.constexpr, PREFETCH: tl.constexpr, BLOCK: tl.constexpr,
+                  TAIL_BLOCK: tl.constexpr, gap_at, gap):
     """hist_kernel's REDO, after a row's gap (`gap`, 0: none; "Tiny sub-bins"): where its flag
     is the split tiny bin's alone (4: no other check of the last count failed, nor the
     cross-entropy's), its tiny bin's k live at both ends and at most _SUB_BINS keys apart, one
     more read of the row counts its tiny logits (those of the count's slot 0 or
     _NEG_TINY_SLOT) by the key of their k, computed as grad_kernel computes it; their prefix
-    counts go to the words past the bins, and the row is unflagged, marked _SUBS. (The
-    histogram in shared memory is not used.)"""
+    counts go to the words past the bins, and the row is unflagged, marked _SUBS. Expects the
+    histogram zeroed; leaves it so."""
     at = (pair * 2 + side).to(tl.int64)
     params = at * PARAM_SLOTS
     counts_at = count_ptr + at * CAP
+    raw_at = raw_ptr + at * CAP
     flag = tl.load(iparam_ptr + params + _FLAG)
     shift = tl.load(iparam_ptr + params + _SHIFT)
     top = tl.load(fparam_ptr + params + _TOP)  # (unshifted)
@@ -548,22 +549,24 @@ def _sub_bins_row(pair, side, logits_ptr, index_ptr, count_ptr, fparam_ptr, ipar
                                               row_stride, GATHER)
         stop = tl.where(row >= 0, vocab, 0)
         unscaled = inv_temperature * LOG2E
-        # The counts in global memory, words of the side's counts that nothing reads
-        # (_SUB_RAW): a global atomic is skipped by its masked lanes (a shared one in inline
-        # PTX is not, and a block-wide test around it cost a barrier a step: 2.0 ms a batch
-        # of 5,461 `dense` pairs, against 1.85 for the first launch's two counts).
-        j = tl.arange(0, _SUB_BINS)
-        tl.store(counts_at + _SUB_RAW + j, tl.zeros([_SUB_BINS], tl.int32))
-        tl.debug_barrier()
         ahead = _first_block(row_ptr, tl.arange(0, BLOCK), col_stride, stop, UNIT_STRIDE, PREFETCH, 0.0)
         for start in tl.range(0, stop, BLOCK):
             idx = start + tl.arange(0, BLOCK)
             raw, ahead = _block_raw(ahead, row_ptr, idx, col_stride, stop, BLOCK, UNIT_STRIDE, PREFETCH, 0.0)
             slots, _magnitude = _slots_of_bits(_bf16_bits(raw).to(tl.int32), shift, gap_at, gap)
-            sub = _sub_bin(_log2_prob(raw.to(tl.float32), unscaled, top, log_sum), key_low)
-            tl.atomic_add(counts_at + _SUB_RAW + sub, 1, mask=_in_tiny_bin(slots) & (idx < stop), sem="relaxed")
-        tl.debug_barrier()  # the counts, performed for every thread (read back by atomics, past L1)
-        counts = tl.atomic_add(counts_at + _SUB_RAW + j, tl.zeros([_SUB_BINS], tl.int32), sem="relaxed")
+            counted = _in_tiny_bin(slots) & (idx < stop)
+            # (few blocks hold a tiny logit; the others would send every lane's add to the
+            # spare word, one address: 32 of them a warp instruction)
+            if tl.max(counted.to(tl.int32), 0) > 0:
+                k = _log2_prob(raw.to(tl.float32), unscaled, top, log_sum)
+                sub = _sub_bin(k, key_low)
+                if USE_PTX:
+                    smem_add_one(sub, counted)
+                else:
+                    tl.atomic_add(raw_at + sub, 1, mask=counted)
+        tl.debug_barrier()  # the counts, visible to every thread
+        j = tl.arange(0, _SUB_BINS)
+        counts = _read_slots(raw_at, j, USE_PTX)
         tl.store(counts_at + _SUB_P + 1 + j, tl.cumsum(counts, 0))
         tl.store(counts_at + _SUB_P, 0)
         tl.store(counts_at + _SUB_KEY, key_low)
@@ -571,6 +574,8 @@ def _sub_bins_row(pair, side, logits_ptr, index_ptr, count_ptr, fparam_ptr, ipar
         if tl.sum(counts, 0) == tiny:  # (else left flagged: the trie's)
             tl.store(iparam_ptr + params + _FLAG, 0)
             tl.store(fparam_ptr + params + _GAPS, _gaps_word(gap_at, gap, _SUBS))
+        tl.debug_barrier()  # (read, then zeroed for the next row)
+        _clear_histogram(raw_at, USE_PTX, TAIL_BLOCK)
 
 
 @triton.jit
