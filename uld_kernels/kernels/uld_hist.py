@@ -493,7 +493,7 @@ def _hist_side(pair, side, student_ptr, teacher_ptr, student_index_ptr, teacher_
             _sub_bins_row(pair, 0, student_ptr, student_index_ptr, count_ptr, raw_ptr, fparam_ptr, iparam_ptr,
                           batch_start, student_vocab, student_seq_len, student_batch_stride, student_row_stride,
                           student_col_stride, student_inv_temperature, GATHER, STUDENT_UNIT_STRIDE, USE_PTX, PREFETCH,
-                          BLOCK // 2, TAIL_BLOCK, start_gap_at, start_gap)
+                          BLOCK, TAIL_BLOCK, start_gap_at, start_gap)
         else:
             _hist_row(pair, 0, student_ptr, student_index_ptr, count_ptr, list_ptr, raw_ptr, fparam_ptr, iparam_ptr,
                       batch_start, student_vocab, student_seq_len, student_batch_stride, student_row_stride,
@@ -504,7 +504,7 @@ def _hist_side(pair, side, student_ptr, teacher_ptr, student_index_ptr, teacher_
             _sub_bins_row(pair, 1, teacher_ptr, teacher_index_ptr, count_ptr, raw_ptr, fparam_ptr, iparam_ptr,
                           batch_start, teacher_vocab, teacher_seq_len, teacher_batch_stride, teacher_row_stride,
                           teacher_col_stride, teacher_inv_temperature, GATHER, TEACHER_UNIT_STRIDE, USE_PTX, PREFETCH,
-                          BLOCK // 2, TAIL_BLOCK, start_gap_at, start_gap)
+                          BLOCK, TAIL_BLOCK, start_gap_at, start_gap)
         else:
             _hist_row(pair, 1, teacher_ptr, teacher_index_ptr, count_ptr, list_ptr, raw_ptr, fparam_ptr, iparam_ptr,
                       batch_start, teacher_vocab, teacher_seq_len, teacher_batch_stride, teacher_row_stride,
@@ -549,15 +549,22 @@ def _sub_bins_row(pair, side, logits_ptr, index_ptr, count_ptr, raw_ptr, fparam_
                                               row_stride, GATHER)
         stop = tl.where(row >= 0, vocab, 0)
         unscaled = inv_temperature * LOG2E
-        ahead = _first_block(row_ptr, tl.arange(0, BLOCK), col_stride, stop, UNIT_STRIDE, PREFETCH, 0.0)
+        # The tiny bin's logits are those of magnitude bits at most `tiny_top` (their shifted
+        # and gapped magnitude at most SLOT_M_LO, as `_slots_of_bits` maps them: below gap_at,
+        # which lies above SLOT_M_LO, a magnitude moves up by the gap), and -inf past the row is
+        # not among them: a block's least magnitude tells whether it holds one, in about two
+        # instructions a logit (the slots of every logit, and a test of them, took ~23: 2.0
+        # ms a batch of 5,461 `dense` pairs, more than the first launch's two counts). Few
+        # blocks do; only there is k computed and counted (in the others every lane's add
+        # would go to the spare word, one address: 32 of them a warp instruction).
+        tiny_top = SLOT_M_LO + shift - gap
+        ahead = _first_block(row_ptr, tl.arange(0, BLOCK), col_stride, stop, UNIT_STRIDE, PREFETCH)
         for start in tl.range(0, stop, BLOCK):
             idx = start + tl.arange(0, BLOCK)
-            raw, ahead = _block_raw(ahead, row_ptr, idx, col_stride, stop, BLOCK, UNIT_STRIDE, PREFETCH, 0.0)
-            slots, _magnitude = _slots_of_bits(_bf16_bits(raw).to(tl.int32), shift, gap_at, gap)
-            counted = _in_tiny_bin(slots) & (idx < stop)
-            # (few blocks hold a tiny logit; the others would send every lane's add to the
-            # spare word, one address: 32 of them a warp instruction)
-            if tl.max(counted.to(tl.int32), 0) > 0:
+            raw, ahead = _block_raw(ahead, row_ptr, idx, col_stride, stop, BLOCK, UNIT_STRIDE, PREFETCH)
+            magnitude = _bf16_bits(raw).to(tl.int32) & 0x7FFF
+            if tl.min(magnitude, 0) <= tiny_top:
+                counted = magnitude <= tiny_top
                 k = _log2_prob(raw.to(tl.float32), unscaled, top, log_sum)
                 sub = _sub_bin(k, key_low)
                 if USE_PTX:
