@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import uld_kernels.launch as launch
+from uld_kernels.kernels import uld_hist
+from uld_kernels.kernels.ptx import SLOT_M_LO, smem_add_one, smem_count_bf16_gap, smem_load, smem_zero
 from bench.shapes import NO_GAP, tiny_top_rows
 from tests.helpers import assert_gathered_pairs_match_the_trie, assert_hist_exact, hist_flags
 
@@ -194,3 +198,52 @@ def test_identical_rows_scaled_up_with_the_cross_entropy_tie_exactly(seed, devic
     assert loss.tolist() == [0.0], f"loss {loss.tolist()}"
     assert (grad_s == 0).all() and (grad_t == 0).all(), (
         f"gradients of identical rows: max {grad_s.abs().max().item():.3g} / {grad_t.abs().max().item():.3g}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shift, gap_at, gap", [(0, 1000, 768), (-256, 600, 384), (-128, 2000, 1920)])
+def test_the_simd_count_with_a_gap_counts_as_one_logit_at_a_time(shift, gap_at, gap):
+    """REDO's count of a row with a gap, two logits an instruction (ptx.smem_count_bf16_gap:
+    min(m + gap, max(m, gap_at + shift)) before the clamp), against the count one logit at a
+    time (`_slots_of_bits`), over every bf16 pattern outside the empty run the gap is found in
+    (shifted magnitudes in [gap_at - gap, gap_at), which no row counted with its gap holds):
+    the same 8,192 counts, and not those of the same count without the gap."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("u16x2 instructions: sm_90 and later (the engine counts one logit at a time below)")
+    gap_at += SLOT_M_LO.value
+    patterns = torch.arange(-32768, 32768, dtype=torch.int32)
+    shifted = (patterns & 0x7FFF) - shift
+    kept = patterns[(shifted < gap_at - gap) | (shifted >= gap_at)]
+    kept = torch.cat([kept, torch.zeros((-kept.numel()) % 1024, dtype=torch.int32)])  # (a whole number of blocks)
+    bits = kept.to(torch.int16).cuda()
+    counts = []
+    for simd, g in ((True, gap), (False, gap), (True, 0)):
+        out = torch.empty(8192, dtype=torch.int32, device="cuda")
+        _count_kernel[(1,)](bits, out, bits.numel(), shift, gap_at if g else 0, g, SIMD=simd, BLOCK=1024,
+                            num_warps=4)
+        counts.append(out.cpu())
+    assert counts[1].sum() == bits.numel(), "the count one logit at a time counts every pattern once"
+    bad = (counts[0] != counts[1]).nonzero().flatten()
+    assert bad.numel() == 0, (f"slots {bad[:8].tolist()}: {counts[0][bad[:8]].tolist()} counted two at a time, "
+                              f"{counts[1][bad[:8]].tolist()} one at a time")
+    assert not torch.equal(counts[0], counts[2]), "the gap moved no logit: the test would not see it"
+
+
+@triton.jit
+def _count_kernel(bits_ptr, out_ptr, n, shift, gap_at, gap, SIMD: tl.constexpr, BLOCK: tl.constexpr):
+    """One histogram in shared memory of n int16 patterns (n a multiple of BLOCK), counted as
+    hist_kernel's REDO counts a row with a gap: SIMD (two logits an instruction) or one at a
+    time; written to out_ptr (8,192 words)."""
+    smem_zero()
+    tl.debug_barrier()
+    for start in tl.range(0, n, BLOCK):
+        bits = tl.load(bits_ptr + start + tl.arange(0, BLOCK))
+        if SIMD:
+            smem_count_bf16_gap(bits, tl.zeros([BLOCK], tl.int16), shift, gap_at, gap)
+        else:
+            slots, _magnitude = uld_hist._slots_of_bits(bits.to(tl.int32), shift, gap_at, gap)
+            smem_add_one(slots, True)
+    tl.debug_barrier()
+    for word in tl.range(0, 8192, BLOCK):
+        words = word + tl.arange(0, BLOCK)
+        tl.store(out_ptr + words, smem_load(words))

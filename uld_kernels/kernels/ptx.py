@@ -167,13 +167,34 @@ _GATHER_COHERENT_ASM = tl.constexpr(_GATHER_ASM.value.replace("ld.global.nc.f32"
 SLOT_M_LO = tl.constexpr(13311)  # magnitudes below 13312 (|z| < 2**-23): the tiny slots
 SLOT_M_HI = tl.constexpr(17280)  # magnitudes from 17280 (|z| >= 256, inf, NaN): the out slots
 NEG_SLOTS = tl.constexpr(4096)  # negative logits' slots start here
-_SLOTS_X2 = ("and.b32 m, $w, 0x7FFF7FFF; max.u16x2 c, m, $lo; min.u16x2 c, c, $hi; shr.b32 s, $w, 3; "
-             "and.b32 s, s, 0x10001000; add.u32 c, c, s; sub.u32 c, c, $lo; ")
+_MAGNITUDES_X2 = "and.b32 m, $w, 0x7FFF7FFF; "
+
+
+def _clamp_x2(magnitudes: str) -> str:
+    """The slot pair of the magnitude pair in register `magnitudes` (the sign from $w)."""
+    return (f"max.u16x2 c, {magnitudes}, $lo; min.u16x2 c, c, $hi; shr.b32 s, $w, 3; "
+            "and.b32 s, s, 0x10001000; add.u32 c, c, s; sub.u32 c, c, $lo; ")
+
+
+_SLOTS_X2 = _MAGNITUDES_X2 + _clamp_x2("m")
+# With a gap (uld_hist.py, "Gaps"): the magnitudes below $ga (gap_at plus the shift, both
+# halves) move up by $g (the gap, both halves) before the clamp: min(m + g, max(m, ga)), which is
+# m + g below ga and m from it on wherever no magnitude lies in [ga - g, ga) (the empty run the
+# gap was found in: hist_kernel's REDO counts a row with the gap of its own last count). Three
+# more instructions for two logits; no half passes 16 bits (m + g < 2 * 32768).
+_SLOTS_X2_GAP = _MAGNITUDES_X2 + "add.u32 v, m, $g; max.u16x2 t, m, $ga; min.u16x2 v, v, t; " + _clamp_x2("v")
 # Counts both slots in the shared histogram (like `smem_add_one`, every lane) and keeps a
 # running maximum of the magnitudes: $0 the new maximum pair, $1 the patterns, $2 the old one,
 # $3 (and $4) lo, $5 (and $6) hi.
 _COUNT_BF16X2_ASM = tl.constexpr(
     "{ .reg .b32 m, c, s, a, base; " + _SLOTS_X2.replace("$w", "$1").replace("$lo", "$3").replace("$hi", "$5")
+    + "max.u16x2 $0, $2, m; "
+    "mov.u32 base, uld_smem; and.b32 s, c, 0xFFFF; mad.lo.u32 a, s, 4, base; red.shared.add.u32 [a], 1; "
+    "shr.b32 s, c, 16; mad.lo.u32 a, s, 4, base; red.shared.add.u32 [a], 1; }")
+_COUNT_BF16X2_GAP_ASM = tl.constexpr(
+    "{ .reg .b32 m, c, s, a, base, t, v; "
+    + _SLOTS_X2_GAP.replace("$w", "$1").replace("$lo", "$3").replace("$hi", "$5").replace("$ga", "$7")
+    .replace("$g", "$9")
     + "max.u16x2 $0, $2, m; "
     "mov.u32 base, uld_smem; and.b32 s, c, 0xFFFF; mad.lo.u32 a, s, 4, base; red.shared.add.u32 [a], 1; "
     "shr.b32 s, c, 16; mad.lo.u32 a, s, 4, base; red.shared.add.u32 [a], 1; }")
@@ -258,6 +279,18 @@ def smem_count_bf16(bits, top_magnitude, shift):
     lo, hi = _clamp_ends(bits, shift)
     return tl.inline_asm_elementwise(_COUNT_BF16X2_ASM, "=r,r,r,r,r,r,r", [bits, top_magnitude, lo, hi],
                                      dtype=tl.int16, is_pure=False, pack=2)
+
+
+@triton.jit
+def smem_count_bf16_gap(bits, top_magnitude, shift, gap_at, gap):
+    """`smem_count_bf16` in a row with a gap: magnitudes whose shifted value is below gap_at
+    are counted `gap` higher (uld_hist.py, "Gaps"; exact where the row has no shifted
+    magnitude in [gap_at - gap, gap_at))."""
+    lo, hi = _clamp_ends(bits, shift)
+    at = tl.full(bits.shape, 0, tl.int32) + (gap_at + shift) * 65537
+    up = tl.full(bits.shape, 0, tl.int32) + gap * 65537
+    return tl.inline_asm_elementwise(_COUNT_BF16X2_GAP_ASM, "=r,r,r,r,r,r,r,r,r,r,r",
+                                     [bits, top_magnitude, lo, hi, at, up], dtype=tl.int16, is_pure=False, pack=2)
 
 
 @triton.jit

@@ -117,7 +117,8 @@ import triton
 import triton.language as tl
 
 from uld_kernels.kernels.ptx import (NEG_SLOTS, SLOT_M_HI, SLOT_M_LO, SMEM_THREADS, gather_f32, gather_i32, scatter,
-                                     slots_bf16, smem_add_one, smem_clear, smem_count_bf16, smem_load, smem_zero,
+                                     slots_bf16, smem_add_one, smem_clear, smem_count_bf16, smem_count_bf16_gap, smem_load,
+                                     smem_zero,
                                      store_runs_u32)
 from uld_kernels.kernels.uld_rows import (LN2, LOG2E, _block_raw, _exp2, _first_block, _load_raw, _log2_prob,
                                           _pair_rows, _tie_signs)
@@ -642,9 +643,8 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
             g_at = gap_at
             g = gap
             counting_first = shift != shift  # (REDO's one count: no other)
-            # (slots one at a time: the SIMD clamps have no gap)
             magnitudes, low_bits = _count_row(row_ptr, raw_at, col_stride, stop, shift, gap_at, gap, UNIT_STRIDE,
-                                                 USE_PTX, False, PREFETCH, BLOCK)
+                                              USE_PTX, SIMD16, PREFETCH, BLOCK, True)
         else:
             g_at = 0
             g = 0
@@ -807,9 +807,10 @@ def _gaps_word(gap_at, gap, marked):
 
 @triton.jit
 def _count_row(row_ptr, raw_at, col_stride, stop, shift, gap_at, gap, UNIT_STRIDE: tl.constexpr,
-               USE_PTX: tl.constexpr, SIMD16: tl.constexpr, PREFETCH: tl.constexpr, BLOCK: tl.constexpr):
-    """hist_kernel's count of one row into its slots, with the row's shift and gap (SIMD16: no
-    gap): per lane the largest magnitude bits (unshifted; the caller reduces them after its
+               USE_PTX: tl.constexpr, SIMD16: tl.constexpr, PREFETCH: tl.constexpr, BLOCK: tl.constexpr,
+               GAPPED: tl.constexpr = False):
+    """hist_kernel's count of one row into its slots, with the row's shift and gap (GAPPED; else
+    none, 0 and 0, the code before the gaps): per lane the largest magnitude bits (unshifted; the caller reduces them after its
     barrier), and for float32 rows the OR of their low halves (0 for bf16 rows). Lanes past the row load +0: the tiny slot counts them, and
     the caller takes them off it."""
     ahead = _first_block(row_ptr, tl.arange(0, BLOCK), col_stride, stop, UNIT_STRIDE, PREFETCH, 0.0)
@@ -824,7 +825,9 @@ def _count_row(row_ptr, raw_at, col_stride, stop, shift, gap_at, gap, UNIT_STRID
         bits = _bf16_bits(raw)
         if raw.dtype == tl.float32:
             low_bits |= tl.max(raw.to(tl.int32, bitcast=True) & 0xFFFF, 0)
-        if SIMD16:
+        if SIMD16 and GAPPED:
+            magnitudes = smem_count_bf16_gap(bits, magnitudes, shift, gap_at, gap)
+        elif SIMD16:
             magnitudes = smem_count_bf16(bits, magnitudes, shift)
         else:
             slots, magnitude = _slots_of_bits(bits.to(tl.int32), shift, gap_at, gap)
