@@ -77,9 +77,10 @@ stands for the logit g bits lower (`_logit_of_bin`: its k is the float32 k of th
 as for a shift); only magnitudes below 2**(-23 - g / 128) share the tiny bin, checked again.
 Each side stores where its gap ends (d1, in shifted magnitude bits: the same test below it
 maps a logit to its bin and a bin back, as no bin lies in the run) and its size (_GAPS); a row
-with a gap is counted and its gradient's slots found one logit at a time (the SIMD clamps have
-no gap), and its passes over bins run a copy of their loops compiled with the gap (rows
-without one run a copy compiled without). A row with a gap against one counting an occupied
+with a gap is counted two logits at a time with the gap folded into the SIMD clamps
+(ptx.smem_count_bf16_gap: exact as no magnitude lies in the run), its gradient's slots found
+one logit at a time, and its passes over bins run a copy of their loops compiled with the gap
+(rows without one run a copy compiled without). A row with a gap against one counting an occupied
 tiny bin without is flagged, as for a scaling up (finish_kernel). hist_kernel runs every row
 without gaps first (its code, and so every ordinary row's, is the code before the gaps: with
 them compiled into the same kernel, its count loop took 0.08 ms more on the H200); a second
@@ -101,8 +102,11 @@ upper end, so any count of a side's elements at or above a value v from its bins
 is corrected by the sub-bins' prefix counts where that k is >= v (`_sub_counts`, both sides);
 sign_kernel finds the sign of each sub-bin as of a bin whose value is its k (`_sub_signs`,
 its bounds searched), and grad_kernel takes a tiny element's sign from its sub-bin's entry
-past the slots (_SUB_SIGN). Both run this only in the copies of their loops compiled for gaps
-(the ordinary copies unchanged; grad_kernel's registers too, 56). A row with sub-bins counts
+past the slots (_SUB_SIGN). Both run this only in copies of their loops of its own (the
+ordinary copies unchanged; grad_kernel's registers too, 56): sign_kernel's, and grad_kernel's
+two, on the SIMD slots where the row has no gap (the tiny bin's are the clamps' 0 and 4096).
+REDO's read finds the tiny logits by a block's least magnitude bits (a few instructions a
+logit); only blocks holding one compute k and count. A row with sub-bins counts
 as one with a gap against a side counting an occupied tiny bin without (finish_kernel, 16).
 
 float32 rows. A bf16 model's logits upcast with `.float()` (as many training loops do before
@@ -1322,7 +1326,7 @@ def grad_kernel(logits_ptr, index_ptr, grad_ptr, fparam_ptr, iparam_ptr, sign_pt
             _grad_span(row_ptr, grad_row, signs, chunk * CHUNK, stop, vocab, col_stride, scale, top, log_sum, factor,
                        mass_factor, ce_label, ce_factor, ce_log_sum, shift, 0, 0, 0, 0, HAS_CE, UNIT_STRIDE,
                        PREFETCH, USE_PTX, SIMD16, BLOCK, False)
-        elif marked == 0:  # (slots one at a time: the SIMD clamps have no gap)
+        elif marked == 0:  # (slots one at a time: the gradient's SIMD clamps have no gap)
             _grad_span(row_ptr, grad_row, signs, chunk * CHUNK, stop, vocab, col_stride, scale, top, log_sum, factor,
                        mass_factor, ce_label, ce_factor, ce_log_sum, shift, gap_at, gap, 0, 0, HAS_CE, UNIT_STRIDE,
                        PREFETCH, USE_PTX, False, BLOCK, False)
