@@ -17,7 +17,8 @@ import torch
 
 import uld_kernels.launch as launch
 from bench.shapes import LADDER, tiny_top_rows
-from tests.helpers import assert_gathered_pairs_match_the_trie, assert_hist_exact, hist_flags
+from tests.helpers import (assert_gathered_pairs_match_the_trie, assert_hist_exact, hist_flags,
+                           reference_rows_and_grads)
 
 BF16 = torch.bfloat16
 DEAD = -200.0  # p = 0 here; a run of empty bins above the tail, where the gap goes (it then still splits)
@@ -74,6 +75,30 @@ def test_identical_rows_with_sub_bins_tie_exactly(device):
     assert (status == 0).all(), f"flags {status.tolist()}: the engine's own"
     assert (rows == 0).all(), f"losses {rows.tolist()}"
     assert (grad_s == 0).all() and (grad_t == 0).all(), "gradients of identical rows are 0"
+
+
+def test_a_rescaled_teacher_with_sub_bins_ties_exactly(device, monkeypatch):
+    """A `dense` teacher that is the student doubled, at twice its temperature: every value
+    tied across the sides in float64, so loss and gradients exactly 0. The student is scaled
+    up a binade and the teacher, whose largest magnitude is twice as large, not at all: their
+    tiny bins then hold the same logits (|z| < 2**-24), and both split and take sub-bins,
+    keyed by the same k. Leaving the student unscaled for its sub-bins (a read fewer: tried in
+    the nineteenth session) puts logits of 2**-24 <= |z| < 2**-23 in its tiny bin and not in
+    the teacher's: the two round their log-sums apart, and this pair, unflagged, gave loss
+    1.5e-7 and gradients up to 0.035."""
+    student, _ = _dense(70, 2, 200, 160, ())
+    teacher = (student.double() * 2).to(BF16)
+    student, teacher = student.to(device), teacher.to(device)
+    ref_rows, ref_s, ref_t = reference_rows_and_grads(student, teacher, 0.5, 1.0, teacher_grad=True)
+    assert (ref_rows == 0).all() and (ref_s == 0).all() and (ref_t == 0).all(), "premise: exact ties in float64"
+    monkeypatch.setattr(launch, "HIST_GAPS", False)
+    assert (hist_flags(student, teacher, 0.5, 1.0).cpu() & 4).all(), "the premise: split tiny bins"
+    monkeypatch.setattr(launch, "HIST_GAPS", True)
+    rows, status, grad_s, grad_t = launch.hist_rows(student, teacher, 0.5, 1.0, True, True, 1.0, fallback=False)
+    assert (status == 0).all(), f"flags {status.tolist()}: the engine's own"
+    assert (rows == 0).all(), f"losses {rows.tolist()}"
+    assert (grad_s == 0).all() and (grad_t == 0).all(), (
+        f"gradients up to {grad_s.abs().max().item()} / {grad_t.abs().max().item()} where the rows tie")
 
 
 def test_sub_bins_against_an_occupied_tiny_bin_without_them_are_flagged(device):
