@@ -585,7 +585,7 @@ def test_the_cross_entropy_checks_the_tiny_bin_at_its_own_temperature(device, mo
     assert_losses_close(ours[2], trie[2], torch.bfloat16, what="cross-entropy")
 
 
-@settings(max_examples=examples(12), deadline=None, derandomize=True,
+@settings(max_examples=examples(9), deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**31 - 1), student_vocab=st.integers(1, 300), teacher_vocab=st.integers(1, 300),
        scale=st.sampled_from([2.0 ** -10, 0.5, 2.0, 8.0]), near=st.booleans(),
