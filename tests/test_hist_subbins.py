@@ -71,10 +71,18 @@ def test_identical_rows_with_sub_bins_tie_exactly(device):
     student, _ = _dense(62, 2, 200, 160)
     teacher = student[:, torch.randperm(200, generator=torch.Generator().manual_seed(7))]
     student, teacher = student.to(device), teacher.clone().to(device)
-    rows, status, grad_s, grad_t = launch.hist_rows(student, teacher, 0.5, 0.5, True, True, 1.0, fallback=False)
+    _assert_the_engines_exact_ties(student, teacher, 0.5, 0.5)
+
+
+def _assert_the_engines_exact_ties(student, teacher, student_temperature, teacher_temperature):
+    """Rows tied across the sides element for element: the engine's own (no flag), loss and
+    both gradients exactly 0."""
+    rows, status, grad_s, grad_t = launch.hist_rows(student, teacher, student_temperature, teacher_temperature,
+                                                    True, True, 1.0, fallback=False)
     assert (status == 0).all(), f"flags {status.tolist()}: the engine's own"
     assert (rows == 0).all(), f"losses {rows.tolist()}"
-    assert (grad_s == 0).all() and (grad_t == 0).all(), "gradients of identical rows are 0"
+    assert (grad_s == 0).all() and (grad_t == 0).all(), (
+        f"gradients up to {grad_s.abs().max().item()} / {grad_t.abs().max().item()} where the rows tie")
 
 
 def test_a_rescaled_teacher_with_sub_bins_ties_exactly(device, monkeypatch):
@@ -94,11 +102,7 @@ def test_a_rescaled_teacher_with_sub_bins_ties_exactly(device, monkeypatch):
     monkeypatch.setattr(launch, "HIST_GAPS", False)
     assert (hist_flags(student, teacher, 0.5, 1.0).cpu() & 4).all(), "the premise: split tiny bins"
     monkeypatch.setattr(launch, "HIST_GAPS", True)
-    rows, status, grad_s, grad_t = launch.hist_rows(student, teacher, 0.5, 1.0, True, True, 1.0, fallback=False)
-    assert (status == 0).all(), f"flags {status.tolist()}: the engine's own"
-    assert (rows == 0).all(), f"losses {rows.tolist()}"
-    assert (grad_s == 0).all() and (grad_t == 0).all(), (
-        f"gradients up to {grad_s.abs().max().item()} / {grad_t.abs().max().item()} where the rows tie")
+    _assert_the_engines_exact_ties(student, teacher, 0.5, 1.0)
 
 
 def test_sub_bins_against_an_occupied_tiny_bin_without_them_are_flagged(device):

@@ -185,19 +185,19 @@ _SLOTS_X2 = _MAGNITUDES_X2 + _clamp_x2("m")
 _SLOTS_X2_GAP = _MAGNITUDES_X2 + "add.u32 v, m, $g; max.u16x2 t, m, $ga; min.u16x2 v, v, t; " + _clamp_x2("v")
 # Counts both slots in the shared histogram (like `smem_add_one`, every lane) and keeps a
 # running maximum of the magnitudes: $0 the new maximum pair, $1 the patterns, $2 the old one,
-# $3 (and $4) lo, $5 (and $6) hi.
+# $3 (and $4) lo, $5 (and $6) hi; with the gap, $7 (and $8) gap_at plus the shift, $9 (and $10)
+# the gap.
+_COUNT_X2 = ("max.u16x2 $0, $2, m; "
+             "mov.u32 base, uld_smem; and.b32 s, c, 0xFFFF; mad.lo.u32 a, s, 4, base; red.shared.add.u32 [a], 1; "
+             "shr.b32 s, c, 16; mad.lo.u32 a, s, 4, base; red.shared.add.u32 [a], 1; }")
 _COUNT_BF16X2_ASM = tl.constexpr(
     "{ .reg .b32 m, c, s, a, base; " + _SLOTS_X2.replace("$w", "$1").replace("$lo", "$3").replace("$hi", "$5")
-    + "max.u16x2 $0, $2, m; "
-    "mov.u32 base, uld_smem; and.b32 s, c, 0xFFFF; mad.lo.u32 a, s, 4, base; red.shared.add.u32 [a], 1; "
-    "shr.b32 s, c, 16; mad.lo.u32 a, s, 4, base; red.shared.add.u32 [a], 1; }")
+    + _COUNT_X2)
 _COUNT_BF16X2_GAP_ASM = tl.constexpr(
     "{ .reg .b32 m, c, s, a, base, t, v; "
     + _SLOTS_X2_GAP.replace("$w", "$1").replace("$lo", "$3").replace("$hi", "$5").replace("$ga", "$7")
     .replace("$g", "$9")
-    + "max.u16x2 $0, $2, m; "
-    "mov.u32 base, uld_smem; and.b32 s, c, 0xFFFF; mad.lo.u32 a, s, 4, base; red.shared.add.u32 [a], 1; "
-    "shr.b32 s, c, 16; mad.lo.u32 a, s, 4, base; red.shared.add.u32 [a], 1; }")
+    + _COUNT_X2)
 # The two slots as 32-bit integers: $0, $1 out, $2 the patterns, $3 (and $4) lo, $5 (and $6) hi.
 _SLOTS_BF16X2_ASM = tl.constexpr(
     "{ .reg .b32 m, c, s; " + _SLOTS_X2.replace("$w", "$2").replace("$lo", "$3").replace("$hi", "$5")

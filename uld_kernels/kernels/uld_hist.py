@@ -121,9 +121,8 @@ import triton
 import triton.language as tl
 
 from uld_kernels.kernels.ptx import (NEG_SLOTS, SLOT_M_HI, SLOT_M_LO, SMEM_THREADS, gather_f32, gather_i32, scatter,
-                                     slots_bf16, smem_add_one, smem_clear, smem_count_bf16, smem_count_bf16_gap, smem_load,
-                                     smem_zero,
-                                     store_runs_u32)
+                                     slots_bf16, smem_add_one, smem_clear, smem_count_bf16, smem_count_bf16_gap,
+                                     smem_load, smem_zero, store_runs_u32)
 from uld_kernels.kernels.uld_rows import (LN2, LOG2E, _block_raw, _exp2, _first_block, _load_raw, _log2_prob,
                                           _pair_rows, _tie_signs)
 
@@ -814,9 +813,10 @@ def _count_row(row_ptr, raw_at, col_stride, stop, shift, gap_at, gap, UNIT_STRID
                USE_PTX: tl.constexpr, SIMD16: tl.constexpr, PREFETCH: tl.constexpr, BLOCK: tl.constexpr,
                GAPPED: tl.constexpr = False):
     """hist_kernel's count of one row into its slots, with the row's shift and gap (GAPPED; else
-    none, 0 and 0, the code before the gaps): per lane the largest magnitude bits (unshifted; the caller reduces them after its
-    barrier), and for float32 rows the OR of their low halves (0 for bf16 rows). Lanes past the row load +0: the tiny slot counts them, and
-    the caller takes them off it."""
+    none, 0 and 0, the code before the gaps): per lane the largest magnitude bits (unshifted;
+    the caller reduces them after its barrier), and for float32 rows the OR of their low halves
+    (0 for bf16 rows). Lanes past the row load +0: the tiny slot counts them, and the caller
+    takes them off it."""
     ahead = _first_block(row_ptr, tl.arange(0, BLOCK), col_stride, stop, UNIT_STRIDE, PREFETCH, 0.0)
     if SIMD16:
         magnitudes = tl.zeros([BLOCK], tl.int16)
