@@ -202,6 +202,15 @@ _COUNT_BF16X2_GAP_ASM = tl.constexpr(
 _SLOTS_BF16X2_ASM = tl.constexpr(
     "{ .reg .b32 m, c, s; " + _SLOTS_X2.replace("$w", "$2").replace("$lo", "$3").replace("$hi", "$5")
     + "and.b32 $0, c, 0xFFFF; shr.b32 $1, c, 16; }")
+# The largest finite magnitude of bf16 logits, two to a register (uld_hist._finite_top): the
+# magnitude plus 0x8080 in each half (add.u16x2 wraps within the half) is 0x8080..0xFFFF for the
+# finite magnitudes 0..0x7F7F, in their order, and 0..0x7F for inf and the NaNs (0x7F80..0x7FFF),
+# under every finite one; $0 its running maximum. $1: the signed running maximum of the patterns
+# themselves, 0x7F80 or more where a logit is +inf or a positive NaN. $2 the patterns, $3 and $4
+# the old maxima. Four instructions for two logits.
+_FINITE_TOP_BF16X2_ASM = tl.constexpr(
+    "{ .reg .b32 m, k; and.b32 m, $2, 0x7FFF7FFF; mov.b32 k, 0x80808080; add.u16x2 m, m, k; "
+    "max.u16x2 $0, $3, m; max.s16x2 $1, $4, $2; }")
 _LOAD_ASM = tl.constexpr(
     "{ .reg .u32 a; mov.u32 a, uld_smem; mad.lo.u32 a, $1, 4, a; ld.shared.u32 $0, [a]; }")
 
@@ -291,6 +300,16 @@ def smem_count_bf16_gap(bits, top_magnitude, shift, gap_at, gap):
     up = tl.full(bits.shape, 0, tl.int32) + gap * 65537
     return tl.inline_asm_elementwise(_COUNT_BF16X2_GAP_ASM, "=r,r,r,r,r,r,r,r,r,r,r",
                                      [bits, top_magnitude, lo, hi, at, up], dtype=tl.int16, is_pure=False, pack=2)
+
+
+@triton.jit
+def finite_top_bf16(bits, lifted, positive):
+    """The running maxima of `_FINITE_TOP_BF16X2_ASM` over bf16 logits given as int16 bit
+    patterns: `lifted` (unsigned: the largest finite magnitude plus 0x8080, below 0x8080 where
+    none) and `positive` (signed: the largest pattern), both int16 of bits' shape: start from
+    zeros."""
+    return tl.inline_asm_elementwise(_FINITE_TOP_BF16X2_ASM, "=r,=r,r,r,r", [bits, lifted, positive],
+                                     dtype=(tl.int16, tl.int16), is_pure=True, pack=2)
 
 
 @triton.jit
