@@ -371,6 +371,11 @@ def _finite_top(row_ptr, col_stride, stop, UNIT_STRIDE: tl.constexpr, SIMD16: tl
     return top
 
 
+# hist_kernel calls it as a function: inlined, its loop shared the kernel's register allocation
+# and moved the count loop's loads (random rows 0.07-0.09 ms slower on the H200).
+_finite_top_call = triton.jit(noinline=True)(_finite_top.fn)
+
+
 @triton.jit
 def hist_kernel(student_ptr, teacher_ptr, student_index_ptr, teacher_index_ptr, count_ptr, list_ptr, raw_ptr,
                 fparam_ptr, iparam_ptr, batch_start, student_vocab, teacher_vocab, student_seq_len,
@@ -749,7 +754,7 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
         # (a row with an infinity: the largest magnitude among its finite logits, one more read)
         finite = top_magnitude
         if counting_first & (flag > 1) & (top_magnitude == _INF_MAGNITUDE):
-            finite = _finite_top(row_ptr, col_stride, stop, UNIT_STRIDE, SIMD16, PREFETCH, BLOCK)
+            finite = _finite_top_call(row_ptr, col_stride, stop, UNIT_STRIDE, SIMD16, PREFETCH, BLOCK)
         # Past 256: the smallest shift that brings the largest magnitude below 256. Below it
         # (the row was flagged for a split tiny bin: nothing else flags a row of finite logits
         # below 256 with an occupied bin), the largest scaling up that keeps it below 256
