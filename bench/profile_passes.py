@@ -1,6 +1,6 @@
 """Where the time goes: GPU time per kernel of one forward+backward, from torch.profiler.
 
-    python bench/profile_passes.py [--rows 16384] [--pairs qwen_llama3 qwen_qwen] [--kinds ...]
+    python bench/profile_passes.py [--rows 16384] [--pairs qwen_llama3 qwen_qwen | --vocabs VS VT] [--kinds ...]
 
 Prints, per (pair, kind), each kernel's total device time over one call (after warm-up), the
 trie depth statistics of the rows (status >> 1) and, for bf16 rows in the histogram engine,
@@ -60,9 +60,14 @@ def main():
     parser.add_argument("--pairs", nargs="+", default=["qwen_llama3", "qwen_qwen"], choices=list(VOCAB_PAIRS))
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
     parser.add_argument("--temperature", type=float, default=1.0, help="both sides' softmax temperature")
+    parser.add_argument("--vocabs", type=int, nargs=2, metavar=("VS", "VT"),
+                        help="one pair of these vocabularies instead of --pairs (e.g. scaling.py's 32000 32000)")
     args = parser.parse_args()
     temperature = args.temperature
-    for pair, vs, vt, kind in pair_kinds(args.pairs, args.kinds):
+    shapes = pair_kinds(args.pairs, args.kinds)
+    if args.vocabs:
+        shapes = [(f"{args.vocabs[0]}_{args.vocabs[1]}", *args.vocabs, kind) for kind in args.kinds]
+    for pair, vs, vt, kind in shapes:
         student, teacher = make_rows(kind, args.rows, vs, vt, seed=1)
         for _ in range(2):
             _, status, _, _ = one_call(student, teacher, temperature)
