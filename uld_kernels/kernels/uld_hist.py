@@ -174,12 +174,17 @@ _MIN_NORMAL = tl.constexpr(1.1754943508222875e-38)  # 2**-126: a scale below it 
 # the key of sub-bin 0's k and n at _SUB_KEY and _SUB_N (hist_kernel's REDO; counts past WIDTH
 # are never read); in its sign table the sub-bins' signs from _SUB_SIGN, with the key and n
 # again (sign_kernel; grad_kernel reads no counts). Sub-bin j holds the k of key _SUB_KEY + j.
+# 120 of them fit past the slots of the sign table (_LOW_SLOT, the highest, is 8,065), and
+# take `dense` rows down to a temperature near 0.01 (their tiny bin's ends 72 keys apart there,
+# k near -5; 32 sub-bins took them to about 0.02: the trie's below, 45 ms for 16,384 rows of
+# Qwen/Qwen at 0.01, twentieth session's run 7).
 _SUBS = tl.constexpr(0x8000)
-_SUB_BINS = tl.constexpr(32)  # sub-bins at most (the k of a tiny bin's two ends, that many keys apart)
-_SUB_P = tl.constexpr(8128)
-_SUB_KEY = tl.constexpr(8161)
-_SUB_N = tl.constexpr(8162)
-_SUB_SIGN = tl.constexpr(8128)  # (in the sign table: past _LOW_SLOT, the highest slot)
+_SUB_BINS = tl.constexpr(120)  # sub-bins at most (the k of a tiny bin's two ends, that many keys apart)
+_SUB_BLOCK = tl.constexpr(128)  # (the sub-bins as one block of lanes, the rest masked)
+_SUB_P = tl.constexpr(8064)  # P[0..120] in the counts: 8,064..8,184 (past WIDTH, whose word is the total)
+_SUB_KEY = tl.constexpr(8190)
+_SUB_N = tl.constexpr(8191)
+_SUB_SIGN = tl.constexpr(8066)  # the sign table's 8,066..8,185: past _LOW_SLOT
 
 
 @triton.jit
@@ -604,9 +609,9 @@ def _sub_bins_row(pair, side, logits_ptr, index_ptr, count_ptr, raw_ptr, fparam_
                 else:
                     tl.atomic_add(raw_at + sub, 1, mask=counted)
         tl.debug_barrier()  # the counts, visible to every thread
-        j = tl.arange(0, _SUB_BINS)
-        counts = _read_slots(raw_at, j, USE_PTX)
-        tl.store(counts_at + _SUB_P + 1 + j, tl.cumsum(counts, 0))
+        j = tl.arange(0, _SUB_BLOCK)
+        counts = _read_slots(raw_at, j, USE_PTX)  # (0 past _SUB_BINS: the count clamps to them)
+        tl.store(counts_at + _SUB_P + 1 + j, tl.cumsum(counts, 0), mask=j < _SUB_BINS)
         tl.store(counts_at + _SUB_P, 0)
         tl.store(counts_at + _SUB_KEY, key_low)
         tl.store(counts_at + _SUB_N, n)
@@ -1101,12 +1106,12 @@ def _sub_signs(own_count, other_count, own_dead, other_dead, own_top, own_log_su
     give all its elements one k); their signs stored from signs + _SUB_SIGN (with the key and n,
     for grad_kernel) where `store`; returns their sum of count * p * sign."""
     key_low, n, _total, _k_tiny = own_subs
-    j = tl.arange(0, _SUB_BINS)
+    j = tl.arange(0, _SUB_BLOCK)
     count = (tl.load(own_count + _SUB_P + 1 + j, mask=j < n, other=0)
              - tl.load(own_count + _SUB_P + j, mask=j < n, other=0))
     active = count > 0
     v = _of_key(key_low + j)
-    bins = tl.full([_SUB_BINS], _TINY, tl.int32)
+    bins = tl.full([_SUB_BLOCK], _TINY, tl.int32)
     own_first = _bound(v, bins, own_top, own_log_sum, own_scale, active, False, own_gap_at, own_gap)
     own_after = _bound(v, bins + 1, own_top, own_log_sum, own_scale, active, True, own_gap_at, own_gap)
     guess = _estimate(v, other_top, other_log_sum, 1.0 / other_scale, other_gap_at, other_gap)
