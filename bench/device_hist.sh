@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The histogram engine's recorded run, within one 10-minute device call. Steps (ULD_STEPS, in
-# this order; default all but stress): tests (test_hist_gaps.py, test_hist_float32.py,
-# test_hist.py, test_hist_edges.py, test_gpu.py, one pytest call each), check (agreement with
+# The histogram engine's recorded run, in device calls of at most 10 minutes (the tests alone need two). Steps (ULD_STEPS, in
+# this order; default all but stress and worst): tests (test_hist_gaps.py, test_hist_subbins.py,
+# test_hist_float32.py, test_hist.py, test_hist_edges.py, test_gpu.py, one pytest call each;
+# ULD_TEST_FILES picks some), worst (the slowest kinds on Qwen/Qwen at six temperatures), check (agreement with
 # the trie engine), bench (the table against the reference and Liger's fused JSD), fresh
 # (Qwen/Llama-3 random and peaked, each in its own process), host (a
 # call's host and GPU time: profile_host.py), passes (per-kernel GPU time), distill (the
@@ -32,10 +33,17 @@ if ls .whl/liger_kernel-*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-
     --no-cache-dir --upgrade --target /tmp/site .whl/liger_kernel-*.whl; then
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}; IMPLS="$IMPLS liger_jsd"
 fi
-if has tests; then
-  for f in test_hist_gaps test_hist_float32 test_hist test_hist_edges test_gpu; do  # (a summary per file)
-    echo "== $f"; timeout 200 python3 -m pytest "tests/$f.py" -q -p no:warnings -p no:cacheprovider 2>&1 | tail -3
+if has tests; then  # (all seven files take ~15 minutes: two calls, ULD_TEST_FILES naming each one's half)
+  for f in ${ULD_TEST_FILES:-test_hist_gaps test_hist_subbins test_hist_float32 test_hist test_hist_edges test_gpu}; do
+    echo "== $f"; timeout 240 python3 -m pytest "tests/$f.py" -q -p no:warnings -p no:cacheprovider 2>&1 | tail -3
   done | tee "$OUT/tests.txt"
+fi
+if has worst; then  # the worst rows found (bench/NOTES.md, Next 1): every slow kind on Qwen/Qwen, by temperature
+  for t in 1 0.5 0.1 0.01 0.004 2; do
+    echo "== T=$t"; timeout 100 python3 bench/bench_uld.py --out "$OUT/worst_$t" --impls uld_kernels --rows 16384 \
+      --warmup 30 --rep 200 --full-only --pairs qwen_qwen --kinds gapped flagged dense wide_masked --temperature "$t" \
+      2>&1 | grep -E "^\| uld"
+  done | tee "$OUT/worst.txt"
 fi
 if has check; then
   timeout 40 python3 bench/check_hist.py --rows 512 --pairs qwen_llama3 qwen_qwen 2>&1 | grep -v -i warn \
