@@ -207,7 +207,7 @@ _SLOTS_BF16X2_ASM = tl.constexpr(
 # finite magnitudes 0..0x7F7F, in their order, and 0..0x7F for inf and the NaNs (0x7F80..0x7FFF),
 # under every finite one; $0 its running maximum. $1: the signed running maximum of the patterns
 # themselves, 0x7F80 or more where a logit is +inf or a positive NaN. $2 the patterns, $3 and $4
-# the old maxima. Four instructions for two logits.
+# the old maxima. Four instructions for two logits (the constant's move leaves the loop).
 _FINITE_TOP_BF16X2_ASM = tl.constexpr(
     "{ .reg .b32 m, k; and.b32 m, $2, 0x7FFF7FFF; mov.b32 k, 0x80808080; add.u16x2 m, m, k; "
     "max.u16x2 $0, $3, m; max.s16x2 $1, $4, $2; }")

@@ -185,6 +185,10 @@ _SUB_P = tl.constexpr(8064)  # P[0..120] in the counts: 8,064..8,184 (past WIDTH
 _SUB_KEY = tl.constexpr(8190)
 _SUB_N = tl.constexpr(8191)
 _SUB_SIGN = tl.constexpr(8066)  # the sign table's 8,066..8,185: past _LOW_SLOT
+assert (_SUB_BINS.value <= _SUB_BLOCK.value and WIDTH.value < _SUB_P.value
+        and _SUB_P.value + _SUB_BINS.value < _SUB_KEY.value < _SUB_N.value < CAP.value
+        and _LOW_SLOT.value < _SUB_SIGN.value and _SUB_SIGN.value + _SUB_BINS.value <= _SUB_KEY.value), \
+    "sub-bins: the words past the bins (counts) and past the slots (signs) must not overlap"
 
 
 @triton.jit
@@ -615,7 +619,9 @@ def _sub_bins_row(pair, side, logits_ptr, index_ptr, count_ptr, raw_ptr, fparam_
         tl.store(counts_at + _SUB_P, 0)
         tl.store(counts_at + _SUB_KEY, key_low)
         tl.store(counts_at + _SUB_N, n)
-        if tl.sum(counts, 0) == tiny:  # (else left flagged: the trie's)
+        # (else left flagged: the trie's; a tiny logit keyed past the n sub-bins, which the k of
+        # the bin's ends bound, would be counted in none: counted in n of them, or flagged)
+        if tl.sum(tl.where(j < n, counts, 0), 0) == tiny:
             tl.store(iparam_ptr + params + _FLAG, 0)
             tl.store(fparam_ptr + params + _GAPS, _gaps_word(gap_at, gap, _SUBS))
         tl.debug_barrier()  # (read, then zeroed for the next row)
