@@ -701,15 +701,18 @@ def test_fallback_level_one_capped_for_shared_memory_stays_exact(device, monkeyp
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
 @pytest.mark.parametrize("dtype", [BF16, torch.float32])
-def test_the_largest_finite_magnitude_two_logits_at_a_time(dtype):
+def test_the_largest_finite_magnitude_two_logits_at_a_time(dtype, layout):
     """The read of a row holding an infinity for its largest finite magnitude (`_finite_top`:
-    two logits an instruction, ptx.finite_top_bf16) against the same read one logit at a time
-    (`_infinities`) and against torch, on rows holding no NaN (the only rows it reads): every
-    non-NaN bf16 pattern in one row (+inf in it: past _INF_MAGNITUDE; without: the largest
-    finite, 0x7F7F), N(0, 100^2) rows masked with -inf (as bench kind `wide_masked`) at lengths
-    that end inside a block, a row of -inf and zeros (0), and float32 rows holding bf16 values
-    (their high halves)."""
+    two logits an instruction, ptx.finite_top_bf16, called as hist_kernel calls it) against the
+    same read one logit at a time (`_infinities`) and against torch, on rows holding no NaN (the
+    only rows it reads): every non-NaN bf16 pattern in one row (+inf in it: past
+    _INF_MAGNITUDE; without: the largest finite, 0x7F7F), N(0, 100^2) rows masked with -inf (as
+    bench kind `wide_masked`) at lengths that end inside a block, a row of -inf and zeros (0),
+    and float32 rows holding bf16 values (their high halves); "strided": every other column of
+    a buffer whose columns between hold NaN and +inf, read without loads ahead (a stride or a
+    wrong offset would read them)."""
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("u16x2 instructions: sm_90 and later (the engine reads one logit at a time below)")
     patterns = torch.arange(-32768, 32768, dtype=torch.int32)
@@ -721,21 +724,29 @@ def test_the_largest_finite_magnitude_two_logits_at_a_time(dtype):
         wide[torch.randperm(n, generator=g)[: n // 100]] = -math.inf
         rows.append(wide.view(torch.int16).to(torch.int32))
     rows.append(torch.tensor([0xFF80 - 65536, 0, 0x8000 - 65536] * 7, dtype=torch.int32))
+    strided = layout == "strided"
     for bits in rows:
         magnitudes = bits & 0x7FFF
         finite = magnitudes[magnitudes < 0x7F80]
         expected = 0x7F81 if (bits == 0x7F80).any() else int(finite.max()) if finite.numel() else 0
-        row = bits.to(torch.int16).view(BF16).to(dtype).cuda()
+        row = bits.to(torch.int16).view(BF16).to(dtype)
+        if strided:  # (every other column of a buffer holding NaN and +inf between)
+            poison = torch.tensor([math.nan, math.inf], dtype=dtype).repeat(row.numel() // 2 + 1)[: row.numel()]
+            row = torch.stack([row, poison], dim=1).flatten().cuda()[0::2]
+        else:
+            row = row.cuda()
         out = torch.empty(2, dtype=torch.int32, device="cuda")
-        _finite_top_kernel[(1,)](row, out, row.numel(), BLOCK=4096, num_warps=4)
+        _finite_top_kernel[(1,)](row, out, row.numel(), row.stride(0), UNIT_STRIDE=not strided, PREFETCH=not strided,
+                                 BLOCK=4096, num_warps=4)
         assert out.tolist() == [expected, expected], (
-            f"{row.numel()} logits: two at a time {out[0].item():#x}, one at a time {out[1].item():#x}, "
+            f"{row.numel()} logits ({layout}): two at a time {out[0].item():#x}, one at a time {out[1].item():#x}, "
             f"torch {expected:#x}")
 
 
 @triton.jit
-def _finite_top_kernel(row_ptr, out_ptr, n, BLOCK: tl.constexpr):
-    """`_finite_top` of one row of n logits two at a time (out_ptr[0]) and one at a time
-    (out_ptr[1])."""
-    tl.store(out_ptr, uld_hist._finite_top(row_ptr, 1, n, True, True, True, BLOCK))
-    tl.store(out_ptr + 1, uld_hist._finite_top(row_ptr, 1, n, True, False, True, BLOCK))
+def _finite_top_kernel(row_ptr, out_ptr, n, stride, UNIT_STRIDE: tl.constexpr, PREFETCH: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """`_finite_top` of one row of n logits two at a time (out_ptr[0], called as hist_kernel
+    calls it) and one at a time (out_ptr[1])."""
+    tl.store(out_ptr, uld_hist._finite_top_call(row_ptr, stride, n, UNIT_STRIDE, True, PREFETCH, BLOCK))
+    tl.store(out_ptr + 1, uld_hist._finite_top(row_ptr, stride, n, UNIT_STRIDE, False, PREFETCH, BLOCK))
