@@ -27,7 +27,7 @@ def time_shape(rows: int, vs: int, vt: int, warmup: int, rep: int) -> tuple[floa
     student, teacher = make_rows("random", rows, vs, vt, seed=rows + vs + vt)
     student.requires_grad_(True)
     impl = IMPLS["uld_kernels"]()
-    for _ in range(3):  # (untimed: the first shape of each series ran 1.3-1.5x slow in the twentieth session's run 1)
+    for _ in range(3):  # (untimed; they did not remove the slow first point of each series: bench/NOTES.md, Next 6)
         torch.autograd.grad(impl(student, teacher), student)
     _fwd, _fwd_grad, _bwd, full, peak, _loss = measure("uld_kernels", impl, student, teacher,
                                                        warmup, rep, full_only=True)

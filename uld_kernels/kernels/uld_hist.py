@@ -175,8 +175,8 @@ _MIN_NORMAL = tl.constexpr(1.1754943508222875e-38)  # 2**-126: a scale below it 
 # are never read); in its sign table the sub-bins' signs from _SUB_SIGN, with the key and n
 # again (sign_kernel; grad_kernel reads no counts). Sub-bin j holds the k of key _SUB_KEY + j.
 # 120 of them fit past the slots of the sign table (_LOW_SLOT, the highest, is 8,065), and
-# take `dense` rows down to a temperature near 0.01 (their tiny bin's ends 72 keys apart there,
-# k near -5; 32 sub-bins took them to about 0.02: the trie's below, 45 ms for 16,384 rows of
+# keep `dense` rows in the engine at temperature 0.01 and, for the tests' rows, 0.004 (0.002:
+# the trie's); 32 took them to about 0.02 (the trie's below: 45 ms for 16,384 rows of
 # Qwen/Qwen at 0.01, twentieth session's run 7).
 _SUBS = tl.constexpr(0x8000)
 _SUB_BINS = tl.constexpr(120)  # sub-bins at most (the k of a tiny bin's two ends, that many keys apart)
@@ -381,7 +381,8 @@ def _finite_top(row_ptr, col_stride, stop, UNIT_STRIDE: tl.constexpr, SIMD16: tl
 
 
 # hist_kernel calls it as a function: inlined, its loop shared the kernel's register allocation
-# and moved the count loop's loads (random rows 0.07-0.09 ms slower on the H200).
+# and moved the count loop's loads (random rows 0.02-0.05 ms slower in an A/B on the H200,
+# twentieth session's run 4; called, as before the change).
 _finite_top_call = triton.jit(noinline=True)(_finite_top.fn)
 
 
