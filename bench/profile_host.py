@@ -8,6 +8,8 @@ makes (kernel launches, synchronisations, allocations, copies: torch.profiler's 
 and, with --cprofile, the Python functions that take the host's time. With --timeline, the
 GPU's timeline of one call after do_bench's cache flush (each kernel's start, duration and the
 idle gap before it) and the caching allocator's device allocations and retries over 20 calls.
+With --layers, the host's time per call of each layer of the call, outermost first, on rows
+few enough (--layer-rows) that the GPU never holds the host back: what each layer adds.
 """
 
 from __future__ import annotations
@@ -91,6 +93,86 @@ def allocator_counts(fn, calls: int = 20) -> dict:
     return {k: after.get(k, 0) - before.get(k, 0) for k in keys}
 
 
+def layer_host_us(student, teacher, calls: int = 200, rounds: int = 5) -> list[tuple[str, float]]:
+    """Host time per call (us) of each layer of a forward+backward: the least over `rounds`
+    rounds (the layers interleaved) of the mean over `calls` back-to-back calls."""
+    from uld_kernels import launch
+    from uld_kernels.autograd import _FUNCTIONS, ULDFunction
+
+    n = student.shape[0]
+    grad = torch.empty_like(student)
+    one = torch.ones((), device=student.device)
+    small = torch.zeros(8, device=student.device, requires_grad=True)
+    layers = [
+        ("uld_loss + autograd.grad", lambda: torch.autograd.grad(uld_loss(student, teacher), student)),
+        ("uld_loss (forward, graph kept)", lambda: uld_loss(student, teacher)),
+        ("  autograd.grad alone (forward untimed)", "grad"),
+        ("  autograd.grad of x.sum() (the engine)", lambda: torch.autograd.grad(small.sum(), small)),
+        ("ULDFunction.apply (no checks)", lambda: ULDFunction.apply(student, teacher, 1.0, 1.0, "mean", True)),
+        ("torch.ops.uld_kernels.uld_loss", lambda: torch.ops.uld_kernels.uld_loss(
+            student, teacher, 1.0, 1.0, "mean", True, False)),
+        ("  its Python function, no dispatcher", lambda: _FUNCTIONS["uld_loss"](
+            student, teacher, 1.0, 1.0, "mean", True, False)),
+        ("launch.uld_rows", lambda: launch.uld_rows(student, teacher, 1.0, 1.0, True, False, 1.0 / n)),
+        ("launch.hist_pairs, no fallback", lambda: launch.hist_pairs(
+            student, teacher, 1.0, 1.0, True, False, 1.0 / n, fallback=False)),
+        ("  the same, Triton launches stubbed", "stub"),
+        ("torch.ops.uld_kernels.scale_rows_", lambda: torch.ops.uld_kernels.scale_rows_(grad, one)),
+        ("  its Python function, no dispatcher", lambda: _FUNCTIONS["scale_rows_"](grad, one)),
+        ("launch.scale_rows_", lambda: launch.scale_rows_(grad, one.reshape(-1))),
+    ]
+    kernels = {k: getattr(launch.uld_hist, k) for k in ("hist_kernel", "sign_kernel", "finish_kernel", "grad_kernel")}
+
+    def stubbed():  # every kernel of the histogram engine a no-op: the rest of hist_pairs is Python
+        for k in kernels:
+            setattr(launch.uld_hist, k, _NoLaunch())
+        try:
+            return _host_us(layers[8][1], calls)
+        finally:
+            for k, kernel in kernels.items():
+                setattr(launch.uld_hist, k, kernel)
+
+    best = [float("inf")] * len(layers)
+    for _ in range(rounds):
+        for i, (_name, fn) in enumerate(layers):
+            if fn == "stub":
+                us = stubbed()
+            elif fn == "grad":
+                us = _host_us(lambda loss: torch.autograd.grad(loss, student), calls,
+                              setup=lambda: uld_loss(student, teacher))
+            else:
+                us = _host_us(fn, calls)
+            best[i] = min(best[i], us)
+    return [(name, us) for (name, _fn), us in zip(layers, best)]
+
+
+class _NoLaunch:
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def _host_us(fn, calls: int, setup=None) -> float:
+    """Mean host time of fn over back-to-back calls; with `setup`, fn takes setup()'s result,
+    made before each call and not timed."""
+    for _ in range(20):
+        fn() if setup is None else fn(setup())
+    torch.cuda.synchronize()
+    host = 0.0
+    if setup is None:
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        host = time.perf_counter() - t0
+    else:
+        for _ in range(calls):
+            x = setup()
+            t0 = time.perf_counter()
+            fn(x)
+            host += time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return host * 1e6 / calls
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=16384)
@@ -98,7 +180,17 @@ def main():
     parser.add_argument("--kinds", nargs="+", default=["random", "near"], choices=list(KINDS))
     parser.add_argument("--cprofile", type=int, default=15, help="Python functions to list (0: none)")
     parser.add_argument("--timeline", action="store_true", help="the GPU timeline of one call, and allocator counts")
+    parser.add_argument("--layers", action="store_true", help="host time of each layer of a call, then exit")
+    parser.add_argument("--layer-rows", type=int, default=64)
     args = parser.parse_args()
+    if args.layers:
+        for pair, vs, vt, kind in pair_kinds(args.pairs, args.kinds):
+            student, teacher = make_rows(kind, args.layer_rows, vs, vt, seed=vs + vt)
+            student.requires_grad_(True)
+            print(f"== {pair} {kind} rows={args.layer_rows}: host us per call, back to back")
+            for name, us in layer_host_us(student, teacher):
+                print(f"   {name:40} {us:8.1f} us")
+        return
     for pair, vs, vt, kind in pair_kinds(args.pairs, args.kinds):
         student, teacher = make_rows(kind, args.rows, vs, vt, seed=args.rows + vs + vt)
         student.requires_grad_(True)

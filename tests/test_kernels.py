@@ -7,6 +7,9 @@ TRITON_INTERPRET=1), so shapes stay small; on a GPU the same tests run compiled.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -422,3 +425,63 @@ def test_no_grad_evaluation_computes_no_gradient(device, monkeypatch):
     trained = uld_loss(student, teacher)
     assert calls == [False, True], calls
     assert torch.equal(evaluated, trained.detach())
+
+
+def test_every_global_a_kernel_reads_is_cheap_to_check():
+    """Triton compares every global a kernel reads (through the functions it calls) with its
+    value at compile time, at each launch; tl.constexpr's != took ~2 us each, and the
+    fallback reads 75, hist_kernel 40. Each must be a `const`, whose != of an unchanged value
+    is one comparison, and which behaves as tl.constexpr otherwise. (In a process without the
+    interpreter, whose kernels are not JITFunctions.)"""
+    script = """
+import triton
+import triton.language as tl
+from uld_kernels import launch
+from uld_kernels.kernels import cross_entropy, uld_hist, uld_rows, uld_split
+from uld_kernels.kernels.const import const
+
+kernels = [k for m in (uld_hist, uld_rows, uld_split, cross_entropy, launch) for k in vars(m).values()
+           if isinstance(k, triton.runtime.jit.JITFunction)]
+assert len(kernels) > 20, len(kernels)
+for kernel in kernels:
+    kernel.cache_key  # (collects the globals)
+    loose = [name for (name, _), (value, _) in kernel.used_global_vals.items() if type(value) is not const]
+    assert not loose, (kernel.__name__, loose)
+assert sum(len(k.used_global_vals) for k in kernels) > 100
+for a, b in [(3, 3), (3, 4), ("x", "x"), ("x", "y"), (1, True), (True, True), (2.5, 2.5)]:
+    fast, slow = const(a) != const(b), tl.constexpr(a) != tl.constexpr(b)
+    assert isinstance(fast, tl.constexpr) and fast.value == slow.value, (a, b)
+assert repr(const(7)) == repr(tl.constexpr(7))  # (a kernel's cache key holds its globals' reprs)
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+def test_eager_calls_skip_the_dispatcher_where_nothing_needs_it(device, monkeypatch):
+    """Eager calls on plain tensors run the custom ops' Python functions directly
+    (autograd.call_op: the dispatcher's path cost ~0.1 ms of host time a call); under the
+    profiler the ops run and are named in its trace. Loss and gradient are the same both ways."""
+    import uld_kernels.autograd as autograd
+
+    direct = []
+    for name, fn in list(autograd._FUNCTIONS.items()):
+        monkeypatch.setitem(autograd._FUNCTIONS, name,
+                            lambda *args, _fn=fn, _name=name: direct.append(_name) or _fn(*args))
+    student, teacher = _rows("random", 3, 50, 40, torch.float32, device, seed=6)
+    eager = student.clone().requires_grad_(True)
+    eager_loss = uld_loss(eager, teacher)
+    eager_loss.backward()
+    assert direct == ["uld_loss", "scale_rows_"]
+    direct.clear()
+    profiled = student.clone().requires_grad_(True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        profiled_loss = uld_loss(profiled, teacher)
+        profiled_loss.backward()
+    assert direct == []
+    names = {event.name for event in prof.events()}
+    assert {"uld_kernels::uld_loss", "uld_kernels::scale_rows_"} <= names, sorted(names)[:20]
+    assert torch.equal(eager_loss, profiled_loss)
+    assert torch.equal(eager.grad, profiled.grad)

@@ -14,6 +14,7 @@ from torch import nn
 
 from uld_kernels.alignment import ALIGNMENTS, next_token_targets, pair_rows
 from uld_kernels import launch
+from uld_kernels.autograd import call_op, custom_op
 from uld_kernels.launch import cross_entropy_rows, hist_pairs, interpreter_enabled, uld_pairs, zero_unwritten_
 from uld_kernels.validation import (
     check_choice,
@@ -27,7 +28,7 @@ from uld_kernels.validation import (
 REDUCTIONS = ("paper", "token_mean", "sum", "none")
 
 
-@torch.library.custom_op("uld_kernels::uld_distill", mutates_args=())
+@custom_op("uld_distill")
 def uld_distill_op(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -104,8 +105,8 @@ class ULDDistillFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student_logits, teacher_logits, plan):
-        rows, pair_ce, other_ce, grad = torch.ops.uld_kernels.uld_distill(
-            student_logits, teacher_logits, plan["student_vocab"], plan["teacher_vocab"],
+        rows, pair_ce, other_ce, grad = call_op(
+            "uld_distill", student_logits, teacher_logits, plan["student_vocab"], plan["teacher_vocab"],
             plan["student_index"], plan["teacher_index"], plan["pair_weight"],
             plan["ce_index"], plan["ce_label"], plan["ce_weight"],
             plan["student_temperature"], plan["teacher_temperature"], plan["has_ce"],
@@ -137,7 +138,7 @@ class ULDDistillFunction(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         flat = grad.view(-1, grad.shape[-1])
         scale = grad_total.repeat_interleave(ctx.seq_len) if grad_total.dim() == 1 else grad_total
-        torch.ops.uld_kernels.scale_rows_(flat, scale)
+        call_op("scale_rows_", flat, scale)
         return grad, None, None
 
 

@@ -41,10 +41,12 @@ check these paths.
 import triton
 import triton.language as tl
 
-SMEM_THREADS = tl.constexpr(128)  # 4 warps
-SMEM_BYTES = tl.constexpr(32768)  # int32 counts of 2 x 4,096 buckets (zeroed, read back)
-SMEM_SPARE = tl.constexpr(8192)  # one more word past them, never read: `smem_add_one`'s sink
-MASS_SCALE = tl.constexpr(4503599627370496.0)  # 2**52: masses are int64 sums of p * 2**52
+from uld_kernels.kernels.const import const
+
+SMEM_THREADS = const(128)  # 4 warps
+SMEM_BYTES = const(32768)  # int32 counts of 2 x 4,096 buckets (zeroed, read back)
+SMEM_SPARE = const(8192)  # one more word past them, never read: `smem_add_one`'s sink
+MASS_SCALE = const(4503599627370496.0)  # 2**52: masses are int64 sums of p * 2**52
 
 
 def _zero_asm(size: int, threads: int, declare: bool, base: str = "uld_smem") -> str:
@@ -58,21 +60,21 @@ def _zero_asm(size: int, threads: int, declare: bool, base: str = "uld_smem") ->
             "mov.u32 $0, 0; }")
 
 
-_ZERO_ASM = tl.constexpr(_zero_asm(SMEM_BYTES.value, SMEM_THREADS.value, True))
-_CLEAR_ASM = tl.constexpr(_zero_asm(SMEM_BYTES.value, SMEM_THREADS.value, False))
+_ZERO_ASM = const(_zero_asm(SMEM_BYTES.value, SMEM_THREADS.value, True))
+_CLEAR_ASM = const(_zero_asm(SMEM_BYTES.value, SMEM_THREADS.value, False))
 # Level 1 of the trie fallback in shared memory (`step_and_count_smem`), one side at a time,
 # in the array `smem_zero` declared in another function (the root pass), reached through its
 # address: per bucket w < L1_CAP, the count at word w, INT_MAX - key-min at L1_CAP + w (0:
 # none, as zeroed), key-max at 2 L1_CAP + w (0: none; counted keys are positive) and the
 # int64 mass at byte 12 L1_CAP + 8 w. 5 x 1,536 words fit the 8,192.
-L1_CAP = tl.constexpr(1536)
-L1_KEY_FLIP = tl.constexpr(2147483647)  # key-min is kept as L1_KEY_FLIP - key, by max
+L1_CAP = const(1536)
+L1_KEY_FLIP = const(2147483647)  # key-min is kept as L1_KEY_FLIP - key, by max
 _L1_BYTES = 20 * L1_CAP.value
 assert _L1_BYTES <= SMEM_BYTES.value, "the level-1 table must fit the shared array"
-_CLEAR_L1_ASM = tl.constexpr(_zero_asm(_L1_BYTES, SMEM_THREADS.value, False, base="$2"))
+_CLEAR_L1_ASM = const(_zero_asm(_L1_BYTES, SMEM_THREADS.value, False, base="$2"))
 # Unconditional: lanes with nothing to count add to the spare word instead of branching around
 # the add (a predicated shared add costs a branch and a convergence barrier per element).
-_ADD_ONE_ASM = tl.constexpr(
+_ADD_ONE_ASM = const(
     "{ .reg .u32 a; mov.u32 a, uld_smem; "
     "mad.lo.u32 a, $1, 4, a; red.shared.add.u32 [a], 1; mov.u32 $0, 0; }")
 
@@ -96,13 +98,13 @@ def _step(entry: str, key: str, child: str, shift: str, digit_mask: str, out: st
 
 # $1 reached, $2 entry, $3 key, $4 p; $5..$8 the count, key-min, key-max and mass planes.
 # Labels are local to the braces, so the block can be inlined once per element.
-_COUNT_KEY_ASM = tl.constexpr(
+_COUNT_KEY_ASM = const(
     "{ .reg .pred p; .reg .u64 a; .reg .f32 f; .reg .s64 m; setp.eq.s32 p, $1, 0; @p bra SKIP; "
     + _reductions("$2", "$3", "$4", ("$5", "$6", "$7", "$8")) + "SKIP: mov.u32 $0, 0; }")
 # The level-1 pass's open elements: one step down from the root bucket, then count_key's
 # reductions. $1 walking, $2 root entry, $3 key, $4 p, $5 child plane, $6..$9 the count,
 # key-min, key-max and mass planes, $10 the level's shift, $11 its digit mask.
-_STEP_AND_COUNT_ASM = tl.constexpr(
+_STEP_AND_COUNT_ASM = const(
     "{ .reg .pred p; .reg .u64 a; .reg .s32 c, d; .reg .f32 f; .reg .s64 m; setp.eq.s32 p, $1, 0; "
     "@p bra SKIP; " + _step("$2", "$3", "$5", "$10", "$11", "c")
     + _reductions("c", "$3", "$4", ("$6", "$7", "$8", "$9")) + "SKIP: mov.u32 $0, 0; }")
@@ -114,7 +116,7 @@ _STEP_AND_COUNT_ASM = tl.constexpr(
 # word is added with atom (its old value tells the carry) and the high word, plus the carry,
 # with red, each only where nonzero (the rows' far tails have masses that truncate to 0). The
 # sum is exact modulo 2**64, as one 64-bit add would be; read back as one u64 after a barrier.
-_STEP_AND_COUNT_SMEM_ASM = tl.constexpr(
+_STEP_AND_COUNT_SMEM_ASM = const(
     "{ .reg .pred p; .reg .u64 a; .reg .s32 c, d; .reg .u32 s, lo, hi, old; .reg .f32 f; .reg .s64 m; "
     "setp.eq.s32 p, $1, 0; @p bra SKIP; " + _step("$2", "$3", "$5", "$6", "$7", "c")
     + f"sub.s32 c, c, $9; mad.lo.u32 s, c, 4, $8; red.shared.add.u32 [s], 1; sub.s32 d, {L1_KEY_FLIP.value}, $3; "
@@ -124,13 +126,13 @@ _STEP_AND_COUNT_SMEM_ASM = tl.constexpr(
     "setp.eq.u32 p, lo, 0; @p bra HIGH; atom.shared.add.u32 old, [s], lo; add.u32 lo, old, lo; "
     "setp.lt.u32 p, lo, old; @p add.u32 hi, hi, 1; "
     "HIGH: setp.eq.u32 p, hi, 0; @p bra SKIP; red.shared.add.u32 [s+4], hi; SKIP: mov.u32 $0, 0; }")
-_LOAD_L1_ASM = tl.constexpr("{ .reg .u32 a; mad.lo.u32 a, $1, 4, $2; ld.shared.u32 $0, [a]; }")
-_LOAD_L1_MASS_ASM = tl.constexpr(
+_LOAD_L1_ASM = const("{ .reg .u32 a; mad.lo.u32 a, $1, 4, $2; ld.shared.u32 $0, [a]; }")
+_LOAD_L1_MASS_ASM = const(
     f"{{ .reg .u32 a; mad.lo.u32 a, $1, 8, $2; ld.shared.u64 $0, [a+{12 * L1_CAP.value}]; }}")
 # One level of the sign walk, only for lanes whose sign is NaN (an open bucket): the child
 # node of the bucket, the key's digit there, and that bucket's sign. $2 entry, $3 sign, $4 key,
 # $5 child plane, $6 sign plane, $7 shift, $8 digit mask; out: $0 sign, $1 entry.
-_DESCEND_ASM = tl.constexpr(
+_DESCEND_ASM = const(
     "{ .reg .pred p; .reg .u64 a; .reg .s32 c, d; mov.b32 $0, $3; mov.b32 $1, $2; "
     "setp.num.f32 p, $3, $3; @p bra DONE; " + _step("$2", "$4", "$5", "$7", "$8", "$1")
     + "mad.wide.s32 a, $1, 4, $6; ld.global.f32 $0, [a]; DONE: }")
@@ -138,7 +140,7 @@ _DESCEND_ASM = tl.constexpr(
 # (Triton spends four instructions on a 64-bit address from a signed 32-bit index). $1 index,
 # $2 mask, $3 base; 0 where masked. The coherent form (a plain load) is for tables written in
 # the same launch, where the read-only path's contract does not hold.
-_GATHER_ASM = tl.constexpr(
+_GATHER_ASM = const(
     "{ .reg .pred p; .reg .u64 a; mov.b32 $0, 0; setp.ne.s32 p, $2, 0; mad.wide.s32 a, $1, 4, $3; "
     "@p ld.global.nc.f32 $0, [a]; }")
 
@@ -149,13 +151,13 @@ def _scatter_asm(kind: str, size: int) -> str:
             f"mad.wide.s32 a, $1, {size}, $4; @p st.global.{kind} [a], $3; }}")
 
 
-_SCATTER_U16_ASM = tl.constexpr(_scatter_asm("u16", 2))
-_SCATTER_B32_ASM = tl.constexpr(_scatter_asm("b32", 4))
+_SCATTER_U16_ASM = const(_scatter_asm("u16", 2))
+_SCATTER_B32_ASM = const(_scatter_asm("b32", 4))
 # Four consecutive int32 of a thread (pack=4, 16-byte aligned) with one vector store: $4 the
 # address of the first (the others' are unused), $8..$11 the values.
-_STORE_RUN_ASM = tl.constexpr("{ st.global.v4.u32 [$4], {$8, $9, $10, $11}; mov.b32 $0, 0; mov.b32 $1, 0; "
+_STORE_RUN_ASM = const("{ st.global.v4.u32 [$4], {$8, $9, $10, $11}; mov.b32 $0, 0; mov.b32 $1, 0; "
                               "mov.b32 $2, 0; mov.b32 $3, 0; }")
-_GATHER_COHERENT_ASM = tl.constexpr(_GATHER_ASM.value.replace("ld.global.nc.f32", "ld.global.f32"))
+_GATHER_COHERENT_ASM = const(_GATHER_ASM.value.replace("ld.global.nc.f32", "ld.global.f32"))
 # bf16 logits, two to a 32-bit register (inline assembly with pack=2 on int16 bit patterns):
 # their histogram slots in SIMD halves (uld_hist.py, "Slots"): the magnitude bits m clamped to
 # [lo, hi] by two VIMNMX.U16x2, the sign bit moved to the NEG_SLOTS bit, minus lo (each half
@@ -164,9 +166,9 @@ _GATHER_COHERENT_ASM = tl.constexpr(_GATHER_ASM.value.replace("ld.global.nc.f32"
 # scalar: $lo and $hi (an int32 operand takes a register per element with pack=2, both the same
 # loop-invariant one: nothing is packed per step); 0x10001000 is the sign bit's move in both
 # halves. $w: the pair of patterns; leaves the slots' pair in `c`.
-SLOT_M_LO = tl.constexpr(13311)  # magnitudes below 13312 (|z| < 2**-23): the tiny slots
-SLOT_M_HI = tl.constexpr(17280)  # magnitudes from 17280 (|z| >= 256, inf, NaN): the out slots
-NEG_SLOTS = tl.constexpr(4096)  # negative logits' slots start here
+SLOT_M_LO = const(13311)  # magnitudes below 13312 (|z| < 2**-23): the tiny slots
+SLOT_M_HI = const(17280)  # magnitudes from 17280 (|z| >= 256, inf, NaN): the out slots
+NEG_SLOTS = const(4096)  # negative logits' slots start here
 _MAGNITUDES_X2 = "and.b32 m, $w, 0x7FFF7FFF; "
 
 
@@ -190,16 +192,16 @@ _SLOTS_X2_GAP = _MAGNITUDES_X2 + "add.u32 v, m, $g; max.u16x2 t, m, $ga; min.u16
 _COUNT_X2 = ("max.u16x2 $0, $2, m; "
              "mov.u32 base, uld_smem; and.b32 s, c, 0xFFFF; mad.lo.u32 a, s, 4, base; red.shared.add.u32 [a], 1; "
              "shr.b32 s, c, 16; mad.lo.u32 a, s, 4, base; red.shared.add.u32 [a], 1; }")
-_COUNT_BF16X2_ASM = tl.constexpr(
+_COUNT_BF16X2_ASM = const(
     "{ .reg .b32 m, c, s, a, base; " + _SLOTS_X2.replace("$w", "$1").replace("$lo", "$3").replace("$hi", "$5")
     + _COUNT_X2)
-_COUNT_BF16X2_GAP_ASM = tl.constexpr(
+_COUNT_BF16X2_GAP_ASM = const(
     "{ .reg .b32 m, c, s, a, base, t, v; "
     + _SLOTS_X2_GAP.replace("$w", "$1").replace("$lo", "$3").replace("$hi", "$5").replace("$ga", "$7")
     .replace("$g", "$9")
     + _COUNT_X2)
 # The two slots as 32-bit integers: $0, $1 out, $2 the patterns, $3 (and $4) lo, $5 (and $6) hi.
-_SLOTS_BF16X2_ASM = tl.constexpr(
+_SLOTS_BF16X2_ASM = const(
     "{ .reg .b32 m, c, s; " + _SLOTS_X2.replace("$w", "$2").replace("$lo", "$3").replace("$hi", "$5")
     + "and.b32 $0, c, 0xFFFF; shr.b32 $1, c, 16; }")
 # The largest finite magnitude of bf16 logits, two to a register (uld_hist._finite_top): the
@@ -208,10 +210,10 @@ _SLOTS_BF16X2_ASM = tl.constexpr(
 # under every finite one; $0 its running maximum. $1: the signed running maximum of the patterns
 # themselves, 0x7F80 or more where a logit is +inf or a positive NaN. $2 the patterns, $3 and $4
 # the old maxima. Four instructions for two logits (the constant's move leaves the loop).
-_FINITE_TOP_BF16X2_ASM = tl.constexpr(
+_FINITE_TOP_BF16X2_ASM = const(
     "{ .reg .b32 m, k; and.b32 m, $2, 0x7FFF7FFF; mov.b32 k, 0x80808080; add.u16x2 m, m, k; "
     "max.u16x2 $0, $3, m; max.s16x2 $1, $4, $2; }")
-_LOAD_ASM = tl.constexpr(
+_LOAD_ASM = const(
     "{ .reg .u32 a; mov.u32 a, uld_smem; mad.lo.u32 a, $1, 4, a; ld.shared.u32 $0, [a]; }")
 
 
@@ -340,7 +342,7 @@ def smem_load(word):
 # from the counter at $3 and, below the capacity $5, the column $2 stored there (list at $4).
 # As inline PTX, so that the lanes keep the row's layout (Triton's atomic on one address
 # converted the mask through shared memory, two barriers a block).
-_LIST_APPEND_ASM = tl.constexpr(
+_LIST_APPEND_ASM = const(
     "{ .reg .pred p; .reg .u32 at; .reg .u64 a; setp.eq.s32 p, $1, 0; @p bra SKIP; "
     "atom.global.add.u32 at, [$3], 1; setp.ge.u32 p, at, $5; @p bra SKIP; "
     "mad.wide.u32 a, at, 4, $4; st.global.u32 [a], $2; SKIP: mov.u32 $0, 0; }")

@@ -120,19 +120,20 @@ to the trie engine, which takes any float32.
 import triton
 import triton.language as tl
 
+from uld_kernels.kernels.const import const
 from uld_kernels.kernels.ptx import (NEG_SLOTS, SLOT_M_HI, SLOT_M_LO, SMEM_THREADS, gather_f32, gather_i32, scatter,
                                      finite_top_bf16, slots_bf16, smem_add_one, smem_clear, smem_count_bf16,
                                      smem_count_bf16_gap, smem_load, smem_zero, store_runs_u32)
 from uld_kernels.kernels.uld_rows import (LN2, LOG2E, _block_raw, _exp2, _first_block, _load_raw, _log2_prob,
                                           _pair_rows, _tie_signs)
 
-CAP = tl.constexpr(8192)  # words per row and side: the shared-memory histogram's 8,192
+CAP = const(8192)  # words per row and side: the shared-memory histogram's 8,192
 # Bins in order of value: 0 the logits <= -256, 1..3968 the logits -255 .. -2**-23, 3969 the
 # tiny ones (|z| < 2**-23, zeros too), 3970..7937 the logits 2**-23 .. 255.
-WIDTH = tl.constexpr(7938)
-_LOW_BINS = tl.constexpr(1)
-_TINY = tl.constexpr(3969)
-_TINY_END = tl.constexpr(1.1920928955078125e-07 - 4.656612873077393e-10)  # 2**-23 - 2**-31
+WIDTH = const(7938)
+_LOW_BINS = const(1)
+_TINY = const(3969)
+_TINY_END = const(1.1920928955078125e-07 - 4.656612873077393e-10)  # 2**-23 - 2**-31
 # Slots: where hist_kernel counts a logit and grad_kernel finds its sign. A bf16 pattern's
 # magnitude bits m (|z|'s bits) clamped to [13311, 17280], minus 13311, plus 4,096 for a
 # negative logit: a few integer instructions for two logits at once (ptx.smem_count_bf16).
@@ -141,32 +142,32 @@ _TINY_END = tl.constexpr(1.1920928955078125e-07 - 4.656612873077393e-10)  # 2**-
 # the NaNs with their sign bit set. Lanes past a row load +0 (slot 0) and are subtracted; -inf
 # shares the low slot, and is counted apart by one more read of the row only where that slot
 # matters (`_infinities`); a row's largest magnitude tells NaNs (> 32640) apart.
-_POS_OUT_SLOT = tl.constexpr(3969)
-_RUN = tl.constexpr(4)  # bins per thread in hist_kernel's pass over them
-_EMPTY_SLOT = tl.constexpr(4000)  # never counted: what bins past WIDTH read
-_NEG_TINY_SLOT = tl.constexpr(4096)
-_LOW_SLOT = tl.constexpr(8065)
-_INF_MAGNITUDE = tl.constexpr(32640)  # m of +-inf; NaNs above
-_LISTED_SHIFT = tl.constexpr(21)  # hist_kernel's scan: counts below, occupied bins above
-_COUNT_MASK = tl.constexpr((1 << 21) - 1)
-MAX_VOCAB = tl.constexpr(1 << 21)  # a row shorter than this: its counts fit the scan's 21 bits
-_NEG_INF_BITS = tl.constexpr(-128)  # -inf's pattern, 0xFF80, as an int16
-_NOT_BF16 = tl.constexpr(32)  # flag bit: a float32 row holding a value bf16 cannot (the trie's)
+_POS_OUT_SLOT = const(3969)
+_RUN = const(4)  # bins per thread in hist_kernel's pass over them
+_EMPTY_SLOT = const(4000)  # never counted: what bins past WIDTH read
+_NEG_TINY_SLOT = const(4096)
+_LOW_SLOT = const(8065)
+_INF_MAGNITUDE = const(32640)  # m of +-inf; NaNs above
+_LISTED_SHIFT = const(21)  # hist_kernel's scan: counts below, occupied bins above
+_COUNT_MASK = const((1 << 21) - 1)
+MAX_VOCAB = const(1 << 21)  # a row shorter than this: its counts fit the scan's 21 bits
+_NEG_INF_BITS = const(-128)  # -inf's pattern, 0xFF80, as an int16
+_NOT_BF16 = const(32)  # flag bit: a float32 row holding a value bf16 cannot (the trie's)
 # Per row and side: floats, then ints (PARAM_SLOTS each).
-PARAM_SLOTS = tl.constexpr(5)
-_TOP = tl.constexpr(0)
-_LOG_SUM = tl.constexpr(1)
-_MASS = tl.constexpr(2)  # sum over the side of p * sign
-_CE_LOG_SUM = tl.constexpr(3)  # the student's base-2 log-sum at temperature 1 (cross-entropy)
-_GAPS = tl.constexpr(4)  # ("Gaps", with GAPS) the row's gap_at | gap << 16, as float32 bits; 0: no gap
-_FLAG = tl.constexpr(0)  # nonzero: the trie engine computes this row
-_TOTAL = tl.constexpr(1)  # elements of nonzero probability
-_OCCUPIED = tl.constexpr(2)  # bins holding any element (listed in order at list_ptr)
-_DEAD = tl.constexpr(3)  # elements of probability 0 (their bins come first)
-_SHIFT = tl.constexpr(4)  # the row's shift (magnitude bits; "Rows past 256" above); _TOP is the unshifted top
-_SHIFT_STEP = tl.constexpr(128)  # a binade of bf16 magnitude bits: shifts are multiples of it
-_MAX_UP = tl.constexpr(64)  # binades a row may be scaled up by ("Split tiny bins"): 2**-87 still tiny
-_MIN_NORMAL = tl.constexpr(1.1754943508222875e-38)  # 2**-126: a scale below it would lose bits
+PARAM_SLOTS = const(5)
+_TOP = const(0)
+_LOG_SUM = const(1)
+_MASS = const(2)  # sum over the side of p * sign
+_CE_LOG_SUM = const(3)  # the student's base-2 log-sum at temperature 1 (cross-entropy)
+_GAPS = const(4)  # ("Gaps", with GAPS) the row's gap_at | gap << 16, as float32 bits; 0: no gap
+_FLAG = const(0)  # nonzero: the trie engine computes this row
+_TOTAL = const(1)  # elements of nonzero probability
+_OCCUPIED = const(2)  # bins holding any element (listed in order at list_ptr)
+_DEAD = const(3)  # elements of probability 0 (their bins come first)
+_SHIFT = const(4)  # the row's shift (magnitude bits; "Rows past 256" above); _TOP is the unshifted top
+_SHIFT_STEP = const(128)  # a binade of bf16 magnitude bits: shifts are multiples of it
+_MAX_UP = const(64)  # binades a row may be scaled up by ("Split tiny bins"): 2**-87 still tiny
+_MIN_NORMAL = const(1.1754943508222875e-38)  # 2**-126: a scale below it would lose bits
 # Sub-bins ("Tiny sub-bins"): a row whose split tiny bin no scaling or gap separates, its tiny
 # logits counted by the key of their k. _SUBS marks such a row in its _GAPS word (a gap_at bit
 # no gap sets: no magnitude reaches it, so its gap of 0 changes no slot). Words past the bins:
@@ -178,13 +179,13 @@ _MIN_NORMAL = tl.constexpr(1.1754943508222875e-38)  # 2**-126: a scale below it 
 # keep `dense` rows in the engine at temperature 0.01 and, for the tests' rows, 0.004 (0.002:
 # the trie's); 32 took them to about 0.02 (the trie's below: 45 ms for 16,384 rows of
 # Qwen/Qwen at 0.01, twentieth session's run 7).
-_SUBS = tl.constexpr(0x8000)
-_SUB_BINS = tl.constexpr(120)  # sub-bins at most (the k of a tiny bin's two ends, that many keys apart)
-_SUB_BLOCK = tl.constexpr(128)  # (the sub-bins as one block of lanes, the rest masked)
-_SUB_P = tl.constexpr(8064)  # P[0..120] in the counts: 8,064..8,184 (past WIDTH, whose word is the total)
-_SUB_KEY = tl.constexpr(8190)
-_SUB_N = tl.constexpr(8191)
-_SUB_SIGN = tl.constexpr(8066)  # the sign table's 8,066..8,185: past _LOW_SLOT
+_SUBS = const(0x8000)
+_SUB_BINS = const(120)  # sub-bins at most (the k of a tiny bin's two ends, that many keys apart)
+_SUB_BLOCK = const(128)  # (the sub-bins as one block of lanes, the rest masked)
+_SUB_P = const(8064)  # P[0..120] in the counts: 8,064..8,184 (past WIDTH, whose word is the total)
+_SUB_KEY = const(8190)
+_SUB_N = const(8191)
+_SUB_SIGN = const(8066)  # the sign table's 8,066..8,185: past _LOW_SLOT
 assert (_SUB_BINS.value <= _SUB_BLOCK.value and WIDTH.value < _SUB_P.value
         and _SUB_P.value + _SUB_BINS.value < _SUB_KEY.value < _SUB_N.value < CAP.value
         and _LOW_SLOT.value < _SUB_SIGN.value and _SUB_SIGN.value + _SUB_BINS.value <= _SUB_KEY.value), \
@@ -460,7 +461,7 @@ def hist_kernel(student_ptr, teacher_ptr, student_index_ptr, teacher_index_ptr, 
                    TEACHER_UNIT_STRIDE, USE_PTX, SIMD16, HAS_CE, PREFETCH, BLOCK, TAIL_BLOCK, False, 0, 0, 0)
 
 
-REDO_PAIRS = tl.constexpr(4)  # pairs per program of hist_kernel's REDO launch
+REDO_PAIRS = const(4)  # pairs per program of hist_kernel's REDO launch
 
 
 @triton.jit

@@ -35,35 +35,36 @@ import os
 import triton
 import triton.language as tl
 
+from uld_kernels.kernels.const import const
 from uld_kernels.kernels.ptx import (MASS_SCALE, count_key, descend, exp2_ftz, gather_f32, list_append,
                                      step_and_count, step_and_count_smem)
 
 # Planes of the int32 workspace, each ENTRIES long, per pair.
-_CNT_S = tl.constexpr(0)  # student elements in the bucket
-_CNT_T = tl.constexpr(1)  # teacher elements in the bucket
-_MIN_S = tl.constexpr(2)  # smallest / largest student key in the bucket
-_MAX_S = tl.constexpr(3)
-_MIN_T = tl.constexpr(4)  # smallest / largest teacher key in the bucket
-_MAX_T = tl.constexpr(5)
-_CHILD = tl.constexpr(6)  # first entry of the child node, 0 when the bucket is resolved
-_NODE_TOP = tl.constexpr(7)  # at a node's first entry: D at the top of the node
-INT_PLANES = tl.constexpr(8)
-SIGN_PLANES = tl.constexpr(2)  # float32: student sign, teacher sign of a resolved bucket
-META_SLOTS = tl.constexpr(64)  # level starts at [0, 31); the shift of level l at [33 + l]
-_SHIFT_OFFSET = tl.constexpr(33)  # [32]: root shift + ROOT_BITS, as if the root had a parent
-_ROOT_BASE = tl.constexpr(31)  # the root digit of a key is (key >> root shift) - [31]
-_KEY_LO = tl.constexpr(46)  # every key is clamped into the root's range [_KEY_LO, _KEY_HI]
-_KEY_HI = tl.constexpr(47)
+_CNT_S = const(0)  # student elements in the bucket
+_CNT_T = const(1)  # teacher elements in the bucket
+_MIN_S = const(2)  # smallest / largest student key in the bucket
+_MAX_S = const(3)
+_MIN_T = const(4)  # smallest / largest teacher key in the bucket
+_MAX_T = const(5)
+_CHILD = const(6)  # first entry of the child node, 0 when the bucket is resolved
+_NODE_TOP = const(7)  # at a node's first entry: D at the top of the node
+INT_PLANES = const(8)
+SIGN_PLANES = const(2)  # float32: student sign, teacher sign of a resolved bucket
+META_SLOTS = const(64)  # level starts at [0, 31); the shift of level l at [33 + l]
+_SHIFT_OFFSET = const(33)  # [32]: root shift + ROOT_BITS, as if the root had a parent
+_ROOT_BASE = const(31)  # the root digit of a key is (key >> root shift) - [31]
+_KEY_LO = const(46)  # every key is clamped into the root's range [_KEY_LO, _KEY_HI]
+_KEY_HI = const(47)
 
-_MAX_CHILD_BITS = tl.constexpr(8)
-_MIN_CHILD_BITS = tl.constexpr(4)  # a level may take more than its cap (`_resolve_level`) up to here
-LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
+_MAX_CHILD_BITS = const(8)
+_MIN_CHILD_BITS = const(4)  # a level may take more than its cap (`_resolve_level`) up to here
+LOG2E = const(1.4426950408889634)
+LN2 = const(0.6931471805599453)
 # Compiled kernels take exp2 from one flush-to-zero MUFU instruction (kernels/ptx.py); the
 # interpreter cannot run inline assembly and uses tl.exp2.
-_FAST_EXP2 = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
-_KEY_NONE_MIN = tl.constexpr(2147483647)
-_KEY_NONE_MAX = tl.constexpr(-1)
+_FAST_EXP2 = const(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
+_KEY_NONE_MIN = const(2147483647)
+_KEY_NONE_MAX = const(-1)
 
 
 @triton.jit

@@ -28,6 +28,7 @@ The math and the trie are documented in uld_rows.py.
 import triton
 import triton.language as tl
 
+from uld_kernels.kernels.const import const
 from uld_kernels.kernels.uld_rows import (
     _CNT_S, _CNT_T, _KEY_HI, _KEY_LO, _MAX_S, _MAX_T, _MIN_S, _MIN_T, _NODE_TOP, _ROOT_BASE,
     _KEY_NONE_MAX, _KEY_NONE_MIN, _SHIFT_OFFSET, _clamp_key,
@@ -38,36 +39,36 @@ from uld_kernels.kernels.uld_rows import (
 from uld_kernels.kernels.ptx import L1_CAP, L1_KEY_FLIP, l1_clear, l1_load, l1_load_mass, smem_add_one, smem_address, smem_load, smem_zero
 
 # Per-pair integers in the meta block of uld_rows.py (slots past its trie levels).
-_FLAGS = tl.constexpr(48)  # bit 0: the row has a distribution; bit 1: student == teacher
-_STATUS = tl.constexpr(49)  # open buckets of the last level resolved (-1: out of workspace)
-_DEPTH = tl.constexpr(50)  # trie levels counted below the root
-_DONE_STATS = tl.constexpr(51)  # per-pass counters of the programs that finished
-_DONE_ROOT = tl.constexpr(52)
-_DONE_LEVEL = tl.constexpr(54)  # + level, levels 1 .. 8
-_OPEN_LO = tl.constexpr(44)  # the keys of the root's open buckets lie in [_OPEN_LO, _OPEN_HI]
-_OPEN_HI = tl.constexpr(45)
-_LISTED_S = tl.constexpr(53)  # columns the trie fallback's finish pass listed, student and teacher
-_LISTED_T = tl.constexpr(63)  # free while _DONE_LEVEL + split levels (at most 8: launch.py) < 63
+_FLAGS = const(48)  # bit 0: the row has a distribution; bit 1: student == teacher
+_STATUS = const(49)  # open buckets of the last level resolved (-1: out of workspace)
+_DEPTH = const(50)  # trie levels counted below the root
+_DONE_STATS = const(51)  # per-pass counters of the programs that finished
+_DONE_ROOT = const(52)
+_DONE_LEVEL = const(54)  # + level, levels 1 .. 8
+_OPEN_LO = const(44)  # the keys of the root's open buckets lie in [_OPEN_LO, _OPEN_HI]
+_OPEN_HI = const(45)
+_LISTED_S = const(53)  # columns the trie fallback's finish pass listed, student and teacher
+_LISTED_T = const(63)  # free while _DONE_LEVEL + split levels (at most 8: launch.py) < 63
 # Per-pair floats: largest logits (tops) and base-2 log-sums (uld_rows._keys_of).
-ROW_FLOATS = tl.constexpr(8)
-_S_TOP = tl.constexpr(0)
-_S_LOG_SUM = tl.constexpr(1)
-_T_TOP = tl.constexpr(2)
-_T_LOG_SUM = tl.constexpr(3)
-_CE_TOP = tl.constexpr(4)
-_CE_LOG_SUM = tl.constexpr(5)
-_S_MASS = tl.constexpr(6)  # sum p * sign of each side: the softmax backward needs the student's
-_T_MASS = tl.constexpr(7)
+ROW_FLOATS = const(8)
+_S_TOP = const(0)
+_S_LOG_SUM = const(1)
+_T_TOP = const(2)
+_T_LOG_SUM = const(3)
+_CE_TOP = const(4)
+_CE_LOG_SUM = const(5)
+_S_MASS = const(6)  # sum p * sign of each side: the softmax backward needs the student's
+_T_MASS = const(7)
 # Per-chunk partial results: the stats pass's (below), then the level-1 pass's signed sums at 0, 1.
-PARTIAL_FLOATS = tl.constexpr(8)
-_P_S_TOP = tl.constexpr(0)
-_P_S_LOG_SUM = tl.constexpr(1)
-_P_T_TOP = tl.constexpr(2)
-_P_T_LOG_SUM = tl.constexpr(3)
-_P_S_LOW = tl.constexpr(4)  # smallest finite logit
-_P_T_LOW = tl.constexpr(5)
-_P_CE_LOG_SUM = tl.constexpr(6)  # the cross-entropy's top is the student's
-PARTIAL_INTS = tl.constexpr(1)  # columns that differ between the rows
+PARTIAL_FLOATS = const(8)
+_P_S_TOP = const(0)
+_P_S_LOG_SUM = const(1)
+_P_T_TOP = const(2)
+_P_T_LOG_SUM = const(3)
+_P_S_LOW = const(4)  # smallest finite logit
+_P_T_LOW = const(5)
+_P_CE_LOG_SUM = const(6)  # the cross-entropy's top is the student's
+PARTIAL_INTS = const(1)  # columns that differ between the rows
 
 
 @triton.jit
