@@ -429,8 +429,8 @@ def test_no_grad_evaluation_computes_no_gradient(device, monkeypatch):
 
 def test_every_global_a_kernel_reads_is_cheap_to_check():
     """Triton compares every global a kernel reads (through the functions it calls) with its
-    value at compile time, at each launch; tl.constexpr's != took ~2 us each, and the
-    fallback reads 75, hist_kernel 40. Each must be a `const`, whose != of an unchanged value
+    value at compile time, at each launch; tl.constexpr's != took ~2 us each, and
+    hist_kernel reads 40 (the fallback 75 through its callees). Each must be a `const`, whose != of an unchanged value
     is one comparison, and which behaves as tl.constexpr otherwise. (In a process without the
     interpreter, whose kernels are not JITFunctions.)"""
     script = """

@@ -44,8 +44,9 @@ def custom_op(name: str, mutates_args: tuple[str, ...] = ()):
 def call_op(name: str, *args):
     """The custom op ``uld_kernels::<name>`` on ``args``, or, where nothing needs the
     dispatcher, its Python function itself: the dispatcher's path (the autograd key, a
-    redispatch, the Python kernel's wrappers) took 0.1 ms of host time a forward on the GPU
-    machine, with 22 us a backward, a tenth of a small call's (bench/NOTES.md, 21st session).
+    redispatch, the Python kernel's wrappers) took 0.05-0.23 ms of host time a forward on the
+    GPU machine and 22 us a backward, a tenth of a small call's (bench/RESULTS.md,
+    twenty-first session).
     The op runs under torch.compile (its fake implementation traces), a dispatch mode (fake
     tensors), a torch.func transform, the profiler (whose traces name the op), and for tensor
     subclasses."""

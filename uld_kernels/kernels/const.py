@@ -3,8 +3,8 @@
 Triton checks, at every launch, that each global a kernel reads (with those of the functions
 it calls) still has the value it was compiled with: `new != old` for each, where `old` is a
 deep copy. `tl.constexpr.__ne__` builds two objects per comparison, ~2 us on this project's
-CPU machine; hist_kernel reads 37 globals, so 76 us of host time a launch went there (21st
-session, bench/NOTES.md). `const` answers an unchanged value at once and defers to
+CPU machine; hist_kernel reads 40 globals, and 43-76 us of host time a launch went there
+(bench/RESULTS.md, twenty-first session). `const` answers an unchanged value at once and defers to
 `tl.constexpr` otherwise; it is a `tl.constexpr` in every other respect (the same repr, so
 the same cache keys and compiled kernels).
 """
