@@ -111,14 +111,14 @@ def layer_host_us(student, teacher, calls: int = 200, rounds: int = 5) -> list[t
         ("ULDFunction.apply (no checks)", lambda: ULDFunction.apply(student, teacher, 1.0, 1.0, "mean", True)),
         ("torch.ops.uld_kernels.uld_loss", lambda: torch.ops.uld_kernels.uld_loss(
             student, teacher, 1.0, 1.0, "mean", True, False)),
-        ("  its Python function, no dispatcher", lambda: _FUNCTIONS["uld_loss"](
+        ("  its Python function, no dispatcher", lambda: _FUNCTIONS["uld_loss"][0](
             student, teacher, 1.0, 1.0, "mean", True, False)),
         ("launch.uld_rows", lambda: launch.uld_rows(student, teacher, 1.0, 1.0, True, False, 1.0 / n)),
         ("launch.hist_pairs, no fallback", lambda: launch.hist_pairs(
             student, teacher, 1.0, 1.0, True, False, 1.0 / n, fallback=False)),
         ("  the same, Triton launches stubbed", "stub"),
         ("torch.ops.uld_kernels.scale_rows_", lambda: torch.ops.uld_kernels.scale_rows_(grad, one)),
-        ("  its Python function, no dispatcher", lambda: _FUNCTIONS["scale_rows_"](grad, one)),
+        ("  its Python function, no dispatcher", lambda: _FUNCTIONS["scale_rows_"][0](grad, one)),
         ("launch.scale_rows_", lambda: launch.scale_rows_(grad, one.reshape(-1))),
     ]
     kernels = {k: getattr(launch.uld_hist, k) for k in ("hist_kernel", "sign_kernel", "finish_kernel", "grad_kernel")}

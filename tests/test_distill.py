@@ -280,3 +280,17 @@ def test_the_histogram_engine_as_the_training_loss_engine(device, monkeypatch):
     monkeypatch.setattr(launch, "DISTILL_ENGINE", "hist")
     options = dict(reduction="sum", skip_student_eos=True, student_temperature=2.0)
     _assert_matches_the_papers_semantics(*_batch(5, device, dtype=torch.bfloat16), options, torch.bfloat16)
+
+
+def test_a_second_backward_through_one_graph_raises(device):
+    """The training loss's saved gradient is scaled in place by the first backward: a second
+    one through the same graph must raise (the scaled tensor's version went up), never scale
+    it again."""
+    student, teacher, s_labels, t_labels = _batch(5, device)
+    student = student.detach().requires_grad_(True)
+    total, _, _ = uld_distillation_loss(student, teacher, s_labels, t_labels)
+    (total * 2).backward(retain_graph=True)
+    first = student.grad.clone()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (total * 2).backward()
+    assert torch.equal(student.grad, first)

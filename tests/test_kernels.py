@@ -6,6 +6,7 @@ TRITON_INTERPRET=1), so shapes stay small; on a GPU the same tests run compiled.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import subprocess
@@ -452,6 +453,16 @@ for a, b in [(3, 3), (3, 4), ("x", "x"), ("x", "y"), (1, True), (True, True), (2
     fast, slow = const(a) != const(b), tl.constexpr(a) != tl.constexpr(b)
     assert isinstance(fast, tl.constexpr) and fast.value == slow.value, (a, b)
 assert repr(const(7)) == repr(tl.constexpr(7))  # (a kernel's cache key holds its globals' reprs)
+# Triton's check, as JITFunction.run makes it, answered without tl.constexpr.__ne__ (the slow one):
+def slow(self, other):
+    raise AssertionError(f"tl.constexpr.__ne__ called for {self!r}")
+tl.constexpr.__ne__ = slow
+checked = 0
+for kernel in kernels:
+    for (name, _), (value, globals_dict) in kernel.used_global_vals.items():
+        assert not (globals_dict[name] != value), name
+        checked += 1
+assert checked > 100
 print("ok")
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -467,9 +478,9 @@ def test_eager_calls_skip_the_dispatcher_where_nothing_needs_it(device, monkeypa
     import uld_kernels.autograd as autograd
 
     direct = []
-    for name, fn in list(autograd._FUNCTIONS.items()):
+    for name, (fn, mutated) in list(autograd._FUNCTIONS.items()):
         monkeypatch.setitem(autograd._FUNCTIONS, name,
-                            lambda *args, _fn=fn, _name=name: direct.append(_name) or _fn(*args))
+                            (lambda *args, _fn=fn, _name=name: direct.append(_name) or _fn(*args), mutated))
     student, teacher = _rows("random", 3, 50, 40, torch.float32, device, seed=6)
     eager = student.clone().requires_grad_(True)
     eager_loss = uld_loss(eager, teacher)
@@ -485,3 +496,63 @@ def test_eager_calls_skip_the_dispatcher_where_nothing_needs_it(device, monkeypa
     assert {"uld_kernels::uld_loss", "uld_kernels::scale_rows_"} <= names, sorted(names)[:20]
     assert torch.equal(eager_loss, profiled_loss)
     assert torch.equal(eager.grad, profiled.grad)
+
+
+def test_what_needs_the_dispatcher_keeps_it():
+    """`_dispatch_free` is False wherever the op must run: fake tensors (a dispatch mode), a
+    torch function mode, a torch.func transform, the profiler, meta tensors, tensor subclasses."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from uld_kernels.autograd import _dispatch_free
+
+    x = torch.ones(3)
+    assert _dispatch_free((x, 1.0, "mean", True))
+    assert not _dispatch_free((torch.ones(3, device="meta"),))
+    assert not _dispatch_free((torch.nn.Parameter(x),))
+    with FakeTensorMode():
+        assert not _dispatch_free((x,))
+    with torch.overrides.TorchFunctionMode():
+        assert not _dispatch_free((x,))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
+        assert not _dispatch_free((x,))
+    seen = []
+    torch.func.grad(lambda y: seen.append(_dispatch_free((y,))) or y.sum())(x)
+    assert seen == [False]
+    assert _dispatch_free((x,))
+
+
+def test_meta_tensors_get_shapes_without_kernels():
+    """On meta tensors (shape checks, memory planning) the op's fake implementation runs:
+    loss and gradient of the right shapes, and no kernel."""
+    student = torch.empty(3, 50, device="meta", requires_grad=True)
+    teacher = torch.empty(3, 40, device="meta")
+    for reduction, shape in [("mean", ()), ("none", (3,))]:
+        loss = uld_loss(student, teacher, reduction=reduction)
+        assert loss.device.type == "meta" and tuple(loss.shape) == shape
+    (grad,) = torch.autograd.grad(uld_loss(student, teacher), student)
+    assert grad.device.type == "meta" and tuple(grad.shape) == (3, 50)
+
+
+def test_a_second_backward_through_one_graph_raises(device):
+    """The saved gradient is scaled in place by the first backward: a second one through the
+    same graph (retain_graph=True) must raise, through the op or its Python function alike,
+    never scale it again (the version counter of the mutated tensor goes up either way)."""
+    student, teacher = _rows("random", 3, 50, 40, torch.float32, device, seed=7)
+    for profiled in (False, True):
+        x = student.clone().requires_grad_(True)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if profiled else \
+                contextlib.nullcontext():
+            loss = uld_loss(x, teacher) * 2
+            loss.backward(retain_graph=True)
+            first = x.grad.clone()
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                loss.backward()
+        assert torch.equal(x.grad, first)
+
+
+def test_reduction_is_checked_by_the_function_too():
+    """ULDFunction.apply called directly (not through uld_loss) names a bad reduction."""
+    from uld_kernels.autograd import ULDFunction
+
+    with pytest.raises(ValueError, match="reduction"):
+        ULDFunction.apply(torch.ones(2, 3), torch.ones(2, 3), 1.0, 1.0, None, True)

@@ -12,11 +12,13 @@ dispatcher's path cost ~0.1 ms of host time a call.
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import torch
 
 from uld_kernels.launch import scale_rows_, uld_rows
+from uld_kernels.validation import check_choice
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -29,14 +31,15 @@ def _reduce_rows(row_loss: torch.Tensor, reduction: str) -> torch.Tensor:
     return row_loss.mean()
 
 
-_FUNCTIONS: dict[str, Callable] = {}
+_FUNCTIONS: dict[str, tuple[Callable, tuple[int, ...]]] = {}  # name -> (function, positions it mutates)
 
 
 def custom_op(name: str, mutates_args: tuple[str, ...] = ()):
     """``torch.library.custom_op("uld_kernels::<name>")``, whose Python function `call_op` may
     also call itself."""
     def register(fn):
-        _FUNCTIONS[name] = fn
+        params = list(inspect.signature(fn).parameters)
+        _FUNCTIONS[name] = (fn, tuple(params.index(arg) for arg in mutates_args))
         return torch.library.custom_op(f"uld_kernels::{name}", fn, mutates_args=mutates_args)
     return register
 
@@ -46,19 +49,26 @@ def call_op(name: str, *args):
     dispatcher, its Python function itself: the dispatcher's path (the autograd key, a
     redispatch, the Python kernel's wrappers) took 0.05-0.23 ms of host time a forward on the
     GPU machine and 22 us a backward, a tenth of a small call's (bench/RESULTS.md,
-    twenty-first session).
+    twenty-first session). The direct call does what the op's dispatch adds for eager plain
+    tensors: the version of each tensor it mutates goes up (so a second backward through a
+    graph whose saved gradient was scaled in place raises, as through the op).
     The op runs under torch.compile (its fake implementation traces), a dispatch mode (fake
-    tensors), a torch.func transform, the profiler (whose traces name the op), and for tensor
-    subclasses."""
-    if _dispatch_free(args):
-        return _FUNCTIONS[name](*args)
-    return getattr(torch.ops.uld_kernels, name)(*args)
+    tensors) or a torch function mode, a torch.func transform, the profiler (whose traces name
+    the op), and for meta tensors and tensor subclasses."""
+    if not _dispatch_free(args):
+        return getattr(torch.ops.uld_kernels, name)(*args)
+    fn, mutated = _FUNCTIONS[name]
+    out = fn(*args)
+    for position in mutated:
+        torch.autograd.graph.increment_version(args[position])
+    return out
 
 
 def _dispatch_free(args) -> bool:
     return not (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
-                or torch._C._are_functorch_transforms_active() or torch._C._autograd._profiler_enabled()
-                or any(isinstance(a, torch.Tensor) and type(a) is not torch.Tensor for a in args))
+                or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active()
+                or torch._C._autograd._profiler_enabled()
+                or any(isinstance(a, torch.Tensor) and (type(a) is not torch.Tensor or a.is_meta) for a in args))
 
 
 @custom_op("uld_loss")
@@ -122,6 +132,7 @@ class ULDFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_logits, teacher_logits, student_temperature, teacher_temperature,
                 reduction, grad_enabled=True):
+        check_choice("reduction", reduction, REDUCTIONS)  # (the op's schema checked types; a direct call does not)
         student_grad = bool(ctx.needs_input_grad[0] and grad_enabled)
         teacher_grad = bool(ctx.needs_input_grad[1] and grad_enabled)
         loss, grad_student, grad_teacher = call_op(
