@@ -13,6 +13,9 @@ import sys
 
 import pytest
 
+# One worker runs this file (`--dist loadgroup`): the module fixture compiles every configuration.
+pytestmark = pytest.mark.xdist_group("sm90")
+
 _SCRIPT = os.path.join(os.path.dirname(__file__), "aot_sm90.py")
 
 
