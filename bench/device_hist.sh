@@ -5,7 +5,7 @@
 # ULD_TEST_FILES picks some), worst (the slowest kinds on Qwen/Qwen at six temperatures), check (agreement with
 # the trie engine), bench (the table against the reference and Liger's fused JSD), fresh
 # (Qwen/Llama-3 random and peaked, each in its own process), host (a
-# call's host and GPU time: profile_host.py), passes (per-kernel GPU time), distill (the
+# call's host and GPU time, and each layer's host time: profile_host.py), passes (per-kernel GPU time), distill (the
 # training loss), scaling (table and plot), stress (the largest shape); then knob settings to
 # weigh, given as arguments. Logs under $OUT. do_bench's warmup and rep are milliseconds: at
 # 12 ms a call, rep 300 takes the median of ~25 calls. Liger-Kernel is carried as a wheel in
@@ -63,6 +63,9 @@ fi
 if has host; then
   timeout 60 python3 bench/profile_host.py --cprofile 0 --pairs qwen_llama3 qwen_qwen --kinds random near identical \
     2>&1 | grep -v -i warn | tee "$OUT/host.txt"
+  # (the host's time per layer of a call on 8 rows; the device's CPU is noisy: least of rounds)
+  timeout 60 python3 bench/profile_host.py --layers --layer-rows 8 --pairs qwen_llama3 --kinds random \
+    2>&1 | grep -v -i warn | tee -a "$OUT/host.txt"
 fi
 if has passes; then
   timeout 30 python3 bench/profile_passes.py --rows 16384 --pairs qwen_llama3 --kinds random 2>&1 \
