@@ -103,47 +103,47 @@ def layer_host_us(student, teacher, calls: int = 200, rounds: int = 5) -> list[t
     grad = torch.empty_like(student)
     one = torch.ones((), device=student.device)
     small = torch.zeros(8, device=student.device, requires_grad=True)
-    layers = [
-        ("uld_loss + autograd.grad", lambda: torch.autograd.grad(uld_loss(student, teacher), student)),
-        ("uld_loss (forward, graph kept)", lambda: uld_loss(student, teacher)),
-        ("  autograd.grad alone (forward untimed)", "grad"),
-        ("  autograd.grad of x.sum() (the engine)", lambda: torch.autograd.grad(small.sum(), small)),
-        ("ULDFunction.apply (no checks)", lambda: ULDFunction.apply(student, teacher, 1.0, 1.0, "mean", True)),
-        ("torch.ops.uld_kernels.uld_loss", lambda: torch.ops.uld_kernels.uld_loss(
-            student, teacher, 1.0, 1.0, "mean", True, False)),
-        ("  its Python function, no dispatcher", lambda: _FUNCTIONS["uld_loss"][0](
-            student, teacher, 1.0, 1.0, "mean", True, False)),
-        ("launch.uld_rows", lambda: launch.uld_rows(student, teacher, 1.0, 1.0, True, False, 1.0 / n)),
-        ("launch.hist_pairs, no fallback", lambda: launch.hist_pairs(
-            student, teacher, 1.0, 1.0, True, False, 1.0 / n, fallback=False)),
-        ("  the same, Triton launches stubbed", "stub"),
-        ("torch.ops.uld_kernels.scale_rows_", lambda: torch.ops.uld_kernels.scale_rows_(grad, one)),
-        ("  its Python function, no dispatcher", lambda: _FUNCTIONS["scale_rows_"][0](grad, one)),
-        ("launch.scale_rows_", lambda: launch.scale_rows_(grad, one.reshape(-1))),
-    ]
+
+    def hist_pairs():
+        return launch.hist_pairs(student, teacher, 1.0, 1.0, True, False, 1.0 / n, fallback=False)
+
     kernels = {k: getattr(launch.uld_hist, k) for k in ("hist_kernel", "sign_kernel", "finish_kernel", "grad_kernel")}
 
     def stubbed():  # every kernel of the histogram engine a no-op: the rest of hist_pairs is Python
         for k in kernels:
             setattr(launch.uld_hist, k, _NoLaunch())
         try:
-            return _host_us(layers[8][1], calls)
+            return _host_us(hist_pairs, calls)
         finally:
             for k, kernel in kernels.items():
                 setattr(launch.uld_hist, k, kernel)
 
+    def timed(fn):
+        return lambda: _host_us(fn, calls)
+
+    layers = [  # (name, its host time per call)
+        ("uld_loss + autograd.grad", timed(lambda: torch.autograd.grad(uld_loss(student, teacher), student))),
+        ("uld_loss (forward, graph kept)", timed(lambda: uld_loss(student, teacher))),
+        ("  autograd.grad alone (forward untimed)", lambda: _host_us(
+            lambda loss: torch.autograd.grad(loss, student), calls, setup=lambda: uld_loss(student, teacher))),
+        ("  autograd.grad of x.sum() (the engine)", timed(lambda: torch.autograd.grad(small.sum(), small))),
+        ("ULDFunction.apply (no checks)", timed(lambda: ULDFunction.apply(student, teacher, 1.0, 1.0, "mean", True))),
+        ("torch.ops.uld_kernels.uld_loss", timed(lambda: torch.ops.uld_kernels.uld_loss(
+            student, teacher, 1.0, 1.0, "mean", True, False))),
+        ("  its Python function, no dispatcher", timed(lambda: _FUNCTIONS["uld_loss"][0](
+            student, teacher, 1.0, 1.0, "mean", True, False))),
+        ("launch.uld_rows", timed(lambda: launch.uld_rows(student, teacher, 1.0, 1.0, True, False, 1.0 / n))),
+        ("launch.hist_pairs, no fallback", timed(hist_pairs)),
+        ("  the same, Triton launches stubbed", stubbed),
+        ("torch.ops.uld_kernels.scale_rows_", timed(lambda: torch.ops.uld_kernels.scale_rows_(grad, one))),
+        ("  its Python function, no dispatcher", timed(lambda: _FUNCTIONS["scale_rows_"][0](grad, one))),
+        ("launch.scale_rows_", timed(lambda: launch.scale_rows_(grad, one.reshape(-1)))),
+    ]
     best = [float("inf")] * len(layers)
     for _ in range(rounds):
-        for i, (_name, fn) in enumerate(layers):
-            if fn == "stub":
-                us = stubbed()
-            elif fn == "grad":
-                us = _host_us(lambda loss: torch.autograd.grad(loss, student), calls,
-                              setup=lambda: uld_loss(student, teacher))
-            else:
-                us = _host_us(fn, calls)
-            best[i] = min(best[i], us)
-    return [(name, us) for (name, _fn), us in zip(layers, best)]
+        for i, (_name, host_us) in enumerate(layers):
+            best[i] = min(best[i], host_us())
+    return [(name, us) for (name, _), us in zip(layers, best)]
 
 
 class _NoLaunch:

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import triton.language as tl
 
 import uld_kernels.launch as launch
 from bench.shapes import LADDER, tiny_top_rows
 from tests.helpers import (assert_gathered_pairs_match_the_trie, assert_hist_exact, hist_flags,
                            reference_rows_and_grads)
 from uld_kernels.kernels import uld_hist
+from uld_kernels.kernels.const import const
 
 BF16 = torch.bfloat16
 DEAD = -200.0  # p = 0 here; a run of empty bins above the tail, where the gap goes (it then still splits)
@@ -131,7 +131,7 @@ def test_sub_bins_down_to_a_temperature_near_0_01(temperature, kept, device, mon
     student, teacher = (x.to(device) for x in _dense(65, 1, 200, 160))
     if kept and launch.interpreter_enabled():
         with monkeypatch.context() as m:
-            m.setattr(uld_hist, "_SUB_BINS", tl.constexpr(32))
+            m.setattr(uld_hist, "_SUB_BINS", const(32))
             assert (hist_flags(student, teacher, temperature, temperature).cpu() & 4).all(), (
                 "premise: more than 32 sub-bins")
     flags = hist_flags(student, teacher, temperature, temperature)
