@@ -178,32 +178,6 @@ def test_deterministic():
     assert torch.equal(first[0], second[0]) and torch.equal(first[2], second[2])
 
 
-@pytest.mark.parametrize("streams", [2, 3])
-def test_batches_on_several_streams_give_the_same_bits(streams, monkeypatch):
-    """Batches taking turns on CUDA streams (ULD_HIST_STREAMS), each stream with its own
-    workspace, give bit for bit what one stream gives: ordinary rows, rows the REDO launch
-    takes, and rows with a NaN logit, flagged and computed again by the trie fallback, which
-    reads the other streams' flags. The inputs are written on the caller's stream just before
-    the call and the results read on it just after, with no synchronisation between: the
-    streams must wait for both."""
-    vs, vt = VOCAB_PAIRS["qwen_qwen"]
-    parts = [make_rows(kind, 256, vs, vt, seed=12 + i) for i, kind in enumerate(["random", "flagged", "gapped"])]
-    order = torch.randperm(768, generator=torch.Generator().manual_seed(13)).cuda()
-    base_student = torch.cat([s for s, _ in parts])[order]
-    base_teacher = torch.cat([t for _, t in parts])[order]
-    poisoned = torch.arange(5, 768, 37, device="cuda")
-    base_student[poisoned, 3] = math.nan
-    monkeypatch.setattr(launch, "HIST_BATCH", 96)  # 8 batches
-    results = []
-    for n in (1, streams):
-        monkeypatch.setattr(launch, "HIST_STREAMS", n)
-        student, teacher = base_student * 1, base_teacher * 1  # written on the caller's stream now
-        results.append([t.clone() for t in uld_rows(student, teacher, 1.0, 0.5, True, True, 1.0)])
-    assert torch.isnan(results[0][0]).nonzero().flatten().tolist() == poisoned.tolist()
-    for one, several in zip(*results):
-        assert torch.equal(one.view(torch.uint8), several.view(torch.uint8))  # (NaN too)
-
-
 def test_memory_stays_within_one_gigabyte_beyond_the_gradient():
     vs, vt = VOCAB_PAIRS["qwen_llama3"]
     student, teacher = make_rows("random", 16384, vs, vt, seed=7)

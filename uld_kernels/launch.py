@@ -5,7 +5,6 @@ Nothing here validates user input (api.py does) or knows about autograd (autogra
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import os
@@ -130,11 +129,6 @@ if DISTILL_ENGINE not in ("hist", "split"):
 # pairs per batch at most, 160 KB of workspace each: 6,144 (0.96 GB, within test_gpu's 1 GB
 # bound beyond the gradient); 8,192 (1.34 GB) is 0.1 ms faster (tenth session, runs 4, 5)
 HIST_BATCH = int(os.environ.get("ULD_HIST_BATCH", 6144))
-# CUDA streams the batches take turns on (each with its own workspace, HIST_BATCH pairs'
-# worth): 1 runs every launch on the caller's stream, in order.
-HIST_STREAMS = int(os.environ.get("ULD_HIST_STREAMS", 1))
-if HIST_STREAMS < 1:
-    raise ValueError(f"ULD_HIST_STREAMS must be >= 1, got {HIST_STREAMS}")
 # elements per step of hist_kernel's loop: 4,096 with the prefetch 8.01 ms, 2,048 without 8.42
 # (ninth session, run 2)
 HIST_BLOCK = int(os.environ.get("ULD_HIST_BLOCK", 4096))
@@ -359,105 +353,64 @@ def hist_pairs(student_logits, teacher_logits, student_temperature, teacher_temp
 
 def _hist_batches(row_loss, flags, row_ce, sides, grad_scale, n_pairs, on_gpu, row_weight, ce_label, ce_weight):
     """The histogram engine's launches (kernels/uld_hist.py), batch by batch: losses (and
-    cross-entropies) and flags of every pair, gradients of the unflagged ones. With
-    HIST_STREAMS > 1 on a GPU, batch i runs on stream i % HIST_STREAMS (the caller's first),
-    each stream with a workspace of its own, and the caller's stream waits for them all at
-    the end: one batch's sign pass and launch tails overlap another's streaming passes."""
+    cross-entropies) and flags of every pair, gradients of the unflagged ones."""
     device = row_loss.device
+    cap, slots = uld_hist.CAP.value, uld_hist.PARAM_SLOTS.value
     # Batches of equal size (the last one is not a short tail of a few pairs), at most HIST_BATCH.
     batch = triton.cdiv(n_pairs, triton.cdiv(n_pairs, HIST_BATCH if on_gpu else 3))
-    n_batches = triton.cdiv(n_pairs, batch)
-    n_streams = min(HIST_STREAMS, n_batches) if on_gpu else 1
-    streams = _hist_streams(device, n_streams) if n_streams > 1 else [None]
-    workspaces = [_HistWorkspace.allocate(batch, on_gpu, device) for _ in streams]
-    if streams[0] is not None:
-        for stream in streams[1:]:
-            stream.wait_stream(streams[0])  # the inputs and outputs, written on the caller's stream
-    for i, batch_start in enumerate(range(0, n_pairs, batch)):
-        with torch.cuda.stream(streams[i % len(streams)]) if streams[0] is not None else contextlib.nullcontext():
-            _hist_batch(workspaces[i % len(streams)], batch_start, min(batch, n_pairs - batch_start), row_loss,
-                        flags, row_ce, sides, grad_scale, on_gpu, row_weight, ce_label, ce_weight)
-    if streams[0] is not None:
-        for stream in streams[1:]:
-            streams[0].wait_stream(stream)  # (so the workspaces, freed into its pool, are free to reuse)
-
-
-@dataclass
-class _HistWorkspace:
-    """One batch's workspace of the histogram engine: per pair and side, the parameters,
-    the prefix counts per bin, the occupied bins listed, each bin's sign, the sum of p * sign;
-    `raw` holds the histogram's words where shared memory does not (the interpreter)."""
-    fparam: torch.Tensor
-    iparam: torch.Tensor
-    counts: torch.Tensor
-    occupied: torch.Tensor
-    signs: torch.Tensor
-    partial: torch.Tensor
-    raw: torch.Tensor
-    use_ptx: bool
-
-    @classmethod
-    def allocate(cls, batch: int, on_gpu: bool, device: torch.device) -> "_HistWorkspace":
-        cap, slots = uld_hist.CAP.value, uld_hist.PARAM_SLOTS.value
-        use_ptx = on_gpu and SPLIT["smem"]
-        return cls(fparam=torch.empty(batch * 2 * slots, dtype=torch.float32, device=device),
-                   iparam=torch.empty(batch * 2 * slots, dtype=torch.int32, device=device),
-                   counts=torch.empty(batch * 2 * cap, dtype=torch.int32, device=device),
-                   occupied=torch.empty(batch * 2 * cap, dtype=torch.int16, device=device),
-                   signs=torch.empty(batch * 2 * cap, dtype=torch.float32, device=device),
-                   partial=torch.empty(batch * 2, dtype=torch.float64, device=device),
-                   raw=torch.empty(batch * 2 * cap if not use_ptx else 1, dtype=torch.int32, device=device),
-                   use_ptx=use_ptx)
-
-
-def _hist_batch(ws, batch_start, rows, row_loss, flags, row_ce, sides, grad_scale, on_gpu, row_weight, ce_label,
-                ce_weight):
-    """One batch's launches (`_hist_batches`), on the current stream."""
-    use_ptx = ws.use_ptx
-    simd16 = use_ptx and torch.cuda.get_device_capability(row_loss.device) >= (9, 0)  # u16x2 instructions: sm_90 on
+    fparam = torch.empty(batch * 2 * slots, dtype=torch.float32, device=device)
+    iparam = torch.empty(batch * 2 * slots, dtype=torch.int32, device=device)
+    counts = torch.empty(batch * 2 * cap, dtype=torch.int32, device=device)  # prefix counts per bin
+    occupied = torch.empty(batch * 2 * cap, dtype=torch.int16, device=device)  # the occupied bins, listed
+    signs = torch.empty(batch * 2 * cap, dtype=torch.float32, device=device)
+    use_ptx = on_gpu and SPLIT["smem"]
+    simd16 = use_ptx and torch.cuda.get_device_capability(device) >= (9, 0)  # u16x2 instructions: sm_90 on
+    # the histogram's slots without shared memory (the interpreter), apart from the prefix counts
+    raw = torch.empty(batch * 2 * cap if not use_ptx else 1, dtype=torch.int32, device=device)
     hist_block, block = _hist_blocks(sides[0][0].dtype, on_gpu)
     chunk = max(block, HIST_GRAD_CHUNK // block * block) if on_gpu else 256
+    partial = torch.empty(batch * 2, dtype=torch.float64, device=device)  # each side's sum of p * sign
     student_logits, student_inv_t, student_grad, student_vocab, student_index = sides[0]
     teacher_logits, teacher_inv_t, teacher_grad, teacher_vocab, teacher_index = sides[1]
     gather = student_index is not None
     has_ce = row_ce is not None
     unused = row_loss  # stands for pointers a configuration never reads
-    fparam, iparam, counts, occupied, signs, partial = (ws.fparam, ws.iparam, ws.counts, ws.occupied, ws.signs,
-                                                        ws.partial)
-    if not use_ptx:
-        ws.raw.zero_()
-    # Both sides of every pair; with the gaps, again the rows that may take one, in a launch
-    # of their own (uld_hist.py, "Gaps": the first one's code is that without gaps).
-    for grid, redo in [((rows, 2), False), *([((triton.cdiv(rows, uld_hist.REDO_PAIRS.value), 2), True)]
-                                             if HIST_GAPS else [])]:
-        uld_hist.hist_kernel[grid](
-            student_logits, teacher_logits, student_index if gather else unused,
-            teacher_index if gather else unused, counts, occupied, ws.raw, fparam, iparam, batch_start,
-            student_vocab, teacher_vocab, *_row_layout(student_logits), *_row_layout(teacher_logits),
-            student_inv_t, teacher_inv_t, rows, GATHER=gather, STUDENT_UNIT_STRIDE=student_logits.stride(-1) == 1,
-            TEACHER_UNIT_STRIDE=teacher_logits.stride(-1) == 1, USE_PTX=use_ptx, SIMD16=simd16, HAS_CE=has_ce,
-            PREFETCH=HIST_PREFETCH or not on_gpu, BLOCK=hist_block, TAIL_BLOCK=HIST_TAIL_BLOCK, GAPS=redo,
-            REDO=redo, num_warps=4, **({"maxnreg": HIST_MAXNREG} if on_gpu and HIST_MAXNREG else {}))
-    uld_hist.sign_kernel[(rows, 2)](  # both sides of every pair
-        fparam, iparam, counts, occupied, signs, partial, student_inv_t, teacher_inv_t,
-        STORE_STUDENT=student_grad is not None, STORE_TEACHER=teacher_grad is not None, USE_PTX=use_ptx,
-        BLOCK=HIST_SIGN_BLOCK if on_gpu else 512, GAPS=HIST_GAPS, num_warps=HIST_SIGN_WARPS if on_gpu else 4,
-        **({"maxnreg": HIST_SIGN_MAXNREG} if on_gpu and HIST_GAPS and HIST_SIGN_MAXNREG else {}))
-    uld_hist.finish_kernel[(rows,)](
-        fparam, iparam, counts, partial, row_loss, flags, batch_start, student_logits,
-        student_index if gather else unused, ce_label if has_ce else unused, row_ce if has_ce else unused,
-        student_vocab, *_row_layout(student_logits), GATHER=gather, HAS_CE=has_ce, GAPS=HIST_GAPS, num_warps=1)
-    for side, (logits, inv_t, grad, vocab, index) in enumerate(sides):
-        if grad is None:
-            continue
-        n_chunks = triton.cdiv(vocab, chunk)
-        uld_hist.grad_kernel[(rows * n_chunks,)](
-            logits, index if gather else unused, grad, fparam, iparam, signs,
-            row_weight if gather else unused, ce_label if has_ce else unused, ce_weight if has_ce else unused,
-            batch_start, side, n_chunks, vocab, *_row_layout(logits), grad.stride(-2), inv_t, grad_scale,
-            GATHER=gather, HAS_CE=has_ce and side == 0, UNIT_STRIDE=logits.stride(-1) == 1,
-            PREFETCH=HIST_PREFETCH or not on_gpu, USE_PTX=use_ptx, SIMD16=simd16, CHUNK=chunk,
-            BLOCK=block, GAPS=HIST_GAPS, num_warps=4)
+    for batch_start in range(0, n_pairs, batch):
+        rows = min(batch, n_pairs - batch_start)
+        if not use_ptx:
+            raw.zero_()
+        # Both sides of every pair; with the gaps, again the rows that may take one, in a launch
+        # of their own (uld_hist.py, "Gaps": the first one's code is that without gaps).
+        for grid, redo in [((rows, 2), False), *([((triton.cdiv(rows, uld_hist.REDO_PAIRS.value), 2), True)]
+                                                 if HIST_GAPS else [])]:
+            uld_hist.hist_kernel[grid](
+                student_logits, teacher_logits, student_index if gather else unused,
+                teacher_index if gather else unused, counts, occupied, raw, fparam, iparam, batch_start,
+                student_vocab, teacher_vocab, *_row_layout(student_logits), *_row_layout(teacher_logits),
+                student_inv_t, teacher_inv_t, rows, GATHER=gather, STUDENT_UNIT_STRIDE=student_logits.stride(-1) == 1,
+                TEACHER_UNIT_STRIDE=teacher_logits.stride(-1) == 1, USE_PTX=use_ptx, SIMD16=simd16, HAS_CE=has_ce,
+                PREFETCH=HIST_PREFETCH or not on_gpu, BLOCK=hist_block, TAIL_BLOCK=HIST_TAIL_BLOCK, GAPS=redo,
+                REDO=redo, num_warps=4, **({"maxnreg": HIST_MAXNREG} if on_gpu and HIST_MAXNREG else {}))
+        uld_hist.sign_kernel[(rows, 2)](  # both sides of every pair
+            fparam, iparam, counts, occupied, signs, partial, student_inv_t, teacher_inv_t,
+            STORE_STUDENT=student_grad is not None, STORE_TEACHER=teacher_grad is not None, USE_PTX=use_ptx,
+            BLOCK=HIST_SIGN_BLOCK if on_gpu else 512, GAPS=HIST_GAPS, num_warps=HIST_SIGN_WARPS if on_gpu else 4,
+            **({"maxnreg": HIST_SIGN_MAXNREG} if on_gpu and HIST_GAPS and HIST_SIGN_MAXNREG else {}))
+        uld_hist.finish_kernel[(rows,)](
+            fparam, iparam, counts, partial, row_loss, flags, batch_start, student_logits,
+            student_index if gather else unused, ce_label if has_ce else unused, row_ce if has_ce else unused,
+            student_vocab, *_row_layout(student_logits), GATHER=gather, HAS_CE=has_ce, GAPS=HIST_GAPS, num_warps=1)
+        for side, (logits, inv_t, grad, vocab, index) in enumerate(sides):
+            if grad is None:
+                continue
+            n_chunks = triton.cdiv(vocab, chunk)
+            uld_hist.grad_kernel[(rows * n_chunks,)](
+                logits, index if gather else unused, grad, fparam, iparam, signs,
+                row_weight if gather else unused, ce_label if has_ce else unused, ce_weight if has_ce else unused,
+                batch_start, side, n_chunks, vocab, *_row_layout(logits), grad.stride(-2), inv_t, grad_scale,
+                GATHER=gather, HAS_CE=has_ce and side == 0, UNIT_STRIDE=logits.stride(-1) == 1,
+                PREFETCH=HIST_PREFETCH or not on_gpu, USE_PTX=use_ptx, SIMD16=simd16, CHUNK=chunk,
+                BLOCK=block, GAPS=HIST_GAPS, num_warps=4)
 
 
 def uld_pairs(
@@ -763,17 +716,6 @@ def scale_rows_(grad: torch.Tensor, scale: torch.Tensor) -> None:
     block, rows_per_program, grid = _row_grid(grad)
     scale_rows_kernel[grid](grad, scale, n_rows, rows_per_program, vocab, SCALE_PER_ROW=scale.numel() != 1,
                             BLOCK=block, num_warps=8)
-
-
-def _hist_streams(device: torch.device, count: int) -> list[torch.cuda.Stream]:
-    """The caller's current stream, then count - 1 side streams of the device (made once)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return [torch.cuda.current_stream(index), *_side_streams(index, count - 1)]
-
-
-@functools.cache
-def _side_streams(index: int, count: int) -> tuple[torch.cuda.Stream, ...]:
-    return tuple(torch.cuda.Stream(index) for _ in range(count))
 
 
 @functools.cache
