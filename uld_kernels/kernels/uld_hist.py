@@ -124,7 +124,7 @@ from uld_kernels.kernels.const import const
 from uld_kernels.kernels.ptx import (NEG_SLOTS, SLOT_M_HI, SLOT_M_LO, SMEM_THREADS, gather_f32, gather_i32, scatter,
                                      finite_top_bf16, slots_bf16, smem_add_one, smem_clear, smem_count_bf16,
                                      smem_count_bf16_gap, smem_load, smem_zero, store_runs_u32)
-from uld_kernels.kernels.uld_rows import (LN2, LOG2E, _block_raw, _exp2, _first_block, _load_raw, _log2_prob,
+from uld_kernels.kernels.uld_rows import (LN2, LOG2E, STORE_EVICT, _block_raw, _exp2, _first_block, _load_raw, _log2_prob,
                                           _pair_rows, _tie_signs)
 
 CAP = const(8192)  # words per row and side: the shared-memory histogram's 8,192
@@ -1410,4 +1410,4 @@ def _grad_span(row_ptr, grad_row, signs, begin, stop, vocab, col_stride, scale, 
         if HAS_CE:  # the cross-entropy's softmax, temperature 1
             grad += ce_factor * (_exp2(_log2_prob(z, LOG2E, top, ce_log_sum))
                                  - (idx == ce_label).to(tl.float32))
-        tl.store(grad_row + idx, grad.to(grad_row.dtype.element_ty), mask=idx < vocab)
+        tl.store(grad_row + idx, grad.to(grad_row.dtype.element_ty), mask=idx < vocab, eviction_policy=STORE_EVICT)

@@ -40,6 +40,12 @@ from uld_kernels.kernels.ptx import (MASS_SCALE, count_key, descend, exp2_ftz, g
                                      step_and_count, step_and_count_smem)
 
 # Planes of the int32 workspace, each ENTRIES long, per pair.
+# L2 eviction hints (an experiment, ULD_EVICT: "loads", "stores", "both" or none, the
+# default): the logits' loads and the gradient's stores marked evict_first (read or written
+# once a pass), so that the workspace tables stay in L2.
+_EVICT = os.environ.get("ULD_EVICT", "")
+LOAD_EVICT = const("evict_first" if _EVICT in ("loads", "both") else "")
+STORE_EVICT = const("evict_first" if _EVICT in ("stores", "both") else "")
 _CNT_S = const(0)  # student elements in the bucket
 _CNT_T = const(1)  # teacher elements in the bucket
 _MIN_S = const(2)  # smallest / largest student key in the bucket
@@ -74,7 +80,7 @@ def _load_raw(ptr, idx, col_stride, vocab, UNIT_COL_STRIDE: tl.constexpr, PAST: 
         offsets = idx
     else:
         offsets = idx.to(tl.int64) * col_stride
-    return tl.load(ptr + offsets, mask=idx < vocab, other=PAST)
+    return tl.load(ptr + offsets, mask=idx < vocab, other=PAST, eviction_policy=LOAD_EVICT)
 
 
 @triton.jit
