@@ -22,7 +22,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from uld_kernels.kernels.cross_entropy import ce_rows_kernel  # noqa: E402
 from uld_kernels.kernels import uld_split  # noqa: E402
 from uld_kernels.kernels.uld_rows import scale_rows_kernel, zero_rows_kernel  # noqa: E402
-from uld_kernels.launch import (HIST_BLOCK, HIST_GRAD_AHEAD, HIST_GRAD_BLOCK, HIST_SIGN_MAXNREG, _hist_blocks, HIST_GRAD_CHUNK, HIST_SIGN_BLOCK,  # noqa: E402
+from uld_kernels.launch import (HIST_BLOCK, HIST_GRAD_BLOCK, HIST_SIGN_MAXNREG, _hist_blocks, HIST_GRAD_CHUNK, HIST_SIGN_BLOCK,  # noqa: E402
                                 HIST_MAXNREG, HIST_TAIL_BLOCK, FALLBACK_FINISH_BLOCK, FALLBACK_SMEM_L1, _fallback_list_mode,
                                 ce_kernel_config, split_config)
 
@@ -182,7 +182,7 @@ def hist_kernel_configs():
         rows = dict(USE_PTX=True, SIMD16=True, PREFETCH=True)
         hist = dict(rows, STUDENT_UNIT_STRIDE=True, TEACHER_UNIT_STRIDE=True, BLOCK=hist_block,
                     TAIL_BLOCK=HIST_TAIL_BLOCK, GAPS=gaps, REDO=gaps)
-        grad = dict(rows, PREFETCH=HIST_GRAD_AHEAD, UNIT_STRIDE=True, CHUNK=HIST_GRAD_CHUNK, BLOCK=grad_block, GAPS=gaps)
+        grad = dict(rows, UNIT_STRIDE=True, CHUNK=HIST_GRAD_CHUNK, BLOCK=grad_block, GAPS=gaps)
         sign_options = dict(num_warps=1, **({"maxnreg": HIST_SIGN_MAXNREG} if gaps and HIST_SIGN_MAXNREG else {}))
         configs = [
             ("hist", uld_hist.hist_kernel, dict(hist, GATHER=False, HAS_CE=False), HIST_OPTIONS),

@@ -150,9 +150,6 @@ HIST_MAXNREG = int(os.environ.get("ULD_HIST_MAXNREG", 96))
 # Loops of hist_kernel and grad_kernel load the next block before working on this one (two
 # blocks in flight per thread): 8.13 ms against 8.42 at 2,048 (ninth session, run 2).
 HIST_PREFETCH = os.environ.get("ULD_HIST_PREFETCH", "1") != "0"
-# blocks grad_kernel's loop loads ahead with the prefetch (an experiment: 1 or 2)
-HIST_GRAD_AHEAD = int(os.environ.get("ULD_HIST_GRAD_AHEAD", 1))
-HIST_GRAD_MAXNREG = int(os.environ.get("ULD_HIST_GRAD_MAXNREG", 0))  # grad_kernel's register cap (0: none)
 HIST_GRAD_CHUNK = int(os.environ.get("ULD_HIST_GRAD_CHUNK", 32768))  # columns per grad_kernel program
 # columns per step of its loop: 2,048 7.00 ms, 1,024 7.09 (tenth session, run 2)
 HIST_GRAD_BLOCK = int(os.environ.get("ULD_HIST_GRAD_BLOCK", 2048))
@@ -412,9 +409,8 @@ def _hist_batches(row_loss, flags, row_ce, sides, grad_scale, n_pairs, on_gpu, r
                 row_weight if gather else unused, ce_label if has_ce else unused, ce_weight if has_ce else unused,
                 batch_start, side, n_chunks, vocab, *_row_layout(logits), grad.stride(-2), inv_t, grad_scale,
                 GATHER=gather, HAS_CE=has_ce and side == 0, UNIT_STRIDE=logits.stride(-1) == 1,
-                PREFETCH=HIST_GRAD_AHEAD if HIST_PREFETCH or not on_gpu else 0, USE_PTX=use_ptx, SIMD16=simd16, CHUNK=chunk,
-                BLOCK=block, GAPS=HIST_GAPS, num_warps=4,
-                **({"maxnreg": HIST_GRAD_MAXNREG} if on_gpu and HIST_GRAD_MAXNREG else {}))
+                PREFETCH=HIST_PREFETCH or not on_gpu, USE_PTX=use_ptx, SIMD16=simd16, CHUNK=chunk,
+                BLOCK=block, GAPS=HIST_GAPS, num_warps=4)
 
 
 def uld_pairs(

@@ -1392,17 +1392,10 @@ def _grad_span(row_ptr, grad_row, signs, begin, stop, vocab, col_stride, scale, 
     """grad_kernel's loop over columns [begin, stop) of a row: each element's sign from its
     slot's table (the row's shift and gap), and its gradient. SUB: a row with sub_n sub-bins
     (0: none) takes its tiny elements' signs from theirs, by the key of k (sub_key: sub-bin 0's)."""
-    ahead = _first_block(row_ptr, begin + tl.arange(0, BLOCK), col_stride, stop, UNIT_STRIDE, PREFETCH > 0)
-    if PREFETCH > 1:  # (a second block in flight)
-        ahead2 = _first_block(row_ptr, begin + BLOCK + tl.arange(0, BLOCK), col_stride, stop, UNIT_STRIDE, True)
+    ahead = _first_block(row_ptr, begin + tl.arange(0, BLOCK), col_stride, stop, UNIT_STRIDE, PREFETCH)
     for start in tl.range(begin, stop, BLOCK):
         idx = start + tl.arange(0, BLOCK)
-        if PREFETCH > 1:
-            raw = ahead
-            ahead = ahead2
-            ahead2 = _load_raw(row_ptr, idx + 2 * BLOCK, col_stride, stop, UNIT_STRIDE)
-        else:
-            raw, ahead = _block_raw(ahead, row_ptr, idx, col_stride, stop, BLOCK, UNIT_STRIDE, PREFETCH > 0)
+        raw, ahead = _block_raw(ahead, row_ptr, idx, col_stride, stop, BLOCK, UNIT_STRIDE, PREFETCH)
         z = raw.to(tl.float32)
         k = _log2_prob(z, scale, top, log_sum)
         p = _exp2(k)
