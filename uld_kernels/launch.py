@@ -136,7 +136,6 @@ HIST_BLOCK = int(os.environ.get("ULD_HIST_BLOCK", 4096))
 # registers) 7.09, 32 7.36 (tenth session, run 2)
 HIST_SIGN_BLOCK = int(os.environ.get("ULD_HIST_SIGN_BLOCK", 64))
 HIST_SIGN_WARPS = int(os.environ.get("ULD_HIST_SIGN_WARPS", 1))
-HIST_SIGN_REVERSE = int(os.environ.get("ULD_HIST_SIGN_REVERSE", 0))  # (an experiment: sign_kernel's order)
 # sign_kernel's register cap with the gaps on (0: none): 64 keeps 32 one-warp programs an SM;
 # uncapped, ptxas takes 67 for it (62 without the gaps), without spills at 64.
 HIST_SIGN_MAXNREG = int(os.environ.get("ULD_HIST_SIGN_MAXNREG", 64))
@@ -395,8 +394,7 @@ def _hist_batches(row_loss, flags, row_ce, sides, grad_scale, n_pairs, on_gpu, r
         uld_hist.sign_kernel[(rows, 2)](  # both sides of every pair
             fparam, iparam, counts, occupied, signs, partial, student_inv_t, teacher_inv_t,
             STORE_STUDENT=student_grad is not None, STORE_TEACHER=teacher_grad is not None, USE_PTX=use_ptx,
-            BLOCK=HIST_SIGN_BLOCK if on_gpu else 512, GAPS=HIST_GAPS, REVERSE=HIST_SIGN_REVERSE,
-            num_warps=HIST_SIGN_WARPS if on_gpu else 4,
+            BLOCK=HIST_SIGN_BLOCK if on_gpu else 512, GAPS=HIST_GAPS, num_warps=HIST_SIGN_WARPS if on_gpu else 4,
             **({"maxnreg": HIST_SIGN_MAXNREG} if on_gpu and HIST_GAPS and HIST_SIGN_MAXNREG else {}))
         uld_hist.finish_kernel[(rows,)](
             fparam, iparam, counts, partial, row_loss, flags, batch_start, student_logits,

@@ -1156,7 +1156,7 @@ def _live_from(count_ptr, first, after, total, dead, mask, USE_PTX: tl.constexpr
 @triton.jit
 def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, list_ptr, sign_ptr, partial_ptr, student_inv_temperature,
                 teacher_inv_temperature, STORE_STUDENT: tl.constexpr, STORE_TEACHER: tl.constexpr,
-                USE_PTX: tl.constexpr, BLOCK: tl.constexpr, GAPS: tl.constexpr = False, REVERSE: tl.constexpr = 0):
+                USE_PTX: tl.constexpr, BLOCK: tl.constexpr, GAPS: tl.constexpr = False):
     """Signs of the occupied bins of one side (program_id(1): 0 student, 1 teacher) of one pair
     (program_id(0)) per program, BLOCK of them at a time from the side's list, written to the
     side's sign table when STORE_STUDENT / STORE_TEACHER (a gradient of that side is wanted;
@@ -1171,10 +1171,6 @@ def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, list_ptr, sign_ptr, partial_p
     whole block only when some lane needs it."""
     pair = tl.program_id(0)
     side = tl.program_id(1)
-    if REVERSE > 0:  # (an experiment: the pairs hist_kernel wrote last, still in L2, first)
-        pair = tl.num_programs(0) - 1 - pair
-    if REVERSE > 1:
-        side = 1 - side
     own = (pair * 2 + side).to(tl.int64)
     other = (pair * 2 + 1 - side).to(tl.int64)
     store = tl.where(side == 0, STORE_STUDENT, STORE_TEACHER)
