@@ -117,8 +117,6 @@ any value bf16 cannot hold is flagged (_NOT_BF16, no second count), and the laun
 to the trie engine, which takes any float32.
 """
 
-import os
-
 import triton
 import triton.language as tl
 
@@ -129,7 +127,6 @@ from uld_kernels.kernels.ptx import (NEG_SLOTS, SLOT_M_HI, SLOT_M_LO, SMEM_THREA
 from uld_kernels.kernels.uld_rows import (LN2, LOG2E, STORE_EVICT, _block_raw, _exp2, _first_block, _load_raw, _log2_prob,
                                           _pair_rows, _tie_signs)
 
-NO_GATHER_EXPERIMENT = const(os.environ.get("ULD_NO_GATHER_EXPERIMENT", "0") == "1")
 CAP = const(8192)  # words per row and side: the shared-memory histogram's 8,192
 # Bins in order of value: 0 the logits <= -256, 1..3968 the logits -255 .. -2**-23, 3969 the
 # tiny ones (|z| < 2**-23, zeros too), 3970..7937 the logits 2**-23 .. 255.
@@ -1405,9 +1402,7 @@ def _grad_span(row_ptr, grad_row, signs, begin, stop, vocab, col_stride, scale, 
         slots = _slots(raw, shift, SIMD16, gap_at, gap)
         if SUB:  # (a tiny element's sign: its sub-bin's entry, past the slots)
             slots = tl.where(_in_tiny_bin(slots) & (sub_n > 0), _SUB_SIGN + _sub_bin(k, sub_key), slots)
-        if NO_GATHER_EXPERIMENT:  # (wrong gradients: grad_kernel's time without its gathers)
-            sign = tl.where(p > 0.0, 1.0, 0.0)
-        elif USE_PTX:  # the table is read-only here: the non-coherent path, one wide address add
+        if USE_PTX:  # the table is read-only here: the non-coherent path, one wide address add
             sign = gather_f32(signs, slots, p > 0.0)
         else:
             sign = tl.load(signs + slots, mask=p > 0.0, other=0.0)
