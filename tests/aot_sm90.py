@@ -50,9 +50,12 @@ def facts(name: str, compiled) -> dict:
         sm90=".target sm_90" in ptx,
         sm80=".target sm_80" in ptx,
         # 8- or 16-byte row loads: plain vector loads, or pipelined copies to shared memory
+        # (cache qualifiers such as launch.py's eviction hints, `.L1::evict_first.L2::cache_hint`,
+        # stand between the space and the width)
         vector_loads=bool(re.search(
-            r"ld\.global(\.nc)?\.v[24]|cp\.async\.\w+\.shared\.global \[[^\]]*\], \[[^\]]*\], (0x8|0x10|8|16)\b", ptx)),
-        vector_stores=bool(re.search(r"st\.global\.v[24]", ptx)),
+            r"ld\.global(\.nc)?(\.L[12]::\w+)*\.v[24]|cp\.async\.\w+\.shared\.global \[[^\]]*\], \[[^\]]*\], "
+            r"(0x8|0x10|8|16)\b", ptx)),
+        vector_stores=bool(re.search(r"st\.global(\.L[12]::\w+)*\.v[24]", ptx)),
         pipelined=("cp.async" in ptx),
         shared=compiled.metadata.shared,
         # static shared memory declared by inline PTX (kernels/ptx.py)
