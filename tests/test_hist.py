@@ -633,3 +633,70 @@ def test_minus_inf_masks_at_a_high_temperature(ts, device):
     _assert_matches_reference(launch.hist_rows(student, teacher, ts, tt, True, True, 1.0), student, teacher, ts, tt)
 
 
+
+
+class _ZeroTables:
+    """Stands for uld_hist.sign_kernel, zeroing the sign and code tables (its arguments 4 and
+    5) before each launch and keeping them, so that a test can read every slot: 0 and code 0
+    where sign_kernel wrote nothing."""
+
+    def __init__(self, kernel):
+        self.kernel, self.tables = kernel, []
+
+    def __getitem__(self, grid):
+        launcher = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            signs, codes = args[4], args[5]
+            assert signs.dtype == torch.float32 and codes.dtype == torch.int8, "sign_kernel's arguments moved"
+            signs.zero_()
+            codes.zero_()
+            launcher(*args, **kwargs)
+            self.tables.append((signs.clone(), codes.clone()))
+
+        return run
+
+
+@pytest.mark.parametrize("kind", ["integers", "near", "identical", "random", "gapped", "dense"])
+def test_sign_codes_give_the_same_bits(kind, device, monkeypatch):
+    """With the sign codes (launch.HIST_SIGN_CODES, uld_hist.py "Sign codes"), sign_kernel also
+    stores each sign as a byte and grad_kernel reads the float32 only where the byte says
+    fractional: losses, statuses and both gradients bit for bit as without them, on rows with
+    ties within and across the rows (integers, near, identical), a gap (gapped) and tiny
+    sub-bins (dense, at temperature 0.01). The code table holds 1, -1 or 0 exactly where the
+    float32 is that, and 2 elsewhere; `integers` rows have fractional signs (ties split)."""
+    from bench.shapes import make_rows
+    from uld_kernels.kernels import uld_hist
+    if kind in ("gapped", "dense"):
+        student, teacher = make_rows(kind, 3, 300, 300, seed=5, device="cpu")
+        student, teacher = student.to(device), teacher.to(device)
+        ts, tt = (0.01, 0.01) if kind == "dense" else (1.0, 1.0)
+    else:
+        student, teacher = _rows(kind, 3, 300, 250 if kind in ("integers", "random") else 300, torch.bfloat16,
+                                 device, seed=6)
+        ts, tt = (1.5, 0.7) if kind in ("integers", "random") else (1.5, 1.5)
+    results = []
+    for codes in (False, True):
+        monkeypatch.setattr(launch, "HIST_SIGN_CODES", codes)
+        tables = _ZeroTables(uld_hist.sign_kernel)
+        monkeypatch.setattr(uld_hist, "sign_kernel", tables)
+        results.append(launch.hist_rows(student, teacher, ts, tt, True, True, 1.0, fallback=False))
+        monkeypatch.setattr(uld_hist, "sign_kernel", tables.kernel)
+    assert not _flagged(results[0][1]).any(), f"rows flagged: the codes are not read, status {results[0][1]}"
+    for name, plain, coded in zip(("loss", "status", "student gradient", "teacher gradient"), *results):
+        assert torch.equal(plain.view(torch.uint8), coded.view(torch.uint8)), f"{name} differs with the sign codes"
+    fractional = 0
+    for signs, codes in tables.tables:
+        # (each side's table of CAP slots, less the words past the signs: the sub-bins' key and number)
+        keep = torch.ones(uld_hist.CAP.value, dtype=torch.bool, device=signs.device)
+        keep[[uld_hist._SUB_KEY.value, uld_hist._SUB_N.value]] = False
+        keep = keep.repeat(signs.numel() // keep.numel())
+        signs, codes = signs[keep], codes[keep].to(torch.int32)
+        bits = signs.view(torch.int32)
+        exact = (codes == 1) | (codes == -1) | (codes == 0)
+        assert ((codes == 2) | exact).all(), f"codes {codes.unique().tolist()}"
+        assert torch.equal(signs[exact], codes[exact].float()) and (bits[codes == 0] == 0).all(), "an exact code"
+        assert not torch.isin(bits[codes == 2], torch.tensor([0, 0x3F800000, -0x40800000], device=bits.device)).any()
+        fractional += int((codes == 2).sum())
+    if kind == "integers":
+        assert fractional > 0, "no fractional sign: the float32 path of the codes is not checked"

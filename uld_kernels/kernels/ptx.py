@@ -151,6 +151,7 @@ def _scatter_asm(kind: str, size: int) -> str:
             f"mad.wide.s32 a, $1, {size}, $4; @p st.global.{kind} [a], $3; }}")
 
 
+_SCATTER_U8_ASM = const(_scatter_asm("u8", 1))
 _SCATTER_U16_ASM = const(_scatter_asm("u16", 2))
 _SCATTER_B32_ASM = const(_scatter_asm("b32", 4))
 # Four consecutive int32 of a thread (pack=4, 16-byte aligned) with one vector store: $4 the
@@ -158,6 +159,10 @@ _SCATTER_B32_ASM = const(_scatter_asm("b32", 4))
 _STORE_RUN_ASM = const("{ st.global.v4.u32 [$4], {$8, $9, $10, $11}; mov.b32 $0, 0; mov.b32 $1, 0; "
                               "mov.b32 $2, 0; mov.b32 $3, 0; }")
 _GATHER_COHERENT_ASM = const(_GATHER_ASM.value.replace("ld.global.nc.f32", "ld.global.f32"))
+# The same for a signed byte (sign-extended to 32 bits), one plain multiply-free address add.
+_GATHER_S8_ASM = const(
+    "{ .reg .pred p; .reg .u64 a; .reg .s64 i; mov.b32 $0, 0; setp.ne.s32 p, $2, 0; cvt.s64.s32 i, $1; "
+    "add.s64 a, $3, i; @p ld.global.nc.s8 $0, [a]; }")
 # bf16 logits, two to a 32-bit register (inline assembly with pack=2 on int16 bit patterns):
 # their histogram slots in SIMD halves (uld_hist.py, "Slots"): the magnitude bits m clamped to
 # [lo, hi] by two VIMNMX.U16x2, the sign bit moved to the NEG_SLOTS bit, minus lo (each half
@@ -424,6 +429,24 @@ def scatter(base_ptr, index, value, mask, WIDE: tl.constexpr):
         asm: tl.constexpr = _SCATTER_U16_ASM
     tl.inline_asm_elementwise(asm, "=r,r,r,r,l", [index, mask.to(tl.int32), value, base_ptr + tl.zeros_like(index)],
                               dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def scatter_u8(base_ptr, index, value, mask):
+    """base_ptr[index] = the low byte of value (int32) where mask, in the operands' layout (as
+    `scatter`)."""
+    tl.inline_asm_elementwise(_SCATTER_U8_ASM, "=r,r,r,r,l", [index, mask.to(tl.int32), value,
+                                                             base_ptr + tl.zeros_like(index)],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def gather_s8(base_ptr, index, mask):
+    """base_ptr[index] where mask, else 0: a signed byte as int32, through the read-only path
+    (a table written by an earlier launch)."""
+    return tl.inline_asm_elementwise(_GATHER_S8_ASM, "=r,r,r,l", [index, mask.to(tl.int32),
+                                                                  base_ptr + tl.zeros_like(index)],
+                                     dtype=tl.int32, is_pure=True, pack=1)
 
 
 @triton.jit
