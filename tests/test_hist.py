@@ -657,14 +657,18 @@ class _ZeroTables:
         return run
 
 
-@pytest.mark.parametrize("kind", ["integers", "near", "identical", "random", "gapped", "dense"])
-def test_sign_codes_give_the_same_bits(kind, device, monkeypatch):
+@pytest.mark.parametrize("kind,codes", [(kind, 1) for kind in ["integers", "near", "identical", "random", "gapped",
+                                                                  "dense"]]
+                         + [(kind, 2) for kind in ["integers", "random", "dense"]])
+def test_sign_codes_give_the_same_bits(kind, codes, device, monkeypatch):
     """With the sign codes (launch.HIST_SIGN_CODES, uld_hist.py "Sign codes"), sign_kernel also
     stores each sign as a byte and grad_kernel reads the float32 only where the byte says
     fractional: losses, statuses and both gradients bit for bit as without them, on rows with
     ties within and across the rows (integers, near, identical), a gap (gapped) and tiny
-    sub-bins (dense, at temperature 0.01). The code table holds 1, -1 or 0 exactly where the
-    float32 is that, and 2 elsewhere; `integers` rows have fractional signs (ties split)."""
+    sub-bins (dense, at temperature 0.01), the codes gathered (1) or read from shared memory
+    (2: on a GPU; the interpreter gathers them for both). The code table holds 1, -1 or 0
+    exactly where the float32 is that, and 2 elsewhere; `integers` rows have fractional signs
+    (ties split)."""
     from bench.shapes import make_rows
     from uld_kernels.kernels import uld_hist
     if kind in ("gapped", "dense"):
@@ -676,8 +680,8 @@ def test_sign_codes_give_the_same_bits(kind, device, monkeypatch):
                                  device, seed=6)
         ts, tt = (1.5, 0.7) if kind in ("integers", "random") else (1.5, 1.5)
     results = []
-    for codes in (False, True):
-        monkeypatch.setattr(launch, "HIST_SIGN_CODES", codes)
+    for setting in (0, codes):
+        monkeypatch.setattr(launch, "HIST_SIGN_CODES", setting)
         tables = _ZeroTables(uld_hist.sign_kernel)
         monkeypatch.setattr(uld_hist, "sign_kernel", tables)
         results.append(launch.hist_rows(student, teacher, ts, tt, True, True, 1.0, fallback=False))

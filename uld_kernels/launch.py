@@ -138,12 +138,17 @@ HIST_SIGN_BLOCK = int(os.environ.get("ULD_HIST_SIGN_BLOCK", 64))
 HIST_SIGN_WARPS = int(os.environ.get("ULD_HIST_SIGN_WARPS", 1))
 # "1": the sign kernel also stores each sign as a byte, and the gradient kernel gathers the byte
 # (the float32 only where a tie made the sign fractional): half the cache lines a warp's gather
-# touches (uld_hist.py, "Sign codes"; 8 KB more workspace a pair). The gathers cost the gradient
-# 0.2 ms of random rows' 6.5 (twenty-second session, run 7). Not measured yet: off by default.
-HIST_SIGN_CODES = os.environ.get("ULD_HIST_SIGN_CODES", "0") == "1"
-# The gradient kernel's register cap with the sign codes: uncapped, ptxas takes 72 (7 programs
-# an SM, where two blocks ahead at 66 registers was 0.15 ms slower: run 3); 64 keeps 8, without
-# spills (56, without the codes, keeps 9).
+# touches (uld_hist.py, "Sign codes"; 16 KB more workspace a pair); "2": the gradient kernel
+# copies a side's 8 KB of codes to shared memory first and reads them there. The gathers cost
+# the gradient 0.2 ms of random rows' 6.5 (twenty-second session, run 7). Neither measured
+# yet: "0", off, by default.
+HIST_SIGN_CODES = int(os.environ.get("ULD_HIST_SIGN_CODES", "0"))
+if HIST_SIGN_CODES not in (0, 1, 2):
+    raise ValueError(f"ULD_HIST_SIGN_CODES must be 0, 1 or 2, got {HIST_SIGN_CODES}")
+# The gradient kernel's register cap with the sign codes gathered (1): uncapped, ptxas takes 72
+# (7 programs an SM, where two blocks ahead at 66 registers was 0.15 ms slower: run 3); 64 keeps
+# 8, without spills (56, without the codes, keeps 9). From shared memory (2) it takes 44-52
+# uncapped (61-63 capped at 64: the cap is a budget, not a limit ptxas aims under): none.
 HIST_GRAD_CODES_MAXNREG = 64
 # sign_kernel's register cap with the gaps on (0: none): 64 keeps 32 one-warp programs an SM;
 # uncapped, ptxas takes 67 for it (62 without the gaps), without spills at 64.
@@ -405,7 +410,7 @@ def _hist_batches(row_loss, flags, row_ce, sides, grad_scale, n_pairs, on_gpu, r
         uld_hist.sign_kernel[(rows, 2)](  # both sides of every pair
             fparam, iparam, counts, occupied, signs, codes, partial, student_inv_t, teacher_inv_t,
             STORE_STUDENT=student_grad is not None, STORE_TEACHER=teacher_grad is not None, USE_PTX=use_ptx,
-            BLOCK=HIST_SIGN_BLOCK if on_gpu else 512, GAPS=HIST_GAPS, CODES=HIST_SIGN_CODES,
+            BLOCK=HIST_SIGN_BLOCK if on_gpu else 512, GAPS=HIST_GAPS, CODES=HIST_SIGN_CODES > 0,
             num_warps=HIST_SIGN_WARPS if on_gpu else 4,
             **({"maxnreg": HIST_SIGN_MAXNREG} if on_gpu and HIST_GAPS and HIST_SIGN_MAXNREG else {}))
         uld_hist.finish_kernel[(rows,)](
@@ -423,7 +428,7 @@ def _hist_batches(row_loss, flags, row_ce, sides, grad_scale, n_pairs, on_gpu, r
                 GATHER=gather, HAS_CE=has_ce and side == 0, UNIT_STRIDE=logits.stride(-1) == 1,
                 PREFETCH=HIST_PREFETCH or not on_gpu, USE_PTX=use_ptx, SIMD16=simd16, CHUNK=chunk,
                 BLOCK=block, GAPS=HIST_GAPS, CODES=HIST_SIGN_CODES, num_warps=4,
-                **({"maxnreg": HIST_GRAD_CODES_MAXNREG} if on_gpu and HIST_SIGN_CODES else {}))
+                **({"maxnreg": HIST_GRAD_CODES_MAXNREG} if on_gpu and HIST_SIGN_CODES == 1 else {}))
 
 
 def uld_pairs(

@@ -449,6 +449,38 @@ def gather_s8(base_ptr, index, mask):
                                      dtype=tl.int32, is_pure=True, pack=1)
 
 
+# The sign codes in shared memory (uld_hist.py, "Sign codes"): a side's 8,192 one-byte codes
+# copied into a function-scope array by 128 threads, 16 bytes each four times ($1 the thread,
+# $2 the address of its first 16 bytes), then read one byte a lane ($1 the slot, $2 the mask,
+# 0 where masked).
+CODE_BYTES = const(8192)
+_CODES_COPY_ASM = const(
+    f".shared .align 16 .b8 uld_codes[{CODE_BYTES.value}];\n"
+    "{ .reg .u32 a; .reg .b32 x, y, z, w; mov.u32 a, uld_codes; mad.lo.u32 a, $1, 16, a; "
+    + " ".join(f"ld.global.nc.v4.u32 {{x, y, z, w}}, [$2+{2048 * i}]; st.shared.v4.u32 [a+{2048 * i}], {{x, y, z, w}};"
+               for i in range(CODE_BYTES.value // 2048))
+    + " mov.u32 $0, 0; }")
+_CODES_LOAD_ASM = const(
+    "{ .reg .pred p; .reg .u32 a; mov.b32 $0, 0; setp.ne.s32 p, $2, 0; mov.u32 a, uld_codes; add.u32 a, a, $1; "
+    "@p ld.shared.s8 $0, [a]; }")
+
+
+@triton.jit
+def codes_to_smem(code_ptr):
+    """Copies a side's code table (CODE_BYTES, 16-byte aligned, written by an earlier launch)
+    into the shared array `uld_codes`, declaring it; the caller puts a barrier after."""
+    thread = tl.arange(0, SMEM_THREADS)
+    tl.inline_asm_elementwise(_CODES_COPY_ASM, "=r,r,l", [thread, code_ptr + thread * 16], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
+def smem_code(index, mask):
+    """uld_codes[index] (a signed byte, as int32) where mask, else 0: after `codes_to_smem`."""
+    return tl.inline_asm_elementwise(_CODES_LOAD_ASM, "=r,r,r", [index, mask.to(tl.int32)], dtype=tl.int32,
+                                     is_pure=True, pack=1)
+
+
 @triton.jit
 def store_runs_u32(base_ptr, offsets, value):
     """base_ptr[offsets] = value (int32, [4, n] with offsets[:, j] four consecutive words from a

@@ -122,7 +122,7 @@ import triton.language as tl
 
 from uld_kernels.kernels.const import const
 from uld_kernels.kernels.ptx import (NEG_SLOTS, SLOT_M_HI, SLOT_M_LO, SMEM_THREADS, finite_top_bf16, gather_f32,
-                                     gather_i32, gather_s8, scatter, scatter_u8, slots_bf16, smem_add_one, smem_clear,
+                                     gather_i32, gather_s8, codes_to_smem, scatter, scatter_u8, smem_code, slots_bf16, smem_add_one, smem_clear,
                                      smem_count_bf16, smem_count_bf16_gap, smem_load, smem_zero, store_runs_u32)
 from uld_kernels.kernels.uld_rows import (LN2, LOG2E, STORE_EVICT, _block_raw, _exp2, _first_block, _load_raw, _log2_prob,
                                           _pair_rows, _tie_signs)
@@ -1354,12 +1354,13 @@ def grad_kernel(logits_ptr, index_ptr, grad_ptr, fparam_ptr, iparam_ptr, sign_pt
                 ce_label_ptr, ce_weight_ptr, batch_start, side, n_chunks, vocab, seq_len, batch_stride, row_stride,
                 col_stride, grad_row_stride, inv_temperature, grad_scale, GATHER: tl.constexpr, HAS_CE: tl.constexpr,
                 UNIT_STRIDE: tl.constexpr, PREFETCH: tl.constexpr, USE_PTX: tl.constexpr, SIMD16: tl.constexpr,
-                CHUNK: tl.constexpr, BLOCK: tl.constexpr, GAPS: tl.constexpr = False, CODES: tl.constexpr = False):
+                CHUNK: tl.constexpr, BLOCK: tl.constexpr, GAPS: tl.constexpr = False, CODES: tl.constexpr = 0):
     """The gradient of one side (side 0 student: +, 1 teacher: -) of unflagged pairs, chunk by
     chunk: (p / T) * (sign at the element's slot - the side's sum of p * sign), times
     row_weight_ptr[pair] with GATHER (row index_ptr[pair] of the logits and of the gradient);
     with HAS_CE (student side) plus ce_weight * (softmax(z) - [i == label]). SIMD16 as in
-    hist_kernel. CODES: each sign from the code table (code_ptr, "Sign codes")."""
+    hist_kernel. CODES: each sign from the code table (code_ptr, "Sign codes"): 1 gathered from
+    it, 2 from a copy in shared memory."""
     if SIMD16:  # (launched on 4 warps, like hist_kernel)
         tl.static_assert(USE_PTX and BLOCK % (2 * SMEM_THREADS) == 0, "SIMD16: two logits per thread and step")
     program = tl.program_id(0)
@@ -1376,6 +1377,9 @@ def grad_kernel(logits_ptr, index_ptr, grad_ptr, fparam_ptr, iparam_ptr, sign_pt
         mass = tl.load(fparam_ptr + at * PARAM_SLOTS + _MASS)
         signs = sign_ptr + at * CAP
         codes = code_ptr + at * CAP  # (CODES; else unused)
+        if (CODES == 2) and USE_PTX:  # the side's codes to shared memory, for every chunk's gathers
+            codes_to_smem(codes)
+            tl.debug_barrier()
         shift = tl.load(iparam_ptr + at * PARAM_SLOTS + _SHIFT)  # (the slots'; top is the logit itself)
         scale = inv_temperature * LOG2E
         factor = inv_temperature * grad_scale * (1.0 - 2.0 * side)
@@ -1437,7 +1441,10 @@ def _grad_span(row_ptr, grad_row, signs, codes, begin, stop, vocab, col_stride, 
             slots = tl.where(_in_tiny_bin(slots) & (sub_n > 0), _SUB_SIGN + _sub_bin(k, sub_key), slots)
         if CODES:  # (the float32 only where a tie made the sign fractional)
             if USE_PTX:
-                code = gather_s8(codes, slots, p > 0.0)
+                if CODES == 2:
+                    code = smem_code(slots, p > 0.0)
+                else:
+                    code = gather_s8(codes, slots, p > 0.0)
                 fractional = code == _FRACTIONAL
                 sign = tl.where(fractional, gather_f32(signs, slots, fractional), code.to(tl.float32))
             else:
