@@ -200,6 +200,10 @@ def hist_kernel_configs():
             configs += [("grad codes", uld_hist.grad_kernel, dict(grad, GATHER=False, HAS_CE=False, CODES=1),
                          dict(num_warps=4, maxnreg=HIST_GRAD_CODES_MAXNREG)),
                         ("grad codes smem", uld_hist.grad_kernel, dict(grad, GATHER=False, HAS_CE=False, CODES=2), 4),
+                        ("grad gathered ce codes", uld_hist.grad_kernel, dict(grad, GATHER=True, HAS_CE=True, CODES=1),
+                         4),
+                        ("grad gathered ce codes smem", uld_hist.grad_kernel,
+                         dict(grad, GATHER=True, HAS_CE=True, CODES=2), 4),
                         ("sign codes", uld_hist.sign_kernel, dict(STORE_STUDENT=True, STORE_TEACHER=False,
                                                                   USE_PTX=True, BLOCK=HIST_SIGN_BLOCK, GAPS=gaps,
                                                                   CODES=True), sign_options)]

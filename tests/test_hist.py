@@ -635,10 +635,11 @@ def test_minus_inf_masks_at_a_high_temperature(ts, device):
 
 
 
-class _ZeroTables:
-    """Stands for uld_hist.sign_kernel, zeroing the sign and code tables (its arguments 4 and
-    5) before each launch and keeping them, so that a test can read every slot: 0 and code 0
-    where sign_kernel wrote nothing."""
+class _FilledTables:
+    """Stands for uld_hist.sign_kernel, filling the sign and code tables (its arguments 4 and
+    5) with NaN and code 3 before each launch and keeping them, so that a test can tell the
+    slots sign_kernel wrote (code 3 is none it writes) and a read of any other slot poisons a
+    gradient with NaN."""
 
     def __init__(self, kernel):
         self.kernel, self.tables = kernel, []
@@ -649,57 +650,82 @@ class _ZeroTables:
         def run(*args, **kwargs):
             signs, codes = args[4], args[5]
             assert signs.dtype == torch.float32 and codes.dtype == torch.int8, "sign_kernel's arguments moved"
-            signs.zero_()
-            codes.zero_()
+            signs.fill_(math.nan)
+            codes.fill_(3)
             launcher(*args, **kwargs)
             self.tables.append((signs.clone(), codes.clone()))
 
         return run
 
 
+def _gathered_ce(device, vs, vt, g):
+    """Rows, row maps (a padding pair), weights and cross-entropy labels for `hist_pairs`'
+    training path."""
+    student = (torch.randn(5, vs, generator=g) * 2).to(torch.bfloat16).to(device)
+    teacher = (torch.randn(4, vt, generator=g) * 2).to(torch.bfloat16).to(device)
+    kw = dict(student_index=torch.tensor([3, -1, 0, 4], device=device),
+              teacher_index=torch.tensor([1, 2, 3, 0], device=device),
+              row_weight=torch.tensor([0.5, 1.0, 2.0, 0.25], device=device),
+              ce_label=torch.tensor([7, -1, vs - 1, -1], device=device),
+              ce_weight=torch.tensor([1.5, 1.0, 0.75, 1.0], device=device))
+    return student, teacher, kw
+
+
 @pytest.mark.parametrize("kind,codes", [(kind, 1) for kind in ["integers", "near", "identical", "random", "gapped",
-                                                                  "dense"]]
-                         + [(kind, 2) for kind in ["integers", "random", "dense"]])
+                                                                  "dense", "gathered_ce"]]
+                         + [(kind, 2) for kind in ["integers", "random", "dense", "gathered_ce"]])
 def test_sign_codes_give_the_same_bits(kind, codes, device, monkeypatch):
     """With the sign codes (launch.HIST_SIGN_CODES, uld_hist.py "Sign codes"), sign_kernel also
     stores each sign as a byte and grad_kernel reads the float32 only where the byte says
-    fractional: losses, statuses and both gradients bit for bit as without them, on rows with
-    ties within and across the rows (integers, near, identical), a gap (gapped) and tiny
-    sub-bins (dense, at temperature 0.01), the codes gathered (1) or read from shared memory
-    (2: on a GPU; the interpreter gathers them for both). The code table holds 1, -1 or 0
-    exactly where the float32 is that, and 2 elsewhere; `integers` rows have fractional signs
-    (ties split)."""
+    fractional: losses, statuses, cross-entropies and both gradients bit for bit as without
+    them, on rows with ties within and across the rows (integers, near, identical), a gap
+    (gapped), tiny sub-bins (dense, at temperature 0.01) and the training loss's gathered pairs
+    with the cross-entropy, the codes gathered (1) or read from shared memory (2: on a GPU;
+    the interpreter gathers them for both). Rows span two gradient chunks (on a GPU, 40,000
+    columns). The code table holds 1, -1 or 0 exactly where the float32 is that, and 2
+    elsewhere; `integers` rows have fractional signs (ties split); no unwritten slot is read
+    (the tables are filled with NaN first)."""
     from bench.shapes import make_rows
     from uld_kernels.kernels import uld_hist
+    vs = 300 if device == "cpu" else 40_000  # (the gradient's chunks: 256 columns here, 32,768 on a GPU)
+    args, kw = (1.5, 0.7), {}
     if kind in ("gapped", "dense"):
-        student, teacher = make_rows(kind, 3, 300, 300, seed=5, device="cpu")
+        student, teacher = make_rows(kind, 3, vs, vs, seed=5, device="cpu")
         student, teacher = student.to(device), teacher.to(device)
-        ts, tt = (0.01, 0.01) if kind == "dense" else (1.0, 1.0)
+        args = (0.01, 0.01) if kind == "dense" else (1.0, 1.0)
+    elif kind == "gathered_ce":
+        student, teacher, kw = _gathered_ce(device, vs, vs * 5 // 6, torch.Generator().manual_seed(22))
     else:
-        student, teacher = _rows(kind, 3, 300, 250 if kind in ("integers", "random") else 300, torch.bfloat16,
+        student, teacher = _rows(kind, 3, vs, vs * 5 // 6 if kind in ("integers", "random") else vs, torch.bfloat16,
                                  device, seed=6)
-        ts, tt = (1.5, 0.7) if kind in ("integers", "random") else (1.5, 1.5)
+        args = (1.5, 0.7) if kind in ("integers", "random") else (1.5, 1.5)
     results = []
     for setting in (0, codes):
         monkeypatch.setattr(launch, "HIST_SIGN_CODES", setting)
-        tables = _ZeroTables(uld_hist.sign_kernel)
+        tables = _FilledTables(uld_hist.sign_kernel)
         monkeypatch.setattr(uld_hist, "sign_kernel", tables)
-        results.append(launch.hist_rows(student, teacher, ts, tt, True, True, 1.0, fallback=False))
+        results.append(launch.hist_pairs(student, teacher, *args, True, not kw, 1.0, fallback=False, **kw))
         monkeypatch.setattr(uld_hist, "sign_kernel", tables.kernel)
     assert not _flagged(results[0][1]).any(), f"rows flagged: the codes are not read, status {results[0][1]}"
-    for name, plain, coded in zip(("loss", "status", "student gradient", "teacher gradient"), *results):
+    for name, plain, coded in zip(("loss", "status", "cross-entropy", "student gradient", "teacher gradient"),
+                                  *results):
+        if plain is None:
+            continue
         assert torch.equal(plain.view(torch.uint8), coded.view(torch.uint8)), f"{name} differs with the sign codes"
+        assert not plain.is_floating_point() or not torch.isnan(plain).any(), f"{name}: an unwritten slot was read"
     fractional = 0
     for signs, codes in tables.tables:
         # (each side's table of CAP slots, less the words past the signs: the sub-bins' key and number)
         keep = torch.ones(uld_hist.CAP.value, dtype=torch.bool, device=signs.device)
         keep[[uld_hist._SUB_KEY.value, uld_hist._SUB_N.value]] = False
         keep = keep.repeat(signs.numel() // keep.numel())
-        signs, codes = signs[keep], codes[keep].to(torch.int32)
+        written = keep & (codes != 3)
+        signs, codes = signs[written], codes[written].to(torch.int32)
         bits = signs.view(torch.int32)
         exact = (codes == 1) | (codes == -1) | (codes == 0)
         assert ((codes == 2) | exact).all(), f"codes {codes.unique().tolist()}"
         assert torch.equal(signs[exact], codes[exact].float()) and (bits[codes == 0] == 0).all(), "an exact code"
+        assert not torch.isnan(signs).any(), "a code written where its sign was not"
         assert not torch.isin(bits[codes == 2], torch.tensor([0, 0x3F800000, -0x40800000], device=bits.device)).any()
         fractional += int((codes == 2).sum())
     if kind == "integers":

@@ -147,8 +147,10 @@ if HIST_SIGN_CODES not in (0, 1, 2):
     raise ValueError(f"ULD_HIST_SIGN_CODES must be 0, 1 or 2, got {HIST_SIGN_CODES}")
 # The gradient kernel's register cap with the sign codes gathered (1): uncapped, ptxas takes 72
 # (7 programs an SM, where two blocks ahead at 66 registers was 0.15 ms slower: run 3); 64 keeps
-# 8, without spills (56, without the codes, keeps 9). From shared memory (2) it takes 44-52
-# uncapped (61-63 capped at 64: the cap is a budget, not a limit ptxas aims under): none.
+# 8, without spills (56, without the codes, keeps 9). Not with the cross-entropy (the training
+# loss's pairs): 96 registers there, 64 spills 96-196 bytes. From shared memory (2) it takes
+# 44-52 uncapped (61-63 capped at 64: the cap is a budget, not a limit ptxas aims under), 72-80
+# with the cross-entropy (48-56 without the codes): no cap.
 HIST_GRAD_CODES_MAXNREG = 64
 # sign_kernel's register cap with the gaps on (0: none): 64 keeps 32 one-warp programs an SM;
 # uncapped, ptxas takes 67 for it (62 without the gaps), without spills at 64.
@@ -428,7 +430,7 @@ def _hist_batches(row_loss, flags, row_ce, sides, grad_scale, n_pairs, on_gpu, r
                 GATHER=gather, HAS_CE=has_ce and side == 0, UNIT_STRIDE=logits.stride(-1) == 1,
                 PREFETCH=HIST_PREFETCH or not on_gpu, USE_PTX=use_ptx, SIMD16=simd16, CHUNK=chunk,
                 BLOCK=block, GAPS=HIST_GAPS, CODES=HIST_SIGN_CODES, num_warps=4,
-                **({"maxnreg": HIST_GRAD_CODES_MAXNREG} if on_gpu and HIST_SIGN_CODES == 1 else {}))
+                **({"maxnreg": HIST_GRAD_CODES_MAXNREG} if on_gpu and HIST_SIGN_CODES == 1 and not has_ce else {}))
 
 
 def uld_pairs(

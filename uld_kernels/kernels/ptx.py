@@ -468,7 +468,9 @@ _CODES_LOAD_ASM = const(
 @triton.jit
 def codes_to_smem(code_ptr):
     """Copies a side's code table (CODE_BYTES, 16-byte aligned, written by an earlier launch)
-    into the shared array `uld_codes`, declaring it; the caller puts a barrier after."""
+    into the shared array `uld_codes`, declaring it; the caller puts a barrier after. One
+    thread a lane of SMEM_THREADS: on 4 warps (other counts replicate the asm, and its
+    declaration with it: ptxas refuses the kernel)."""
     thread = tl.arange(0, SMEM_THREADS)
     tl.inline_asm_elementwise(_CODES_COPY_ASM, "=r,r,l", [thread, code_ptr + thread * 16], dtype=tl.int32,
                               is_pure=False, pack=1)
@@ -478,7 +480,7 @@ def codes_to_smem(code_ptr):
 def smem_code(index, mask):
     """uld_codes[index] (a signed byte, as int32) where mask, else 0: after `codes_to_smem`."""
     return tl.inline_asm_elementwise(_CODES_LOAD_ASM, "=r,r,r", [index, mask.to(tl.int32)], dtype=tl.int32,
-                                     is_pure=True, pack=1)
+                                     is_pure=False, pack=1)  # (not pure: it reads what this program wrote)
 
 
 @triton.jit

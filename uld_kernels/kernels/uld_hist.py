@@ -1377,7 +1377,7 @@ def grad_kernel(logits_ptr, index_ptr, grad_ptr, fparam_ptr, iparam_ptr, sign_pt
         mass = tl.load(fparam_ptr + at * PARAM_SLOTS + _MASS)
         signs = sign_ptr + at * CAP
         codes = code_ptr + at * CAP  # (CODES; else unused)
-        if (CODES == 2) and USE_PTX:  # the side's codes to shared memory, for every chunk's gathers
+        if (CODES == 2) and USE_PTX:  # the side's codes to shared memory (each chunk's program: 8 KB)
             codes_to_smem(codes)
             tl.debug_barrier()
         shift = tl.load(iparam_ptr + at * PARAM_SLOTS + _SHIFT)  # (the slots'; top is the logit itself)
