@@ -22,8 +22,9 @@ from triton.compiler import ASTSource  # noqa: E402
 from uld_kernels.kernels.cross_entropy import ce_rows_kernel  # noqa: E402
 from uld_kernels.kernels import uld_split  # noqa: E402
 from uld_kernels.kernels.uld_rows import scale_rows_kernel, zero_rows_kernel  # noqa: E402
-from uld_kernels.launch import (HIST_BLOCK, HIST_GRAD_CODES_MAXNREG, HIST_GRAD_BLOCK, HIST_SIGN_MAXNREG, _hist_blocks, HIST_GRAD_CHUNK, HIST_SIGN_BLOCK,  # noqa: E402
-                                HIST_MAXNREG, HIST_TAIL_BLOCK, FALLBACK_FINISH_BLOCK, FALLBACK_SMEM_L1, _fallback_list_mode,
+from uld_kernels.launch import (FALLBACK_FINISH_BLOCK, FALLBACK_SMEM_L1, HIST_BLOCK, HIST_GRAD_BLOCK,  # noqa: E402
+                                HIST_GRAD_CHUNK, HIST_GRAD_CODES_MAXNREG, HIST_MAXNREG, HIST_SIGN_BLOCK,
+                                HIST_SIGN_MAXNREG, HIST_TAIL_BLOCK, _fallback_list_mode, _hist_blocks,
                                 ce_kernel_config, split_config)
 
 HIST_OPTIONS = dict(num_warps=4, **({"maxnreg": HIST_MAXNREG} if HIST_MAXNREG else {}))  # as launch.py

@@ -140,9 +140,14 @@ _DESCEND_ASM = const(
 # (Triton spends four instructions on a 64-bit address from a signed 32-bit index). $1 index,
 # $2 mask, $3 base; 0 where masked. The coherent form (a plain load) is for tables written in
 # the same launch, where the read-only path's contract does not hold.
-_GATHER_ASM = const(
-    "{ .reg .pred p; .reg .u64 a; mov.b32 $0, 0; setp.ne.s32 p, $2, 0; mad.wide.s32 a, $1, 4, $3; "
-    "@p ld.global.nc.f32 $0, [a]; }")
+def _gather_asm(kind: str, size: int) -> str:
+    """PTX: $0 = base[$1] (`ld.global.nc.<kind>`, `size` bytes, widened to 32 bits) where $2,
+    else 0; $3 the base."""
+    return ("{ .reg .pred p; .reg .u64 a; mov.b32 $0, 0; setp.ne.s32 p, $2, 0; "
+            f"mad.wide.s32 a, $1, {size}, $3; @p ld.global.nc.{kind} $0, [a]; }}")
+
+
+_GATHER_ASM = const(_gather_asm("f32", 4))
 
 
 def _scatter_asm(kind: str, size: int) -> str:
@@ -159,10 +164,7 @@ _SCATTER_B32_ASM = const(_scatter_asm("b32", 4))
 _STORE_RUN_ASM = const("{ st.global.v4.u32 [$4], {$8, $9, $10, $11}; mov.b32 $0, 0; mov.b32 $1, 0; "
                               "mov.b32 $2, 0; mov.b32 $3, 0; }")
 _GATHER_COHERENT_ASM = const(_GATHER_ASM.value.replace("ld.global.nc.f32", "ld.global.f32"))
-# The same for a signed byte (sign-extended to 32 bits), one plain multiply-free address add.
-_GATHER_S8_ASM = const(
-    "{ .reg .pred p; .reg .u64 a; .reg .s64 i; mov.b32 $0, 0; setp.ne.s32 p, $2, 0; cvt.s64.s32 i, $1; "
-    "add.s64 a, $3, i; @p ld.global.nc.s8 $0, [a]; }")
+_GATHER_S8_ASM = const(_gather_asm("s8", 1))  # (a signed byte, sign-extended)
 # bf16 logits, two to a 32-bit register (inline assembly with pack=2 on int16 bit patterns):
 # their histogram slots in SIMD halves (uld_hist.py, "Slots"): the magnitude bits m clamped to
 # [lo, hi] by two VIMNMX.U16x2, the sign bit moved to the NEG_SLOTS bit, minus lo (each half

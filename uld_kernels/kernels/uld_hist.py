@@ -121,11 +121,12 @@ import triton
 import triton.language as tl
 
 from uld_kernels.kernels.const import const
-from uld_kernels.kernels.ptx import (NEG_SLOTS, SLOT_M_HI, SLOT_M_LO, SMEM_THREADS, finite_top_bf16, gather_f32,
-                                     gather_i32, gather_s8, codes_to_smem, scatter, scatter_u8, smem_code, slots_bf16, smem_add_one, smem_clear,
-                                     smem_count_bf16, smem_count_bf16_gap, smem_load, smem_zero, store_runs_u32)
-from uld_kernels.kernels.uld_rows import (LN2, LOG2E, STORE_EVICT, _block_raw, _exp2, _first_block, _load_raw, _log2_prob,
-                                          _pair_rows, _tie_signs)
+from uld_kernels.kernels.ptx import (NEG_SLOTS, SLOT_M_HI, SLOT_M_LO, SMEM_THREADS, codes_to_smem, finite_top_bf16,
+                                     gather_f32, gather_i32, gather_s8, scatter, scatter_u8, slots_bf16, smem_add_one,
+                                     smem_clear, smem_code, smem_count_bf16, smem_count_bf16_gap, smem_load, smem_zero,
+                                     store_runs_u32)
+from uld_kernels.kernels.uld_rows import (LN2, LOG2E, STORE_EVICT, _block_raw, _exp2, _first_block, _load_raw,
+                                          _log2_prob, _pair_rows, _tie_signs)
 
 CAP = const(8192)  # words per row and side: the shared-memory histogram's 8,192
 # Bins in order of value: 0 the logits <= -256, 1..3968 the logits -255 .. -2**-23, 3969 the
