@@ -22,9 +22,8 @@ from triton.compiler import ASTSource  # noqa: E402
 from uld_kernels.kernels.cross_entropy import ce_rows_kernel  # noqa: E402
 from uld_kernels.kernels import uld_split  # noqa: E402
 from uld_kernels.kernels.uld_rows import scale_rows_kernel, zero_rows_kernel  # noqa: E402
-from uld_kernels.launch import (FALLBACK_FINISH_BLOCK, FALLBACK_SMEM_L1, HIST_BLOCK, HIST_GRAD_BLOCK,  # noqa: E402
-                                HIST_GRAD_CHUNK, HIST_GRAD_CODES_MAXNREG, HIST_MAXNREG, HIST_SIGN_BLOCK,
-                                HIST_SIGN_MAXNREG, HIST_TAIL_BLOCK, _fallback_list_mode, _hist_blocks,
+from uld_kernels.launch import (HIST_BLOCK, HIST_GRAD_BLOCK, HIST_SIGN_MAXNREG, _hist_blocks, HIST_GRAD_CHUNK, HIST_SIGN_BLOCK,  # noqa: E402
+                                HIST_MAXNREG, HIST_TAIL_BLOCK, FALLBACK_FINISH_BLOCK, FALLBACK_SMEM_L1, _fallback_list_mode,
                                 ce_kernel_config, split_config)
 
 HIST_OPTIONS = dict(num_warps=4, **({"maxnreg": HIST_MAXNREG} if HIST_MAXNREG else {}))  # as launch.py
@@ -99,8 +98,6 @@ def _types_by_name(kernel, logits: str) -> dict:
             types[name] = "*i32"
         elif name == "list_ptr":
             types[name] = "*i16"
-        elif name == "code_ptr":
-            types[name] = "*i8"
         elif name == "ws_mass_ptr":
             types[name] = "*i64"
         elif name == "row_mass_ptr" or (name == "partial_ptr" and not split):
@@ -197,17 +194,6 @@ def hist_kernel_configs():
             ("grad", uld_hist.grad_kernel, dict(grad, GATHER=False, HAS_CE=False), 4),
             ("grad gathered ce", uld_hist.grad_kernel, dict(grad, GATHER=True, HAS_CE=True), 4),
         ]
-        if dtype == torch.bfloat16:  # the sign codes (launch.HIST_SIGN_CODES), as launch.py compiles them
-            configs += [("grad codes", uld_hist.grad_kernel, dict(grad, GATHER=False, HAS_CE=False, CODES=1),
-                         dict(num_warps=4, maxnreg=HIST_GRAD_CODES_MAXNREG)),
-                        ("grad codes smem", uld_hist.grad_kernel, dict(grad, GATHER=False, HAS_CE=False, CODES=2), 4),
-                        ("grad gathered ce codes", uld_hist.grad_kernel, dict(grad, GATHER=True, HAS_CE=True, CODES=1),
-                         4),
-                        ("grad gathered ce codes smem", uld_hist.grad_kernel,
-                         dict(grad, GATHER=True, HAS_CE=True, CODES=2), 4),
-                        ("sign codes", uld_hist.sign_kernel, dict(STORE_STUDENT=True, STORE_TEACHER=False,
-                                                                  USE_PTX=True, BLOCK=HIST_SIGN_BLOCK, GAPS=gaps,
-                                                                  CODES=True), sign_options)]
         if dtype == torch.bfloat16:  # (no logits read)
             configs += [("sign", uld_hist.sign_kernel, dict(STORE_STUDENT=True, STORE_TEACHER=False, USE_PTX=True,
                                                            BLOCK=HIST_SIGN_BLOCK, GAPS=gaps), sign_options),

@@ -11,8 +11,6 @@ import math
 
 import pytest
 import torch
-import triton
-import triton.language as tl
 
 from bench.shapes import KINDS, NO_GAP, VOCAB_PAIRS, make_rows, tiny_top_rows
 from tests.helpers import (
@@ -24,7 +22,6 @@ from tests.helpers import (
     reference_rows_and_grads,
 )
 from uld_kernels import ULDLoss, launch, uld_loss
-from uld_kernels.kernels.ptx import CODE_BYTES, codes_to_smem, gather_s8, scatter_u8, smem_code
 from uld_kernels.launch import uld_rows
 
 pytestmark = pytest.mark.gpu
@@ -294,50 +291,3 @@ def test_distillation_loss_at_real_vocabularies():
         assert_losses_close(ours, ref.detach(), torch.bfloat16, what=what)
     flat = student.view(-1, vs)
     assert_grads_close(s.grad.view(-1, vs), s64.grad.view(-1, vs), flat, torch.bfloat16)
-
-
-
-@triton.jit
-def _write_codes_kernel(value_ptr, table_ptr, BYTES: tl.constexpr):
-    """Table program_id(0) of BYTES bytes: the low byte of each int32 value, by `scatter_u8`."""
-    at = tl.program_id(0).to(tl.int64) * BYTES
-    for start in tl.range(0, BYTES, 128):
-        idx = start + tl.arange(0, 128)
-        scatter_u8(table_ptr + at, idx, tl.load(value_ptr + at + idx), idx < BYTES)
-
-
-@triton.jit
-def _read_codes_kernel(table_ptr, mask_ptr, gathered_ptr, shared_ptr, n_tables, BYTES: tl.constexpr):
-    """Program p reads table p % n_tables whole, by `gather_s8` and from its copy in shared
-    memory (`codes_to_smem`, `smem_code`), lanes masked by mask_ptr (int8, per program)."""
-    program = tl.program_id(0).to(tl.int64)
-    table = table_ptr + (program % n_tables) * BYTES
-    codes_to_smem(table)
-    tl.debug_barrier()
-    for start in tl.range(0, BYTES, 128):
-        idx = start + tl.arange(0, 128)
-        mask = tl.load(mask_ptr + program * BYTES + idx) != 0
-        tl.store(gathered_ptr + program * BYTES + idx, gather_s8(table, idx, mask))
-        tl.store(shared_ptr + program * BYTES + idx, smem_code(idx, mask))
-
-
-def test_sign_code_helpers_round_trip():
-    """The sign codes' PTX helpers alone (uld_hist.py, "Sign codes"; the interpreter cannot run
-    them): bytes -128..127, and 255, 256 (the low byte kept), written by `scatter_u8` into 7
-    tables, read back sign-extended by `gather_s8` and through shared memory by 1,000 programs
-    (a barrier race would show as stale bytes), masked lanes 0."""
-    n_tables, n_programs, size = 7, 1000, CODE_BYTES.value
-    g = torch.Generator().manual_seed(40)
-    values = torch.randint(-128, 128, (n_tables, size), generator=g, dtype=torch.int32)
-    values[0, :2] = torch.tensor([255, 256], dtype=torch.int32)
-    table = torch.full((n_tables, size), 77, dtype=torch.int8, device="cuda")
-    _write_codes_kernel[(n_tables,)](values.cuda(), table, BYTES=size, num_warps=4)
-    expected = values.to(torch.int8).to(torch.int32)  # (the low byte, sign-extended)
-    assert torch.equal(table.cpu().to(torch.int32), expected), "scatter_u8 wrote other bytes"
-    mask = torch.randint(0, 2, (n_programs, size), generator=g, dtype=torch.int8)
-    gathered = torch.empty(n_programs, size, dtype=torch.int32, device="cuda")
-    shared = torch.empty_like(gathered)
-    _read_codes_kernel[(n_programs,)](table, mask.cuda(), gathered, shared, n_tables, BYTES=size, num_warps=4)
-    want = torch.where(mask != 0, expected[torch.arange(n_programs) % n_tables], 0)
-    assert torch.equal(gathered.cpu(), want), "gather_s8"
-    assert torch.equal(shared.cpu(), want), "codes_to_smem / smem_code"

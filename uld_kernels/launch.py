@@ -136,22 +136,6 @@ HIST_BLOCK = int(os.environ.get("ULD_HIST_BLOCK", 4096))
 # registers) 7.09, 32 7.36 (tenth session, run 2)
 HIST_SIGN_BLOCK = int(os.environ.get("ULD_HIST_SIGN_BLOCK", 64))
 HIST_SIGN_WARPS = int(os.environ.get("ULD_HIST_SIGN_WARPS", 1))
-# "1": the sign kernel also stores each sign as a byte, and the gradient kernel gathers the byte
-# (the float32 only where a tie made the sign fractional): half the cache lines a warp's gather
-# touches (uld_hist.py, "Sign codes"; 16 KB more workspace a pair); "2": the gradient kernel
-# copies a side's 8 KB of codes to shared memory first and reads them there. The gathers cost
-# the gradient 0.2 ms of random rows' 6.5 (twenty-second session, run 7). Neither measured
-# yet: "0", off, by default.
-HIST_SIGN_CODES = int(os.environ.get("ULD_HIST_SIGN_CODES", "0"))
-if HIST_SIGN_CODES not in (0, 1, 2):
-    raise ValueError(f"ULD_HIST_SIGN_CODES must be 0, 1 or 2, got {HIST_SIGN_CODES}")
-# The gradient kernel's register cap with the sign codes gathered (1): uncapped, ptxas takes 72
-# (7 programs an SM, where two blocks ahead at 66 registers was 0.15 ms slower: run 3); 64 keeps
-# 8, without spills (56, without the codes, keeps 9). Not with the cross-entropy (the training
-# loss's pairs): 96 registers there, 64 spills 96-196 bytes. From shared memory (2) it takes
-# 44-52 uncapped (61-63 capped at 64: the cap is a budget, not a limit ptxas aims under), 72-80
-# with the cross-entropy (48-56 without the codes): no cap.
-HIST_GRAD_CODES_MAXNREG = 64
 # sign_kernel's register cap with the gaps on (0: none): 64 keeps 32 one-warp programs an SM;
 # uncapped, ptxas takes 67 for it (62 without the gaps), without spills at 64.
 HIST_SIGN_MAXNREG = int(os.environ.get("ULD_HIST_SIGN_MAXNREG", 64))
@@ -379,8 +363,6 @@ def _hist_batches(row_loss, flags, row_ce, sides, grad_scale, n_pairs, on_gpu, r
     counts = torch.empty(batch * 2 * cap, dtype=torch.int32, device=device)  # prefix counts per bin
     occupied = torch.empty(batch * 2 * cap, dtype=torch.int16, device=device)  # the occupied bins, listed
     signs = torch.empty(batch * 2 * cap, dtype=torch.float32, device=device)
-    codes = torch.empty(batch * 2 * cap if HIST_SIGN_CODES else 1, dtype=torch.int8, device=device)  # (uld_hist.py,
-    # "Sign codes")
     use_ptx = on_gpu and SPLIT["smem"]
     simd16 = use_ptx and torch.cuda.get_device_capability(device) >= (9, 0)  # u16x2 instructions: sm_90 on
     # the histogram's slots without shared memory (the interpreter), apart from the prefix counts
@@ -410,10 +392,9 @@ def _hist_batches(row_loss, flags, row_ce, sides, grad_scale, n_pairs, on_gpu, r
                 PREFETCH=HIST_PREFETCH or not on_gpu, BLOCK=hist_block, TAIL_BLOCK=HIST_TAIL_BLOCK, GAPS=redo,
                 REDO=redo, num_warps=4, **({"maxnreg": HIST_MAXNREG} if on_gpu and HIST_MAXNREG else {}))
         uld_hist.sign_kernel[(rows, 2)](  # both sides of every pair
-            fparam, iparam, counts, occupied, signs, codes, partial, student_inv_t, teacher_inv_t,
+            fparam, iparam, counts, occupied, signs, partial, student_inv_t, teacher_inv_t,
             STORE_STUDENT=student_grad is not None, STORE_TEACHER=teacher_grad is not None, USE_PTX=use_ptx,
-            BLOCK=HIST_SIGN_BLOCK if on_gpu else 512, GAPS=HIST_GAPS, CODES=HIST_SIGN_CODES > 0,
-            num_warps=HIST_SIGN_WARPS if on_gpu else 4,
+            BLOCK=HIST_SIGN_BLOCK if on_gpu else 512, GAPS=HIST_GAPS, num_warps=HIST_SIGN_WARPS if on_gpu else 4,
             **({"maxnreg": HIST_SIGN_MAXNREG} if on_gpu and HIST_GAPS and HIST_SIGN_MAXNREG else {}))
         uld_hist.finish_kernel[(rows,)](
             fparam, iparam, counts, partial, row_loss, flags, batch_start, student_logits,
@@ -424,13 +405,12 @@ def _hist_batches(row_loss, flags, row_ce, sides, grad_scale, n_pairs, on_gpu, r
                 continue
             n_chunks = triton.cdiv(vocab, chunk)
             uld_hist.grad_kernel[(rows * n_chunks,)](
-                logits, index if gather else unused, grad, fparam, iparam, signs, codes,
+                logits, index if gather else unused, grad, fparam, iparam, signs,
                 row_weight if gather else unused, ce_label if has_ce else unused, ce_weight if has_ce else unused,
                 batch_start, side, n_chunks, vocab, *_row_layout(logits), grad.stride(-2), inv_t, grad_scale,
                 GATHER=gather, HAS_CE=has_ce and side == 0, UNIT_STRIDE=logits.stride(-1) == 1,
                 PREFETCH=HIST_PREFETCH or not on_gpu, USE_PTX=use_ptx, SIMD16=simd16, CHUNK=chunk,
-                BLOCK=block, GAPS=HIST_GAPS, CODES=HIST_SIGN_CODES, num_warps=4,
-                **({"maxnreg": HIST_GRAD_CODES_MAXNREG} if on_gpu and HIST_SIGN_CODES == 1 and not has_ce else {}))
+                BLOCK=block, GAPS=HIST_GAPS, num_warps=4)
 
 
 def uld_pairs(

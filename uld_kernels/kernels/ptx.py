@@ -140,14 +140,9 @@ _DESCEND_ASM = const(
 # (Triton spends four instructions on a 64-bit address from a signed 32-bit index). $1 index,
 # $2 mask, $3 base; 0 where masked. The coherent form (a plain load) is for tables written in
 # the same launch, where the read-only path's contract does not hold.
-def _gather_asm(kind: str, size: int) -> str:
-    """PTX: $0 = base[$1] (`ld.global.nc.<kind>`, `size` bytes, widened to 32 bits) where $2,
-    else 0; $3 the base."""
-    return ("{ .reg .pred p; .reg .u64 a; mov.b32 $0, 0; setp.ne.s32 p, $2, 0; "
-            f"mad.wide.s32 a, $1, {size}, $3; @p ld.global.nc.{kind} $0, [a]; }}")
-
-
-_GATHER_ASM = const(_gather_asm("f32", 4))
+_GATHER_ASM = const(
+    "{ .reg .pred p; .reg .u64 a; mov.b32 $0, 0; setp.ne.s32 p, $2, 0; mad.wide.s32 a, $1, 4, $3; "
+    "@p ld.global.nc.f32 $0, [a]; }")
 
 
 def _scatter_asm(kind: str, size: int) -> str:
@@ -156,7 +151,6 @@ def _scatter_asm(kind: str, size: int) -> str:
             f"mad.wide.s32 a, $1, {size}, $4; @p st.global.{kind} [a], $3; }}")
 
 
-_SCATTER_U8_ASM = const(_scatter_asm("u8", 1))
 _SCATTER_U16_ASM = const(_scatter_asm("u16", 2))
 _SCATTER_B32_ASM = const(_scatter_asm("b32", 4))
 # Four consecutive int32 of a thread (pack=4, 16-byte aligned) with one vector store: $4 the
@@ -164,7 +158,6 @@ _SCATTER_B32_ASM = const(_scatter_asm("b32", 4))
 _STORE_RUN_ASM = const("{ st.global.v4.u32 [$4], {$8, $9, $10, $11}; mov.b32 $0, 0; mov.b32 $1, 0; "
                               "mov.b32 $2, 0; mov.b32 $3, 0; }")
 _GATHER_COHERENT_ASM = const(_GATHER_ASM.value.replace("ld.global.nc.f32", "ld.global.f32"))
-_GATHER_S8_ASM = const(_gather_asm("s8", 1))  # (a signed byte, sign-extended)
 # bf16 logits, two to a 32-bit register (inline assembly with pack=2 on int16 bit patterns):
 # their histogram slots in SIMD halves (uld_hist.py, "Slots"): the magnitude bits m clamped to
 # [lo, hi] by two VIMNMX.U16x2, the sign bit moved to the NEG_SLOTS bit, minus lo (each half
@@ -431,58 +424,6 @@ def scatter(base_ptr, index, value, mask, WIDE: tl.constexpr):
         asm: tl.constexpr = _SCATTER_U16_ASM
     tl.inline_asm_elementwise(asm, "=r,r,r,r,l", [index, mask.to(tl.int32), value, base_ptr + tl.zeros_like(index)],
                               dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def scatter_u8(base_ptr, index, value, mask):
-    """base_ptr[index] = the low byte of value (int32) where mask, in the operands' layout (as
-    `scatter`)."""
-    tl.inline_asm_elementwise(_SCATTER_U8_ASM, "=r,r,r,r,l", [index, mask.to(tl.int32), value,
-                                                             base_ptr + tl.zeros_like(index)],
-                              dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def gather_s8(base_ptr, index, mask):
-    """base_ptr[index] where mask, else 0: a signed byte as int32, through the read-only path
-    (a table written by an earlier launch)."""
-    return tl.inline_asm_elementwise(_GATHER_S8_ASM, "=r,r,r,l", [index, mask.to(tl.int32),
-                                                                  base_ptr + tl.zeros_like(index)],
-                                     dtype=tl.int32, is_pure=True, pack=1)
-
-
-# The sign codes in shared memory (uld_hist.py, "Sign codes"): a side's 8,192 one-byte codes
-# copied into a function-scope array by 128 threads, 16 bytes each four times ($1 the thread,
-# $2 the address of its first 16 bytes), then read one byte a lane ($1 the slot, $2 the mask,
-# 0 where masked).
-CODE_BYTES = const(8192)
-_CODES_COPY_ASM = const(
-    f".shared .align 16 .b8 uld_codes[{CODE_BYTES.value}];\n"
-    "{ .reg .u32 a; .reg .b32 x, y, z, w; mov.u32 a, uld_codes; mad.lo.u32 a, $1, 16, a; "
-    + " ".join(f"ld.global.nc.v4.u32 {{x, y, z, w}}, [$2+{2048 * i}]; st.shared.v4.u32 [a+{2048 * i}], {{x, y, z, w}};"
-               for i in range(CODE_BYTES.value // 2048))
-    + " mov.u32 $0, 0; }")
-_CODES_LOAD_ASM = const(
-    "{ .reg .pred p; .reg .u32 a; mov.b32 $0, 0; setp.ne.s32 p, $2, 0; mov.u32 a, uld_codes; add.u32 a, a, $1; "
-    "@p ld.shared.s8 $0, [a]; }")
-
-
-@triton.jit
-def codes_to_smem(code_ptr):
-    """Copies a side's code table (CODE_BYTES, 16-byte aligned, written by an earlier launch)
-    into the shared array `uld_codes`, declaring it; the caller puts a barrier after. One
-    thread a lane of SMEM_THREADS: on 4 warps (other counts replicate the asm, and its
-    declaration with it: ptxas refuses the kernel)."""
-    thread = tl.arange(0, SMEM_THREADS)
-    tl.inline_asm_elementwise(_CODES_COPY_ASM, "=r,r,l", [thread, code_ptr + thread * 16], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@triton.jit
-def smem_code(index, mask):
-    """uld_codes[index] (a signed byte, as int32) where mask, else 0: after `codes_to_smem`."""
-    return tl.inline_asm_elementwise(_CODES_LOAD_ASM, "=r,r,r", [index, mask.to(tl.int32)], dtype=tl.int32,
-                                     is_pure=False, pack=1)  # (not pure: it reads what this program wrote)
 
 
 @triton.jit

@@ -121,12 +121,11 @@ import triton
 import triton.language as tl
 
 from uld_kernels.kernels.const import const
-from uld_kernels.kernels.ptx import (NEG_SLOTS, SLOT_M_HI, SLOT_M_LO, SMEM_THREADS, codes_to_smem, finite_top_bf16,
-                                     gather_f32, gather_i32, gather_s8, scatter, scatter_u8, slots_bf16, smem_add_one,
-                                     smem_clear, smem_code, smem_count_bf16, smem_count_bf16_gap, smem_load, smem_zero,
-                                     store_runs_u32)
-from uld_kernels.kernels.uld_rows import (LN2, LOG2E, STORE_EVICT, _block_raw, _exp2, _first_block, _load_raw,
-                                          _log2_prob, _pair_rows, _tie_signs)
+from uld_kernels.kernels.ptx import (NEG_SLOTS, SLOT_M_HI, SLOT_M_LO, SMEM_THREADS, gather_f32, gather_i32, scatter,
+                                     finite_top_bf16, slots_bf16, smem_add_one, smem_clear, smem_count_bf16,
+                                     smem_count_bf16_gap, smem_load, smem_zero, store_runs_u32)
+from uld_kernels.kernels.uld_rows import (LN2, LOG2E, STORE_EVICT, _block_raw, _exp2, _first_block, _load_raw, _log2_prob,
+                                          _pair_rows, _tie_signs)
 
 CAP = const(8192)  # words per row and side: the shared-memory histogram's 8,192
 # Bins in order of value: 0 the logits <= -256, 1..3968 the logits -255 .. -2**-23, 3969 the
@@ -187,14 +186,6 @@ _SUB_P = const(8064)  # P[0..120] in the counts: 8,064..8,184 (past WIDTH, whose
 _SUB_KEY = const(8190)
 _SUB_N = const(8191)
 _SUB_SIGN = const(8066)  # the sign table's 8,066..8,185: past _LOW_SLOT
-# Sign codes (CODES, launch.HIST_SIGN_CODES): sign_kernel also stores each slot's sign as one
-# byte, 1, -1 or 0 where the float32 is exactly that, _FRACTIONAL otherwise (a bin a tie
-# splits between signs: a few of ~2,900 on random rows), and grad_kernel gathers the byte,
-# reading the float32 only where it is _FRACTIONAL. The bytes of a row's slots span a
-# quarter of the float32 table's lines: a warp's gather touches ~11 lines instead of ~22.
-_FRACTIONAL = const(2)
-_ONE_BITS = const(0x3F800000)
-_MINUS_ONE_BITS = const(-0x40800000)  # (0xBF800000 as int32)
 assert (_SUB_BINS.value <= _SUB_BLOCK.value and WIDTH.value < _SUB_P.value
         and _SUB_P.value + _SUB_BINS.value < _SUB_KEY.value < _SUB_N.value < CAP.value
         and _LOW_SLOT.value < _SUB_SIGN.value and _SUB_SIGN.value + _SUB_BINS.value <= _SUB_KEY.value), \
@@ -1026,24 +1017,15 @@ def _bound(v, start, top, log_sum, scale, active, STRICT: tl.constexpr, gap_at=0
 
 
 @triton.jit
-def _sign_code(sign):
-    """A sign's byte in the code table (CODES, "Sign codes"): 1, -1 or 0 where the float32 is
-    exactly that (+0 only: -0 is not 0's bits), else _FRACTIONAL (read the float32 table)."""
-    bits = sign.to(tl.int32, bitcast=True)
-    return tl.where(bits == _ONE_BITS, 1, tl.where(bits == _MINUS_ONE_BITS, -1, tl.where(bits == 0, 0, _FRACTIONAL)))
-
-
-@triton.jit
 def _bin_signs(bins, active, own_ge, own_gt, own_count, other_count, own_dead, other_dead, own_top, own_log_sum,
-               own_scale, other_top, other_log_sum, other_scale, own_total, other_total, sign_ptr, code_ptr, side,
-               store, own_gap_at, own_gap, other_gap_at, other_gap, own_subs, other_subs, USE_PTX: tl.constexpr,
-               SUB: tl.constexpr, CODES: tl.constexpr):
+               own_scale, other_top, other_log_sum, other_scale, own_total, other_total, sign_ptr, side, store,
+               own_gap_at, own_gap, other_gap_at, other_gap, own_subs, other_subs, USE_PTX: tl.constexpr,
+               SUB: tl.constexpr):
     """sign_kernel's work on one block of occupied bins (`active` lanes; own_ge and own_gt:
     the side's live elements from the bin on and past it) of side `side`: their signs (stored
     at their slots from sign_ptr where `store`) and their count * p * sign (float64, per
     lane). SUB: either side may count its tiny bin in sub-bins (own_subs, other_subs:
-    `_sub_bins_of`); a side's own tiny bin then is `_sub_signs`' work. CODES: each sign's
-    `_sign_code` stored at the same slots from code_ptr too."""
+    `_sub_bins_of`); a side's own tiny bin then is `_sub_signs`' work."""
     if SUB:
         active &= (bins != _TINY) | (own_subs[1] == 0)
     count = own_ge - own_gt  # the bin's own elements
@@ -1086,22 +1068,13 @@ def _bin_signs(bins, active, own_ge, own_gt, own_count, other_count, own_dead, o
     sign = tl.where(side == 0, sign, -sign)
     if store:  # at the bins' slots, the tiny bin's at both of its own
         slots = _slot_of_bin(bins)
-        tiny_slots = tl.full(bins.shape, _NEG_TINY_SLOT, tl.int32)
         if USE_PTX:  # (the operands' layout)
             sign_bits = sign.to(tl.int32, bitcast=True)
             scatter(sign_ptr, slots, sign_bits, active, True)
-            scatter(sign_ptr, tiny_slots, sign_bits, active & (bins == _TINY), True)
-            if CODES:
-                code = _sign_code(sign)
-                scatter_u8(code_ptr, slots, code, active)
-                scatter_u8(code_ptr, tiny_slots, code, active & (bins == _TINY))
+            scatter(sign_ptr, tl.full(bins.shape, _NEG_TINY_SLOT, tl.int32), sign_bits, active & (bins == _TINY), True)
         else:
             tl.store(sign_ptr + slots, sign, mask=active)
-            tl.store(sign_ptr + tiny_slots, sign, mask=active & (bins == _TINY))
-            if CODES:
-                code = _sign_code(sign).to(tl.int8)
-                tl.store(code_ptr + slots, code, mask=active)
-                tl.store(code_ptr + tiny_slots, code, mask=active & (bins == _TINY))
+            tl.store(sign_ptr + _NEG_TINY_SLOT + tl.zeros_like(bins), sign, mask=active & (bins == _TINY))
     p = _exp2(tl.minimum(v, 0.0))  # (k <= 0 where occupied)
     return tl.where(active, count.to(tl.float64) * p.to(tl.float64) * sign.to(tl.float64), 0.0)
 
@@ -1134,8 +1107,8 @@ def _sub_counts(ge, gt, v, count_at, subs, mask):
 
 @triton.jit
 def _sub_signs(own_count, other_count, own_dead, other_dead, own_top, own_log_sum, own_scale, other_top,
-               other_log_sum, other_scale, own_total, other_total, signs, codes, side, store, own_gap_at, own_gap,
-               other_gap_at, other_gap, own_subs, other_subs, USE_PTX: tl.constexpr, CODES: tl.constexpr):
+               other_log_sum, other_scale, own_total, other_total, signs, side, store, own_gap_at, own_gap,
+               other_gap_at, other_gap, own_subs, other_subs, USE_PTX: tl.constexpr):
     """sign_kernel's work on a side's sub-bins ("Tiny sub-bins"; none: nothing): as
     `_bin_signs`' on a bin, each sub-bin's value its own k, its four bounds searched (the bins
     give all its elements one k); their signs stored from signs + _SUB_SIGN (with the key and n,
@@ -1160,10 +1133,6 @@ def _sub_signs(own_count, other_count, own_dead, other_dead, own_top, own_log_su
     sign = tl.where(side == 0, sign, -sign)
     if store & (n > 0):
         tl.store(signs + _SUB_SIGN + j, sign, mask=active)
-        if CODES and USE_PTX:  # (the operands' layout: no conversion through shared memory)
-            scatter_u8(codes, _SUB_SIGN + j, _sign_code(sign), active)
-        elif CODES:
-            tl.store(codes + _SUB_SIGN + j, _sign_code(sign).to(tl.int8), mask=active)
         tl.store(signs + _SUB_KEY, key_low.to(tl.float32, bitcast=True))
         tl.store(signs + _SUB_N, n.to(tl.float32, bitcast=True))
     p = _exp2(tl.minimum(v, 0.0))
@@ -1185,9 +1154,9 @@ def _live_from(count_ptr, first, after, total, dead, mask, USE_PTX: tl.constexpr
 
 
 @triton.jit
-def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, list_ptr, sign_ptr, code_ptr, partial_ptr, student_inv_temperature,
+def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, list_ptr, sign_ptr, partial_ptr, student_inv_temperature,
                 teacher_inv_temperature, STORE_STUDENT: tl.constexpr, STORE_TEACHER: tl.constexpr,
-                USE_PTX: tl.constexpr, BLOCK: tl.constexpr, GAPS: tl.constexpr = False, CODES: tl.constexpr = False):
+                USE_PTX: tl.constexpr, BLOCK: tl.constexpr, GAPS: tl.constexpr = False):
     """Signs of the occupied bins of one side (program_id(1): 0 student, 1 teacher) of one pair
     (program_id(0)) per program, BLOCK of them at a time from the side's list, written to the
     side's sign table when STORE_STUDENT / STORE_TEACHER (a gradient of that side is wanted;
@@ -1238,37 +1207,35 @@ def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, list_ptr, sign_ptr, code_ptr,
         other_dead = tl.load(iparam_ptr + other * PARAM_SLOTS + _DEAD)
         list_at = list_ptr + own * CAP
         signs = sign_ptr + own * CAP
-        codes = code_ptr + own * CAP  # (CODES: one byte a slot; else unused)
         if (own_gap_at | other_gap_at | own_marked | other_marked) == 0:  # (no gap: the loop compiled without)
             masses = _sign_bins(list_at, listed, own_count, other_count, own_dead, other_dead, own_top, own_log_sum,
-                                own_scale, other_top, other_log_sum, other_scale, own_total, other_total, signs, codes,
-                                side, store, 0, 0, 0, 0, (0, 0, 0, 0.0), (0, 0, 0, 0.0), USE_PTX, BLOCK, False, CODES)
+                                own_scale, other_top, other_log_sum, other_scale, own_total, other_total, signs, side,
+                                store, 0, 0, 0, 0, (0, 0, 0, 0.0), (0, 0, 0, 0.0), USE_PTX, BLOCK, False)
         elif (own_marked | other_marked) == 0:  # (a gap: the loop compiled with, without sub-bins)
             masses = _sign_bins(list_at, listed, own_count, other_count, own_dead, other_dead, own_top, own_log_sum,
-                                own_scale, other_top, other_log_sum, other_scale, own_total, other_total, signs, codes,
-                                side, store, own_gap_at, own_gap, other_gap_at, other_gap, (0, 0, 0, 0.0),
-                                (0, 0, 0, 0.0), USE_PTX, BLOCK, False, CODES)
+                                own_scale, other_top, other_log_sum, other_scale, own_total, other_total, signs, side,
+                                store, own_gap_at, own_gap, other_gap_at, other_gap, (0, 0, 0, 0.0), (0, 0, 0, 0.0),
+                                USE_PTX, BLOCK, False)
         else:  # (sub-bins, "Tiny sub-bins")
             own_subs = _sub_bins_of(own_count, own_marked, own_top, own_log_sum, own_scale, own_gap_at, own_gap)
             other_subs = _sub_bins_of(other_count, other_marked, other_top, other_log_sum, other_scale, other_gap_at,
                                       other_gap)
             masses = _sign_bins(list_at, listed, own_count, other_count, own_dead, other_dead, own_top, own_log_sum,
-                                own_scale, other_top, other_log_sum, other_scale, own_total, other_total, signs, codes,
-                                side, store, own_gap_at, own_gap, other_gap_at, other_gap, own_subs, other_subs,
-                                USE_PTX, BLOCK, True, CODES)
+                                own_scale, other_top, other_log_sum, other_scale, own_total, other_total, signs, side,
+                                store, own_gap_at, own_gap, other_gap_at, other_gap, own_subs, other_subs, USE_PTX,
+                                BLOCK, True)
             sub_mass = _sub_signs(own_count, other_count, own_dead, other_dead, own_top, own_log_sum, own_scale,
-                                  other_top, other_log_sum, other_scale, own_total, other_total, signs, codes, side,
-                                  store, own_gap_at, own_gap, other_gap_at, other_gap, own_subs, other_subs, USE_PTX,
-                                  CODES)
+                                  other_top, other_log_sum, other_scale, own_total, other_total, signs, side, store,
+                                  own_gap_at, own_gap, other_gap_at, other_gap, own_subs, other_subs, USE_PTX)
             masses += tl.where(tl.arange(0, BLOCK) == 0, sub_mass, 0.0)
     tl.store(partial_ptr + own, tl.sum(masses, 0))
 
 
 @triton.jit
 def _sign_bins(list_at, listed, own_count, other_count, own_dead, other_dead, own_top, own_log_sum, own_scale,
-               other_top, other_log_sum, other_scale, own_total, other_total, signs, codes, side, store, own_gap_at,
+               other_top, other_log_sum, other_scale, own_total, other_total, signs, side, store, own_gap_at,
                own_gap, other_gap_at, other_gap, own_subs, other_subs, USE_PTX: tl.constexpr, BLOCK: tl.constexpr,
-               SUB: tl.constexpr, CODES: tl.constexpr):
+               SUB: tl.constexpr):
     """sign_kernel's loop over a side's `listed` occupied bins, BLOCK at a time (`_bin_signs`;
     the gaps 0 as constants where the caller can, without SUB: the loop then compiles without
     them): per lane, the sums of count * p * sign (float64)."""
@@ -1287,8 +1254,8 @@ def _sign_bins(list_at, listed, own_count, other_count, own_dead, other_dead, ow
         active = own_ge > own_gt  # (occupied bins of probability 0 come first in the list: skipped)
         masses += _bin_signs(bins, active, own_ge, own_gt, own_count, other_count, own_dead, other_dead, own_top,
                              own_log_sum, own_scale, other_top, other_log_sum, other_scale, own_total, other_total,
-                             signs, codes, side, store, own_gap_at, own_gap, other_gap_at, other_gap, own_subs,
-                             other_subs, USE_PTX, SUB, CODES)
+                             signs, side, store, own_gap_at, own_gap, other_gap_at, other_gap, own_subs, other_subs,
+                             USE_PTX, SUB)
         bins = ahead
         ahead = later
         own_ge = next_ge
@@ -1351,17 +1318,16 @@ def finish_kernel(fparam_ptr, iparam_ptr, count_ptr, partial_ptr, row_loss_ptr, 
 
 
 @triton.jit
-def grad_kernel(logits_ptr, index_ptr, grad_ptr, fparam_ptr, iparam_ptr, sign_ptr, code_ptr, row_weight_ptr,
-                ce_label_ptr, ce_weight_ptr, batch_start, side, n_chunks, vocab, seq_len, batch_stride, row_stride,
-                col_stride, grad_row_stride, inv_temperature, grad_scale, GATHER: tl.constexpr, HAS_CE: tl.constexpr,
+def grad_kernel(logits_ptr, index_ptr, grad_ptr, fparam_ptr, iparam_ptr, sign_ptr, row_weight_ptr, ce_label_ptr,
+                ce_weight_ptr, batch_start, side, n_chunks, vocab, seq_len, batch_stride, row_stride, col_stride,
+                grad_row_stride, inv_temperature, grad_scale, GATHER: tl.constexpr, HAS_CE: tl.constexpr,
                 UNIT_STRIDE: tl.constexpr, PREFETCH: tl.constexpr, USE_PTX: tl.constexpr, SIMD16: tl.constexpr,
-                CHUNK: tl.constexpr, BLOCK: tl.constexpr, GAPS: tl.constexpr = False, CODES: tl.constexpr = 0):
+                CHUNK: tl.constexpr, BLOCK: tl.constexpr, GAPS: tl.constexpr = False):
     """The gradient of one side (side 0 student: +, 1 teacher: -) of unflagged pairs, chunk by
     chunk: (p / T) * (sign at the element's slot - the side's sum of p * sign), times
     row_weight_ptr[pair] with GATHER (row index_ptr[pair] of the logits and of the gradient);
     with HAS_CE (student side) plus ce_weight * (softmax(z) - [i == label]). SIMD16 as in
-    hist_kernel. CODES: each sign from the code table (code_ptr, "Sign codes"): 1 gathered from
-    it, 2 from a copy in shared memory."""
+    hist_kernel."""
     if SIMD16:  # (launched on 4 warps, like hist_kernel)
         tl.static_assert(USE_PTX and BLOCK % (2 * SMEM_THREADS) == 0, "SIMD16: two logits per thread and step")
     program = tl.program_id(0)
@@ -1377,10 +1343,6 @@ def grad_kernel(logits_ptr, index_ptr, grad_ptr, fparam_ptr, iparam_ptr, sign_pt
         log_sum = tl.load(fparam_ptr + at * PARAM_SLOTS + _LOG_SUM)
         mass = tl.load(fparam_ptr + at * PARAM_SLOTS + _MASS)
         signs = sign_ptr + at * CAP
-        codes = code_ptr + at * CAP  # (CODES; else unused)
-        if (CODES == 2) and USE_PTX:  # the side's codes to shared memory (each chunk's program: 8 KB)
-            codes_to_smem(codes)
-            tl.debug_barrier()
         shift = tl.load(iparam_ptr + at * PARAM_SLOTS + _SHIFT)  # (the slots'; top is the logit itself)
         scale = inv_temperature * LOG2E
         factor = inv_temperature * grad_scale * (1.0 - 2.0 * side)
@@ -1402,31 +1364,31 @@ def grad_kernel(logits_ptr, index_ptr, grad_ptr, fparam_ptr, iparam_ptr, sign_pt
         if GAPS:
             gap_at, gap, marked = _gap_of(fparam_ptr, at)
         if (gap_at | marked) == 0:
-            _grad_span(row_ptr, grad_row, signs, codes, chunk * CHUNK, stop, vocab, col_stride, scale, top, log_sum,
-                       factor, mass_factor, ce_label, ce_factor, ce_log_sum, shift, 0, 0, 0, 0, HAS_CE, UNIT_STRIDE,
-                       PREFETCH, USE_PTX, SIMD16, BLOCK, False, CODES)
+            _grad_span(row_ptr, grad_row, signs, chunk * CHUNK, stop, vocab, col_stride, scale, top, log_sum, factor,
+                       mass_factor, ce_label, ce_factor, ce_log_sum, shift, 0, 0, 0, 0, HAS_CE, UNIT_STRIDE,
+                       PREFETCH, USE_PTX, SIMD16, BLOCK, False)
         elif marked == 0:  # (slots one at a time: the gradient's SIMD clamps have no gap)
-            _grad_span(row_ptr, grad_row, signs, codes, chunk * CHUNK, stop, vocab, col_stride, scale, top, log_sum,
-                       factor, mass_factor, ce_label, ce_factor, ce_log_sum, shift, gap_at, gap, 0, 0, HAS_CE,
-                       UNIT_STRIDE, PREFETCH, USE_PTX, False, BLOCK, False, CODES)
+            _grad_span(row_ptr, grad_row, signs, chunk * CHUNK, stop, vocab, col_stride, scale, top, log_sum, factor,
+                       mass_factor, ce_label, ce_factor, ce_log_sum, shift, gap_at, gap, 0, 0, HAS_CE, UNIT_STRIDE,
+                       PREFETCH, USE_PTX, False, BLOCK, False)
         else:  # (sub-bins, "Tiny sub-bins")
             sub_key = tl.load(signs + _SUB_KEY).to(tl.int32, bitcast=True)
             sub_n = tl.load(signs + _SUB_N).to(tl.int32, bitcast=True)
             if gap_at == 0:  # (no gap: the SIMD clamps give the tiny bin's slots, 0 and _NEG_TINY_SLOT, too)
-                _grad_span(row_ptr, grad_row, signs, codes, chunk * CHUNK, stop, vocab, col_stride, scale, top, log_sum,
+                _grad_span(row_ptr, grad_row, signs, chunk * CHUNK, stop, vocab, col_stride, scale, top, log_sum,
                            factor, mass_factor, ce_label, ce_factor, ce_log_sum, shift, 0, 0, sub_key, sub_n, HAS_CE,
-                           UNIT_STRIDE, PREFETCH, USE_PTX, SIMD16, BLOCK, True, CODES)
+                           UNIT_STRIDE, PREFETCH, USE_PTX, SIMD16, BLOCK, True)
             else:
-                _grad_span(row_ptr, grad_row, signs, codes, chunk * CHUNK, stop, vocab, col_stride, scale, top, log_sum,
+                _grad_span(row_ptr, grad_row, signs, chunk * CHUNK, stop, vocab, col_stride, scale, top, log_sum,
                            factor, mass_factor, ce_label, ce_factor, ce_log_sum, shift, gap_at, gap, sub_key, sub_n,
-                           HAS_CE, UNIT_STRIDE, PREFETCH, USE_PTX, False, BLOCK, True, CODES)
+                           HAS_CE, UNIT_STRIDE, PREFETCH, USE_PTX, False, BLOCK, True)
 
 
 @triton.jit
-def _grad_span(row_ptr, grad_row, signs, codes, begin, stop, vocab, col_stride, scale, top, log_sum, factor,
-               mass_factor, ce_label, ce_factor, ce_log_sum, shift, gap_at, gap, sub_key, sub_n, HAS_CE: tl.constexpr,
+def _grad_span(row_ptr, grad_row, signs, begin, stop, vocab, col_stride, scale, top, log_sum, factor, mass_factor,
+               ce_label, ce_factor, ce_log_sum, shift, gap_at, gap, sub_key, sub_n, HAS_CE: tl.constexpr,
                UNIT_STRIDE: tl.constexpr, PREFETCH: tl.constexpr, USE_PTX: tl.constexpr, SIMD16: tl.constexpr,
-               BLOCK: tl.constexpr, SUB: tl.constexpr, CODES: tl.constexpr):
+               BLOCK: tl.constexpr, SUB: tl.constexpr):
     """grad_kernel's loop over columns [begin, stop) of a row: each element's sign from its
     slot's table (the row's shift and gap), and its gradient. SUB: a row with sub_n sub-bins
     (0: none) takes its tiny elements' signs from theirs, by the key of k (sub_key: sub-bin 0's)."""
@@ -1440,19 +1402,7 @@ def _grad_span(row_ptr, grad_row, signs, codes, begin, stop, vocab, col_stride, 
         slots = _slots(raw, shift, SIMD16, gap_at, gap)
         if SUB:  # (a tiny element's sign: its sub-bin's entry, past the slots)
             slots = tl.where(_in_tiny_bin(slots) & (sub_n > 0), _SUB_SIGN + _sub_bin(k, sub_key), slots)
-        if CODES:  # (the float32 only where a tie made the sign fractional)
-            if USE_PTX:
-                if CODES == 2:
-                    code = smem_code(slots, p > 0.0)
-                else:
-                    code = gather_s8(codes, slots, p > 0.0)
-                fractional = code == _FRACTIONAL
-                sign = tl.where(fractional, gather_f32(signs, slots, fractional), code.to(tl.float32))
-            else:
-                code = tl.load(codes + slots, mask=p > 0.0, other=0).to(tl.int32)
-                fractional = code == _FRACTIONAL
-                sign = tl.where(fractional, tl.load(signs + slots, mask=fractional, other=0.0), code.to(tl.float32))
-        elif USE_PTX:  # the table is read-only here: the non-coherent path, one wide address add
+        if USE_PTX:  # the table is read-only here: the non-coherent path, one wide address add
             sign = gather_f32(signs, slots, p > 0.0)
         else:
             sign = tl.load(signs + slots, mask=p > 0.0, other=0.0)
