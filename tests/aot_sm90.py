@@ -22,7 +22,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from uld_kernels.kernels.cross_entropy import ce_rows_kernel  # noqa: E402
 from uld_kernels.kernels import uld_split  # noqa: E402
 from uld_kernels.kernels.uld_rows import scale_rows_kernel, zero_rows_kernel  # noqa: E402
-from uld_kernels.launch import (HIST_BLOCK, HIST_GRAD_BLOCK, HIST_SIGN_MAXNREG, _hist_blocks, HIST_GRAD_CHUNK, HIST_SIGN_BLOCK,  # noqa: E402
+from uld_kernels.launch import (HIST_BLOCK, HIST_GRAD_BLOCK, HIST_PDL, HIST_SIGN_MAXNREG, _hist_blocks, HIST_GRAD_CHUNK, HIST_SIGN_BLOCK,  # noqa: E402
                                 HIST_MAXNREG, HIST_TAIL_BLOCK, FALLBACK_FINISH_BLOCK, FALLBACK_SMEM_L1, _fallback_list_mode,
                                 ce_kernel_config, split_config)
 
@@ -183,21 +183,22 @@ def hist_kernel_configs():
     for dtype, gaps in ((torch.bfloat16, False), (torch.bfloat16, True), (torch.float32, False)):
         hist_block, grad_block = _hist_blocks(dtype, True)
         rows = dict(USE_PTX=True, SIMD16=True, PREFETCH=True)
-        hist = dict(rows, STUDENT_UNIT_STRIDE=True, TEACHER_UNIT_STRIDE=True, BLOCK=hist_block,
+        pdl = dict(PDL=HIST_PDL)  # (uld_hist.py, "Dependent launches")
+        hist = dict(rows, **pdl, STUDENT_UNIT_STRIDE=True, TEACHER_UNIT_STRIDE=True, BLOCK=hist_block,
                     TAIL_BLOCK=HIST_TAIL_BLOCK, GAPS=gaps, REDO=gaps)
-        grad = dict(rows, UNIT_STRIDE=True, CHUNK=HIST_GRAD_CHUNK, BLOCK=grad_block, GAPS=gaps)
+        grad = dict(rows, **pdl, UNIT_STRIDE=True, CHUNK=HIST_GRAD_CHUNK, BLOCK=grad_block, GAPS=gaps)
         sign_options = dict(num_warps=1, **({"maxnreg": HIST_SIGN_MAXNREG} if gaps and HIST_SIGN_MAXNREG else {}))
         configs = [
             ("hist", uld_hist.hist_kernel, dict(hist, GATHER=False, HAS_CE=False), HIST_OPTIONS),
             ("hist gathered ce", uld_hist.hist_kernel, dict(hist, GATHER=True, HAS_CE=True), HIST_OPTIONS),
-            ("finish gathered ce", uld_hist.finish_kernel, dict(GATHER=True, HAS_CE=True, GAPS=gaps), 1),
+            ("finish gathered ce", uld_hist.finish_kernel, dict(GATHER=True, HAS_CE=True, GAPS=gaps, **pdl), 1),
             ("grad", uld_hist.grad_kernel, dict(grad, GATHER=False, HAS_CE=False), 4),
             ("grad gathered ce", uld_hist.grad_kernel, dict(grad, GATHER=True, HAS_CE=True), 4),
         ]
         if dtype == torch.bfloat16:  # (no logits read)
             configs += [("sign", uld_hist.sign_kernel, dict(STORE_STUDENT=True, STORE_TEACHER=False, USE_PTX=True,
-                                                           BLOCK=HIST_SIGN_BLOCK, GAPS=gaps), sign_options),
-                        ("finish", uld_hist.finish_kernel, dict(GATHER=False, HAS_CE=False, GAPS=gaps), 1)]
+                                                           BLOCK=HIST_SIGN_BLOCK, GAPS=gaps, **pdl), sign_options),
+                        ("finish", uld_hist.finish_kernel, dict(GATHER=False, HAS_CE=False, GAPS=gaps, **pdl), 1)]
         for label, kernel, constexprs, warps in configs:
             names = kernel.arg_names
             yield (f"hist {label} {TRITON_TYPE[dtype]}{' gaps' if gaps else ''}", kernel,

@@ -178,6 +178,35 @@ def test_deterministic():
     assert torch.equal(first[0], second[0]) and torch.equal(first[2], second[2])
 
 
+@pytest.mark.parametrize("kind", ["random", "gapped", "flagged"])
+def test_dependent_launches_give_the_same_bits(kind, monkeypatch):
+    """The histogram engine's dependent launches (launch.HIST_PDL; uld_hist.py, "Dependent
+    launches") give bit for bit what launches that each start after the previous one's end
+    give: over batches of 96 pairs (eleven batches, each boundary one where the next batch's
+    count starts while the last gradient drains), both gradients, and the training loss's
+    gathered pairs with the cross-entropy; three calls each, against one without."""
+    monkeypatch.setattr(launch, "HIST_BATCH", 96)
+    vs, vt = VOCAB_PAIRS["qwen_llama3"]
+    student, teacher = make_rows(kind, 1000, vs, vt, seed=13)
+    gen = torch.Generator(device="cuda").manual_seed(14)
+    index = torch.randperm(1000, generator=gen, device="cuda")
+    label = torch.randint(-1, vs, (1000,), generator=gen, device="cuda")
+    weight = torch.rand(1000, generator=gen, device="cuda")
+
+    def calls():
+        plain = launch.uld_pairs(student, teacher, 1.0, 1.0, True, True, 1.0)
+        gathered = launch.uld_pairs(student, teacher, 1.0, 1.0, True, False, 1.0, student_index=index,
+                                    teacher_index=index.flip(0), row_weight=weight, ce_label=label, ce_weight=weight)
+        return [t for t in (*plain, *gathered) if t is not None]
+
+    monkeypatch.setattr(launch, "HIST_PDL", False)
+    expected = calls()
+    monkeypatch.setattr(launch, "HIST_PDL", True)
+    for _ in range(3):
+        for got, want in zip(calls(), expected, strict=True):
+            assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), kind
+
+
 def test_memory_stays_within_one_gigabyte_beyond_the_gradient():
     vs, vt = VOCAB_PAIRS["qwen_llama3"]
     student, teacher = make_rows("random", 16384, vs, vt, seed=7)

@@ -139,6 +139,9 @@ HIST_SIGN_WARPS = int(os.environ.get("ULD_HIST_SIGN_WARPS", 1))
 # sign_kernel's register cap with the gaps on (0: none): 64 keeps 32 one-warp programs an SM;
 # uncapped, ptxas takes 67 for it (62 without the gaps), without spills at 64.
 HIST_SIGN_MAXNREG = int(os.environ.get("ULD_HIST_SIGN_MAXNREG", 64))
+# "1": the histogram engine's launches after a call's first are dependent launches (sm_90 on;
+# uld_hist.py, "Dependent launches"): each one's programs placed while the previous drains.
+HIST_PDL = os.environ.get("ULD_HIST_PDL", "1") != "0"
 HIST_TAIL_BLOCK = 512  # bins per step of hist_kernel's pass over them: runs of 4 on each of 128 threads
 # hist_kernel's register cap (0: none). Before rows past 256 were counted again (twelfth
 # session), ptxas took 84 uncapped (88 allocated: 5 programs an SM); 80 gave 74 without spills
@@ -366,6 +369,7 @@ def _hist_batches(row_loss, flags, row_ce, sides, grad_scale, n_pairs, on_gpu, r
     use_ptx = on_gpu and SPLIT["smem"]
     simd16 = use_ptx and torch.cuda.get_device_capability(device) >= (9, 0)  # u16x2 instructions: sm_90 on
     # the histogram's slots without shared memory (the interpreter), apart from the prefix counts
+    pdl = simd16 and HIST_PDL  # (uld_hist.py, "Dependent launches": not the call's first launch)
     raw = torch.empty(batch * 2 * cap if not use_ptx else 1, dtype=torch.int32, device=device)
     hist_block, block = _hist_blocks(sides[0][0].dtype, on_gpu)
     chunk = max(block, HIST_GRAD_CHUNK // block * block) if on_gpu else 256
@@ -390,16 +394,19 @@ def _hist_batches(row_loss, flags, row_ce, sides, grad_scale, n_pairs, on_gpu, r
                 student_inv_t, teacher_inv_t, rows, GATHER=gather, STUDENT_UNIT_STRIDE=student_logits.stride(-1) == 1,
                 TEACHER_UNIT_STRIDE=teacher_logits.stride(-1) == 1, USE_PTX=use_ptx, SIMD16=simd16, HAS_CE=has_ce,
                 PREFETCH=HIST_PREFETCH or not on_gpu, BLOCK=hist_block, TAIL_BLOCK=HIST_TAIL_BLOCK, GAPS=redo,
-                REDO=redo, num_warps=4, **({"maxnreg": HIST_MAXNREG} if on_gpu and HIST_MAXNREG else {}))
+                REDO=redo, PDL=pdl, launch_pdl=pdl and (batch_start > 0 or redo), num_warps=4,
+                **({"maxnreg": HIST_MAXNREG} if on_gpu and HIST_MAXNREG else {}))
         uld_hist.sign_kernel[(rows, 2)](  # both sides of every pair
             fparam, iparam, counts, occupied, signs, partial, student_inv_t, teacher_inv_t,
             STORE_STUDENT=student_grad is not None, STORE_TEACHER=teacher_grad is not None, USE_PTX=use_ptx,
-            BLOCK=HIST_SIGN_BLOCK if on_gpu else 512, GAPS=HIST_GAPS, num_warps=HIST_SIGN_WARPS if on_gpu else 4,
+            BLOCK=HIST_SIGN_BLOCK if on_gpu else 512, GAPS=HIST_GAPS, PDL=pdl, launch_pdl=pdl,
+            num_warps=HIST_SIGN_WARPS if on_gpu else 4,
             **({"maxnreg": HIST_SIGN_MAXNREG} if on_gpu and HIST_GAPS and HIST_SIGN_MAXNREG else {}))
         uld_hist.finish_kernel[(rows,)](
             fparam, iparam, counts, partial, row_loss, flags, batch_start, student_logits,
             student_index if gather else unused, ce_label if has_ce else unused, row_ce if has_ce else unused,
-            student_vocab, *_row_layout(student_logits), GATHER=gather, HAS_CE=has_ce, GAPS=HIST_GAPS, num_warps=1)
+            student_vocab, *_row_layout(student_logits), GATHER=gather, HAS_CE=has_ce, GAPS=HIST_GAPS, PDL=pdl,
+            launch_pdl=pdl, num_warps=1)
         for side, (logits, inv_t, grad, vocab, index) in enumerate(sides):
             if grad is None:
                 continue
@@ -410,7 +417,7 @@ def _hist_batches(row_loss, flags, row_ce, sides, grad_scale, n_pairs, on_gpu, r
                 batch_start, side, n_chunks, vocab, *_row_layout(logits), grad.stride(-2), inv_t, grad_scale,
                 GATHER=gather, HAS_CE=has_ce and side == 0, UNIT_STRIDE=logits.stride(-1) == 1,
                 PREFETCH=HIST_PREFETCH or not on_gpu, USE_PTX=use_ptx, SIMD16=simd16, CHUNK=chunk,
-                BLOCK=block, GAPS=HIST_GAPS, num_warps=4)
+                BLOCK=block, GAPS=HIST_GAPS, PDL=pdl, launch_pdl=pdl, num_warps=4)
 
 
 def uld_pairs(

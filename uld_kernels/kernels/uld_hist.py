@@ -119,6 +119,7 @@ to the trie engine, which takes any float32.
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from uld_kernels.kernels.const import const
 from uld_kernels.kernels.ptx import (NEG_SLOTS, SLOT_M_HI, SLOT_M_LO, SMEM_THREADS, gather_f32, gather_i32, scatter,
@@ -190,6 +191,26 @@ assert (_SUB_BINS.value <= _SUB_BLOCK.value and WIDTH.value < _SUB_P.value
         and _SUB_P.value + _SUB_BINS.value < _SUB_KEY.value < _SUB_N.value < CAP.value
         and _LOW_SLOT.value < _SUB_SIGN.value and _SUB_SIGN.value + _SUB_BINS.value <= _SUB_KEY.value), \
     "sub-bins: the words past the bins (counts) and past the slots (signs) must not overlap"
+
+# Dependent launches (PDL, launch.HIST_PDL; sm_90 and later): a batch's launches after the
+# call's first run with programmatic stream serialization, so each one's programs are placed
+# while the previous launch drains, instead of after it has ended. Every program of every
+# launch lets the next one start (`griddepcontrol.launch_dependents`, its first instruction:
+# the next launch then starts once the last program of this one has), and waits for the
+# previous launch to complete, its writes visible (`griddepcontrol.wait`), before it reads
+# or writes any table: hist_kernel's first launch after its count (the logits alone, into
+# shared memory), the others first. Every program waits, so a launch completes only after
+# the one before it has: the chain holds back to the call's first launch, which runs without
+# it (the logits may come from the launch just before it: a caller's matmul).
+
+
+@triton.jit
+def _after_previous_launch(PDL: tl.constexpr):
+    """A PDL launch's first step (above): let the next launch start, then wait for the
+    previous one. Nothing without PDL."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
 
 
 @triton.jit
@@ -395,7 +416,7 @@ def hist_kernel(student_ptr, teacher_ptr, student_index_ptr, teacher_index_ptr, 
                 GATHER: tl.constexpr, STUDENT_UNIT_STRIDE: tl.constexpr, TEACHER_UNIT_STRIDE: tl.constexpr,
                 USE_PTX: tl.constexpr, SIMD16: tl.constexpr, HAS_CE: tl.constexpr, PREFETCH: tl.constexpr,
                 BLOCK: tl.constexpr, TAIL_BLOCK: tl.constexpr, GAPS: tl.constexpr = False,
-                REDO: tl.constexpr = False):
+                REDO: tl.constexpr = False, PDL: tl.constexpr = False):
     """Both sides' rows of a batch of pairs in one launch: program (pair, side) runs `_hist_row`
     on the student's row (side 0; with HAS_CE, the cross-entropy's statistics too) or the
     teacher's (each branch keeps its own pointers' alignment, so its loads stay vectorised).
@@ -406,12 +427,19 @@ def hist_kernel(student_ptr, teacher_ptr, student_index_ptr, teacher_index_ptr, 
     of each row that may take one (a split tiny bin, or an unflagged row whose largest logit
     is in its tiny bin) from the bins the first launch listed, and where there is one counts
     the row once more with it (`_hist_row`, with the first launch's shift); the others' gaps
-    are stored as none."""
+    are stored as none.
+
+    PDL ("Dependent launches"): the first launch reads the workspace only after its count
+    (`_hist_row`), REDO before anything."""
+    if PDL:
+        gdc_launch_dependents()
     if USE_PTX:  # (the shared array is declared here, once, for both branches)
         smem_zero()
         tl.debug_barrier()
     if REDO:
         tl.static_assert(GAPS, "REDO runs the rows that may take a gap, with gaps")
+        if PDL:
+            gdc_wait()
         side = tl.program_id(1)
         first = tl.program_id(0) * REDO_PAIRS
         pairs = first + tl.arange(0, REDO_PAIRS)
@@ -458,7 +486,8 @@ def hist_kernel(student_ptr, teacher_ptr, student_index_ptr, teacher_index_ptr, 
                    student_vocab, teacher_vocab, student_seq_len, student_batch_stride, student_row_stride,
                    student_col_stride, teacher_seq_len, teacher_batch_stride, teacher_row_stride, teacher_col_stride,
                    student_inv_temperature, teacher_inv_temperature, GATHER, STUDENT_UNIT_STRIDE,
-                   TEACHER_UNIT_STRIDE, USE_PTX, SIMD16, HAS_CE, PREFETCH, BLOCK, TAIL_BLOCK, False, 0, 0, 0)
+                   TEACHER_UNIT_STRIDE, USE_PTX, SIMD16, HAS_CE, PREFETCH, BLOCK, TAIL_BLOCK, False, 0, 0, 0,
+                   PDL=PDL)
 
 
 REDO_PAIRS = const(4)  # pairs per program of hist_kernel's REDO launch
@@ -529,7 +558,7 @@ def _hist_side(pair, side, student_ptr, teacher_ptr, student_index_ptr, teacher_
                GATHER: tl.constexpr, STUDENT_UNIT_STRIDE: tl.constexpr, TEACHER_UNIT_STRIDE: tl.constexpr,
                USE_PTX: tl.constexpr, SIMD16: tl.constexpr, HAS_CE: tl.constexpr, PREFETCH: tl.constexpr,
                BLOCK: tl.constexpr, TAIL_BLOCK: tl.constexpr, GAPS: tl.constexpr, start_shift, start_gap_at,
-               start_gap, SUBS: tl.constexpr = False):
+               start_gap, SUBS: tl.constexpr = False, PDL: tl.constexpr = False):
     """`_hist_row` on the student's row of a pair (side 0) or the teacher's (SUBS: `_sub_bins_row`)."""
     if side == 0:
         if SUBS:
@@ -541,7 +570,7 @@ def _hist_side(pair, side, student_ptr, teacher_ptr, student_index_ptr, teacher_
             _hist_row(pair, 0, student_ptr, student_index_ptr, count_ptr, list_ptr, raw_ptr, fparam_ptr, iparam_ptr,
                       batch_start, student_vocab, student_seq_len, student_batch_stride, student_row_stride,
                       student_col_stride, student_inv_temperature, GATHER, STUDENT_UNIT_STRIDE, USE_PTX, SIMD16,
-                      HAS_CE, PREFETCH, BLOCK, TAIL_BLOCK, GAPS, start_shift, start_gap_at, start_gap)
+                      HAS_CE, PREFETCH, BLOCK, TAIL_BLOCK, GAPS, start_shift, start_gap_at, start_gap, PDL)
     else:
         if SUBS:
             _sub_bins_row(pair, 1, teacher_ptr, teacher_index_ptr, count_ptr, raw_ptr, fparam_ptr, iparam_ptr,
@@ -552,7 +581,7 @@ def _hist_side(pair, side, student_ptr, teacher_ptr, student_index_ptr, teacher_
             _hist_row(pair, 1, teacher_ptr, teacher_index_ptr, count_ptr, list_ptr, raw_ptr, fparam_ptr, iparam_ptr,
                       batch_start, teacher_vocab, teacher_seq_len, teacher_batch_stride, teacher_row_stride,
                       teacher_col_stride, teacher_inv_temperature, GATHER, TEACHER_UNIT_STRIDE, USE_PTX, SIMD16, False,
-                      PREFETCH, BLOCK, TAIL_BLOCK, GAPS, start_shift, start_gap_at, start_gap)
+                      PREFETCH, BLOCK, TAIL_BLOCK, GAPS, start_shift, start_gap_at, start_gap, PDL)
 
 
 @triton.jit
@@ -635,7 +664,7 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
               vocab, seq_len, batch_stride, row_stride, col_stride, inv_temperature, GATHER: tl.constexpr,
               UNIT_STRIDE: tl.constexpr, USE_PTX: tl.constexpr, SIMD16: tl.constexpr, HAS_CE: tl.constexpr,
               PREFETCH: tl.constexpr, BLOCK: tl.constexpr, TAIL_BLOCK: tl.constexpr, GAPS: tl.constexpr,
-              start_shift, start_gap_at, start_gap):
+              start_shift, start_gap_at, start_gap, PDL: tl.constexpr = False):
     """One row of one side: hist_kernel's program. First the histogram of its logits over the
     slots (above; in shared memory with USE_PTX, zeroed by the caller, else counted with global
     atomics at raw_ptr + (pair * 2 + side) * CAP, zeroed by the launcher). Then, from the bins: the row's largest
@@ -654,7 +683,9 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
     log-sum), recomputed where it is needed (`_k_of_bins`).
 
     A row flagged for its range alone is counted a second time, shifted, by the same program
-    ("Rows past 256", top of file): everything above is written again, with its shift."""
+    ("Rows past 256", top of file): everything above is written again, with its shift.
+
+    PDL: the previous launch waited for after the first count ("Dependent launches")."""
     tl.static_assert(TAIL_BLOCK == _RUN * SMEM_THREADS, "the pass over bins: a run of bins per thread, 512 a step "
                      "(its scan packs a step's occupied count in 10 bits)")
     if SIMD16:
@@ -696,6 +727,8 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
             magnitudes, low_bits = _count_row(row_ptr, raw_at, col_stride, stop, shift, 0, 0, UNIT_STRIDE,
                                                  USE_PTX, SIMD16, PREFETCH, BLOCK)
         tl.debug_barrier()  # the counts, visible to every thread
+        if PDL:  # the count read the logits alone; the previous launch's tables are read and written next
+            gdc_wait()
         top_magnitude = tl.max(magnitudes, 0)
         tiny_more = _slot_count(raw_at, _NEG_TINY_SLOT, USE_PTX) - (tl.cdiv(stop, BLOCK) * BLOCK - stop)
         # The row's largest logit first: its highest occupied bin past the low one (`_top_bin`),
@@ -1156,7 +1189,7 @@ def _live_from(count_ptr, first, after, total, dead, mask, USE_PTX: tl.constexpr
 @triton.jit
 def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, list_ptr, sign_ptr, partial_ptr, student_inv_temperature,
                 teacher_inv_temperature, STORE_STUDENT: tl.constexpr, STORE_TEACHER: tl.constexpr,
-                USE_PTX: tl.constexpr, BLOCK: tl.constexpr, GAPS: tl.constexpr = False):
+                USE_PTX: tl.constexpr, BLOCK: tl.constexpr, GAPS: tl.constexpr = False, PDL: tl.constexpr = False):
     """Signs of the occupied bins of one side (program_id(1): 0 student, 1 teacher) of one pair
     (program_id(0)) per program, BLOCK of them at a time from the side's list, written to the
     side's sign table when STORE_STUDENT / STORE_TEACHER (a gradient of that side is wanted;
@@ -1169,6 +1202,7 @@ def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, list_ptr, sign_ptr, partial_p
     there. The k of the neighbours settle them almost everywhere; where they do not (runs of
     equal k near logit 0, an estimate off by more than a bin), `_bound` searches, for the
     whole block only when some lane needs it."""
+    _after_previous_launch(PDL)
     pair = tl.program_id(0)
     side = tl.program_id(1)
     own = (pair * 2 + side).to(tl.int64)
@@ -1266,13 +1300,15 @@ def _sign_bins(list_at, listed, own_count, other_count, own_dead, other_dead, ow
 @triton.jit
 def finish_kernel(fparam_ptr, iparam_ptr, count_ptr, partial_ptr, row_loss_ptr, flag_ptr, batch_start,
                   logits_ptr, index_ptr, ce_label_ptr, row_ce_ptr, vocab, seq_len, batch_stride, row_stride,
-                  col_stride, GATHER: tl.constexpr, HAS_CE: tl.constexpr, GAPS: tl.constexpr = False):
+                  col_stride, GATHER: tl.constexpr, HAS_CE: tl.constexpr, GAPS: tl.constexpr = False,
+                  PDL: tl.constexpr = False):
     """One pair per program: the loss from both sides' sums of p * sign (sign_kernel's), and
     the pair's flag (on the student side, and at flag_ptr[batch_start + pair]: nonzero hands it
     to the trie; also for a side scaled up against one that counts a tiny bin, below). With
     HAS_CE, the
     student's cross-entropy against ce_label_ptr[pair] (0 where negative): the log-sum-exp at
     temperature 1 minus the label's logit (logits_ptr: the student's)."""
+    _after_previous_launch(PDL)
     pair = tl.program_id(0)
     s_at = (pair * 2).to(tl.int64)
     t_at = s_at + 1
@@ -1322,7 +1358,7 @@ def grad_kernel(logits_ptr, index_ptr, grad_ptr, fparam_ptr, iparam_ptr, sign_pt
                 ce_weight_ptr, batch_start, side, n_chunks, vocab, seq_len, batch_stride, row_stride, col_stride,
                 grad_row_stride, inv_temperature, grad_scale, GATHER: tl.constexpr, HAS_CE: tl.constexpr,
                 UNIT_STRIDE: tl.constexpr, PREFETCH: tl.constexpr, USE_PTX: tl.constexpr, SIMD16: tl.constexpr,
-                CHUNK: tl.constexpr, BLOCK: tl.constexpr, GAPS: tl.constexpr = False):
+                CHUNK: tl.constexpr, BLOCK: tl.constexpr, GAPS: tl.constexpr = False, PDL: tl.constexpr = False):
     """The gradient of one side (side 0 student: +, 1 teacher: -) of unflagged pairs, chunk by
     chunk: (p / T) * (sign at the element's slot - the side's sum of p * sign), times
     row_weight_ptr[pair] with GATHER (row index_ptr[pair] of the logits and of the gradient);
@@ -1330,6 +1366,7 @@ def grad_kernel(logits_ptr, index_ptr, grad_ptr, fparam_ptr, iparam_ptr, sign_pt
     hist_kernel."""
     if SIMD16:  # (launched on 4 warps, like hist_kernel)
         tl.static_assert(USE_PTX and BLOCK % (2 * SMEM_THREADS) == 0, "SIMD16: two logits per thread and step")
+    _after_previous_launch(PDL)
     program = tl.program_id(0)
     pair = program // n_chunks
     chunk = program % n_chunks
