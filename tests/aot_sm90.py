@@ -65,7 +65,20 @@ def facts(name: str, compiled) -> dict:
         shared_stores=len(re.findall(r"\bst\.shared", ptx)),
         # float32 loads through the read-only path (ptx.gather_f32's sign gathers)
         nc_f32_loads=len(re.findall(r"ld\.global\.nc\.f32", ptx)),
+        **_grid_dependency(ptx),
     )
+
+
+def _grid_dependency(ptx: str) -> dict:
+    """The dependent launches' instructions (uld_hist.py, "Dependent launches") and what the
+    PTX does before its first wait, in the text's order (the code before a wait is straight-line
+    or one loop there: the order the program runs it in)."""
+    wait = ptx.find("griddepcontrol.wait")
+    before = ptx[:wait] if wait >= 0 else ""
+    return dict(launches_dependents="griddepcontrol.launch_dependents" in ptx, waits=wait >= 0,
+                global_reads_before_wait=bool(re.search(r"\bld\.global|\bcp\.async", before)),
+                global_writes_before_wait=bool(re.search(r"\b(st|atom|red)\.global", before)),
+                shared_counts_before_wait=bool(re.search(r"\bred\.shared", before)))
 
 
 def distill_kernel_configs():

@@ -86,3 +86,24 @@ def test_the_fallback_reads_its_own_sign_tables_coherently(compiled):
         assert by_name[name]["nc_f32_loads"] == 0, by_name[name]
     for name in ("split count level 1 (sums the loss) bf16", "split grad bf16"):
         assert by_name[name]["nc_f32_loads"] > 0, by_name[name]
+
+
+def test_histogram_launches_wait_before_touching_tables(compiled):
+    """The histogram engine's dependent launches (launch.HIST_PDL, uld_hist.py "Dependent
+    launches"): each configuration lets the next launch start and waits for the previous one;
+    before its wait, hist_kernel's first launch reads the logits and counts them in shared
+    memory but writes nothing to global memory, and every other launch (hist_kernel's REDO,
+    sign, finish, grad) touches no global memory at all."""
+    from uld_kernels.launch import HIST_PDL
+
+    hist = [c for c in compiled if c["name"].startswith("hist ")]
+    assert len(hist) == 19, [c["name"] for c in hist]
+    assert HIST_PDL, "the shipped configurations are compiled with the dependent launches"
+    for c in hist:
+        assert c["launches_dependents"] and c["waits"], c
+        assert not c["global_writes_before_wait"], c
+        first_count = c["name"].startswith("hist hist") and not c["name"].endswith("gaps")  # (REDO: with gaps)
+        if first_count:
+            assert c["global_reads_before_wait"] and c["shared_counts_before_wait"], c
+        else:
+            assert not c["global_reads_before_wait"] and not c["shared_counts_before_wait"], c
