@@ -71,14 +71,44 @@ def facts(name: str, compiled) -> dict:
 
 def _grid_dependency(ptx: str) -> dict:
     """The dependent launches' instructions (uld_hist.py, "Dependent launches") and what the
-    PTX does before its first wait, in the text's order (the code before a wait is straight-line
-    or one loop there: the order the program runs it in)."""
-    wait = ptx.find("griddepcontrol.wait")
-    before = ptx[:wait] if wait >= 0 else ""
-    return dict(launches_dependents="griddepcontrol.launch_dependents" in ptx, waits=wait >= 0,
-                global_reads_before_wait=bool(re.search(r"\bld\.global|\bcp\.async", before)),
-                global_writes_before_wait=bool(re.search(r"\b(st|atom|red)\.global", before)),
-                shared_counts_before_wait=bool(re.search(r"\bred\.shared", before)))
+    kernel may run before a `griddepcontrol.wait`: every instruction some path from the entry
+    reaches before one (a walk over the entry's branches, each path ending at a wait; the
+    instructions of a called function are not followed, so a call counts as reached), and
+    whether a path returns without one (a program that exits unwaited breaks the chain)."""
+    body = ptx[ptx.index("{", ptx.index(")", ptx.index(".entry"))):]
+    lines = [line.strip() for line in body[:re.search(r"^\}", body, re.M).start()].splitlines()]
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"(\$L__BB\w+):", line))}
+    seen, paths, reached, unwaited_exit = set(), [0], [], False
+    while paths:
+        i = paths.pop()
+        while i < len(lines) and i not in seen:
+            seen.add(i)
+            line = lines[i]
+            if line.startswith("griddepcontrol.wait"):
+                break
+            reached.append(line)
+            guarded = line.startswith("@")
+            op = re.sub(r"^@!?%p\w+\s+", "", line)
+            if (branch := re.match(r"bra(\.uni)?\s+(\$L__BB\w+);", op)):
+                paths.append(labels[branch.group(2)])
+                if not guarded:
+                    break
+            elif re.match(r"(ret|exit);", op):
+                unwaited_exit = True
+                if not guarded:
+                    break
+            i += 1
+    # (searched anywhere in a line: an inline assembly's statements share one line)
+    def any_reached(op: str) -> bool:
+        return any(re.search(rf"(?<![\w.$]){op}", line) for line in reached)
+
+    not_global = r"(?!shared|param|local|const)"  # (a generic address may be global)
+    return dict(launches_dependents="griddepcontrol.launch_dependents" in ptx,
+                waits_on_every_path=not unwaited_exit,
+                global_reads_before_wait=any_reached(rf"(ld|ldu|cp\.async)\.{not_global}"),
+                global_writes_before_wait=any_reached(rf"(st|atom|red|cp\.reduce)\.{not_global}"),
+                calls_before_wait=any_reached(r"call\b"),
+                shared_counts_before_wait=any_reached(r"red\.shared"))
 
 
 def distill_kernel_configs():

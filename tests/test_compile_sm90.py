@@ -90,20 +90,56 @@ def test_the_fallback_reads_its_own_sign_tables_coherently(compiled):
 
 def test_histogram_launches_wait_before_touching_tables(compiled):
     """The histogram engine's dependent launches (launch.HIST_PDL, uld_hist.py "Dependent
-    launches"): each configuration lets the next launch start and waits for the previous one;
-    before its wait, hist_kernel's first launch reads the logits and counts them in shared
-    memory but writes nothing to global memory, and every other launch (hist_kernel's REDO,
-    sign, finish, grad) touches no global memory at all."""
+    launches"), on every path from a program's start (both sides' branches of hist_kernel
+    included): each configuration lets the next launch start, no path exits without waiting
+    for the previous one, and before its wait hist_kernel's first launch reads (the logits) and
+    counts in shared memory but writes nothing global and calls nothing, while every other
+    launch (hist_kernel's REDO, sign, finish, grad) touches no global memory at all."""
     from uld_kernels.launch import HIST_PDL
 
     hist = [c for c in compiled if c["name"].startswith("hist ")]
     assert len(hist) == 19, [c["name"] for c in hist]
-    assert HIST_PDL, "the shipped configurations are compiled with the dependent launches"
+    assert HIST_PDL, "the shipped configurations are compiled with the dependent launches (ULD_HIST_PDL=1)"
     for c in hist:
-        assert c["launches_dependents"] and c["waits"], c
-        assert not c["global_writes_before_wait"], c
+        assert c["launches_dependents"] and c["waits_on_every_path"], c
+        assert not c["global_writes_before_wait"] and not c["calls_before_wait"], c
         first_count = c["name"].startswith("hist hist") and not c["name"].endswith("gaps")  # (REDO: with gaps)
         if first_count:
             assert c["global_reads_before_wait"] and c["shared_counts_before_wait"], c
         else:
             assert not c["global_reads_before_wait"] and not c["shared_counts_before_wait"], c
+
+
+_PTX_ENTRY = """.visible .entry probe(
+\t.param .u64 probe_param_0
+)
+{
+\t.reg .pred \t%p<2>;
+\tgriddepcontrol.launch_dependents; // dummy %r1
+BODY
+\tret;
+
+}
+"""
+
+
+@pytest.mark.parametrize("body, facts", [
+    # the wait first on every path: nothing before it
+    ("\tgriddepcontrol.wait; // dummy %r2\n\tsetp.eq.s32 \t%p1, %r1, 0;\n\t@%p1 bra \t$L__BB0_2;\n"
+     "\tst.global.b32 \t[%rd1], %r3;\n$L__BB0_2:", dict(waits_on_every_path=True, global_writes_before_wait=False)),
+    # a branch around the wait: a store and the exit reached without it
+    ("\tsetp.eq.s32 \t%p1, %r1, 0;\n\t@%p1 bra \t$L__BB0_2;\n\tgriddepcontrol.wait; // dummy %r2\n"
+     "$L__BB0_2:\n\tst.global.b32 \t[%rd1], %r3;", dict(waits_on_every_path=False, global_writes_before_wait=True)),
+    # a branch laid out after the wait, which reads and counts before its own wait
+    ("\tsetp.eq.s32 \t%p1, %r1, 0;\n\t@%p1 bra \t$L__BB0_2;\n\tgriddepcontrol.wait; // dummy %r2\n\tret;\n"
+     "$L__BB0_2:\n\t{ ld.global.nc.b32 %r4, [%rd1]; red.shared.add.u32 [%r5], 1; }\n\tgriddepcontrol.wait; // dummy %r6",
+     dict(waits_on_every_path=True, global_reads_before_wait=True, shared_counts_before_wait=True)),
+])
+def test_the_wait_check_follows_every_branch(body, facts):
+    """The PTX walk behind the test above, on hand-written entries: it follows predicated
+    branches past a wait's place in the text, and reads the statements of one-line inline
+    assembly."""
+    from tests.aot_sm90 import _grid_dependency
+
+    found = _grid_dependency(_PTX_ENTRY.replace("BODY", body))
+    assert {k: found[k] for k in facts} == facts, found
