@@ -633,3 +633,41 @@ def test_minus_inf_masks_at_a_high_temperature(ts, device):
     _assert_matches_reference(launch.hist_rows(student, teacher, ts, tt, True, True, 1.0), student, teacher, ts, tt)
 
 
+
+
+@pytest.mark.parametrize("kind", ["random", "gapped", "dense", "gathered_ce"])
+def test_persistent_gradient_gives_the_same_bits(kind, device, monkeypatch):
+    """grad_kernel on a persistent grid (launch.HIST_GRAD_PROGRAMS: 4 programs here, each taking
+    every 4th of the batch's chunks) writes both gradients bit for bit as one program a chunk
+    does, on rows spanning two chunks (256 columns each under the interpreter, 32,768 on a
+    GPU): random rows, a gap (gapped), tiny sub-bins (dense at temperature 0.01) and the
+    training loss's gathered pairs with the cross-entropy (a padding pair among them)."""
+    from bench.shapes import make_rows
+
+    vs = 300 if device == "cpu" else 40_000
+    args, kw = (1.5, 0.7), {}
+    if kind in ("gapped", "dense"):
+        student, teacher = make_rows(kind, 3, vs, vs, seed=5, device="cpu")
+        student, teacher = student.to(device), teacher.to(device)
+        args = (0.01, 0.01) if kind == "dense" else (1.0, 1.0)
+    elif kind == "gathered_ce":
+        g = torch.Generator().manual_seed(22)
+        student = (torch.randn(5, vs, generator=g) * 2).to(torch.bfloat16).to(device)
+        teacher = (torch.randn(4, vs * 5 // 6, generator=g) * 2).to(torch.bfloat16).to(device)
+        kw = dict(student_index=torch.tensor([3, -1, 0, 4], device=device),
+                  teacher_index=torch.tensor([1, 2, 3, 0], device=device),
+                  row_weight=torch.tensor([0.5, 1.0, 2.0, 0.25], device=device),
+                  ce_label=torch.tensor([7, -1, vs - 1, -1], device=device),
+                  ce_weight=torch.tensor([1.5, 1.0, 0.75, 1.0], device=device))
+    else:
+        student, teacher = _rows(kind, 3, vs, vs * 5 // 6, torch.bfloat16, device, seed=6)
+    monkeypatch.setattr(launch, "_sm_count", lambda index: 1)  # (4 programs on a GPU too)
+    results = []
+    for programs in (0, 4):
+        monkeypatch.setattr(launch, "HIST_GRAD_PROGRAMS", programs)
+        results.append(launch.hist_pairs(student, teacher, *args, True, not kw, 1.0, fallback=False, **kw))
+    assert not _flagged(results[0][1]).any(), f"rows flagged: no gradient written, status {results[0][1]}"
+    for name, one_a_chunk, persistent in zip(("student gradient", "teacher gradient"), results[0][3:],
+                                             results[1][3:]):
+        if one_a_chunk is not None:
+            assert torch.equal(one_a_chunk.view(torch.uint8), persistent.view(torch.uint8)), name
