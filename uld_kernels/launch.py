@@ -164,10 +164,15 @@ HIST_GRAD_PROGRAMS = int(os.environ.get("ULD_HIST_GRAD_PROGRAMS", "0"))
 # finish, with two sets of the tables the gradient reads (parameters, signs), at most
 # HIST_OVERLAP_BATCH pairs a batch (the workspace under 1 GiB), and a persistent sign grid of
 # HIST_OVERLAP_SIGN_PROGRAMS one-warp programs an SM (under the interpreter: that many in all).
-# Not measured on a GPU yet: "0", off, by default.
+# Meant with HIST_GRAD_PROGRAMS (else the sign pass starts beside the gradient's last wave
+# only). Not measured on a GPU yet, and its sign pass reads its tables before any wait of its
+# own (uld_hist.sign_kernel, OVERLAP): "0", off, by default.
 HIST_OVERLAP = os.environ.get("ULD_HIST_OVERLAP", "0") != "0"
 HIST_OVERLAP_BATCH = int(os.environ.get("ULD_HIST_OVERLAP_BATCH", 4096))
 HIST_OVERLAP_SIGN_PROGRAMS = int(os.environ.get("ULD_HIST_OVERLAP_SIGN_PROGRAMS", 8))
+if HIST_OVERLAP_BATCH < 1 or HIST_OVERLAP_SIGN_PROGRAMS < 1:
+    raise ValueError(f"ULD_HIST_OVERLAP_BATCH and ULD_HIST_OVERLAP_SIGN_PROGRAMS must be 1 or more, got "
+                     f"{HIST_OVERLAP_BATCH} and {HIST_OVERLAP_SIGN_PROGRAMS}")
 if HIST_GRAD_PROGRAMS < 0:
     raise ValueError(f"ULD_HIST_GRAD_PROGRAMS must be 0 or more, got {HIST_GRAD_PROGRAMS}")
 # columns per step of its loop: 2,048 7.00 ms, 1,024 7.09 (tenth session, run 2)
@@ -384,7 +389,8 @@ def _hist_batches(row_loss, flags, row_ce, sides, grad_scale, n_pairs, on_gpu, r
     # (per batch: parameters and signs, the tables grad_kernel reads; two sets with the overlap)
     tables = [(torch.empty(batch * 2 * slots, dtype=torch.float32, device=device),
                torch.empty(batch * 2 * slots, dtype=torch.int32, device=device),
-               torch.empty(batch * 2 * cap, dtype=torch.float32, device=device)) for _ in range(1 + overlap)]
+               torch.empty(batch * 2 * cap, dtype=torch.float32, device=device))
+              for _ in range(1 + (overlap and batch < n_pairs))]
     counts = torch.empty(batch * 2 * cap, dtype=torch.int32, device=device)  # prefix counts per bin
     occupied = torch.empty(batch * 2 * cap, dtype=torch.int16, device=device)  # the occupied bins, listed
     use_ptx = on_gpu and SPLIT["smem"]

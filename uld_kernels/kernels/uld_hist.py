@@ -1186,7 +1186,7 @@ def _live_from(count_ptr, first, after, total, dead, mask, USE_PTX: tl.constexpr
             total - _live_below(count_ptr, after, dead, mask, USE_PTX))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_sides"])  # (the batch's size: no compile per parity or multiple of 16)
 def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, list_ptr, sign_ptr, partial_ptr, student_inv_temperature,
                 teacher_inv_temperature, n_sides, STORE_STUDENT: tl.constexpr, STORE_TEACHER: tl.constexpr,
                 USE_PTX: tl.constexpr, BLOCK: tl.constexpr, GAPS: tl.constexpr = False, PDL: tl.constexpr = False,
@@ -1209,7 +1209,11 @@ def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, list_ptr, sign_ptr, partial_p
     OVERLAP (launch.HIST_OVERLAP, "Dependent launches"): launched after the previous batch's
     gradient, which waited for this batch's counts before letting this launch start: it lets
     the next launch start, works, and only then waits for the gradient, so that the two share
-    the SMs and its completion still implies the gradient's."""
+    the SMs and its completion still implies the gradient's. Its reads of the batch's tables
+    come before any wait of its own: that the counts' writers completed before it started is
+    ordered, but their visibility to it (an SM's L1 could hold lines the previous batch's signs
+    read) is not promised by the PTX model (a review, twenty-third session): reading them
+    through L2 only (`.cg`), or a release / acquire flag, is owed before OVERLAP is a default."""
     if OVERLAP:
         gdc_launch_dependents()
     else:
@@ -1381,7 +1385,7 @@ def finish_kernel(fparam_ptr, iparam_ptr, count_ptr, partial_ptr, row_loss_ptr, 
         tl.store(row_ce_ptr + batch_start + pair, tl.where((label >= 0) & (row >= 0), ce, 0.0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_pairs"])  # (the batch's size: no compile per parity or multiple of 16)
 def grad_kernel(logits_ptr, index_ptr, grad_ptr, fparam_ptr, iparam_ptr, sign_ptr, row_weight_ptr, ce_label_ptr,
                 ce_weight_ptr, batch_start, side, n_chunks, vocab, seq_len, batch_stride, row_stride, col_stride,
                 grad_row_stride, inv_temperature, grad_scale, n_pairs, GATHER: tl.constexpr, HAS_CE: tl.constexpr,
