@@ -157,18 +157,24 @@ def assert_hist_exact(student, teacher, student_temperature, teacher_temperature
     assert_grads_close(grad_t, ref_t, teacher, dtype, what=f"{what}: teacher gradient")
 
 
+def gathered_pairs(student) -> dict:
+    """The training loss's arguments for four gathered pairs of 4-row inputs: row maps (pair 2
+    padding), weights and cross-entropy labels (one at the student's last column)."""
+    device = student.device
+    return dict(student_index=torch.tensor([2, 0, -1, 3], device=device),
+                teacher_index=torch.tensor([0, 1, 2, 3], device=device),
+                row_weight=torch.tensor([0.5, 2.0, 1.0, 1.5], device=device),
+                ce_label=torch.tensor([5, 11, -1, student.shape[-1] - 1], device=device),
+                ce_weight=torch.tensor([1.0, 0.5, 1.0, 2.0], device=device))
+
+
 def assert_gathered_pairs_match_the_trie(student, teacher, student_temperature, teacher_temperature,
                                          dtype=torch.bfloat16):
     """The training loss's path through the histogram engine (four gathered pairs of 4-row
     inputs: row maps, a padding pair, weights, the student's cross-entropy) against the trie
     engine: losses, cross-entropies and the student gradient. Returns the engine's own flags."""
     from uld_kernels import launch
-    device = student.device
-    kw = dict(student_index=torch.tensor([2, 0, -1, 3], device=device),
-              teacher_index=torch.tensor([0, 1, 2, 3], device=device),
-              row_weight=torch.tensor([0.5, 2.0, 1.0, 1.5], device=device),
-              ce_label=torch.tensor([5, 11, -1, student.shape[-1] - 1], device=device),
-              ce_weight=torch.tensor([1.0, 0.5, 1.0, 2.0], device=device))
+    kw = gathered_pairs(student)
     temperatures = (student_temperature, teacher_temperature, True, False, 1.0)
     flags = launch.hist_pairs(student, teacher, *temperatures, fallback=False, **kw)[1]
     ours = launch.hist_pairs(student, teacher, *temperatures, **kw)

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import uld_kernels.launch as launch
-from tests.helpers import (assert_grads_close, assert_losses_close, cross_near_ties, examples,
+from tests.helpers import (assert_grads_close, assert_losses_close, cross_near_ties, examples, gathered_pairs,
                            reference_rows_and_grads)
 
 
@@ -633,8 +633,6 @@ def test_minus_inf_masks_at_a_high_temperature(ts, device):
     _assert_matches_reference(launch.hist_rows(student, teacher, ts, tt, True, True, 1.0), student, teacher, ts, tt)
 
 
-
-
 @pytest.mark.parametrize("kind,setting", [("random", "persistent"), ("gathered_ce", "persistent"), ("random", "overlap"),
                                           # (the overlap runs the persistent gradient too)
                                           ("gapped", "overlap"), ("dense", "overlap"), ("gathered_ce", "overlap")])
@@ -644,9 +642,9 @@ def test_gradient_grids_and_order_give_the_same_bits(kind, setting, device, monk
     after the next batch's counts, from a second set of tables; sign_kernel on a persistent
     grid of 2 programs), give losses, statuses, cross-entropies and both gradients bit for bit
     as the default does, on rows spanning two chunks (256 columns each under the interpreter,
-    32,768 on a GPU) and two batches (2 pairs each, under the interpreter
-    and on a GPU here): random rows, a gap (gapped), tiny sub-bins (dense at temperature 0.01) and the
-    training loss's gathered pairs with the cross-entropy (a padding pair among them)."""
+    32,768 on a GPU) and two batches (2 pairs each, under the interpreter and on a GPU here):
+    random rows, a gap (gapped), tiny sub-bins (dense at temperature 0.01) and the training
+    loss's gathered pairs with the cross-entropy (`helpers.gathered_pairs`: a padding pair)."""
     from bench.shapes import make_rows
 
     vs = 300 if device == "cpu" else 40_000
@@ -657,13 +655,9 @@ def test_gradient_grids_and_order_give_the_same_bits(kind, setting, device, monk
         args = (0.01, 0.01) if kind == "dense" else (1.0, 1.0)
     elif kind == "gathered_ce":
         g = torch.Generator().manual_seed(22)
-        student = (torch.randn(5, vs, generator=g) * 2).to(torch.bfloat16).to(device)
+        student = (torch.randn(4, vs, generator=g) * 2).to(torch.bfloat16).to(device)
         teacher = (torch.randn(4, vs * 5 // 6, generator=g) * 2).to(torch.bfloat16).to(device)
-        kw = dict(student_index=torch.tensor([3, -1, 0, 4], device=device),
-                  teacher_index=torch.tensor([1, 2, 3, 0], device=device),
-                  row_weight=torch.tensor([0.5, 1.0, 2.0, 0.25], device=device),
-                  ce_label=torch.tensor([7, -1, vs - 1, -1], device=device),
-                  ce_weight=torch.tensor([1.5, 1.0, 0.75, 1.0], device=device))
+        kw = gathered_pairs(student)
     else:
         student, teacher = _rows(kind, 4, vs, vs * 5 // 6, torch.bfloat16, device, seed=6)
     monkeypatch.setattr(launch, "_sm_count", lambda index: 1)  # (the same grids on a GPU)
