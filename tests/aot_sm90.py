@@ -104,7 +104,6 @@ def _grid_dependency(ptx: str) -> dict:
 
     not_global = r"(?!shared|param|local|const)"  # (a generic address may be global)
     return dict(launches_dependents="griddepcontrol.launch_dependents" in ptx,
-                launches_before_wait=any_reached(r"griddepcontrol\.launch_dependents"),
                 waits_on_every_path=not unwaited_exit,
                 global_reads_before_wait=any_reached(rf"(ld|ldu|cp\.async)\.{not_global}"),
                 global_writes_before_wait=any_reached(rf"(st|atom|red|cp\.reduce)\.{not_global}"),
@@ -239,14 +238,9 @@ def hist_kernel_configs():
             ("grad", uld_hist.grad_kernel, dict(grad, GATHER=False, HAS_CE=False), 4),
             ("grad gathered ce", uld_hist.grad_kernel, dict(grad, GATHER=True, HAS_CE=True), 4),
         ]
-        if dtype == torch.bfloat16 and gaps:  # (launch.HIST_GRAD_PROGRAMS and HIST_OVERLAP: not the default)
-            configs += [("grad persistent", uld_hist.grad_kernel, dict(grad, GATHER=False, HAS_CE=False,
-                                                                       PERSISTENT=True), 4),
-                        ("grad overlap", uld_hist.grad_kernel, dict(grad, GATHER=False, HAS_CE=False, PERSISTENT=True,
-                                                                    OVERLAP=True), 4),
-                        ("sign overlap", uld_hist.sign_kernel, dict(STORE_STUDENT=True, STORE_TEACHER=False,
-                                                                    USE_PTX=True, BLOCK=HIST_SIGN_BLOCK, GAPS=gaps, **pdl,
-                                                                    PERSISTENT=True, OVERLAP=True), sign_options)]
+        if dtype == torch.bfloat16 and gaps:  # (launch.HIST_GRAD_PROGRAMS: not the default)
+            configs.append(("grad persistent", uld_hist.grad_kernel, dict(grad, GATHER=False, HAS_CE=False,
+                                                                          PERSISTENT=True), 4))
         if dtype == torch.bfloat16:  # (no logits read)
             configs += [("sign", uld_hist.sign_kernel, dict(STORE_STUDENT=True, STORE_TEACHER=False, USE_PTX=True,
                                                            BLOCK=HIST_SIGN_BLOCK, GAPS=gaps, **pdl), sign_options),

@@ -94,22 +94,15 @@ def test_histogram_launches_wait_before_touching_tables(compiled):
     included): each configuration lets the next launch start, no path exits without waiting
     for the previous one, and before its wait hist_kernel's first launch reads (the logits) and
     counts in shared memory but writes nothing global and calls nothing, while every other
-    launch (hist_kernel's REDO, sign, finish, grad) touches no global memory at all. With
-    HIST_OVERLAP, the gradient launched after the next batch's counts lets the next launch
-    start only after its wait, and the sign pass launched after it works before its wait (at
-    its end), which every path still reaches."""
+    launch (hist_kernel's REDO, sign, finish, grad) touches no global memory at all."""
     from uld_kernels.launch import HIST_PDL
 
     hist = [c for c in compiled if c["name"].startswith("hist ")]
-    assert len(hist) == 22, [c["name"] for c in hist]
+    assert len(hist) == 20, [c["name"] for c in hist]
     assert HIST_PDL, "the shipped configurations are compiled with the dependent launches (ULD_HIST_PDL=1)"
     for c in hist:
-        assert c["launches_dependents"] and c["waits_on_every_path"] and not c["calls_before_wait"], c
-        if c["name"].startswith("hist sign overlap"):
-            assert c["launches_before_wait"] and c["global_reads_before_wait"], c
-            continue
-        assert c["launches_before_wait"] == (not c["name"].startswith("hist grad overlap")), c
-        assert not c["global_writes_before_wait"], c
+        assert c["launches_dependents"] and c["waits_on_every_path"], c
+        assert not c["global_writes_before_wait"] and not c["calls_before_wait"], c
         first_count = c["name"].startswith("hist hist") and not c["name"].endswith("gaps")  # (REDO: with gaps)
         if first_count:
             assert c["global_reads_before_wait"] and c["shared_counts_before_wait"], c

@@ -633,18 +633,14 @@ def test_minus_inf_masks_at_a_high_temperature(ts, device):
     _assert_matches_reference(launch.hist_rows(student, teacher, ts, tt, True, True, 1.0), student, teacher, ts, tt)
 
 
-@pytest.mark.parametrize("kind,setting", [("random", "persistent"), ("gathered_ce", "persistent"), ("random", "overlap"),
-                                          # (the overlap runs the persistent gradient too)
-                                          ("gapped", "overlap"), ("dense", "overlap"), ("gathered_ce", "overlap")])
-def test_gradient_grids_and_order_give_the_same_bits(kind, setting, device, monkeypatch):
+@pytest.mark.parametrize("kind", ["random", "gapped", "dense", "gathered_ce"])
+def test_persistent_gradient_gives_the_same_bits(kind, device, monkeypatch):
     """grad_kernel on a persistent grid (launch.HIST_GRAD_PROGRAMS: 4 programs here, each taking
-    every 4th of the batch's chunks), and with HIST_OVERLAP (each batch's gradient launched
-    after the next batch's counts, from a second set of tables; sign_kernel on a persistent
-    grid of 2 programs), give losses, statuses, cross-entropies and both gradients bit for bit
-    as the default does, on rows spanning two chunks (256 columns each under the interpreter,
-    32,768 on a GPU) and two batches (2 pairs each, under the interpreter and on a GPU here):
-    random rows, a gap (gapped), tiny sub-bins (dense at temperature 0.01) and the training
-    loss's gathered pairs with the cross-entropy (`helpers.gathered_pairs`: a padding pair)."""
+    every 4th of the batch's chunks) gives losses, statuses, cross-entropies and both gradients
+    bit for bit as one program a chunk does, on rows spanning two chunks (256 columns each under
+    the interpreter, 32,768 on a GPU) and two batches (2 pairs each): random rows, a gap
+    (gapped), tiny sub-bins (dense at temperature 0.01) and the training loss's gathered pairs
+    with the cross-entropy (`helpers.gathered_pairs`: a padding pair)."""
     from bench.shapes import make_rows
 
     vs = 300 if device == "cpu" else 40_000
@@ -662,14 +658,12 @@ def test_gradient_grids_and_order_give_the_same_bits(kind, setting, device, monk
         student, teacher = _rows(kind, 4, vs, vs * 5 // 6, torch.bfloat16, device, seed=6)
     monkeypatch.setattr(launch, "_sm_count", lambda index: 1)  # (the same grids on a GPU)
     monkeypatch.setattr(launch, "HIST_BATCH", 2)
-    monkeypatch.setattr(launch, "HIST_OVERLAP_SIGN_PROGRAMS", 2)
     results = []
-    for on in (False, True):
-        monkeypatch.setattr(launch, "HIST_GRAD_PROGRAMS", 4 if on else 0)
-        monkeypatch.setattr(launch, "HIST_OVERLAP", on and setting == "overlap")
+    for programs in (0, 4):
+        monkeypatch.setattr(launch, "HIST_GRAD_PROGRAMS", programs)
         results.append(launch.hist_pairs(student, teacher, *args, True, not kw, 1.0, fallback=False, **kw))
     assert not _flagged(results[0][1]).any(), f"rows flagged: no gradient written, status {results[0][1]}"
     for name, default, other in zip(("loss", "status", "cross-entropy", "student gradient", "teacher gradient"),
                                     *results):
         if default is not None:
-            assert torch.equal(default.view(torch.uint8), other.view(torch.uint8)), f"{name} differs ({setting})"
+            assert torch.equal(default.view(torch.uint8), other.view(torch.uint8)), f"{name} differs"

@@ -159,20 +159,6 @@ HIST_GRAD_CHUNK = int(os.environ.get("ULD_HIST_GRAD_CHUNK", 32768))  # columns p
 # sharing the SMs with the next batch's sign pass (bench/NOTES.md, Next 0 (h)). Not measured on
 # a GPU yet. Under the interpreter: the number of programs.
 HIST_GRAD_PROGRAMS = int(os.environ.get("ULD_HIST_GRAD_PROGRAMS", "0"))
-# "1": each batch's sign pass runs beside the previous batch's gradient (NOTES Next 0 (h);
-# uld_hist.py, "Dependent launches"): per batch hist, REDO, the previous batch's gradient, sign,
-# finish, with two sets of the tables the gradient reads (parameters, signs), at most
-# HIST_OVERLAP_BATCH pairs a batch (the workspace under 1 GiB), and a persistent sign grid of
-# HIST_OVERLAP_SIGN_PROGRAMS one-warp programs an SM (under the interpreter: that many in all).
-# Meant with HIST_GRAD_PROGRAMS (else the sign pass starts beside the gradient's last wave
-# only). Not measured on a GPU yet, and its sign pass reads its tables before any wait of its
-# own (uld_hist.sign_kernel, OVERLAP): "0", off, by default.
-HIST_OVERLAP = os.environ.get("ULD_HIST_OVERLAP", "0") != "0"
-HIST_OVERLAP_BATCH = int(os.environ.get("ULD_HIST_OVERLAP_BATCH", 4096))
-HIST_OVERLAP_SIGN_PROGRAMS = int(os.environ.get("ULD_HIST_OVERLAP_SIGN_PROGRAMS", 8))
-if HIST_OVERLAP_BATCH < 1 or HIST_OVERLAP_SIGN_PROGRAMS < 1:
-    raise ValueError(f"ULD_HIST_OVERLAP_BATCH and ULD_HIST_OVERLAP_SIGN_PROGRAMS must be 1 or more, got "
-                     f"{HIST_OVERLAP_BATCH} and {HIST_OVERLAP_SIGN_PROGRAMS}")
 if HIST_GRAD_PROGRAMS < 0:
     raise ValueError(f"ULD_HIST_GRAD_PROGRAMS must be 0 or more, got {HIST_GRAD_PROGRAMS}")
 # columns per step of its loop: 2,048 7.00 ms, 1,024 7.09 (tenth session, run 2)
@@ -377,22 +363,16 @@ def hist_pairs(student_logits, teacher_logits, student_temperature, teacher_temp
 
 def _hist_batches(row_loss, flags, row_ce, sides, grad_scale, n_pairs, on_gpu, row_weight, ce_label, ce_weight):
     """The histogram engine's launches (kernels/uld_hist.py), batch by batch: losses (and
-    cross-entropies) and flags of every pair, gradients of the unflagged ones. With
-    HIST_OVERLAP and a gradient wanted, a batch's gradient is launched after the next batch's
-    counts, before its signs, from a second set of the tables it reads."""
+    cross-entropies) and flags of every pair, gradients of the unflagged ones."""
     device = row_loss.device
     cap, slots = uld_hist.CAP.value, uld_hist.PARAM_SLOTS.value
-    overlap = HIST_OVERLAP and any(side[2] is not None for side in sides)
     # Batches of equal size (the last one is not a short tail of a few pairs), at most HIST_BATCH.
-    most = (min(HIST_BATCH, HIST_OVERLAP_BATCH) if overlap else HIST_BATCH) if on_gpu else 3
-    batch = triton.cdiv(n_pairs, triton.cdiv(n_pairs, most))
-    # (per batch: parameters and signs, the tables grad_kernel reads; two sets with the overlap)
-    tables = [(torch.empty(batch * 2 * slots, dtype=torch.float32, device=device),
-               torch.empty(batch * 2 * slots, dtype=torch.int32, device=device),
-               torch.empty(batch * 2 * cap, dtype=torch.float32, device=device))
-              for _ in range(1 + (overlap and batch < n_pairs))]
+    batch = triton.cdiv(n_pairs, triton.cdiv(n_pairs, HIST_BATCH if on_gpu else 3))
+    fparam = torch.empty(batch * 2 * slots, dtype=torch.float32, device=device)
+    iparam = torch.empty(batch * 2 * slots, dtype=torch.int32, device=device)
     counts = torch.empty(batch * 2 * cap, dtype=torch.int32, device=device)  # prefix counts per bin
     occupied = torch.empty(batch * 2 * cap, dtype=torch.int16, device=device)  # the occupied bins, listed
+    signs = torch.empty(batch * 2 * cap, dtype=torch.float32, device=device)
     use_ptx = on_gpu and SPLIT["smem"]
     simd16 = use_ptx and torch.cuda.get_device_capability(device) >= (9, 0)  # u16x2 instructions: sm_90 on
     # the histogram's slots without shared memory (the interpreter), apart from the prefix counts
@@ -406,29 +386,8 @@ def _hist_batches(row_loss, flags, row_ce, sides, grad_scale, n_pairs, on_gpu, r
     gather = student_index is not None
     has_ce = row_ce is not None
     unused = row_loss  # stands for pointers a configuration never reads
-    per_sm = _sm_count(device.index) if on_gpu else 1
-
-    def gradients(batch_start, rows, fparam, iparam, signs, after_counts):
-        for side, (logits, inv_t, grad, vocab, index) in enumerate(sides):
-            if grad is None:
-                continue
-            n_chunks = triton.cdiv(vocab, chunk)
-            n_work = rows * n_chunks
-            programs = min(n_work, HIST_GRAD_PROGRAMS * per_sm) or n_work
-            uld_hist.grad_kernel[(programs,)](
-                logits, index if gather else unused, grad, fparam, iparam, signs,
-                row_weight if gather else unused, ce_label if has_ce else unused, ce_weight if has_ce else unused,
-                batch_start, side, n_chunks, vocab, *_row_layout(logits), grad.stride(-2), inv_t, grad_scale, rows,
-                GATHER=gather, HAS_CE=has_ce and side == 0, UNIT_STRIDE=logits.stride(-1) == 1,
-                PREFETCH=HIST_PREFETCH or not on_gpu, USE_PTX=use_ptx, SIMD16=simd16, CHUNK=chunk,
-                BLOCK=block, GAPS=HIST_GAPS, PDL=pdl, PERSISTENT=programs < n_work,
-                OVERLAP=pdl and after_counts, launch_pdl=pdl, num_warps=4)
-            after_counts = False  # (a second side's gradient waits for the first's)
-
-    previous = None  # (with the overlap: the last batch's start, rows and tables, its gradient not launched)
-    for number, batch_start in enumerate(range(0, n_pairs, batch)):
+    for batch_start in range(0, n_pairs, batch):
         rows = min(batch, n_pairs - batch_start)
-        fparam, iparam, signs = tables[number % len(tables)]
         if not use_ptx:
             raw.zero_()
         # Both sides of every pair; with the gaps, again the rows that may take one, in a launch
@@ -444,27 +403,30 @@ def _hist_batches(row_loss, flags, row_ce, sides, grad_scale, n_pairs, on_gpu, r
                 PREFETCH=HIST_PREFETCH or not on_gpu, BLOCK=hist_block, TAIL_BLOCK=HIST_TAIL_BLOCK, GAPS=redo,
                 REDO=redo, PDL=pdl, launch_pdl=pdl and (batch_start > 0 or redo), num_warps=4,
                 **({"maxnreg": HIST_MAXNREG} if on_gpu and HIST_MAXNREG else {}))
-        if previous is not None:  # the last batch's gradient beside this batch's signs
-            gradients(*previous, after_counts=True)
-        beside = previous is not None
-        sign_programs = min(2 * rows, HIST_OVERLAP_SIGN_PROGRAMS * per_sm) if overlap else 2 * rows
-        uld_hist.sign_kernel[(sign_programs,) if sign_programs < 2 * rows else (rows, 2)](  # both sides of every pair
-            fparam, iparam, counts, occupied, signs, partial, student_inv_t, teacher_inv_t, 2 * rows,
+        uld_hist.sign_kernel[(rows, 2)](  # both sides of every pair
+            fparam, iparam, counts, occupied, signs, partial, student_inv_t, teacher_inv_t,
             STORE_STUDENT=student_grad is not None, STORE_TEACHER=teacher_grad is not None, USE_PTX=use_ptx,
-            BLOCK=HIST_SIGN_BLOCK if on_gpu else 512, GAPS=HIST_GAPS, PDL=pdl, PERSISTENT=sign_programs < 2 * rows,
-            OVERLAP=pdl and beside, launch_pdl=pdl, num_warps=HIST_SIGN_WARPS if on_gpu else 4,
+            BLOCK=HIST_SIGN_BLOCK if on_gpu else 512, GAPS=HIST_GAPS, PDL=pdl, launch_pdl=pdl,
+            num_warps=HIST_SIGN_WARPS if on_gpu else 4,
             **({"maxnreg": HIST_SIGN_MAXNREG} if on_gpu and HIST_GAPS and HIST_SIGN_MAXNREG else {}))
         uld_hist.finish_kernel[(rows,)](
             fparam, iparam, counts, partial, row_loss, flags, batch_start, student_logits,
             student_index if gather else unused, ce_label if has_ce else unused, row_ce if has_ce else unused,
             student_vocab, *_row_layout(student_logits), GATHER=gather, HAS_CE=has_ce, GAPS=HIST_GAPS, PDL=pdl,
             launch_pdl=pdl, num_warps=1)
-        if overlap:
-            previous = (batch_start, rows, fparam, iparam, signs)
-        else:
-            gradients(batch_start, rows, fparam, iparam, signs, after_counts=False)
-    if previous is not None:
-        gradients(*previous, after_counts=False)
+        for side, (logits, inv_t, grad, vocab, index) in enumerate(sides):
+            if grad is None:
+                continue
+            n_chunks = triton.cdiv(vocab, chunk)
+            n_work = rows * n_chunks
+            programs = min(n_work, HIST_GRAD_PROGRAMS * (_sm_count(device.index) if on_gpu else 1)) or n_work
+            uld_hist.grad_kernel[(programs,)](
+                logits, index if gather else unused, grad, fparam, iparam, signs,
+                row_weight if gather else unused, ce_label if has_ce else unused, ce_weight if has_ce else unused,
+                batch_start, side, n_chunks, vocab, *_row_layout(logits), grad.stride(-2), inv_t, grad_scale, rows,
+                GATHER=gather, HAS_CE=has_ce and side == 0, UNIT_STRIDE=logits.stride(-1) == 1,
+                PREFETCH=HIST_PREFETCH or not on_gpu, USE_PTX=use_ptx, SIMD16=simd16, CHUNK=chunk,
+                BLOCK=block, GAPS=HIST_GAPS, PDL=pdl, PERSISTENT=programs < n_work, launch_pdl=pdl, num_warps=4)
 
 
 def uld_pairs(

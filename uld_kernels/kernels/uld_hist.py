@@ -1186,11 +1186,10 @@ def _live_from(count_ptr, first, after, total, dead, mask, USE_PTX: tl.constexpr
             total - _live_below(count_ptr, after, dead, mask, USE_PTX))
 
 
-@triton.jit(do_not_specialize=["n_sides"])  # (the batch's size: no compile per parity or multiple of 16)
+@triton.jit
 def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, list_ptr, sign_ptr, partial_ptr, student_inv_temperature,
-                teacher_inv_temperature, n_sides, STORE_STUDENT: tl.constexpr, STORE_TEACHER: tl.constexpr,
-                USE_PTX: tl.constexpr, BLOCK: tl.constexpr, GAPS: tl.constexpr = False, PDL: tl.constexpr = False,
-                PERSISTENT: tl.constexpr = False, OVERLAP: tl.constexpr = False):
+                teacher_inv_temperature, STORE_STUDENT: tl.constexpr, STORE_TEACHER: tl.constexpr,
+                USE_PTX: tl.constexpr, BLOCK: tl.constexpr, GAPS: tl.constexpr = False, PDL: tl.constexpr = False):
     """Signs of the occupied bins of one side (program_id(1): 0 student, 1 teacher) of one pair
     (program_id(0)) per program, BLOCK of them at a time from the side's list, written to the
     side's sign table when STORE_STUDENT / STORE_TEACHER (a gradient of that side is wanted;
@@ -1202,41 +1201,10 @@ def sign_kernel(fparam_ptr, iparam_ptr, count_ptr, list_ptr, sign_ptr, partial_p
     other side's first bins with k >= v and k > v, near the bin of the logit with that k
     there. The k of the neighbours settle them almost everywhere; where they do not (runs of
     equal k near logit 0, an estimate off by more than a bin), `_bound` searches, for the
-    whole block only when some lane needs it.
-
-    PERSISTENT: a grid of fewer programs over the batch's `n_sides` = 2 x pairs sides (side i:
-    pair i // 2, side i % 2), each program taking every num_programs-th side in turn.
-    OVERLAP (launch.HIST_OVERLAP, "Dependent launches"): launched after the previous batch's
-    gradient, which waited for this batch's counts before letting this launch start: it lets
-    the next launch start, works, and only then waits for the gradient, so that the two share
-    the SMs and its completion still implies the gradient's. Its reads of the batch's tables
-    come before any wait of its own: that the counts' writers completed before it started is
-    ordered, but their visibility to it (an SM's L1 could hold lines the previous batch's signs
-    read) is not promised by the PTX model (a review, twenty-third session): reading them
-    through L2 only (`.cg`), or a release / acquire flag, is owed before OVERLAP is a default."""
-    if OVERLAP:
-        gdc_launch_dependents()
-    else:
-        _after_previous_launch(PDL)
-    if PERSISTENT:
-        for index in tl.range(tl.program_id(0), n_sides, tl.num_programs(0)):
-            index = tl.zeros([], tl.int32) + index  # (a tensor under the interpreter too)
-            _sign_side(index // 2, index % 2, fparam_ptr, iparam_ptr, count_ptr, list_ptr, sign_ptr, partial_ptr,
-                       student_inv_temperature, teacher_inv_temperature, STORE_STUDENT, STORE_TEACHER, USE_PTX, BLOCK,
-                       GAPS)
-    else:
-        _sign_side(tl.program_id(0), tl.program_id(1), fparam_ptr, iparam_ptr, count_ptr, list_ptr, sign_ptr,
-                   partial_ptr, student_inv_temperature, teacher_inv_temperature, STORE_STUDENT, STORE_TEACHER,
-                   USE_PTX, BLOCK, GAPS)
-    if OVERLAP:
-        gdc_wait()
-
-
-@triton.jit
-def _sign_side(pair, side, fparam_ptr, iparam_ptr, count_ptr, list_ptr, sign_ptr, partial_ptr, student_inv_temperature,
-               teacher_inv_temperature, STORE_STUDENT: tl.constexpr, STORE_TEACHER: tl.constexpr,
-               USE_PTX: tl.constexpr, BLOCK: tl.constexpr, GAPS: tl.constexpr):
-    """sign_kernel's work on one side of one pair."""
+    whole block only when some lane needs it."""
+    _after_previous_launch(PDL)
+    pair = tl.program_id(0)
+    side = tl.program_id(1)
     own = (pair * 2 + side).to(tl.int64)
     other = (pair * 2 + 1 - side).to(tl.int64)
     store = tl.where(side == 0, STORE_STUDENT, STORE_TEACHER)
@@ -1385,29 +1353,22 @@ def finish_kernel(fparam_ptr, iparam_ptr, count_ptr, partial_ptr, row_loss_ptr, 
         tl.store(row_ce_ptr + batch_start + pair, tl.where((label >= 0) & (row >= 0), ce, 0.0))
 
 
-@triton.jit(do_not_specialize=["n_pairs"])  # (the batch's size: no compile per parity or multiple of 16)
+@triton.jit
 def grad_kernel(logits_ptr, index_ptr, grad_ptr, fparam_ptr, iparam_ptr, sign_ptr, row_weight_ptr, ce_label_ptr,
                 ce_weight_ptr, batch_start, side, n_chunks, vocab, seq_len, batch_stride, row_stride, col_stride,
                 grad_row_stride, inv_temperature, grad_scale, n_pairs, GATHER: tl.constexpr, HAS_CE: tl.constexpr,
                 UNIT_STRIDE: tl.constexpr, PREFETCH: tl.constexpr, USE_PTX: tl.constexpr, SIMD16: tl.constexpr,
                 CHUNK: tl.constexpr, BLOCK: tl.constexpr, GAPS: tl.constexpr = False, PDL: tl.constexpr = False,
-                PERSISTENT: tl.constexpr = False, OVERLAP: tl.constexpr = False):
+                PERSISTENT: tl.constexpr = False):
     """The gradient of one side (side 0 student: +, 1 teacher: -) of unflagged pairs, chunk by
     chunk: (p / T) * (sign at the element's slot - the side's sum of p * sign), times
     row_weight_ptr[pair] with GATHER (row index_ptr[pair] of the logits and of the gradient);
     with HAS_CE (student side) plus ce_weight * (softmax(z) - [i == label]). SIMD16 as in
     hist_kernel. PERSISTENT: fewer programs than the `n_pairs * n_chunks` chunks, each taking
-    every num_programs-th chunk in turn (launch.HIST_GRAD_PROGRAMS); else one chunk a program.
-    OVERLAP (launch.HIST_OVERLAP): the previous batch's gradient, launched after this batch's
-    counts: it waits for them first and only then lets the next launch (this batch's signs,
-    which then need not wait before their work) start."""
+    every num_programs-th chunk in turn (launch.HIST_GRAD_PROGRAMS); else one chunk a program."""
     if SIMD16:  # (launched on 4 warps, like hist_kernel)
         tl.static_assert(USE_PTX and BLOCK % (2 * SMEM_THREADS) == 0, "SIMD16: two logits per thread and step")
-    if OVERLAP:
-        gdc_wait()
-        gdc_launch_dependents()
-    else:
-        _after_previous_launch(PDL)
+    _after_previous_launch(PDL)
     if PERSISTENT:
         for program in tl.range(tl.program_id(0), n_pairs * n_chunks, tl.num_programs(0)):
             _grad_chunk(program, logits_ptr, index_ptr, grad_ptr, fparam_ptr, iparam_ptr, sign_ptr, row_weight_ptr,
