@@ -3,10 +3,10 @@ medians of uld_loss per (setting, kind), each setting timed once per round and t
 reversed every other round, so that no setting always meets the GPU at the same clock (an H200
 at its power limit lowers its SM clock within seconds; separate processes compared different
 clocks). A setting is a comma-separated list of launch.py attributes, e.g.
-``HIST_GRAD_PROGRAMS=8,HIST_PDL=False``; "default" is the module as imported. Each setting runs
+``HIST_BATCH=8192,HIST_PDL=False``; "default" is the module as imported. Each setting runs
 once untimed first (its kernels compiled outside the timed calls).
 
-    python bench/knob_rounds.py default HIST_GRAD_PROGRAMS=8 HIST_PDL=False
+    python bench/knob_rounds.py default HIST_PDL=False HIST_BATCH=8192
 """
 
 from __future__ import annotations

@@ -238,9 +238,6 @@ def hist_kernel_configs():
             ("grad", uld_hist.grad_kernel, dict(grad, GATHER=False, HAS_CE=False), 4),
             ("grad gathered ce", uld_hist.grad_kernel, dict(grad, GATHER=True, HAS_CE=True), 4),
         ]
-        if dtype == torch.bfloat16 and gaps:  # (launch.HIST_GRAD_PROGRAMS: not the default)
-            configs.append(("grad persistent", uld_hist.grad_kernel, dict(grad, GATHER=False, HAS_CE=False,
-                                                                          PERSISTENT=True), 4))
         if dtype == torch.bfloat16:  # (no logits read)
             configs += [("sign", uld_hist.sign_kernel, dict(STORE_STUDENT=True, STORE_TEACHER=False, USE_PTX=True,
                                                            BLOCK=HIST_SIGN_BLOCK, GAPS=gaps, **pdl), sign_options),

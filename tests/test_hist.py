@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import uld_kernels.launch as launch
-from tests.helpers import (assert_grads_close, assert_losses_close, cross_near_ties, examples, gathered_pairs,
+from tests.helpers import (assert_grads_close, assert_losses_close, cross_near_ties, examples,
                            reference_rows_and_grads)
 
 
@@ -631,39 +631,3 @@ def test_minus_inf_masks_at_a_high_temperature(ts, device):
     _assert_unflagged(alone[1], "rows masked with -inf")
     _assert_matches_reference(alone, student, teacher, ts, tt, what="fallback=False: ")
     _assert_matches_reference(launch.hist_rows(student, teacher, ts, tt, True, True, 1.0), student, teacher, ts, tt)
-
-
-@pytest.mark.parametrize("kind", ["random", "gapped", "dense", "gathered_ce"])
-def test_persistent_gradient_gives_the_same_bits(kind, device, monkeypatch):
-    """grad_kernel on a persistent grid (launch.HIST_GRAD_PROGRAMS: 4 programs here, each taking
-    every 4th of the batch's chunks) gives losses, statuses, cross-entropies and both gradients
-    bit for bit as one program a chunk does, on rows spanning two chunks (256 columns each under
-    the interpreter, 32,768 on a GPU) and two batches (2 pairs each): random rows, a gap
-    (gapped), tiny sub-bins (dense at temperature 0.01) and the training loss's gathered pairs
-    with the cross-entropy (`helpers.gathered_pairs`: a padding pair)."""
-    from bench.shapes import make_rows
-
-    vs = 300 if device == "cpu" else 40_000
-    args, kw = (1.5, 0.7), {}
-    if kind in ("gapped", "dense"):
-        student, teacher = make_rows(kind, 4, vs, vs, seed=5, device="cpu")
-        student, teacher = student.to(device), teacher.to(device)
-        args = (0.01, 0.01) if kind == "dense" else (1.0, 1.0)
-    elif kind == "gathered_ce":
-        g = torch.Generator().manual_seed(22)
-        student = (torch.randn(4, vs, generator=g) * 2).to(torch.bfloat16).to(device)
-        teacher = (torch.randn(4, vs * 5 // 6, generator=g) * 2).to(torch.bfloat16).to(device)
-        kw = gathered_pairs(student)
-    else:
-        student, teacher = _rows(kind, 4, vs, vs * 5 // 6, torch.bfloat16, device, seed=6)
-    monkeypatch.setattr(launch, "_sm_count", lambda index: 1)  # (the same grids on a GPU)
-    monkeypatch.setattr(launch, "HIST_BATCH", 2)
-    results = []
-    for programs in (0, 4):
-        monkeypatch.setattr(launch, "HIST_GRAD_PROGRAMS", programs)
-        results.append(launch.hist_pairs(student, teacher, *args, True, not kw, 1.0, fallback=False, **kw))
-    assert not _flagged(results[0][1]).any(), f"rows flagged: no gradient written, status {results[0][1]}"
-    for name, default, other in zip(("loss", "status", "cross-entropy", "student gradient", "teacher gradient"),
-                                    *results):
-        if default is not None:
-            assert torch.equal(default.view(torch.uint8), other.view(torch.uint8)), f"{name} differs"

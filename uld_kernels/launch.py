@@ -154,13 +154,6 @@ HIST_MAXNREG = int(os.environ.get("ULD_HIST_MAXNREG", 96))
 # blocks in flight per thread): 8.13 ms against 8.42 at 2,048 (ninth session, run 2).
 HIST_PREFETCH = os.environ.get("ULD_HIST_PREFETCH", "1") != "0"
 HIST_GRAD_CHUNK = int(os.environ.get("ULD_HIST_GRAD_CHUNK", 32768))  # columns per grad_kernel program
-# grad_kernel's programs an SM (0, the default: one program a chunk of HIST_GRAD_CHUNK columns):
-# a persistent grid, each program taking every n-th chunk, the first step towards the gradient
-# sharing the SMs with the next batch's sign pass (bench/NOTES.md, Next 0 (h)). Not measured on
-# a GPU yet. Under the interpreter: the number of programs.
-HIST_GRAD_PROGRAMS = int(os.environ.get("ULD_HIST_GRAD_PROGRAMS", "0"))
-if HIST_GRAD_PROGRAMS < 0:
-    raise ValueError(f"ULD_HIST_GRAD_PROGRAMS must be 0 or more, got {HIST_GRAD_PROGRAMS}")
 # columns per step of its loop: 2,048 7.00 ms, 1,024 7.09 (tenth session, run 2)
 HIST_GRAD_BLOCK = int(os.environ.get("ULD_HIST_GRAD_BLOCK", 2048))
 if HIST_BLOCK % 256 or HIST_GRAD_BLOCK % 256:  # two logits per thread of 4 warps (SIMD16)
@@ -418,15 +411,13 @@ def _hist_batches(row_loss, flags, row_ce, sides, grad_scale, n_pairs, on_gpu, r
             if grad is None:
                 continue
             n_chunks = triton.cdiv(vocab, chunk)
-            n_work = rows * n_chunks
-            programs = min(n_work, HIST_GRAD_PROGRAMS * (_sm_count(device.index) if on_gpu else 1)) or n_work
-            uld_hist.grad_kernel[(programs,)](
+            uld_hist.grad_kernel[(rows * n_chunks,)](
                 logits, index if gather else unused, grad, fparam, iparam, signs,
                 row_weight if gather else unused, ce_label if has_ce else unused, ce_weight if has_ce else unused,
-                batch_start, side, n_chunks, vocab, *_row_layout(logits), grad.stride(-2), inv_t, grad_scale, rows,
+                batch_start, side, n_chunks, vocab, *_row_layout(logits), grad.stride(-2), inv_t, grad_scale,
                 GATHER=gather, HAS_CE=has_ce and side == 0, UNIT_STRIDE=logits.stride(-1) == 1,
                 PREFETCH=HIST_PREFETCH or not on_gpu, USE_PTX=use_ptx, SIMD16=simd16, CHUNK=chunk,
-                BLOCK=block, GAPS=HIST_GAPS, PDL=pdl, PERSISTENT=programs < n_work, launch_pdl=pdl, num_warps=4)
+                BLOCK=block, GAPS=HIST_GAPS, PDL=pdl, launch_pdl=pdl, num_warps=4)
 
 
 def uld_pairs(

@@ -1356,39 +1356,18 @@ def finish_kernel(fparam_ptr, iparam_ptr, count_ptr, partial_ptr, row_loss_ptr, 
 @triton.jit
 def grad_kernel(logits_ptr, index_ptr, grad_ptr, fparam_ptr, iparam_ptr, sign_ptr, row_weight_ptr, ce_label_ptr,
                 ce_weight_ptr, batch_start, side, n_chunks, vocab, seq_len, batch_stride, row_stride, col_stride,
-                grad_row_stride, inv_temperature, grad_scale, n_pairs, GATHER: tl.constexpr, HAS_CE: tl.constexpr,
+                grad_row_stride, inv_temperature, grad_scale, GATHER: tl.constexpr, HAS_CE: tl.constexpr,
                 UNIT_STRIDE: tl.constexpr, PREFETCH: tl.constexpr, USE_PTX: tl.constexpr, SIMD16: tl.constexpr,
-                CHUNK: tl.constexpr, BLOCK: tl.constexpr, GAPS: tl.constexpr = False, PDL: tl.constexpr = False,
-                PERSISTENT: tl.constexpr = False):
+                CHUNK: tl.constexpr, BLOCK: tl.constexpr, GAPS: tl.constexpr = False, PDL: tl.constexpr = False):
     """The gradient of one side (side 0 student: +, 1 teacher: -) of unflagged pairs, chunk by
     chunk: (p / T) * (sign at the element's slot - the side's sum of p * sign), times
     row_weight_ptr[pair] with GATHER (row index_ptr[pair] of the logits and of the gradient);
     with HAS_CE (student side) plus ce_weight * (softmax(z) - [i == label]). SIMD16 as in
-    hist_kernel. PERSISTENT: fewer programs than the `n_pairs * n_chunks` chunks, each taking
-    every num_programs-th chunk in turn (launch.HIST_GRAD_PROGRAMS); else one chunk a program."""
+    hist_kernel."""
     if SIMD16:  # (launched on 4 warps, like hist_kernel)
         tl.static_assert(USE_PTX and BLOCK % (2 * SMEM_THREADS) == 0, "SIMD16: two logits per thread and step")
     _after_previous_launch(PDL)
-    if PERSISTENT:
-        for program in tl.range(tl.program_id(0), n_pairs * n_chunks, tl.num_programs(0)):
-            _grad_chunk(program, logits_ptr, index_ptr, grad_ptr, fparam_ptr, iparam_ptr, sign_ptr, row_weight_ptr,
-                        ce_label_ptr, ce_weight_ptr, batch_start, side, n_chunks, vocab, seq_len, batch_stride,
-                        row_stride, col_stride, grad_row_stride, inv_temperature, grad_scale, GATHER, HAS_CE,
-                        UNIT_STRIDE, PREFETCH, USE_PTX, SIMD16, CHUNK, BLOCK, GAPS)
-    else:
-        _grad_chunk(tl.program_id(0), logits_ptr, index_ptr, grad_ptr, fparam_ptr, iparam_ptr, sign_ptr,
-                    row_weight_ptr, ce_label_ptr, ce_weight_ptr, batch_start, side, n_chunks, vocab, seq_len,
-                    batch_stride, row_stride, col_stride, grad_row_stride, inv_temperature, grad_scale, GATHER, HAS_CE,
-                    UNIT_STRIDE, PREFETCH, USE_PTX, SIMD16, CHUNK, BLOCK, GAPS)
-
-
-@triton.jit
-def _grad_chunk(program, logits_ptr, index_ptr, grad_ptr, fparam_ptr, iparam_ptr, sign_ptr, row_weight_ptr,
-                ce_label_ptr, ce_weight_ptr, batch_start, side, n_chunks, vocab, seq_len, batch_stride, row_stride,
-                col_stride, grad_row_stride, inv_temperature, grad_scale, GATHER: tl.constexpr,
-                HAS_CE: tl.constexpr, UNIT_STRIDE: tl.constexpr, PREFETCH: tl.constexpr, USE_PTX: tl.constexpr,
-                SIMD16: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, GAPS: tl.constexpr):
-    """grad_kernel's work on chunk `program % n_chunks` of pair `program // n_chunks`."""
+    program = tl.program_id(0)
     pair = program // n_chunks
     chunk = program % n_chunks
     flag = tl.load(iparam_ptr + (pair * 2).to(tl.int64) * PARAM_SLOTS + _FLAG)
