@@ -46,7 +46,7 @@ if has worst; then  # the worst rows found (bench/NOTES.md, Next 1): every slow 
   done | tee "$OUT/worst.txt"
 fi
 if has check; then
-  timeout 40 python3 bench/check_hist.py --rows 512 --pairs qwen_llama3 qwen_qwen 2>&1 | grep -v -i warn \
+  timeout 200 python3 bench/check_hist.py --rows 512 --pairs qwen_llama3 qwen_qwen 2>&1 | grep -v -i warn \
     | cut -c1-200 | tee "$OUT/check.txt"
 fi
 if has bench; then
