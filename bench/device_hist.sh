@@ -35,7 +35,7 @@ if ls .whl/liger_kernel-*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-
 fi
 if has tests; then  # (all six files take ~15 minutes: two calls, ULD_TEST_FILES naming each one's half)
   for f in ${ULD_TEST_FILES:-test_hist_gaps test_hist_subbins test_hist_float32 test_hist test_hist_edges test_gpu}; do
-    echo "== $f"; timeout 240 python3 -m pytest "tests/$f.py" -q -p no:warnings -p no:cacheprovider 2>&1 | tail -3
+    echo "== $f"; timeout 420 python3 -m pytest "tests/$f.py" -q -p no:warnings -p no:cacheprovider 2>&1 | tail -3
   done | tee "$OUT/tests.txt"
 fi
 if has worst; then  # the worst rows found (bench/NOTES.md, Next 1): every slow kind on Qwen/Qwen, by temperature
