@@ -227,7 +227,7 @@ def _split_tiny_rows(seed):
     return s.to(torch.bfloat16), teacher.to(torch.bfloat16)
 
 
-@pytest.mark.parametrize("ts", [0.5, 1.0])
+@pytest.mark.parametrize("ts", [0.5])  # (1.0 too until the twenty-fifth session: CI's time)
 def test_split_tiny_bins_are_counted_again_scaled_up(ts, device, monkeypatch):
     """Rows whose largest logit is small split their tiny bin (logits near 0 of different k).
     Counted again with their values scaled up (a negative shift: hist_kernel, "Split tiny
@@ -608,7 +608,7 @@ def test_the_cross_entropy_checks_the_tiny_bin_at_its_own_temperature(device, mo
     assert_losses_close(ours[2], trie[2], torch.bfloat16, what="cross-entropy")
 
 
-@settings(max_examples=examples(9), deadline=None, derandomize=True,
+@settings(max_examples=examples(6), deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**31 - 1), student_vocab=st.integers(1, 300), teacher_vocab=st.integers(1, 300),
        scale=st.sampled_from([2.0 ** -10, 0.5, 2.0, 8.0]), near=st.booleans(),

@@ -199,7 +199,7 @@ def _tiny_top_rows(v, seed):
     return s.to(BF16)
 
 
-@pytest.mark.parametrize("ts", [0.5, 1.0, 2.0, 4.0])
+@pytest.mark.parametrize("ts", [0.5, 4.0])  # (1.0 and 2.0 too until the twenty-fifth session: CI's time)
 def test_rows_whose_largest_logit_is_in_the_tiny_bin(ts, device):
     """Student rows whose top is the tiny bin (its stand-in 0; c96c10d had moved it to
     2**-23 - 2**-31): <= 0 with zeros, all 0, tiny only, and masked with -inf (at 4 the low bin's p is

@@ -387,7 +387,7 @@ def _check_rows_with_a_nan_row(kind, device, seed):
                        per_tie_group=kind in ("integers",))
 
 
-@pytest.mark.parametrize("kind", ["random", "near", "integers"])
+@pytest.mark.parametrize("kind", ["near"])  # (the deepest tries; also random and integers before the 25th session)
 def test_without_prefetch(kind, device, monkeypatch):
     """ULD_PREFETCH=0: the count, loss and gradient loops load each block where they use it
     instead of one iteration ahead (the default). Same results."""
@@ -396,8 +396,7 @@ def test_without_prefetch(kind, device, monkeypatch):
     _check_rows_with_a_nan_row(kind, device, seed=41)
 
 
-@pytest.mark.parametrize("cap", [1, 1 << 20])
-@pytest.mark.parametrize("kind", ["random", "near", "integers"])
+@pytest.mark.parametrize("cap,kind", [(1, "random"), (1, "near"), (1, "integers"), (1 << 20, "integers")])
 def test_level_cap(cap, kind, device, monkeypatch):
     """ULD_LEVEL_CAP bounds the entries under the root's open buckets past 4 bits each: 1 keeps
     just the 4 bits (more levels), a huge cap none (as before the cap). Same results."""
