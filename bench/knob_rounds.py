@@ -6,7 +6,7 @@ clocks). A setting is a comma-separated list of launch.py attributes, e.g.
 ``HIST_BATCH=8192,HIST_PDL=False``; "default" is the module as imported. Each setting runs
 once untimed first (its kernels compiled outside the timed calls).
 
-    python bench/knob_rounds.py default HIST_PDL=False HIST_BATCH=8192
+    python bench/knob_rounds.py --kinds random,peaked default HIST_PDL=False HIST_BATCH=8192
 """
 
 from __future__ import annotations
@@ -50,16 +50,20 @@ def main() -> None:
     parser.add_argument("settings", nargs="+")
     parser.add_argument("--rows", type=int, default=16384)
     parser.add_argument("--pair", default="qwen_llama3", choices=list(VOCAB_PAIRS))
-    parser.add_argument("--kinds", nargs="+", default=["random", "peaked"], choices=list(KINDS))
+    parser.add_argument("--kinds", default="random,peaked",
+                        help=f"comma-separated, of {', '.join(KINDS)} (one argument: settings may follow it)")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--rep", type=int, default=100, help="do_bench's rep per round, in milliseconds")
     args = parser.parse_args()
 
+    kinds = args.kinds.split(",")
+    if unknown := [kind for kind in kinds if kind not in KINDS]:
+        raise SystemExit(f"knob_rounds: --kinds: unknown {unknown}; expected some of {list(KINDS)}")
     settings = {spec: parse_setting(spec) for spec in args.settings}
     names = {name for setting in settings.values() for name in setting}
     defaults = {name: getattr(launch, name) for name in names}
     vs, vt = VOCAB_PAIRS[args.pair]
-    for kind in args.kinds:
+    for kind in kinds:
         student, teacher = make_rows(kind, args.rows, vs, vt, seed=args.rows + vs + vt)
         student.requires_grad_(True)
 
