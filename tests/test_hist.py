@@ -392,25 +392,17 @@ def _interpreter_exp2_zero_from() -> float:
     """The largest float32 k whose exp2 the interpreter gives as 0. It depends on numpy's SIMD
     path for the CPU: -149.5 or so on the machines this test was written on, -150 (rounded to
     the nearest subnormal) on an AVX2 machine without AVX-512 (numpy 2.3.5)."""
-    zero, nonzero = np.float32(-160.0), np.float32(-140.0)
-    assert _interpreter_exp2(zero) == 0 and _interpreter_exp2(nonzero) > 0
-    while np.nextafter(zero, nonzero) != nonzero:  # (bisection over float32 values)
-        mid = np.float32((zero + nonzero) / 2)
-        if mid in (zero, nonzero):
-            mid = np.nextafter(zero, nonzero)
-        if _interpreter_exp2(mid) == 0:
-            zero = mid
-        else:
-            nonzero = mid
-    return float(zero)
+    bits = np.arange(np.float32(120).view(np.int32), np.float32(160).view(np.int32), dtype=np.int32)
+    k = -bits.view(np.float32)  # every float32 from -120 down to -160, on numpy's array path
+    return float(k[np.exp2(k) == 0].max())
 
 
 def test_tiny_logits_live_where_zero_is_not(device, monkeypatch):
     """The tiny bin stands for |z| < 2**-23 and takes the k of 0. At a student temperature
     where p(0) underflows to 0 while p(1e-7) does not (top 0.125: k(0) = -0.125 * scale just
-    past the threshold: below 2**-126 the GPU's exp2 flushes to 0, from about 2**-149.5 or
-    2**-150 on the interpreter's numpy does, by the CPU), the tiny elements are live and the bin splits: the pair must be
-    flagged (the review of b3d5d6a found it unflagged, and its tiny elements' sign entries
+    past the threshold: below 2**-126 the GPU's exp2 flushes to 0, the interpreter's numpy from
+    about 2**-149.5 or 2**-150 by the CPU), the tiny elements are live and the bin splits: the
+    pair must be flagged (the review of b3d5d6a found it unflagged, and its tiny elements' sign entries
     never written), and through the fallback the trie's. (Without gaps: the gap between the
     tiny bin and -5 would resolve the tiny logits one by one, "Gaps".)"""
     monkeypatch.setattr(launch, "HIST_GAPS", False)
