@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import uld_kernels.launch as launch
-from tests.helpers import (assert_grads_close, assert_losses_close, cross_near_ties, examples,
+from tests.helpers import (assert_grads_close, assert_losses_close, cross_near_ties, examples, poison_workspaces,
                            reference_rows_and_grads)
 
 
@@ -317,9 +317,11 @@ def test_the_fallback_walks_more_pairs_than_programs(device, monkeypatch):
         assert torch.equal(mine[kept], engine[kept]), f"the fallback changed the {name} of an unflagged row"
 
 
-def test_masked_logits(device):
+def test_masked_logits(device, monkeypatch):
     """-inf logits (probability 0): a row masked on the student side, one on both sides:
-    exact, zero gradient where masked, and the engine's own rows."""
+    exact, zero gradient where masked, and the engine's own rows. The workspaces start as NaN:
+    grad_kernel reads the sign of every element's slot, those of p = 0 too."""
+    poison_workspaces(monkeypatch, launch)
     student, teacher = _rows("random", 2, 200, 150, torch.bfloat16, device, seed=3)
     student[0, ::3] = -math.inf
     student[1, 100:] = -math.inf
@@ -333,12 +335,15 @@ def test_masked_logits(device):
     assert (grad_s[masked_s] == 0).all() and (grad_t[masked_t] == 0).all(), "masked logits must get zero gradient"
 
 
-def test_logits_of_zero_probability_in_bins_of_their_own(device):
+def test_logits_of_zero_probability_in_bins_of_their_own(device, monkeypatch):
     """Logits from -200 to -100 (a third of each row) and -1e4 (a few) have probability 0 at
     these temperatures (below 2**-126) for the most part, in bins of their own below the row's
-    first live one (hist_kernel's bisection), whose bins sign_kernel skips: the rows stay the
-    engine's own and exact. (Those elements lie below every live value, so they change no
-    count above one; skipping live bins, as a first live bin found far too high would, does.)"""
+    first live one (hist_kernel's bisection), whose bins sign_kernel skips (writing their signs
+    as 0: the workspaces start as NaN here, and grad_kernel reads every element's sign): the
+    rows stay the engine's own and exact. (Those elements lie below every live value, so they
+    change no count above one; skipping live bins, as a first live bin found far too high
+    would, does.)"""
+    poison_workspaces(monkeypatch, launch)
     student, teacher = _rows("random", 2, 450, 380, torch.bfloat16, device, seed=71)
     g = torch.Generator().manual_seed(72)
     student[:, ::3] = (-100.0 - 100.0 * torch.rand(2, 150, generator=g)).to(student)

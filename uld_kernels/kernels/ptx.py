@@ -143,6 +143,8 @@ _DESCEND_ASM = const(
 _GATHER_ASM = const(
     "{ .reg .pred p; .reg .u64 a; mov.b32 $0, 0; setp.ne.s32 p, $2, 0; mad.wide.s32 a, $1, 4, $3; "
     "@p ld.global.nc.f32 $0, [a]; }")
+# Unmasked (every lane reads): $1 index, $2 base.
+_GATHER_ALL_ASM = const("{ .reg .u64 a; mad.wide.s32 a, $1, 4, $2; ld.global.nc.f32 $0, [a]; }")
 
 
 def _scatter_asm(kind: str, size: int) -> str:
@@ -401,15 +403,23 @@ def descend(sign, entry, key, child_ptr, sign_ptr, shift, digit_mask):
 
 @triton.jit
 def gather_f32(base_ptr, index, mask, NC: tl.constexpr = True):
-    """base_ptr[index] where mask, else 0 (float32). NC: through the read-only (non-coherent)
-    path, for a table that does not change during the kernel; else a plain load, which sees
-    what this program wrote before a barrier."""
-    if NC:
-        asm: tl.constexpr = _GATHER_ASM
+    """base_ptr[index] where mask, else 0 (float32); mask None: every lane, no predicate
+    (the NC form only). NC: through the read-only (non-coherent) path, for a table that does
+    not change during the kernel; else a plain load, which sees what this program wrote
+    before a barrier."""
+    if mask is None:
+        tl.static_assert(NC, "an unmasked gather: the read-only path")
+        value = tl.inline_asm_elementwise(_GATHER_ALL_ASM, "=r,r,l", [index, base_ptr + tl.zeros_like(index)],
+                                          dtype=tl.float32, is_pure=True, pack=1)
     else:
-        asm: tl.constexpr = _GATHER_COHERENT_ASM
-    return tl.inline_asm_elementwise(asm, "=r,r,r,l", [index, mask.to(tl.int32), base_ptr + tl.zeros_like(index)],
-                                     dtype=tl.float32, is_pure=True, pack=1)
+        if NC:
+            asm: tl.constexpr = _GATHER_ASM
+        else:
+            asm: tl.constexpr = _GATHER_COHERENT_ASM
+        value = tl.inline_asm_elementwise(asm, "=r,r,r,l", [index, mask.to(tl.int32),
+                                                            base_ptr + tl.zeros_like(index)],
+                                          dtype=tl.float32, is_pure=True, pack=1)
+    return value
 
 
 @triton.jit

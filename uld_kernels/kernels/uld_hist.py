@@ -1050,17 +1050,21 @@ def _bound(v, start, top, log_sum, scale, active, STRICT: tl.constexpr, gap_at=0
 
 
 @triton.jit
-def _bin_signs(bins, active, own_ge, own_gt, own_count, other_count, own_dead, other_dead, own_top, own_log_sum,
-               own_scale, other_top, other_log_sum, other_scale, own_total, other_total, sign_ptr, side, store,
-               own_gap_at, own_gap, other_gap_at, other_gap, own_subs, other_subs, USE_PTX: tl.constexpr,
+def _bin_signs(bins, listed, active, own_ge, own_gt, own_count, other_count, own_dead, other_dead, own_top,
+               own_log_sum, own_scale, other_top, other_log_sum, other_scale, own_total, other_total, sign_ptr, side,
+               store, own_gap_at, own_gap, other_gap_at, other_gap, own_subs, other_subs, USE_PTX: tl.constexpr,
                SUB: tl.constexpr):
-    """sign_kernel's work on one block of occupied bins (`active` lanes; own_ge and own_gt:
-    the side's live elements from the bin on and past it) of side `side`: their signs (stored
-    at their slots from sign_ptr where `store`) and their count * p * sign (float64, per
+    """sign_kernel's work on one block of occupied bins (`listed` lanes; `active` those of
+    nonzero p; own_ge and own_gt: the side's live elements from the bin on and past it) of side
+    `side`: their signs (stored at their slots from sign_ptr where `store`; 0 for the listed
+    bins of probability 0, so that every slot an element of the row falls in holds a finite
+    value: grad_kernel gathers without a mask) and their count * p * sign (float64, per
     lane). SUB: either side may count its tiny bin in sub-bins (own_subs, other_subs:
     `_sub_bins_of`); a side's own tiny bin then is `_sub_signs`' work."""
+    written = listed
     if SUB:
         active &= (bins != _TINY) | (own_subs[1] == 0)
+        written &= active | (own_ge <= own_gt)
     count = own_ge - own_gt  # the bin's own elements
     v = _k_of_bins(bins, own_top, own_log_sum, own_scale, False, own_gap_at, own_gap)
     # The four bounds from the neighbours' k, where a run of equal k or a missed estimate
@@ -1101,13 +1105,15 @@ def _bin_signs(bins, active, own_ge, own_gt, own_count, other_count, own_dead, o
     sign = tl.where(side == 0, sign, -sign)
     if store:  # at the bins' slots, the tiny bin's at both of its own
         slots = _slot_of_bin(bins)
+        stored = tl.where(active, sign, 0.0)
         if USE_PTX:  # (the operands' layout)
-            sign_bits = sign.to(tl.int32, bitcast=True)
-            scatter(sign_ptr, slots, sign_bits, active, True)
-            scatter(sign_ptr, tl.full(bins.shape, _NEG_TINY_SLOT, tl.int32), sign_bits, active & (bins == _TINY), True)
+            sign_bits = stored.to(tl.int32, bitcast=True)
+            scatter(sign_ptr, slots, sign_bits, written, True)
+            scatter(sign_ptr, tl.full(bins.shape, _NEG_TINY_SLOT, tl.int32), sign_bits, written & (bins == _TINY),
+                    True)
         else:
-            tl.store(sign_ptr + slots, sign, mask=active)
-            tl.store(sign_ptr + _NEG_TINY_SLOT + tl.zeros_like(bins), sign, mask=active & (bins == _TINY))
+            tl.store(sign_ptr + slots, stored, mask=written)
+            tl.store(sign_ptr + _NEG_TINY_SLOT + tl.zeros_like(bins), stored, mask=written & (bins == _TINY))
     p = _exp2(tl.minimum(v, 0.0))  # (k <= 0 where occupied)
     return tl.where(active, count.to(tl.float64) * p.to(tl.float64) * sign.to(tl.float64), 0.0)
 
@@ -1286,10 +1292,10 @@ def _sign_bins(list_at, listed, own_count, other_count, own_dead, other_dead, ow
         next_ge, next_gt = _live_from(own_count, ahead, ahead + 1, own_total, own_dead,
                                       start + BLOCK + lanes < listed, USE_PTX)
         active = own_ge > own_gt  # (occupied bins of probability 0 come first in the list: skipped)
-        masses += _bin_signs(bins, active, own_ge, own_gt, own_count, other_count, own_dead, other_dead, own_top,
-                             own_log_sum, own_scale, other_top, other_log_sum, other_scale, own_total, other_total,
-                             signs, side, store, own_gap_at, own_gap, other_gap_at, other_gap, own_subs, other_subs,
-                             USE_PTX, SUB)
+        masses += _bin_signs(bins, start + lanes < listed, active, own_ge, own_gt, own_count, other_count, own_dead,
+                             other_dead, own_top, own_log_sum, own_scale, other_top, other_log_sum, other_scale,
+                             own_total, other_total, signs, side, store, own_gap_at, own_gap, other_gap_at, other_gap,
+                             own_subs, other_subs, USE_PTX, SUB)
         bins = ahead
         ahead = later
         own_ge = next_ge
@@ -1439,10 +1445,19 @@ def _grad_span(row_ptr, grad_row, signs, begin, stop, vocab, col_stride, scale, 
         slots = _slots(raw, shift, SIMD16, gap_at, gap)
         if SUB:  # (a tiny element's sign: its sub-bin's entry, past the slots)
             slots = tl.where(_in_tiny_bin(slots) & (sub_n > 0), _SUB_SIGN + _sub_bin(k, sub_key), slots)
+        # Every slot of the row's elements holds a finite value (sign_kernel writes 0 for the
+        # listed bins of p = 0), so no mask: a lane of p = 0 gets 0 * finite. Sub-bin entries
+        # are read where p > 0 only. (Lanes past the row read the tiny bin's slot, maybe
+        # unwritten; their store is masked.)
         if USE_PTX:  # the table is read-only here: the non-coherent path, one wide address add
-            sign = gather_f32(signs, slots, p > 0.0)
-        else:
+            if SUB:
+                sign = gather_f32(signs, slots, p > 0.0)
+            else:
+                sign = gather_f32(signs, slots, None)
+        elif SUB:
             sign = tl.load(signs + slots, mask=p > 0.0, other=0.0)
+        else:
+            sign = tl.load(signs + slots)
         grad = p * (sign * factor - mass_factor)  # (a fused multiply-add, and one product)
         if HAS_CE:  # the cross-entropy's softmax, temperature 1
             grad += ce_factor * (_exp2(_log2_prob(z, LOG2E, top, ce_log_sum))
