@@ -15,7 +15,9 @@ setup(
         # numpy < 2.4: Triton 3.6's interpreter (the CPU test path) calls int() on 1-element
         # arrays, which numpy 2.4 turned into an error. hypothesis: property-based tests.
         # pytest-xdist: the interpreter runs on one core per process; CI has two.
-        "test": ["pytest>=8", "pytest-timeout", "numpy>=1.26,<2.4", "hypothesis>=6.100", "pytest-xdist>=3"],
+        "test": ["pytest>=8", "pytest-timeout", "numpy>=1.26,<2.4", "hypothesis>=6.100", "pytest-xdist>=3",
+                 # (tests/test_compile_sm90.py: its compile shared by the xdist workers; also torch's)
+                 "filelock"],
         "bench": ["matplotlib"],
     },
 )

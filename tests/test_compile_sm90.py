@@ -12,20 +12,36 @@ import subprocess
 import sys
 
 import pytest
+from filelock import FileLock
 
-# One worker runs this file (`--dist loadgroup`): the module fixture compiles every configuration.
+# Mostly one worker runs this file (`--dist loadgroup`), but xdist still gave two of its tests
+# to the other worker near the end of a CI run, and each worker compiled everything (115 s of
+# a 2-core machine each). The compile runs once a session: the first worker to need it writes
+# its output where every worker of the session finds it, under a lock.
 pytestmark = pytest.mark.xdist_group("sm90")
 
 _SCRIPT = os.path.join(os.path.dirname(__file__), "aot_sm90.py")
 
 
-@pytest.fixture(scope="module")
-def compiled():
+def _compile_all() -> str:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, _SCRIPT], capture_output=True, text=True, env=env,
                           timeout=900)
     assert proc.returncode == 0, f"sm_90 compile failed:\n{proc.stderr[-4000:]}"
-    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return proc.stdout
+
+
+@pytest.fixture(scope="session")
+def compiled(tmp_path_factory):
+    if "PYTEST_XDIST_WORKER" not in os.environ:  # (no xdist: this process alone)
+        out = _compile_all()
+    else:  # the parent of a worker's base directory is this session's, shared by its workers
+        shared = tmp_path_factory.getbasetemp().parent / "aot_sm90.out"
+        with FileLock(str(shared) + ".lock"):
+            if not shared.is_file():
+                shared.write_text(_compile_all())
+            out = shared.read_text()
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
 def test_every_configuration_compiles(compiled):
