@@ -1447,8 +1447,8 @@ def _grad_span(row_ptr, grad_row, signs, begin, stop, vocab, col_stride, scale, 
             slots = tl.where(_in_tiny_bin(slots) & (sub_n > 0), _SUB_SIGN + _sub_bin(k, sub_key), slots)
         # Every slot of the row's elements holds a finite value (sign_kernel writes 0 for the
         # listed bins of p = 0), so no mask: a lane of p = 0 gets 0 * finite. Sub-bin entries
-        # are read where p > 0 only. (Lanes past the row read the tiny bin's slot, maybe
-        # unwritten; their store is masked.)
+        # are read where p > 0 only. (Lanes past the row load -inf and read the low slot, maybe
+        # unwritten; their store is masked, and nothing sums over the lanes.)
         if USE_PTX:  # the table is read-only here: the non-coherent path, one wide address add
             if SUB:
                 sign = gather_f32(signs, slots, p > 0.0)
