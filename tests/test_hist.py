@@ -199,11 +199,13 @@ PAST_256 = ["wide", "both_sides", "low_bin_live", "teacher_only", "minus_inf", "
 
 
 @pytest.mark.parametrize("case", PAST_256)
-def test_rows_past_256_are_counted_again_shifted_and_exact(case, device):
+def test_rows_past_256_are_counted_again_shifted_and_exact(case, device, monkeypatch):
     """A row whose finite logits reach magnitudes >= 256 (or, at a high temperature, whose
     logits <= -256 have a probability), masked with -inf or not, is counted a second time with
     its magnitude bits shifted by whole binades (hist_kernel, "Rows past 256"): the engine keeps
-    it (unflagged, nothing reaches the trie) and its loss and both gradients match float64."""
+    it (unflagged, nothing reaches the trie) and its loss and both gradients match float64.
+    The workspaces start as NaN: the gradient reads the signs of the second count's slots."""
+    poison_workspaces(monkeypatch, launch)
     student, teacher, (ts, tt) = _past_256_rows(case, seed=PAST_256.index(case) + 40)
     student, teacher = student.to(device), teacher.to(device)
     finite = torch.cat([student.float().flatten(), teacher.float().flatten()])

@@ -17,7 +17,7 @@ import uld_kernels.launch as launch
 from uld_kernels.kernels import uld_hist
 from uld_kernels.kernels.ptx import SLOT_M_LO, smem_add_one, smem_count_bf16_gap, smem_load, smem_zero
 from bench.shapes import NO_GAP, tiny_top_rows
-from tests.helpers import assert_gathered_pairs_match_the_trie, assert_hist_exact, hist_flags
+from tests.helpers import assert_gathered_pairs_match_the_trie, assert_hist_exact, hist_flags, poison_workspaces
 
 BF16 = torch.bfloat16
 DEAD = -200.0  # p = 0 at the temperatures here; its magnitude rules out a scaling up
@@ -38,7 +38,8 @@ def test_split_tiny_bins_with_a_gap_are_the_engines(device, monkeypatch):
     """Tiny logits carrying the probability, a tail near -60 and a dead -200: flagged without
     gaps (ULD_HIST_GAPS=0, the default), the engine's own with them, exact. At the teacher's temperature
     its tiny bin does not split, but it holds the row's largest logit: it takes a gap too (its
-    top then the logit itself, as on the student's side)."""
+    top then the logit itself, as on the student's side). The workspaces start as NaN: the
+    gradient reads the sign of every element's slot, the dead -200's too."""
     student, teacher = (x.to(device) for x in _rows(41, 2, 200, 160))
     ts, tt = 0.5, 2.0
     monkeypatch.setattr(launch, "HIST_GAPS", False)
@@ -46,6 +47,7 @@ def test_split_tiny_bins_with_a_gap_are_the_engines(device, monkeypatch):
     monkeypatch.setattr(launch, "HIST_GAPS", True)
     flags = hist_flags(student, teacher, ts, tt)
     assert (flags == 0).all(), f"flags {flags.tolist()}: the gap keeps these rows in the engine"
+    poison_workspaces(monkeypatch, launch)
     assert_hist_exact(student, teacher, ts, tt, "gap")
 
 
