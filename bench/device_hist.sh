@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The histogram engine's recorded run, in device calls of at most 10 minutes (the tests alone need two). Steps (ULD_STEPS, in
-# this order; default all but stress and worst): tests (test_hist_gaps.py, test_hist_subbins.py,
+# this order; default all but stress, worst and power): tests (test_hist_gaps.py, test_hist_subbins.py,
 # test_hist_float32.py, test_hist.py, test_hist_edges.py, test_gpu.py, one pytest call each;
 # ULD_TEST_FILES picks some), worst (the slowest kinds on Qwen/Qwen at six temperatures), check (agreement with
 # the trie engine), bench (the table against the reference and Liger's fused JSD), fresh
 # (Qwen/Llama-3 random and peaked, each in its own process), host (a
 # call's host and GPU time, and each layer's host time: profile_host.py), passes (per-kernel GPU time), distill (the
-# training loss), scaling (table and plot), stress (the largest shape); then knob settings to
+# training loss), scaling (table and plot), stress (the largest shape), power (energy per call
+# of random and peaked rows, forward+backward and forward alone: power_per_call.py); then knob settings to
 # weigh, given as arguments. Logs under $OUT. do_bench's warmup and rep are milliseconds: at
 # 12 ms a call, rep 300 takes the median of ~25 calls. Liger-Kernel is carried as a wheel in
 # .whl/ (a benchmark comparison, never a dependency): once, here, `echo /.whl/ >>
@@ -80,6 +81,10 @@ if has scaling; then
 fi
 if has stress; then
   timeout 50 python3 bench/stress.py --calls 10 2>&1 | grep -v -i warn | tail -6 | tee "$OUT/stress.txt"
+fi
+if has power; then  # (not by default: ~1 minute of calls back to back at the board's power limit)
+  timeout 150 python3 bench/power_per_call.py --kinds random,peaked --modes fwdbwd,fwd --seconds 6 --rounds 2 \
+    2>&1 | grep -E "^\|" | tee "$OUT/power.txt"
 fi
 for spec in "$@"; do
   echo "== $spec"

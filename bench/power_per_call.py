@@ -5,9 +5,12 @@ its 700 W limit within a second, and then its clock, so its time per call, follo
 energy a call takes (bench/NOTES.md, twenty-fifth and twenty-sixth sessions): two kinds with
 the same kernels' times can differ at the limit if one draws more power.
 
-    python bench/power_per_call.py --kinds random,peaked --seconds 6 --rounds 2
+    python bench/power_per_call.py --kinds random,peaked --seconds 6 --rounds 2 [--modes fwdbwd,fwd]
 
-Prints per kind and round: ms per call (wall time over the stretch / calls), the median board
+--modes picks what a call is: `fwdbwd` the forward+backward (the loss and the student's
+gradient), `fwd` the forward alone under torch.no_grad() (the histogram, sign and loss
+launches, no gradient pass): their difference is the gradient pass's share. Prints per kind,
+mode and round: ms per call (wall time over the stretch / calls), the median board
 power and SM clock of the samples past the first second, and joules per call (that power
 times the time per call).
 """
@@ -30,6 +33,20 @@ from bench.shapes import KINDS, VOCAB_PAIRS, make_rows  # noqa: E402
 from uld_kernels import uld_loss  # noqa: E402
 
 SETTLE_S = 1.0  # samples from a stretch's first second are left out (the board ramping up)
+
+
+def _forward_backward(student, teacher):
+    return lambda: torch.autograd.grad(uld_loss(student, teacher), student)
+
+
+def _forward(student, teacher):
+    def call():
+        with torch.no_grad():
+            return uld_loss(student, teacher)
+    return call
+
+
+MODES = {"fwdbwd": _forward_backward, "fwd": _forward}  # what one call runs (--modes)
 
 
 class PowerLog:
@@ -85,10 +102,14 @@ def main() -> None:
     parser.add_argument("--kinds", default="random,peaked", help=f"comma-separated, of {', '.join(KINDS)}")
     parser.add_argument("--seconds", type=float, default=6.0, help="each kind's stretch of calls per round")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--modes", default="fwdbwd", help=f"comma-separated, of {', '.join(MODES)}")
     args = parser.parse_args()
     kinds = args.kinds.split(",")
     if unknown := [kind for kind in kinds if kind not in KINDS]:
         raise SystemExit(f"power_per_call: --kinds: unknown {unknown}; expected some of {list(KINDS)}")
+    modes = args.modes.split(",")
+    if unknown := [mode for mode in modes if mode not in MODES]:
+        raise SystemExit(f"power_per_call: --modes: unknown {unknown}; expected some of {list(MODES)}")
     if args.seconds <= SETTLE_S:
         raise SystemExit(f"power_per_call: --seconds must exceed the {SETTLE_S} s left out at each stretch's start")
     if not torch.cuda.is_available():
@@ -99,19 +120,20 @@ def main() -> None:
     for kind in kinds:
         student, teacher = make_rows(kind, args.rows, vs, vt, seed=args.rows + vs + vt)
         student.requires_grad_(True)
-        calls[kind] = (lambda s=student, t=teacher: torch.autograd.grad(uld_loss(s, t), s))
-        calls[kind]()  # untimed: compiles
+        for mode in modes:
+            calls[kind, mode] = MODES[mode](student, teacher)
+            calls[kind, mode]()  # untimed: compiles
     log = PowerLog()
-    print("| kind | round | ms per call | board W | SM MHz | J per call | samples |", flush=True)
-    print("|---|---|---|---|---|---|---|", flush=True)
+    print("| kind | mode | round | ms per call | board W | SM MHz | J per call | samples |", flush=True)
+    print("|---|---|---|---|---|---|---|---|", flush=True)
     try:
         for round_ in range(args.rounds):
-            for kind in kinds if round_ % 2 == 0 else list(reversed(kinds)):
-                start, stop, n = stretch(calls[kind], args.seconds)
+            for kind, mode in calls if round_ % 2 == 0 else list(reversed(calls)):
+                start, stop, n = stretch(calls[kind, mode], args.seconds)
                 ms = (stop - start) * 1e3 / n
                 power, clock, samples = log.between(start + SETTLE_S, stop)
-                print(f"| {kind} | {round_ + 1} | {ms:.3f} | {power:.0f} | {clock:.0f} | {power * ms / 1e3:.3f} | "
-                      f"{samples} |", flush=True)
+                print(f"| {kind} | {mode} | {round_ + 1} | {ms:.3f} | {power:.0f} | {clock:.0f} | "
+                      f"{power * ms / 1e3:.3f} | {samples} |", flush=True)
     finally:
         log.close()
 
