@@ -95,21 +95,26 @@ def stretch(fn, seconds: float) -> tuple[float, float, int]:
     return start, time.monotonic(), calls
 
 
+def _listed(option: str, value: str, known) -> list[str]:
+    """The comma-separated names of `option`, each one of `known`."""
+    names = value.split(",")
+    if unknown := [name for name in names if name not in known]:
+        raise SystemExit(f"power_per_call: {option}: unknown {unknown}; expected some of {list(known)}")
+    return names
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=16384)
     parser.add_argument("--pair", default="qwen_llama3", choices=list(VOCAB_PAIRS))
     parser.add_argument("--kinds", default="random,peaked", help=f"comma-separated, of {', '.join(KINDS)}")
-    parser.add_argument("--seconds", type=float, default=6.0, help="each kind's stretch of calls per round")
+    parser.add_argument("--seconds", type=float, default=6.0,
+                        help="each (kind, mode)'s stretch of calls per round")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--modes", default="fwdbwd", help=f"comma-separated, of {', '.join(MODES)}")
     args = parser.parse_args()
-    kinds = args.kinds.split(",")
-    if unknown := [kind for kind in kinds if kind not in KINDS]:
-        raise SystemExit(f"power_per_call: --kinds: unknown {unknown}; expected some of {list(KINDS)}")
-    modes = args.modes.split(",")
-    if unknown := [mode for mode in modes if mode not in MODES]:
-        raise SystemExit(f"power_per_call: --modes: unknown {unknown}; expected some of {list(MODES)}")
+    kinds = _listed("--kinds", args.kinds, KINDS)
+    modes = _listed("--modes", args.modes, MODES)
     if args.seconds <= SETTLE_S:
         raise SystemExit(f"power_per_call: --seconds must exceed the {SETTLE_S} s left out at each stretch's start")
     if not torch.cuda.is_available():
