@@ -143,6 +143,10 @@ HIST_SIGN_MAXNREG = int(os.environ.get("ULD_HIST_SIGN_MAXNREG", 64))
 # uld_hist.py, "Dependent launches"): each one's programs placed while the previous drains.
 HIST_PDL = os.environ.get("ULD_HIST_PDL", "1") != "0"
 HIST_TAIL_BLOCK = 512  # bins per step of hist_kernel's pass over them: runs of 4 on each of 128 threads
+# hist_kernel's pass over bins, on the GPU (an experiment): 0 Triton's scan; 1 the counts read
+# without bank conflicts (ptx.smem_load_runs); 2 that and the scan across runs with one
+# barrier a step (ptx.scan_warps).
+HIST_SCAN = int(os.environ.get("ULD_HIST_SCAN", 0))
 # hist_kernel's register cap (0: none). Before rows past 256 were counted again (twelfth
 # session), ptxas took 84 uncapped (88 allocated: 5 programs an SM); 80 gave 74 without spills
 # and 6 programs, but measured no faster (6.94 against 6.88 ms, tenth session, run 3: the loop
@@ -392,7 +396,8 @@ def _hist_batches(row_loss, flags, row_ce, sides, grad_scale, n_pairs, on_gpu, r
                 teacher_index if gather else unused, counts, occupied, raw, fparam, iparam, batch_start,
                 student_vocab, teacher_vocab, *_row_layout(student_logits), *_row_layout(teacher_logits),
                 student_inv_t, teacher_inv_t, rows, GATHER=gather, STUDENT_UNIT_STRIDE=student_logits.stride(-1) == 1,
-                TEACHER_UNIT_STRIDE=teacher_logits.stride(-1) == 1, USE_PTX=use_ptx, SIMD16=simd16, HAS_CE=has_ce,
+                TEACHER_UNIT_STRIDE=teacher_logits.stride(-1) == 1, USE_PTX=use_ptx and 1 + HIST_SCAN, SIMD16=simd16,
+                HAS_CE=has_ce,
                 PREFETCH=HIST_PREFETCH or not on_gpu, BLOCK=hist_block, TAIL_BLOCK=HIST_TAIL_BLOCK, GAPS=redo,
                 REDO=redo, PDL=pdl, launch_pdl=pdl and (batch_start > 0 or redo), num_warps=4,
                 **({"maxnreg": HIST_MAXNREG} if on_gpu and HIST_MAXNREG else {}))

@@ -334,10 +334,76 @@ def _clamp_ends(bits, shift):
     return lo, hi
 
 
+# A thread's run of four consecutive slots (pack=4: $4..$7, in the run's order) read without
+# bank conflicts: lane l reads its run's words from (l >> 3) & 3 on, rotated, so that in each of
+# the four loads the 32 lanes' runs (4 words apart, or 4 words down: the negative slots) meet 32
+# banks (in order, lanes 8 apart read the same banks: a 4-way conflict, 3.9 wavefronts a load
+# on the H200); the values rotated back. p1, p2: the rotation's two bits, as two stages of
+# selects.
+_LOAD_RUN_ASM = const(
+    "{ .reg .u32 l, b, a0, a1, a2, a3, t0, t1, t2, t3, v0, v1, v2, v3; .reg .pred p1, p2; "
+    "mov.u32 l, %laneid; and.b32 b, l, 8; setp.ne.u32 p1, b, 0; and.b32 b, l, 16; setp.ne.u32 p2, b, 0; "
+    "selp.b32 t0, $5, $4, p1; selp.b32 t1, $6, $5, p1; selp.b32 t2, $7, $6, p1; selp.b32 t3, $4, $7, p1; "
+    "selp.b32 a0, t2, t0, p2; selp.b32 a1, t3, t1, p2; selp.b32 a2, t0, t2, p2; selp.b32 a3, t1, t3, p2; "
+    "mov.u32 b, uld_smem; mad.lo.u32 a0, a0, 4, b; mad.lo.u32 a1, a1, 4, b; mad.lo.u32 a2, a2, 4, b; "
+    "mad.lo.u32 a3, a3, 4, b; ld.shared.u32 v0, [a0]; ld.shared.u32 v1, [a1]; ld.shared.u32 v2, [a2]; "
+    "ld.shared.u32 v3, [a3]; "
+    "selp.b32 t0, v2, v0, p2; selp.b32 t1, v3, v1, p2; selp.b32 t2, v0, v2, p2; selp.b32 t3, v1, v3, p2; "
+    "selp.b32 $0, t3, t0, p1; selp.b32 $1, t0, t1, p1; selp.b32 $2, t1, t2, p1; selp.b32 $3, t2, t3, p1; }")
+# The exclusive prefix sums of int32 over a block whose threads each hold a run of four ($4..$7,
+# pack=4; thread t = 32 warp + lane holds run t): the run's total t, a warp scan of it by
+# shuffles, each warp's total to shared memory at word $12 + warp, one barrier, the earlier
+# warps' totals read back. $8: 0 or 4, alternate calls' words (a call's stores then never meet
+# the reads of the call before it: those came before this call's barrier in every thread).
+# `_WARPS_TOTAL_ASM` then reads the block's total from the same words.
+_SCAN_RUNS_ASM = const(
+    "{ .reg .u32 t, x, y, l, w, a, b0, b1, b2, b3, o, r1, r2; .reg .pred p; "
+    "add.u32 r1, $4, $5; add.u32 r2, r1, $6; add.u32 t, r2, $7; mov.u32 x, t; "
+    "shfl.sync.up.b32 y|p, x, 1, 0, -1; @p add.u32 x, x, y; "
+    "shfl.sync.up.b32 y|p, x, 2, 0, -1; @p add.u32 x, x, y; "
+    "shfl.sync.up.b32 y|p, x, 4, 0, -1; @p add.u32 x, x, y; "
+    "shfl.sync.up.b32 y|p, x, 8, 0, -1; @p add.u32 x, x, y; "
+    "shfl.sync.up.b32 y|p, x, 16, 0, -1; @p add.u32 x, x, y; "
+    "mov.u32 l, %laneid; mov.u32 w, %tid.x; shr.u32 w, w, 5; add.u32 a, $12, $8; mov.u32 b0, uld_smem; "
+    "mad.lo.u32 a, a, 4, b0; setp.eq.u32 p, l, 31; mad.lo.u32 o, w, 4, a; @p st.shared.u32 [o], x; bar.sync 0; "
+    "ld.shared.v4.u32 {b0, b1, b2, b3}, [a]; "
+    "setp.ge.u32 p, w, 1; selp.b32 o, b0, 0, p; "
+    "setp.ge.u32 p, w, 2; selp.b32 y, b1, 0, p; add.u32 o, o, y; "
+    "setp.ge.u32 p, w, 3; selp.b32 y, b2, 0, p; add.u32 o, o, y; "
+    "sub.u32 x, x, t; add.u32 x, x, o; mov.u32 $0, x; add.u32 $1, x, $4; add.u32 $2, x, r1; add.u32 $3, x, r2; }")
+_WARPS_TOTAL_ASM = const(
+    "{ .reg .u32 a, b0, b1, b2, b3; add.u32 a, $2, $1; mov.u32 b0, uld_smem; mad.lo.u32 a, a, 4, b0; "
+    "ld.shared.v4.u32 {b0, b1, b2, b3}, [a]; add.u32 b0, b0, b1; add.u32 b0, b0, b2; add.u32 $0, b0, b3; }")
+SCAN_WORDS = const(8184)  # `scan_runs`' eight words in the shared array: past every slot (8,065) and sub-bin
+
+
 @triton.jit
 def smem_load(word):
     """counts[word], one value per lane."""
     return tl.inline_asm_elementwise(_LOAD_ASM, "=r,r", [word], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def smem_load_runs(word):
+    """The shared array's words `word` ([4, n] int32, each thread's four a run of consecutive
+    words, up or down), four loads a thread without bank conflicts (`_LOAD_RUN_ASM`)."""
+    return tl.inline_asm_elementwise(_LOAD_RUN_ASM, "=r,=r,=r,=r,r,r,r,r", [word], dtype=tl.int32, is_pure=False,
+                                     pack=4)
+
+
+@triton.jit
+def scan_runs(value, parity):
+    """The exclusive prefix sums of `value` (int32 [4, 128], Triton's default layout: each thread
+    a run of four in order, thread t run t) over the block in order, with one barrier
+    (`_SCAN_RUNS_ASM`), and the block's total (a scalar, `_WARPS_TOTAL_ASM`); `parity` 0 or 1,
+    alternating between consecutive calls."""
+    words = parity * 4
+    before = tl.inline_asm_elementwise(_SCAN_RUNS_ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r",
+                                       [value, value * 0 + words, value * 0 + SCAN_WORDS], dtype=tl.int32,
+                                       is_pure=False, pack=4)
+    total = tl.inline_asm_elementwise(_WARPS_TOTAL_ASM, "=r,r,r", [words, SCAN_WORDS + words * 0],
+                                      dtype=tl.int32, is_pure=False, pack=1)
+    return before, total
 
 
 # The trie fallback's list of columns (uld_rows._count_level, LIST): per reaching lane, a slot

@@ -124,7 +124,8 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from uld_kernels.kernels.const import const
 from uld_kernels.kernels.ptx import (NEG_SLOTS, SLOT_M_HI, SLOT_M_LO, SMEM_THREADS, gather_f32, gather_i32, scatter,
                                      finite_top_bf16, slots_bf16, smem_add_one, smem_clear, smem_count_bf16,
-                                     smem_count_bf16_gap, smem_load, smem_zero, store_runs_u32)
+                                     smem_count_bf16_gap, smem_load, smem_load_runs, smem_zero, scan_runs,
+                                     store_runs_u32)
 from uld_kernels.kernels.uld_rows import (LN2, LOG2E, STORE_EVICT, _block_raw, _exp2, _first_block, _load_raw, _log2_prob,
                                           _pair_rows, _tie_signs)
 
@@ -847,7 +848,10 @@ def _scan_bins(raw_at, counts_at, list_at, tail_stop, tiny_more, top, scale, ce_
     counts_block = counts_at
     for start in tl.range(0, tail_stop, TAIL_BLOCK):
         bins = start + offsets
-        counts = _slot_counts(raw_at, bins, tiny_more, USE_PTX)  # (0 past WIDTH: an empty slot)
+        if USE_PTX >= 2:  # (0 past WIDTH: an empty slot)
+            counts = smem_load_runs(_slot_of_bin(bins)) + tl.where(bins == _TINY, tiny_more, 0)
+        else:
+            counts = _slot_counts(raw_at, bins, tiny_more, USE_PTX)
         # (the low bin is left out: where its p matters the row is flagged, below)
         summed = tl.where(bins >= _LOW_BINS, counts, 0).to(tl.float64)
         z = _logit_of_bin(bins, True, gap_at, gap)
@@ -856,12 +860,17 @@ def _scan_bins(raw_at, counts_at, list_at, tail_stop, tiny_more, top, scale, ce_
         if HAS_CE:
             ce_totals += summed * _exp2(tl.minimum((z - top) * ce_scale, 0.0)).to(tl.float64)
         both = counts + ((counts > 0).to(tl.int32) << _LISTED_SHIFT)
-        run_total = tl.sum(both, 0)
-        before = (tl.cumsum(both, 0) - both) + (tl.cumsum(run_total, 0) - run_total)[None, :]
-        _store_counts(counts_block, offsets, (before & _COUNT_MASK) + below, USE_PTX)
+        if USE_PTX >= 3:
+            before, block = scan_runs(both, (start // TAIL_BLOCK) & 1)
+            _store_counts(counts_block, offsets, (before & _COUNT_MASK) + below, USE_PTX)
+            _store_listed(list_at, (before >> _LISTED_SHIFT) + listed, bins, counts > 0, USE_PTX)
+        else:
+            run_total = tl.sum(both, 0)
+            before = (tl.cumsum(both, 0) - both) + (tl.cumsum(run_total, 0) - run_total)[None, :]
+            _store_counts(counts_block, offsets, (before & _COUNT_MASK) + below, USE_PTX)
+            _store_listed(list_at, (before >> _LISTED_SHIFT) + listed, bins, counts > 0, USE_PTX)
+            block = tl.sum(run_total, 0)
         counts_block += TAIL_BLOCK
-        _store_listed(list_at, (before >> _LISTED_SHIFT) + listed, bins, counts > 0, USE_PTX)
-        block = tl.sum(run_total, 0)
         below += block & _COUNT_MASK
         listed += block >> _LISTED_SHIFT
     return tl.sum(tl.sum(totals, 1), 0), tl.sum(tl.sum(ce_totals, 1), 0), below, listed
