@@ -145,7 +145,7 @@ HIST_PDL = os.environ.get("ULD_HIST_PDL", "1") != "0"
 HIST_TAIL_BLOCK = 512  # bins per step of hist_kernel's pass over them: runs of 4 on each of 128 threads
 # hist_kernel's pass over bins, on the GPU (an experiment): 0 Triton's scan; 1 the counts read
 # without bank conflicts (ptx.smem_load_runs); 2 that and the scan across runs with one
-# barrier a step (ptx.scan_warps).
+# barrier a step (ptx.scan_runs); 3 that and each step's counts loaded a step ahead.
 HIST_SCAN = int(os.environ.get("ULD_HIST_SCAN", 0))
 # hist_kernel's register cap (0: none). Before rows past 256 were counted again (twelfth
 # session), ptxas took 84 uncapped (88 allocated: 5 programs an SM); 80 gave 74 without spills

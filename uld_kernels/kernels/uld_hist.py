@@ -846,9 +846,14 @@ def _scan_bins(raw_at, counts_at, list_at, tail_stop, tiny_more, top, scale, ce_
     # (the counts' pointer moves with the loop: bins stay 32-bit, which LLVM would widen to
     # 64 bits if their addresses were computed from them, doubling every comparison)
     counts_block = counts_at
+    if USE_PTX >= 4:  # (the next step's raw counts loaded a step ahead; past CAP an empty slot too)
+        ahead = smem_load_runs(_slot_of_bin(offsets))
     for start in tl.range(0, tail_stop, TAIL_BLOCK):
         bins = start + offsets
-        if USE_PTX >= 2:  # (0 past WIDTH: an empty slot)
+        if USE_PTX >= 4:
+            counts = ahead + tl.where(bins == _TINY, tiny_more, 0)
+            ahead = smem_load_runs(_slot_of_bin(bins + TAIL_BLOCK))
+        elif USE_PTX >= 2:  # (0 past WIDTH: an empty slot)
             counts = smem_load_runs(_slot_of_bin(bins)) + tl.where(bins == _TINY, tiny_more, 0)
         else:
             counts = _slot_counts(raw_at, bins, tiny_more, USE_PTX)
