@@ -22,7 +22,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from uld_kernels.kernels.cross_entropy import ce_rows_kernel  # noqa: E402
 from uld_kernels.kernels import uld_split  # noqa: E402
 from uld_kernels.kernels.uld_rows import scale_rows_kernel, zero_rows_kernel  # noqa: E402
-from uld_kernels.launch import (HIST_BLOCK, HIST_GRAD_BLOCK, HIST_PDL, HIST_SIGN_MAXNREG, _hist_blocks, HIST_GRAD_CHUNK, HIST_SIGN_BLOCK,  # noqa: E402
+from uld_kernels.launch import (HIST_BLOCK, HIST_GRAD_BLOCK, HIST_PDL, HIST_SCAN, HIST_SIGN_MAXNREG, _hist_blocks, HIST_GRAD_CHUNK, HIST_SIGN_BLOCK,  # noqa: E402
                                 HIST_MAXNREG, HIST_TAIL_BLOCK, FALLBACK_FINISH_BLOCK, FALLBACK_SMEM_L1, _fallback_list_mode,
                                 ce_kernel_config, split_config)
 
@@ -228,7 +228,7 @@ def hist_kernel_configs():
         rows = dict(USE_PTX=True, SIMD16=True, PREFETCH=True)
         pdl = dict(PDL=HIST_PDL)  # (uld_hist.py, "Dependent launches")
         hist = dict(rows, **pdl, STUDENT_UNIT_STRIDE=True, TEACHER_UNIT_STRIDE=True, BLOCK=hist_block,
-                    TAIL_BLOCK=HIST_TAIL_BLOCK, GAPS=gaps, REDO=gaps)
+                    TAIL_BLOCK=HIST_TAIL_BLOCK, GAPS=gaps, REDO=gaps, USE_PTX=1 + HIST_SCAN)
         grad = dict(rows, **pdl, UNIT_STRIDE=True, CHUNK=HIST_GRAD_CHUNK, BLOCK=grad_block, GAPS=gaps)
         sign_options = dict(num_warps=1, **({"maxnreg": HIST_SIGN_MAXNREG} if gaps and HIST_SIGN_MAXNREG else {}))
         configs = [
@@ -259,7 +259,7 @@ def hist_sm80_configs():
                "fparam_ptr", "iparam_ptr", "sign_ptr", "list_ptr", "raw_ptr"]
     for label, kernel, constexprs in [
         ("hist", uld_hist.hist_kernel, dict(GATHER=False, STUDENT_UNIT_STRIDE=True, TEACHER_UNIT_STRIDE=True,
-                                            USE_PTX=True, SIMD16=False, HAS_CE=True,
+                                            USE_PTX=1 + HIST_SCAN, SIMD16=False, HAS_CE=True,
                                             PREFETCH=True, BLOCK=HIST_BLOCK, TAIL_BLOCK=HIST_TAIL_BLOCK)),
         ("grad", uld_hist.grad_kernel, dict(GATHER=True, HAS_CE=True, UNIT_STRIDE=True, PREFETCH=True, USE_PTX=True,
                                             SIMD16=False, CHUNK=HIST_GRAD_CHUNK, BLOCK=HIST_GRAD_BLOCK)),

@@ -143,10 +143,12 @@ HIST_SIGN_MAXNREG = int(os.environ.get("ULD_HIST_SIGN_MAXNREG", 64))
 # uld_hist.py, "Dependent launches"): each one's programs placed while the previous drains.
 HIST_PDL = os.environ.get("ULD_HIST_PDL", "1") != "0"
 HIST_TAIL_BLOCK = 512  # bins per step of hist_kernel's pass over them: runs of 4 on each of 128 threads
-# hist_kernel's pass over bins, on the GPU (an experiment): 0 Triton's scan; 1 the counts read
-# without bank conflicts (ptx.smem_load_runs); 2 that and the scan across runs with one
-# barrier a step (ptx.scan_runs); 3 that and each step's counts loaded a step ahead.
-HIST_SCAN = int(os.environ.get("ULD_HIST_SCAN", 0))
+# "1": hist_kernel's pass over bins reads each thread's run of counts without bank conflicts
+# (ptx.smem_load_runs) and scans across the runs in inline PTX with one barrier a step
+# (ptx.scan_runs), where Triton's scan and sum took three: hist 3.13 -> 3.05 ms, random 6.53 ->
+# 6.49, peaked 6.61 -> 6.57 (twenty-eighth session, runs 3 and 4); "0": Triton's scan, as
+# the interpreter runs it.
+HIST_SCAN = os.environ.get("ULD_HIST_SCAN", "1") != "0"
 # hist_kernel's register cap (0: none). Before rows past 256 were counted again (twelfth
 # session), ptxas took 84 uncapped (88 allocated: 5 programs an SM); 80 gave 74 without spills
 # and 6 programs, but measured no faster (6.94 against 6.88 ms, tenth session, run 3: the loop

@@ -431,7 +431,11 @@ def hist_kernel(student_ptr, teacher_ptr, student_index_ptr, teacher_index_ptr, 
     are stored as none.
 
     PDL ("Dependent launches"): the first launch reads the workspace only after its count
-    (`_hist_row`), REDO before anything."""
+    (`_hist_row`), REDO before anything.
+
+    USE_PTX: 0 (False) the interpreter's way, no inline assembly; 1 the shared-memory histogram
+    by inline PTX; 2 (launch.HIST_SCAN, the default on a GPU) also the pass over bins' loads
+    and scan (`_scan_bins`)."""
     if PDL:
         gdc_launch_dependents()
     if USE_PTX:  # (the shared array is declared here, once, for both branches)
@@ -835,7 +839,10 @@ def _scan_bins(raw_at, counts_at, list_at, tail_stop, tiny_more, top, scale, ce_
     its occupied bins."""
     # A step's bins as [RUN, TAIL_BLOCK // RUN]: each thread holds a run of RUN consecutive
     # bins (the default layout), so the scan is serial within a run and one warp scan across
-    # runs. Steps cover [0, CAP): bins past WIDTH are empty, and their counts below (all the
+    # runs. With USE_PTX 2, both in inline PTX: the counts read without bank conflicts
+    # (`smem_load_runs`) and the scan with one barrier a step (`scan_runs`; Triton's scan and
+    # sum took three, each step a chain of shared-memory operations queued behind the other
+    # programs' count reductions: the pass was 27% of hist_kernel's warp samples). Steps cover [0, CAP): bins past WIDTH are empty, and their counts below (all the
     # elements, [WIDTH] among them) are written with the others, unmasked.
     runs: tl.constexpr = TAIL_BLOCK // _RUN
     offsets = tl.arange(0, runs)[None, :] * _RUN + tl.arange(0, _RUN)[:, None]
@@ -846,14 +853,9 @@ def _scan_bins(raw_at, counts_at, list_at, tail_stop, tiny_more, top, scale, ce_
     # (the counts' pointer moves with the loop: bins stay 32-bit, which LLVM would widen to
     # 64 bits if their addresses were computed from them, doubling every comparison)
     counts_block = counts_at
-    if USE_PTX >= 4:  # (the next step's raw counts loaded a step ahead; past CAP an empty slot too)
-        ahead = smem_load_runs(_slot_of_bin(offsets))
     for start in tl.range(0, tail_stop, TAIL_BLOCK):
         bins = start + offsets
-        if USE_PTX >= 4:
-            counts = ahead + tl.where(bins == _TINY, tiny_more, 0)
-            ahead = smem_load_runs(_slot_of_bin(bins + TAIL_BLOCK))
-        elif USE_PTX >= 2:  # (0 past WIDTH: an empty slot)
+        if USE_PTX >= 2:  # (0 past WIDTH: an empty slot)
             counts = smem_load_runs(_slot_of_bin(bins)) + tl.where(bins == _TINY, tiny_more, 0)
         else:
             counts = _slot_counts(raw_at, bins, tiny_more, USE_PTX)
@@ -865,7 +867,7 @@ def _scan_bins(raw_at, counts_at, list_at, tail_stop, tiny_more, top, scale, ce_
         if HAS_CE:
             ce_totals += summed * _exp2(tl.minimum((z - top) * ce_scale, 0.0)).to(tl.float64)
         both = counts + ((counts > 0).to(tl.int32) << _LISTED_SHIFT)
-        if USE_PTX >= 3:
+        if USE_PTX >= 2:
             before, block = scan_runs(both, (start // TAIL_BLOCK) & 1)
             _store_counts(counts_block, offsets, (before & _COUNT_MASK) + below, USE_PTX)
             _store_listed(list_at, (before >> _LISTED_SHIFT) + listed, bins, counts > 0, USE_PTX)
