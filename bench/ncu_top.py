@@ -19,24 +19,28 @@ def num(x: str) -> float:
         return 0.0
 
 
-rows = list(csv.reader(open(sys.argv[1], errors="replace")))
-header_i = next(i for i, r in enumerate(rows) if any(c.startswith("Source") for c in r))
-header = rows[header_i]
-body = [r for r in rows[header_i + 1:] if len(r) == len(header)]
-src = next(i for i, c in enumerate(header) if c.startswith("Source"))
-samp = next(i for i, c in enumerate(header) if "Sampling (All" in c)
-stalls = [i for i, c in enumerate(header) if c.startswith("stall_") and "Not Issued" not in c]
-totals = {header[i]: sum(num(r[i]) for r in body) for i in stalls}
-share = sum(totals.values()) or 1
-print("stall reasons (share of samples):", ", ".join(
-    f"{k[6:]} {100 * v / share:.0f}%" for k, v in sorted(totals.items(), key=lambda kv: -kv[1])[:8]))
-total = sum(num(r[samp]) for r in body) or 1
-for r in sorted(body, key=lambda r: -num(r[samp]))[: int(sys.argv[2]) if len(sys.argv) > 2 else 40]:
-    print(f"{100 * num(r[samp]) / total:5.1f}%  {r[src][:110]}")
-address = next(i for i, c in enumerate(header) if c == "Address")
-targets = [r[src].split()[-1].lower() for r in body if "CALL.REL" in r[src]]
-starts = {r[address].lower(): k for k, r in enumerate(body)}
-found = sorted((starts[t], n) for n, t in enumerate(targets) if t in starts)
-for (first, n), (last, _) in zip(found, found[1:] + [(len(body), None)]):
-    print(f"call {n} (at {targets[n]}): {100 * sum(num(r[samp]) for r in body[first:last]) / total:.1f}% of samples")
+def main() -> None:
+    rows = list(csv.reader(open(sys.argv[1], errors="replace")))
+    header_i = next(i for i, r in enumerate(rows) if any(c.startswith("Source") for c in r))
+    header = rows[header_i]
+    body = [r for r in rows[header_i + 1:] if len(r) == len(header)]
+    src = next(i for i, c in enumerate(header) if c.startswith("Source"))
+    samp = next(i for i, c in enumerate(header) if "Sampling (All" in c)
+    stalls = [i for i, c in enumerate(header) if c.startswith("stall_") and "Not Issued" not in c]
+    totals = {header[i]: sum(num(r[i]) for r in body) for i in stalls}
+    share = sum(totals.values()) or 1
+    print("stall reasons (share of samples):", ", ".join(
+        f"{k[6:]} {100 * v / share:.0f}%" for k, v in sorted(totals.items(), key=lambda kv: -kv[1])[:8]))
+    total = sum(num(r[samp]) for r in body) or 1
+    for r in sorted(body, key=lambda r: -num(r[samp]))[: int(sys.argv[2]) if len(sys.argv) > 2 else 40]:
+        print(f"{100 * num(r[samp]) / total:5.1f}%  {r[src][:110]}")
+    address = next(i for i, c in enumerate(header) if c == "Address")
+    targets = [r[src].split()[-1].lower() for r in body if "CALL.REL" in r[src]]
+    starts = {r[address].lower(): k for k, r in enumerate(body)}
+    found = sorted((starts[t], n) for n, t in enumerate(targets) if t in starts)
+    for (first, n), (last, _) in zip(found, found[1:] + [(len(body), None)]):
+        print(f"call {n} (at {targets[n]}): {100 * sum(num(r[samp]) for r in body[first:last]) / total:.1f}% of samples")
 
+
+if __name__ == "__main__":
+    main()
