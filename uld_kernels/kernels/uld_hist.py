@@ -333,10 +333,15 @@ def _read_slots(raw_at, slots, USE_PTX: tl.constexpr):
 
 
 @triton.jit
-def _slot_counts(raw_at, bins, tiny_more, USE_PTX: tl.constexpr):
+def _slot_counts(raw_at, bins, tiny_more, USE_PTX: tl.constexpr, RUNS: tl.constexpr = False):
     """The histogram's counts at `bins` (in [0, CAP): 0 past WIDTH), through their slots, plus
-    `tiny_more` in the tiny bin."""
-    return _read_slots(raw_at, _slot_of_bin(bins), USE_PTX) + tl.where(bins == _TINY, tiny_more, 0)
+    `tiny_more` in the tiny bin. RUNS: `bins` is [4, n], each thread's four a run of
+    consecutive bins, read without bank conflicts where USE_PTX is 2 (`smem_load_runs`)."""
+    if RUNS and USE_PTX >= 2:
+        counts = smem_load_runs(_slot_of_bin(bins))
+    else:
+        counts = _read_slots(raw_at, _slot_of_bin(bins), USE_PTX)
+    return counts + tl.where(bins == _TINY, tiny_more, 0)
 
 
 @triton.jit
@@ -842,8 +847,9 @@ def _scan_bins(raw_at, counts_at, list_at, tail_stop, tiny_more, top, scale, ce_
     # runs. With USE_PTX 2, both in inline PTX: the counts read without bank conflicts
     # (`smem_load_runs`) and the scan with one barrier a step (`scan_runs`; Triton's scan and
     # sum took three, each step a chain of shared-memory operations queued behind the other
-    # programs' count reductions: the pass was 27% of hist_kernel's warp samples). Steps cover [0, CAP): bins past WIDTH are empty, and their counts below (all the
-    # elements, [WIDTH] among them) are written with the others, unmasked.
+    # programs' count reductions: the pass was 27% of hist_kernel's warp samples). Steps cover
+    # [0, CAP): bins past WIDTH are empty, and their counts below (all the elements, [WIDTH]
+    # among them) are written with the others, unmasked.
     runs: tl.constexpr = TAIL_BLOCK // _RUN
     offsets = tl.arange(0, runs)[None, :] * _RUN + tl.arange(0, _RUN)[:, None]
     totals = tl.zeros([_RUN, runs], tl.float64)
@@ -855,10 +861,7 @@ def _scan_bins(raw_at, counts_at, list_at, tail_stop, tiny_more, top, scale, ce_
     counts_block = counts_at
     for start in tl.range(0, tail_stop, TAIL_BLOCK):
         bins = start + offsets
-        if USE_PTX >= 2:  # (0 past WIDTH: an empty slot)
-            counts = smem_load_runs(_slot_of_bin(bins)) + tl.where(bins == _TINY, tiny_more, 0)
-        else:
-            counts = _slot_counts(raw_at, bins, tiny_more, USE_PTX)
+        counts = _slot_counts(raw_at, bins, tiny_more, USE_PTX, True)  # (0 past WIDTH: an empty slot)
         # (the low bin is left out: where its p matters the row is flagged, below)
         summed = tl.where(bins >= _LOW_BINS, counts, 0).to(tl.float64)
         z = _logit_of_bin(bins, True, gap_at, gap)
@@ -869,15 +872,13 @@ def _scan_bins(raw_at, counts_at, list_at, tail_stop, tiny_more, top, scale, ce_
         both = counts + ((counts > 0).to(tl.int32) << _LISTED_SHIFT)
         if USE_PTX >= 2:
             before, block = scan_runs(both, (start // TAIL_BLOCK) & 1)
-            _store_counts(counts_block, offsets, (before & _COUNT_MASK) + below, USE_PTX)
-            _store_listed(list_at, (before >> _LISTED_SHIFT) + listed, bins, counts > 0, USE_PTX)
         else:
             run_total = tl.sum(both, 0)
             before = (tl.cumsum(both, 0) - both) + (tl.cumsum(run_total, 0) - run_total)[None, :]
-            _store_counts(counts_block, offsets, (before & _COUNT_MASK) + below, USE_PTX)
-            _store_listed(list_at, (before >> _LISTED_SHIFT) + listed, bins, counts > 0, USE_PTX)
             block = tl.sum(run_total, 0)
+        _store_counts(counts_block, offsets, (before & _COUNT_MASK) + below, USE_PTX)
         counts_block += TAIL_BLOCK
+        _store_listed(list_at, (before >> _LISTED_SHIFT) + listed, bins, counts > 0, USE_PTX)
         below += block & _COUNT_MASK
         listed += block >> _LISTED_SHIFT
     return tl.sum(tl.sum(totals, 1), 0), tl.sum(tl.sum(ce_totals, 1), 0), below, listed
