@@ -59,6 +59,8 @@ if has fresh; then  # one process per kind: the first row of a process had a cle
   for kind in random peaked; do
     timeout 60 python3 bench/bench_uld.py --out "$OUT/fresh_$kind" --impls uld_kernels --rows 16384 --warmup 50 \
       --rep 300 --pairs qwen_llama3 --kinds "$kind" 2>&1 | grep -E "^\| uld"
+    # (the median at full precision: the table's 6.60 may lie either side of issue 3's 6.6)
+    tail -1 "$OUT/fresh_$kind/bench_uld.csv" | awk -F, '{printf "  %s: fwd %.3f, fwd+bwd %.3f ms\n", $6, $7, $10}'
   done | tee "$OUT/fresh.txt"
 fi
 if has host; then
