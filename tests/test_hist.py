@@ -251,26 +251,6 @@ def test_split_tiny_bins_are_counted_again_scaled_up(ts, device, monkeypatch):
     _assert_matches_reference(out, student, teacher, ts, 1.0, what=f"T={ts}: ")
 
 
-@pytest.mark.parametrize("kind", ["random", "peaked", "wide", "huge", "integers", "masked"])
-def test_skipping_empty_steps_of_the_pass_over_bins_changes_no_bit(device, monkeypatch, kind):
-    """launch.HIST_SKIP (an experiment): hist_kernel's pass over bins skips the steps of 512 bins
-    wholly below a row's lowest occupied bin or above its highest. Rows of every range (the
-    first and last steps empty, `wide` counted twice with a shift, `huge` reaching the bins
-    near -2**7, `masked` with -inf in the low bin, where nothing is skipped below) give the
-    same loss, gradients and flags as the full pass, bit for bit."""
-    student, teacher = _rows("unit" if kind == "masked" else kind, 2, 300, 260, torch.bfloat16, device, seed=11)
-    if kind == "masked":
-        student[:, ::7] = float("-inf")
-        teacher[0, 3] = -300.0
-    outs = []
-    for skip in (False, True):
-        monkeypatch.setattr(launch, "HIST_SKIP", skip)
-        outs.append(launch.hist_rows(student, teacher, 1.0, 1.0, True, True, 1.0, fallback=False))
-    for name, full, skipped in zip(("loss", "status", "student gradient", "teacher gradient"), *outs):
-        assert torch.equal(full, skipped) or (full.isnan() == skipped.isnan()).all() and torch.equal(
-            full.nan_to_num(), skipped.nan_to_num()), f"{kind}: {name} differs with the skip"
-
-
 def test_a_shifted_scale_past_float32_is_flagged(device):
     """A logit of 2e38 (shift 120 binades) at a student temperature of 0.005: scale * 2**120
     overflows float32, where the top's k would be 0 * inf (NaN); the row is flagged and exact

@@ -149,10 +149,6 @@ HIST_TAIL_BLOCK = 512  # bins per step of hist_kernel's pass over them: runs of 
 # 6.49, peaked 6.61 -> 6.57 (twenty-eighth session, runs 3 and 4); "0": Triton's scan, as
 # the interpreter runs it.
 HIST_SCAN = os.environ.get("ULD_HIST_SCAN", "1") != "0"
-# "1" (an experiment, off by default): hist_kernel's pass over bins skips the steps of 512 bins
-# that lie wholly below a row's lowest occupied bin or above its highest (on N(0, 1) and
-# LLM-like rows the first and the last of 16), storing their counts below without a scan.
-HIST_SKIP = os.environ.get("ULD_HIST_SKIP", "0") != "0"
 # hist_kernel's register cap (0: none). Before rows past 256 were counted again (twelfth
 # session), ptxas took 84 uncapped (88 allocated: 5 programs an SM); 80 gave 74 without spills
 # and 6 programs, but measured no faster (6.94 against 6.88 ms, tenth session, run 3: the loop
@@ -405,7 +401,7 @@ def _hist_batches(row_loss, flags, row_ce, sides, grad_scale, n_pairs, on_gpu, r
                 TEACHER_UNIT_STRIDE=teacher_logits.stride(-1) == 1, USE_PTX=use_ptx and 1 + HIST_SCAN, SIMD16=simd16,
                 HAS_CE=has_ce,
                 PREFETCH=HIST_PREFETCH or not on_gpu, BLOCK=hist_block, TAIL_BLOCK=HIST_TAIL_BLOCK, GAPS=redo,
-                REDO=redo, PDL=pdl, SKIP=HIST_SKIP, launch_pdl=pdl and (batch_start > 0 or redo), num_warps=4,
+                REDO=redo, PDL=pdl, launch_pdl=pdl and (batch_start > 0 or redo), num_warps=4,
                 **({"maxnreg": HIST_MAXNREG} if on_gpu and HIST_MAXNREG else {}))
         uld_hist.sign_kernel[(rows, 2)](  # both sides of every pair
             fparam, iparam, counts, occupied, signs, partial, student_inv_t, teacher_inv_t,

@@ -422,7 +422,7 @@ def hist_kernel(student_ptr, teacher_ptr, student_index_ptr, teacher_index_ptr, 
                 GATHER: tl.constexpr, STUDENT_UNIT_STRIDE: tl.constexpr, TEACHER_UNIT_STRIDE: tl.constexpr,
                 USE_PTX: tl.constexpr, SIMD16: tl.constexpr, HAS_CE: tl.constexpr, PREFETCH: tl.constexpr,
                 BLOCK: tl.constexpr, TAIL_BLOCK: tl.constexpr, GAPS: tl.constexpr = False,
-                REDO: tl.constexpr = False, PDL: tl.constexpr = False, SKIP: tl.constexpr = False):
+                REDO: tl.constexpr = False, PDL: tl.constexpr = False):
     """Both sides' rows of a batch of pairs in one launch: program (pair, side) runs `_hist_row`
     on the student's row (side 0; with HAS_CE, the cross-entropy's statistics too) or the
     teacher's (each branch keeps its own pointers' alignment, so its loads stay vectorised).
@@ -440,10 +440,7 @@ def hist_kernel(student_ptr, teacher_ptr, student_index_ptr, teacher_index_ptr, 
 
     USE_PTX: 0 (False) the interpreter's way, no inline assembly; 1 the shared-memory histogram
     by inline PTX; 2 (launch.HIST_SCAN, the default on a GPU) also the pass over bins' loads
-    and scan (`_scan_bins`).
-
-    SKIP (launch.HIST_SKIP; an experiment, off by default): the pass over bins skips the steps
-    that lie wholly outside a row's occupied bins (`_scan_bins`)."""
+    and scan (`_scan_bins`)."""
     if PDL:
         gdc_launch_dependents()
     if USE_PTX:  # (the shared array is declared here, once, for both branches)
@@ -480,7 +477,7 @@ def hist_kernel(student_ptr, teacher_ptr, student_index_ptr, teacher_index_ptr, 
                                    student_col_stride, teacher_seq_len, teacher_batch_stride, teacher_row_stride,
                                    teacher_col_stride, student_inv_temperature, teacher_inv_temperature, GATHER,
                                    STUDENT_UNIT_STRIDE, TEACHER_UNIT_STRIDE, USE_PTX, SIMD16, HAS_CE, PREFETCH, BLOCK,
-                                   TAIL_BLOCK, True, shift, gap_at, gap, SKIP=SKIP)
+                                   TAIL_BLOCK, True, shift, gap_at, gap)
                         tl.debug_barrier()  # (the histogram read, then zeroed for the next row)
                         _clear_histogram(raw_ptr + at_row * CAP, USE_PTX, TAIL_BLOCK)
                     else:
@@ -492,7 +489,7 @@ def hist_kernel(student_ptr, teacher_ptr, student_index_ptr, teacher_index_ptr, 
                                    student_col_stride, teacher_seq_len, teacher_batch_stride, teacher_row_stride,
                                    teacher_col_stride, student_inv_temperature, teacher_inv_temperature, GATHER,
                                    STUDENT_UNIT_STRIDE, TEACHER_UNIT_STRIDE, USE_PTX, SIMD16, HAS_CE, PREFETCH, BLOCK,
-                                   TAIL_BLOCK, True, shift, gap_at, gap, True, SKIP=SKIP)
+                                   TAIL_BLOCK, True, shift, gap_at, gap, True)
     else:
         _hist_side(tl.program_id(0), tl.program_id(1), student_ptr, teacher_ptr, student_index_ptr,
                    teacher_index_ptr, count_ptr, list_ptr, raw_ptr, fparam_ptr, iparam_ptr, batch_start,
@@ -500,7 +497,7 @@ def hist_kernel(student_ptr, teacher_ptr, student_index_ptr, teacher_index_ptr, 
                    student_col_stride, teacher_seq_len, teacher_batch_stride, teacher_row_stride, teacher_col_stride,
                    student_inv_temperature, teacher_inv_temperature, GATHER, STUDENT_UNIT_STRIDE,
                    TEACHER_UNIT_STRIDE, USE_PTX, SIMD16, HAS_CE, PREFETCH, BLOCK, TAIL_BLOCK, False, 0, 0, 0,
-                   PDL=PDL, SKIP=SKIP)
+                   PDL=PDL)
 
 
 REDO_PAIRS = const(4)  # pairs per program of hist_kernel's REDO launch
@@ -571,7 +568,7 @@ def _hist_side(pair, side, student_ptr, teacher_ptr, student_index_ptr, teacher_
                GATHER: tl.constexpr, STUDENT_UNIT_STRIDE: tl.constexpr, TEACHER_UNIT_STRIDE: tl.constexpr,
                USE_PTX: tl.constexpr, SIMD16: tl.constexpr, HAS_CE: tl.constexpr, PREFETCH: tl.constexpr,
                BLOCK: tl.constexpr, TAIL_BLOCK: tl.constexpr, GAPS: tl.constexpr, start_shift, start_gap_at,
-               start_gap, SUBS: tl.constexpr = False, PDL: tl.constexpr = False, SKIP: tl.constexpr = False):
+               start_gap, SUBS: tl.constexpr = False, PDL: tl.constexpr = False):
     """`_hist_row` on the student's row of a pair (side 0) or the teacher's (SUBS: `_sub_bins_row`)."""
     if side == 0:
         if SUBS:
@@ -583,7 +580,7 @@ def _hist_side(pair, side, student_ptr, teacher_ptr, student_index_ptr, teacher_
             _hist_row(pair, 0, student_ptr, student_index_ptr, count_ptr, list_ptr, raw_ptr, fparam_ptr, iparam_ptr,
                       batch_start, student_vocab, student_seq_len, student_batch_stride, student_row_stride,
                       student_col_stride, student_inv_temperature, GATHER, STUDENT_UNIT_STRIDE, USE_PTX, SIMD16,
-                      HAS_CE, PREFETCH, BLOCK, TAIL_BLOCK, GAPS, start_shift, start_gap_at, start_gap, PDL, SKIP)
+                      HAS_CE, PREFETCH, BLOCK, TAIL_BLOCK, GAPS, start_shift, start_gap_at, start_gap, PDL)
     else:
         if SUBS:
             _sub_bins_row(pair, 1, teacher_ptr, teacher_index_ptr, count_ptr, raw_ptr, fparam_ptr, iparam_ptr,
@@ -594,7 +591,7 @@ def _hist_side(pair, side, student_ptr, teacher_ptr, student_index_ptr, teacher_
             _hist_row(pair, 1, teacher_ptr, teacher_index_ptr, count_ptr, list_ptr, raw_ptr, fparam_ptr, iparam_ptr,
                       batch_start, teacher_vocab, teacher_seq_len, teacher_batch_stride, teacher_row_stride,
                       teacher_col_stride, teacher_inv_temperature, GATHER, TEACHER_UNIT_STRIDE, USE_PTX, SIMD16, False,
-                      PREFETCH, BLOCK, TAIL_BLOCK, GAPS, start_shift, start_gap_at, start_gap, PDL, SKIP)
+                      PREFETCH, BLOCK, TAIL_BLOCK, GAPS, start_shift, start_gap_at, start_gap, PDL)
 
 
 @triton.jit
@@ -677,7 +674,7 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
               vocab, seq_len, batch_stride, row_stride, col_stride, inv_temperature, GATHER: tl.constexpr,
               UNIT_STRIDE: tl.constexpr, USE_PTX: tl.constexpr, SIMD16: tl.constexpr, HAS_CE: tl.constexpr,
               PREFETCH: tl.constexpr, BLOCK: tl.constexpr, TAIL_BLOCK: tl.constexpr, GAPS: tl.constexpr,
-              start_shift, start_gap_at, start_gap, PDL: tl.constexpr = False, SKIP: tl.constexpr = False):
+              start_shift, start_gap_at, start_gap, PDL: tl.constexpr = False):
     """One row of one side: hist_kernel's program. First the histogram of its logits over the
     slots (above; in shared memory with USE_PTX, zeroed by the caller, else counted with global
     atomics at raw_ptr + (pair * 2 + side) * CAP, zeroed by the launcher). Then, from the bins: the row's largest
@@ -757,13 +754,8 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
         top_shifted += tl.where(top_shifted < g_at, g, 0)
         top_bin = _top_bin(raw_at, top_shifted, tiny_more, tail_stop, USE_PTX, TAIL_BLOCK)
         top = tl.where(top_bin > 0, _logit_of_bin(top_bin, True, g_at, g), 0.0)  # (none: flagged below)
-        if SKIP:
-            bottom_bin = _bottom_bin(raw_at, top_shifted, tiny_more, top_bin, USE_PTX, TAIL_BLOCK)
-        else:
-            bottom_bin = 0
         total, ce_total, below, listed = _scan_bins(raw_at, counts_at, list_at, tail_stop, tiny_more, top, scale,
-                                                    ce_scale, g_at, g, bottom_bin, top_bin, HAS_CE, USE_PTX,
-                                                    TAIL_BLOCK, SKIP)
+                                                    ce_scale, g_at, g, HAS_CE, USE_PTX, TAIL_BLOCK)
         # logits >= 256 (times the shift's power), +inf and NaN (either sign): past the bins
         out = _slot_count(raw_at, _POS_OUT_SLOT, USE_PTX) + (top_magnitude > _INF_MAGNITUDE).to(tl.int32)
         flag = (top_bin == 0).to(tl.int32) + (out > 0).to(tl.int32) * 2 + (low_bits != 0).to(tl.int32) * _NOT_BF16
@@ -843,9 +835,8 @@ def _hist_row(pair, side, logits_ptr, index_ptr, count_ptr, list_ptr, raw_ptr, f
 
 
 @triton.jit
-def _scan_bins(raw_at, counts_at, list_at, tail_stop, tiny_more, top, scale, ce_scale, gap_at, gap, bottom_bin,
-               top_bin, HAS_CE: tl.constexpr, USE_PTX: tl.constexpr, TAIL_BLOCK: tl.constexpr,
-               SKIP: tl.constexpr = False):
+def _scan_bins(raw_at, counts_at, list_at, tail_stop, tiny_more, top, scale, ce_scale, gap_at, gap,
+               HAS_CE: tl.constexpr, USE_PTX: tl.constexpr, TAIL_BLOCK: tl.constexpr):
     """hist_kernel's pass over the bins of a row counted with `gap` (0: none; the caller passes
     the constant where it can, so that rows without a gap run code compiled without one): its
     sums of 2**((z - top) * scale) (and at ce_scale), and the count below each bin and the list
@@ -859,11 +850,6 @@ def _scan_bins(raw_at, counts_at, list_at, tail_stop, tiny_more, top, scale, ce_
     # programs' count reductions: the pass was 27% of hist_kernel's warp samples). Steps cover
     # [0, CAP): bins past WIDTH are empty, and their counts below (all the elements, [WIDTH]
     # among them) are written with the others, unmasked.
-    # SKIP: a step whose bins all lie below `bottom_bin` or above `top_bin` (the row's lowest
-    # and highest occupied bins) holds no element: its counts below are the count so far, and
-    # it adds nothing to the sums or the list (on N(0, 1) and LLM-like rows, the first and the
-    # last of the 16 steps). The steps scanned stay consecutive, so `scan_runs`' two sets of
-    # words still alternate between them.
     runs: tl.constexpr = TAIL_BLOCK // _RUN
     offsets = tl.arange(0, runs)[None, :] * _RUN + tl.arange(0, _RUN)[:, None]
     totals = tl.zeros([_RUN, runs], tl.float64)
@@ -874,47 +860,28 @@ def _scan_bins(raw_at, counts_at, list_at, tail_stop, tiny_more, top, scale, ce_
     # 64 bits if their addresses were computed from them, doubling every comparison)
     counts_block = counts_at
     for start in tl.range(0, tail_stop, TAIL_BLOCK):
-        if SKIP:
-            if (start + TAIL_BLOCK <= bottom_bin) | (start > top_bin):
-                _store_counts(counts_block, offsets, tl.zeros([_RUN, runs], tl.int32) + below, USE_PTX)
-            else:
-                totals, ce_totals, below, listed = _scan_step(raw_at, counts_block, list_at, start, offsets,
-                                                              tiny_more, top, scale, ce_scale, gap_at, gap, totals,
-                                                              ce_totals, below, listed, HAS_CE, USE_PTX, TAIL_BLOCK)
+        bins = start + offsets
+        counts = _slot_counts(raw_at, bins, tiny_more, USE_PTX, True)  # (0 past WIDTH: an empty slot)
+        # (the low bin is left out: where its p matters the row is flagged, below)
+        summed = tl.where(bins >= _LOW_BINS, counts, 0).to(tl.float64)
+        z = _logit_of_bin(bins, True, gap_at, gap)
+        # (bins above the top are empty: their exponents are clamped, not overflowed)
+        totals += summed * _exp2(tl.minimum((z - top) * scale, 0.0)).to(tl.float64)
+        if HAS_CE:
+            ce_totals += summed * _exp2(tl.minimum((z - top) * ce_scale, 0.0)).to(tl.float64)
+        both = counts + ((counts > 0).to(tl.int32) << _LISTED_SHIFT)
+        if USE_PTX >= 2:
+            before, block = scan_runs(both, (start // TAIL_BLOCK) & 1)
         else:
-            totals, ce_totals, below, listed = _scan_step(raw_at, counts_block, list_at, start, offsets, tiny_more,
-                                                          top, scale, ce_scale, gap_at, gap, totals, ce_totals,
-                                                          below, listed, HAS_CE, USE_PTX, TAIL_BLOCK)
+            run_total = tl.sum(both, 0)
+            before = (tl.cumsum(both, 0) - both) + (tl.cumsum(run_total, 0) - run_total)[None, :]
+            block = tl.sum(run_total, 0)
+        _store_counts(counts_block, offsets, (before & _COUNT_MASK) + below, USE_PTX)
         counts_block += TAIL_BLOCK
+        _store_listed(list_at, (before >> _LISTED_SHIFT) + listed, bins, counts > 0, USE_PTX)
+        below += block & _COUNT_MASK
+        listed += block >> _LISTED_SHIFT
     return tl.sum(tl.sum(totals, 1), 0), tl.sum(tl.sum(ce_totals, 1), 0), below, listed
-
-
-@triton.jit
-def _scan_step(raw_at, counts_block, list_at, start, offsets, tiny_more, top, scale, ce_scale, gap_at, gap, totals,
-               ce_totals, below, listed, HAS_CE: tl.constexpr, USE_PTX: tl.constexpr, TAIL_BLOCK: tl.constexpr):
-    """One step of `_scan_bins`: TAIL_BLOCK bins from `start`, their counts below written at
-    counts_block; the sums, the count so far and the list's length, updated."""
-    bins = start + offsets
-    counts = _slot_counts(raw_at, bins, tiny_more, USE_PTX, True)  # (0 past WIDTH: an empty slot)
-    # (the low bin is left out: where its p matters the row is flagged, below)
-    summed = tl.where(bins >= _LOW_BINS, counts, 0).to(tl.float64)
-    z = _logit_of_bin(bins, True, gap_at, gap)
-    # (bins above the top are empty: their exponents are clamped, not overflowed)
-    totals += summed * _exp2(tl.minimum((z - top) * scale, 0.0)).to(tl.float64)
-    if HAS_CE:
-        ce_totals += summed * _exp2(tl.minimum((z - top) * ce_scale, 0.0)).to(tl.float64)
-    both = counts + ((counts > 0).to(tl.int32) << _LISTED_SHIFT)
-    if USE_PTX >= 2:
-        before, block = scan_runs(both, (start // TAIL_BLOCK) & 1)
-    else:
-        run_total = tl.sum(both, 0)
-        before = (tl.cumsum(both, 0) - both) + (tl.cumsum(run_total, 0) - run_total)[None, :]
-        block = tl.sum(run_total, 0)
-    _store_counts(counts_block, offsets, (before & _COUNT_MASK) + below, USE_PTX)
-    _store_listed(list_at, (before >> _LISTED_SHIFT) + listed, bins, counts > 0, USE_PTX)
-    below += block & _COUNT_MASK
-    listed += block >> _LISTED_SHIFT
-    return totals, ce_totals, below, listed
 
 
 @triton.jit
@@ -1006,23 +973,6 @@ def _top_bin(raw_at, top_magnitude, tiny_more, tail_stop, USE_PTX: tl.constexpr,
         found = tl.max(tl.where((bins >= _LOW_BINS) & (counts > 0), bins, 0), 0)
         end -= TAIL_BLOCK
     return found
-
-
-@triton.jit
-def _bottom_bin(raw_at, top_magnitude, tiny_more, top_bin, USE_PTX: tl.constexpr, TAIL_BLOCK: tl.constexpr):
-    """A row's lowest occupied bin (0 where the low bin is occupied or no bin past it is: then
-    no step is skipped below): none lies below the negative bin of the row's largest magnitude,
-    where a scan up starts (mostly one step of TAIL_BLOCK bins), `_top_bin`'s mirror."""
-    start = _TINY - tl.maximum(tl.minimum(top_magnitude, SLOT_M_HI - 1) - SLOT_M_LO, 0)
-    low = _slot_count(raw_at, _LOW_SLOT, USE_PTX)  # (-inf too: then no skip below)
-    begin = tl.where((low == 0) & (top_bin > 0), start, top_bin + 1)  # (past top_bin: no scan)
-    found = tl.zeros([], tl.int32) + CAP
-    while (found == CAP) & (begin <= top_bin):
-        bins = begin + tl.arange(0, TAIL_BLOCK)
-        counts = _slot_counts(raw_at, tl.minimum(bins, CAP - 1), tiny_more, USE_PTX)
-        found = tl.min(tl.where((bins <= top_bin) & (counts > 0), bins, CAP), 0)
-        begin += TAIL_BLOCK
-    return tl.where(found == CAP, 0, found)
 
 
 @triton.jit
