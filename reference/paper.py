@@ -35,6 +35,9 @@ import torch
 import torch.nn.functional as F
 
 from reference.uld import uld_row_losses_reference
+# The argument checks are the package's, so that both give one answer to bad input; the loss
+# itself is computed here alone.
+from uld_kernels.validation import check_num_items, check_row_pairs
 
 REDUCTIONS = ("paper", "token_mean", "sum", "none")
 ALIGNMENTS = ("paper", "trl_observed")
@@ -88,32 +91,10 @@ def _check_arguments(student_logits, teacher_logits, student_labels, teacher_lab
         if size is not None and not 1 <= size <= logits.shape[-1]:
             raise ValueError(f"{name} must be between 1 and {logits.shape[-1]} (the logits' last "
                              f"dimension), got {size}")
-    if num_items_in_batch is not None and not torch.is_tensor(num_items_in_batch) \
-            and not num_items_in_batch > 0:
-        raise ValueError(f"num_items_in_batch must be positive, got {num_items_in_batch!r}")
-    if (student_rows is None) != (teacher_rows is None):
-        raise ValueError("student_rows and teacher_rows must be given together "
-                         f"(student_rows is {'set' if student_rows is not None else 'None'}, "
-                         f"teacher_rows is {'set' if teacher_rows is not None else 'None'})")
-    if student_rows is None:
-        if row_weights is not None:
-            raise ValueError("row_weights needs student_rows and teacher_rows")
-        return
-    for name, rows, logits in (("student_rows", student_rows, student_logits),
-                               ("teacher_rows", teacher_rows, teacher_logits)):
-        if rows.dim() != 1 or rows.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"{name} must be a 1-D integer tensor, got {rows.dtype} of shape "
-                             f"{tuple(rows.shape)}")
-        flat_rows = logits.shape[0] * logits.shape[1]
-        if rows.numel() > 0 and (int(rows.min()) < 0 or int(rows.max()) >= flat_rows):
-            raise ValueError(f"{name} must index the {flat_rows} flattened rows [B*L], got values "
-                             f"in [{int(rows.min())}, {int(rows.max())}]")
-    if student_rows.numel() != teacher_rows.numel():
-        raise ValueError(f"student_rows and teacher_rows must have the same length, got "
-                         f"{student_rows.numel()} and {teacher_rows.numel()}")
-    if row_weights is not None and tuple(row_weights.shape) != (student_rows.numel(),):
-        raise ValueError(f"row_weights must have shape ({student_rows.numel()},) like "
-                         f"student_rows, got {tuple(row_weights.shape)}")
+    check_num_items("num_items_in_batch", num_items_in_batch)
+    check_row_pairs(student_rows, teacher_rows, row_weights,
+                    student_logits.shape[0] * student_logits.shape[1],
+                    teacher_logits.shape[0] * teacher_logits.shape[1])
 
 
 def _cross_entropy(student_logits, student_labels, ignore_index, reduction, num_items_in_batch):
@@ -200,8 +181,8 @@ def uld_distillation_loss_reference(
             ``start_t + 1 + k`` (TRL GOLD's default "observed" slice, one row late per
             TRL PR #5905; offered to reproduce TRL runs). Pairs with a row past the end of
             its sequence are dropped.
-        student_rows, teacher_rows: 1-D int64 indices into the flattened ``[B*Ls]`` /
-            ``[B*Lt]`` rows, paired one to one. When given, labels, ``skip_*_eos`` and
+        student_rows, teacher_rows: 1-D int64 or int32 indices into the flattened ``[B*Ls]`` /
+            ``[B*Lt]`` rows, paired one to one, the student rows distinct. When given, labels, ``skip_*_eos`` and
             ``alignment`` do not affect the distillation term, and ``reduction`` does not
             apply to it: distillation = ``distillation_weight * sum_r row_weights[r] * L_r``
             (a scalar; with ``reduction="none"`` each row's term is attributed to the sample

@@ -141,6 +141,111 @@ def test_bad_arguments_name_themselves():
         uld_distillation_loss(student, teacher, s_labels, t_labels.float())
 
 
+# Explicit pairs the kernels must never see: each is refused before any kernel, by the package
+# and by the reference alike (one check serves both), with an error naming the argument. The
+# batch has 3 x 9 student rows and 3 x 11 teacher rows.
+BAD_PAIRS = {
+    "student_row_past_the_end": (dict(student_rows=torch.tensor([0, 27]), teacher_rows=torch.tensor([0, 1])),
+                                 ValueError, "student_rows must index the 27"),
+    "negative_teacher_row": (dict(student_rows=torch.tensor([0, 1]), teacher_rows=torch.tensor([-1, 1])),
+                             ValueError, "teacher_rows must index the 33"),
+    "repeated_student_row": (dict(student_rows=torch.tensor([4, 2, 4]), teacher_rows=torch.tensor([0, 1, 2])),
+                             ValueError, "student_rows must be distinct"),
+    "weights_without_rows": (dict(row_weights=torch.tensor([1.0])), ValueError, "row_weights needs"),
+    "weights_not_finite": (dict(student_rows=torch.tensor([0, 1]), teacher_rows=torch.tensor([0, 1]),
+                                row_weights=torch.tensor([0.5, float("inf")])), ValueError, "row_weights must be finite"),
+    "weights_of_another_length": (dict(student_rows=torch.tensor([0, 1]), teacher_rows=torch.tensor([0, 1]),
+                                       row_weights=torch.tensor([0.5])), ValueError, "row_weights must be"),
+    "rows_as_a_list": (dict(student_rows=[0, 1], teacher_rows=torch.tensor([0, 1])), ValueError, "student_rows must be a 1-D"),
+    "float_rows": (dict(student_rows=torch.tensor([0.0, 1.0]), teacher_rows=torch.tensor([0, 1])),
+                   ValueError, "student_rows must be a 1-D"),
+    "lengths_differ": (dict(student_rows=torch.tensor([0, 1]), teacher_rows=torch.tensor([0])),
+                       ValueError, "same length"),
+    "teacher_rows_alone": (dict(teacher_rows=torch.tensor([0, 1])), ValueError, "student_rows is None"),
+    "no_items": (dict(reduction="token_mean", num_items_in_batch=0), ValueError, "num_items_in_batch must be"),
+    "negative_items": (dict(num_items_in_batch=-3.0), ValueError, "num_items_in_batch must be"),
+    "items_as_a_string": (dict(num_items_in_batch="12"), TypeError, "num_items_in_batch must be"),
+    "items_as_a_vector": (dict(num_items_in_batch=torch.tensor([3, 4])), ValueError, "num_items_in_batch must be"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_PAIRS))
+@pytest.mark.parametrize("loss", ["package", "reference"])
+def test_bad_rows_and_counts_are_refused(name, loss, device, monkeypatch):
+    """Out-of-range rows once crashed the interpreter's process or gave inf, repeated student rows
+    double-counted, weights without rows were ignored, a count of 0 gave NaN: now each is an
+    error, raised before any kernel runs."""
+    import uld_kernels.launch as launch
+
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("a kernel ran on input that should have been refused")
+
+    monkeypatch.setattr(launch, "uld_pairs", no_kernel)
+    monkeypatch.setattr(launch, "hist_pairs", no_kernel)
+    student, teacher, s_labels, t_labels = _batch(8, device)
+    options, error, message = BAD_PAIRS[name]
+    options = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in options.items()}
+    fn = uld_distillation_loss if loss == "package" else uld_distillation_loss_reference
+    with pytest.raises(error, match=message):
+        fn(student, teacher, s_labels, t_labels, **options)
+
+
+def test_int32_rows_and_a_device_count_are_accepted(device):
+    """What the checks must let through: int32 row maps, and num_items_in_batch as a
+    one-element tensor (as Hugging Face's Trainer passes it), against the reference."""
+    student, teacher, s_labels, t_labels = _batch(10, device)
+    s_rows = torch.tensor([26, 3, 0], dtype=torch.int32, device=device)
+    t_rows = torch.tensor([32, 32, 5], dtype=torch.int32, device=device)
+    count = torch.tensor(7, device=device)
+    got = uld_distillation_loss(student, teacher, s_labels, t_labels, student_rows=s_rows, teacher_rows=t_rows,
+                                reduction="token_mean", num_items_in_batch=count)[0]
+    want = uld_distillation_loss_reference(student.double(), teacher.double(), s_labels, t_labels,
+                                           student_rows=s_rows, teacher_rows=t_rows,
+                                           reduction="token_mean", num_items_in_batch=count)[0]
+    assert_losses_close(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("reduction", ["paper", "none"])
+def test_sequences_of_length_zero(reduction, device):
+    """``[B, 0, V]`` logits (no position at all) give the reference's zeros and an empty
+    gradient; the alignment once failed on them inside ``argmax``."""
+    g = torch.Generator().manual_seed(11)
+    student = torch.randn(2, 0, 12, generator=g).to(device).requires_grad_(True)
+    teacher = torch.randn(2, 5, 9, generator=g).to(device)
+    s_labels = torch.zeros(2, 0, dtype=torch.long, device=device)
+    t_labels = torch.randint(0, 9, (2, 5), generator=g).to(device)
+    total, ce, distill = uld_distillation_loss(student, teacher, s_labels, t_labels, reduction=reduction)
+    total.sum().backward()
+    ref = uld_distillation_loss_reference(student.detach().double(), teacher.double(), s_labels, t_labels,
+                                          reduction=reduction)
+    for got, want in zip((total, ce, distill), ref):
+        assert_losses_close(got, want, torch.float32)
+    assert student.grad.shape == student.shape
+
+
+@pytest.mark.parametrize("which", ["student", "teacher"])
+def test_empty_vocabulary_of_a_batch_is_refused(which):
+    student, teacher, s_labels, t_labels = _batch(12, "cpu")
+    if which == "student":
+        student = student[..., :0]
+    else:
+        teacher = teacher[..., :0]
+    with pytest.raises(ValueError, match=f"{which}_logits must have a vocabulary of at least 1"):
+        uld_distillation_loss(student, teacher, s_labels, t_labels)
+
+
+@pytest.mark.parametrize("options, error, name", [
+    (dict(student_temperature=-1.0), ValueError, "student_temperature"),
+    (dict(teacher_temperature="hot"), TypeError, "teacher_temperature"),
+    (dict(distillation_weight=float("inf")), ValueError, "distillation_weight"),
+    (dict(crossentropy_weight=None), TypeError, "crossentropy_weight"),
+    (dict(reduction="mean"), ValueError, "reduction"),
+])
+def test_uld_loss_module_checks_its_options_when_built(options, error, name):
+    with pytest.raises(error, match=name):
+        ULDLoss(**options)
+
+
 EDGE_LABELS = {
     # sequences of one token; a sample whose only label is ignored
     "length_one": (torch.tensor([[5], [IGNORE]]), torch.tensor([[3], [4]])),

@@ -35,9 +35,9 @@ class RowPairs:
 def answer_spans(labels: torch.Tensor, ignore_index: int, skip_eos: bool):
     """Per sample: (start row, answer size) of ``labels [B, L]`` as the paper's code reads them."""
     answer = labels != ignore_index
-    seq = labels.shape[1]
     size = answer.sum(dim=1)
-    leading = torch.where(answer.any(dim=1), answer.int().argmax(dim=1), torch.full_like(size, seq))
+    # The leading run of ignored labels: L when none is answer, 0 rows when L is 0.
+    leading = (answer.cumsum(dim=1) == 0).sum(dim=1)
     start = (leading - 1).clamp(min=0)
     if skip_eos:
         size = (size - 1).clamp(min=0)

@@ -21,6 +21,8 @@ from uld_kernels.validation import (
     check_finite,
     check_labels,
     check_logits,
+    check_num_items,
+    check_row_pairs,
     check_temperature,
     check_vocab_size,
 )
@@ -155,6 +157,17 @@ def _check_inputs(student_logits, teacher_logits, student_labels, teacher_labels
         raise ValueError(f"logits and labels must be on one device, got {sorted(map(str, devices))}")
 
 
+def _check_options(reduction, alignment, student_temperature, teacher_temperature,
+                   distillation_weight, crossentropy_weight) -> tuple[float, float, float, float]:
+    """The options that do not depend on the batch; the numbers as floats."""
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("alignment", alignment, ALIGNMENTS)
+    return (check_temperature("student_temperature", student_temperature),
+            check_temperature("teacher_temperature", teacher_temperature),
+            check_finite("distillation_weight", distillation_weight),
+            check_finite("crossentropy_weight", crossentropy_weight))
+
+
 def uld_distillation_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -196,15 +209,17 @@ def uld_distillation_loss(
             rows / ``num_items_in_batch``, or / their count), ``"sum"``, or ``"none"`` (``[B]``
             per sample). With ``num_items_in_batch``, ``"paper"`` and ``"token_mean"`` divide
             the cross-entropy sum by it, as Hugging Face does for gradient accumulation, and
-            ``"token_mean"`` divides the ULD sum by it too.
+            ``"token_mean"`` divides the ULD sum by it too. A number > 0, or a one-element
+            tensor (Hugging Face's; its value is not read on the host).
         student_vocab_size, teacher_vocab_size: leave out padded lm_head columns (Qwen2.5's
             lm_head has 151,936 or 152,064 rows for 151,665 tokens).
         alignment: ``"paper"`` (default) or ``"trl_observed"`` (one row later on both sides:
             TRL GOLD's default slice, which TRL PR #5905 calls misaligned; for reproducing
             TRL runs).
         student_rows, teacher_rows, row_weights: explicit pairs instead of the alignment: 1-D
-            flat row indices into ``B * Ls`` / ``B * Lt`` (student rows distinct) and weights
-            (default ``1 / len``). The ULD term is then ``distillation_weight *
+            int64 or int32 flat row indices into ``B * Ls`` / ``B * Lt`` (student rows distinct)
+            and finite weights (default ``1 / len``); their values are checked on the host (one
+            sync a call, on this path only; not under ``torch.compile``). The ULD term is then ``distillation_weight *
             sum(row_weights * row_loss)`` (with ``"none"``: that sum per sample of the student
             row); ``reduction`` applies to the cross-entropy only.
 
@@ -217,27 +232,15 @@ def uld_distillation_loss(
     The paper's code returns NaN there.
     """
     _check_inputs(student_logits, teacher_logits, student_labels, teacher_labels)
-    check_choice("reduction", reduction, REDUCTIONS)
-    check_choice("alignment", alignment, ALIGNMENTS)
-    student_temperature = check_temperature("student_temperature", student_temperature)
-    teacher_temperature = check_temperature("teacher_temperature", teacher_temperature)
-    distillation_weight = check_finite("distillation_weight", distillation_weight)
-    crossentropy_weight = check_finite("crossentropy_weight", crossentropy_weight)
+    (student_temperature, teacher_temperature, distillation_weight,
+     crossentropy_weight) = _check_options(reduction, alignment, student_temperature, teacher_temperature,
+                                           distillation_weight, crossentropy_weight)
     student_vocab = check_vocab_size("student_vocab_size", student_vocab_size, student_logits.shape[-1])
     teacher_vocab = check_vocab_size("teacher_vocab_size", teacher_vocab_size, teacher_logits.shape[-1])
-    explicit = student_rows is not None or teacher_rows is not None
-    if explicit:
-        if student_rows is None or teacher_rows is None:
-            raise ValueError("student_rows and teacher_rows go together")
-        for name, x in (("student_rows", student_rows), ("teacher_rows", teacher_rows)):
-            if x.dim() != 1 or x.dtype.is_floating_point or x.dtype == torch.bool:
-                raise ValueError(f"{name} must be a 1-D integer tensor, got {x.dtype} {tuple(x.shape)}")
-        if student_rows.numel() != teacher_rows.numel():
-            raise ValueError(f"student_rows and teacher_rows must have the same length, got "
-                             f"{student_rows.numel()} and {teacher_rows.numel()}")
-        if row_weights is not None and tuple(row_weights.shape) != tuple(student_rows.shape):
-            raise ValueError(f"row_weights must have shape {tuple(student_rows.shape)}, got "
-                             f"{tuple(row_weights.shape)}")
+    check_num_items("num_items_in_batch", num_items_in_batch)
+    check_row_pairs(student_rows, teacher_rows, row_weights,
+                    student_logits.shape[0] * student_logits.shape[1],
+                    teacher_logits.shape[0] * teacher_logits.shape[1])
 
     if student_logits.device.type == "cpu" and not interpreter_enabled():
         from reference.paper import uld_distillation_loss_reference
@@ -352,8 +355,8 @@ class ULDLoss(nn.Module):
             skip_student_eos=skip_student_eos, skip_teacher_eos=skip_teacher_eos,
             ignore_index=ignore_index, reduction=reduction, student_vocab_size=student_vocab_size,
             teacher_vocab_size=teacher_vocab_size, alignment=alignment)
-        check_choice("reduction", reduction, REDUCTIONS)
-        check_choice("alignment", alignment, ALIGNMENTS)
+        _check_options(reduction, alignment, student_temperature, teacher_temperature,
+                       distillation_weight, crossentropy_weight)
 
     def forward(self, student_logits, teacher_logits, student_labels, teacher_labels, *,
                 num_items_in_batch=None, student_rows=None, teacher_rows=None, row_weights=None):

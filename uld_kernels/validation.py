@@ -26,8 +26,9 @@ def check_logits(name: str, logits: object, ndim: int = 2) -> torch.Tensor:
             f"{name} must be float32, bfloat16 or float16, got {logits.dtype}"
             + (" (use reference.uld_loss_reference for float64)" if logits.dtype == torch.float64 else "")
         )
-    if logits.shape[1] < 1:
-        raise ValueError(f"{name} must have a vocabulary of at least 1, got shape {tuple(logits.shape)}")
+    if logits.shape[-1] < 1:
+        raise ValueError(f"{name} must have a vocabulary of at least 1 (its last dimension), got shape "
+                         f"{tuple(logits.shape)}")
     return logits
 
 
@@ -73,7 +74,9 @@ def check_aligned_rows(student_logits: torch.Tensor, teacher_logits: torch.Tenso
 
 def check_finite(name: str, value: object) -> float:
     """A finite real number (a weight)."""
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(float(value)):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     return float(value)
 
@@ -96,3 +99,80 @@ def check_labels(name: str, labels: object, logits: torch.Tensor) -> torch.Tenso
         raise ValueError(f"{name} must have shape {tuple(logits.shape[:2])} (the logits' batch and "
                          f"sequence), got {tuple(labels.shape)}")
     return labels
+
+
+def check_num_items(name: str, value: object) -> object:
+    """None, a finite number > 0, or a one-element real tensor (Hugging Face passes the count as
+    a device tensor: its value is not read here, which would cost a host sync a step)."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype == torch.bool or value.dtype.is_complex:
+            raise ValueError(f"{name} must be a number or a one-element real tensor, got a "
+                             f"{value.dtype} tensor of shape {tuple(value.shape)}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}")
+    if not math.isfinite(float(value)) or value <= 0:
+        raise ValueError(f"{name} must be finite and > 0 (the count of target tokens), got {value!r}")
+    return value
+
+
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def check_row_pairs(student_rows: object, teacher_rows: object, row_weights: object,
+                    student_flat_rows: int, teacher_flat_rows: int) -> None:
+    """Explicit pairs: 1-D integer tensors of one length, each row inside its side's flattened
+    ``[B * L]`` rows, the student rows distinct; ``row_weights`` finite, one per pair, and only
+    with the rows.
+
+    The values are read on the host (one sync, this opt-in path only): a row out of range would
+    be read out of bounds by the kernels, and a repeated student row would have its gradient
+    row written twice. Under ``torch.compile`` the values are not read (shapes and dtypes are).
+    """
+    if student_rows is None and teacher_rows is None:
+        if row_weights is not None:
+            raise ValueError("row_weights needs student_rows and teacher_rows")
+        return
+    if student_rows is None or teacher_rows is None:
+        missing = "student_rows" if student_rows is None else "teacher_rows"
+        raise ValueError(f"student_rows and teacher_rows go together: {missing} is None")
+    for name, rows in (("student_rows", student_rows), ("teacher_rows", teacher_rows)):
+        if not isinstance(rows, torch.Tensor) or rows.dim() != 1 or rows.dtype not in INDEX_DTYPES:
+            got = (f"{rows.dtype} of shape {tuple(rows.shape)}" if isinstance(rows, torch.Tensor)
+                   else type(rows).__name__)
+            raise ValueError(f"{name} must be a 1-D int64 or int32 tensor, got {got}")
+    if student_rows.numel() != teacher_rows.numel():
+        raise ValueError(f"student_rows and teacher_rows must have the same length, got "
+                         f"{student_rows.numel()} and {teacher_rows.numel()}")
+    if row_weights is not None:
+        if (not isinstance(row_weights, torch.Tensor) or not row_weights.dtype.is_floating_point
+                or tuple(row_weights.shape) != tuple(student_rows.shape)):
+            got = (f"{row_weights.dtype} of shape {tuple(row_weights.shape)}"
+                   if isinstance(row_weights, torch.Tensor) else type(row_weights).__name__)
+            raise ValueError(f"row_weights must be a floating tensor of shape {tuple(student_rows.shape)} "
+                             f"(one weight per pair), got {got}")
+    if student_rows.numel() == 0 or torch.compiler.is_compiling():
+        return
+    device = student_rows.device
+    weights_finite = (torch.isfinite(row_weights).all() if row_weights is not None
+                      else torch.ones((), dtype=torch.bool))
+    ordered = student_rows.long().sort().values
+    # Every value test in one host read.
+    stats = torch.stack([
+        student_rows.min().long(), student_rows.max().long(), teacher_rows.min().long().to(device),
+        teacher_rows.max().long().to(device), (ordered[1:] == ordered[:-1]).sum(),
+        weights_finite.long().to(device),
+    ])
+    s_lo, s_hi, t_lo, t_hi, repeats, weights_finite = stats.tolist()
+    for name, lo, hi, flat in (("student_rows", s_lo, s_hi, student_flat_rows),
+                               ("teacher_rows", t_lo, t_hi, teacher_flat_rows)):
+        if lo < 0 or hi >= flat:
+            raise ValueError(f"{name} must index the {flat} flattened rows [B * L] (0 to {flat - 1}), "
+                             f"got values from {lo} to {hi}")
+    if repeats:
+        raise ValueError(f"student_rows must be distinct (each student row is paired once; its "
+                         f"gradient row is written by its pair), got {repeats} repeated")
+    if not weights_finite:
+        raise ValueError("row_weights must be finite")
