@@ -17,7 +17,11 @@ setup(
         # pytest-xdist: the interpreter runs on one core per process; CI has two.
         "test": ["pytest>=8", "pytest-timeout", "numpy>=1.26,<2.4", "hypothesis>=6.100", "pytest-xdist>=3",
                  # (tests/test_compile_sm90.py: its compile shared by the xdist workers; also torch's)
-                 "filelock"],
+                 "filelock",
+                 # tests/test_trainer.py: ULDTrainer in a real Trainer loop (tiny models, CPU).
+                 "transformers>=4.46", "accelerate>=1.1"],
+        # uld_kernels.trainer.ULDTrainer: num_items_in_batch reached compute_loss in 4.46.
+        "hf": ["transformers>=4.46", "accelerate>=1.1"],
         "bench": ["matplotlib"],
     },
 )

@@ -328,18 +328,15 @@ class ULDLoss(nn.Module):
     """``nn.Module`` form of ``uld_distillation_loss``: the options go to the constructor,
     the batch to ``forward``, which returns ``(total, ce, distillation)``.
 
-    Example (a Hugging Face ``Trainer.compute_loss``)::
+    Example::
 
         uld = ULDLoss(distillation_weight=1.5, skip_student_eos=True)
+        total, ce, distill = uld(student_logits, teacher_logits, student_labels, teacher_labels)
+        total.backward()
 
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            student = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-            with torch.no_grad():
-                teacher = self.teacher(input_ids=inputs["teacher_input_ids"],
-                                       attention_mask=inputs["teacher_attention_mask"])
-            total, ce, distill = uld(student.logits, teacher.logits, inputs["labels"],
-                                     inputs["teacher_labels"], num_items_in_batch=num_items_in_batch)
-            return (total, student) if return_outputs else total
+    In a Hugging Face ``Trainer``, use ``uld_kernels.trainer.ULDTrainer``: with
+    ``num_items_in_batch`` the Trainer stops dividing by the accumulation steps, which the
+    ``"paper"`` reduction's ULD term (a per-sample mean) then needs from the caller.
     """
 
     def __init__(self, *, distillation_weight: float = 1.0, crossentropy_weight: float = 1.0,

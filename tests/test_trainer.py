@@ -1,0 +1,109 @@
+"""``ULDTrainer`` in a real ``transformers.Trainer`` loop: gradient accumulation gives the
+update of one large batch, for each reduction that trains, and that update is the gradient of
+``uld_distillation_loss`` on the whole batch.
+
+Tiny Llama models (student vocabulary 48, teacher 40), four samples of fixed length, plain SGD
+with one step: the student's parameters after the step are ``w - lr * grad``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="the [hf] extra; CI installs it with [test]")
+
+from uld_kernels import ULDLoss, uld_distillation_loss  # noqa: E402
+from uld_kernels.trainer import ULDTrainer  # noqa: E402
+
+IGNORE = -100
+SAMPLES, STUDENT_LEN, TEACHER_LEN = 4, 10, 12
+LR = 0.5
+
+
+def _model(vocab: int, seed: int):
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32,
+                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                      max_position_embeddings=32)
+    return transformers.LlamaForCausalLM(config).float()
+
+
+def _samples(seed: int) -> list[dict[str, torch.Tensor]]:
+    """Each sample: a prompt of 2-4 tokens, then an answer of 3-7 tokens, then padding, in
+    both tokenizations (the teacher's prompt and answer lengths differ from the student's)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(SAMPLES):
+        sample = {}
+        for prefix, length, vocab in (("", STUDENT_LEN, 48), ("teacher_", TEACHER_LEN, 40)):
+            ids = torch.randint(0, vocab, (length,), generator=g)
+            prompt = int(torch.randint(2, 5, (1,), generator=g))
+            answer = int(torch.randint(3, 8, (1,), generator=g))
+            labels = torch.full((length,), IGNORE)
+            labels[prompt:prompt + answer] = ids[prompt:prompt + answer]
+            mask = torch.zeros(length, dtype=torch.long)
+            mask[:prompt + answer] = 1
+            sample.update({f"{prefix}input_ids": ids, f"{prefix}attention_mask": mask, f"{prefix}labels": labels})
+        out.append(sample)
+    return out
+
+
+def _train_one_step(tmp_path, reduction: str, batch: int, accumulation: int):
+    student, teacher = _model(48, seed=1), _model(40, seed=2)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / f"{reduction}-{batch}x{accumulation}"), per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=LR, optim="sgd",
+        lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, remove_unused_columns=False,
+        report_to="none", save_strategy="no", logging_strategy="no", seed=0, dataloader_drop_last=False)
+    uld = ULDLoss(reduction=reduction, distillation_weight=1.5, skip_student_eos=True)
+    trainer = ULDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=_samples(3),
+                         uld_loss=uld)
+    before = {k: v.detach().clone() for k, v in student.named_parameters()}
+    trainer.train()
+    return student, teacher, before, uld
+
+
+def _update(student, before):
+    return {k: (before[k] - v.detach().cpu()) / LR for k, v in student.named_parameters()}
+
+
+@pytest.mark.parametrize("reduction", ["paper", "token_mean", "sum"])
+def test_accumulated_update_is_the_whole_batch_gradient(tmp_path, reduction):
+    """Two micro-batches of two accumulate to the update of one batch of four, and that update
+    is the gradient of the loss on the four samples (with the Trainer's token count for
+    "token_mean"): the ULD term of "paper" is not counted twice, nor divided twice."""
+    student, teacher, before, uld = _train_one_step(tmp_path, reduction, batch=2, accumulation=2)
+    accumulated = _update(student, before)
+    at_once, _, before_at_once, _ = _train_one_step(tmp_path, reduction, batch=4, accumulation=1)
+    whole = _update(at_once, before_at_once)
+
+    # The gradient by hand, on the initial student.
+    fresh = _model(48, seed=1)
+    batch = {k: torch.stack([s[k] for s in _samples(3)]) for k in _samples(3)[0]}
+    logits = fresh(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    with torch.no_grad():
+        teacher_logits = teacher.cpu()(input_ids=batch["teacher_input_ids"],
+                                       attention_mask=batch["teacher_attention_mask"]).logits
+    count = int((batch["labels"][:, 1:] != IGNORE).sum())
+    total = uld_distillation_loss(logits, teacher_logits, batch["labels"], batch["teacher_labels"],
+                                  num_items_in_batch=count, **uld.options)[0]
+    total.backward()
+    by_hand = {k: v.grad for k, v in fresh.named_parameters()}
+
+    for name in by_hand:
+        torch.testing.assert_close(accumulated[name], whole[name], atol=1e-5, rtol=1e-4,
+                                   msg=lambda m: f"{reduction}: {name}, 2 x 2 accumulated against 4 at once: {m}")
+        torch.testing.assert_close(whole[name], by_hand[name], atol=1e-5, rtol=1e-4,
+                                   msg=lambda m: f"{reduction}: {name}, the Trainer's step against the "
+                                                 f"gradient of the loss: {m}")
+
+
+def test_refuses_arguments_that_would_lose_the_teacher(tmp_path):
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to="none")  # drops columns
+    with pytest.raises(ValueError, match="remove_unused_columns=False"):
+        ULDTrainer(model=_model(48, 1), teacher_model=_model(40, 2), args=args, train_dataset=_samples(3))
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to="none", remove_unused_columns=False)
+    with pytest.raises(ValueError, match="reduction"):
+        ULDTrainer(model=_model(48, 1), teacher_model=_model(40, 2), args=args, train_dataset=_samples(3),
+                   uld_loss=ULDLoss(reduction="none"))
