@@ -15,6 +15,7 @@ transformers = pytest.importorskip("transformers", reason="the [hf] extra; CI in
 
 from uld_kernels import ULDLoss, uld_distillation_loss  # noqa: E402
 from uld_kernels.trainer import ULDTrainer  # noqa: E402
+from tests.tolerances import MODEL_GRAD_TOL  # noqa: E402
 
 IGNORE = -100
 SAMPLES, STUDENT_LEN, TEACHER_LEN = 4, 10, 12
@@ -78,25 +79,26 @@ def test_accumulated_update_is_the_whole_batch_gradient(tmp_path, reduction):
     at_once, _, before_at_once, _ = _train_one_step(tmp_path, reduction, batch=4, accumulation=1)
     whole = _update(at_once, before_at_once)
 
-    # The gradient by hand, on the initial student.
-    fresh = _model(48, seed=1)
-    batch = {k: torch.stack([s[k] for s in _samples(3)]) for k in _samples(3)[0]}
+    # The gradient by hand, on the initial student, on the Trainer's device.
+    device = teacher.device
+    fresh = _model(48, seed=1).to(device)
+    batch = {k: torch.stack([s[k] for s in _samples(3)]).to(device) for k in _samples(3)[0]}
     logits = fresh(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     with torch.no_grad():
-        teacher_logits = teacher.cpu()(input_ids=batch["teacher_input_ids"],
-                                       attention_mask=batch["teacher_attention_mask"]).logits
+        teacher_logits = teacher(input_ids=batch["teacher_input_ids"],
+                                 attention_mask=batch["teacher_attention_mask"]).logits
     count = int((batch["labels"][:, 1:] != IGNORE).sum())
     total = uld_distillation_loss(logits, teacher_logits, batch["labels"], batch["teacher_labels"],
                                   num_items_in_batch=count, **uld.options)[0]
     total.backward()
-    by_hand = {k: v.grad for k, v in fresh.named_parameters()}
+    by_hand = {k: v.grad.cpu() for k, v in fresh.named_parameters()}
 
     for name in by_hand:
-        torch.testing.assert_close(accumulated[name], whole[name], atol=1e-5, rtol=1e-4,
-                                   msg=lambda m: f"{reduction}: {name}, 2 x 2 accumulated against 4 at once: {m}")
-        torch.testing.assert_close(whole[name], by_hand[name], atol=1e-5, rtol=1e-4,
-                                   msg=lambda m: f"{reduction}: {name}, the Trainer's step against the "
-                                                 f"gradient of the loss: {m}")
+        for what, got, want in (("2 x 2 accumulated against 4 at once", accumulated[name], whole[name]),
+                                ("the Trainer's step against the gradient of the loss", whole[name],
+                                 by_hand[name])):
+            torch.testing.assert_close(got, want, **MODEL_GRAD_TOL,
+                                       msg=lambda m: f"{reduction}: {name}, {what}: {m}")
 
 
 def test_refuses_arguments_that_would_lose_the_teacher(tmp_path):
