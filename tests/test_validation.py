@@ -168,7 +168,9 @@ def kernel_trap(monkeypatch):
     monkeypatch.setattr(uld_kernels.autograd, "uld_rows", trap)  # the name actually called
     monkeypatch.setattr(uld_kernels.launch.uld_split, "stats_kernel", KernelTrap())  # the first pass of any path
     monkeypatch.setattr(uld_kernels.launch, "scale_rows_kernel", KernelTrap())
-    monkeypatch.setattr(uld_kernels.api, "uld_loss_reference", trap)  # CPU path without Triton
+    import reference.uld
+
+    monkeypatch.setattr(reference.uld, "uld_loss_reference", trap)  # CPU path without Triton
     return trap
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from reference import uld_loss_reference
 from uld_kernels.autograd import REDUCTIONS, ULDFunction
 from uld_kernels.launch import interpreter_enabled
 from uld_kernels.validation import (
@@ -13,6 +12,21 @@ from uld_kernels.validation import (
     check_logits,
     check_temperature,
 )
+
+
+def reference_module(name: str):
+    """``reference.<name>``, the PyTorch reference this package computes CPU tensors with
+    (without the interpreter). Imported only then: ``import uld_kernels`` never reads the
+    top-level ``reference`` package, which a module of the user's named ``reference`` shadows."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"reference.{name}")
+    except ImportError as error:
+        raise ImportError(
+            f"CPU tensors are computed by uld_kernels' PyTorch reference (reference.{name}), which could "
+            f"not be imported ({error}); a module named 'reference' of your own may shadow it. Move the "
+            "tensors to a GPU, or set TRITON_INTERPRET=1 to run the kernels on the CPU") from error
 
 
 def uld_loss(
@@ -67,7 +81,7 @@ def uld_loss(
     check_choice("reduction", reduction, REDUCTIONS)
 
     if student_logits.device.type == "cpu" and not interpreter_enabled():
-        return uld_loss_reference(
+        return reference_module("uld").uld_loss_reference(
             student_logits.float(), teacher_logits.float(),
             student_temperature=student_temperature,
             teacher_temperature=teacher_temperature, reduction=reduction,

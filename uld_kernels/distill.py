@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from uld_kernels.alignment import ALIGNMENTS, next_token_targets, pair_rows
+from uld_kernels.api import reference_module
 from uld_kernels import launch
 from uld_kernels.autograd import call_op, custom_op
 from uld_kernels.launch import cross_entropy_rows, hist_pairs, interpreter_enabled, uld_pairs, zero_unwritten_
@@ -243,9 +244,7 @@ def uld_distillation_loss(
                     teacher_logits.shape[0] * teacher_logits.shape[1])
 
     if student_logits.device.type == "cpu" and not interpreter_enabled():
-        from reference.paper import uld_distillation_loss_reference
-
-        return uld_distillation_loss_reference(
+        return reference_module("paper").uld_distillation_loss_reference(
             student_logits.float(), teacher_logits.float(), student_labels, teacher_labels,
             distillation_weight=distillation_weight, crossentropy_weight=crossentropy_weight,
             student_temperature=student_temperature, teacher_temperature=teacher_temperature,
