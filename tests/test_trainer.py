@@ -60,7 +60,7 @@ def _train_one_step(tmp_path, reduction: str, batch: int, accumulation: int):
     uld = ULDLoss(reduction=reduction, distillation_weight=1.5, skip_student_eos=True)
     trainer = ULDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=_samples(3),
                          uld_loss=uld)
-    before = {k: v.detach().clone() for k, v in student.named_parameters()}
+    before = {k: v.detach().cpu().clone() for k, v in student.named_parameters()}
     trainer.train()
     return student, teacher, before, uld
 
