@@ -91,10 +91,10 @@ def _check_arguments(student_logits, teacher_logits, student_labels, teacher_lab
         if size is not None and not 1 <= size <= logits.shape[-1]:
             raise ValueError(f"{name} must be between 1 and {logits.shape[-1]} (the logits' last "
                              f"dimension), got {size}")
-    check_num_items("num_items_in_batch", num_items_in_batch)
     check_row_pairs(student_rows, teacher_rows, row_weights,
                     student_logits.shape[0] * student_logits.shape[1],
                     teacher_logits.shape[0] * teacher_logits.shape[1])
+    return check_num_items("num_items_in_batch", num_items_in_batch)  # a tensor as a 0-D one
 
 
 def _cross_entropy(student_logits, student_labels, ignore_index, reduction, num_items_in_batch):
@@ -206,9 +206,9 @@ def uld_distillation_loss_reference(
         ...                    [-100, -100, 3, 2, -100, -100, -100]])
         >>> total, ce, dist = uld_distillation_loss_reference(s, t, ls, lt)
     """
-    _check_arguments(student_logits, teacher_logits, student_labels, teacher_labels, reduction,
-                     alignment, num_items_in_batch, student_vocab_size, teacher_vocab_size,
-                     student_rows, teacher_rows, row_weights)
+    num_items_in_batch = _check_arguments(
+        student_logits, teacher_logits, student_labels, teacher_labels, reduction, alignment,
+        num_items_in_batch, student_vocab_size, teacher_vocab_size, student_rows, teacher_rows, row_weights)
 
     # Padded lm_head columns get real logits: leave them out, or they become fake tail mass.
     if student_vocab_size is not None:

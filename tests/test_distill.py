@@ -166,6 +166,7 @@ BAD_PAIRS = {
     "negative_items": (dict(num_items_in_batch=-3.0), ValueError, "num_items_in_batch must be"),
     "items_as_a_string": (dict(num_items_in_batch="12"), TypeError, "num_items_in_batch must be"),
     "items_as_a_vector": (dict(num_items_in_batch=torch.tensor([3, 4])), ValueError, "num_items_in_batch must be"),
+    "items_past_float": (dict(num_items_in_batch=10 ** 400), ValueError, "num_items_in_batch must be"),
 }
 
 
@@ -190,18 +191,21 @@ def test_bad_rows_and_counts_are_refused(name, loss, device, monkeypatch):
         fn(student, teacher, s_labels, t_labels, **options)
 
 
-def test_int32_rows_and_a_device_count_are_accepted(device):
+@pytest.mark.parametrize("count_shape", [(), (1,), (1, 1)])
+def test_int32_rows_and_a_device_count_are_accepted(count_shape, device):
     """What the checks must let through: int32 row maps, and num_items_in_batch as a
-    one-element tensor (as Hugging Face's Trainer passes it), against the reference."""
+    one-element tensor of any shape (Hugging Face's Trainer passes a 0-D one), against the
+    reference; the loss stays a scalar."""
     student, teacher, s_labels, t_labels = _batch(10, device)
     s_rows = torch.tensor([26, 3, 0], dtype=torch.int32, device=device)
     t_rows = torch.tensor([32, 32, 5], dtype=torch.int32, device=device)
-    count = torch.tensor(7, device=device)
+    count = torch.full(count_shape, 7, device=device)
     got = uld_distillation_loss(student, teacher, s_labels, t_labels, student_rows=s_rows, teacher_rows=t_rows,
                                 reduction="token_mean", num_items_in_batch=count)[0]
     want = uld_distillation_loss_reference(student.double(), teacher.double(), s_labels, t_labels,
                                            student_rows=s_rows, teacher_rows=t_rows,
                                            reduction="token_mean", num_items_in_batch=count)[0]
+    assert got.shape == want.shape == (), f"loss shapes {tuple(got.shape)} / {tuple(want.shape)}"
     assert_losses_close(got, want, torch.float32)
 
 

@@ -101,6 +101,36 @@ def test_accumulated_update_is_the_whole_batch_gradient(tmp_path, reduction):
                                        msg=lambda m: f"{reduction}: {name}, {what}: {m}")
 
 
+def _trainer(tmp_path, accumulation: int, reduction: str = "paper") -> ULDTrainer:
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / f"eval-{accumulation}"), per_device_eval_batch_size=SAMPLES,
+        gradient_accumulation_steps=accumulation, remove_unused_columns=False, report_to="none")
+    return ULDTrainer(model=_model(48, seed=1), teacher_model=_model(40, seed=2), args=args,
+                      uld_loss=ULDLoss(reduction=reduction, distillation_weight=1.5))
+
+
+def test_evaluation_loss_does_not_depend_on_accumulation(tmp_path):
+    """Evaluation passes a count of its one batch too: the "paper" ULD term must not be divided
+    by the training's accumulation steps there (it was, before this test)."""
+    losses = [_trainer(tmp_path, steps).evaluate(eval_dataset=_samples(5))["eval_loss"] for steps in (1, 4)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6), f"eval_loss with 1 and 4 accumulation steps: {losses}"
+
+
+def test_data_parallel_takes_the_whole_count(tmp_path):
+    """Under DataParallel (one process, n_gpu > 1) the Trainer hands the count as [n_gpu, 1],
+    divided by n_gpu unless averaged across devices; the loss reads the gathered batch, so it
+    needs the whole count and no factor. The arithmetic alone (no second GPU here)."""
+    trainer = _trainer(tmp_path, 1)
+    trainer.args._n_gpu = 2
+    for average, per_replica, whole in ((True, 12, 12), (False, 6, 12)):
+        trainer.args.average_tokens_across_devices = average
+        count, scale = trainer._count_and_scale(torch.full((2, 1), per_replica))
+        assert (int(count), scale) == (whole, 1), f"average_tokens_across_devices={average}: {int(count)}, {scale}"
+    trainer.args._n_gpu = 1
+    trainer.args.average_tokens_across_devices = True
+    assert trainer._count_and_scale(torch.tensor(12))[1] == trainer.accelerator.num_processes
+
+
 def test_refuses_arguments_that_would_lose_the_teacher(tmp_path):
     args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to="none")  # drops columns
     with pytest.raises(ValueError, match="remove_unused_columns=False"):

@@ -238,7 +238,7 @@ def uld_distillation_loss(
                                            distillation_weight, crossentropy_weight)
     student_vocab = check_vocab_size("student_vocab_size", student_vocab_size, student_logits.shape[-1])
     teacher_vocab = check_vocab_size("teacher_vocab_size", teacher_vocab_size, teacher_logits.shape[-1])
-    check_num_items("num_items_in_batch", num_items_in_batch)
+    num_items_in_batch = check_num_items("num_items_in_batch", num_items_in_batch)
     check_row_pairs(student_rows, teacher_rows, row_weights,
                     student_logits.shape[0] * student_logits.shape[1],
                     teacher_logits.shape[0] * teacher_logits.shape[1])

@@ -9,13 +9,17 @@ What it handles that a ``compute_loss`` written from the README would have to:
 - **Gradient accumulation.** When the Trainer passes ``num_items_in_batch`` (the count of the
   student's target tokens over all accumulated micro-batches, and over all processes with
   ``average_tokens_across_devices``), it does not divide the loss by the accumulation steps
-  itself. ``reduction="token_mean"`` divides both terms by that count; with
-  ``reduction="paper"`` the cross-entropy is divided by it and the ULD term, a per-sample
-  mean, by the accumulation steps here. Either way the accumulated gradient is that of the
-  whole batch.
+  itself. ``reduction="token_mean"`` divides both terms by that count: the accumulated
+  gradient is that of the whole batch. With ``reduction="paper"`` the cross-entropy is divided
+  by it and the ULD term, a mean over each micro-batch's samples, by the accumulation steps
+  here: the whole batch's gradient when the micro-batches hold equal numbers of samples with
+  answer rows (a mean of means otherwise, as Hugging Face's losses were before the count).
 - **Several processes.** With ``average_tokens_across_devices`` the count is summed over
   processes while DDP averages the gradients: the loss is multiplied by the number of
-  processes, as the Trainer's own ``compute_loss`` does.
+  processes (over the tensor-parallel size), as the Trainer's own ``compute_loss`` does.
+  Under DataParallel (one process, ``n_gpu > 1``) the loss reads the gathered batch: it
+  takes the whole count. Context or sequence parallelism splits the sequences, which the
+  alignment of answer rows cannot follow.
 - The count is taken for any student (``model_accepts_loss_kwargs`` forced on: the loss here
   uses it whether or not the model's ``forward`` would), and the teacher's columns must reach
   ``compute_loss`` (``remove_unused_columns=False``, checked).
@@ -72,7 +76,9 @@ class ULDTrainer(transformers.Trainer):
             raise TypeError(f"uld_loss must be a uld_kernels.ULDLoss, got {type(uld_loss).__name__}")
         check_choice("uld_loss's reduction", uld_loss.options["reduction"], TRAINER_REDUCTIONS)
         self.uld_loss = uld_loss
-        self.teacher_model = teacher_model.to(self.args.device).eval().requires_grad_(False)
+        if getattr(teacher_model, "hf_device_map", None) is None and not getattr(teacher_model, "is_quantized", False):
+            teacher_model = teacher_model.to(self.args.device)  # placed by the user otherwise (device_map, quantized)
+        self.teacher_model = teacher_model.eval().requires_grad_(False)
         # The Trainer counts the target tokens (num_items_in_batch) only for models it believes
         # take loss kwargs, and divides by the accumulation steps only when it has no count.
         self.model_accepts_loss_kwargs = True
@@ -88,16 +94,37 @@ class ULDTrainer(transformers.Trainer):
             teacher = self.teacher_model(input_ids=inputs["teacher_input_ids"],
                                          attention_mask=inputs["teacher_attention_mask"])
         options = dict(self.uld_loss.options)
-        scale = 1
-        if num_items_in_batch is not None:
-            if getattr(self.args, "average_tokens_across_devices", False):
-                scale = self.accelerator.num_processes
-            if options["reduction"] == "paper":
-                steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
-                options["distillation_weight"] /= steps * scale
+        num_items_in_batch, scale = self._count_and_scale(num_items_in_batch)
+        if num_items_in_batch is not None and options["reduction"] == "paper":
+            # A mean over each micro-batch's samples: the accumulated gradient divides it by
+            # the steps (exact when the micro-batches hold equal numbers of samples with
+            # answer rows). Evaluation (model.eval()) passes a count of its one batch.
+            steps = getattr(self, "current_gradient_accumulation_steps",
+                            self.args.gradient_accumulation_steps) if model.training else 1
+            options["distillation_weight"] /= steps * scale
         total, ce, distillation = uld_distillation_loss(
             student.logits, teacher.logits, inputs["labels"], inputs["teacher_labels"],
             num_items_in_batch=num_items_in_batch, **options)
-        self.last_losses = {"ce": ce.detach(), "distillation": distillation.detach()}  # read: no sync here
+        # As they enter the loss (scaled for accumulation and processes); read: no sync here.
+        self.last_losses = {"ce": ce.detach(), "distillation": distillation.detach()}
         total = total * scale
         return (total, student) if return_outputs else total
+
+    def _count_and_scale(self, num_items_in_batch):
+        """The Trainer's token count as this loss needs it, and the factor on the loss that
+        undoes the gradients' average over processes when the count is global."""
+        if num_items_in_batch is None:
+            return None, 1
+        average = getattr(self.args, "average_tokens_across_devices", False)
+        if self.args.n_gpu > 1:
+            # DataParallel: the count comes as [n_gpu, 1] for losses computed per replica (and
+            # divided by n_gpu unless averaged across devices); this loss reads the gathered
+            # batch in one process, so it takes the whole count and no factor.
+            count = num_items_in_batch.reshape(-1)[0] if torch.is_tensor(num_items_in_batch) else num_items_in_batch
+            return (count if average else count * self.args.n_gpu), 1
+        if not average:
+            return num_items_in_batch, 1
+        # The count is summed over processes while DDP averages gradients over them; ranks of a
+        # tensor-parallel group share their batch (the Trainer's own factor).
+        tp_size = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
+        return num_items_in_batch, self.accelerator.num_processes // tp_size

@@ -103,17 +103,22 @@ def check_labels(name: str, labels: object, logits: torch.Tensor) -> torch.Tenso
 
 def check_num_items(name: str, value: object) -> object:
     """None, a finite number > 0, or a one-element real tensor (Hugging Face passes the count as
-    a device tensor: its value is not read here, which would cost a host sync a step)."""
+    a device tensor: its value is not read here, which would cost a host sync a step),
+    returned as a 0-D tensor."""
     if value is None:
         return None
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or value.dtype == torch.bool or value.dtype.is_complex:
             raise ValueError(f"{name} must be a number or a one-element real tensor, got a "
                              f"{value.dtype} tensor of shape {tuple(value.shape)}")
-        return value
+        return value.reshape(())  # a scalar: the loss keeps its own shape
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}")
-    if not math.isfinite(float(value)) or value <= 0:
+    try:
+        finite = math.isfinite(float(value))
+    except OverflowError:
+        finite = False
+    if not finite or value <= 0:
         raise ValueError(f"{name} must be finite and > 0 (the count of target tokens), got {value!r}")
     return value
 
