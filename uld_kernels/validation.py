@@ -76,9 +76,13 @@ def check_finite(name: str, value: object) -> float:
     """A finite real number (a weight)."""
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(float(value)):
+    try:
+        value = float(value)
+    except OverflowError:  # an int past float's range
+        value = math.inf
+    if not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
+    return value
 
 
 def check_vocab_size(name: str, value: object, full: int) -> int:
@@ -102,9 +106,9 @@ def check_labels(name: str, labels: object, logits: torch.Tensor) -> torch.Tenso
 
 
 def check_num_items(name: str, value: object) -> object:
-    """None, a finite number > 0, or a one-element real tensor (Hugging Face passes the count as
-    a device tensor: its value is not read here, which would cost a host sync a step),
-    returned as a 0-D tensor."""
+    """None, a finite number > 0 (returned as given), or a one-element real tensor, returned
+    0-D (Hugging Face passes the count as a device tensor: its value is not read here, which
+    would cost a host sync a step)."""
     if value is None:
         return None
     if isinstance(value, torch.Tensor):
@@ -112,14 +116,8 @@ def check_num_items(name: str, value: object) -> object:
             raise ValueError(f"{name} must be a number or a one-element real tensor, got a "
                              f"{value.dtype} tensor of shape {tuple(value.shape)}")
         return value.reshape(())  # a scalar: the loss keeps its own shape
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}")
-    try:
-        finite = math.isfinite(float(value))
-    except OverflowError:
-        finite = False
-    if not finite or value <= 0:
-        raise ValueError(f"{name} must be finite and > 0 (the count of target tokens), got {value!r}")
+    if check_finite(name, value) <= 0:
+        raise ValueError(f"{name} must be > 0 (the count of target tokens), got {value!r}")
     return value
 
 
