@@ -83,25 +83,36 @@ def test_padded_lm_head_columns_are_left_out(device):
 
 
 @pytest.mark.parametrize("reduction", ["paper", "none"])
-def test_explicit_row_maps(reduction, device):
+@pytest.mark.parametrize("weights_need_grad", [False, True])
+def test_explicit_row_maps(reduction, weights_need_grad, device):
+    """Explicit pairs against the reference: losses, the student's gradient and, when the
+    weights require grad, theirs (each pair's loss times its sample's upstream factor)."""
     student, teacher, s_labels, t_labels = _batch(6, device)
     student = student.detach().requires_grad_(True)
     s_rows = torch.tensor([0, 4, 10, 20], device=device)
     t_rows = torch.tensor([3, 3, 12, 30], device=device)
-    w = torch.tensor([0.1, 0.2, 0.3, 0.4], device=device)
+    w = torch.tensor([0.1, 0.2, 0.3, 0.4], device=device, requires_grad=weights_need_grad)
+    w64 = w.detach().double().requires_grad_(weights_need_grad)
+    # An upstream gradient that differs per sample, so a pair given another sample's factor fails.
+    upstream = torch.tensor([0.5, -1.25, 2.0], device=device) if reduction == "none" else torch.tensor(0.75)
     total, _, distill = uld_distillation_loss(student, teacher, s_labels, t_labels, student_rows=s_rows,
                                               teacher_rows=t_rows, row_weights=w, crossentropy_weight=0.5,
-                                              reduction=reduction)
-    total.sum().backward()
+                                              distillation_weight=1.5, reduction=reduction)
+    (total * upstream.to(device)).sum().backward()
     s64 = student.detach().double().requires_grad_(True)
     ref, _, ref_distill = uld_distillation_loss_reference(
         s64, teacher.double(), s_labels, t_labels, student_rows=s_rows, teacher_rows=t_rows,
-        row_weights=w.double(), crossentropy_weight=0.5, reduction=reduction)
-    ref.sum().backward()
+        row_weights=w64, crossentropy_weight=0.5, distillation_weight=1.5, reduction=reduction)
+    (ref * upstream.double().to(device)).sum().backward()
     assert_losses_close(total, ref.detach(), torch.float32)
     assert_losses_close(distill, ref_distill.detach(), torch.float32, what="distillation")
     assert_grads_close(student.grad, s64.grad, student.reshape(-1, student.shape[-1]).detach(),
                        torch.float32, per_tie_group=False)
+    if weights_need_grad:
+        assert w.grad is not None, "row_weights requires grad but got none"
+        assert_losses_close(w.grad, w64.grad, torch.float32, what="row_weights' gradient")
+    else:
+        assert w.grad is None
 
 
 def test_gradient_accumulation_with_num_items_in_batch(device):

@@ -107,16 +107,16 @@ class ULDDistillFunction(torch.autograd.Function):
     ``distillation`` are returned for logging and are not differentiable."""
 
     @staticmethod
-    def forward(ctx, student_logits, teacher_logits, plan):
+    def forward(ctx, student_logits, teacher_logits, pair_weight, plan):
         rows, pair_ce, other_ce, grad = call_op(
             "uld_distill", student_logits, teacher_logits, plan["student_vocab"], plan["teacher_vocab"],
-            plan["student_index"], plan["teacher_index"], plan["pair_weight"],
+            plan["student_index"], plan["teacher_index"], pair_weight,
             plan["ce_index"], plan["ce_label"], plan["ce_weight"],
             plan["student_temperature"], plan["teacher_temperature"], plan["has_ce"],
             bool(ctx.needs_input_grad[0] and plan["grad_enabled"]),
         )
         batch = student_logits.shape[0]
-        distill = plan["pair_weight"] * rows
+        distill = pair_weight * rows
         ce_pairs = plan["ce_weight"][plan["student_index"].clamp(min=0)] * pair_ce
         ce_other = plan["ce_weight"] * other_ce
         if plan["per_sample"]:
@@ -128,21 +128,30 @@ class ULDDistillFunction(torch.autograd.Function):
             ce = group @ ce_pairs + ce_other.view(batch, -1).sum(dim=1)
         else:
             distill, ce = distill.sum(), ce_pairs.sum() + ce_other.sum()
-        ctx.save_for_backward(grad)
         ctx.student_grad = bool(ctx.needs_input_grad[0] and plan["grad_enabled"])
+        # Explicit row_weights that require grad: d total / d pair_weight[i] = rows[i].
+        ctx.weight_grad = bool(ctx.needs_input_grad[2] and plan["grad_enabled"])
+        ctx.save_for_backward(grad, rows if ctx.weight_grad else None,
+                              plan["student_index"] if ctx.weight_grad else None)
         ctx.seq_len = student_logits.shape[1]
         ctx.mark_non_differentiable(ce, distill)
         return ce + distill, ce, distill
 
     @staticmethod
     def backward(ctx, grad_total, _grad_ce, _grad_distill):
+        grad, rows, student_index = ctx.saved_tensors
+        grad_weight = None
+        if ctx.weight_grad:
+            # Per sample ("none"): each pair's factor is its student row's sample's.
+            upstream = (grad_total[student_index.clamp(min=0) // ctx.seq_len]
+                        if grad_total.dim() == 1 else grad_total)
+            grad_weight = upstream * rows
         if not ctx.student_grad:
-            return None, None, None
-        (grad,) = ctx.saved_tensors
+            return None, None, grad_weight, None
         flat = grad.view(-1, grad.shape[-1])
         scale = grad_total.repeat_interleave(ctx.seq_len) if grad_total.dim() == 1 else grad_total
         call_op("scale_rows_", flat, scale)
-        return grad, None, None
+        return grad, None, grad_weight, None
 
 
 def _check_inputs(student_logits, teacher_logits, student_labels, teacher_labels):
@@ -263,7 +272,7 @@ def uld_distillation_loss(
     # Grad mode is off inside forward: record it here, so that evaluation under
     # torch.no_grad() computes no gradient.
     plan["grad_enabled"] = torch.is_grad_enabled()
-    return ULDDistillFunction.apply(student_logits, teacher_logits, plan)
+    return ULDDistillFunction.apply(student_logits, teacher_logits, plan.pop("pair_weight"), plan)
 
 
 def _plan(student_logits, student_labels, teacher_labels, distillation_weight,
