@@ -50,55 +50,64 @@ def _samples(seed: int) -> list[dict[str, torch.Tensor]]:
     return out
 
 
-def _train_one_step(tmp_path, reduction: str, batch: int, accumulation: int):
+def _uld(reduction: str) -> ULDLoss:
+    return ULDLoss(reduction=reduction, distillation_weight=1.5, skip_student_eos=True)
+
+
+def _train_one_step(tmp_path, reduction: str, batch: int, accumulation: int, **more_args):
+    """The student's update (parameters before minus after, over the learning rate) after one
+    SGD step of ULDTrainer with ``batch`` samples a device and ``accumulation`` steps."""
     student, teacher = _model(48, seed=1), _model(40, seed=2)
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / f"{reduction}-{batch}x{accumulation}"), per_device_train_batch_size=batch,
         gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=LR, optim="sgd",
         lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, remove_unused_columns=False,
-        report_to="none", save_strategy="no", logging_strategy="no", seed=0, dataloader_drop_last=False)
-    uld = ULDLoss(reduction=reduction, distillation_weight=1.5, skip_student_eos=True)
+        report_to="none", save_strategy="no", logging_strategy="no", seed=0, dataloader_drop_last=False,
+        **more_args)
     trainer = ULDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=_samples(3),
-                         uld_loss=uld)
+                         uld_loss=_uld(reduction))
     before = {k: v.detach().cpu().clone() for k, v in student.named_parameters()}
     trainer.train()
-    return student, teacher, before, uld
-
-
-def _update(student, before):
     return {k: (before[k] - v.detach().cpu()) / LR for k, v in student.named_parameters()}
 
 
-@pytest.mark.parametrize("reduction", ["paper", "token_mean", "sum"])
-def test_accumulated_update_is_the_whole_batch_gradient(tmp_path, reduction):
-    """Two micro-batches of two accumulate to the update of one batch of four, and that update
-    is the gradient of the loss on the four samples (with the Trainer's token count for
-    "token_mean"): the ULD term of "paper" is not counted twice, nor divided twice."""
-    student, teacher, before, uld = _train_one_step(tmp_path, reduction, batch=2, accumulation=2)
-    accumulated = _update(student, before)
-    at_once, _, before_at_once, _ = _train_one_step(tmp_path, reduction, batch=4, accumulation=1)
-    whole = _update(at_once, before_at_once)
-
-    # The gradient by hand, on the initial student, on the Trainer's device.
-    device = teacher.device
-    fresh = _model(48, seed=1).to(device)
-    batch = {k: torch.stack([s[k] for s in _samples(3)]).to(device) for k in _samples(3)[0]}
+def gradient_by_hand(reduction: str, device) -> dict[str, torch.Tensor]:
+    """The gradient of ``uld_distillation_loss`` on all the samples at once, with the
+    Trainer's token count, for the initial student; returned on the CPU."""
+    fresh, teacher = _model(48, seed=1).to(device), _model(40, seed=2).to(device)
+    samples = _samples(3)
+    batch = {k: torch.stack([s[k] for s in samples]).to(device) for k in samples[0]}
     logits = fresh(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     with torch.no_grad():
         teacher_logits = teacher(input_ids=batch["teacher_input_ids"],
                                  attention_mask=batch["teacher_attention_mask"]).logits
     count = int((batch["labels"][:, 1:] != IGNORE).sum())
     total = uld_distillation_loss(logits, teacher_logits, batch["labels"], batch["teacher_labels"],
-                                  num_items_in_batch=count, **uld.options)[0]
+                                  num_items_in_batch=count, **_uld(reduction).options)[0]
     total.backward()
-    by_hand = {k: v.grad.cpu() for k, v in fresh.named_parameters()}
+    return {k: v.grad.cpu() for k, v in fresh.named_parameters()}
 
-    for name in by_hand:
-        for what, got, want in (("2 x 2 accumulated against 4 at once", accumulated[name], whole[name]),
-                                ("the Trainer's step against the gradient of the loss", whole[name],
-                                 by_hand[name])):
-            torch.testing.assert_close(got, want, **MODEL_GRAD_TOL,
-                                       msg=lambda m: f"{reduction}: {name}, {what}: {m}")
+
+def assert_updates_equal(got: dict, want: dict, what: str):
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], **MODEL_GRAD_TOL,
+                                   msg=lambda m: f"{what}: {name}: {m}")
+
+
+TRAINER_REDUCTIONS = ["paper", "token_mean", "sum"]
+
+
+@pytest.mark.parametrize("reduction", TRAINER_REDUCTIONS)
+def test_accumulated_update_is_the_whole_batch_gradient(tmp_path, reduction):
+    """Two micro-batches of two accumulate to the update of one batch of four, and that update
+    is the gradient of the loss on the four samples (with the Trainer's token count for
+    "token_mean"): the ULD term of "paper" is not counted twice, nor divided twice."""
+    accumulated = _train_one_step(tmp_path, reduction, batch=2, accumulation=2)
+    whole = _train_one_step(tmp_path, reduction, batch=4, accumulation=1)
+    assert_updates_equal(accumulated, whole, f"{reduction}, 2 x 2 accumulated against 4 at once")
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the Trainer's device
+    assert_updates_equal(whole, gradient_by_hand(reduction, device),
+                         f"{reduction}, the Trainer's step against the gradient of the loss")
 
 
 def _trainer(tmp_path, accumulation: int, reduction: str = "paper") -> ULDTrainer:
