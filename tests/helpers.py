@@ -7,7 +7,7 @@ import os
 import torch
 
 from reference import uld_row_losses_reference
-from tests.tolerances import grad_tol, loss_tol
+from reference.tolerances import grad_tol, loss_tol
 
 # Examples per hypothesis test are sized for CI (the interpreter runs these kernels slowly,
 # and the suite must stay under 20 minutes on two cores); a thorough run multiplies them:

@@ -7,7 +7,7 @@ launch of hist_kernel and sign_kernel (per-side strides, temperatures and HAS_CE
 teacher's sign as minus the student rule with the sides swapped); sign_kernel's software
 pipelining; finish_kernel writing the flags.
 
-Oracles: the float64 reference (`reference/`) with the tolerances of tests/tolerances.py
+Oracles: the float64 reference (`reference/`) with the tolerances of reference/tolerances.py
 (through tests/helpers.py), and, where float32 merges probabilities that float64 keeps apart,
 the trie engine (`launch.uld_pairs`), which works on float32 probabilities too. Under the
 interpreter hist_kernel runs 256 logits a step and sign_kernel 512 occupied bins a step.

@@ -31,7 +31,7 @@ from tests.helpers import (
     examples,
     reference_rows_and_grads,
 )
-from tests.tolerances import loss_tol
+from reference.tolerances import loss_tol
 from uld_kernels import uld_loss
 
 # A module constant, not the ``device`` fixture: hypothesis refuses function-scoped fixtures

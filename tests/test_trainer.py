@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers", reason="the [hf] extra; CI in
 
 from uld_kernels import ULDLoss, uld_distillation_loss  # noqa: E402
 from uld_kernels.trainer import ULDTrainer  # noqa: E402
-from tests.tolerances import MODEL_GRAD_TOL  # noqa: E402
+from reference.tolerances import MODEL_GRAD_TOL  # noqa: E402
 
 IGNORE = -100
 SAMPLES, STUDENT_LEN, TEACHER_LEN = 4, 10, 12

@@ -1,4 +1,5 @@
-"""Every tolerance the tests use, in one table.
+"""Every tolerance of a comparison with the float64 reference, in one table: the tests' and
+the demo's (`python -m uld_kernels.demo`).
 
 Losses are compared with the float64 reference on the same inputs (upcast). The kernels
 accumulate in float32, so a loss carries float32 rounding of a sum of up to 2 * 262,144
