@@ -4,6 +4,9 @@ of the paper's semantics (reference/paper.py), on randomized batches."""
 from __future__ import annotations
 
 import itertools
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,6 +17,7 @@ from uld_kernels import ULDLoss, uld_distillation_loss
 from uld_kernels.launch import zero_unwritten_
 
 IGNORE = -100
+REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _batch(seed, device, dtype=torch.float32, batch=3, ls=9, lt=11, vs=40, vt=33, vs_full=None):
@@ -300,6 +304,44 @@ def test_torch_compile_fullgraph(device):
     (compiled * 2).backward()
     assert torch.equal(eager.detach(), compiled.detach())
     assert torch.equal(eager_in.grad, compiled_in.grad)
+
+
+_BAD_ROWS = (([0, 4, 10, 27], "student_rows must index"), ([0, 4, 4, 20], "student_rows must be distinct"))
+
+
+def _compiled_call_with_rows(device, rows, weights=None):
+    student, teacher, s_labels, t_labels = _batch(10, device)
+    fn = torch.compile(uld_distillation_loss, fullgraph=True)
+    return fn(student, teacher, s_labels, t_labels, student_rows=torch.tensor(rows, device=device),
+              teacher_rows=torch.tensor([3, 3, 12, 30], device=device), row_weights=weights)
+
+
+def test_torch_compile_checks_explicit_rows(device):
+    """Under torch.compile explicit rows are not read on the host: their tests run as asserts
+    in the graph. In range, compiled equals eager (the weights' gradient too); out of range or
+    repeated, the call fails with the argument's name: a RuntimeError on the CPU, a device-side
+    assert on a GPU (which ends the CUDA context: checked in a process of its own there)."""
+    student, teacher, s_labels, t_labels = _batch(10, device)
+    results = []
+    for call in (uld_distillation_loss, torch.compile(uld_distillation_loss, fullgraph=True)):
+        s_in = student.detach().clone().requires_grad_(True)
+        w = torch.tensor([0.1, 0.2, 0.3, 0.4], device=device, requires_grad=True)
+        total = call(s_in, teacher, s_labels, t_labels, student_rows=torch.tensor([0, 4, 10, 20], device=device),
+                     teacher_rows=torch.tensor([3, 3, 12, 30], device=device), row_weights=w)[0]
+        total.backward()
+        results.append((total.detach(), s_in.grad, w.grad))
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=1e-6)
+    for rows, message in _BAD_ROWS:
+        if device == "cpu":
+            with pytest.raises(RuntimeError, match=message):
+                _compiled_call_with_rows(device, rows)
+            continue
+        script = ("import torch; from tests.test_distill import _compiled_call_with_rows as f; "
+                  f"f('cuda', {rows}); torch.cuda.synchronize(); print('no error')")
+        run = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert run.returncode != 0 and "no error" not in run.stdout, f"rows {rows}: the compiled call did not fail"
+        assert "device-side assert" in run.stderr or message in run.stderr, run.stderr[-2000:]
 
 
 def test_no_grad_evaluation_of_the_training_loss_computes_no_gradient(monkeypatch, device):

@@ -18,10 +18,13 @@ def reference_module(name: str):
     """``reference.<name>``, the PyTorch reference this package computes CPU tensors with
     (without the interpreter). Imported only then: ``import uld_kernels`` never reads the
     top-level ``reference`` package, which a module of the user's named ``reference`` shadows."""
-    import importlib
-
+    # (import statements, not importlib: torch.compile traces these, also on a first call)
     try:
-        return importlib.import_module(f"reference.{name}")
+        if name == "paper":
+            import reference.paper as module
+        else:
+            import reference.uld as module
+        return module
     except ImportError as error:
         raise ImportError(
             f"CPU tensors are computed by uld_kernels' PyTorch reference (reference.{name}), which could "

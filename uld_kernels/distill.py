@@ -229,7 +229,7 @@ def uld_distillation_loss(
         student_rows, teacher_rows, row_weights: explicit pairs instead of the alignment: 1-D
             int64 or int32 flat row indices into ``B * Ls`` / ``B * Lt`` (student rows distinct)
             and finite weights (default ``1 / len``); their values are checked on the host (one
-            sync a call, on this path only; not under ``torch.compile``). The ULD term is then ``distillation_weight *
+            sync a call, on this path only; under ``torch.compile``, asserts in the graph). The ULD term is then ``distillation_weight *
             sum(row_weights * row_loss)`` (with ``"none"``: that sum per sample of the student
             row); ``reduction`` applies to the cross-entropy only.
 
@@ -248,9 +248,9 @@ def uld_distillation_loss(
     student_vocab = check_vocab_size("student_vocab_size", student_vocab_size, student_logits.shape[-1])
     teacher_vocab = check_vocab_size("teacher_vocab_size", teacher_vocab_size, teacher_logits.shape[-1])
     num_items_in_batch = check_num_items("num_items_in_batch", num_items_in_batch)
-    check_row_pairs(student_rows, teacher_rows, row_weights,
-                    student_logits.shape[0] * student_logits.shape[1],
-                    teacher_logits.shape[0] * teacher_logits.shape[1])
+    student_rows, teacher_rows = check_row_pairs(
+        student_rows, teacher_rows, row_weights, student_logits.shape[0] * student_logits.shape[1],
+        teacher_logits.shape[0] * teacher_logits.shape[1])
 
     if student_logits.device.type == "cpu" and not interpreter_enabled():
         return reference_module("paper").uld_distillation_loss_reference(

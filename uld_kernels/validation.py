@@ -125,19 +125,21 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 def check_row_pairs(student_rows: object, teacher_rows: object, row_weights: object,
-                    student_flat_rows: int, teacher_flat_rows: int) -> None:
+                    student_flat_rows: int, teacher_flat_rows: int) -> tuple[object, object]:
     """Explicit pairs: 1-D integer tensors of one length, each row inside its side's flattened
     ``[B * L]`` rows, the student rows distinct; ``row_weights`` finite, one per pair, and only
     with the rows.
 
     The values are read on the host (one sync, this opt-in path only): a row out of range would
     be read out of bounds by the kernels, and a repeated student row would have its gradient
-    row written twice. Under ``torch.compile`` the values are not read (shapes and dtypes are).
+    row written twice. Under ``torch.compile`` the same tests run as device asserts (no host
+    read in the graph); the rows come back all -1 (padding) when a test fails there, so that
+    no kernel reads out of bounds before the assert reports it. Returns the rows to use.
     """
     if student_rows is None and teacher_rows is None:
         if row_weights is not None:
             raise ValueError("row_weights needs student_rows and teacher_rows")
-        return
+        return student_rows, teacher_rows
     if student_rows is None or teacher_rows is None:
         missing = "student_rows" if student_rows is None else "teacher_rows"
         raise ValueError(f"student_rows and teacher_rows go together: {missing} is None")
@@ -156,18 +158,32 @@ def check_row_pairs(student_rows: object, teacher_rows: object, row_weights: obj
                    if isinstance(row_weights, torch.Tensor) else type(row_weights).__name__)
             raise ValueError(f"row_weights must be a floating tensor of shape {tuple(student_rows.shape)} "
                              f"(one weight per pair), got {got}")
-    if student_rows.numel() == 0 or torch.compiler.is_compiling():
-        return
+    if student_rows.numel() == 0:
+        return student_rows, teacher_rows
     device = student_rows.device
     weights_finite = (torch.isfinite(row_weights).all() if row_weights is not None
                       else torch.ones((), dtype=torch.bool))
     ordered = student_rows.long().sort().values
-    # Every value test in one host read.
     stats = torch.stack([
         student_rows.min().long(), student_rows.max().long(), teacher_rows.min().long().to(device),
         teacher_rows.max().long().to(device), (ordered[1:] == ordered[:-1]).sum(),
         weights_finite.long().to(device),
     ])
+    if torch.compiler.is_compiling():
+        # No host read in a graph: the same tests as asserts on the device (a RuntimeError
+        # with these messages on the CPU; a device-side assert on a GPU), before any kernel
+        # reads a row out of bounds.
+        tests = [((stats[0] >= 0) & (stats[1] < student_flat_rows),
+                  f"student_rows must index the {student_flat_rows} flattened rows [B * L]"),
+                 ((stats[2] >= 0) & (stats[3] < teacher_flat_rows),
+                  f"teacher_rows must index the {teacher_flat_rows} flattened rows [B * L]"),
+                 (stats[4] == 0, "student_rows must be distinct"), (stats[5] == 1, "row_weights must be finite")]
+        for passed, message in tests:
+            torch._assert_async(passed, message)
+        # (the graph may run the asserts after the kernels: rows that fail read nothing)
+        ok = torch.stack([passed for passed, _ in tests]).all()
+        return torch.where(ok, student_rows, -1), torch.where(ok.to(teacher_rows.device), teacher_rows, -1)
+    # Every value test in one host read.
     s_lo, s_hi, t_lo, t_hi, repeats, weights_finite = stats.tolist()
     for name, lo, hi, flat in (("student_rows", s_lo, s_hi, student_flat_rows),
                                ("teacher_rows", t_lo, t_hi, teacher_flat_rows)):
@@ -179,3 +195,4 @@ def check_row_pairs(student_rows: object, teacher_rows: object, row_weights: obj
                          f"gradient row is written by its pair), got {repeats} repeated")
     if not weights_finite:
         raise ValueError("row_weights must be finite")
+    return student_rows, teacher_rows
