@@ -24,10 +24,13 @@ def uld_row_losses_reference(
     teacher_logits: torch.Tensor,
     student_temperature: float = 1.0,
     teacher_temperature: float = 1.0,
+    top_k: int | None = None,
 ) -> torch.Tensor:
     """Per-row ULD loss of aligned rows ``[N, Vs]`` and ``[N, Vt]``; returns ``[N]``.
 
     Softmax and the L1 sum run in the dtype of the inputs (promoted to a common float type).
+    ``top_k``: keep only the first ``top_k`` ranks of the sorted, padded vectors (the
+    truncated variant; None keeps all).
     """
     dtype = torch.promote_types(student_logits.dtype, teacher_logits.dtype)
     student_probs = F.softmax(student_logits.to(dtype) / student_temperature, dim=-1)
@@ -37,6 +40,8 @@ def uld_row_losses_reference(
     vocab = max(student_sorted.shape[-1], teacher_sorted.shape[-1])
     student_sorted = F.pad(student_sorted, (0, vocab - student_sorted.shape[-1]))
     teacher_sorted = F.pad(teacher_sorted, (0, vocab - teacher_sorted.shape[-1]))
+    if top_k is not None:
+        student_sorted, teacher_sorted = student_sorted[..., :top_k], teacher_sorted[..., :top_k]
     return (student_sorted - teacher_sorted).abs().sum(dim=-1)
 
 
@@ -47,13 +52,15 @@ def uld_loss_reference(
     student_temperature: float = 1.0,
     teacher_temperature: float = 1.0,
     reduction: str = "mean",
+    top_k: int | None = None,
 ) -> torch.Tensor:
     """The ULD loss over aligned rows, reduced like ``uld_kernels.uld_loss``.
 
     ``reduction``: ``"mean"`` over rows, ``"sum"``, or ``"none"`` (shape ``[N]``).
+    ``top_k``: the truncated variant's ranks (None: all).
     """
     rows = uld_row_losses_reference(
-        student_logits, teacher_logits, student_temperature, teacher_temperature
+        student_logits, teacher_logits, student_temperature, teacher_temperature, top_k
     )
     if reduction == "none":
         return rows

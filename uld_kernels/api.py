@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from uld_kernels.autograd import REDUCTIONS, ULDFunction
+from uld_kernels.autograd import REDUCTIONS, ULDFunction, reduce_rows
 from uld_kernels.launch import interpreter_enabled
+from uld_kernels.topk import ULDTopKFunction
 from uld_kernels.validation import (
     check_aligned_rows,
     check_choice,
     check_logits,
     check_temperature,
+    check_top_k,
 )
 
 
@@ -39,6 +41,7 @@ def uld_loss(
     student_temperature: float = 1.0,
     teacher_temperature: float = 1.0,
     reduction: str = "mean",
+    top_k: int | None = None,
 ) -> torch.Tensor:
     """Exact Universal Logit Distillation loss of aligned rows, fused in Triton.
 
@@ -54,6 +57,11 @@ def uld_loss(
         student_temperature: softmax temperature of the student, finite and > 0.
         teacher_temperature: softmax temperature of the teacher, finite and > 0.
         reduction: ``"mean"`` over rows (default), ``"sum"``, or ``"none"``.
+        top_k: None (default: the paper's loss, every rank), or ``k >= 1``: the truncated
+            variant ``sum_{i < k} |a_(i) - b_(i)|`` over the first ``k`` ranks of the same
+            sorted, padded full-vocabulary softmaxes (distillKitPlus's ULD: ``top_k=100``,
+            both temperatures 2.0). Plain PyTorch (``torch.topk``; ``uld_kernels.topk``),
+            on any device, ``O(rows * k)`` extra memory.
 
     Returns:
         float32 loss: a scalar, or ``[N]`` for ``reduction="none"``.
@@ -82,7 +90,12 @@ def uld_loss(
     student_temperature = check_temperature("student_temperature", student_temperature)
     teacher_temperature = check_temperature("teacher_temperature", teacher_temperature)
     check_choice("reduction", reduction, REDUCTIONS)
+    top_k = check_top_k("top_k", top_k)
 
+    if top_k is not None:
+        rows = ULDTopKFunction.apply(student_logits, teacher_logits, top_k, student_temperature,
+                                     teacher_temperature, torch.is_grad_enabled())
+        return reduce_rows(rows, reduction)
     if student_logits.device.type == "cpu" and not interpreter_enabled():
         return reference_module("uld").uld_loss_reference(
             student_logits.float(), teacher_logits.float(),

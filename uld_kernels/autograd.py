@@ -23,7 +23,7 @@ from uld_kernels.validation import check_choice
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def _reduce_rows(row_loss: torch.Tensor, reduction: str) -> torch.Tensor:
+def reduce_rows(row_loss: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "none":
         return row_loss
     if reduction == "sum":
@@ -89,7 +89,7 @@ def uld_loss_op(
         student_grad, teacher_grad, grad_scale,
     )
     return (
-        _reduce_rows(row_loss, reduction),
+        reduce_rows(row_loss, reduction),
         grad_student if grad_student is not None else student_logits.new_empty(0),
         grad_teacher if grad_teacher is not None else teacher_logits.new_empty(0),
     )

@@ -94,6 +94,15 @@ def check_vocab_size(name: str, value: object, full: int) -> int:
     return value
 
 
+def check_top_k(name: str, value: object) -> int | None:
+    """None (the exact loss over every rank) or an int >= 1: the sorted ranks kept."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be None or an int >= 1 (the sorted ranks kept), got {value!r}")
+    return value
+
+
 def check_labels(name: str, labels: object, logits: torch.Tensor) -> torch.Tensor:
     """Integer labels shaped like the logits' ``[B, L]``."""
     if (not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point
