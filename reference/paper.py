@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from reference.uld import uld_row_losses_reference
 # The argument checks are the package's, so that both give one answer to bad input; the loss
 # itself is computed here alone.
-from uld_kernels.validation import check_num_items, check_row_pairs
+from uld_kernels.validation import check_num_items, check_row_pairs, check_top_k
 
 REDUCTIONS = ("paper", "token_mean", "sum", "none")
 ALIGNMENTS = ("paper", "trl_observed")
@@ -146,6 +146,7 @@ def uld_distillation_loss_reference(
     student_rows: torch.Tensor | None = None,
     teacher_rows: torch.Tensor | None = None,
     row_weights: torch.Tensor | None = None,
+    top_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The paper's distillation loss: weighted cross-entropy plus weighted ULD on answer rows.
 
@@ -188,6 +189,8 @@ def uld_distillation_loss_reference(
             (a scalar; with ``reduction="none"`` each row's term is attributed to the sample
             of its student row, giving ``[B]``). Labels still give the cross-entropy.
         row_weights: ``[N]`` weights of the explicit rows; default ``1 / N``.
+        top_k: the ULD row loss over the first ``top_k`` sorted ranks only (the truncated
+            variant, ``reference.uld.uld_row_losses_reference``); None: all ranks.
 
     Returns:
         ``(total, crossentropy, distillation)`` where ``crossentropy`` includes
@@ -210,6 +213,7 @@ def uld_distillation_loss_reference(
         student_logits, teacher_logits, student_labels, teacher_labels, reduction, alignment,
         num_items_in_batch, student_vocab_size, teacher_vocab_size, student_rows, teacher_rows, row_weights)
 
+    check_top_k("top_k", top_k)
     # Padded lm_head columns get real logits: leave them out, or they become fake tail mass.
     if student_vocab_size is not None:
         student_logits = student_logits[..., :student_vocab_size]
@@ -227,7 +231,7 @@ def uld_distillation_loss_reference(
     if student_rows is not None:
         distillation = distillation_weight * _explicit_rows_distillation(
             student_logits, teacher_logits, student_rows, teacher_rows, row_weights,
-            student_temperature, teacher_temperature, per_sample=reduction == "none")
+            student_temperature, teacher_temperature, per_sample=reduction == "none", top_k=top_k)
         return crossentropy + distillation, crossentropy, distillation
 
     row_offset = 1 if alignment == "trl_observed" else 0
@@ -247,7 +251,7 @@ def uld_distillation_loss_reference(
         student_answer_rows = student_logits[i, student_first:student_first + pairs, :]
         teacher_answer_rows = teacher_logits[i, teacher_first:teacher_first + pairs, :]
         sample_row_losses.append(uld_row_losses_reference(
-            student_answer_rows, teacher_answer_rows, student_temperature, teacher_temperature))
+            student_answer_rows, teacher_answer_rows, student_temperature, teacher_temperature, top_k))
 
     all_row_losses = torch.cat(sample_row_losses)
     # An empty sum: 0 in the loss dtype, still part of the autograd graph.
@@ -273,7 +277,7 @@ def uld_distillation_loss_reference(
 
 def _explicit_rows_distillation(student_logits, teacher_logits, student_rows, teacher_rows,
                                 row_weights, student_temperature, teacher_temperature,
-                                per_sample):
+                                per_sample, top_k=None):
     """``sum_r row_weights[r] * L_r`` over explicitly paired flat rows (weights default 1/N);
     with ``per_sample`` the terms are summed per sample of the student row instead, ``[B]``."""
     batch, student_length, student_vocab = student_logits.shape
@@ -282,7 +286,7 @@ def _explicit_rows_distillation(student_logits, teacher_logits, student_rows, te
     teacher_flat = teacher_logits.reshape(-1, teacher_vocab)
     row_losses = uld_row_losses_reference(student_flat[student_rows.long()],
                                           teacher_flat[teacher_rows.long()],
-                                          student_temperature, teacher_temperature)
+                                          student_temperature, teacher_temperature, top_k)
     pairs = row_losses.numel()
     if row_weights is None:
         weights = torch.full((pairs,), 1.0 / max(pairs, 1), dtype=row_losses.dtype,

@@ -46,6 +46,10 @@ OPTIONS = [
     dict(reduction="none", skip_teacher_eos=True, teacher_temperature=0.5, distillation_weight=1.5),
     dict(alignment="trl_observed", crossentropy_weight=0.0),
     dict(distillation_weight=0.0, crossentropy_weight=2.0),
+    # the truncated variant (distillKitPlus: one row later, T = 2), k inside and between the vocabularies
+    dict(top_k=5, alignment="trl_observed", student_temperature=2.0, teacher_temperature=2.0),
+    dict(top_k=35, reduction="none", skip_student_eos=True, distillation_weight=1.5),
+    dict(top_k=3, reduction="token_mean", num_items_in_batch=13),
 ]
 
 
@@ -86,9 +90,10 @@ def test_padded_lm_head_columns_are_left_out(device):
                        per_tie_group=False)
 
 
+@pytest.mark.parametrize("top_k", [None, 4])
 @pytest.mark.parametrize("reduction", ["paper", "none"])
 @pytest.mark.parametrize("weights_need_grad", [False, True])
-def test_explicit_row_maps(reduction, weights_need_grad, device):
+def test_explicit_row_maps(reduction, weights_need_grad, top_k, device):
     """Explicit pairs against the reference: losses, the student's gradient and, when the
     weights require grad, theirs (each pair's loss times its sample's upstream factor)."""
     student, teacher, s_labels, t_labels = _batch(6, device)
@@ -101,12 +106,12 @@ def test_explicit_row_maps(reduction, weights_need_grad, device):
     upstream = torch.tensor([0.5, -1.25, 2.0], device=device) if reduction == "none" else torch.tensor(0.75)
     total, _, distill = uld_distillation_loss(student, teacher, s_labels, t_labels, student_rows=s_rows,
                                               teacher_rows=t_rows, row_weights=w, crossentropy_weight=0.5,
-                                              distillation_weight=1.5, reduction=reduction)
+                                              distillation_weight=1.5, reduction=reduction, top_k=top_k)
     (total * upstream.to(device)).sum().backward()
     s64 = student.detach().double().requires_grad_(True)
     ref, _, ref_distill = uld_distillation_loss_reference(
         s64, teacher.double(), s_labels, t_labels, student_rows=s_rows, teacher_rows=t_rows,
-        row_weights=w64, crossentropy_weight=0.5, distillation_weight=1.5, reduction=reduction)
+        row_weights=w64, crossentropy_weight=0.5, distillation_weight=1.5, reduction=reduction, top_k=top_k)
     (ref * upstream.double().to(device)).sum().backward()
     assert_losses_close(total, ref.detach(), torch.float32)
     assert_losses_close(distill, ref_distill.detach(), torch.float32, what="distillation")

@@ -16,6 +16,7 @@ from uld_kernels.alignment import ALIGNMENTS, next_token_targets, pair_rows
 from uld_kernels.api import reference_module
 from uld_kernels import launch
 from uld_kernels.autograd import call_op, custom_op
+from uld_kernels.topk import ULDTopKFunction
 from uld_kernels.launch import cross_entropy_rows, hist_pairs, interpreter_enabled, uld_pairs, zero_unwritten_
 from uld_kernels.validation import (
     check_choice,
@@ -25,6 +26,7 @@ from uld_kernels.validation import (
     check_num_items,
     check_row_pairs,
     check_temperature,
+    check_top_k,
     check_vocab_size,
 )
 
@@ -120,12 +122,9 @@ class ULDDistillFunction(torch.autograd.Function):
         ce_pairs = plan["ce_weight"][plan["student_index"].clamp(min=0)] * pair_ce
         ce_other = plan["ce_weight"] * other_ce
         if plan["per_sample"]:
-            # Pairs grouped by the sample of their student row: a one-hot product, which is
-            # deterministic (an index_add on the GPU is not).
-            sample = plan["student_index"] // student_logits.shape[1]
-            group = (sample[None, :] == torch.arange(batch, device=sample.device)[:, None]).float()
-            distill = group @ distill
-            ce = group @ ce_pairs + ce_other.view(batch, -1).sum(dim=1)
+            seq_len = student_logits.shape[1]
+            distill = _per_sample(distill, plan["student_index"], batch, seq_len)
+            ce = _per_sample(ce_pairs, plan["student_index"], batch, seq_len) + ce_other.view(batch, -1).sum(dim=1)
         else:
             distill, ce = distill.sum(), ce_pairs.sum() + ce_other.sum()
         ctx.student_grad = bool(ctx.needs_input_grad[0] and plan["grad_enabled"])
@@ -199,6 +198,7 @@ def uld_distillation_loss(
     student_rows: torch.Tensor | None = None,
     teacher_rows: torch.Tensor | None = None,
     row_weights: torch.Tensor | None = None,
+    top_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The paper's ULD training loss on two batches read through two tokenizers.
 
@@ -232,6 +232,10 @@ def uld_distillation_loss(
             sync a call, on this path only; under ``torch.compile``, asserts in the graph). The ULD term is then ``distillation_weight *
             sum(row_weights * row_loss)`` (with ``"none"``: that sum per sample of the student
             row); ``reduction`` applies to the cross-entropy only.
+        top_k: None (the paper's loss), or ``k >= 1``: the truncated variant of
+            ``uld_loss(top_k=k)`` for the ULD term (distillKitPlus: ``top_k=100``, both
+            temperatures 2.0, ``alignment="trl_observed"``). Plain PyTorch beside the fused
+            cross-entropy; its gradient is a second ``[B, Ls, Vs]`` buffer that autograd adds.
 
     Returns:
         ``(total, ce, distillation)``, float32, with the weights applied;
@@ -248,10 +252,20 @@ def uld_distillation_loss(
     student_vocab = check_vocab_size("student_vocab_size", student_vocab_size, student_logits.shape[-1])
     teacher_vocab = check_vocab_size("teacher_vocab_size", teacher_vocab_size, teacher_logits.shape[-1])
     num_items_in_batch = check_num_items("num_items_in_batch", num_items_in_batch)
+    top_k = check_top_k("top_k", top_k)
     student_rows, teacher_rows = check_row_pairs(
         student_rows, teacher_rows, row_weights, student_logits.shape[0] * student_logits.shape[1],
         teacher_logits.shape[0] * teacher_logits.shape[1])
 
+    if top_k is not None:
+        return _truncated_distillation(
+            student_logits, teacher_logits, student_labels, teacher_labels, top_k,
+            distillation_weight=distillation_weight, crossentropy_weight=crossentropy_weight,
+            student_temperature=student_temperature, teacher_temperature=teacher_temperature,
+            skip_student_eos=skip_student_eos, skip_teacher_eos=skip_teacher_eos,
+            ignore_index=ignore_index, reduction=reduction, num_items_in_batch=num_items_in_batch,
+            student_vocab=student_vocab, teacher_vocab=teacher_vocab, alignment=alignment,
+            student_rows=student_rows, teacher_rows=teacher_rows, row_weights=row_weights)
     if student_logits.device.type == "cpu" and not interpreter_enabled():
         return reference_module("paper").uld_distillation_loss_reference(
             student_logits.float(), teacher_logits.float(), student_labels, teacher_labels,
@@ -273,6 +287,40 @@ def uld_distillation_loss(
     # torch.no_grad() computes no gradient.
     plan["grad_enabled"] = torch.is_grad_enabled()
     return ULDDistillFunction.apply(student_logits, teacher_logits, plan.pop("pair_weight"), plan)
+
+
+def _truncated_distillation(student_logits, teacher_logits, student_labels, teacher_labels, top_k, *,
+                            distillation_weight, crossentropy_weight, student_temperature, teacher_temperature,
+                            skip_student_eos, skip_teacher_eos, ignore_index, reduction, num_items_in_batch,
+                            student_vocab, teacher_vocab, alignment, student_rows, teacher_rows, row_weights):
+    """``top_k``: the cross-entropy from the fused path with no pairs (its own kernel reads the
+    answer rows), the ULD term from ``ULDTopKFunction`` over the same pairs and weights."""
+    no_pairs = student_labels.new_empty(0)
+    ce_total, ce, _ = uld_distillation_loss(
+        student_logits, teacher_logits, student_labels, teacher_labels, distillation_weight=0.0,
+        crossentropy_weight=crossentropy_weight, ignore_index=ignore_index, reduction=reduction,
+        num_items_in_batch=num_items_in_batch, student_vocab_size=student_vocab,
+        teacher_vocab_size=teacher_vocab, student_rows=no_pairs, teacher_rows=no_pairs)
+    plan = _plan(student_logits, student_labels, teacher_labels, distillation_weight, crossentropy_weight,
+                 skip_student_eos, skip_teacher_eos, ignore_index, reduction, num_items_in_batch, alignment,
+                 student_rows, teacher_rows, row_weights)
+    rows = ULDTopKFunction.apply(student_logits[..., :student_vocab], teacher_logits[..., :teacher_vocab], top_k,
+                                 student_temperature, teacher_temperature, torch.is_grad_enabled(),
+                                 plan["student_index"], plan["teacher_index"])
+    distill = plan["pair_weight"] * rows
+    if plan["per_sample"]:
+        distill = _per_sample(distill, plan["student_index"], student_logits.shape[0], student_logits.shape[1])
+    else:
+        distill = distill.sum()
+    return ce_total + distill, ce, distill.detach()
+
+
+def _per_sample(values, student_index, batch, seq_len):
+    """Each pair's value summed into the sample of its student row (padding slots: -1, none):
+    a one-hot product, deterministic (an index_add on the GPU is not)."""
+    sample = student_index // seq_len
+    group = (sample[None, :] == torch.arange(batch, device=sample.device)[:, None]).to(values.dtype)
+    return group @ values
 
 
 def _plan(student_logits, student_labels, teacher_labels, distillation_weight,
@@ -352,14 +400,14 @@ class ULDLoss(nn.Module):
                  skip_student_eos: bool = False, skip_teacher_eos: bool = False,
                  ignore_index: int = -100, reduction: str = "paper",
                  student_vocab_size: int | None = None, teacher_vocab_size: int | None = None,
-                 alignment: str = "paper"):
+                 alignment: str = "paper", top_k: int | None = None):
         super().__init__()
         self.options = dict(
             distillation_weight=distillation_weight, crossentropy_weight=crossentropy_weight,
             student_temperature=student_temperature, teacher_temperature=teacher_temperature,
             skip_student_eos=skip_student_eos, skip_teacher_eos=skip_teacher_eos,
             ignore_index=ignore_index, reduction=reduction, student_vocab_size=student_vocab_size,
-            teacher_vocab_size=teacher_vocab_size, alignment=alignment)
+            teacher_vocab_size=teacher_vocab_size, alignment=alignment, top_k=check_top_k("top_k", top_k))
         _check_options(reduction, alignment, student_temperature, teacher_temperature,
                        distillation_weight, crossentropy_weight)
 
