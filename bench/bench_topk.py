@@ -1,5 +1,7 @@
-"""The truncated variant (``uld_loss(..., top_k=k)``) timed beside the exact fused loss on the
-same rows: forward+backward medians (``triton.testing.do_bench``) and peak extra memory.
+"""The truncated variant (``top_k=k``) timed beside the exact fused loss on the same rows:
+forward+backward medians (``triton.testing.do_bench``) and peak extra memory, for
+``uld_loss`` on aligned rows and for the training loss (``ULDLoss``) on bench_distill.py's
+labelled batch (B = 8, L = 2,048, Qwen2.5 / Llama-3).
 
     python bench/bench_topk.py --rows 16384 --k 100 --temperature 2.0
 """
@@ -7,17 +9,24 @@ same rows: forward+backward medians (``triton.testing.do_bench``) and peak extra
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 import torch
 import triton.testing
 
-from uld_kernels import uld_loss
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.bench_distill import labelled_batch  # noqa: E402
+from bench.shapes import VOCAB_PAIRS  # noqa: E402
+from uld_kernels import ULDLoss, uld_loss  # noqa: E402
 
 
-def _measure(student, teacher, **options):
+def _measure(student, teacher, loss=uld_loss, *labels, **options):
     def step():
         student.grad = None
-        uld_loss(student, teacher, **options).backward()
+        out = loss(student, teacher, *labels, **options)
+        (out[0] if isinstance(out, tuple) else out).backward()
 
     step()
     torch.cuda.synchronize()
@@ -43,6 +52,16 @@ def main() -> None:
     temperatures = dict(student_temperature=args.temperature, teacher_temperature=args.temperature)
     for k in [None, *args.k]:
         ms, gb = _measure(student, teacher, top_k=k, **temperatures)
+        print(f"| {'exact (fused)' if k is None else f'top_k={k}'} | {ms:.2f} | {gb:.2f} |")
+    del student, teacher
+    vs, vt = VOCAB_PAIRS["qwen_llama3"][:2]
+    student, teacher, s_labels, t_labels = labelled_batch(8, 2048, vs, vt)
+    student = student.requires_grad_(True)
+    print(f"\ntraining loss, B = 8, L = 2,048, Vs {vs}, Vt {vt}, peaked rows, T = {args.temperature}")
+    print("| ULDLoss | fwd+bwd ms (median) | peak extra GB (the gradient included) |\n|---|---|---|")
+    for k in [None, *args.k]:
+        uld = ULDLoss(top_k=k, alignment="trl_observed", **temperatures)
+        ms, gb = _measure(student, teacher, uld, s_labels, t_labels)
         print(f"| {'exact (fused)' if k is None else f'top_k={k}'} | {ms:.2f} | {gb:.2f} |")
 
 
