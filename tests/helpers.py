@@ -229,3 +229,17 @@ def level_one_sizes(workspace, pairs: int) -> torch.Tensor:
     `pairs` programs), from its meta slots (level starts at 1 and 2)."""
     meta = workspace[0][2].view(pairs, -1).cpu()
     return meta[:, 2] - meta[:, 1]
+
+
+def spy_saved_tensors(monkeypatch) -> list:
+    """Every ``ctx.save_for_backward(...)`` call's tensors (``None`` slots kept), in order:
+    what an autograd Function keeps alive for its backward."""
+    calls = []
+    original = torch.autograd.function.FunctionCtx.save_for_backward
+
+    def save(ctx, *tensors):
+        calls.append(tensors)
+        return original(ctx, *tensors)
+
+    monkeypatch.setattr(torch.autograd.function.FunctionCtx, "save_for_backward", save)
+    return calls

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from reference.paper import uld_distillation_loss_reference
-from tests.helpers import assert_grads_close, assert_losses_close
+from tests.helpers import assert_grads_close, assert_losses_close, spy_saved_tensors
 from uld_kernels import ULDLoss, uld_distillation_loss
 from uld_kernels.launch import zero_unwritten_
 
@@ -50,6 +50,8 @@ OPTIONS = [
     dict(top_k=5, alignment="trl_observed", student_temperature=2.0, teacher_temperature=2.0),
     dict(top_k=35, reduction="none", skip_student_eos=True, distillation_weight=1.5),
     dict(top_k=3, reduction="token_mean", num_items_in_batch=13),
+    dict(top_k=4, reduction="sum", student_temperature=0.5, crossentropy_weight=0.0),
+    dict(top_k=1000, reduction="none"),  # past both vocabularies: the exact loss, fused
 ]
 
 
@@ -75,14 +77,17 @@ def _assert_matches_the_papers_semantics(student, teacher, s_labels, t_labels, o
                        student.reshape(-1, vocab).detach(), dtype)
 
 
-def test_padded_lm_head_columns_are_left_out(device):
+@pytest.mark.parametrize("top_k", [None, 6])
+def test_padded_lm_head_columns_are_left_out(top_k, device):
     student, teacher, s_labels, t_labels = _batch(5, device, vs=40, vs_full=48)
+    teacher = torch.cat([teacher, torch.full_like(teacher[..., :5], 9.0)], dim=-1)  # 5 padded columns
     student = student.detach().requires_grad_(True)
-    total, _, _ = uld_distillation_loss(student, teacher, s_labels, t_labels, student_vocab_size=40)
+    total, _, _ = uld_distillation_loss(student, teacher, s_labels, t_labels, student_vocab_size=40,
+                                        teacher_vocab_size=33, top_k=top_k)
     total.backward()
     s64 = student.detach().double().requires_grad_(True)
     ref, _, _ = uld_distillation_loss_reference(s64, teacher.double(), s_labels, t_labels,
-                                                student_vocab_size=40)
+                                                student_vocab_size=40, teacher_vocab_size=33, top_k=top_k)
     ref.backward()
     assert_losses_close(total, ref.detach(), torch.float32)
     assert (student.grad[..., 40:] == 0).all()
@@ -229,8 +234,9 @@ def test_int32_rows_and_a_device_count_are_accepted(count_shape, device):
     assert_losses_close(got, want, torch.float32)
 
 
+@pytest.mark.parametrize("top_k", [None, 3])
 @pytest.mark.parametrize("reduction", ["paper", "none"])
-def test_sequences_of_length_zero(reduction, device):
+def test_sequences_of_length_zero(reduction, top_k, device):
     """``[B, 0, V]`` logits (no position at all) give the reference's zeros and an empty
     gradient; the alignment once failed on them inside ``argmax``."""
     g = torch.Generator().manual_seed(11)
@@ -238,10 +244,11 @@ def test_sequences_of_length_zero(reduction, device):
     teacher = torch.randn(2, 5, 9, generator=g).to(device)
     s_labels = torch.zeros(2, 0, dtype=torch.long, device=device)
     t_labels = torch.randint(0, 9, (2, 5), generator=g).to(device)
-    total, ce, distill = uld_distillation_loss(student, teacher, s_labels, t_labels, reduction=reduction)
+    total, ce, distill = uld_distillation_loss(student, teacher, s_labels, t_labels, reduction=reduction,
+                                               top_k=top_k)
     total.sum().backward()
     ref = uld_distillation_loss_reference(student.detach().double(), teacher.double(), s_labels, t_labels,
-                                          reduction=reduction)
+                                          reduction=reduction, top_k=top_k)
     for got, want in zip((total, ce, distill), ref):
         assert_losses_close(got, want, torch.float32)
     assert student.grad.shape == student.shape
@@ -281,16 +288,18 @@ EDGE_LABELS = {
 }
 
 
+@pytest.mark.parametrize("top_k", [None, 3])
 @pytest.mark.parametrize("name", list(EDGE_LABELS))
-def test_edge_batches(name, device):
+def test_edge_batches(name, top_k, device):
     s_labels, t_labels = (x.to(device) for x in EDGE_LABELS[name])
     g = torch.Generator().manual_seed(len(name))
     student = torch.randn(*s_labels.shape, 20, generator=g).to(device).requires_grad_(True)
     teacher = torch.randn(*t_labels.shape, 17, generator=g).to(device)
-    total, _, _ = uld_distillation_loss(student, teacher, s_labels, t_labels, reduction="sum")
+    total, _, _ = uld_distillation_loss(student, teacher, s_labels, t_labels, reduction="sum", top_k=top_k)
     total.backward()
     s64 = student.detach().double().requires_grad_(True)
-    ref, _, _ = uld_distillation_loss_reference(s64, teacher.double(), s_labels, t_labels, reduction="sum")
+    ref, _, _ = uld_distillation_loss_reference(s64, teacher.double(), s_labels, t_labels, reduction="sum",
+                                                top_k=top_k)
     ref.backward()
     assert_losses_close(total, ref.detach(), torch.float32)
     assert_grads_close(student.grad, s64.grad, student.reshape(-1, 20).detach(), torch.float32,
@@ -447,6 +456,68 @@ def test_the_histogram_engine_as_the_training_loss_engine(device, monkeypatch):
     monkeypatch.setattr(launch, "DISTILL_ENGINE", "hist")
     options = dict(reduction="sum", skip_student_eos=True, student_temperature=2.0)
     _assert_matches_the_papers_semantics(*_batch(5, device, dtype=torch.bfloat16), options, torch.bfloat16)
+
+
+def test_truncated_training_loss_in_bf16(device):
+    """``top_k`` on bf16 batches (ties within each logit row) against the paper's semantics."""
+    options = dict(top_k=7, reduction="none", teacher_temperature=2.0)
+    _assert_matches_the_papers_semantics(*_batch(8, device, dtype=torch.bfloat16), options, torch.bfloat16)
+
+
+@pytest.mark.parametrize("top_k", [None, 4])
+def test_the_teacher_gets_no_gradient(top_k, device):
+    """A teacher that requires grad (a model not frozen) gets none from the training loss."""
+    student, teacher, s_labels, t_labels = _batch(9, device)
+    student, teacher = student.detach().requires_grad_(True), teacher.detach().requires_grad_(True)
+    total, _, _ = uld_distillation_loss(student, teacher, s_labels, t_labels, top_k=top_k)
+    total.backward()
+    assert student.grad is not None and teacher.grad is None
+
+
+def test_truncated_loss_without_cross_entropy_keeps_one_copy(device, monkeypatch):
+    """``top_k`` with ``crossentropy_weight=0``: nothing of the logits' size is saved for the
+    backward but the logits themselves (no cross-entropy gradient buffer of ``[B, L, Vs]``)."""
+    saved = spy_saved_tensors(monkeypatch)
+    student, teacher, s_labels, t_labels = _batch(10, device)
+    student = student.detach().requires_grad_(True)
+    for ce_weight, big_buffers in ((0.0, 0), (0.5, 1)):
+        saved.clear()
+        uld_distillation_loss(student, teacher, s_labels, t_labels, top_k=4, crossentropy_weight=ce_weight)
+        big = [t for call in saved for t in call
+               if t is not None and t.numel() >= student.numel() and t.data_ptr() != student.data_ptr()]
+        assert len(big) == big_buffers, (ce_weight, [tuple(t.shape) for t in big])
+
+
+@pytest.mark.parametrize("top_k", [None, 4])
+def test_a_nan_row_stays_in_its_sample(top_k, device):
+    """``reduction="none"``: a NaN answer row of sample 0 makes sample 0's losses NaN and
+    leaves the other samples' losses and gradients finite and right."""
+    student, teacher, s_labels, t_labels = _batch(11, device)
+    row = int((s_labels[0] != IGNORE).nonzero()[0])
+    assert (s_labels[1] != IGNORE).any(), "the batch needs a second sample with answers"
+    student = student.detach().clone()
+    student[0, row] = float("nan")
+    student.requires_grad_(True)
+    total, ce, distill = uld_distillation_loss(student, teacher, s_labels, t_labels, reduction="none", top_k=top_k)
+    total.sum().backward()
+    clean = student.detach()[1:].double().requires_grad_(True)
+    ref = uld_distillation_loss_reference(clean, teacher[1:].double(), s_labels[1:], t_labels[1:],
+                                          reduction="none", top_k=top_k)
+    ref[0].sum().backward()
+    assert torch.isnan(total[0]) and torch.isnan(distill[0])
+    for ours, want, what in zip((total, ce, distill), ref, ("total", "ce", "distillation")):
+        assert_losses_close(ours[1:], want.detach(), torch.float32, what=what)
+    assert_grads_close(student.grad[1:], clean.grad, student.detach()[1:].reshape(-1, student.shape[-1]),
+                       torch.float32, per_tie_group=False)
+
+
+@pytest.mark.parametrize("top_k", [None, 4])
+def test_int16_labels_give_what_int64_labels_give(top_k, device):
+    student, teacher, s_labels, t_labels = _batch(12, device)
+    wide = uld_distillation_loss(student, teacher, s_labels, t_labels, top_k=top_k)
+    narrow = uld_distillation_loss(student, teacher, s_labels.to(torch.int16), t_labels.to(torch.int16), top_k=top_k)
+    for a, b in zip(wide, narrow):
+        assert torch.equal(a, b)
 
 
 def test_a_second_backward_through_one_graph_raises(device):

@@ -1,6 +1,7 @@
 """The truncated variant ``uld_loss(..., top_k=k)`` against the float64 reference
 (``reference.uld.uld_loss_reference(top_k=k)``): losses, the student's and the teacher's
-gradients, chunking, and ``k`` past both vocabularies equal to the exact loss."""
+gradients, chunking, what is kept for the backward, empty and NaN rows, padding slots, and
+``k`` past both vocabularies equal to the exact loss."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import torch
 
 import uld_kernels.topk as topk
 from reference.uld import uld_loss_reference
-from tests.helpers import assert_grads_close, assert_losses_close
+from tests.helpers import assert_grads_close, assert_losses_close, spy_saved_tensors
 from uld_kernels import uld_loss
+from uld_kernels.topk import ULDTopKFunction
 
 
 def _rows(seed, n, vs, vt, dtype, device, scale=2.0):
@@ -25,7 +27,7 @@ CASES = [  # (seed, rows, Vs, Vt, k, T_s, T_t, dtype, reduction)
     (1, 5, 300, 200, 37, 2.0, 2.0, torch.float32, "mean"),
     (2, 4, 120, 260, 150, 1.0, 0.5, torch.float32, "sum"),   # k between the vocabularies
     (3, 7, 500, 400, 100, 2.0, 2.0, torch.bfloat16, "none"),  # distillKitPlus's k and T, bf16 ties
-    (4, 3, 64, 64, 64, 1.0, 1.0, torch.float16, "mean"),
+    (4, 3, 64, 64, 60, 1.0, 1.0, torch.float16, "mean"),
 ]
 
 
@@ -50,13 +52,35 @@ def test_matches_the_reference(case, device):
 
 
 def test_truncation_changes_the_loss(device):
-    """A small k is a different loss from the exact one (the option is not ignored), and k
-    past both vocabularies is the exact loss of the fused kernels."""
+    """A small k is a different loss from the exact one (the option is not ignored)."""
     student, teacher = _rows(5, 4, 300, 200, torch.float32, device)
     exact = uld_loss(student, teacher, reduction="none")
     truncated = uld_loss(student, teacher, reduction="none", top_k=10)
     assert (truncated < exact - 1e-3).all()
-    assert_losses_close(uld_loss(student, teacher, reduction="none", top_k=300), exact, torch.float32)
+
+
+def test_every_rank_is_the_exact_loss(device, monkeypatch):
+    """``k`` past both vocabularies: the truncated Function's loss and gradient are the exact
+    ones, and ``uld_loss`` gives that case to the fused kernels (never calling the Function)."""
+    student, teacher = _rows(5, 4, 300, 200, torch.float32, device)
+    s_in = student.clone().requires_grad_(True)
+    ULDTopKFunction.apply(s_in, teacher, 300, 1.0, 1.0, True).sum().backward()
+    s_exact = student.clone().requires_grad_(True)
+    exact = uld_loss(s_exact, teacher, reduction="none")
+    exact.sum().backward()
+    rows = ULDTopKFunction.apply(student, teacher, 300, 1.0, 1.0, True)
+    assert_losses_close(rows, exact.detach(), torch.float32)
+    assert_grads_close(s_in.grad, s_exact.grad.double(), student, torch.float32, per_tie_group=False)
+
+    def refuse(*args):
+        raise AssertionError("top_k past both vocabularies must take the exact path")
+
+    monkeypatch.setattr(ULDTopKFunction, "apply", refuse)
+    for k in (300, 10**9):
+        s_k = student.clone().requires_grad_(True)
+        loss = uld_loss(s_k, teacher, reduction="none", top_k=k)
+        loss.sum().backward()
+        assert torch.equal(loss, exact) and torch.equal(s_k.grad, s_exact.grad)
 
 
 def test_chunks_give_the_same_bits(monkeypatch, device):
@@ -72,13 +96,71 @@ def test_chunks_give_the_same_bits(monkeypatch, device):
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
-def test_no_grad_keeps_nothing(device):
+def test_what_the_backward_keeps(device, monkeypatch):
+    """Under ``torch.no_grad()`` nothing is saved; with grad, only the sides that need one keep
+    their logits and per-row state ([N] log-sum-exp and mass, [N, k] columns and signs)."""
+    saved = spy_saved_tensors(monkeypatch)
     student, teacher = _rows(7, 3, 100, 90, torch.float32, device)
     student.requires_grad_(True)
     with torch.no_grad():
         loss = uld_loss(student, teacher, top_k=20)
     assert loss.grad_fn is None
+    assert all(t is None for t in saved[-1]), "saved tensors under no_grad"
     assert_losses_close(loss, uld_loss_reference(student.detach().double(), teacher.double(), top_k=20), torch.float32)
+    uld_loss(student, teacher, top_k=20)
+    kept = [None if t is None else tuple(t.shape) for t in saved[-1]]
+    assert kept == [(3, 100), None, None, None, (3,), (3, 20), (3, 20), (3,), None, None, None, None]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_zero_rows(reduction, device):
+    """No rows: the reference's loss (nan for the mean, 0, []) and an empty gradient."""
+    student = torch.randn(0, 30, device=device, requires_grad=True)
+    teacher = torch.randn(0, 20, device=device, requires_grad=True)
+    loss = uld_loss(student, teacher, reduction=reduction, top_k=5)
+    loss.sum().backward()
+    ref = uld_loss_reference(student.detach().double(), teacher.double(), reduction=reduction, top_k=5)
+    torch.testing.assert_close(loss.double(), ref, equal_nan=True)
+    assert student.grad.shape == (0, 30) and teacher.grad.shape == (0, 20)
+
+
+@pytest.mark.parametrize("side", ["student", "teacher"])
+def test_a_nan_row_stays_in_its_row(side, device):
+    """A NaN logit on either side: that row's loss and both sides' gradients are NaN (the
+    exact kernels' contract; ``sign(NaN)`` is 0, so it must be carried on purpose), the
+    other rows match the reference."""
+    student, teacher = _rows(10, 4, 60, 50, torch.float32, device)
+    (student if side == "student" else teacher)[1, 7] = float("nan")
+    s_in, t_in = student.clone().requires_grad_(True), teacher.clone().requires_grad_(True)
+    loss = uld_loss(s_in, t_in, reduction="none", top_k=6)
+    loss.sum().backward()
+    ref = uld_loss_reference(student.double(), teacher.double(), reduction="none", top_k=6)
+    keep = torch.tensor([True, False, True, True], device=device)
+    assert torch.isnan(loss[1]) and torch.isfinite(loss[keep]).all()
+    assert_losses_close(loss[keep], ref[keep], torch.float32)
+    for grad in (s_in.grad, t_in.grad):
+        assert torch.isnan(grad[1]).all() and torch.isfinite(grad[keep]).all()
+
+
+def test_padding_slots_read_nothing(device):
+    """Rows by index with ``-1`` padding slots: a padding slot's loss and gradient are 0 even
+    though it reads row 0, here NaN on both sides and used by no pair (masked, never 0 * NaN)."""
+    g = torch.Generator().manual_seed(11)
+    student = torch.randn(2, 3, 40, generator=g).to(device)
+    teacher = torch.randn(2, 4, 30, generator=g).to(device)
+    student[0, 0], teacher[0, 0] = float("nan"), float("nan")
+    s_index = torch.tensor([-1, 2, 4, -1, 5], device=device)
+    t_index = torch.tensor([-1, 3, 7, -1, 1], device=device)
+    s_in, t_in = student.clone().requires_grad_(True), teacher.clone().requires_grad_(True)
+    rows = ULDTopKFunction.apply(s_in, t_in, 8, 1.0, 1.0, True, s_index, t_index)
+    (rows * torch.arange(1.0, 6.0, device=device)).sum().backward()
+    real = s_index >= 0
+    assert (rows[~real] == 0).all()
+    ref = uld_loss_reference(student.view(-1, 40)[s_index[real]].double(),
+                             teacher.view(-1, 30)[t_index[real]].double(), reduction="none", top_k=8)
+    assert_losses_close(rows[real], ref, torch.float32)
+    for grad in (s_in.grad, t_in.grad):
+        assert torch.isfinite(grad).all() and (grad[0, 0] == 0).all()
 
 
 @pytest.mark.parametrize("bad", [0, -3, True, 2.5, "100"])

@@ -6,7 +6,7 @@ import torch
 
 from uld_kernels.autograd import REDUCTIONS, ULDFunction, reduce_rows
 from uld_kernels.launch import interpreter_enabled
-from uld_kernels.topk import ULDTopKFunction
+from uld_kernels.topk import ULDTopKFunction, truncates
 from uld_kernels.validation import (
     check_aligned_rows,
     check_choice,
@@ -61,7 +61,8 @@ def uld_loss(
             variant ``sum_{i < k} |a_(i) - b_(i)|`` over the first ``k`` ranks of the same
             sorted, padded full-vocabulary softmaxes (distillKitPlus's ULD: ``top_k=100``,
             both temperatures 2.0). Plain PyTorch (``torch.topk``; ``uld_kernels.topk``),
-            on any device, ``O(rows * k)`` extra memory.
+            on any device, ``O(rows * k)`` extra memory. ``k >= max(Vs, Vt)`` keeps every
+            rank: the exact loss, computed by the fused kernels.
 
     Returns:
         float32 loss: a scalar, or ``[N]`` for ``reduction="none"``.
@@ -92,7 +93,7 @@ def uld_loss(
     check_choice("reduction", reduction, REDUCTIONS)
     top_k = check_top_k("top_k", top_k)
 
-    if top_k is not None:
+    if truncates(top_k, student_logits.shape[-1], teacher_logits.shape[-1]):
         rows = ULDTopKFunction.apply(student_logits, teacher_logits, top_k, student_temperature,
                                      teacher_temperature, torch.is_grad_enabled())
         return reduce_rows(rows, reduction)

@@ -16,7 +16,7 @@ from uld_kernels.alignment import ALIGNMENTS, next_token_targets, pair_rows
 from uld_kernels.api import reference_module
 from uld_kernels import launch
 from uld_kernels.autograd import call_op, custom_op
-from uld_kernels.topk import ULDTopKFunction
+from uld_kernels.topk import ULDTopKFunction, truncates
 from uld_kernels.launch import cross_entropy_rows, hist_pairs, interpreter_enabled, uld_pairs, zero_unwritten_
 from uld_kernels.validation import (
     check_choice,
@@ -235,7 +235,9 @@ def uld_distillation_loss(
         top_k: None (the paper's loss), or ``k >= 1``: the truncated variant of
             ``uld_loss(top_k=k)`` for the ULD term (distillKitPlus: ``top_k=100``, both
             temperatures 2.0, ``alignment="trl_observed"``). Plain PyTorch beside the fused
-            cross-entropy; its gradient is a second ``[B, Ls, Vs]`` buffer that autograd adds.
+            cross-entropy; its gradient is a second ``[B, Ls, Vs]`` buffer that autograd adds
+            (none without a cross-entropy term). The teacher gets no gradient. ``k`` past both
+            vocabulary sizes is the exact loss, computed by the fused kernels.
 
     Returns:
         ``(total, ce, distillation)``, float32, with the weights applied;
@@ -257,7 +259,7 @@ def uld_distillation_loss(
         student_rows, teacher_rows, row_weights, student_logits.shape[0] * student_logits.shape[1],
         teacher_logits.shape[0] * teacher_logits.shape[1])
 
-    if top_k is not None:
+    if truncates(top_k, student_vocab, teacher_vocab):
         return _truncated_distillation(
             student_logits, teacher_logits, student_labels, teacher_labels, top_k,
             distillation_weight=distillation_weight, crossentropy_weight=crossentropy_weight,
@@ -295,16 +297,19 @@ def _truncated_distillation(student_logits, teacher_logits, student_labels, teac
                             student_vocab, teacher_vocab, alignment, student_rows, teacher_rows, row_weights):
     """``top_k``: the cross-entropy from the fused path with no pairs (its own kernel reads the
     answer rows), the ULD term from ``ULDTopKFunction`` over the same pairs and weights."""
-    no_pairs = student_labels.new_empty(0)
+    no_pairs = torch.empty(0, dtype=torch.int64, device=student_labels.device)
+    # Without a cross-entropy term the call gets detached logits: no gradient buffer is kept.
+    ce_student = student_logits if crossentropy_weight != 0.0 else student_logits.detach()
     ce_total, ce, _ = uld_distillation_loss(
-        student_logits, teacher_logits, student_labels, teacher_labels, distillation_weight=0.0,
+        ce_student, teacher_logits, student_labels, teacher_labels, distillation_weight=0.0,
         crossentropy_weight=crossentropy_weight, ignore_index=ignore_index, reduction=reduction,
         num_items_in_batch=num_items_in_batch, student_vocab_size=student_vocab,
         teacher_vocab_size=teacher_vocab, student_rows=no_pairs, teacher_rows=no_pairs)
     plan = _plan(student_logits, student_labels, teacher_labels, distillation_weight, crossentropy_weight,
                  skip_student_eos, skip_teacher_eos, ignore_index, reduction, num_items_in_batch, alignment,
                  student_rows, teacher_rows, row_weights)
-    rows = ULDTopKFunction.apply(student_logits[..., :student_vocab], teacher_logits[..., :teacher_vocab], top_k,
+    # The teacher gets no gradient from the training loss (as on the fused path).
+    rows = ULDTopKFunction.apply(student_logits[..., :student_vocab], teacher_logits.detach()[..., :teacher_vocab], top_k,
                                  student_temperature, teacher_temperature, torch.is_grad_enabled(),
                                  plan["student_index"], plan["teacher_index"])
     distill = plan["pair_weight"] * rows
@@ -317,10 +322,11 @@ def _truncated_distillation(student_logits, teacher_logits, student_labels, teac
 
 def _per_sample(values, student_index, batch, seq_len):
     """Each pair's value summed into the sample of its student row (padding slots: -1, none):
-    a one-hot product, deterministic (an index_add on the GPU is not)."""
+    a masked sum over a one-hot ``[B, N]``, deterministic (an index_add on the GPU is not), and
+    masked rather than multiplied so that one sample's NaN stays in that sample."""
     sample = student_index // seq_len
-    group = (sample[None, :] == torch.arange(batch, device=sample.device)[:, None]).to(values.dtype)
-    return group @ values
+    group = sample[None, :] == torch.arange(batch, device=sample.device)[:, None]
+    return torch.where(group, values[None, :], 0.0).sum(dim=1)
 
 
 def _plan(student_logits, student_labels, teacher_labels, distillation_weight,

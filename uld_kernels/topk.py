@@ -5,7 +5,8 @@
 vocabularies, sorted descending and zero-padded as in the paper, then
 ``loss = sum_{i < k} |a_(i) - b_(i)|``. This is what distillKitPlus computes (``torch.topk``
 of both full softmaxes, ``k = 100``, one temperature 2.0) and what users of it arrive with;
-``k >= max(Vs, Vt)`` is the exact loss.
+``k >= max(Vs, Vt)`` is the exact loss, and ``uld_loss`` / ``uld_distillation_loss`` compute it
+with the fused kernels (``truncates``).
 
 Plain PyTorch (``torch.topk`` of ``k`` values a row needs no Triton), with a handwritten
 backward so that memory stays ``O(rows * k)``: the forward keeps each side's log-sum-exp, its
@@ -27,9 +28,17 @@ import torch
 CHUNK_BYTES = 1 << 28  # float32 working set of a chunk of rows (256 MiB)
 
 
+def truncates(top_k: int | None, student_vocab: int, teacher_vocab: int) -> bool:
+    """Whether ``top_k`` drops ranks: ``k >= max(Vs, Vt)`` keeps every rank, the exact loss,
+    which the callers compute with the fused kernels (O(rows) memory, not O(rows * k))."""
+    return top_k is not None and top_k < max(student_vocab, teacher_vocab)
+
+
 def _chunks(n_rows: int, vocab: int):
+    """Slices of at most ``CHUNK_BYTES`` of float32 rows; one empty slice for no rows (so that
+    zero rows still save empty tensors)."""
     step = max(1, CHUNK_BYTES // (4 * max(vocab, 1)))
-    return [slice(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]
+    return [slice(start, min(start + step, n_rows)) for start in range(0, max(n_rows, 1), step)]
 
 
 def _rows(logits: torch.Tensor, index: torch.Tensor | None, part: slice):
@@ -85,15 +94,19 @@ class ULDTopKFunction(torch.autograd.Function):
             lse_t, b, cols_t = _top_probs(teacher, teacher_temperature, kt)
             diff = (torch.nn.functional.pad(a, (0, ranks - ks)) - torch.nn.functional.pad(b, (0, ranks - kt)))
             loss = diff.abs().sum(dim=-1)
-            rows[part] = loss if valid is None else torch.where(valid, loss, 0.0)
             sign = torch.sign(diff)
-            if valid is not None:  # padding slots: no gradient (masked, not scaled by 0: NaN-safe)
+            if valid is not None:  # padding slots: loss 0, no gradient (masked, not scaled by 0: NaN-safe)
+                loss = torch.where(valid, loss, 0.0)
                 sign = torch.where(valid[:, None], sign, 0.0)
+            rows[part] = loss
             for side, lse, probs, cols, g in ((0, lse_s, a, cols_s, sign[:, :ks]), (1, lse_t, b, cols_t, -sign[:, :kt])):
                 if needs[side]:
-                    lse = lse if valid is None else torch.where(valid, lse, 0.0)
-                    saved[side].append((lse, cols, g.to(torch.int8), (g * probs).sum(dim=-1).nan_to_num(0.0)
-                                        if valid is not None else (g * probs).sum(dim=-1)))
+                    # A row whose loss is NaN (a NaN or +inf logit, or no finite logit, on either
+                    # side) gets NaN gradients on both sides, as in the exact kernels: sign(NaN) is 0.
+                    mass = torch.where(torch.isnan(loss), loss, (g * probs).sum(dim=-1))
+                    if valid is not None:
+                        lse, mass = torch.where(valid, lse, 0.0), torch.where(valid, mass, 0.0)
+                    saved[side].append((lse, cols, g.to(torch.int8), mass))
         tensors = []
         for side in (0, 1):
             if needs[side]:
