@@ -1,6 +1,7 @@
 """The truncated variant (``top_k=k``) timed beside the exact fused loss on the same rows:
 forward+backward medians (``triton.testing.do_bench``) and peak extra memory, for
-``uld_loss`` on aligned rows and for the training loss (``ULDLoss``) on bench_distill.py's
+``uld_loss`` on aligned rows (the Triton select and PyTorch's chunks, which it replaces, and
+how far their losses differ) and for the training loss (``ULDLoss``) on bench_distill.py's
 labelled batch (B = 8, L = 2,048, Qwen2.5 / Llama-3).
 
     python bench/bench_topk.py --rows 16384 --k 100 --temperature 2.0
@@ -19,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.bench_distill import labelled_batch  # noqa: E402
 from bench.shapes import VOCAB_PAIRS  # noqa: E402
-from uld_kernels import ULDLoss, uld_loss  # noqa: E402
+from uld_kernels import ULDLoss, launch, uld_loss  # noqa: E402
 
 
 def _measure(student, teacher, loss=uld_loss, *labels, **options):
@@ -50,9 +51,20 @@ def main() -> None:
     print(f"{args.rows} rows, Vs {args.vocab[0]}, Vt {args.vocab[1]}, bf16 random N(0, 1), T = {args.temperature}")
     print("| loss | fwd+bwd ms (median) | peak extra GB (the gradient included) |\n|---|---|---|")
     temperatures = dict(student_temperature=args.temperature, teacher_temperature=args.temperature)
-    for k in [None, *args.k]:
-        ms, gb = _measure(student, teacher, top_k=k, **temperatures)
-        print(f"| {'exact (fused)' if k is None else f'top_k={k}'} | {ms:.2f} | {gb:.2f} |")
+    ms, gb = _measure(student, teacher, **temperatures)
+    print(f"| exact (fused) | {ms:.2f} | {gb:.2f} |")
+    triton_max_k = launch.TOPK_MAX_K
+    for k in args.k:
+        losses = {}
+        for engine, max_k in (("Triton select", triton_max_k), ("PyTorch chunks", 0)):
+            launch.TOPK_MAX_K = max_k
+            ms, gb = _measure(student, teacher, top_k=k, **temperatures)
+            with torch.no_grad():
+                losses[engine] = uld_loss(student, teacher, top_k=k, reduction="none", **temperatures)
+            print(f"| top_k={k}, {engine} | {ms:.2f} | {gb:.2f} |")
+        launch.TOPK_MAX_K = triton_max_k
+        diff = (losses["Triton select"] - losses["PyTorch chunks"]).abs().max().item()
+        print(f"| top_k={k}: the engines' largest row loss difference | {diff:.2e} | |")
     del student, teacher
     vs, vt = VOCAB_PAIRS["qwen_llama3"][:2]
     student, teacher, s_labels, t_labels = labelled_batch(8, 2048, vs, vt)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import uld_kernels.launch as launch
 import uld_kernels.topk as topk
 from reference.uld import uld_loss_reference
 from tests.helpers import assert_grads_close, assert_losses_close, spy_saved_tensors
@@ -20,6 +21,14 @@ def _rows(seed, n, vs, vt, dtype, device, scale=2.0):
     student = (torch.randn(n, vs, generator=g) * scale).to(dtype).to(device)
     teacher = (torch.randn(n, vt, generator=g) * scale).to(dtype).to(device)
     return student, teacher
+
+
+@pytest.fixture(params=["kernels", "torch"], autouse=True)
+def engine(request, monkeypatch):
+    """Every test twice: the Triton select (on the GPU, or the interpreter) and PyTorch's chunks."""
+    if request.param == "torch":
+        monkeypatch.setattr(launch, "TOPK_MAX_K", 0)
+    return request.param
 
 
 CASES = [  # (seed, rows, Vs, Vt, k, T_s, T_t, dtype, reduction)
@@ -96,9 +105,10 @@ def test_chunks_give_the_same_bits(monkeypatch, device):
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
-def test_what_the_backward_keeps(device, monkeypatch):
+def test_what_the_backward_keeps(device, monkeypatch, engine):
     """Under ``torch.no_grad()`` nothing is saved; with grad, only the sides that need one keep
-    their logits and per-row state ([N] log-sum-exp and mass, [N, k] columns and signs)."""
+    their logits and per-row state ([N, 3] log-sum-exp and mass, [N, k] columns and signs; the
+kernels' k a power of two)."""
     saved = spy_saved_tensors(monkeypatch)
     student, teacher = _rows(7, 3, 100, 90, torch.float32, device)
     student.requires_grad_(True)
@@ -109,7 +119,8 @@ def test_what_the_backward_keeps(device, monkeypatch):
     assert_losses_close(loss, uld_loss_reference(student.detach().double(), teacher.double(), top_k=20), torch.float32)
     uld_loss(student, teacher, top_k=20)
     kept = [None if t is None else tuple(t.shape) for t in saved[-1]]
-    assert kept == [(3, 100), None, None, None, (3,), (3, 20), (3, 20), (3,), None, None, None, None]
+    width = launch.topk_pad(20) if engine == "kernels" else 20
+    assert kept == [(3, 100), None, None, None, (3, 3), (3, width), (3, width), None, None, None]
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

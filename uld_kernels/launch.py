@@ -15,6 +15,7 @@ import torch
 import triton
 
 from uld_kernels.kernels import uld_hist, uld_split
+from uld_kernels.kernels.uld_topk import topk_grad_kernel, topk_rows_kernel
 from uld_kernels.kernels.cross_entropy import ce_rows_kernel
 from uld_kernels.kernels.uld_rows import INT_PLANES, META_SLOTS, SIGN_PLANES, scale_rows_kernel, zero_rows_kernel
 
@@ -730,6 +731,75 @@ def scale_rows_(grad: torch.Tensor, scale: torch.Tensor) -> None:
     block, rows_per_program, grid = _row_grid(grad)
     scale_rows_kernel[grid](grad, scale, n_rows, rows_per_program, vocab, SCALE_PER_ROW=scale.numel() != 1,
                             BLOCK=block, num_warps=8)
+
+
+TOPK_MAX_K = 1024  # the largest top_k the Triton select takes (a sort of k keys a row); past it, PyTorch
+TOPK_BLOCK = 1024  # elements of a row per step of the top_k kernels
+TOPK_WARPS = 4
+
+
+def topk_level_bits(dtype: torch.dtype) -> tuple[int, int, int]:
+    """Bits of the float32 order key that each level of the top_k select resolves: all the
+    significant bits of the dtype's logits (float16: sign, 8 exponent bits as float32, 10
+    mantissa bits), so that the last level's bin holds equal logits only."""
+    return {torch.float32: (11, 11, 10), torch.bfloat16: (8, 8, 0), torch.float16: (11, 8, 0)}[dtype]
+
+
+def topk_pad(k: int) -> int:
+    """Ranks a row's select keeps, a power of two (the sort's width)."""
+    return max(16, triton.next_power_of_2(k))
+
+
+def topk_rows(student_logits, teacher_logits, k, student_temperature, teacher_temperature, save,
+              student_index=None, teacher_index=None):
+    """The truncated loss's rows (``[N]`` float32) and, for each side that ``save`` names,
+    what its backward needs: ``(stats [N, 3] float32 (maximum of z / T, log-sum, mass),
+    columns [N, K] int32, signs [N, K] int8)``, ``K = topk_pad(k)``, else None. Rows aligned
+    ``[N, V]``, or ``[B, L, V]`` with flat ``[N]`` index maps (``-1``: padding slot)."""
+    gather = student_index is not None
+    n = student_index.shape[0] if gather else student_logits.shape[0]
+    device = student_logits.device
+    k_pad = topk_pad(k)
+    loss = torch.empty(n, dtype=torch.float32, device=device)
+    saved = [(torch.empty(n, 3, dtype=torch.float32, device=device),
+              torch.empty(n, k_pad, dtype=torch.int32, device=device),
+              torch.empty(n, k_pad, dtype=torch.int8, device=device)) if keep else None for keep in save]
+    if n == 0:
+        return loss, saved
+    scratch = torch.empty(2, n, k_pad, dtype=torch.int64, device=device)
+    outputs = [side if side is not None else (loss, loss, loss) for side in saved]
+    no_index = student_index if gather else loss
+    topk_rows_kernel[(n,)](
+        student_logits, teacher_logits, no_index, teacher_index if gather else loss, loss,
+        *outputs[0], *outputs[1], scratch[0], scratch[1],
+        student_logits.shape[-1], teacher_logits.shape[-1], k,
+        *_row_layout(student_logits), *_row_layout(teacher_logits),
+        1.0 / student_temperature, 1.0 / teacher_temperature,
+        GATHER=gather, SAVE_STUDENT=bool(save[0]), SAVE_TEACHER=bool(save[1]),
+        STUDENT_UNIT_STRIDE=student_logits.stride(-1) == 1, TEACHER_UNIT_STRIDE=teacher_logits.stride(-1) == 1,
+        **dict(zip(("S_BITS1", "S_BITS2", "S_BITS3"), topk_level_bits(student_logits.dtype))),
+        **dict(zip(("T_BITS1", "T_BITS2", "T_BITS3"), topk_level_bits(teacher_logits.dtype))),
+        K_PAD=k_pad, BLOCK=TOPK_BLOCK, num_warps=TOPK_WARPS,
+    )
+    return loss, saved
+
+
+def topk_grad(logits, index, saved, upstream, temperature, k_side):
+    """One side's gradient of the truncated loss, ``upstream[r]`` times row r's, in the logits'
+    dtype and shape (rows by ``index``, distinct, when given: the others 0)."""
+    stats, columns, signs = saved
+    n = stats.shape[0]
+    grad = (torch.zeros if index is not None else torch.empty)(logits.shape, dtype=logits.dtype, device=logits.device)
+    if n == 0 or logits.shape[-1] == 0:
+        return grad
+    upstream = upstream.float().expand(n).contiguous()
+    topk_grad_kernel[(n,)](
+        logits, index if index is not None else stats, stats, columns, signs, upstream, grad,
+        logits.shape[-1], k_side, *_row_layout(logits), logits.shape[-1], 1.0 / temperature,
+        GATHER=index is not None, UNIT_COL_STRIDE=logits.stride(-1) == 1, K_PAD=columns.shape[1],
+        BLOCK=TOPK_BLOCK, num_warps=TOPK_WARPS,
+    )
+    return grad
 
 
 @functools.cache

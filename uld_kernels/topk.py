@@ -25,6 +25,9 @@ from __future__ import annotations
 
 import torch
 
+from uld_kernels import launch
+from uld_kernels.autograd import call_op, custom_op
+
 CHUNK_BYTES = 1 << 28  # float32 working set of a chunk of rows (256 MiB)
 
 
@@ -70,53 +73,128 @@ def _side_grad(logits, temperature, lse, columns, signs, mass, upstream):
     return grad * (upstream / temperature)[:, None]
 
 
+def _torch_rows(student_logits, teacher_logits, k, student_temperature, teacher_temperature, save,
+                student_index=None, teacher_index=None):
+    """``launch.topk_rows`` in PyTorch, by chunks of rows (any device, any ``k``): the rows'
+    losses and, per side that ``save`` names, ``(stats [N, 3] (log-sum-exp, 0, mass),
+    columns [N, k'] int32, signs [N, k'] int8)``, ``k' = min(k, V)``."""
+    vs, vt = student_logits.shape[-1], teacher_logits.shape[-1]
+    n_rows = student_logits.shape[0] if student_index is None else student_index.shape[0]
+    ks, kt = min(k, vs), min(k, vt)
+    ranks = min(k, max(vs, vt))
+    rows = torch.empty(n_rows, dtype=torch.float32, device=student_logits.device)
+    parts = {side: [] for side in (0, 1) if save[side]}
+    for part in _chunks(n_rows, max(vs, vt)):
+        student, valid = _rows(student_logits, student_index, part)
+        teacher, _ = _rows(teacher_logits, teacher_index, part)
+        lse_s, a, cols_s = _top_probs(student, student_temperature, ks)
+        lse_t, b, cols_t = _top_probs(teacher, teacher_temperature, kt)
+        diff = (torch.nn.functional.pad(a, (0, ranks - ks)) - torch.nn.functional.pad(b, (0, ranks - kt)))
+        loss = diff.abs().sum(dim=-1)
+        sign = torch.sign(diff)
+        if valid is not None:  # padding slots: loss 0, no gradient (masked, not scaled by 0: NaN-safe)
+            loss = torch.where(valid, loss, 0.0)
+            sign = torch.where(valid[:, None], sign, 0.0)
+        rows[part] = loss
+        for side, lse, probs, cols, g in ((0, lse_s, a, cols_s, sign[:, :ks]), (1, lse_t, b, cols_t, -sign[:, :kt])):
+            if save[side]:
+                # A row whose loss is NaN (a NaN or +inf logit, or no finite logit, on either
+                # side) gets NaN gradients on both sides, as in the exact kernels: sign(NaN) is 0.
+                mass = torch.where(torch.isnan(loss), loss, (g * probs).sum(dim=-1))
+                if valid is not None:
+                    lse, mass = torch.where(valid, lse, 0.0), torch.where(valid, mass, 0.0)
+                stats = torch.stack([lse, torch.zeros_like(lse), mass], dim=1)
+                parts[side].append((stats, cols.to(torch.int32), g.to(torch.int8)))
+    saved = [tuple(torch.cat(p) for p in zip(*parts[side])) if save[side] else None for side in (0, 1)]
+    return rows, saved
+
+
+def _torch_grad(logits, index, saved, upstream, temperature):
+    """``launch.topk_grad`` in PyTorch, by chunks of rows; repeated ``index`` rows add up."""
+    stats, columns, signs = saved
+    grad = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
+    for part in _chunks(stats.shape[0], logits.shape[-1]):
+        rows, valid = _rows(logits, index, part)
+        chunk = _side_grad(rows, temperature, stats[part, 0] + stats[part, 1], columns[part].long(),
+                           signs[part].float(), stats[part, 2], upstream[part].float())
+        if valid is None:
+            grad[part] = chunk.to(logits.dtype)
+        else:  # rows by index (padding slots add zeros)
+            chunk = torch.where(valid[:, None], chunk, 0.0)
+            grad.view(-1, logits.shape[-1]).index_add_(0, index[part].clamp(min=0), chunk.to(logits.dtype))
+    return grad
+
+
+@custom_op("topk_rows")
+def topk_rows_op(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int, student_temperature: float,
+                 teacher_temperature: float, save_student: bool, save_teacher: bool, gather: bool,
+                 student_index: torch.Tensor, teacher_index: torch.Tensor) -> list[torch.Tensor]:
+    """``launch.topk_rows`` as a custom op: ``[rows, *student's saved, *teacher's saved]``, a
+    side not saved as three empty tensors."""
+    rows, saved = launch.topk_rows(student_logits, teacher_logits, k, student_temperature, teacher_temperature,
+                                   (save_student, save_teacher), *((student_index, teacher_index) if gather else ()))
+    return [rows, *(t for side in saved for t in (side if side is not None else _nothing_saved(rows.device)))]
+
+
+@topk_rows_op.register_fake
+def _topk_rows_fake(student_logits, teacher_logits, k, student_temperature, teacher_temperature, save_student,
+                    save_teacher, gather, student_index, teacher_index):
+    n = student_index.shape[0] if gather else student_logits.shape[0]
+    device, width = student_logits.device, launch.topk_pad(k)
+    side = (torch.empty(n, 3, device=device), torch.empty(n, width, dtype=torch.int32, device=device),
+            torch.empty(n, width, dtype=torch.int8, device=device))
+    return [torch.empty(n, device=device), *(t for keep in (save_student, save_teacher)
+                                             for t in (side if keep else _nothing_saved(device)))]
+
+
+def _nothing_saved(device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(torch.empty(0, dtype=dtype, device=device) for dtype in (torch.float32, torch.int32, torch.int8))
+
+
+@custom_op("topk_grad")
+def topk_grad_op(logits: torch.Tensor, gather: bool, index: torch.Tensor, stats: torch.Tensor, columns: torch.Tensor,
+                 signs: torch.Tensor, upstream: torch.Tensor, temperature: float, k_side: int) -> torch.Tensor:
+    """``launch.topk_grad`` as a custom op."""
+    return launch.topk_grad(logits, index if gather else None, (stats, columns, signs), upstream, temperature, k_side)
+
+
+@topk_grad_op.register_fake
+def _topk_grad_fake(logits, gather, index, stats, columns, signs, upstream, temperature, k_side):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _uses_kernels(logits: torch.Tensor, k: int) -> bool:
+    """The Triton select (GPU, or CPU under the interpreter) up to ``launch.TOPK_MAX_K``."""
+    return (logits.is_cuda or launch.interpreter_enabled()) and k <= launch.TOPK_MAX_K
+
+
 class ULDTopKFunction(torch.autograd.Function):
     """Autograd Function of the truncated loss's rows: ``apply(student, teacher, k,
     student_temperature, teacher_temperature, grad_enabled, student_index=None,
     teacher_index=None)`` -> ``[N]`` float32. Without indices the logits are aligned
     ``[N, V]`` rows; with them, ``[B, L, V]`` logits and ``[N]`` flat row indices (``-1``:
-    padding, loss 0), the student rows distinct."""
+    padding, loss 0), the student rows distinct. The Triton kernels
+    (``kernels/uld_topk.py``) where they run, else PyTorch by chunks; the same saved state."""
 
     @staticmethod
     def forward(ctx, student_logits, teacher_logits, k, student_temperature, teacher_temperature,
                 grad_enabled=True, student_index=None, teacher_index=None):
-        vs, vt = student_logits.shape[-1], teacher_logits.shape[-1]
-        n_rows = student_logits.shape[0] if student_index is None else student_index.shape[0]
-        ks, kt = min(k, vs), min(k, vt)
-        ranks = min(k, max(vs, vt))
-        needs = [bool(ctx.needs_input_grad[i] and grad_enabled) for i in (0, 1)]
-        rows = torch.empty(n_rows, dtype=torch.float32, device=student_logits.device)
-        saved = {side: [] for side in (0, 1) if needs[side]}
-        for part in _chunks(n_rows, max(vs, vt)):
-            student, valid = _rows(student_logits, student_index, part)
-            teacher, _ = _rows(teacher_logits, teacher_index, part)
-            lse_s, a, cols_s = _top_probs(student, student_temperature, ks)
-            lse_t, b, cols_t = _top_probs(teacher, teacher_temperature, kt)
-            diff = (torch.nn.functional.pad(a, (0, ranks - ks)) - torch.nn.functional.pad(b, (0, ranks - kt)))
-            loss = diff.abs().sum(dim=-1)
-            sign = torch.sign(diff)
-            if valid is not None:  # padding slots: loss 0, no gradient (masked, not scaled by 0: NaN-safe)
-                loss = torch.where(valid, loss, 0.0)
-                sign = torch.where(valid[:, None], sign, 0.0)
-            rows[part] = loss
-            for side, lse, probs, cols, g in ((0, lse_s, a, cols_s, sign[:, :ks]), (1, lse_t, b, cols_t, -sign[:, :kt])):
-                if needs[side]:
-                    # A row whose loss is NaN (a NaN or +inf logit, or no finite logit, on either
-                    # side) gets NaN gradients on both sides, as in the exact kernels: sign(NaN) is 0.
-                    mass = torch.where(torch.isnan(loss), loss, (g * probs).sum(dim=-1))
-                    if valid is not None:
-                        lse, mass = torch.where(valid, lse, 0.0), torch.where(valid, mass, 0.0)
-                    saved[side].append((lse, cols, g.to(torch.int8), mass))
-        tensors = []
-        for side in (0, 1):
-            if needs[side]:
-                lse, cols, g, mass = (torch.cat(parts) for parts in zip(*saved[side]))
-                tensors += [lse, cols.to(torch.int32), g, mass]
-            else:
-                tensors += [None] * 4
-        ctx.save_for_backward(student_logits if needs[0] else None, teacher_logits if needs[1] else None,
+        save = [bool(ctx.needs_input_grad[i] and grad_enabled) for i in (0, 1)]
+        kernels = _uses_kernels(student_logits, k)
+        if kernels:
+            gather = student_index is not None
+            no_index = student_logits.new_empty(0, dtype=torch.int64)
+            rows, *tensors = call_op("topk_rows", student_logits, teacher_logits, k, student_temperature,
+                                     teacher_temperature, save[0], save[1], gather,
+                                     student_index if gather else no_index, teacher_index if gather else no_index)
+            tensors = [t if save[i // 3] else None for i, t in enumerate(tensors)]
+        else:
+            rows, saved = _torch_rows(student_logits, teacher_logits, k, student_temperature, teacher_temperature,
+                                      save, student_index, teacher_index)
+            tensors = [t for side in saved for t in (side if side is not None else (None,) * 3)]
+        ctx.save_for_backward(student_logits if save[0] else None, teacher_logits if save[1] else None,
                               student_index, teacher_index, *tensors)
-        ctx.needs = needs
+        ctx.needs, ctx.kernels, ctx.k = save, kernels, k
         ctx.temperatures = (student_temperature, teacher_temperature)
         return rows
 
@@ -127,16 +205,12 @@ class ULDTopKFunction(torch.autograd.Function):
         for side, logits, index in ((0, student_logits, student_index), (1, teacher_logits, teacher_index)):
             if not ctx.needs[side]:
                 continue
-            lse, cols, g, mass = tensors[4 * side: 4 * side + 4]
-            grad = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
-            for part in _chunks(lse.shape[0], logits.shape[-1]):
-                rows, valid = _rows(logits, index, part)
-                chunk = _side_grad(rows, ctx.temperatures[side], lse[part], cols[part].long(),
-                                   g[part].float(), mass[part], grad_rows[part].float())
-                if valid is None:
-                    grad[part] = chunk.to(logits.dtype)
-                else:  # rows by index (distinct on the student side; padding slots add zeros)
-                    chunk = torch.where(valid[:, None], chunk, 0.0)
-                    grad.view(-1, logits.shape[-1]).index_add_(0, index[part].clamp(min=0), chunk.to(logits.dtype))
-            grads[side] = grad
+            saved = tensors[3 * side: 3 * side + 3]
+            # Teacher rows by index may repeat: their sums go through index_add_ (PyTorch).
+            if ctx.kernels and (side == 0 or index is None):
+                gather = index is not None
+                grads[side] = call_op("topk_grad", logits, gather, index if gather else saved[0], *saved,
+                                      grad_rows, ctx.temperatures[side], min(ctx.k, logits.shape[-1]))
+            else:
+                grads[side] = _torch_grad(logits, index, saved, grad_rows, ctx.temperatures[side])
         return grads[0], grads[1], None, None, None, None, None, None

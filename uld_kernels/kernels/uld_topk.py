@@ -1,0 +1,234 @@
+"""Triton kernels of the truncated loss (``top_k``; uld_kernels/topk.py holds the math).
+
+A row's loss over its first ``k`` ranks needs each side's ``k`` largest probabilities in
+order, and its gradient needs their columns. Both come from a radix select over the order key
+of each logit (its float32 bits, negatives' magnitude bits flipped: the key's signed order is
+the logits' order), one program per pair of rows:
+
+1. one pass per side: the log-sum-exp of ``z / T`` and a histogram of the key's top
+   ``BITS1`` bits; the bin holding rank ``k`` is read off the histogram;
+2. one pass per further level: the histogram of the next bits inside that bin, until every
+   significant bit of the ``k``-th largest logit is known (float32: 11 + 11 + 10 bits,
+   bfloat16: 8 + 8, float16: 11 + 8; the launcher's ``topk_level_bits``);
+3. one pass that collects, by prefix sums, the logits above it and the first of those equal
+   to it (``k`` in all) into a scratch row, as ``key << 32 | column``; sorted, they give the
+   side's first ``k`` probabilities in order and their columns (ties: the larger column
+   first, like any sort's choice a valid member of the tied group).
+
+Then the rank signs ``s = sign(a - b)``, the loss ``sum |a - b|``, and what the backward needs
+per side: the row's log-sum-exp (maximum and log-sum, kept apart), ``mass = sum g p`` and the
+``k`` columns with their signs ``g`` (``s`` for the student, ``-s`` for the teacher).
+
+The backward, one program per row of one side, writes ``up / T * p * (g - mass)``: a pass over
+the row with ``g = 0``, then, after a barrier, the ``k`` columns again with their sign. The
+rows' passes read a row of 300 KB several times: one program per pair keeps it in L2.
+"""
+
+import triton
+import triton.language as tl
+
+from uld_kernels.kernels.uld_rows import _finish_lse, _load_logits, _online_lse_update, _pair_rows
+
+_PACKED_NONE = tl.constexpr(-9223372036854775808)  # sorts below every packed key
+
+
+@triton.jit
+def _order_key(z):
+    """int32 whose signed order is the float32 order of z (NaN above +inf, -NaN below -inf)."""
+    bits = z.to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _from_order_key(key):
+    """The float32 of an order key (the map is its own inverse)."""
+    return (key ^ ((key >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _high_bits(z, RESOLVED: tl.constexpr):
+    """The top RESOLVED bits of z's key as an unsigned number (unsigned order = z's order)."""
+    unsigned = _order_key(z).to(tl.uint32, bitcast=True) ^ 0x80000000
+    return unsigned >> (32 - RESOLVED)
+
+
+@triton.jit
+def _boundary(hist, prefix, above, k_side, BITS: tl.constexpr):
+    """The bin of ``hist`` (counts of the candidates by their next BITS bits) that holds rank
+    ``k_side``, given ``above`` elements above every candidate: the prefix extended by it, and
+    the elements above that bin."""
+    bins = tl.arange(0, 1 << BITS)
+    at_or_above = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist
+    pick = tl.max(tl.where(above + at_or_above >= k_side, bins, -1), 0)
+    above += tl.sum(tl.where(bins > pick, hist, 0), 0)
+    return (prefix << BITS) | pick.to(tl.uint32), above
+
+
+@triton.jit
+def _refine(row, vocab, col_stride, prefix, above, k_side, RESOLVED: tl.constexpr, BITS: tl.constexpr,
+            UNIT_COL_STRIDE: tl.constexpr, BLOCK: tl.constexpr):
+    """One level of the select: the histogram of the next BITS bits of the logits whose top
+    RESOLVED bits are ``prefix``, and the bin of rank ``k_side`` among it."""
+    lanes = tl.arange(0, BLOCK)
+    hist = tl.zeros([1 << BITS], tl.int32)
+    for start in tl.range(0, vocab, BLOCK):
+        z, in_row = _load_logits(row, start + lanes, col_stride, vocab, UNIT_COL_STRIDE)
+        bits = _high_bits(z, RESOLVED + BITS)
+        candidate = in_row & ((bits >> BITS) == prefix)
+        hist += tl.histogram((bits & ((1 << BITS) - 1)).to(tl.int32), 1 << BITS, mask=candidate)
+    return _boundary(hist, prefix, above, k_side, BITS)
+
+
+@triton.jit
+def _side_top(row, vocab, col_stride, inv_t, k_side, scratch,
+              BITS1: tl.constexpr, BITS2: tl.constexpr, BITS3: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr,
+              K_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    """One side's first ``k_side`` probabilities of softmax(z / T) in descending order
+    (``[K_PAD]``, 0 past ``k_side``), their columns, and the row's log-sum-exp (maximum of
+    z / T and log-sum, apart). ``scratch``: ``K_PAD`` int64 of this row."""
+    lanes = tl.arange(0, BLOCK)
+    m = tl.full([BLOCK], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK], tl.float32)
+    nans = tl.zeros([BLOCK], tl.int32)
+    hist = tl.zeros([1 << BITS1], tl.int32)
+    for start in tl.range(0, vocab, BLOCK):
+        z, in_row = _load_logits(row, start + lanes, col_stride, vocab, UNIT_COL_STRIDE)
+        m, s = _online_lse_update(m, s, z * inv_t)
+        nans += (z != z).to(tl.int32)
+        hist += tl.histogram(_high_bits(z, BITS1).to(tl.int32), 1 << BITS1, mask=in_row)
+    top, log_sum = _finish_lse(m, s)
+    log_sum = tl.where(tl.sum(nans, 0) > 0, float("nan"), log_sum)
+
+    prefix, above = _boundary(hist, tl.zeros([], tl.uint32), tl.zeros([], tl.int32), k_side, BITS1)
+    if BITS2 > 0:
+        prefix, above = _refine(row, vocab, col_stride, prefix, above, k_side, BITS1, BITS2, UNIT_COL_STRIDE, BLOCK)
+    if BITS3 > 0:
+        prefix, above = _refine(row, vocab, col_stride, prefix, above, k_side, BITS1 + BITS2, BITS3,
+                                UNIT_COL_STRIDE, BLOCK)
+    RESOLVED: tl.constexpr = BITS1 + BITS2 + BITS3
+
+    # Collect the logits above the k-th largest and the first of those equal to it: k_side.
+    need = k_side - above
+    taken = tl.zeros([], tl.int32)
+    ties = tl.zeros([], tl.int32)
+    for start in tl.range(0, vocab, BLOCK):
+        idx = start + lanes
+        z, in_row = _load_logits(row, idx, col_stride, vocab, UNIT_COL_STRIDE)
+        bits = _high_bits(z, RESOLVED)
+        equal = in_row & (bits == prefix)
+        take = (in_row & (bits > prefix)) | (equal & (ties + tl.cumsum(equal.to(tl.int32), 0) <= need))
+        at = taken + tl.cumsum(take.to(tl.int32), 0) - 1
+        tl.store(scratch + at, (_order_key(z).to(tl.int64) << 32) | idx.to(tl.int64), mask=take)
+        taken += tl.sum(take.to(tl.int32), 0)
+        ties += tl.sum(equal.to(tl.int32), 0)
+    tl.debug_barrier()  # the scratch row's stores, by every thread, before its loads
+    ranks = tl.arange(0, K_PAD)
+    packed = tl.sort(tl.load(scratch + ranks, mask=ranks < k_side, other=_PACKED_NONE), descending=True)
+    z = _from_order_key((packed >> 32).to(tl.int32))
+    columns = (packed & 0xFFFFFFFF).to(tl.int32)
+    probs = tl.where(ranks < k_side, tl.exp((z * inv_t - top) - log_sum), 0.0)
+    return probs, columns, top, log_sum
+
+
+@triton.jit
+def _save_side(stats_ptr, columns_ptr, signs_ptr, pair, top, log_sum, mass, columns, signs, K_PAD: tl.constexpr):
+    ranks = tl.arange(0, K_PAD)
+    tl.store(stats_ptr + pair * 3, top)
+    tl.store(stats_ptr + pair * 3 + 1, log_sum)
+    tl.store(stats_ptr + pair * 3 + 2, mass)
+    tl.store(columns_ptr + pair * K_PAD + ranks, columns)
+    tl.store(signs_ptr + pair * K_PAD + ranks, signs.to(tl.int8))
+
+
+@triton.jit(do_not_specialize=["k", "student_seq_len", "teacher_seq_len"])
+def topk_rows_kernel(
+    # data
+    student_ptr, teacher_ptr, student_index_ptr, teacher_index_ptr, loss_ptr,
+    # saved for the backward, per side: [N, 3] (maximum, log-sum, mass), [N, K_PAD] columns and signs
+    student_stats_ptr, student_columns_ptr, student_signs_ptr,
+    teacher_stats_ptr, teacher_columns_ptr, teacher_signs_ptr,
+    student_scratch_ptr, teacher_scratch_ptr,  # [N, K_PAD] int64
+    # shapes, strides, temperatures
+    student_vocab, teacher_vocab, k,
+    student_seq_len, student_batch_stride, student_row_stride, student_col_stride,
+    teacher_seq_len, teacher_batch_stride, teacher_row_stride, teacher_col_stride,
+    student_inv_t, teacher_inv_t,
+    # switches and sizes
+    GATHER: tl.constexpr, SAVE_STUDENT: tl.constexpr, SAVE_TEACHER: tl.constexpr,
+    STUDENT_UNIT_STRIDE: tl.constexpr, TEACHER_UNIT_STRIDE: tl.constexpr,
+    S_BITS1: tl.constexpr, S_BITS2: tl.constexpr, S_BITS3: tl.constexpr,
+    T_BITS1: tl.constexpr, T_BITS2: tl.constexpr, T_BITS3: tl.constexpr,
+    K_PAD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Program p: the truncated loss of pair p (rows p, or with GATHER the rows the index maps
+    name; a negative student index is a padding slot: loss 0, nothing saved but zeros)."""
+    pair = tl.program_id(0).to(tl.int64)
+    s_index, t_index, s_row, t_row = _pair_rows(
+        pair, student_ptr, teacher_ptr, student_index_ptr, teacher_index_ptr,
+        student_seq_len, student_batch_stride, student_row_stride,
+        teacher_seq_len, teacher_batch_stride, teacher_row_stride, GATHER)
+    if s_index < 0:
+        tl.store(loss_ptr + pair, 0.0)
+        if SAVE_STUDENT:
+            _save_side(student_stats_ptr, student_columns_ptr, student_signs_ptr, pair, 0.0, 0.0, 0.0,
+                       tl.zeros([K_PAD], tl.int32), tl.zeros([K_PAD], tl.float32), K_PAD)
+        if SAVE_TEACHER:
+            _save_side(teacher_stats_ptr, teacher_columns_ptr, teacher_signs_ptr, pair, 0.0, 0.0, 0.0,
+                       tl.zeros([K_PAD], tl.int32), tl.zeros([K_PAD], tl.float32), K_PAD)
+    else:
+        a, s_columns, s_top, s_log_sum = _side_top(
+            s_row, student_vocab, student_col_stride, student_inv_t, tl.minimum(k, student_vocab),
+            student_scratch_ptr + pair * K_PAD, S_BITS1, S_BITS2, S_BITS3, STUDENT_UNIT_STRIDE, K_PAD, BLOCK)
+        b, t_columns, t_top, t_log_sum = _side_top(
+            t_row, teacher_vocab, teacher_col_stride, teacher_inv_t, tl.minimum(k, teacher_vocab),
+            teacher_scratch_ptr + pair * K_PAD, T_BITS1, T_BITS2, T_BITS3, TEACHER_UNIT_STRIDE, K_PAD, BLOCK)
+        diff = a - b  # both 0 past their side's k, so past k
+        sign = (diff > 0).to(tl.float32) - (diff < 0).to(tl.float32)
+        loss = tl.sum(tl.abs(diff), 0)
+        tl.store(loss_ptr + pair, loss)
+        # A row whose loss is NaN (a NaN or +inf logit, or no finite one, on either side) gets
+        # NaN gradients on both sides: its mass is NaN (sign(NaN) is 0 above).
+        if SAVE_STUDENT:
+            mass = tl.where(loss != loss, loss, tl.sum(sign * a, 0))
+            _save_side(student_stats_ptr, student_columns_ptr, student_signs_ptr, pair, s_top, s_log_sum, mass,
+                       s_columns, sign, K_PAD)
+        if SAVE_TEACHER:
+            mass = tl.where(loss != loss, loss, -tl.sum(sign * b, 0))
+            _save_side(teacher_stats_ptr, teacher_columns_ptr, teacher_signs_ptr, pair, t_top, t_log_sum, mass,
+                       t_columns, -sign, K_PAD)
+
+
+@triton.jit(do_not_specialize=["k_side", "seq_len"])
+def topk_grad_kernel(
+    logits_ptr, index_ptr, stats_ptr, columns_ptr, signs_ptr, upstream_ptr, grad_ptr,
+    vocab, k_side, seq_len, batch_stride, row_stride, col_stride, grad_row_stride, inv_t,
+    GATHER: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr, K_PAD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Program r: the gradient of row r of one side (with GATHER the row index[r] names; a
+    negative index writes nothing) times upstream[r], into grad's row of the same index."""
+    r = tl.program_id(0).to(tl.int64)
+    if GATHER:
+        index = tl.load(index_ptr + r).to(tl.int64)
+    else:
+        index = r
+    if index >= 0:
+        row = logits_ptr + (index // seq_len) * batch_stride + (index % seq_len) * row_stride
+        out = grad_ptr + index * grad_row_stride
+        top = tl.load(stats_ptr + r * 3)
+        log_sum = tl.load(stats_ptr + r * 3 + 1)
+        mass = tl.load(stats_ptr + r * 3 + 2)
+        scale = tl.load(upstream_ptr + r) * inv_t
+        lanes = tl.arange(0, BLOCK)
+        for start in tl.range(0, vocab, BLOCK):
+            idx = start + lanes
+            z, in_row = _load_logits(row, idx, col_stride, vocab, UNIT_COL_STRIDE)
+            p = tl.exp((z * inv_t - top) - log_sum)
+            tl.store(out + idx, (p * (-mass * scale)).to(grad_ptr.dtype.element_ty), mask=in_row)
+        tl.debug_barrier()  # the first k columns are written again, with their sign
+        ranks = tl.arange(0, K_PAD)
+        kept = ranks < k_side
+        columns = tl.load(columns_ptr + r * K_PAD + ranks, mask=kept, other=0)
+        g = tl.load(signs_ptr + r * K_PAD + ranks, mask=kept, other=0).to(tl.float32)
+        z = tl.load(row + columns.to(tl.int64) * col_stride, mask=kept, other=0.0).to(tl.float32)
+        p = tl.exp((z * inv_t - top) - log_sum)
+        tl.store(out + columns, (p * ((g - mass) * scale)).to(grad_ptr.dtype.element_ty), mask=kept)
