@@ -735,14 +735,14 @@ def scale_rows_(grad: torch.Tensor, scale: torch.Tensor) -> None:
 
 TOPK_MAX_K = 1024  # the largest top_k the Triton select takes (a sort of k keys a row); past it, PyTorch
 TOPK_BLOCK = 1024  # elements of a row per step of the top_k kernels
-TOPK_WARPS = 4
+TOPK_WARPS = 4  # the shared histogram's helpers (kernels/ptx.py) take 4 warps
 
 
 def topk_level_bits(dtype: torch.dtype) -> tuple[int, int, int]:
     """Bits of the float32 order key that each level of the top_k select resolves: all the
     significant bits of the dtype's logits (float16: sign, 8 exponent bits as float32, 10
     mantissa bits), so that the last level's bin holds equal logits only."""
-    return {torch.float32: (11, 11, 10), torch.bfloat16: (8, 8, 0), torch.float16: (11, 8, 0)}[dtype]
+    return {torch.float32: (13, 13, 6), torch.bfloat16: (13, 3, 0), torch.float16: (13, 6, 0)}[dtype]
 
 
 def topk_pad(k: int) -> int:
@@ -779,7 +779,7 @@ def topk_rows(student_logits, teacher_logits, k, student_temperature, teacher_te
         STUDENT_UNIT_STRIDE=student_logits.stride(-1) == 1, TEACHER_UNIT_STRIDE=teacher_logits.stride(-1) == 1,
         **dict(zip(("S_BITS1", "S_BITS2", "S_BITS3"), topk_level_bits(student_logits.dtype))),
         **dict(zip(("T_BITS1", "T_BITS2", "T_BITS3"), topk_level_bits(teacher_logits.dtype))),
-        K_PAD=k_pad, BLOCK=TOPK_BLOCK, num_warps=TOPK_WARPS,
+        K_PAD=k_pad, BLOCK=TOPK_BLOCK, SMEM=not interpreter_enabled(), num_warps=TOPK_WARPS,
     )
     return loss, saved
 
