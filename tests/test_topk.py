@@ -23,11 +23,14 @@ def _rows(seed, n, vs, vt, dtype, device, scale=2.0):
     return student, teacher
 
 
-@pytest.fixture(params=["kernels", "torch"], autouse=True)
+@pytest.fixture(params=["kernels", "kernels-levels", "torch"], autouse=True)
 def engine(request, monkeypatch):
-    """Every test twice: the Triton select (on the GPU, or the interpreter) and PyTorch's chunks."""
+    """Every test three times: the Triton select (on the GPU, or the interpreter), as it runs
+    and with every level of its select (never sorting a bin whole), and PyTorch's chunks."""
     if request.param == "torch":
         monkeypatch.setattr(launch, "TOPK_MAX_K", 0)
+    if request.param == "kernels-levels":
+        monkeypatch.setattr(launch, "TOPK_SORT_FACTOR", 0)
     return request.param
 
 
@@ -119,7 +122,7 @@ kernels' k a power of two)."""
     assert_losses_close(loss, uld_loss_reference(student.detach().double(), teacher.double(), top_k=20), torch.float32)
     uld_loss(student, teacher, top_k=20)
     kept = [None if t is None else tuple(t.shape) for t in saved[-1]]
-    width = launch.topk_pad(20) if engine == "kernels" else 20
+    width = 20 if engine == "torch" else launch.topk_pad(20)
     assert kept == [(3, 100), None, None, None, (3, 3), (3, width), (3, width), None, None, None]
 
 

@@ -745,8 +745,11 @@ def topk_level_bits(dtype: torch.dtype) -> tuple[int, int, int]:
     return {torch.float32: (13, 13, 6), torch.bfloat16: (13, 3, 0), torch.float16: (13, 6, 0)}[dtype]
 
 
+TOPK_SORT_FACTOR = 4  # the select sorts up to this many times k_pad logits a side instead of refining (0: never)
+
+
 def topk_pad(k: int) -> int:
-    """Ranks a row's select keeps, a power of two (the sort's width)."""
+    """Ranks a row's select keeps, a power of two."""
     return max(16, triton.next_power_of_2(k))
 
 
@@ -766,7 +769,9 @@ def topk_rows(student_logits, teacher_logits, k, student_temperature, teacher_te
               torch.empty(n, k_pad, dtype=torch.int8, device=device)) if keep else None for keep in save]
     if n == 0:
         return loss, saved
-    scratch = torch.empty(2, n, k_pad, dtype=torch.int64, device=device)
+    sort_cap = TOPK_SORT_FACTOR * k_pad
+    sort_pad = max(k_pad, sort_cap)
+    scratch = torch.empty(2, n, sort_pad, dtype=torch.int64, device=device)
     outputs = [side if side is not None else (loss, loss, loss) for side in saved]
     no_index = student_index if gather else loss
     topk_rows_kernel[(n,)](
@@ -779,7 +784,8 @@ def topk_rows(student_logits, teacher_logits, k, student_temperature, teacher_te
         STUDENT_UNIT_STRIDE=student_logits.stride(-1) == 1, TEACHER_UNIT_STRIDE=teacher_logits.stride(-1) == 1,
         **dict(zip(("S_BITS1", "S_BITS2", "S_BITS3"), topk_level_bits(student_logits.dtype))),
         **dict(zip(("T_BITS1", "T_BITS2", "T_BITS3"), topk_level_bits(teacher_logits.dtype))),
-        K_PAD=k_pad, BLOCK=TOPK_BLOCK, SMEM=not interpreter_enabled(), num_warps=TOPK_WARPS,
+        K_PAD=k_pad, SORT_CAP=sort_cap, SORT_PAD=sort_pad, BLOCK=TOPK_BLOCK, SMEM=not interpreter_enabled(),
+        num_warps=TOPK_WARPS,
     )
     return loss, saved
 

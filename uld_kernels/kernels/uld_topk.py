@@ -16,6 +16,10 @@ the logits' order), one program per pair of rows:
    side's first ``k`` probabilities in order and their columns (ties: the larger column
    first, like any sort's choice a valid member of the tied group).
 
+Where the first level's bin of rank ``k`` and the bins above it hold at most ``SORT_CAP``
+logits (most rows: a bin is 1/16 of an octave), step 2 is skipped: the collect pass takes
+them all and the sort picks the first ``k``.
+
 Then the rank signs ``s = sign(a - b)``, the loss ``sum |a - b|``, and what the backward needs
 per side: the row's log-sum-exp (maximum and log-sum, kept apart), ``mass = sum g p`` and the
 ``k`` columns with their signs ``g`` (``s`` for the student, ``-s`` for the teacher).
@@ -48,7 +52,7 @@ def _from_order_key(key):
 
 
 @triton.jit
-def _high_bits(z, RESOLVED: tl.constexpr):
+def _high_bits(z, RESOLVED):
     """The top RESOLVED bits of z's key as an unsigned number (unsigned order = z's order)."""
     unsigned = _order_key(z).to(tl.uint32, bitcast=True) ^ 0x80000000
     return unsigned >> (32 - RESOLVED)
@@ -84,19 +88,19 @@ def _counts(hist, BITS: tl.constexpr, SMEM: tl.constexpr):
 def _boundary(hist, prefix, above, k_side, BITS: tl.constexpr):
     """The bin of ``hist`` (counts of the candidates by their next BITS bits) that holds rank
     ``k_side``, given ``above`` elements above every candidate: the prefix extended by it, and
-    the elements above that bin."""
+    the elements above that bin and in it."""
     bins = tl.arange(0, 1 << BITS)
     at_or_above = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist
     pick = tl.max(tl.where(above + at_or_above >= k_side, bins, -1), 0)
     above += tl.sum(tl.where(bins > pick, hist, 0), 0)
-    return (prefix << BITS) | pick.to(tl.uint32), above
+    return (prefix << BITS) | pick.to(tl.uint32), above, tl.sum(tl.where(bins == pick, hist, 0), 0)
 
 
 @triton.jit
 def _refine(row, vocab, col_stride, prefix, above, k_side, RESOLVED: tl.constexpr, BITS: tl.constexpr,
             UNIT_COL_STRIDE: tl.constexpr, BLOCK: tl.constexpr, SMEM: tl.constexpr):
     """One level of the select: the histogram of the next BITS bits of the logits whose top
-    RESOLVED bits are ``prefix``, and the bin of rank ``k_side`` among it."""
+    RESOLVED bits are ``prefix``, and the bin of rank ``k_side`` among it (`_boundary`)."""
     lanes = tl.arange(0, BLOCK)
     hist = tl.zeros([1 << BITS], tl.int32)
     for start in tl.range(0, vocab, BLOCK):
@@ -110,10 +114,11 @@ def _refine(row, vocab, col_stride, prefix, above, k_side, RESOLVED: tl.constexp
 @triton.jit
 def _side_top(row, vocab, col_stride, inv_t, k_side, scratch,
               BITS1: tl.constexpr, BITS2: tl.constexpr, BITS3: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr,
-              K_PAD: tl.constexpr, BLOCK: tl.constexpr, SMEM: tl.constexpr):
+              K_PAD: tl.constexpr, SORT_CAP: tl.constexpr, SORT_PAD: tl.constexpr, BLOCK: tl.constexpr,
+              SMEM: tl.constexpr):
     """One side's first ``k_side`` probabilities of softmax(z / T) in descending order
     (``[K_PAD]``, 0 past ``k_side``), their columns, and the row's log-sum-exp (maximum of
-    z / T and log-sum, apart). ``scratch``: ``K_PAD`` int64 of this row."""
+    z / T and log-sum, apart). ``scratch``: ``SORT_PAD`` int64 of this row."""
     lanes = tl.arange(0, BLOCK)
     m = tl.full([BLOCK], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK], tl.float32)
@@ -127,24 +132,28 @@ def _side_top(row, vocab, col_stride, inv_t, k_side, scratch,
     top, log_sum = _finish_lse(m, s)
     log_sum = tl.where(tl.sum(nans, 0) > 0, float("nan"), log_sum)
 
-    prefix, above = _boundary(_counts(hist, BITS1, SMEM), tl.zeros([], tl.uint32), tl.zeros([], tl.int32),
-                              k_side, BITS1)
-    if BITS2 > 0:
-        prefix, above = _refine(row, vocab, col_stride, prefix, above, k_side, BITS1, BITS2, UNIT_COL_STRIDE,
-                                BLOCK, SMEM)
-    if BITS3 > 0:
-        prefix, above = _refine(row, vocab, col_stride, prefix, above, k_side, BITS1 + BITS2, BITS3,
-                                UNIT_COL_STRIDE, BLOCK, SMEM)
-    RESOLVED: tl.constexpr = BITS1 + BITS2 + BITS3
+    prefix, above, in_bin = _boundary(_counts(hist, BITS1, SMEM), tl.zeros([], tl.uint32), tl.zeros([], tl.int32),
+                                      k_side, BITS1)
+    # Few enough logits at or above the bin of rank k (SORT_CAP): sort them all, no more levels.
+    resolved = tl.full([], BITS1, tl.int32)
+    need = in_bin
+    if above + in_bin > SORT_CAP:
+        if BITS2 > 0:
+            prefix, above, in_bin = _refine(row, vocab, col_stride, prefix, above, k_side, BITS1, BITS2,
+                                            UNIT_COL_STRIDE, BLOCK, SMEM)
+        if BITS3 > 0:
+            prefix, above, in_bin = _refine(row, vocab, col_stride, prefix, above, k_side, BITS1 + BITS2, BITS3,
+                                            UNIT_COL_STRIDE, BLOCK, SMEM)
+        resolved = tl.full([], BITS1 + BITS2 + BITS3, tl.int32)
+        need = k_side - above  # every bit resolved: the last bin holds equal logits, take k_side in all
 
-    # Collect the logits above the k-th largest and the first of those equal to it: k_side.
-    need = k_side - above
+    # Collect the logits above the prefix and the first `need` at it.
     taken = tl.zeros([], tl.int32)
     ties = tl.zeros([], tl.int32)
     for start in tl.range(0, vocab, BLOCK):
         idx = start + lanes
         z, in_row = _load_logits(row, idx, col_stride, vocab, UNIT_COL_STRIDE)
-        bits = _high_bits(z, RESOLVED)
+        bits = _high_bits(z, resolved)
         equal = in_row & (bits == prefix)
         take = (in_row & (bits > prefix)) | (equal & (ties + tl.cumsum(equal.to(tl.int32), 0) <= need))
         at = taken + tl.cumsum(take.to(tl.int32), 0) - 1
@@ -152,8 +161,15 @@ def _side_top(row, vocab, col_stride, inv_t, k_side, scratch,
         taken += tl.sum(take.to(tl.int32), 0)
         ties += tl.sum(equal.to(tl.int32), 0)
     tl.debug_barrier()  # the scratch row's stores, by every thread, before its loads
+    slots = tl.arange(0, SORT_PAD)
+    packed = tl.sort(tl.load(scratch + slots, mask=slots < taken, other=_PACKED_NONE), descending=True)
+    if SORT_PAD > K_PAD:  # the first K_PAD of the sorted keys, through the scratch row
+        tl.debug_barrier()
+        tl.store(scratch + slots, packed)
+        tl.debug_barrier()
+        ranks = tl.arange(0, K_PAD)
+        packed = tl.load(scratch + ranks)
     ranks = tl.arange(0, K_PAD)
-    packed = tl.sort(tl.load(scratch + ranks, mask=ranks < k_side, other=_PACKED_NONE), descending=True)
     z = _from_order_key((packed >> 32).to(tl.int32))
     columns = (packed & 0xFFFFFFFF).to(tl.int32)
     probs = tl.where(ranks < k_side, tl.exp((z * inv_t - top) - log_sum), 0.0)
@@ -177,7 +193,7 @@ def topk_rows_kernel(
     # saved for the backward, per side: [N, 3] (maximum, log-sum, mass), [N, K_PAD] columns and signs
     student_stats_ptr, student_columns_ptr, student_signs_ptr,
     teacher_stats_ptr, teacher_columns_ptr, teacher_signs_ptr,
-    student_scratch_ptr, teacher_scratch_ptr,  # [N, K_PAD] int64
+    student_scratch_ptr, teacher_scratch_ptr,  # [N, SORT_PAD] int64
     # shapes, strides, temperatures
     student_vocab, teacher_vocab, k,
     student_seq_len, student_batch_stride, student_row_stride, student_col_stride,
@@ -188,7 +204,7 @@ def topk_rows_kernel(
     STUDENT_UNIT_STRIDE: tl.constexpr, TEACHER_UNIT_STRIDE: tl.constexpr,
     S_BITS1: tl.constexpr, S_BITS2: tl.constexpr, S_BITS3: tl.constexpr,
     T_BITS1: tl.constexpr, T_BITS2: tl.constexpr, T_BITS3: tl.constexpr,
-    K_PAD: tl.constexpr, BLOCK: tl.constexpr, SMEM: tl.constexpr,
+    K_PAD: tl.constexpr, SORT_CAP: tl.constexpr, SORT_PAD: tl.constexpr, BLOCK: tl.constexpr, SMEM: tl.constexpr,
 ):
     """Program p: the truncated loss of pair p (rows p, or with GATHER the rows the index maps
     name; a negative student index is a padding slot: loss 0, nothing saved but zeros)."""
@@ -211,10 +227,12 @@ def topk_rows_kernel(
     else:
         a, s_columns, s_top, s_log_sum = _side_top(
             s_row, student_vocab, student_col_stride, student_inv_t, tl.minimum(k, student_vocab),
-            student_scratch_ptr + pair * K_PAD, S_BITS1, S_BITS2, S_BITS3, STUDENT_UNIT_STRIDE, K_PAD, BLOCK, SMEM)
+            student_scratch_ptr + pair * SORT_PAD, S_BITS1, S_BITS2, S_BITS3, STUDENT_UNIT_STRIDE, K_PAD,
+            SORT_CAP, SORT_PAD, BLOCK, SMEM)
         b, t_columns, t_top, t_log_sum = _side_top(
             t_row, teacher_vocab, teacher_col_stride, teacher_inv_t, tl.minimum(k, teacher_vocab),
-            teacher_scratch_ptr + pair * K_PAD, T_BITS1, T_BITS2, T_BITS3, TEACHER_UNIT_STRIDE, K_PAD, BLOCK, SMEM)
+            teacher_scratch_ptr + pair * SORT_PAD, T_BITS1, T_BITS2, T_BITS3, TEACHER_UNIT_STRIDE, K_PAD,
+            SORT_CAP, SORT_PAD, BLOCK, SMEM)
         diff = a - b  # both 0 past their side's k, so past k
         sign = (diff > 0).to(tl.float32) - (diff < 0).to(tl.float32)
         loss = tl.sum(tl.abs(diff), 0)
