@@ -1,8 +1,9 @@
 """Where the top_k kernels' time goes: the forward select (``topk_rows_kernel``) and the
 backward (``topk_grad_kernel``) timed apart (``triton.testing.do_bench`` medians) on the bench
-rows, for each block size and warp count given.
+rows, for each block size, warp count and sort factor (``launch.TOPK_SORT_FACTOR``; 0: every
+level of the select) given.
 
-    python bench/profile_topk.py --rows 16384 --k 100 --configs 1024:4 2048:8
+    python bench/profile_topk.py --rows 16384 --k 100 --configs 1024:4:4 1024:4:0
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, nargs=2, default=(151936, 128256), metavar=("VS", "VT"))
     parser.add_argument("--k", type=int, default=100)
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--configs", nargs="+", default=["1024:4"], help="BLOCK:num_warps")
+    parser.add_argument("--configs", nargs="+", default=["1024:4:4"], help="BLOCK:num_warps:sort factor")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -33,10 +34,10 @@ def main() -> None:
     teacher = torch.randn(args.rows, args.vocab[1], device="cuda", generator=g).to(dtype)
     upstream = torch.ones(args.rows, device="cuda")
     print(f"{args.rows} rows, Vs {args.vocab[0]}, Vt {args.vocab[1]}, {args.dtype} N(0, 1), k = {args.k}, T = 2")
-    print("| BLOCK:warps | forward, no save (ms) | forward, student saved (ms) | backward, student (ms) |\n|---|---|---|---|")
+    print("| BLOCK:warps:sort factor | forward, no save (ms) | forward, student saved (ms) | backward, student (ms) |\n|---|---|---|---|")
     for config in args.configs:
-        block, warps = (int(x) for x in config.split(":"))
-        launch.TOPK_BLOCK, launch.TOPK_WARPS = block, warps
+        block, warps, factor = (int(x) for x in config.split(":"))
+        launch.TOPK_BLOCK, launch.TOPK_WARPS, launch.TOPK_SORT_FACTOR = block, warps, factor
         fwd = triton.testing.do_bench(lambda: launch.topk_rows(student, teacher, args.k, 2.0, 2.0, (False, False)),
                                       warmup=25, rep=200, return_mode="median")
         fwd_save = triton.testing.do_bench(lambda: launch.topk_rows(student, teacher, args.k, 2.0, 2.0, (True, False)),
