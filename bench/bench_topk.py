@@ -30,6 +30,7 @@ def _measure(student, teacher, loss=uld_loss, *labels, **options):
         (out[0] if isinstance(out, tuple) else out).backward()
 
     step()
+    student.grad = None  # the base holds the inputs only: the step's gradient counts in its peak
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
