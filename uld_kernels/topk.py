@@ -8,15 +8,21 @@ of both full softmaxes, ``k = 100``, one temperature 2.0) and what users of it a
 ``k >= max(Vs, Vt)`` is the exact loss, and ``uld_loss`` / ``uld_distillation_loss`` compute it
 with the fused kernels (``truncates``).
 
-Plain PyTorch (``torch.topk`` of ``k`` values a row needs no Triton), with a handwritten
-backward so that memory stays ``O(rows * k)``: the forward keeps each side's log-sum-exp, its
-top-k column indices and their signs; the backward recomputes the softmax chunk by chunk,
-``dL/dz_j = (p_j / T) * (g_j - sum_i g_i p_i)`` with ``g_j = sign(a_(i) - b_(i))`` at the
-rank ``i`` of column ``j`` (0 past rank ``k``). Rows are processed in chunks of at most
-``CHUNK_BYTES`` of float32; rows given by index (``[B, L, V]`` logits and flat row indices,
-``-1`` for padding slots, which get loss 0) are gathered a chunk at a time.
+Two engines with one saved state, so that memory stays ``O(rows * k)`` besides the gradient:
+the forward keeps each side's log-sum-exp, ``mass = sum_i g_i p_i``, its top-k column indices
+and their signs; the backward recomputes the softmax,
+``dL/dz_j = (p_j / T) * (g_j - mass)`` with ``g_j = sign(a_(i) - b_(i))`` at the rank ``i``
+of column ``j`` (0 past rank ``k``).
 
-Ties: ``torch.topk`` gives each rank one of a group of equal logits, so the gradient of a
+- The Triton kernels (``kernels/uld_topk.py``, custom ops ``topk_rows`` / ``topk_grad``): on
+  the GPU or under the interpreter, ``k <= launch.TOPK_MAX_K``. A radix select per pair of
+  rows, and a gradient kernel that writes each row once.
+- PyTorch (``torch.topk``), elsewhere: rows in chunks of at most ``CHUNK_BYTES`` of float32.
+
+Rows given by index (``[B, L, V]`` logits and flat row indices, ``-1`` for padding slots,
+which get loss 0) are read in place by the kernels and gathered a chunk at a time by PyTorch.
+
+Ties: each engine gives each rank one of a group of equal logits, so the gradient of a
 tied group may fall on any of its members; its sum over the group is exact (as the
 reference's autograd through ``torch.sort``, which also picks members).
 """
