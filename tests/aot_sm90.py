@@ -22,9 +22,11 @@ from triton.compiler import ASTSource  # noqa: E402
 from uld_kernels.kernels.cross_entropy import ce_rows_kernel  # noqa: E402
 from uld_kernels.kernels import uld_split  # noqa: E402
 from uld_kernels.kernels.uld_rows import scale_rows_kernel, zero_rows_kernel  # noqa: E402
+from uld_kernels.kernels.uld_topk import topk_grad_kernel, topk_rows_kernel  # noqa: E402
 from uld_kernels.launch import (HIST_BLOCK, HIST_GRAD_BLOCK, HIST_PDL, HIST_SCAN, HIST_SIGN_MAXNREG, _hist_blocks, HIST_GRAD_CHUNK, HIST_SIGN_BLOCK,  # noqa: E402
                                 HIST_MAXNREG, HIST_TAIL_BLOCK, FALLBACK_FINISH_BLOCK, FALLBACK_SMEM_L1, _fallback_list_mode,
                                 ce_kernel_config, split_config)
+from uld_kernels.launch import TOPK_BLOCK, TOPK_SORT_FACTOR, TOPK_WARPS, topk_level_bits, topk_pad  # noqa: E402
 
 HIST_OPTIONS = dict(num_warps=4, **({"maxnreg": HIST_MAXNREG} if HIST_MAXNREG else {}))  # as launch.py
 TRITON_TYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -285,11 +287,42 @@ def zero_kernel_configs():
                ["grad_ptr", "written_ptr", "width"], 8)
 
 
+def topk_kernel_configs():
+    """The top_k select and its gradient kernel (launch.topk_rows / topk_grad) at k = 100."""
+    k_pad = topk_pad(100)
+    for dtype, gather in [*((d, False) for d in TRITON_TYPE), (torch.bfloat16, True)]:
+        logits = "*" + TRITON_TYPE[dtype]
+        types = dict(student_ptr=logits, teacher_ptr=logits, student_index_ptr="*i64", teacher_index_ptr="*i64",
+                     loss_ptr="*fp32", student_scratch_ptr="*i64", teacher_scratch_ptr="*i64",
+                     student_inv_t="fp32", teacher_inv_t="fp32")
+        for side in ("student", "teacher"):
+            types.update({f"{side}_stats_ptr": "*fp32", f"{side}_columns_ptr": "*i32", f"{side}_signs_ptr": "*i8",
+                          f"{side}_batch_stride": "i64", f"{side}_row_stride": "i64"})
+        types.update({name: "i32" for name in topk_rows_kernel.arg_names if name not in types and not name[0].isupper()})
+        bits = dict(zip(("BITS1", "BITS2", "BITS3"), topk_level_bits(dtype)))
+        constexprs = dict(GATHER=gather, SAVE_STUDENT=True, SAVE_TEACHER=False, STUDENT_UNIT_STRIDE=True,
+                          TEACHER_UNIT_STRIDE=True, K_PAD=k_pad, SORT_CAP=TOPK_SORT_FACTOR * k_pad,
+                          SORT_PAD=max(k_pad, TOPK_SORT_FACTOR * k_pad), BLOCK=TOPK_BLOCK, SMEM=True,
+                          **{f"S_{b}": v for b, v in bits.items()}, **{f"T_{b}": v for b, v in bits.items()})
+        aligned = [n for n in types if n.endswith(("_ptr", "vocab", "row_stride", "batch_stride"))]
+        yield (f"topk_rows {TRITON_TYPE[dtype]} gather={gather}", topk_rows_kernel, types, constexprs, aligned,
+               TOPK_WARPS)
+    for dtype in TRITON_TYPE:
+        logits = "*" + TRITON_TYPE[dtype]
+        types = dict(logits_ptr=logits, index_ptr="*i64", stats_ptr="*fp32", columns_ptr="*i32", signs_ptr="*i8",
+                     upstream_ptr="*fp32", grad_ptr=logits, batch_stride="i64", row_stride="i64",
+                     grad_row_stride="i64", inv_t="fp32")
+        types.update({name: "i32" for name in topk_grad_kernel.arg_names if name not in types and not name[0].isupper()})
+        aligned = [n for n in types if n.endswith(("_ptr", "vocab", "row_stride", "batch_stride"))]
+        yield (f"topk_grad {TRITON_TYPE[dtype]}", topk_grad_kernel, types,
+               dict(GATHER=False, UNIT_COL_STRIDE=True, K_PAD=k_pad, BLOCK=TOPK_BLOCK), aligned, TOPK_WARPS)
+
+
 def main():
     resources = "--resources" in sys.argv  # print ptxas -v of each kernel instead of facts
     only = [a for a in sys.argv[1:] if not a.startswith("--")]  # name prefixes to compile
     configs = [*split_kernel_configs(), *hist_kernel_configs(), *distill_kernel_configs(), *scale_kernel_configs(),
-               *zero_kernel_configs()]
+               *zero_kernel_configs(), *topk_kernel_configs()]
     configs += [(*c, GPUTarget("cuda", 80, 32)) for c in hist_sm80_configs()]
     for name, kernel, types, constexprs, aligned, warps, *target in configs:
         if only and not any(name.startswith(o) for o in only):
