@@ -26,7 +26,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, nargs=2, default=(151936, 128256), metavar=("VS", "VT"))
     parser.add_argument("--k", type=int, default=100)
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--configs", nargs="+", default=["1024:4:4"], help="BLOCK:num_warps:sort factor")
+    parser.add_argument("--configs", nargs="+", default=["1024:4:4"], help="BLOCK:num_warps:sort factor[:bin chunk, 0: all bins at once]")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -34,10 +34,10 @@ def main() -> None:
     teacher = torch.randn(args.rows, args.vocab[1], device="cuda", generator=g).to(dtype)
     upstream = torch.ones(args.rows, device="cuda")
     print(f"{args.rows} rows, Vs {args.vocab[0]}, Vt {args.vocab[1]}, {args.dtype} N(0, 1), k = {args.k}, T = 2")
-    print("| BLOCK:warps:sort factor | forward, no save (ms) | forward, student saved (ms) | backward, student (ms) |\n|---|---|---|---|")
+    print("| BLOCK:warps:sort factor:bin chunk | forward, no save (ms) | forward, student saved (ms) | backward, student (ms) |\n|---|---|---|---|")
     for config in args.configs:
-        block, warps, factor = (int(x) for x in config.split(":"))
-        launch.TOPK_BLOCK, launch.TOPK_WARPS, launch.TOPK_SORT_FACTOR = block, warps, factor
+        block, warps, factor, chunk = (int(x) for x in (config + ":1024").split(":")[:4])
+        launch.TOPK_BLOCK, launch.TOPK_WARPS, launch.TOPK_SORT_FACTOR, launch.TOPK_BIN_CHUNK = block, warps, factor, chunk
         fwd = triton.testing.do_bench(lambda: launch.topk_rows(student, teacher, args.k, 2.0, 2.0, (False, False)),
                                       warmup=25, rep=200, return_mode="median")
         fwd_save = triton.testing.do_bench(lambda: launch.topk_rows(student, teacher, args.k, 2.0, 2.0, (True, False)),

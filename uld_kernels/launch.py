@@ -745,6 +745,7 @@ def topk_level_bits(dtype: torch.dtype) -> tuple[int, int, int]:
     return {torch.float32: (13, 13, 6), torch.bfloat16: (13, 3, 0), torch.float16: (13, 6, 0)}[dtype]
 
 
+TOPK_BIN_CHUNK = 1024  # bins of the shared histogram read at a time (0: all 8,192 at once)
 TOPK_SORT_FACTOR = 4  # the select sorts up to this many times k_pad logits a side instead of refining (0: never)
 
 
@@ -785,7 +786,7 @@ def topk_rows(student_logits, teacher_logits, k, student_temperature, teacher_te
         **dict(zip(("S_BITS1", "S_BITS2", "S_BITS3"), topk_level_bits(student_logits.dtype))),
         **dict(zip(("T_BITS1", "T_BITS2", "T_BITS3"), topk_level_bits(teacher_logits.dtype))),
         K_PAD=k_pad, SORT_CAP=sort_cap, SORT_PAD=sort_pad, BLOCK=TOPK_BLOCK, SMEM=not interpreter_enabled(),
-        num_warps=TOPK_WARPS,
+        CHUNK=TOPK_BIN_CHUNK, num_warps=TOPK_WARPS,
     )
     return loss, saved
 

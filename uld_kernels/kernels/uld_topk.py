@@ -32,10 +32,11 @@ rows' passes read a row of 300 KB several times: one program per pair keeps it i
 import triton
 import triton.language as tl
 
+from uld_kernels.kernels.const import const
 from uld_kernels.kernels.ptx import smem_add_one, smem_clear, smem_load, smem_zero
 from uld_kernels.kernels.uld_rows import _finish_lse, _load_logits, _online_lse_update, _pair_rows
 
-_PACKED_NONE = tl.constexpr(-9223372036854775808)  # sorts below every packed key
+_PACKED_NONE = const(-9223372036854775808)  # sorts below every packed key
 
 
 @triton.jit
@@ -85,6 +86,41 @@ def _counts(hist, BITS: tl.constexpr, SMEM: tl.constexpr):
 
 
 @triton.jit
+def _boundary_smem(prefix, above, k_side, BITS: tl.constexpr, CHUNK: tl.constexpr):
+    """`_boundary` of the shared array's histogram, read CHUNK bins at a time from the top
+    (the whole histogram at once held 2**BITS int32 in registers several times over), which
+    is then zeroed for the next one."""
+    tl.debug_barrier()
+    bins = tl.arange(0, CHUNK)
+    pick = tl.full([], -1, tl.int32)
+    new_above = above
+    in_bin = tl.zeros([], tl.int32)
+    for c in tl.range(0, (1 << BITS) // CHUNK):
+        first = (1 << BITS) - (c + 1) * CHUNK
+        hist = smem_load(first + bins)
+        at_or_above = above + tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist
+        here = tl.max(tl.where(at_or_above >= k_side, bins, -1), 0)
+        found = (pick < 0) & (here >= 0)
+        pick = tl.where(found, first + here, pick)
+        new_above = tl.where(found, above + tl.sum(tl.where(bins > here, hist, 0), 0), new_above)
+        in_bin = tl.where(found, tl.sum(tl.where(bins == here, hist, 0), 0), in_bin)
+        above += tl.sum(hist, 0)
+    tl.debug_barrier()
+    smem_clear()
+    tl.debug_barrier()
+    return (prefix << BITS) | pick.to(tl.uint32), new_above, in_bin
+
+
+@triton.jit
+def _select_bin(hist, prefix, above, k_side, BITS: tl.constexpr, SMEM: tl.constexpr, CHUNK: tl.constexpr):
+    """The bin of rank ``k_side`` (`_boundary`) of a histogram that `_count` filled."""
+    if SMEM and CHUNK > 0:
+        return _boundary_smem(prefix, above, k_side, BITS, CHUNK)
+    else:
+        return _boundary(_counts(hist, BITS, SMEM), prefix, above, k_side, BITS)
+
+
+@triton.jit
 def _boundary(hist, prefix, above, k_side, BITS: tl.constexpr):
     """The bin of ``hist`` (counts of the candidates by their next BITS bits) that holds rank
     ``k_side``, given ``above`` elements above every candidate: the prefix extended by it, and
@@ -98,7 +134,7 @@ def _boundary(hist, prefix, above, k_side, BITS: tl.constexpr):
 
 @triton.jit
 def _refine(row, vocab, col_stride, prefix, above, k_side, RESOLVED: tl.constexpr, BITS: tl.constexpr,
-            UNIT_COL_STRIDE: tl.constexpr, BLOCK: tl.constexpr, SMEM: tl.constexpr):
+            UNIT_COL_STRIDE: tl.constexpr, BLOCK: tl.constexpr, SMEM: tl.constexpr, CHUNK: tl.constexpr):
     """One level of the select: the histogram of the next BITS bits of the logits whose top
     RESOLVED bits are ``prefix``, and the bin of rank ``k_side`` among it (`_boundary`)."""
     lanes = tl.arange(0, BLOCK)
@@ -108,14 +144,14 @@ def _refine(row, vocab, col_stride, prefix, above, k_side, RESOLVED: tl.constexp
         bits = _high_bits(z, RESOLVED + BITS)
         candidate = in_row & ((bits >> BITS) == prefix)
         hist = _count(hist, (bits & ((1 << BITS) - 1)).to(tl.int32), candidate, BITS, SMEM)
-    return _boundary(_counts(hist, BITS, SMEM), prefix, above, k_side, BITS)
+    return _select_bin(hist, prefix, above, k_side, BITS, SMEM, CHUNK)
 
 
 @triton.jit
 def _side_top(row, vocab, col_stride, inv_t, k_side, scratch,
               BITS1: tl.constexpr, BITS2: tl.constexpr, BITS3: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr,
               K_PAD: tl.constexpr, SORT_CAP: tl.constexpr, SORT_PAD: tl.constexpr, BLOCK: tl.constexpr,
-              SMEM: tl.constexpr):
+              SMEM: tl.constexpr, CHUNK: tl.constexpr):
     """One side's first ``k_side`` probabilities of softmax(z / T) in descending order
     (``[K_PAD]``, 0 past ``k_side``), their columns, and the row's log-sum-exp (maximum of
     z / T and log-sum, apart). ``scratch``: ``SORT_PAD`` int64 of this row."""
@@ -132,18 +168,18 @@ def _side_top(row, vocab, col_stride, inv_t, k_side, scratch,
     top, log_sum = _finish_lse(m, s)
     log_sum = tl.where(tl.sum(nans, 0) > 0, float("nan"), log_sum)
 
-    prefix, above, in_bin = _boundary(_counts(hist, BITS1, SMEM), tl.zeros([], tl.uint32), tl.zeros([], tl.int32),
-                                      k_side, BITS1)
+    prefix, above, in_bin = _select_bin(hist, tl.zeros([], tl.uint32), tl.zeros([], tl.int32), k_side, BITS1,
+                                        SMEM, CHUNK)
     # Few enough logits at or above the bin of rank k (SORT_CAP): sort them all, no more levels.
     resolved = tl.full([], BITS1, tl.int32)
     need = in_bin
     if above + in_bin > SORT_CAP:
         if BITS2 > 0:
             prefix, above, in_bin = _refine(row, vocab, col_stride, prefix, above, k_side, BITS1, BITS2,
-                                            UNIT_COL_STRIDE, BLOCK, SMEM)
+                                            UNIT_COL_STRIDE, BLOCK, SMEM, CHUNK)
         if BITS3 > 0:
             prefix, above, in_bin = _refine(row, vocab, col_stride, prefix, above, k_side, BITS1 + BITS2, BITS3,
-                                            UNIT_COL_STRIDE, BLOCK, SMEM)
+                                            UNIT_COL_STRIDE, BLOCK, SMEM, CHUNK)
         resolved = tl.full([], BITS1 + BITS2 + BITS3, tl.int32)
         need = k_side - above  # every bit resolved: the last bin holds equal logits, take k_side in all
 
@@ -205,6 +241,7 @@ def topk_rows_kernel(
     S_BITS1: tl.constexpr, S_BITS2: tl.constexpr, S_BITS3: tl.constexpr,
     T_BITS1: tl.constexpr, T_BITS2: tl.constexpr, T_BITS3: tl.constexpr,
     K_PAD: tl.constexpr, SORT_CAP: tl.constexpr, SORT_PAD: tl.constexpr, BLOCK: tl.constexpr, SMEM: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
     """Program p: the truncated loss of pair p (rows p, or with GATHER the rows the index maps
     name; a negative student index is a padding slot: loss 0, nothing saved but zeros)."""
@@ -228,11 +265,11 @@ def topk_rows_kernel(
         a, s_columns, s_top, s_log_sum = _side_top(
             s_row, student_vocab, student_col_stride, student_inv_t, tl.minimum(k, student_vocab),
             student_scratch_ptr + pair * SORT_PAD, S_BITS1, S_BITS2, S_BITS3, STUDENT_UNIT_STRIDE, K_PAD,
-            SORT_CAP, SORT_PAD, BLOCK, SMEM)
+            SORT_CAP, SORT_PAD, BLOCK, SMEM, CHUNK)
         b, t_columns, t_top, t_log_sum = _side_top(
             t_row, teacher_vocab, teacher_col_stride, teacher_inv_t, tl.minimum(k, teacher_vocab),
             teacher_scratch_ptr + pair * SORT_PAD, T_BITS1, T_BITS2, T_BITS3, TEACHER_UNIT_STRIDE, K_PAD,
-            SORT_CAP, SORT_PAD, BLOCK, SMEM)
+            SORT_CAP, SORT_PAD, BLOCK, SMEM, CHUNK)
         diff = a - b  # both 0 past their side's k, so past k
         sign = (diff > 0).to(tl.float32) - (diff < 0).to(tl.float32)
         loss = tl.sum(tl.abs(diff), 0)
