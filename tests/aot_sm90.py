@@ -26,7 +26,7 @@ from uld_kernels.kernels.uld_topk import topk_grad_kernel, topk_rows_kernel  # n
 from uld_kernels.launch import (HIST_BLOCK, HIST_GRAD_BLOCK, HIST_PDL, HIST_SCAN, HIST_SIGN_MAXNREG, _hist_blocks, HIST_GRAD_CHUNK, HIST_SIGN_BLOCK,  # noqa: E402
                                 HIST_MAXNREG, HIST_TAIL_BLOCK, FALLBACK_FINISH_BLOCK, FALLBACK_SMEM_L1, _fallback_list_mode,
                                 ce_kernel_config, split_config)
-from uld_kernels.launch import TOPK_BIN_CHUNK, TOPK_BLOCK, TOPK_SORT_FACTOR, TOPK_WARPS, topk_level_bits, topk_pad  # noqa: E402
+from uld_kernels.launch import TOPK_BIN_CHUNK, TOPK_BLOCK, TOPK_SORT_FACTOR, TOPK_SORT_MAX, TOPK_WARPS, topk_level_bits, topk_pad  # noqa: E402
 
 HIST_OPTIONS = dict(num_warps=4, **({"maxnreg": HIST_MAXNREG} if HIST_MAXNREG else {}))  # as launch.py
 TRITON_TYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -288,9 +288,12 @@ def zero_kernel_configs():
 
 
 def topk_kernel_configs():
-    """The top_k select and its gradient kernel (launch.topk_rows / topk_grad) at k = 100."""
-    k_pad = topk_pad(100)
-    for dtype, gather in [*((d, False) for d in TRITON_TYPE), (torch.bfloat16, True)]:
+    """The top_k select and its gradient kernel (launch.topk_rows / topk_grad) at k = 100, and
+    the select at k = 1,000 (the largest sort)."""
+    for dtype, gather, k in [*((d, False, 100) for d in TRITON_TYPE), (torch.bfloat16, True, 100),
+                             (torch.bfloat16, False, 1000)]:
+        k_pad = topk_pad(k)
+        sort_cap = min(TOPK_SORT_FACTOR * k_pad, max(k_pad, TOPK_SORT_MAX))
         logits = "*" + TRITON_TYPE[dtype]
         types = dict(student_ptr=logits, teacher_ptr=logits, student_index_ptr="*i64", teacher_index_ptr="*i64",
                      loss_ptr="*fp32", student_scratch_ptr="*i64", teacher_scratch_ptr="*i64",
@@ -301,13 +304,14 @@ def topk_kernel_configs():
         types.update({name: "i32" for name in topk_rows_kernel.arg_names if name not in types and not name[0].isupper()})
         bits = dict(zip(("BITS1", "BITS2", "BITS3"), topk_level_bits(dtype)))
         constexprs = dict(GATHER=gather, SAVE_STUDENT=True, SAVE_TEACHER=False, STUDENT_UNIT_STRIDE=True,
-                          TEACHER_UNIT_STRIDE=True, K_PAD=k_pad, SORT_CAP=TOPK_SORT_FACTOR * k_pad,
-                          SORT_PAD=max(k_pad, TOPK_SORT_FACTOR * k_pad), BLOCK=TOPK_BLOCK, SMEM=True,
+                          TEACHER_UNIT_STRIDE=True, K_PAD=k_pad, SORT_CAP=sort_cap,
+                          SORT_PAD=max(k_pad, sort_cap), BLOCK=TOPK_BLOCK, SMEM=True,
                           CHUNK=TOPK_BIN_CHUNK,
                           **{f"S_{b}": v for b, v in bits.items()}, **{f"T_{b}": v for b, v in bits.items()})
         aligned = [n for n in types if n.endswith(("_ptr", "vocab", "row_stride", "batch_stride"))]
-        yield (f"topk_rows {TRITON_TYPE[dtype]} gather={gather}", topk_rows_kernel, types, constexprs, aligned,
+        yield (f"topk_rows {TRITON_TYPE[dtype]} gather={gather} k={k}", topk_rows_kernel, types, constexprs, aligned,
                TOPK_WARPS)
+    k_pad = topk_pad(100)
     for dtype in TRITON_TYPE:
         logits = "*" + TRITON_TYPE[dtype]
         types = dict(logits_ptr=logits, index_ptr="*i64", stats_ptr="*fp32", columns_ptr="*i32", signs_ptr="*i8",

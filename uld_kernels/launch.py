@@ -746,6 +746,9 @@ def topk_level_bits(dtype: torch.dtype) -> tuple[int, int, int]:
 
 
 TOPK_BIN_CHUNK = 1024  # bins of the shared histogram read at a time (0: all 8,192 at once)
+# The sort's keys must fit beside the shared histogram: past 1,024 int64 (Triton's 8 KB plus the
+# 32 KB array) a launch needs more than 48 KB of shared memory and fails (run 7, k = 1,000).
+TOPK_SORT_MAX = 1024
 TOPK_SORT_FACTOR = 4  # the select sorts up to this many times k_pad logits a side instead of refining (0: never)
 
 
@@ -770,7 +773,7 @@ def topk_rows(student_logits, teacher_logits, k, student_temperature, teacher_te
               torch.empty(n, k_pad, dtype=torch.int8, device=device)) if keep else None for keep in save]
     if n == 0:
         return loss, saved
-    sort_cap = TOPK_SORT_FACTOR * k_pad
+    sort_cap = min(TOPK_SORT_FACTOR * k_pad, max(k_pad, TOPK_SORT_MAX))
     sort_pad = max(k_pad, sort_cap)
     scratch = torch.empty(2, n, sort_pad, dtype=torch.int64, device=device)
     outputs = [side if side is not None else (loss, loss, loss) for side in saved]

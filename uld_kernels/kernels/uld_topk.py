@@ -114,8 +114,8 @@ def _boundary_smem(prefix, above, k_side, BITS: tl.constexpr, CHUNK: tl.constexp
 @triton.jit
 def _select_bin(hist, prefix, above, k_side, BITS: tl.constexpr, SMEM: tl.constexpr, CHUNK: tl.constexpr):
     """The bin of rank ``k_side`` (`_boundary`) of a histogram that `_count` filled."""
-    if SMEM and CHUNK > 0:
-        return _boundary_smem(prefix, above, k_side, BITS, CHUNK)
+    if SMEM and CHUNK > 0:  # (a level of fewer bins than CHUNK is read whole)
+        return _boundary_smem(prefix, above, k_side, BITS, CHUNK if CHUNK < (1 << BITS) else (1 << BITS))
     else:
         return _boundary(_counts(hist, BITS, SMEM), prefix, above, k_side, BITS)
 
