@@ -296,7 +296,7 @@ def topk_kernel_configs():
         sort_cap = min(TOPK_SORT_FACTOR * k_pad, max(k_pad, TOPK_SORT_MAX))
         logits = "*" + TRITON_TYPE[dtype]
         types = dict(student_ptr=logits, teacher_ptr=logits, student_index_ptr="*i64", teacher_index_ptr="*i64",
-                     loss_ptr="*fp32", student_scratch_ptr="*i64", teacher_scratch_ptr="*i64",
+                     loss_ptr="*fp32", scratch_ptr="*i64",
                      student_inv_t="fp32", teacher_inv_t="fp32")
         for side in ("student", "teacher"):
             types.update({f"{side}_stats_ptr": "*fp32", f"{side}_columns_ptr": "*i32", f"{side}_signs_ptr": "*i8",

@@ -95,8 +95,10 @@ def test_every_rank_is_the_exact_loss(device, monkeypatch):
         assert torch.equal(loss, exact) and torch.equal(s_k.grad, s_exact.grad)
 
 
-def test_chunks_give_the_same_bits(monkeypatch, device):
-    """Rows in chunks of one give what one chunk gives, loss and gradient."""
+def test_chunks_give_the_same_bits(monkeypatch, device, engine):
+    """Rows in chunks of one give what one chunk gives, loss and gradient (the PyTorch
+    engine's chunks; the kernels take a program a row)."""
+    monkeypatch.setattr(launch, "TOPK_MAX_K", 0)
     student, teacher = _rows(6, 5, 256, 192, torch.bfloat16, device)
     results = []
     for chunk_bytes in (topk.CHUNK_BYTES, 4 * 256):
@@ -105,6 +107,7 @@ def test_chunks_give_the_same_bits(monkeypatch, device):
         loss = uld_loss(s_in, teacher, reduction="sum", top_k=50)
         loss.backward()
         results.append((loss.detach(), s_in.grad))
+    assert len(topk._chunks(5, 256)) == 5, "the small chunks must split the rows"
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
@@ -156,25 +159,96 @@ def test_a_nan_row_stays_in_its_row(side, device):
         assert torch.isnan(grad[1]).all() and torch.isfinite(grad[keep]).all()
 
 
-def test_padding_slots_read_nothing(device):
-    """Rows by index with ``-1`` padding slots: a padding slot's loss and gradient are 0 even
-    though it reads row 0, here NaN on both sides and used by no pair (masked, never 0 * NaN)."""
+@pytest.mark.parametrize("k", [8, 35])  # 35: between the vocabularies (Vt = 30 < k < Vs = 40)
+def test_rows_by_index(k, device):
+    """Rows by index (``[B, L, V]`` logits, strided index maps, a repeated teacher row, ``-1``
+    padding slots, one of them beside a real teacher row): losses and both sides' gradients
+    against the reference on the gathered rows. Padding slots read row 0, NaN on both sides
+    and used by no pair: loss 0 and no gradient (masked, never 0 * NaN)."""
     g = torch.Generator().manual_seed(11)
-    student = torch.randn(2, 3, 40, generator=g).to(device)
-    teacher = torch.randn(2, 4, 30, generator=g).to(device)
+    student = torch.randn(2, 3, 40, generator=g).to(device) * 2
+    teacher = torch.randn(2, 4, 30, generator=g).to(device) * 2
     student[0, 0], teacher[0, 0] = float("nan"), float("nan")
-    s_index = torch.tensor([-1, 2, 4, -1, 5], device=device)
-    t_index = torch.tensor([-1, 3, 7, -1, 1], device=device)
+    maps = torch.tensor([[-1, 3], [2, 3], [4, 7], [-1, -1], [5, 1]], device=device)
+    s_index, t_index = maps[:, 0], maps[:, 1]  # strided views (stride 2)
     s_in, t_in = student.clone().requires_grad_(True), teacher.clone().requires_grad_(True)
-    rows = ULDTopKFunction.apply(s_in, t_in, 8, 1.0, 1.0, True, s_index, t_index)
-    (rows * torch.arange(1.0, 6.0, device=device)).sum().backward()
+    rows = ULDTopKFunction.apply(s_in, t_in, k, 1.0, 0.5, True, s_index, t_index)
+    upstream = torch.arange(1.0, 6.0, device=device)
+    (rows * upstream).sum().backward()
     real = s_index >= 0
     assert (rows[~real] == 0).all()
-    ref = uld_loss_reference(student.view(-1, 40)[s_index[real]].double(),
-                             teacher.view(-1, 30)[t_index[real]].double(), reduction="none", top_k=8)
-    assert_losses_close(rows[real], ref, torch.float32)
-    for grad in (s_in.grad, t_in.grad):
-        assert torch.isfinite(grad).all() and (grad[0, 0] == 0).all()
+    s64 = student.view(-1, 40)[s_index[real]].double().requires_grad_(True)
+    t64 = teacher.view(-1, 30)[t_index[real]].double().requires_grad_(True)
+    ref = uld_loss_reference(s64, t64, teacher_temperature=0.5, reduction="none", top_k=k)
+    (ref * upstream[real].double()).sum().backward()
+    assert_losses_close(rows[real], ref.detach(), torch.float32)
+    for ours, logits, index, grad in ((s_in.grad, student, s_index, s64.grad), (t_in.grad, teacher, t_index, t64.grad)):
+        want = torch.zeros(logits.view(-1, logits.shape[-1]).shape, dtype=torch.float64, device=device)
+        want.index_add_(0, index[real], grad)  # the repeated teacher row's two pairs add up
+        assert torch.isfinite(ours).all()
+        assert_grads_close(ours.view(want.shape), want, logits.view(want.shape).nan_to_num(), torch.float32,
+                           per_tie_group=False)
+
+
+def _edge(seed, vs=300, vt=200, dtype=torch.float32, scale=2.0, shift=0.0):
+    g = torch.Generator().manual_seed(seed)
+    return ((torch.randn(3, vs, generator=g) * scale + shift).to(dtype),
+            (torch.randn(3, vt, generator=g) * scale + shift / 3).to(dtype))
+
+
+def _masked():
+    student, teacher = _edge(20, vs=200, vt=150)
+    student[:, ::2], teacher[:, 1::3] = float("-inf"), float("-inf")
+    return student, teacher
+
+
+def _signed_zeros():
+    g = torch.Generator().manual_seed(21)
+    student = torch.zeros(3, 300)
+    student[:, ::2] = -0.0
+    student[0, 5] = 1.0
+    return student, torch.where(torch.rand(3, 250, generator=g) > 0.5, 0.0, -0.0)
+
+
+def _few_values():
+    g = torch.Generator().manual_seed(22)
+    return ((torch.randint(0, 4, (3, 600), generator=g) / 2).to(torch.bfloat16),
+            (torch.randint(0, 3, (3, 500), generator=g) / 3).to(torch.bfloat16))
+
+
+EDGES = {  # name: (rows, k, student temperature, teacher temperature); from helper-36's review
+    "k-equal-to-Vt": (lambda: _edge(23), 200, 1.0, 1.0),
+    "k-past-Vt": (lambda: _edge(24, vs=40, vt=3), 5, 1.0, 1.0),
+    "masked-k-past-the-finite": (_masked, 150, 1.0, 1.0),
+    "one-value-rows": (lambda: (torch.full((3, 300), 1.5), _edge(25)[1]), 7, 1.0, 1.0),
+    "one-value-rows-bf16": (lambda: (torch.full((3, 500), 0.75, dtype=torch.bfloat16),
+                                     torch.full((3, 400), -3.0, dtype=torch.bfloat16)), 100, 1.0, 1.0),
+    "few-values-bf16": (_few_values, 100, 1.0, 1.0),
+    "signed-zeros": (_signed_zeros, 20, 1.0, 1.0),
+    "temperatures-0.05-and-20": (lambda: _edge(26), 30, 0.05, 20.0),
+    "logits-near-3e4": (lambda: _edge(27, shift=3e4), 40, 1.0, 1.0),
+    "logits-near-minus-3e4": (lambda: _edge(28, shift=-3e4), 40, 1.0, 1.0),
+    "fp16-subnormals": (lambda: (_edge(29, scale=1e-5)[0].half(), _edge(29)[1].half()), 50, 1.0, 1.0),
+    "fp16-student-bf16-teacher": (lambda: (_edge(30)[0].half(), _edge(30)[1].bfloat16()), 60, 1.0, 1.0),
+    "column-strides": (lambda: tuple(x.t().contiguous().t() for x in _edge(31)), 30, 1.0, 1.0),
+}
+
+
+@pytest.mark.parametrize("name", list(EDGES))
+def test_edge_rows(name, device):
+    """Edge rows on every engine: losses and both sides' gradients against the reference."""
+    make, k, ts, tt = EDGES[name]
+    student, teacher = (x.to(device) for x in make())
+    s_in, t_in = student.detach().requires_grad_(True), teacher.detach().requires_grad_(True)
+    rows = ULDTopKFunction.apply(s_in, t_in, k, ts, tt, True)
+    upstream = torch.linspace(0.5, 2.0, rows.shape[0], device=device)
+    (rows * upstream).sum().backward()
+    s64, t64 = student.double().requires_grad_(True), teacher.double().requires_grad_(True)
+    ref = uld_loss_reference(s64, t64, student_temperature=ts, teacher_temperature=tt, reduction="none", top_k=k)
+    (ref * upstream.double()).sum().backward()
+    assert_losses_close(rows, ref.detach(), torch.float32)
+    for ours, want, logits, what in ((s_in.grad, s64.grad, student, "student"), (t_in.grad, t64.grad, teacher, "teacher")):
+        assert_grads_close(ours, want, logits, logits.dtype, what=what, per_tie_group=True)
 
 
 @pytest.mark.parametrize("bad", [0, -3, True, 2.5, "100"])

@@ -775,12 +775,11 @@ def topk_rows(student_logits, teacher_logits, k, student_temperature, teacher_te
         return loss, saved
     sort_cap = min(TOPK_SORT_FACTOR * k_pad, max(k_pad, TOPK_SORT_MAX))
     sort_pad = max(k_pad, sort_cap)
-    scratch = torch.empty(2, n, sort_pad, dtype=torch.int64, device=device)
+    scratch = torch.empty(n, sort_pad, dtype=torch.int64, device=device)  # a row a pair, one side at a time
     outputs = [side if side is not None else (loss, loss, loss) for side in saved]
-    no_index = student_index if gather else loss
+    indices = (student_index.contiguous(), teacher_index.contiguous()) if gather else (loss, loss)
     topk_rows_kernel[(n,)](
-        student_logits, teacher_logits, no_index, teacher_index if gather else loss, loss,
-        *outputs[0], *outputs[1], scratch[0], scratch[1],
+        student_logits, teacher_logits, *indices, loss, *outputs[0], *outputs[1], scratch,
         student_logits.shape[-1], teacher_logits.shape[-1], k,
         *_row_layout(student_logits), *_row_layout(teacher_logits),
         1.0 / student_temperature, 1.0 / teacher_temperature,
@@ -804,7 +803,7 @@ def topk_grad(logits, index, saved, upstream, temperature, k_side):
         return grad
     upstream = upstream.float().expand(n).contiguous()
     topk_grad_kernel[(n,)](
-        logits, index if index is not None else stats, stats, columns, signs, upstream, grad,
+        logits, index.contiguous() if index is not None else stats, stats, columns, signs, upstream, grad,
         logits.shape[-1], k_side, *_row_layout(logits), logits.shape[-1], 1.0 / temperature,
         GATHER=index is not None, UNIT_COL_STRIDE=logits.stride(-1) == 1, K_PAD=columns.shape[1],
         BLOCK=TOPK_BLOCK, num_warps=TOPK_WARPS,

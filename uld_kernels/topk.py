@@ -62,18 +62,22 @@ def _rows(logits: torch.Tensor, index: torch.Tensor | None, part: slice):
 
 
 def _top_probs(logits: torch.Tensor, temperature: float, k: int):
-    """Log-sum-exp ``[c]``, the ``k`` largest probabilities ``[c, k]`` (descending) and their
-    columns, of ``softmax(logits / temperature)`` in float32."""
+    """The log-sum-exp as (row maximum, log-sum) ``[c]`` each, kept apart (their float32 sum
+    rounds at the logits' magnitude, 1e-3 at 3e4), the ``k`` largest probabilities ``[c, k]``
+    (descending) and their columns, of ``softmax(logits / temperature)`` in float32."""
     z = logits.float() / temperature
-    lse = torch.logsumexp(z, dim=-1)
     values, columns = torch.topk(z, k, dim=-1)
-    return lse, torch.exp(values - lse[:, None]), columns
+    top = values[:, 0]
+    safe = torch.where(torch.isfinite(top), top, 0.0)
+    log_sum = torch.logsumexp(z - safe[:, None], dim=-1)
+    return (safe, log_sum), torch.exp((values - safe[:, None]) - log_sum[:, None]), columns
 
 
 def _side_grad(logits, temperature, lse, columns, signs, mass, upstream):
     """``upstream * dL/dz`` of one side's rows, float32: ``mass`` is ``sum_i g_i p_i`` a row."""
+    top, log_sum = lse
     z = logits.float() / temperature
-    p = torch.exp(z - lse[:, None])
+    p = torch.exp((z - top[:, None]) - log_sum[:, None])
     grad = p * (-mass)[:, None]
     grad.scatter_add_(1, columns, p.gather(1, columns) * signs)
     return grad * (upstream / temperature)[:, None]
@@ -82,7 +86,7 @@ def _side_grad(logits, temperature, lse, columns, signs, mass, upstream):
 def _torch_rows(student_logits, teacher_logits, k, student_temperature, teacher_temperature, save,
                 student_index=None, teacher_index=None):
     """``launch.topk_rows`` in PyTorch, by chunks of rows (any device, any ``k``): the rows'
-    losses and, per side that ``save`` names, ``(stats [N, 3] (log-sum-exp, 0, mass),
+    losses and, per side that ``save`` names, ``(stats [N, 3] (maximum, log-sum, mass),
     columns [N, k'] int32, signs [N, k'] int8)``, ``k' = min(k, V)``."""
     vs, vt = student_logits.shape[-1], teacher_logits.shape[-1]
     n_rows = student_logits.shape[0] if student_index is None else student_index.shape[0]
@@ -107,9 +111,10 @@ def _torch_rows(student_logits, teacher_logits, k, student_temperature, teacher_
                 # A row whose loss is NaN (a NaN or +inf logit, or no finite logit, on either
                 # side) gets NaN gradients on both sides, as in the exact kernels: sign(NaN) is 0.
                 mass = torch.where(torch.isnan(loss), loss, (g * probs).sum(dim=-1))
+                top, log_sum = lse
                 if valid is not None:
-                    lse, mass = torch.where(valid, lse, 0.0), torch.where(valid, mass, 0.0)
-                stats = torch.stack([lse, torch.zeros_like(lse), mass], dim=1)
+                    top, log_sum, mass = (torch.where(valid, x, 0.0) for x in (top, log_sum, mass))
+                stats = torch.stack([top, log_sum, mass], dim=1)
                 parts[side].append((stats, cols.to(torch.int32), g.to(torch.int8)))
     saved = [tuple(torch.cat(p) for p in zip(*parts[side])) if save[side] else None for side in (0, 1)]
     return rows, saved
@@ -121,7 +126,7 @@ def _torch_grad(logits, index, saved, upstream, temperature):
     grad = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
     for part in _chunks(stats.shape[0], logits.shape[-1]):
         rows, valid = _rows(logits, index, part)
-        chunk = _side_grad(rows, temperature, stats[part, 0] + stats[part, 1], columns[part].long(),
+        chunk = _side_grad(rows, temperature, (stats[part, 0], stats[part, 1]), columns[part].long(),
                            signs[part].float(), stats[part, 2], upstream[part].float())
         if valid is None:
             grad[part] = chunk.to(logits.dtype)
@@ -186,6 +191,9 @@ class ULDTopKFunction(torch.autograd.Function):
     def forward(ctx, student_logits, teacher_logits, k, student_temperature, teacher_temperature,
                 grad_enabled=True, student_index=None, teacher_index=None):
         save = [bool(ctx.needs_input_grad[i] and grad_enabled) for i in (0, 1)]
+        if student_index is not None:  # a padding slot is one on both sides (no teacher gradient)
+            student_index, teacher_index = student_index.contiguous(), teacher_index.contiguous()
+            teacher_index = torch.where(student_index < 0, -1, teacher_index)
         kernels = _uses_kernels(student_logits, k)
         if kernels:
             gather = student_index is not None

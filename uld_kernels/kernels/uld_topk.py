@@ -184,6 +184,7 @@ def _side_top(row, vocab, col_stride, inv_t, k_side, scratch,
         need = k_side - above  # every bit resolved: the last bin holds equal logits, take k_side in all
 
     # Collect the logits above the prefix and the first `need` at it.
+    tl.debug_barrier()  # (the other side's loads of the same scratch row are done)
     taken = tl.zeros([], tl.int32)
     ties = tl.zeros([], tl.int32)
     for start in tl.range(0, vocab, BLOCK):
@@ -229,7 +230,7 @@ def topk_rows_kernel(
     # saved for the backward, per side: [N, 3] (maximum, log-sum, mass), [N, K_PAD] columns and signs
     student_stats_ptr, student_columns_ptr, student_signs_ptr,
     teacher_stats_ptr, teacher_columns_ptr, teacher_signs_ptr,
-    student_scratch_ptr, teacher_scratch_ptr,  # [N, SORT_PAD] int64
+    scratch_ptr,  # [N, SORT_PAD] int64: a row a pair, the student's then the teacher's
     # shapes, strides, temperatures
     student_vocab, teacher_vocab, k,
     student_seq_len, student_batch_stride, student_row_stride, student_col_stride,
@@ -245,6 +246,7 @@ def topk_rows_kernel(
 ):
     """Program p: the truncated loss of pair p (rows p, or with GATHER the rows the index maps
     name; a negative student index is a padding slot: loss 0, nothing saved but zeros)."""
+    tl.static_assert(K_PAD <= SORT_PAD and SORT_CAP <= SORT_PAD)  # the scratch row holds what is sorted
     pair = tl.program_id(0).to(tl.int64)
     s_index, t_index, s_row, t_row = _pair_rows(
         pair, student_ptr, teacher_ptr, student_index_ptr, teacher_index_ptr,
@@ -264,11 +266,11 @@ def topk_rows_kernel(
     else:
         a, s_columns, s_top, s_log_sum = _side_top(
             s_row, student_vocab, student_col_stride, student_inv_t, tl.minimum(k, student_vocab),
-            student_scratch_ptr + pair * SORT_PAD, S_BITS1, S_BITS2, S_BITS3, STUDENT_UNIT_STRIDE, K_PAD,
+            scratch_ptr + pair * SORT_PAD, S_BITS1, S_BITS2, S_BITS3, STUDENT_UNIT_STRIDE, K_PAD,
             SORT_CAP, SORT_PAD, BLOCK, SMEM, CHUNK)
         b, t_columns, t_top, t_log_sum = _side_top(
             t_row, teacher_vocab, teacher_col_stride, teacher_inv_t, tl.minimum(k, teacher_vocab),
-            teacher_scratch_ptr + pair * SORT_PAD, T_BITS1, T_BITS2, T_BITS3, TEACHER_UNIT_STRIDE, K_PAD,
+            scratch_ptr + pair * SORT_PAD, T_BITS1, T_BITS2, T_BITS3, TEACHER_UNIT_STRIDE, K_PAD,
             SORT_CAP, SORT_PAD, BLOCK, SMEM, CHUNK)
         diff = a - b  # both 0 past their side's k, so past k
         sign = (diff > 0).to(tl.float32) - (diff < 0).to(tl.float32)
@@ -278,12 +280,14 @@ def topk_rows_kernel(
         # NaN gradients on both sides: its mass is NaN (sign(NaN) is 0 above).
         if SAVE_STUDENT:
             mass = tl.where(loss != loss, loss, tl.sum(sign * a, 0))
+            s_kept = tl.arange(0, K_PAD) < tl.minimum(k, student_vocab)
             _save_side(student_stats_ptr, student_columns_ptr, student_signs_ptr, pair, s_top, s_log_sum, mass,
-                       s_columns, sign, K_PAD)
+                       tl.where(s_kept, s_columns, 0), tl.where(s_kept, sign, 0.0), K_PAD)
         if SAVE_TEACHER:
             mass = tl.where(loss != loss, loss, -tl.sum(sign * b, 0))
+            t_kept = tl.arange(0, K_PAD) < tl.minimum(k, teacher_vocab)
             _save_side(teacher_stats_ptr, teacher_columns_ptr, teacher_signs_ptr, pair, t_top, t_log_sum, mass,
-                       t_columns, -sign, K_PAD)
+                       tl.where(t_kept, t_columns, 0), tl.where(t_kept, -sign, 0.0), K_PAD)
 
 
 @triton.jit(do_not_specialize=["k_side", "seq_len"])
