@@ -15,6 +15,7 @@ import torch
 import triton
 
 from uld_kernels.kernels import uld_hist, uld_split
+from uld_kernels.kernels import uld_topk
 from uld_kernels.kernels.uld_topk import topk_grad_kernel, topk_rows_kernel
 from uld_kernels.kernels.cross_entropy import ce_rows_kernel
 from uld_kernels.kernels.uld_rows import INT_PLANES, META_SLOTS, SIGN_PLANES, scale_rows_kernel, zero_rows_kernel
@@ -734,6 +735,7 @@ def scale_rows_(grad: torch.Tensor, scale: torch.Tensor) -> None:
 
 
 TOPK_MAX_K = 1024  # the largest top_k the Triton select takes (a sort of k keys a row); past it, PyTorch
+TOPK_STATS = uld_topk.STATS.value  # saved floats a row and side
 TOPK_BLOCK = 1024  # elements of a row per step of the top_k kernels
 TOPK_WARPS = 4  # the shared histogram's helpers (kernels/ptx.py) take 4 warps
 
@@ -760,7 +762,8 @@ def topk_pad(k: int) -> int:
 def topk_rows(student_logits, teacher_logits, k, student_temperature, teacher_temperature, save,
               student_index=None, teacher_index=None):
     """The truncated loss's rows (``[N]`` float32) and, for each side that ``save`` names,
-    what its backward needs: ``(stats [N, 3] float32 (maximum of z / T, log-sum, mass),
+    what its backward needs: ``(stats [N, 5] float32 (maximum of z / T, log-sum, and
+    ``g - mass`` for g = 0, +1, -1: kernels/uld_topk.py, `_gradient_factors`),
     columns [N, K] int32, signs [N, K] int8)``, ``K = topk_pad(k)``, else None. Rows aligned
     ``[N, V]``, or ``[B, L, V]`` with flat ``[N]`` index maps (``-1``: padding slot)."""
     gather = student_index is not None
@@ -768,7 +771,7 @@ def topk_rows(student_logits, teacher_logits, k, student_temperature, teacher_te
     device = student_logits.device
     k_pad = topk_pad(k)
     loss = torch.empty(n, dtype=torch.float32, device=device)
-    saved = [(torch.empty(n, 3, dtype=torch.float32, device=device),
+    saved = [(torch.empty(n, TOPK_STATS, dtype=torch.float32, device=device),
               torch.empty(n, k_pad, dtype=torch.int32, device=device),
               torch.empty(n, k_pad, dtype=torch.int8, device=device)) if keep else None for keep in save]
     if n == 0:

@@ -9,10 +9,11 @@ of both full softmaxes, ``k = 100``, one temperature 2.0) and what users of it a
 with the fused kernels (``truncates``).
 
 Two engines with one saved state, so that memory stays ``O(rows * k)`` besides the gradient:
-the forward keeps each side's log-sum-exp, ``mass = sum_i g_i p_i``, its top-k column indices
-and their signs; the backward recomputes the softmax,
-``dL/dz_j = (p_j / T) * (g_j - mass)`` with ``g_j = sign(a_(i) - b_(i))`` at the rank ``i``
-of column ``j`` (0 past rank ``k``).
+the forward keeps each side's log-sum-exp, its top-k column indices and their signs, and
+``g - mass`` for each sign ``g`` (``mass = sum_i g_i p_i``; ``1 - mass`` summed as
+``sum_i (1 - g_i) p_i``, which keeps its digits when a cold temperature puts ``mass`` near 1);
+the backward recomputes the softmax, ``dL/dz_j = (p_j / T) * (g_j - mass)`` with
+``g_j = sign(a_(i) - b_(i))`` at the rank ``i`` of column ``j`` (0 past rank ``k``).
 
 - The Triton kernels (``kernels/uld_topk.py``, custom ops ``topk_rows`` / ``topk_grad``): on
   the GPU or under the interpreter, ``k <= launch.TOPK_MAX_K``. A radix select per pair of
@@ -64,29 +65,43 @@ def _rows(logits: torch.Tensor, index: torch.Tensor | None, part: slice):
 def _top_probs(logits: torch.Tensor, temperature: float, k: int):
     """The log-sum-exp as (row maximum, log-sum) ``[c]`` each, kept apart (their float32 sum
     rounds at the logits' magnitude, 1e-3 at 3e4), the ``k`` largest probabilities ``[c, k]``
-    (descending) and their columns, of ``softmax(logits / temperature)`` in float32."""
+    (descending), their columns, and the probability of the other columns ``[c]`` (summed,
+    not 1 minus the first ``k``: see `_gradient_factors`), of ``softmax(logits / temperature)``
+    in float32."""
     z = logits.float() / temperature
     values, columns = torch.topk(z, k, dim=-1)
     top = values[:, 0]
     safe = torch.where(torch.isfinite(top), top, 0.0)
     log_sum = torch.logsumexp(z - safe[:, None], dim=-1)
-    return (safe, log_sum), torch.exp((values - safe[:, None]) - log_sum[:, None]), columns
+    tail = torch.exp((z - safe[:, None]) - log_sum[:, None]).scatter_(1, columns, 0.0).sum(dim=-1)
+    return (safe, log_sum), torch.exp((values - safe[:, None]) - log_sum[:, None]), columns, tail
 
 
-def _side_grad(logits, temperature, lse, columns, signs, mass, upstream):
-    """``upstream * dL/dz`` of one side's rows, float32: ``mass`` is ``sum_i g_i p_i`` a row."""
-    top, log_sum = lse
+def _gradient_factors(probs, signs, tail):
+    """``g - mass`` for g = 0, +1 and -1 ``[c]`` each (kernels/uld_topk.py's
+    `_gradient_factors`): ``1 - mass = sum (1 - g_i) p_i``, never 1 minus a mass near 1."""
+    plus = torch.where(signs > 0, probs, 0.0).sum(dim=-1)
+    minus = torch.where(signs < 0, probs, 0.0).sum(dim=-1)
+    zero = torch.where(signs == 0, probs, 0.0).sum(dim=-1) + tail
+    return minus - plus, zero + 2 * minus, -(zero + 2 * plus)
+
+
+def _side_grad(logits, temperature, top, log_sum, columns, signs, factors, upstream):
+    """``upstream * dL/dz`` of one side's rows, float32: ``p (g - mass) / T``, ``factors``
+    ``[c, 3]`` the row's ``g - mass`` for g = 0, +1, -1; ``columns`` distinct in a row."""
     z = logits.float() / temperature
     p = torch.exp((z - top[:, None]) - log_sum[:, None])
-    grad = p * (-mass)[:, None]
-    grad.scatter_add_(1, columns, p.gather(1, columns) * signs)
+    grad = p * factors[:, :1]
+    at_columns = torch.where(signs > 0, factors[:, 1:2], torch.where(signs < 0, factors[:, 2:3], factors[:, :1]))
+    grad.scatter_(1, columns, p.gather(1, columns) * at_columns)
     return grad * (upstream / temperature)[:, None]
 
 
 def _torch_rows(student_logits, teacher_logits, k, student_temperature, teacher_temperature, save,
                 student_index=None, teacher_index=None):
     """``launch.topk_rows`` in PyTorch, by chunks of rows (any device, any ``k``): the rows'
-    losses and, per side that ``save`` names, ``(stats [N, 3] (maximum, log-sum, mass),
+    losses and, per side that ``save`` names, ``(stats [N, 5] (maximum, log-sum, g - mass for
+    g = 0, +1, -1),
     columns [N, k'] int32, signs [N, k'] int8)``, ``k' = min(k, V)``."""
     vs, vt = student_logits.shape[-1], teacher_logits.shape[-1]
     n_rows = student_logits.shape[0] if student_index is None else student_index.shape[0]
@@ -97,8 +112,8 @@ def _torch_rows(student_logits, teacher_logits, k, student_temperature, teacher_
     for part in _chunks(n_rows, max(vs, vt)):
         student, valid = _rows(student_logits, student_index, part)
         teacher, _ = _rows(teacher_logits, teacher_index, part)
-        lse_s, a, cols_s = _top_probs(student, student_temperature, ks)
-        lse_t, b, cols_t = _top_probs(teacher, teacher_temperature, kt)
+        lse_s, a, cols_s, tail_s = _top_probs(student, student_temperature, ks)
+        lse_t, b, cols_t, tail_t = _top_probs(teacher, teacher_temperature, kt)
         diff = (torch.nn.functional.pad(a, (0, ranks - ks)) - torch.nn.functional.pad(b, (0, ranks - kt)))
         loss = diff.abs().sum(dim=-1)
         sign = torch.sign(diff)
@@ -106,28 +121,28 @@ def _torch_rows(student_logits, teacher_logits, k, student_temperature, teacher_
             loss = torch.where(valid, loss, 0.0)
             sign = torch.where(valid[:, None], sign, 0.0)
         rows[part] = loss
-        for side, lse, probs, cols, g in ((0, lse_s, a, cols_s, sign[:, :ks]), (1, lse_t, b, cols_t, -sign[:, :kt])):
+        for side, lse, probs, cols, g, tail in ((0, lse_s, a, cols_s, sign[:, :ks], tail_s),
+                                                (1, lse_t, b, cols_t, -sign[:, :kt], tail_t)):
             if save[side]:
                 # A row whose loss is NaN (a NaN or +inf logit, or no finite logit, on either
                 # side) gets NaN gradients on both sides, as in the exact kernels: sign(NaN) is 0.
-                mass = torch.where(torch.isnan(loss), loss, (g * probs).sum(dim=-1))
-                top, log_sum = lse
+                factors = [torch.where(torch.isnan(loss), loss, f) for f in _gradient_factors(probs, g, tail)]
+                stats = torch.stack([*lse, *factors], dim=1)
                 if valid is not None:
-                    top, log_sum, mass = (torch.where(valid, x, 0.0) for x in (top, log_sum, mass))
-                stats = torch.stack([top, log_sum, mass], dim=1)
+                    stats = torch.where(valid[:, None], stats, 0.0)
                 parts[side].append((stats, cols.to(torch.int32), g.to(torch.int8)))
     saved = [tuple(torch.cat(p) for p in zip(*parts[side])) if save[side] else None for side in (0, 1)]
     return rows, saved
 
 
-def _torch_grad(logits, index, saved, upstream, temperature):
+def _torch_grad(logits, index, saved, upstream, temperature, k_side):
     """``launch.topk_grad`` in PyTorch, by chunks of rows; repeated ``index`` rows add up."""
     stats, columns, signs = saved
     grad = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
     for part in _chunks(stats.shape[0], logits.shape[-1]):
         rows, valid = _rows(logits, index, part)
-        chunk = _side_grad(rows, temperature, (stats[part, 0], stats[part, 1]), columns[part].long(),
-                           signs[part].float(), stats[part, 2], upstream[part].float())
+        chunk = _side_grad(rows, temperature, stats[part, 0], stats[part, 1], columns[part, :k_side].long(),
+                           signs[part, :k_side].float(), stats[part, 2:], upstream[part].float())
         if valid is None:
             grad[part] = chunk.to(logits.dtype)
         else:  # rows by index (padding slots add zeros)
@@ -152,7 +167,7 @@ def _topk_rows_fake(student_logits, teacher_logits, k, student_temperature, teac
                     save_teacher, gather, student_index, teacher_index):
     n = student_index.shape[0] if gather else student_logits.shape[0]
     device, width = student_logits.device, launch.topk_pad(k)
-    side = (torch.empty(n, 3, device=device), torch.empty(n, width, dtype=torch.int32, device=device),
+    side = (torch.empty(n, launch.TOPK_STATS, device=device), torch.empty(n, width, dtype=torch.int32, device=device),
             torch.empty(n, width, dtype=torch.int8, device=device))
     return [torch.empty(n, device=device), *(t for keep in (save_student, save_teacher)
                                              for t in (side if keep else _nothing_saved(device)))]
@@ -226,5 +241,6 @@ class ULDTopKFunction(torch.autograd.Function):
                 grads[side] = call_op("topk_grad", logits, gather, index if gather else saved[0], *saved,
                                       grad_rows, ctx.temperatures[side], min(ctx.k, logits.shape[-1]))
             else:
-                grads[side] = _torch_grad(logits, index, saved, grad_rows, ctx.temperatures[side])
+                grads[side] = _torch_grad(logits, index, saved, grad_rows, ctx.temperatures[side],
+                                          min(ctx.k, logits.shape[-1]))
         return grads[0], grads[1], None, None, None, None, None, None
