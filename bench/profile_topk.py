@@ -1,7 +1,7 @@
 """Where the top_k kernels' time goes: the forward select (``topk_rows_kernel``) and the
 backward (``topk_grad_kernel``) timed apart (``triton.testing.do_bench`` medians) on the bench
 rows, for each block size, warp count and sort factor (``launch.TOPK_SORT_FACTOR``; 0: every
-level of the select) given.
+level of the select) and bin chunk (``launch.TOPK_BIN_CHUNK``) given.
 
     python bench/profile_topk.py --rows 16384 --k 100 --configs 1024:4:4 1024:4:0
 """
@@ -26,7 +26,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, nargs=2, default=(151936, 128256), metavar=("VS", "VT"))
     parser.add_argument("--k", type=int, default=100)
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--configs", nargs="+", default=["1024:4:4"], help="BLOCK:num_warps:sort factor[:bin chunk, 0: all bins at once]")
+    parser.add_argument("--configs", nargs="+", default=["1024:4:4"], help="BLOCK:num_warps:sort factor[:bins of the shared histogram read at a time, a power of two]")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     g = torch.Generator(device="cuda").manual_seed(0)

@@ -136,8 +136,12 @@ def _types_by_name(kernel, logits: str) -> dict:
             continue  # constexpr
         if name in ("student_ptr", "teacher_ptr", "grad_student_ptr", "grad_teacher_ptr", "logits_ptr", "grad_ptr"):
             types[name] = logits
-        elif name in ("student_index_ptr", "teacher_index_ptr", "ce_label_ptr", "index_ptr"):
+        elif name in ("student_index_ptr", "teacher_index_ptr", "ce_label_ptr", "index_ptr", "scratch_ptr"):
             types[name] = "*i64"
+        elif name.endswith("columns_ptr"):
+            types[name] = "*i32"
+        elif name.endswith("signs_ptr"):
+            types[name] = "*i8"
         elif name in ("ws_int_ptr", "ws_meta_ptr", "status_ptr", "partial_i_ptr", "root_partial_ptr", "iparam_ptr",
                       "count_ptr", "raw_ptr", "flag_ptr"):
             types[name] = "*i32"
@@ -151,7 +155,7 @@ def _types_by_name(kernel, logits: str) -> dict:
             types[name] = "*fp32"
         elif name.endswith(("batch_stride", "row_stride")):
             types[name] = "i64"
-        elif "inv_temperature" in name or name == "grad_scale":
+        elif "inv_temperature" in name or name.endswith("inv_t") or name == "grad_scale":
             types[name] = "fp32"
         else:
             types[name] = "i32"
@@ -294,14 +298,7 @@ def topk_kernel_configs():
                              (torch.bfloat16, False, 1000)]:
         k_pad = topk_pad(k)
         sort_cap = min(TOPK_SORT_FACTOR * k_pad, max(k_pad, TOPK_SORT_MAX))
-        logits = "*" + TRITON_TYPE[dtype]
-        types = dict(student_ptr=logits, teacher_ptr=logits, student_index_ptr="*i64", teacher_index_ptr="*i64",
-                     loss_ptr="*fp32", scratch_ptr="*i64",
-                     student_inv_t="fp32", teacher_inv_t="fp32")
-        for side in ("student", "teacher"):
-            types.update({f"{side}_stats_ptr": "*fp32", f"{side}_columns_ptr": "*i32", f"{side}_signs_ptr": "*i8",
-                          f"{side}_batch_stride": "i64", f"{side}_row_stride": "i64"})
-        types.update({name: "i32" for name in topk_rows_kernel.arg_names if name not in types and not name[0].isupper()})
+        types = _types_by_name(topk_rows_kernel, "*" + TRITON_TYPE[dtype])
         bits = dict(zip(("BITS1", "BITS2", "BITS3"), topk_level_bits(dtype)))
         constexprs = dict(GATHER=gather, SAVE_STUDENT=True, SAVE_TEACHER=False, STUDENT_UNIT_STRIDE=True,
                           TEACHER_UNIT_STRIDE=True, K_PAD=k_pad, SORT_CAP=sort_cap,
@@ -313,11 +310,7 @@ def topk_kernel_configs():
                TOPK_WARPS)
     k_pad = topk_pad(100)
     for dtype in TRITON_TYPE:
-        logits = "*" + TRITON_TYPE[dtype]
-        types = dict(logits_ptr=logits, index_ptr="*i64", stats_ptr="*fp32", columns_ptr="*i32", signs_ptr="*i8",
-                     upstream_ptr="*fp32", grad_ptr=logits, batch_stride="i64", row_stride="i64",
-                     grad_row_stride="i64", inv_t="fp32")
-        types.update({name: "i32" for name in topk_grad_kernel.arg_names if name not in types and not name[0].isupper()})
+        types = _types_by_name(topk_grad_kernel, "*" + TRITON_TYPE[dtype])
         aligned = [n for n in types if n.endswith(("_ptr", "vocab", "row_stride", "batch_stride"))]
         yield (f"topk_grad {TRITON_TYPE[dtype]}", topk_grad_kernel, types,
                dict(GATHER=False, UNIT_COL_STRIDE=True, K_PAD=k_pad, BLOCK=TOPK_BLOCK), aligned, TOPK_WARPS)

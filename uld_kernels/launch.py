@@ -14,9 +14,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from uld_kernels.kernels import uld_hist, uld_split
-from uld_kernels.kernels import uld_topk
-from uld_kernels.kernels.uld_topk import topk_grad_kernel, topk_rows_kernel
+from uld_kernels.kernels import uld_hist, uld_split, uld_topk
 from uld_kernels.kernels.cross_entropy import ce_rows_kernel
 from uld_kernels.kernels.uld_rows import INT_PLANES, META_SLOTS, SIGN_PLANES, scale_rows_kernel, zero_rows_kernel
 
@@ -738,6 +736,13 @@ TOPK_MAX_K = 1024  # the largest top_k the Triton select takes (a sort of k keys
 TOPK_STATS = uld_topk.STATS.value  # saved floats a row and side
 TOPK_BLOCK = 1024  # elements of a row per step of the top_k kernels
 TOPK_WARPS = 4  # the shared histogram's helpers (kernels/ptx.py) take 4 warps
+# Bins of the shared histogram read at a time (all 8,192 at once took 254 registers, 38.8 ms
+# against 23.9 ms a forward: run 7).
+TOPK_BIN_CHUNK = 1024
+# The sort's keys must fit beside the shared histogram: past 1,024 int64 (Triton's 8 KB plus the
+# 32 KB array) a launch needs more than 48 KB of shared memory and fails (run 7, k = 1,000).
+TOPK_SORT_MAX = 1024
+TOPK_SORT_FACTOR = 4  # the select sorts up to this many times k_pad logits a side instead of refining (0: never)
 
 
 def topk_level_bits(dtype: torch.dtype) -> tuple[int, int, int]:
@@ -745,13 +750,6 @@ def topk_level_bits(dtype: torch.dtype) -> tuple[int, int, int]:
     significant bits of the dtype's logits (float16: sign, 8 exponent bits as float32, 10
     mantissa bits), so that the last level's bin holds equal logits only."""
     return {torch.float32: (13, 13, 6), torch.bfloat16: (13, 3, 0), torch.float16: (13, 6, 0)}[dtype]
-
-
-TOPK_BIN_CHUNK = 1024  # bins of the shared histogram read at a time (0: all 8,192 at once)
-# The sort's keys must fit beside the shared histogram: past 1,024 int64 (Triton's 8 KB plus the
-# 32 KB array) a launch needs more than 48 KB of shared memory and fails (run 7, k = 1,000).
-TOPK_SORT_MAX = 1024
-TOPK_SORT_FACTOR = 4  # the select sorts up to this many times k_pad logits a side instead of refining (0: never)
 
 
 def topk_pad(k: int) -> int:
@@ -781,7 +779,7 @@ def topk_rows(student_logits, teacher_logits, k, student_temperature, teacher_te
     scratch = torch.empty(n, sort_pad, dtype=torch.int64, device=device)  # a row a pair, one side at a time
     outputs = [side if side is not None else (loss, loss, loss) for side in saved]
     indices = (student_index.contiguous(), teacher_index.contiguous()) if gather else (loss, loss)
-    topk_rows_kernel[(n,)](
+    uld_topk.topk_rows_kernel[(n,)](
         student_logits, teacher_logits, *indices, loss, *outputs[0], *outputs[1], scratch,
         student_logits.shape[-1], teacher_logits.shape[-1], k,
         *_row_layout(student_logits), *_row_layout(teacher_logits),
@@ -805,7 +803,7 @@ def topk_grad(logits, index, saved, upstream, temperature, k_side):
     if n == 0 or logits.shape[-1] == 0:
         return grad
     upstream = upstream.float().expand(n).contiguous()
-    topk_grad_kernel[(n,)](
+    uld_topk.topk_grad_kernel[(n,)](
         logits, index.contiguous() if index is not None else stats, stats, columns, signs, upstream, grad,
         logits.shape[-1], k_side, *_row_layout(logits), logits.shape[-1], 1.0 / temperature,
         GATHER=index is not None, UNIT_COL_STRIDE=logits.stride(-1) == 1, K_PAD=columns.shape[1],

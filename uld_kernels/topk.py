@@ -72,8 +72,10 @@ def _top_probs(logits: torch.Tensor, temperature: float, k: int):
     values, columns = torch.topk(z, k, dim=-1)
     top = values[:, 0]
     safe = torch.where(torch.isfinite(top), top, 0.0)
-    log_sum = torch.logsumexp(z - safe[:, None], dim=-1)
-    tail = torch.exp((z - safe[:, None]) - log_sum[:, None]).scatter_(1, columns, 0.0).sum(dim=-1)
+    scaled = torch.exp(z - safe[:, None])  # one exponential an element serves the sum and the tail
+    total = scaled.sum(dim=-1)
+    log_sum = torch.log(total)
+    tail = scaled.scatter_(1, columns, 0.0).sum(dim=-1) / total
     return (safe, log_sum), torch.exp((values - safe[:, None]) - log_sum[:, None]), columns, tail
 
 

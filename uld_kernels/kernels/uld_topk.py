@@ -75,70 +75,51 @@ def _count(hist, bins, counted, BITS: tl.constexpr, SMEM: tl.constexpr):
 
 
 @triton.jit
-def _counts(hist, BITS: tl.constexpr, SMEM: tl.constexpr):
-    """The histogram's counts ([2**BITS] int32); with SMEM read from the shared array, which is
-    then zeroed for the next one."""
-    if SMEM:
-        tl.debug_barrier()
-        hist = smem_load(tl.arange(0, 1 << BITS))
-        tl.debug_barrier()
-        smem_clear()
-        tl.debug_barrier()
-    return hist
-
-
-@triton.jit
-def _boundary_smem(prefix, above, k_side, BITS: tl.constexpr, CHUNK: tl.constexpr):
-    """`_boundary` of the shared array's histogram, read CHUNK bins at a time from the top
-    (the whole histogram at once held 2**BITS int32 in registers several times over), which
-    is then zeroed for the next one."""
-    tl.debug_barrier()
-    bins = tl.arange(0, CHUNK)
-    pick = tl.full([], -1, tl.int32)
-    new_above = above
-    in_bin = tl.zeros([], tl.int32)
-    for c in tl.range(0, (1 << BITS) // CHUNK):
-        first = (1 << BITS) - (c + 1) * CHUNK
-        hist = smem_load(first + bins)
-        at_or_above = above + tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist
-        here = tl.max(tl.where(at_or_above >= k_side, bins, -1), 0)
-        found = (pick < 0) & (here >= 0)
-        pick = tl.where(found, first + here, pick)
-        new_above = tl.where(found, above + tl.sum(tl.where(bins > here, hist, 0), 0), new_above)
-        in_bin = tl.where(found, tl.sum(tl.where(bins == here, hist, 0), 0), in_bin)
-        above += tl.sum(hist, 0)
-    tl.debug_barrier()
-    smem_clear()
-    tl.debug_barrier()
-    return (prefix << BITS) | pick.to(tl.uint32), new_above, in_bin
+def _pick(hist, above, k_side):
+    """In a run of bins in ascending key order, with ``above`` elements above all of them: the
+    bin holding rank ``k_side`` (-1: none of them), the elements above it, and in it."""
+    bins = tl.arange(0, hist.shape[0])
+    at_or_above = above + tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist
+    pick = tl.max(tl.where(at_or_above >= k_side, bins, -1), 0)
+    return pick, above + tl.sum(tl.where(bins > pick, hist, 0), 0), tl.sum(tl.where(bins == pick, hist, 0), 0)
 
 
 @triton.jit
 def _select_bin(hist, prefix, above, k_side, BITS: tl.constexpr, SMEM: tl.constexpr, CHUNK: tl.constexpr):
-    """The bin of rank ``k_side`` (`_boundary`) of a histogram that `_count` filled."""
-    if SMEM and CHUNK > 0:  # (a level of fewer bins than CHUNK is read whole)
-        return _boundary_smem(prefix, above, k_side, BITS, CHUNK if CHUNK < (1 << BITS) else (1 << BITS))
+    """The bin of rank ``k_side`` among the candidates that `_count` counted by their next BITS
+    bits, given ``above`` elements above every candidate: the prefix extended by it, and the
+    elements above that bin and in it. With SMEM the counts are in the shared array, read
+    CHUNK bins at a time from the top (all 8,192 at once held them in registers several times
+    over) and then zeroed for the next histogram; a level of fewer bins is read whole."""
+    if SMEM:
+        RUN: tl.constexpr = CHUNK if CHUNK < (1 << BITS) else (1 << BITS)
+        tl.debug_barrier()
+        bins = tl.arange(0, RUN)
+        pick = tl.full([], -1, tl.int32)
+        new_above = above
+        in_bin = tl.zeros([], tl.int32)
+        for c in tl.range(0, (1 << BITS) // RUN):
+            first = (1 << BITS) - (c + 1) * RUN
+            counts = smem_load(first + bins)
+            here, here_above, here_in = _pick(counts, above, k_side)
+            found = (pick < 0) & (here >= 0)
+            pick = tl.where(found, first + here, pick)
+            new_above = tl.where(found, here_above, new_above)
+            in_bin = tl.where(found, here_in, in_bin)
+            above += tl.sum(counts, 0)
+        tl.debug_barrier()
+        smem_clear()
+        tl.debug_barrier()
     else:
-        return _boundary(_counts(hist, BITS, SMEM), prefix, above, k_side, BITS)
-
-
-@triton.jit
-def _boundary(hist, prefix, above, k_side, BITS: tl.constexpr):
-    """The bin of ``hist`` (counts of the candidates by their next BITS bits) that holds rank
-    ``k_side``, given ``above`` elements above every candidate: the prefix extended by it, and
-    the elements above that bin and in it."""
-    bins = tl.arange(0, 1 << BITS)
-    at_or_above = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist
-    pick = tl.max(tl.where(above + at_or_above >= k_side, bins, -1), 0)
-    above += tl.sum(tl.where(bins > pick, hist, 0), 0)
-    return (prefix << BITS) | pick.to(tl.uint32), above, tl.sum(tl.where(bins == pick, hist, 0), 0)
+        pick, new_above, in_bin = _pick(hist, above, k_side)
+    return (prefix << BITS) | pick.to(tl.uint32), new_above, in_bin
 
 
 @triton.jit
 def _refine(row, vocab, col_stride, prefix, above, k_side, RESOLVED: tl.constexpr, BITS: tl.constexpr,
             UNIT_COL_STRIDE: tl.constexpr, BLOCK: tl.constexpr, SMEM: tl.constexpr, CHUNK: tl.constexpr):
     """One level of the select: the histogram of the next BITS bits of the logits whose top
-    RESOLVED bits are ``prefix``, and the bin of rank ``k_side`` among it (`_boundary`)."""
+    RESOLVED bits are ``prefix``, and the bin of rank ``k_side`` among it (`_select_bin`)."""
     lanes = tl.arange(0, BLOCK)
     hist = tl.zeros([1 << BITS], tl.int32)
     for start in tl.range(0, vocab, BLOCK):
