@@ -4,6 +4,10 @@ rows, for each block size, warp count and sort factor (``launch.TOPK_SORT_FACTOR
 level of the select) and bin chunk (``launch.TOPK_BIN_CHUNK``) given.
 
     python bench/profile_topk.py --rows 16384 --k 100 --configs 1024:4:4 1024:4:0
+
+``--once``: one forward (student saved) and one backward after a first call of each, nothing
+timed, for Nsight Compute (`ULD_STALL_SCRIPT=bench/profile_topk.py bash bench/profile_stalls.sh
+topk_rows 1`, specs such as ``--rows 2048 --k 100 --once``).
 """
 
 from __future__ import annotations
@@ -27,12 +31,19 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=100)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--configs", nargs="+", default=["1024:4:4"], help="BLOCK:num_warps:sort factor[:bins of the shared histogram read at a time, a power of two]")
+    parser.add_argument("--once", action="store_true", help="two calls of each kernel, untimed (for a profiler)")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     g = torch.Generator(device="cuda").manual_seed(0)
     student = torch.randn(args.rows, args.vocab[0], device="cuda", generator=g).to(dtype)
     teacher = torch.randn(args.rows, args.vocab[1], device="cuda", generator=g).to(dtype)
     upstream = torch.ones(args.rows, device="cuda")
+    if args.once:
+        for _ in range(2):
+            _, saved = launch.topk_rows(student, teacher, args.k, 2.0, 2.0, (True, False))
+            launch.topk_grad(student, None, saved[0], upstream, 2.0, args.k)
+        torch.cuda.synchronize()
+        return
     print(f"{args.rows} rows, Vs {args.vocab[0]}, Vt {args.vocab[1]}, {args.dtype} N(0, 1), k = {args.k}, T = 2")
     print("| BLOCK:warps:sort factor:bin chunk | forward, no save (ms) | forward, student saved (ms) | backward, student (ms) |\n|---|---|---|---|")
     for config in args.configs:
