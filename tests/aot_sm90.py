@@ -26,7 +26,7 @@ from uld_kernels.kernels.uld_topk import topk_grad_kernel, topk_rows_kernel  # n
 from uld_kernels.launch import (HIST_BLOCK, HIST_GRAD_BLOCK, HIST_PDL, HIST_SCAN, HIST_SIGN_MAXNREG, _hist_blocks, HIST_GRAD_CHUNK, HIST_SIGN_BLOCK,  # noqa: E402
                                 HIST_MAXNREG, HIST_TAIL_BLOCK, FALLBACK_FINISH_BLOCK, FALLBACK_SMEM_L1, _fallback_list_mode,
                                 ce_kernel_config, split_config)
-from uld_kernels.launch import TOPK_BIN_CHUNK, TOPK_BLOCK, TOPK_SORT_FACTOR, TOPK_SORT_MAX, TOPK_WARPS, topk_level_bits, topk_pad  # noqa: E402
+from uld_kernels.launch import TOPK_BIN_CHUNK, TOPK_BLOCK, TOPK_WARPS, topk_level_bits, topk_pad, topk_sizes  # noqa: E402
 
 HIST_OPTIONS = dict(num_warps=4, **({"maxnreg": HIST_MAXNREG} if HIST_MAXNREG else {}))  # as launch.py
 TRITON_TYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -296,13 +296,10 @@ def topk_kernel_configs():
     the select at k = 1,000 (the largest sort)."""
     for dtype, gather, k in [*((d, False, 100) for d in TRITON_TYPE), (torch.bfloat16, True, 100),
                              (torch.bfloat16, False, 1000)]:
-        k_pad = topk_pad(k)
-        sort_cap = min(TOPK_SORT_FACTOR * k_pad, max(k_pad, TOPK_SORT_MAX))
         types = _types_by_name(topk_rows_kernel, "*" + TRITON_TYPE[dtype])
         bits = dict(zip(("BITS1", "BITS2", "BITS3"), topk_level_bits(dtype)))
         constexprs = dict(GATHER=gather, SAVE_STUDENT=True, SAVE_TEACHER=False, STUDENT_UNIT_STRIDE=True,
-                          TEACHER_UNIT_STRIDE=True, K_PAD=k_pad, SORT_CAP=sort_cap,
-                          SORT_PAD=max(k_pad, sort_cap), BLOCK=TOPK_BLOCK, SMEM=True,
+                          TEACHER_UNIT_STRIDE=True, **topk_sizes(k), BLOCK=TOPK_BLOCK, SMEM=True,
                           CHUNK=TOPK_BIN_CHUNK,
                           **{f"S_{b}": v for b, v in bits.items()}, **{f"T_{b}": v for b, v in bits.items()})
         aligned = [n for n in types if n.endswith(("_ptr", "vocab", "row_stride", "batch_stride"))]

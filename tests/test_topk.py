@@ -216,6 +216,16 @@ def _few_values():
             (torch.randint(0, 3, (3, 500), generator=g) / 3).to(torch.bfloat16))
 
 
+def _one_run_crowded():
+    """200 top logits of a row in the first 256 columns, one bin of the first level: one run of
+    the Triton collect pass (kernels/uld_topk.py, `_collect_by_run`) gets more than its region
+    and the row is collected again in column order."""
+    student, teacher = _edge(32, vs=1200, vt=1100)
+    student[:, :200] = 10.0 + torch.linspace(0.0, 0.4, 200)
+    teacher[:, 1024:1074] = 9.0 + torch.linspace(0.0, 0.3, 50)  # in a second step's first run
+    return student, teacher
+
+
 EDGES = {  # name: (rows, k, student temperature, teacher temperature); from helper-36's review
     "k-equal-to-Vt": (lambda: _edge(23), 200, 1.0, 1.0),
     "k-past-Vt": (lambda: _edge(24, vs=40, vt=3), 5, 1.0, 1.0),
@@ -232,6 +242,7 @@ EDGES = {  # name: (rows, k, student temperature, teacher temperature); from hel
     "fp16-subnormals": (lambda: (_edge(29, scale=1e-5)[0].half(), _edge(29)[1].half()), 50, 1.0, 1.0),
     "fp16-student-bf16-teacher": (lambda: (_edge(30)[0].half(), _edge(30)[1].bfloat16()), 60, 1.0, 1.0),
     "column-strides": (lambda: tuple(x.t().contiguous().t() for x in _edge(31)), 30, 1.0, 1.0),
+    "one-run-crowded": (_one_run_crowded, 37, 1.0, 1.0),
 }
 
 

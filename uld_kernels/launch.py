@@ -736,6 +736,7 @@ TOPK_MAX_K = 1024  # the largest top_k the Triton select takes (a sort of k keys
 TOPK_STATS = uld_topk.STATS.value  # saved floats a row and side
 TOPK_BLOCK = 1024  # elements of a row per step of the top_k kernels
 TOPK_WARPS = 4  # the shared histogram's helpers (kernels/ptx.py) take 4 warps
+TOPK_RUNS = 4  # the collect pass's runs a step (one a warp, each counting its own: `_collect_by_run`)
 # Bins of the shared histogram read at a time (all 8,192 at once took 254 registers, 38.8 ms
 # against 23.9 ms a forward: run 7).
 TOPK_BIN_CHUNK = 1024
@@ -757,6 +758,19 @@ def topk_pad(k: int) -> int:
     return max(16, triton.next_power_of_2(k))
 
 
+def topk_sizes(k: int) -> dict:
+    """The select's sizes at ``k`` (kernels/uld_topk.py's constexprs): the ranks kept
+    (``K_PAD``), the most logits a side sorted instead of refining (``SORT_CAP``), the sort's
+    size, the collect pass's runs and each run's region (half of what is sorted), and the
+    scratch row's length in int64."""
+    k_pad = topk_pad(k)
+    sort_cap = min(TOPK_SORT_FACTOR * k_pad, max(k_pad, TOPK_SORT_MAX))
+    sort_pad = max(k_pad, sort_cap)
+    region = sort_cap // 2
+    return dict(K_PAD=k_pad, SORT_CAP=sort_cap, SORT_PAD=sort_pad, RUNS=TOPK_RUNS, REGION=region,
+                SCRATCH=max(sort_pad, TOPK_RUNS * region))
+
+
 def topk_rows(student_logits, teacher_logits, k, student_temperature, teacher_temperature, save,
               student_index=None, teacher_index=None):
     """The truncated loss's rows (``[N]`` float32) and, for each side that ``save`` names,
@@ -767,16 +781,15 @@ def topk_rows(student_logits, teacher_logits, k, student_temperature, teacher_te
     gather = student_index is not None
     n = student_index.shape[0] if gather else student_logits.shape[0]
     device = student_logits.device
-    k_pad = topk_pad(k)
+    sizes = topk_sizes(k)
+    k_pad = sizes["K_PAD"]
     loss = torch.empty(n, dtype=torch.float32, device=device)
     saved = [(torch.empty(n, TOPK_STATS, dtype=torch.float32, device=device),
               torch.empty(n, k_pad, dtype=torch.int32, device=device),
               torch.empty(n, k_pad, dtype=torch.int8, device=device)) if keep else None for keep in save]
     if n == 0:
         return loss, saved
-    sort_cap = min(TOPK_SORT_FACTOR * k_pad, max(k_pad, TOPK_SORT_MAX))
-    sort_pad = max(k_pad, sort_cap)
-    scratch = torch.empty(n, sort_pad, dtype=torch.int64, device=device)  # a row a pair, one side at a time
+    scratch = torch.empty(n, sizes["SCRATCH"], dtype=torch.int64, device=device)  # a row a pair
     outputs = [side if side is not None else (loss, loss, loss) for side in saved]
     indices = (student_index.contiguous(), teacher_index.contiguous()) if gather else (loss, loss)
     uld_topk.topk_rows_kernel[(n,)](
@@ -788,7 +801,7 @@ def topk_rows(student_logits, teacher_logits, k, student_temperature, teacher_te
         STUDENT_UNIT_STRIDE=student_logits.stride(-1) == 1, TEACHER_UNIT_STRIDE=teacher_logits.stride(-1) == 1,
         **dict(zip(("S_BITS1", "S_BITS2", "S_BITS3"), topk_level_bits(student_logits.dtype))),
         **dict(zip(("T_BITS1", "T_BITS2", "T_BITS3"), topk_level_bits(teacher_logits.dtype))),
-        K_PAD=k_pad, SORT_CAP=sort_cap, SORT_PAD=sort_pad, BLOCK=TOPK_BLOCK, SMEM=not interpreter_enabled(),
+        **sizes, BLOCK=TOPK_BLOCK, SMEM=not interpreter_enabled(),
         CHUNK=TOPK_BIN_CHUNK, num_warps=TOPK_WARPS,
     )
     return loss, saved

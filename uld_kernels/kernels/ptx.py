@@ -77,6 +77,11 @@ _CLEAR_L1_ASM = const(_zero_asm(_L1_BYTES, SMEM_THREADS.value, False, base="$2")
 _ADD_ONE_ASM = const(
     "{ .reg .u32 a; mov.u32 a, uld_smem; "
     "mad.lo.u32 a, $1, 4, a; red.shared.add.u32 [a], 1; mov.u32 $0, 0; }")
+# Predicated: where few lanes count (a select's later levels, one bin's logits of a row), the
+# others skip the add; sent to the spare word they would all hit one bank, 32 lanes in turn.
+_ADD_ONE_IF_ASM = const(
+    "{ .reg .u32 a; .reg .pred p; setp.ne.u32 p, $2, 0; mov.u32 a, uld_smem; "
+    "mad.lo.u32 a, $1, 4, a; @p red.shared.add.u32 [a], 1; mov.u32 $0, 0; }")
 
 
 def _reductions(entry: str, key: str, p: str, planes: tuple[str, str, str, str]) -> str:
@@ -155,6 +160,7 @@ def _scatter_asm(kind: str, size: int) -> str:
 
 _SCATTER_U16_ASM = const(_scatter_asm("u16", 2))
 _SCATTER_B32_ASM = const(_scatter_asm("b32", 4))
+_SCATTER_B64_ASM = const(_scatter_asm("b64", 8))
 # Four consecutive int32 of a thread (pack=4, 16-byte aligned) with one vector store: $4 the
 # address of the first (the others' are unused), $8..$11 the values.
 _STORE_RUN_ASM = const("{ st.global.v4.u32 [$4], {$8, $9, $10, $11}; mov.b32 $0, 0; mov.b32 $1, 0; "
@@ -280,6 +286,13 @@ def step_and_count_smem(walking, root_entry, key, p, child_ptr, shift, digit_mas
 def smem_add_one(word, counted):
     """counts[word] += 1 for every lane that is counted (word in [0, 8192))."""
     tl.inline_asm_elementwise(_ADD_ONE_ASM, "=r,r", [tl.where(counted, word, SMEM_SPARE)], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
+def smem_add_one_sparse(word, counted):
+    """`smem_add_one` where few lanes are counted: the others add nothing (predicated off)."""
+    tl.inline_asm_elementwise(_ADD_ONE_IF_ASM, "=r,r,r", [word, counted.to(tl.int32)], dtype=tl.int32,
                               is_pure=False, pack=1)
 
 
@@ -499,6 +512,14 @@ def scatter(base_ptr, index, value, mask, WIDE: tl.constexpr):
     else:
         asm: tl.constexpr = _SCATTER_U16_ASM
     tl.inline_asm_elementwise(asm, "=r,r,r,r,l", [index, mask.to(tl.int32), value, base_ptr + tl.zeros_like(index)],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def scatter_i64(base_ptr, index, value, mask):
+    """base_ptr[index] = value (int64) where mask, in the operands' layout (`scatter`)."""
+    tl.inline_asm_elementwise(_SCATTER_B64_ASM, "=r,r,r,l,l", [index, mask.to(tl.int32), value,
+                                                             base_ptr + tl.zeros_like(index)],
                               dtype=tl.int32, is_pure=False, pack=1)
 
 

@@ -11,10 +11,14 @@ the logits' order), one program per pair of rows:
    significant bit of the ``k``-th largest logit is known (float32: 13 + 13 + 6 bits,
    bfloat16: 13 + 3, float16: 13 + 6; the launcher's ``topk_level_bits``), counted in
    shared memory on the GPU (kernels/ptx.py);
-3. one pass that collects, by prefix sums, the logits above it and the first of those equal
-   to it (``k`` in all) into a scratch row, as ``key << 32 | column``; sorted, they give the
-   side's first ``k`` probabilities in order and their columns (ties: the larger column
-   first, like any sort's choice a valid member of the tied group).
+3. one pass that collects the logits at or above that bin (at most ``SORT_CAP``) as
+   ``key << 32 | column`` into a scratch row, and sums the probability of the others. Each
+   step's columns are ``RUNS`` runs, one a warp, and each run counts into its own region of
+   the scratch row, so a step needs no other warp's count and no barrier; a run past its
+   region (half of what is sorted), or a last bin of equal logits past ``SORT_CAP``, has the
+   row collected again in column order (prefix sums across the warps), up to rank ``k``.
+   Sorted, the keys give the side's first ``k`` probabilities in order and their columns
+   (ties: the larger column first, like any sort's choice a valid member of the tied group).
 
 Where the first level's bin of rank ``k`` and the bins above it hold at most ``SORT_CAP``
 logits (most rows: a bin is 1/16 of an octave), step 2 is skipped: the collect pass takes
@@ -34,7 +38,7 @@ import triton
 import triton.language as tl
 
 from uld_kernels.kernels.const import const
-from uld_kernels.kernels.ptx import smem_add_one, smem_clear, smem_load, smem_zero
+from uld_kernels.kernels.ptx import scatter_i64, smem_add_one, smem_add_one_sparse, smem_clear, smem_load, smem_zero
 from uld_kernels.kernels.uld_rows import _finish_lse, _load_logits, _online_lse_update, _pair_rows
 
 _PACKED_NONE = const(-9223372036854775808)  # sorts below every packed key
@@ -62,13 +66,16 @@ def _high_bits(z, RESOLVED):
 
 
 @triton.jit
-def _count(hist, bins, counted, BITS: tl.constexpr, SMEM: tl.constexpr):
+def _count(hist, bins, counted, BITS: tl.constexpr, SMEM: tl.constexpr, SPARSE: tl.constexpr = False):
     """Adds the counted lanes' bins to the histogram: in the shared array (inline PTX, one
-    `red.shared` an element; `hist` stays zeros) with SMEM, else `tl.histogram`, whose ballots
-    cost 8.9 ms a pass over 16,384 rows of 151,936 at 256 bins and 85 ms at 2,048 (H200, run 5:
-    a plain pass is 1.4 ms)."""
+    `red.shared` an element, predicated off for the others where few count: SPARSE; `hist`
+    stays zeros) with SMEM, else `tl.histogram`, whose ballots cost 8.9 ms a pass over 16,384
+    rows of 151,936 at 256 bins and 85 ms at 2,048 (H200, run 5: a plain pass is 1.4 ms)."""
     if SMEM:
-        smem_add_one(bins, counted)
+        if SPARSE:
+            smem_add_one_sparse(bins, counted)
+        else:
+            smem_add_one(bins, counted)
     else:
         hist += tl.histogram(bins, 1 << BITS, mask=counted)
     return hist
@@ -89,8 +96,9 @@ def _select_bin(hist, prefix, above, k_side, BITS: tl.constexpr, SMEM: tl.conste
     """The bin of rank ``k_side`` among the candidates that `_count` counted by their next BITS
     bits, given ``above`` elements above every candidate: the prefix extended by it, and the
     elements above that bin and in it. With SMEM the counts are in the shared array, read
-    CHUNK bins at a time from the top (all 8,192 at once held them in registers several times
-    over) and then zeroed for the next histogram; a level of fewer bins is read whole."""
+    CHUNK bins at a time from the top until the bin is found (all 8,192 at once held them in
+    registers several times over), and then zeroed for the next histogram; a level of fewer
+    bins is read whole."""
     if SMEM:
         RUN: tl.constexpr = CHUNK if CHUNK < (1 << BITS) else (1 << BITS)
         tl.debug_barrier()
@@ -98,14 +106,12 @@ def _select_bin(hist, prefix, above, k_side, BITS: tl.constexpr, SMEM: tl.conste
         pick = tl.full([], -1, tl.int32)
         new_above = above
         in_bin = tl.zeros([], tl.int32)
-        for c in tl.range(0, (1 << BITS) // RUN):
-            first = (1 << BITS) - (c + 1) * RUN
+        first = tl.full([], 1 << BITS, tl.int32)
+        while (pick < 0) & (first > 0):  # from the top, until the bin of rank k_side
+            first -= RUN
             counts = smem_load(first + bins)
-            here, here_above, here_in = _pick(counts, above, k_side)
-            found = (pick < 0) & (here >= 0)
-            pick = tl.where(found, first + here, pick)
-            new_above = tl.where(found, here_above, new_above)
-            in_bin = tl.where(found, here_in, in_bin)
+            here, new_above, in_bin = _pick(counts, above, k_side)
+            pick = tl.where(here >= 0, first + here, -1)
             above += tl.sum(counts, 0)
         tl.debug_barrier()
         smem_clear()
@@ -126,19 +132,100 @@ def _refine(row, vocab, col_stride, prefix, above, k_side, RESOLVED: tl.constexp
         z, in_row = _load_logits(row, start + lanes, col_stride, vocab, UNIT_COL_STRIDE)
         bits = _high_bits(z, RESOLVED + BITS)
         candidate = in_row & ((bits >> BITS) == prefix)
-        hist = _count(hist, (bits & ((1 << BITS) - 1)).to(tl.int32), candidate, BITS, SMEM)
+        hist = _count(hist, (bits & ((1 << BITS) - 1)).to(tl.int32), candidate, BITS, SMEM, SPARSE=True)
     return _select_bin(hist, prefix, above, k_side, BITS, SMEM, CHUNK)
+
+
+@triton.jit
+def _packed(z, idx):
+    """The sort's key of logit z at column idx: its order key above the column."""
+    return (_order_key(z).to(tl.int64) << 32) | idx.to(tl.int64)
+
+
+@triton.jit
+def _store_keys(scratch, at, keys, mask, SMEM: tl.constexpr):
+    """scratch[at] = keys where mask. On the GPU (SMEM) in inline PTX, in the keys' layout:
+    `tl.store`'s own layout for gathered addresses (one element a thread) would move the
+    pointers, keys and mask through shared memory, with barriers, at every step."""
+    if SMEM:
+        scatter_i64(scratch, at, keys, mask)
+    else:
+        tl.store(scratch + at, keys, mask=mask)
+
+
+@triton.jit
+def _collect_by_run(row, vocab, col_stride, inv_t, top, log_sum, prefix, resolved, scratch,
+                    UNIT_COL_STRIDE: tl.constexpr, BLOCK: tl.constexpr, RUNS: tl.constexpr, REGION: tl.constexpr,
+                    SMEM: tl.constexpr):
+    """The logits whose top ``resolved`` bits are ``prefix`` or above, packed (`_packed`) into
+    the scratch row: each step's BLOCK columns are RUNS runs, run r's taken logits go to the
+    region ``[r REGION, (r + 1) REGION)`` at the run's own count, so no step needs another
+    run's (a warp's) count, nor a barrier. Returns each run's count ``[RUNS]`` (past REGION:
+    the rest not stored) and the probability of the logits not taken."""
+    RUN: tl.constexpr = BLOCK // RUNS
+    runs = tl.arange(0, RUNS)
+    columns = runs[:, None] * RUN + tl.arange(0, RUN)[None, :]
+    filled = tl.zeros([RUNS], tl.int32)
+    rest = tl.zeros([RUNS, RUN], tl.float32)
+    for start in tl.range(0, vocab, BLOCK):
+        idx = start + columns
+        z, in_row = _load_logits(row, idx, col_stride, vocab, UNIT_COL_STRIDE)
+        take = in_row & (_high_bits(z, resolved) >= prefix)
+        at = filled[:, None] + tl.cumsum(take.to(tl.int32), 1) - 1
+        _store_keys(scratch, runs[:, None] * REGION + at, _packed(z, idx), take & (at < REGION), SMEM)
+        rest += tl.where(take | ~in_row, 0.0, tl.exp((z * inv_t - top) - log_sum))
+        filled += tl.sum(take.to(tl.int32), 1)
+    return filled, tl.sum(tl.sum(rest, 1), 0)
+
+
+@triton.jit
+def _region_slots(filled, slots, REGION: tl.constexpr):
+    """Where sort slot s finds `_collect_by_run`'s keys (the runs' regions read one after
+    another, each its count long), and their number."""
+    counts = tl.minimum(filled, REGION)
+    ends = tl.cumsum(counts, 0)
+    starts = ends - counts
+    runs = tl.arange(0, filled.shape[0])
+    run_of = tl.sum((slots[:, None] >= ends[None, :]).to(tl.int32), 1)
+    start_of = tl.sum(tl.where(run_of[:, None] == runs[None, :], starts[None, :], 0), 1)
+    return run_of * REGION + slots - start_of, tl.sum(counts, 0)
+
+
+@triton.jit
+def _collect_in_order(row, vocab, col_stride, inv_t, top, log_sum, prefix, resolved, need, scratch,
+                      UNIT_COL_STRIDE: tl.constexpr, BLOCK: tl.constexpr, SMEM: tl.constexpr):
+    """The logits whose top ``resolved`` bits are above ``prefix`` and the first ``need`` of
+    those equal to it, in column order, packed into the scratch row's first slots (prefix sums
+    over each step: two scans and three sums, each through shared memory across the warps).
+    Returns their number and the probability of the logits not taken."""
+    lanes = tl.arange(0, BLOCK)
+    taken = tl.zeros([], tl.int32)
+    ties = tl.zeros([], tl.int32)
+    rest = tl.zeros([], tl.float32)
+    for start in tl.range(0, vocab, BLOCK):
+        idx = start + lanes
+        z, in_row = _load_logits(row, idx, col_stride, vocab, UNIT_COL_STRIDE)
+        bits = _high_bits(z, resolved)
+        equal = in_row & (bits == prefix)
+        take = (in_row & (bits > prefix)) | (equal & (ties + tl.cumsum(equal.to(tl.int32), 0) <= need))
+        at = taken + tl.cumsum(take.to(tl.int32), 0) - 1
+        _store_keys(scratch, at, _packed(z, idx), take, SMEM)
+        rest += tl.sum(tl.where(take | ~in_row, 0.0, tl.exp((z * inv_t - top) - log_sum)), 0)
+        taken += tl.sum(take.to(tl.int32), 0)
+        ties += tl.sum(equal.to(tl.int32), 0)
+    return taken, rest
 
 
 @triton.jit
 def _side_top(row, vocab, col_stride, inv_t, k_side, scratch,
               BITS1: tl.constexpr, BITS2: tl.constexpr, BITS3: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr,
-              K_PAD: tl.constexpr, SORT_CAP: tl.constexpr, SORT_PAD: tl.constexpr, BLOCK: tl.constexpr,
-              SMEM: tl.constexpr, CHUNK: tl.constexpr):
+              K_PAD: tl.constexpr, SORT_CAP: tl.constexpr, SORT_PAD: tl.constexpr, RUNS: tl.constexpr,
+              REGION: tl.constexpr, BLOCK: tl.constexpr, SMEM: tl.constexpr, CHUNK: tl.constexpr):
     """One side's first ``k_side`` probabilities of softmax(z / T) in descending order
     (``[K_PAD]``, 0 past ``k_side``), their columns, the row's log-sum-exp (maximum of z / T
     and log-sum, apart) and the probability past rank ``k_side`` (summed, not 1 minus the
-    first ones: see `_gradient_factors`). ``scratch``: ``SORT_PAD`` int64 of this row."""
+    first ones: see `_gradient_factors`). ``scratch``: this row's ``max(SORT_PAD, RUNS REGION)``
+    int64."""
     lanes = tl.arange(0, BLOCK)
     m = tl.full([BLOCK], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK], tl.float32)
@@ -156,7 +243,6 @@ def _side_top(row, vocab, col_stride, inv_t, k_side, scratch,
                                         SMEM, CHUNK)
     # Few enough logits at or above the bin of rank k (SORT_CAP): sort them all, no more levels.
     resolved = tl.full([], BITS1, tl.int32)
-    need = in_bin
     if above + in_bin > SORT_CAP:
         if BITS2 > 0:
             prefix, above, in_bin = _refine(row, vocab, col_stride, prefix, above, k_side, BITS1, BITS2,
@@ -165,27 +251,28 @@ def _side_top(row, vocab, col_stride, inv_t, k_side, scratch,
             prefix, above, in_bin = _refine(row, vocab, col_stride, prefix, above, k_side, BITS1 + BITS2, BITS3,
                                             UNIT_COL_STRIDE, BLOCK, SMEM, CHUNK)
         resolved = tl.full([], BITS1 + BITS2 + BITS3, tl.int32)
-        need = k_side - above  # every bit resolved: the last bin holds equal logits, take k_side in all
 
-    # Collect the logits above the prefix and the first `need` at it.
+    # Collect the logits at or above the prefix, in the runs' regions; where that is more than
+    # SORT_CAP (every bit resolved: the last bin holds equal logits), or a run's region
+    # overflows, in column order, up to rank k_side.
     tl.debug_barrier()  # (the other side's loads of the same scratch row are done)
-    taken = tl.zeros([], tl.int32)
-    ties = tl.zeros([], tl.int32)
-    rest = tl.zeros([], tl.float32)  # the probability of what is not taken
-    for start in tl.range(0, vocab, BLOCK):
-        idx = start + lanes
-        z, in_row = _load_logits(row, idx, col_stride, vocab, UNIT_COL_STRIDE)
-        bits = _high_bits(z, resolved)
-        equal = in_row & (bits == prefix)
-        take = (in_row & (bits > prefix)) | (equal & (ties + tl.cumsum(equal.to(tl.int32), 0) <= need))
-        at = taken + tl.cumsum(take.to(tl.int32), 0) - 1
-        tl.store(scratch + at, (_order_key(z).to(tl.int64) << 32) | idx.to(tl.int64), mask=take)
-        rest += tl.sum(tl.where(take | ~in_row, 0.0, tl.exp((z * inv_t - top) - log_sum)), 0)
-        taken += tl.sum(take.to(tl.int32), 0)
-        ties += tl.sum(equal.to(tl.int32), 0)
-    tl.debug_barrier()  # the scratch row's stores, by every thread, before its loads
     slots = tl.arange(0, SORT_PAD)
-    packed = tl.sort(tl.load(scratch + slots, mask=slots < taken, other=_PACKED_NONE), descending=True)
+    source = slots
+    taken = tl.zeros([], tl.int32)
+    rest = tl.zeros([], tl.float32)  # the probability of what is not taken
+    ordered = above + in_bin > SORT_CAP
+    if above + in_bin <= SORT_CAP:
+        filled, rest = _collect_by_run(row, vocab, col_stride, inv_t, top, log_sum, prefix, resolved, scratch,
+                                       UNIT_COL_STRIDE, BLOCK, RUNS, REGION, SMEM)
+        ordered = tl.max(filled, 0) > REGION
+        source, taken = _region_slots(filled, slots, REGION)
+    if ordered:
+        need = tl.where(above + in_bin > SORT_CAP, k_side - above, in_bin)
+        taken, rest = _collect_in_order(row, vocab, col_stride, inv_t, top, log_sum, prefix, resolved, need,
+                                        scratch, UNIT_COL_STRIDE, BLOCK, SMEM)
+        source = slots
+    tl.debug_barrier()  # the scratch row's stores, by every thread, before its loads
+    packed = tl.sort(tl.load(scratch + source, mask=slots < taken, other=_PACKED_NONE), descending=True)
     # The tail (ranks past k_side): the rest, and what was taken past rank k_side (bins sorted whole).
     past = (slots >= k_side) & (slots < taken)
     tail = rest + tl.sum(tl.where(past, tl.exp((_from_order_key((packed >> 32).to(tl.int32)) * inv_t - top)
@@ -244,7 +331,7 @@ def topk_rows_kernel(
     # saved for the backward, per side: [N, STATS] (`_save_side`), [N, K_PAD] columns and signs
     student_stats_ptr, student_columns_ptr, student_signs_ptr,
     teacher_stats_ptr, teacher_columns_ptr, teacher_signs_ptr,
-    scratch_ptr,  # [N, SORT_PAD] int64: a row a pair, the student's then the teacher's
+    scratch_ptr,  # [N, SCRATCH] int64: a row a pair, the student's then the teacher's
     # shapes, strides, temperatures
     student_vocab, teacher_vocab, k,
     student_seq_len, student_batch_stride, student_row_stride, student_col_stride,
@@ -255,12 +342,14 @@ def topk_rows_kernel(
     STUDENT_UNIT_STRIDE: tl.constexpr, TEACHER_UNIT_STRIDE: tl.constexpr,
     S_BITS1: tl.constexpr, S_BITS2: tl.constexpr, S_BITS3: tl.constexpr,
     T_BITS1: tl.constexpr, T_BITS2: tl.constexpr, T_BITS3: tl.constexpr,
-    K_PAD: tl.constexpr, SORT_CAP: tl.constexpr, SORT_PAD: tl.constexpr, BLOCK: tl.constexpr, SMEM: tl.constexpr,
-    CHUNK: tl.constexpr,
+    K_PAD: tl.constexpr, SORT_CAP: tl.constexpr, SORT_PAD: tl.constexpr, RUNS: tl.constexpr, REGION: tl.constexpr,
+    SCRATCH: tl.constexpr, BLOCK: tl.constexpr, SMEM: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """Program p: the truncated loss of pair p (rows p, or with GATHER the rows the index maps
     name; a negative student index is a padding slot: loss 0, nothing saved but zeros)."""
-    tl.static_assert(K_PAD <= SORT_PAD and SORT_CAP <= SORT_PAD)  # the scratch row holds what is sorted
+    # The scratch row holds what is sorted, and the runs' regions.
+    tl.static_assert(K_PAD <= SORT_PAD and SORT_CAP <= SORT_PAD and SORT_PAD <= SCRATCH and RUNS * REGION <= SCRATCH)
+    tl.static_assert(BLOCK % RUNS == 0)
     pair = tl.program_id(0).to(tl.int64)
     s_index, t_index, s_row, t_row = _pair_rows(
         pair, student_ptr, teacher_ptr, student_index_ptr, teacher_index_ptr,
@@ -283,12 +372,12 @@ def topk_rows_kernel(
         t_k = tl.minimum(k, teacher_vocab)
         a, s_columns, s_top, s_log_sum, s_tail = _side_top(
             s_row, student_vocab, student_col_stride, student_inv_t, s_k,
-            scratch_ptr + pair * SORT_PAD, S_BITS1, S_BITS2, S_BITS3, STUDENT_UNIT_STRIDE, K_PAD,
-            SORT_CAP, SORT_PAD, BLOCK, SMEM, CHUNK)
+            scratch_ptr + pair * SCRATCH, S_BITS1, S_BITS2, S_BITS3, STUDENT_UNIT_STRIDE, K_PAD,
+            SORT_CAP, SORT_PAD, RUNS, REGION, BLOCK, SMEM, CHUNK)
         b, t_columns, t_top, t_log_sum, t_tail = _side_top(
             t_row, teacher_vocab, teacher_col_stride, teacher_inv_t, t_k,
-            scratch_ptr + pair * SORT_PAD, T_BITS1, T_BITS2, T_BITS3, TEACHER_UNIT_STRIDE, K_PAD,
-            SORT_CAP, SORT_PAD, BLOCK, SMEM, CHUNK)
+            scratch_ptr + pair * SCRATCH, T_BITS1, T_BITS2, T_BITS3, TEACHER_UNIT_STRIDE, K_PAD,
+            SORT_CAP, SORT_PAD, RUNS, REGION, BLOCK, SMEM, CHUNK)
         diff = a - b  # both 0 past their side's k, so past k
         sign = (diff > 0).to(tl.float32) - (diff < 0).to(tl.float32)
         loss = tl.sum(tl.abs(diff), 0)
