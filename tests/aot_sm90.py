@@ -26,7 +26,7 @@ from uld_kernels.kernels.uld_topk import topk_grad_kernel, topk_rows_kernel  # n
 from uld_kernels.launch import (HIST_BLOCK, HIST_GRAD_BLOCK, HIST_PDL, HIST_SCAN, HIST_SIGN_MAXNREG, _hist_blocks, HIST_GRAD_CHUNK, HIST_SIGN_BLOCK,  # noqa: E402
                                 HIST_MAXNREG, HIST_TAIL_BLOCK, FALLBACK_FINISH_BLOCK, FALLBACK_SMEM_L1, _fallback_list_mode,
                                 ce_kernel_config, split_config)
-from uld_kernels.launch import TOPK_BIN_CHUNK, TOPK_BLOCK, TOPK_WARPS, topk_level_bits, topk_pad, topk_sizes  # noqa: E402
+from uld_kernels.launch import TOPK_BIN_CHUNK, TOPK_BLOCK, TOPK_PREFETCH, TOPK_WARPS, topk_level_bits, topk_pad, topk_sizes  # noqa: E402
 
 HIST_OPTIONS = dict(num_warps=4, **({"maxnreg": HIST_MAXNREG} if HIST_MAXNREG else {}))  # as launch.py
 TRITON_TYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -300,6 +300,7 @@ def topk_kernel_configs():
         bits = dict(zip(("BITS1", "BITS2", "BITS3"), topk_level_bits(dtype)))
         constexprs = dict(GATHER=gather, SAVE_STUDENT=True, SAVE_TEACHER=False, STUDENT_UNIT_STRIDE=True,
                           TEACHER_UNIT_STRIDE=True, **topk_sizes(k), BLOCK=TOPK_BLOCK, SMEM=True,
+                          PREFETCH=TOPK_PREFETCH,
                           CHUNK=TOPK_BIN_CHUNK,
                           **{f"S_{b}": v for b, v in bits.items()}, **{f"T_{b}": v for b, v in bits.items()})
         aligned = [n for n in types if n.endswith(("_ptr", "vocab", "row_stride", "batch_stride"))]

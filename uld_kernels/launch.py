@@ -736,6 +736,8 @@ TOPK_MAX_K = 1024  # the largest top_k the Triton select takes (a sort of k keys
 TOPK_STATS = uld_topk.STATS.value  # saved floats a row and side
 TOPK_BLOCK = 1024  # elements of a row per step of the top_k kernels
 TOPK_WARPS = 4  # the shared histogram's helpers (kernels/ptx.py) take 4 warps
+TOPK_PREFETCH = True  # the select's passes load the next block before working on this one
+TOPK_MAXNREG = None  # a register cap for the select (None: the compiler's choice)
 TOPK_RUNS = 4  # the collect pass's runs a step (one a warp, each counting its own: `_collect_by_run`)
 # Bins of the shared histogram read at a time (all 8,192 at once took 254 registers, 38.8 ms
 # against 23.9 ms a forward: run 7).
@@ -802,7 +804,8 @@ def topk_rows(student_logits, teacher_logits, k, student_temperature, teacher_te
         **dict(zip(("S_BITS1", "S_BITS2", "S_BITS3"), topk_level_bits(student_logits.dtype))),
         **dict(zip(("T_BITS1", "T_BITS2", "T_BITS3"), topk_level_bits(teacher_logits.dtype))),
         **sizes, BLOCK=TOPK_BLOCK, SMEM=not interpreter_enabled(),
-        CHUNK=TOPK_BIN_CHUNK, num_warps=TOPK_WARPS,
+        CHUNK=TOPK_BIN_CHUNK, PREFETCH=TOPK_PREFETCH, num_warps=TOPK_WARPS,
+        **({"maxnreg": TOPK_MAXNREG} if TOPK_MAXNREG else {}),
     )
     return loss, saved
 

@@ -39,7 +39,7 @@ import triton.language as tl
 
 from uld_kernels.kernels.const import const
 from uld_kernels.kernels.ptx import scatter_i64, smem_add_one, smem_add_one_sparse, smem_clear, smem_load, smem_zero
-from uld_kernels.kernels.uld_rows import _finish_lse, _load_logits, _online_lse_update, _pair_rows
+from uld_kernels.kernels.uld_rows import _block_raw, _finish_lse, _first_block, _load_logits, _online_lse_update, _pair_rows
 
 _PACKED_NONE = const(-9223372036854775808)  # sorts below every packed key
 STATS = const(5)  # saved floats a row and side: maximum, log-sum, g - mass for g = 0, +1, -1
@@ -156,7 +156,7 @@ def _store_keys(scratch, at, keys, mask, SMEM: tl.constexpr):
 @triton.jit
 def _collect_by_run(row, vocab, col_stride, inv_t, top, log_sum, prefix, resolved, scratch,
                     UNIT_COL_STRIDE: tl.constexpr, BLOCK: tl.constexpr, RUNS: tl.constexpr, REGION: tl.constexpr,
-                    SMEM: tl.constexpr):
+                    SMEM: tl.constexpr, PREFETCH: tl.constexpr):
     """The logits whose top ``resolved`` bits are ``prefix`` or above, packed (`_packed`) into
     the scratch row: each step's BLOCK columns are RUNS runs, run r's taken logits go to the
     region ``[r REGION, (r + 1) REGION)`` at the run's own count, so no step needs another
@@ -167,9 +167,11 @@ def _collect_by_run(row, vocab, col_stride, inv_t, top, log_sum, prefix, resolve
     columns = runs[:, None] * RUN + tl.arange(0, RUN)[None, :]
     filled = tl.zeros([RUNS], tl.int32)
     rest = tl.zeros([RUNS, RUN], tl.float32)
+    ahead = _first_block(row, columns, col_stride, vocab, UNIT_COL_STRIDE, PREFETCH)
     for start in tl.range(0, vocab, BLOCK):
         idx = start + columns
-        z, in_row = _load_logits(row, idx, col_stride, vocab, UNIT_COL_STRIDE)
+        raw, ahead = _block_raw(ahead, row, idx, col_stride, vocab, BLOCK, UNIT_COL_STRIDE, PREFETCH)
+        z, in_row = raw.to(tl.float32), idx < vocab
         take = in_row & (_high_bits(z, resolved) >= prefix)
         at = filled[:, None] + tl.cumsum(take.to(tl.int32), 1) - 1
         _store_keys(scratch, runs[:, None] * REGION + at, _packed(z, idx), take & (at < REGION), SMEM)
@@ -220,7 +222,8 @@ def _collect_in_order(row, vocab, col_stride, inv_t, top, log_sum, prefix, resol
 def _side_top(row, vocab, col_stride, inv_t, k_side, scratch,
               BITS1: tl.constexpr, BITS2: tl.constexpr, BITS3: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr,
               K_PAD: tl.constexpr, SORT_CAP: tl.constexpr, SORT_PAD: tl.constexpr, RUNS: tl.constexpr,
-              REGION: tl.constexpr, BLOCK: tl.constexpr, SMEM: tl.constexpr, CHUNK: tl.constexpr):
+              REGION: tl.constexpr, BLOCK: tl.constexpr, SMEM: tl.constexpr, CHUNK: tl.constexpr,
+              PREFETCH: tl.constexpr):
     """One side's first ``k_side`` probabilities of softmax(z / T) in descending order
     (``[K_PAD]``, 0 past ``k_side``), their columns, the row's log-sum-exp (maximum of z / T
     and log-sum, apart) and the probability past rank ``k_side`` (summed, not 1 minus the
@@ -231,8 +234,10 @@ def _side_top(row, vocab, col_stride, inv_t, k_side, scratch,
     s = tl.zeros([BLOCK], tl.float32)
     nans = tl.zeros([BLOCK], tl.int32)
     hist = tl.zeros([1 << BITS1], tl.int32)
+    ahead = _first_block(row, lanes, col_stride, vocab, UNIT_COL_STRIDE, PREFETCH)
     for start in tl.range(0, vocab, BLOCK):
-        z, in_row = _load_logits(row, start + lanes, col_stride, vocab, UNIT_COL_STRIDE)
+        raw, ahead = _block_raw(ahead, row, start + lanes, col_stride, vocab, BLOCK, UNIT_COL_STRIDE, PREFETCH)
+        z, in_row = raw.to(tl.float32), start + lanes < vocab
         m, s = _online_lse_update(m, s, z * inv_t)
         nans += (z != z).to(tl.int32)
         hist = _count(hist, _high_bits(z, BITS1).to(tl.int32), in_row, BITS1, SMEM)
@@ -263,7 +268,7 @@ def _side_top(row, vocab, col_stride, inv_t, k_side, scratch,
     ordered = above + in_bin > SORT_CAP
     if above + in_bin <= SORT_CAP:
         filled, rest = _collect_by_run(row, vocab, col_stride, inv_t, top, log_sum, prefix, resolved, scratch,
-                                       UNIT_COL_STRIDE, BLOCK, RUNS, REGION, SMEM)
+                                       UNIT_COL_STRIDE, BLOCK, RUNS, REGION, SMEM, PREFETCH)
         ordered = tl.max(filled, 0) > REGION
         source, taken = _region_slots(filled, slots, REGION)
     if ordered:
@@ -343,7 +348,7 @@ def topk_rows_kernel(
     S_BITS1: tl.constexpr, S_BITS2: tl.constexpr, S_BITS3: tl.constexpr,
     T_BITS1: tl.constexpr, T_BITS2: tl.constexpr, T_BITS3: tl.constexpr,
     K_PAD: tl.constexpr, SORT_CAP: tl.constexpr, SORT_PAD: tl.constexpr, RUNS: tl.constexpr, REGION: tl.constexpr,
-    SCRATCH: tl.constexpr, BLOCK: tl.constexpr, SMEM: tl.constexpr, CHUNK: tl.constexpr,
+    SCRATCH: tl.constexpr, BLOCK: tl.constexpr, SMEM: tl.constexpr, CHUNK: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """Program p: the truncated loss of pair p (rows p, or with GATHER the rows the index maps
     name; a negative student index is a padding slot: loss 0, nothing saved but zeros)."""
@@ -373,11 +378,11 @@ def topk_rows_kernel(
         a, s_columns, s_top, s_log_sum, s_tail = _side_top(
             s_row, student_vocab, student_col_stride, student_inv_t, s_k,
             scratch_ptr + pair * SCRATCH, S_BITS1, S_BITS2, S_BITS3, STUDENT_UNIT_STRIDE, K_PAD,
-            SORT_CAP, SORT_PAD, RUNS, REGION, BLOCK, SMEM, CHUNK)
+            SORT_CAP, SORT_PAD, RUNS, REGION, BLOCK, SMEM, CHUNK, PREFETCH)
         b, t_columns, t_top, t_log_sum, t_tail = _side_top(
             t_row, teacher_vocab, teacher_col_stride, teacher_inv_t, t_k,
             scratch_ptr + pair * SCRATCH, T_BITS1, T_BITS2, T_BITS3, TEACHER_UNIT_STRIDE, K_PAD,
-            SORT_CAP, SORT_PAD, RUNS, REGION, BLOCK, SMEM, CHUNK)
+            SORT_CAP, SORT_PAD, RUNS, REGION, BLOCK, SMEM, CHUNK, PREFETCH)
         diff = a - b  # both 0 past their side's k, so past k
         sign = (diff > 0).to(tl.float32) - (diff < 0).to(tl.float32)
         loss = tl.sum(tl.abs(diff), 0)
