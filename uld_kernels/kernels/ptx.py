@@ -429,6 +429,28 @@ _LIST_APPEND_ASM = const(
     "mad.wide.u32 a, at, 4, $4; st.global.u32 [a], $2; SKIP: mov.u32 $0, 0; }")
 
 
+# The top_k collect pass (uld_topk._collect_by_run): where $1, a slot from warp w's counter
+# (word w of the shared array, w = tid.x / 32) and, below the capacity $5, the key $3 above
+# the column $2 (one int64, the column in its low word) stored at slot w * $5 + slot of $4.
+# A warp with no lane taking skips it in one branch: in that pass almost every warp.
+_APPEND_KEY_ASM = const(
+    "{ .reg .pred p; .reg .u32 w, s, at; .reg .u64 a, v; setp.eq.s32 p, $1, 0; @p bra SKIP; "
+    "mov.u32 w, %tid.x; shr.u32 w, w, 5; mov.u32 s, uld_smem; mad.lo.u32 s, w, 4, s; "
+    "atom.shared.add.u32 at, [s], 1; setp.ge.u32 p, at, $5; @p bra SKIP; mad.lo.u32 at, w, $5, at; "
+    "mov.b64 v, {$2, $3}; mad.wide.u32 a, at, 8, $4; st.global.b64 [a], v; SKIP: mov.u32 $0, 0; }")
+
+
+@triton.jit
+def smem_append_key(taken, column, key, base_ptr, cap):
+    """Where `taken`: ``key << 32 | column`` (int32 each) -> base_ptr[w * cap + counter_w++]
+    while below `cap`, w the lane's warp (4 warps: counters at words 0..3 of the shared array,
+    zero before, which keep counting past `cap`; read them with `smem_load` after a barrier)."""
+    lanes = tl.zeros_like(column)
+    tl.inline_asm_elementwise(_APPEND_KEY_ASM, "=r,r,r,r,l,r",
+                              [taken.to(tl.int32), column, key, base_ptr + lanes, cap + lanes],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
 @triton.jit
 def list_append(reached, column, counter_ptr, list_ptr, cap):
     """Where `reached`: column -> list_ptr[counter++] while the counter is below `cap` (a

@@ -38,7 +38,8 @@ import triton
 import triton.language as tl
 
 from uld_kernels.kernels.const import const
-from uld_kernels.kernels.ptx import scatter_i64, smem_add_one, smem_add_one_sparse, smem_clear, smem_load, smem_zero
+from uld_kernels.kernels.ptx import (exp2_ftz, scatter_i64, smem_add_one, smem_add_one_sparse, smem_append_key, smem_clear,
+                                     smem_load, smem_zero)
 from uld_kernels.kernels.uld_rows import _block_raw, _finish_lse, _first_block, _load_logits, _online_lse_update, _pair_rows
 
 _PACKED_NONE = const(-9223372036854775808)  # sorts below every packed key
@@ -158,26 +159,52 @@ def _collect_by_run(row, vocab, col_stride, inv_t, top, log_sum, prefix, resolve
                     UNIT_COL_STRIDE: tl.constexpr, BLOCK: tl.constexpr, RUNS: tl.constexpr, REGION: tl.constexpr,
                     SMEM: tl.constexpr, PREFETCH: tl.constexpr):
     """The logits whose top ``resolved`` bits are ``prefix`` or above, packed (`_packed`) into
-    the scratch row: each step's BLOCK columns are RUNS runs, run r's taken logits go to the
-    region ``[r REGION, (r + 1) REGION)`` at the run's own count, so no step needs another
-    run's (a warp's) count, nor a barrier. Returns each run's count ``[RUNS]`` (past REGION:
-    the rest not stored) and the probability of the logits not taken."""
+    the scratch row, run r's in the region ``[r REGION, (r + 1) REGION)``, and the probability
+    of the logits not taken. Returns each run's count ``[RUNS]`` (past REGION: the rest not
+    stored) and that probability.
+
+    On the GPU (SMEM) a run is a warp: its lanes take slots from the warp's counter in shared
+    memory (`ptx.smem_append_key`, zero from the last bin search), and a warp where no lane
+    takes (almost all) skips it in one branch; the slots' order varies, the sort's does not.
+    Elsewhere each step's BLOCK columns are RUNS runs, each counting by its own prefix sums."""
     RUN: tl.constexpr = BLOCK // RUNS
     runs = tl.arange(0, RUNS)
     columns = runs[:, None] * RUN + tl.arange(0, RUN)[None, :]
     filled = tl.zeros([RUNS], tl.int32)
     rest = tl.zeros([RUNS, RUN], tl.float32)
+    # the key's order for the prefix's bin and above: the signed key at or past its first one
+    lowest = ((prefix << (32 - resolved)) ^ 0x80000000).to(tl.int32, bitcast=True)
+    shift = -(log_sum * 1.4426950408889634)  # exp(t - log_sum) = 2 ** (t log2(e) - log_sum log2(e))
     ahead = _first_block(row, columns, col_stride, vocab, UNIT_COL_STRIDE, PREFETCH)
     for start in tl.range(0, vocab, BLOCK):
         idx = start + columns
         raw, ahead = _block_raw(ahead, row, idx, col_stride, vocab, BLOCK, UNIT_COL_STRIDE, PREFETCH)
         z, in_row = raw.to(tl.float32), idx < vocab
-        take = in_row & (_high_bits(z, resolved) >= prefix)
-        at = filled[:, None] + tl.cumsum(take.to(tl.int32), 1) - 1
-        _store_keys(scratch, runs[:, None] * REGION + at, _packed(z, idx), take & (at < REGION), SMEM)
-        rest += tl.where(take | ~in_row, 0.0, tl.exp((z * inv_t - top) - log_sum))
-        filled += tl.sum(take.to(tl.int32), 1)
+        key = _order_key(z)
+        take = in_row & (key >= lowest)
+        if SMEM:
+            smem_append_key(take, idx, key, scratch, REGION)
+        else:
+            at = filled[:, None] + tl.cumsum(take.to(tl.int32), 1) - 1
+            tl.store(scratch + runs[:, None] * REGION + at, _packed(z, idx), mask=take & (at < REGION))
+            filled += tl.sum(take.to(tl.int32), 1)
+        t = tl.fma(z, inv_t, -top) * 1.4426950408889634 + shift
+        rest += tl.where(take | ~in_row, 0.0, _exp2(t, SMEM))
+    if SMEM:
+        tl.debug_barrier()  # every lane's slot taken
+        filled = smem_load(runs)
+        tl.debug_barrier()
+        smem_clear()  # (the next histogram starts from zeros)
     return filled, tl.sum(tl.sum(rest, 1), 0)
+
+
+@triton.jit
+def _exp2(x, FTZ: tl.constexpr):
+    """2 ** x; with FTZ one MUFU instruction, subnormal results 0 (kernels/ptx.py, GPU only)."""
+    if FTZ:
+        return exp2_ftz(x)
+    else:
+        return tl.exp2(x)
 
 
 @triton.jit
