@@ -281,3 +281,13 @@ def test_torch_compile_fullgraph(device):
         results.append((loss.detach(), s_in.grad))
     for eager, compiled in zip(*results):
         torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=1e-5)
+
+
+def test_the_gpu_select_takes_four_warps(monkeypatch):
+    """The select's shared-memory helpers and its collect pass's runs assume 4 warps: another
+    warp count is refused before any launch (it would write past the scratch rows)."""
+    monkeypatch.setattr(launch, "interpreter_enabled", lambda: False)
+    monkeypatch.setattr(launch, "TOPK_WARPS", 8)
+    student, teacher = _rows(0, 2, 30, 20, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="TOPK_WARPS and TOPK_RUNS must be 4"):
+        launch.topk_rows(student, teacher, 5, 1.0, 1.0, (True, False))

@@ -16,6 +16,7 @@ import triton
 
 from uld_kernels.kernels import uld_hist, uld_split, uld_topk
 from uld_kernels.kernels.cross_entropy import ce_rows_kernel
+from uld_kernels.kernels.ptx import SMEM_THREADS
 from uld_kernels.kernels.uld_rows import INT_PLANES, META_SLOTS, SIGN_PLANES, scale_rows_kernel, zero_rows_kernel
 
 INT_PLANES, META_SLOTS, SIGN_PLANES = INT_PLANES.value, META_SLOTS.value, SIGN_PLANES.value
@@ -791,6 +792,11 @@ def topk_rows(student_logits, teacher_logits, k, student_temperature, teacher_te
               torch.empty(n, k_pad, dtype=torch.int8, device=device)) if keep else None for keep in save]
     if n == 0:
         return loss, saved
+    smem = not interpreter_enabled()
+    if smem and not TOPK_WARPS == TOPK_RUNS == SMEM_THREADS.value // 32:
+        # the shared histogram is sized for 4 warps, and the collect pass's runs are the warps
+        raise ValueError(f"launch.TOPK_WARPS and TOPK_RUNS must be {SMEM_THREADS.value // 32} on the GPU, got "
+                         f"{TOPK_WARPS} and {TOPK_RUNS}")
     scratch = torch.empty(n, sizes["SCRATCH"], dtype=torch.int64, device=device)  # a row a pair
     outputs = [side if side is not None else (loss, loss, loss) for side in saved]
     indices = (student_index.contiguous(), teacher_index.contiguous()) if gather else (loss, loss)
@@ -803,7 +809,7 @@ def topk_rows(student_logits, teacher_logits, k, student_temperature, teacher_te
         STUDENT_UNIT_STRIDE=student_logits.stride(-1) == 1, TEACHER_UNIT_STRIDE=teacher_logits.stride(-1) == 1,
         **dict(zip(("S_BITS1", "S_BITS2", "S_BITS3"), topk_level_bits(student_logits.dtype))),
         **dict(zip(("T_BITS1", "T_BITS2", "T_BITS3"), topk_level_bits(teacher_logits.dtype))),
-        **sizes, BLOCK=TOPK_BLOCK, SMEM=not interpreter_enabled(),
+        **sizes, BLOCK=TOPK_BLOCK, SMEM=smem,
         CHUNK=TOPK_BIN_CHUNK, PREFETCH=TOPK_PREFETCH, num_warps=TOPK_WARPS,
         **({"maxnreg": TOPK_MAXNREG} if TOPK_MAXNREG else {}),
     )
