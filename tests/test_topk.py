@@ -216,14 +216,28 @@ def _few_values():
             (torch.randint(0, 3, (3, 500), generator=g) / 3).to(torch.bfloat16))
 
 
-def _one_run_crowded():
-    """200 top logits of a row in the first 256 columns, one bin of the first level: one run of
-    the Triton collect pass (kernels/uld_topk.py, `_collect_by_run`) gets more than its region
-    and the row is collected again in column order."""
-    student, teacher = _edge(32, vs=1200, vt=1100)
-    student[:, :200] = 10.0 + torch.linspace(0.0, 0.4, 200)
-    teacher[:, 1024:1074] = 9.0 + torch.linspace(0.0, 0.3, 50)  # in a second step's first run
+def _crowded_runs():
+    """200 top logits of the student in the first 50 columns of each of 4 steps of 1,024, one
+    bin of the first level: on every layout one warp's run of the Triton collect pass
+    (kernels/uld_topk.py, `_collect_by_run`) holds them all, more than its region, and the row
+    is collected again in column order (helper-38's review: a crowd in the first 200 columns
+    overflowed the interpreter's run but not the GPU's float32 layout)."""
+    g = torch.Generator().manual_seed(32)
+    student, teacher = torch.randn(3, 4096, generator=g) * 2, torch.randn(3, 3000, generator=g) * 2
+    for step in range(4):
+        student[:, step * 1024:step * 1024 + 50] = 10.0 + torch.rand(3, 50, generator=g) * 0.4
+    teacher[:, 1024:1074] = 9.0 + torch.linspace(0.0, 0.3, 50)  # in a second step
     return student, teacher
+
+
+def _crowded_bin(dtype, values):
+    """700 logits of a row on `values` values of one first-level bin ([1, 1.0625)), the rest far
+    below, k = 100: the select refines (every bit) and then collects by runs."""
+    g = torch.Generator().manual_seed(33)
+    student = torch.randn(2, 2000, generator=g) - 4
+    crowd = 1.0 + torch.randint(0, values, (2, 700), generator=g) / (16 * values)
+    student.scatter_(1, torch.stack([torch.randperm(2000, generator=g)[:700] for _ in range(2)]), crowd)
+    return student.to(dtype), torch.randn(2, 1500, generator=g).to(dtype)
 
 
 EDGES = {  # name: (rows, k, student temperature, teacher temperature); from helper-36's review
@@ -242,7 +256,9 @@ EDGES = {  # name: (rows, k, student temperature, teacher temperature); from hel
     "fp16-subnormals": (lambda: (_edge(29, scale=1e-5)[0].half(), _edge(29)[1].half()), 50, 1.0, 1.0),
     "fp16-student-bf16-teacher": (lambda: (_edge(30)[0].half(), _edge(30)[1].bfloat16()), 60, 1.0, 1.0),
     "column-strides": (lambda: tuple(x.t().contiguous().t() for x in _edge(31)), 30, 1.0, 1.0),
-    "one-run-crowded": (_one_run_crowded, 37, 1.0, 1.0),
+    "crowded-runs": (_crowded_runs, 37, 1.0, 1.0),
+    "crowded-bin-bf16": (lambda: _crowded_bin(torch.bfloat16, 8), 100, 1.0, 1.0),
+    "crowded-bin-fp16": (lambda: _crowded_bin(torch.float16, 64), 100, 1.0, 1.0),
 }
 
 

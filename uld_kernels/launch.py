@@ -765,7 +765,8 @@ def topk_sizes(k: int) -> dict:
     """The select's sizes at ``k`` (kernels/uld_topk.py's constexprs): the ranks kept
     (``K_PAD``), the most logits a side sorted instead of refining (``SORT_CAP``), the sort's
     size, the collect pass's runs and each run's region (half of what is sorted), and the
-    scratch row's length in int64."""
+    scratch row's length in int64 (2 SORT_CAP: 8 KiB a pair at k = 100, 16 KiB from k = 513;
+    freed after the forward)."""
     k_pad = topk_pad(k)
     sort_cap = min(TOPK_SORT_FACTOR * k_pad, max(k_pad, TOPK_SORT_MAX))
     sort_pad = max(k_pad, sort_cap)

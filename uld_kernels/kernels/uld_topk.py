@@ -13,10 +13,11 @@ the logits' order), one program per pair of rows:
    shared memory on the GPU (kernels/ptx.py);
 3. one pass that collects the logits at or above that bin (at most ``SORT_CAP``) as
    ``key << 32 | column`` into a scratch row, and sums the probability of the others. Each
-   step's columns are ``RUNS`` runs, one a warp, and each run counts into its own region of
-   the scratch row, so a step needs no other warp's count and no barrier; a run past its
-   region (half of what is sorted), or a last bin of equal logits past ``SORT_CAP``, has the
-   row collected again in column order (prefix sums across the warps), up to rank ``k``.
+   warp's columns (a run) go to the warp's own region of the scratch row, so a step needs no
+   other warp's count and no barrier; a run past its region (half of what is sorted), or a
+   last bin of equal logits past ``SORT_CAP``, has the row collected again in column order
+   (prefix sums across the warps), up to rank ``k``. Which columns a warp holds is the
+   compiler's layout (float32 and bf16 rows differ), so which rows fall back does too.
    Sorted, the keys give the side's first ``k`` probabilities in order and their columns
    (ties: the larger column first, like any sort's choice a valid member of the tied group).
 
@@ -163,10 +164,11 @@ def _collect_by_run(row, vocab, col_stride, inv_t, top, log_sum, prefix, resolve
     of the logits not taken. Returns each run's count ``[RUNS]`` (past REGION: the rest not
     stored) and that probability.
 
-    On the GPU (SMEM) a run is a warp: its lanes take slots from the warp's counter in shared
-    memory (`ptx.smem_append_key`, zero from the last bin search), and a warp where no lane
-    takes (almost all) skips it in one branch; the slots' order varies, the sort's does not.
-    Elsewhere each step's BLOCK columns are RUNS runs, each counting by its own prefix sums."""
+    On the GPU (SMEM) a run is whatever columns the layout gives a warp: its lanes take slots
+    from the warp's counter in shared memory (`ptx.smem_append_key`, zero from the last bin
+    search), and a warp where no lane takes (almost all) skips it in one branch; the slots'
+    order varies, the sort's does not. Elsewhere (the interpreter) run r is the columns
+    ``[r RUN, (r + 1) RUN)`` of each step, counting by its own prefix sums."""
     RUN: tl.constexpr = BLOCK // RUNS
     runs = tl.arange(0, RUNS)
     columns = runs[:, None] * RUN + tl.arange(0, RUN)[None, :]
@@ -217,7 +219,8 @@ def _region_slots(filled, slots, REGION: tl.constexpr):
     runs = tl.arange(0, filled.shape[0])
     run_of = tl.sum((slots[:, None] >= ends[None, :]).to(tl.int32), 1)
     start_of = tl.sum(tl.where(run_of[:, None] == runs[None, :], starts[None, :], 0), 1)
-    return run_of * REGION + slots - start_of, tl.sum(counts, 0)
+    taken = tl.sum(counts, 0)
+    return tl.where(slots < taken, run_of * REGION + slots - start_of, 0), taken
 
 
 @triton.jit
