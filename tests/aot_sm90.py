@@ -311,7 +311,12 @@ def topk_kernel_configs():
         types = _types_by_name(topk_grad_kernel, "*" + TRITON_TYPE[dtype])
         aligned = [n for n in types if n.endswith(("_ptr", "vocab", "row_stride", "batch_stride"))]
         yield (f"topk_grad {TRITON_TYPE[dtype]}", topk_grad_kernel, types,
-               dict(GATHER=False, UNIT_COL_STRIDE=True, K_PAD=k_pad, BLOCK=TOPK_BLOCK), aligned, TOPK_WARPS)
+               dict(GATHER=False, UNIT_COL_STRIDE=True, K_PAD=k_pad, BLOCK=TOPK_BLOCK, ACCUMULATE=False), aligned,
+               TOPK_WARPS)
+    types = _types_by_name(topk_grad_kernel, "*bf16")
+    aligned = [n for n in types if n.endswith(("_ptr", "vocab", "row_stride", "batch_stride"))]
+    yield ("topk_grad bf16 gather accumulate", topk_grad_kernel, types,
+           dict(GATHER=True, UNIT_COL_STRIDE=True, K_PAD=k_pad, BLOCK=TOPK_BLOCK, ACCUMULATE=True), aligned, TOPK_WARPS)
 
 
 def main():

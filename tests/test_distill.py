@@ -77,6 +77,17 @@ def _assert_matches_the_papers_semantics(student, teacher, s_labels, t_labels, o
                        student.reshape(-1, vocab).detach(), dtype)
 
 
+@pytest.mark.parametrize("options", [o for o in OPTIONS if o.get("top_k", 1000) < 40],
+                         ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_truncated_rows_by_pytorch_add_into_the_cross_entropy_gradient(options, device, monkeypatch):
+    """``top_k`` past the Triton select's largest ``k`` (PyTorch's chunks): the truncated rows'
+    gradient added into the cross-entropy's buffer (`topk._torch_grad`'s ``out``) as the
+    kernel adds it, against the reference."""
+    import uld_kernels.launch as launch
+    monkeypatch.setattr(launch, "TOPK_MAX_K", 0)
+    _assert_matches_the_papers_semantics(*_batch(len(str(options)) + 1, device), options, torch.float32)
+
+
 @pytest.mark.parametrize("top_k", [None, 6])
 def test_padded_lm_head_columns_are_left_out(top_k, device):
     student, teacher, s_labels, t_labels = _batch(5, device, vs=40, vs_full=48)
@@ -306,12 +317,14 @@ def test_edge_batches(name, top_k, device):
                        per_tie_group=False)
 
 
-def test_torch_compile_fullgraph(device):
-    """The training loss traces without a graph break; compiled and eager agree bit for bit."""
+@pytest.mark.parametrize("top_k", [None, 4])
+def test_torch_compile_fullgraph(top_k, device):
+    """The training loss traces without a graph break; compiled and eager agree bit for bit
+    (with ``top_k``, the truncated rows' gradient added into the cross-entropy's in place)."""
     student, teacher, s_labels, t_labels = _batch(9, device)
     eager_in = student.detach().clone().requires_grad_(True)
     compiled_in = student.detach().clone().requires_grad_(True)
-    uld = ULDLoss(distillation_weight=1.5, skip_student_eos=True)
+    uld = ULDLoss(distillation_weight=1.5, skip_student_eos=True, top_k=top_k)
     eager = uld(eager_in, teacher, s_labels, t_labels)[0]
     compiled = torch.compile(uld, fullgraph=True)(compiled_in, teacher, s_labels, t_labels)[0]
     (eager * 2).backward()

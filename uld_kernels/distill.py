@@ -16,7 +16,7 @@ from uld_kernels.alignment import ALIGNMENTS, next_token_targets, pair_rows
 from uld_kernels.api import reference_module
 from uld_kernels import launch
 from uld_kernels.autograd import call_op, custom_op
-from uld_kernels.topk import ULDTopKFunction, truncates
+from uld_kernels.topk import topk_forward, topk_side_grad, truncates
 from uld_kernels.launch import cross_entropy_rows, hist_pairs, interpreter_enabled, uld_pairs, zero_unwritten_
 from uld_kernels.validation import (
     check_choice,
@@ -106,50 +106,78 @@ def _uld_distill_fake(student_logits, teacher_logits, student_vocab, teacher_voc
 
 class ULDDistillFunction(torch.autograd.Function):
     """Autograd of the full distillation loss: ``total`` carries the gradient; ``ce`` and
-    ``distillation`` are returned for logging and are not differentiable."""
+    ``distillation`` are returned for logging and are not differentiable.
+
+    With ``plan["top_k"]`` the ULD term is the truncated variant (uld_kernels/topk.py): the
+    fused op computes the cross-entropy of every answer row and its gradient, and the truncated
+    rows' gradient is added into that buffer in the backward (one ``[B, Ls, V]`` buffer, not a
+    second one that autograd sums)."""
 
     @staticmethod
     def forward(ctx, student_logits, teacher_logits, pair_weight, plan):
+        top_k = plan["top_k"]
+        student_grad = bool(ctx.needs_input_grad[0] and plan["grad_enabled"])
+        student_index, teacher_index = plan["student_index"], plan["teacher_index"]
+        no_pairs = student_index[:0]
         rows, pair_ce, other_ce, grad = call_op(
             "uld_distill", student_logits, teacher_logits, plan["student_vocab"], plan["teacher_vocab"],
-            plan["student_index"], plan["teacher_index"], pair_weight,
+            *((no_pairs, no_pairs, pair_weight[:0]) if top_k else (student_index, teacher_index, pair_weight)),
             plan["ce_index"], plan["ce_label"], plan["ce_weight"],
             plan["student_temperature"], plan["teacher_temperature"], plan["has_ce"],
-            bool(ctx.needs_input_grad[0] and plan["grad_enabled"]),
+            student_grad and (plan["has_ce"] or not top_k),  # top_k alone: its gradient in the backward
         )
+        saved = (None,) * 3
+        if top_k:  # the teacher gets no gradient from the training loss
+            rows, tensors, ctx.kernels, _, _ = topk_forward(
+                student_logits[..., :plan["student_vocab"]], teacher_logits.detach()[..., :plan["teacher_vocab"]],
+                top_k, plan["student_temperature"], plan["teacher_temperature"], (student_grad, False),
+                student_index, teacher_index)
+            saved = tensors[:3]
+            pair_ce = torch.zeros_like(rows)  # every answer row's cross-entropy is in other_ce
         batch = student_logits.shape[0]
         distill = pair_weight * rows
-        ce_pairs = plan["ce_weight"][plan["student_index"].clamp(min=0)] * pair_ce
+        ce_pairs = plan["ce_weight"][student_index.clamp(min=0)] * pair_ce
         ce_other = plan["ce_weight"] * other_ce
         if plan["per_sample"]:
             seq_len = student_logits.shape[1]
-            distill = _per_sample(distill, plan["student_index"], batch, seq_len)
-            ce = _per_sample(ce_pairs, plan["student_index"], batch, seq_len) + ce_other.view(batch, -1).sum(dim=1)
+            distill = _per_sample(distill, student_index, batch, seq_len)
+            ce = _per_sample(ce_pairs, student_index, batch, seq_len) + ce_other.view(batch, -1).sum(dim=1)
         else:
             distill, ce = distill.sum(), ce_pairs.sum() + ce_other.sum()
-        ctx.student_grad = bool(ctx.needs_input_grad[0] and plan["grad_enabled"])
+        ctx.student_grad = student_grad
         # Explicit row_weights that require grad: d total / d pair_weight[i] = rows[i].
         ctx.weight_grad = bool(ctx.needs_input_grad[2] and plan["grad_enabled"])
+        truncated = bool(top_k) and student_grad
         ctx.save_for_backward(grad, rows if ctx.weight_grad else None,
-                              plan["student_index"] if ctx.weight_grad else None)
+                              student_index if ctx.weight_grad or truncated else None,
+                              student_logits if truncated else None, pair_weight if truncated else None, *saved)
         ctx.seq_len = student_logits.shape[1]
+        ctx.top_k, ctx.has_ce = top_k, plan["has_ce"]
+        ctx.plan = {key: plan[key] for key in ("student_vocab", "student_temperature")}
         ctx.mark_non_differentiable(ce, distill)
         return ce + distill, ce, distill
 
     @staticmethod
     def backward(ctx, grad_total, _grad_ce, _grad_distill):
-        grad, rows, student_index = ctx.saved_tensors
-        grad_weight = None
-        if ctx.weight_grad:
-            # Per sample ("none"): each pair's factor is its student row's sample's.
-            upstream = (grad_total[student_index.clamp(min=0) // ctx.seq_len]
-                        if grad_total.dim() == 1 else grad_total)
-            grad_weight = upstream * rows
+        grad, rows, student_index, student_logits, pair_weight, *saved = ctx.saved_tensors
+        # Per sample ("none"): each pair's factor is its student row's sample's.
+        def per_pair(values):
+            return values[student_index.clamp(min=0) // ctx.seq_len] if values.dim() == 1 else values
+
+        grad_weight = per_pair(grad_total) * rows if ctx.weight_grad else None
         if not ctx.student_grad:
             return None, None, grad_weight, None
-        flat = grad.view(-1, grad.shape[-1])
-        scale = grad_total.repeat_interleave(ctx.seq_len) if grad_total.dim() == 1 else grad_total
-        call_op("scale_rows_", flat, scale)
+        if ctx.top_k and not ctx.has_ce:  # no cross-entropy buffer: one for the truncated rows' gradient alone
+            grad = torch.zeros_like(student_logits, memory_format=torch.contiguous_format)
+            flat = grad.view(-1, grad.shape[-1])
+        else:
+            flat = grad.view(-1, grad.shape[-1])
+            scale = grad_total.repeat_interleave(ctx.seq_len) if grad_total.dim() == 1 else grad_total
+            call_op("scale_rows_", flat, scale)
+        if ctx.top_k:  # the truncated rows' gradient, added into the cross-entropy's
+            topk_side_grad(student_logits[..., :ctx.plan["student_vocab"]], student_index, saved,
+                           pair_weight * per_pair(grad_total), ctx.plan["student_temperature"], ctx.top_k,
+                           ctx.kernels, out=flat)
         return grad, None, grad_weight, None
 
 
@@ -259,15 +287,6 @@ def uld_distillation_loss(
         student_rows, teacher_rows, row_weights, student_logits.shape[0] * student_logits.shape[1],
         teacher_logits.shape[0] * teacher_logits.shape[1])
 
-    if truncates(top_k, student_vocab, teacher_vocab):
-        return _truncated_distillation(
-            student_logits, teacher_logits, student_labels, teacher_labels, top_k,
-            distillation_weight=distillation_weight, crossentropy_weight=crossentropy_weight,
-            student_temperature=student_temperature, teacher_temperature=teacher_temperature,
-            skip_student_eos=skip_student_eos, skip_teacher_eos=skip_teacher_eos,
-            ignore_index=ignore_index, reduction=reduction, num_items_in_batch=num_items_in_batch,
-            student_vocab=student_vocab, teacher_vocab=teacher_vocab, alignment=alignment,
-            student_rows=student_rows, teacher_rows=teacher_rows, row_weights=row_weights)
     if student_logits.device.type == "cpu" and not interpreter_enabled():
         return reference_module("paper").uld_distillation_loss_reference(
             student_logits.float(), teacher_logits.float(), student_labels, teacher_labels,
@@ -277,47 +296,22 @@ def uld_distillation_loss(
             ignore_index=ignore_index, reduction=reduction, num_items_in_batch=num_items_in_batch,
             student_vocab_size=student_vocab_size, teacher_vocab_size=teacher_vocab_size,
             alignment=alignment, student_rows=student_rows, teacher_rows=teacher_rows,
-            row_weights=row_weights)
+            row_weights=row_weights, top_k=top_k)
 
     plan = _plan(student_logits, student_labels, teacher_labels, distillation_weight,
                  crossentropy_weight, skip_student_eos, skip_teacher_eos, ignore_index, reduction,
                  num_items_in_batch, alignment, student_rows, teacher_rows, row_weights)
     plan.update(student_vocab=student_vocab, teacher_vocab=teacher_vocab,
                 student_temperature=student_temperature, teacher_temperature=teacher_temperature,
-                has_ce=crossentropy_weight != 0.0)
+                has_ce=crossentropy_weight != 0.0,
+                top_k=top_k if truncates(top_k, student_vocab, teacher_vocab) else None)
+    if plan["top_k"]:  # the fused op computes no pair: every answer row's cross-entropy is its own kernel's
+        plan["ce_index"] = torch.where(plan["ce_label"] >= 0, torch.arange(plan["ce_label"].numel(),
+                                                                            device=plan["ce_label"].device), -1)
     # Grad mode is off inside forward: record it here, so that evaluation under
     # torch.no_grad() computes no gradient.
     plan["grad_enabled"] = torch.is_grad_enabled()
     return ULDDistillFunction.apply(student_logits, teacher_logits, plan.pop("pair_weight"), plan)
-
-
-def _truncated_distillation(student_logits, teacher_logits, student_labels, teacher_labels, top_k, *,
-                            distillation_weight, crossentropy_weight, student_temperature, teacher_temperature,
-                            skip_student_eos, skip_teacher_eos, ignore_index, reduction, num_items_in_batch,
-                            student_vocab, teacher_vocab, alignment, student_rows, teacher_rows, row_weights):
-    """``top_k``: the cross-entropy from the fused path with no pairs (its own kernel reads the
-    answer rows), the ULD term from ``ULDTopKFunction`` over the same pairs and weights."""
-    no_pairs = torch.empty(0, dtype=torch.int64, device=student_labels.device)
-    # Without a cross-entropy term the call gets detached logits: no gradient buffer is kept.
-    ce_student = student_logits if crossentropy_weight != 0.0 else student_logits.detach()
-    ce_total, ce, _ = uld_distillation_loss(
-        ce_student, teacher_logits, student_labels, teacher_labels, distillation_weight=0.0,
-        crossentropy_weight=crossentropy_weight, ignore_index=ignore_index, reduction=reduction,
-        num_items_in_batch=num_items_in_batch, student_vocab_size=student_vocab,
-        teacher_vocab_size=teacher_vocab, student_rows=no_pairs, teacher_rows=no_pairs)
-    plan = _plan(student_logits, student_labels, teacher_labels, distillation_weight, crossentropy_weight,
-                 skip_student_eos, skip_teacher_eos, ignore_index, reduction, num_items_in_batch, alignment,
-                 student_rows, teacher_rows, row_weights)
-    # The teacher gets no gradient from the training loss (as on the fused path).
-    rows = ULDTopKFunction.apply(student_logits[..., :student_vocab], teacher_logits.detach()[..., :teacher_vocab], top_k,
-                                 student_temperature, teacher_temperature, torch.is_grad_enabled(),
-                                 plan["student_index"], plan["teacher_index"])
-    distill = plan["pair_weight"] * rows
-    if plan["per_sample"]:
-        distill = _per_sample(distill, plan["student_index"], student_logits.shape[0], student_logits.shape[1])
-    else:
-        distill = distill.sum()
-    return ce_total + distill, ce, distill.detach()
 
 
 def _per_sample(values, student_index, batch, seq_len):

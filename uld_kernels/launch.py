@@ -817,20 +817,27 @@ def topk_rows(student_logits, teacher_logits, k, student_temperature, teacher_te
     return loss, saved
 
 
-def topk_grad(logits, index, saved, upstream, temperature, k_side):
+def topk_grad(logits, index, saved, upstream, temperature, k_side, out=None):
     """One side's gradient of the truncated loss, ``upstream[r]`` times row r's, in the logits'
-    dtype and shape (rows by ``index``, distinct, when given: the others 0)."""
+    dtype and shape (rows by ``index``, distinct, when given: the others 0); with ``out``
+    (``[rows, width >= V]`` of the logits' dtype, rows in the logits' flat order) added into
+    its rows instead, in place, and ``out`` returned."""
     stats, columns, signs = saved
     n = stats.shape[0]
-    grad = (torch.zeros if index is not None else torch.empty)(logits.shape, dtype=logits.dtype, device=logits.device)
+    if out is None:
+        grad = (torch.zeros if index is not None else torch.empty)(logits.shape, dtype=logits.dtype,
+                                                                    device=logits.device)
+        row_stride = logits.shape[-1]
+    else:
+        grad, row_stride = out, out.stride(0)
     if n == 0 or logits.shape[-1] == 0:
         return grad
     upstream = upstream.float().expand(n).contiguous()
     uld_topk.topk_grad_kernel[(n,)](
         logits, index.contiguous() if index is not None else stats, stats, columns, signs, upstream, grad,
-        logits.shape[-1], k_side, *_row_layout(logits), logits.shape[-1], 1.0 / temperature,
+        logits.shape[-1], k_side, *_row_layout(logits), row_stride, 1.0 / temperature,
         GATHER=index is not None, UNIT_COL_STRIDE=logits.stride(-1) == 1, K_PAD=columns.shape[1],
-        BLOCK=TOPK_BLOCK, num_warps=TOPK_WARPS,
+        BLOCK=TOPK_BLOCK, ACCUMULATE=out is not None, num_warps=TOPK_WARPS,
     )
     return grad
 

@@ -137,19 +137,25 @@ def _torch_rows(student_logits, teacher_logits, k, student_temperature, teacher_
     return rows, saved
 
 
-def _torch_grad(logits, index, saved, upstream, temperature, k_side):
-    """``launch.topk_grad`` in PyTorch, by chunks of rows; repeated ``index`` rows add up."""
+def _torch_grad(logits, index, saved, upstream, temperature, k_side, out=None):
+    """``launch.topk_grad`` in PyTorch, by chunks of rows; repeated ``index`` rows add up; with
+    ``out`` (``[rows, width >= V]``) added into its rows instead, and ``out`` returned."""
     stats, columns, signs = saved
-    grad = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
-    for part in _chunks(stats.shape[0], logits.shape[-1]):
+    vocab = logits.shape[-1]
+    grad = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device) if out is None else out
+    flat = grad.view(-1, grad.shape[-1])[:, :vocab]
+    for part in _chunks(stats.shape[0], vocab):
         rows, valid = _rows(logits, index, part)
         chunk = _side_grad(rows, temperature, stats[part, 0], stats[part, 1], columns[part, :k_side].long(),
                            signs[part, :k_side].float(), stats[part, 2:], upstream[part].float())
         if valid is None:
-            grad[part] = chunk.to(logits.dtype)
+            if out is None:
+                flat[part] = chunk.to(logits.dtype)
+            else:
+                flat[part] = (flat[part].float() + chunk).to(logits.dtype)
         else:  # rows by index (padding slots add zeros)
             chunk = torch.where(valid[:, None], chunk, 0.0)
-            grad.view(-1, logits.shape[-1]).index_add_(0, index[part].clamp(min=0), chunk.to(logits.dtype))
+            flat.index_add_(0, index[part].clamp(min=0), chunk.to(logits.dtype))
     return grad
 
 
@@ -191,9 +197,64 @@ def _topk_grad_fake(logits, gather, index, stats, columns, signs, upstream, temp
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
+@custom_op("topk_grad_add_", mutates_args=("out",))
+def topk_grad_add_op(out: torch.Tensor, logits: torch.Tensor, gather: bool, index: torch.Tensor,
+                     stats: torch.Tensor, columns: torch.Tensor, signs: torch.Tensor, upstream: torch.Tensor,
+                     temperature: float, k_side: int) -> None:
+    """``launch.topk_grad`` added into ``out`` in place, as a custom op."""
+    launch.topk_grad(logits, index if gather else None, (stats, columns, signs), upstream, temperature, k_side,
+                     out=out)
+
+
+@topk_grad_add_op.register_fake
+def _topk_grad_add_fake(out, logits, gather, index, stats, columns, signs, upstream, temperature, k_side):
+    return None
+
+
 def _uses_kernels(logits: torch.Tensor, k: int) -> bool:
     """The Triton select (GPU, or CPU under the interpreter) up to ``launch.TOPK_MAX_K``."""
     return (logits.is_cuda or launch.interpreter_enabled()) and k <= launch.TOPK_MAX_K
+
+
+def topk_forward(student_logits, teacher_logits, k, student_temperature, teacher_temperature, save,
+                 student_index=None, teacher_index=None):
+    """The truncated loss's rows ``[N]`` and what each side's backward needs (``save``: per
+    side): ``(rows, tensors, kernels, student_index, teacher_index)``, ``tensors`` the student's
+    and the teacher's (stats, columns, signs), None where not saved, ``kernels`` whether the
+    Triton select ran (else PyTorch), and the index maps as the backward reads them (a padding
+    slot one on both sides). Rows as ``ULDTopKFunction`` takes them."""
+    if student_index is not None:  # a padding slot is one on both sides (no teacher gradient)
+        student_index, teacher_index = student_index.contiguous(), teacher_index.contiguous()
+        teacher_index = torch.where(student_index < 0, -1, teacher_index)
+    kernels = _uses_kernels(student_logits, k)
+    if kernels:
+        gather = student_index is not None
+        no_index = student_logits.new_empty(0, dtype=torch.int64)
+        rows, *tensors = call_op("topk_rows", student_logits, teacher_logits, k, student_temperature,
+                                 teacher_temperature, save[0], save[1], gather,
+                                 student_index if gather else no_index, teacher_index if gather else no_index)
+        tensors = [t if save[i // 3] else None for i, t in enumerate(tensors)]
+    else:
+        rows, saved = _torch_rows(student_logits, teacher_logits, k, student_temperature, teacher_temperature,
+                                  save, student_index, teacher_index)
+        tensors = [t for side in saved for t in (side if side is not None else (None,) * 3)]
+    return rows, tensors, kernels, student_index, teacher_index
+
+
+def topk_side_grad(logits, index, saved, upstream, temperature, k, kernels, out=None):
+    """One side's gradient from `topk_forward`'s state (``saved``: its three tensors), times
+    ``upstream`` per row, in the logits' dtype; with ``out`` added into its rows in place
+    (``[rows, width >= V]``, the logits' flat row order) and ``out`` returned. ``kernels``:
+    the Triton kernel (rows by index distinct), else PyTorch (``index_add_`` for repeated rows)."""
+    k_side = min(k, logits.shape[-1])
+    if kernels:
+        gather = index is not None
+        index_arg = index if gather else saved[0]
+        if out is None:
+            return call_op("topk_grad", logits, gather, index_arg, *saved, upstream, temperature, k_side)
+        call_op("topk_grad_add_", out, logits, gather, index_arg, *saved, upstream, temperature, k_side)
+        return out
+    return _torch_grad(logits, index, saved, upstream, temperature, k_side, out)
 
 
 class ULDTopKFunction(torch.autograd.Function):
@@ -208,21 +269,9 @@ class ULDTopKFunction(torch.autograd.Function):
     def forward(ctx, student_logits, teacher_logits, k, student_temperature, teacher_temperature,
                 grad_enabled=True, student_index=None, teacher_index=None):
         save = [bool(ctx.needs_input_grad[i] and grad_enabled) for i in (0, 1)]
-        if student_index is not None:  # a padding slot is one on both sides (no teacher gradient)
-            student_index, teacher_index = student_index.contiguous(), teacher_index.contiguous()
-            teacher_index = torch.where(student_index < 0, -1, teacher_index)
-        kernels = _uses_kernels(student_logits, k)
-        if kernels:
-            gather = student_index is not None
-            no_index = student_logits.new_empty(0, dtype=torch.int64)
-            rows, *tensors = call_op("topk_rows", student_logits, teacher_logits, k, student_temperature,
-                                     teacher_temperature, save[0], save[1], gather,
-                                     student_index if gather else no_index, teacher_index if gather else no_index)
-            tensors = [t if save[i // 3] else None for i, t in enumerate(tensors)]
-        else:
-            rows, saved = _torch_rows(student_logits, teacher_logits, k, student_temperature, teacher_temperature,
-                                      save, student_index, teacher_index)
-            tensors = [t for side in saved for t in (side if side is not None else (None,) * 3)]
+        rows, tensors, kernels, student_index, teacher_index = topk_forward(
+            student_logits, teacher_logits, k, student_temperature, teacher_temperature, save, student_index,
+            teacher_index)
         ctx.save_for_backward(student_logits if save[0] else None, teacher_logits if save[1] else None,
                               student_index, teacher_index, *tensors)
         ctx.needs, ctx.kernels, ctx.k = save, kernels, k
@@ -234,15 +283,8 @@ class ULDTopKFunction(torch.autograd.Function):
         student_logits, teacher_logits, student_index, teacher_index, *tensors = ctx.saved_tensors
         grads = [None, None]
         for side, logits, index in ((0, student_logits, student_index), (1, teacher_logits, teacher_index)):
-            if not ctx.needs[side]:
-                continue
-            saved = tensors[3 * side: 3 * side + 3]
-            # Teacher rows by index may repeat: their sums go through index_add_ (PyTorch).
-            if ctx.kernels and (side == 0 or index is None):
-                gather = index is not None
-                grads[side] = call_op("topk_grad", logits, gather, index if gather else saved[0], *saved,
-                                      grad_rows, ctx.temperatures[side], min(ctx.k, logits.shape[-1]))
-            else:
-                grads[side] = _torch_grad(logits, index, saved, grad_rows, ctx.temperatures[side],
-                                          min(ctx.k, logits.shape[-1]))
+            if ctx.needs[side]:
+                # Teacher rows by index may repeat: their sums go through index_add_ (PyTorch).
+                grads[side] = topk_side_grad(logits, index, tensors[3 * side: 3 * side + 3], grad_rows,
+                                             ctx.temperatures[side], ctx.k, ctx.kernels and (side == 0 or index is None))
         return grads[0], grads[1], None, None, None, None, None, None

@@ -430,9 +430,12 @@ def topk_grad_kernel(
     logits_ptr, index_ptr, stats_ptr, columns_ptr, signs_ptr, upstream_ptr, grad_ptr,
     vocab, k_side, seq_len, batch_stride, row_stride, col_stride, grad_row_stride, inv_t,
     GATHER: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr, K_PAD: tl.constexpr, BLOCK: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
 ):
     """Program r: the gradient of row r of one side (with GATHER the row index[r] names; a
-    negative index writes nothing) times upstream[r], into grad's row of the same index."""
+    negative index writes nothing) times upstream[r], into grad's row of the same index; with
+    ACCUMULATE added to what that row holds (the training loss's cross-entropy gradient), in
+    float32 and rounded once to grad's dtype (the k columns twice)."""
     r = tl.program_id(0).to(tl.int64)
     if GATHER:
         index = tl.load(index_ptr + r).to(tl.int64)
@@ -451,8 +454,10 @@ def topk_grad_kernel(
         for start in tl.range(0, vocab, BLOCK):
             idx = start + lanes
             z, in_row = _load_logits(row, idx, col_stride, vocab, UNIT_COL_STRIDE)
-            p = tl.exp((z * inv_t - top) - log_sum)
-            tl.store(out + idx, (p * (to_zero * scale)).to(grad_ptr.dtype.element_ty), mask=in_row)
+            value = tl.exp((z * inv_t - top) - log_sum) * (to_zero * scale)
+            if ACCUMULATE:
+                value += tl.load(out + idx, mask=in_row, other=0.0).to(tl.float32)
+            tl.store(out + idx, value.to(grad_ptr.dtype.element_ty), mask=in_row)
         tl.debug_barrier()  # the first k columns are written again, with their sign
         ranks = tl.arange(0, K_PAD)
         kept = ranks < k_side
@@ -461,4 +466,8 @@ def topk_grad_kernel(
         z = tl.load(row + columns.to(tl.int64) * col_stride, mask=kept, other=0.0).to(tl.float32)
         p = tl.exp((z * inv_t - top) - log_sum)
         factor = tl.where(g > 0, to_plus, tl.where(g < 0, to_minus, to_zero))
-        tl.store(out + columns, (p * (factor * scale)).to(grad_ptr.dtype.element_ty), mask=kept)
+        if ACCUMULATE:  # the pass above added p * to_zero: add the rest of the rank's factor
+            value = tl.load(out + columns, mask=kept, other=0.0).to(tl.float32) + p * ((factor - to_zero) * scale)
+        else:
+            value = p * (factor * scale)
+        tl.store(out + columns, value.to(grad_ptr.dtype.element_ty), mask=kept)
