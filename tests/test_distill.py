@@ -88,6 +88,40 @@ def test_truncated_rows_by_pytorch_add_into_the_cross_entropy_gradient(options, 
     _assert_matches_the_papers_semantics(*_batch(len(str(options)) + 1, device), options, torch.float32)
 
 
+@pytest.mark.parametrize("top_k", [None, 4])
+def test_cpu_without_the_interpreter_takes_the_reference(top_k, monkeypatch):
+    """CPU tensors without TRITON_INTERPRET: reference/paper.py's values, and as on the kernels'
+    path the teacher gets no gradient and only ``total`` is differentiable."""
+    import uld_kernels.distill as distill_module
+    monkeypatch.setattr(distill_module, "interpreter_enabled", lambda: False)
+    student, teacher, s_labels, t_labels = _batch(12, "cpu")
+    student, teacher = student.detach().requires_grad_(True), teacher.detach().requires_grad_(True)
+    total, ce, distill = uld_distillation_loss(student, teacher, s_labels, t_labels, top_k=top_k)
+    assert not ce.requires_grad and not distill.requires_grad
+    total.backward()
+    assert teacher.grad is None
+    ref, _, _ = uld_distillation_loss_reference(student.detach().double(), teacher.detach().double(), s_labels,
+                                                t_labels, top_k=top_k)
+    assert_losses_close(total, ref, torch.float32)
+
+
+@pytest.mark.parametrize("crossentropy_weight", [0.0, 1.0])
+def test_a_confident_student_keeps_its_top_gradient_in_bf16(crossentropy_weight, device):
+    """bf16, top_k, a student near one-hot: the truncated gradient at its top column is small
+    (``p (1 - mass)``) beside each of its parts (``p mass``, ``p``); added into the
+    cross-entropy's buffer it must be rounded once, not once a part (helper-39's review: the
+    parts rounded apart gave 0.0105 against 0.0076)."""
+    g = torch.Generator().manual_seed(40)
+    student = torch.randn(2, 6, 64, generator=g) * 0.5
+    student[..., 7] += 9.0
+    teacher = torch.randn(2, 6, 50, generator=g) * 2
+    s_labels, t_labels = torch.randint(0, 64, (2, 6), generator=g), torch.randint(0, 50, (2, 6), generator=g)
+    s_labels[:, 0] = t_labels[:, 0] = IGNORE
+    options = dict(top_k=4, reduction="sum", crossentropy_weight=crossentropy_weight)
+    _assert_matches_the_papers_semantics(student.bfloat16().to(device), teacher.bfloat16().to(device),
+                                         s_labels.to(device), t_labels.to(device), options, torch.bfloat16)
+
+
 @pytest.mark.parametrize("top_k", [None, 6])
 def test_padded_lm_head_columns_are_left_out(top_k, device):
     student, teacher, s_labels, t_labels = _batch(5, device, vs=40, vs_full=48)

@@ -262,10 +262,11 @@ def uld_distillation_loss(
             row); ``reduction`` applies to the cross-entropy only.
         top_k: None (the paper's loss), or ``k >= 1``: the truncated variant of
             ``uld_loss(top_k=k)`` for the ULD term (distillKitPlus: ``top_k=100``, both
-            temperatures 2.0, ``alignment="trl_observed"``). Plain PyTorch beside the fused
-            cross-entropy; its gradient is a second ``[B, Ls, Vs]`` buffer that autograd adds
-            (none without a cross-entropy term). The teacher gets no gradient. ``k`` past both
-            vocabulary sizes is the exact loss, computed by the fused kernels.
+            temperatures 2.0, ``alignment="trl_observed"``): the top-k select
+            (uld_kernels/topk.py) beside the fused cross-entropy, its gradient added into the
+            cross-entropy's ``[B, Ls, Vs]`` buffer in the backward (one buffer). The teacher
+            gets no gradient. ``k`` past both vocabulary sizes is the exact loss, computed by the
+            fused kernels.
 
     Returns:
         ``(total, ce, distillation)``, float32, with the weights applied;
@@ -288,8 +289,9 @@ def uld_distillation_loss(
         teacher_logits.shape[0] * teacher_logits.shape[1])
 
     if student_logits.device.type == "cpu" and not interpreter_enabled():
-        return reference_module("paper").uld_distillation_loss_reference(
-            student_logits.float(), teacher_logits.float(), student_labels, teacher_labels,
+        # (the teacher detached and only total differentiable, as on the kernels' path)
+        total, ce, distill = reference_module("paper").uld_distillation_loss_reference(
+            student_logits.float(), teacher_logits.detach().float(), student_labels, teacher_labels,
             distillation_weight=distillation_weight, crossentropy_weight=crossentropy_weight,
             student_temperature=student_temperature, teacher_temperature=teacher_temperature,
             skip_student_eos=skip_student_eos, skip_teacher_eos=skip_teacher_eos,
@@ -297,6 +299,7 @@ def uld_distillation_loss(
             student_vocab_size=student_vocab_size, teacher_vocab_size=teacher_vocab_size,
             alignment=alignment, student_rows=student_rows, teacher_rows=teacher_rows,
             row_weights=row_weights, top_k=top_k)
+        return total, ce.detach(), distill.detach()
 
     plan = _plan(student_logits, student_labels, teacher_labels, distillation_weight,
                  crossentropy_weight, skip_student_eos, skip_teacher_eos, ignore_index, reduction,

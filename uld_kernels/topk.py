@@ -139,7 +139,8 @@ def _torch_rows(student_logits, teacher_logits, k, student_temperature, teacher_
 
 def _torch_grad(logits, index, saved, upstream, temperature, k_side, out=None):
     """``launch.topk_grad`` in PyTorch, by chunks of rows; repeated ``index`` rows add up; with
-    ``out`` (``[rows, width >= V]``) added into its rows instead, and ``out`` returned."""
+    ``out`` (``[rows, width >= V]``; rows by index distinct) added into its rows instead,
+    rounded once, and ``out`` returned."""
     stats, columns, signs = saved
     vocab = logits.shape[-1]
     grad = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device) if out is None else out
@@ -153,9 +154,12 @@ def _torch_grad(logits, index, saved, upstream, temperature, k_side, out=None):
                 flat[part] = chunk.to(logits.dtype)
             else:
                 flat[part] = (flat[part].float() + chunk).to(logits.dtype)
-        else:  # rows by index (padding slots add zeros)
+        elif out is None:  # rows by index (padding slots add zeros; repeated rows add up)
             chunk = torch.where(valid[:, None], chunk, 0.0)
             flat.index_add_(0, index[part].clamp(min=0), chunk.to(logits.dtype))
+        else:  # into out's rows (distinct: the student's), rounded once as the kernel does
+            at = index[part][valid]
+            flat[at] = (flat[at].float() + chunk[valid]).to(logits.dtype)
     return grad
 
 

@@ -450,6 +450,12 @@ def topk_grad_kernel(
         to_plus = tl.load(stats_ptr + r * STATS + 3)
         to_minus = tl.load(stats_ptr + r * STATS + 4)
         scale = tl.load(upstream_ptr + r) * inv_t
+        ranks = tl.arange(0, K_PAD)
+        kept = ranks < k_side
+        columns = tl.load(columns_ptr + r * K_PAD + ranks, mask=kept, other=0)
+        if ACCUMULATE:  # the k columns' old values, before the pass below overwrites them
+            old_k = tl.load(out + columns, mask=kept, other=0.0).to(tl.float32)
+            tl.debug_barrier()
         lanes = tl.arange(0, BLOCK)
         for start in tl.range(0, vocab, BLOCK):
             idx = start + lanes
@@ -459,15 +465,12 @@ def topk_grad_kernel(
                 value += tl.load(out + idx, mask=in_row, other=0.0).to(tl.float32)
             tl.store(out + idx, value.to(grad_ptr.dtype.element_ty), mask=in_row)
         tl.debug_barrier()  # the first k columns are written again, with their sign
-        ranks = tl.arange(0, K_PAD)
-        kept = ranks < k_side
-        columns = tl.load(columns_ptr + r * K_PAD + ranks, mask=kept, other=0)
         g = tl.load(signs_ptr + r * K_PAD + ranks, mask=kept, other=0).to(tl.float32)
         z = tl.load(row + columns.to(tl.int64) * col_stride, mask=kept, other=0.0).to(tl.float32)
         p = tl.exp((z * inv_t - top) - log_sum)
         factor = tl.where(g > 0, to_plus, tl.where(g < 0, to_minus, to_zero))
         if ACCUMULATE:  # the pass above added p * to_zero: add the rest of the rank's factor
-            value = tl.load(out + columns, mask=kept, other=0.0).to(tl.float32) + p * ((factor - to_zero) * scale)
+            value = old_k + p * (factor * scale)
         else:
             value = p * (factor * scale)
         tl.store(out + columns, value.to(grad_ptr.dtype.element_ty), mask=kept)
