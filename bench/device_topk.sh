@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The top_k engine on the GPU in one device call (thirty-fourth session's runs 1-4 as a script):
+# its GPU tests, bench_topk.py (aligned rows and the training loss: times and peak memory),
+# profile_topk.py (forward and backward apart, k = 100 and 1,000, float32 rows), then Nsight
+# Compute's source view of the select (bench/ncu_lines.py's loops). Logs under $OUT (at most 8
+# files come back from a device call: the profiles are packed into one archive).
+#   ULD_TOPK_STEPS="tests bench profile ncu" bash bench/device_topk.sh
+set -u; export PYTHONUNBUFFERED=1
+OUT=${OUT:-bench/out}; mkdir -p "$OUT"
+STEPS=${ULD_TOPK_STEPS:-tests bench profile ncu}
+t0=$(date +%s)
+echo "commit $(cat .commit 2>/dev/null || git rev-parse --short HEAD)"
+nvidia-smi --query-gpu=name,clocks.sm,power.draw,temperature.gpu --format=csv
+for step in $STEPS; do
+  case $step in
+    tests) timeout 330 python3 -m pytest tests/test_topk.py tests/test_distill.py -q -x -p no:warnings \
+             -p no:cacheprovider 2>&1 | tail -6 ;;
+    bench) timeout 200 python3 bench/bench_topk.py --rows 16384 --k 100 1000 --temperature 2.0 2>&1 ;;
+    profile) timeout 120 python3 bench/profile_topk.py --rows 16384 --k 100 --configs 1024:4:4:1024 1024:4:0:1024 2>&1
+             timeout 60 python3 bench/profile_topk.py --rows 16384 --k 1000 --configs 1024:4:4:1024 2>&1 | tail -1
+             timeout 60 python3 bench/profile_topk.py --rows 16384 --k 100 --dtype float32 --configs 1024:4:4:1024 2>&1 | tail -1 ;;
+    ncu) ULD_STALL_SCRIPT=bench/profile_topk.py ULD_STALL_SPECS="--rows 2048 --k 100 --once" \
+           OUT=/tmp/prof timeout 150 bash bench/profile_stalls.sh topk_rows 1 2>&1
+         (cd /tmp/prof && tar czf "$OUT/prof_topk.tgz" lines_*.csv details_*.txt) ;;
+  esac
+  echo "== $step done at $(( $(date +%s) - t0 )) s"
+done
+nvidia-smi --query-gpu=clocks.sm,power.draw,temperature.gpu --format=csv
