@@ -5,6 +5,8 @@
 # Compute's source view of the select (bench/ncu_lines.py's loops). Logs under $OUT (at most 8
 # files come back from a device call: the profiles are packed into one archive).
 #   ULD_TOPK_STEPS="tests bench profile ncu" bash bench/device_topk.sh
+# All four took ~530 s in the thirty-fourth session's calls (the tests ~290 s of it, mostly
+# compiling), near the 600 s a call: split the steps over two calls where the budget allows.
 set -u; export PYTHONUNBUFFERED=1
 OUT=${OUT:-bench/out}; mkdir -p "$OUT"
 STEPS=${ULD_TOPK_STEPS:-tests bench profile ncu}
