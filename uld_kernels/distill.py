@@ -169,9 +169,8 @@ class ULDDistillFunction(torch.autograd.Function):
             return None, None, grad_weight, None
         if ctx.top_k and not ctx.has_ce:  # no cross-entropy buffer: one for the truncated rows' gradient alone
             grad = torch.zeros_like(student_logits, memory_format=torch.contiguous_format)
-            flat = grad.view(-1, grad.shape[-1])
-        else:
-            flat = grad.view(-1, grad.shape[-1])
+        flat = grad.view(-1, grad.shape[-1])
+        if ctx.has_ce or not ctx.top_k:
             scale = grad_total.repeat_interleave(ctx.seq_len) if grad_total.dim() == 1 else grad_total
             call_op("scale_rows_", flat, scale)
         if ctx.top_k:  # the truncated rows' gradient, added into the cross-entropy's

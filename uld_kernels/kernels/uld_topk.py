@@ -68,6 +68,24 @@ def _high_bits(z, RESOLVED):
 
 
 @triton.jit
+def _prob(z, inv_t, top, log_sum):
+    """softmax(z / T) of logits z given the row's maximum of z / T and log-sum (kept apart)."""
+    return tl.exp((z * inv_t - top) - log_sum)
+
+
+@triton.jit
+def _rest_prob(z, inv_t, top, log_sum, FTZ: tl.constexpr):
+    """`_prob` for the sum of the probabilities not taken: an FMA and, with FTZ (the GPU), one
+    `ex2.approx.ftz` (subnormal results 0: less than V 2**-126 in all), where `tl.exp` rescales
+    subnormals."""
+    t = tl.fma(z, inv_t, -top) * 1.4426950408889634 - log_sum * 1.4426950408889634
+    if FTZ:
+        return exp2_ftz(t)
+    else:
+        return tl.exp2(t)
+
+
+@triton.jit
 def _count(hist, bins, counted, BITS: tl.constexpr, SMEM: tl.constexpr, SPARSE: tl.constexpr = False):
     """Adds the counted lanes' bins to the histogram: in the shared array (inline PTX, one
     `red.shared` an element, predicated off for the others where few count: SPARSE; `hist`
@@ -102,15 +120,15 @@ def _select_bin(hist, prefix, above, k_side, BITS: tl.constexpr, SMEM: tl.conste
     registers several times over), and then zeroed for the next histogram; a level of fewer
     bins is read whole."""
     if SMEM:
-        RUN: tl.constexpr = CHUNK if CHUNK < (1 << BITS) else (1 << BITS)
+        WIDTH: tl.constexpr = CHUNK if CHUNK < (1 << BITS) else (1 << BITS)
         tl.debug_barrier()
-        bins = tl.arange(0, RUN)
+        bins = tl.arange(0, WIDTH)
         pick = tl.full([], -1, tl.int32)
         new_above = above
         in_bin = tl.zeros([], tl.int32)
         first = tl.full([], 1 << BITS, tl.int32)
         while (pick < 0) & (first > 0):  # from the top, until the bin of rank k_side
-            first -= RUN
+            first -= WIDTH
             counts = smem_load(first + bins)
             here, new_above, in_bin = _pick(counts, above, k_side)
             pick = tl.where(here >= 0, first + here, -1)
@@ -176,7 +194,6 @@ def _collect_by_run(row, vocab, col_stride, inv_t, top, log_sum, prefix, resolve
     rest = tl.zeros([RUNS, RUN], tl.float32)
     # the key's order for the prefix's bin and above: the signed key at or past its first one
     lowest = ((prefix << (32 - resolved)) ^ 0x80000000).to(tl.int32, bitcast=True)
-    shift = -(log_sum * 1.4426950408889634)  # exp(t - log_sum) = 2 ** (t log2(e) - log_sum log2(e))
     ahead = _first_block(row, columns, col_stride, vocab, UNIT_COL_STRIDE, PREFETCH)
     for start in tl.range(0, vocab, BLOCK):
         idx = start + columns
@@ -190,23 +207,13 @@ def _collect_by_run(row, vocab, col_stride, inv_t, top, log_sum, prefix, resolve
             at = filled[:, None] + tl.cumsum(take.to(tl.int32), 1) - 1
             tl.store(scratch + runs[:, None] * REGION + at, _packed(z, idx), mask=take & (at < REGION))
             filled += tl.sum(take.to(tl.int32), 1)
-        t = tl.fma(z, inv_t, -top) * 1.4426950408889634 + shift
-        rest += tl.where(take | ~in_row, 0.0, _exp2(t, SMEM))
+        rest += tl.where(take | ~in_row, 0.0, _rest_prob(z, inv_t, top, log_sum, SMEM))
     if SMEM:
         tl.debug_barrier()  # every lane's slot taken
         filled = smem_load(runs)
         tl.debug_barrier()
         smem_clear()  # (the next histogram starts from zeros)
     return filled, tl.sum(tl.sum(rest, 1), 0)
-
-
-@triton.jit
-def _exp2(x, FTZ: tl.constexpr):
-    """2 ** x; with FTZ one MUFU instruction, subnormal results 0 (kernels/ptx.py, GPU only)."""
-    if FTZ:
-        return exp2_ftz(x)
-    else:
-        return tl.exp2(x)
 
 
 @triton.jit
@@ -242,7 +249,7 @@ def _collect_in_order(row, vocab, col_stride, inv_t, top, log_sum, prefix, resol
         take = (in_row & (bits > prefix)) | (equal & (ties + tl.cumsum(equal.to(tl.int32), 0) <= need))
         at = taken + tl.cumsum(take.to(tl.int32), 0) - 1
         _store_keys(scratch, at, _packed(z, idx), take, SMEM)
-        rest += tl.sum(tl.where(take | ~in_row, 0.0, tl.exp((z * inv_t - top) - log_sum)), 0)
+        rest += tl.sum(tl.where(take | ~in_row, 0.0, _rest_prob(z, inv_t, top, log_sum, SMEM)), 0)
         taken += tl.sum(take.to(tl.int32), 0)
         ties += tl.sum(equal.to(tl.int32), 0)
     return taken, rest
@@ -310,8 +317,8 @@ def _side_top(row, vocab, col_stride, inv_t, k_side, scratch,
     packed = tl.sort(tl.load(scratch + source, mask=slots < taken, other=_PACKED_NONE), descending=True)
     # The tail (ranks past k_side): the rest, and what was taken past rank k_side (bins sorted whole).
     past = (slots >= k_side) & (slots < taken)
-    tail = rest + tl.sum(tl.where(past, tl.exp((_from_order_key((packed >> 32).to(tl.int32)) * inv_t - top)
-                                                         - log_sum), 0.0), 0)
+    tail = rest + tl.sum(tl.where(past, _prob(_from_order_key((packed >> 32).to(tl.int32)), inv_t, top, log_sum),
+                                  0.0), 0)
     if SORT_PAD > K_PAD:  # the first K_PAD of the sorted keys, through the scratch row
         tl.debug_barrier()
         tl.store(scratch + slots, packed)
@@ -321,7 +328,7 @@ def _side_top(row, vocab, col_stride, inv_t, k_side, scratch,
     ranks = tl.arange(0, K_PAD)
     z = _from_order_key((packed >> 32).to(tl.int32))
     columns = (packed & 0xFFFFFFFF).to(tl.int32)
-    probs = tl.where(ranks < k_side, tl.exp((z * inv_t - top) - log_sum), 0.0)
+    probs = tl.where(ranks < k_side, _prob(z, inv_t, top, log_sum), 0.0)
     return probs, columns, top, log_sum, tail
 
 
@@ -435,7 +442,7 @@ def topk_grad_kernel(
     """Program r: the gradient of row r of one side (with GATHER the row index[r] names; a
     negative index writes nothing) times upstream[r], into grad's row of the same index; with
     ACCUMULATE added to what that row holds (the training loss's cross-entropy gradient), in
-    float32 and rounded once to grad's dtype (the k columns twice)."""
+    float32 and rounded once to grad's dtype."""
     r = tl.program_id(0).to(tl.int64)
     if GATHER:
         index = tl.load(index_ptr + r).to(tl.int64)
@@ -460,17 +467,15 @@ def topk_grad_kernel(
         for start in tl.range(0, vocab, BLOCK):
             idx = start + lanes
             z, in_row = _load_logits(row, idx, col_stride, vocab, UNIT_COL_STRIDE)
-            value = tl.exp((z * inv_t - top) - log_sum) * (to_zero * scale)
+            value = _prob(z, inv_t, top, log_sum) * (to_zero * scale)
             if ACCUMULATE:
                 value += tl.load(out + idx, mask=in_row, other=0.0).to(tl.float32)
             tl.store(out + idx, value.to(grad_ptr.dtype.element_ty), mask=in_row)
         tl.debug_barrier()  # the first k columns are written again, with their sign
         g = tl.load(signs_ptr + r * K_PAD + ranks, mask=kept, other=0).to(tl.float32)
         z = tl.load(row + columns.to(tl.int64) * col_stride, mask=kept, other=0.0).to(tl.float32)
-        p = tl.exp((z * inv_t - top) - log_sum)
         factor = tl.where(g > 0, to_plus, tl.where(g < 0, to_minus, to_zero))
-        if ACCUMULATE:  # the pass above added p * to_zero: add the rest of the rank's factor
-            value = old_k + p * (factor * scale)
-        else:
-            value = p * (factor * scale)
+        value = _prob(z, inv_t, top, log_sum) * (factor * scale)
+        if ACCUMULATE:  # onto the old value, not the pass's: rounded once
+            value += old_k
         tl.store(out + columns, value.to(grad_ptr.dtype.element_ty), mask=kept)
