@@ -307,17 +307,13 @@ def topk_kernel_configs():
         yield (f"topk_rows {TRITON_TYPE[dtype]} gather={gather} k={k}", topk_rows_kernel, types, constexprs, aligned,
                TOPK_WARPS)
     k_pad = topk_pad(100)
-    for dtype in TRITON_TYPE:
+    for dtype, gather, accumulate in [*((d, False, False) for d in TRITON_TYPE), (torch.bfloat16, True, True)]:
         types = _types_by_name(topk_grad_kernel, "*" + TRITON_TYPE[dtype])
         aligned = [n for n in types if n.endswith(("_ptr", "vocab", "row_stride", "batch_stride"))]
-        yield (f"topk_grad {TRITON_TYPE[dtype]}", topk_grad_kernel, types,
-               dict(GATHER=False, UNIT_COL_STRIDE=True, K_PAD=k_pad, BLOCK=TOPK_BLOCK, ACCUMULATE=False), aligned,
-               TOPK_WARPS)
-    types = _types_by_name(topk_grad_kernel, "*bf16")
-    aligned = [n for n in types if n.endswith(("_ptr", "vocab", "row_stride", "batch_stride"))]
-    yield ("topk_grad bf16 gather accumulate", topk_grad_kernel, types,
-           dict(GATHER=True, UNIT_COL_STRIDE=True, K_PAD=k_pad, BLOCK=TOPK_BLOCK, ACCUMULATE=True), aligned, TOPK_WARPS)
-
+        name = f"topk_grad {TRITON_TYPE[dtype]}" + (" gather accumulate" if accumulate else "")
+        yield (name, topk_grad_kernel, types,
+               dict(GATHER=gather, UNIT_COL_STRIDE=True, K_PAD=k_pad, BLOCK=TOPK_BLOCK, ACCUMULATE=accumulate),
+               aligned, TOPK_WARPS)
 
 def main():
     resources = "--resources" in sys.argv  # print ptxas -v of each kernel instead of facts
