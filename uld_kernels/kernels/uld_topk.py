@@ -5,14 +5,15 @@ order, and its gradient needs their columns. Both come from a radix select over 
 of each logit (its float32 bits, negatives' magnitude bits flipped: the key's signed order is
 the logits' order), one program per pair of rows:
 
-1. one pass per side: the log-sum-exp of ``z / T`` and a histogram of the key's top
-   ``BITS1`` bits; the bin holding rank ``k`` is read off the histogram;
+1. one pass per side: the row's largest logit and a histogram of the key's top ``BITS1``
+   bits; the bin holding rank ``k`` is read off the histogram;
 2. one pass per further level: the histogram of the next bits inside that bin, until every
    significant bit of the ``k``-th largest logit is known (float32: 13 + 13 + 6 bits,
    bfloat16: 13 + 3, float16: 13 + 6; the launcher's ``topk_level_bits``), counted in
    shared memory on the GPU (kernels/ptx.py);
 3. one pass that collects the logits at or above that bin (at most ``SORT_CAP``) as
-   ``key << 32 | column`` into a scratch row, and sums the probability of the others. Each
+   ``key << 32 | column`` into a scratch row, and sums ``exp(z / T - max)`` of the others
+   (with that of the logits taken, after the sort, the row's log-sum: one exp a logit). Each
    warp's columns (a run) go to the warp's own region of the scratch row, so a step needs no
    other warp's count and no barrier; a run past its region (half of what is sorted), or a
    last bin of equal logits past ``SORT_CAP``, has the row collected again in column order
@@ -41,7 +42,7 @@ import triton.language as tl
 from uld_kernels.kernels.const import const
 from uld_kernels.kernels.ptx import (exp2_ftz, scatter_i64, smem_add_one, smem_add_one_sparse, smem_append_key, smem_clear,
                                      smem_load, smem_zero)
-from uld_kernels.kernels.uld_rows import _block_raw, _finish_lse, _first_block, _load_logits, _online_lse_update, _pair_rows
+from uld_kernels.kernels.uld_rows import _block_raw, _first_block, _load_logits, _pair_rows
 
 _PACKED_NONE = const(-9223372036854775808)  # sorts below every packed key
 STATS = const(5)  # saved floats a row and side: maximum, log-sum, g - mass for g = 0, +1, -1
@@ -74,11 +75,12 @@ def _prob(z, inv_t, top, log_sum):
 
 
 @triton.jit
-def _rest_prob(z, inv_t, top, log_sum, FTZ: tl.constexpr):
-    """`_prob` for the sum of the probabilities not taken: an FMA and, with FTZ (the GPU), one
-    `ex2.approx.ftz` (subnormal results 0: less than V 2**-126 in all), where `tl.exp` rescales
-    subnormals."""
-    t = tl.fma(z, inv_t, -top) * 1.4426950408889634 - log_sum * 1.4426950408889634
+def _rest_weight(z, inv_t, top, FTZ: tl.constexpr):
+    """exp(z / T - top), the unnormalised probability of a logit not taken (the collect pass
+    sums them; divided by the row's sum after the sort): an FMA and, with FTZ (the GPU), one
+    `ex2.approx.ftz` (subnormal results 0: less than V 2**-126 of the row's largest in all),
+    where `tl.exp` rescales subnormals."""
+    t = tl.fma(z, inv_t, -top) * 1.4426950408889634
     if FTZ:
         return exp2_ftz(t)
     else:
@@ -174,13 +176,13 @@ def _store_keys(scratch, at, keys, mask, SMEM: tl.constexpr):
 
 
 @triton.jit
-def _collect_by_run(row, vocab, col_stride, inv_t, top, log_sum, prefix, resolved, scratch,
+def _collect_by_run(row, vocab, col_stride, inv_t, top, prefix, resolved, scratch,
                     UNIT_COL_STRIDE: tl.constexpr, BLOCK: tl.constexpr, RUNS: tl.constexpr, REGION: tl.constexpr,
                     SMEM: tl.constexpr, PREFETCH: tl.constexpr):
     """The logits whose top ``resolved`` bits are ``prefix`` or above, packed (`_packed`) into
-    the scratch row, run r's in the region ``[r REGION, (r + 1) REGION)``, and the probability
-    of the logits not taken. Returns each run's count ``[RUNS]`` (past REGION: the rest not
-    stored) and that probability.
+    the scratch row, run r's in the region ``[r REGION, (r + 1) REGION)``, and the sum of
+    `_rest_weight` over the logits not taken. Returns each run's count ``[RUNS]`` (past REGION:
+    the rest not stored) and that sum.
 
     On the GPU (SMEM) a run is whatever columns the layout gives a warp: its lanes take slots
     from the warp's counter in shared memory (`ptx.smem_append_key`, zero from the last bin
@@ -207,7 +209,7 @@ def _collect_by_run(row, vocab, col_stride, inv_t, top, log_sum, prefix, resolve
             at = filled[:, None] + tl.cumsum(take.to(tl.int32), 1) - 1
             tl.store(scratch + runs[:, None] * REGION + at, _packed(z, idx), mask=take & (at < REGION))
             filled += tl.sum(take.to(tl.int32), 1)
-        rest += tl.where(take | ~in_row, 0.0, _rest_prob(z, inv_t, top, log_sum, SMEM))
+        rest += tl.where(take | ~in_row, 0.0, _rest_weight(z, inv_t, top, SMEM))
     if SMEM:
         tl.debug_barrier()  # every lane's slot taken
         filled = smem_load(runs)
@@ -231,12 +233,12 @@ def _region_slots(filled, slots, REGION: tl.constexpr):
 
 
 @triton.jit
-def _collect_in_order(row, vocab, col_stride, inv_t, top, log_sum, prefix, resolved, need, scratch,
+def _collect_in_order(row, vocab, col_stride, inv_t, top, prefix, resolved, need, scratch,
                       UNIT_COL_STRIDE: tl.constexpr, BLOCK: tl.constexpr, SMEM: tl.constexpr):
     """The logits whose top ``resolved`` bits are above ``prefix`` and the first ``need`` of
     those equal to it, in column order, packed into the scratch row's first slots (prefix sums
     over each step: two scans and three sums, each through shared memory across the warps).
-    Returns their number and the probability of the logits not taken."""
+    Returns their number and the sum of `_rest_weight` over the logits not taken."""
     lanes = tl.arange(0, BLOCK)
     taken = tl.zeros([], tl.int32)
     ties = tl.zeros([], tl.int32)
@@ -249,7 +251,7 @@ def _collect_in_order(row, vocab, col_stride, inv_t, top, log_sum, prefix, resol
         take = (in_row & (bits > prefix)) | (equal & (ties + tl.cumsum(equal.to(tl.int32), 0) <= need))
         at = taken + tl.cumsum(take.to(tl.int32), 0) - 1
         _store_keys(scratch, at, _packed(z, idx), take, SMEM)
-        rest += tl.sum(tl.where(take | ~in_row, 0.0, _rest_prob(z, inv_t, top, log_sum, SMEM)), 0)
+        rest += tl.sum(tl.where(take | ~in_row, 0.0, _rest_weight(z, inv_t, top, SMEM)), 0)
         taken += tl.sum(take.to(tl.int32), 0)
         ties += tl.sum(equal.to(tl.int32), 0)
     return taken, rest
@@ -266,20 +268,18 @@ def _side_top(row, vocab, col_stride, inv_t, k_side, scratch,
     and log-sum, apart) and the probability past rank ``k_side`` (summed, not 1 minus the
     first ones: see `_gradient_factors`). ``scratch``: this row's ``max(SORT_PAD, RUNS REGION)``
     int64."""
+    # Pass 1: the histogram and the row's maximum. Its log-sum is summed by the collect pass
+    # (the logits not taken) and after the sort (those taken): one exp a logit, not two.
     lanes = tl.arange(0, BLOCK)
     m = tl.full([BLOCK], float("-inf"), tl.float32)
-    s = tl.zeros([BLOCK], tl.float32)
-    nans = tl.zeros([BLOCK], tl.int32)
     hist = tl.zeros([1 << BITS1], tl.int32)
     ahead = _first_block(row, lanes, col_stride, vocab, UNIT_COL_STRIDE, PREFETCH)
     for start in tl.range(0, vocab, BLOCK):
         raw, ahead = _block_raw(ahead, row, start + lanes, col_stride, vocab, BLOCK, UNIT_COL_STRIDE, PREFETCH)
         z, in_row = raw.to(tl.float32), start + lanes < vocab
-        m, s = _online_lse_update(m, s, z * inv_t)
-        nans += (z != z).to(tl.int32)
+        m = tl.maximum(m, z)  # (NaN or not: a NaN logit makes the sum below NaN)
         hist = _count(hist, _high_bits(z, BITS1).to(tl.int32), in_row, BITS1, SMEM)
-    top, log_sum = _finish_lse(m, s)
-    log_sum = tl.where(tl.sum(nans, 0) > 0, float("nan"), log_sum)
+    top = tl.max(m, 0) * inv_t  # max(z / T): rounding is monotone
 
     prefix, above, in_bin = _select_bin(hist, tl.zeros([], tl.uint32), tl.zeros([], tl.int32), k_side, BITS1,
                                         SMEM, CHUNK)
@@ -301,24 +301,26 @@ def _side_top(row, vocab, col_stride, inv_t, k_side, scratch,
     slots = tl.arange(0, SORT_PAD)
     source = slots
     taken = tl.zeros([], tl.int32)
-    rest = tl.zeros([], tl.float32)  # the probability of what is not taken
+    rest = tl.zeros([], tl.float32)  # the sum of `_rest_weight` over what is not taken
     ordered = above + in_bin > SORT_CAP
     if above + in_bin <= SORT_CAP:
-        filled, rest = _collect_by_run(row, vocab, col_stride, inv_t, top, log_sum, prefix, resolved, scratch,
+        filled, rest = _collect_by_run(row, vocab, col_stride, inv_t, top, prefix, resolved, scratch,
                                        UNIT_COL_STRIDE, BLOCK, RUNS, REGION, SMEM, PREFETCH)
         ordered = tl.max(filled, 0) > REGION
         source, taken = _region_slots(filled, slots, REGION)
     if ordered:
         need = tl.where(above + in_bin > SORT_CAP, k_side - above, in_bin)
-        taken, rest = _collect_in_order(row, vocab, col_stride, inv_t, top, log_sum, prefix, resolved, need,
+        taken, rest = _collect_in_order(row, vocab, col_stride, inv_t, top, prefix, resolved, need,
                                         scratch, UNIT_COL_STRIDE, BLOCK, SMEM)
         source = slots
     tl.debug_barrier()  # the scratch row's stores, by every thread, before its loads
     packed = tl.sort(tl.load(scratch + source, mask=slots < taken, other=_PACKED_NONE), descending=True)
+    # The row's sum: the rest and what was taken (a NaN logit, or +inf, or no finite one: NaN).
     # The tail (ranks past k_side): the rest, and what was taken past rank k_side (bins sorted whole).
-    past = (slots >= k_side) & (slots < taken)
-    tail = rest + tl.sum(tl.where(past, _prob(_from_order_key((packed >> 32).to(tl.int32)), inv_t, top, log_sum),
-                                  0.0), 0)
+    weights = tl.where(slots < taken, tl.exp(_from_order_key((packed >> 32).to(tl.int32)) * inv_t - top), 0.0)
+    total = rest + tl.sum(weights, 0)
+    log_sum = tl.log(total)
+    tail = (rest + tl.sum(tl.where(slots >= k_side, weights, 0.0), 0)) / total
     if SORT_PAD > K_PAD:  # the first K_PAD of the sorted keys, through the scratch row
         tl.debug_barrier()
         tl.store(scratch + slots, packed)
