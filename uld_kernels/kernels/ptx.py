@@ -433,22 +433,39 @@ _LIST_APPEND_ASM = const(
 # (word w of the shared array, w = tid.x / 32) and, below the capacity $5, the key $3 above
 # the column $2 (one int64, the column in its low word) stored at slot w * $5 + slot of $4.
 # A warp with no lane taking skips it in one branch: in that pass almost every warp.
-_APPEND_KEY_ASM = const(
-    "{ .reg .pred p; .reg .u32 w, s, at; .reg .u64 a, v; setp.eq.s32 p, $1, 0; @p bra SKIP; "
-    "mov.u32 w, %tid.x; shr.u32 w, w, 5; mov.u32 s, uld_smem; mad.lo.u32 s, w, 4, s; "
-    "atom.shared.add.u32 at, [s], 1; setp.ge.u32 p, at, $5; @p bra SKIP; mad.lo.u32 at, w, $5, at; "
-    "mov.b64 v, {$2, $3}; mad.wide.u32 a, at, 8, $4; st.global.b64 [a], v; SKIP: mov.u32 $0, 0; }")
+def _append_keys_asm(n: int) -> str:
+    """PTX of `smem_append_key` for n consecutive elements of a thread (pack=n): $0..$(n-1) the
+    outputs (0), then n operands each of taken, column, key, base and cap. One branch past all
+    n where none is taken (almost always), then one per element."""
+    taken, column, key, base, cap = (range(n * (i + 1), n * (i + 2)) for i in range(5))
+    any_taken = " ".join(f"or.b32 t, t, ${i};" for i in taken[1:])
+    body = "".join(
+        f"setp.eq.s32 p, ${taken[j]}, 0; @p bra NEXT{j}; atom.shared.add.u32 at, [s], 1; "
+        f"setp.ge.u32 p, at, ${cap[j]}; @p bra NEXT{j}; mad.lo.u32 at, w, ${cap[j]}, at; "
+        f"mov.b64 v, {{${column[j]}, ${key[j]}}}; mad.wide.u32 a, at, 8, ${base[j]}; st.global.b64 [a], v; NEXT{j}: "
+        for j in range(n))
+    outputs = " ".join(f"mov.u32 ${j}, 0;" for j in range(n))
+    return ("{ .reg .pred p; .reg .u32 t, w, s, at; .reg .u64 a, v; "
+            f"mov.b32 t, ${taken[0]}; {any_taken} setp.eq.s32 p, t, 0; @p bra SKIP; "
+            "mov.u32 w, %tid.x; shr.u32 w, w, 5; mov.u32 s, uld_smem; mad.lo.u32 s, w, 4, s; "
+            f"{body}SKIP: {outputs} }}")
+
+
+APPEND_PACK = const(4)  # elements a thread takes one branch for (its layout's runs: 4 or 8)
+_APPEND_KEYS_ASM = const(_append_keys_asm(APPEND_PACK.value))
+_APPEND_KEYS_CONSTRAINTS = const(",".join(c for c in ("=r", "r", "r", "r", "l", "r") for _ in range(APPEND_PACK.value)))
 
 
 @triton.jit
 def smem_append_key(taken, column, key, base_ptr, cap):
     """Where `taken`: ``key << 32 | column`` (int32 each) -> base_ptr[w * cap + counter_w++]
     while below `cap`, w the lane's warp (4 warps: counters at words 0..3 of the shared array,
-    zero before, which keep counting past `cap`; read them with `smem_load` after a barrier)."""
+    zero before, which keep counting past `cap`; read them with `smem_load` after a barrier).
+    A thread's elements go APPEND_PACK at a time (one branch past them where none is taken)."""
     lanes = tl.zeros_like(column)
-    tl.inline_asm_elementwise(_APPEND_KEY_ASM, "=r,r,r,r,l,r",
+    tl.inline_asm_elementwise(_APPEND_KEYS_ASM, _APPEND_KEYS_CONSTRAINTS,
                               [taken.to(tl.int32), column, key, base_ptr + lanes, cap + lanes],
-                              dtype=tl.int32, is_pure=False, pack=1)
+                              dtype=tl.int32, is_pure=False, pack=APPEND_PACK)
 
 
 @triton.jit

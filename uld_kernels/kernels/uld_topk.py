@@ -203,13 +203,14 @@ def _collect_by_run(row, vocab, col_stride, inv_t, top, prefix, resolved, scratc
         z, in_row = raw.to(tl.float32), idx < vocab
         key = _order_key(z)
         take = in_row & (key >= lowest)
+        # (past the row z = -inf: a weight of 0, or NaN where the row's maximum is -inf and its loss NaN)
+        rest += tl.where(take, 0.0, _rest_weight(z, inv_t, top, SMEM))
         if SMEM:
             smem_append_key(take, idx, key, scratch, REGION)
         else:
             at = filled[:, None] + tl.cumsum(take.to(tl.int32), 1) - 1
             tl.store(scratch + runs[:, None] * REGION + at, _packed(z, idx), mask=take & (at < REGION))
             filled += tl.sum(take.to(tl.int32), 1)
-        rest += tl.where(take | ~in_row, 0.0, _rest_weight(z, inv_t, top, SMEM))
     if SMEM:
         tl.debug_barrier()  # every lane's slot taken
         filled = smem_load(runs)
