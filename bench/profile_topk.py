@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, nargs=2, default=(151936, 128256), metavar=("VS", "VT"))
     parser.add_argument("--k", type=int, default=100)
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--configs", nargs="+", default=["1024:4:4"], help="BLOCK:num_warps:sort factor[:bins of the shared histogram read at a time, a power of two[:prefetch 0/1[:maxnreg, 0 none]]]")
+    parser.add_argument("--configs", nargs="+", default=["1024:4:4"], help="BLOCK:num_warps:sort factor[:bins of the shared histogram read at a time, a power of two[:prefetch 0/1[:maxnreg, 0 none[:blocks sampled, 0 none]]]]")
     parser.add_argument("--once", action="store_true", help="two calls of each kernel, untimed (for a profiler)")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
@@ -45,12 +45,12 @@ def main() -> None:
         torch.cuda.synchronize()
         return
     print(f"{args.rows} rows, Vs {args.vocab[0]}, Vt {args.vocab[1]}, {args.dtype} N(0, 1), k = {args.k}, T = 2")
-    print("| BLOCK:warps:sort factor:bin chunk | forward, no save (ms) | forward, student saved (ms) | backward, student (ms) |\n|---|---|---|---|")
+    print("| BLOCK:warps:sort factor:bin chunk[:prefetch:maxnreg:sample] | forward, no save (ms) | forward, student saved (ms) | backward, student (ms) |\n|---|---|---|---|")
     for config in args.configs:
         parts = [int(x) for x in config.split(":")]
-        block, warps, factor, chunk, prefetch, maxnreg = parts + [1024, 1024, 4, 1024, 1, 0][len(parts):]
+        block, warps, factor, chunk, prefetch, maxnreg, sample = parts + [1024, 1024, 4, 1024, 1, 0, 16][len(parts):]
         launch.TOPK_BLOCK, launch.TOPK_WARPS, launch.TOPK_SORT_FACTOR, launch.TOPK_BIN_CHUNK = block, warps, factor, chunk
-        launch.TOPK_PREFETCH, launch.TOPK_MAXNREG = bool(prefetch), maxnreg or None
+        launch.TOPK_PREFETCH, launch.TOPK_MAXNREG, launch.TOPK_SAMPLE = bool(prefetch), maxnreg or None, sample
         fwd = triton.testing.do_bench(lambda: launch.topk_rows(student, teacher, args.k, 2.0, 2.0, (False, False)),
                                       warmup=25, rep=200, return_mode="median")
         fwd_save = triton.testing.do_bench(lambda: launch.topk_rows(student, teacher, args.k, 2.0, 2.0, (True, False)),

@@ -240,6 +240,27 @@ def _crowded_bin(dtype, values):
     return student.to(dtype), torch.randn(2, 1500, generator=g).to(dtype)
 
 
+def _wide(kind, dtype=torch.float32):
+    """Rows wide enough for the Triton select's first guess from a sample of blocks
+    (kernels/uld_topk.py, `_sample_threshold`): as they are (the guess holds the first k), with
+    the sampled blocks far above the rest (too few logits at or above the guess: the passes
+    from the start), far below it (too many), or a NaN or +inf outside the sample."""
+    g = torch.Generator().manual_seed(34)
+    student, teacher = torch.randn(3, 70_000, generator=g) * 2, torch.randn(3, 66_000, generator=g) * 2
+    gap = student.shape[1] // (launch.TOPK_SAMPLE * launch.TOPK_BLOCK) * launch.TOPK_BLOCK
+    sampled = torch.zeros(student.shape[1], dtype=torch.bool)
+    for b in range(launch.TOPK_SAMPLE):
+        sampled[b * gap:b * gap + launch.TOPK_BLOCK] = True
+    if kind == "sample-high":
+        student[:, sampled] += 6.0
+    if kind == "sample-low":
+        student[:, ~sampled] += 6.0
+    if kind == "nan-inf":
+        outside = int((~sampled).nonzero()[-1])
+        student[0, outside], student[1, outside] = float("nan"), float("inf")
+    return student.to(dtype), teacher.to(dtype)
+
+
 EDGES = {  # name: (rows, k, student temperature, teacher temperature); from helper-36's review
     "k-equal-to-Vt": (lambda: _edge(23), 200, 1.0, 1.0),
     "k-past-Vt": (lambda: _edge(24, vs=40, vt=3), 5, 1.0, 1.0),
@@ -259,6 +280,10 @@ EDGES = {  # name: (rows, k, student temperature, teacher temperature); from hel
     "crowded-runs": (_crowded_runs, 37, 1.0, 1.0),
     "crowded-bin-bf16": (lambda: _crowded_bin(torch.bfloat16, 8), 100, 1.0, 1.0),
     "crowded-bin-fp16": (lambda: _crowded_bin(torch.float16, 64), 100, 1.0, 1.0),
+    "wide-guessed": (lambda: _wide("as-drawn"), 100, 2.0, 2.0),
+    "wide-guessed-k1-bf16": (lambda: _wide("as-drawn", torch.bfloat16), 1, 1.0, 1.0),
+    "wide-sample-high": (lambda: _wide("sample-high"), 100, 2.0, 2.0),
+    "wide-sample-low": (lambda: _wide("sample-low"), 100, 2.0, 2.0),
 }
 
 
@@ -277,6 +302,20 @@ def test_edge_rows(name, device):
     assert_losses_close(rows, ref.detach(), torch.float32)
     for ours, want, logits, what in ((s_in.grad, s64.grad, student, "student"), (t_in.grad, t64.grad, teacher, "teacher")):
         assert_grads_close(ours, want, logits, logits.dtype, what=what, per_tie_group=True)
+
+
+def test_wide_rows_with_nan_or_inf(device):
+    """A NaN or +inf logit outside the sampled blocks of a wide row (the sample's guess holds
+    the first k): that row's loss and both gradients NaN, the other row's the reference's."""
+    student, teacher = (x.to(device) for x in _wide("nan-inf"))
+    s_in, t_in = student.clone().requires_grad_(True), teacher.clone().requires_grad_(True)
+    loss = ULDTopKFunction.apply(s_in, t_in, 50, 1.0, 1.0, True)
+    loss.sum().backward()
+    ref = uld_loss_reference(student[2:].double(), teacher[2:].double(), reduction="none", top_k=50)
+    assert torch.isnan(loss[:2]).all() and torch.isfinite(loss[2])
+    assert_losses_close(loss[2:], ref, torch.float32)
+    for grad in (s_in.grad, t_in.grad):
+        assert torch.isnan(grad[:2]).all() and torch.isfinite(grad[2]).all()
 
 
 @pytest.mark.parametrize("bad", [0, -3, True, 2.5, "100"])

@@ -46,6 +46,7 @@ from uld_kernels.kernels.uld_rows import _block_raw, _first_block, _load_logits,
 
 _PACKED_NONE = const(-9223372036854775808)  # sorts below every packed key
 STATS = const(5)  # saved floats a row and side: maximum, log-sum, g - mass for g = 0, +1, -1
+SAMPLE_RANKS = const(2)  # the sample's guess aims at this many times k logits of the row
 
 
 @triton.jit
@@ -259,66 +260,119 @@ def _collect_in_order(row, vocab, col_stride, inv_t, top, prefix, resolved, need
 
 
 @triton.jit
+def _sample_threshold(row, vocab, col_stride, k_side, BITS1: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr,
+                      BLOCK: tl.constexpr, SMEM: tl.constexpr, CHUNK: tl.constexpr, SAMPLE: tl.constexpr,
+                      SORT_CAP: tl.constexpr):
+    """A guess at the bin of rank ``k_side`` from SAMPLE blocks spread over the row: the bin
+    of rank ``SAMPLE_RANKS k_side`` of the sample, scaled to its size (rounded up), so that
+    about SAMPLE_RANKS k_side logits of the row are at or above it; and whether the row is long
+    enough for a guess (four gaps a sampled block, the rank in the sample's top eighth) and
+    ``k_side`` small enough (twice the logits aimed at fit the sort: SORT_CAP)."""
+    gap = vocab // (SAMPLE * BLOCK)  # blocks from one sampled block to the next
+    rank = (SAMPLE_RANKS * k_side * (SAMPLE * BLOCK) + vocab - 1) // vocab
+    usable = (gap >= 4) & (rank * 8 <= SAMPLE * BLOCK) & (2 * SAMPLE_RANKS * k_side <= SORT_CAP)
+    prefix = tl.zeros([], tl.uint32)
+    if usable:
+        # 8 KiB of blocks a step, their loads in flight together (16 KiB: 153 registers in float32)
+        AT_ONCE: tl.constexpr = 8192 // (BLOCK * (row.dtype.element_ty.primitive_bitwidth // 8))
+        tl.static_assert(AT_ONCE >= 1 and SAMPLE % AT_ONCE == 0)
+        blocks = tl.arange(0, AT_ONCE)[:, None]
+        lanes = tl.arange(0, BLOCK)[None, :]
+        hist = tl.zeros([1 << BITS1], tl.int32)
+        for b in tl.range(0, SAMPLE, AT_ONCE):
+            z, in_row = _load_logits(row, ((b + blocks) * gap) * BLOCK + lanes, col_stride, vocab, UNIT_COL_STRIDE)
+            bins = tl.reshape(_high_bits(z, BITS1).to(tl.int32), [AT_ONCE * BLOCK])
+            hist = _count(hist, bins, tl.reshape(in_row, [AT_ONCE * BLOCK]), BITS1, SMEM)
+        prefix, _, _ = _select_bin(hist, prefix, tl.zeros([], tl.int32), rank, BITS1, SMEM, CHUNK)
+    return prefix, usable
+
+
+@triton.jit
 def _side_top(row, vocab, col_stride, inv_t, k_side, scratch,
               BITS1: tl.constexpr, BITS2: tl.constexpr, BITS3: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr,
               K_PAD: tl.constexpr, SORT_CAP: tl.constexpr, SORT_PAD: tl.constexpr, RUNS: tl.constexpr,
               REGION: tl.constexpr, BLOCK: tl.constexpr, SMEM: tl.constexpr, CHUNK: tl.constexpr,
-              PREFETCH: tl.constexpr):
+              PREFETCH: tl.constexpr, SAMPLE: tl.constexpr):
     """One side's first ``k_side`` probabilities of softmax(z / T) in descending order
     (``[K_PAD]``, 0 past ``k_side``), their columns, the row's log-sum-exp (maximum of z / T
     and log-sum, apart) and the probability past rank ``k_side`` (summed, not 1 minus the
     first ones: see `_gradient_factors`). ``scratch``: this row's ``max(SORT_PAD, RUNS REGION)``
-    int64."""
-    # Pass 1: the histogram and the row's maximum. Its log-sum is summed by the collect pass
-    # (the logits not taken) and after the sort (those taken): one exp a logit, not two.
-    lanes = tl.arange(0, BLOCK)
-    m = tl.full([BLOCK], float("-inf"), tl.float32)
-    hist = tl.zeros([1 << BITS1], tl.int32)
-    ahead = _first_block(row, lanes, col_stride, vocab, UNIT_COL_STRIDE, PREFETCH)
-    for start in tl.range(0, vocab, BLOCK):
-        raw, ahead = _block_raw(ahead, row, start + lanes, col_stride, vocab, BLOCK, UNIT_COL_STRIDE, PREFETCH)
-        z, in_row = raw.to(tl.float32), start + lanes < vocab
-        m = tl.maximum(m, z)  # (NaN or not: a NaN logit makes the sum below NaN)
-        hist = _count(hist, _high_bits(z, BITS1).to(tl.int32), in_row, BITS1, SMEM)
-    top = tl.max(m, 0) * inv_t  # max(z / T): rounding is monotone
+    int64.
 
-    prefix, above, in_bin = _select_bin(hist, tl.zeros([], tl.uint32), tl.zeros([], tl.int32), k_side, BITS1,
-                                        SMEM, CHUNK)
-    # Few enough logits at or above the bin of rank k (SORT_CAP): sort them all, no more levels.
-    resolved = tl.full([], BITS1, tl.int32)
-    if above + in_bin > SORT_CAP:
-        if BITS2 > 0:
-            prefix, above, in_bin = _refine(row, vocab, col_stride, prefix, above, k_side, BITS1, BITS2,
-                                            UNIT_COL_STRIDE, BLOCK, SMEM, CHUNK)
-        if BITS3 > 0:
-            prefix, above, in_bin = _refine(row, vocab, col_stride, prefix, above, k_side, BITS1 + BITS2, BITS3,
-                                            UNIT_COL_STRIDE, BLOCK, SMEM, CHUNK)
-        resolved = tl.full([], BITS1 + BITS2 + BITS3, tl.int32)
-
-    # Collect the logits at or above the prefix, in the runs' regions; where that is more than
-    # SORT_CAP (every bit resolved: the last bin holds equal logits), or a run's region
-    # overflows, in column order, up to rank k_side.
-    tl.debug_barrier()  # (the other side's loads of the same scratch row are done)
+    With SAMPLE, first one pass: the logits at or above a bin guessed from a sample
+    (`_sample_threshold`) collected by runs. Where that took at least ``k_side`` logits and at
+    most SORT_CAP (no run past its region), they hold the first ``k_side`` and the select is
+    done; otherwise the passes below, from the start."""
     slots = tl.arange(0, SORT_PAD)
     source = slots
     taken = tl.zeros([], tl.int32)
-    rest = tl.zeros([], tl.float32)  # the sum of `_rest_weight` over what is not taken
-    ordered = above + in_bin > SORT_CAP
-    if above + in_bin <= SORT_CAP:
-        filled, rest = _collect_by_run(row, vocab, col_stride, inv_t, top, prefix, resolved, scratch,
-                                       UNIT_COL_STRIDE, BLOCK, RUNS, REGION, SMEM, PREFETCH)
-        ordered = tl.max(filled, 0) > REGION
-        source, taken = _region_slots(filled, slots, REGION)
-    if ordered:
-        need = tl.where(above + in_bin > SORT_CAP, k_side - above, in_bin)
-        taken, rest = _collect_in_order(row, vocab, col_stride, inv_t, top, prefix, resolved, need,
-                                        scratch, UNIT_COL_STRIDE, BLOCK, SMEM)
-        source = slots
+    # the sum of `_rest_weight` over what is not taken, relative to exp(ref): ref / T at least
+    # every logit not taken
+    rest = tl.zeros([], tl.float32)
+    ref = tl.zeros([], tl.float32)
+    done = tl.zeros([], tl.int32) > 0
+    if SAMPLE > 0:
+        guess, usable = _sample_threshold(row, vocab, col_stride, k_side, BITS1, UNIT_COL_STRIDE, BLOCK, SMEM,
+                                          CHUNK, SAMPLE, SORT_CAP)
+        # the logits not taken are below the bin's lowest value
+        ref = _from_order_key(((guess << (32 - BITS1)) ^ 0x80000000).to(tl.int32, bitcast=True)) * inv_t
+        if usable & (tl.abs(ref) < float("inf")):
+            tl.debug_barrier()  # (the other side's loads of the same scratch row are done)
+            filled, rest = _collect_by_run(row, vocab, col_stride, inv_t, ref, guess, BITS1, scratch,
+                                           UNIT_COL_STRIDE, BLOCK, RUNS, REGION, SMEM, PREFETCH)
+            source, taken = _region_slots(filled, slots, REGION)
+            done = (tl.max(filled, 0) <= REGION) & (taken >= k_side) & (taken <= SORT_CAP)
+    if not done:
+        # Pass 1: the histogram and the row's maximum. Its log-sum is summed by the collect
+        # pass (the logits not taken) and after the sort (those taken): one exp a logit.
+        lanes = tl.arange(0, BLOCK)
+        m = tl.full([BLOCK], float("-inf"), tl.float32)
+        hist = tl.zeros([1 << BITS1], tl.int32)
+        ahead = _first_block(row, lanes, col_stride, vocab, UNIT_COL_STRIDE, PREFETCH)
+        for start in tl.range(0, vocab, BLOCK):
+            raw, ahead = _block_raw(ahead, row, start + lanes, col_stride, vocab, BLOCK, UNIT_COL_STRIDE, PREFETCH)
+            z, in_row = raw.to(tl.float32), start + lanes < vocab
+            m = tl.maximum(m, z)  # (NaN or not: a NaN logit makes the sum below NaN)
+            hist = _count(hist, _high_bits(z, BITS1).to(tl.int32), in_row, BITS1, SMEM)
+        ref = tl.max(m, 0) * inv_t  # max(z / T): rounding is monotone
+
+        prefix, above, in_bin = _select_bin(hist, tl.zeros([], tl.uint32), tl.zeros([], tl.int32), k_side, BITS1,
+                                            SMEM, CHUNK)
+        # Few enough logits at or above the bin of rank k (SORT_CAP): sort them all, no more levels.
+        resolved = tl.full([], BITS1, tl.int32)
+        if above + in_bin > SORT_CAP:
+            if BITS2 > 0:
+                prefix, above, in_bin = _refine(row, vocab, col_stride, prefix, above, k_side, BITS1, BITS2,
+                                                UNIT_COL_STRIDE, BLOCK, SMEM, CHUNK)
+            if BITS3 > 0:
+                prefix, above, in_bin = _refine(row, vocab, col_stride, prefix, above, k_side, BITS1 + BITS2, BITS3,
+                                                UNIT_COL_STRIDE, BLOCK, SMEM, CHUNK)
+            resolved = tl.full([], BITS1 + BITS2 + BITS3, tl.int32)
+
+        # Collect the logits at or above the prefix, in the runs' regions; where that is more
+        # than SORT_CAP (every bit resolved: the last bin holds equal logits), or a run's region
+        # overflows, in column order, up to rank k_side.
+        tl.debug_barrier()  # (the other side's loads of the same scratch row are done)
+        ordered = above + in_bin > SORT_CAP
+        if above + in_bin <= SORT_CAP:
+            filled, rest = _collect_by_run(row, vocab, col_stride, inv_t, ref, prefix, resolved, scratch,
+                                           UNIT_COL_STRIDE, BLOCK, RUNS, REGION, SMEM, PREFETCH)
+            ordered = tl.max(filled, 0) > REGION
+            source, taken = _region_slots(filled, slots, REGION)
+        if ordered:
+            need = tl.where(above + in_bin > SORT_CAP, k_side - above, in_bin)
+            taken, rest = _collect_in_order(row, vocab, col_stride, inv_t, ref, prefix, resolved, need,
+                                            scratch, UNIT_COL_STRIDE, BLOCK, SMEM)
+            source = slots
     tl.debug_barrier()  # the scratch row's stores, by every thread, before its loads
     packed = tl.sort(tl.load(scratch + source, mask=slots < taken, other=_PACKED_NONE), descending=True)
-    # The row's sum: the rest and what was taken (a NaN logit, or +inf, or no finite one: NaN).
-    # The tail (ranks past k_side): the rest, and what was taken past rank k_side (bins sorted whole).
-    weights = tl.where(slots < taken, tl.exp(_from_order_key((packed >> 32).to(tl.int32)) * inv_t - top), 0.0)
+    # The row's maximum (the first taken) and sum: the rest and what was taken (a NaN logit, or
+    # +inf, or no finite one: NaN). The tail (ranks past k_side): the rest, and what was taken
+    # past rank k_side (bins sorted whole).
+    z = _from_order_key((packed >> 32).to(tl.int32))
+    top = tl.sum(tl.where(slots == 0, z, 0.0), 0) * inv_t
+    weights = tl.where(slots < taken, tl.exp(z * inv_t - top), 0.0)
+    rest = rest * tl.exp(ref - top)
     total = rest + tl.sum(weights, 0)
     log_sum = tl.log(total)
     tail = (rest + tl.sum(tl.where(slots >= k_side, weights, 0.0), 0)) / total
@@ -389,6 +443,7 @@ def topk_rows_kernel(
     T_BITS1: tl.constexpr, T_BITS2: tl.constexpr, T_BITS3: tl.constexpr,
     K_PAD: tl.constexpr, SORT_CAP: tl.constexpr, SORT_PAD: tl.constexpr, RUNS: tl.constexpr, REGION: tl.constexpr,
     SCRATCH: tl.constexpr, BLOCK: tl.constexpr, SMEM: tl.constexpr, CHUNK: tl.constexpr, PREFETCH: tl.constexpr,
+    SAMPLE: tl.constexpr,
 ):
     """Program p: the truncated loss of pair p (rows p, or with GATHER the rows the index maps
     name; a negative student index is a padding slot: loss 0, nothing saved but zeros)."""
@@ -418,11 +473,11 @@ def topk_rows_kernel(
         a, s_columns, s_top, s_log_sum, s_tail = _side_top(
             s_row, student_vocab, student_col_stride, student_inv_t, s_k,
             scratch_ptr + pair * SCRATCH, S_BITS1, S_BITS2, S_BITS3, STUDENT_UNIT_STRIDE, K_PAD,
-            SORT_CAP, SORT_PAD, RUNS, REGION, BLOCK, SMEM, CHUNK, PREFETCH)
+            SORT_CAP, SORT_PAD, RUNS, REGION, BLOCK, SMEM, CHUNK, PREFETCH, SAMPLE)
         b, t_columns, t_top, t_log_sum, t_tail = _side_top(
             t_row, teacher_vocab, teacher_col_stride, teacher_inv_t, t_k,
             scratch_ptr + pair * SCRATCH, T_BITS1, T_BITS2, T_BITS3, TEACHER_UNIT_STRIDE, K_PAD,
-            SORT_CAP, SORT_PAD, RUNS, REGION, BLOCK, SMEM, CHUNK, PREFETCH)
+            SORT_CAP, SORT_PAD, RUNS, REGION, BLOCK, SMEM, CHUNK, PREFETCH, SAMPLE)
         diff = a - b  # both 0 past their side's k, so past k
         sign = (diff > 0).to(tl.float32) - (diff < 0).to(tl.float32)
         loss = tl.sum(tl.abs(diff), 0)
