@@ -22,6 +22,11 @@ the logits' order), one program per pair of rows:
    Sorted, the keys give the side's first ``k`` probabilities in order and their columns
    (ties: the larger column first, like any sort's choice a valid member of the tied group).
 
+Before these passes, a guess (``SAMPLE`` blocks spread over the row, `_sample_threshold`): the
+bin of rank ``2 k S / V`` of the sample's histogram, and the collect pass of step 3 with that
+bin. Where it took at least ``k`` logits and at most ``SORT_CAP`` (most long rows: ~2k are
+aimed at), they hold the first ``k`` and the row is read once; otherwise steps 1-3 follow.
+
 Where the first level's bin of rank ``k`` and the bins above it hold at most ``SORT_CAP``
 logits (most rows: a bin is 1/16 of an octave), step 2 is skipped: the collect pass takes
 them all and the sort picks the first ``k``.
