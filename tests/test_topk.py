@@ -240,24 +240,60 @@ def _crowded_bin(dtype, values):
     return student.to(dtype), torch.randn(2, 1500, generator=g).to(dtype)
 
 
-def _wide(kind, dtype=torch.float32):
-    """Rows wide enough for the Triton select's first guess from a sample of blocks
-    (kernels/uld_topk.py, `_sample_threshold`): as they are (the guess holds the first k), with
-    the sampled blocks far above the rest (too few logits at or above the guess: the passes
-    from the start), far below it (too many), or a NaN or +inf outside the sample."""
-    g = torch.Generator().manual_seed(34)
-    student, teacher = torch.randn(3, 70_000, generator=g) * 2, torch.randn(3, 66_000, generator=g) * 2
-    gap = student.shape[1] // (launch.TOPK_SAMPLE * launch.TOPK_BLOCK) * launch.TOPK_BLOCK
-    sampled = torch.zeros(student.shape[1], dtype=torch.bool)
+def _sampled(width):
+    """The columns of a row of `width` that the Triton select's guess samples
+    (kernels/uld_topk.py, `_sample_threshold`: launch.TOPK_SAMPLE blocks, evenly spaced)."""
+    gap = width // (launch.TOPK_SAMPLE * launch.TOPK_BLOCK) * launch.TOPK_BLOCK
+    sampled = torch.zeros(width, dtype=torch.bool)
     for b in range(launch.TOPK_SAMPLE):
         sampled[b * gap:b * gap + launch.TOPK_BLOCK] = True
+    return sampled
+
+
+def _wide(kind, dtype=torch.float32):
+    """Three rows a side wide enough for the Triton select's guess from a sample of blocks:
+    as drawn (the guess holds the first k); the student's sampled blocks far above the rest
+    (too few logits at or above the guess: the passes from the start), far below it (too
+    many), or the teacher's far above; the student's top logits crowded in one warp's columns
+    of six steps (that warp's region overflows, the count fits the sort) or spread outside the
+    sample (past SORT_CAP, no region full); rows of -inf with 300 and 120 finite logits (the
+    guess lands on -inf's bin: not finite, refused); finite logits whose guessed bin over T
+    overflows float32 (T = 1e-37: refused); a NaN or +inf outside the sample, or a NaN inside
+    it and a negative NaN outside (helper-44's review)."""
+    g = torch.Generator().manual_seed(34)
+    student, teacher = torch.randn(3, 70_000, generator=g) * 2, torch.randn(3, 66_000, generator=g) * 2
+    sampled = _sampled(student.shape[1])
+    inside, outside = sampled.nonzero()[:, 0], (~sampled).nonzero()[:, 0]
     if kind == "sample-high":
         student[:, sampled] += 6.0
     if kind == "sample-low":
         student[:, ~sampled] += 6.0
+    if kind == "teacher-sample-high":
+        teacher[:, _sampled(teacher.shape[1])] += 6.0
+    if kind == "one-warp-crowded":  # the first 47 columns of a step: one warp on every layout
+        block = launch.TOPK_BLOCK
+        for step in [s for s in range(student.shape[1] // block) if not sampled[s * block]][:6]:
+            student[:, step * block:step * block + 47] = 10.0 + torch.rand(3, 47, generator=g) * 0.4
+    if kind == "past-the-sort":
+        for row in student:
+            row[outside[torch.randperm(len(outside), generator=g)[:500]]] = 8.0 + torch.rand(500, generator=g)
+    if kind == "masked":
+        for row, finite in zip(student[:2], (300, 120)):
+            keep = torch.zeros(len(row), dtype=torch.bool)
+            keep[torch.randperm(len(row), generator=g)[:finite]] = True
+            row[~keep] = float("-inf")
+    if kind == "guess-over-t-overflows":
+        student.fill_(-1e4)
+        for row in student:
+            columns = torch.randperm(len(row), generator=g)
+            row[columns[:150]] = 1.0 + torch.rand(150, generator=g)
+            row[columns[150:300]] = -50.0 - torch.rand(150, generator=g)
     if kind == "nan-inf":
-        outside = int((~sampled).nonzero()[-1])
-        student[0, outside], student[1, outside] = float("nan"), float("inf")
+        student[0, outside[-1]], student[1, outside[-1]] = float("nan"), float("inf")
+    if kind == "nan-inside":
+        student[0, inside[5]] = float("nan")
+        student[1, outside[7]] = -float("nan")
+        assert student[1, outside[7]].view(torch.int32) < 0, "a negative NaN"
     return student.to(dtype), teacher.to(dtype)
 
 
@@ -284,6 +320,11 @@ EDGES = {  # name: (rows, k, student temperature, teacher temperature); from hel
     "wide-guessed-k1-bf16": (lambda: _wide("as-drawn", torch.bfloat16), 1, 1.0, 1.0),
     "wide-sample-high": (lambda: _wide("sample-high"), 100, 2.0, 2.0),
     "wide-sample-low": (lambda: _wide("sample-low"), 100, 2.0, 2.0),
+    "wide-teacher-sample-high": (lambda: _wide("teacher-sample-high"), 100, 2.0, 2.0),
+    "wide-one-warp-crowded": (lambda: _wide("one-warp-crowded"), 100, 1.0, 1.0),
+    "wide-past-the-sort": (lambda: _wide("past-the-sort"), 100, 1.0, 1.0),
+    "wide-masked": (lambda: _wide("masked"), 100, 1.0, 1.0),
+    "wide-guess-over-t-overflows": (lambda: _wide("guess-over-t-overflows"), 100, 1e-37, 1.0),
 }
 
 
@@ -304,14 +345,16 @@ def test_edge_rows(name, device):
         assert_grads_close(ours, want, logits, logits.dtype, what=what, per_tie_group=True)
 
 
-def test_wide_rows_with_nan_or_inf(device):
-    """A NaN or +inf logit outside the sampled blocks of a wide row (the sample's guess holds
-    the first k): that row's loss and both gradients NaN, the other row's the reference's."""
-    student, teacher = (x.to(device) for x in _wide("nan-inf"))
+@pytest.mark.parametrize("kind, k", [("nan-inf", 50), ("nan-inside", 1)])
+def test_wide_rows_with_nan_or_inf(kind, k, device):
+    """A NaN or +inf logit outside the sampled blocks of a wide row (the guess holds the first
+    k), or a NaN inside them and a negative NaN outside (at k = 1 the guess is the NaN's bin:
+    refused): those rows' loss and both gradients NaN, the other row's the reference's."""
+    student, teacher = (x.to(device) for x in _wide(kind))
     s_in, t_in = student.clone().requires_grad_(True), teacher.clone().requires_grad_(True)
-    loss = ULDTopKFunction.apply(s_in, t_in, 50, 1.0, 1.0, True)
+    loss = ULDTopKFunction.apply(s_in, t_in, k, 1.0, 1.0, True)
     loss.sum().backward()
-    ref = uld_loss_reference(student[2:].double(), teacher[2:].double(), reduction="none", top_k=50)
+    ref = uld_loss_reference(student[2:].double(), teacher[2:].double(), reduction="none", top_k=k)
     assert torch.isnan(loss[:2]).all() and torch.isfinite(loss[2])
     assert_losses_close(loss[2:], ref, torch.float32)
     for grad in (s_in.grad, t_in.grad):
