@@ -48,7 +48,7 @@ def main() -> None:
     print("| BLOCK:warps:sort factor:bin chunk[:prefetch:maxnreg:sample] | forward, no save (ms) | forward, student saved (ms) | backward, student (ms) |\n|---|---|---|---|")
     for config in args.configs:
         parts = [int(x) for x in config.split(":")]
-        block, warps, factor, chunk, prefetch, maxnreg, sample = parts + [1024, 1024, 4, 1024, 1, 0, 16][len(parts):]
+        block, warps, factor, chunk, prefetch, maxnreg, sample = parts + [1024, 4, 4, 1024, 1, 0, 16][len(parts):]
         launch.TOPK_BLOCK, launch.TOPK_WARPS, launch.TOPK_SORT_FACTOR, launch.TOPK_BIN_CHUNK = block, warps, factor, chunk
         launch.TOPK_PREFETCH, launch.TOPK_MAXNREG, launch.TOPK_SAMPLE = bool(prefetch), maxnreg or None, sample
         fwd = triton.testing.do_bench(lambda: launch.topk_rows(student, teacher, args.k, 2.0, 2.0, (False, False)),
