@@ -22,7 +22,8 @@ for step in $STEPS; do
            timeout 100 python3 -m pytest tests/test_distill.py -k "top_k or truncat or topk" -q -x -p no:warnings \
              -p no:cacheprovider 2>&1 | tail -4 ;;
     bench) timeout 200 python3 bench/bench_topk.py --rows 16384 --k 100 1000 --temperature 2.0 2>&1 ;;
-    profile) timeout 120 python3 bench/profile_topk.py --rows 16384 --k 100 --configs 1024:4:4:1024 1024:4:4:1024:1:0:0 2>&1
+    profile) timeout 150 python3 bench/profile_topk.py --rows 16384 --k 100 --configs 1024:4:4:1024 1024:4:4:1024:1:0:0 \
+               2048:4:4:1024:1:0:16 1024:4:4:1024:1:96:16 1024:4:4:1024:1:80:16 2>&1
              timeout 60 python3 bench/profile_topk.py --rows 16384 --k 1000 --configs 1024:4:4:1024 2>&1 | tail -1
              timeout 60 python3 bench/profile_topk.py --rows 16384 --k 100 --dtype float32 --configs 1024:4:4:1024 2>&1 | tail -1 ;;
     ncu) ULD_STALL_SCRIPT=bench/profile_topk.py ULD_STALL_SPECS="--rows 2048 --k 100 --once" \
