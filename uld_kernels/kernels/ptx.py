@@ -429,9 +429,9 @@ _LIST_APPEND_ASM = const(
     "mad.wide.u32 a, at, 4, $4; st.global.u32 [a], $2; SKIP: mov.u32 $0, 0; }")
 
 
-# The top_k collect pass (uld_topk._collect_by_run): where $1, a slot from warp w's counter
-# (word w of the shared array, w = tid.x / 32) and, below the capacity $5, the key $3 above
-# the column $2 (one int64, the column in its low word) stored at slot w * $5 + slot of $4.
+# The top_k collect pass (uld_topk._collect_by_run): where taken, a slot from warp w's counter
+# (word w of the shared array, w = tid.x / 32) and, below the capacity, the key above the
+# column (one int64, the column in its low word) stored at base + w * capacity + slot.
 # A warp with no lane taking skips it in one branch: in that pass almost every warp.
 def _append_keys_asm(n: int) -> str:
     """PTX of `smem_append_key` for n consecutive elements of a thread (pack=n): $0..$(n-1) the

@@ -75,18 +75,25 @@ def _high_bits(z, RESOLVED):
 
 
 @triton.jit
+def _lowest_key(prefix, resolved):
+    """The signed order key (`_order_key`) of the lowest logit whose top ``resolved`` bits are
+    ``prefix``: a key at or past it is in that bin or above."""
+    return ((prefix << (32 - resolved)) ^ 0x80000000).to(tl.int32, bitcast=True)
+
+
+@triton.jit
 def _prob(z, inv_t, top, log_sum):
     """softmax(z / T) of logits z given the row's maximum of z / T and log-sum (kept apart)."""
     return tl.exp((z * inv_t - top) - log_sum)
 
 
 @triton.jit
-def _rest_weight(z, inv_t, top, FTZ: tl.constexpr):
-    """exp(z / T - top), the unnormalised probability of a logit not taken (the collect pass
-    sums them; divided by the row's sum after the sort): an FMA and, with FTZ (the GPU), one
-    `ex2.approx.ftz` (subnormal results 0: less than V 2**-126 of the row's largest in all),
-    where `tl.exp` rescales subnormals."""
-    t = tl.fma(z, inv_t, -top) * 1.4426950408889634
+def _rest_weight(z, inv_t, ref, FTZ: tl.constexpr):
+    """exp(z / T - ref), the unnormalised probability of a logit not taken (ref at least its
+    z / T; the collect pass sums them, scaled and divided by the row's sum after the sort): an
+    FMA and, with FTZ (the GPU), one `ex2.approx.ftz` (subnormal results 0: less than V 2**-126
+    of exp(ref) in all), where `tl.exp` rescales subnormals."""
+    t = tl.fma(z, inv_t, -ref) * 1.4426950408889634
     if FTZ:
         return exp2_ftz(t)
     else:
@@ -182,7 +189,7 @@ def _store_keys(scratch, at, keys, mask, SMEM: tl.constexpr):
 
 
 @triton.jit
-def _collect_by_run(row, vocab, col_stride, inv_t, top, prefix, resolved, scratch,
+def _collect_by_run(row, vocab, col_stride, inv_t, ref, prefix, resolved, scratch,
                     UNIT_COL_STRIDE: tl.constexpr, BLOCK: tl.constexpr, RUNS: tl.constexpr, REGION: tl.constexpr,
                     SMEM: tl.constexpr, PREFETCH: tl.constexpr):
     """The logits whose top ``resolved`` bits are ``prefix`` or above, packed (`_packed`) into
@@ -200,8 +207,7 @@ def _collect_by_run(row, vocab, col_stride, inv_t, top, prefix, resolved, scratc
     columns = runs[:, None] * RUN + tl.arange(0, RUN)[None, :]
     filled = tl.zeros([RUNS], tl.int32)
     rest = tl.zeros([RUNS, RUN], tl.float32)
-    # the key's order for the prefix's bin and above: the signed key at or past its first one
-    lowest = ((prefix << (32 - resolved)) ^ 0x80000000).to(tl.int32, bitcast=True)
+    lowest = _lowest_key(prefix, resolved)
     ahead = _first_block(row, columns, col_stride, vocab, UNIT_COL_STRIDE, PREFETCH)
     for start in tl.range(0, vocab, BLOCK):
         idx = start + columns
@@ -210,7 +216,7 @@ def _collect_by_run(row, vocab, col_stride, inv_t, top, prefix, resolved, scratc
         key = _order_key(z)
         take = in_row & (key >= lowest)
         # (past the row z = -inf: a weight of 0, or NaN where the row's maximum is -inf and its loss NaN)
-        rest += tl.where(take, 0.0, _rest_weight(z, inv_t, top, SMEM))
+        rest += tl.where(take, 0.0, _rest_weight(z, inv_t, ref, SMEM))
         if SMEM:
             smem_append_key(take, idx, key, scratch, REGION)
         else:
@@ -241,7 +247,7 @@ def _region_slots(filled, slots, REGION: tl.constexpr):
 
 
 @triton.jit
-def _collect_in_order(row, vocab, col_stride, inv_t, top, prefix, resolved, need, scratch,
+def _collect_in_order(row, vocab, col_stride, inv_t, ref, prefix, resolved, need, scratch,
                       UNIT_COL_STRIDE: tl.constexpr, BLOCK: tl.constexpr, SMEM: tl.constexpr):
     """The logits whose top ``resolved`` bits are above ``prefix`` and the first ``need`` of
     those equal to it, in column order, packed into the scratch row's first slots (prefix sums
@@ -259,7 +265,7 @@ def _collect_in_order(row, vocab, col_stride, inv_t, top, prefix, resolved, need
         take = (in_row & (bits > prefix)) | (equal & (ties + tl.cumsum(equal.to(tl.int32), 0) <= need))
         at = taken + tl.cumsum(take.to(tl.int32), 0) - 1
         _store_keys(scratch, at, _packed(z, idx), take, SMEM)
-        rest += tl.sum(tl.where(take | ~in_row, 0.0, _rest_weight(z, inv_t, top, SMEM)), 0)
+        rest += tl.sum(tl.where(take | ~in_row, 0.0, _rest_weight(z, inv_t, ref, SMEM)), 0)
         taken += tl.sum(take.to(tl.int32), 0)
         ties += tl.sum(equal.to(tl.int32), 0)
     return taken, rest
@@ -321,7 +327,7 @@ def _side_top(row, vocab, col_stride, inv_t, k_side, scratch,
         guess, usable = _sample_threshold(row, vocab, col_stride, k_side, BITS1, UNIT_COL_STRIDE, BLOCK, SMEM,
                                           CHUNK, SAMPLE, SORT_CAP)
         # the logits not taken are below the bin's lowest value
-        ref = _from_order_key(((guess << (32 - BITS1)) ^ 0x80000000).to(tl.int32, bitcast=True)) * inv_t
+        ref = _from_order_key(_lowest_key(guess, BITS1)) * inv_t
         if usable & (tl.abs(ref) < float("inf")):
             tl.debug_barrier()  # (the other side's loads of the same scratch row are done)
             filled, rest = _collect_by_run(row, vocab, col_stride, inv_t, ref, guess, BITS1, scratch,
