@@ -242,16 +242,29 @@ def _crowded_bin(dtype, values):
 
 def _sampled(width):
     """The columns of a row of `width` that the Triton select's guess samples
-    (kernels/uld_topk.py, `_sample_threshold`: launch.TOPK_SAMPLE blocks, evenly spaced)."""
-    gap = width // (launch.TOPK_SAMPLE * launch.TOPK_BLOCK) * launch.TOPK_BLOCK
+    (kernels/uld_topk.py, `_sample_threshold`: launch.TOPK_SAMPLE blocks, or one in four of a
+    shorter row, evenly spaced; none under two)."""
+    blocks = min(launch.TOPK_SAMPLE, width // (4 * launch.TOPK_BLOCK))
     sampled = torch.zeros(width, dtype=torch.bool)
-    for b in range(launch.TOPK_SAMPLE):
-        sampled[b * gap:b * gap + launch.TOPK_BLOCK] = True
+    if blocks >= 2:
+        gap = width // (blocks * launch.TOPK_BLOCK) * launch.TOPK_BLOCK
+        for b in range(blocks):
+            sampled[b * gap:b * gap + launch.TOPK_BLOCK] = True
     return sampled
 
 
-def _wide(kind, dtype=torch.float32):
-    """Three rows a side wide enough for the Triton select's guess from a sample of blocks:
+def test_sampled_blocks_by_width():
+    """The guess's sample (as `_sampled` mirrors it): 16 blocks from 65,536 columns, one block
+    in four below (7 at 30,000: a step of float32's two blocks and bf16's four half past the
+    sample), none under 8 blocks."""
+    block = launch.TOPK_BLOCK
+    for width, blocks in ((70_000, 16), (65_536, 16), (30_000, 7), (9_000, 2), (8 * block, 2), (8 * block - 1, 0)):
+        assert int(_sampled(width).sum()) == blocks * block, width
+
+
+def _wide(kind, dtype=torch.float32, widths=(70_000, 66_000)):
+    """Three rows a side wide enough for the Triton select's guess from a sample of blocks
+    (`widths`: 16 blocks sampled a side; narrower, fewer):
     as drawn (the guess holds the first k); the student's sampled blocks far above the rest
     (too few logits at or above the guess: the passes from the start), far below it (too
     many), or the teacher's far above; the student's top logits crowded in one warp's columns
@@ -261,7 +274,7 @@ def _wide(kind, dtype=torch.float32):
     overflows float32 (T = 1e-37: refused); a NaN or +inf outside the sample, or a NaN inside
     it and a negative NaN outside (helper-44's review)."""
     g = torch.Generator().manual_seed(34)
-    student, teacher = torch.randn(3, 70_000, generator=g) * 2, torch.randn(3, 66_000, generator=g) * 2
+    student, teacher = (torch.randn(3, width, generator=g) * 2 for width in widths)
     sampled = _sampled(student.shape[1])
     inside, outside = sampled.nonzero()[:, 0], (~sampled).nonzero()[:, 0]
     if kind == "sample-high":
@@ -325,6 +338,11 @@ EDGES = {  # name: (rows, k, student temperature, teacher temperature); from hel
     "wide-past-the-sort": (lambda: _wide("past-the-sort"), 100, 1.0, 1.0),
     "wide-masked": (lambda: _wide("masked"), 100, 1.0, 1.0),
     "wide-guess-over-t-overflows": (lambda: _wide("guess-over-t-overflows"), 100, 1e-37, 1.0),
+    # rows of 9,000 and 30,000 columns: 2 and 7 blocks sampled
+    "narrow-guessed": (lambda: _wide("as-drawn", widths=(9_000, 30_000)), 100, 2.0, 2.0),
+    "narrow-guessed-bf16": (lambda: _wide("as-drawn", torch.bfloat16, widths=(30_000, 9_000)), 60, 1.0, 1.0),
+    "narrow-sample-high": (lambda: _wide("sample-high", widths=(30_000, 9_000)), 100, 2.0, 2.0),
+    "narrow-sample-low": (lambda: _wide("sample-low", widths=(9_000, 30_000)), 100, 2.0, 2.0),
 }
 
 

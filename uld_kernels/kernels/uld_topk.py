@@ -22,9 +22,10 @@ the logits' order), one program per pair of rows:
    Sorted, the keys give the side's first ``k`` probabilities in order and their columns
    (ties: the larger column first, like any sort's choice a valid member of the tied group).
 
-Before these passes, a guess (``SAMPLE`` blocks spread over the row, `_sample_threshold`): the
-bin of rank ``2 k S / V`` of the sample's histogram, and the collect pass of step 3 with that
-bin. Where it took at least ``k`` logits and at most ``SORT_CAP`` (most long rows: ~2k are
+Before these passes, a guess (``SAMPLE`` blocks spread over the row, or one block in four of a
+shorter row, at least two: rows of 8 blocks and more; `_sample_threshold`): the bin of rank
+``2 k S / V`` of the sample's histogram (S logits sampled), and the collect pass of step 3 with
+that bin. Where it took at least ``k`` logits and at most ``SORT_CAP`` (most rows: ~2k are
 aimed at), they hold the first ``k`` and the row is read once; otherwise steps 1-3 follow.
 
 Where the first level's bin of rank ``k`` and the bins above it hold at most ``SORT_CAP``
@@ -275,14 +276,17 @@ def _collect_in_order(row, vocab, col_stride, inv_t, ref, prefix, resolved, need
 def _sample_threshold(row, vocab, col_stride, k_side, BITS1: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr,
                       BLOCK: tl.constexpr, SMEM: tl.constexpr, CHUNK: tl.constexpr, SAMPLE: tl.constexpr,
                       SORT_CAP: tl.constexpr):
-    """A guess at the bin of rank ``k_side`` from SAMPLE blocks spread over the row: the bin
+    """A guess at the bin of rank ``k_side`` from blocks spread over the row (SAMPLE of them,
+    fewer on a row under four times SAMPLE blocks: one block in four, at least two): the bin
     of rank ``SAMPLE_RANKS k_side`` of the sample, scaled to its size (rounded up), so that
     about SAMPLE_RANKS k_side logits of the row are at or above it; and whether the row is long
-    enough for a guess (four gaps a sampled block, the rank in the sample's top eighth) and
-    ``k_side`` small enough (twice the logits aimed at fit the sort: SORT_CAP)."""
-    gap = vocab // (SAMPLE * BLOCK)  # blocks from one sampled block to the next
-    rank = (SAMPLE_RANKS * k_side * (SAMPLE * BLOCK) + vocab - 1) // vocab
-    usable = (gap >= 4) & (rank * 8 <= SAMPLE * BLOCK) & (2 * SAMPLE_RANKS * k_side <= SORT_CAP)
+    enough for a guess (two blocks sampled, four gaps a sampled block, the rank in the sample's
+    top eighth) and ``k_side`` small enough (twice the logits aimed at fit the sort:
+    SORT_CAP)."""
+    sampled = tl.minimum(vocab // (4 * BLOCK), SAMPLE)  # blocks sampled
+    gap = vocab // tl.maximum(sampled * BLOCK, 1)  # blocks from one sampled block to the next
+    rank = (SAMPLE_RANKS * k_side * (sampled * BLOCK) + vocab - 1) // tl.maximum(vocab, 1)
+    usable = (sampled >= 2) & (rank * 8 <= sampled * BLOCK) & (2 * SAMPLE_RANKS * k_side <= SORT_CAP)
     prefix = tl.zeros([], tl.uint32)
     if usable:
         # 8 KiB of blocks a step, their loads in flight together (16 KiB: 153 registers in float32)
@@ -291,8 +295,10 @@ def _sample_threshold(row, vocab, col_stride, k_side, BITS1: tl.constexpr, UNIT_
         blocks = tl.arange(0, AT_ONCE)[:, None]
         lanes = tl.arange(0, BLOCK)[None, :]
         hist = tl.zeros([1 << BITS1], tl.int32)
-        for b in tl.range(0, SAMPLE, AT_ONCE):
-            z, in_row = _load_logits(row, ((b + blocks) * gap) * BLOCK + lanes, col_stride, vocab, UNIT_COL_STRIDE)
+        for b in tl.range(0, sampled, AT_ONCE):
+            # (a step's blocks past the sample start past the row: not loaded, not counted)
+            first = tl.where(b + blocks < sampled, ((b + blocks) * gap) * BLOCK, vocab)
+            z, in_row = _load_logits(row, first + lanes, col_stride, vocab, UNIT_COL_STRIDE)
             bins = tl.reshape(_high_bits(z, BITS1).to(tl.int32), [AT_ONCE * BLOCK])
             hist = _count(hist, bins, tl.reshape(in_row, [AT_ONCE * BLOCK]), BITS1, SMEM)
         prefix, _, _ = _select_bin(hist, prefix, tl.zeros([], tl.int32), rank, BITS1, SMEM, CHUNK)
