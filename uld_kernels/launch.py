@@ -738,7 +738,7 @@ TOPK_STATS = uld_topk.STATS.value  # saved floats a row and side
 TOPK_BLOCK = 1024  # elements of a row per step of the top_k kernels
 TOPK_WARPS = 4  # the shared histogram's helpers (kernels/ptx.py) take 4 warps
 TOPK_PREFETCH = True  # the select's passes load the next block before working on this one
-TOPK_MAXNREG = None  # a register cap for the select (None: the compiler's choice)
+TOPK_MAXNREG = 80  # the select's register cap: 6 programs an SM (the shared array allows 6; 128 registers gave 4: 5.31 -> 4.51 ms, NOTES)
 TOPK_RUNS = 4  # the collect pass's runs a step (one a warp, each counting its own: `_collect_by_run`)
 # Bins of the shared histogram read at a time (all 8,192 at once took 254 registers, 38.8 ms
 # against 23.9 ms a forward: run 7).
