@@ -26,7 +26,7 @@ from uld_kernels.kernels.uld_topk import topk_grad_kernel, topk_rows_kernel  # n
 from uld_kernels.launch import (HIST_BLOCK, HIST_GRAD_BLOCK, HIST_PDL, HIST_SCAN, HIST_SIGN_MAXNREG, _hist_blocks, HIST_GRAD_CHUNK, HIST_SIGN_BLOCK,  # noqa: E402
                                 HIST_MAXNREG, HIST_TAIL_BLOCK, FALLBACK_FINISH_BLOCK, FALLBACK_SMEM_L1, _fallback_list_mode,
                                 ce_kernel_config, split_config)
-from uld_kernels.launch import TOPK_BIN_CHUNK, TOPK_BLOCK, TOPK_PREFETCH, TOPK_WARPS, topk_level_bits, topk_pad, topk_sizes  # noqa: E402
+from uld_kernels.launch import TOPK_BIN_CHUNK, TOPK_BLOCK, TOPK_MAXNREG, TOPK_PREFETCH, TOPK_WARPS, topk_level_bits, topk_pad, topk_sizes  # noqa: E402
 
 HIST_OPTIONS = dict(num_warps=4, **({"maxnreg": HIST_MAXNREG} if HIST_MAXNREG else {}))  # as launch.py
 TRITON_TYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -305,7 +305,7 @@ def topk_kernel_configs():
                           **{f"S_{b}": v for b, v in bits.items()}, **{f"T_{b}": v for b, v in bits.items()})
         aligned = [n for n in types if n.endswith(("_ptr", "vocab", "row_stride", "batch_stride"))]
         yield (f"topk_rows {TRITON_TYPE[dtype]} gather={gather} k={k}", topk_rows_kernel, types, constexprs, aligned,
-               TOPK_WARPS)
+               dict(num_warps=TOPK_WARPS, **({"maxnreg": TOPK_MAXNREG} if TOPK_MAXNREG else {})))
     k_pad = topk_pad(100)
     for dtype, gather, accumulate in [*((d, False, False) for d in TRITON_TYPE), (torch.bfloat16, True, True)]:
         types = _types_by_name(topk_grad_kernel, "*" + TRITON_TYPE[dtype])

@@ -271,7 +271,7 @@ def _wide(kind, dtype=torch.float32, widths=(70_000, 66_000)):
     of six steps (that warp's region overflows, the count fits the sort) or spread outside the
     sample (past SORT_CAP, no region full); rows of -inf with 300 and 120 finite logits (the
     guess lands on -inf's bin: not finite, refused); finite logits whose guessed bin over T
-    overflows float32 (T = 1e-37: refused); a NaN or +inf outside the sample, or a NaN inside
+    overflows float32 (T = 1e-37: the select works with z - max, never z / T); a NaN or +inf outside the sample, or a NaN inside
     it and a negative NaN outside (helper-44's review)."""
     g = torch.Generator().manual_seed(34)
     student, teacher = (torch.randn(3, width, generator=g) * 2 for width in widths)
@@ -310,6 +310,14 @@ def _wide(kind, dtype=torch.float32, widths=(70_000, 66_000)):
     return student.to(dtype), teacher.to(dtype)
 
 
+def _cold_large():
+    """float32 logits near 25 spread over a few 1e-4 (T = 1e-4 gives a few ranks weight): z / T
+    is near 2.5e5, where float32's ulp is 0.016, so z / T - max / T (rounded, or fused into an
+    FMA on the GPU) was off by up to 1% in each probability; z - max is exact."""
+    g = torch.Generator().manual_seed(36)
+    return 25.0 + 3e-4 * torch.randn(3, 2_000, generator=g), 25.0 + 1e-3 * torch.randn(3, 1_500, generator=g)
+
+
 EDGES = {  # name: (rows, k, student temperature, teacher temperature); from helper-36's review
     "k-equal-to-Vt": (lambda: _edge(23), 200, 1.0, 1.0),
     "k-past-Vt": (lambda: _edge(24, vs=40, vt=3), 5, 1.0, 1.0),
@@ -321,6 +329,7 @@ EDGES = {  # name: (rows, k, student temperature, teacher temperature); from hel
     "signed-zeros": (_signed_zeros, 20, 1.0, 1.0),
     "temperatures-0.05-and-20": (lambda: _edge(26), 30, 0.05, 20.0),  # failed on the GPU before 1 - mass was summed
     "cold-student-0.03": (lambda: _edge(4, scale=1.0), 30, 0.03, 3.0),  # failed on both engines so
+    "cold-large-logits": (_cold_large, 20, 1e-4, 1e-3),
     "logits-near-3e4": (lambda: _edge(27, shift=3e4), 40, 1.0, 1.0),
     "logits-near-minus-3e4": (lambda: _edge(28, shift=-3e4), 40, 1.0, 1.0),
     "fp16-subnormals": (lambda: (_edge(29, scale=1e-5)[0].half(), _edge(29)[1].half()), 50, 1.0, 1.0),

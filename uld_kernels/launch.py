@@ -781,7 +781,7 @@ def topk_sizes(k: int) -> dict:
 def topk_rows(student_logits, teacher_logits, k, student_temperature, teacher_temperature, save,
               student_index=None, teacher_index=None):
     """The truncated loss's rows (``[N]`` float32) and, for each side that ``save`` names,
-    what its backward needs: ``(stats [N, 5] float32 (maximum of z / T, log-sum, and
+    what its backward needs: ``(stats [N, 5] float32 (largest logit (not over T), log-sum, and
     ``g - mass`` for g = 0, +1, -1: kernels/uld_topk.py, `_gradient_factors`),
     columns [N, K] int32, signs [N, K] int8)``, ``K = topk_pad(k)``, else None. Rows aligned
     ``[N, V]``, or ``[B, L, V]`` with flat ``[N]`` index maps (``-1``: padding slot)."""

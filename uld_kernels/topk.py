@@ -63,20 +63,21 @@ def _rows(logits: torch.Tensor, index: torch.Tensor | None, part: slice):
 
 
 def _top_probs(logits: torch.Tensor, temperature: float, k: int):
-    """The log-sum-exp as (row maximum, log-sum) ``[c]`` each, kept apart (their float32 sum
-    rounds at the logits' magnitude, 1e-3 at 3e4), the ``k`` largest probabilities ``[c, k]``
-    (descending), their columns, and the probability of the other columns ``[c]`` (summed,
-    not 1 minus the first ``k``: see `_gradient_factors`), of ``softmax(logits / temperature)``
-    in float32."""
-    z = logits.float() / temperature
+    """The log-sum-exp as (the row's largest logit, log-sum) ``[c]`` each, kept apart (their
+    float32 sum rounds at the logits' magnitude, 1e-3 at 3e4), the ``k`` largest probabilities
+    ``[c, k]`` (descending), their columns, and the probability of the other columns ``[c]``
+    (summed, not 1 minus the first ``k``: see `_gradient_factors`), of
+    ``softmax(logits / temperature)`` in float32, as ``exp((z - top) / T)``: z - top is exact
+    near the top, where z / T - top / T loses ``ulp(top / T)`` (kernels/uld_topk.py, `_prob`)."""
+    z = logits.float()
     values, columns = torch.topk(z, k, dim=-1)
     top = values[:, 0]
     safe = torch.where(torch.isfinite(top), top, 0.0)
-    scaled = torch.exp(z - safe[:, None])  # one exponential an element serves the sum and the tail
+    scaled = torch.exp((z - safe[:, None]) / temperature)  # one exponential an element serves the sum and the tail
     total = scaled.sum(dim=-1)
     log_sum = torch.log(total)
     tail = scaled.scatter_(1, columns, 0.0).sum(dim=-1) / total
-    return (safe, log_sum), torch.exp((values - safe[:, None]) - log_sum[:, None]), columns, tail
+    return (safe, log_sum), torch.exp((values - safe[:, None]) / temperature - log_sum[:, None]), columns, tail
 
 
 def _gradient_factors(probs, signs, tail):
@@ -91,8 +92,7 @@ def _gradient_factors(probs, signs, tail):
 def _side_grad(logits, temperature, top, log_sum, columns, signs, factors, upstream):
     """``upstream * dL/dz`` of one side's rows, float32: ``p (g - mass) / T``, ``factors``
     ``[c, 3]`` the row's ``g - mass`` for g = 0, +1, -1; ``columns`` distinct in a row."""
-    z = logits.float() / temperature
-    p = torch.exp((z - top[:, None]) - log_sum[:, None])
+    p = torch.exp((logits.float() - top[:, None]) / temperature - log_sum[:, None])
     grad = p * factors[:, :1]
     at_columns = torch.where(signs > 0, factors[:, 1:2], torch.where(signs < 0, factors[:, 2:3], factors[:, :1]))
     grad.scatter_(1, columns, p.gather(1, columns) * at_columns)

@@ -12,7 +12,7 @@ the logits' order), one program per pair of rows:
    bfloat16: 13 + 3, float16: 13 + 6; the launcher's ``topk_level_bits``), counted in
    shared memory on the GPU (kernels/ptx.py);
 3. one pass that collects the logits at or above that bin (at most ``SORT_CAP``) as
-   ``key << 32 | column`` into a scratch row, and sums ``exp(z / T - max)`` of the others
+   ``key << 32 | column`` into a scratch row, and sums ``exp((z - max) / T)`` of the others
    (with that of the logits taken, after the sort, the row's log-sum: one exp a logit). Each
    warp's columns (a run) go to the warp's own region of the scratch row, so a step needs no
    other warp's count and no barrier; a run past its region (half of what is sorted), or a
@@ -84,17 +84,22 @@ def _lowest_key(prefix, resolved):
 
 @triton.jit
 def _prob(z, inv_t, top, log_sum):
-    """softmax(z / T) of logits z given the row's maximum of z / T and log-sum (kept apart)."""
-    return tl.exp((z * inv_t - top) - log_sum)
+    """softmax(z / T) of logits z given the row's largest logit ``top`` and log-sum (kept
+    apart), as ``exp((z - top) / T - log_sum)``: z - top is exact near the top (like the exact
+    engine's `uld_rows._keys_of`). ``z / T - top / T`` was not: the GPU fuses it into one FMA,
+    whose exact product minus top / T's rounded one left the largest logit ``exp(+-ulp(top /
+    T))`` instead of 1 where that ulp is not small (T = 1e-37: NaN; this session's run 3)."""
+    return tl.exp((z - top) * inv_t - log_sum)
 
 
 @triton.jit
 def _rest_weight(z, inv_t, ref, FTZ: tl.constexpr):
-    """exp(z / T - ref), the unnormalised probability of a logit not taken (ref at least its
-    z / T; the collect pass sums them, scaled and divided by the row's sum after the sort): an
-    FMA and, with FTZ (the GPU), one `ex2.approx.ftz` (subnormal results 0: less than V 2**-126
-    of exp(ref) in all), where `tl.exp` rescales subnormals."""
-    t = tl.fma(z, inv_t, -ref) * 1.4426950408889634
+    """exp((z - ref) / T), the unnormalised probability of a logit not taken (ref a logit at
+    least z: every weight at most 1; the collect pass sums them, scaled and divided by the
+    row's sum after the sort): a subtraction, a product and, with FTZ (the GPU), one
+    `ex2.approx.ftz` (subnormal results 0: less than V 2**-126 of exp(ref / T) in all), where
+    `tl.exp` rescales subnormals."""
+    t = (z - ref) * (inv_t * 1.4426950408889634)
     if FTZ:
         return exp2_ftz(t)
     else:
@@ -312,7 +317,7 @@ def _side_top(row, vocab, col_stride, inv_t, k_side, scratch,
               REGION: tl.constexpr, BLOCK: tl.constexpr, SMEM: tl.constexpr, CHUNK: tl.constexpr,
               PREFETCH: tl.constexpr, SAMPLE: tl.constexpr):
     """One side's first ``k_side`` probabilities of softmax(z / T) in descending order
-    (``[K_PAD]``, 0 past ``k_side``), their columns, the row's log-sum-exp (maximum of z / T
+    (``[K_PAD]``, 0 past ``k_side``), their columns, the row's log-sum-exp (largest logit
     and log-sum, apart) and the probability past rank ``k_side`` (summed, not 1 minus the
     first ones: see `_gradient_factors`). ``scratch``: this row's ``max(SORT_PAD, RUNS REGION)``
     int64.
@@ -324,8 +329,8 @@ def _side_top(row, vocab, col_stride, inv_t, k_side, scratch,
     slots = tl.arange(0, SORT_PAD)
     source = slots
     taken = tl.zeros([], tl.int32)
-    # the sum of `_rest_weight` over what is not taken, relative to exp(ref): ref / T at least
-    # every logit not taken
+    # the sum of `_rest_weight` over what is not taken, relative to exp(ref / T): ref a logit
+    # at least every logit not taken
     rest = tl.zeros([], tl.float32)
     ref = tl.zeros([], tl.float32)
     done = tl.zeros([], tl.int32) > 0
@@ -333,7 +338,7 @@ def _side_top(row, vocab, col_stride, inv_t, k_side, scratch,
         guess, usable = _sample_threshold(row, vocab, col_stride, k_side, BITS1, UNIT_COL_STRIDE, BLOCK, SMEM,
                                           CHUNK, SAMPLE, SORT_CAP)
         # the logits not taken are below the bin's lowest value
-        ref = _from_order_key(_lowest_key(guess, BITS1)) * inv_t
+        ref = _from_order_key(_lowest_key(guess, BITS1))
         if usable & (tl.abs(ref) < float("inf")):
             tl.debug_barrier()  # (the other side's loads of the same scratch row are done)
             filled, rest = _collect_by_run(row, vocab, col_stride, inv_t, ref, guess, BITS1, scratch,
@@ -352,7 +357,7 @@ def _side_top(row, vocab, col_stride, inv_t, k_side, scratch,
             z, in_row = raw.to(tl.float32), start + lanes < vocab
             m = tl.maximum(m, z)  # (NaN or not: a NaN logit makes the sum below NaN)
             hist = _count(hist, _high_bits(z, BITS1).to(tl.int32), in_row, BITS1, SMEM)
-        ref = tl.max(m, 0) * inv_t  # max(z / T): rounding is monotone
+        ref = tl.max(m, 0)
 
         prefix, above, in_bin = _select_bin(hist, tl.zeros([], tl.uint32), tl.zeros([], tl.int32), k_side, BITS1,
                                             SMEM, CHUNK)
@@ -388,9 +393,9 @@ def _side_top(row, vocab, col_stride, inv_t, k_side, scratch,
     # +inf, or no finite one: NaN). The tail (ranks past k_side): the rest, and what was taken
     # past rank k_side (bins sorted whole).
     z = _from_order_key((packed >> 32).to(tl.int32))
-    top = tl.sum(tl.where(slots == 0, z, 0.0), 0) * inv_t
-    weights = tl.where(slots < taken, tl.exp(z * inv_t - top), 0.0)
-    rest = rest * tl.exp(ref - top)
+    top = tl.sum(tl.where(slots == 0, z, 0.0), 0)
+    weights = tl.where(slots < taken, tl.exp((z - top) * inv_t), 0.0)
+    rest = rest * tl.exp((ref - top) * inv_t)
     total = rest + tl.sum(weights, 0)
     log_sum = tl.log(total)
     tail = (rest + tl.sum(tl.where(slots >= k_side, weights, 0.0), 0)) / total
