@@ -5,7 +5,9 @@
 # Compute's source view of the select (bench/ncu_lines.py's loops). Logs under $OUT (at most 8
 # files come back from a device call: the profiles are packed into one archive).
 #   ULD_TOPK_STEPS="tests bench profile ncu" bash bench/device_topk.sh
-# (also: caps, narrow; ULD_TOPK_TESTS: test_topk's -k expression, ULD_TOPK_TEST_LIMIT: its seconds)
+# (also: caps, narrow; ULD_TOPK_TESTS: test_topk's -k expression, ULD_TOPK_TEST_LIMIT: its seconds).
+# profile_topk.py's configs: fields left out take launch's defaults (since the thirty-sixth
+# session, its register cap 80 included; an explicit maxnreg 0 is no cap).
 # The thirty-fifth session's calls: test_topk's kernel engines ~85 s on a warm machine (their
 # Triton cache kept), past 200 s cold; the training loss's top_k tests ~30 s; the bench ~85 s;
 # a profile ~30 s each. Split the steps over two calls where the budget allows (each `pytest`
@@ -28,16 +30,16 @@ for step in $STEPS; do
              timeout 60 python3 bench/profile_topk.py --rows 16384 --k 1000 --configs 1024:4:4:1024 2>&1 | tail -1
              timeout 60 python3 bench/profile_topk.py --rows 16384 --k 100 --dtype float32 --configs 1024:4:4:1024 2>&1 | tail -1 ;;
     caps) # register caps (6 programs an SM at 80: the shared array allows 6), bf16, float32, k = 1,000
-          timeout 150 python3 bench/profile_topk.py --rows 16384 --k 100 --configs 1024:4:4:1024 1024:4:4:1024:1:80:16 \
+          timeout 150 python3 bench/profile_topk.py --rows 16384 --k 100 --configs 1024:4:4:1024:1:0:16 1024:4:4:1024:1:80:16 \
             1024:4:4:1024:1:72:16 1024:4:4:1024:1:64:16 2>&1
-          timeout 80 python3 bench/profile_topk.py --rows 16384 --k 100 --dtype float32 --configs 1024:4:4:1024 \
+          timeout 80 python3 bench/profile_topk.py --rows 16384 --k 100 --dtype float32 --configs 1024:4:4:1024:1:0:16 \
             1024:4:4:1024:1:80:16 2>&1
-          timeout 80 python3 bench/profile_topk.py --rows 16384 --k 1000 --configs 1024:4:4:1024 1024:4:4:1024:1:80:16 \
+          timeout 80 python3 bench/profile_topk.py --rows 16384 --k 1000 --configs 1024:4:4:1024:1:0:16 1024:4:4:1024:1:80:16 \
             2>&1 ;;
-    narrow) # the guess on rows under 65,536 columns (sample 0: off)
+    narrow) # the guess on rows under 65,536 columns (sample 0: off), with and without the register cap
           for vocab in "32000 32000" "50304 32000"; do
             timeout 100 python3 bench/profile_topk.py --rows 16384 --k 100 --vocab $vocab --configs 1024:4:4:1024 \
-              1024:4:4:1024:1:0:0 1024:4:4:1024:1:80:16 2>&1
+              1024:4:4:1024:1:80:0 1024:4:4:1024:1:0:16 1024:4:4:1024:1:0:0 2>&1
           done ;;
     ncu) ULD_STALL_SCRIPT=bench/profile_topk.py ULD_STALL_SPECS="--rows 2048 --k 100 --once" \
            OUT=/tmp/prof timeout 150 bash bench/profile_stalls.sh topk_rows 1 2>&1

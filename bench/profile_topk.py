@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, nargs=2, default=(151936, 128256), metavar=("VS", "VT"))
     parser.add_argument("--k", type=int, default=100)
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--configs", nargs="+", default=["1024:4:4"], help="BLOCK:num_warps:sort factor[:bins of the shared histogram read at a time, a power of two[:prefetch 0/1[:maxnreg, 0 none[:blocks sampled, 0 none]]]]")
+    parser.add_argument("--configs", nargs="+", default=["1024:4:4"], help="BLOCK:num_warps:sort factor[:bins of the shared histogram read at a time, a power of two[:prefetch 0/1[:maxnreg, 0 none[:blocks sampled, 0 none]]]]; fields left out: launch's defaults (its register cap included)")
     parser.add_argument("--once", action="store_true", help="two calls of each kernel, untimed (for a profiler)")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
@@ -48,7 +48,9 @@ def main() -> None:
     print("| BLOCK:warps:sort factor:bin chunk[:prefetch:maxnreg:sample] | forward, no save (ms) | forward, student saved (ms) | backward, student (ms) |\n|---|---|---|---|")
     for config in args.configs:
         parts = [int(x) for x in config.split(":")]
-        block, warps, factor, chunk, prefetch, maxnreg, sample = parts + [1024, 4, 4, 1024, 1, 0, 16][len(parts):]
+        # (fields left out: the kernel as shipped, launch's cap included; an explicit maxnreg 0: no cap)
+        defaults = [1024, 4, 4, 1024, 1, launch.TOPK_MAXNREG or 0, launch.TOPK_SAMPLE]
+        block, warps, factor, chunk, prefetch, maxnreg, sample = parts + defaults[len(parts):]
         launch.TOPK_BLOCK, launch.TOPK_WARPS, launch.TOPK_SORT_FACTOR, launch.TOPK_BIN_CHUNK = block, warps, factor, chunk
         launch.TOPK_PREFETCH, launch.TOPK_MAXNREG, launch.TOPK_SAMPLE = bool(prefetch), maxnreg or None, sample
         fwd = triton.testing.do_bench(lambda: launch.topk_rows(student, teacher, args.k, 2.0, 2.0, (False, False)),

@@ -295,7 +295,7 @@ def _wide(kind, dtype=torch.float32, widths=(70_000, 66_000)):
             keep = torch.zeros(len(row), dtype=torch.bool)
             keep[torch.randperm(len(row), generator=g)[:finite]] = True
             row[~keep] = float("-inf")
-    if kind == "guess-over-t-overflows":
+    if kind == "z-over-t-overflows":
         student.fill_(-1e4)
         for row in student:
             columns = torch.randperm(len(row), generator=g)
@@ -346,7 +346,7 @@ EDGES = {  # name: (rows, k, student temperature, teacher temperature); from hel
     "wide-one-warp-crowded": (lambda: _wide("one-warp-crowded"), 100, 1.0, 1.0),
     "wide-past-the-sort": (lambda: _wide("past-the-sort"), 100, 1.0, 1.0),
     "wide-masked": (lambda: _wide("masked"), 100, 1.0, 1.0),
-    "wide-guess-over-t-overflows": (lambda: _wide("guess-over-t-overflows"), 100, 1e-37, 1.0),
+    "wide-z-over-t-overflows": (lambda: _wide("z-over-t-overflows"), 100, 1e-37, 1.0),
     # rows of 9,000 and 30,000 columns: 2 and 7 blocks sampled
     "narrow-guessed": (lambda: _wide("as-drawn", widths=(9_000, 30_000)), 100, 2.0, 2.0),
     "narrow-guessed-bf16": (lambda: _wide("as-drawn", torch.bfloat16, widths=(30_000, 9_000)), 60, 1.0, 1.0),

@@ -747,8 +747,9 @@ TOPK_BIN_CHUNK = 1024
 # 32 KB array) a launch needs more than 48 KB of shared memory and fails (run 7, k = 1,000).
 TOPK_SORT_MAX = 1024
 TOPK_SORT_FACTOR = 4  # the select sorts up to this many times k_pad logits a side instead of refining (0: never)
-# Blocks of a row sampled for a first guess at the select's threshold (kernels/uld_topk.py,
-# `_sample_threshold`; 0: none, every row takes the histogram passes).
+# Blocks of a row sampled for a first guess at the select's threshold, at most (kernels/uld_topk.py,
+# `_sample_threshold`: one block in four of a shorter row; under 2 blocks, 0 or 1 here included,
+# no guess: every row takes the histogram passes).
 TOPK_SAMPLE = 16
 
 
@@ -769,7 +770,7 @@ def topk_sizes(k: int) -> dict:
     (``K_PAD``), the most logits a side sorted instead of refining (``SORT_CAP``), the sort's
     size, the collect pass's runs and each run's region (half of what is sorted), and the
     scratch row's length in int64 (2 SORT_CAP: 8 KiB a pair at k = 100, 16 KiB from k = 513;
-    freed after the forward), and the blocks sampled for a first guess."""
+    freed after the forward), and the most blocks sampled for a first guess."""
     k_pad = topk_pad(k)
     sort_cap = min(TOPK_SORT_FACTOR * k_pad, max(k_pad, TOPK_SORT_MAX))
     sort_pad = max(k_pad, sort_cap)

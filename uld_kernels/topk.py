@@ -63,8 +63,8 @@ def _rows(logits: torch.Tensor, index: torch.Tensor | None, part: slice):
 
 
 def _top_probs(logits: torch.Tensor, temperature: float, k: int):
-    """The log-sum-exp as (the row's largest logit, log-sum) ``[c]`` each, kept apart (their
-    float32 sum rounds at the logits' magnitude, 1e-3 at 3e4), the ``k`` largest probabilities
+    """The row's largest logit ``top`` and log-sum ``[c]`` each (the log-sum-exp of z / T is
+    ``top / T + log_sum``, kept apart: their float32 sum rounds at the logits' magnitude), the ``k`` largest probabilities
     ``[c, k]`` (descending), their columns, and the probability of the other columns ``[c]``
     (summed, not 1 minus the first ``k``: see `_gradient_factors`), of
     ``softmax(logits / temperature)`` in float32, as ``exp((z - top) / T)``: z - top is exact

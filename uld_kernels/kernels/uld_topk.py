@@ -33,7 +33,8 @@ logits (most rows: a bin is 1/16 of an octave), step 2 is skipped: the collect p
 them all and the sort picks the first ``k``.
 
 Then the rank signs ``s = sign(a - b)``, the loss ``sum |a - b|``, and what the backward needs
-per side: the row's log-sum-exp (maximum and log-sum, kept apart), ``g - mass`` for each sign
+per side: the row's largest logit and log-sum (the log-sum-exp of z / T is their ``top / T +
+log_sum``, kept apart), ``g - mass`` for each sign
 (``mass = sum g p``, see `_gradient_factors`) and the ``k`` columns with their signs ``g``
 (``s`` for the student, ``-s`` for the teacher).
 
@@ -317,9 +318,10 @@ def _side_top(row, vocab, col_stride, inv_t, k_side, scratch,
               REGION: tl.constexpr, BLOCK: tl.constexpr, SMEM: tl.constexpr, CHUNK: tl.constexpr,
               PREFETCH: tl.constexpr, SAMPLE: tl.constexpr):
     """One side's first ``k_side`` probabilities of softmax(z / T) in descending order
-    (``[K_PAD]``, 0 past ``k_side``), their columns, the row's log-sum-exp (largest logit
-    and log-sum, apart) and the probability past rank ``k_side`` (summed, not 1 minus the
-    first ones: see `_gradient_factors`). ``scratch``: this row's ``max(SORT_PAD, RUNS REGION)``
+    (``[K_PAD]``, 0 past ``k_side``), their columns, the row's largest logit ``top`` and
+    log-sum (the log-sum-exp of z / T is ``top / T + log_sum``, kept apart) and the
+    probability past rank ``k_side`` (summed, not 1 minus the first ones: see
+    `_gradient_factors`). ``scratch``: this row's ``max(SORT_PAD, RUNS REGION)``
     int64.
 
     With SAMPLE, first one pass: the logits at or above a bin guessed from a sample
