@@ -2,7 +2,8 @@
 forward+backward medians (``triton.testing.do_bench``) and peak extra memory, for
 ``uld_loss`` on aligned rows (the Triton select and PyTorch's chunks, which it replaces, and
 how far their losses differ) and for the training loss (``ULDLoss``) on bench_distill.py's
-labelled batch (B = 8, L = 2,048, Qwen2.5 / Llama-3).
+labelled batch (B = 8, L = 2,048, Qwen2.5 / Llama-3), and ``uld_loss_teacher_topk`` against
+the teacher rows' top-k log-probabilities (an offline teacher).
 
     python bench/bench_topk.py --rows 16384 --k 100 --temperature 2.0
 """
@@ -20,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.bench_distill import labelled_batch  # noqa: E402
 from bench.shapes import VOCAB_PAIRS  # noqa: E402
-from uld_kernels import ULDLoss, launch, uld_loss  # noqa: E402
+from uld_kernels import ULDLoss, launch, uld_loss, uld_loss_teacher_topk  # noqa: E402
 
 
 def _measure(student, teacher, loss=uld_loss, *labels, **options):
@@ -66,6 +67,22 @@ def main() -> None:
         launch.TOPK_MAX_K = triton_max_k
         diff = (losses["Triton select"] - losses["PyTorch chunks"]).abs().max().item()
         print(f"| top_k={k}: the engines' largest row loss difference | {diff:.2e} | |")
+    # An offline teacher's top-K log-probabilities (uld_loss_teacher_topk): the teacher's
+    # K values of log_softmax at T, the student's full softmax at T against them
+    for k in args.k:
+        logprobs = (teacher.float() / args.temperature).log_softmax(dim=-1).topk(k, dim=-1).values
+        losses = {}
+        for engine, max_k in (("Triton select", triton_max_k), ("PyTorch chunks", 0)):
+            launch.TOPK_MAX_K = max_k
+            ms, gb = _measure(student, logprobs, uld_loss_teacher_topk, student_temperature=args.temperature)
+            with torch.no_grad():
+                losses[engine] = uld_loss_teacher_topk(student, logprobs, student_temperature=args.temperature,
+                                                       reduction="none")
+            print(f"| teacher top-{k} log-probs, {engine} | {ms:.2f} | {gb:.2f} |")
+        launch.TOPK_MAX_K = triton_max_k
+        diff = (losses["Triton select"] - losses["PyTorch chunks"]).abs().max().item()
+        print(f"| teacher top-{k}: the engines' largest row loss difference | {diff:.2e} | |")
+        del logprobs
     del student, teacher
     vs, vt = VOCAB_PAIRS["qwen_llama3"][:2]
     student, teacher, s_labels, t_labels = labelled_batch(8, 2048, vs, vt)

@@ -69,3 +69,26 @@ def uld_loss_reference(
     if reduction == "mean":
         return rows.mean()
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def uld_teacher_topk_row_losses_reference(
+    student_logits: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    student_temperature: float = 1.0,
+    normalize_teacher: bool = False,
+) -> torch.Tensor:
+    """Per-row ULD loss of aligned rows ``[N, Vs]`` against a given teacher's top-K
+    log-probabilities ``[N, K]`` (an offline teacher: axolotl's ULD): ``a =
+    softmax(student_logits / T_s)``, ``b = exp(teacher_logprobs)`` as given (not renormalized;
+    ``softmax(teacher_logprobs)`` with ``normalize_teacher``), both sorted descending, the
+    shorter zero-padded, ``sum_k |a_(k) - b_(k)|``; returns ``[N]``."""
+    dtype = torch.promote_types(student_logits.dtype, teacher_logprobs.dtype)
+    student_probs = F.softmax(student_logits.to(dtype) / student_temperature, dim=-1)
+    logprobs = teacher_logprobs.to(dtype)
+    teacher_probs = F.softmax(logprobs, dim=-1) if normalize_teacher else torch.exp(logprobs)
+    student_sorted = torch.sort(student_probs, dim=-1, descending=True).values
+    teacher_sorted = torch.sort(teacher_probs, dim=-1, descending=True).values
+    vocab = max(student_sorted.shape[-1], teacher_sorted.shape[-1])
+    student_sorted = F.pad(student_sorted, (0, vocab - student_sorted.shape[-1]))
+    teacher_sorted = F.pad(teacher_sorted, (0, vocab - teacher_sorted.shape[-1]))
+    return (student_sorted - teacher_sorted).abs().sum(dim=-1)

@@ -71,10 +71,12 @@ def test_truncation_changes_the_loss(device):
     assert (truncated < exact - 1e-3).all()
 
 
-def test_every_rank_is_the_exact_loss(device, monkeypatch):
+def test_every_rank_is_the_exact_loss(device, monkeypatch, engine):
     """``k`` past both vocabularies: the truncated Function's loss and gradient are the exact
-    ones, and ``uld_loss`` gives that case to the fused kernels (never calling the Function)."""
-    student, teacher = _rows(5, 4, 300, 200, torch.float32, device)
+    ones, and ``uld_loss`` gives that case to the fused kernels (never calling the Function;
+    that part, the same for every engine, runs once: the exact engine is slow under the
+    interpreter)."""
+    student, teacher = _rows(5, 2, 300, 200, torch.float32, device)
     s_in = student.clone().requires_grad_(True)
     ULDTopKFunction.apply(s_in, teacher, 300, 1.0, 1.0, True).sum().backward()
     s_exact = student.clone().requires_grad_(True)
@@ -87,6 +89,8 @@ def test_every_rank_is_the_exact_loss(device, monkeypatch):
     def refuse(*args):
         raise AssertionError("top_k past both vocabularies must take the exact path")
 
+    if engine != "kernels":
+        return
     monkeypatch.setattr(ULDTopKFunction, "apply", refuse)
     for k in (300, 10**9):
         s_k = student.clone().requires_grad_(True)

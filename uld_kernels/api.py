@@ -1,4 +1,5 @@
-"""User API: ``uld_loss`` over aligned rows."""
+"""User API: ``uld_loss`` over aligned rows; ``uld_loss_teacher_topk`` against an offline
+teacher's top-K log-probabilities."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import torch
 
 from uld_kernels.autograd import REDUCTIONS, ULDFunction, reduce_rows
 from uld_kernels.launch import interpreter_enabled
-from uld_kernels.topk import ULDTopKFunction, truncates
+from uld_kernels.topk import ULDTeacherTopKFunction, ULDTopKFunction, truncates
 from uld_kernels.validation import (
     check_aligned_rows,
     check_choice,
@@ -107,3 +108,63 @@ def uld_loss(
         student_logits, teacher_logits, student_temperature, teacher_temperature, reduction,
         torch.is_grad_enabled(),
     )
+
+
+def uld_loss_teacher_topk(
+    student_logits: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    *,
+    student_temperature: float = 1.0,
+    normalize_teacher: bool = False,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """ULD loss against an offline teacher's top-K log-probabilities (axolotl's ULD loss on
+    its KD datasets; vLLM's ``logprobs``): the teacher's logits are never materialized.
+
+    For each row: ``a = softmax(student / T_s)`` over the student's full vocabulary, ``b =
+    exp(teacher_logprobs)`` (K values, as given: the teacher's probability outside its top K
+    is dropped, not spread), both sorted descending, the teacher zero-padded to the student's
+    length, ``loss = sum_i |a_(i) - b_(i)| = sum_{i < K} |a_(i) - b_(i)| + sum_{i >= K}
+    a_(i)``. Only the student's first K probabilities are selected (the top_k kernels), so it
+    costs about what ``uld_loss(..., top_k=K)`` does for the student's side alone.
+
+    Args:
+        student_logits: ``[N, Vs]`` float32, bfloat16 or float16; any row stride.
+        teacher_logprobs: ``[N, K]`` floating, same device and rows: the teacher's log
+            probabilities of its top K tokens, in any order (which tokens they are does not
+            matter: ULD compares sorted values). ``-inf`` entries are probability 0 (rows with
+            fewer than K).
+        student_temperature: the student's softmax temperature, finite and > 0. The teacher's
+            probabilities are used as given. (axolotl also multiplies its loss by ``T_s**2``:
+            multiply the result to reproduce its numbers.)
+        normalize_teacher: ``softmax(teacher_logprobs)`` instead of ``exp``: the K values
+            renormalized to sum to 1 (then the same as
+            ``uld_loss(student_logits, teacher_logprobs)``, the exact loss with a teacher
+            vocabulary of K).
+        reduction: ``"mean"`` over rows (default), ``"sum"``, or ``"none"``.
+
+    Returns:
+        float32 loss: a scalar, or ``[N]`` for ``reduction="none"``.
+
+    A row whose teacher probabilities sum past ``1 + topk.TEACHER_SUM_SLACK`` (logits passed
+    where log-probabilities belong), to 0 (every entry ``-inf``) or to NaN gets a NaN loss
+    and NaN gradients, as does a row with a NaN or ``+inf`` student logit, or no finite one.
+    Gradients flow to the student (the top_k engine's backward) and, if it requires them, to
+    ``teacher_logprobs``. ``K <= launch.TOPK_MAX_K`` runs the Triton kernels on CUDA tensors
+    (and under ``TRITON_INTERPRET=1``); otherwise PyTorch (``torch.topk``), in chunks.
+
+    Example:
+        >>> s = torch.randn(4, 151936, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        >>> lp = torch.randn(4, 128256, device="cuda").log_softmax(-1).topk(100).values
+        >>> uld_loss_teacher_topk(s, lp).backward()
+    """
+    check_logits("student_logits", student_logits)
+    check_logits("teacher_logprobs", teacher_logprobs)
+    check_aligned_rows(student_logits, teacher_logprobs, "teacher_logprobs")
+    student_temperature = check_temperature("student_temperature", student_temperature)
+    if not isinstance(normalize_teacher, bool):
+        raise TypeError(f"normalize_teacher must be a bool, got {type(normalize_teacher).__name__}")
+    check_choice("reduction", reduction, REDUCTIONS)
+    rows = ULDTeacherTopKFunction.apply(student_logits, teacher_logprobs, student_temperature, normalize_teacher,
+                                        torch.is_grad_enabled())
+    return reduce_rows(rows, reduction)

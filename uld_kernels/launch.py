@@ -780,12 +780,18 @@ def topk_sizes(k: int) -> dict:
 
 
 def topk_rows(student_logits, teacher_logits, k, student_temperature, teacher_temperature, save,
-              student_index=None, teacher_index=None):
+              student_index=None, teacher_index=None, given=False):
     """The truncated loss's rows (``[N]`` float32) and, for each side that ``save`` names,
     what its backward needs: ``(stats [N, 5] float32 (largest logit (not over T), log-sum, and
     ``g - mass`` for g = 0, +1, -1: kernels/uld_topk.py, `_gradient_factors`),
     columns [N, K] int32, signs [N, K] int8)``, ``K = topk_pad(k)``, else None. Rows aligned
-    ``[N, V]``, or ``[B, L, V]`` with flat ``[N]`` index maps (``-1``: padding slot)."""
+    ``[N, V]``, or ``[B, L, V]`` with flat ``[N]`` index maps (``-1``: padding slot).
+
+    ``given``: ``teacher_logits`` is the teacher's first ``k`` probabilities, ``[N, k]``
+    float32 descending, and the loss the full sorted L1 against them (kernels/uld_topk.py,
+    GIVEN; the student's signs are then `_given_codes`' codes); ``save[1]`` must be False."""
+    if given and save[1]:
+        raise ValueError("topk_rows: a given teacher (given=True) has no saved state: save[1] must be False")
     gather = student_index is not None
     n = student_index.shape[0] if gather else student_logits.shape[0]
     device = student_logits.device
@@ -816,7 +822,7 @@ def topk_rows(student_logits, teacher_logits, k, student_temperature, teacher_te
         **dict(zip(("T_BITS1", "T_BITS2", "T_BITS3"), topk_level_bits(teacher_logits.dtype))),
         **sizes, BLOCK=TOPK_BLOCK, SMEM=smem,
         CHUNK=TOPK_BIN_CHUNK, PREFETCH=TOPK_PREFETCH, num_warps=TOPK_WARPS,
-        **({"maxnreg": TOPK_MAXNREG} if TOPK_MAXNREG else {}),
+        **({"maxnreg": TOPK_MAXNREG} if TOPK_MAXNREG else {}), **({"GIVEN": True} if given else {}),
     )
     return loss, saved
 

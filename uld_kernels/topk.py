@@ -23,6 +23,13 @@ the backward recomputes the softmax, ``dL/dz_j = (p_j / T) * (g_j - mass)`` with
 Rows given by index (``[B, L, V]`` logits and flat row indices, ``-1`` for padding slots,
 which get loss 0) are read in place by the kernels and gathered a chunk at a time by PyTorch.
 
+A given teacher (``uld_loss_teacher_topk``): an offline teacher's top ``K`` log-probabilities
+(axolotl's KD datasets, vLLM's ``logprobs``) against the student's full softmax, the teacher
+zero-padded as in the paper: ``loss = sum_{i < K} |a_(i) - b_(i)| + sum_{i >= K} a_(i)``,
+``b = exp(logprobs)`` sorted (or their softmax: ``normalize_teacher``). Only the student's
+top ``K`` are selected (the same kernel, GIVEN), and its backward is the one above with
+``g = 1`` past rank ``K``: saved as ``g - 1`` (`_given_codes`), so that the tail keeps ``g = 0``.
+
 Ties: each engine gives each rank one of a group of equal logits, so the gradient of a
 tied group may fall on any of its members; its sum over the group is exact (as the
 reference's autograd through ``torch.sort``, which also picks members).
@@ -89,6 +96,16 @@ def _gradient_factors(probs, signs, tail):
     return minus - plus, zero + 2 * minus, -(zero + 2 * plus)
 
 
+def _given_codes(probs, signs, tail):
+    """kernels/uld_topk.py's `_given_codes`: the codes (0 for sign +1, +1 for a tie, -1 for
+    sign -1) and ``[c]`` factors of ``g - 1`` for a given teacher."""
+    plus = torch.where(signs > 0, probs, 0.0).sum(dim=-1)
+    minus = torch.where(signs < 0, probs, 0.0).sum(dim=-1)
+    tie = torch.where(signs == 0, probs, 0.0).sum(dim=-1)
+    codes = torch.where(signs > 0, 0, torch.where(signs < 0, -1, 1))
+    return codes, (tie + 2 * minus, minus - plus - tail, -(2 * plus + 2 * tail + tie))
+
+
 def _side_grad(logits, temperature, top, log_sum, columns, signs, factors, upstream):
     """``upstream * dL/dz`` of one side's rows, float32: ``p (g - mass) / T``, ``factors``
     ``[c, 3]`` the row's ``g - mass`` for g = 0, +1, -1; ``columns`` distinct in a row."""
@@ -137,6 +154,26 @@ def _torch_rows(student_logits, teacher_logits, k, student_temperature, teacher_
     return rows, saved
 
 
+def _torch_rows_given(student_logits, teacher_probs, temperature, save):
+    """``launch.topk_rows(..., given=True)`` in PyTorch, by chunks of rows: the rows' losses
+    against the given teacher's ``[N, K]`` descending probabilities and, with ``save``, the
+    student's ``(stats, columns, codes)``."""
+    n_rows, k = teacher_probs.shape
+    ks = min(k, student_logits.shape[-1])
+    rows = torch.empty(n_rows, dtype=torch.float32, device=student_logits.device)
+    parts = []
+    for part in _chunks(n_rows, max(student_logits.shape[-1], k)):
+        lse, a, columns, tail = _top_probs(student_logits[part], temperature, ks)
+        diff = torch.nn.functional.pad(a, (0, k - ks)) - teacher_probs[part]
+        loss = diff.abs().sum(dim=-1) + tail
+        rows[part] = loss
+        if save:
+            codes, factors = _given_codes(a, torch.sign(diff[:, :ks]), tail)
+            factors = [torch.where(torch.isnan(loss), loss, f) for f in factors]
+            parts.append((torch.stack([*lse, *factors], dim=1), columns.to(torch.int32), codes.to(torch.int8)))
+    return rows, (tuple(torch.cat(p) for p in zip(*parts)) if save else None)
+
+
 def _torch_grad(logits, index, saved, upstream, temperature, k_side, out=None):
     """``launch.topk_grad`` in PyTorch, by chunks of rows; repeated ``index`` rows add up; with
     ``out`` (``[rows, width >= V]``; rows by index distinct) added into its rows instead,
@@ -183,6 +220,25 @@ def _topk_rows_fake(student_logits, teacher_logits, k, student_temperature, teac
             torch.empty(n, width, dtype=torch.int8, device=device))
     return [torch.empty(n, device=device), *(t for keep in (save_student, save_teacher)
                                              for t in (side if keep else _nothing_saved(device)))]
+
+
+@custom_op("topk_rows_given")
+def topk_rows_given_op(student_logits: torch.Tensor, teacher_probs: torch.Tensor, student_temperature: float,
+                       save_student: bool) -> list[torch.Tensor]:
+    """``launch.topk_rows(..., given=True)`` as a custom op: ``[rows, *student's saved]``, not
+    saved as three empty tensors."""
+    rows, (saved, _) = launch.topk_rows(student_logits, teacher_probs, teacher_probs.shape[-1], student_temperature,
+                                        1.0, (save_student, False), given=True)
+    return [rows, *(saved if saved is not None else _nothing_saved(rows.device))]
+
+
+@topk_rows_given_op.register_fake
+def _topk_rows_given_fake(student_logits, teacher_probs, student_temperature, save_student):
+    n, device, width = student_logits.shape[0], student_logits.device, launch.topk_pad(teacher_probs.shape[-1])
+    if not save_student:
+        return [torch.empty(n, device=device), *_nothing_saved(device)]
+    return [torch.empty(n, device=device), torch.empty(n, launch.TOPK_STATS, device=device),
+            torch.empty(n, width, dtype=torch.int32, device=device), torch.empty(n, width, dtype=torch.int8, device=device)]
 
 
 def _nothing_saved(device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -292,3 +348,80 @@ class ULDTopKFunction(torch.autograd.Function):
                 grads[side] = topk_side_grad(logits, index, tensors[3 * side: 3 * side + 3], grad_rows,
                                              ctx.temperatures[side], ctx.k, ctx.kernels and (side == 0 or index is None))
         return grads[0], grads[1], None, None, None, None, None, None
+
+
+# Teacher probabilities given as log-probabilities that sum past 1 by more than this (float32
+# sums of a bf16 model's rounded log-probabilities stay far inside it) give the row a NaN loss:
+# logits passed where log-probabilities belong, not a silent number. So does a sum of 0 (no
+# teacher probability at all) or NaN.
+TEACHER_SUM_SLACK = 1e-2
+
+
+def teacher_topk_probs(teacher_logprobs: torch.Tensor, normalize: bool):
+    """The given teacher's probabilities ``[N, K]`` float32, descending, their columns in
+    ``teacher_logprobs`` (``[N, K]`` int64) and which rows are refused (``[N]`` bool:
+    `TEACHER_SUM_SLACK`): ``exp(logprobs)``, or their softmax with ``normalize``."""
+    logprobs = teacher_logprobs.float()
+    probs = torch.softmax(logprobs, dim=-1) if normalize else torch.exp(logprobs)
+    total = probs.sum(dim=-1)
+    refused = ~((total > 0) & (total <= 1 + TEACHER_SUM_SLACK))
+    probs, order = torch.sort(probs, dim=-1, descending=True)
+    return probs.contiguous(), order, refused
+
+
+class ULDTeacherTopKFunction(torch.autograd.Function):
+    """Autograd Function of a given teacher's rows (``uld_loss_teacher_topk``): ``apply(student
+    [N, Vs], teacher_logprobs [N, K], student_temperature, normalize_teacher, grad_enabled)``
+    -> ``[N]`` float32. The Triton select (GIVEN) where it runs, else PyTorch by chunks; the
+    student's gradient is `topk_side_grad`, the teacher's (rarely wanted) in PyTorch from the
+    saved codes."""
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logprobs, student_temperature, normalize_teacher, grad_enabled=True):
+        k = teacher_logprobs.shape[-1]
+        probs, order, refused = teacher_topk_probs(teacher_logprobs, normalize_teacher)
+        save = bool(grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]))
+        kernels = _uses_kernels(student_logits, k)
+        if kernels:
+            rows, *saved = call_op("topk_rows_given", student_logits, probs, student_temperature, save)
+        else:
+            rows, saved = _torch_rows_given(student_logits, probs, student_temperature, save)
+            saved = list(saved) if save else [None] * 3
+        rows = torch.where(refused, float("nan"), rows)
+        if save:  # refused rows: NaN gradients, as for a NaN loss
+            saved[0] = torch.where(refused[:, None] & (torch.arange(launch.TOPK_STATS, device=rows.device) >= 2),
+                                   float("nan"), saved[0])
+        ctx.save_for_backward(student_logits if save else None, teacher_logprobs if save else None, probs, order,
+                              rows, *(saved if save else [None] * 3))
+        ctx.kernels, ctx.k, ctx.temperature, ctx.normalize = kernels, k, student_temperature, normalize_teacher
+        return rows
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        student_logits, teacher_logprobs, probs, order, rows, *saved = ctx.saved_tensors
+        student_grad = teacher_grad = None
+        if ctx.needs_input_grad[0]:
+            student_grad = topk_side_grad(student_logits, None, saved, grad_rows, ctx.temperature, ctx.k,
+                                          ctx.kernels)
+        if ctx.needs_input_grad[1]:
+            teacher_grad = _given_teacher_grad(teacher_logprobs, probs, order, rows, saved[2],
+                                               student_logits.shape[-1], grad_rows, ctx.normalize)
+        return student_grad, teacher_grad, None, None, None
+
+
+def _given_teacher_grad(teacher_logprobs, probs, order, rows, codes, student_vocab, upstream, normalize):
+    """d loss / d logprobs of a given teacher: ``-sign(a_(i) - b_(i))`` at each rank (from the
+    student's codes; ``+1`` past the student's vocabulary, where ``a`` is 0), back to the
+    columns, through ``exp`` (or the softmax with ``normalize``); NaN rows NaN."""
+    ks = min(probs.shape[-1], student_vocab)
+    codes = codes[:, :ks].float()
+    sign = torch.where(codes == 0, 1.0, torch.where(codes < 0, -1.0, 0.0))
+    sign = torch.cat([sign, -(probs[:, ks:] > 0).float()], dim=1)
+    by_rank = torch.where(torch.isnan(rows)[:, None], float("nan"), -sign) * upstream.float()[:, None]
+    by_column = torch.empty_like(by_rank).scatter_(1, order, by_rank)
+    p = torch.empty_like(probs).scatter_(1, order, probs)
+    if normalize:
+        grad = p * (by_column - (by_column * p).sum(dim=-1, keepdim=True))
+    else:
+        grad = p * by_column
+    return grad.to(teacher_logprobs.dtype)

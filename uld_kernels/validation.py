@@ -58,16 +58,17 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
     return value
 
 
-def check_aligned_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
+def check_aligned_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                       teacher_name: str = "teacher_logits") -> None:
     """Same number of rows, same device."""
     if student_logits.shape[0] != teacher_logits.shape[0]:
         raise ValueError(
-            "student_logits and teacher_logits must have the same number of rows, got "
+            f"student_logits and {teacher_name} must have the same number of rows, got "
             f"{student_logits.shape[0]} and {teacher_logits.shape[0]}"
         )
     if student_logits.device != teacher_logits.device:
         raise ValueError(
-            "student_logits and teacher_logits must be on the same device, got "
+            f"student_logits and {teacher_name} must be on the same device, got "
             f"{student_logits.device} and {teacher_logits.device}"
         )
 

@@ -427,16 +427,36 @@ def _gradient_factors(probs, signs, tail):
 
 
 @triton.jit
+def _given_codes(probs, signs, tail):
+    """The student's saved codes and factors where the teacher is given (GIVEN): the loss
+    ``sum_{i < k} |a_(i) - b_(i)| + tail`` has ``g = sign`` at the first k ranks and ``g = 1``
+    past them; the backward takes ``g - 1`` (the same ``g - mass``): 0 past rank k and where
+    the sign is +1, -1 for a tie, -2 for sign -1, saved as codes 0, +1 and -1 with the factors
+    ``g - 1 - mass'`` of each, in the tested form (`_gradient_factors`: sums of probabilities,
+    never 1 minus a mass near 1; ``1 = plus + minus + tie + tail``)."""
+    plus = tl.sum(tl.where(signs > 0, probs, 0.0), 0)
+    minus = tl.sum(tl.where(signs < 0, probs, 0.0), 0)
+    tie = tl.sum(tl.where(signs == 0, probs, 0.0), 0)
+    codes = tl.where(signs > 0, 0.0, tl.where(signs < 0, -1.0, 1.0))
+    return codes, tie + 2 * minus, minus - plus - tail, -(2 * plus + 2 * tail + tie)
+
+
+@triton.jit
 def _save_side(stats_ptr, columns_ptr, signs_ptr, pair, top, log_sum, probs, tail, columns, signs, k_side, loss,
-               K_PAD: tl.constexpr):
+               K_PAD: tl.constexpr, GIVEN: tl.constexpr = False):
     """One side's saved state: ``[maximum, log-sum, g - mass for g = 0, +1, -1]`` and its
-    first k_side columns and signs (0 past them). A row whose loss is NaN (a NaN or +inf
+    first k_side columns and signs (0 past them); with GIVEN (the student against a given
+    teacher), `_given_codes`' codes and factors instead. A row whose loss is NaN (a NaN or +inf
     logit, or no finite one, on either side) gets NaN factors, so NaN gradients on both sides
     (sign(NaN) is 0)."""
     ranks = tl.arange(0, K_PAD)
     kept = ranks < k_side
     signs = tl.where(kept, signs, 0.0)
-    to_zero, to_plus, to_minus = _gradient_factors(probs, signs, tail)
+    if GIVEN:
+        signs, to_zero, to_plus, to_minus = _given_codes(probs, signs, tail)
+        signs = tl.where(kept, signs, 0.0)
+    else:
+        to_zero, to_plus, to_minus = _gradient_factors(probs, signs, tail)
     nan = loss != loss
     row = stats_ptr + pair * STATS
     tl.store(row, top)
@@ -468,10 +488,15 @@ def topk_rows_kernel(
     T_BITS1: tl.constexpr, T_BITS2: tl.constexpr, T_BITS3: tl.constexpr,
     K_PAD: tl.constexpr, SORT_CAP: tl.constexpr, SORT_PAD: tl.constexpr, RUNS: tl.constexpr, REGION: tl.constexpr,
     SCRATCH: tl.constexpr, BLOCK: tl.constexpr, SMEM: tl.constexpr, CHUNK: tl.constexpr, PREFETCH: tl.constexpr,
-    SAMPLE: tl.constexpr,
+    SAMPLE: tl.constexpr, GIVEN: tl.constexpr = False,
 ):
     """Program p: the truncated loss of pair p (rows p, or with GATHER the rows the index maps
-    name; a negative student index is a padding slot: loss 0, nothing saved but zeros)."""
+    name; a negative student index is a padding slot: loss 0, nothing saved but zeros).
+
+    GIVEN: the teacher's row is its first ``k`` probabilities themselves, float32, descending
+    (an offline teacher's top-k; topk.py prepares them), and the loss is the full sorted L1
+    against them, zero-padded: ``sum_{i < k} |a_(i) - b_(i)|`` plus the student's
+    probability past rank k. Only the student's state is saved (SAVE_TEACHER off)."""
     # The scratch row holds what is sorted, and the runs' regions.
     tl.static_assert(K_PAD <= SORT_PAD and SORT_CAP <= SORT_PAD and SORT_PAD <= SCRATCH and RUNS * REGION <= SCRATCH)
     tl.static_assert(BLOCK % RUNS == 0)
@@ -499,17 +524,23 @@ def topk_rows_kernel(
             s_row, student_vocab, student_col_stride, student_inv_t, s_k,
             scratch_ptr + pair * SCRATCH, S_BITS1, S_BITS2, S_BITS3, STUDENT_UNIT_STRIDE, K_PAD,
             SORT_CAP, SORT_PAD, RUNS, REGION, BLOCK, SMEM, CHUNK, PREFETCH, SAMPLE)
-        b, t_columns, t_top, t_log_sum, t_tail = _side_top(
-            t_row, teacher_vocab, teacher_col_stride, teacher_inv_t, t_k,
-            scratch_ptr + pair * SCRATCH, T_BITS1, T_BITS2, T_BITS3, TEACHER_UNIT_STRIDE, K_PAD,
-            SORT_CAP, SORT_PAD, RUNS, REGION, BLOCK, SMEM, CHUNK, PREFETCH, SAMPLE)
+        if GIVEN:
+            ranks = tl.arange(0, K_PAD)
+            b = tl.load(t_row + ranks * teacher_col_stride, mask=ranks < t_k, other=0.0)
+        else:
+            b, t_columns, t_top, t_log_sum, t_tail = _side_top(
+                t_row, teacher_vocab, teacher_col_stride, teacher_inv_t, t_k,
+                scratch_ptr + pair * SCRATCH, T_BITS1, T_BITS2, T_BITS3, TEACHER_UNIT_STRIDE, K_PAD,
+                SORT_CAP, SORT_PAD, RUNS, REGION, BLOCK, SMEM, CHUNK, PREFETCH, SAMPLE)
         diff = a - b  # both 0 past their side's k, so past k
         sign = (diff > 0).to(tl.float32) - (diff < 0).to(tl.float32)
         loss = tl.sum(tl.abs(diff), 0)
+        if GIVEN:  # the teacher zero-padded past its k: the student's tail, each rank at +1
+            loss += s_tail
         tl.store(loss_ptr + pair, loss)
         if SAVE_STUDENT:
             _save_side(student_stats_ptr, student_columns_ptr, student_signs_ptr, pair, s_top, s_log_sum, a, s_tail,
-                       s_columns, sign, s_k, loss, K_PAD)
+                       s_columns, sign, s_k, loss, K_PAD, GIVEN)
         if SAVE_TEACHER:
             _save_side(teacher_stats_ptr, teacher_columns_ptr, teacher_signs_ptr, pair, t_top, t_log_sum, b, t_tail,
                        t_columns, -sign, t_k, loss, K_PAD)
