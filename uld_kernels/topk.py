@@ -388,9 +388,10 @@ class ULDTeacherTopKFunction(torch.autograd.Function):
             rows, saved = _torch_rows_given(student_logits, probs, student_temperature, save)
             saved = list(saved) if save else [None] * 3
         rows = torch.where(refused, float("nan"), rows)
-        if save:  # refused rows: NaN gradients, as for a NaN loss
-            saved[0] = torch.where(refused[:, None] & (torch.arange(launch.TOPK_STATS, device=rows.device) >= 2),
-                                   float("nan"), saved[0])
+        if save:  # refused rows: NaN gradients, as for a NaN loss (a new list: dynamo cannot assign into
+            # the tuple that star-unpacking a custom op's outputs gives it)
+            saved = [torch.where(refused[:, None] & (torch.arange(launch.TOPK_STATS, device=rows.device) >= 2),
+                                 float("nan"), saved[0]), *saved[1:]]
         ctx.save_for_backward(student_logits if save else None, teacher_logprobs if save else None, probs, order,
                               rows, *(saved if save else [None] * 3))
         ctx.kernels, ctx.k, ctx.temperature, ctx.normalize = kernels, k, student_temperature, normalize_teacher
