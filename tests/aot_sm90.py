@@ -292,20 +292,24 @@ def zero_kernel_configs():
 
 
 def topk_kernel_configs():
-    """The top_k select and its gradient kernel (launch.topk_rows / topk_grad) at k = 100, and
-    the select at k = 1,000 (the largest sort)."""
-    for dtype, gather, k in [*((d, False, 100) for d in TRITON_TYPE), (torch.bfloat16, True, 100),
-                             (torch.bfloat16, False, 1000)]:
+    """The top_k select and its gradient kernel (launch.topk_rows / topk_grad) at k = 100, the
+    select at k = 1,000 (the largest sort), and against a given teacher (GIVEN: bf16 student,
+    the teacher's float32 probabilities; uld_loss_teacher_topk)."""
+    for dtype, gather, k, given in [*((d, False, 100, False) for d in TRITON_TYPE), (torch.bfloat16, True, 100, False),
+                                    (torch.bfloat16, False, 1000, False), (torch.bfloat16, False, 100, True)]:
         types = _types_by_name(topk_rows_kernel, "*" + TRITON_TYPE[dtype])
-        bits = dict(zip(("BITS1", "BITS2", "BITS3"), topk_level_bits(dtype)))
+        if given:
+            types["teacher_ptr"] = "*fp32"
+        bits, t_bits = (dict(zip(("BITS1", "BITS2", "BITS3"), topk_level_bits(d)))
+                        for d in (dtype, torch.float32 if given else dtype))  # launch: the teacher's own dtype
         constexprs = dict(GATHER=gather, SAVE_STUDENT=True, SAVE_TEACHER=False, STUDENT_UNIT_STRIDE=True,
                           TEACHER_UNIT_STRIDE=True, **topk_sizes(k), BLOCK=TOPK_BLOCK, SMEM=True,
                           PREFETCH=TOPK_PREFETCH,
-                          CHUNK=TOPK_BIN_CHUNK,
-                          **{f"S_{b}": v for b, v in bits.items()}, **{f"T_{b}": v for b, v in bits.items()})
+                          CHUNK=TOPK_BIN_CHUNK, GIVEN=given,
+                          **{f"S_{b}": v for b, v in bits.items()}, **{f"T_{b}": v for b, v in t_bits.items()})
         aligned = [n for n in types if n.endswith(("_ptr", "vocab", "row_stride", "batch_stride"))]
-        yield (f"topk_rows {TRITON_TYPE[dtype]} gather={gather} k={k}", topk_rows_kernel, types, constexprs, aligned,
-               dict(num_warps=TOPK_WARPS, **({"maxnreg": TOPK_MAXNREG} if TOPK_MAXNREG else {})))
+        yield (f"topk_rows {TRITON_TYPE[dtype]} gather={gather} k={k}" + (" given" if given else ""), topk_rows_kernel,
+               types, constexprs, aligned, dict(num_warps=TOPK_WARPS, **({"maxnreg": TOPK_MAXNREG} if TOPK_MAXNREG else {})))
     k_pad = topk_pad(100)
     for dtype, gather, accumulate in [*((d, False, False) for d in TRITON_TYPE), (torch.bfloat16, True, True)]:
         types = _types_by_name(topk_grad_kernel, "*" + TRITON_TYPE[dtype])

@@ -1,6 +1,8 @@
 """Test setup: the interpreter is switched on here, before Triton is imported, unless a GPU
 is present (then kernels compile for it). Markers: ``gpu`` tests need CUDA and skip cleanly
-without it; ``slow`` interpreter tests are kept few."""
+without it; ``slow`` interpreter tests are kept few. Under the interpreter, its reduction by
+XOR (``tl.sort``'s) goes through numpy and its re-patching of triton.language looks only at
+the builtins' names (tests/interpreter_speedups.py)."""
 
 import os
 
@@ -15,6 +17,12 @@ except Exception:  # pragma: no cover
 
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("ULD_INTERPRETER_SPEEDUPS", "1") != "0":
+    from tests import interpreter_speedups
+
+    # tl.sort's xor_sum through numpy, and the builtins listed once: the same results, faster
+    # (ULD_INTERPRETER_SPEEDUPS=0 runs Triton's own paths)
+    interpreter_speedups.install()
 
 
 def pytest_configure(config):
