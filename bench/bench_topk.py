@@ -3,7 +3,7 @@ forward+backward medians (``triton.testing.do_bench``) and peak extra memory, fo
 ``uld_loss`` on aligned rows (the Triton select and PyTorch's chunks, which it replaces, and
 how far their losses differ) and for the training loss (``ULDLoss``) on bench_distill.py's
 labelled batch (B = 8, L = 2,048, Qwen2.5 / Llama-3), and ``uld_loss_teacher_topk`` against
-the teacher rows' top-k log-probabilities (an offline teacher).
+the teacher rows' top-k log-probabilities (an offline teacher), also as a batch under a mask.
 
     python bench/bench_topk.py --rows 16384 --k 100 --temperature 2.0
 """
@@ -82,6 +82,20 @@ def main() -> None:
         launch.TOPK_MAX_K = triton_max_k
         diff = (losses["Triton select"] - losses["PyTorch chunks"]).abs().max().item()
         print(f"| teacher top-{k}: the engines' largest row loss difference | {diff:.2e} | |")
+        # The same rows as a batch of 8 sequences under a mask (the second half of each: the
+        # answer tokens), read in place by index
+        batch, vocab = 8, student.shape[-1]
+        mask = (torch.arange(args.rows // batch, device="cuda") >= args.rows // batch // 2).expand(batch, -1)
+
+        def masked(s, lp, **options):
+            return uld_loss_teacher_topk(s.view(batch, -1, vocab), lp.view(batch, -1, k), mask=mask, **options)
+
+        ms, gb = _measure(student, logprobs, masked, student_temperature=args.temperature)
+        with torch.no_grad():
+            rows = masked(student, logprobs, student_temperature=args.temperature, reduction="none")
+        diff = (rows[mask] - losses["Triton select"].view(batch, -1)[mask]).abs().max().item()
+        print(f"| teacher top-{k}, [8, {args.rows // batch}] rows, half masked, Triton select | {ms:.2f} | {gb:.2f} |")
+        print(f"| teacher top-{k} masked: largest difference from the same rows unmasked | {diff:.2e} | |")
         del logprobs
     del student, teacher
     vs, vt = VOCAB_PAIRS["qwen_llama3"][:2]

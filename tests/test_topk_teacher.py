@@ -172,7 +172,71 @@ def test_no_grad_and_teacher_only_grad(device):
     assert_grads_close(t_in.grad, t_grad, logprobs, torch.float32, what="teacher gradient")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_batched_rows_under_a_mask(dtype, device):
+    """``[B, L, Vs]`` student rows read in place from a strided slice (``logits[:, :-1]``) and
+    ``[B, L, K]`` teacher rows, a mask leaving rows out: the kept rows are the reference's
+    (losses and both gradients), the others 0, and a NaN student row or an all ``-inf``
+    teacher row left out does not reach anything."""
+    b, l, vs, k = 2, 5, 300, 20
+    full, logprobs = _inputs(13, b * (l + 1), vs, k, dtype, device)
+    full = full.view(b, l + 1, vs)
+    logprobs = logprobs.view(b, l + 1, k)[:, 1:]
+    mask = torch.tensor([[True, False, True, True, False], [False, True, True, False, True]], device=device)
+    full[0, 1], full[1, 3] = float("nan"), float("nan")  # left out: student rows (0, 1) and (1, 3)
+    logprobs = logprobs.clone()
+    logprobs[1, 0] = float("-inf")  # left out: a teacher row with no probability
+    s_leaf = full.clone().requires_grad_(True)
+    t_in = logprobs.clone().requires_grad_(True)
+    student = s_leaf[:, :-1]
+    assert not student.is_contiguous()
+    rows = uld_loss_teacher_topk(student, t_in, mask=mask, student_temperature=1.5, reduction="none")
+    upstream = torch.linspace(0.5, 2.0, b * l, device=device).view(b, l)
+    (rows * upstream).sum().backward()
+    kept = mask.reshape(-1)
+    ref, s_grad, t_grad = _reference(student.reshape(-1, vs)[kept], logprobs.reshape(-1, k)[kept], 1.5, False,
+                                     upstream.reshape(-1)[kept])
+    assert rows.shape == (b, l) and rows.dtype == torch.float32
+    assert (rows[~mask] == 0).all()
+    assert_losses_close(rows[mask], ref, torch.float32)
+    grad = s_leaf.grad[:, :-1].reshape(-1, vs)
+    assert (s_leaf.grad[:, -1] == 0).all() and (grad[~kept] == 0).all()
+    assert_grads_close(grad[kept], s_grad, student.reshape(-1, vs)[kept], dtype, what="student gradient")
+    assert (t_in.grad.reshape(-1, k)[~kept] == 0).all()
+    assert_grads_close(t_in.grad.reshape(-1, k)[kept], t_grad, logprobs.reshape(-1, k)[kept], torch.float32,
+                       what="teacher gradient")
+
+
+def test_rows_without_a_mask_and_two_d_rows_with_one(device):
+    """``[B, L]`` rows without a mask are the flattened ``[B * L]`` rows; a 2-D mask's rows are
+    those rows selected first; mean and sum over the kept rows only; no row kept: the mean
+    NaN, the sum 0, gradients 0."""
+    student, logprobs = _inputs(14, 6, 120, 12, torch.float32, device)
+    flat = uld_loss_teacher_topk(student, logprobs, reduction="none")
+    batched = uld_loss_teacher_topk(student.view(2, 3, 120), logprobs.view(2, 3, 12), reduction="none")
+    torch.testing.assert_close(batched, flat.view(2, 3), atol=0, rtol=0)
+    mask = torch.tensor([True, False, False, True, True, False], device=device)
+    picked = uld_loss_teacher_topk(student[mask], logprobs[mask], reduction="none")
+    rows = uld_loss_teacher_topk(student, logprobs, mask=mask, reduction="none")
+    torch.testing.assert_close(rows[mask], picked, atol=0, rtol=0)
+    for reduction, want in (("mean", picked.mean()), ("sum", picked.sum())):
+        torch.testing.assert_close(uld_loss_teacher_topk(student, logprobs, mask=mask, reduction=reduction), want,
+                                   atol=0, rtol=0)
+    s_in = student.clone().requires_grad_(True)
+    none = torch.zeros(6, dtype=torch.bool, device=device)
+    assert torch.isnan(uld_loss_teacher_topk(s_in, logprobs, mask=none))
+    total = uld_loss_teacher_topk(s_in, logprobs, mask=none, reduction="sum")
+    total.backward()
+    assert total.item() == 0 and (s_in.grad == 0).all()
+
+
 @pytest.mark.parametrize("bad, error, match", [
+    (dict(mask=torch.ones(3, dtype=torch.uint8)), TypeError, "mask must be a bool tensor"),
+    (dict(mask=torch.ones(4, dtype=torch.bool)), ValueError, r"mask must have shape \(3,\)"),
+    (dict(student_logits=torch.zeros(1, 3, 10)), ValueError, "teacher_logprobs must be 3-D"),
+    (dict(student_logits=torch.zeros(1, 3, 10), teacher_logprobs=torch.zeros(1, 2, 4)), ValueError,
+     "must have the same rows"),
+
     (dict(teacher_logprobs=torch.zeros(3, 4, dtype=torch.int64)), TypeError, "teacher_logprobs must be float32"),
     (dict(teacher_logprobs=torch.zeros(3)), ValueError, "teacher_logprobs must be 2-D"),
     (dict(teacher_logprobs=torch.zeros(2, 4)), ValueError, "same number of rows"),

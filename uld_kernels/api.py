@@ -12,6 +12,7 @@ from uld_kernels.validation import (
     check_aligned_rows,
     check_choice,
     check_logits,
+    check_row_mask,
     check_temperature,
     check_top_k,
 )
@@ -114,6 +115,7 @@ def uld_loss_teacher_topk(
     student_logits: torch.Tensor,
     teacher_logprobs: torch.Tensor,
     *,
+    mask: torch.Tensor | None = None,
     student_temperature: float = 1.0,
     normalize_teacher: bool = False,
     reduction: str = "mean",
@@ -129,11 +131,17 @@ def uld_loss_teacher_topk(
     costs about what ``uld_loss(..., top_k=K)`` does for the student's side alone.
 
     Args:
-        student_logits: ``[N, Vs]`` float32, bfloat16 or float16; any row stride.
-        teacher_logprobs: ``[N, K]`` floating, same device and rows: the teacher's log
-            probabilities of its top K tokens, in any order (which tokens they are does not
-            matter: ULD compares sorted values). ``-inf`` entries are probability 0 (rows with
-            fewer than K).
+        student_logits: ``[N, Vs]`` or ``[B, L, Vs]`` float32, bfloat16 or float16; any
+            strides (``[B, L, Vs]`` rows are read in place, e.g. ``logits[:, :-1]``).
+        teacher_logprobs: ``[N, K]`` or ``[B, L, K]`` floating, the student's rows, same
+            device: the teacher's log probabilities of its top K tokens, in any order (which
+            tokens they are does not matter: ULD compares sorted values). ``-inf`` entries are
+            probability 0 (rows with fewer than K).
+        mask: ``None`` (every row), or bool, shaped like the rows (``[N]`` or ``[B, L]``):
+            only the True rows count (e.g. axolotl's target mask, the answer tokens). The
+            others are never read past their index: no loss, zero gradient, and NaN or
+            ``-inf`` there does not matter. Selecting them costs one host sync (``nonzero``),
+            and no copy of the student's rows.
         student_temperature: the student's softmax temperature, finite and > 0. The teacher's
             probabilities are used as given. (axolotl also multiplies its loss by ``T_s**2``:
             multiply the result to reproduce its numbers.)
@@ -141,10 +149,12 @@ def uld_loss_teacher_topk(
             renormalized to sum to 1 (then the same as
             ``uld_loss(student_logits, teacher_logprobs)``, the exact loss with a teacher
             vocabulary of K).
-        reduction: ``"mean"`` over rows (default), ``"sum"``, or ``"none"``.
+        reduction: ``"mean"`` over the rows that count (default; NaN if none does),
+            ``"sum"``, or ``"none"``.
 
     Returns:
-        float32 loss: a scalar, or ``[N]`` for ``reduction="none"``.
+        float32 loss: a scalar, or for ``reduction="none"`` one per row (``[N]`` or ``[B,
+        L]``), 0 at the rows ``mask`` leaves out.
 
     A row whose teacher probabilities sum past ``1 + topk.TEACHER_SUM_SLACK`` (logits passed
     where log-probabilities belong), to 0 (every entry ``-inf``) or to NaN gets a NaN loss
@@ -158,13 +168,29 @@ def uld_loss_teacher_topk(
         >>> lp = torch.randn(4, 128256, device="cuda").log_softmax(-1).topk(100).values
         >>> uld_loss_teacher_topk(s, lp).backward()
     """
-    check_logits("student_logits", student_logits)
-    check_logits("teacher_logprobs", teacher_logprobs)
+    batched = isinstance(student_logits, torch.Tensor) and student_logits.dim() == 3
+    check_logits("student_logits", student_logits, 3 if batched else 2)
+    check_logits("teacher_logprobs", teacher_logprobs, 3 if batched else 2)
     check_aligned_rows(student_logits, teacher_logprobs, "teacher_logprobs")
+    if student_logits.shape[:-1] != teacher_logprobs.shape[:-1]:
+        raise ValueError(f"student_logits and teacher_logprobs must have the same rows, got shapes "
+                         f"{tuple(student_logits.shape)} and {tuple(teacher_logprobs.shape)}")
+    mask = check_row_mask("mask", mask, student_logits)
     student_temperature = check_temperature("student_temperature", student_temperature)
     if not isinstance(normalize_teacher, bool):
         raise TypeError(f"normalize_teacher must be a bool, got {type(normalize_teacher).__name__}")
     check_choice("reduction", reduction, REDUCTIONS)
-    rows = ULDTeacherTopKFunction.apply(student_logits, teacher_logprobs, student_temperature, normalize_teacher,
-                                        torch.is_grad_enabled())
-    return reduce_rows(rows, reduction)
+    options = (student_temperature, normalize_teacher, torch.is_grad_enabled())
+    if mask is None and not batched:
+        return reduce_rows(ULDTeacherTopKFunction.apply(student_logits, teacher_logprobs, *options), reduction)
+    # Rows by index: the student's read in place ([B, L, Vs]; a 2-D student as [1, N, Vs]),
+    # the teacher's K-wide rows gathered (autograd scatters their gradient back).
+    shape = student_logits.shape[:-1]
+    flat = torch.arange(shape.numel(), device=student_logits.device) if mask is None else \
+        mask.reshape(-1).nonzero().squeeze(1)
+    student = student_logits if batched else student_logits.unsqueeze(0)
+    teacher = teacher_logprobs.reshape(-1, teacher_logprobs.shape[-1])[flat]
+    rows = ULDTeacherTopKFunction.apply(student, teacher, *options, flat)
+    if reduction != "none":
+        return reduce_rows(rows, reduction)
+    return rows.new_zeros(shape.numel()).index_copy(0, flat, rows).view(shape)

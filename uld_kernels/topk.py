@@ -29,6 +29,8 @@ zero-padded as in the paper: ``loss = sum_{i < K} |a_(i) - b_(i)| + sum_{i >= K}
 ``b = exp(logprobs)`` sorted (or their softmax: ``normalize_teacher``). Only the student's
 top ``K`` are selected (the same kernel, GIVEN), and its backward is the one above with
 ``g = 1`` past rank ``K``: saved as ``g - 1`` (`_given_codes`), so that the tail keeps ``g = 0``.
+Its rows may also be given by index (``[B, L, Vs]`` student logits read in place, the rows a
+mask keeps; the teacher's K-wide rows already gathered, in the index's order).
 
 Ties: each engine gives each rank one of a group of equal logits, so the gradient of a
 tied group may fall on any of its members; its sum over the group is exact (as the
@@ -154,16 +156,17 @@ def _torch_rows(student_logits, teacher_logits, k, student_temperature, teacher_
     return rows, saved
 
 
-def _torch_rows_given(student_logits, teacher_probs, temperature, save):
+def _torch_rows_given(student_logits, teacher_probs, temperature, save, student_index=None):
     """``launch.topk_rows(..., given=True)`` in PyTorch, by chunks of rows: the rows' losses
     against the given teacher's ``[N, K]`` descending probabilities and, with ``save``, the
-    student's ``(stats, columns, codes)``."""
+    student's ``(stats, columns, codes)``. With ``student_index`` (``[N]``, none negative)
+    the student's rows are those of ``[B, L, Vs]`` logits it names."""
     n_rows, k = teacher_probs.shape
     ks = min(k, student_logits.shape[-1])
     rows = torch.empty(n_rows, dtype=torch.float32, device=student_logits.device)
     parts = []
     for part in _chunks(n_rows, max(student_logits.shape[-1], k)):
-        lse, a, columns, tail = _top_probs(student_logits[part], temperature, ks)
+        lse, a, columns, tail = _top_probs(_rows(student_logits, student_index, part)[0], temperature, ks)
         diff = torch.nn.functional.pad(a, (0, k - ks)) - teacher_probs[part]
         loss = diff.abs().sum(dim=-1) + tail
         rows[part] = loss
@@ -224,17 +227,19 @@ def _topk_rows_fake(student_logits, teacher_logits, k, student_temperature, teac
 
 @custom_op("topk_rows_given")
 def topk_rows_given_op(student_logits: torch.Tensor, teacher_probs: torch.Tensor, student_temperature: float,
-                       save_student: bool) -> list[torch.Tensor]:
+                       save_student: bool, gather: bool, student_index: torch.Tensor) -> list[torch.Tensor]:
     """``launch.topk_rows(..., given=True)`` as a custom op: ``[rows, *student's saved]``, not
-    saved as three empty tensors."""
+    saved as three empty tensors; with ``gather`` the student's rows by ``student_index`` (the
+    teacher's rows are its own, in order)."""
+    index = (student_index, torch.arange(teacher_probs.shape[0], device=teacher_probs.device)) if gather else ()
     rows, (saved, _) = launch.topk_rows(student_logits, teacher_probs, teacher_probs.shape[-1], student_temperature,
-                                        1.0, (save_student, False), given=True)
+                                        1.0, (save_student, False), *index, given=True)
     return [rows, *(saved if saved is not None else _nothing_saved(rows.device))]
 
 
 @topk_rows_given_op.register_fake
-def _topk_rows_given_fake(student_logits, teacher_probs, student_temperature, save_student):
-    n, device, width = student_logits.shape[0], student_logits.device, launch.topk_pad(teacher_probs.shape[-1])
+def _topk_rows_given_fake(student_logits, teacher_probs, student_temperature, save_student, gather, student_index):
+    n, device, width = teacher_probs.shape[0], student_logits.device, launch.topk_pad(teacher_probs.shape[-1])
     if not save_student:
         return [torch.empty(n, device=device), *_nothing_saved(device)]
     return [torch.empty(n, device=device), torch.empty(n, launch.TOPK_STATS, device=device),
@@ -371,21 +376,26 @@ def teacher_topk_probs(teacher_logprobs: torch.Tensor, normalize: bool):
 
 class ULDTeacherTopKFunction(torch.autograd.Function):
     """Autograd Function of a given teacher's rows (``uld_loss_teacher_topk``): ``apply(student
-    [N, Vs], teacher_logprobs [N, K], student_temperature, normalize_teacher, grad_enabled)``
-    -> ``[N]`` float32. The Triton select (GIVEN) where it runs, else PyTorch by chunks; the
-    student's gradient is `topk_side_grad`, the teacher's (rarely wanted) in PyTorch from the
-    saved codes."""
+    [N, Vs], teacher_logprobs [N, K], student_temperature, normalize_teacher, grad_enabled,
+    student_index=None)`` -> ``[N]`` float32; with ``student_index`` (``[N]`` int64, distinct,
+    none negative) the student is ``[B, L, Vs]`` and its rows those the index names (read in
+    place; the gradient 0 in the others). The Triton select (GIVEN) where it runs, else
+    PyTorch by chunks; the student's gradient is `topk_side_grad`, the teacher's (rarely
+    wanted) in PyTorch from the saved codes."""
 
     @staticmethod
-    def forward(ctx, student_logits, teacher_logprobs, student_temperature, normalize_teacher, grad_enabled=True):
+    def forward(ctx, student_logits, teacher_logprobs, student_temperature, normalize_teacher, grad_enabled=True,
+                student_index=None):
         k = teacher_logprobs.shape[-1]
         probs, order, refused = teacher_topk_probs(teacher_logprobs, normalize_teacher)
         save = bool(grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]))
         kernels = _uses_kernels(student_logits, k)
         if kernels:
-            rows, *saved = call_op("topk_rows_given", student_logits, probs, student_temperature, save)
+            gather = student_index is not None
+            rows, *saved = call_op("topk_rows_given", student_logits, probs, student_temperature, save, gather,
+                                   student_index if gather else student_logits.new_empty(0, dtype=torch.int64))
         else:
-            rows, saved = _torch_rows_given(student_logits, probs, student_temperature, save)
+            rows, saved = _torch_rows_given(student_logits, probs, student_temperature, save, student_index)
             saved = list(saved) if save else [None] * 3
         rows = torch.where(refused, float("nan"), rows)
         if save:  # refused rows: NaN gradients, as for a NaN loss (a new list: dynamo cannot assign into
@@ -393,21 +403,21 @@ class ULDTeacherTopKFunction(torch.autograd.Function):
             saved = [torch.where(refused[:, None] & (torch.arange(launch.TOPK_STATS, device=rows.device) >= 2),
                                  float("nan"), saved[0]), *saved[1:]]
         ctx.save_for_backward(student_logits if save else None, teacher_logprobs if save else None, probs, order,
-                              rows, *(saved if save else [None] * 3))
+                              rows, student_index, *(saved if save else [None] * 3))
         ctx.kernels, ctx.k, ctx.temperature, ctx.normalize = kernels, k, student_temperature, normalize_teacher
         return rows
 
     @staticmethod
     def backward(ctx, grad_rows):
-        student_logits, teacher_logprobs, probs, order, rows, *saved = ctx.saved_tensors
+        student_logits, teacher_logprobs, probs, order, rows, student_index, *saved = ctx.saved_tensors
         student_grad = teacher_grad = None
         if ctx.needs_input_grad[0]:
-            student_grad = topk_side_grad(student_logits, None, saved, grad_rows, ctx.temperature, ctx.k,
+            student_grad = topk_side_grad(student_logits, student_index, saved, grad_rows, ctx.temperature, ctx.k,
                                           ctx.kernels)
         if ctx.needs_input_grad[1]:
             teacher_grad = _given_teacher_grad(teacher_logprobs, probs, order, rows, saved[2],
                                                student_logits.shape[-1], grad_rows, ctx.normalize)
-        return student_grad, teacher_grad, None, None, None
+        return student_grad, teacher_grad, None, None, None, None
 
 
 def _given_teacher_grad(teacher_logprobs, probs, order, rows, codes, student_vocab, upstream, normalize):

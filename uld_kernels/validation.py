@@ -115,6 +115,22 @@ def check_labels(name: str, labels: object, logits: torch.Tensor) -> torch.Tenso
     return labels
 
 
+def check_row_mask(name: str, mask: object, logits: torch.Tensor) -> torch.Tensor | None:
+    """None, or a bool tensor shaped like the logits' rows (``logits.shape[:-1]``) on their
+    device."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor (True: the row counts), got "
+                        f"{getattr(mask, 'dtype', type(mask).__name__)}")
+    if tuple(mask.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"{name} must have shape {tuple(logits.shape[:-1])} (the logits' rows), got "
+                         f"{tuple(mask.shape)}")
+    if mask.device != logits.device:
+        raise ValueError(f"{name} must be on the logits' device {logits.device}, got {mask.device}")
+    return mask
+
+
 def check_num_items(name: str, value: object) -> object:
     """None, a finite number > 0 (returned as given), or a one-element real tensor, returned
     0-D (Hugging Face passes the count as a device tensor: its value is not read here, which
