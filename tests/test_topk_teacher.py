@@ -207,6 +207,30 @@ def test_batched_rows_under_a_mask(dtype, device):
                        what="teacher gradient")
 
 
+def test_the_gradient_buffer_garbage_never_leaks(device, monkeypatch):
+    """Every floating ``torch.empty`` filled with NaN (the gradient buffer's rows left out by
+    the mask are zeroed, not the whole buffer first): the rows left out come out 0, the kept
+    ones the unpoisoned call's."""
+    student, logprobs = _inputs(15, 6, 120, 12, torch.float32, device)
+    mask = torch.tensor([[True, False, True], [False, False, True]], device=device)
+    grads = []
+    for poison in (False, True):
+        if poison:
+            real = torch.empty
+
+            def empty(*args, **kwargs):
+                out = real(*args, **kwargs)
+                return out.fill_(float("nan")) if out.is_floating_point() else out
+
+            monkeypatch.setattr(torch, "empty", empty)
+        s_in = student.view(2, 3, 120).clone().requires_grad_(True)
+        uld_loss_teacher_topk(s_in, logprobs.view(2, 3, 12), mask=mask, reduction="sum").backward()
+        grads.append(s_in.grad)
+    monkeypatch.undo()
+    assert (grads[1][~mask] == 0).all()
+    torch.testing.assert_close(grads[1], grads[0], atol=0, rtol=0)
+
+
 def test_rows_without_a_mask_and_two_d_rows_with_one(device):
     """``[B, L]`` rows without a mask are the flattened ``[B * L]`` rows; a 2-D mask's rows are
     those rows selected first; mean and sum over the kept rows only; no row kept: the mean

@@ -835,9 +835,13 @@ def topk_grad(logits, index, saved, upstream, temperature, k_side, out=None):
     stats, columns, signs = saved
     n = stats.shape[0]
     if out is None:
-        grad = (torch.zeros if index is not None else torch.empty)(logits.shape, dtype=logits.dtype,
-                                                                    device=logits.device)
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         row_stride = logits.shape[-1]
+        if index is not None and row_stride > 0:  # zeros in the rows no program writes (left out, padding) only
+            rows = grad.view(-1, row_stride)
+            slots = torch.where(index >= 0, index, rows.shape[0]).long()  # padding: a slot past the rows
+            written = torch.zeros(rows.shape[0] + 1, dtype=torch.int8, device=grad.device).index_fill_(0, slots, 1)
+            zero_unwritten_(rows, written[:-1], row_stride)
     else:
         grad, row_stride = out, out.stride(0)
     if n == 0 or logits.shape[-1] == 0:
