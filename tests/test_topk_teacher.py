@@ -255,6 +255,7 @@ def test_rows_without_a_mask_and_two_d_rows_with_one(device):
 
 
 @pytest.mark.parametrize("bad, error, match", [
+    (dict(student_logits=torch.zeros(30)), ValueError, r"student_logits must be 2-D \[rows, vocabulary\] or 3-D"),
     (dict(mask=torch.ones(3, dtype=torch.uint8)), TypeError, "mask must be a bool tensor"),
     (dict(mask=torch.ones(4, dtype=torch.bool)), ValueError, r"mask must have shape \(3,\)"),
     (dict(student_logits=torch.zeros(1, 3, 10)), ValueError, "teacher_logprobs must be 3-D"),

@@ -169,6 +169,9 @@ def uld_loss_teacher_topk(
         >>> uld_loss_teacher_topk(s, lp).backward()
     """
     batched = isinstance(student_logits, torch.Tensor) and student_logits.dim() == 3
+    if isinstance(student_logits, torch.Tensor) and student_logits.dim() not in (2, 3):
+        raise ValueError(f"student_logits must be 2-D [rows, vocabulary] or 3-D [batch, sequence, vocabulary], got "
+                         f"{student_logits.dim()}-D shape {tuple(student_logits.shape)}")
     check_logits("student_logits", student_logits, 3 if batched else 2)
     check_logits("teacher_logprobs", teacher_logprobs, 3 if batched else 2)
     check_aligned_rows(student_logits, teacher_logprobs, "teacher_logprobs")
