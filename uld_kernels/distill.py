@@ -17,7 +17,8 @@ from uld_kernels.api import reference_module
 from uld_kernels import launch
 from uld_kernels.autograd import call_op, custom_op
 from uld_kernels.topk import topk_forward, topk_side_grad, truncates
-from uld_kernels.launch import cross_entropy_rows, hist_pairs, interpreter_enabled, uld_pairs, zero_unwritten_
+from uld_kernels.launch import (cross_entropy_rows, hist_pairs, interpreter_enabled, rows_written, uld_pairs,
+                                zero_unwritten_)
 from uld_kernels.validation import (
     check_choice,
     check_finite,
@@ -64,12 +65,9 @@ def uld_distill_op(
         grad = torch.empty((n_rows, student_logits.shape[-1]), dtype=student_logits.dtype, device=device)
         # Rows written whole below: the pairs' student rows (uld_pairs) and, with the
         # cross-entropy, row ce_index[r] where ce_index[r] and ce_label[r] are both >= 0
-        # (cross_entropy_rows); entry n_rows takes the rest.
-        written = torch.zeros(n_rows + 1, dtype=torch.int8, device=device)
-        written.index_fill_(0, torch.where(student_index >= 0, student_index, n_rows), 1)
-        if has_ce:
-            written.index_fill_(0, torch.where((ce_index >= 0) & (ce_label >= 0), ce_index, n_rows), 1)
-        zero_unwritten_(grad, written[:n_rows], student_vocab)
+        # (cross_entropy_rows).
+        ce_rows = (torch.where(ce_label >= 0, ce_index, -1),) if has_ce else ()
+        zero_unwritten_(grad, rows_written(n_rows, student_index, *ce_rows, device=device), student_vocab)
         grad_used = grad[:, :student_vocab]
     # Pairs first, padding slots last (a stable order: deterministic): the engine's batches
     # then hold pairs only, and the trailing all-padding ones cost their launches alone.

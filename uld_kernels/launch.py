@@ -704,6 +704,15 @@ def _contiguous_rows(grad: torch.Tensor) -> tuple[int, int]:
     return n_rows, width
 
 
+def rows_written(n_rows: int, *indices: torch.Tensor, device) -> torch.Tensor:
+    """``[n_rows]`` int8: 1 at each row some index names (negative entries name none), the
+    ``written`` map of `zero_unwritten_`."""
+    written = torch.zeros(n_rows + 1, dtype=torch.int8, device=device)  # entry n_rows takes the negatives
+    for index in indices:
+        written.index_fill_(0, torch.where(index >= 0, index, n_rows).long(), 1)
+    return written[:n_rows]
+
+
 def zero_unwritten_(grad: torch.Tensor, written: torch.Tensor, used: int) -> None:
     """In place, on a contiguous ``[rows, width]`` gradient about to be written by the kernels:
     zeroes the rows they will not write (``written[r] == 0``) and, in the others, the columns
@@ -839,9 +848,7 @@ def topk_grad(logits, index, saved, upstream, temperature, k_side, out=None):
         row_stride = logits.shape[-1]
         if index is not None and row_stride > 0:  # zeros in the rows no program writes (left out, padding) only
             rows = grad.view(-1, row_stride)
-            slots = torch.where(index >= 0, index, rows.shape[0]).long()  # padding: a slot past the rows
-            written = torch.zeros(rows.shape[0] + 1, dtype=torch.int8, device=grad.device).index_fill_(0, slots, 1)
-            zero_unwritten_(rows, written[:-1], row_stride)
+            zero_unwritten_(rows, rows_written(rows.shape[0], index, device=grad.device), row_stride)
     else:
         grad, row_stride = out, out.stride(0)
     if n == 0 or logits.shape[-1] == 0:

@@ -218,11 +218,9 @@ def topk_rows_op(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: 
 def _topk_rows_fake(student_logits, teacher_logits, k, student_temperature, teacher_temperature, save_student,
                     save_teacher, gather, student_index, teacher_index):
     n = student_index.shape[0] if gather else student_logits.shape[0]
-    device, width = student_logits.device, launch.topk_pad(k)
-    side = (torch.empty(n, launch.TOPK_STATS, device=device), torch.empty(n, width, dtype=torch.int32, device=device),
-            torch.empty(n, width, dtype=torch.int8, device=device))
+    device = student_logits.device
     return [torch.empty(n, device=device), *(t for keep in (save_student, save_teacher)
-                                             for t in (side if keep else _nothing_saved(device)))]
+                                             for t in (_saved_fake(n, k, device) if keep else _nothing_saved(device)))]
 
 
 @custom_op("topk_rows_given")
@@ -239,11 +237,16 @@ def topk_rows_given_op(student_logits: torch.Tensor, teacher_probs: torch.Tensor
 
 @topk_rows_given_op.register_fake
 def _topk_rows_given_fake(student_logits, teacher_probs, student_temperature, save_student, gather, student_index):
-    n, device, width = teacher_probs.shape[0], student_logits.device, launch.topk_pad(teacher_probs.shape[-1])
-    if not save_student:
-        return [torch.empty(n, device=device), *_nothing_saved(device)]
-    return [torch.empty(n, device=device), torch.empty(n, launch.TOPK_STATS, device=device),
-            torch.empty(n, width, dtype=torch.int32, device=device), torch.empty(n, width, dtype=torch.int8, device=device)]
+    n, device = teacher_probs.shape[0], student_logits.device
+    saved = _saved_fake(n, teacher_probs.shape[-1], device) if save_student else _nothing_saved(device)
+    return [torch.empty(n, device=device), *saved]
+
+
+def _saved_fake(n, k, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One side's saved state as `launch.topk_rows` shapes it (stats, columns, signs)."""
+    width = launch.topk_pad(k)
+    return (torch.empty(n, launch.TOPK_STATS, device=device), torch.empty(n, width, dtype=torch.int32, device=device),
+            torch.empty(n, width, dtype=torch.int8, device=device))
 
 
 def _nothing_saved(device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
