@@ -140,8 +140,8 @@ def uld_loss_teacher_topk(
         mask: ``None`` (every row), or bool, shaped like the rows (``[N]`` or ``[B, L]``):
             only the True rows count (e.g. axolotl's target mask, the answer tokens). The
             others are never read past their index: no loss, zero gradient, and NaN or
-            ``-inf`` there does not matter. Selecting them costs one host sync (``nonzero``),
-            and no copy of the student's rows.
+            ``-inf`` there does not matter. No host sync and no copy of either side's rows
+            (the rows left out are padding slots of the kernels' index).
         student_temperature: the student's softmax temperature, finite and > 0. The teacher's
             probabilities are used as given. (axolotl also multiplies its loss by ``T_s**2``:
             multiply the result to reproduce its numbers.)
@@ -186,14 +186,17 @@ def uld_loss_teacher_topk(
     options = (student_temperature, normalize_teacher, torch.is_grad_enabled())
     if mask is None and not batched:
         return reduce_rows(ULDTeacherTopKFunction.apply(student_logits, teacher_logprobs, *options), reduction)
-    # Rows by index: the student's read in place ([B, L, Vs]; a 2-D student as [1, N, Vs]),
-    # the teacher's K-wide rows gathered (autograd scatters their gradient back).
+    # Rows by index, the student's read in place ([B, L, Vs]; a 2-D student as [1, N, Vs]); a row
+    # the mask leaves out is a padding slot (-1: loss 0, zero gradients), so no host sync.
     shape = student_logits.shape[:-1]
-    flat = torch.arange(shape.numel(), device=student_logits.device) if mask is None else \
-        mask.reshape(-1).nonzero().squeeze(1)
+    index = torch.arange(shape.numel(), device=student_logits.device)
+    if mask is not None:
+        index = torch.where(mask.reshape(-1), index, -1)
     student = student_logits if batched else student_logits.unsqueeze(0)
-    teacher = teacher_logprobs.reshape(-1, teacher_logprobs.shape[-1])[flat]
-    rows = ULDTeacherTopKFunction.apply(student, teacher, *options, flat)
-    if reduction != "none":
-        return reduce_rows(rows, reduction)
-    return rows.new_zeros(shape.numel()).index_copy(0, flat, rows).view(shape)
+    teacher = teacher_logprobs.reshape(-1, teacher_logprobs.shape[-1])
+    rows = ULDTeacherTopKFunction.apply(student, teacher, *options, index)
+    if reduction == "none":
+        return rows.view(shape)
+    if reduction == "mean" and mask is not None:  # over the kept rows (0 / 0: NaN if none)
+        return rows.sum() / mask.sum()
+    return reduce_rows(rows, reduction)

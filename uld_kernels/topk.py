@@ -159,17 +159,19 @@ def _torch_rows(student_logits, teacher_logits, k, student_temperature, teacher_
 def _torch_rows_given(student_logits, teacher_probs, temperature, save, student_index=None):
     """``launch.topk_rows(..., given=True)`` in PyTorch, by chunks of rows: the rows' losses
     against the given teacher's ``[N, K]`` descending probabilities and, with ``save``, the
-    student's ``(stats, columns, codes)``. With ``student_index`` (``[N]``, none negative)
-    the student's rows are those of ``[B, L, Vs]`` logits it names."""
+    student's ``(stats, columns, codes)``. With ``student_index`` (``[N]``) the student's rows
+    are those of ``[B, L, Vs]`` logits it names (``-1``: a padding slot, loss 0; what
+    is saved for it is never read)."""
     n_rows, k = teacher_probs.shape
     ks = min(k, student_logits.shape[-1])
     rows = torch.empty(n_rows, dtype=torch.float32, device=student_logits.device)
     parts = []
     for part in _chunks(n_rows, max(student_logits.shape[-1], k)):
-        lse, a, columns, tail = _top_probs(_rows(student_logits, student_index, part)[0], temperature, ks)
+        chunk, valid = _rows(student_logits, student_index, part)
+        lse, a, columns, tail = _top_probs(chunk, temperature, ks)
         diff = torch.nn.functional.pad(a, (0, k - ks)) - teacher_probs[part]
         loss = diff.abs().sum(dim=-1) + tail
-        rows[part] = loss
+        rows[part] = loss if valid is None else torch.where(valid, loss, 0.0)
         if save:
             codes, factors = _given_codes(a, torch.sign(diff[:, :ks]), tail)
             factors = [torch.where(torch.isnan(loss), loss, f) for f in factors]
@@ -380,10 +382,11 @@ def teacher_topk_probs(teacher_logprobs: torch.Tensor, normalize: bool):
 class ULDTeacherTopKFunction(torch.autograd.Function):
     """Autograd Function of a given teacher's rows (``uld_loss_teacher_topk``): ``apply(student
     [N, Vs], teacher_logprobs [N, K], student_temperature, normalize_teacher, grad_enabled,
-    student_index=None)`` -> ``[N]`` float32; with ``student_index`` (``[N]`` int64, distinct,
-    none negative) the student is ``[B, L, Vs]`` and its rows those the index names (read in
-    place; the gradient 0 in the others). The Triton select (GIVEN) where it runs, else
-    PyTorch by chunks; the student's gradient is `topk_side_grad`, the teacher's (rarely
+    student_index=None)`` -> ``[N]`` float32; with ``student_index`` (``[N]`` int64, distinct
+    where not negative) the student is ``[B, L, Vs]`` and its rows those the index names (read
+    in place; the gradient 0 in the others); ``-1`` is a padding slot: loss 0, zero gradients,
+    its teacher row never checked (it may hold anything). The Triton select (GIVEN) where it
+    runs, else PyTorch by chunks; the student's gradient is `topk_side_grad`, the teacher's (rarely
     wanted) in PyTorch from the saved codes."""
 
     @staticmethod
@@ -391,6 +394,8 @@ class ULDTeacherTopKFunction(torch.autograd.Function):
                 student_index=None):
         k = teacher_logprobs.shape[-1]
         probs, order, refused = teacher_topk_probs(teacher_logprobs, normalize_teacher)
+        if student_index is not None:  # a padding slot's teacher row is not refused: its loss is 0
+            refused = refused & (student_index >= 0)
         save = bool(grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]))
         kernels = _uses_kernels(student_logits, k)
         if kernels:
@@ -420,6 +425,8 @@ class ULDTeacherTopKFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             teacher_grad = _given_teacher_grad(teacher_logprobs, probs, order, rows, saved[2],
                                                student_logits.shape[-1], grad_rows, ctx.normalize)
+            if student_index is not None:  # padding slots: none (their rows may hold NaN)
+                teacher_grad = torch.where(student_index[:, None] >= 0, teacher_grad, 0)
         return student_grad, teacher_grad, None, None, None, None
 
 
