@@ -353,8 +353,12 @@ def test_edge_batches(name, top_k, device):
 
 @pytest.mark.parametrize("top_k", [None, 4])
 def test_torch_compile_fullgraph(top_k, device):
-    """The training loss traces without a graph break; compiled and eager agree bit for bit
-    (with ``top_k``, the truncated rows' gradient added into the cross-entropy's in place)."""
+    """The training loss traces without a graph break; compiled and eager gradients agree bit
+    for bit (with ``top_k``, the truncated rows' gradient added into the cross-entropy's in
+    place), the losses to float32 rounding: inductor compiles the PyTorch arithmetic around the
+    kernels (the pair weights, their weighted sum) its own way. On the H200, ``top_k=4``'s
+    distillation term came out 1 ulp apart, and bit-equal under ``backend="aot_eager"``
+    (bench/RESULTS.md, thirty-ninth session)."""
     student, teacher, s_labels, t_labels = _batch(9, device)
     eager_in = student.detach().clone().requires_grad_(True)
     compiled_in = student.detach().clone().requires_grad_(True)
@@ -363,7 +367,7 @@ def test_torch_compile_fullgraph(top_k, device):
     compiled = torch.compile(uld, fullgraph=True)(compiled_in, teacher, s_labels, t_labels)[0]
     (eager * 2).backward()
     (compiled * 2).backward()
-    assert torch.equal(eager.detach(), compiled.detach())
+    torch.testing.assert_close(compiled.detach(), eager.detach(), rtol=4 * 2.0 ** -24, atol=0)
     assert torch.equal(eager_in.grad, compiled_in.grad)
 
 
