@@ -294,9 +294,11 @@ def zero_kernel_configs():
 def topk_kernel_configs():
     """The top_k select and its gradient kernel (launch.topk_rows / topk_grad) at k = 100, the
     select at k = 1,000 (the largest sort), and against a given teacher (GIVEN: bf16 student,
-    the teacher's float32 probabilities; uld_loss_teacher_topk)."""
+    the teacher's float32 probabilities; uld_loss_teacher_topk's rows, and its batch or mask
+    by index); the gradient as it is written, and by index, alone or added."""
     for dtype, gather, k, given in [*((d, False, 100, False) for d in TRITON_TYPE), (torch.bfloat16, True, 100, False),
-                                    (torch.bfloat16, False, 1000, False), (torch.bfloat16, False, 100, True)]:
+                                    (torch.bfloat16, False, 1000, False), (torch.bfloat16, False, 100, True),
+                                    (torch.bfloat16, True, 100, True)]:
         types = _types_by_name(topk_rows_kernel, "*" + TRITON_TYPE[dtype])
         if given:
             types["teacher_ptr"] = "*fp32"
@@ -311,10 +313,11 @@ def topk_kernel_configs():
         yield (f"topk_rows {TRITON_TYPE[dtype]} gather={gather} k={k}" + (" given" if given else ""), topk_rows_kernel,
                types, constexprs, aligned, dict(num_warps=TOPK_WARPS, **({"maxnreg": TOPK_MAXNREG} if TOPK_MAXNREG else {})))
     k_pad = topk_pad(100)
-    for dtype, gather, accumulate in [*((d, False, False) for d in TRITON_TYPE), (torch.bfloat16, True, True)]:
+    for dtype, gather, accumulate in [*((d, False, False) for d in TRITON_TYPE), (torch.bfloat16, True, False),
+                                      (torch.bfloat16, True, True)]:
         types = _types_by_name(topk_grad_kernel, "*" + TRITON_TYPE[dtype])
         aligned = [n for n in types if n.endswith(("_ptr", "vocab", "row_stride", "batch_stride"))]
-        name = f"topk_grad {TRITON_TYPE[dtype]}" + (" gather accumulate" if accumulate else "")
+        name = f"topk_grad {TRITON_TYPE[dtype]}" + (" gather" if gather else "") + (" accumulate" if accumulate else "")
         yield (name, topk_grad_kernel, types,
                dict(GATHER=gather, UNIT_COL_STRIDE=True, K_PAD=k_pad, BLOCK=TOPK_BLOCK, ACCUMULATE=accumulate),
                aligned, TOPK_WARPS)
