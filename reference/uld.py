@@ -15,6 +15,8 @@ definition, not the implementation.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -92,3 +94,76 @@ def uld_teacher_topk_row_losses_reference(
     student_sorted = F.pad(student_sorted, (0, vocab - student_sorted.shape[-1]))
     teacher_sorted = F.pad(teacher_sorted, (0, vocab - teacher_sorted.shape[-1]))
     return (student_sorted - teacher_sorted).abs().sum(dim=-1)
+
+
+def _divergence_reference(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: float) -> torch.Tensor:
+    """TRL's generalized JSD per row, of log-probabilities ``[N, K]`` (not renormalized):
+    ``beta = 0``: KL(teacher || student); ``beta = 1``: KL(student || teacher); otherwise, with
+    ``m = beta * teacher + (1 - beta) * student``, ``beta KL(teacher || m) + (1 - beta)
+    KL(student || m)``. A probability of 0 contributes 0."""
+    def kl(p_log, q_log):  # sum p (ln p - ln q), 0 ln 0 = 0
+        p = p_log.exp()
+        return torch.where(p > 0, p * (p_log - q_log), 0.0).sum(dim=-1)
+
+    if beta == 0:
+        return kl(teacher_logp, student_logp)
+    if beta == 1:
+        return kl(student_logp, teacher_logp)
+    mix_log = torch.log(beta * teacher_logp.exp() + (1 - beta) * student_logp.exp())
+    return beta * kl(teacher_logp, mix_log) + (1 - beta) * kl(student_logp, mix_log)
+
+
+def uld_hybrid_row_losses_reference(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    student_ids: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    student_temperature: float = 1.0,
+    teacher_temperature: float = 1.0,
+    beta: float = 0.5,
+    matched_weight: float | None = None,
+    unmatched_weight: float | None = None,
+    unmatched_top: int | None = None,
+    prob_floor: float = 1e-8,
+) -> torch.Tensor:
+    """Per-row hybrid ULD loss of aligned rows ``[N, Vs]`` and ``[N, Vt]`` (TRL GOLD's
+    ``uld_use_hybrid_loss``; NeMo RL's gold loss with ``beta=0``, weights 1 and 1,
+    ``unmatched_top=8192``, ``prob_floor=0``); returns ``[N]``.
+
+    ``student_ids[k]`` and ``teacher_ids[k]`` are the same token in the two vocabularies
+    (``K`` pairs). With ``a = softmax(student / T_s)`` and ``b = softmax(teacher / T_t)``:
+
+    - matched: ``_divergence_reference`` of ``max(a[student_ids], prob_floor)`` and
+      ``max(b[teacher_ids], prob_floor)`` (``beta``, not renormalized);
+    - unmatched: the other columns' probabilities of each side (not renormalized), sorted
+      descending; ``unmatched_top=None``: the shorter zero-padded, L1 over all; ``n``: both
+      cut to ``min(Vs - K, Vt - K, n)``, L1 over those;
+    - ``matched_weight * matched + unmatched_weight * unmatched``; both None: ``K / Vt`` and
+      ``1 - K / Vt`` (TRL's adaptive weights).
+    """
+    dtype = torch.promote_types(student_logits.dtype, teacher_logits.dtype)
+    student_logp = F.log_softmax(student_logits.to(dtype) / student_temperature, dim=-1)
+    teacher_logp = F.log_softmax(teacher_logits.to(dtype) / teacher_temperature, dim=-1)
+    floor = math.log(prob_floor) if prob_floor > 0 else -math.inf
+    matched = _divergence_reference(student_logp[:, student_ids].clamp(min=floor),
+                                    teacher_logp[:, teacher_ids].clamp(min=floor), beta)
+
+    def complement(logp, ids):
+        keep = torch.ones(logp.shape[-1], dtype=torch.bool, device=logp.device)
+        keep[ids] = False
+        return torch.sort(logp[:, keep].exp(), dim=-1, descending=True).values
+
+    student_sorted = complement(student_logp, student_ids)
+    teacher_sorted = complement(teacher_logp, teacher_ids)
+    if unmatched_top is None:
+        width = max(student_sorted.shape[-1], teacher_sorted.shape[-1])
+        student_sorted = F.pad(student_sorted, (0, width - student_sorted.shape[-1]))
+        teacher_sorted = F.pad(teacher_sorted, (0, width - teacher_sorted.shape[-1]))
+    else:
+        width = min(student_sorted.shape[-1], teacher_sorted.shape[-1], unmatched_top)
+        student_sorted, teacher_sorted = student_sorted[:, :width], teacher_sorted[:, :width]
+    unmatched = (student_sorted - teacher_sorted).abs().sum(dim=-1)
+    if matched_weight is None:
+        matched_weight = student_ids.numel() / teacher_logits.shape[-1]
+        unmatched_weight = 1.0 - matched_weight
+    return matched_weight * matched + unmatched_weight * unmatched

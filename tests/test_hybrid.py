@@ -1,0 +1,184 @@
+"""Hybrid ULD (uld_kernels/hybrid.py) against the float64 reference
+(reference.uld.uld_hybrid_row_losses_reference): losses and both gradients, TRL's and NeMo's
+settings, the shared tokens from vocabularies, bad arguments."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import uld_kernels.topk as topk
+from reference.uld import uld_hybrid_row_losses_reference, uld_row_losses_reference
+from tests.helpers import assert_grads_close, assert_losses_close
+from uld_kernels import VocabMatch, uld_loss_hybrid
+
+
+def _inputs(seed, n, vs, vt, k, device, dtype=torch.float32, scale=2.0):
+    """Rows ``[n, vs]`` / ``[n, vt]`` and ``k`` shared tokens at random columns of each side."""
+    g = torch.Generator().manual_seed(seed)
+    student = (torch.randn(n, vs, generator=g) * scale).to(dtype).to(device)
+    teacher = (torch.randn(n, vt, generator=g) * scale).to(dtype).to(device)
+    match = VocabMatch(torch.randperm(vs, generator=g)[:k], torch.randperm(vt, generator=g)[:k])
+    return student, teacher, match
+
+
+# (name, options): TRL's defaults; TRL's forward KL (beta 0) on peaked rows, where matched
+# probabilities fall under its floor of 1e-8; NeMo's gold loss (T applied, T**2 left to the
+# caller); reverse KL with fixed weights; a teacher larger than the student; one shared token.
+CASES = [
+    ("trl", dict(vs=60, vt=45, k=20, options={})),
+    ("trl-kl-peaked", dict(vs=60, vt=45, k=20, options=dict(beta=0.0), scale=8.0)),
+    ("nemo", dict(vs=50, vt=70, k=25, options=dict(beta=0.0, matched_weight=1.0, unmatched_weight=1.0,
+                                                    unmatched_top=8, prob_floor=0.0,
+                                                    student_temperature=2.0, teacher_temperature=2.0))),
+    ("reverse", dict(vs=40, vt=40, k=30, options=dict(beta=1.0, matched_weight=0.3, unmatched_weight=0.7))),
+    ("jsd-0.9-top-past-the-rows", dict(vs=33, vt=47, k=10, options=dict(beta=0.9, unmatched_top=1000,
+                                                                        student_temperature=0.7))),
+    ("one-shared", dict(vs=30, vt=20, k=1, options=dict(beta=0.25))),
+]
+
+
+def _reference(student, teacher, match, options, upstream):
+    """The float64 reference's rows and both gradients of ``sum(rows * upstream)``."""
+    s64 = student.detach().double().cpu().requires_grad_(True)
+    t64 = teacher.detach().double().cpu().requires_grad_(True)
+    rows = uld_hybrid_row_losses_reference(s64, t64, match.student_ids, match.teacher_ids, **options)
+    (rows * upstream.double().cpu()).sum().backward()
+    return rows.detach(), s64.grad, t64.grad
+
+
+@pytest.mark.parametrize("name, case", CASES, ids=[c[0] for c in CASES])
+def test_matches_the_reference(name, case, device):
+    student, teacher, match = _inputs(len(name), 5, case["vs"], case["vt"], case["k"], device,
+                                      scale=case.get("scale", 2.0))
+    if name == "trl-kl-peaked":  # the floor is reached on both sides
+        for logits, ids in ((student, match.student_ids), (teacher, match.teacher_ids)):
+            assert (logits.softmax(dim=-1)[:, ids.to(device)] < 1e-8).any()
+    s_in, t_in = student.clone().requires_grad_(True), teacher.clone().requires_grad_(True)
+    rows = uld_loss_hybrid(s_in, t_in, match, reduction="none", **case["options"])
+    upstream = torch.linspace(0.5, 2.0, 5, device=device)
+    (rows * upstream).sum().backward()
+    ref, s_grad, t_grad = _reference(student, teacher, match, case["options"], upstream)
+    assert rows.shape == (5,) and rows.dtype == torch.float32
+    assert_losses_close(rows, ref, torch.float32)
+    assert_grads_close(s_in.grad, s_grad, student, torch.float32, what="student gradient")
+    assert_grads_close(t_in.grad, t_grad, teacher, torch.float32, what="teacher gradient")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=lambda d: str(d)[6:])
+def test_sixteen_bit_rows(dtype, device):
+    """bf16 / fp16 logits (ties the rule): losses to float32 rounding, gradients per tie group,
+    in the logits' dtype."""
+    student, teacher, match = _inputs(3, 4, 70, 50, 15, device, dtype)
+    s_in, t_in = student.clone().requires_grad_(True), teacher.clone().requires_grad_(True)
+    uld_loss_hybrid(s_in, t_in, match, reduction="sum").backward()
+    ref, s_grad, t_grad = _reference(student, teacher, match, {}, torch.ones(4))
+    assert s_in.grad.dtype == dtype and t_in.grad.dtype == dtype
+    assert_losses_close(uld_loss_hybrid(student, teacher, match, reduction="none"), ref, torch.float32)
+    assert_grads_close(s_in.grad, s_grad, student, dtype, what="student gradient")
+    assert_grads_close(t_in.grad, t_grad, teacher, dtype, what="teacher gradient")
+
+
+def test_the_reference_by_hand():
+    """One row of two columns a side: a = (1/2, 1/2), b = (3/4, 1/4); the student's column 0 is
+    the teacher's column 1. KL(teacher || student) on it: 1/4 ln(1/4 / 1/2); the rest: |1/2 -
+    3/4|; TRL's weights 1/2 and 1/2."""
+    student = torch.tensor([[0.0, 0.0]], dtype=torch.float64)
+    teacher = torch.tensor([[math.log(3.0), 0.0]], dtype=torch.float64)
+    rows = uld_hybrid_row_losses_reference(student, teacher, torch.tensor([0]), torch.tensor([1]), beta=0.0)
+    want = 0.5 * (0.25 * math.log(0.5)) + 0.5 * 0.25
+    assert abs(rows.item() - want) < 1e-15, (rows.item(), want)
+    jsd = uld_hybrid_row_losses_reference(student, teacher, torch.tensor([0]), torch.tensor([1]), beta=0.5)
+    mix = 0.5 * 0.25 + 0.5 * 0.5
+    want = 0.5 * (0.5 * 0.25 * math.log(0.25 / mix) + 0.5 * 0.5 * math.log(0.5 / mix)) + 0.5 * 0.25
+    assert abs(jsd.item() - want) < 1e-15, (jsd.item(), want)
+
+
+def test_nothing_shared_is_the_exact_loss(device):
+    """No shared token: TRL's adaptive weights give the unmatched part alone, ULD itself."""
+    student, teacher, _ = _inputs(4, 6, 40, 55, 0, device)
+    none = VocabMatch(torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
+    rows = uld_loss_hybrid(student, teacher, none, reduction="none")
+    assert_losses_close(rows, uld_row_losses_reference(student.double(), teacher.double()), torch.float32)
+
+
+def test_chunks_change_nothing(device, monkeypatch):
+    """Rows split into chunks of one (forward and the recomputing backward) give the same
+    losses and gradients, bit for bit: rows are independent."""
+    student, teacher, match = _inputs(5, 7, 64, 48, 12, device)
+    results = []
+    for chunk_bytes in (topk.CHUNK_BYTES, 1):
+        monkeypatch.setattr(topk, "CHUNK_BYTES", chunk_bytes)
+        s_in, t_in = student.clone().requires_grad_(True), teacher.clone().requires_grad_(True)
+        rows = uld_loss_hybrid(s_in, t_in, match, reduction="none")
+        (rows * torch.arange(1.0, 8.0, device=device)).sum().backward()
+        results.append((rows.detach(), s_in.grad, t_in.grad))
+    for one, chunked in zip(*results):
+        torch.testing.assert_close(chunked, one, atol=0, rtol=0)
+
+
+def test_reductions_and_no_teacher_gradient(device):
+    student, teacher, match = _inputs(6, 5, 30, 30, 8, device)
+    rows = uld_loss_hybrid(student, teacher, match, reduction="none")
+    assert_losses_close(uld_loss_hybrid(student, teacher, match), rows.mean(), torch.float32)
+    assert_losses_close(uld_loss_hybrid(student, teacher, match, reduction="sum"), rows.sum(), torch.float32)
+    s_in = student.clone().requires_grad_(True)
+    uld_loss_hybrid(s_in, teacher, match).backward()
+    assert s_in.grad is not None and teacher.grad is None
+    assert s_in.grad.abs().sum() > 0
+
+
+def test_shared_tokens_from_vocabularies():
+    """TRL's rule: equal strings, special tokens included, no normalization; by teacher id."""
+    class Tokenizer:
+        def __init__(self, vocab):
+            self.vocab = vocab
+
+        def get_vocab(self):
+            return dict(self.vocab)
+
+    student = {"a": 0, "\u0120b": 1, "<eos>": 2, "c": 3, "d": 4}
+    teacher = {"d": 0, "\u2581b": 1, "c": 2, "<eos>": 3, "a": 4, "x": 5}
+    for s, t in ((student, teacher), (Tokenizer(student), Tokenizer(teacher))):
+        match = VocabMatch.from_vocabs(s, t)
+        assert match.teacher_ids.tolist() == [0, 2, 3, 4]
+        assert match.student_ids.tolist() == [4, 3, 2, 0]
+        assert len(match) == 4 and match.student_vocab == 5 and match.teacher_vocab == 5
+
+
+@pytest.mark.parametrize("ids, error, message", [
+    ((torch.tensor([0, 1]), torch.tensor([0])), ValueError, "must pair up"),
+    ((torch.tensor([0, 0]), torch.tensor([0, 1])), ValueError, "student_ids must be distinct"),
+    ((torch.tensor([0, 1]), torch.tensor([-1, 1])), ValueError, "teacher_ids must be >= 0"),
+    ((torch.tensor([0.0]), torch.tensor([0])), TypeError, "student_ids must be a 1-D int32 or int64"),
+    ((torch.tensor([[0]]), torch.tensor([0])), TypeError, "student_ids must be a 1-D"),
+])
+def test_bad_matches(ids, error, message):
+    with pytest.raises(error, match=message):
+        VocabMatch(*ids)
+
+
+@pytest.mark.parametrize("bad, error, message", [
+    (dict(match=(0, 1)), TypeError, "match must be a uld_kernels.VocabMatch"),
+    (dict(match=VocabMatch(torch.tensor([12]), torch.tensor([0]))), ValueError,
+     "match's student ids must lie inside student_logits' 12 columns, got an id of 12"),
+    (dict(match=VocabMatch(torch.tensor([0]), torch.tensor([9]))), ValueError, "match's teacher ids"),
+    (dict(beta=1.5), ValueError, r"beta must lie in \[0, 1\]"),
+    (dict(beta="0.5"), TypeError, "beta must be a real number"),
+    (dict(matched_weight=0.5), ValueError, "must both be None"),
+    (dict(matched_weight=-1.0, unmatched_weight=1.0), ValueError, "matched_weight must lie in"),
+    (dict(unmatched_top=0), ValueError, "unmatched_top must be None or an int >= 1"),
+    (dict(unmatched_top=True), ValueError, "unmatched_top must be None or an int >= 1"),
+    (dict(prob_floor=1.0), ValueError, "prob_floor must be < 1"),
+    (dict(prob_floor=-0.1), ValueError, "prob_floor must lie in"),
+    (dict(reduction="batchmean"), ValueError, "reduction must be one of"),
+    (dict(teacher_logits=torch.zeros(2, 9)), ValueError, "the same number of rows"),
+    (dict(student_temperature=0.0), ValueError, "student_temperature must be finite and > 0"),
+])
+def test_bad_arguments(bad, error, message):
+    args = {**dict(student_logits=torch.zeros(3, 12), teacher_logits=torch.zeros(3, 9),
+                   match=VocabMatch(torch.tensor([0, 5]), torch.tensor([1, 2]))), **bad}
+    with pytest.raises(error, match=message):
+        uld_loss_hybrid(args.pop("student_logits"), args.pop("teacher_logits"), args.pop("match"), **args)

@@ -1,0 +1,248 @@
+"""Hybrid ULD: a divergence on the tokens both vocabularies share, sorted L1 on the rest.
+
+TRL GOLD's ``uld_use_hybrid_loss`` and NeMo RL's gold loss (bench/NOTES.md, thirty-ninth
+session, has both codes' formulas). Tokens whose strings are equal in the two vocabularies
+(``VocabMatch``) are compared column to column, by TRL's generalized JSD; the others, where
+ids cannot be matched, by ULD's sorted L1. For each aligned pair of rows, with ``a =
+softmax(student / T_s)``, ``b = softmax(teacher / T_t)`` over each side's full vocabulary and
+``K`` matched pairs ``(s_k, t_k)``:
+
+    matched    D_beta(max(a[s], floor), max(b[t], floor))          (not renormalized)
+    unmatched  sum_i |a'_(i) - b'_(i)|                              a', b': a, b with the matched
+                                                                    columns 0 (not renormalized),
+                                                                    sorted descending, zero-padded
+                                                                    (or both cut to n ranks)
+    loss       w_m * matched + w_u * unmatched                      (TRL: w_m = K / Vt, w_u = 1 - w_m)
+
+Zeroing the matched columns in place of TRL's complement gathers gives the same sorted L1:
+the K extra zeros of each side meet zeros.
+
+**Engine: PyTorch, by chunks of rows** (O(chunk) extra memory: the forward keeps no
+per-element state; the backward recomputes each chunk and differentiates it through
+``torch.sort``). Not fused yet: the exact engine's kernels would need a column mask in their
+count, sign and gradient passes (bench/NOTES.md, Next).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from numbers import Real
+
+import torch
+import torch.nn.functional as F
+
+from uld_kernels.autograd import REDUCTIONS, reduce_rows
+from uld_kernels.topk import _chunks
+from uld_kernels.validation import check_aligned_rows, check_choice, check_logits, check_temperature
+
+# Each chunk's autograd graph holds about ten float32-sized values an element and side (the
+# log-softmax, the probabilities, the sort's values and int64 indices, the L1's terms).
+GRAPH_VALUES_PER_ELEMENT = 10
+
+
+@dataclass(frozen=True, eq=False)
+class VocabMatch:
+    """The tokens two vocabularies share: ``student_ids[k]`` and ``teacher_ids[k]`` are the
+    same token (int64 ``[K]``, on the CPU). Checked once, here (distinct, >= 0), so that the
+    loss reads no id on the host; ``student_vocab`` / ``teacher_vocab`` are one past the
+    largest id of each side, which the logits must cover."""
+
+    student_ids: torch.Tensor
+    teacher_ids: torch.Tensor
+
+    def __post_init__(self):
+        for name in ("student_ids", "teacher_ids"):
+            ids = getattr(self, name)
+            if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.dtype not in (torch.int32, torch.int64):
+                raise TypeError(f"VocabMatch: {name} must be a 1-D int32 or int64 tensor, got "
+                                f"{getattr(ids, 'dtype', type(ids).__name__)} "
+                                f"shape {tuple(getattr(ids, 'shape', ()))}")
+            ids = ids.detach().to("cpu", torch.int64)
+            if ids.numel() and int(ids.min()) < 0:
+                raise ValueError(f"VocabMatch: {name} must be >= 0, got {int(ids.min())}")
+            if ids.unique().numel() != ids.numel():
+                raise ValueError(f"VocabMatch: {name} must be distinct (a token matches one token)")
+            object.__setattr__(self, name, ids)
+        if self.student_ids.numel() != self.teacher_ids.numel():
+            raise ValueError(f"VocabMatch: student_ids and teacher_ids must pair up, got "
+                             f"{self.student_ids.numel()} and {self.teacher_ids.numel()} ids")
+        object.__setattr__(self, "_on", {})
+
+    @classmethod
+    def from_vocabs(cls, student_vocab, teacher_vocab) -> "VocabMatch":
+        """TRL GOLD's rule: tokens whose strings are equal in ``get_vocab()`` (a tokenizer, or
+        the ``{string: id}`` dict itself), special tokens included, no normalization (``Ġa``
+        and ``▁a`` differ); ordered by teacher id."""
+        student_vocab, teacher_vocab = (v.get_vocab() if hasattr(v, "get_vocab") else v
+                                        for v in (student_vocab, teacher_vocab))
+        pairs = sorted((t_id, student_vocab[token]) for token, t_id in teacher_vocab.items() if token in student_vocab)
+        return cls(torch.tensor([s for _, s in pairs], dtype=torch.int64),
+                   torch.tensor([t for t, _ in pairs], dtype=torch.int64))
+
+    @property
+    def student_vocab(self) -> int:
+        return int(self.student_ids.max()) + 1 if self.student_ids.numel() else 0
+
+    @property
+    def teacher_vocab(self) -> int:
+        return int(self.teacher_ids.max()) + 1 if self.teacher_ids.numel() else 0
+
+    def __len__(self) -> int:
+        return self.student_ids.numel()
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both ids on ``device``, copied there once."""
+        if device not in self._on:
+            self._on[device] = (self.student_ids.to(device), self.teacher_ids.to(device))
+        return self._on[device]
+
+
+def _generalized_jsd(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: float) -> torch.Tensor:
+    """TRL's generalized JSD per row, from log-probabilities (``beta`` 0: KL(teacher ||
+    student), 1: KL(student || teacher); the mixture's log by logsumexp, as TRL forms it)."""
+    def kl(p_log, q_log):
+        return torch.where(p_log > -math.inf, p_log.exp() * (p_log - q_log), 0.0).sum(dim=-1)
+
+    if beta == 0:
+        return kl(teacher_logp, student_logp)
+    if beta == 1:
+        return kl(student_logp, teacher_logp)
+    mix_log = torch.logsumexp(torch.stack([student_logp + math.log1p(-beta), teacher_logp + math.log(beta)]), dim=0)
+    return beta * kl(teacher_logp, mix_log) + (1 - beta) * kl(student_logp, mix_log)
+
+
+def _hybrid_rows(student, teacher, student_ids, teacher_ids, options) -> torch.Tensor:
+    """One chunk's row losses ``[c]`` in float32 (differentiable)."""
+    student_t, teacher_t, beta, w_m, w_u, top, floor = options
+    student_logp = F.log_softmax(student.float() / student_t, dim=-1)
+    teacher_logp = F.log_softmax(teacher.float() / teacher_t, dim=-1)
+    log_floor = math.log(floor) if floor > 0 else -math.inf
+    matched = _generalized_jsd(student_logp[:, student_ids].clamp(min=log_floor),
+                               teacher_logp[:, teacher_ids].clamp(min=log_floor), beta)
+    a = student_logp.exp().index_fill(1, student_ids, 0.0).sort(dim=-1, descending=True).values
+    b = teacher_logp.exp().index_fill(1, teacher_ids, 0.0).sort(dim=-1, descending=True).values
+    if top is None:
+        width = max(a.shape[-1], b.shape[-1])
+        a, b = F.pad(a, (0, width - a.shape[-1])), F.pad(b, (0, width - b.shape[-1]))
+    else:  # the first n of the zeroed rows are the first n of the complements: n <= each one's length
+        n = min(a.shape[-1] - student_ids.numel(), b.shape[-1] - teacher_ids.numel(), top)
+        a, b = a[:, :n], b[:, :n]
+    return w_m * matched + w_u * (a - b).abs().sum(dim=-1)
+
+
+class ULDHybridFunction(torch.autograd.Function):
+    """Autograd Function of the hybrid rows: ``apply(student [N, Vs], teacher [N, Vt],
+    student_ids [K], teacher_ids [K], options)`` -> ``[N]`` float32; ``options`` as
+    `_hybrid_rows` reads them. Gradients to both logits, each chunk recomputed."""
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, student_ids, teacher_ids, options):
+        parts = _chunks(student_logits.shape[0], GRAPH_VALUES_PER_ELEMENT
+                        * (student_logits.shape[-1] + teacher_logits.shape[-1]))
+        rows = torch.cat([_hybrid_rows(student_logits[p], teacher_logits[p], student_ids, teacher_ids, options)
+                          for p in parts])
+        ctx.save_for_backward(student_logits, teacher_logits, student_ids, teacher_ids)
+        ctx.options, ctx.parts = options, parts
+        return rows
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        student_logits, teacher_logits, student_ids, teacher_ids = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:2]
+        grads = [torch.empty_like(x) if need else None for x, need in zip((student_logits, teacher_logits), needs)]
+        for part in ctx.parts:
+            inputs = [x[part].detach().requires_grad_(need) for x, need in zip((student_logits, teacher_logits), needs)]
+            with torch.enable_grad():
+                rows = _hybrid_rows(*inputs, student_ids, teacher_ids, ctx.options)
+                wanted = [x for x, need in zip(inputs, needs) if need]
+                chunk_grads = iter(torch.autograd.grad(rows, wanted, grad_rows[part]))
+            for grad, need in zip(grads, needs):
+                if need:
+                    grad[part] = next(chunk_grads)
+        return grads[0], grads[1], None, None, None
+
+
+def _check_fraction(name: str, value: object, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not low <= value <= high:
+        raise ValueError(f"{name} must lie in [{low:g}, {high:g}], got {value}")
+    return value
+
+
+def uld_loss_hybrid(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    match: VocabMatch,
+    *,
+    student_temperature: float = 1.0,
+    teacher_temperature: float = 1.0,
+    beta: float = 0.5,
+    matched_weight: float | None = None,
+    unmatched_weight: float | None = None,
+    unmatched_top: int | None = None,
+    prob_floor: float = 1e-8,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Hybrid ULD loss over aligned rows: TRL GOLD's ``uld_use_hybrid_loss`` by default.
+
+    Args:
+        student_logits: ``[N, Vs]`` float32, bfloat16 or float16 (its width the logits', lm_head
+            padding included, as TRL counts it).
+        teacher_logits: ``[N, Vt]``, the same rows, same device.
+        match: the shared tokens (``VocabMatch.from_vocabs(student_tokenizer,
+            teacher_tokenizer)``); its ids must lie inside each side's logits.
+        student_temperature, teacher_temperature: softmax temperatures (no ``T**2`` factor).
+        beta: the matched tokens' generalized JSD, in [0, 1] (TRL's ``beta``, default 0.5): 0 is
+            KL(teacher || student), 1 KL(student || teacher).
+        matched_weight, unmatched_weight: both None (TRL's adaptive ``K / Vt`` and ``1 - K /
+            Vt``), or both real numbers >= 0.
+        unmatched_top: None (TRL: the unmatched probabilities fully sorted, the shorter
+            zero-padded), or ``n >= 1``: both sides cut to their first ``min(Vs - K, Vt - K,
+            n)`` ranks (NeMo RL's ``uncommon_topk``, 8192).
+        prob_floor: the matched probabilities are clamped to at least this (TRL: 1e-8; NeMo:
+            0), in [0, 1).
+        reduction: ``"mean"`` over rows (default), ``"sum"``, or ``"none"`` (``[N]``).
+
+    NeMo RL's gold loss is ``beta=0, matched_weight=1, unmatched_weight=1, unmatched_top=8192,
+    prob_floor=0`` times ``T**2``, with one temperature ``T`` on both sides.
+
+    Returns:
+        float32 loss (a scalar, or ``[N]`` for ``"none"``). Gradients flow to both logits.
+
+    Runs in PyTorch by chunks of rows (module docstring): correct at any size, not fused.
+    """
+    check_logits("student_logits", student_logits)
+    check_logits("teacher_logits", teacher_logits)
+    check_aligned_rows(student_logits, teacher_logits)
+    if not isinstance(match, VocabMatch):
+        raise TypeError(f"match must be a uld_kernels.VocabMatch, got {type(match).__name__}")
+    for name, logits, vocab in (("student", student_logits, match.student_vocab),
+                                ("teacher", teacher_logits, match.teacher_vocab)):
+        if vocab > logits.shape[-1]:
+            raise ValueError(f"match's {name} ids must lie inside {name}_logits' {logits.shape[-1]} columns, got an "
+                             f"id of {vocab - 1}")
+    options = (check_temperature("student_temperature", student_temperature),
+               check_temperature("teacher_temperature", teacher_temperature),
+               _check_fraction("beta", beta, 0.0, 1.0))
+    if (matched_weight is None) != (unmatched_weight is None):
+        raise ValueError("matched_weight and unmatched_weight must both be None (adaptive) or both be numbers, got "
+                         f"{matched_weight!r} and {unmatched_weight!r}")
+    if matched_weight is None:
+        matched_weight = len(match) / teacher_logits.shape[-1]
+        unmatched_weight = 1.0 - matched_weight
+    else:
+        matched_weight = _check_fraction("matched_weight", matched_weight, 0.0, math.inf)
+        unmatched_weight = _check_fraction("unmatched_weight", unmatched_weight, 0.0, math.inf)
+    if unmatched_top is not None and (isinstance(unmatched_top, bool) or not isinstance(unmatched_top, int)
+                                      or unmatched_top < 1):
+        raise ValueError(f"unmatched_top must be None or an int >= 1, got {unmatched_top!r}")
+    prob_floor = _check_fraction("prob_floor", prob_floor, 0.0, 1.0)
+    if prob_floor == 1.0:
+        raise ValueError("prob_floor must be < 1, got 1.0")
+    check_choice("reduction", reduction, REDUCTIONS)
+    options += (matched_weight, unmatched_weight, unmatched_top, prob_floor)
+    rows = ULDHybridFunction.apply(student_logits, teacher_logits, *match.on(student_logits.device), options)
+    return reduce_rows(rows, reduction)
