@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-import uld_kernels.topk as topk
+import uld_kernels.hybrid as hybrid
 from reference.uld import uld_hybrid_row_losses_reference, uld_row_losses_reference
 from tests.helpers import assert_grads_close, assert_losses_close
 from uld_kernels import VocabMatch, uld_loss_hybrid
@@ -109,14 +109,44 @@ def test_chunks_change_nothing(device, monkeypatch):
     losses and gradients, bit for bit: rows are independent."""
     student, teacher, match = _inputs(5, 7, 64, 48, 12, device)
     results = []
-    for chunk_bytes in (topk.CHUNK_BYTES, 1):
-        monkeypatch.setattr(topk, "CHUNK_BYTES", chunk_bytes)
+    for chunk_bytes in (hybrid.CHUNK_BYTES, 1):
+        monkeypatch.setattr(hybrid, "CHUNK_BYTES", chunk_bytes)
         s_in, t_in = student.clone().requires_grad_(True), teacher.clone().requires_grad_(True)
         rows = uld_loss_hybrid(s_in, t_in, match, reduction="none")
         (rows * torch.arange(1.0, 8.0, device=device)).sum().backward()
         results.append((rows.detach(), s_in.grad, t_in.grad))
     for one, chunked in zip(*results):
         torch.testing.assert_close(chunked, one, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_the_upstream_scaling_without_the_kernel(reduction, device, monkeypatch):
+    """The saved gradient scaled by PyTorch where the ``scale_rows_`` kernel cannot run (a CPU
+    tensor without the interpreter) equals the kernel's, bit for bit; a second backward
+    through one graph raises (the gradient was scaled in place). float32: the interpreter
+    rounds float32 to bf16 toward zero, PyTorch and the GPU to nearest."""
+    student, teacher, match = _inputs(8, 6, 50, 40, 10, device)
+    grads = []
+    for kernel in (True, False):
+        if not kernel and device == "cpu":
+            monkeypatch.setattr(hybrid.launch, "interpreter_enabled", lambda: False)
+        s_in = student.clone().requires_grad_(True)
+        loss = uld_loss_hybrid(s_in, teacher, match, reduction=reduction)
+        (loss * torch.linspace(0.5, 3.0, loss.numel(), device=device)).sum().backward(retain_graph=True)
+        grads.append(s_in.grad)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.sum().backward()
+    torch.testing.assert_close(grads[1], grads[0], atol=0, rtol=0)
+
+
+def test_no_grad_computes_no_gradient(device):
+    """Under torch.no_grad() the loss is the same and the inputs get nothing."""
+    student, teacher, match = _inputs(9, 4, 30, 30, 6, device)
+    s_in = student.clone().requires_grad_(True)
+    with torch.no_grad():
+        loss = uld_loss_hybrid(s_in, teacher, match)
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, uld_loss_hybrid(student, teacher, match), atol=0, rtol=0)
 
 
 def test_reductions_and_no_teacher_gradient(device):

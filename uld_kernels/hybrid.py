@@ -17,9 +17,9 @@ softmax(student / T_s)``, ``b = softmax(teacher / T_t)`` over each side's full v
 Zeroing the matched columns in place of TRL's complement gathers gives the same sorted L1:
 the K extra zeros of each side meet zeros.
 
-**Engine: PyTorch, by chunks of rows** (O(chunk) extra memory: the forward keeps no
-per-element state; the backward recomputes each chunk and differentiates it through
-``torch.sort``). Not fused yet: the exact engine's kernels would need a column mask in their
+**Engine: PyTorch, by chunks of rows** (extra memory: one chunk's autograd graph, besides
+the gradient itself, which the forward computes, as the fused losses do, by autograd through
+each chunk's ``torch.sort``). Not fused yet: the exact engine's kernels would need a column mask in their
 count, sign and gradient passes (bench/NOTES.md, Next).
 """
 
@@ -32,13 +32,17 @@ from numbers import Real
 import torch
 import torch.nn.functional as F
 
-from uld_kernels.autograd import REDUCTIONS, reduce_rows
+from uld_kernels import launch
+from uld_kernels.autograd import REDUCTIONS, call_op, reduce_rows
 from uld_kernels.topk import _chunks
 from uld_kernels.validation import check_aligned_rows, check_choice, check_logits, check_temperature
 
 # Each chunk's autograd graph holds about ten float32-sized values an element and side (the
-# log-softmax, the probabilities, the sort's values and int64 indices, the L1's terms).
+# log-softmax, the probabilities, the sort's values and int64 indices, the L1's terms): a
+# budget of CHUNK_BYTES is ~190 Qwen / Llama-3 rows a chunk. (At topk's 256 MiB, 24 rows a
+# chunk took 559 ms for 4,096 rows on the H200: launches, not sorts; bench/RESULTS.md.)
 GRAPH_VALUES_PER_ELEMENT = 10
+CHUNK_BYTES = 1 << 31
 
 
 @dataclass(frozen=True, eq=False)
@@ -132,35 +136,60 @@ def _hybrid_rows(student, teacher, student_ids, teacher_ids, options) -> torch.T
 
 
 class ULDHybridFunction(torch.autograd.Function):
-    """Autograd Function of the hybrid rows: ``apply(student [N, Vs], teacher [N, Vt],
-    student_ids [K], teacher_ids [K], options)`` -> ``[N]`` float32; ``options`` as
-    `_hybrid_rows` reads them. Gradients to both logits, each chunk recomputed."""
+    """Autograd Function of the hybrid loss: ``apply(student [N, Vs], teacher [N, Vt],
+    student_ids [K], teacher_ids [K], options, reduction, grad_enabled)`` -> the reduced
+    float32 loss; ``options`` as `_hybrid_rows` reads them. As ``ULDFunction`` does, the
+    forward computes the gradient of the reduced loss (each chunk's, by autograd through its
+    sort: a row's loss depends on its own rows only) into buffers of the logits' shape and
+    dtype, and the backward scales them in place by the upstream gradient (calling it twice
+    through one graph raises). Under ``torch.no_grad()`` nothing is computed per element."""
 
     @staticmethod
-    def forward(ctx, student_logits, teacher_logits, student_ids, teacher_ids, options):
-        parts = _chunks(student_logits.shape[0], GRAPH_VALUES_PER_ELEMENT
-                        * (student_logits.shape[-1] + teacher_logits.shape[-1]))
-        rows = torch.cat([_hybrid_rows(student_logits[p], teacher_logits[p], student_ids, teacher_ids, options)
-                          for p in parts])
-        ctx.save_for_backward(student_logits, teacher_logits, student_ids, teacher_ids)
-        ctx.options, ctx.parts = options, parts
-        return rows
-
-    @staticmethod
-    def backward(ctx, grad_rows):
-        student_logits, teacher_logits, student_ids, teacher_ids = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:2]
-        grads = [torch.empty_like(x) if need else None for x, need in zip((student_logits, teacher_logits), needs)]
-        for part in ctx.parts:
-            inputs = [x[part].detach().requires_grad_(need) for x, need in zip((student_logits, teacher_logits), needs)]
+    def forward(ctx, student_logits, teacher_logits, student_ids, teacher_ids, options, reduction,
+                grad_enabled=True):
+        inputs = (student_logits, teacher_logits)
+        needs = [bool(ctx.needs_input_grad[i] and grad_enabled) for i in (0, 1)]
+        grads = [torch.empty(x.shape, dtype=x.dtype, device=x.device) if need else None
+                 for x, need in zip(inputs, needs)]
+        n_rows = student_logits.shape[0]
+        rows = torch.empty(n_rows, dtype=torch.float32, device=student_logits.device)
+        weight = 1.0 / max(n_rows, 1) if reduction == "mean" else 1.0  # the reduced loss's, per row ("none": 1)
+        for part in _chunks(n_rows, GRAPH_VALUES_PER_ELEMENT * (student_logits.shape[-1] + teacher_logits.shape[-1]),
+                            CHUNK_BYTES):
+            chunk = [x[part].detach().requires_grad_(need) for x, need in zip(inputs, needs)]
             with torch.enable_grad():
-                rows = _hybrid_rows(*inputs, student_ids, teacher_ids, ctx.options)
-                wanted = [x for x, need in zip(inputs, needs) if need]
-                chunk_grads = iter(torch.autograd.grad(rows, wanted, grad_rows[part]))
-            for grad, need in zip(grads, needs):
-                if need:
-                    grad[part] = next(chunk_grads)
-        return grads[0], grads[1], None, None, None
+                chunk_rows = _hybrid_rows(*chunk, student_ids, teacher_ids, options)
+                if any(needs):
+                    chunk_grads = iter(torch.autograd.grad(chunk_rows.sum() * weight,
+                                                           [x for x, need in zip(chunk, needs) if need]))
+                    for grad, need in zip(grads, needs):
+                        if need:
+                            grad[part] = next(chunk_grads)
+            rows[part] = chunk_rows.detach()
+        ctx.save_for_backward(*(g for g in grads if g is not None))
+        ctx.needs = needs
+        return reduce_rows(rows, reduction)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        saved = iter(ctx.saved_tensors)
+        grads = [next(saved) if need else None for need in ctx.needs]
+        for grad in grads:
+            if grad is not None:
+                _scale_rows_(grad, grad_loss)
+        return grads[0], grads[1], None, None, None, None, None
+
+
+def _scale_rows_(grad: torch.Tensor, scale: torch.Tensor) -> None:
+    """``grad[r] *= scale`` (one value, or one a row) in place, rounded once: the
+    ``scale_rows_`` kernel on the GPU and under the interpreter, PyTorch by chunks elsewhere."""
+    if grad.is_cuda or launch.interpreter_enabled():
+        call_op("scale_rows_", grad, scale)
+        return
+    scale = scale.detach().float().reshape(-1)
+    for part in _chunks(grad.shape[0], grad.shape[-1]):
+        factor = scale if scale.numel() == 1 else scale[part, None]
+        grad[part] = (grad[part].float() * factor).to(grad.dtype)
 
 
 def _check_fraction(name: str, value: object, low: float, high: float) -> float:
@@ -244,5 +273,5 @@ def uld_loss_hybrid(
         raise ValueError("prob_floor must be < 1, got 1.0")
     check_choice("reduction", reduction, REDUCTIONS)
     options += (matched_weight, unmatched_weight, unmatched_top, prob_floor)
-    rows = ULDHybridFunction.apply(student_logits, teacher_logits, *match.on(student_logits.device), options)
-    return reduce_rows(rows, reduction)
+    return ULDHybridFunction.apply(student_logits, teacher_logits, *match.on(student_logits.device), options,
+                                   reduction, torch.is_grad_enabled())

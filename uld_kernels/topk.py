@@ -53,10 +53,10 @@ def truncates(top_k: int | None, student_vocab: int, teacher_vocab: int) -> bool
     return top_k is not None and top_k < max(student_vocab, teacher_vocab)
 
 
-def _chunks(n_rows: int, vocab: int):
-    """Slices of at most ``CHUNK_BYTES`` of float32 rows; one empty slice for no rows (so that
-    zero rows still save empty tensors)."""
-    step = max(1, CHUNK_BYTES // (4 * max(vocab, 1)))
+def _chunks(n_rows: int, vocab: int, budget: int | None = None):
+    """Slices of at most ``budget`` (default ``CHUNK_BYTES``) of float32 rows; one empty slice
+    for no rows (so that zero rows still save empty tensors)."""
+    step = max(1, (CHUNK_BYTES if budget is None else budget) // (4 * max(vocab, 1)))
     return [slice(start, min(start + step, n_rows)) for start in range(0, max(n_rows, 1), step)]
 
 
