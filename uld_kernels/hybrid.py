@@ -8,14 +8,11 @@ softmax(student / T_s)``, ``b = softmax(teacher / T_t)`` over each side's full v
 ``K`` matched pairs ``(s_k, t_k)``:
 
     matched    D_beta(max(a[s], floor), max(b[t], floor))          (not renormalized)
-    unmatched  sum_i |a'_(i) - b'_(i)|                              a', b': a, b with the matched
-                                                                    columns 0 (not renormalized),
+    unmatched  sum_i |a'_(i) - b'_(i)|                              a', b': a, b at the other
+                                                                    columns (not renormalized),
                                                                     sorted descending, zero-padded
                                                                     (or both cut to n ranks)
     loss       w_m * matched + w_u * unmatched                      (TRL: w_m = K / Vt, w_u = 1 - w_m)
-
-Zeroing the matched columns in place of TRL's complement gathers gives the same sorted L1:
-the K extra zeros of each side meet zeros.
 
 **Engine: PyTorch, by chunks of rows** (extra memory: one chunk's autograd graph, besides
 the gradient itself, which the forward computes, as the fused losses do, by autograd through
@@ -101,6 +98,15 @@ class VocabMatch:
             self._on[device] = (self.student_ids.to(device), self.teacher_ids.to(device))
         return self._on[device]
 
+    def rest(self, student_width: int, teacher_width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each side's other columns (ascending) of logits that wide, on ``device``, built once."""
+        key = (student_width, teacher_width, device)
+        if key not in self._on:
+            keep = [torch.ones(width, dtype=torch.bool).index_fill_(0, ids, False)
+                    for width, ids in ((student_width, self.student_ids), (teacher_width, self.teacher_ids))]
+            self._on[key] = tuple(k.nonzero().squeeze(1).to(device) for k in keep)
+        return self._on[key]
+
 
 def _generalized_jsd(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: float) -> torch.Tensor:
     """TRL's generalized JSD per row, from log-probabilities (``beta`` 0: KL(teacher ||
@@ -116,37 +122,34 @@ def _generalized_jsd(student_logp: torch.Tensor, teacher_logp: torch.Tensor, bet
     return beta * kl(teacher_logp, mix_log) + (1 - beta) * kl(student_logp, mix_log)
 
 
-def _hybrid_rows(student, teacher, student_ids, teacher_ids, options) -> torch.Tensor:
-    """One chunk's row losses ``[c]`` in float32 (differentiable)."""
+def _hybrid_rows(student, teacher, columns, options) -> torch.Tensor:
+    """One chunk's row losses ``[c]`` in float32 (differentiable); ``columns``: each side's
+    shared ids, then each side's other columns (`VocabMatch.rest`: only those are sorted)."""
     student_t, teacher_t, beta, w_m, w_u, top, floor = options
+    student_ids, teacher_ids, student_rest, teacher_rest = columns
     student_logp = F.log_softmax(student.float() / student_t, dim=-1)
     teacher_logp = F.log_softmax(teacher.float() / teacher_t, dim=-1)
     log_floor = math.log(floor) if floor > 0 else -math.inf
     matched = _generalized_jsd(student_logp[:, student_ids].clamp(min=log_floor),
                                teacher_logp[:, teacher_ids].clamp(min=log_floor), beta)
-    a = student_logp.exp().index_fill(1, student_ids, 0.0).sort(dim=-1, descending=True).values
-    b = teacher_logp.exp().index_fill(1, teacher_ids, 0.0).sort(dim=-1, descending=True).values
-    if top is None:
-        width = max(a.shape[-1], b.shape[-1])
-        a, b = F.pad(a, (0, width - a.shape[-1])), F.pad(b, (0, width - b.shape[-1]))
-    else:  # the first n of the zeroed rows are the first n of the complements: n <= each one's length
-        n = min(a.shape[-1] - student_ids.numel(), b.shape[-1] - teacher_ids.numel(), top)
-        a, b = a[:, :n], b[:, :n]
+    a = student_logp[:, student_rest].exp().sort(dim=-1, descending=True).values
+    b = teacher_logp[:, teacher_rest].exp().sort(dim=-1, descending=True).values
+    width = max(a.shape[-1], b.shape[-1]) if top is None else min(a.shape[-1], b.shape[-1], top)
+    a, b = (F.pad(x, (0, width - x.shape[-1])) if top is None else x[:, :width] for x in (a, b))
     return w_m * matched + w_u * (a - b).abs().sum(dim=-1)
 
 
 class ULDHybridFunction(torch.autograd.Function):
-    """Autograd Function of the hybrid loss: ``apply(student [N, Vs], teacher [N, Vt],
-    student_ids [K], teacher_ids [K], options, reduction, grad_enabled)`` -> the reduced
-    float32 loss; ``options`` as `_hybrid_rows` reads them. As ``ULDFunction`` does, the
+    """Autograd Function of the hybrid loss: ``apply(student [N, Vs], teacher [N, Vt], columns,
+    options, reduction, grad_enabled)`` -> the reduced float32 loss; ``columns`` and
+    ``options`` as `_hybrid_rows` reads them. As ``ULDFunction`` does, the
     forward computes the gradient of the reduced loss (each chunk's, by autograd through its
     sort: a row's loss depends on its own rows only) into buffers of the logits' shape and
     dtype, and the backward scales them in place by the upstream gradient (calling it twice
     through one graph raises). Under ``torch.no_grad()`` nothing is computed per element."""
 
     @staticmethod
-    def forward(ctx, student_logits, teacher_logits, student_ids, teacher_ids, options, reduction,
-                grad_enabled=True):
+    def forward(ctx, student_logits, teacher_logits, columns, options, reduction, grad_enabled=True):
         inputs = (student_logits, teacher_logits)
         needs = [bool(ctx.needs_input_grad[i] and grad_enabled) for i in (0, 1)]
         grads = [torch.empty(x.shape, dtype=x.dtype, device=x.device) if need else None
@@ -158,7 +161,7 @@ class ULDHybridFunction(torch.autograd.Function):
                             CHUNK_BYTES):
             chunk = [x[part].detach().requires_grad_(need) for x, need in zip(inputs, needs)]
             with torch.enable_grad():
-                chunk_rows = _hybrid_rows(*chunk, student_ids, teacher_ids, options)
+                chunk_rows = _hybrid_rows(*chunk, columns, options)
                 if any(needs):
                     chunk_grads = iter(torch.autograd.grad(chunk_rows.sum() * weight,
                                                            [x for x, need in zip(chunk, needs) if need]))
@@ -177,7 +180,7 @@ class ULDHybridFunction(torch.autograd.Function):
         for grad in grads:
             if grad is not None:
                 _scale_rows_(grad, grad_loss)
-        return grads[0], grads[1], None, None, None, None, None
+        return grads[0], grads[1], None, None, None, None
 
 
 def _scale_rows_(grad: torch.Tensor, scale: torch.Tensor) -> None:
@@ -273,5 +276,6 @@ def uld_loss_hybrid(
         raise ValueError("prob_floor must be < 1, got 1.0")
     check_choice("reduction", reduction, REDUCTIONS)
     options += (matched_weight, unmatched_weight, unmatched_top, prob_floor)
-    return ULDHybridFunction.apply(student_logits, teacher_logits, *match.on(student_logits.device), options,
-                                   reduction, torch.is_grad_enabled())
+    device = student_logits.device
+    columns = (*match.on(device), *match.rest(student_logits.shape[-1], teacher_logits.shape[-1], device))
+    return ULDHybridFunction.apply(student_logits, teacher_logits, columns, options, reduction, torch.is_grad_enabled())
