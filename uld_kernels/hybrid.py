@@ -130,10 +130,12 @@ def _hybrid_rows(student, teacher, columns, options) -> torch.Tensor:
     student_logp = F.log_softmax(student.float() / student_t, dim=-1)
     teacher_logp = F.log_softmax(teacher.float() / teacher_t, dim=-1)
     log_floor = math.log(floor) if floor > 0 else -math.inf
-    matched = _generalized_jsd(student_logp[:, student_ids].clamp(min=log_floor),
-                               teacher_logp[:, teacher_ids].clamp(min=log_floor), beta)
-    a = student_logp[:, student_rest].exp().sort(dim=-1, descending=True).values
-    b = teacher_logp[:, teacher_rest].exp().sort(dim=-1, descending=True).values
+    # index_select, not logp[:, ids]: its backward is an index_add_ (one add a column: the ids
+    # are distinct), where indexing's sorts the indices first (157 of 277 ms on the H200).
+    matched = _generalized_jsd(student_logp.index_select(1, student_ids).clamp(min=log_floor),
+                               teacher_logp.index_select(1, teacher_ids).clamp(min=log_floor), beta)
+    a = student_logp.index_select(1, student_rest).exp().sort(dim=-1, descending=True).values
+    b = teacher_logp.index_select(1, teacher_rest).exp().sort(dim=-1, descending=True).values
     width = max(a.shape[-1], b.shape[-1]) if top is None else min(a.shape[-1], b.shape[-1], top)
     a, b = (F.pad(x, (0, width - x.shape[-1])) if top is None else x[:, :width] for x in (a, b))
     return w_m * matched + w_u * (a - b).abs().sum(dim=-1)
