@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from reference.uld import uld_row_losses_reference
+from reference.uld import uld_hybrid_row_losses_reference, uld_row_losses_reference
 # The argument checks are the package's, so that both give one answer to bad input; the loss
 # itself is computed here alone.
 from uld_kernels.validation import check_num_items, check_row_pairs, check_top_k
@@ -147,6 +147,7 @@ def uld_distillation_loss_reference(
     teacher_rows: torch.Tensor | None = None,
     row_weights: torch.Tensor | None = None,
     top_k: int | None = None,
+    hybrid=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The paper's distillation loss: weighted cross-entropy plus weighted ULD on answer rows.
 
@@ -191,6 +192,9 @@ def uld_distillation_loss_reference(
         row_weights: ``[N]`` weights of the explicit rows; default ``1 / N``.
         top_k: the ULD row loss over the first ``top_k`` sorted ranks only (the truncated
             variant, ``reference.uld.uld_row_losses_reference``); None: all ranks.
+        hybrid: None, or a ``uld_kernels.HybridULD``: the row loss is then
+            ``reference.uld.uld_hybrid_row_losses_reference`` with its shared tokens and
+            options (TRL's adaptive weights over the teacher's columns as read here).
 
     Returns:
         ``(total, crossentropy, distillation)`` where ``crossentropy`` includes
@@ -231,7 +235,7 @@ def uld_distillation_loss_reference(
     if student_rows is not None:
         distillation = distillation_weight * _explicit_rows_distillation(
             student_logits, teacher_logits, student_rows, teacher_rows, row_weights,
-            student_temperature, teacher_temperature, per_sample=reduction == "none", top_k=top_k)
+            student_temperature, teacher_temperature, per_sample=reduction == "none", top_k=top_k, hybrid=hybrid)
         return crossentropy + distillation, crossentropy, distillation
 
     row_offset = 1 if alignment == "trl_observed" else 0
@@ -250,8 +254,8 @@ def uld_distillation_loss_reference(
         pairs = max(0, min(pairs, student_length - student_first, teacher_length - teacher_first))
         student_answer_rows = student_logits[i, student_first:student_first + pairs, :]
         teacher_answer_rows = teacher_logits[i, teacher_first:teacher_first + pairs, :]
-        sample_row_losses.append(uld_row_losses_reference(
-            student_answer_rows, teacher_answer_rows, student_temperature, teacher_temperature, top_k))
+        sample_row_losses.append(_row_losses(
+            student_answer_rows, teacher_answer_rows, student_temperature, teacher_temperature, top_k, hybrid))
 
     all_row_losses = torch.cat(sample_row_losses)
     # An empty sum: 0 in the loss dtype, still part of the autograd graph.
@@ -275,18 +279,27 @@ def uld_distillation_loss_reference(
     return crossentropy + distillation, crossentropy, distillation
 
 
+def _row_losses(student_rows, teacher_rows, student_temperature, teacher_temperature, top_k, hybrid):
+    """The row loss of aligned rows: ULD (``top_k`` ranks), or the hybrid loss."""
+    if hybrid is None:
+        return uld_row_losses_reference(student_rows, teacher_rows, student_temperature, teacher_temperature, top_k)
+    return uld_hybrid_row_losses_reference(
+        student_rows, teacher_rows, hybrid.match.student_ids, hybrid.match.teacher_ids, student_temperature,
+        teacher_temperature, beta=hybrid.beta, matched_weight=hybrid.matched_weight,
+        unmatched_weight=hybrid.unmatched_weight, unmatched_top=hybrid.unmatched_top, prob_floor=hybrid.prob_floor)
+
+
 def _explicit_rows_distillation(student_logits, teacher_logits, student_rows, teacher_rows,
                                 row_weights, student_temperature, teacher_temperature,
-                                per_sample, top_k=None):
+                                per_sample, top_k=None, hybrid=None):
     """``sum_r row_weights[r] * L_r`` over explicitly paired flat rows (weights default 1/N);
     with ``per_sample`` the terms are summed per sample of the student row instead, ``[B]``."""
     batch, student_length, student_vocab = student_logits.shape
     teacher_vocab = teacher_logits.shape[-1]
     student_flat = student_logits.reshape(-1, student_vocab)
     teacher_flat = teacher_logits.reshape(-1, teacher_vocab)
-    row_losses = uld_row_losses_reference(student_flat[student_rows.long()],
-                                          teacher_flat[teacher_rows.long()],
-                                          student_temperature, teacher_temperature, top_k)
+    row_losses = _row_losses(student_flat[student_rows.long()], teacher_flat[teacher_rows.long()],
+                             student_temperature, teacher_temperature, top_k, hybrid)
     pairs = row_losses.numel()
     if row_weights is None:
         weights = torch.full((pairs,), 1.0 / max(pairs, 1), dtype=row_losses.dtype,

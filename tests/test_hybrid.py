@@ -1,6 +1,7 @@
 """Hybrid ULD (uld_kernels/hybrid.py) against the float64 reference
 (reference.uld.uld_hybrid_row_losses_reference): losses and both gradients, TRL's and NeMo's
-settings, the shared tokens from vocabularies, bad arguments."""
+settings, the shared tokens from vocabularies, bad arguments; and as the training loss's row
+loss (``ULDLoss(hybrid=...)``) against reference/paper.py."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import torch
 import uld_kernels.hybrid as hybrid
 from reference.uld import uld_hybrid_row_losses_reference, uld_row_losses_reference
 from tests.helpers import assert_grads_close, assert_losses_close
-from uld_kernels import VocabMatch, uld_loss_hybrid
+from tests.test_distill import _assert_matches_the_papers_semantics, _batch
+from uld_kernels import HybridULD, ULDLoss, VocabMatch, uld_distillation_loss, uld_loss_hybrid
 
 
 def _inputs(seed, n, vs, vt, k, device, dtype=torch.float32, scale=2.0):
@@ -212,3 +214,50 @@ def test_bad_arguments(bad, error, message):
                    match=VocabMatch(torch.tensor([0, 5]), torch.tensor([1, 2]))), **bad}
     with pytest.raises(error, match=message):
         uld_loss_hybrid(args.pop("student_logits"), args.pop("teacher_logits"), args.pop("match"), **args)
+
+
+# The training loss with the hybrid row loss (ULDLoss(hybrid=...)): the paper's semantics
+# (reference/paper.py with the same HybridULD) on test_distill's batches (Vs 40, Vt 33).
+def _hybrid(seed, **options):
+    g = torch.Generator().manual_seed(seed)
+    return HybridULD(VocabMatch(torch.randperm(40, generator=g)[:15], torch.randperm(33, generator=g)[:15]), **options)
+
+
+TRAINING = [
+    ("paper", dict(hybrid=_hybrid(1))),
+    ("none-nemo", dict(reduction="none", skip_student_eos=True, student_temperature=2.0, teacher_temperature=2.0,
+                       hybrid=_hybrid(2, beta=0.0, matched_weight=1.0, unmatched_weight=1.0, unmatched_top=6,
+                                      prob_floor=0.0))),
+    ("sum-no-ce", dict(reduction="sum", crossentropy_weight=0.0, distillation_weight=1.5,
+                       hybrid=_hybrid(3, beta=1.0))),
+    ("token-mean-observed", dict(reduction="token_mean", num_items_in_batch=13, alignment="trl_observed",
+                                 hybrid=_hybrid(4, beta=0.3))),
+]
+
+
+@pytest.mark.parametrize("name, options", TRAINING, ids=[t[0] for t in TRAINING])
+def test_the_training_loss_with_the_hybrid_rows(name, options, device):
+    _assert_matches_the_papers_semantics(*_batch(len(name), device), options, torch.float32)
+
+
+def test_the_training_loss_with_explicit_rows_and_padded_vocabularies(device):
+    """Explicit pairs and weights, and lm_head padding left out (``student_vocab_size``): the
+    adaptive weights count the teacher's columns as read."""
+    student, teacher, s_labels, t_labels = _batch(5, device, vs_full=44)
+    options = dict(hybrid=_hybrid(5), student_vocab_size=40, teacher_vocab_size=30, reduction="none",
+                   student_rows=torch.tensor([0, 4, 10, 20], device=device),
+                   teacher_rows=torch.tensor([3, 3, 12, 30], device=device),
+                   row_weights=torch.tensor([0.1, 0.2, 0.3, 0.4], device=device))
+    with pytest.raises(ValueError, match=r"match's teacher ids must lie inside teacher_logits \(teacher_vocab_size\)"):
+        uld_distillation_loss(student, teacher, s_labels, t_labels, **options)
+    options["hybrid"] = HybridULD(VocabMatch(torch.tensor([0, 39, 7]), torch.tensor([29, 0, 5])))
+    _assert_matches_the_papers_semantics(student, teacher, s_labels, t_labels, options, torch.float32)
+
+
+def test_the_training_loss_refuses_bad_hybrids():
+    with pytest.raises(TypeError, match="hybrid must be None or a uld_kernels.HybridULD"):
+        ULDLoss(hybrid=VocabMatch(torch.tensor([0]), torch.tensor([0])))
+    with pytest.raises(ValueError, match="top_k and hybrid cannot be combined"):
+        ULDLoss(top_k=4, hybrid=_hybrid(6))
+    with pytest.raises(TypeError, match="match must be a uld_kernels.VocabMatch"):
+        HybridULD((torch.tensor([0]), torch.tensor([0])))

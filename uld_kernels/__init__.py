@@ -14,8 +14,8 @@ rest; NeMo RL's gold loss by its options), in PyTorch by chunks.
 from uld_kernels.api import uld_loss, uld_loss_teacher_topk
 from uld_kernels.autograd import ULDFunction
 from uld_kernels.distill import ULDLoss, uld_distillation_loss
-from uld_kernels.hybrid import VocabMatch, uld_loss_hybrid
+from uld_kernels.hybrid import HybridULD, VocabMatch, uld_loss_hybrid
 
 __all__ = ["uld_loss", "uld_loss_teacher_topk", "ULDFunction", "uld_distillation_loss", "ULDLoss",
-           "uld_loss_hybrid", "VocabMatch"]
+           "uld_loss_hybrid", "VocabMatch", "HybridULD"]
 __version__ = "0.1.0"

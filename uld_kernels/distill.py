@@ -16,6 +16,7 @@ from uld_kernels.alignment import ALIGNMENTS, next_token_targets, pair_rows
 from uld_kernels.api import reference_module
 from uld_kernels import launch
 from uld_kernels.autograd import call_op, custom_op
+from uld_kernels.hybrid import HybridULD, hybrid_forward
 from uld_kernels.topk import topk_forward, topk_side_grad, truncates
 from uld_kernels.launch import (cross_entropy_rows, hist_pairs, interpreter_enabled, rows_written, uld_pairs,
                                 zero_unwritten_)
@@ -113,13 +114,13 @@ class ULDDistillFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student_logits, teacher_logits, pair_weight, plan):
-        top_k = plan["top_k"]
+        top_k, hybrid = plan["top_k"], plan["hybrid"]
         student_grad = bool(ctx.needs_input_grad[0] and plan["grad_enabled"])
         student_index, teacher_index = plan["student_index"], plan["teacher_index"]
         no_pairs = student_index[:0]
         rows, pair_ce, other_ce, grad = call_op(
             "uld_distill", student_logits, teacher_logits, plan["student_vocab"], plan["teacher_vocab"],
-            *((no_pairs, no_pairs, pair_weight[:0]) if top_k else (student_index, teacher_index, pair_weight)),
+            *((no_pairs, no_pairs, pair_weight[:0]) if top_k or hybrid else (student_index, teacher_index, pair_weight)),
             plan["ce_index"], plan["ce_label"], plan["ce_weight"],
             plan["student_temperature"], plan["teacher_temperature"], plan["has_ce"],
             student_grad and (plan["has_ce"] or not top_k),  # top_k alone: its gradient in the backward
@@ -132,6 +133,12 @@ class ULDDistillFunction(torch.autograd.Function):
                 student_index, teacher_index)
             saved = tensors[:3]
             pair_ce = torch.zeros_like(rows)  # every answer row's cross-entropy is in other_ce
+        if hybrid:  # PyTorch by chunks: its gradient added into the cross-entropy's buffer now, scaled with it
+            rows, _ = hybrid_forward(
+                student_logits[..., :plan["student_vocab"]], teacher_logits.detach()[..., :plan["teacher_vocab"]],
+                hybrid, (plan["student_temperature"], plan["teacher_temperature"]), pair_weight, (student_grad, False),
+                student_index, teacher_index, out=grad.view(-1, grad.shape[-1]) if student_grad else None)
+            pair_ce = torch.zeros_like(rows)
         batch = student_logits.shape[0]
         distill = pair_weight * rows
         ce_pairs = plan["ce_weight"][student_index.clamp(min=0)] * pair_ce
@@ -176,6 +183,20 @@ class ULDDistillFunction(torch.autograd.Function):
                            pair_weight * per_pair(grad_total), ctx.plan["student_temperature"], ctx.top_k,
                            ctx.kernels, out=flat)
         return grad, None, grad_weight, None
+
+
+def _check_hybrid(hybrid, top_k, student_vocab=None, teacher_vocab=None):
+    """A HybridULD or None, not with top_k; with the widths, its ids inside them."""
+    if hybrid is None:
+        return
+    if not isinstance(hybrid, HybridULD):
+        raise TypeError(f"hybrid must be None or a uld_kernels.HybridULD, got {type(hybrid).__name__}")
+    if top_k is not None:
+        raise ValueError(f"top_k and hybrid cannot be combined (top_k={top_k}): the hybrid loss sorts every "
+                         "unmatched column, or cuts both sides at its own unmatched_top")
+    if student_vocab is not None:
+        hybrid.check_widths(student_vocab, teacher_vocab, ("student_logits (student_vocab_size)",
+                                                           "teacher_logits (teacher_vocab_size)"))
 
 
 def _check_inputs(student_logits, teacher_logits, student_labels, teacher_labels):
@@ -224,6 +245,7 @@ def uld_distillation_loss(
     teacher_rows: torch.Tensor | None = None,
     row_weights: torch.Tensor | None = None,
     top_k: int | None = None,
+    hybrid: HybridULD | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The paper's ULD training loss on two batches read through two tokenizers.
 
@@ -264,6 +286,12 @@ def uld_distillation_loss(
             cross-entropy's ``[B, Ls, Vs]`` buffer in the backward (one buffer). The teacher
             gets no gradient. ``k`` past both vocabulary sizes is the exact loss, computed by the
             fused kernels.
+        hybrid: None, or a ``HybridULD(match, ...)``: TRL GOLD's hybrid loss
+            (``uld_loss_hybrid``) as the row loss of the ULD term, on the same pairs and
+            weights. TRL's adaptive weights count the teacher's columns as read
+            (``teacher_vocab_size`` if given). It runs in PyTorch by chunks (not fused; one host
+            sync a chunk, so no ``fullgraph`` trace), its gradient added into the
+            cross-entropy's buffer. Not with ``top_k``.
 
     Returns:
         ``(total, ce, distillation)``, float32, with the weights applied;
@@ -281,6 +309,7 @@ def uld_distillation_loss(
     teacher_vocab = check_vocab_size("teacher_vocab_size", teacher_vocab_size, teacher_logits.shape[-1])
     num_items_in_batch = check_num_items("num_items_in_batch", num_items_in_batch)
     top_k = check_top_k("top_k", top_k)
+    _check_hybrid(hybrid, top_k, student_vocab, teacher_vocab)
     student_rows, teacher_rows = check_row_pairs(
         student_rows, teacher_rows, row_weights, student_logits.shape[0] * student_logits.shape[1],
         teacher_logits.shape[0] * teacher_logits.shape[1])
@@ -295,7 +324,7 @@ def uld_distillation_loss(
             ignore_index=ignore_index, reduction=reduction, num_items_in_batch=num_items_in_batch,
             student_vocab_size=student_vocab_size, teacher_vocab_size=teacher_vocab_size,
             alignment=alignment, student_rows=student_rows, teacher_rows=teacher_rows,
-            row_weights=row_weights, top_k=top_k)
+            row_weights=row_weights, top_k=top_k, hybrid=hybrid)
         return total, ce.detach(), distill.detach()
 
     plan = _plan(student_logits, student_labels, teacher_labels, distillation_weight,
@@ -304,8 +333,8 @@ def uld_distillation_loss(
     plan.update(student_vocab=student_vocab, teacher_vocab=teacher_vocab,
                 student_temperature=student_temperature, teacher_temperature=teacher_temperature,
                 has_ce=crossentropy_weight != 0.0,
-                top_k=top_k if truncates(top_k, student_vocab, teacher_vocab) else None)
-    if plan["top_k"]:  # the fused op computes no pair: every answer row's cross-entropy is its own kernel's
+                top_k=top_k if truncates(top_k, student_vocab, teacher_vocab) else None, hybrid=hybrid)
+    if plan["top_k"] or hybrid:  # the fused op computes no pair: every answer row's cross-entropy is its own kernel's
         plan["ce_index"] = torch.where(plan["ce_label"] >= 0, torch.arange(plan["ce_label"].numel(),
                                                                             device=plan["ce_label"].device), -1)
     # Grad mode is off inside forward: record it here, so that evaluation under
@@ -400,14 +429,16 @@ class ULDLoss(nn.Module):
                  skip_student_eos: bool = False, skip_teacher_eos: bool = False,
                  ignore_index: int = -100, reduction: str = "paper",
                  student_vocab_size: int | None = None, teacher_vocab_size: int | None = None,
-                 alignment: str = "paper", top_k: int | None = None):
+                 alignment: str = "paper", top_k: int | None = None, hybrid: HybridULD | None = None):
         super().__init__()
         self.options = dict(
             distillation_weight=distillation_weight, crossentropy_weight=crossentropy_weight,
             student_temperature=student_temperature, teacher_temperature=teacher_temperature,
             skip_student_eos=skip_student_eos, skip_teacher_eos=skip_teacher_eos,
             ignore_index=ignore_index, reduction=reduction, student_vocab_size=student_vocab_size,
-            teacher_vocab_size=teacher_vocab_size, alignment=alignment, top_k=check_top_k("top_k", top_k))
+            teacher_vocab_size=teacher_vocab_size, alignment=alignment, top_k=check_top_k("top_k", top_k),
+            hybrid=hybrid)
+        _check_hybrid(hybrid, self.options["top_k"])
         _check_options(reduction, alignment, student_temperature, teacher_temperature,
                        distillation_weight, crossentropy_weight)
 

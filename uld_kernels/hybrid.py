@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from uld_kernels import launch
 from uld_kernels.autograd import REDUCTIONS, call_op, reduce_rows
-from uld_kernels.topk import _chunks
+from uld_kernels.topk import _chunks, _rows
 from uld_kernels.validation import check_aligned_rows, check_choice, check_logits, check_temperature
 
 # Each chunk's autograd graph holds about ten float32-sized values an element and side (the
@@ -141,36 +141,116 @@ def _hybrid_rows(student, teacher, columns, options) -> torch.Tensor:
     return w_m * matched + w_u * (a - b).abs().sum(dim=-1)
 
 
+def _check_fraction(name: str, value: object, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not low <= value <= high:
+        raise ValueError(f"{name} must lie in [{low:g}, {high:g}], got {value}")
+    return value
+
+
+@dataclass(frozen=True, eq=False)
+class HybridULD:
+    """The hybrid loss's options, checked once (`uld_loss_hybrid` documents each; the training
+    loss takes them as ``ULDLoss(hybrid=HybridULD(match, ...))``)."""
+
+    match: VocabMatch
+    beta: float = 0.5
+    matched_weight: float | None = None
+    unmatched_weight: float | None = None
+    unmatched_top: int | None = None
+    prob_floor: float = 1e-8
+
+    def __post_init__(self):
+        if not isinstance(self.match, VocabMatch):
+            raise TypeError(f"match must be a uld_kernels.VocabMatch, got {type(self.match).__name__}")
+        object.__setattr__(self, "beta", _check_fraction("beta", self.beta, 0.0, 1.0))
+        if (self.matched_weight is None) != (self.unmatched_weight is None):
+            raise ValueError("matched_weight and unmatched_weight must both be None (adaptive) or both be numbers, "
+                             f"got {self.matched_weight!r} and {self.unmatched_weight!r}")
+        if self.matched_weight is not None:
+            for name in ("matched_weight", "unmatched_weight"):
+                object.__setattr__(self, name, _check_fraction(name, getattr(self, name), 0.0, math.inf))
+        top = self.unmatched_top
+        if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 1):
+            raise ValueError(f"unmatched_top must be None or an int >= 1, got {top!r}")
+        object.__setattr__(self, "prob_floor", _check_fraction("prob_floor", self.prob_floor, 0.0, 1.0))
+        if self.prob_floor == 1.0:
+            raise ValueError("prob_floor must be < 1, got 1.0")
+
+    def check_widths(self, student_width: int, teacher_width: int, names=("student_logits", "teacher_logits")):
+        """The shared ids inside the columns each side's loss reads."""
+        for side, name, width, vocab in (("student", names[0], student_width, self.match.student_vocab),
+                                         ("teacher", names[1], teacher_width, self.match.teacher_vocab)):
+            if vocab > width:
+                raise ValueError(f"match's {side} ids must lie inside {name}' {width} columns, got an id of {vocab - 1}")
+
+    def row_options(self, student_temperature: float, teacher_temperature: float, teacher_width: int) -> tuple:
+        """`_hybrid_rows`' options; TRL's adaptive weights over the teacher's width."""
+        w_m, w_u = self.matched_weight, self.unmatched_weight
+        if w_m is None:
+            w_m = len(self.match) / teacher_width
+            w_u = 1.0 - w_m
+        return (student_temperature, teacher_temperature, self.beta, w_m, w_u, self.unmatched_top, self.prob_floor)
+
+
+def hybrid_forward(student, teacher, hybrid: HybridULD, temperatures, weight, needs, student_index=None,
+                   teacher_index=None, out=None):
+    """The hybrid rows ``[P]`` float32 and, for the sides in ``needs``, the gradient of ``sum_r
+    weight[r] * rows[r]`` (``weight`` a number or ``[P]``) by chunks: ``(rows, grads)``.
+
+    Without indices the rows are aligned ``[N, V]`` rows and ``grads`` new buffers shaped like
+    the logits. With ``student_index`` / ``teacher_index`` (``[P]`` flat rows of ``[B, L, V]``
+    logits, ``-1`` a padding slot: row 0, no gradient) the student's gradient is added into
+    ``out``'s rows (``[B * L, >= Vs]``, the student's rows distinct), rounded once."""
+    columns = (*hybrid.match.on(student.device),
+               *hybrid.match.rest(student.shape[-1], teacher.shape[-1], student.device))
+    options = hybrid.row_options(*temperatures, teacher.shape[-1])
+    inputs, indices = (student, teacher), (student_index, teacher_index)
+    n_rows = student.shape[0] if student_index is None else student_index.numel()
+    rows = torch.empty(n_rows, dtype=torch.float32, device=student.device)
+    grads = [torch.empty(x.shape, dtype=x.dtype, device=x.device) if need and out is None else None
+             for x, need in zip(inputs, needs)]
+    flat = out[:, :student.shape[-1]] if out is not None else None
+    for part in _chunks(n_rows, GRAPH_VALUES_PER_ELEMENT * (student.shape[-1] + teacher.shape[-1]), CHUNK_BYTES):
+        (chunk_s, valid), (chunk_t, _) = (_rows(x, index, part) for x, index in zip(inputs, indices))
+        chunk = [x.detach().requires_grad_(need) for x, need in zip((chunk_s, chunk_t), needs)]
+        with torch.enable_grad():
+            chunk_rows = _hybrid_rows(*chunk, columns, options)
+            if valid is not None:
+                chunk_rows = torch.where(valid, chunk_rows, 0.0)
+            if any(needs):
+                factor = weight[part] if isinstance(weight, torch.Tensor) else weight
+                chunk_grads = iter(torch.autograd.grad((chunk_rows * factor).sum(),
+                                                       [x for x, need in zip(chunk, needs) if need]))
+        rows[part] = chunk_rows.detach()
+        for side, need in enumerate(needs):
+            if not need:
+                continue
+            grad = next(chunk_grads)
+            if out is None:
+                grads[side][part] = grad
+            else:  # the student's rows by index (the caller passes no teacher gradient then)
+                at = student_index[part][valid]
+                flat[at] = (flat[at].float() + grad[valid]).to(flat.dtype)
+    return rows, grads
+
+
 class ULDHybridFunction(torch.autograd.Function):
-    """Autograd Function of the hybrid loss: ``apply(student [N, Vs], teacher [N, Vt], columns,
-    options, reduction, grad_enabled)`` -> the reduced float32 loss; ``columns`` and
-    ``options`` as `_hybrid_rows` reads them. As ``ULDFunction`` does, the
-    forward computes the gradient of the reduced loss (each chunk's, by autograd through its
-    sort: a row's loss depends on its own rows only) into buffers of the logits' shape and
-    dtype, and the backward scales them in place by the upstream gradient (calling it twice
-    through one graph raises). Under ``torch.no_grad()`` nothing is computed per element."""
+    """Autograd Function of the hybrid loss over aligned rows: ``apply(student [N, Vs],
+    teacher [N, Vt], hybrid, temperatures, reduction, grad_enabled)`` -> the reduced float32
+    loss. As ``ULDFunction`` does, the forward computes the gradient of the reduced loss
+    (`hybrid_forward`: each chunk's by autograd through its sort; a row's loss depends on its
+    own rows only) into buffers of the logits' shape and dtype, and the backward scales them
+    in place by the upstream gradient (calling it twice through one graph raises). Under
+    ``torch.no_grad()`` nothing is computed per element."""
 
     @staticmethod
-    def forward(ctx, student_logits, teacher_logits, columns, options, reduction, grad_enabled=True):
-        inputs = (student_logits, teacher_logits)
+    def forward(ctx, student_logits, teacher_logits, hybrid, temperatures, reduction, grad_enabled=True):
         needs = [bool(ctx.needs_input_grad[i] and grad_enabled) for i in (0, 1)]
-        grads = [torch.empty(x.shape, dtype=x.dtype, device=x.device) if need else None
-                 for x, need in zip(inputs, needs)]
-        n_rows = student_logits.shape[0]
-        rows = torch.empty(n_rows, dtype=torch.float32, device=student_logits.device)
-        weight = 1.0 / max(n_rows, 1) if reduction == "mean" else 1.0  # the reduced loss's, per row ("none": 1)
-        for part in _chunks(n_rows, GRAPH_VALUES_PER_ELEMENT * (student_logits.shape[-1] + teacher_logits.shape[-1]),
-                            CHUNK_BYTES):
-            chunk = [x[part].detach().requires_grad_(need) for x, need in zip(inputs, needs)]
-            with torch.enable_grad():
-                chunk_rows = _hybrid_rows(*chunk, columns, options)
-                if any(needs):
-                    chunk_grads = iter(torch.autograd.grad(chunk_rows.sum() * weight,
-                                                           [x for x, need in zip(chunk, needs) if need]))
-                    for grad, need in zip(grads, needs):
-                        if need:
-                            grad[part] = next(chunk_grads)
-            rows[part] = chunk_rows.detach()
+        weight = 1.0 / max(student_logits.shape[0], 1) if reduction == "mean" else 1.0  # ("none": 1 a row)
+        rows, grads = hybrid_forward(student_logits, teacher_logits, hybrid, temperatures, weight, needs)
         ctx.save_for_backward(*(g for g in grads if g is not None))
         ctx.needs = needs
         return reduce_rows(rows, reduction)
@@ -195,15 +275,6 @@ def _scale_rows_(grad: torch.Tensor, scale: torch.Tensor) -> None:
     for part in _chunks(grad.shape[0], grad.shape[-1]):
         factor = scale if scale.numel() == 1 else scale[part, None]
         grad[part] = (grad[part].float() * factor).to(grad.dtype)
-
-
-def _check_fraction(name: str, value: object, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not low <= value <= high:
-        raise ValueError(f"{name} must lie in [{low:g}, {high:g}], got {value}")
-    return value
 
 
 def uld_loss_hybrid(
@@ -251,33 +322,11 @@ def uld_loss_hybrid(
     check_logits("student_logits", student_logits)
     check_logits("teacher_logits", teacher_logits)
     check_aligned_rows(student_logits, teacher_logits)
-    if not isinstance(match, VocabMatch):
-        raise TypeError(f"match must be a uld_kernels.VocabMatch, got {type(match).__name__}")
-    for name, logits, vocab in (("student", student_logits, match.student_vocab),
-                                ("teacher", teacher_logits, match.teacher_vocab)):
-        if vocab > logits.shape[-1]:
-            raise ValueError(f"match's {name} ids must lie inside {name}_logits' {logits.shape[-1]} columns, got an "
-                             f"id of {vocab - 1}")
-    options = (check_temperature("student_temperature", student_temperature),
-               check_temperature("teacher_temperature", teacher_temperature),
-               _check_fraction("beta", beta, 0.0, 1.0))
-    if (matched_weight is None) != (unmatched_weight is None):
-        raise ValueError("matched_weight and unmatched_weight must both be None (adaptive) or both be numbers, got "
-                         f"{matched_weight!r} and {unmatched_weight!r}")
-    if matched_weight is None:
-        matched_weight = len(match) / teacher_logits.shape[-1]
-        unmatched_weight = 1.0 - matched_weight
-    else:
-        matched_weight = _check_fraction("matched_weight", matched_weight, 0.0, math.inf)
-        unmatched_weight = _check_fraction("unmatched_weight", unmatched_weight, 0.0, math.inf)
-    if unmatched_top is not None and (isinstance(unmatched_top, bool) or not isinstance(unmatched_top, int)
-                                      or unmatched_top < 1):
-        raise ValueError(f"unmatched_top must be None or an int >= 1, got {unmatched_top!r}")
-    prob_floor = _check_fraction("prob_floor", prob_floor, 0.0, 1.0)
-    if prob_floor == 1.0:
-        raise ValueError("prob_floor must be < 1, got 1.0")
+    hybrid = HybridULD(match, beta=beta, matched_weight=matched_weight, unmatched_weight=unmatched_weight,
+                       unmatched_top=unmatched_top, prob_floor=prob_floor)
+    hybrid.check_widths(student_logits.shape[-1], teacher_logits.shape[-1])
+    temperatures = (check_temperature("student_temperature", student_temperature),
+                    check_temperature("teacher_temperature", teacher_temperature))
     check_choice("reduction", reduction, REDUCTIONS)
-    options += (matched_weight, unmatched_weight, unmatched_top, prob_floor)
-    device = student_logits.device
-    columns = (*match.on(device), *match.rest(student_logits.shape[-1], teacher_logits.shape[-1], device))
-    return ULDHybridFunction.apply(student_logits, teacher_logits, columns, options, reduction, torch.is_grad_enabled())
+    return ULDHybridFunction.apply(student_logits, teacher_logits, hybrid, temperatures, reduction,
+                                   torch.is_grad_enabled())
