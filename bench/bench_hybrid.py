@@ -1,7 +1,8 @@
 """The hybrid loss (``uld_loss_hybrid``, TRL GOLD's ``uld_use_hybrid_loss``; PyTorch by chunks)
 timed beside the exact fused loss and the plain PyTorch definition (the float32 reference:
 softmax, gathers, ``torch.sort``, autograd through it, the whole batch at once, as TRL runs
-it): forward+backward medians (``triton.testing.do_bench``) and peak extra memory.
+it): forward+backward medians (``triton.testing.do_bench``) and peak extra memory; then the
+training loss (``ULDLoss(hybrid=...)``) on bench_distill.py's labelled batch (B = 8, L = 2,048).
 
 The shared tokens are ``--shared`` random columns of each side (the count is a parameter:
 no tokenizer is read here).
@@ -19,9 +20,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.bench_distill import labelled_batch  # noqa: E402
 from bench.bench_topk import _measure  # noqa: E402
 from reference.uld import uld_hybrid_row_losses_reference  # noqa: E402
-from uld_kernels import VocabMatch, uld_loss, uld_loss_hybrid  # noqa: E402
+from uld_kernels import HybridULD, ULDLoss, VocabMatch, uld_loss_hybrid  # noqa: E402
 
 
 def _reference_loss(student, teacher, match, **options):
@@ -61,6 +63,14 @@ def main() -> None:
     ref = uld_hybrid_row_losses_reference(student[:n].detach().double(), teacher[:n].double(), *match.on("cuda"))
     print(f"| hybrid, TRL defaults: largest row difference from the float64 reference | {n} | "
           f"{(ours.double() - ref).abs().max().item():.2e} | |")
+    del student, teacher, s_ref, ours, ref
+    student, teacher, s_labels, t_labels = labelled_batch(8, 2048, *args.vocab)
+    student = student.requires_grad_(True)
+    print(f"\ntraining loss, B = 8, L = 2,048, Vs {args.vocab[0]}, Vt {args.vocab[1]}, peaked rows, T = 1")
+    print("| ULDLoss | fwd+bwd ms (median) | peak extra GB (the gradient included) |\n|---|---|---|")
+    for name, hybrid in (("exact (fused)", None), ("hybrid, TRL defaults", HybridULD(match))):
+        ms, gb = _measure(student, teacher, ULDLoss(hybrid=hybrid), s_labels, t_labels)
+        print(f"| {name} | {ms:.2f} | {gb:.2f} |")
 
 
 if __name__ == "__main__":
