@@ -101,15 +101,17 @@ def _divergence_reference(student_logp: torch.Tensor, teacher_logp: torch.Tensor
     ``beta = 0``: KL(teacher || student); ``beta = 1``: KL(student || teacher); otherwise, with
     ``m = beta * teacher + (1 - beta) * student``, ``beta KL(teacher || m) + (1 - beta)
     KL(student || m)``. A probability of 0 contributes 0."""
-    def kl(p_log, q_log):  # sum p (ln p - ln q), 0 ln 0 = 0
-        p = p_log.exp()
-        return torch.where(p > 0, p * (p_log - q_log), 0.0).sum(dim=-1)
+    def kl(p_log, q_log):  # sum p (ln p - ln q), 0 ln 0 = 0 (the inputs replaced there: no NaN gradient)
+        present = p_log > -math.inf
+        p_log, q_log = torch.where(present, p_log, 0.0), torch.where(present, q_log, 0.0)
+        return torch.where(present, p_log.exp() * (p_log - q_log), 0.0).sum(dim=-1)
 
     if beta == 0:
         return kl(teacher_logp, student_logp)
     if beta == 1:
         return kl(student_logp, teacher_logp)
-    mix_log = torch.log(beta * teacher_logp.exp() + (1 - beta) * student_logp.exp())
+    mix = beta * teacher_logp.exp() + (1 - beta) * student_logp.exp()
+    mix_log = torch.log(torch.where(mix > 0, mix, 1.0))  # where both are 0 neither kl reads it
     return beta * kl(teacher_logp, mix_log) + (1 - beta) * kl(student_logp, mix_log)
 
 

@@ -69,6 +69,33 @@ def test_matches_the_reference(name, case, device):
     assert_grads_close(t_in.grad, t_grad, teacher, torch.float32, what="teacher gradient")
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_minus_inf_logits_without_a_floor(beta, device):
+    """``-inf`` logits (a masked vocabulary) with ``prob_floor=0``: at a shared token on both
+    sides and at other columns of either side. Probabilities of 0 add 0, losses and gradients
+    are finite and the reference's (a NaN used to reach the gradient through ``where``)."""
+    student, teacher, match = _inputs(21, 4, 40, 36, 12, device)
+    student[:, match.student_ids[:3].to(device)] = float("-inf")
+    teacher[:, match.teacher_ids[:3].to(device)] = float("-inf")
+    rest_s = [c for c in range(40) if c not in match.student_ids.tolist()][:4]
+    rest_t = [c for c in range(36) if c not in match.teacher_ids.tolist()][:5]
+    student[:, rest_s], teacher[:, rest_t] = float("-inf"), float("-inf")
+    options = dict(beta=beta, prob_floor=0.0)
+    s_in, t_in = student.clone().requires_grad_(True), teacher.clone().requires_grad_(True)
+    rows = uld_loss_hybrid(s_in, t_in, match, reduction="none", **options)
+    rows.sum().backward()
+    ref, s_grad, t_grad = _reference(student, teacher, match, options, torch.ones(4))
+    assert torch.isfinite(rows).all() and torch.isfinite(s_in.grad).all() and torch.isfinite(t_in.grad).all()
+    assert torch.isfinite(s_grad).all() and torch.isfinite(t_grad).all()
+    assert_losses_close(rows, ref, torch.float32)
+    finite_s, finite_t = torch.isfinite(student), torch.isfinite(teacher)
+    assert_grads_close(s_in.grad[finite_s], s_grad[finite_s.cpu()], student[finite_s], torch.float32,
+                       what="student gradient")
+    assert_grads_close(t_in.grad[finite_t], t_grad[finite_t.cpu()], teacher[finite_t], torch.float32,
+                       what="teacher gradient")
+    assert (s_in.grad[~finite_s] == 0).all() and (t_in.grad[~finite_t] == 0).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=lambda d: str(d)[6:])
 def test_sixteen_bit_rows(dtype, device):
     """bf16 / fp16 logits (ties the rule): losses to float32 rounding, gradients per tie group,

@@ -110,15 +110,23 @@ class VocabMatch:
 
 def _generalized_jsd(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: float) -> torch.Tensor:
     """TRL's generalized JSD per row, from log-probabilities (``beta`` 0: KL(teacher ||
-    student), 1: KL(student || teacher); the mixture's log by logsumexp, as TRL forms it)."""
-    def kl(p_log, q_log):
-        return torch.where(p_log > -math.inf, p_log.exp() * (p_log - q_log), 0.0).sum(dim=-1)
+    student), 1: KL(student || teacher); the mixture's log by logsumexp, as TRL forms it). A
+    probability of 0 (a ``-inf`` logit, no floor) adds 0, and no NaN to the gradient: the
+    masked entries' inputs are replaced, not only their results (a NaN there would reach the
+    gradient through ``where``'s other branch)."""
+    def kl(p_log, q_log):  # sum p (ln p - ln q), 0 ln 0 = 0
+        present = p_log > -math.inf
+        p_log, q_log = (torch.where(present, x, 0.0) for x in (p_log, q_log))
+        return torch.where(present, p_log.exp() * (p_log - q_log), 0.0).sum(dim=-1)
 
     if beta == 0:
         return kl(teacher_logp, student_logp)
     if beta == 1:
         return kl(student_logp, teacher_logp)
+    neither = (student_logp == -math.inf) & (teacher_logp == -math.inf)  # a mixture of 0: its log never read
+    student_logp, teacher_logp = (torch.where(neither, 0.0, x) for x in (student_logp, teacher_logp))
     mix_log = torch.logsumexp(torch.stack([student_logp + math.log1p(-beta), teacher_logp + math.log(beta)]), dim=0)
+    student_logp, teacher_logp = (torch.where(neither, -math.inf, x) for x in (student_logp, teacher_logp))
     return beta * kl(teacher_logp, mix_log) + (1 - beta) * kl(student_logp, mix_log)
 
 
