@@ -218,6 +218,8 @@ def uld_distillation_loss_reference(
         num_items_in_batch, student_vocab_size, teacher_vocab_size, student_rows, teacher_rows, row_weights)
 
     check_top_k("top_k", top_k)
+    if top_k is not None and hybrid is not None:
+        raise ValueError("top_k and hybrid cannot be combined")
     # Padded lm_head columns get real logits: leave them out, or they become fake tail mass.
     if student_vocab_size is not None:
         student_logits = student_logits[..., :student_vocab_size]

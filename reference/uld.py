@@ -102,7 +102,7 @@ def _divergence_reference(student_logp: torch.Tensor, teacher_logp: torch.Tensor
     ``m = beta * teacher + (1 - beta) * student``, ``beta KL(teacher || m) + (1 - beta)
     KL(student || m)``. A probability of 0 contributes 0."""
     def kl(p_log, q_log):  # sum p (ln p - ln q), 0 ln 0 = 0 (the inputs replaced there: no NaN gradient)
-        present = p_log > -math.inf
+        present = p_log != -math.inf  # (NaN is present: it propagates)
         p_log, q_log = torch.where(present, p_log, 0.0), torch.where(present, q_log, 0.0)
         return torch.where(present, p_log.exp() * (p_log - q_log), 0.0).sum(dim=-1)
 
@@ -139,7 +139,8 @@ def uld_hybrid_row_losses_reference(
       ``max(b[teacher_ids], prob_floor)`` (``beta``, not renormalized);
     - unmatched: the other columns' probabilities of each side (not renormalized), sorted
       descending; ``unmatched_top=None``: the shorter zero-padded, L1 over all; ``n``: both
-      cut to ``min(Vs - K, Vt - K, n)``, L1 over those;
+      cut to ``min(Vs - K, Vt - K, n)``, L1 over those; 0 if either side has no other column
+      (TRL skips the term);
     - ``matched_weight * matched + unmatched_weight * unmatched``; both None: ``K / Vt`` and
       ``1 - K / Vt`` (TRL's adaptive weights).
     """
@@ -157,6 +158,11 @@ def uld_hybrid_row_losses_reference(
 
     student_sorted = complement(student_logp, student_ids)
     teacher_sorted = complement(teacher_logp, teacher_ids)
+    if matched_weight is None:
+        matched_weight = student_ids.numel() / teacher_logits.shape[-1]
+        unmatched_weight = 1.0 - matched_weight
+    if min(student_sorted.shape[-1], teacher_sorted.shape[-1]) == 0:  # TRL skips the term
+        return matched_weight * matched
     if unmatched_top is None:
         width = max(student_sorted.shape[-1], teacher_sorted.shape[-1])
         student_sorted = F.pad(student_sorted, (0, width - student_sorted.shape[-1]))
@@ -165,7 +171,4 @@ def uld_hybrid_row_losses_reference(
         width = min(student_sorted.shape[-1], teacher_sorted.shape[-1], unmatched_top)
         student_sorted, teacher_sorted = student_sorted[:, :width], teacher_sorted[:, :width]
     unmatched = (student_sorted - teacher_sorted).abs().sum(dim=-1)
-    if matched_weight is None:
-        matched_weight = student_ids.numel() / teacher_logits.shape[-1]
-        unmatched_weight = 1.0 - matched_weight
     return matched_weight * matched + unmatched_weight * unmatched

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import uld_kernels.hybrid as hybrid
+from reference.paper import uld_distillation_loss_reference
 from reference.uld import uld_hybrid_row_losses_reference, uld_row_losses_reference
 from tests.helpers import assert_grads_close, assert_losses_close
 from tests.test_distill import _assert_matches_the_papers_semantics, _batch
@@ -134,8 +135,8 @@ def test_nothing_shared_is_the_exact_loss(device):
 
 
 def test_chunks_change_nothing(device, monkeypatch):
-    """Rows split into chunks of one (forward and the recomputing backward) give the same
-    losses and gradients, bit for bit: rows are independent."""
+    """Rows split into chunks of one give the same losses and gradients, bit for bit: rows
+    are independent."""
     student, teacher, match = _inputs(5, 7, 64, 48, 12, device)
     results = []
     for chunk_bytes in (hybrid.CHUNK_BYTES, 1):
@@ -148,49 +149,108 @@ def test_chunks_change_nothing(device, monkeypatch):
         torch.testing.assert_close(chunked, one, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_the_upstream_scaling_without_the_kernel(reduction, device, monkeypatch):
-    """The saved gradient scaled by PyTorch where the ``scale_rows_`` kernel cannot run (a CPU
-    tensor without the interpreter) equals the kernel's, bit for bit; a second backward
-    through one graph raises (the gradient was scaled in place). float32: the interpreter
-    rounds float32 to bf16 toward zero, PyTorch and the GPU to nearest."""
+@pytest.mark.parametrize("per_row", [False, True])
+def test_the_upstream_scaling_without_the_kernel(per_row, device, monkeypatch):
+    """``_scale_rows_`` by PyTorch (a CPU tensor without the interpreter) equals the
+    ``scale_rows_`` kernel's (on the device: the GPU, or the interpreter), bit for bit, one
+    factor or one a row. float32: the interpreter rounds float32 to bf16 toward zero, PyTorch
+    and the GPU to nearest."""
+    g = torch.Generator().manual_seed(8)
+    grad = torch.randn(6, 50, generator=g)
+    scale = torch.linspace(0.5, 3.0, 6) if per_row else torch.tensor(0.37)
+    on_device = grad.clone().to(device)
+    hybrid._scale_rows_(on_device, scale.to(device))
+    monkeypatch.setattr(hybrid.launch, "interpreter_enabled", lambda: False)
+    on_cpu = grad.clone()
+    hybrid._scale_rows_(on_cpu, scale)
+    torch.testing.assert_close(on_cpu, on_device.cpu(), atol=0, rtol=0)
+    assert not torch.equal(on_cpu, grad)
+
+
+def test_fp16_mean_under_a_loss_scale(device):
+    """fp16 logits, ``"mean"`` over 2,048 rows, upstream 65,536 (a GradScaler's): the saved
+    gradient is each row's own (the 1 / N goes into the backward's factor), so no entry the
+    reference puts above 1e-3 flushes to 0 (folding 1 / N in first, thousands did)."""
+    student, teacher, match = _inputs(31, 2048, 64, 48, 16, device, torch.float16)
+    s_in = student.clone().requires_grad_(True)
+    (uld_loss_hybrid(s_in, teacher, match) * 65536.0).backward()
+    _, s_grad, _ = _reference(student, teacher, match, {}, torch.full((2048,), 65536.0 / 2048))
+    large = s_grad.abs() > 1e-3
+    assert (s_in.grad.cpu()[large] != 0).all(), int((s_in.grad.cpu()[large] == 0).sum())
+    assert_grads_close(s_in.grad, s_grad, student, torch.float16)
+
+
+def test_a_second_backward_raises(device):
+    """The saved gradient is scaled in place: a second backward through one graph raises."""
     student, teacher, match = _inputs(8, 6, 50, 40, 10, device)
-    grads = []
-    for kernel in (True, False):
-        if not kernel and device == "cpu":
-            monkeypatch.setattr(hybrid.launch, "interpreter_enabled", lambda: False)
-        s_in = student.clone().requires_grad_(True)
-        loss = uld_loss_hybrid(s_in, teacher, match, reduction=reduction)
-        (loss * torch.linspace(0.5, 3.0, loss.numel(), device=device)).sum().backward(retain_graph=True)
-        grads.append(s_in.grad)
-        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-            loss.sum().backward()
-    torch.testing.assert_close(grads[1], grads[0], atol=0, rtol=0)
+    loss = uld_loss_hybrid(student.clone().requires_grad_(True), teacher, match)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
 
 
-def test_no_grad_computes_no_gradient(device):
-    """Under torch.no_grad() the loss is the same and the inputs get nothing."""
+def _spy_needs(monkeypatch):
+    """Record the ``needs`` each `hybrid.hybrid_forward` call gets."""
+    calls, real = [], hybrid.hybrid_forward
+
+    def spy(*args, **kwargs):
+        calls.append(list(args[5]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hybrid, "hybrid_forward", spy)
+    return calls
+
+
+def test_no_grad_computes_no_gradient(device, monkeypatch):
+    """Under torch.no_grad() the loss is the same, and no gradient is computed: neither side
+    is asked for, and autograd is never called."""
     student, teacher, match = _inputs(9, 4, 30, 30, 6, device)
+    want = uld_loss_hybrid(student, teacher, match)
+    calls = _spy_needs(monkeypatch)
+    monkeypatch.setattr(hybrid.torch.autograd, "grad", lambda *a, **k: pytest.fail("autograd.grad called"))
     s_in = student.clone().requires_grad_(True)
     with torch.no_grad():
         loss = uld_loss_hybrid(s_in, teacher, match)
-    assert not loss.requires_grad
-    torch.testing.assert_close(loss, uld_loss_hybrid(student, teacher, match), atol=0, rtol=0)
+    assert not loss.requires_grad and calls == [[False, False]]
+    torch.testing.assert_close(loss, want, atol=0, rtol=0)
 
 
-def test_reductions_and_no_teacher_gradient(device):
+def test_reductions_and_only_the_sides_asked_for(device, monkeypatch):
     student, teacher, match = _inputs(6, 5, 30, 30, 8, device)
     rows = uld_loss_hybrid(student, teacher, match, reduction="none")
     assert_losses_close(uld_loss_hybrid(student, teacher, match), rows.mean(), torch.float32)
     assert_losses_close(uld_loss_hybrid(student, teacher, match, reduction="sum"), rows.sum(), torch.float32)
+    calls = _spy_needs(monkeypatch)
     s_in = student.clone().requires_grad_(True)
     uld_loss_hybrid(s_in, teacher, match).backward()
-    assert s_in.grad is not None and teacher.grad is None
-    assert s_in.grad.abs().sum() > 0
+    assert calls == [[True, False]] and s_in.grad.abs().sum() > 0
+
+
+def test_a_side_without_other_columns_has_no_unmatched_term(device):
+    """Every student column shared (the student's vocabulary inside the teacher's): TRL skips
+    the unmatched term, so the loss is the matched part alone; then, every column of both
+    shared, a NaN row stays NaN (not dropped with the absent probabilities)."""
+    g = torch.Generator().manual_seed(30)
+    student = torch.randn(2, 6, generator=g).to(device)
+    teacher = torch.randn(2, 9, generator=g).to(device)
+    match = VocabMatch(torch.randperm(6, generator=g), torch.randperm(9, generator=g)[:6])
+    rows = uld_loss_hybrid(student, teacher, match, reduction="none", matched_weight=0.5, unmatched_weight=2.0)
+    matched_only = uld_loss_hybrid(student, teacher, match, reduction="none", matched_weight=0.5,
+                                   unmatched_weight=0.0)
+    torch.testing.assert_close(rows, matched_only, atol=0, rtol=0)
+    ref, _, _ = _reference(student, teacher, match, dict(matched_weight=0.5, unmatched_weight=2.0), torch.ones(2))
+    assert_losses_close(rows, ref, torch.float32)
+    same = VocabMatch(torch.arange(6), torch.arange(6))
+    teacher6 = teacher[:, :6].clone()
+    teacher6[1, 2] = float("nan")
+    for beta in (0.0, 1.0):
+        rows = uld_loss_hybrid(student, teacher6, same, reduction="none", beta=beta)
+        assert torch.isfinite(rows[0]) and torch.isnan(rows[1]), (beta, rows)
 
 
 def test_shared_tokens_from_vocabularies():
-    """TRL's rule: equal strings, special tokens included, no normalization; by teacher id."""
+    """TRL's rule: equal strings, special tokens included, no normalization; by teacher id;
+    one id of two strings (an added token over a base one): its first pair kept."""
     class Tokenizer:
         def __init__(self, vocab):
             self.vocab = vocab
@@ -205,6 +265,8 @@ def test_shared_tokens_from_vocabularies():
         assert match.teacher_ids.tolist() == [0, 2, 3, 4]
         assert match.student_ids.tolist() == [4, 3, 2, 0]
         assert len(match) == 4 and match.student_vocab == 5 and match.teacher_vocab == 5
+    aliased = VocabMatch.from_vocabs({"a": 0, "b": 0, "c": 1}, {"a": 2, "b": 3, "c": 0})
+    assert aliased.teacher_ids.tolist() == [0, 2] and aliased.student_ids.tolist() == [1, 0]
 
 
 @pytest.mark.parametrize("ids, error, message", [
@@ -228,6 +290,7 @@ def test_bad_matches(ids, error, message):
     (dict(beta="0.5"), TypeError, "beta must be a real number"),
     (dict(matched_weight=0.5), ValueError, "must both be None"),
     (dict(matched_weight=-1.0, unmatched_weight=1.0), ValueError, "matched_weight must lie in"),
+    (dict(matched_weight=1.0, unmatched_weight=float("inf")), ValueError, "unmatched_weight must be finite"),
     (dict(unmatched_top=0), ValueError, "unmatched_top must be None or an int >= 1"),
     (dict(unmatched_top=True), ValueError, "unmatched_top must be None or an int >= 1"),
     (dict(prob_floor=1.0), ValueError, "prob_floor must be < 1"),
@@ -265,6 +328,50 @@ TRAINING = [
 @pytest.mark.parametrize("name, options", TRAINING, ids=[t[0] for t in TRAINING])
 def test_the_training_loss_with_the_hybrid_rows(name, options, device):
     _assert_matches_the_papers_semantics(*_batch(len(name), device), options, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=lambda d: str(d)[6:])
+def test_the_training_loss_with_the_hybrid_rows_in_sixteen_bits(dtype, device, monkeypatch):
+    """16-bit logits (gradients per tie group), and the pairs in chunks of one row (the index
+    path's weights, rows and adds across chunks)."""
+    monkeypatch.setattr(hybrid, "CHUNK_BYTES", 1)
+    _assert_matches_the_papers_semantics(*_batch(7, device, dtype), dict(hybrid=_hybrid(7), skip_student_eos=True),
+                                         dtype)
+
+
+def test_the_training_loss_per_sample_with_weights_that_learn(device):
+    """``reduction="none"`` under an uneven upstream gradient (each sample's factor scales its
+    rows' hybrid gradient), explicit rows whose weights require grad: the student's and the
+    weights' gradients against the reference."""
+    student, teacher, s_labels, t_labels = _batch(9, device)
+    rows = dict(student_rows=torch.tensor([0, 4, 10, 20], device=device),
+                teacher_rows=torch.tensor([3, 3, 12, 30], device=device))
+    upstream = torch.tensor([0.5, 2.0, 3.0], device=device)
+    results = []
+    for loss, s, t in ((uld_distillation_loss, student, teacher),
+                       (uld_distillation_loss_reference, student.double(), teacher.double())):
+        s_in = s.detach().requires_grad_(True)
+        weights = torch.tensor([0.1, 0.2, 0.3, 0.4], device=device, dtype=s.dtype, requires_grad=True)
+        total = loss(s_in, t, s_labels, t_labels, reduction="none", hybrid=_hybrid(9), row_weights=weights,
+                     **rows)[0]
+        (total * upstream.to(s.dtype)).sum().backward()
+        results.append((total.detach(), s_in.grad, weights.grad))
+    (total, s_grad, w_grad), (ref, s_ref, w_ref) = results
+    assert_losses_close(total, ref, torch.float32)
+    assert_losses_close(w_grad, w_ref, torch.float32, what="row_weights' gradient")
+    assert_grads_close(s_grad.reshape(-1, 40), s_ref.reshape(-1, 40), student.reshape(-1, 40).detach(),
+                       torch.float32)
+
+
+def test_the_training_loss_on_the_cpu_takes_the_reference(monkeypatch):
+    """CPU tensors without the interpreter: reference/paper.py with the same HybridULD."""
+    import uld_kernels.distill as distill_module
+    monkeypatch.setattr(distill_module, "interpreter_enabled", lambda: False)
+    student, teacher, s_labels, t_labels = _batch(10, "cpu")
+    total = uld_distillation_loss(student, teacher, s_labels, t_labels, hybrid=_hybrid(10))[0]
+    want = uld_distillation_loss_reference(student.double(), teacher.double(), s_labels, t_labels,
+                                           hybrid=_hybrid(10))[0]
+    assert_losses_close(total, want, torch.float32)
 
 
 def test_the_training_loss_with_explicit_rows_and_padded_vocabularies(device):

@@ -289,8 +289,8 @@ def uld_distillation_loss(
         hybrid: None, or a ``HybridULD(match, ...)``: TRL GOLD's hybrid loss
             (``uld_loss_hybrid``) as the row loss of the ULD term, on the same pairs and
             weights. TRL's adaptive weights count the teacher's columns as read
-            (``teacher_vocab_size`` if given). It runs in PyTorch by chunks (not fused; one host
-            sync a chunk, so no ``fullgraph`` trace), its gradient added into the
+            (``teacher_vocab_size`` if given). It runs in PyTorch by chunks (not fused; host syncs
+            in each chunk, so no ``fullgraph`` trace), its gradient added into the
             cross-entropy's buffer. Not with ``top_k``.
 
     Returns:

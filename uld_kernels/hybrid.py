@@ -74,10 +74,16 @@ class VocabMatch:
     def from_vocabs(cls, student_vocab, teacher_vocab) -> "VocabMatch":
         """TRL GOLD's rule: tokens whose strings are equal in ``get_vocab()`` (a tokenizer, or
         the ``{string: id}`` dict itself), special tokens included, no normalization (``Ġa``
-        and ``▁a`` differ); ordered by teacher id."""
+        and ``▁a`` differ); ordered by teacher id. Where a vocabulary gives one id to two
+        strings, the first pair of each id is kept (ids stay distinct; TRL would repeat one)."""
         student_vocab, teacher_vocab = (v.get_vocab() if hasattr(v, "get_vocab") else v
                                         for v in (student_vocab, teacher_vocab))
-        pairs = sorted((t_id, student_vocab[token]) for token, t_id in teacher_vocab.items() if token in student_vocab)
+        pairs, seen = [], (set(), set())
+        for t_id, s_id in sorted((t_id, student_vocab[token]) for token, t_id in teacher_vocab.items()
+                                 if token in student_vocab):
+            if s_id not in seen[0] and t_id not in seen[1]:  # (two strings of one id: the first pair kept)
+                pairs.append((t_id, s_id))
+                seen[0].add(s_id), seen[1].add(t_id)
         return cls(torch.tensor([s for _, s in pairs], dtype=torch.int64),
                    torch.tensor([t for t, _ in pairs], dtype=torch.int64))
 
@@ -115,7 +121,7 @@ def _generalized_jsd(student_logp: torch.Tensor, teacher_logp: torch.Tensor, bet
     masked entries' inputs are replaced, not only their results (a NaN there would reach the
     gradient through ``where``'s other branch)."""
     def kl(p_log, q_log):  # sum p (ln p - ln q), 0 ln 0 = 0
-        present = p_log > -math.inf
+        present = p_log != -math.inf  # (NaN is present: it propagates)
         p_log, q_log = (torch.where(present, x, 0.0) for x in (p_log, q_log))
         return torch.where(present, p_log.exp() * (p_log - q_log), 0.0).sum(dim=-1)
 
@@ -144,6 +150,8 @@ def _hybrid_rows(student, teacher, columns, options) -> torch.Tensor:
                                teacher_logp.index_select(1, teacher_ids).clamp(min=log_floor), beta)
     a = student_logp.index_select(1, student_rest).exp().sort(dim=-1, descending=True).values
     b = teacher_logp.index_select(1, teacher_rest).exp().sort(dim=-1, descending=True).values
+    if min(a.shape[-1], b.shape[-1]) == 0:  # a side with no other column: no unmatched term (TRL skips it)
+        return w_m * matched + w_u * (a.sum(dim=-1) + b.sum(dim=-1)) * 0.0
     width = max(a.shape[-1], b.shape[-1]) if top is None else min(a.shape[-1], b.shape[-1], top)
     a, b = (F.pad(x, (0, width - x.shape[-1])) if top is None else x[:, :width] for x in (a, b))
     return w_m * matched + w_u * (a - b).abs().sum(dim=-1)
@@ -179,7 +187,10 @@ class HybridULD:
                              f"got {self.matched_weight!r} and {self.unmatched_weight!r}")
         if self.matched_weight is not None:
             for name in ("matched_weight", "unmatched_weight"):
-                object.__setattr__(self, name, _check_fraction(name, getattr(self, name), 0.0, math.inf))
+                value = _check_fraction(name, getattr(self, name), 0.0, math.inf)
+                if value == math.inf:
+                    raise ValueError(f"{name} must be finite, got inf")
+                object.__setattr__(self, name, value)
         top = self.unmatched_top
         if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 1):
             raise ValueError(f"unmatched_top must be None or an int >= 1, got {top!r}")
@@ -212,6 +223,8 @@ def hybrid_forward(student, teacher, hybrid: HybridULD, temperatures, weight, ne
     the logits. With ``student_index`` / ``teacher_index`` (``[P]`` flat rows of ``[B, L, V]``
     logits, ``-1`` a padding slot: row 0, no gradient) the student's gradient is added into
     ``out``'s rows (``[B * L, >= Vs]``, the student's rows distinct), rounded once."""
+    if out is not None and needs[1]:
+        raise ValueError("hybrid_forward: with out (the student's buffer by index), no teacher gradient")
     columns = (*hybrid.match.on(student.device),
                *hybrid.match.rest(student.shape[-1], teacher.shape[-1], student.device))
     options = hybrid.row_options(*temperatures, teacher.shape[-1])
@@ -223,7 +236,8 @@ def hybrid_forward(student, teacher, hybrid: HybridULD, temperatures, weight, ne
     flat = out[:, :student.shape[-1]] if out is not None else None
     for part in _chunks(n_rows, GRAPH_VALUES_PER_ELEMENT * (student.shape[-1] + teacher.shape[-1]), CHUNK_BYTES):
         (chunk_s, valid), (chunk_t, _) = (_rows(x, index, part) for x, index in zip(inputs, indices))
-        chunk = [x.detach().requires_grad_(need) for x, need in zip((chunk_s, chunk_t), needs)]
+        # float32 leaves: the gradient comes back in float32 and is rounded to the logits' dtype once
+        chunk = [x.detach().float().requires_grad_(need) for x, need in zip((chunk_s, chunk_t), needs)]
         with torch.enable_grad():
             chunk_rows = _hybrid_rows(*chunk, columns, options)
             if valid is not None:
@@ -248,28 +262,31 @@ def hybrid_forward(student, teacher, hybrid: HybridULD, temperatures, weight, ne
 class ULDHybridFunction(torch.autograd.Function):
     """Autograd Function of the hybrid loss over aligned rows: ``apply(student [N, Vs],
     teacher [N, Vt], hybrid, temperatures, reduction, grad_enabled)`` -> the reduced float32
-    loss. As ``ULDFunction`` does, the forward computes the gradient of the reduced loss
-    (`hybrid_forward`: each chunk's by autograd through its sort; a row's loss depends on its
-    own rows only) into buffers of the logits' shape and dtype, and the backward scales them
-    in place by the upstream gradient (calling it twice through one graph raises). Under
+    loss. As ``ULDFunction`` does, the forward computes the gradient (`hybrid_forward`: each
+    row's own, by autograd through each chunk's sort; a row's loss depends on its own rows
+    only) into buffers of the logits' shape and dtype, and the backward scales them in place
+    by the upstream gradient, over N for "mean" (calling it twice through one graph raises). Under
     ``torch.no_grad()`` nothing is computed per element."""
 
     @staticmethod
     def forward(ctx, student_logits, teacher_logits, hybrid, temperatures, reduction, grad_enabled=True):
         needs = [bool(ctx.needs_input_grad[i] and grad_enabled) for i in (0, 1)]
-        weight = 1.0 / max(student_logits.shape[0], 1) if reduction == "mean" else 1.0  # ("none": 1 a row)
-        rows, grads = hybrid_forward(student_logits, teacher_logits, hybrid, temperatures, weight, needs)
+        # Each row's own gradient (weight 1), saved in the logits' dtype; "mean"'s 1 / N goes into the
+        # backward's factor, so that small entries do not flush to 0 in fp16 before a loss scale.
+        rows, grads = hybrid_forward(student_logits, teacher_logits, hybrid, temperatures, 1.0, needs)
         ctx.save_for_backward(*(g for g in grads if g is not None))
         ctx.needs = needs
+        ctx.mean_of = max(student_logits.shape[0], 1) if reduction == "mean" else None
         return reduce_rows(rows, reduction)
 
     @staticmethod
     def backward(ctx, grad_loss):
         saved = iter(ctx.saved_tensors)
         grads = [next(saved) if need else None for need in ctx.needs]
+        scale = grad_loss if ctx.mean_of is None else grad_loss / ctx.mean_of
         for grad in grads:
             if grad is not None:
-                _scale_rows_(grad, grad_loss)
+                _scale_rows_(grad, scale)
         return grads[0], grads[1], None, None, None, None
 
 
@@ -320,7 +337,9 @@ def uld_loss_hybrid(
         reduction: ``"mean"`` over rows (default), ``"sum"``, or ``"none"`` (``[N]``).
 
     NeMo RL's gold loss is ``beta=0, matched_weight=1, unmatched_weight=1, unmatched_top=8192,
-    prob_floor=0`` times ``T**2``, with one temperature ``T`` on both sides.
+    prob_floor=0`` times ``T**2``, with one temperature ``T`` on both sides, for chunks of one
+    token each (NeMo compares chunk-averaged log-probabilities) and a student without lm_head
+    padding (NeMo's student softmax includes it, its uncommon set leaves it out).
 
     Returns:
         float32 loss (a scalar, or ``[N]`` for ``"none"``). Gradients flow to both logits.

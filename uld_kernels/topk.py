@@ -161,7 +161,7 @@ def _torch_rows_given(student_logits, teacher_probs, temperature, save, student_
     against the given teacher's ``[N, K]`` descending probabilities and, with ``save``, the
     student's ``(stats, columns, codes)``. With ``student_index`` (``[N]``) the student's rows
     are those of ``[B, L, Vs]`` logits it names (``-1``: a padding slot, loss 0; what
-    is saved for it is never read)."""
+    is saved for it is read, then masked)."""
     n_rows, k = teacher_probs.shape
     ks = min(k, student_logits.shape[-1])
     rows = torch.empty(n_rows, dtype=torch.float32, device=student_logits.device)
