@@ -70,18 +70,20 @@ def test_matches_the_reference(name, case, device):
     assert_grads_close(t_in.grad, t_grad, teacher, torch.float32, what="teacher gradient")
 
 
+@pytest.mark.parametrize("floor", [0.0, 1e-8])
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
-def test_minus_inf_logits_without_a_floor(beta, device):
-    """``-inf`` logits (a masked vocabulary) with ``prob_floor=0``: at a shared token on both
-    sides and at other columns of either side. Probabilities of 0 add 0, losses and gradients
-    are finite and the reference's (a NaN used to reach the gradient through ``where``)."""
+def test_minus_inf_logits(beta, floor, device):
+    """``-inf`` logits (a masked vocabulary): at a shared token on both sides and at other
+    columns of either side. Without a floor, probabilities of 0 add 0 (a NaN used to reach the
+    gradient through ``where``); with TRL's, they are the floor (the plain forms). Losses and
+    gradients finite and the reference's."""
     student, teacher, match = _inputs(21, 4, 40, 36, 12, device)
     student[:, match.student_ids[:3].to(device)] = float("-inf")
     teacher[:, match.teacher_ids[:3].to(device)] = float("-inf")
     rest_s = [c for c in range(40) if c not in match.student_ids.tolist()][:4]
     rest_t = [c for c in range(36) if c not in match.teacher_ids.tolist()][:5]
     student[:, rest_s], teacher[:, rest_t] = float("-inf"), float("-inf")
-    options = dict(beta=beta, prob_floor=0.0)
+    options = dict(beta=beta, prob_floor=floor)
     s_in, t_in = student.clone().requires_grad_(True), teacher.clone().requires_grad_(True)
     rows = uld_loss_hybrid(s_in, t_in, match, reduction="none", **options)
     rows.sum().backward()

@@ -114,13 +114,17 @@ class VocabMatch:
         return self._on[key]
 
 
-def _generalized_jsd(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: float) -> torch.Tensor:
+def _generalized_jsd(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: float,
+                     zeros: bool = True) -> torch.Tensor:
     """TRL's generalized JSD per row, from log-probabilities (``beta`` 0: KL(teacher ||
-    student), 1: KL(student || teacher); the mixture's log by logsumexp, as TRL forms it). A
-    probability of 0 (a ``-inf`` logit, no floor) adds 0, and no NaN to the gradient: the
-    masked entries' inputs are replaced, not only their results (a NaN there would reach the
-    gradient through ``where``'s other branch)."""
+    student), 1: KL(student || teacher); the mixture's log by logsumexp, as TRL forms it).
+    With ``zeros`` (no floor: a ``-inf`` logit is a probability of 0) such entries add 0, and
+    no NaN to the gradient: their inputs are replaced, not only their results (a NaN there
+    would reach the gradient through ``where``'s other branch). Without (a floor: every
+    log-probability finite or NaN), the plain forms, with fewer ``[rows, K]`` temporaries."""
     def kl(p_log, q_log):  # sum p (ln p - ln q), 0 ln 0 = 0
+        if not zeros:
+            return (p_log.exp() * (p_log - q_log)).sum(dim=-1)
         present = p_log != -math.inf  # (NaN is present: it propagates)
         p_log, q_log = (torch.where(present, x, 0.0) for x in (p_log, q_log))
         return torch.where(present, p_log.exp() * (p_log - q_log), 0.0).sum(dim=-1)
@@ -129,10 +133,12 @@ def _generalized_jsd(student_logp: torch.Tensor, teacher_logp: torch.Tensor, bet
         return kl(teacher_logp, student_logp)
     if beta == 1:
         return kl(student_logp, teacher_logp)
-    neither = (student_logp == -math.inf) & (teacher_logp == -math.inf)  # a mixture of 0: its log never read
-    student_logp, teacher_logp = (torch.where(neither, 0.0, x) for x in (student_logp, teacher_logp))
+    if zeros:  # a mixture of 0 where both are: its log is never read
+        neither = (student_logp == -math.inf) & (teacher_logp == -math.inf)
+        student_logp, teacher_logp = (torch.where(neither, 0.0, x) for x in (student_logp, teacher_logp))
     mix_log = torch.logsumexp(torch.stack([student_logp + math.log1p(-beta), teacher_logp + math.log(beta)]), dim=0)
-    student_logp, teacher_logp = (torch.where(neither, -math.inf, x) for x in (student_logp, teacher_logp))
+    if zeros:
+        student_logp, teacher_logp = (torch.where(neither, -math.inf, x) for x in (student_logp, teacher_logp))
     return beta * kl(teacher_logp, mix_log) + (1 - beta) * kl(student_logp, mix_log)
 
 
@@ -147,7 +153,7 @@ def _hybrid_rows(student, teacher, columns, options) -> torch.Tensor:
     # index_select, not logp[:, ids]: its backward is an index_add_ (one add a column: the ids
     # are distinct), where indexing's sorts the indices first (157 of 277 ms on the H200).
     matched = _generalized_jsd(student_logp.index_select(1, student_ids).clamp(min=log_floor),
-                               teacher_logp.index_select(1, teacher_ids).clamp(min=log_floor), beta)
+                               teacher_logp.index_select(1, teacher_ids).clamp(min=log_floor), beta, floor == 0)
     a = student_logp.index_select(1, student_rest).exp().sort(dim=-1, descending=True).values
     b = teacher_logp.index_select(1, teacher_rest).exp().sort(dim=-1, descending=True).values
     if min(a.shape[-1], b.shape[-1]) == 0:  # a side with no other column: no unmatched term (TRL skips it)
